@@ -1,0 +1,25 @@
+//! The contracts between Tidelock's router and its workers: the block-hash chain rule that names
+//! cached KV blocks, the KV events a worker streams to routers, the router<->worker wire types,
+//! the JSON records kept in etcd and the etcd key layout. Every process hashes, parses and builds
+//! keys through this crate and nowhere else. Changing anything here is a contract change: the
+//! golden vectors in `hash` pin the hash rule and must be updated deliberately (with
+//! `tests/golden/gen_golden.py`), never to make a test pass.
+
+pub mod events;
+pub mod hash;
+pub mod ids;
+pub mod keys;
+pub mod wire;
+
+pub use events::{Continuity, KvEvent, KvEventBatch, KvSnapshot, SnapshotBlock, Tier, classify};
+pub use hash::{BlockHash, BlockTokens, HashChain, HashError, block_hashes};
+pub use ids::{
+    BlockId, CacheSalt, Epoch, GroupId, IdError, ModelName, SessionKey, ShardIndex, TenantId,
+    WorkerId,
+};
+pub use keys::{KeyLayout, escape_segment, unescape_segment};
+pub use wire::{
+    ErrorCode, FinishReason, GenerateEvent, GenerateRequest, LoadReport, SamplingError,
+    SamplingParams, SessionRecord, TenantLimits, TenantRecord, Usage, WorkerInfo,
+    WorkerRegistration,
+};

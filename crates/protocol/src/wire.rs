@@ -1,0 +1,605 @@
+//! Router<->worker wire types and the JSON values stored in etcd.
+//!
+//! Everything here is JSON. Unknown fields are ignored and fields with a natural default may be
+//! omitted, so a router and a worker of neighbouring versions understand each other; enums that
+//! may grow (`GenerateEvent`, `ErrorCode`) carry an `Unknown` variant instead of failing a whole
+//! stream. What is never defaulted: anything whose default would be unsafe, such as the cache salt
+//! of a request (a missing salt must not silently mean "share the cache across tenants").
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::BlockTokens;
+use crate::ids::{CacheSalt, Epoch, GroupId, ModelName, SessionKey, ShardIndex, WorkerId};
+
+/// Why sampling parameters were rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    /// Temperature outside `[0, 2]` (or NaN).
+    #[error("temperature must be between 0 and 2, got {0}")]
+    Temperature(f32),
+    /// `top_p` outside `(0, 1]` (or NaN).
+    #[error("top_p must be greater than 0 and at most 1, got {0}")]
+    TopP(f32),
+    /// `top_k` of zero; leave it unset to disable top-k.
+    #[error("top_k must be at least 1 (omit it to disable top-k)")]
+    TopK,
+    /// `max_tokens` of zero.
+    #[error("max_tokens must be at least 1")]
+    MaxTokens,
+    /// More than [`SamplingParams::MAX_LOGPROBS`] log-probabilities requested.
+    #[error("logprobs must be at most 20, got {0}")]
+    Logprobs(u32),
+}
+
+/// How to pick each generated token. Omitted fields take OpenAI's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature in `[0, 2]`; 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling mass in `(0, 1]`.
+    pub top_p: f32,
+    /// Keep only the `k` most likely tokens; `None` disables top-k.
+    pub top_k: Option<u32>,
+    /// Seed for reproducible sampling; `None` for a random one.
+    pub seed: Option<u64>,
+    /// Most tokens to generate, at least 1.
+    pub max_tokens: u32,
+    /// Token ids that end generation (the stop token itself is not returned).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past the model's end-of-sequence token.
+    pub ignore_eos: bool,
+    /// Return this many log-probabilities per token (at most 20); `None` for none.
+    pub logprobs: Option<u32>,
+}
+
+impl SamplingParams {
+    /// The most log-probabilities per token a request may ask for.
+    pub const MAX_LOGPROBS: u32 = 20;
+
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        if self.top_k == Some(0) {
+            return Err(SamplingError::TopK);
+        }
+        if self.max_tokens == 0 {
+            return Err(SamplingError::MaxTokens);
+        }
+        match self.logprobs {
+            Some(n) if n > Self::MAX_LOGPROBS => Err(SamplingError::Logprobs(n)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            seed: None,
+            max_tokens: 256,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+/// `POST /v1/generate`: continue `tokens` for a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Caller's id for tracing; echoed in logs only.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// The session the tokens belong to; `None` for a one-off request.
+    #[serde(default)]
+    pub session: Option<SessionKey>,
+    /// Namespace of the blocks this request may read and write. Required: there is deliberately
+    /// no default, so a forgotten salt is an error rather than a cross-tenant cache.
+    pub cache_salt: CacheSalt,
+    /// The whole prompt as token ids (history included; cached blocks are not recomputed).
+    pub tokens: Vec<u32>,
+    /// How to sample.
+    #[serde(default)]
+    pub sampling: SamplingParams,
+}
+
+/// Why generation ended.
+///
+/// OpenAI has no reason for a cancelled request (the client went away); an OpenAI surface maps
+/// `Cancelled` to a null `finish_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token or end-of-sequence was generated.
+    Stop,
+    /// `max_tokens` or the context limit was reached.
+    Length,
+    /// The request was cancelled.
+    Cancelled,
+}
+
+/// Token accounting of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt, cached or not.
+    pub prompt_tokens: u32,
+    /// Prompt tokens served from cache rather than prefilled.
+    #[serde(default)]
+    pub cached_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// Machine-readable error class of a failed generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or its parameters are out of range.
+    InvalidRequest,
+    /// Prompt plus `max_tokens` exceeds the context the worker can hold.
+    ContextTooLong,
+    /// The worker cannot take the request now; another worker may.
+    Overloaded,
+    /// A bug or an unexpected failure on the worker.
+    Internal,
+    /// A code this build does not know; treat it like `Internal`.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One line of the newline-delimited JSON stream answering `POST /v1/generate`.
+///
+/// A stream is zero or more `Tokens` followed by exactly one `Finished` or `Error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GenerateEvent {
+    /// Newly generated tokens.
+    Tokens {
+        /// The token ids, in order.
+        ids: Vec<u32>,
+        /// Log-probability of each id, when requested.
+        #[serde(default)]
+        logprobs: Option<Vec<f32>>,
+    },
+    /// Generation ended normally.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Token accounting.
+        usage: Usage,
+    },
+    /// Generation failed.
+    Error {
+        /// The class of failure.
+        code: ErrorCode,
+        /// Human-readable detail.
+        #[serde(default)]
+        message: String,
+    },
+    /// An event type this build does not know; skip it.
+    #[serde(other)]
+    Unknown,
+}
+
+/// `GET /v1/info`: what a worker serves and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The model served.
+    pub model: ModelName,
+    /// Tokens per block; routers must hash prompts with the same value.
+    pub block_tokens: BlockTokens,
+    /// Weight and KV dtype, e.g. `bf16`.
+    pub dtype: String,
+    /// Bytes of KV memory on this worker.
+    pub kv_capacity_bytes: u64,
+    /// Blocks that fit in that memory.
+    pub kv_capacity_blocks: u64,
+    /// Longest context one request may reach on this worker's shard group.
+    pub max_context_tokens: u64,
+    /// The current run of the worker; matches its KV events.
+    pub epoch: Epoch,
+    /// The shard group the worker belongs to.
+    pub group: GroupId,
+    /// The worker's position in its group.
+    pub shard: ShardIndex,
+    /// Workers in the group.
+    pub shard_count: u32,
+}
+
+/// `GET /v1/load`: a worker's current load, for cost-based routing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadReport {
+    /// Requests being decoded or prefilled.
+    pub running: u32,
+    /// Requests queued.
+    pub waiting: u32,
+    /// KV blocks in use on the device tier.
+    pub kv_used_blocks: u64,
+    /// KV blocks on the device tier.
+    pub kv_total_blocks: u64,
+    /// Prompt tokens still to prefill across queued and running requests.
+    pub prefill_tokens_waiting: u64,
+}
+
+/// etcd value of `workers/<model>/<worker>`, bound to the worker's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRegistration {
+    /// HTTP base URL of the worker, e.g. `http://10.0.0.7:8000`.
+    pub address: String,
+    /// The shard group the worker belongs to.
+    pub group: GroupId,
+    /// The worker's position in its group.
+    pub shard: ShardIndex,
+    /// Workers in the group.
+    pub shard_count: u32,
+    /// Tokens per block.
+    pub block_tokens: BlockTokens,
+    /// Bytes of KV memory on this worker.
+    pub kv_capacity_bytes: u64,
+}
+
+/// etcd value of `sessions/<model>/<tenant>/<session>`: where the session's KV cache lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The shard group holding the session's blocks.
+    pub group: GroupId,
+    /// The worker of that group that coordinates the session.
+    pub coordinator: WorkerId,
+}
+
+/// Per-tenant limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TenantLimits {
+    /// Requests per minute.
+    pub requests_per_minute: Option<u32>,
+    /// Prompt plus completion tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Requests in flight at once.
+    pub max_concurrent: Option<u32>,
+    /// Longest context (prompt plus completion) of one request.
+    pub max_context_tokens: Option<u64>,
+}
+
+/// etcd value of `tenants/<tenant>`, written by the operator from the Tenant resource.
+///
+/// Only hashes of API keys are stored, never the keys: see [`TenantRecord::hash_api_key`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TenantRecord {
+    /// [`TenantRecord::hash_api_key`] of each accepted key.
+    pub key_hashes: Vec<String>,
+    /// Models the tenant may use; empty means all.
+    pub allowed_models: Vec<ModelName>,
+    /// The tenant's limits.
+    pub limits: TenantLimits,
+    /// Opt into the shared cross-tenant cache where a Model allows it.
+    pub share_cache: bool,
+}
+
+impl TenantRecord {
+    /// The stored form of an API key: 64 lowercase hex characters of the (unkeyed) BLAKE3 hash of
+    /// its UTF-8 bytes. API keys are long random strings, so an unsalted fast hash suffices; what
+    /// matters is that etcd and its backups never hold a usable key.
+    pub fn hash_api_key(key: &str) -> String {
+        blake3::hash(key.as_bytes()).to_hex().to_string()
+    }
+
+    /// Whether `key` is one of this tenant's keys.
+    pub fn accepts_key(&self, key: &str) -> bool {
+        let hashed = Self::hash_api_key(key);
+        self.key_hashes.contains(&hashed)
+    }
+
+    /// Whether the tenant may use `model`.
+    pub fn allows_model(&self, model: &ModelName) -> bool {
+        self.allowed_models.is_empty() || self.allowed_models.contains(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+
+    use serde::de::DeserializeOwned;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// Serialises `value`, parses it back, then parses it again with an extra unknown field.
+    fn round_trip<T>(value: &T)
+    where
+        T: Serialize + DeserializeOwned + PartialEq + Debug,
+    {
+        let json = serde_json::to_value(value).unwrap();
+        let back: T = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(&back, value, "round trip of {json}");
+
+        let Value::Object(mut object) = json else {
+            panic!("{} is not a JSON object", std::any::type_name::<T>());
+        };
+        object.insert("field_from_the_future".into(), json!({"nested": [1, 2]}));
+        let extended = Value::Object(object);
+        let back: T = serde_json::from_value(extended.clone()).unwrap();
+        assert_eq!(&back, value, "unknown field in {extended}");
+    }
+
+    fn model(name: &str) -> ModelName {
+        ModelName::new(name).unwrap()
+    }
+
+    fn group() -> GroupId {
+        GroupId::new("smol-0").unwrap()
+    }
+
+    #[test]
+    fn every_type_round_trips_and_ignores_unknown_fields() {
+        let sampling = SamplingParams {
+            temperature: 0.5,
+            top_p: 0.9,
+            top_k: Some(40),
+            seed: Some(7),
+            max_tokens: 16,
+            stop_token_ids: vec![2],
+            ignore_eos: true,
+            logprobs: Some(5),
+        };
+        round_trip(&sampling);
+        round_trip(&SamplingParams::default());
+        round_trip(&GenerateRequest {
+            request_id: Some("r-1".into()),
+            session: Some(SessionKey::new("chat-42").unwrap()),
+            cache_salt: CacheSalt::new("tenant-a").unwrap(),
+            tokens: vec![1, 2, 3],
+            sampling,
+        });
+        round_trip(&GenerateEvent::Tokens {
+            ids: vec![5, 6],
+            logprobs: Some(vec![-0.5, -1.25]),
+        });
+        round_trip(&GenerateEvent::Tokens {
+            ids: vec![5],
+            logprobs: None,
+        });
+        round_trip(&GenerateEvent::Finished {
+            reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 100,
+                cached_tokens: 64,
+                completion_tokens: 16,
+            },
+        });
+        round_trip(&GenerateEvent::Error {
+            code: ErrorCode::ContextTooLong,
+            message: "too long".into(),
+        });
+        round_trip(&Usage::default());
+        round_trip(&WorkerInfo {
+            model: model("SmolLM2-135M-Instruct"),
+            block_tokens: BlockTokens::DEFAULT,
+            dtype: "bf16".into(),
+            kv_capacity_bytes: 1 << 30,
+            kv_capacity_blocks: 4096,
+            max_context_tokens: 1 << 20,
+            epoch: Epoch::new(u64::MAX),
+            group: group(),
+            shard: ShardIndex::new(1),
+            shard_count: 2,
+        });
+        round_trip(&LoadReport {
+            running: 3,
+            waiting: 1,
+            kv_used_blocks: 10,
+            kv_total_blocks: 100,
+            prefill_tokens_waiting: 512,
+        });
+        round_trip(&WorkerRegistration {
+            address: "http://127.0.0.1:8000".into(),
+            group: group(),
+            shard: ShardIndex::new(0),
+            shard_count: 1,
+            block_tokens: BlockTokens::DEFAULT,
+            kv_capacity_bytes: 1 << 30,
+        });
+        round_trip(&SessionRecord {
+            group: group(),
+            coordinator: WorkerId::new("smol-0-0").unwrap(),
+        });
+        round_trip(&TenantLimits {
+            requests_per_minute: Some(60),
+            tokens_per_minute: Some(100_000),
+            max_concurrent: None,
+            max_context_tokens: Some(1 << 20),
+        });
+        round_trip(&TenantRecord {
+            key_hashes: vec![TenantRecord::hash_api_key("sk-test")],
+            allowed_models: vec![model("m")],
+            limits: TenantLimits::default(),
+            share_cache: true,
+        });
+    }
+
+    #[test]
+    fn omitted_fields_take_defaults() {
+        let request: GenerateRequest =
+            serde_json::from_str(r#"{"cache_salt":"","tokens":[1]}"#).unwrap();
+        assert_eq!(request.sampling, SamplingParams::default());
+        assert_eq!(request.session, None);
+        assert!(request.cache_salt.is_shared());
+        assert!(
+            serde_json::from_str::<GenerateRequest>(r#"{"tokens":[1]}"#).is_err(),
+            "a missing cache salt must not default to the shared cache"
+        );
+
+        let sampling: SamplingParams = serde_json::from_str(r#"{"temperature":0}"#).unwrap();
+        assert_eq!(sampling.temperature, 0.0);
+        assert_eq!(sampling.max_tokens, 256);
+        assert_eq!(sampling.top_p, 1.0);
+
+        assert_eq!(
+            serde_json::from_str::<LoadReport>("{}").unwrap(),
+            LoadReport::default()
+        );
+        assert_eq!(
+            serde_json::from_str::<TenantRecord>("{}").unwrap(),
+            TenantRecord::default()
+        );
+        let usage: Usage =
+            serde_json::from_str(r#"{"prompt_tokens":3,"completion_tokens":1}"#).unwrap();
+        assert_eq!(usage.cached_tokens, 0);
+    }
+
+    #[test]
+    fn stream_events_are_tagged_and_tolerant() {
+        let line = serde_json::to_string(&GenerateEvent::Finished {
+            reason: FinishReason::Cancelled,
+            usage: Usage::default(),
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"type":"finished","reason":"cancelled","usage":{"prompt_tokens":0,"cached_tokens":0,"completion_tokens":0}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<GenerateEvent>(r#"{"type":"heartbeat","at":1}"#).unwrap(),
+            GenerateEvent::Unknown
+        );
+        assert_eq!(
+            serde_json::from_str::<GenerateEvent>(
+                r#"{"type":"error","code":"shard_lost","message":"m"}"#
+            )
+            .unwrap(),
+            GenerateEvent::Error {
+                code: ErrorCode::Unknown,
+                message: "m".into()
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(ErrorCode::InvalidRequest).unwrap(),
+            "invalid_request"
+        );
+    }
+
+    #[test]
+    fn sampling_validation_table() {
+        let base = SamplingParams::default();
+        let cases: Vec<(SamplingParams, Result<(), SamplingError>)> = vec![
+            (base.clone(), Ok(())),
+            (
+                SamplingParams {
+                    temperature: 0.0,
+                    top_p: 1e-6,
+                    top_k: Some(1),
+                    logprobs: Some(20),
+                    max_tokens: 1,
+                    ..base.clone()
+                },
+                Ok(()),
+            ),
+            (
+                SamplingParams {
+                    temperature: 2.0,
+                    ..base.clone()
+                },
+                Ok(()),
+            ),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..base.clone()
+                },
+                Err(SamplingError::Temperature(-0.1)),
+            ),
+            (
+                SamplingParams {
+                    temperature: 2.5,
+                    ..base.clone()
+                },
+                Err(SamplingError::Temperature(2.5)),
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..base.clone()
+                },
+                Err(SamplingError::TopP(0.0)),
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..base.clone()
+                },
+                Err(SamplingError::TopP(1.5)),
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..base.clone()
+                },
+                Err(SamplingError::TopK),
+            ),
+            (
+                SamplingParams {
+                    max_tokens: 0,
+                    ..base.clone()
+                },
+                Err(SamplingError::MaxTokens),
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..base.clone()
+                },
+                Err(SamplingError::Logprobs(21)),
+            ),
+        ];
+        for (params, expected) in cases {
+            assert_eq!(params.validate(), expected, "{params:?}");
+        }
+        let nan = SamplingParams {
+            temperature: f32::NAN,
+            ..base.clone()
+        };
+        assert!(matches!(nan.validate(), Err(SamplingError::Temperature(_))));
+        let nan = SamplingParams {
+            top_p: f32::NAN,
+            ..base
+        };
+        assert!(matches!(nan.validate(), Err(SamplingError::TopP(_))));
+    }
+
+    #[test]
+    fn tenant_keys_are_stored_hashed() {
+        let hashed = TenantRecord::hash_api_key("sk-test");
+        assert_eq!(hashed.len(), 64);
+        assert!(!hashed.contains("sk-test"));
+        // Produced by tests/golden/gen_golden.py: stored hashes must not change either.
+        assert_eq!(
+            hashed,
+            "bec91e294ce18c501ea770e9c1f9ce380ed8d87fabcfb4aa7295a5f7ab9a9938"
+        );
+        let record = TenantRecord {
+            key_hashes: vec![hashed],
+            ..TenantRecord::default()
+        };
+        assert!(record.accepts_key("sk-test"));
+        assert!(!record.accepts_key("sk-other"));
+        assert!(record.allows_model(&model("anything")));
+        let limited = TenantRecord {
+            allowed_models: vec![model("a")],
+            ..record
+        };
+        assert!(limited.allows_model(&model("a")));
+        assert!(!limited.allows_model(&model("b")));
+    }
+}
