@@ -1,0 +1,57 @@
+//! The crate's error type for everything past building a vocabulary or compiling a template.
+//!
+//! [`VocabError`] and [`TemplateError`] name the metadata key or template line at fault; this
+//! enum wraps them and adds the failures of the kit itself (tokenizer calls, the JSON form served
+//! at `GET /v1/tokenizer`). Invariant: every variant says which operation, field or token failed,
+//! and keeps its cause as `source`.
+
+use crate::template::TemplateError;
+use crate::vocab::VocabError;
+
+/// Why building, loading or using a [`crate::PromptKit`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    /// The vocabulary could not be read or built.
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
+    /// The chat template could not be compiled or rendered.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// A `tokenizers` call failed.
+    #[error("tokenizer {op} failed: {source}")]
+    Tokenizer {
+        /// `encode`, `decode`, `serialise`, `parse`.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: tokenizers::Error,
+    },
+    /// The JSON form of a kit is malformed.
+    #[error("prompt kit JSON: `{field}` is invalid: {source}")]
+    Json {
+        /// The top-level field, or `(document)` for the whole body.
+        field: &'static str,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A chat request reached a model without a chat template.
+    #[error("the model has no chat template; use the completions API with a raw prompt")]
+    NoChatTemplate,
+    /// A special token named by the kit is not in the vocabulary.
+    #[error("`{field}` = `{token}` is not a token of the vocabulary")]
+    UnknownToken {
+        /// `bos_token` or `eos_token`.
+        field: &'static str,
+        /// The token text.
+        token: String,
+    },
+    /// A stop token id is outside the vocabulary.
+    #[error("stop token id {id} is outside the vocabulary of {vocab_size} tokens")]
+    StopIdOutOfRange {
+        /// The id.
+        id: u32,
+        /// The vocabulary size, added tokens included.
+        vocab_size: usize,
+    },
+}

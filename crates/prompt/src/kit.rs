@@ -1,0 +1,448 @@
+//! [`PromptKit`]: one model's tokenizer, chat template and special tokens, in one value that the
+//! worker builds from its model files and serves as JSON, and the router rebuilds from that JSON.
+//!
+//! Tidelock's prefix cache keys KV blocks by token ids, so the router (which hashes blocks to pick
+//! a worker) and the worker (which stores them) must turn a conversation into the same ids. The
+//! way to guarantee that is to have exactly one definition of the tokenizer and template: the
+//! worker's, shipped verbatim at `GET /v1/tokenizer` as
+//! `{"tokenizer": <tokenizer.json>, "chat_template": ..., "bos_token": ..., "eos_token": ...,
+//! "stop_token_ids": [...]}` ([`PromptKitJson`]).
+//!
+//! Invariants:
+//! - `PromptKit::from_json(kit.to_json()?)` encodes, decodes and renders exactly like `kit`.
+//! - `bos_token` / `eos_token`, when set, are tokens of the vocabulary; every stop id is in range.
+//! - Stop ids: EOS, then each end-of-turn marker ([`END_OF_TURN_MARKERS`]) that the chat template
+//!   itself writes and the vocabulary has (`<|im_end|>` for ChatML), without duplicates, in that
+//!   order. A kit rebuilt from JSON keeps the served list as is: the worker is the authority.
+//! - Chat prompts are encoded without adding BOS/EOS: templates write their own special tokens
+//!   (as `transformers` and vLLM do).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::PromptError;
+use crate::detok::IncrementalDetokenizer;
+use crate::template::{ChatMessage, ChatTemplate, RenderOptions};
+use crate::vocab::GgufVocab;
+
+/// Tokens that end an assistant turn in common chat formats. One becomes a stop id when the
+/// model's template writes it.
+pub const END_OF_TURN_MARKERS: [&str; 5] = [
+    "<|im_end|>",    // ChatML (Qwen, SmolLM, Hermes)
+    "<|eot_id|>",    // Llama 3
+    "<|eom_id|>",    // Llama 3.1 tool calls
+    "<|end|>",       // Phi-3
+    "<end_of_turn>", // Gemma
+];
+
+/// A special token: its text and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialToken {
+    /// The token as it appears in text (`<|im_end|>`).
+    pub text: String,
+    /// Its id.
+    pub id: u32,
+}
+
+/// The JSON a worker serves at `GET /v1/tokenizer`. Unknown fields are ignored so that a newer
+/// worker can add some.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptKitJson {
+    /// A complete Hugging Face `tokenizer.json` document.
+    pub tokenizer: serde_json::Value,
+    /// The Jinja chat template, if the model has one.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// BOS token text.
+    #[serde(default)]
+    pub bos_token: Option<String>,
+    /// EOS token text.
+    #[serde(default)]
+    pub eos_token: Option<String>,
+    /// Ids that end generation.
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// What a kit is made of; [`PromptKit::new`] checks it.
+#[derive(Debug, Clone)]
+pub struct KitParts {
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The Jinja chat template source.
+    pub chat_template: Option<String>,
+    /// BOS token text (must be in the vocabulary).
+    pub bos_token: Option<String>,
+    /// EOS token text (must be in the vocabulary).
+    pub eos_token: Option<String>,
+    /// `None` derives the stop ids (see the module docs); `Some` takes them as given.
+    pub stop_token_ids: Option<Vec<u32>>,
+}
+
+/// A model's tokenizer, chat template and special tokens. `Send + Sync`; share it behind an `Arc`.
+#[derive(Clone)]
+pub struct PromptKit {
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    bos: Option<SpecialToken>,
+    eos: Option<SpecialToken>,
+    stop_token_ids: Vec<u32>,
+    warnings: Vec<String>,
+}
+
+impl fmt::Debug for PromptKit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The tokenizer's own Debug prints the whole vocabulary.
+        f.debug_struct("PromptKit")
+            .field("vocab_size", &self.vocab_size())
+            .field("chat_template", &self.chat_template.is_some())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("stop_token_ids", &self.stop_token_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PromptKit {
+    /// Checks and assembles the parts.
+    pub fn new(parts: KitParts) -> Result<Self, PromptError> {
+        let KitParts {
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            stop_token_ids,
+        } = parts;
+        let special = |field: &'static str, text: Option<String>| {
+            text.map(|text| match tokenizer.token_to_id(&text) {
+                Some(id) => Ok(SpecialToken { text, id }),
+                None => Err(PromptError::UnknownToken { field, token: text }),
+            })
+            .transpose()
+        };
+        let bos = special("bos_token", bos_token)?;
+        let eos = special("eos_token", eos_token)?;
+        let chat_template = chat_template.map(ChatTemplate::new).transpose()?;
+        let stop_token_ids = match stop_token_ids {
+            Some(ids) => ids,
+            None => derive_stop_ids(&tokenizer, eos.as_ref(), chat_template.as_ref()),
+        };
+        let vocab_size = tokenizer.get_vocab_size(true);
+        if let Some(&id) = stop_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(PromptError::StopIdOutOfRange { id, vocab_size });
+        }
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            bos,
+            eos,
+            stop_token_ids,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Builds a kit from a GGUF vocabulary; its warnings are kept in [`PromptKit::warnings`].
+    pub fn from_vocab(vocab: &GgufVocab) -> Result<Self, PromptError> {
+        let text = |id: Option<u32>| id.and_then(|id| vocab.token(id)).map(str::to_owned);
+        let mut kit = Self::new(KitParts {
+            tokenizer: vocab.to_tokenizer()?,
+            chat_template: vocab.chat_template.clone(),
+            bos_token: text(vocab.bos),
+            eos_token: text(vocab.eos),
+            stop_token_ids: None,
+        })?;
+        kit.warnings = vocab.warnings();
+        Ok(kit)
+    }
+
+    /// Reads a GGUF file's tokenizer metadata and builds a kit from it.
+    #[cfg(feature = "gguf")]
+    pub fn from_gguf_file(path: &std::path::Path) -> Result<Self, PromptError> {
+        Self::from_vocab(&GgufVocab::from_gguf_file(path)?)
+    }
+
+    /// The serialisable form (what `GET /v1/tokenizer` serves).
+    pub fn to_json_value(&self) -> Result<PromptKitJson, PromptError> {
+        Ok(PromptKitJson {
+            tokenizer: serde_json::to_value(&self.tokenizer).map_err(|source| {
+                PromptError::Json {
+                    field: "tokenizer",
+                    source,
+                }
+            })?,
+            chat_template: self.chat_template.as_ref().map(|t| t.source().to_owned()),
+            bos_token: self.bos.as_ref().map(|t| t.text.clone()),
+            eos_token: self.eos.as_ref().map(|t| t.text.clone()),
+            stop_token_ids: self.stop_token_ids.clone(),
+        })
+    }
+
+    /// The serialisable form as a JSON document.
+    pub fn to_json(&self) -> Result<String, PromptError> {
+        serde_json::to_string(&self.to_json_value()?).map_err(|source| PromptError::Json {
+            field: "(document)",
+            source,
+        })
+    }
+
+    /// Rebuilds a kit from its serialisable form.
+    pub fn from_json_value(json: PromptKitJson) -> Result<Self, PromptError> {
+        let tokenizer: Tokenizer =
+            serde_json::from_value(json.tokenizer).map_err(|source| PromptError::Json {
+                field: "tokenizer",
+                source,
+            })?;
+        Self::new(KitParts {
+            tokenizer,
+            chat_template: json.chat_template,
+            bos_token: json.bos_token,
+            eos_token: json.eos_token,
+            stop_token_ids: Some(json.stop_token_ids),
+        })
+    }
+
+    /// Rebuilds a kit from a JSON document made by [`PromptKit::to_json`].
+    pub fn from_json(json: &str) -> Result<Self, PromptError> {
+        let doc: PromptKitJson =
+            serde_json::from_str(json).map_err(|source| PromptError::Json {
+                field: "(document)",
+                source,
+            })?;
+        Self::from_json_value(doc)
+    }
+
+    /// Text to ids. `add_special` adds what the tokenizer's post-processor adds (BOS when the
+    /// model asks for it); special-token text such as `<|im_start|>` is always one id.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, PromptError> {
+        self.tokenizer
+            .encode(text, add_special)
+            .map(|enc| enc.get_ids().to_vec())
+            .map_err(|source| PromptError::Tokenizer {
+                op: "encode",
+                source,
+            })
+    }
+
+    /// Ids to text; `skip_special` drops control tokens such as `<|im_end|>`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, PromptError> {
+        self.tokenizer
+            .decode(ids, skip_special)
+            .map_err(|source| PromptError::Tokenizer {
+                op: "decode",
+                source,
+            })
+    }
+
+    /// Renders a conversation with the model's template and special tokens.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, PromptError> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(PromptError::NoChatTemplate)?;
+        let opts = RenderOptions {
+            add_generation_prompt,
+            bos_token: self
+                .bos
+                .as_ref()
+                .map(|t| t.text.clone())
+                .unwrap_or_default(),
+            eos_token: self
+                .eos
+                .as_ref()
+                .map(|t| t.text.clone())
+                .unwrap_or_default(),
+            extra: extra.clone(),
+        };
+        Ok(template.render(messages, &opts)?)
+    }
+
+    /// Renders a conversation and encodes it, without adding special tokens beyond the template's.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Vec<u32>, PromptError> {
+        self.encode(
+            &self.render_chat(messages, add_generation_prompt, extra)?,
+            false,
+        )
+    }
+
+    /// A streaming detokenizer for this kit's tokenizer (pass [`PromptKit::tokenizer`] to it).
+    pub fn detokenizer(&self, skip_special: bool) -> IncrementalDetokenizer {
+        IncrementalDetokenizer::new(skip_special)
+    }
+
+    /// The underlying tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The compiled chat template, if any.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// The BOS token.
+    pub fn bos(&self) -> Option<&SpecialToken> {
+        self.bos.as_ref()
+    }
+
+    /// The EOS token.
+    pub fn eos(&self) -> Option<&SpecialToken> {
+        self.eos.as_ref()
+    }
+
+    /// Ids that end generation.
+    pub fn stop_token_ids(&self) -> &[u32] {
+        &self.stop_token_ids
+    }
+
+    /// Messages to log from building the kit (for example an unknown pre-tokenizer).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The id of a token's text.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The text of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+}
+
+fn derive_stop_ids(
+    tokenizer: &Tokenizer,
+    eos: Option<&SpecialToken>,
+    template: Option<&ChatTemplate>,
+) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.map(|t| t.id).into_iter().collect();
+    let source = template.map_or("", ChatTemplate::source);
+    let markers = END_OF_TURN_MARKERS
+        .iter()
+        .filter(|marker| source.contains(*marker))
+        .filter_map(|marker| tokenizer.token_to_id(marker));
+    for id in markers {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vocab::tests::tiny_vocab;
+
+    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    fn kit() -> PromptKit {
+        let mut vocab = tiny_vocab();
+        vocab.chat_template = Some(CHATML.into());
+        vocab.eos = None;
+        PromptKit::from_vocab(&vocab).expect("kit")
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<PromptKit>();
+    }
+
+    #[test]
+    fn chatml_template_adds_im_end_as_a_stop() {
+        let kit = kit();
+        assert_eq!(kit.stop_token_ids(), [1]);
+        assert_eq!(kit.bos().map(|t| t.text.as_str()), Some("<|im_start|>"));
+        let mut vocab = tiny_vocab();
+        vocab.eos = Some(1);
+        vocab.chat_template = Some(CHATML.into());
+        let with_eos = PromptKit::from_vocab(&vocab).expect("kit");
+        assert_eq!(with_eos.stop_token_ids(), [1], "no duplicates");
+    }
+
+    #[test]
+    fn encode_chat_uses_one_id_per_control_token() {
+        let kit = kit();
+        let ids = kit
+            .encode_chat(
+                &[ChatMessage::new("user", "hello")],
+                true,
+                &Default::default(),
+            )
+            .expect("encode");
+        let tokens: Vec<String> = ids.iter().filter_map(|&id| kit.id_to_token(id)).collect();
+        assert_eq!(tokens.first().map(String::as_str), Some("<|im_start|>"));
+        assert_eq!(tokens.iter().filter(|t| *t == "<|im_end|>").count(), 1);
+        assert_eq!(
+            kit.decode(&ids, true).expect("decode"),
+            "user\nhello\nassistant\n"
+        );
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let kit = kit();
+        let back = PromptKit::from_json(&kit.to_json().expect("to_json")).expect("from_json");
+        assert_eq!(back.stop_token_ids(), kit.stop_token_ids());
+        assert_eq!(back.bos(), kit.bos());
+        for text in ["hello wo", "<|im_start|>x<|im_end|>", "é 世"] {
+            assert_eq!(
+                back.encode(text, true).ok(),
+                kit.encode(text, true).ok(),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn from_json_names_what_is_wrong() {
+        let mut doc = kit().to_json_value().expect("json");
+        doc.stop_token_ids = vec![9_999_999];
+        let err = PromptKit::from_json_value(doc.clone()).expect_err("stop id");
+        assert!(matches!(
+            err,
+            PromptError::StopIdOutOfRange { id: 9_999_999, .. }
+        ));
+
+        doc.stop_token_ids = vec![];
+        doc.eos_token = Some("<|nope|>".into());
+        let err = PromptKit::from_json_value(doc.clone()).expect_err("eos");
+        assert!(err.to_string().contains("eos_token"), "{err}");
+
+        doc.tokenizer = serde_json::json!({"model": 3});
+        let err = PromptKit::from_json_value(doc).expect_err("tokenizer");
+        assert!(err.to_string().contains("`tokenizer`"), "{err}");
+
+        assert!(matches!(
+            PromptKit::from_json("not json"),
+            Err(PromptError::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn no_template_is_a_typed_error() {
+        let kit = PromptKit::from_vocab(&tiny_vocab()).expect("kit");
+        assert!(matches!(
+            kit.render_chat(&[], true, &Default::default()),
+            Err(PromptError::NoChatTemplate)
+        ));
+    }
+}
