@@ -1,0 +1,112 @@
+//! The KV store: every layer's keys and values in fixed-size blocks of `block_tokens` tokens.
+//!
+//! Page layout, per layer: `[block][kv_head][slot][head_dim]`, so that one head's keys of one
+//! block are contiguous (`block_tokens * head_dim` floats: 16 KiB at 64 tokens and head dim 64).
+//! PERF-NOTES measured this head-major layout at 70-80% of memory bandwidth for decode attention
+//! against 55-65% for vLLM's `[block][slot][head][dim]`. A sequence's blocks are listed in its
+//! block table; position `p` lives in block `table[p / block_tokens]`, slot `p % block_tokens`.
+//! Which blocks a sequence owns, sharing and eviction are the block pool's business; this module
+//! only stores and reads.
+
+pub mod attention;
+
+use tidelock_protocol::BlockId;
+
+/// The geometry of the KV store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_tokens: usize,
+}
+
+impl KvShape {
+    /// Floats of one block of one layer, keys or values.
+    pub fn block_floats(&self) -> usize {
+        self.kv_heads * self.block_tokens * self.head_dim
+    }
+
+    /// Bytes one block takes across all layers, keys and values.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.layers * self.block_floats() * std::mem::size_of::<f32>()
+    }
+
+    /// How many blocks fit in `bytes`.
+    pub fn blocks_in(&self, bytes: u64) -> usize {
+        usize::try_from(bytes / self.block_bytes() as u64).unwrap_or(usize::MAX)
+    }
+
+    /// Offset of `(block, head, slot)` inside one layer's storage.
+    #[inline]
+    pub fn offset(&self, block: BlockId, head: usize, slot: usize) -> usize {
+        ((block.get() as usize * self.kv_heads + head) * self.block_tokens + slot) * self.head_dim
+    }
+}
+
+/// Keys and values of every layer, for a fixed number of blocks.
+#[derive(Debug)]
+pub struct KvStore {
+    shape: KvShape,
+    num_blocks: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl KvStore {
+    /// Allocates `num_blocks` zeroed blocks.
+    pub fn new(shape: KvShape, num_blocks: usize) -> Self {
+        let floats = num_blocks * shape.block_floats();
+        KvStore {
+            shape,
+            num_blocks,
+            keys: (0..shape.layers).map(|_| vec![0.0; floats]).collect(),
+            values: (0..shape.layers).map(|_| vec![0.0; floats]).collect(),
+        }
+    }
+
+    pub fn shape(&self) -> &KvShape {
+        &self.shape
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// One layer's keys and values.
+    pub fn layer(&self, layer: usize) -> LayerKv<'_> {
+        LayerKv {
+            shape: &self.shape,
+            keys: &self.keys[layer],
+            values: &self.values[layer],
+        }
+    }
+
+    /// Writes the keys and values (`kv_heads * head_dim` floats each) of the token at `position`.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        table: &[BlockId],
+        position: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let s = self.shape;
+        let block = table[position / s.block_tokens];
+        let slot = position % s.block_tokens;
+        for head in 0..s.kv_heads {
+            let dst = s.offset(block, head, slot);
+            let src = head * s.head_dim;
+            self.keys[layer][dst..dst + s.head_dim].copy_from_slice(&k[src..src + s.head_dim]);
+            self.values[layer][dst..dst + s.head_dim].copy_from_slice(&v[src..src + s.head_dim]);
+        }
+    }
+}
+
+/// A read view of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerKv<'a> {
+    pub shape: &'a KvShape,
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+}

@@ -1,0 +1,370 @@
+//! A Llama-family decoder (Llama 2/3, SmolLM, Qwen2 with its qkv bias) with a batched forward
+//! pass over the paged KV store.
+//!
+//! One call runs any mix of sequences, each contributing a chunk of new tokens at its own
+//! position (a whole prompt, a prefill chunk, or one decode token): their rows are stacked so
+//! every projection is one GEMM for the whole batch, and only attention looks at sequences one by
+//! one, through their block tables. Keys and values of the new tokens are written into the KV
+//! store before attention, so a token attends to itself and everything before it.
+//!
+//! Weights are f32 `[in, out]` (transposed once at load), with q/k/v fused into one matrix and
+//! gate/up into another: two GEMMs fewer per layer.
+
+use std::path::Path;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{D, DType, Device, Module, Tensor};
+use tidelock_protocol::BlockId;
+
+use crate::kv::attention::{AttnSeq, paged_attention};
+use crate::kv::{KvShape, KvStore};
+use crate::model::ModelError;
+use crate::model::config::{LlamaConfig, RopeStyle, rope_frequencies};
+use crate::model::gguf::GgufFile;
+
+/// Which logits a chunk wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None: an intermediate prefill chunk.
+    None,
+    /// The last token's only: the next-token distribution.
+    Last,
+    /// Every token's: teacher forcing and verification.
+    All,
+}
+
+/// One sequence's share of a forward call.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// Absolute position of `tokens[0]` (the number of tokens already in the KV store).
+    pub start: usize,
+    /// Block table covering positions `0..start + tokens.len()`.
+    pub table: &'a [BlockId],
+    pub logits: Logits,
+}
+
+/// How matrix weights are held and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Dequantized to f32 at load, multiplied with f32 GEMMs, q/k/v and gate/up fused.
+    F32,
+    /// Kept as stored (e.g. Q4_1) and multiplied the way ggml does: activations quantized to the
+    /// weights' dot-product type, integer dot products.
+    Quantized,
+}
+
+/// One or more projections of the same input, outputs concatenated along the last dimension.
+#[derive(Debug)]
+enum Proj {
+    /// f32 `[in, out]`, several projections fused into one matrix.
+    Dense(Tensor),
+    /// Quantized `[out, in]` matrices applied one by one.
+    Quantized(Vec<QMatMul>),
+}
+
+impl Proj {
+    /// Loads the named `[out, in]` matrices.
+    fn load(
+        file: &mut GgufFile,
+        parts: &[(String, [usize; 2])],
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
+        match format {
+            WeightFormat::F32 => {
+                let mats = parts
+                    .iter()
+                    .map(|(name, shape)| file.tensor(name, shape))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Proj::Dense(Tensor::cat(&mats, 0)?.t()?.contiguous()?))
+            }
+            WeightFormat::Quantized => Ok(Proj::Quantized(
+                parts
+                    .iter()
+                    .map(|(name, shape)| {
+                        QMatMul::from_qtensor(file.qtensor(name, shape)?).map_err(ModelError::from)
+                    })
+                    .collect::<Result<_, _>>()?,
+            )),
+        }
+    }
+
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Proj::Dense(w) => x.matmul(w),
+            Proj::Quantized(ws) => {
+                let mut outs = ws
+                    .iter()
+                    .map(|w| w.forward(x))
+                    .collect::<Result<Vec<_>, _>>()?;
+                match outs.len() {
+                    1 => Ok(outs.remove(0)),
+                    _ => Tensor::cat(&outs, 1),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    qkv: Proj,
+    qkv_bias: Option<Tensor>,
+    out: Proj,
+    ffn_norm: Tensor,
+    gate_up: Proj,
+    down: Proj,
+}
+
+/// The loaded model.
+#[derive(Debug)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    lm_head: Proj,
+    norm: Tensor,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+    rope_scale: f32,
+}
+
+impl Llama {
+    /// Loads a GGUF model.
+    pub fn from_gguf(path: &Path, format: WeightFormat) -> Result<Self, ModelError> {
+        let mut file = GgufFile::open(path)?;
+        let cfg = file.llama_config()?;
+        let h = cfg.hidden_size;
+        let q = cfg.num_attention_heads * cfg.head_dim();
+        let kv = cfg.num_kv_heads() * cfg.head_dim();
+        let inter = cfg.intermediate_size;
+        let embed = file.tensor("token_embd.weight", &[cfg.vocab_size, h])?;
+        let head_name = if cfg.tie_word_embeddings {
+            "token_embd.weight"
+        } else {
+            "output.weight"
+        };
+        let lm_head = Proj::load(
+            &mut file,
+            &[(head_name.to_owned(), [cfg.vocab_size, h])],
+            format,
+        )?;
+        let norm = file.tensor("output_norm.weight", &[h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let name = |n: &str| format!("blk.{i}.{n}");
+            let qkv = Proj::load(
+                &mut file,
+                &[
+                    (name("attn_q.weight"), [q, h]),
+                    (name("attn_k.weight"), [kv, h]),
+                    (name("attn_v.weight"), [kv, h]),
+                ],
+                format,
+            )?;
+            let qkv_bias = if cfg.attention_bias {
+                let bq = file.tensor(&name("attn_q.bias"), &[q])?;
+                let bk = file.tensor(&name("attn_k.bias"), &[kv])?;
+                let bv = file.tensor(&name("attn_v.bias"), &[kv])?;
+                Some(Tensor::cat(&[bq, bk, bv], 0)?)
+            } else {
+                None
+            };
+            let gate_up = Proj::load(
+                &mut file,
+                &[
+                    (name("ffn_gate.weight"), [inter, h]),
+                    (name("ffn_up.weight"), [inter, h]),
+                ],
+                format,
+            )?;
+            layers.push(Layer {
+                attn_norm: file.tensor(&name("attn_norm.weight"), &[h])?,
+                qkv,
+                qkv_bias,
+                out: Proj::load(&mut file, &[(name("attn_output.weight"), [h, q])], format)?,
+                ffn_norm: file.tensor(&name("ffn_norm.weight"), &[h])?,
+                gate_up,
+                down: Proj::load(&mut file, &[(name("ffn_down.weight"), [h, inter])], format)?,
+            });
+        }
+        let (inv_freq, rope_scale) = rope_frequencies(&cfg);
+        Ok(Llama {
+            cfg,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            inv_freq,
+            rope_scale,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The KV geometry this model needs for a given block size.
+    pub fn kv_shape(&self, block_tokens: usize) -> KvShape {
+        KvShape {
+            layers: self.cfg.num_hidden_layers,
+            kv_heads: self.cfg.num_kv_heads(),
+            head_dim: self.cfg.head_dim(),
+            block_tokens,
+        }
+    }
+
+    /// Runs the chunks; returns, per chunk, the logits it asked for (`[rows, vocab]`).
+    pub fn forward(
+        &self,
+        kv: &mut KvStore,
+        chunks: &[SeqChunk<'_>],
+    ) -> Result<Vec<Option<Tensor>>, ModelError> {
+        let cfg = &self.cfg;
+        let bt = kv.shape().block_tokens;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut seqs = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let end = chunk.start + chunk.tokens.len();
+            if chunk.table.len() * bt < end {
+                return Err(ModelError::Input(format!(
+                    "block table of {} blocks cannot hold {end} tokens",
+                    chunk.table.len()
+                )));
+            }
+            if let Some(bad) = chunk
+                .table
+                .iter()
+                .find(|b| b.get() as usize >= kv.num_blocks())
+            {
+                return Err(ModelError::Input(format!(
+                    "block {bad} is outside the KV store"
+                )));
+            }
+            if let Some(bad) = chunk.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(ModelError::Input(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
+            }
+            seqs.push(AttnSeq {
+                rows: ids.len()..ids.len() + chunk.tokens.len(),
+                start: chunk.start,
+                table: chunk.table,
+            });
+            ids.extend_from_slice(chunk.tokens);
+            positions.extend(chunk.start..end);
+        }
+        let rows = ids.len();
+        if rows == 0 {
+            return Ok(chunks.iter().map(|_| None).collect());
+        }
+        let device = Device::Cpu;
+        let (cos, sin) = self.rope_tables(&positions);
+        let heads = cfg.num_attention_heads;
+        let kv_heads = cfg.num_kv_heads();
+        let d = cfg.head_dim();
+        let q_width = heads * d;
+        let kv_width = kv_heads * d;
+        let qkv_width = q_width + 2 * kv_width;
+        let scale = 1.0 / (d as f32).sqrt();
+        let eps = cfg.rms_norm_eps;
+
+        let ids_t = Tensor::from_vec(ids, rows, &device)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut qkv = layer.qkv.apply(&h)?;
+            if let Some(bias) = &layer.qkv_bias {
+                qkv = qkv.broadcast_add(bias)?;
+            }
+            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+            let mut q = Vec::with_capacity(rows * q_width);
+            for (r, row) in qkv.chunks_exact_mut(qkv_width).enumerate() {
+                let (qs, rest) = row.split_at_mut(q_width);
+                let (ks, vs) = rest.split_at_mut(kv_width);
+                let (c, s) = (&cos[r * d / 2..][..d / 2], &sin[r * d / 2..][..d / 2]);
+                for head in qs.chunks_exact_mut(d).chain(ks.chunks_exact_mut(d)) {
+                    rotate(head, c, s, cfg.rope_style);
+                }
+                q.extend_from_slice(qs);
+                kv.write(l, table_of(&seqs, r), positions[r], ks, vs);
+            }
+            let mut attn = vec![0.0f32; rows * q_width];
+            paged_attention(kv.layer(l), &seqs, heads, scale, &q, &mut attn);
+            let attn = Tensor::from_vec(attn, (rows, q_width), &device)?;
+            x = (x + layer.out.apply(&attn)?)?;
+
+            let h = rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate_up = layer.gate_up.apply(&h)?;
+            let inter = cfg.intermediate_size;
+            let act = (gate_up.narrow(1, 0, inter)?.silu()? * gate_up.narrow(1, inter, inter)?)?;
+            x = (x + layer.down.apply(&act)?)?;
+        }
+
+        let mut out = Vec::with_capacity(chunks.len());
+        for (chunk, seq) in chunks.iter().zip(&seqs) {
+            let wanted = match chunk.logits {
+                Logits::None => None,
+                Logits::Last => Some(x.narrow(0, seq.rows.end - 1, 1)?),
+                Logits::All => Some(x.narrow(0, seq.rows.start, seq.rows.len())?),
+            };
+            out.push(match wanted {
+                Some(h) => Some(self.lm_head.apply(&rms_norm(&h, &self.norm, eps)?)?),
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// cos and sin of every (row, rotation pair), `[rows, head_dim / 2]` each.
+    fn rope_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                // f64 keeps the angle exact at million-token positions.
+                let angle = p as f64 * f64::from(f);
+                cos.push(angle.cos() as f32 * self.rope_scale);
+                sin.push(angle.sin() as f32 * self.rope_scale);
+            }
+        }
+        (cos, sin)
+    }
+}
+
+fn table_of<'a>(seqs: &[AttnSeq<'a>], row: usize) -> &'a [BlockId] {
+    seqs.iter()
+        .find(|s| s.rows.contains(&row))
+        .map_or(&[], |s| s.table)
+}
+
+fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = head.len() / 2;
+    match style {
+        RopeStyle::Interleaved => {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * cos[i] - x1 * sin[i];
+                pair[1] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+        RopeStyle::Halves => {
+            for i in 0..half {
+                let (x0, x1) = (head[i], head[i + half]);
+                head[i] = x0 * cos[i] - x1 * sin[i];
+                head[i + half] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
+}

@@ -1,0 +1,307 @@
+//! The runtime on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF): its configuration is
+//! read right, and computing with cached KV gives the same logits as computing cold, whichever way
+//! the work is cut into chunks, batched or not.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::Tensor;
+use tidelock_protocol::BlockId;
+use tidelock_worker::kv::KvStore;
+use tidelock_worker::model::llama::{Logits, WeightFormat};
+use tidelock_worker::model::{Llama, RopeStyle, SeqChunk};
+
+const BLOCK: usize = 16;
+
+fn model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("TIDELOCK_MODEL") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let path = home.join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "the default model is not at {} (run ./scripts/test, which fetches it, or set TIDELOCK_MODEL)",
+        path.display()
+    );
+    path
+}
+
+fn model() -> &'static Llama {
+    static MODEL: OnceLock<Llama> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        Llama::from_gguf(&model_path(), WeightFormat::F32).expect("load the default model")
+    })
+}
+
+/// Token ids that look like text to the model: a fixed walk over the vocabulary's word range.
+fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            17 + ((s >> 33) % 20_000) as u32
+        })
+        .collect()
+}
+
+fn table(first: u32, blocks: usize) -> Vec<BlockId> {
+    (first..first + blocks as u32).map(BlockId::new).collect()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap()
+}
+
+#[test]
+fn config_is_read_from_gguf_metadata() {
+    let cfg = model().config();
+    assert_eq!(cfg.vocab_size, 49152);
+    assert_eq!(cfg.hidden_size, 576);
+    assert_eq!(cfg.intermediate_size, 1536);
+    assert_eq!(cfg.num_hidden_layers, 30);
+    assert_eq!((cfg.num_attention_heads, cfg.num_kv_heads()), (9, 3));
+    assert_eq!(cfg.head_dim(), 64);
+    assert_eq!(cfg.rope_theta, 100_000.0);
+    assert!(cfg.tie_word_embeddings);
+    assert!(!cfg.attention_bias);
+    assert_eq!(cfg.rope_style, RopeStyle::Interleaved);
+}
+
+#[test]
+fn cached_prefix_gives_the_cold_logits() {
+    let m = model();
+    let n = 150;
+    let prompt = tokens(n, 1);
+    let blocks = n.div_ceil(BLOCK);
+
+    let mut cold_kv = KvStore::new(m.kv_shape(BLOCK), blocks);
+    let t = table(0, blocks);
+    let cold = m
+        .forward(
+            &mut cold_kv,
+            &[SeqChunk {
+                tokens: &prompt,
+                start: 0,
+                table: &t,
+                logits: Logits::All,
+            }],
+        )
+        .unwrap();
+    let cold = rows(cold[0].as_ref().unwrap());
+    assert_eq!(cold.len(), n);
+
+    // Warm: a 96-token prefix (6 full blocks) computed earlier, then only the suffix.
+    let mut warm_kv = KvStore::new(m.kv_shape(BLOCK), blocks);
+    let split = 96;
+    m.forward(
+        &mut warm_kv,
+        &[SeqChunk {
+            tokens: &prompt[..split],
+            start: 0,
+            table: &t,
+            logits: Logits::None,
+        }],
+    )
+    .unwrap();
+    let warm = m
+        .forward(
+            &mut warm_kv,
+            &[SeqChunk {
+                tokens: &prompt[split..],
+                start: split,
+                table: &t,
+                logits: Logits::All,
+            }],
+        )
+        .unwrap();
+    let warm = rows(warm[0].as_ref().unwrap());
+    let diff = max_abs_diff(&warm, &cold[split..]);
+    assert!(diff <= 1e-4, "max |warm - cold| = {diff}");
+
+    // Decoding token by token from the cache agrees too.
+    let mut step_kv = KvStore::new(m.kv_shape(BLOCK), blocks);
+    let decode_from = n - 8;
+    m.forward(
+        &mut step_kv,
+        &[SeqChunk {
+            tokens: &prompt[..decode_from],
+            start: 0,
+            table: &t,
+            logits: Logits::None,
+        }],
+    )
+    .unwrap();
+    for p in decode_from..n {
+        let out = m
+            .forward(
+                &mut step_kv,
+                &[SeqChunk {
+                    tokens: &prompt[p..=p],
+                    start: p,
+                    table: &t,
+                    logits: Logits::Last,
+                }],
+            )
+            .unwrap();
+        let step = rows(out[0].as_ref().unwrap());
+        let diff = max_abs_diff(&step, &cold[p..=p]);
+        assert!(diff <= 1e-4, "position {p}: max |step - cold| = {diff}");
+        assert_eq!(argmax(&step[0]), argmax(&cold[p]));
+    }
+}
+
+#[test]
+fn a_batch_computes_what_each_sequence_computes_alone() {
+    let m = model();
+    let a = tokens(40, 2);
+    let b = tokens(23, 3);
+    let (ta, tb) = (table(0, 3), table(3, 2));
+    let mut alone_kv = KvStore::new(m.kv_shape(BLOCK), 5);
+    let alone_a = m
+        .forward(
+            &mut alone_kv,
+            &[SeqChunk {
+                tokens: &a,
+                start: 0,
+                table: &ta,
+                logits: Logits::All,
+            }],
+        )
+        .unwrap();
+    let alone_b = m
+        .forward(
+            &mut alone_kv,
+            &[SeqChunk {
+                tokens: &b,
+                start: 0,
+                table: &tb,
+                logits: Logits::Last,
+            }],
+        )
+        .unwrap();
+    let mut batch_kv = KvStore::new(m.kv_shape(BLOCK), 5);
+    let batch = m
+        .forward(
+            &mut batch_kv,
+            &[
+                SeqChunk {
+                    tokens: &a,
+                    start: 0,
+                    table: &ta,
+                    logits: Logits::All,
+                },
+                SeqChunk {
+                    tokens: &b,
+                    start: 0,
+                    table: &tb,
+                    logits: Logits::Last,
+                },
+            ],
+        )
+        .unwrap();
+    let d_a = max_abs_diff(
+        &rows(batch[0].as_ref().unwrap()),
+        &rows(alone_a[0].as_ref().unwrap()),
+    );
+    let d_b = max_abs_diff(
+        &rows(batch[1].as_ref().unwrap()),
+        &rows(alone_b[0].as_ref().unwrap()),
+    );
+    assert!(d_a <= 1e-4 && d_b <= 1e-4, "batched vs alone: {d_a} {d_b}");
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let m = model();
+    let mut kv = KvStore::new(m.kv_shape(BLOCK), 2);
+    let t = table(0, 1);
+    let too_long = tokens(BLOCK + 1, 4);
+    let err = m
+        .forward(
+            &mut kv,
+            &[SeqChunk {
+                tokens: &too_long,
+                start: 0,
+                table: &t,
+                logits: Logits::Last,
+            }],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot hold"), "{err}");
+    let err = m
+        .forward(
+            &mut kv,
+            &[SeqChunk {
+                tokens: &[60_000],
+                start: 0,
+                table: &t,
+                logits: Logits::Last,
+            }],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let outside = [BlockId::new(9)];
+    let err = m
+        .forward(
+            &mut kv,
+            &[SeqChunk {
+                tokens: &[5],
+                start: 0,
+                table: &outside,
+                logits: Logits::Last,
+            }],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the KV store"), "{err}");
+}
+
+#[test]
+fn a_missing_or_corrupt_file_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.gguf");
+    let err = Llama::from_gguf(&missing, WeightFormat::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nope.gguf") && err.contains("cannot open"),
+        "{err}"
+    );
+    let corrupt = dir.path().join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let err = Llama::from_gguf(&corrupt, WeightFormat::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("corrupt.gguf"), "{err}");
+    // A real GGUF cut short: the header parses, a tensor does not.
+    let bytes = std::fs::read(model_path()).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Llama::from_gguf(&truncated, WeightFormat::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("truncated.gguf") && err.contains("tensor"),
+        "{err}"
+    );
+}
