@@ -9,6 +9,7 @@
 //! only stores and reads.
 
 pub mod attention;
+pub mod pool;
 
 use tidelock_protocol::BlockId;
 

@@ -1,0 +1,492 @@
+//! The engine: continuous batching of many sequences over one executor and one block pool.
+//!
+//! Each [`Engine::step`] builds one batch, iteration by iteration (Orca-style):
+//! 1. every running sequence that is decoding gets its one token first, so a long prefill never
+//!    starves decodes;
+//! 2. running sequences still prefilling get chunks from what is left of the step's token budget
+//!    (chunked prefill);
+//! 3. waiting sequences are admitted in arrival order while budget, running slots and blocks
+//!    last. Admission looks the prompt's block hashes up in the prefix cache and only computes the
+//!    uncached suffix: that is the lossless reuse everything else in Tidelock is built around.
+//!
+//! When a decode needs a block and none can be freed, the most recently admitted other sequence
+//! is preempted by recompute: its blocks are released (its full blocks stay in the prefix cache,
+//! so re-admission usually finds them again) and it goes back to the front of the queue. Requests
+//! whose receiver has gone away are cancelled at the next step. The waiting queue is bounded; a
+//! request beyond it is rejected at once with [`ErrorCode::Overloaded`].
+//!
+//! The engine is synchronous and single-owner: the server runs it on its own thread.
+
+pub mod executor;
+pub mod sampling;
+
+use std::collections::VecDeque;
+
+use tidelock_protocol::{
+    BlockHash, BlockId, BlockTokens, ErrorCode, FinishReason, GenerateEvent, GenerateRequest,
+    HashChain, ModelName, Usage,
+};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::kv::pool::{BlockPool, PoolStats};
+use crate::model::ModelError;
+use executor::{Executor, Work};
+use sampling::Sampler;
+
+/// Scheduling limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model: ModelName,
+    pub block_tokens: BlockTokens,
+    /// Tokens computed per step at most (decodes plus prefill chunks).
+    pub max_step_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// Requests waiting for admission at most; beyond it requests are rejected.
+    pub max_waiting: usize,
+    /// Prompt plus completion tokens at most.
+    pub max_context: usize,
+    pub vocab_size: usize,
+    /// End-of-sequence tokens (ignored when a request sets `ignore_eos`).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Where the generated events of one request go. Dropping the receiver cancels the request.
+pub type EventSink = UnboundedSender<GenerateEvent>;
+
+#[derive(Debug)]
+struct Sequence {
+    request: GenerateRequest,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    chain: HashChain,
+    blocks: Vec<BlockId>,
+    /// Tokens whose keys and values are in the KV store.
+    computed: usize,
+    /// Leading blocks that are in the prefix cache (acquired from it or committed to it).
+    committed: usize,
+    /// Prompt tokens served from the prefix cache at first admission.
+    cached_tokens: Option<usize>,
+    sampler: Sampler,
+    completion: u32,
+    out: EventSink,
+}
+
+impl Sequence {
+    fn remaining(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+}
+
+/// A step's plan for one running sequence.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    index: usize,
+    len: usize,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepStats {
+    pub sequences: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub preempted: usize,
+}
+
+/// Counts for the load report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    pub running: usize,
+    pub waiting: usize,
+    pub waiting_prefill_tokens: usize,
+    pub blocks: PoolStats,
+}
+
+/// Continuous batching over an executor.
+#[derive(Debug)]
+pub struct Engine<E> {
+    cfg: EngineConfig,
+    pool: BlockPool,
+    exec: E,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+}
+
+impl<E: Executor> Engine<E> {
+    pub fn new(cfg: EngineConfig, pool: BlockPool, exec: E) -> Self {
+        Engine {
+            cfg,
+            pool,
+            exec,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn pool_mut(&mut self) -> &mut BlockPool {
+        &mut self.pool
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.exec
+    }
+
+    pub fn load(&self) -> EngineLoad {
+        EngineLoad {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            waiting_prefill_tokens: self.waiting.iter().map(Sequence::remaining).sum(),
+            blocks: self.pool.stats(),
+        }
+    }
+
+    /// Whether there is anything to do.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Queues a request. Invalid or unservable requests get an `Error` event on `out` at once.
+    pub fn submit(&mut self, request: GenerateRequest, out: EventSink) {
+        if let Err((code, message)) = self.validate(&request) {
+            let _ = out.send(GenerateEvent::Error { code, message });
+            return;
+        }
+        let mut chain = HashChain::new(&self.cfg.model, &request.cache_salt, self.cfg.block_tokens);
+        chain.extend(&request.tokens);
+        let sampler = Sampler::new(&request.sampling);
+        self.waiting.push_back(Sequence {
+            tokens: request.tokens.clone(),
+            prompt_len: request.tokens.len(),
+            chain,
+            blocks: Vec::new(),
+            computed: 0,
+            committed: 0,
+            cached_tokens: None,
+            sampler,
+            completion: 0,
+            out,
+            request,
+        });
+    }
+
+    fn validate(&self, request: &GenerateRequest) -> Result<(), (ErrorCode, String)> {
+        let invalid = |m: String| (ErrorCode::InvalidRequest, m);
+        request
+            .sampling
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
+        if request.tokens.is_empty() {
+            return Err(invalid("the prompt has no tokens".into()));
+        }
+        if let Some(bad) = request
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let bt = self.cfg.block_tokens.as_usize();
+        let capacity = self.pool.stats().total * bt;
+        let limit = self.cfg.max_context.min(capacity);
+        if request.tokens.len() >= limit {
+            return Err((
+                ErrorCode::ContextTooLong,
+                format!(
+                    "the prompt has {} tokens; this worker serves at most {} (context {}, KV capacity {})",
+                    request.tokens.len(),
+                    limit - 1,
+                    self.cfg.max_context,
+                    capacity
+                ),
+            ));
+        }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err((
+                ErrorCode::Overloaded,
+                format!(
+                    "{} requests are already waiting; try again later",
+                    self.waiting.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs one iteration. Returns what it did; all zeros when there was nothing to run.
+    pub fn step(&mut self) -> Result<StepStats, ModelError> {
+        self.reap_cancelled();
+        let mut stats = StepStats::default();
+        let mut budget = self.cfg.max_step_tokens;
+        let mut plan: Vec<Planned> = Vec::new();
+
+        // 1. Decodes first.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            if self.running[i].remaining() == 1 {
+                let upto = self.running[i].computed + 1;
+                // When the sequence itself is preempted, `i` already points at the next one.
+                if let Some(index) = self.ensure_blocks(i, upto, &mut plan, &mut budget, &mut stats)
+                {
+                    plan.push(Planned { index, len: 1 });
+                    budget -= 1;
+                    i = index + 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        // 2. Prefill chunks of admitted sequences.
+        for index in 0..self.running.len() {
+            if budget == 0 {
+                break;
+            }
+            if self.running[index].remaining() > 1 && !plan.iter().any(|p| p.index == index) {
+                let len = self.grow_for_prefill(index, budget);
+                if len > 0 {
+                    plan.push(Planned { index, len });
+                    budget -= len;
+                }
+            }
+        }
+        // 3. Admissions.
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(len) = self.admit(budget) else { break };
+            plan.push(Planned {
+                index: self.running.len() - 1,
+                len,
+            });
+            budget -= len;
+        }
+        if plan.is_empty() {
+            return Ok(stats);
+        }
+
+        let work: Vec<Work<'_>> = plan
+            .iter()
+            .map(|p| {
+                let seq = &self.running[p.index];
+                Work {
+                    tokens: &seq.tokens[seq.computed..seq.computed + p.len],
+                    start: seq.computed,
+                    table: &seq.blocks,
+                    wants_logits: seq.computed + p.len == seq.tokens.len(),
+                }
+            })
+            .collect();
+        let logits = self.exec.run(&work)?;
+        drop(work);
+
+        stats.sequences = plan.len();
+        for (p, logits) in plan.iter().zip(logits) {
+            let seq = &mut self.running[p.index];
+            if seq.remaining() == 1 && seq.computed >= seq.prompt_len {
+                stats.decode_tokens += 1;
+            } else {
+                stats.prefill_tokens += p.len;
+            }
+            seq.computed += p.len;
+            Self::commit_blocks(&mut self.pool, seq, self.cfg.block_tokens.as_usize());
+            if let Some(row) = logits {
+                self.emit(p.index, &row);
+            }
+        }
+        self.retire_finished();
+        Ok(stats)
+    }
+
+    /// Makes sure running sequence `index` has blocks for `upto` tokens, preempting later
+    /// sequences (or itself) when the pool is exhausted. Returns the sequence's index afterwards,
+    /// or `None` if it was preempted itself.
+    fn ensure_blocks(
+        &mut self,
+        index: usize,
+        upto: usize,
+        plan: &mut Vec<Planned>,
+        budget: &mut usize,
+        stats: &mut StepStats,
+    ) -> Option<usize> {
+        let bt = self.cfg.block_tokens.as_usize();
+        loop {
+            let missing = upto
+                .div_ceil(bt)
+                .saturating_sub(self.running[index].blocks.len());
+            if missing == 0 {
+                return Some(index);
+            }
+            if let Ok(blocks) = self.pool.allocate(missing) {
+                self.running[index].blocks.extend(blocks);
+                return Some(index);
+            }
+            // Preempt the most recently admitted sequence; when that is this one, this one.
+            let victim = self.running.len() - 1;
+            if let Some(pos) = plan.iter().position(|p| p.index == victim) {
+                *budget += plan.remove(pos).len;
+            }
+            for p in plan.iter_mut() {
+                if p.index > victim {
+                    p.index -= 1;
+                }
+            }
+            self.preempt(victim);
+            stats.preempted += 1;
+            if victim == index {
+                return None;
+            }
+        }
+    }
+
+    /// Allocates what a prefill chunk of up to `budget` tokens needs, shrinking the chunk to the
+    /// blocks available. Returns the chunk length.
+    fn grow_for_prefill(&mut self, index: usize, budget: usize) -> usize {
+        let bt = self.cfg.block_tokens.as_usize();
+        let seq = &self.running[index];
+        let want = seq.remaining().min(budget);
+        let have = seq.blocks.len() * bt;
+        let room = have.saturating_sub(seq.computed) + self.pool.available() * bt;
+        let len = want.min(room);
+        let missing = (seq.computed + len)
+            .div_ceil(bt)
+            .saturating_sub(seq.blocks.len());
+        match self.pool.allocate(missing) {
+            Ok(blocks) => {
+                self.running[index].blocks.extend(blocks);
+                len
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Admits the first waiting sequence if its first chunk fits; returns that chunk's length.
+    fn admit(&mut self, budget: usize) -> Option<usize> {
+        let bt = self.cfg.block_tokens.as_usize();
+        let seq = self.waiting.front_mut()?;
+        // Reuse cached blocks, but always compute at least the last token: its logits are needed,
+        // and its block must be private to be written.
+        let cap = (seq.tokens.len() - 1) / bt;
+        let hashes: Vec<BlockHash> =
+            seq.chain.hashes()[..seq.chain.hashes().len().min(cap)].to_vec();
+        let cached = self.pool.acquire_prefix(&hashes);
+        let computed = cached.len() * bt;
+        let len = (seq.tokens.len() - computed).min(budget);
+        let missing = (computed + len).div_ceil(bt) - cached.len();
+        let fresh = match self.pool.allocate(missing) {
+            Ok(fresh) => fresh,
+            Err(_) => {
+                self.pool.release(&cached);
+                return None;
+            }
+        };
+        let mut seq = self.waiting.pop_front()?;
+        seq.committed = cached.len();
+        seq.computed = computed;
+        seq.cached_tokens
+            .get_or_insert(computed.min(seq.prompt_len));
+        seq.blocks = cached;
+        seq.blocks.extend(fresh);
+        self.running.push(seq);
+        Some(len)
+    }
+
+    fn preempt(&mut self, index: usize) {
+        let mut seq = self.running.remove(index);
+        self.pool.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.computed = 0;
+        seq.committed = 0;
+        tracing::debug!(
+            tokens = seq.tokens.len(),
+            "preempted a sequence (recompute)"
+        );
+        self.waiting.push_front(seq);
+    }
+
+    /// Puts every newly full, computed block of `seq` into the prefix cache.
+    fn commit_blocks(pool: &mut BlockPool, seq: &mut Sequence, bt: usize) {
+        let full = (seq.computed / bt).min(seq.chain.hashes().len());
+        if full <= seq.committed {
+            return;
+        }
+        let hashes = seq.chain.hashes();
+        let parent = seq.committed.checked_sub(1).map(|i| hashes[i]);
+        pool.commit(
+            parent,
+            &seq.blocks[seq.committed..full],
+            &hashes[seq.committed..full],
+        );
+        seq.committed = full;
+    }
+
+    /// Samples the next token of running sequence `index` and sends it.
+    fn emit(&mut self, index: usize, logits: &[f32]) {
+        let seq = &mut self.running[index];
+        let sampled = seq.sampler.sample(logits);
+        seq.completion += 1;
+        let params = &seq.request.sampling;
+        let is_stop = params.stop_token_ids.contains(&sampled.token)
+            || (!params.ignore_eos && self.cfg.eos_token_ids.contains(&sampled.token));
+        if !is_stop {
+            let _ = seq.out.send(GenerateEvent::Tokens {
+                ids: vec![sampled.token],
+                logprobs: params.logprobs.map(|_| vec![sampled.logprob]),
+            });
+            seq.tokens.push(sampled.token);
+            seq.chain.extend(&[sampled.token]);
+        }
+        let capacity = self.pool.stats().total * self.cfg.block_tokens.as_usize();
+        let context = self.cfg.max_context.min(capacity);
+        let reason = if is_stop {
+            Some(FinishReason::Stop)
+        } else if seq.completion >= params.max_tokens || seq.tokens.len() >= context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let _ = seq.out.send(GenerateEvent::Finished {
+                reason,
+                usage: usage(seq),
+            });
+            // Marks the sequence finished: `retire_finished` releases it.
+            seq.out = closed_sink();
+        }
+    }
+
+    fn retire_finished(&mut self) {
+        let pool = &mut self.pool;
+        self.running.retain(|seq| {
+            if seq.out.is_closed() {
+                pool.release(&seq.blocks);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Drops sequences whose caller went away.
+    fn reap_cancelled(&mut self) {
+        self.retire_finished();
+        self.waiting.retain(|seq| !seq.out.is_closed());
+    }
+}
+
+fn usage(seq: &Sequence) -> Usage {
+    Usage {
+        prompt_tokens: seq.prompt_len as u32,
+        cached_tokens: seq.cached_tokens.unwrap_or(0) as u32,
+        completion_tokens: seq.completion,
+    }
+}
+
+/// A sink whose receiver is already gone.
+fn closed_sink() -> EventSink {
+    tokio::sync::mpsc::unbounded_channel().0
+}

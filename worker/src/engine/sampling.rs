@@ -1,0 +1,180 @@
+//! Next-token choice: greedy, or temperature / top-k / top-p sampling from a seeded generator.
+//!
+//! The same seed and the same logits always give the same token (the generator is per request and
+//! advances once per sampled token). Log-probabilities are those of the model's own distribution
+//! (a log-softmax of the raw logits), independent of temperature and truncation, as vLLM reports
+//! them by default.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tidelock_protocol::SamplingParams;
+
+/// Picks tokens for one request.
+#[derive(Debug)]
+pub struct Sampler {
+    temperature: f32,
+    top_p: f32,
+    top_k: Option<usize>,
+    rng: StdRng,
+}
+
+/// One choice.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// Log-probability of `token` under the model's distribution.
+    pub logprob: f32,
+}
+
+impl Sampler {
+    pub fn new(params: &SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k.map(|k| k as usize),
+            rng,
+        }
+    }
+
+    /// Chooses the next token from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let token = if self.temperature <= 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        Sampled {
+            token: token as u32,
+            logprob: log_softmax_at(logits, token),
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> usize {
+        // Candidates sorted by logit, truncated by top-k, then by top-p on the tempered
+        // distribution.
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let k = self.top_k.unwrap_or(logits.len()).clamp(1, logits.len());
+        if k < order.len() {
+            order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+            order.truncate(k);
+        }
+        order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let max = logits[order[0]];
+        let mut probs: Vec<f32> = order
+            .iter()
+            .map(|&i| ((logits[i] - max) / self.temperature).exp())
+            .collect();
+        let total: f32 = probs.iter().sum();
+        let mut kept = probs.len();
+        if self.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                cumulative += p / total;
+                if cumulative >= self.top_p {
+                    kept = i + 1;
+                    break;
+                }
+            }
+        }
+        probs.truncate(kept);
+        let total: f32 = probs.iter().sum();
+        let mut target = self.rng.random::<f32>() * total;
+        for (i, p) in probs.iter().enumerate() {
+            target -= p;
+            if target <= 0.0 {
+                return order[i];
+            }
+        }
+        order[kept - 1]
+    }
+}
+
+/// Index of the largest logit (the lowest index among equals).
+pub fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|x| (x - max).exp()).sum();
+    logits[index] - max - sum.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_p: f32, top_k: Option<u32>, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    const LOGITS: [f32; 5] = [1.0, 3.0, 2.5, -1.0, 0.0];
+
+    #[test]
+    fn greedy_picks_the_largest_with_its_logprob() {
+        let mut s = Sampler::new(&params(0.0, 1.0, None, 1));
+        let out = s.sample(&LOGITS);
+        assert_eq!(out.token, 1);
+        let expected = 3.0 - LOGITS.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!((out.logprob - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let draw = |seed| {
+            let mut s = Sampler::new(&params(1.0, 1.0, None, seed));
+            (0..64).map(|_| s.sample(&LOGITS).token).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+    }
+
+    #[test]
+    fn top_k_and_top_p_truncate() {
+        let mut s = Sampler::new(&params(1.0, 1.0, Some(2), 5));
+        for _ in 0..200 {
+            assert!(matches!(s.sample(&LOGITS).token, 1 | 2));
+        }
+        // p(1) = 0.52 under softmax of LOGITS: top_p 0.5 keeps only token 1.
+        let mut s = Sampler::new(&params(1.0, 0.5, None, 5));
+        for _ in 0..200 {
+            assert_eq!(s.sample(&LOGITS).token, 1);
+        }
+    }
+
+    #[test]
+    fn frequencies_follow_the_tempered_distribution() {
+        let mut s = Sampler::new(&params(2.0, 1.0, None, 9));
+        let n = 20_000;
+        let mut counts = [0usize; 5];
+        for _ in 0..n {
+            counts[s.sample(&LOGITS).token as usize] += 1;
+        }
+        let weights: Vec<f32> = LOGITS.iter().map(|x| (x / 2.0).exp()).collect();
+        let total: f32 = weights.iter().sum();
+        for (i, w) in weights.iter().enumerate() {
+            let expected = w / total;
+            let seen = counts[i] as f32 / n as f32;
+            assert!(
+                (seen - expected).abs() < 0.02,
+                "token {i}: {seen} vs {expected}"
+            );
+        }
+    }
+}

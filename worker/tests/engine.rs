@@ -1,0 +1,249 @@
+//! The engine on the real default model: prefix reuse is lossless, batching and chunking do not
+//! change results, preemption recovers, and bad or excess requests get clear answers.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use tidelock_protocol::{
+    BlockTokens, CacheSalt, Epoch, ErrorCode, FinishReason, GenerateEvent, GenerateRequest,
+    ModelName, SamplingParams, Usage,
+};
+use tidelock_worker::engine::executor::ModelExecutor;
+use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::model::Llama;
+use tidelock_worker::model::llama::WeightFormat;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+const BLOCK: usize = 16;
+
+fn model() -> Arc<Llama> {
+    static MODEL: OnceLock<Arc<Llama>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = std::env::var_os("TIDELOCK_MODEL")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    let home = std::env::var_os("HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_default();
+                    home.join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+                });
+            assert!(
+                path.is_file(),
+                "no model at {} (run ./scripts/test)",
+                path.display()
+            );
+            Arc::new(Llama::from_gguf(&path, WeightFormat::F32).expect("load the model"))
+        })
+        .clone()
+}
+
+fn engine(blocks: usize, max_step_tokens: usize, max_waiting: usize) -> Engine<ModelExecutor> {
+    let model = model();
+    let cfg = EngineConfig {
+        model: ModelName::new("smollm2").unwrap(),
+        block_tokens: BlockTokens::new(BLOCK as u32).unwrap(),
+        max_step_tokens,
+        max_running: 16,
+        max_waiting,
+        max_context: 8192,
+        vocab_size: model.config().vocab_size,
+        eos_token_ids: vec![2],
+    };
+    let kv = KvStore::new(model.kv_shape(BLOCK), blocks);
+    let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(1));
+    Engine::new(cfg, pool, ModelExecutor { model, kv })
+}
+
+fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            17 + ((s >> 33) % 20_000) as u32
+        })
+        .collect()
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: None,
+        session: None,
+        cache_salt: CacheSalt::new("tenant").unwrap(),
+        tokens: prompt,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    tokens: Vec<u32>,
+    reason: FinishReason,
+    usage: Usage,
+}
+
+fn collect(rx: &mut UnboundedReceiver<GenerateEvent>) -> Result<Outcome, (ErrorCode, String)> {
+    let mut tokens = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            GenerateEvent::Tokens { ids, .. } => tokens.extend(ids),
+            GenerateEvent::Finished { reason, usage } => {
+                return Ok(Outcome {
+                    tokens,
+                    reason,
+                    usage,
+                });
+            }
+            GenerateEvent::Error { code, message } => return Err((code, message)),
+            GenerateEvent::Unknown => panic!("unknown event"),
+        }
+    }
+    panic!("no Finished event");
+}
+
+/// Runs requests to completion together; returns each outcome and the preemption count.
+fn run_all(e: &mut Engine<ModelExecutor>, requests: Vec<GenerateRequest>) -> (Vec<Outcome>, usize) {
+    let mut receivers = Vec::new();
+    for r in requests {
+        let (tx, rx) = unbounded_channel();
+        e.submit(r, tx);
+        receivers.push(rx);
+    }
+    let mut preempted = 0;
+    let mut steps = 0;
+    while !e.is_idle() {
+        preempted += e.step().expect("step").preempted;
+        steps += 1;
+        assert!(steps < 10_000, "engine does not finish");
+    }
+    let outcomes = receivers
+        .iter_mut()
+        .map(|rx| collect(rx).expect("finished"))
+        .collect();
+    (outcomes, preempted)
+}
+
+#[test]
+fn a_cached_prefix_is_reused_losslessly() {
+    let mut e = engine(64, 512, 16);
+    let prompt = tokens(200, 1);
+    let (first, _) = run_all(&mut e, vec![greedy(prompt.clone(), 64)]);
+    let first = &first[0];
+    assert_eq!(first.usage.cached_tokens, 0);
+    assert_eq!(first.tokens.len(), 64);
+    assert_eq!(first.reason, FinishReason::Length);
+
+    let (again, _) = run_all(&mut e, vec![greedy(prompt.clone(), 64)]);
+    assert_eq!(
+        again[0].usage.cached_tokens as usize,
+        (200 - 1) / BLOCK * BLOCK
+    );
+    assert_eq!(
+        again[0].tokens, first.tokens,
+        "greedy output with a cached prefix"
+    );
+
+    // The next turn: prompt + answer + a new message. Everything computed before is reused,
+    // the answer included.
+    let mut turn2 = prompt.clone();
+    turn2.extend(&first.tokens);
+    let computed_before = turn2.len() - 1;
+    turn2.extend(tokens(30, 2));
+    let (second, _) = run_all(&mut e, vec![greedy(turn2, 8)]);
+    assert_eq!(
+        second[0].usage.cached_tokens as usize,
+        computed_before / BLOCK * BLOCK
+    );
+}
+
+#[test]
+fn batching_and_chunked_prefill_do_not_change_results() {
+    let requests: Vec<GenerateRequest> = (0..5)
+        .map(|i| greedy(tokens(40 + 37 * i, 10 + i as u64), 12))
+        .collect();
+    let solo: Vec<Outcome> = requests
+        .iter()
+        .map(|r| {
+            run_all(&mut engine(64, 512, 16), vec![r.clone()])
+                .0
+                .remove(0)
+        })
+        .collect();
+    // All at once, with a step budget small enough to chunk every prefill.
+    let (together, _) = run_all(&mut engine(64, 48, 16), requests);
+    assert_eq!(together, solo);
+}
+
+#[test]
+fn preemption_recovers_with_the_same_results() {
+    let requests: Vec<GenerateRequest> = (0..3).map(|i| greedy(tokens(60, 20 + i), 40)).collect();
+    let solo: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            run_all(&mut engine(64, 512, 16), vec![r.clone()])
+                .0
+                .remove(0)
+                .tokens
+        })
+        .collect();
+    // 12 blocks of 16 = 192 tokens: not enough for three sequences of 100 tokens at once.
+    let (squeezed, preempted) = run_all(&mut engine(12, 512, 16), requests);
+    assert!(preempted > 0, "the pool was too small to avoid preemption");
+    let squeezed: Vec<Vec<u32>> = squeezed.into_iter().map(|o| o.tokens).collect();
+    assert_eq!(squeezed, solo);
+}
+
+#[test]
+fn cancelled_requests_free_their_blocks() {
+    let mut e = engine(32, 512, 16);
+    let (tx, rx) = unbounded_channel();
+    e.submit(greedy(tokens(100, 5), 50), tx);
+    e.step().unwrap();
+    assert!(e.pool().stats().in_use > 0);
+    drop(rx);
+    e.step().unwrap();
+    assert!(e.is_idle());
+    assert_eq!(e.pool().stats().in_use, 0);
+}
+
+#[test]
+fn bad_and_excess_requests_are_rejected_clearly() {
+    let mut e = engine(8, 512, 1);
+    let submit = |e: &mut Engine<ModelExecutor>, r| {
+        let (tx, mut rx) = unbounded_channel();
+        e.submit(r, tx);
+        collect_error(&mut rx)
+    };
+    // 8 blocks of 16 tokens: a 200-token prompt can never fit.
+    let (code, message) = submit(&mut e, greedy(tokens(200, 1), 4)).expect("rejected");
+    assert_eq!(code, ErrorCode::ContextTooLong);
+    assert!(message.contains("200 tokens"), "{message}");
+    let (code, _) = submit(&mut e, greedy(vec![60_000], 4)).expect("rejected");
+    assert_eq!(code, ErrorCode::InvalidRequest);
+    let mut hot = greedy(vec![20], 4);
+    hot.sampling.temperature = 9.0;
+    assert_eq!(
+        submit(&mut e, hot).expect("rejected").0,
+        ErrorCode::InvalidRequest
+    );
+    // The queue holds one; the second waits in vain.
+    assert!(submit(&mut e, greedy(tokens(10, 2), 4)).is_none());
+    let (code, _) = submit(&mut e, greedy(tokens(10, 3), 4)).expect("rejected");
+    assert_eq!(code, ErrorCode::Overloaded);
+}
+
+fn collect_error(rx: &mut UnboundedReceiver<GenerateEvent>) -> Option<(ErrorCode, String)> {
+    match rx.try_recv() {
+        Ok(GenerateEvent::Error { code, message }) => Some((code, message)),
+        _ => None,
+    }
+}
