@@ -6,9 +6,11 @@
 //!   LRU eviction, KV events);
 //! - `engine`: continuous batching with chunked prefill and preemption, and sampling.
 //!
-//! The block pool (prefix cache, eviction, events), the scheduler and the HTTP server follow in
-//! later increments of issue #3; the binary refuses to serve until they exist.
+//! - `config`: command line and environment;
+//! - `server`: the HTTP surface, the engine's thread, metrics.
 
+pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod model;
+pub mod server;

@@ -1,18 +1,162 @@
-//! `tidelock-worker`: holds a model and its paged, prefix-cached KV cache and serves generation to
-//! routers (DESIGN.md, "Worker API").
-//!
-//! Not built yet: the model runtime, KV pool and scheduler arrive with issue #3. Until then the
-//! binary says so and exits non-zero rather than pretending to serve.
+//! `tidelock-worker`: loads a model, runs the engine on its own thread, and serves the worker API
+//! (DESIGN.md, "Worker API") until SIGINT or SIGTERM.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, bail};
 use clap::Parser;
+use tidelock_prompt::PromptKit;
+use tidelock_protocol::{BlockTokens, Epoch, GroupId, ModelName, ShardIndex, WorkerInfo};
+use tidelock_worker::config::{Config, EngineKind};
+use tidelock_worker::engine::executor::ModelExecutor;
+use tidelock_worker::engine::sim::SimExecutor;
+use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::model::Llama;
+use tidelock_worker::model::gguf::GgufFile;
+use tidelock_worker::model::llama::WeightFormat;
+use tidelock_worker::server::runner::Command;
+use tidelock_worker::server::{self, app};
 
-/// Tidelock worker (not implemented yet: issue #3).
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Config {}
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(config))
+}
 
-fn main() -> std::process::ExitCode {
-    let _config = Config::parse();
-    eprintln!("tidelock-worker: the worker is not implemented yet (issue #3); nothing is served");
-    std::process::ExitCode::from(2)
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let block_tokens = BlockTokens::new(config.block_tokens)
+        .map_err(|e| anyhow::anyhow!("--block-tokens: {e}"))?;
+    let served = ModelName::new(config.served_name()).context("--served-model-name")?;
+    if config.max_step_tokens == 0 || config.max_running == 0 {
+        bail!("--max-step-tokens and --max-running must be positive");
+    }
+    let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
+
+    tracing::info!(model = %config.model.display(), "loading tokenizer and chat template");
+    let kit = PromptKit::from_gguf_file(&config.model)
+        .with_context(|| format!("tokenizer of {}", config.model.display()))?;
+    for warning in kit.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let model_config = GgufFile::open(&config.model)?.llama_config()?;
+    let bt = block_tokens.as_usize();
+    let shape = tidelock_worker::kv::KvShape {
+        layers: model_config.num_hidden_layers,
+        kv_heads: model_config.num_kv_heads(),
+        head_dim: model_config.head_dim(),
+        block_tokens: bt,
+    };
+    let num_blocks = shape.blocks_in(config.kv_cache.as_u64());
+    if num_blocks < 2 {
+        bail!(
+            "--kv-cache {} holds {num_blocks} blocks of {} bytes; give it at least 2",
+            config.kv_cache,
+            shape.block_bytes()
+        );
+    }
+    let max_context = config
+        .max_context
+        .unwrap_or(model_config.max_position_embeddings);
+    let epoch = Epoch::new(rand::random());
+    let engine_config = EngineConfig {
+        model: served.clone(),
+        block_tokens,
+        max_step_tokens: config.max_step_tokens,
+        max_running: config.max_running,
+        max_waiting: config.max_waiting,
+        max_context,
+        vocab_size: model_config.vocab_size,
+        eos_token_ids: kit.stop_token_ids().to_vec(),
+    };
+    let pool = BlockPool::new(num_blocks, block_tokens, epoch);
+    let group = GroupId::new(
+        config
+            .group
+            .clone()
+            .unwrap_or_else(|| config.listen.to_string()),
+    )
+    .context("--group")?;
+    let info = WorkerInfo {
+        model: served.clone(),
+        block_tokens,
+        dtype: "f32".into(),
+        kv_capacity_bytes: (num_blocks * shape.block_bytes()) as u64,
+        kv_capacity_blocks: num_blocks as u64,
+        max_context_tokens: max_context as u64,
+        epoch,
+        group,
+        shard: ShardIndex::new(0),
+        shard_count: 1,
+    };
+
+    let tokenizer = kit.to_json()?;
+    let started = match config.engine {
+        EngineKind::Real => {
+            tracing::info!("loading weights");
+            let model = Arc::new(Llama::from_gguf(&config.model, WeightFormat::F32)?);
+            let kv = KvStore::new(shape, num_blocks);
+            let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
+            server::start(engine, info, tokenizer)?
+        }
+        EngineKind::Sim => {
+            let sim = SimExecutor::new(model_config.vocab_size, timing);
+            server::start(Engine::new(engine_config, pool, sim), info, tokenizer)?
+        }
+    };
+    let state = started.state;
+    let commands = state.commands.clone();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(
+        model = %served,
+        engine = ?config.engine,
+        kv_blocks = num_blocks,
+        block_tokens = bt,
+        "serving on http://{}",
+        listener.local_addr()?
+    );
+    let shutdown_state = state.clone();
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            shutdown_state.draining.store(true, Ordering::Relaxed);
+        })
+        .await?;
+    let _ = commands.send(Command::Shutdown);
+    let _ = started.engine_thread.join();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

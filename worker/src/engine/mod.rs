@@ -19,6 +19,7 @@
 
 pub mod executor;
 pub mod sampling;
+pub mod sim;
 
 use std::collections::VecDeque;
 
@@ -469,6 +470,17 @@ impl<E: Executor> Engine<E> {
                 true
             }
         });
+    }
+
+    /// Ends every request with an internal error and frees its blocks.
+    pub fn fail_all(&mut self, message: &str) {
+        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.pool.release(&seq.blocks);
+            let _ = seq.out.send(GenerateEvent::Error {
+                code: ErrorCode::Internal,
+                message: message.to_owned(),
+            });
+        }
     }
 
     /// Drops sequences whose caller went away.

@@ -1,0 +1,114 @@
+//! The worker's configuration: command line and environment, parsed by clap and validated into
+//! real types before anything starts. The only place that reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::{Parser, ValueEnum};
+
+/// What computes the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// The real model on candle.
+    Real,
+    /// The same scheduler, cache and APIs with a timing model instead of the math.
+    Sim,
+}
+
+/// Tidelock worker: serves one model with a paged, prefix-cached KV cache.
+#[derive(Debug, Parser)]
+#[command(name = "tidelock-worker", version, about)]
+pub struct Config {
+    /// Model file (GGUF).
+    #[arg(long, env = "TIDELOCK_MODEL")]
+    pub model: PathBuf,
+
+    /// Name the model is served under. Default: the model file's name without extension.
+    #[arg(long, env = "TIDELOCK_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Address to listen on.
+    #[arg(long, env = "TIDELOCK_LISTEN", default_value = "127.0.0.1:8100")]
+    pub listen: SocketAddr,
+
+    /// Real model math, or the simulator.
+    #[arg(long, value_enum, default_value = "real")]
+    pub engine: EngineKind,
+
+    /// Memory for the KV cache, e.g. `512MiB`, `2GiB`.
+    #[arg(long, env = "TIDELOCK_KV_CACHE", default_value = "1GiB")]
+    pub kv_cache: ByteSize,
+
+    /// Tokens per KV block (a power of two, 1 to 1024).
+    #[arg(long, default_value_t = 64)]
+    pub block_tokens: u32,
+
+    /// Tokens computed per engine step at most (decodes plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_step_tokens: usize,
+
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+
+    /// Requests waiting for admission at most; more are rejected as overloaded.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+
+    /// Context (prompt + completion) in tokens at most. Default: the model's trained context.
+    #[arg(long)]
+    pub max_context: Option<usize>,
+
+    /// Shard group this worker belongs to (one model replica). Default: this worker alone.
+    #[arg(long, env = "TIDELOCK_GROUP")]
+    pub group: Option<String>,
+
+    /// Simulator: fixed cost of a step, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_step_ms: f64,
+
+    /// Simulator: prefill throughput, tokens per second (0: free).
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_prefill_tokens_per_s: f64,
+
+    /// Simulator: added cost per decoding sequence per step, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_decode_ms_per_sequence: f64,
+}
+
+impl Config {
+    pub fn served_name(&self) -> String {
+        self.served_model_name.clone().unwrap_or_else(|| {
+            self.model
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+
+    pub fn sim_timing(&self) -> Result<crate::engine::sim::Timing, String> {
+        let ms = |name: &str, v: f64| {
+            Duration::try_from_secs_f64(v / 1000.0)
+                .map_err(|_| format!("--{name} must be >= 0, got {v}"))
+        };
+        let per_token = if self.sim_prefill_tokens_per_s > 0.0 {
+            Duration::from_secs_f64(1.0 / self.sim_prefill_tokens_per_s)
+        } else if self.sim_prefill_tokens_per_s == 0.0 {
+            Duration::ZERO
+        } else {
+            return Err(format!(
+                "--sim-prefill-tokens-per-s must be >= 0, got {}",
+                self.sim_prefill_tokens_per_s
+            ));
+        };
+        Ok(crate::engine::sim::Timing {
+            step: ms("sim-step-ms", self.sim_step_ms)?,
+            per_prefill_token: per_token,
+            per_decode_sequence: ms(
+                "sim-decode-ms-per-sequence",
+                self.sim_decode_ms_per_sequence,
+            )?,
+        })
+    }
+}

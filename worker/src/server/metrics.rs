@@ -1,0 +1,121 @@
+//! The worker's Prometheus metrics: one registry, created here, names as constants, labels
+//! bounded (outcome only).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::engine::{EngineLoad, StepStats};
+
+/// Every metric the worker exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub blocks_used: IntGauge,
+    pub blocks_cached: IntGauge,
+    pub blocks_total: IntGauge,
+    pub prompt_tokens: IntCounter,
+    pub cached_prompt_tokens: IntCounter,
+    pub prefill_tokens: IntCounter,
+    pub decode_tokens: IntCounter,
+    pub preemptions: IntCounter,
+    pub requests: IntCounterVec,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
+        };
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tidelock_worker_requests_total",
+                "Generate requests by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        Ok(Metrics {
+            running: gauge(
+                "tidelock_worker_running_sequences",
+                "Sequences in the running batch.",
+            )?,
+            waiting: gauge(
+                "tidelock_worker_waiting_sequences",
+                "Sequences waiting for admission.",
+            )?,
+            blocks_used: gauge(
+                "tidelock_worker_kv_blocks_used",
+                "KV blocks referenced by sequences.",
+            )?,
+            blocks_cached: gauge(
+                "tidelock_worker_kv_blocks_cached",
+                "Unreferenced KV blocks kept in the prefix cache.",
+            )?,
+            blocks_total: gauge("tidelock_worker_kv_blocks_total", "KV blocks in the pool.")?,
+            prompt_tokens: counter(
+                "tidelock_worker_prompt_tokens_total",
+                "Prompt tokens received.",
+            )?,
+            cached_prompt_tokens: counter(
+                "tidelock_worker_prefix_hit_tokens_total",
+                "Prompt tokens served from the prefix cache.",
+            )?,
+            prefill_tokens: counter("tidelock_worker_prefill_tokens_total", "Tokens prefilled.")?,
+            decode_tokens: counter("tidelock_worker_decode_tokens_total", "Tokens decoded.")?,
+            preemptions: counter("tidelock_worker_preemptions_total", "Sequences preempted.")?,
+            requests,
+            ttft: histogram(
+                "tidelock_worker_time_to_first_token_seconds",
+                "Time from request arrival to its first token.",
+                prometheus::exponential_buckets(0.005, 2.0, 14)?,
+            )?,
+            inter_token: histogram(
+                "tidelock_worker_time_per_output_token_seconds",
+                "Time between consecutive output tokens of a request.",
+                prometheus::exponential_buckets(0.001, 2.0, 14)?,
+            )?,
+            registry,
+        })
+    }
+
+    pub fn record_step(&self, stats: &StepStats) {
+        self.prefill_tokens.inc_by(stats.prefill_tokens as u64);
+        self.decode_tokens.inc_by(stats.decode_tokens as u64);
+        self.preemptions.inc_by(stats.preempted as u64);
+    }
+
+    pub fn record_load(&self, load: &EngineLoad) {
+        self.running.set(load.running as i64);
+        self.waiting.set(load.waiting as i64);
+        self.blocks_used.set(load.blocks.in_use as i64);
+        self.blocks_cached.set(load.blocks.cached as i64);
+        self.blocks_total.set(load.blocks.total as i64);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

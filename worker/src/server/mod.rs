@@ -1,0 +1,290 @@
+//! The worker's HTTP surface (DESIGN.md, "Worker API"): `/v1/info`, `/v1/tokenizer`,
+//! streaming `/v1/generate`, `/v1/kv/events`, `/v1/kv/snapshot`, `/v1/load`, `/healthz`,
+//! `/readyz`, `/metrics`.
+//!
+//! Handlers never touch the engine: they send it commands over a channel and read what its
+//! thread publishes (event log, load). `app(state)` builds the router without binding a port, so
+//! component tests drive it with `oneshot`.
+//!
+//! Streams are newline-delimited JSON (`application/x-ndjson`), one [`GenerateEvent`] or
+//! [`KvEventBatch`](tidelock_protocol::KvEventBatch) per line. Closing a generate stream cancels
+//! the request.
+
+pub mod metrics;
+pub mod runner;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde::Deserialize;
+use tidelock_protocol::{GenerateEvent, GenerateRequest, LoadReport, WorkerInfo};
+use tokio::sync::{oneshot, watch};
+
+use crate::engine::executor::Executor;
+use crate::engine::{Engine, EngineLoad};
+use metrics::Metrics;
+use runner::{Command, EventLog, Gone};
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    pub info: WorkerInfo,
+    /// The `GET /v1/tokenizer` body, rendered once.
+    pub tokenizer: String,
+    pub commands: Sender<Command>,
+    pub events: Arc<EventLog>,
+    pub load: watch::Receiver<EngineLoad>,
+    pub metrics: Arc<Metrics>,
+    /// Set when shutting down: readiness fails so that no new work is routed here.
+    pub draining: AtomicBool,
+}
+
+pub type AppState = Arc<Shared>;
+
+/// KV event batches kept for routers that reconnect.
+const EVENT_LOG_BATCHES: usize = 4096;
+
+/// A running engine thread and the state its handlers share.
+#[derive(Debug)]
+pub struct Started {
+    pub state: AppState,
+    pub engine_thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts the engine on its thread and builds the handlers' state: the composition both the
+/// binary and the component tests use.
+pub fn start<E: Executor + 'static>(
+    engine: Engine<E>,
+    info: WorkerInfo,
+    tokenizer: String,
+) -> Result<Started, prometheus::Error> {
+    let events = Arc::new(EventLog::new(info.epoch, EVENT_LOG_BATCHES));
+    let (load_tx, load_rx) = watch::channel(engine.load());
+    let metrics = Arc::new(Metrics::new()?);
+    let (commands, engine_thread) = runner::spawn(engine, events.clone(), load_tx, metrics.clone());
+    let state = Arc::new(Shared {
+        info,
+        tokenizer,
+        commands,
+        events,
+        load: load_rx,
+        metrics,
+        draining: AtomicBool::new(false),
+    });
+    Ok(Started {
+        state,
+        engine_thread,
+    })
+}
+
+/// The worker's routes.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/info", get(info))
+        .route("/v1/tokenizer", get(tokenizer))
+        .route("/v1/load", get(load))
+        .route("/v1/kv/snapshot", get(snapshot))
+        .route("/v1/kv/events", get(kv_events))
+        .route("/v1/generate", post(generate))
+        .with_state(state)
+}
+
+/// An error in the OpenAI shape: `{"error": {"message", "type", "code"}}`.
+pub fn error_response(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({
+        "error": { "message": message.into(), "type": kind, "code": status.as_u16() }
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    state.metrics.record_load(&state.load.borrow());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn info(State(state): State<AppState>) -> axum::Json<WorkerInfo> {
+    axum::Json(state.info.clone())
+}
+
+async fn tokenizer(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.tokenizer.clone(),
+    )
+        .into_response()
+}
+
+async fn load(State(state): State<AppState>) -> axum::Json<LoadReport> {
+    let load = *state.load.borrow();
+    axum::Json(LoadReport {
+        running: load.running as u32,
+        waiting: load.waiting as u32,
+        kv_used_blocks: load.blocks.in_use as u64,
+        kv_total_blocks: load.blocks.total as u64,
+        prefill_tokens_waiting: load.waiting_prefill_tokens as u64,
+    })
+}
+
+fn engine_gone() -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        "the engine has stopped",
+    )
+}
+
+async fn snapshot(State(state): State<AppState>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if state.commands.send(Command::Snapshot(tx)).is_err() {
+        return engine_gone();
+    }
+    match rx.await {
+        Ok(snapshot) => axum::Json(snapshot).into_response(),
+        Err(_) => engine_gone(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// Stream batches after this sequence number (0: from the start of the epoch).
+    #[serde(default)]
+    after: u64,
+    /// The epoch the caller's `after` belongs to; a different one means "resync".
+    epoch: Option<u64>,
+}
+
+fn ndjson(stream: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+    let body = Body::from_stream(stream.map(|mut line| {
+        line.push('\n');
+        Ok::<_, Infallible>(Bytes::from(line))
+    }));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+async fn kv_events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> Response {
+    let gone = || {
+        error_response(
+            StatusCode::GONE,
+            "resync_required",
+            "those KV events are no longer available: load /v1/kv/snapshot and follow from its sequence",
+        )
+    };
+    if q.epoch.is_some_and(|e| e != state.events.epoch().get()) {
+        return gone();
+    }
+    if state.events.since(q.after) == Err(Gone) {
+        return gone();
+    }
+    let events = state.events.clone();
+    let stream = futures::stream::unfold((events, q.after), |(events, mut after)| async move {
+        let batches = loop {
+            let notified = events.subscribe();
+            match events.since(after) {
+                // The follower fell too far behind: end the stream; reconnecting gives 410.
+                Err(Gone) => return None,
+                Ok(batches) if !batches.is_empty() => break batches,
+                Ok(_) => notified.await,
+            }
+        };
+        after = batches.last().map_or(after, |b| b.sequence);
+        let lines: Vec<String> = batches
+            .iter()
+            .filter_map(|b| serde_json::to_string(b).ok())
+            .collect();
+        Some((futures::stream::iter(lines), (events, after)))
+    })
+    .flatten();
+    ndjson(stream)
+}
+
+async fn generate(
+    State(state): State<AppState>,
+    body: Result<axum::Json<GenerateRequest>, JsonRejection>,
+) -> Response {
+    let request = match body {
+        Ok(axum::Json(request)) => request,
+        Err(rejection) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                rejection.body_text(),
+            );
+        }
+    };
+    let started = Instant::now();
+    let prompt_tokens = request.tokens.len() as u64;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    if state
+        .commands
+        .send(Command::Generate { request, out: tx })
+        .is_err()
+    {
+        return engine_gone();
+    }
+    let metrics = state.metrics.clone();
+    metrics.prompt_tokens.inc_by(prompt_tokens);
+    let stream = futures::stream::unfold(
+        (rx, None::<Instant>, false),
+        move |(mut rx, mut last, done)| {
+            let metrics = metrics.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let event = rx.recv().await?;
+                let mut done = false;
+                match &event {
+                    GenerateEvent::Tokens { .. } => {
+                        let now = Instant::now();
+                        match last {
+                            None => metrics.ttft.observe((now - started).as_secs_f64()),
+                            Some(prev) => metrics.inter_token.observe((now - prev).as_secs_f64()),
+                        }
+                        last = Some(now);
+                    }
+                    GenerateEvent::Finished { usage, .. } => {
+                        metrics
+                            .cached_prompt_tokens
+                            .inc_by(u64::from(usage.cached_tokens));
+                        metrics.requests.with_label_values(&["finished"]).inc();
+                        done = true;
+                    }
+                    GenerateEvent::Error { .. } => {
+                        metrics.requests.with_label_values(&["error"]).inc();
+                        done = true;
+                    }
+                    GenerateEvent::Unknown => {}
+                }
+                let line = serde_json::to_string(&event).unwrap_or_default();
+                Some((line, (rx, last, done)))
+            }
+        },
+    );
+    ndjson(stream)
+}

@@ -1,0 +1,165 @@
+//! The engine's thread: the single owner of the engine, fed by a command channel.
+//!
+//! The model's math blocks a core for milliseconds at a time, so it runs on a plain thread, not
+//! on the async runtime. When idle it sleeps on the channel; when busy it drains commands between
+//! steps. After every step it publishes the pool's KV events to the [`EventLog`] and the current
+//! load to a watch channel, so HTTP handlers never touch the engine.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tidelock_protocol::{Epoch, GenerateRequest, KvEventBatch, KvSnapshot};
+use tokio::sync::{Notify, oneshot, watch};
+
+use crate::engine::executor::Executor;
+use crate::engine::{Engine, EngineLoad, EventSink};
+use crate::server::metrics::Metrics;
+
+/// What handlers ask of the engine thread.
+#[derive(Debug)]
+pub enum Command {
+    Generate {
+        request: GenerateRequest,
+        out: EventSink,
+    },
+    /// A snapshot consistent with the event log: taken after publishing all pending events.
+    Snapshot(oneshot::Sender<KvSnapshot>),
+    Shutdown,
+}
+
+/// Recent KV event batches, for routers that follow the stream.
+#[derive(Debug)]
+pub struct EventLog {
+    epoch: Epoch,
+    batches: Mutex<VecDeque<KvEventBatch>>,
+    capacity: usize,
+    notify: Notify,
+}
+
+/// The batches asked for are no longer retained: resync from a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+impl EventLog {
+    pub fn new(epoch: Epoch, capacity: usize) -> Self {
+        EventLog {
+            epoch,
+            batches: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            notify: Notify::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    pub fn push(&self, batch: KvEventBatch) {
+        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        batches.push_back(batch);
+        while batches.len() > self.capacity {
+            batches.pop_front();
+        }
+        drop(batches);
+        self.notify.notify_waiters();
+    }
+
+    /// Batches with a sequence number above `after`, or [`Gone`] if some were dropped.
+    pub fn since(&self, after: u64) -> Result<Vec<KvEventBatch>, Gone> {
+        let batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        match batches.front() {
+            Some(first) if first.sequence > after + 1 => Err(Gone),
+            _ => Ok(batches
+                .iter()
+                .filter(|b| b.sequence > after)
+                .cloned()
+                .collect()),
+        }
+    }
+
+    /// A future that resolves after the next push, registered now (so a push between a check and
+    /// the wait is not missed).
+    pub fn subscribe(&self) -> std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>> {
+        let mut notified = Box::pin(self.notify.notified());
+        notified.as_mut().enable();
+        notified
+    }
+}
+
+/// Starts the engine thread.
+pub fn spawn<E: Executor + 'static>(
+    mut engine: Engine<E>,
+    events: Arc<EventLog>,
+    load: watch::Sender<EngineLoad>,
+    metrics: Arc<Metrics>,
+) -> (Sender<Command>, JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || run(&mut engine, &rx, &events, &load, &metrics))
+        .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
+    (tx, handle)
+}
+
+fn run<E: Executor>(
+    engine: &mut Engine<E>,
+    rx: &Receiver<Command>,
+    events: &EventLog,
+    load: &watch::Sender<EngineLoad>,
+    metrics: &Metrics,
+) {
+    loop {
+        // Block while idle; otherwise take whatever arrived since the last step.
+        let first = if engine.is_idle() {
+            match rx.recv() {
+                Ok(command) => Some(command),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let mut commands: Vec<Command> = first.into_iter().collect();
+        loop {
+            match rx.try_recv() {
+                Ok(command) => commands.push(command),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        for command in commands {
+            match command {
+                Command::Generate { request, out } => engine.submit(request, out),
+                Command::Snapshot(reply) => {
+                    publish(engine, events, load);
+                    let _ = reply.send(engine.pool().snapshot());
+                }
+                Command::Shutdown => return,
+            }
+        }
+        if !engine.is_idle() {
+            match engine.step() {
+                Ok(stats) => metrics.record_step(&stats),
+                Err(error) => {
+                    // A model error here is a bug or a broken installation, not a bad request
+                    // (those are rejected at submit): fail every request and keep serving.
+                    tracing::error!(%error, "engine step failed; failing the running requests");
+                    engine.fail_all(&error.to_string());
+                }
+            }
+        }
+        publish(engine, events, load);
+    }
+}
+
+fn publish<E: Executor>(
+    engine: &mut Engine<E>,
+    events: &EventLog,
+    load: &watch::Sender<EngineLoad>,
+) {
+    if let Some(batch) = engine.pool_mut().take_events() {
+        events.push(batch);
+    }
+    let _ = load.send(engine.load());
+}

@@ -1,0 +1,249 @@
+//! The worker API through its real router (`app(state)`), with the simulated engine: generation
+//! streams with exact usage, the KV event stream and snapshot mirror the prefix cache, and bad
+//! requests get OpenAI-shaped errors.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::StreamExt;
+use tidelock_protocol::{
+    BlockTokens, Epoch, GenerateEvent, GroupId, KvEvent, KvEventBatch, KvSnapshot, LoadReport,
+    ModelName, ShardIndex, WorkerInfo,
+};
+use tidelock_worker::engine::sim::{SimExecutor, Timing};
+use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::server::{self, AppState, app};
+use tower::ServiceExt;
+
+const BLOCK: u32 = 16;
+const VOCAB: usize = 1000;
+
+fn started() -> AppState {
+    let epoch = Epoch::new(42);
+    let block_tokens = BlockTokens::new(BLOCK).unwrap();
+    let cfg = EngineConfig {
+        model: ModelName::new("sim").unwrap(),
+        block_tokens,
+        max_step_tokens: 256,
+        max_running: 8,
+        max_waiting: 8,
+        max_context: 4096,
+        vocab_size: VOCAB,
+        eos_token_ids: vec![2],
+    };
+    let engine = Engine::new(
+        cfg,
+        BlockPool::new(64, block_tokens, epoch),
+        SimExecutor::new(VOCAB, Timing::INSTANT),
+    );
+    let info = WorkerInfo {
+        model: ModelName::new("sim").unwrap(),
+        block_tokens,
+        dtype: "f32".into(),
+        kv_capacity_bytes: 0,
+        kv_capacity_blocks: 64,
+        max_context_tokens: 4096,
+        epoch,
+        group: GroupId::new("g").unwrap(),
+        shard: ShardIndex::new(0),
+        shard_count: 1,
+    };
+    server::start(engine, info, "{\"tokenizer\": {}}".into())
+        .unwrap()
+        .state
+}
+
+async fn get(state: &AppState, uri: &str) -> (StatusCode, Vec<u8>) {
+    let response = app(state.clone())
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, body.to_vec())
+}
+
+async fn generate(state: &AppState, body: serde_json::Value) -> (StatusCode, Vec<GenerateEvent>) {
+    let response = app(state.clone())
+        .oneshot(
+            Request::post("/v1/generate")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let events = body
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            serde_json::from_slice(l)
+                .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(l)))
+        })
+        .collect();
+    (status, events)
+}
+
+fn request(tokens: &[u32], max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({
+        "cache_salt": "tenant-a",
+        "tokens": tokens,
+        "sampling": {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": true},
+        "some_future_field": true
+    })
+}
+
+fn finished(events: &[GenerateEvent]) -> (Vec<u32>, tidelock_protocol::Usage) {
+    let mut ids = Vec::new();
+    for e in events {
+        match e {
+            GenerateEvent::Tokens { ids: t, .. } => ids.extend(t),
+            GenerateEvent::Finished { usage, .. } => return (ids, *usage),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("no finished event in {events:?}");
+}
+
+#[tokio::test]
+async fn probes_info_and_tokenizer() {
+    let state = started();
+    assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
+    assert_eq!(get(&state, "/readyz").await.0, StatusCode::OK);
+    let (status, body) = get(&state, "/v1/info").await;
+    assert_eq!(status, StatusCode::OK);
+    let info: WorkerInfo = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (info.model.as_str(), info.epoch, info.kv_capacity_blocks),
+        ("sim", Epoch::new(42), 64)
+    );
+    let (_, body) = get(&state, "/v1/tokenizer").await;
+    assert_eq!(body, b"{\"tokenizer\": {}}");
+    let (_, body) = get(&state, "/v1/load").await;
+    let load: LoadReport = serde_json::from_slice(&body).unwrap();
+    assert_eq!(load.kv_total_blocks, 64);
+}
+
+#[tokio::test]
+async fn generation_streams_and_reports_cached_tokens() {
+    let state = started();
+    let prompt: Vec<u32> = (100..150).collect();
+    let (status, events) = generate(&state, request(&prompt, 10)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (first, usage) = finished(&events);
+    assert_eq!(first.len(), 10);
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens
+        ),
+        (50, 0, 10)
+    );
+    let (_, events) = generate(&state, request(&prompt, 10)).await;
+    let (again, usage) = finished(&events);
+    assert_eq!(again, first);
+    assert_eq!(
+        usage.cached_tokens, 48,
+        "three full blocks of the 50-token prompt"
+    );
+
+    let (_, body) = get(&state, "/metrics").await;
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("tidelock_worker_requests_total{outcome=\"finished\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tidelock_worker_prefix_hit_tokens_total 48"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn kv_events_and_snapshot_mirror_the_cache() {
+    let state = started();
+    let prompt: Vec<u32> = (200..240).collect();
+    generate(&state, request(&prompt, 4)).await;
+    let (status, body) = get(&state, "/v1/kv/snapshot").await;
+    assert_eq!(status, StatusCode::OK);
+    let snapshot: KvSnapshot = serde_json::from_slice(&body).unwrap();
+    assert_eq!(snapshot.epoch, Epoch::new(42));
+    // 40 prompt + 4 generated tokens, 43 computed: two full blocks.
+    assert_eq!(snapshot.blocks.len(), 2);
+    assert!(snapshot.sequence >= 1);
+
+    // The stream from the start replays the same blocks, then stays open for more.
+    let response = app(state.clone())
+        .oneshot(
+            Request::get("/v1/kv/events?after=0")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body().into_data_stream();
+    let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), body.next())
+        .await
+        .expect("a batch")
+        .expect("stream open")
+        .unwrap();
+    let batch: KvEventBatch =
+        serde_json::from_slice(chunk.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!((batch.epoch, batch.sequence), (Epoch::new(42), 1));
+    let stored: Vec<_> = batch
+        .events
+        .iter()
+        .flat_map(|e| match e {
+            KvEvent::Stored { blocks, .. } => blocks.clone(),
+            _ => vec![],
+        })
+        .collect();
+    let snapshot_hashes: Vec<_> = snapshot.blocks.iter().map(|b| b.hash).collect();
+    assert!(stored.iter().all(|h| snapshot_hashes.contains(h)));
+
+    // Another epoch's position is meaningless here: resync.
+    let (status, body) = get(&state, "/v1/kv/events?after=3&epoch=7").await;
+    assert_eq!(status, StatusCode::GONE);
+    assert!(String::from_utf8_lossy(&body).contains("snapshot"));
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let state = started();
+    let response = app(state.clone())
+        .oneshot(
+            Request::post("/v1/generate")
+                .header("content-type", "application/json")
+                .body(Body::from("{\"tokens\": [1, 2]}"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cache_salt"),
+        "{error}"
+    );
+
+    let (status, events) = generate(&state, request(&[5000], 4)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        matches!(&events[..], [GenerateEvent::Error { message, .. }] if message.contains("vocabulary")),
+        "{events:?}"
+    );
+}
