@@ -65,6 +65,24 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_GROUP")]
     pub group: Option<String>,
 
+    /// etcd endpoints (comma-separated) to register this worker in. None: no registration
+    /// (static discovery, as `tidelock up` uses).
+    #[arg(long, env = "TIDELOCK_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// Key prefix of Tidelock's cluster state in etcd.
+    #[arg(long, env = "TIDELOCK_ETCD_PREFIX", default_value = "/tidelock/")]
+    pub etcd_prefix: String,
+
+    /// This worker's name in the cluster state (a pod name in Kubernetes). Default: the listen
+    /// address.
+    #[arg(long, env = "TIDELOCK_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// URL routers use to reach this worker. Default: `http://` + the listen address.
+    #[arg(long, env = "TIDELOCK_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
     /// Simulator: fixed cost of a step, in milliseconds.
     #[arg(long, default_value_t = 0.0)]
     pub sim_step_ms: f64,

@@ -7,10 +7,12 @@
 //! - `engine`: continuous batching with chunked prefill and preemption, and sampling.
 //!
 //! - `config`: command line and environment;
-//! - `server`: the HTTP surface, the engine's thread, metrics.
+//! - `server`: the HTTP surface, the engine's thread, metrics;
+//! - `registration`: the worker's record in the cluster state, kept alive by a lease.
 
 pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod model;
+pub mod registration;
 pub mod server;

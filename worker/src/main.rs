@@ -7,7 +7,10 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, bail};
 use clap::Parser;
 use tidelock_prompt::PromptKit;
-use tidelock_protocol::{BlockTokens, Epoch, GroupId, ModelName, ShardIndex, WorkerInfo};
+use tidelock_protocol::{
+    BlockTokens, Epoch, GroupId, KeyLayout, ModelName, ShardIndex, WorkerId, WorkerInfo,
+    WorkerRegistration,
+};
 use tidelock_worker::config::{Config, EngineKind};
 use tidelock_worker::engine::executor::ModelExecutor;
 use tidelock_worker::engine::sim::SimExecutor;
@@ -17,6 +20,7 @@ use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::gguf::GgufFile;
 use tidelock_worker::model::llama::WeightFormat;
+use tidelock_worker::registration::{self, Registration};
 use tidelock_worker::server::runner::Command;
 use tidelock_worker::server::{self, app};
 
@@ -127,6 +131,38 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "serving on http://{}",
         listener.local_addr()?
     );
+    let registration = match config.etcd.is_empty() {
+        true => None,
+        false => {
+            let store = tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new(
+                config.etcd.clone(),
+            ))
+            .await?;
+            let worker = WorkerId::new(
+                config
+                    .worker_id
+                    .clone()
+                    .unwrap_or_else(|| config.listen.to_string()),
+            )
+            .context("--worker-id")?;
+            let key = KeyLayout::new(config.etcd_prefix.clone()).worker(&served, &worker);
+            let record = WorkerRegistration {
+                address: config
+                    .advertise_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{}", config.listen)),
+                group: state.info.group.clone(),
+                shard: state.info.shard,
+                shard_count: state.info.shard_count,
+                block_tokens,
+                kv_capacity_bytes: state.info.kv_capacity_bytes,
+            };
+            Some(
+                Registration::start(Arc::new(store), key, record, registration::DEFAULT_TTL)
+                    .await?,
+            )
+        }
+    };
     let shutdown_state = state.clone();
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
@@ -135,6 +171,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             shutdown_state.draining.store(true, Ordering::Relaxed);
         })
         .await?;
+    if let Some(registration) = registration {
+        registration.deregister().await;
+    }
     let _ = commands.send(Command::Shutdown);
     let _ = started.engine_thread.join();
     Ok(())
