@@ -13,6 +13,7 @@
 //! - `template`: [`ChatTemplate`], Hugging Face Jinja chat templates on minijinja;
 //! - `jinja`: the Python helpers templates call (`tojson`, `raise_exception`, `strftime_now`);
 //! - `detok`: [`IncrementalDetokenizer`], streaming text deltas that never split a character;
+//! - `stop`: [`StopMatcher`], OpenAI stop strings found across those deltas;
 //! - `kit`: [`PromptKit`], the bundle and its JSON form; `error`: [`PromptError`].
 //!
 //! Invariant: token ids are checked against llama.cpp's own tokenizer for the default model
@@ -25,6 +26,7 @@ mod gguf;
 mod jinja;
 mod kit;
 mod pretok;
+mod stop;
 mod template;
 mod vocab;
 
@@ -32,6 +34,7 @@ pub use detok::IncrementalDetokenizer;
 pub use error::PromptError;
 pub use kit::{END_OF_TURN_MARKERS, KitParts, PromptKit, PromptKitJson, SpecialToken};
 pub use pretok::{PreTokenizerKind, PreTokenizerSpec};
+pub use stop::{StopMatcher, StopOutput};
 pub use template::{ChatMessage, ChatTemplate, RenderOptions, TemplateError};
 pub use vocab::{GgufVocab, VocabError, keys as gguf_keys, token_type};
 

@@ -1,6 +1,7 @@
 //! The contracts between Tidelock's router and its workers: the block-hash chain rule that names
 //! cached KV blocks, the KV events a worker streams to routers, the router<->worker wire types,
-//! the JSON records kept in etcd and the etcd key layout. Every process hashes, parses and builds
+//! the OpenAI-compatible API types (`openai`; its `Usage` and `sse_data` are reached through the
+//! module, beside the wire `Usage`), the JSON records kept in etcd and the etcd key layout. Every process hashes, parses and builds
 //! keys through this crate and nowhere else. Changing anything here is a contract change: the
 //! golden vectors in `hash` pin the hash rule and must be updated deliberately (with
 //! `tests/golden/gen_golden.py`), never to make a test pass.
@@ -9,6 +10,7 @@ pub mod events;
 pub mod hash;
 pub mod ids;
 pub mod keys;
+pub mod openai;
 pub mod wire;
 
 pub use events::{Continuity, KvEvent, KvEventBatch, KvSnapshot, SnapshotBlock, Tier, classify};
@@ -18,6 +20,10 @@ pub use ids::{
     WorkerId,
 };
 pub use keys::{KeyLayout, escape_segment, unescape_segment};
+pub use openai::{
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessageIn, Completion,
+    CompletionChunk, CompletionRequest, ModelCard, ModelList, OpenAiError, ResponseMeta,
+};
 pub use wire::{
     ErrorCode, FinishReason, GenerateEvent, GenerateRequest, LoadReport, SamplingError,
     SamplingParams, SessionRecord, TenantLimits, TenantRecord, Usage, WorkerInfo,

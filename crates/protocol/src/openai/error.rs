@@ -1,0 +1,280 @@
+//! [`OpenAiError`]: the one place errors of the OpenAI surface get an HTTP status and OpenAI's
+//! error body, `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Worker failures ([`ErrorCode`]) map here too, so the router and the worker's own surface
+//! answer the same failure with the same status. `ErrorKind::as_str` doubles as a bounded metric
+//! label.
+
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::sse_data;
+use crate::wire::ErrorCode;
+
+/// `error.type` of an OpenAI error body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// 400: the request is malformed or out of range.
+    InvalidRequest,
+    /// 401: no or wrong API key.
+    Authentication,
+    /// 403: the key may not do this.
+    Permission,
+    /// 404: no such model or route.
+    NotFound,
+    /// 429: a tenant limit was hit.
+    RateLimit,
+    /// 500: a bug or unexpected failure.
+    Server,
+    /// 503: no capacity now; retry later.
+    ServiceUnavailable,
+}
+
+impl ErrorKind {
+    /// The `type` string; also a bounded metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request_error",
+            Self::Authentication => "authentication_error",
+            Self::Permission => "permission_error",
+            Self::NotFound => "not_found_error",
+            Self::RateLimit => "rate_limit_error",
+            Self::Server => "server_error",
+            Self::ServiceUnavailable => "service_unavailable",
+        }
+    }
+}
+
+/// An error of the OpenAI surface, with its HTTP status and OpenAI's error body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct OpenAiError {
+    /// HTTP status.
+    pub status: u16,
+    /// `error.type`.
+    pub kind: ErrorKind,
+    /// `error.message`.
+    pub message: String,
+    /// `error.param`: the request field at fault.
+    pub param: Option<String>,
+    /// `error.code`, e.g. `context_length_exceeded`.
+    pub code: Option<String>,
+}
+
+impl OpenAiError {
+    fn new(status: u16, kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// 400 about request field `param`.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..Self::new(400, ErrorKind::InvalidRequest, message)
+        }
+    }
+
+    /// 400 about the request as a whole (e.g. a body that is not valid JSON).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, ErrorKind::InvalidRequest, message)
+    }
+
+    /// 401.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(401, ErrorKind::Authentication, message)
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, ErrorKind::Permission, message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, ErrorKind::NotFound, message)
+    }
+
+    /// 429.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(429, ErrorKind::RateLimit, message)
+    }
+
+    /// 503.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, ErrorKind::ServiceUnavailable, message)
+    }
+
+    /// 500.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, ErrorKind::Server, message)
+    }
+
+    /// The same error with `error.code` set.
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    /// A worker's failure as the OpenAI surface reports it.
+    pub fn from_wire(code: ErrorCode, message: impl Into<String>) -> Self {
+        match code {
+            ErrorCode::InvalidRequest => Self::bad_request(message),
+            ErrorCode::ContextTooLong => {
+                Self::bad_request(message).with_code("context_length_exceeded")
+            }
+            ErrorCode::Overloaded => Self::unavailable(message),
+            ErrorCode::Internal | ErrorCode::Unknown => Self::internal(message),
+        }
+    }
+
+    /// Parses a request body, reporting malformed JSON as a 400 in OpenAI's shape.
+    pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Self> {
+        serde_json::from_slice(body)
+            .map_err(|error| Self::bad_request(format!("invalid request body: {error}")))
+    }
+
+    /// `{"error": {"message", "type", "param", "code"}}`, `null` for an absent param or code.
+    pub fn body(&self) -> Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind.as_str(),
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+
+    /// The error as a server-sent event, for failures after a stream has started.
+    pub fn sse_event(&self) -> String {
+        sse_data(&self.body())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::ChatCompletionRequest;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let error = OpenAiError::invalid("temperature", "temperature must be between 0 and 2");
+        assert_eq!(error.to_string(), "temperature must be between 0 and 2");
+        assert_eq!(
+            error.body(),
+            json!({"error": {
+                "message": "temperature must be between 0 and 2",
+                "type": "invalid_request_error",
+                "param": "temperature",
+                "code": null
+            }})
+        );
+        let error =
+            OpenAiError::not_found("The model `x` does not exist").with_code("model_not_found");
+        assert_eq!(
+            error.body(),
+            json!({"error": {
+                "message": "The model `x` does not exist",
+                "type": "not_found_error",
+                "param": null,
+                "code": "model_not_found"
+            }})
+        );
+        assert_eq!(
+            error.sse_event(),
+            format!(
+                "data: {}\n\n",
+                serde_json::to_string(&error.body()).unwrap()
+            )
+        );
+    }
+
+    #[test]
+    fn constructors_set_status_and_type() {
+        let cases = [
+            (OpenAiError::invalid("p", "m"), 400, "invalid_request_error"),
+            (OpenAiError::bad_request("m"), 400, "invalid_request_error"),
+            (
+                OpenAiError::unauthenticated("m"),
+                401,
+                "authentication_error",
+            ),
+            (OpenAiError::forbidden("m"), 403, "permission_error"),
+            (OpenAiError::not_found("m"), 404, "not_found_error"),
+            (OpenAiError::rate_limited("m"), 429, "rate_limit_error"),
+            (OpenAiError::internal("m"), 500, "server_error"),
+            (OpenAiError::unavailable("m"), 503, "service_unavailable"),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(
+                (error.status, error.kind.as_str()),
+                (status, kind),
+                "{error:?}"
+            );
+            assert_eq!(error.body()["error"]["type"], kind);
+        }
+    }
+
+    #[test]
+    fn worker_error_codes_map_to_statuses() {
+        let cases = [
+            (
+                ErrorCode::InvalidRequest,
+                400,
+                ErrorKind::InvalidRequest,
+                None,
+            ),
+            (
+                ErrorCode::ContextTooLong,
+                400,
+                ErrorKind::InvalidRequest,
+                Some("context_length_exceeded"),
+            ),
+            (
+                ErrorCode::Overloaded,
+                503,
+                ErrorKind::ServiceUnavailable,
+                None,
+            ),
+            (ErrorCode::Internal, 500, ErrorKind::Server, None),
+            (ErrorCode::Unknown, 500, ErrorKind::Server, None),
+        ];
+        for (code, status, kind, openai_code) in cases {
+            let error = OpenAiError::from_wire(code, "detail");
+            assert_eq!(
+                (
+                    error.status,
+                    error.kind,
+                    error.code.as_deref(),
+                    error.message.as_str()
+                ),
+                (status, kind, openai_code, "detail"),
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_bodies_are_bad_requests() {
+        let error = OpenAiError::parse_body::<ChatCompletionRequest>(b"{\"model\": ").unwrap_err();
+        assert_eq!((error.status, error.kind), (400, ErrorKind::InvalidRequest));
+        assert!(
+            error.message.starts_with("invalid request body: "),
+            "{}",
+            error.message
+        );
+        let error =
+            OpenAiError::parse_body::<ChatCompletionRequest>(br#"{"model": "m"}"#).unwrap_err();
+        assert!(error.message.contains("messages"), "{}", error.message);
+        let ok = OpenAiError::parse_body::<ChatCompletionRequest>(
+            br#"{"model": "m", "messages": [], "future": 1}"#,
+        );
+        assert!(ok.is_ok());
+    }
+}

@@ -1,0 +1,816 @@
+//! OpenAI request bodies and their validation.
+//!
+//! [`ChatCompletionRequest::sampling`] and [`CompletionRequest::sampling`] are the one place
+//! request fields become [`SamplingParams`]: OpenAI's defaults (temperature 1, top_p 1) are
+//! filled in, `n`, `stop` and every range are checked, and each error names the request field
+//! (`param`) at fault. Parsing never fails on unknown fields, and `null` reads as "absent".
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::null_as_default;
+use super::{COMPLETION_DEFAULT_MAX_TOKENS, MAX_STOP_SEQUENCES, OpenAiError};
+use crate::wire::{SamplingError, SamplingParams};
+
+fn completion_default_max_tokens() -> Option<u32> {
+    Some(COMPLETION_DEFAULT_MAX_TOKENS)
+}
+
+/// `stop`: one string or a list of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// A single stop sequence.
+    One(String),
+    /// Several stop sequences.
+    Many(Vec<String>),
+}
+
+impl Stop {
+    /// The stop sequences as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(stop) => vec![stop.clone()],
+            Self::Many(stops) => stops.clone(),
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage (and `usage: null` on every other chunk).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub include_usage: bool,
+}
+
+/// One part of an array-valued message `content`. Only `text` parts are served; other types
+/// parse (so the error can say what is wrong) and are rejected by [`MessageContent::text`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentPart {
+    /// The part type, e.g. `text` or `image_url`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// A message's `content`: a string or an array of parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Content parts.
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    /// The text of the content: the string, or the text parts joined by newlines (as vLLM joins
+    /// them). Any part other than `text` is an error naming `messages`.
+    pub fn text(&self) -> Result<String, OpenAiError> {
+        match self {
+            Self::Text(text) => Ok(text.clone()),
+            Self::Parts(parts) => {
+                let texts = parts
+                    .iter()
+                    .map(|part| match (part.kind.as_str(), &part.text) {
+                        ("text", Some(text)) => Ok(text.as_str()),
+                        ("text", None) => Err(OpenAiError::invalid(
+                            "messages",
+                            "a text content part needs a `text` field",
+                        )),
+                        _ => Err(OpenAiError::invalid(
+                            "messages",
+                            "only text content parts are supported",
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(texts.join("\n"))
+            }
+        }
+    }
+}
+
+/// One message of a chat request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessageIn {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The content; absent or `null` for an assistant message that only calls tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<MessageContent>,
+    /// Name of the participant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Tool calls of an assistant message, passed to the chat template as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessageIn {
+    /// The message's text, `None` when it has no content.
+    pub fn text(&self) -> Result<Option<String>, OpenAiError> {
+        self.content.as_ref().map(MessageContent::text).transpose()
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// The served model name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessageIn>,
+    /// Most tokens to generate (deprecated by OpenAI in favour of `max_completion_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Most tokens to generate; wins over `max_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    /// Softmax temperature in `[0, 2]`, default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus mass in `(0, 1]`, default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Extension (vLLM): keep the `k` most likely tokens; `-1` or `0` disables, as in vLLM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    /// Seed for reproducible sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stop sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Choices to generate; only 1 is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// Stream the answer as server-sent events.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// Return log-probabilities of the generated tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token to return with `logprobs`, at most 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
+    /// End-user id; a session key when `prompt_cache_key` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// OpenAI's cache routing key; Tidelock's session key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_key: Option<String>,
+    /// Extension (vLLM): keep generating past end-of-sequence.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ignore_eos: bool,
+    /// Tool definitions, passed to the chat template as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Value>,
+    /// Tool choice, passed on as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+}
+
+impl ChatCompletionRequest {
+    /// Validates the request's sampling fields (`stop` and `n` included) and converts them.
+    ///
+    /// `default_max_tokens` applies when neither `max_completion_tokens` nor `max_tokens` is set
+    /// (OpenAI then generates until the context ends): callers pass the room left in the context.
+    pub fn sampling(&self, default_max_tokens: u32) -> Result<SamplingParams, OpenAiError> {
+        let logprobs = match (self.logprobs, self.top_logprobs) {
+            (Some(true), top) => Some(top.unwrap_or(0)),
+            (_, Some(top)) if top > 0 => {
+                return Err(OpenAiError::invalid(
+                    "top_logprobs",
+                    "logprobs must be true when top_logprobs is set",
+                ));
+            }
+            _ => None,
+        };
+        let (max_tokens, max_tokens_param) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(max), _) => (max, "max_completion_tokens"),
+            (None, Some(max)) => (max, "max_tokens"),
+            (None, None) => (default_max_tokens, "max_tokens"),
+        };
+        SamplingFields {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            max_tokens,
+            max_tokens_param,
+            n: self.n,
+            stop: self.stop.as_ref(),
+            ignore_eos: self.ignore_eos,
+            logprobs,
+            logprobs_param: "top_logprobs",
+        }
+        .build()
+    }
+
+    /// The stop sequences, empty when none were given.
+    pub fn stop_strings(&self) -> Vec<String> {
+        self.stop.as_ref().map(Stop::to_vec).unwrap_or_default()
+    }
+
+    /// The session key the request names itself: `prompt_cache_key`, else `user` (the router
+    /// checks the `X-Session-Id` header between the two).
+    pub fn session_hint(&self) -> Option<&str> {
+        session_hint(&self.prompt_cache_key, &self.user)
+    }
+
+    /// Whether a streamed answer ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream && self.stream_options.is_some_and(|o| o.include_usage)
+    }
+}
+
+/// `prompt` of a completion request: text, texts, token ids, or lists of token ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One text prompt.
+    Text(String),
+    /// A batch of text prompts.
+    Texts(Vec<String>),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// A batch of prompts as token ids.
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+/// The single prompt a completion request is served for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptInput {
+    /// Text, to be tokenized.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+impl Prompt {
+    /// The one prompt to serve. Batches of several prompts and empty token lists are errors
+    /// naming `prompt`.
+    pub fn input(&self) -> Result<PromptInput, OpenAiError> {
+        let single = |len: usize| match len {
+            1 => Ok(()),
+            0 => Err(OpenAiError::invalid("prompt", "prompt must not be empty")),
+            _ => Err(OpenAiError::invalid(
+                "prompt",
+                "only a single prompt per request is supported",
+            )),
+        };
+        let input = match self {
+            Self::Text(text) => PromptInput::Text(text.clone()),
+            Self::Tokens(ids) => PromptInput::Tokens(ids.clone()),
+            Self::Texts(texts) => {
+                single(texts.len())?;
+                PromptInput::Text(texts.concat())
+            }
+            Self::TokenBatches(batches) => {
+                single(batches.len())?;
+                PromptInput::Tokens(batches.concat())
+            }
+        };
+        match input {
+            PromptInput::Tokens(ids) if ids.is_empty() => {
+                Err(OpenAiError::invalid("prompt", "prompt must not be empty"))
+            }
+            input => Ok(input),
+        }
+    }
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionRequest {
+    /// The served model name.
+    pub model: String,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Most tokens to generate: 16 when absent (OpenAI's default), `null` for "until the
+    /// context ends" (as in vLLM). Always serialised, so `null` survives a round trip.
+    #[serde(default = "completion_default_max_tokens")]
+    pub max_tokens: Option<u32>,
+    /// Softmax temperature in `[0, 2]`, default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus mass in `(0, 1]`, default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Extension (vLLM): keep the `k` most likely tokens; `-1` or `0` disables, as in vLLM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    /// Seed for reproducible sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Stop sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Choices to generate; only 1 is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// Stream the answer as server-sent events.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// Alternatives per token to return with log-probabilities, at most 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    /// Return the prompt in front of the completion.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub echo: bool,
+    /// End-user id; a session key when `prompt_cache_key` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Tidelock's session key (OpenAI's cache routing key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_key: Option<String>,
+    /// Extension (vLLM): keep generating past end-of-sequence.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ignore_eos: bool,
+}
+
+impl CompletionRequest {
+    /// Validates the request's sampling fields (`stop` and `n` included) and converts them.
+    ///
+    /// `default_max_tokens` applies only to `"max_tokens": null`; an absent `max_tokens` is 16.
+    /// Callers pass the room left in the context.
+    pub fn sampling(&self, default_max_tokens: u32) -> Result<SamplingParams, OpenAiError> {
+        SamplingFields {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
+            max_tokens_param: "max_tokens",
+            n: self.n,
+            stop: self.stop.as_ref(),
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+            logprobs_param: "logprobs",
+        }
+        .build()
+    }
+
+    /// The stop sequences, empty when none were given.
+    pub fn stop_strings(&self) -> Vec<String> {
+        self.stop.as_ref().map(Stop::to_vec).unwrap_or_default()
+    }
+
+    /// The session key the request names itself: `prompt_cache_key`, else `user`.
+    pub fn session_hint(&self) -> Option<&str> {
+        session_hint(&self.prompt_cache_key, &self.user)
+    }
+
+    /// Whether a streamed answer ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream && self.stream_options.is_some_and(|o| o.include_usage)
+    }
+
+    /// The one prompt to serve; see [`Prompt::input`].
+    pub fn prompt_input(&self) -> Result<PromptInput, OpenAiError> {
+        self.prompt.input()
+    }
+}
+
+fn session_hint<'a>(cache_key: &'a Option<String>, user: &'a Option<String>) -> Option<&'a str> {
+    [cache_key, user]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .find(|key| !key.is_empty())
+}
+
+/// The sampling fields both request types share, named as each request names them.
+struct SamplingFields<'a> {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    max_tokens: u32,
+    max_tokens_param: &'static str,
+    n: Option<u32>,
+    stop: Option<&'a Stop>,
+    ignore_eos: bool,
+    logprobs: Option<u32>,
+    logprobs_param: &'static str,
+}
+
+impl SamplingFields<'_> {
+    fn build(self) -> Result<SamplingParams, OpenAiError> {
+        match self.n {
+            None | Some(1) => {}
+            Some(0) => return Err(OpenAiError::invalid("n", "n must be at least 1")),
+            Some(_) => return Err(OpenAiError::invalid("n", "n > 1 is not supported")),
+        }
+        if let Some(stop) = self.stop {
+            let stops = stop.to_vec();
+            if stops.len() > MAX_STOP_SEQUENCES {
+                return Err(OpenAiError::invalid(
+                    "stop",
+                    format!("at most {MAX_STOP_SEQUENCES} stop sequences are allowed"),
+                ));
+            }
+            if stops.iter().any(String::is_empty) {
+                return Err(OpenAiError::invalid(
+                    "stop",
+                    "stop sequences must not be empty",
+                ));
+            }
+        }
+        let top_k = match self.top_k {
+            None | Some(-1 | 0) => None,
+            Some(k) => Some(u32::try_from(k).map_err(|_| {
+                OpenAiError::invalid("top_k", "top_k must be -1 or 0 (disabled) or at least 1")
+            })?),
+        };
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop_token_ids: Vec::new(),
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+        };
+        params.validate().map_err(|error| {
+            let param = match error {
+                SamplingError::Temperature(_) => "temperature",
+                SamplingError::TopP(_) => "top_p",
+                SamplingError::TopK => "top_k",
+                SamplingError::MaxTokens => self.max_tokens_param,
+                SamplingError::Logprobs(_) => self.logprobs_param,
+            };
+            OpenAiError::invalid(param, error.to_string())
+        })?;
+        Ok(params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::openai::ErrorKind;
+
+    fn chat(value: Value) -> ChatCompletionRequest {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn completion(value: Value) -> CompletionRequest {
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// The shape the Python SDK sends (`client.chat.completions.create(...)`), with fields this
+    /// server ignores.
+    #[test]
+    fn parses_a_python_sdk_chat_request() {
+        let request = chat(json!({
+            "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Hello"},
+                    {"type": "text", "text": "there", "cache_control": {"type": "ephemeral"}}
+                ]}
+            ],
+            "model": "SmolLM2-135M-Instruct",
+            "max_completion_tokens": 64,
+            "max_tokens": 999,
+            "stream": true,
+            "stream_options": {"include_usage": true, "include_obfuscation": false},
+            "stop": ["\n\n", "User:"],
+            "temperature": 0.2,
+            "seed": 7,
+            "logprobs": true,
+            "top_logprobs": 3,
+            "prompt_cache_key": "conv-1",
+            "user": "u-9",
+            "metadata": {"team": "a"},
+            "store": false,
+            "frequency_penalty": 0,
+            "parallel_tool_calls": true,
+            "response_format": {"type": "text"}
+        }));
+        assert_eq!(
+            request.messages[0].text().unwrap().as_deref(),
+            Some("You are terse.")
+        );
+        assert_eq!(
+            request.messages[1].text().unwrap().as_deref(),
+            Some("Hello\nthere")
+        );
+        assert_eq!(request.stop_strings(), ["\n\n", "User:"]);
+        assert_eq!(request.session_hint(), Some("conv-1"));
+        assert!(request.include_usage());
+        assert_eq!(
+            request.sampling(4096).unwrap(),
+            SamplingParams {
+                temperature: 0.2,
+                top_p: 1.0,
+                top_k: None,
+                seed: Some(7),
+                max_tokens: 64,
+                stop_token_ids: Vec::new(),
+                ignore_eos: false,
+                logprobs: Some(3),
+            }
+        );
+    }
+
+    /// Nulls where SDKs and frameworks send them, tool messages, and vLLM's extensions.
+    #[test]
+    fn parses_nulls_tools_and_extensions() {
+        let request = chat(json!({
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "What is 6 x 7?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "mul", "arguments": "{\"a\":6,\"b\":7}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}
+            ],
+            "stream": null,
+            "stream_options": null,
+            "n": 1,
+            "stop": "END",
+            "max_tokens": null,
+            "temperature": null,
+            "top_k": -1,
+            "ignore_eos": true,
+            "tools": [{"type": "function", "function": {"name": "mul", "parameters": {}}}],
+            "tool_choice": "auto",
+            "user": "u-9"
+        }));
+        assert!(!request.stream && !request.include_usage());
+        assert_eq!(request.messages[1].text().unwrap(), None);
+        assert!(request.messages[1].tool_calls.is_some());
+        assert_eq!(request.messages[2].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(request.stop_strings(), ["END"]);
+        assert_eq!(request.session_hint(), Some("u-9"));
+        assert_eq!(request.tool_choice, Some(json!("auto")));
+        let sampling = request.sampling(100).unwrap();
+        assert_eq!(sampling.max_tokens, 100, "no limit: the caller's default");
+        assert_eq!((sampling.temperature, sampling.top_p), (1.0, 1.0));
+        assert_eq!(sampling.top_k, None);
+        assert!(sampling.ignore_eos);
+        assert_eq!(sampling.logprobs, None);
+    }
+
+    #[test]
+    fn other_content_parts_are_a_typed_error() {
+        let request = chat(json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+            ]}]
+        }));
+        let error = request.messages[0].text().unwrap_err();
+        assert_eq!(error.message, "only text content parts are supported");
+        assert_eq!((error.status, error.kind), (400, ErrorKind::InvalidRequest));
+        assert_eq!(error.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn parses_completion_prompts() {
+        let cases = [
+            (
+                json!("Once upon"),
+                Ok(PromptInput::Text("Once upon".into())),
+            ),
+            (
+                json!(["Once upon"]),
+                Ok(PromptInput::Text("Once upon".into())),
+            ),
+            (json!([1, 2, 3]), Ok(PromptInput::Tokens(vec![1, 2, 3]))),
+            (json!([[4, 5]]), Ok(PromptInput::Tokens(vec![4, 5]))),
+            (
+                json!(["a", "b"]),
+                Err("only a single prompt per request is supported"),
+            ),
+            (
+                json!([[1], [2]]),
+                Err("only a single prompt per request is supported"),
+            ),
+            (json!([]), Err("prompt must not be empty")),
+            (json!([[]]), Err("prompt must not be empty")),
+        ];
+        for (prompt, expected) in cases {
+            let request = completion(json!({"model": "m", "prompt": prompt.clone(), "echo": null}));
+            let got = request.prompt_input().map_err(|error| {
+                assert_eq!(error.param.as_deref(), Some("prompt"));
+                error.message
+            });
+            assert_eq!(got, expected.map_err(str::to_owned), "prompt {prompt}");
+        }
+    }
+
+    #[test]
+    fn completion_max_tokens_defaults_to_16_and_null_means_the_context() {
+        let request = completion(json!({
+            "model": "m", "prompt": [1, 2], "logprobs": 5, "echo": true, "seed": 1,
+            "suffix": null, "best_of": 1
+        }));
+        assert_eq!(request.max_tokens, Some(16));
+        assert!(request.echo);
+        let sampling = request.sampling(500).unwrap();
+        assert_eq!((sampling.max_tokens, sampling.logprobs), (16, Some(5)));
+
+        let request = completion(json!({"model": "m", "prompt": "x", "max_tokens": null}));
+        assert_eq!(request.sampling(500).unwrap().max_tokens, 500);
+        let back: CompletionRequest =
+            serde_json::from_value(serde_json::to_value(&request).unwrap()).unwrap();
+        assert_eq!(back, request, "null max_tokens survives a round trip");
+
+        let request = completion(json!({"model": "m", "prompt": "x", "max_tokens": 7}));
+        assert_eq!(request.sampling(500).unwrap().max_tokens, 7);
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let base = json!({"model": "m", "messages": []});
+        let with = |extra: Value| {
+            let mut value = base.clone();
+            value
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            chat(value).sampling(1000).unwrap().max_tokens
+        };
+        assert_eq!(with(json!({"max_tokens": 5})), 5);
+        assert_eq!(with(json!({"max_completion_tokens": 6})), 6);
+        assert_eq!(
+            with(json!({"max_tokens": 5, "max_completion_tokens": 6})),
+            6
+        );
+        assert_eq!(with(json!({})), 1000);
+    }
+
+    #[test]
+    fn validation_errors_name_the_param() {
+        let chat_cases = [
+            (json!({"n": 2}), "n", "n > 1 is not supported"),
+            (json!({"n": 0}), "n", "n must be at least 1"),
+            (
+                json!({"stop": ["a", "b", "c", "d", "e"]}),
+                "stop",
+                "at most 4 stop sequences are allowed",
+            ),
+            (
+                json!({"stop": ""}),
+                "stop",
+                "stop sequences must not be empty",
+            ),
+            (
+                json!({"stop": ["a", ""]}),
+                "stop",
+                "stop sequences must not be empty",
+            ),
+            (
+                json!({"temperature": 2.5}),
+                "temperature",
+                "temperature must be between 0 and 2, got 2.5",
+            ),
+            (
+                json!({"top_p": 0}),
+                "top_p",
+                "top_p must be greater than 0 and at most 1, got 0",
+            ),
+            (
+                json!({"top_k": -2}),
+                "top_k",
+                "top_k must be -1 or 0 (disabled) or at least 1",
+            ),
+            (
+                json!({"max_tokens": 0}),
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ),
+            (
+                json!({"max_completion_tokens": 0}),
+                "max_completion_tokens",
+                "max_tokens must be at least 1",
+            ),
+            (
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+                "logprobs must be at most 20, got 21",
+            ),
+            (
+                json!({"top_logprobs": 2}),
+                "top_logprobs",
+                "logprobs must be true when top_logprobs is set",
+            ),
+        ];
+        for (extra, param, message) in chat_cases {
+            let mut value = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+            value
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let error = chat(value).sampling(16).unwrap_err();
+            assert_eq!(
+                (
+                    error.status,
+                    error.kind,
+                    error.param.as_deref(),
+                    error.message.as_str()
+                ),
+                (400, ErrorKind::InvalidRequest, Some(param), message),
+                "{extra}"
+            );
+        }
+        let completion_cases = [
+            (json!({"logprobs": 21}), "logprobs"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"n": 3}), "n"),
+            (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        ];
+        for (extra, param) in completion_cases {
+            let mut value = json!({"model": "m", "prompt": "hi"});
+            value
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let error = completion(value).sampling(16).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(param), "{extra}");
+        }
+        // Boundaries that are accepted.
+        let ok = chat(json!({
+            "model": "m", "messages": [], "n": 1, "stop": ["a", "b", "c", "d"], "temperature": 0,
+            "top_k": 0, "logprobs": false, "top_logprobs": 0, "max_tokens": 1
+        }));
+        let sampling = ok.sampling(16).unwrap();
+        assert_eq!(
+            (sampling.top_k, sampling.logprobs, sampling.temperature),
+            (None, None, 0.0)
+        );
+        let ok = chat(json!({"model": "m", "messages": [], "top_k": 40, "logprobs": true}));
+        let sampling = ok.sampling(16).unwrap();
+        assert_eq!((sampling.top_k, sampling.logprobs), (Some(40), Some(0)));
+    }
+
+    #[test]
+    fn session_hint_prefers_prompt_cache_key_then_user() {
+        let hint = |extra: Value| {
+            let mut value = json!({"model": "m", "prompt": "p"});
+            value
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            completion(value).session_hint().map(str::to_owned)
+        };
+        assert_eq!(
+            hint(json!({"prompt_cache_key": "k", "user": "u"})).as_deref(),
+            Some("k")
+        );
+        assert_eq!(
+            hint(json!({"prompt_cache_key": "", "user": "u"})).as_deref(),
+            Some("u")
+        );
+        assert_eq!(hint(json!({"user": "u"})).as_deref(), Some("u"));
+        assert_eq!(hint(json!({"user": null})), None);
+        assert_eq!(hint(json!({})), None);
+    }
+
+    #[test]
+    fn requests_serialise_without_absent_fields_and_round_trip() {
+        let request = chat(json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "stop": "x"
+        }));
+        let value = serde_json::to_value(&request).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "model": "m",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                "stop": "x",
+                "stream": false,
+                "ignore_eos": false
+            })
+        );
+        assert_eq!(chat(value), request);
+
+        let request = completion(json!({"model": "m", "prompt": [[1, 2]], "stream": true,
+            "stream_options": {"include_usage": true}}));
+        assert!(request.include_usage());
+        let back = completion(serde_json::to_value(&request).unwrap());
+        assert_eq!(back, request);
+    }
+}
