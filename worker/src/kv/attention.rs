@@ -35,7 +35,8 @@ pub fn paged_attention(
     out: &mut [f32],
 ) {
     let d = kv.shape.head_dim;
-    let group = heads / kv.shape.kv_heads;
+    let kv_heads = kv.shape.kv_heads;
+    let group = heads / kv_heads;
     // Map each output row to its sequence and position.
     let mut row_info = Vec::with_capacity(q.len() / (heads * d));
     for (s, seq) in seqs.iter().enumerate() {
@@ -43,27 +44,35 @@ pub fn paged_attention(
             row_info.push((s, seq.start + i));
         }
     }
-    out.par_chunks_mut(d)
+    // One task per (row, kv head): the query heads sharing a kv head (grouped-query attention)
+    // are computed in one pass, so each page of keys and values is read once, not `group` times.
+    // Compiled once per instruction set (AVX2, AVX-512...) and chosen at run time: the inner
+    // loops are written to autovectorise.
+    let arch = pulp::Arch::new();
+    out.par_chunks_mut(group * d)
         .enumerate()
-        .for_each(|(pair, out_head)| {
-            let row = pair / heads;
-            let head = pair % heads;
+        .for_each(|(task, out_group)| {
+            let row = task / kv_heads;
+            let kv_head = task % kv_heads;
             let (s, position) = row_info[row];
-            let q_head = &q[pair * d..(pair + 1) * d];
-            attend_one(
-                kv,
-                seqs[s].table,
-                head / group,
-                position,
-                scale,
-                q_head,
-                out_head,
-            );
+            let q_group = &q[task * group * d..(task + 1) * group * d];
+            arch.dispatch(|| {
+                attend_group(
+                    kv,
+                    seqs[s].table,
+                    kv_head,
+                    position,
+                    scale,
+                    q_group,
+                    out_group,
+                )
+            });
         });
 }
 
-/// Attention of one query head over positions `0..=position`.
-fn attend_one(
+/// Attention of the query heads of one kv head over positions `0..=position`.
+#[inline(always)]
+fn attend_group(
     kv: LayerKv<'_>,
     table: &[BlockId],
     kv_head: usize,
@@ -75,44 +84,64 @@ fn attend_one(
     let s = kv.shape;
     let d = s.head_dim;
     let bt = s.block_tokens;
-    let mut max = f32::NEG_INFINITY;
-    let mut sum = 0.0f32;
-    let mut acc = vec![0.0f32; d];
-    let mut scores = vec![0.0f32; bt];
+    let group = q.len() / d;
+    let mut max = vec![f32::NEG_INFINITY; group];
+    let mut sum = vec![0.0f32; group];
+    let mut acc = vec![0.0f32; group * d];
+    // scores[g * bt + j]: query head g against slot j of the current block.
+    let mut scores = vec![0.0f32; group * bt];
     let len = position + 1;
     for (b, &block) in table.iter().enumerate().take(len.div_ceil(bt)) {
         let n = (len - b * bt).min(bt);
         let base = s.offset(block, kv_head, 0);
         let keys = &kv.keys[base..base + n * d];
         let values = &kv.values[base..base + n * d];
-        let mut block_max = f32::NEG_INFINITY;
         for (j, key) in keys.chunks_exact(d).enumerate() {
-            let score = dot(q, key) * scale;
-            scores[j] = score;
-            block_max = block_max.max(score);
-        }
-        let new_max = max.max(block_max);
-        let correction = (max - new_max).exp();
-        sum *= correction;
-        for a in acc.iter_mut() {
-            *a *= correction;
-        }
-        for (j, value) in values.chunks_exact(d).enumerate() {
-            let p = (scores[j] - new_max).exp();
-            sum += p;
-            for (a, v) in acc.iter_mut().zip(value) {
-                *a += p * v;
+            for (g, qg) in q.chunks_exact(d).enumerate() {
+                scores[g * bt + j] = dot(qg, key) * scale;
             }
         }
-        max = new_max;
+        for g in 0..group {
+            let block_scores = &mut scores[g * bt..g * bt + n];
+            let block_max = block_scores
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let new_max = max[g].max(block_max);
+            let correction = (max[g] - new_max).exp();
+            let mut block_sum = 0.0;
+            for sc in block_scores.iter_mut() {
+                *sc = (*sc - new_max).exp();
+                block_sum += *sc;
+            }
+            sum[g] = sum[g] * correction + block_sum;
+            let acc_g = &mut acc[g * d..(g + 1) * d];
+            for a in acc_g.iter_mut() {
+                *a *= correction;
+            }
+            max[g] = new_max;
+        }
+        for (j, value) in values.chunks_exact(d).enumerate() {
+            for g in 0..group {
+                let p = scores[g * bt + j];
+                for (a, v) in acc[g * d..(g + 1) * d].iter_mut().zip(value) {
+                    *a += p * v;
+                }
+            }
+        }
     }
-    let inv = 1.0 / sum;
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = a * inv;
+    for g in 0..group {
+        let inv = 1.0 / sum[g];
+        for (o, a) in out[g * d..(g + 1) * d]
+            .iter_mut()
+            .zip(&acc[g * d..(g + 1) * d])
+        {
+            *o = a * inv;
+        }
     }
 }
 
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler vectorise without reassociating.
     let mut lanes = [0.0f32; 8];
