@@ -48,8 +48,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
 
     tracing::info!(model = %config.model.display(), "loading tokenizer and chat template");
-    let kit = PromptKit::from_gguf_file(&config.model)
-        .with_context(|| format!("tokenizer of {}", config.model.display()))?;
+    let kit = Arc::new(
+        PromptKit::from_gguf_file(&config.model)
+            .with_context(|| format!("tokenizer of {}", config.model.display()))?,
+    );
     for warning in kit.warnings() {
         tracing::warn!("{warning}");
     }
@@ -111,11 +113,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let model = Arc::new(Llama::from_gguf(&config.model, WeightFormat::F32)?);
             let kv = KvStore::new(shape, num_blocks);
             let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-            server::start(engine, info, tokenizer)?
+            server::start(engine, info, tokenizer, Some(kit.clone()))?
         }
         EngineKind::Sim => {
             let sim = SimExecutor::new(model_config.vocab_size, timing);
-            server::start(Engine::new(engine_config, pool, sim), info, tokenizer)?
+            server::start(
+                Engine::new(engine_config, pool, sim),
+                info,
+                tokenizer,
+                Some(kit.clone()),
+            )?
         }
     };
     let state = started.state;

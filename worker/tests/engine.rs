@@ -104,6 +104,7 @@ fn collect(rx: &mut UnboundedReceiver<GenerateEvent>) -> Result<Outcome, (ErrorC
                 });
             }
             GenerateEvent::Error { code, message } => return Err((code, message)),
+            GenerateEvent::Prefilled { .. } => {}
             GenerateEvent::Unknown => panic!("unknown event"),
         }
     }

@@ -48,7 +48,7 @@ fn started() -> AppState {
         shard: ShardIndex::new(0),
         shard_count: 1,
     };
-    server::start(engine, info, "{\"tokenizer\": {}}".into())
+    server::start(engine, info, "{\"tokenizer\": {}}".into(), None)
         .unwrap()
         .state
 }
@@ -105,6 +105,7 @@ fn finished(events: &[GenerateEvent]) -> (Vec<u32>, tidelock_protocol::Usage) {
         match e {
             GenerateEvent::Tokens { ids: t, .. } => ids.extend(t),
             GenerateEvent::Finished { usage, .. } => return (ids, *usage),
+            GenerateEvent::Prefilled { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -158,10 +158,20 @@ pub enum ErrorCode {
 
 /// One line of the newline-delimited JSON stream answering `POST /v1/generate`.
 ///
-/// A stream is zero or more `Tokens` followed by exactly one `Finished` or `Error`.
+/// A stream is at most one `Prefilled`, then zero or more `Tokens`, then exactly one `Finished`
+/// or `Error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GenerateEvent {
+    /// The prompt is in the KV cache; sent once, before the first token. It carries the prompt's
+    /// accounting early, so a caller that stops reading before `Finished` (a stop string matched)
+    /// still reports exact `cached_tokens`.
+    Prefilled {
+        /// Tokens in the prompt.
+        prompt_tokens: u32,
+        /// Prompt tokens served from the prefix cache.
+        cached_tokens: u32,
+    },
     /// Newly generated tokens.
     Tokens {
         /// The token ids, in order.
@@ -370,6 +380,10 @@ mod tests {
         round_trip(&GenerateEvent::Tokens {
             ids: vec![5],
             logprobs: None,
+        });
+        round_trip(&GenerateEvent::Prefilled {
+            prompt_tokens: 130,
+            cached_tokens: 128,
         });
         round_trip(&GenerateEvent::Finished {
             reason: FinishReason::Length,

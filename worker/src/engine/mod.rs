@@ -429,6 +429,12 @@ impl<E: Executor> Engine<E> {
     fn emit(&mut self, index: usize, logits: &[f32]) {
         let seq = &mut self.running[index];
         let sampled = seq.sampler.sample(logits);
+        if seq.completion == 0 {
+            let _ = seq.out.send(GenerateEvent::Prefilled {
+                prompt_tokens: seq.prompt_len as u32,
+                cached_tokens: seq.cached_tokens.unwrap_or(0) as u32,
+            });
+        }
         seq.completion += 1;
         let params = &seq.request.sampling;
         let is_stop = params.stop_token_ids.contains(&sampled.token)

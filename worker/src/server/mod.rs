@@ -1,6 +1,6 @@
 //! The worker's HTTP surface (DESIGN.md, "Worker API"): `/v1/info`, `/v1/tokenizer`,
 //! streaming `/v1/generate`, `/v1/kv/events`, `/v1/kv/snapshot`, `/v1/load`, `/healthz`,
-//! `/readyz`, `/metrics`.
+//! `/readyz`, `/metrics`; and an OpenAI-compatible surface (`openai`).
 //!
 //! Handlers never touch the engine: they send it commands over a channel and read what its
 //! thread publishes (event log, load). `app(state)` builds the router without binding a port, so
@@ -11,6 +11,7 @@
 //! the request.
 
 pub mod metrics;
+pub mod openai;
 pub mod runner;
 
 use std::convert::Infallible;
@@ -28,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use serde::Deserialize;
+use tidelock_prompt::PromptKit;
 use tidelock_protocol::{GenerateEvent, GenerateRequest, LoadReport, WorkerInfo};
 use tokio::sync::{oneshot, watch};
 
@@ -48,6 +50,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Set when shutting down: readiness fails so that no new work is routed here.
     pub draining: AtomicBool,
+    /// Tokenizer and chat template for the OpenAI surface (None: only the internal API).
+    pub kit: Option<Arc<PromptKit>>,
+    /// Unix seconds at start, for `/v1/models`.
+    pub started_at: u64,
 }
 
 pub type AppState = Arc<Shared>;
@@ -68,6 +74,7 @@ pub fn start<E: Executor + 'static>(
     engine: Engine<E>,
     info: WorkerInfo,
     tokenizer: String,
+    kit: Option<Arc<PromptKit>>,
 ) -> Result<Started, prometheus::Error> {
     let events = Arc::new(EventLog::new(info.epoch, EVENT_LOG_BATCHES));
     let (load_tx, load_rx) = watch::channel(engine.load());
@@ -81,6 +88,10 @@ pub fn start<E: Executor + 'static>(
         load: load_rx,
         metrics,
         draining: AtomicBool::new(false),
+        kit,
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     });
     Ok(Started {
         state,
@@ -100,6 +111,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/kv/snapshot", get(snapshot))
         .route("/v1/kv/events", get(kv_events))
         .route("/v1/generate", post(generate))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/health", get(openai::health))
+        .route("/model_info", get(openai::model_info))
+        .route("/server_info", get(openai::server_info))
+        .route("/get_load", get(openai::get_load))
+        .route("/tokenize", post(openai::tokenize))
         .with_state(state)
 }
 
@@ -279,7 +298,7 @@ async fn generate(
                         metrics.requests.with_label_values(&["error"]).inc();
                         done = true;
                     }
-                    GenerateEvent::Unknown => {}
+                    GenerateEvent::Prefilled { .. } | GenerateEvent::Unknown => {}
                 }
                 let line = serde_json::to_string(&event).unwrap_or_default();
                 Some((line, (rx, last, done)))

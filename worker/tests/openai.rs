@@ -1,0 +1,229 @@
+//! The worker's OpenAI-compatible surface through its real router, with the real tokenizer and
+//! chat template of the default model and the simulated engine: response shapes as OpenAI sends
+//! them, exact cached-token accounting, SSE framing, and errors in OpenAI's shape.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use tidelock_prompt::PromptKit;
+use tidelock_protocol::{BlockTokens, Epoch, GroupId, ModelName, ShardIndex, WorkerInfo};
+use tidelock_worker::engine::sim::{SimExecutor, Timing};
+use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::server::{self, AppState, app};
+use tower::ServiceExt;
+
+fn state() -> AppState {
+    let path = std::env::var_os("TIDELOCK_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.is_file(),
+        "no model at {} (run ./scripts/test)",
+        path.display()
+    );
+    let kit = Arc::new(PromptKit::from_gguf_file(&path).expect("tokenizer"));
+    let block_tokens = BlockTokens::new(16).unwrap();
+    let model = ModelName::new("smollm2").unwrap();
+    let cfg = EngineConfig {
+        model: model.clone(),
+        block_tokens,
+        max_step_tokens: 512,
+        max_running: 8,
+        max_waiting: 8,
+        max_context: 2048,
+        vocab_size: kit.vocab_size(),
+        eos_token_ids: kit.stop_token_ids().to_vec(),
+    };
+    let engine = Engine::new(
+        cfg,
+        BlockPool::new(128, block_tokens, Epoch::new(1)),
+        SimExecutor::new(kit.vocab_size(), Timing::INSTANT),
+    );
+    let info = WorkerInfo {
+        model,
+        block_tokens,
+        dtype: "f32".into(),
+        kv_capacity_bytes: 0,
+        kv_capacity_blocks: 128,
+        max_context_tokens: 2048,
+        epoch: Epoch::new(1),
+        group: GroupId::new("g").unwrap(),
+        shard: ShardIndex::new(0),
+        shard_count: 1,
+    };
+    let tokenizer = kit.to_json().unwrap();
+    server::start(engine, info, tokenizer, Some(kit))
+        .unwrap()
+        .state
+}
+
+async fn post(state: &AppState, uri: &str, body: serde_json::Value) -> (StatusCode, String) {
+    let response = app(state.clone())
+        .oneshot(
+            Request::post(uri)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+fn chat(extra: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [
+            {"role": "system", "content": "You are a careful assistant who answers briefly."},
+            {"role": "user", "content": [{"type": "text", "text": "Tell me about lighthouses and the people who kept them."}]}
+        ],
+        "max_tokens": 12,
+        "temperature": 0
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    body
+}
+
+#[tokio::test]
+async fn non_streaming_chat_has_openai_shape_and_exact_usage() {
+    let state = state();
+    let (status, body) = post(&state, "/v1/chat/completions", chat(serde_json::json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["object"], "chat.completion");
+    assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    let prompt_tokens = r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 32);
+    assert_eq!(r["usage"]["completion_tokens"], 12);
+    assert_eq!(
+        r["usage"]["total_tokens"].as_u64().unwrap(),
+        prompt_tokens + 12
+    );
+    assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+
+    let (_, body) = post(&state, "/v1/chat/completions", chat(serde_json::json!({}))).await;
+    let again: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+        (prompt_tokens - 1) / 16 * 16
+    );
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        r["choices"][0]["message"]["content"]
+    );
+}
+
+#[tokio::test]
+async fn streaming_chat_is_framed_as_openai_sse() {
+    let state = state();
+    let (status, body) = post(
+        &state,
+        "/v1/chat/completions",
+        chat(serde_json::json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("SSE data line"))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"]["completion_tokens"], 12);
+    let finished = &chunks[chunks.len() - 2];
+    assert_eq!(finished["choices"][0]["finish_reason"], "length");
+    // Every other chunk carries `usage: null` and no finish reason.
+    for c in &chunks[..chunks.len() - 2] {
+        assert!(c["usage"].is_null() && c.as_object().unwrap().contains_key("usage"));
+        assert!(c["choices"][0]["finish_reason"].is_null());
+    }
+}
+
+#[tokio::test]
+async fn completions_take_text_or_tokens() {
+    let state = state();
+    let (status, body) = post(
+        &state,
+        "/v1/completions",
+        serde_json::json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 5}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["usage"]["prompt_tokens"], 4);
+    let (_, body) = post(
+        &state,
+        "/v1/completions",
+        serde_json::json!({"model": "smollm2", "prompt": [7454, 2402, 253, 655], "max_tokens": 5}),
+    )
+    .await;
+    let by_ids: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(by_ids["usage"]["prompt_tokens"], 4);
+}
+
+#[tokio::test]
+async fn errors_are_openai_shaped() {
+    let state = state();
+    let (status, body) = post(
+        &state,
+        "/v1/chat/completions",
+        chat(serde_json::json!({"model": "gpt-9"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
+    assert_eq!(e["error"]["type"], "not_found_error");
+
+    let (status, body) = post(
+        &state,
+        "/v1/chat/completions",
+        chat(serde_json::json!({"n": 2})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["param"], "n");
+
+    let long = "lighthouse ".repeat(3000);
+    let (status, body) = post(
+        &state,
+        "/v1/completions",
+        serde_json::json!({"model": "smollm2", "prompt": long}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+}
