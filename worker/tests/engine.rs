@@ -1,8 +1,11 @@
 //! The engine on the real default model: prefix reuse is lossless, batching and chunking do not
 //! change results, preemption recovers, and bad or excess requests get clear answers.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::{Arc, OnceLock};
+
+use support::{model_path, tokens};
 
 use tidelock_protocol::{
     BlockTokens, CacheSalt, Epoch, ErrorCode, FinishReason, GenerateEvent, GenerateRequest,
@@ -22,20 +25,7 @@ fn model() -> Arc<Llama> {
     static MODEL: OnceLock<Arc<Llama>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let path = std::env::var_os("TIDELOCK_MODEL")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    let home = std::env::var_os("HOME")
-                        .map(PathBuf::from)
-                        .unwrap_or_default();
-                    home.join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-                });
-            assert!(
-                path.is_file(),
-                "no model at {} (run ./scripts/test)",
-                path.display()
-            );
-            Arc::new(Llama::from_gguf(&path, WeightFormat::F32).expect("load the model"))
+            Arc::new(Llama::from_gguf(&model_path(), WeightFormat::F32).expect("load the model"))
         })
         .clone()
 }
@@ -55,18 +45,6 @@ fn engine(blocks: usize, max_step_tokens: usize, max_waiting: usize) -> Engine<M
     let kv = KvStore::new(model.kv_shape(BLOCK), blocks);
     let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(1));
     Engine::new(cfg, pool, ModelExecutor { model, kv })
-}
-
-fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            17 + ((s >> 33) % 20_000) as u32
-        })
-        .collect()
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {

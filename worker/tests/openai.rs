@@ -2,8 +2,11 @@
 //! chat template of the default model and the simulated engine: response shapes as OpenAI sends
 //! them, exact cached-token accounting, SSE framing, and errors in OpenAI's shape.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::Arc;
+
+use support::model_path;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -16,20 +19,7 @@ use tidelock_worker::server::{self, AppState, app};
 use tower::ServiceExt;
 
 fn state() -> AppState {
-    let path = std::env::var_os("TIDELOCK_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "no model at {} (run ./scripts/test)",
-        path.display()
-    );
-    let kit = Arc::new(PromptKit::from_gguf_file(&path).expect("tokenizer"));
+    let kit = Arc::new(PromptKit::from_gguf_file(&model_path()).expect("tokenizer"));
     let block_tokens = BlockTokens::new(16).unwrap();
     let model = ModelName::new("smollm2").unwrap();
     let cfg = EngineConfig {

@@ -2,10 +2,12 @@
 //! read right, and computing with cached KV gives the same logits as computing cold, whichever way
 //! the work is cut into chunks, batched or not.
 
-use std::path::PathBuf;
+mod support;
+
 use std::sync::OnceLock;
 
 use candle_core::Tensor;
+use support::{model_path, tokens};
 use tidelock_protocol::BlockId;
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::model::llama::{Logits, WeightFormat};
@@ -13,40 +15,11 @@ use tidelock_worker::model::{Llama, RopeStyle, SeqChunk};
 
 const BLOCK: usize = 16;
 
-fn model_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("TIDELOCK_MODEL") {
-        return PathBuf::from(path);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let path = home.join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "the default model is not at {} (run ./scripts/test, which fetches it, or set TIDELOCK_MODEL)",
-        path.display()
-    );
-    path
-}
-
 fn model() -> &'static Llama {
     static MODEL: OnceLock<Llama> = OnceLock::new();
     MODEL.get_or_init(|| {
         Llama::from_gguf(&model_path(), WeightFormat::F32).expect("load the default model")
     })
-}
-
-/// Token ids that look like text to the model: a fixed walk over the vocabulary's word range.
-fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            17 + ((s >> 33) % 20_000) as u32
-        })
-        .collect()
 }
 
 fn table(first: u32, blocks: usize) -> Vec<BlockId> {
