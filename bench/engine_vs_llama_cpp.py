@@ -51,9 +51,16 @@ def llama_cpp_side(model, threads):
     decode1 = 128 / (time.perf_counter() - t)
 
     # Decode at batch 8 with the low-level API: 8 sequences, one token each per decode call.
-    ctx = llm._ctx.ctx
-    mem = llama_cpp.llama_get_memory(ctx)
-    llama_cpp.llama_memory_clear(mem, True)
+    # A context of its own with room for eight sequences.
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = 4096
+    params.n_batch = 512
+    params.n_ubatch = 512
+    params.n_seq_max = 8
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    assert ctx, "llama.cpp could not create a context for 8 sequences"
     batch = llama_cpp.llama_batch_init(512, 0, 8)
     try:
         def submit(entries):
@@ -75,6 +82,7 @@ def llama_cpp_side(model, threads):
         decode8 = 8 * steps / (time.perf_counter() - t)
     finally:
         llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
     return dict(prefill_tokens_per_s=prefill, decode_tokens_per_s_batch1=decode1,
                 decode_tokens_per_s_batch8=decode8)
 
@@ -87,6 +95,7 @@ def main():
     target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     ours = json.loads(subprocess.run([str(target / "release/examples/bench_engine"), str(model)],
                                      capture_output=True, text=True, check=True).stdout)
+    print("tidelock:", json.dumps(ours), file=sys.stderr)
     ref = llama_cpp_side(model, threads)
     print(f"model {model.name}, {threads} threads, llama.cpp {llama_cpp.__version__}")
     print(f"{'measure':<34}{'tidelock':>12}{'llama.cpp':>12}{'ratio':>8}  goal")

@@ -35,6 +35,7 @@ pub fn paged_attention(
     out: &mut [f32],
 ) {
     let d = kv.shape.head_dim;
+    let bt = kv.shape.block_tokens;
     let kv_heads = kv.shape.kv_heads;
     let group = heads / kv_heads;
     // Map each output row to its sequence and position.
@@ -44,54 +45,133 @@ pub fn paged_attention(
             row_info.push((s, seq.start + i));
         }
     }
-    // One task per (row, kv head): the query heads sharing a kv head (grouped-query attention)
-    // are computed in one pass, so each page of keys and values is read once, not `group` times.
+    let rows = row_info.len();
+    // One task per (row, kv head, split): the query heads sharing a kv head (grouped-query
+    // attention) are computed in one pass, so each page is read once, not `group` times. When
+    // there are fewer (row, kv head) pairs than threads (decode of one long sequence), each
+    // pair's context is split into ranges of blocks whose partial results are merged exactly
+    // through their log-sum-exp, so every core streams its share of the pages.
+    let threads = rayon::current_num_threads().max(1);
+    let pairs = rows * kv_heads;
+    let longest = row_info
+        .iter()
+        .map(|&(_, p)| (p + 1).div_ceil(bt))
+        .max()
+        .unwrap_or(1);
+    let splits = if pairs >= 2 * threads {
+        1
+    } else {
+        (4 * threads).div_ceil(pairs).min(longest).max(1)
+    };
+    let mut partials: Vec<Partial> = (0..pairs * splits)
+        .map(|_| Partial::new(group, d))
+        .collect();
     // Compiled once per instruction set (AVX2, AVX-512...) and chosen at run time: the inner
     // loops are written to autovectorise.
     let arch = pulp::Arch::new();
-    out.par_chunks_mut(group * d)
+    partials
+        .par_iter_mut()
         .enumerate()
-        .for_each(|(task, out_group)| {
-            let row = task / kv_heads;
-            let kv_head = task % kv_heads;
+        .for_each(|(task, partial)| {
+            let pair = task / splits;
+            let split = task % splits;
+            let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
             let (s, position) = row_info[row];
-            let q_group = &q[task * group * d..(task + 1) * group * d];
+            let len = position + 1;
+            let blocks = len.div_ceil(bt);
+            let range = split * blocks / splits..(split + 1) * blocks / splits;
+            let q_group = &q[pair * group * d..(pair + 1) * group * d];
             arch.dispatch(|| {
-                attend_group(
+                attend_blocks(
                     kv,
                     seqs[s].table,
                     kv_head,
-                    position,
+                    len,
+                    range,
                     scale,
                     q_group,
-                    out_group,
+                    partial,
                 )
             });
         });
+    for (pair, out_group) in out.chunks_exact_mut(group * d).enumerate() {
+        merge(
+            &partials[pair * splits..(pair + 1) * splits],
+            group,
+            d,
+            out_group,
+        );
+    }
 }
 
-/// Attention of the query heads of one kv head over positions `0..=position`.
+/// The unnormalised result of attention over part of the context, per query head of a group:
+/// running maximum score, sum of exponentials relative to it, and the weighted sum of values.
+#[derive(Debug, Clone)]
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl Partial {
+    fn new(group: usize, d: usize) -> Self {
+        Partial {
+            max: vec![f32::NEG_INFINITY; group],
+            sum: vec![0.0; group],
+            acc: vec![0.0; group * d],
+        }
+    }
+}
+
+/// Combines partial results over disjoint ranges of the context exactly, and normalises.
+fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) {
+    for g in 0..group {
+        let max = parts
+            .iter()
+            .map(|p| p.max[g])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        let o = &mut out[g * d..(g + 1) * d];
+        o.fill(0.0);
+        for p in parts {
+            if p.sum[g] == 0.0 {
+                continue;
+            }
+            let w = (p.max[g] - max).exp();
+            sum += p.sum[g] * w;
+            for (x, a) in o.iter_mut().zip(&p.acc[g * d..(g + 1) * d]) {
+                *x += a * w;
+            }
+        }
+        let inv = 1.0 / sum;
+        for x in o.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// Attention of the query heads of one kv head over the blocks in `range` of a context of `len`
+/// tokens, accumulated into `partial`.
 #[inline(always)]
-fn attend_group(
+#[allow(clippy::too_many_arguments)]
+fn attend_blocks(
     kv: LayerKv<'_>,
     table: &[BlockId],
     kv_head: usize,
-    position: usize,
+    len: usize,
+    range: std::ops::Range<usize>,
     scale: f32,
     q: &[f32],
-    out: &mut [f32],
+    partial: &mut Partial,
 ) {
     let s = kv.shape;
     let d = s.head_dim;
     let bt = s.block_tokens;
     let group = q.len() / d;
-    let mut max = vec![f32::NEG_INFINITY; group];
-    let mut sum = vec![0.0f32; group];
-    let mut acc = vec![0.0f32; group * d];
     // scores[g * bt + j]: query head g against slot j of the current block.
     let mut scores = vec![0.0f32; group * bt];
-    let len = position + 1;
-    for (b, &block) in table.iter().enumerate().take(len.div_ceil(bt)) {
+    for b in range {
+        let block = table[b];
         let n = (len - b * bt).min(bt);
         let base = s.offset(block, kv_head, 0);
         let keys = &kv.keys[base..base + n * d];
@@ -107,53 +187,66 @@ fn attend_group(
                 .iter()
                 .copied()
                 .fold(f32::NEG_INFINITY, f32::max);
-            let new_max = max[g].max(block_max);
-            let correction = (max[g] - new_max).exp();
-            let mut block_sum = 0.0;
+            let new_max = partial.max[g].max(block_max);
+            let correction = (partial.max[g] - new_max).exp();
             for sc in block_scores.iter_mut() {
-                *sc = (*sc - new_max).exp();
-                block_sum += *sc;
+                *sc -= new_max;
             }
-            sum[g] = sum[g] * correction + block_sum;
-            let acc_g = &mut acc[g * d..(g + 1) * d];
-            for a in acc_g.iter_mut() {
+            exp_in_place(block_scores);
+            let block_sum: f32 = block_scores.iter().sum();
+            partial.sum[g] = partial.sum[g] * correction + block_sum;
+            for a in partial.acc[g * d..(g + 1) * d].iter_mut() {
                 *a *= correction;
             }
-            max[g] = new_max;
+            partial.max[g] = new_max;
         }
         for (j, value) in values.chunks_exact(d).enumerate() {
             for g in 0..group {
                 let p = scores[g * bt + j];
-                for (a, v) in acc[g * d..(g + 1) * d].iter_mut().zip(value) {
+                for (a, v) in partial.acc[g * d..(g + 1) * d].iter_mut().zip(value) {
                     *a += p * v;
                 }
             }
         }
     }
-    for g in 0..group {
-        let inv = 1.0 / sum[g];
-        for (o, a) in out[g * d..(g + 1) * d]
-            .iter_mut()
-            .zip(&acc[g * d..(g + 1) * d])
-        {
-            *o = a * inv;
-        }
+}
+
+/// `e^x` for `x <= 0`, elementwise, written to vectorise: `x = n ln2 + r` with `|r| <= ln2/2`,
+/// a degree-6 polynomial for `e^r` (relative error below 2e-7), and `2^n` built in the exponent
+/// bits. Inputs below -87 give 0 (they are that small anyway).
+#[inline(always)]
+fn exp_in_place(xs: &mut [f32]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    for x in xs.iter_mut() {
+        let v = x.max(-87.0);
+        let n = (v * LOG2E).round();
+        let r = (v - n * LN2_HI) - n * LN2_LO;
+        let p = 1.0
+            + r * (1.0
+                + r * (0.5
+                    + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+        let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+        *x = if *x < -87.0 { 0.0 } else { p * scale };
     }
 }
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorise without reassociating.
+    // Eight independent accumulators over fixed-size chunks: no bounds checks in the loop, so
+    // the compiler vectorises it without reassociating floating-point sums.
     let mut lanes = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (a8, a_rest) = a.as_chunks::<8>();
+    let (b8, b_rest) = b.as_chunks::<8>();
+    for (x, y) in a8.iter().zip(b8) {
         for l in 0..8 {
-            lanes[l] += a[c * 8 + l] * b[c * 8 + l];
+            lanes[l] += x[l] * y[l];
         }
     }
     let mut total: f32 = lanes.iter().sum();
-    for i in chunks * 8..a.len() {
-        total += a[i] * b[i];
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        total += x * y;
     }
     total
 }
@@ -186,6 +279,18 @@ mod tests {
     }
 
     #[test]
+    fn fast_exp_is_accurate() {
+        let mut xs: Vec<f32> = (0..2000).map(|i| -(i as f32) * 0.05).collect();
+        xs.push(-1e-7);
+        xs.push(-90.0);
+        let want: Vec<f32> = xs.iter().map(|x| x.exp()).collect();
+        exp_in_place(&mut xs);
+        for (got, want) in xs.iter().zip(&want) {
+            assert!((got - want).abs() <= want * 3e-7 + 1e-37, "{got} vs {want}");
+        }
+    }
+
+    #[test]
     fn paged_matches_contiguous_reference_with_scattered_blocks_and_gqa() {
         let shape = KvShape {
             layers: 1,
@@ -210,25 +315,28 @@ mod tests {
                 values[h].push(v[h * 16..(h + 1) * 16].to_vec());
             }
         }
-        // Queries for the last 3 positions (a prefill chunk), all heads.
-        let rows = 3;
-        let q: Vec<f32> = (0..rows * heads * 16).map(|_| pseudo(&mut seed)).collect();
-        let mut out = vec![0.0; q.len()];
-        let seq = AttnSeq {
-            rows: 0..rows,
-            start: len - rows,
-            table: &table,
-        };
-        paged_attention(store.layer(0), &[seq], heads, 0.25, &q, &mut out);
-        for r in 0..rows {
-            let position = len - rows + r;
-            for h in 0..heads {
-                let kvh = h / 2;
-                let qh = &q[(r * heads + h) * 16..][..16];
-                let want = reference(qh, &keys[kvh][..=position], &values[kvh][..=position], 0.25);
-                let got = &out[(r * heads + h) * 16..][..16];
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() < 1e-5, "row {r} head {h}: {g} vs {w}");
+        // Queries for the last 3 positions (a prefill chunk), then for the last one alone (a
+        // decode, where the context is split across threads and merged).
+        for rows in [3, 1] {
+            let q: Vec<f32> = (0..rows * heads * 16).map(|_| pseudo(&mut seed)).collect();
+            let mut out = vec![0.0; q.len()];
+            let seq = AttnSeq {
+                rows: 0..rows,
+                start: len - rows,
+                table: &table,
+            };
+            paged_attention(store.layer(0), &[seq], heads, 0.25, &q, &mut out);
+            for r in 0..rows {
+                let position = len - rows + r;
+                for h in 0..heads {
+                    let kvh = h / 2;
+                    let qh = &q[(r * heads + h) * 16..][..16];
+                    let want =
+                        reference(qh, &keys[kvh][..=position], &values[kvh][..=position], 0.25);
+                    let got = &out[(r * heads + h) * 16..][..16];
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() < 1e-5, "row {r} head {h}: {g} vs {w}");
+                    }
                 }
             }
         }
