@@ -206,6 +206,25 @@ async fn errors_are_openai_shaped() {
     let e: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["error"]["param"], "n");
 
+    // Parsed but not served yet: refused by name, never silently ignored.
+    for (body, param) in [
+        (chat(serde_json::json!({"logprobs": true})), "logprobs"),
+        (
+            serde_json::json!({"model": "smollm2", "prompt": "hi", "echo": true}),
+            "echo",
+        ),
+    ] {
+        let uri = if param == "echo" {
+            "/v1/completions"
+        } else {
+            "/v1/chat/completions"
+        };
+        let (status, body) = post(&state, uri, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["error"]["param"], param);
+    }
+
     let long = "lighthouse ".repeat(3000);
     let (status, body) = post(
         &state,

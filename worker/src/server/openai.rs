@@ -98,6 +98,20 @@ fn generate_request(
     })
 }
 
+/// Features the request types parse but this surface does not serve yet: refused, not ignored.
+fn refuse_unserved(sampling: &SamplingParams, echo: bool) -> Result<(), OpenAiError> {
+    if sampling.logprobs.is_some() {
+        return Err(OpenAiError::invalid(
+            "logprobs",
+            "logprobs are not served by the worker's OpenAI surface yet",
+        ));
+    }
+    if echo {
+        return Err(OpenAiError::invalid("echo", "echo is not supported"));
+    }
+    Ok(())
+}
+
 fn room(state: &AppState, prompt: usize) -> u32 {
     (state.info.max_context_tokens as usize)
         .saturating_sub(prompt)
@@ -134,6 +148,7 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiError> 
         .encode_chat(&messages, true, &extra)
         .map_err(|e| OpenAiError::invalid("messages", e.to_string()))?;
     let sampling = req.sampling(room(state, tokens.len()))?;
+    refuse_unserved(&sampling, false)?;
     Ok(Prepared {
         meta: ResponseMeta {
             id: format!("chatcmpl-{:032x}", rand::random::<u128>()),
@@ -168,6 +183,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiE
         return Err(OpenAiError::invalid("prompt", "the prompt is empty"));
     }
     let sampling = req.sampling(room(state, tokens.len()))?;
+    refuse_unserved(&sampling, req.echo)?;
     Ok(Prepared {
         meta: ResponseMeta {
             id: format!("cmpl-{:032x}", rand::random::<u128>()),
