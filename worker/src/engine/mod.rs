@@ -70,6 +70,8 @@ struct Sequence {
     cached_tokens: Option<usize>,
     sampler: Sampler,
     completion: u32,
+    /// Set once `Finished` has been sent; the sequence is released at the end of the step.
+    done: bool,
     out: EventSink,
 }
 
@@ -170,6 +172,7 @@ impl<E: Executor> Engine<E> {
             cached_tokens: None,
             sampler,
             completion: 0,
+            done: false,
             out,
             request,
         });
@@ -461,15 +464,14 @@ impl<E: Executor> Engine<E> {
                 reason,
                 usage: usage(seq),
             });
-            // Marks the sequence finished: `retire_finished` releases it.
-            seq.out = closed_sink();
+            seq.done = true;
         }
     }
 
     fn retire_finished(&mut self) {
         let pool = &mut self.pool;
         self.running.retain(|seq| {
-            if seq.out.is_closed() {
+            if seq.done || seq.out.is_closed() {
                 pool.release(&seq.blocks);
                 false
             } else {
@@ -502,9 +504,4 @@ fn usage(seq: &Sequence) -> Usage {
         cached_tokens: seq.cached_tokens.unwrap_or(0) as u32,
         completion_tokens: seq.completion,
     }
-}
-
-/// A sink whose receiver is already gone.
-fn closed_sink() -> EventSink {
-    tokio::sync::mpsc::unbounded_channel().0
 }

@@ -272,6 +272,11 @@ impl Llama {
         let scale = 1.0 / (d as f32).sqrt();
         let eps = cfg.rms_norm_eps;
 
+        // Each row's block table, found once rather than per row and layer.
+        let row_tables: Vec<&[BlockId]> = seqs
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s.table, s.rows.len()))
+            .collect();
         let ids_t = Tensor::from_vec(ids, rows, &device)?;
         let mut x = self.embed.index_select(&ids_t, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -290,7 +295,7 @@ impl Llama {
                     rotate(head, c, s, cfg.rope_style);
                 }
                 q.extend_from_slice(qs);
-                kv.write(l, table_of(&seqs, r), positions[r], ks, vs);
+                kv.write(l, row_tables[r], positions[r], ks, vs);
             }
             let mut attn = vec![0.0f32; rows * q_width];
             paged_attention(kv.layer(l), &seqs, heads, scale, &q, &mut attn);
@@ -334,12 +339,6 @@ impl Llama {
         }
         (cos, sin)
     }
-}
-
-fn table_of<'a>(seqs: &[AttnSeq<'a>], row: usize) -> &'a [BlockId] {
-    seqs.iter()
-        .find(|s| s.rows.contains(&row))
-        .map_or(&[], |s| s.table)
 }
 
 fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {

@@ -112,6 +112,16 @@ fn refuse_unserved(sampling: &SamplingParams, echo: bool) -> Result<(), OpenAiEr
     Ok(())
 }
 
+/// The id, time and model every response and chunk of one request repeats.
+fn response_meta(id_prefix: &str, model: &str, include_usage: bool) -> ResponseMeta {
+    ResponseMeta {
+        id: format!("{id_prefix}-{:032x}", rand::random::<u128>()),
+        created: now(),
+        model: model.to_owned(),
+        include_usage,
+    }
+}
+
 fn room(state: &AppState, prompt: usize) -> u32 {
     (state.info.max_context_tokens as usize)
         .saturating_sub(prompt)
@@ -150,12 +160,7 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiError> 
     let sampling = req.sampling(room(state, tokens.len()))?;
     refuse_unserved(&sampling, false)?;
     Ok(Prepared {
-        meta: ResponseMeta {
-            id: format!("chatcmpl-{:032x}", rand::random::<u128>()),
-            created: now(),
-            model: req.model.clone(),
-            include_usage: req.include_usage(),
-        },
+        meta: response_meta("chatcmpl", &req.model, req.include_usage()),
         request: generate_request(state, tokens, sampling, req.session_hint())?,
         stops: req.stop_strings(),
         stream: req.stream,
@@ -185,12 +190,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiE
     let sampling = req.sampling(room(state, tokens.len()))?;
     refuse_unserved(&sampling, req.echo)?;
     Ok(Prepared {
-        meta: ResponseMeta {
-            id: format!("cmpl-{:032x}", rand::random::<u128>()),
-            created: now(),
-            model: req.model.clone(),
-            include_usage: req.include_usage(),
-        },
+        meta: response_meta("cmpl", &req.model, req.include_usage()),
         request: generate_request(state, tokens, sampling, req.session_hint())?,
         stops: req.stop_strings(),
         stream: req.stream,
