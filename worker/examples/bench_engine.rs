@@ -96,7 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .nth(1)
             .ok_or("usage: bench_engine MODEL.gguf")?,
     );
-    let model = Arc::new(Llama::from_gguf(&path, WeightFormat::F32)?);
+    let model = Arc::new(Llama::from_gguf(&path, WeightFormat::Packed)?);
     let blocks = 160; // 10,240 tokens
     let engine = |max_step_tokens: usize| {
         let cfg = EngineConfig {

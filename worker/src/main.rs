@@ -110,7 +110,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let started = match config.engine {
         EngineKind::Real => {
             tracing::info!("loading weights");
-            let model = Arc::new(Llama::from_gguf(&config.model, WeightFormat::F32)?);
+            let model = Arc::new(Llama::from_gguf(&config.model, WeightFormat::Packed)?);
             let kv = KvStore::new(shape, num_blocks);
             let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
             server::start(engine, info, tokenizer, Some(kit.clone()))?

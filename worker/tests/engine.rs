@@ -25,7 +25,7 @@ fn model() -> Arc<Llama> {
     static MODEL: OnceLock<Arc<Llama>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            Arc::new(Llama::from_gguf(&model_path(), WeightFormat::F32).expect("load the model"))
+            Arc::new(Llama::from_gguf(&model_path(), WeightFormat::Packed).expect("load the model"))
         })
         .clone()
 }

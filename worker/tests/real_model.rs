@@ -18,7 +18,7 @@ const BLOCK: usize = 16;
 fn model() -> &'static Llama {
     static MODEL: OnceLock<Llama> = OnceLock::new();
     MODEL.get_or_init(|| {
-        Llama::from_gguf(&model_path(), WeightFormat::F32).expect("load the default model")
+        Llama::from_gguf(&model_path(), WeightFormat::Packed).expect("load the default model")
     })
 }
 

@@ -183,6 +183,11 @@ impl GgufFile {
     /// Reads one tensor, dequantized to f32, with the expected shape (`[out, in]` for matrices).
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let q = self.qtensor(name, shape)?;
+        self.dequantize(name, &q)
+    }
+
+    /// Dequantizes a tensor read by [`GgufFile::qtensor`] to f32.
+    pub fn dequantize(&self, name: &str, q: &QTensor) -> Result<Tensor, ModelError> {
         q.dequantize(&Device::Cpu).map_err(|e| ModelError::Tensor {
             path: self.path.clone(),
             name: name.to_owned(),

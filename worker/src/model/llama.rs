@@ -8,7 +8,10 @@
 //! store before attention, so a token attends to itself and everything before it.
 //!
 //! Weights are f32 `[in, out]` (transposed once at load), with q/k/v fused into one matrix and
-//! gate/up into another: two GEMMs fewer per layer.
+//! gate/up into another: two GEMMs fewer per layer. With [`WeightFormat::Packed`] (the worker's
+//! default) each matrix is also kept in its stored 4/8-bit blocks, and calls of few rows (decode)
+//! multiply those instead: a decode step reads 117 MB of weights rather than 540 MB. The head is
+//! applied once per call to every row whose logits are wanted.
 
 use std::path::Path;
 
@@ -21,6 +24,7 @@ use crate::kv::{KvShape, KvStore};
 use crate::model::ModelError;
 use crate::model::config::{LlamaConfig, RopeStyle, rope_frequencies};
 use crate::model::gguf::GgufFile;
+use crate::model::packed::PackedMatrix;
 
 /// Which logits a chunk wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +57,15 @@ pub enum WeightFormat {
     /// Kept as stored (e.g. Q4_1) and multiplied the way ggml does: activations quantized to the
     /// weights' dot-product type, integer dot products.
     Quantized,
+    /// Both: the stored blocks (Q4_0, Q4_1, Q8_0) for calls of up to [`PACKED_MAX_ROWS`] rows
+    /// (decode: bound by reading the weights, 4.6x fewer bytes than f32), f32 GEMMs beyond
+    /// (prefill: bound by arithmetic). Weights of other types are held in f32 only.
+    Packed,
 }
+
+/// The most rows a call multiplies through the packed weights; more go to the f32 GEMM.
+/// Measured with `examples/bench_decode`: see the worker README.
+pub const PACKED_MAX_ROWS: usize = 16;
 
 /// One or more projections of the same input, outputs concatenated along the last dimension.
 #[derive(Debug)]
@@ -62,6 +74,8 @@ enum Proj {
     Dense(Tensor),
     /// Quantized `[out, in]` matrices applied one by one.
     Quantized(Vec<QMatMul>),
+    /// The stored blocks (fused) for few rows, f32 `[in, out]` for many.
+    Packed { packed: PackedMatrix, dense: Tensor },
 }
 
 impl Proj {
@@ -72,13 +86,7 @@ impl Proj {
         format: WeightFormat,
     ) -> Result<Self, ModelError> {
         match format {
-            WeightFormat::F32 => {
-                let mats = parts
-                    .iter()
-                    .map(|(name, shape)| file.tensor(name, shape))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Proj::Dense(Tensor::cat(&mats, 0)?.t()?.contiguous()?))
-            }
+            WeightFormat::F32 => Ok(Proj::Dense(Self::dense(file, parts)?)),
             WeightFormat::Quantized => Ok(Proj::Quantized(
                 parts
                     .iter()
@@ -87,12 +95,47 @@ impl Proj {
                     })
                     .collect::<Result<_, _>>()?,
             )),
+            WeightFormat::Packed => {
+                let mut packed = Vec::with_capacity(parts.len());
+                let mut dense = Vec::with_capacity(parts.len());
+                for (name, shape) in parts {
+                    let q = file.qtensor(name, shape)?;
+                    dense.push(file.dequantize(name, &q)?);
+                    if let Some(p) = PackedMatrix::from_qtensor(&q)? {
+                        packed.push(p);
+                    }
+                }
+                let dense = Tensor::cat(&dense, 0)?.t()?.contiguous()?;
+                Ok(match PackedMatrix::concat(packed) {
+                    Some(packed) if packed.rows() == dense.dim(1)? => {
+                        Proj::Packed { packed, dense }
+                    }
+                    _ => Proj::Dense(dense),
+                })
+            }
         }
+    }
+
+    /// The parts dequantized and fused into one f32 `[in, out]` matrix.
+    fn dense(file: &mut GgufFile, parts: &[(String, [usize; 2])]) -> Result<Tensor, ModelError> {
+        let mats = parts
+            .iter()
+            .map(|(name, shape)| file.tensor(name, shape))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::cat(&mats, 0)?.t()?.contiguous()?)
     }
 
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Proj::Dense(w) => x.matmul(w),
+            Proj::Packed { packed, dense } => {
+                let rows = x.dim(0)?;
+                if rows > PACKED_MAX_ROWS {
+                    return x.matmul(dense);
+                }
+                let y = packed.matmul(&x.flatten_all()?.to_vec1::<f32>()?, rows);
+                Tensor::from_vec(y, (rows, packed.rows()), x.device())
+            }
             Proj::Quantized(ws) => {
                 let mut outs = ws
                     .iter()
@@ -309,19 +352,39 @@ impl Llama {
             x = (x + layer.down.apply(&act)?)?;
         }
 
-        let mut out = Vec::with_capacity(chunks.len());
+        // The rows whose logits are wanted, through the final norm and the head in one call:
+        // the head is the largest matrix, read once per step rather than once per sequence.
+        let mut wanted = Vec::new();
+        let mut spans = Vec::with_capacity(chunks.len());
         for (chunk, seq) in chunks.iter().zip(&seqs) {
-            let wanted = match chunk.logits {
-                Logits::None => None,
-                Logits::Last => Some(x.narrow(0, seq.rows.end - 1, 1)?),
-                Logits::All => Some(x.narrow(0, seq.rows.start, seq.rows.len())?),
+            let rows = match chunk.logits {
+                Logits::None => seq.rows.end..seq.rows.end,
+                Logits::Last => seq.rows.end - 1..seq.rows.end,
+                Logits::All => seq.rows.clone(),
             };
-            out.push(match wanted {
-                Some(h) => Some(self.lm_head.apply(&rms_norm(&h, &self.norm, eps)?)?),
-                None => None,
-            });
+            spans.push(
+                (chunk.logits != Logits::None).then_some(wanted.len()..wanted.len() + rows.len()),
+            );
+            wanted.extend(rows.map(|r| r as u32));
         }
-        Ok(out)
+        if wanted.is_empty() {
+            return Ok(spans.iter().map(|_| None).collect());
+        }
+        let h = if wanted.len() == rows {
+            x
+        } else {
+            let index = Tensor::from_vec(wanted.clone(), wanted.len(), &device)?;
+            x.index_select(&index, 0)?
+        };
+        let logits = self.lm_head.apply(&rms_norm(&h, &self.norm, eps)?)?;
+        spans
+            .into_iter()
+            .map(|span| {
+                span.map(|s| logits.narrow(0, s.start, s.len()))
+                    .transpose()
+                    .map_err(ModelError::from)
+            })
+            .collect()
     }
 
     /// cos and sin of every (row, rotation pair), `[rows, head_dim / 2]` each.

@@ -4,11 +4,14 @@
 //! Module map:
 //! - `config`: hyper-parameters (Hugging Face `config.json` names), validation, rope scaling;
 //! - `gguf`: reads a GGUF file's metadata and tensors, naming the file in every error;
-//! - `llama`: the weights and the batched forward pass over many sequences at once.
+//! - `llama`: the weights and the batched forward pass over many sequences at once;
+//! - `packed`: block-quantized weights at their stored size and the few-row matmul over them
+//!   (the decode path).
 
 pub mod config;
 pub mod gguf;
 pub mod llama;
+pub mod packed;
 
 use std::path::PathBuf;
 
