@@ -28,6 +28,81 @@ impl Timing {
         per_prefill_token: Duration::ZERO,
         per_decode_sequence: Duration::ZERO,
     };
+
+    /// What the model predicts for a step of `prefill_tokens` prefill tokens and
+    /// `decode_sequences` decoding sequences.
+    pub fn predict(&self, prefill_tokens: usize, decode_sequences: usize) -> Duration {
+        self.step
+            + self.per_prefill_token * prefill_tokens as u32
+            + self.per_decode_sequence * decode_sequences as u32
+    }
+
+    /// Least-squares fit (of relative error) of `step + per_prefill_token * P +
+    /// per_decode_sequence * D` to measured steps (the calibration of `examples/calibrate_sim`). Coefficients that come out
+    /// negative (noise) are clamped to zero. `None` with fewer than three samples or when the
+    /// samples do not vary both P and D.
+    pub fn fit(samples: &[StepSample]) -> Option<Timing> {
+        // Normal equations A^T A c = A^T t for rows (1, P, D).
+        let mut ata = [[0.0f64; 3]; 3];
+        let mut att = [0.0f64; 3];
+        for s in samples.iter().filter(|s| s.seconds > 0.0) {
+            // Each row scaled by 1/t: minimises relative error, so millisecond decode steps
+            // count as much as second-long prefills.
+            let w = 1.0 / s.seconds;
+            let row = [
+                w,
+                w * s.prefill_tokens as f64,
+                w * s.decode_sequences as f64,
+            ];
+            for i in 0..3 {
+                for j in 0..3 {
+                    ata[i][j] += row[i] * row[j];
+                }
+                att[i] += row[i];
+            }
+        }
+        let c = solve3(ata, att)?;
+        let secs = |v: f64| Duration::from_secs_f64(v.max(0.0));
+        Some(Timing {
+            step: secs(c[0]),
+            per_prefill_token: secs(c[1]),
+            per_decode_sequence: secs(c[2]),
+        })
+    }
+}
+
+/// One measured step of the real engine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSample {
+    pub prefill_tokens: usize,
+    pub decode_sequences: usize,
+    pub seconds: f64,
+}
+
+/// Solves a 3x3 linear system by Gaussian elimination with partial pivoting.
+fn solve3(mut a: [[f64; 3]; 3], mut b: [f64; 3]) -> Option<[f64; 3]> {
+    for col in 0..3 {
+        let pivot = (col..3).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        for row in col + 1..3 {
+            let f = a[row][col] / a[col][col];
+            let pivot_row = a[col];
+            for (x, p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
+            }
+            b[row] -= f * b[col];
+        }
+    }
+    let mut x = [0.0f64; 3];
+    for row in (0..3).rev() {
+        let tail: f64 = (row + 1..3).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - tail) / a[row][row];
+    }
+    Some(x)
 }
 
 /// Tokens the simulator never produces below this id (special tokens live there).
@@ -60,14 +135,16 @@ impl SimExecutor {
 
 impl Executor for SimExecutor {
     fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
-        let mut cost = self.timing.step;
-        for w in work {
-            if w.tokens.len() == 1 && w.wants_logits {
-                cost += self.timing.per_decode_sequence;
-            } else {
-                cost += self.timing.per_prefill_token * w.tokens.len() as u32;
-            }
-        }
+        let decoding = work
+            .iter()
+            .filter(|w| w.tokens.len() == 1 && w.wants_logits)
+            .count();
+        let prefill: usize = work
+            .iter()
+            .filter(|w| !(w.tokens.len() == 1 && w.wants_logits))
+            .map(|w| w.tokens.len())
+            .sum();
+        let cost = self.timing.predict(prefill, decoding);
         if !cost.is_zero() {
             std::thread::sleep(cost);
         }
@@ -82,5 +159,68 @@ impl Executor for SimExecutor {
                 })
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_recovers_a_known_timing_from_noisy_steps() {
+        let truth = Timing {
+            step: Duration::from_micros(3_000),
+            per_prefill_token: Duration::from_micros(400),
+            per_decode_sequence: Duration::from_micros(1_500),
+        };
+        let mut samples = Vec::new();
+        for (i, (p, d)) in [
+            (0, 1),
+            (0, 2),
+            (0, 4),
+            (0, 8),
+            (64, 0),
+            (256, 0),
+            (512, 0),
+            (128, 4),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // +-1% deterministic noise.
+            let noise = 1.0 + if i % 2 == 0 { 0.01 } else { -0.01 };
+            samples.push(StepSample {
+                prefill_tokens: p,
+                decode_sequences: d,
+                seconds: truth.predict(p, d).as_secs_f64() * noise,
+            });
+        }
+        let fit = Timing::fit(&samples).expect("fit");
+        let close = |a: Duration, b: Duration| {
+            (a.as_secs_f64() - b.as_secs_f64()).abs() <= 0.05 * b.as_secs_f64()
+        };
+        assert!(
+            close(fit.per_prefill_token, truth.per_prefill_token),
+            "{fit:?}"
+        );
+        assert!(
+            close(fit.per_decode_sequence, truth.per_decode_sequence),
+            "{fit:?}"
+        );
+        assert!(
+            (fit.step.as_secs_f64() - truth.step.as_secs_f64()).abs() < 0.001,
+            "{fit:?}"
+        );
+    }
+
+    #[test]
+    fn fit_refuses_samples_that_do_not_vary() {
+        let same = StepSample {
+            prefill_tokens: 0,
+            decode_sequences: 4,
+            seconds: 0.01,
+        };
+        assert_eq!(Timing::fit(&[same; 5]), None);
+        assert_eq!(Timing::fit(&[]), None);
     }
 }
