@@ -81,17 +81,15 @@ pub fn paged_attention(
             let blocks = len.div_ceil(bt);
             let range = split * blocks / splits..(split + 1) * blocks / splits;
             let q_group = &q[pair * group * d..(pair + 1) * group * d];
-            arch.dispatch(|| {
-                attend_blocks(
-                    kv,
-                    seqs[s].table,
-                    kv_head,
-                    len,
-                    range,
-                    scale,
-                    q_group,
-                    partial,
-                )
+            arch.dispatch(Attend {
+                kv,
+                table: seqs[s].table,
+                kv_head,
+                len,
+                range,
+                scale,
+                q: q_group,
+                partial,
             });
         });
     for (pair, out_group) in out.chunks_exact_mut(group * d).enumerate() {
@@ -150,11 +148,46 @@ fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) {
     }
 }
 
+/// One task of [`paged_attention`] as a `pulp` operation: `with_simd` is `#[inline(always)]`, so
+/// the loops are compiled inside the dispatcher's per-instruction-set copies. (Passed as a
+/// closure, LLVM declined to inline it there and the loops ran as baseline SSE2 code.)
+struct Attend<'a> {
+    kv: LayerKv<'a>,
+    table: &'a [BlockId],
+    kv_head: usize,
+    len: usize,
+    range: std::ops::Range<usize>,
+    scale: f32,
+    q: &'a [f32],
+    partial: &'a mut Partial,
+}
+
+impl pulp::WithSimd for Attend<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        attend_blocks(
+            simd,
+            self.kv,
+            self.table,
+            self.kv_head,
+            self.len,
+            self.range,
+            self.scale,
+            self.q,
+            self.partial,
+        );
+    }
+}
+
 /// Attention of the query heads of one kv head over the blocks in `range` of a context of `len`
-/// tokens, accumulated into `partial`.
+/// tokens, accumulated into `partial`. Written with `pulp`'s explicit vectors (`S::f32s`: 16
+/// lanes with AVX-512, 8 with AVX2): LLVM's autovectoriser scalarised the nested loops.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_blocks(
+fn attend_blocks<S: pulp::Simd>(
+    simd: S,
     kv: LayerKv<'_>,
     table: &[BlockId],
     kv_head: usize,
@@ -168,6 +201,7 @@ fn attend_blocks(
     let d = s.head_dim;
     let bt = s.block_tokens;
     let group = q.len() / d;
+    let zero = simd.splat_f32s(0.0);
     // scores[g * bt + j]: query head g against slot j of the current block.
     let mut scores = vec![0.0f32; group * bt];
     for b in range {
@@ -176,9 +210,33 @@ fn attend_blocks(
         let base = s.offset(block, kv_head, 0);
         let keys = &kv.keys[base..base + n * d];
         let values = &kv.values[base..base + n * d];
-        for (j, key) in keys.chunks_exact(d).enumerate() {
-            for (g, qg) in q.chunks_exact(d).enumerate() {
-                scores[g * bt + j] = dot(qg, key) * scale;
+        // Scores, four keys at a time: four independent FMA chains per query head.
+        for (g, qg) in q.chunks_exact(d).enumerate() {
+            let (qv, q_tail) = S::as_simd_f32s(qg);
+            let row = &mut scores[g * bt..g * bt + n];
+            let key = |j: usize| S::as_simd_f32s(&keys[j * d..(j + 1) * d]);
+            let tail_dot =
+                |j: usize| -> f32 { q_tail.iter().zip(key(j).1).map(|(x, y)| x * y).sum() };
+            let full = n / 4 * 4;
+            for j in (0..full).step_by(4) {
+                let (k0, k1, k2, k3) = (key(j).0, key(j + 1).0, key(j + 2).0, key(j + 3).0);
+                let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
+                for (c, &qc) in qv.iter().enumerate() {
+                    a0 = simd.mul_add_e_f32s(qc, k0[c], a0);
+                    a1 = simd.mul_add_e_f32s(qc, k1[c], a1);
+                    a2 = simd.mul_add_e_f32s(qc, k2[c], a2);
+                    a3 = simd.mul_add_e_f32s(qc, k3[c], a3);
+                }
+                for (t, a) in [a0, a1, a2, a3].into_iter().enumerate() {
+                    row[j + t] = (simd.reduce_sum_f32s(a) + tail_dot(j + t)) * scale;
+                }
+            }
+            for (j, out) in row.iter_mut().enumerate().skip(full) {
+                let mut a = zero;
+                for (&qc, &kc) in qv.iter().zip(key(j).0) {
+                    a = simd.mul_add_e_f32s(qc, kc, a);
+                }
+                *out = (simd.reduce_sum_f32s(a) + tail_dot(j)) * scale;
             }
         }
         for g in 0..group {
@@ -200,11 +258,37 @@ fn attend_blocks(
             }
             partial.max[g] = new_max;
         }
-        for (j, value) in values.chunks_exact(d).enumerate() {
-            for g in 0..group {
-                let p = scores[g * bt + j];
-                for (a, v) in partial.acc[g * d..(g + 1) * d].iter_mut().zip(value) {
-                    *a += p * v;
+        // Values: four vectors of output dimensions at a time, held in registers over the
+        // block's tokens (each pass reads its own cache lines of every token, so the page is
+        // read once).
+        for g in 0..group {
+            let probs = &scores[g * bt..g * bt + n];
+            let acc_row = &mut partial.acc[g * d..(g + 1) * d];
+            let (acc_v, acc_tail) = S::as_mut_simd_f32s(acc_row);
+            let (acc4, acc_rest) = acc_v.as_chunks_mut::<4>();
+            for (c4, accs) in acc4.iter_mut().enumerate() {
+                let [mut l0, mut l1, mut l2, mut l3] = *accs;
+                for (&p, value) in probs.iter().zip(values.chunks_exact(d)) {
+                    let v = &S::as_simd_f32s(value).0[c4 * 4..c4 * 4 + 4];
+                    let p = simd.splat_f32s(p);
+                    l0 = simd.mul_add_e_f32s(p, v[0], l0);
+                    l1 = simd.mul_add_e_f32s(p, v[1], l1);
+                    l2 = simd.mul_add_e_f32s(p, v[2], l2);
+                    l3 = simd.mul_add_e_f32s(p, v[3], l3);
+                }
+                *accs = [l0, l1, l2, l3];
+            }
+            let first_rest = acc4.len() * 4;
+            for (c, acc) in acc_rest.iter_mut().enumerate() {
+                for (&p, value) in probs.iter().zip(values.chunks_exact(d)) {
+                    let v = S::as_simd_f32s(value).0[first_rest + c];
+                    *acc = simd.mul_add_e_f32s(simd.splat_f32s(p), v, *acc);
+                }
+            }
+            let done = d - acc_tail.len();
+            for (i, a) in acc_tail.iter_mut().enumerate() {
+                for (p, value) in probs.iter().zip(values.chunks_exact(d)) {
+                    *a += p * value[done + i];
                 }
             }
         }
@@ -232,25 +316,6 @@ fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators over fixed-size chunks: no bounds checks in the loop, so
-    // the compiler vectorises it without reassociating floating-point sums.
-    let mut lanes = [0.0f32; 8];
-    let (a8, a_rest) = a.as_chunks::<8>();
-    let (b8, b_rest) = b.as_chunks::<8>();
-    for (x, y) in a8.iter().zip(b8) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let mut total: f32 = lanes.iter().sum();
-    for (x, y) in a_rest.iter().zip(b_rest) {
-        total += x * y;
-    }
-    total
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,7 +323,10 @@ mod tests {
 
     /// Plain softmax attention over contiguous rows, the reference.
     fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
-        let scores: Vec<f32> = keys.iter().map(|k| dot(q, k) * scale).collect();
+        let scores: Vec<f32> = keys
+            .iter()
+            .map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .collect();
         let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let total: f32 = weights.iter().sum();
@@ -292,50 +360,69 @@ mod tests {
 
     #[test]
     fn paged_matches_contiguous_reference_with_scattered_blocks_and_gqa() {
+        // Head sizes that exercise every vector path (whole groups of four vectors, single
+        // vectors, scalar tails) and blocks whose token count is not a multiple of four.
+        for (head_dim, block_tokens) in [(16, 4), (64, 16), (72, 6), (128, 64), (8, 5)] {
+            check_against_reference(head_dim, block_tokens);
+        }
+    }
+
+    fn check_against_reference(d: usize, bt: usize) {
         let shape = KvShape {
             layers: 1,
             kv_heads: 2,
-            head_dim: 16,
-            block_tokens: 4,
+            head_dim: d,
+            block_tokens: bt,
         };
         let heads = 4;
-        let mut store = KvStore::new(shape, 8);
+        let len = 3 * bt + bt / 2 + 1;
+        let blocks = len.div_ceil(bt);
+        let mut store = KvStore::new(shape, 2 * blocks);
         // Out-of-order physical blocks: the table, not the storage order, defines positions.
-        let table: Vec<BlockId> = [5u32, 0, 7, 2].into_iter().map(BlockId::new).collect();
-        let len = 14;
+        let table: Vec<BlockId> = (0..blocks as u32)
+            .map(|b| BlockId::new((b * 5 + 3) % (2 * blocks as u32)))
+            .collect();
         let mut seed = 7;
         let mut keys = vec![vec![]; 2];
         let mut values = vec![vec![]; 2];
         for p in 0..len {
-            let k: Vec<f32> = (0..32).map(|_| pseudo(&mut seed)).collect();
-            let v: Vec<f32> = (0..32).map(|_| pseudo(&mut seed)).collect();
+            let k: Vec<f32> = (0..2 * d).map(|_| pseudo(&mut seed)).collect();
+            let v: Vec<f32> = (0..2 * d).map(|_| pseudo(&mut seed)).collect();
             store.write(0, &table, p, &k, &v);
             for h in 0..2 {
-                keys[h].push(k[h * 16..(h + 1) * 16].to_vec());
-                values[h].push(v[h * 16..(h + 1) * 16].to_vec());
+                keys[h].push(k[h * d..(h + 1) * d].to_vec());
+                values[h].push(v[h * d..(h + 1) * d].to_vec());
             }
         }
+        let scale = 1.0 / (d as f32).sqrt();
         // Queries for the last 3 positions (a prefill chunk), then for the last one alone (a
         // decode, where the context is split across threads and merged).
         for rows in [3, 1] {
-            let q: Vec<f32> = (0..rows * heads * 16).map(|_| pseudo(&mut seed)).collect();
+            let q: Vec<f32> = (0..rows * heads * d).map(|_| pseudo(&mut seed)).collect();
             let mut out = vec![0.0; q.len()];
             let seq = AttnSeq {
                 rows: 0..rows,
                 start: len - rows,
                 table: &table,
             };
-            paged_attention(store.layer(0), &[seq], heads, 0.25, &q, &mut out);
+            paged_attention(store.layer(0), &[seq], heads, scale, &q, &mut out);
             for r in 0..rows {
                 let position = len - rows + r;
                 for h in 0..heads {
                     let kvh = h / 2;
-                    let qh = &q[(r * heads + h) * 16..][..16];
-                    let want =
-                        reference(qh, &keys[kvh][..=position], &values[kvh][..=position], 0.25);
-                    let got = &out[(r * heads + h) * 16..][..16];
+                    let qh = &q[(r * heads + h) * d..][..d];
+                    let want = reference(
+                        qh,
+                        &keys[kvh][..=position],
+                        &values[kvh][..=position],
+                        scale,
+                    );
+                    let got = &out[(r * heads + h) * d..][..d];
                     for (g, w) in got.iter().zip(&want) {
-                        assert!((g - w).abs() < 1e-5, "row {r} head {h}: {g} vs {w}");
+                        assert!(
+                            (g - w).abs() < 1e-5,
+                            "d={d} bt={bt} row {r} head {h}: {g} vs {w}"
+                        );
                     }
                 }
             }
