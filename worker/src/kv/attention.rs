@@ -46,11 +46,13 @@ pub fn paged_attention(
         }
     }
     let rows = row_info.len();
-    // One task per (row, kv head, split): the query heads sharing a kv head (grouped-query
-    // attention) are computed in one pass, so each page is read once, not `group` times. When
-    // there are fewer (row, kv head) pairs than threads (decode of one long sequence), each
-    // pair's context is split into ranges of blocks whose partial results are merged exactly
-    // through their log-sum-exp, so every core streams its share of the pages.
+    // Tasks: (kv head, tile of consecutive rows of one sequence, split of the context). The
+    // query heads sharing a kv head (grouped-query attention) are computed in one pass, so each
+    // page is read once per tile, not once per query head. A tile's rows visit each page one
+    // after another while it is in cache, so a prefill chunk reads its context once per tile
+    // rather than once per row. When there are fewer (row, kv head) pairs than threads (decode
+    // of one long sequence), each pair's context is split into ranges of blocks whose partial
+    // results are merged exactly through their log-sum-exp, so every core streams its share.
     let threads = rayon::current_num_threads().max(1);
     let pairs = rows * kv_heads;
     let longest = row_info
@@ -63,44 +65,68 @@ pub fn paged_attention(
     } else {
         (4 * threads).div_ceil(pairs).min(longest).max(1)
     };
+    let tile = if splits > 1 {
+        1
+    } else {
+        (pairs / (4 * threads)).clamp(1, MAX_TILE_ROWS)
+    };
+    // Partials laid out [kv head][row][split]: each task owns a contiguous run of them.
+    let mut specs = Vec::new();
+    for kv_head in 0..kv_heads {
+        for (s, seq) in seqs.iter().enumerate() {
+            let mut first = seq.rows.start;
+            while first < seq.rows.end {
+                let last = (first + tile).min(seq.rows.end);
+                for split in 0..splits {
+                    specs.push((kv_head, s, first..last, split));
+                }
+                first = last;
+            }
+        }
+    }
     let mut partials: Vec<Partial> = (0..pairs * splits)
         .map(|_| Partial::new(group, d))
         .collect();
-    // Compiled once per instruction set (AVX2, AVX-512...) and chosen at run time: the inner
-    // loops are written to autovectorise.
+    let mut owned = Vec::with_capacity(specs.len());
+    let mut rest = partials.as_mut_slice();
+    for (_, _, tile_rows, _) in &specs {
+        let (mine, tail) = rest.split_at_mut(tile_rows.len());
+        owned.push(mine);
+        rest = tail;
+    }
+    // Compiled once per instruction set (AVX2, AVX-512...) and chosen at run time.
     let arch = pulp::Arch::new();
-    partials
-        .par_iter_mut()
-        .enumerate()
-        .for_each(|(task, partial)| {
-            let pair = task / splits;
-            let split = task % splits;
-            let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
-            let (s, position) = row_info[row];
-            let len = position + 1;
-            let blocks = len.div_ceil(bt);
+    specs
+        .into_par_iter()
+        .zip(owned)
+        .for_each(|((kv_head, s, tile_rows, split), partials)| {
+            let start = row_info[tile_rows.start].1;
+            let blocks = (row_info[tile_rows.end - 1].1 + 1).div_ceil(bt);
             let range = split * blocks / splits..(split + 1) * blocks / splits;
-            let q_group = &q[pair * group * d..(pair + 1) * group * d];
+            let queries: Vec<&[f32]> = tile_rows
+                .clone()
+                .map(|r| &q[(r * kv_heads + kv_head) * group * d..][..group * d])
+                .collect();
             arch.dispatch(Attend {
                 kv,
                 table: seqs[s].table,
                 kv_head,
-                len,
+                start,
                 range,
                 scale,
-                q: q_group,
-                partial,
+                queries: &queries,
+                partials,
             });
         });
     for (pair, out_group) in out.chunks_exact_mut(group * d).enumerate() {
-        merge(
-            &partials[pair * splits..(pair + 1) * splits],
-            group,
-            d,
-            out_group,
-        );
+        let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
+        let first = (kv_head * rows + row) * splits;
+        merge(&partials[first..first + splits], group, d, out_group);
     }
 }
+
+/// The most query rows that share a pass over the pages.
+const MAX_TILE_ROWS: usize = 16;
 
 /// The unnormalised result of attention over part of the context, per query head of a group:
 /// running maximum score, sum of exponentials relative to it, and the weighted sum of values.
@@ -155,11 +181,14 @@ struct Attend<'a> {
     kv: LayerKv<'a>,
     table: &'a [BlockId],
     kv_head: usize,
-    len: usize,
+    /// Position of the tile's first row; row `i` is at `start + i`.
+    start: usize,
     range: std::ops::Range<usize>,
     scale: f32,
-    q: &'a [f32],
-    partial: &'a mut Partial,
+    /// Per row, the `group * head_dim` queries of this kv head's query heads.
+    queries: &'a [&'a [f32]],
+    /// Per row (with this task's split), the running result.
+    partials: &'a mut [Partial],
 }
 
 impl pulp::WithSimd for Attend<'_> {
@@ -167,129 +196,140 @@ impl pulp::WithSimd for Attend<'_> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
-        attend_blocks(
-            simd,
-            self.kv,
-            self.table,
-            self.kv_head,
-            self.len,
-            self.range,
-            self.scale,
-            self.q,
-            self.partial,
-        );
+        let shape = self.kv.shape;
+        let (d, bt) = (shape.head_dim, shape.block_tokens);
+        let group = self.queries.first().map_or(0, |q| q.len() / d);
+        // scores[g * bt + j]: query head g against slot j of the current block.
+        let mut scores = vec![0.0f32; group * bt];
+        for b in self.range {
+            let base = shape.offset(self.table[b], self.kv_head, 0);
+            // Rows before `b * bt - start` end before block b.
+            let first_seeing = (b * bt).saturating_sub(self.start);
+            for (i, (q, partial)) in self
+                .queries
+                .iter()
+                .zip(self.partials.iter_mut())
+                .enumerate()
+                .skip(first_seeing)
+            {
+                // Row i sees positions 0..=start + i.
+                let len = self.start + i + 1;
+                if len <= b * bt {
+                    // Rows ascend in position: later rows of the tile may still see block b.
+                    continue;
+                }
+                let n = (len - b * bt).min(bt);
+                attend_block(
+                    simd,
+                    &self.kv.keys[base..base + n * d],
+                    &self.kv.values[base..base + n * d],
+                    self.scale,
+                    q,
+                    &mut scores,
+                    partial,
+                );
+            }
+        }
     }
 }
 
-/// Attention of the query heads of one kv head over the blocks in `range` of a context of `len`
-/// tokens, accumulated into `partial`. Written with `pulp`'s explicit vectors (`S::f32s`: 16
-/// lanes with AVX-512, 8 with AVX2): LLVM's autovectoriser scalarised the nested loops.
+/// Attention of the query heads of one kv head (`q`, `group * head_dim`) over one block's `n`
+/// keys and values, accumulated into `partial`. Written with `pulp`'s explicit vectors
+/// (`S::f32s`: 16 lanes with AVX-512, 8 with AVX2): LLVM's autovectoriser scalarised the nested
+/// loops.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_blocks<S: pulp::Simd>(
+fn attend_block<S: pulp::Simd>(
     simd: S,
-    kv: LayerKv<'_>,
-    table: &[BlockId],
-    kv_head: usize,
-    len: usize,
-    range: std::ops::Range<usize>,
+    keys: &[f32],
+    values: &[f32],
     scale: f32,
     q: &[f32],
+    scores: &mut [f32],
     partial: &mut Partial,
 ) {
-    let s = kv.shape;
-    let d = s.head_dim;
-    let bt = s.block_tokens;
-    let group = q.len() / d;
+    let group = partial.max.len();
+    let d = q.len() / group.max(1);
+    let n = keys.len() / d.max(1);
+    let bt = scores.len() / group.max(1);
     let zero = simd.splat_f32s(0.0);
-    // scores[g * bt + j]: query head g against slot j of the current block.
-    let mut scores = vec![0.0f32; group * bt];
-    for b in range {
-        let block = table[b];
-        let n = (len - b * bt).min(bt);
-        let base = s.offset(block, kv_head, 0);
-        let keys = &kv.keys[base..base + n * d];
-        let values = &kv.values[base..base + n * d];
-        // Scores, four keys at a time: four independent FMA chains per query head.
-        for (g, qg) in q.chunks_exact(d).enumerate() {
-            let (qv, q_tail) = S::as_simd_f32s(qg);
-            let row = &mut scores[g * bt..g * bt + n];
-            let key = |j: usize| S::as_simd_f32s(&keys[j * d..(j + 1) * d]);
-            let tail_dot =
-                |j: usize| -> f32 { q_tail.iter().zip(key(j).1).map(|(x, y)| x * y).sum() };
-            let full = n / 4 * 4;
-            for j in (0..full).step_by(4) {
-                let (k0, k1, k2, k3) = (key(j).0, key(j + 1).0, key(j + 2).0, key(j + 3).0);
-                let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
-                for (c, &qc) in qv.iter().enumerate() {
-                    a0 = simd.mul_add_e_f32s(qc, k0[c], a0);
-                    a1 = simd.mul_add_e_f32s(qc, k1[c], a1);
-                    a2 = simd.mul_add_e_f32s(qc, k2[c], a2);
-                    a3 = simd.mul_add_e_f32s(qc, k3[c], a3);
-                }
-                for (t, a) in [a0, a1, a2, a3].into_iter().enumerate() {
-                    row[j + t] = (simd.reduce_sum_f32s(a) + tail_dot(j + t)) * scale;
-                }
+    // Scores, four keys at a time: four independent FMA chains per query head.
+    for (g, qg) in q.chunks_exact(d).enumerate() {
+        let (qv, q_tail) = S::as_simd_f32s(qg);
+        let row = &mut scores[g * bt..g * bt + n];
+        let key = |j: usize| S::as_simd_f32s(&keys[j * d..(j + 1) * d]);
+        let tail_dot = |j: usize| -> f32 { q_tail.iter().zip(key(j).1).map(|(x, y)| x * y).sum() };
+        let full = n / 4 * 4;
+        for j in (0..full).step_by(4) {
+            let (k0, k1, k2, k3) = (key(j).0, key(j + 1).0, key(j + 2).0, key(j + 3).0);
+            let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
+            for (c, &qc) in qv.iter().enumerate() {
+                a0 = simd.mul_add_e_f32s(qc, k0[c], a0);
+                a1 = simd.mul_add_e_f32s(qc, k1[c], a1);
+                a2 = simd.mul_add_e_f32s(qc, k2[c], a2);
+                a3 = simd.mul_add_e_f32s(qc, k3[c], a3);
             }
-            for (j, out) in row.iter_mut().enumerate().skip(full) {
-                let mut a = zero;
-                for (&qc, &kc) in qv.iter().zip(key(j).0) {
-                    a = simd.mul_add_e_f32s(qc, kc, a);
-                }
-                *out = (simd.reduce_sum_f32s(a) + tail_dot(j)) * scale;
+            for (t, a) in [a0, a1, a2, a3].into_iter().enumerate() {
+                row[j + t] = (simd.reduce_sum_f32s(a) + tail_dot(j + t)) * scale;
             }
         }
-        for g in 0..group {
-            let block_scores = &mut scores[g * bt..g * bt + n];
-            let block_max = block_scores
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            let new_max = partial.max[g].max(block_max);
-            let correction = (partial.max[g] - new_max).exp();
-            for sc in block_scores.iter_mut() {
-                *sc -= new_max;
+        for (j, out) in row.iter_mut().enumerate().skip(full) {
+            let mut a = zero;
+            for (&qc, &kc) in qv.iter().zip(key(j).0) {
+                a = simd.mul_add_e_f32s(qc, kc, a);
             }
-            exp_in_place(block_scores);
-            let block_sum: f32 = block_scores.iter().sum();
-            partial.sum[g] = partial.sum[g] * correction + block_sum;
-            for a in partial.acc[g * d..(g + 1) * d].iter_mut() {
-                *a *= correction;
-            }
-            partial.max[g] = new_max;
+            *out = (simd.reduce_sum_f32s(a) + tail_dot(j)) * scale;
         }
-        // Values: four vectors of output dimensions at a time, held in registers over the
-        // block's tokens (each pass reads its own cache lines of every token, so the page is
-        // read once).
-        for g in 0..group {
-            let probs = &scores[g * bt..g * bt + n];
-            let acc_row = &mut partial.acc[g * d..(g + 1) * d];
-            let (acc_v, acc_tail) = S::as_mut_simd_f32s(acc_row);
-            let (acc4, acc_rest) = acc_v.as_chunks_mut::<4>();
-            for (c4, accs) in acc4.iter_mut().enumerate() {
-                let [mut l0, mut l1, mut l2, mut l3] = *accs;
-                for (&p, value) in probs.iter().zip(values.chunks_exact(d)) {
-                    let v = &S::as_simd_f32s(value).0[c4 * 4..c4 * 4 + 4];
-                    let p = simd.splat_f32s(p);
-                    l0 = simd.mul_add_e_f32s(p, v[0], l0);
-                    l1 = simd.mul_add_e_f32s(p, v[1], l1);
-                    l2 = simd.mul_add_e_f32s(p, v[2], l2);
-                    l3 = simd.mul_add_e_f32s(p, v[3], l3);
-                }
-                *accs = [l0, l1, l2, l3];
+    }
+    for g in 0..group {
+        let block_scores = &mut scores[g * bt..g * bt + n];
+        let block_max = block_scores
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let new_max = partial.max[g].max(block_max);
+        let correction = (partial.max[g] - new_max).exp();
+        for sc in block_scores.iter_mut() {
+            *sc -= new_max;
+        }
+        exp_in_place(block_scores);
+        let block_sum: f32 = block_scores.iter().sum();
+        partial.sum[g] = partial.sum[g] * correction + block_sum;
+        for a in partial.acc[g * d..(g + 1) * d].iter_mut() {
+            *a *= correction;
+        }
+        partial.max[g] = new_max;
+    }
+    // Values: four vectors of output dimensions at a time, held in registers over the
+    // block's tokens (each pass reads its own cache lines of every token, so the page is
+    // read once).
+    for g in 0..group {
+        let probs = &scores[g * bt..g * bt + n];
+        let acc_row = &mut partial.acc[g * d..(g + 1) * d];
+        let (acc_v, acc_tail) = S::as_mut_simd_f32s(acc_row);
+        let (acc4, acc_rest) = acc_v.as_chunks_mut::<4>();
+        for (c4, accs) in acc4.iter_mut().enumerate() {
+            let [mut l0, mut l1, mut l2, mut l3] = *accs;
+            for (&p, value) in probs.iter().zip(values.chunks_exact(d)) {
+                let v = &S::as_simd_f32s(value).0[c4 * 4..c4 * 4 + 4];
+                let p = simd.splat_f32s(p);
+                l0 = simd.mul_add_e_f32s(p, v[0], l0);
+                l1 = simd.mul_add_e_f32s(p, v[1], l1);
+                l2 = simd.mul_add_e_f32s(p, v[2], l2);
+                l3 = simd.mul_add_e_f32s(p, v[3], l3);
             }
-            let first_rest = acc4.len() * 4;
-            for (c, acc) in acc_rest.iter_mut().enumerate() {
-                for (&p, value) in probs.iter().zip(values.chunks_exact(d)) {
-                    let v = S::as_simd_f32s(value).0[first_rest + c];
-                    *acc = simd.mul_add_e_f32s(simd.splat_f32s(p), v, *acc);
-                }
+            *accs = [l0, l1, l2, l3];
+        }
+        let first_rest = acc4.len() * 4;
+        for (c, acc) in acc_rest.iter_mut().enumerate() {
+            for (&p, value) in probs.iter().zip(values.chunks_exact(d)) {
+                let v = S::as_simd_f32s(value).0[first_rest + c];
+                *acc = simd.mul_add_e_f32s(simd.splat_f32s(p), v, *acc);
             }
-            let done = d - acc_tail.len();
-            for (i, a) in acc_tail.iter_mut().enumerate() {
-                for (p, value) in probs.iter().zip(values.chunks_exact(d)) {
-                    *a += p * value[done + i];
-                }
+        }
+        let done = d - acc_tail.len();
+        for (i, a) in acc_tail.iter_mut().enumerate() {
+            for (p, value) in probs.iter().zip(values.chunks_exact(d)) {
+                *a += p * value[done + i];
             }
         }
     }
@@ -395,9 +435,10 @@ mod tests {
             }
         }
         let scale = 1.0 / (d as f32).sqrt();
-        // Queries for the last 3 positions (a prefill chunk), then for the last one alone (a
-        // decode, where the context is split across threads and merged).
-        for rows in [3, 1] {
+        // Queries for the last 3 positions (a prefill chunk), for the last one alone (a
+        // decode, where the context is split across threads and merged), and for every
+        // position (a whole prefill: rows share passes over the pages in tiles).
+        for rows in [3, 1, len] {
             let q: Vec<f32> = (0..rows * heads * d).map(|_| pseudo(&mut seed)).collect();
             let mut out = vec![0.0; q.len()];
             let seq = AttnSeq {
