@@ -4,10 +4,13 @@
 //! Module map:
 //! - `config`: hyper-parameters (Hugging Face `config.json` names), validation, rope scaling;
 //! - `gguf`: reads a GGUF file's metadata and tensors, naming the file in every error;
+//! - `hf`: reads a Hugging Face folder's `config.json` and safetensors weights (one file or
+//!   shards), naming the file in every error;
 //! - `llama`: the weights and the batched forward pass over many sequences at once.
 
 pub mod config;
 pub mod gguf;
+pub mod hf;
 pub mod llama;
 
 use std::path::PathBuf;
