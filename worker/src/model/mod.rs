@@ -6,12 +6,14 @@
 //! - `gguf`: reads a GGUF file's metadata and tensors, naming the file in every error;
 //! - `hf`: reads a Hugging Face folder's `config.json` and safetensors weights (one file or
 //!   shards), naming the file in every error;
+//! - `tiny`: writes tiny seeded Llama models as Hugging Face folders, for tests and demos;
 //! - `llama`: the weights and the batched forward pass over many sequences at once.
 
 pub mod config;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod tiny;
 
 use std::path::PathBuf;
 
