@@ -21,11 +21,13 @@ pub enum EngineKind {
 #[derive(Debug, Parser)]
 #[command(name = "tidelock-worker", version, about)]
 pub struct Config {
-    /// Model file (GGUF).
+    /// Model: a GGUF file, or a Hugging Face folder (`config.json`, safetensors weights,
+    /// `tokenizer.json`, `tokenizer_config.json`).
     #[arg(long, env = "TIDELOCK_MODEL")]
     pub model: PathBuf,
 
-    /// Name the model is served under. Default: the model file's name without extension.
+    /// Name the model is served under. Default: the model file's name without extension, or the
+    /// folder's name.
     #[arg(long, env = "TIDELOCK_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
@@ -99,9 +101,13 @@ pub struct Config {
 impl Config {
     pub fn served_name(&self) -> String {
         self.served_model_name.clone().unwrap_or_else(|| {
-            self.model
-                .file_stem()
-                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+            // A folder's name has no extension to drop: `Qwen2.5-0.5B` stays whole.
+            let name = if self.model.is_dir() {
+                self.model.file_name()
+            } else {
+                self.model.file_stem()
+            };
+            name.map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
         })
     }
 

@@ -1,7 +1,8 @@
 //! The Tidelock worker: a model on candle-core over a paged KV store.
 //!
 //! Module map:
-//! - `model`: the Llama-family runtime (config, GGUF loading, batched forward);
+//! - `model`: the Llama-family runtime (config, GGUF and Hugging Face loading, tiny seeded test
+//!   models, batched forward);
 //! - `kv`: the paged KV store, the paged attention kernel, and the block pool (prefix cache,
 //!   LRU eviction, KV events);
 //! - `engine`: continuous batching with chunked prefill and preemption, and sampling.

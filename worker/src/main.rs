@@ -19,6 +19,7 @@ use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::gguf::GgufFile;
+use tidelock_worker::model::hf::{self, HfFolder};
 use tidelock_worker::model::llama::WeightFormat;
 use tidelock_worker::registration::{self, Registration};
 use tidelock_worker::server::runner::Command;
@@ -47,15 +48,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
 
+    // A folder is a Hugging Face checkpoint; a file is GGUF.
+    let hf_folder = config.model.is_dir();
     tracing::info!(model = %config.model.display(), "loading tokenizer and chat template");
-    let kit = Arc::new(
+    let kit = if hf_folder {
+        let (tokenizer, tokenizer_config) = hf::tokenizer_files(&config.model)?;
+        PromptKit::from_hf_files(&tokenizer, tokenizer_config.as_deref())
+    } else {
         PromptKit::from_gguf_file(&config.model)
-            .with_context(|| format!("tokenizer of {}", config.model.display()))?,
-    );
+    };
+    let kit = Arc::new(kit.with_context(|| format!("tokenizer of {}", config.model.display()))?);
     for warning in kit.warnings() {
         tracing::warn!("{warning}");
     }
-    let model_config = GgufFile::open(&config.model)?.llama_config()?;
+    let model_config = if hf_folder {
+        HfFolder::open(&config.model)?.config().clone()
+    } else {
+        GgufFile::open(&config.model)?.llama_config()?
+    };
     let bt = block_tokens.as_usize();
     let shape = tidelock_worker::kv::KvShape {
         layers: model_config.num_hidden_layers,
@@ -110,7 +120,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let started = match config.engine {
         EngineKind::Real => {
             tracing::info!("loading weights");
-            let model = Arc::new(Llama::from_gguf(&config.model, WeightFormat::Packed)?);
+            // GGUF: packed quantized weights for decode, f32 for prefill. Hugging Face
+            // folders hold f32/f16/bf16 weights: f32 only.
+            let model = Arc::new(if hf_folder {
+                Llama::from_hf(&config.model, WeightFormat::F32)?
+            } else {
+                Llama::from_gguf(&config.model, WeightFormat::Packed)?
+            });
             let kv = KvStore::new(shape, num_blocks);
             let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
             server::start(engine, info, tokenizer, Some(kit.clone()))?

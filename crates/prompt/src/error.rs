@@ -5,6 +5,8 @@
 //! at `GET /v1/tokenizer`). Invariant: every variant says which operation, field or token failed,
 //! and keeps its cause as `source`.
 
+use std::path::PathBuf;
+
 use crate::template::TemplateError;
 use crate::vocab::VocabError;
 
@@ -34,6 +36,18 @@ pub enum PromptError {
         /// The cause.
         #[source]
         source: serde_json::Error,
+    },
+    /// A model file (`tokenizer.json`, `tokenizer_config.json`) is missing, unreadable or
+    /// malformed, or names a token or template the kit rejects.
+    #[error("{}: {problem}", path.display())]
+    File {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// The cause, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// A chat request reached a model without a chat template.
     #[error("the model has no chat template; use the completions API with a raw prompt")]

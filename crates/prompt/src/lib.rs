@@ -1,14 +1,16 @@
 //! Tokenizers and chat templates shared by Tidelock's router and worker.
 //!
 //! "One tokenizer, one template, one place": the worker builds a [`PromptKit`] from its model files
-//! (a GGUF's `tokenizer.ggml.*` metadata via [`GgufVocab`], behind the `gguf` feature), serves it
-//! as JSON at `GET /v1/tokenizer`, and every router rebuilds the identical kit from that JSON. Both
-//! then render the same chat template ([`ChatTemplate`]) and produce the same token ids, which is
-//! what makes the router's block hashes name the worker's cached KV blocks.
+//! (a GGUF's `tokenizer.ggml.*` metadata via [`GgufVocab`], behind the `gguf` feature, or a Hugging
+//! Face folder's `tokenizer.json` and `tokenizer_config.json`), serves it as JSON at
+//! `GET /v1/tokenizer`, and every router rebuilds the identical kit from that JSON. Both then render
+//! the same chat template ([`ChatTemplate`]) and produce the same token ids, which is what makes the
+//! router's block hashes name the worker's cached KV blocks.
 //!
 //! Modules:
 //! - `vocab`: [`GgufVocab`], GGUF tokenizer metadata as data, and the byte-level BPE it describes;
 //! - `gguf` (feature `gguf`): reading a [`GgufVocab`] from a GGUF file's header;
+//! - `hf`: [`PromptKit::from_hf_files`], a kit from Hugging Face `tokenizer*.json` files;
 //! - `pretok`: llama.cpp's pre-tokenizer regexes per `tokenizer.ggml.pre`, as `tokenizers` parts;
 //! - `template`: [`ChatTemplate`], Hugging Face Jinja chat templates on minijinja;
 //! - `jinja`: the Python helpers templates call (`tojson`, `raise_exception`, `strftime_now`);
@@ -23,6 +25,7 @@ mod detok;
 mod error;
 #[cfg(feature = "gguf")]
 mod gguf;
+mod hf;
 mod jinja;
 mod kit;
 mod pretok;

@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 use tidelock_protocol::BlockId;
 
@@ -24,6 +24,7 @@ use crate::kv::{KvShape, KvStore};
 use crate::model::ModelError;
 use crate::model::config::{LlamaConfig, RopeStyle, rope_frequencies};
 use crate::model::gguf::GgufFile;
+use crate::model::hf::{self, HfFolder};
 use crate::model::packed::PackedMatrix;
 
 /// Which logits a chunk wants back.
@@ -81,7 +82,7 @@ enum Proj {
 impl Proj {
     /// Loads the named `[out, in]` matrices.
     fn load(
-        file: &mut GgufFile,
+        file: &mut impl WeightSource,
         parts: &[(String, [usize; 2])],
         format: WeightFormat,
     ) -> Result<Self, ModelError> {
@@ -117,7 +118,10 @@ impl Proj {
     }
 
     /// The parts dequantized and fused into one f32 `[in, out]` matrix.
-    fn dense(file: &mut GgufFile, parts: &[(String, [usize; 2])]) -> Result<Tensor, ModelError> {
+    fn dense(
+        file: &mut impl WeightSource,
+        parts: &[(String, [usize; 2])],
+    ) -> Result<Tensor, ModelError> {
         let mats = parts
             .iter()
             .map(|(name, shape)| file.tensor(name, shape))
@@ -230,6 +234,82 @@ impl Llama {
                 ffn_norm: file.tensor(&name("ffn_norm.weight"), &[h])?,
                 gate_up,
                 down: Proj::load(&mut file, &[(name("ffn_down.weight"), [h, inter])], format)?,
+            });
+        }
+        let (inv_freq, rope_scale) = rope_frequencies(&cfg);
+        Ok(Llama {
+            cfg,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            inv_freq,
+            rope_scale,
+        })
+    }
+
+    /// Loads a Hugging Face folder (`config.json` and safetensors, see [`crate::model::hf`]) as
+    /// f32 weights; quantized weights are only read from GGUF ([`WeightFormat::Packed`] holds
+    /// these f32 weights only: there are no stored blocks to pack).
+    pub fn from_hf(dir: &Path, format: WeightFormat) -> Result<Self, ModelError> {
+        let format = match format {
+            WeightFormat::Packed => WeightFormat::F32,
+            other => other,
+        };
+        if format == WeightFormat::Quantized {
+            return Err(ModelError::File {
+                path: dir.to_owned(),
+                problem: "quantized weights are only read from GGUF; load this folder as f32"
+                    .into(),
+            });
+        }
+        let mut folder = HfFolder::open(dir)?;
+        let cfg = folder.config().clone();
+        let h = cfg.hidden_size;
+        let q = cfg.num_attention_heads * cfg.head_dim();
+        let kv = cfg.num_kv_heads() * cfg.head_dim();
+        let inter = cfg.intermediate_size;
+        let embed = folder.tensor(hf::EMBED, &[cfg.vocab_size, h])?;
+        let head_name = if cfg.tie_word_embeddings {
+            hf::EMBED
+        } else {
+            hf::LM_HEAD
+        };
+        let lm_head = Proj::load(
+            &mut folder,
+            &[(head_name.to_owned(), [cfg.vocab_size, h])],
+            format,
+        )?;
+        let norm = folder.tensor(hf::NORM, &[h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let n = hf::layer_names(i);
+            let qkv = Proj::load(
+                &mut folder,
+                &[(n.q, [q, h]), (n.k, [kv, h]), (n.v, [kv, h])],
+                format,
+            )?;
+            let qkv_bias = if cfg.attention_bias {
+                let bq = folder.tensor(&n.q_bias, &[q])?;
+                let bk = folder.tensor(&n.k_bias, &[kv])?;
+                let bv = folder.tensor(&n.v_bias, &[kv])?;
+                Some(Tensor::cat(&[bq, bk, bv], 0)?)
+            } else {
+                None
+            };
+            let gate_up = Proj::load(
+                &mut folder,
+                &[(n.gate, [inter, h]), (n.up, [inter, h])],
+                format,
+            )?;
+            layers.push(Layer {
+                attn_norm: folder.tensor(&n.input_norm, &[h])?,
+                qkv,
+                qkv_bias,
+                out: Proj::load(&mut folder, &[(n.o, [h, q])], format)?,
+                ffn_norm: folder.tensor(&n.post_attention_norm, &[h])?,
+                gate_up,
+                down: Proj::load(&mut folder, &[(n.down, [h, inter])], format)?,
             });
         }
         let (inv_freq, rope_scale) = rope_frequencies(&cfg);
@@ -429,4 +509,46 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
         .broadcast_mul(weight)
+}
+
+/// Where [`Proj::load`] reads `[out, in]` matrices from: a GGUF file or a Hugging Face folder.
+trait WeightSource {
+    /// The tensor as f32.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError>;
+    /// The tensor as stored, for [`WeightFormat::Quantized`] and [`WeightFormat::Packed`].
+    fn qtensor(&mut self, name: &str, shape: &[usize]) -> Result<QTensor, ModelError>;
+    /// A tensor read by `qtensor`, as f32.
+    fn dequantize(&self, name: &str, q: &QTensor) -> Result<Tensor, ModelError>;
+}
+
+impl WeightSource for GgufFile {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        GgufFile::tensor(self, name, shape)
+    }
+
+    fn qtensor(&mut self, name: &str, shape: &[usize]) -> Result<QTensor, ModelError> {
+        GgufFile::qtensor(self, name, shape)
+    }
+
+    fn dequantize(&self, name: &str, q: &QTensor) -> Result<Tensor, ModelError> {
+        GgufFile::dequantize(self, name, q)
+    }
+}
+
+impl WeightSource for HfFolder {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        HfFolder::tensor(self, name, shape)
+    }
+
+    fn qtensor(&mut self, name: &str, _shape: &[usize]) -> Result<QTensor, ModelError> {
+        Err(ModelError::Tensor {
+            path: self.dir().to_owned(),
+            name: name.to_owned(),
+            problem: "quantized weights are only read from GGUF".into(),
+        })
+    }
+
+    fn dequantize(&self, _name: &str, q: &QTensor) -> Result<Tensor, ModelError> {
+        Ok(q.dequantize(&Device::Cpu)?)
+    }
 }

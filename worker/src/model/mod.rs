@@ -4,14 +4,19 @@
 //! Module map:
 //! - `config`: hyper-parameters (Hugging Face `config.json` names), validation, rope scaling;
 //! - `gguf`: reads a GGUF file's metadata and tensors, naming the file in every error;
+//! - `hf`: reads a Hugging Face folder's `config.json` and safetensors weights (one file or
+//!   shards), naming the file in every error;
+//! - `tiny`: writes tiny seeded Llama models as Hugging Face folders, for tests and demos;
 //! - `llama`: the weights and the batched forward pass over many sequences at once;
 //! - `packed`: block-quantized weights at their stored size and the few-row matmul over them
 //!   (the decode path).
 
 pub mod config;
 pub mod gguf;
+pub mod hf;
 pub mod llama;
 pub mod packed;
+pub mod tiny;
 
 use std::path::PathBuf;
 

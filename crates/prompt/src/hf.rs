@@ -1,0 +1,288 @@
+//! [`PromptKit::from_hf_files`]: a kit from a Hugging Face model folder's `tokenizer.json` and
+//! `tokenizer_config.json`.
+//!
+//! `tokenizer.json` is the tokenizer itself, read by the `tokenizers` crate as `transformers`
+//! reads it. `tokenizer_config.json` adds what the tokenizer does not carry: the chat template
+//! and the BOS/EOS token texts. Both keys come in the shapes `transformers` has written over the
+//! years, and all are accepted: a token is a string or an `AddedToken` object
+//! (`{"content": "<s>", ...}`); a chat template is a string or a list of
+//! `{"name": ..., "template": ...}` of which the one named `default` is taken; `null` means none.
+//!
+//! Invariant: every error is [`PromptError::File`] and names the file at fault.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::PromptError;
+use crate::kit::{KitParts, PromptKit};
+
+impl PromptKit {
+    /// Builds a kit from `tokenizer.json` and, when given, `tokenizer_config.json` (chat
+    /// template, BOS and EOS). Without the config the kit has no template and no BOS/EOS.
+    pub fn from_hf_files(
+        tokenizer_json: &Path,
+        tokenizer_config_json: Option<&Path>,
+    ) -> Result<Self, PromptError> {
+        let bytes = std::fs::read(tokenizer_json)
+            .map_err(|e| file_error(tokenizer_json, format!("cannot read: {e}"), e))?;
+        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| PromptError::File {
+            path: tokenizer_json.to_owned(),
+            problem: format!("not a valid tokenizer.json: {e}"),
+            source: Some(e),
+        })?;
+        let config = match tokenizer_config_json {
+            Some(path) => TokenizerConfig::read(path)?,
+            None => TokenizerConfig::default(),
+        };
+        // What `new` can reject (a token missing from the vocabulary, a template that does not
+        // compile) comes from the config file, so that is the file to name.
+        let blame = tokenizer_config_json.unwrap_or(tokenizer_json);
+        Self::new(KitParts {
+            tokenizer,
+            chat_template: config.chat_template,
+            bos_token: config.bos_token,
+            eos_token: config.eos_token,
+            stop_token_ids: None,
+        })
+        .map_err(|e| file_error(blame, e.to_string(), e))
+    }
+}
+
+fn file_error(
+    path: &Path,
+    problem: String,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> PromptError {
+    PromptError::File {
+        path: path.to_owned(),
+        problem,
+        source: Some(Box::new(source)),
+    }
+}
+
+/// The parts of `tokenizer_config.json` a kit needs.
+#[derive(Debug, Default, PartialEq)]
+struct TokenizerConfig {
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl TokenizerConfig {
+    fn read(path: &Path) -> Result<Self, PromptError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| file_error(path, format!("cannot read: {e}"), e))?;
+        let doc: Value = serde_json::from_str(&text)
+            .map_err(|e| file_error(path, format!("not valid JSON: {e}"), e))?;
+        Self::from_json(&doc).map_err(|problem| PromptError::File {
+            path: PathBuf::from(path),
+            problem,
+            source: None,
+        })
+    }
+
+    fn from_json(doc: &Value) -> Result<Self, String> {
+        let Value::Object(doc) = doc else {
+            return Err("not a JSON object".into());
+        };
+        let chat_template = match doc.get("chat_template") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(template)) => Some(template.clone()),
+            Some(Value::Array(named)) => Some(default_template(named)?),
+            Some(other) => {
+                return Err(format!(
+                    "`chat_template` is neither a string nor a list of named templates: {other}"
+                ));
+            }
+        };
+        Ok(Self {
+            chat_template,
+            bos_token: token(doc, "bos_token")?,
+            eos_token: token(doc, "eos_token")?,
+        })
+    }
+}
+
+/// The template named `default` in a list of `{"name": ..., "template": ...}`.
+fn default_template(named: &[Value]) -> Result<String, String> {
+    let mut names = Vec::with_capacity(named.len());
+    for entry in named {
+        let name = entry.get("name").and_then(Value::as_str);
+        let template = entry.get("template").and_then(Value::as_str);
+        match (name, template) {
+            (Some("default"), Some(template)) => return Ok(template.to_owned()),
+            (Some(name), Some(_)) => names.push(name),
+            _ => {
+                return Err(format!(
+                    "`chat_template` list entry is not {{\"name\": string, \"template\": string}}: {entry}"
+                ));
+            }
+        }
+    }
+    Err(format!(
+        "`chat_template` lists no template named `default` (it has: {})",
+        names.join(", ")
+    ))
+}
+
+/// A special token: a string, an `AddedToken` object with `content`, or `null`.
+fn token(doc: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match doc.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(Value::Object(obj)) => match obj.get("content") {
+            Some(Value::String(text)) => Ok(Some(text.clone())),
+            _ => Err(format!("`{key}` is an object without a string `content`")),
+        },
+        Some(other) => Err(format!(
+            "`{key}` is neither a string nor an object with `content`: {other}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::ChatMessage;
+    use crate::vocab::tests::tiny_vocab;
+
+    const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    /// A folder with tiny_vocab's tokenizer.json and the given tokenizer_config.json text.
+    fn folder(config: Option<&str>) -> (tempfile::TempDir, PathBuf, Option<PathBuf>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokenizer = dir.path().join("tokenizer.json");
+        tiny_vocab()
+            .to_tokenizer()
+            .expect("tokenizer")
+            .save(&tokenizer, false)
+            .expect("save");
+        let config = config.map(|text| {
+            let path = dir.path().join("tokenizer_config.json");
+            std::fs::write(&path, text).expect("write config");
+            path
+        });
+        (dir, tokenizer, config)
+    }
+
+    fn parse(json: &str) -> Result<TokenizerConfig, String> {
+        TokenizerConfig::from_json(&serde_json::from_str(json).expect("json"))
+    }
+
+    #[test]
+    fn config_shapes() {
+        let plain = parse(r#"{"chat_template": "T", "bos_token": "<s>", "eos_token": "</s>"}"#);
+        assert_eq!(
+            plain,
+            Ok(TokenizerConfig {
+                chat_template: Some("T".into()),
+                bos_token: Some("<s>".into()),
+                eos_token: Some("</s>".into()),
+            })
+        );
+        let objects = parse(
+            r#"{"chat_template": [{"name": "tool_use", "template": "U"}, {"name": "default", "template": "D"}],
+                "bos_token": {"content": "<s>", "lstrip": false, "__type": "AddedToken"},
+                "eos_token": null}"#,
+        );
+        assert_eq!(
+            objects,
+            Ok(TokenizerConfig {
+                chat_template: Some("D".into()),
+                bos_token: Some("<s>".into()),
+                eos_token: None,
+            })
+        );
+        assert_eq!(parse("{}"), Ok(TokenizerConfig::default()));
+    }
+
+    #[test]
+    fn config_errors_say_what_is_wrong() {
+        let no_default = parse(r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#);
+        assert!(
+            no_default
+                .unwrap_err()
+                .contains("no template named `default` (it has: rag)")
+        );
+        let bad_list = parse(r#"{"chat_template": [{"template": "R"}]}"#);
+        assert!(bad_list.unwrap_err().contains("list entry"));
+        let bad_token = parse(r#"{"eos_token": {"id": 3}}"#);
+        assert!(bad_token.unwrap_err().contains("`eos_token`"));
+        let number = parse(r#"{"bos_token": 1}"#);
+        assert!(number.unwrap_err().contains("`bos_token`"));
+        assert!(parse("[]").is_err());
+    }
+
+    #[test]
+    fn kit_from_files_encodes_and_renders() {
+        let config = serde_json::json!({
+            "chat_template": CHATML,
+            "bos_token": {"content": "<|im_start|>"},
+            "eos_token": "<|im_end|>",
+        })
+        .to_string();
+        let (_dir, tokenizer, config) = folder(Some(&config));
+        let kit = PromptKit::from_hf_files(&tokenizer, config.as_deref()).expect("kit");
+        assert_eq!(kit.bos().map(|t| t.id), Some(0));
+        assert_eq!(kit.eos().map(|t| t.id), Some(1));
+        assert_eq!(kit.stop_token_ids(), [1]);
+        let ids = kit.encode("hello world", false).expect("encode");
+        assert_eq!(kit.decode(&ids, false).expect("decode"), "hello world");
+        let text = kit
+            .render_chat(&[ChatMessage::new("user", "hi")], true, &Default::default())
+            .expect("render");
+        assert_eq!(
+            text,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn kit_without_config_has_no_template() {
+        let (_dir, tokenizer, _) = folder(None);
+        let kit = PromptKit::from_hf_files(&tokenizer, None).expect("kit");
+        assert!(kit.chat_template().is_none());
+        assert!(kit.bos().is_none() && kit.eos().is_none());
+    }
+
+    #[test]
+    fn every_error_names_its_file() {
+        let (dir, tokenizer, config) = folder(Some(r#"{"eos_token": "<|nope|>"}"#));
+        let config = config.expect("config");
+        let cases = [
+            // Missing tokenizer.json.
+            PromptKit::from_hf_files(&dir.path().join("missing.json"), None),
+            // A token the vocabulary lacks.
+            PromptKit::from_hf_files(&tokenizer, Some(&config)),
+            // Missing config.
+            PromptKit::from_hf_files(&tokenizer, Some(&dir.path().join("nope_config.json"))),
+        ];
+        let names = ["missing.json", "tokenizer_config.json", "nope_config.json"];
+        for (result, name) in cases.into_iter().zip(names) {
+            let err = result.expect_err(name).to_string();
+            assert!(err.contains(name), "{err}");
+        }
+
+        std::fs::write(&config, "{not json").expect("write");
+        let err = PromptKit::from_hf_files(&tokenizer, Some(&config)).expect_err("json");
+        assert!(
+            err.to_string()
+                .contains("tokenizer_config.json: not valid JSON"),
+            "{err}"
+        );
+
+        std::fs::write(&config, r#"{"chat_template": "{% for %}"}"#).expect("write");
+        let err = PromptKit::from_hf_files(&tokenizer, Some(&config)).expect_err("template");
+        assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
+
+        std::fs::write(&tokenizer, r#"{"model": 3}"#).expect("write");
+        let err = PromptKit::from_hf_files(&tokenizer, None).expect_err("tokenizer");
+        assert!(
+            err.to_string()
+                .contains("tokenizer.json: not a valid tokenizer.json"),
+            "{err}"
+        );
+    }
+}
