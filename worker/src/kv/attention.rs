@@ -63,7 +63,13 @@ pub fn paged_attention(
     let splits = if pairs >= 2 * threads {
         1
     } else {
-        (4 * threads).div_ceil(pairs).min(longest).max(1)
+        // At least four tasks per thread, and a whole number of tasks per thread so no core
+        // idles at the end while another streams its last split.
+        let mut splits = (4 * threads).div_ceil(pairs);
+        while !(pairs * splits).is_multiple_of(threads) {
+            splits += 1;
+        }
+        splits.min(longest).max(1)
     };
     let tile = if splits > 1 {
         1
@@ -221,7 +227,7 @@ impl pulp::WithSimd for Attend<'_> {
                 let n = (len - b * bt).min(bt);
                 attend_block(
                     simd,
-                    &self.kv.keys[base..base + n * d],
+                    &self.kv.keys[base..base + bt * d],
                     &self.kv.values[base..base + n * d],
                     self.scale,
                     q,
@@ -233,8 +239,9 @@ impl pulp::WithSimd for Attend<'_> {
     }
 }
 
-/// Attention of the query heads of one kv head (`q`, `group * head_dim`) over one block's `n`
-/// keys and values, accumulated into `partial`. Written with `pulp`'s explicit vectors
+/// Attention of the query heads of one kv head (`q`, `group * head_dim`) over the first `n`
+/// slots of one block (`keys`: the whole `[head_dim][block_tokens]` page; `values`: the first
+/// `n` rows of `[block_tokens][head_dim]`), accumulated into `partial`. Written with `pulp`'s explicit vectors
 /// (`S::f32s`: 16 lanes with AVX-512, 8 with AVX2): LLVM's autovectoriser scalarised the nested
 /// loops.
 #[inline(always)]
@@ -249,35 +256,51 @@ fn attend_block<S: pulp::Simd>(
 ) {
     let group = partial.max.len();
     let d = q.len() / group.max(1);
-    let n = keys.len() / d.max(1);
+    let n = values.len() / d.max(1);
     let bt = scores.len() / group.max(1);
     let zero = simd.splat_f32s(0.0);
-    // Scores, four keys at a time: four independent FMA chains per query head.
+    // Scores for a vector of slots at a time: keys are stored `[dim][slot]` in the page, so
+    // each dimension is one broadcast query value times one vector of keys, four independent
+    // accumulators (four vectors of slots) at a time, with no horizontal sums.
+    let lanes = std::mem::size_of::<S::f32s>() / std::mem::size_of::<f32>();
+    let vecs = n / lanes;
     for (g, qg) in q.chunks_exact(d).enumerate() {
-        let (qv, q_tail) = S::as_simd_f32s(qg);
         let row = &mut scores[g * bt..g * bt + n];
-        let key = |j: usize| S::as_simd_f32s(&keys[j * d..(j + 1) * d]);
-        let tail_dot = |j: usize| -> f32 { q_tail.iter().zip(key(j).1).map(|(x, y)| x * y).sum() };
-        let full = n / 4 * 4;
-        for j in (0..full).step_by(4) {
-            let (k0, k1, k2, k3) = (key(j).0, key(j + 1).0, key(j + 2).0, key(j + 3).0);
+        let mut v = 0;
+        while v + 4 <= vecs {
             let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
-            for (c, &qc) in qv.iter().enumerate() {
-                a0 = simd.mul_add_e_f32s(qc, k0[c], a0);
-                a1 = simd.mul_add_e_f32s(qc, k1[c], a1);
-                a2 = simd.mul_add_e_f32s(qc, k2[c], a2);
-                a3 = simd.mul_add_e_f32s(qc, k3[c], a3);
+            for (i, &qi) in qg.iter().enumerate() {
+                let k = S::as_simd_f32s(&keys[i * bt + v * lanes..][..4 * lanes]).0;
+                let qi = simd.splat_f32s(qi);
+                a0 = simd.mul_add_e_f32s(qi, k[0], a0);
+                a1 = simd.mul_add_e_f32s(qi, k[1], a1);
+                a2 = simd.mul_add_e_f32s(qi, k[2], a2);
+                a3 = simd.mul_add_e_f32s(qi, k[3], a3);
             }
-            for (t, a) in [a0, a1, a2, a3].into_iter().enumerate() {
-                row[j + t] = (simd.reduce_sum_f32s(a) + tail_dot(j + t)) * scale;
+            let out = S::as_mut_simd_f32s(&mut row[v * lanes..(v + 4) * lanes]).0;
+            let sc = simd.splat_f32s(scale);
+            for (o, a) in out.iter_mut().zip([a0, a1, a2, a3]) {
+                *o = simd.mul_f32s(a, sc);
             }
+            v += 4;
         }
-        for (j, out) in row.iter_mut().enumerate().skip(full) {
+        while v < vecs {
             let mut a = zero;
-            for (&qc, &kc) in qv.iter().zip(key(j).0) {
-                a = simd.mul_add_e_f32s(qc, kc, a);
+            for (i, &qi) in qg.iter().enumerate() {
+                let k = S::as_simd_f32s(&keys[i * bt + v * lanes..][..lanes]).0;
+                a = simd.mul_add_e_f32s(simd.splat_f32s(qi), k[0], a);
             }
-            *out = (simd.reduce_sum_f32s(a) + tail_dot(j)) * scale;
+            S::as_mut_simd_f32s(&mut row[v * lanes..(v + 1) * lanes]).0[0] =
+                simd.mul_f32s(a, simd.splat_f32s(scale));
+            v += 1;
+        }
+        for (j, out) in row.iter_mut().enumerate().skip(vecs * lanes) {
+            let dot: f32 = qg
+                .iter()
+                .enumerate()
+                .map(|(i, &qi)| qi * keys[i * bt + j])
+                .sum();
+            *out = dot * scale;
         }
     }
     for g in 0..group {

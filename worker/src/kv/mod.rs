@@ -1,9 +1,12 @@
 //! The KV store: every layer's keys and values in fixed-size blocks of `block_tokens` tokens.
 //!
-//! Page layout, per layer: `[block][kv_head][slot][head_dim]`, so that one head's keys of one
-//! block are contiguous (`block_tokens * head_dim` floats: 16 KiB at 64 tokens and head dim 64).
+//! Page layout, per layer: values `[block][kv_head][slot][head_dim]` and keys
+//! `[block][kv_head][head_dim][slot]`, so that one head's keys (or values) of one block are
+//! contiguous (`block_tokens * head_dim` floats: 16 KiB at 64 tokens and head dim 64).
 //! PERF-NOTES measured this head-major layout at 70-80% of memory bandwidth for decode attention
-//! against 55-65% for vLLM's `[block][slot][head][dim]`. A sequence's blocks are listed in its
+//! against 55-65% for vLLM's `[block][slot][head][dim]`. Keys are transposed within a page so
+//! that scores for a vector of slots are plain vertical FMAs (no horizontal sum per key: those
+//! cost as much as the products). A sequence's blocks are listed in its
 //! block table; position `p` lives in block `table[p / block_tokens]`, slot `p % block_tokens`.
 //! Which blocks a sequence owns, sharing and eviction are the block pool's business; this module
 //! only stores and reads.
@@ -38,10 +41,18 @@ impl KvShape {
         usize::try_from(bytes / self.block_bytes() as u64).unwrap_or(usize::MAX)
     }
 
-    /// Offset of `(block, head, slot)` inside one layer's storage.
+    /// Offset of `(block, head, slot)` inside one layer's values, or of the page of
+    /// `(block, head)` in the keys with `slot` 0.
     #[inline]
     pub fn offset(&self, block: BlockId, head: usize, slot: usize) -> usize {
         ((block.get() as usize * self.kv_heads + head) * self.block_tokens + slot) * self.head_dim
+    }
+
+    /// Offset of dimension `dim` of the key at `(block, head, slot)` (keys are transposed
+    /// within each page: `[head_dim][slot]`).
+    #[inline]
+    pub fn key_offset(&self, block: BlockId, head: usize, slot: usize, dim: usize) -> usize {
+        self.offset(block, head, 0) + dim * self.block_tokens + slot
     }
 }
 
@@ -98,8 +109,12 @@ impl KvStore {
         for head in 0..s.kv_heads {
             let dst = s.offset(block, head, slot);
             let src = head * s.head_dim;
-            self.keys[layer][dst..dst + s.head_dim].copy_from_slice(&k[src..src + s.head_dim]);
             self.values[layer][dst..dst + s.head_dim].copy_from_slice(&v[src..src + s.head_dim]);
+            let page = s.key_offset(block, head, slot, 0);
+            let keys = &mut self.keys[layer][page..];
+            for (i, &x) in k[src..src + s.head_dim].iter().enumerate() {
+                keys[i * s.block_tokens] = x;
+            }
         }
     }
 }
