@@ -70,7 +70,10 @@ impl Metrics {
                 "tidelock_worker_kv_blocks_cached",
                 "Unreferenced KV blocks kept in the prefix cache.",
             )?,
-            blocks_total: gauge("tidelock_worker_kv_blocks_total", "KV blocks in the pool.")?,
+            blocks_total: gauge(
+                "tidelock_worker_kv_blocks_capacity",
+                "KV blocks in the pool (used or free).",
+            )?,
             prompt_tokens: counter(
                 "tidelock_worker_prompt_tokens_total",
                 "Prompt tokens received.",
@@ -117,5 +120,47 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::proto::MetricType;
+
+    /// The naming rules `promtool check metrics` enforces, checked here because promtool is not
+    /// installed where the tests run: counters end in `_total`, nothing else does, units are
+    /// base units (`_seconds`, not `_ms`), and every metric has help text.
+    #[test]
+    fn names_follow_the_prometheus_conventions() {
+        let metrics = Metrics::new().expect("register");
+        let families = metrics.registry.gather();
+        assert!(families.len() >= 10, "only {} families", families.len());
+        for family in families {
+            let name = family.name();
+            assert!(name.starts_with("tidelock_worker_"), "{name}: namespace");
+            assert!(!family.help().is_empty(), "{name}: no help text");
+            let is_counter = family.get_field_type() == MetricType::COUNTER;
+            assert_eq!(
+                name.ends_with("_total"),
+                is_counter,
+                "{name}: `_total` is for counters only, and every counter has it"
+            );
+            for word in name.split('_') {
+                assert!(
+                    ![
+                        "ms",
+                        "milliseconds",
+                        "us",
+                        "microseconds",
+                        "minutes",
+                        "kb",
+                        "mb"
+                    ]
+                    .contains(&word),
+                    "{name}: use base units (seconds, bytes)"
+                );
+            }
+        }
     }
 }
