@@ -206,24 +206,16 @@ async fn errors_are_openai_shaped() {
     let e: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["error"]["param"], "n");
 
-    // Parsed but not served yet: refused by name, never silently ignored.
-    for (body, param) in [
-        (chat(serde_json::json!({"logprobs": true})), "logprobs"),
-        (
-            serde_json::json!({"model": "smollm2", "prompt": "hi", "echo": true}),
-            "echo",
-        ),
-    ] {
-        let uri = if param == "echo" {
-            "/v1/completions"
-        } else {
-            "/v1/chat/completions"
-        };
-        let (status, body) = post(&state, uri, body).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        let e: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(e["error"]["param"], param);
-    }
+    // Parsed but not served: refused by name, never silently ignored.
+    let (status, body) = post(
+        &state,
+        "/v1/completions",
+        serde_json::json!({"model": "smollm2", "prompt": "hi", "echo": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["param"], "echo");
 
     let long = "lighthouse ".repeat(3000);
     let (status, body) = post(
@@ -235,4 +227,104 @@ async fn errors_are_openai_shaped() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let e: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["error"]["code"], "context_length_exceeded");
+}
+
+/// Checks one chat `logprobs.content` entry: the chosen token heads its alternatives (the
+/// simulator's logits make it the most likely), and alternatives descend.
+fn check_chat_entry(entry: &serde_json::Value, alternatives: usize) {
+    let logprob = entry["logprob"].as_f64().unwrap();
+    assert!(logprob <= 0.0, "{entry}");
+    let token = entry["token"].as_str().unwrap();
+    assert_eq!(entry["bytes"], serde_json::json!(token.as_bytes()));
+    let top = entry["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), alternatives, "{entry}");
+    if let Some(first) = top.first() {
+        assert_eq!(first["token"], token);
+        assert!((first["logprob"].as_f64().unwrap() - logprob).abs() < 1e-6);
+    }
+    for pair in top.windows(2) {
+        assert!(
+            pair[0]["logprob"].as_f64() >= pair[1]["logprob"].as_f64(),
+            "{entry}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn logprobs_are_served_in_openai_shapes() {
+    let state = state();
+    // Chat, whole response: one entry per generated token.
+    let (status, body) = post(
+        &state,
+        "/v1/chat/completions",
+        chat(serde_json::json!({"logprobs": true, "top_logprobs": 3})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 12);
+    for entry in content {
+        check_chat_entry(entry, 3);
+    }
+    // Without logprobs the field stays null.
+    let (_, body) = post(&state, "/v1/chat/completions", chat(serde_json::json!({}))).await;
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(r["choices"][0]["logprobs"].is_null());
+
+    // Chat, streamed: the chunks' entries add up to every token, the same as unstreamed.
+    let (_, body) = post(
+        &state,
+        "/v1/chat/completions",
+        chat(serde_json::json!({"logprobs": true, "stream": true})),
+    )
+    .await;
+    let mut streamed = Vec::new();
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(entries) = chunk["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(entries.iter().cloned());
+        }
+    }
+    assert_eq!(streamed.len(), 12, "{body}");
+    for (s, c) in streamed.iter().zip(content) {
+        check_chat_entry(s, 0);
+        assert_eq!(s["token"], c["token"]);
+        assert_eq!(s["logprob"], c["logprob"]);
+    }
+
+    // Completions: parallel arrays, offsets into the text.
+    let (status, body) = post(
+        &state,
+        "/v1/completions",
+        serde_json::json!({"model": "smollm2", "prompt": "The lighthouse keeper", "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let lp = &r["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 6);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 6);
+    let top = lp["top_logprobs"].as_array().unwrap();
+    assert!(
+        top.iter().all(|t| t.as_object().unwrap().len() == 2),
+        "{lp}"
+    );
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    for (i, pair) in offsets.windows(2).enumerate() {
+        assert_eq!(
+            pair[1] - pair[0],
+            tokens[i].as_str().unwrap().chars().count() as u64
+        );
+    }
 }

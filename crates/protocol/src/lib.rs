@@ -26,6 +26,6 @@ pub use openai::{
 };
 pub use wire::{
     ErrorCode, FinishReason, GenerateEvent, GenerateRequest, LoadReport, SamplingError,
-    SamplingParams, SessionRecord, TenantLimits, TenantRecord, Usage, WorkerInfo,
+    SamplingParams, SessionRecord, TenantLimits, TenantRecord, TopLogprob, Usage, WorkerInfo,
     WorkerRegistration,
 };

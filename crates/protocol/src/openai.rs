@@ -32,7 +32,7 @@ pub use request::{
 pub use response::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatMessageOut, ChunkChoice, Completion,
     CompletionChoice, CompletionChunk, Delta, ModelCard, ModelList, PromptTokensDetails,
-    ResponseMeta, Usage, finish_reason,
+    ResponseMeta, TokenLogprob, Usage, chat_logprobs, completion_logprobs, finish_reason,
 };
 
 /// The most stop sequences a request may carry, as with OpenAI.

@@ -49,7 +49,8 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past the model's end-of-sequence token.
     pub ignore_eos: bool,
-    /// Return this many log-probabilities per token (at most 20); `None` for none.
+    /// `Some(n)`: return each token's log-probability and the `n` most likely alternatives
+    /// (at most 20); `None` for none.
     pub logprobs: Option<u32>,
 }
 
@@ -91,6 +92,13 @@ impl Default for SamplingParams {
             logprobs: None,
         }
     }
+}
+
+/// One alternative token with its log-probability (see [`GenerateEvent::Tokens`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub id: u32,
+    pub logprob: f32,
 }
 
 /// `POST /v1/generate`: continue `tokens` for a session.
@@ -179,6 +187,11 @@ pub enum GenerateEvent {
         /// Log-probability of each id, when requested.
         #[serde(default)]
         logprobs: Option<Vec<f32>>,
+        /// Per id, the most likely alternatives (most likely first) when
+        /// `SamplingParams::logprobs` asked for more than zero. Absent otherwise; older readers
+        /// skip it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        top_logprobs: Option<Vec<Vec<TopLogprob>>>,
     },
     /// Generation ended normally.
     Finished {
@@ -376,11 +389,39 @@ mod tests {
         round_trip(&GenerateEvent::Tokens {
             ids: vec![5, 6],
             logprobs: Some(vec![-0.5, -1.25]),
+            top_logprobs: Some(vec![
+                vec![TopLogprob {
+                    id: 5,
+                    logprob: -0.5,
+                }],
+                vec![
+                    TopLogprob {
+                        id: 9,
+                        logprob: -0.75,
+                    },
+                    TopLogprob {
+                        id: 6,
+                        logprob: -1.25,
+                    },
+                ],
+            ]),
         });
         round_trip(&GenerateEvent::Tokens {
             ids: vec![5],
             logprobs: None,
+            top_logprobs: None,
         });
+        // A reader from before `top_logprobs` existed still reads the event.
+        let old: GenerateEvent =
+            serde_json::from_str(r#"{"type":"tokens","ids":[5],"logprobs":[-0.5]}"#).unwrap();
+        assert_eq!(
+            old,
+            GenerateEvent::Tokens {
+                ids: vec![5],
+                logprobs: Some(vec![-0.5]),
+                top_logprobs: None,
+            }
+        );
         round_trip(&GenerateEvent::Prefilled {
             prompt_tokens: 130,
             cached_tokens: 128,

@@ -446,6 +446,10 @@ impl<E: Executor> Engine<E> {
             let _ = seq.out.send(GenerateEvent::Tokens {
                 ids: vec![sampled.token],
                 logprobs: params.logprobs.map(|_| vec![sampled.logprob]),
+                top_logprobs: params
+                    .logprobs
+                    .filter(|&n| n > 0)
+                    .map(|n| vec![sampling::top_logprobs(logits, n as usize)]),
             });
             seq.tokens.push(sampled.token);
             seq.chain.extend(&[sampled.token]);

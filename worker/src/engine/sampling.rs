@@ -7,7 +7,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tidelock_protocol::SamplingParams;
+use tidelock_protocol::{SamplingParams, TopLogprob};
 
 /// Picks tokens for one request.
 #[derive(Debug)]
@@ -105,9 +105,37 @@ pub fn argmax(logits: &[f32]) -> usize {
 }
 
 fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    logits[index] - log_sum_exp(logits)
+}
+
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = logits.iter().map(|x| (x - max).exp()).sum();
-    logits[index] - max - sum.ln()
+    max + sum.ln()
+}
+
+/// The `n` most likely tokens with their log-probabilities under the model's distribution, most
+/// likely first (the lower id first among equals). One partial selection over the vocabulary.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<TopLogprob> {
+    let n = n.min(logits.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let norm = log_sum_exp(logits);
+    let better = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    if n < order.len() {
+        order.select_nth_unstable_by(n - 1, better);
+        order.truncate(n);
+    }
+    order.sort_unstable_by(better);
+    order
+        .into_iter()
+        .map(|i| TopLogprob {
+            id: i as u32,
+            logprob: logits[i] - norm,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -125,6 +153,27 @@ mod tests {
     }
 
     const LOGITS: [f32; 5] = [1.0, 3.0, 2.5, -1.0, 0.0];
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_in_order_and_normalised() {
+        let top = top_logprobs(&LOGITS, 3);
+        let ids: Vec<u32> = top.iter().map(|t| t.id).collect();
+        assert_eq!(ids, [1, 2, 0]);
+        for t in &top {
+            let want = log_softmax_at(&LOGITS, t.id as usize);
+            assert!((t.logprob - want).abs() < 1e-6, "{t:?} vs {want}");
+        }
+        // All of them: probabilities sum to one.
+        let all: f32 = top_logprobs(&LOGITS, 99)
+            .iter()
+            .map(|t| t.logprob.exp())
+            .sum();
+        assert!((all - 1.0).abs() < 1e-5, "{all}");
+        assert!(top_logprobs(&LOGITS, 0).is_empty());
+        // Ties: the lower id first.
+        let tied = top_logprobs(&[0.5, 2.0, 2.0, 1.0], 2);
+        assert_eq!((tied[0].id, tied[1].id), (1, 2));
+    }
 
     #[test]
     fn greedy_picks_the_largest_with_its_logprob() {

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use tidelock_prompt::{ChatMessage, IncrementalDetokenizer, PromptKit, StopMatcher};
 use tidelock_protocol::openai::{
     self, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Delta, ModelCard,
-    ModelList, OpenAiError, PromptInput, ResponseMeta,
+    ModelList, OpenAiError, PromptInput, ResponseMeta, TokenLogprob,
 };
 use tidelock_protocol::{CacheSalt, GenerateEvent, GenerateRequest, SamplingParams, SessionKey};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -98,14 +98,8 @@ fn generate_request(
     })
 }
 
-/// Features the request types parse but this surface does not serve yet: refused, not ignored.
-fn refuse_unserved(sampling: &SamplingParams, echo: bool) -> Result<(), OpenAiError> {
-    if sampling.logprobs.is_some() {
-        return Err(OpenAiError::invalid(
-            "logprobs",
-            "logprobs are not served by the worker's OpenAI surface yet",
-        ));
-    }
+/// Features the request types parse but this surface does not serve: refused, not ignored.
+fn refuse_unserved(echo: bool) -> Result<(), OpenAiError> {
     if echo {
         return Err(OpenAiError::invalid("echo", "echo is not supported"));
     }
@@ -158,7 +152,7 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiError> 
         .encode_chat(&messages, true, &extra)
         .map_err(|e| OpenAiError::invalid("messages", e.to_string()))?;
     let sampling = req.sampling(room(state, tokens.len()))?;
-    refuse_unserved(&sampling, false)?;
+
     Ok(Prepared {
         meta: response_meta("chatcmpl", &req.model, req.include_usage()),
         request: generate_request(state, tokens, sampling, req.session_hint())?,
@@ -188,7 +182,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiE
         return Err(OpenAiError::invalid("prompt", "the prompt is empty"));
     }
     let sampling = req.sampling(room(state, tokens.len()))?;
-    refuse_unserved(&sampling, req.echo)?;
+    refuse_unserved(req.echo)?;
     Ok(Prepared {
         meta: response_meta("cmpl", &req.model, req.include_usage()),
         request: generate_request(state, tokens, sampling, req.session_hint())?,
@@ -205,6 +199,10 @@ struct TextOut {
     prompt_tokens: u32,
     cached_tokens: u32,
     completion_tokens: u32,
+    /// Log-probabilities of tokens read but not yet sent (when the request asked for them).
+    logprobs: Vec<TokenLogprob>,
+    /// Characters of completion text sent so far (the completions `text_offset` base).
+    chars_sent: usize,
 }
 
 /// One step of a generation as the client sees it.
@@ -250,8 +248,27 @@ impl TextOut {
                 self.cached_tokens = cached_tokens;
                 Step::Text(String::new())
             }
-            GenerateEvent::Tokens { ids, .. } => {
+            GenerateEvent::Tokens {
+                ids,
+                logprobs,
+                top_logprobs,
+            } => {
                 self.completion_tokens += ids.len() as u32;
+                if let Some(logprobs) = logprobs {
+                    let text = |id: u32| kit.decode(&[id], false).unwrap_or_default();
+                    for (i, (&id, &logprob)) in ids.iter().zip(&logprobs).enumerate() {
+                        let top = top_logprobs
+                            .as_ref()
+                            .and_then(|t| t.get(i))
+                            .map(|alts| alts.iter().map(|a| (text(a.id), a.logprob)).collect())
+                            .unwrap_or_default();
+                        self.logprobs.push(TokenLogprob {
+                            token: text(id),
+                            logprob,
+                            top,
+                        });
+                    }
+                }
                 let mut text = String::new();
                 for id in ids {
                     let piece = self.detok.push(kit.tokenizer(), id).unwrap_or_default();
@@ -292,6 +309,7 @@ async fn run(state: AppState, prepared: Prepared) -> Response {
             "this worker has no tokenizer loaded",
         ));
     };
+    let wants_logprobs = prepared.request.sampling.logprobs.is_some();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     if state
         .commands
@@ -309,6 +327,8 @@ async fn run(state: AppState, prepared: Prepared) -> Response {
         prompt_tokens: 0,
         cached_tokens: 0,
         completion_tokens: 0,
+        logprobs: Vec::new(),
+        chars_sent: 0,
     };
     let meta = prepared.meta;
     if !prepared.stream {
@@ -318,11 +338,20 @@ async fn run(state: AppState, prepared: Prepared) -> Response {
                 Some(Step::Text(t)) => content.push_str(&t),
                 Some(Step::End(t, finish, usage)) => {
                     content.push_str(&t);
+                    let logprobs = &text_out.logprobs;
                     return if prepared.chat {
-                        axum::Json(ChatCompletion::new(&meta, content, finish, usage))
-                            .into_response()
+                        let mut body = ChatCompletion::new(&meta, content, finish, usage);
+                        if wants_logprobs {
+                            body.choices[0].logprobs = Some(openai::chat_logprobs(logprobs));
+                        }
+                        axum::Json(body).into_response()
                     } else {
-                        axum::Json(Completion::new(&meta, content, finish, usage)).into_response()
+                        let mut body = Completion::new(&meta, content, finish, usage);
+                        if wants_logprobs {
+                            body.choices[0].logprobs =
+                                Some(openai::completion_logprobs(logprobs, 0));
+                        }
+                        axum::Json(body).into_response()
                     };
                 }
                 Some(Step::Failed(e)) => return error(&e),
@@ -340,19 +369,32 @@ async fn run(state: AppState, prepared: Prepared) -> Response {
             None,
         ))
     });
-    let chunk = move |meta: &ResponseMeta, text: String, finish: Option<String>| {
-        if chat {
-            openai::sse_data(&meta.chat_chunk(
-                Delta {
-                    role: None,
-                    content: Some(text),
-                },
-                finish,
-            ))
-        } else {
-            openai::sse_data(&meta.completion_chunk(text, finish))
-        }
-    };
+    // A content chunk, with the log-probabilities of the tokens it carries when asked for.
+    let chunk =
+        move |meta: &ResponseMeta, text_out: &mut TextOut, text: String, finish: Option<String>| {
+            let tokens = std::mem::take(&mut text_out.logprobs);
+            let offset = text_out.chars_sent;
+            text_out.chars_sent += text.chars().count();
+            if chat {
+                let mut c = meta.chat_chunk(
+                    Delta {
+                        role: None,
+                        content: Some(text),
+                    },
+                    finish,
+                );
+                if wants_logprobs {
+                    c.choices[0].logprobs = Some(openai::chat_logprobs(&tokens));
+                }
+                openai::sse_data(&c)
+            } else {
+                let mut c = meta.completion_chunk(text, finish);
+                if wants_logprobs {
+                    c.choices[0].logprobs = Some(openai::completion_logprobs(&tokens, offset));
+                }
+                openai::sse_data(&c)
+            }
+        };
     let events = futures::stream::unfold(
         (text_out, rx, kit, meta, false),
         move |(mut text_out, mut rx, kit, meta, done)| async move {
@@ -362,9 +404,9 @@ async fn run(state: AppState, prepared: Prepared) -> Response {
             let mut lines = String::new();
             match text_out.next(&kit, &mut rx).await? {
                 Step::Text(t) if t.is_empty() => {}
-                Step::Text(t) => lines.push_str(&chunk(&meta, t, None)),
+                Step::Text(t) => lines.push_str(&chunk(&meta, &mut text_out, t, None)),
                 Step::End(t, finish, usage) => {
-                    lines.push_str(&chunk(&meta, t, finish));
+                    lines.push_str(&chunk(&meta, &mut text_out, t, finish));
                     if meta.include_usage {
                         lines.push_str(&if chat {
                             openai::sse_data(&meta.chat_usage_chunk(usage))

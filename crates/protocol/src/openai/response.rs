@@ -56,6 +56,60 @@ impl From<wire::Usage> for Usage {
     }
 }
 
+/// One generated token's log-probability and its most likely alternatives, by text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text.
+    pub token: String,
+    pub logprob: f32,
+    /// The most likely alternatives, most likely first: `(text, logprob)`.
+    pub top: Vec<(String, f32)>,
+}
+
+/// `choices[].logprobs` of a chat completion or chunk, as OpenAI shapes it:
+/// `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": null}`.
+pub fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let entry = |token: &str, logprob: f32| serde_json::json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.token, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|(tok, lp)| entry(tok, *lp)).collect();
+            e
+        })
+        .collect();
+    serde_json::json!({"content": content, "refusal": null})
+}
+
+/// `choices[].logprobs` of a (legacy) completion or chunk: parallel arrays of token texts,
+/// their log-probabilities, a `{text: logprob}` map of alternatives per token, and each token's
+/// character offset in the completion text, counted from `offset` (the characters before).
+pub fn completion_logprobs(tokens: &[TokenLogprob], offset: usize) -> Value {
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    let mut at = offset;
+    for t in tokens {
+        text_offset.push(at);
+        at += t.token.chars().count();
+    }
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let map: serde_json::Map<String, Value> = t
+                .top
+                .iter()
+                .map(|(tok, lp)| (tok.clone(), Value::from(*lp)))
+                .collect();
+            Value::Object(map)
+        })
+        .collect();
+    serde_json::json!({
+        "tokens": tokens.iter().map(|t| t.token.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
+}
+
 /// The assistant message of a chat completion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessageOut {
@@ -571,5 +625,40 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(parsed.data[0].max_model_len, None);
+    }
+
+    #[test]
+    fn logprobs_take_the_openai_shapes() {
+        let tokens = [
+            TokenLogprob {
+                token: "Hé".into(),
+                logprob: -0.5,
+                top: vec![("Hé".into(), -0.5), ("Hi".into(), -1.5)],
+            },
+            TokenLogprob {
+                token: "!".into(),
+                logprob: -0.25,
+                top: vec![],
+            },
+        ];
+        assert_eq!(
+            chat_logprobs(&tokens),
+            json!({"content": [
+                {"token": "Hé", "logprob": -0.5, "bytes": [72, 195, 169], "top_logprobs": [
+                    {"token": "Hé", "logprob": -0.5, "bytes": [72, 195, 169]},
+                    {"token": "Hi", "logprob": -1.5, "bytes": [72, 105]},
+                ]},
+                {"token": "!", "logprob": -0.25, "bytes": [33], "top_logprobs": []},
+            ], "refusal": null})
+        );
+        assert_eq!(
+            completion_logprobs(&tokens, 3),
+            json!({
+                "tokens": ["Hé", "!"],
+                "token_logprobs": [-0.5, -0.25],
+                "top_logprobs": [{"Hé": -0.5, "Hi": -1.5}, {}],
+                "text_offset": [3, 5],
+            })
+        );
     }
 }
