@@ -253,8 +253,17 @@ impl PackedMatrix {
         for (i, dst_row) in dst.chunks_exact_mut(m).enumerate() {
             let o = first + i;
             let mut r = 0;
+            // AVX-512 has registers for eight rows' accumulators, so one unpack serves eight.
+            #[cfg(target_arch = "x86_64")]
+            let group = if matches!(kernel, Kernel::Avx512(_)) {
+                8
+            } else {
+                4
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let group = 4;
             while r < m {
-                let take = (m - r).min(4);
+                let take = (m - r).min(group);
                 let xs = &x[r * self.cols..(r + take) * self.cols];
                 let ss = if sums.is_empty() {
                     sums
@@ -268,7 +277,11 @@ impl PackedMatrix {
                         1 => avx512::row_dot::<1>(v4, self, o, xs, ss, dst),
                         2 => avx512::row_dot::<2>(v4, self, o, xs, ss, dst),
                         3 => avx512::row_dot::<3>(v4, self, o, xs, ss, dst),
-                        _ => avx512::row_dot::<4>(v4, self, o, xs, ss, dst),
+                        4 => avx512::row_dot::<4>(v4, self, o, xs, ss, dst),
+                        5 => avx512::row_dot::<5>(v4, self, o, xs, ss, dst),
+                        6 => avx512::row_dot::<6>(v4, self, o, xs, ss, dst),
+                        7 => avx512::row_dot::<7>(v4, self, o, xs, ss, dst),
+                        _ => avx512::row_dot::<8>(v4, self, o, xs, ss, dst),
                     }
                     r += take;
                     continue;
