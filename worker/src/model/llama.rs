@@ -24,7 +24,7 @@ use crate::kv::{KvShape, KvStore};
 use crate::model::ModelError;
 use crate::model::config::{LlamaConfig, RopeStyle, rope_frequencies};
 use crate::model::gguf::GgufFile;
-use crate::model::hf::{self, HfFolder};
+use crate::model::hf::{self, HfFolder, LayerNames};
 use crate::model::packed::PackedMatrix;
 
 /// Which logits a chunk wants back.
@@ -182,70 +182,7 @@ impl Llama {
     pub fn from_gguf(path: &Path, format: WeightFormat) -> Result<Self, ModelError> {
         let mut file = GgufFile::open(path)?;
         let cfg = file.llama_config()?;
-        let h = cfg.hidden_size;
-        let q = cfg.num_attention_heads * cfg.head_dim();
-        let kv = cfg.num_kv_heads() * cfg.head_dim();
-        let inter = cfg.intermediate_size;
-        let embed = file.tensor("token_embd.weight", &[cfg.vocab_size, h])?;
-        let head_name = if cfg.tie_word_embeddings {
-            "token_embd.weight"
-        } else {
-            "output.weight"
-        };
-        let lm_head = Proj::load(
-            &mut file,
-            &[(head_name.to_owned(), [cfg.vocab_size, h])],
-            format,
-        )?;
-        let norm = file.tensor("output_norm.weight", &[h])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let name = |n: &str| format!("blk.{i}.{n}");
-            let qkv = Proj::load(
-                &mut file,
-                &[
-                    (name("attn_q.weight"), [q, h]),
-                    (name("attn_k.weight"), [kv, h]),
-                    (name("attn_v.weight"), [kv, h]),
-                ],
-                format,
-            )?;
-            let qkv_bias = if cfg.attention_bias {
-                let bq = file.tensor(&name("attn_q.bias"), &[q])?;
-                let bk = file.tensor(&name("attn_k.bias"), &[kv])?;
-                let bv = file.tensor(&name("attn_v.bias"), &[kv])?;
-                Some(Tensor::cat(&[bq, bk, bv], 0)?)
-            } else {
-                None
-            };
-            let gate_up = Proj::load(
-                &mut file,
-                &[
-                    (name("ffn_gate.weight"), [inter, h]),
-                    (name("ffn_up.weight"), [inter, h]),
-                ],
-                format,
-            )?;
-            layers.push(Layer {
-                attn_norm: file.tensor(&name("attn_norm.weight"), &[h])?,
-                qkv,
-                qkv_bias,
-                out: Proj::load(&mut file, &[(name("attn_output.weight"), [h, q])], format)?,
-                ffn_norm: file.tensor(&name("ffn_norm.weight"), &[h])?,
-                gate_up,
-                down: Proj::load(&mut file, &[(name("ffn_down.weight"), [h, inter])], format)?,
-            });
-        }
-        let (inv_freq, rope_scale) = rope_frequencies(&cfg);
-        Ok(Llama {
-            cfg,
-            embed,
-            lm_head,
-            norm,
-            layers,
-            inv_freq,
-            rope_scale,
-        })
+        Self::build(&mut file, cfg, format)
     }
 
     /// Loads a Hugging Face folder (`config.json` and safetensors, see [`crate::model::hf`]) as
@@ -265,51 +202,53 @@ impl Llama {
         }
         let mut folder = HfFolder::open(dir)?;
         let cfg = folder.config().clone();
+        Self::build(&mut folder, cfg, format)
+    }
+
+    /// Reads every weight by the source's names, shapes checked against the config.
+    fn build(
+        source: &mut impl WeightSource,
+        cfg: LlamaConfig,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let q = cfg.num_attention_heads * cfg.head_dim();
         let kv = cfg.num_kv_heads() * cfg.head_dim();
         let inter = cfg.intermediate_size;
-        let embed = folder.tensor(hf::EMBED, &[cfg.vocab_size, h])?;
+        let top = source.names();
+        let embed = source.tensor(&top.embed, &[cfg.vocab_size, h])?;
         let head_name = if cfg.tie_word_embeddings {
-            hf::EMBED
+            top.embed
         } else {
-            hf::LM_HEAD
+            top.head
         };
-        let lm_head = Proj::load(
-            &mut folder,
-            &[(head_name.to_owned(), [cfg.vocab_size, h])],
-            format,
-        )?;
-        let norm = folder.tensor(hf::NORM, &[h])?;
+        let lm_head = Proj::load(source, &[(head_name, [cfg.vocab_size, h])], format)?;
+        let norm = source.tensor(&top.norm, &[h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let n = hf::layer_names(i);
+            let n = source.layer_names(i);
             let qkv = Proj::load(
-                &mut folder,
+                source,
                 &[(n.q, [q, h]), (n.k, [kv, h]), (n.v, [kv, h])],
                 format,
             )?;
             let qkv_bias = if cfg.attention_bias {
-                let bq = folder.tensor(&n.q_bias, &[q])?;
-                let bk = folder.tensor(&n.k_bias, &[kv])?;
-                let bv = folder.tensor(&n.v_bias, &[kv])?;
+                let bq = source.tensor(&n.q_bias, &[q])?;
+                let bk = source.tensor(&n.k_bias, &[kv])?;
+                let bv = source.tensor(&n.v_bias, &[kv])?;
                 Some(Tensor::cat(&[bq, bk, bv], 0)?)
             } else {
                 None
             };
-            let gate_up = Proj::load(
-                &mut folder,
-                &[(n.gate, [inter, h]), (n.up, [inter, h])],
-                format,
-            )?;
+            let gate_up = Proj::load(source, &[(n.gate, [inter, h]), (n.up, [inter, h])], format)?;
             layers.push(Layer {
-                attn_norm: folder.tensor(&n.input_norm, &[h])?,
+                attn_norm: source.tensor(&n.input_norm, &[h])?,
                 qkv,
                 qkv_bias,
-                out: Proj::load(&mut folder, &[(n.o, [h, q])], format)?,
-                ffn_norm: folder.tensor(&n.post_attention_norm, &[h])?,
+                out: Proj::load(source, &[(n.o, [h, q])], format)?,
+                ffn_norm: source.tensor(&n.post_attention_norm, &[h])?,
                 gate_up,
-                down: Proj::load(&mut folder, &[(n.down, [h, inter])], format)?,
+                down: Proj::load(source, &[(n.down, [h, inter])], format)?,
             });
         }
         let (inv_freq, rope_scale) = rope_frequencies(&cfg);
@@ -519,6 +458,17 @@ trait WeightSource {
     fn qtensor(&mut self, name: &str, shape: &[usize]) -> Result<QTensor, ModelError>;
     /// A tensor read by `qtensor`, as f32.
     fn dequantize(&self, name: &str, q: &QTensor) -> Result<Tensor, ModelError>;
+    /// The names of the embedding, final norm and head.
+    fn names(&self) -> TopNames;
+    /// The names of layer `i`'s weights.
+    fn layer_names(&self, i: usize) -> LayerNames;
+}
+
+/// The names of the weights outside the layers.
+struct TopNames {
+    embed: String,
+    norm: String,
+    head: String,
 }
 
 impl WeightSource for GgufFile {
@@ -532,6 +482,32 @@ impl WeightSource for GgufFile {
 
     fn dequantize(&self, name: &str, q: &QTensor) -> Result<Tensor, ModelError> {
         GgufFile::dequantize(self, name, q)
+    }
+
+    fn names(&self) -> TopNames {
+        TopNames {
+            embed: "token_embd.weight".into(),
+            norm: "output_norm.weight".into(),
+            head: "output.weight".into(),
+        }
+    }
+
+    fn layer_names(&self, i: usize) -> LayerNames {
+        let name = |n: &str| format!("blk.{i}.{n}");
+        LayerNames {
+            q: name("attn_q.weight"),
+            k: name("attn_k.weight"),
+            v: name("attn_v.weight"),
+            o: name("attn_output.weight"),
+            q_bias: name("attn_q.bias"),
+            k_bias: name("attn_k.bias"),
+            v_bias: name("attn_v.bias"),
+            gate: name("ffn_gate.weight"),
+            up: name("ffn_up.weight"),
+            down: name("ffn_down.weight"),
+            input_norm: name("attn_norm.weight"),
+            post_attention_norm: name("ffn_norm.weight"),
+        }
     }
 }
 
@@ -550,5 +526,17 @@ impl WeightSource for HfFolder {
 
     fn dequantize(&self, _name: &str, q: &QTensor) -> Result<Tensor, ModelError> {
         Ok(q.dequantize(&Device::Cpu)?)
+    }
+
+    fn names(&self) -> TopNames {
+        TopNames {
+            embed: hf::EMBED.into(),
+            norm: hf::NORM.into(),
+            head: hf::LM_HEAD.into(),
+        }
+    }
+
+    fn layer_names(&self, i: usize) -> LayerNames {
+        hf::layer_names(i)
     }
 }
