@@ -15,8 +15,8 @@
 //! stops at the first block nobody still matching holds. Cost is one map probe plus a few 128-bit
 //! operations per matched block, independent of the number of workers; per-worker work happens only
 //! when a worker drops out or its tier changes along the chain. Block hashes are uniformly random
-//! BLAKE3 output, so the map uses [`BlockHashHasher`], which folds the hash bytes instead of
-//! rehashing them with SipHash.
+//! BLAKE3 output, so the map uses [`BlockHashHasher`]: the hash bytes folded into a word and one
+//! keyed multiply (random key per map, against flooding) instead of SipHash.
 //!
 //! Each worker also keeps the set of blocks it holds, so that `Cleared`, a snapshot and
 //! [`KvIndex::remove_worker`] cost the size of that worker's cache, not of the whole index.
@@ -31,7 +31,7 @@
 //!   blocks that may be gone.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher, RandomState};
 
 use tidelock_protocol::{
     BlockHash, BlockTokens, Continuity, Epoch, KvEvent, KvEventBatch, KvSnapshot, Tier, WorkerId,
@@ -41,23 +41,27 @@ use tidelock_protocol::{
 /// How many workers one index can track: one bit each in a `u128`.
 pub const MAX_WORKERS: usize = 128;
 
-/// A hasher for keys that are already uniformly random 128-bit hashes: it XOR-folds the bytes it is
-/// given into one word instead of mixing them again.
+/// A hasher for keys that are already uniformly random 128-bit hashes: it XOR-folds the bytes into
+/// one word and finishes with one keyed multiply instead of running SipHash over them.
 ///
-/// Sound only because a [`BlockHash`] is BLAKE3 output, which an attacker cannot steer towards a
-/// bucket without breaking BLAKE3's preimage resistance.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BlockHashHasher(u64);
+/// The key is random per map ([`BlockHashState`]). Without it the map would be open to flooding:
+/// a tenant chooses its tokens, and finding block hashes that share the few low bits a bucket is
+/// chosen by takes only about a million BLAKE3 calls.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockHashHasher {
+    folded: u64,
+    key: [u64; 2],
+}
 
 impl Hasher for BlockHashHasher {
     fn write(&mut self, bytes: &[u8]) {
         let mut words = bytes.chunks_exact(8);
         for word in &mut words {
             let word: [u8; 8] = word.try_into().unwrap_or([0; 8]);
-            self.0 = self.0.rotate_left(23) ^ u64::from_le_bytes(word);
+            self.folded = self.folded.rotate_left(23) ^ u64::from_le_bytes(word);
         }
         for &byte in words.remainder() {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+            self.folded = self.folded.rotate_left(8) ^ u64::from(byte);
         }
     }
 
@@ -65,13 +69,41 @@ impl Hasher for BlockHashHasher {
     fn write_usize(&mut self, _: usize) {}
 
     fn finish(&self) -> u64 {
-        self.0
+        // ahash's fallback finish: a 64x64->128 multiply by a secret, folded.
+        let product = u128::from(self.folded ^ self.key[0]) * u128::from(self.key[1]);
+        (product as u64) ^ ((product >> 64) as u64)
     }
 }
 
-type BuildBlockHasher = BuildHasherDefault<BlockHashHasher>;
-type BlockMap<V> = HashMap<BlockHash, V, BuildBlockHasher>;
-type BlockSet = HashSet<BlockHash, BuildBlockHasher>;
+/// Builds [`BlockHashHasher`]s with a key drawn at random when the map is created.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockHashState {
+    key: [u64; 2],
+}
+
+impl Default for BlockHashState {
+    fn default() -> Self {
+        // std's RandomState is seeded from the OS; two of its outputs make the key.
+        let random = RandomState::new();
+        Self {
+            key: [random.hash_one(0u8), random.hash_one(1u8) | 1],
+        }
+    }
+}
+
+impl BuildHasher for BlockHashState {
+    type Hasher = BlockHashHasher;
+
+    fn build_hasher(&self) -> BlockHashHasher {
+        BlockHashHasher {
+            folded: 0,
+            key: self.key,
+        }
+    }
+}
+
+type BlockMap<V> = HashMap<BlockHash, V, BlockHashState>;
+type BlockSet = HashSet<BlockHash, BlockHashState>;
 
 /// Why the index refused a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
