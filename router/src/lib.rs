@@ -1,9 +1,10 @@
 //! `tidelock-router` as a library: the router's pure core, tested without a network.
 //!
-//! Only the KV index exists so far (issue #4); the HTTP front end, placement policy and worker
-//! event subscriptions arrive later and will build on it. The binary (`main.rs`) still says that
-//! the router is not implemented.
+//! So far (issue #4): the KV index (`index`) and the task that keeps it current with each
+//! worker's event stream (`follow`). The HTTP front end and the placement policy arrive later and
+//! build on them. The binary (`main.rs`) still says that the router is not implemented.
 
+pub mod follow;
 pub mod index;
 
 pub use index::{Applied, IndexError, KvIndex, MAX_WORKERS, Resync, TierCounts, WorkerMatch};

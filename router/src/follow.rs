@@ -1,0 +1,189 @@
+//! Keeps the KV index current with one worker: load its snapshot, then follow its event stream
+//! (`GET /v1/kv/events?epoch=E&after=S`, newline-delimited [`KvEventBatch`]es). On a sequence
+//! gap, a new epoch (the worker restarted), a `410 Gone` (the router fell too far behind) or a
+//! dropped stream, it loads the snapshot again and follows on from there, so the index never
+//! trusts blocks a worker may have lost. A router restart is the same path from an empty index.
+//!
+//! While a worker cannot be reached, its blocks are dropped from the index (it attracts no
+//! routing on a cache nobody can confirm) and the follower retries with capped backoff.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::StatusCode;
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tidelock_protocol::{KvEventBatch, KvSnapshot, WorkerId};
+
+use crate::index::{Applied, KvIndex};
+
+/// How long a snapshot request may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and longest wait between attempts to reach a worker.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+
+/// Why one pass of following ended.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("{url}: {problem}")]
+    Http { url: String, problem: String },
+    #[error("{url}: HTTP {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("{url}: bad {what}: {problem}")]
+    Body {
+        url: String,
+        what: &'static str,
+        problem: String,
+    },
+    #[error("the index refused the snapshot: {0}")]
+    Index(#[from] crate::index::IndexError),
+}
+
+/// Follows one worker's KV events into a shared index until the task is dropped.
+#[derive(Debug, Clone)]
+pub struct Follower {
+    worker: WorkerId,
+    /// `http://host:port`, no trailing slash.
+    base: String,
+    index: Arc<RwLock<KvIndex>>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+/// How one pass ended when nothing failed.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The stream ended or asked for a resync: load the snapshot again.
+    Resync,
+}
+
+impl Follower {
+    pub fn new(worker: WorkerId, base_url: &str, index: Arc<RwLock<KvIndex>>) -> Self {
+        Follower {
+            worker,
+            base: base_url.trim_end_matches('/').to_owned(),
+            index,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Runs forever: snapshot, follow, and again on every resync or error. Spawn it, and abort
+    /// the task (or drop the runtime) to stop.
+    pub async fn run(self) {
+        let mut wait = BACKOFF.0;
+        loop {
+            match self.pass().await {
+                Ok(Ended::Resync) => {
+                    tracing::debug!(worker = %self.worker, "KV events: resync");
+                    wait = BACKOFF.0;
+                    // A worker that keeps ending streams at once must not spin the router.
+                    tokio::time::sleep(BACKOFF.0).await;
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %self.worker, error = %e, "KV events: worker unreachable, its blocks are out of the index until it answers");
+                    self.write().remove_worker(&self.worker);
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(BACKOFF.1);
+                }
+            }
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, KvIndex> {
+        // A panic while holding the lock cannot leave the index half-updated in a way that
+        // matters more than stopping routing; keep serving with what is there.
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One snapshot and as much of the event stream as lasts.
+    async fn pass(&self) -> Result<Ended, FollowError> {
+        let url = format!("{}/v1/kv/snapshot", self.base);
+        let response = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.get(&url))
+            .await
+            .map_err(|_| FollowError::Http {
+                url: url.clone(),
+                problem: format!("no snapshot within {SNAPSHOT_TIMEOUT:?}"),
+            })??;
+        let body = tokio::time::timeout(SNAPSHOT_TIMEOUT, response.into_body().collect())
+            .await
+            .map_err(|_| FollowError::Http {
+                url: url.clone(),
+                problem: "snapshot body timed out".into(),
+            })?
+            .map_err(|e| FollowError::Http {
+                url: url.clone(),
+                problem: e.to_string(),
+            })?
+            .to_bytes();
+        let snapshot: KvSnapshot =
+            serde_json::from_slice(&body).map_err(|e| FollowError::Body {
+                url: url.clone(),
+                what: "snapshot",
+                problem: e.to_string(),
+            })?;
+        self.write().load_snapshot(&self.worker, &snapshot)?;
+
+        let url = format!(
+            "{}/v1/kv/events?epoch={}&after={}",
+            self.base,
+            snapshot.epoch.get(),
+            snapshot.sequence
+        );
+        let response = match self.get(&url).await {
+            Err(FollowError::Status { status, .. }) if status == StatusCode::GONE => {
+                return Ok(Ended::Resync);
+            }
+            other => other?,
+        };
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| FollowError::Http {
+                url: url.clone(),
+                problem: e.to_string(),
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = &line[..line.len() - 1];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let batch: KvEventBatch =
+                    serde_json::from_slice(line).map_err(|e| FollowError::Body {
+                        url: url.clone(),
+                        what: "event batch",
+                        problem: e.to_string(),
+                    })?;
+                if let Applied::NeedsSnapshot(why) = self.write().apply(&self.worker, &batch) {
+                    tracing::debug!(worker = %self.worker, ?why, "KV events: snapshot needed");
+                    return Ok(Ended::Resync);
+                }
+            }
+        }
+        Ok(Ended::Resync)
+    }
+
+    async fn get(&self, url: &str) -> Result<hyper::Response<hyper::body::Incoming>, FollowError> {
+        let uri: hyper::Uri = url.parse().map_err(|e| FollowError::Http {
+            url: url.to_owned(),
+            problem: format!("not a URL: {e}"),
+        })?;
+        let response = self.client.get(uri).await.map_err(|e| FollowError::Http {
+            url: url.to_owned(),
+            problem: e.to_string(),
+        })?;
+        if !response.status().is_success() {
+            return Err(FollowError::Status {
+                url: url.to_owned(),
+                status: response.status(),
+            });
+        }
+        Ok(response)
+    }
+}
