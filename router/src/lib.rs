@@ -1,9 +1,10 @@
 //! `tidelock-router` as a library: the router's pure core, tested without a network.
 //!
-//! So far (issue #4): the KV index (`index`) and the task that keeps it current with each
-//! worker's event stream (`follow`). The HTTP front end and the placement policy arrive later and
+//! So far (issue #4): the KV index (`index`), the task that keeps it current with each worker's
+//! event stream (`follow`), and the worker set of a model from the StateStore (`discovery`). The HTTP front end and the placement policy arrive later and
 //! build on them. The binary (`main.rs`) still says that the router is not implemented.
 
+pub mod discovery;
 pub mod follow;
 pub mod index;
 

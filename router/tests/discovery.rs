@@ -1,0 +1,133 @@
+//! Worker discovery from the StateStore (the in-memory store; the same trait as etcd): a
+//! registered worker gets a follower and its blocks reach the index; a deleted registration (its
+//! lease ended) takes it out of the set and the index; records of other models and garbage values
+//! are ignored.
+
+mod support;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use support::{BLOCK, chain, generate, wait_for, worker};
+use tidelock_protocol::{
+    BlockTokens, GroupId, KeyLayout, ModelName, ShardIndex, WorkerId, WorkerRegistration,
+};
+use tidelock_router::KvIndex;
+use tidelock_router::discovery::Discovery;
+use tidelock_state::{MemoryStore, StateStore};
+
+fn registration(address: String) -> Vec<u8> {
+    serde_json::to_vec(&WorkerRegistration {
+        address,
+        group: GroupId::new("g").unwrap(),
+        shard: ShardIndex::new(0),
+        shard_count: 1,
+        block_tokens: BlockTokens::new(BLOCK).unwrap(),
+        kv_capacity_bytes: 1 << 20,
+    })
+    .unwrap()
+}
+
+async fn wait_workers(discovery: &Discovery, what: &str, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let have: Vec<String> = discovery
+            .workers()
+            .keys()
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        if have == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: workers {have:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_follows_registrations_into_the_index() {
+    let running = worker("127.0.0.1:0", 1);
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let layout = KeyLayout::new("/tidelock/");
+    let model = ModelName::new("sim").unwrap();
+    let w1 = WorkerId::new("w1").unwrap();
+    // Registered before discovery starts: found by the listing.
+    store
+        .put(
+            &layout.worker(&model, &w1),
+            registration(format!("http://{}", running.addr)),
+            None,
+        )
+        .await
+        .unwrap();
+    // Another model's worker and a record that is not a registration: both ignored.
+    let other = ModelName::new("other").unwrap();
+    store
+        .put(
+            &layout.worker(&other, &WorkerId::new("x").unwrap()),
+            registration("http://127.0.0.1:9".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    store
+        .put(
+            &layout.worker(&model, &WorkerId::new("bad").unwrap()),
+            b"not json".to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+
+    let index = Arc::new(RwLock::new(KvIndex::new(BlockTokens::new(BLOCK).unwrap())));
+    let discovery = Discovery::new(store.clone(), layout.clone(), model.clone(), index.clone());
+    let task = tokio::spawn(discovery.clone().run());
+    wait_workers(&discovery, "after the listing", &["w1"]).await;
+
+    let prompt: Vec<u32> = (0..200).map(|i| 40 + (i * 7) % 900).collect();
+    let hashes = chain(&prompt);
+    generate(running.addr, prompt).await;
+    wait_for(
+        &index,
+        &hashes,
+        "blocks through the discovered follower",
+        |held| held >= 12,
+    )
+    .await;
+
+    // A second worker registers while discovery watches (no server behind it: it is known, and
+    // holds nothing in the index).
+    let w2 = WorkerId::new("w2").unwrap();
+    store
+        .put(
+            &layout.worker(&model, &w2),
+            registration("http://127.0.0.1:9".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    wait_workers(&discovery, "after a registration", &["w1", "w2"]).await;
+
+    // w1's registration goes away (its lease ended): out of the set and out of the index, while
+    // its server still runs.
+    store.delete(&layout.worker(&model, &w1)).await.unwrap();
+    wait_workers(&discovery, "after the deletion", &["w2"]).await;
+    wait_for(&index, &hashes, "after the deletion", |held| held == 0).await;
+    // And it stays out: no follower puts it back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        index
+            .read()
+            .unwrap()
+            .matches(&hashes)
+            .iter()
+            .all(|m| m.worker != w1),
+        "a removed worker came back into the index"
+    );
+
+    task.abort();
+    running.stop();
+}

@@ -1,0 +1,170 @@
+//! Shared by the router's component tests: simulated workers served on loopback, each on its own
+//! runtime like a separate process, and helpers to drive them and watch the index.
+
+#![allow(dead_code)] // Each test file uses its own subset.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tidelock_protocol::{
+    BlockHash, BlockTokens, CacheSalt, Epoch, GenerateRequest, GroupId, HashChain, ModelName,
+    SamplingParams, ShardIndex, WorkerInfo,
+};
+use tidelock_router::KvIndex;
+use tidelock_worker::engine::sim::{SimExecutor, Timing};
+use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::server;
+
+pub const BLOCK: u32 = 16;
+pub const VOCAB: usize = 1000;
+
+/// A sim worker serving on its own runtime and thread, like a separate process: stopping it
+/// drops the runtime, which closes every connection (as a process exit would).
+pub struct RunningWorker {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningWorker {
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// Starts a sim worker on `addr` (port 0 for any) with `epoch`.
+pub fn worker(addr: &str, epoch: u64) -> RunningWorker {
+    let block_tokens = BlockTokens::new(BLOCK).unwrap();
+    let model = ModelName::new("sim").unwrap();
+    let cfg = EngineConfig {
+        model: model.clone(),
+        block_tokens,
+        max_step_tokens: 512,
+        max_running: 8,
+        max_waiting: 8,
+        max_context: 4096,
+        vocab_size: VOCAB,
+        eos_token_ids: vec![],
+    };
+    let engine = Engine::new(
+        cfg,
+        BlockPool::new(256, block_tokens, Epoch::new(epoch)),
+        SimExecutor::new(VOCAB, Timing::INSTANT),
+    );
+    let info = WorkerInfo {
+        model,
+        block_tokens,
+        dtype: "f32".into(),
+        kv_capacity_bytes: 0,
+        kv_capacity_blocks: 256,
+        max_context_tokens: 4096,
+        epoch: Epoch::new(epoch),
+        group: GroupId::new("g").unwrap(),
+        shard: ShardIndex::new(0),
+        shard_count: 1,
+    };
+    let state = server::start(engine, info, String::new(), None)
+        .unwrap()
+        .state;
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let bound = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tokio::select! {
+                _ = axum::serve(listener, server::app(state)) => {}
+                _ = stopped => {}
+            }
+        });
+        // Dropping the runtime drops every connection task: their sockets close.
+        runtime.shutdown_timeout(Duration::from_millis(200));
+    });
+    RunningWorker {
+        addr: bound,
+        stop: Some(stop),
+        thread: Some(thread),
+    }
+}
+
+/// Runs one generation to the end through the worker's internal API.
+pub async fn generate(addr: std::net::SocketAddr, tokens: Vec<u32>) {
+    let request = GenerateRequest {
+        request_id: None,
+        session: None,
+        cache_salt: CacheSalt::shared(),
+        tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens: 4,
+            ..SamplingParams::default()
+        },
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(format!("http://{addr}/v1/generate"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(&request).unwrap(),
+        )))
+        .unwrap();
+    let response = client.request(req).await.unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("finished"),
+        "{body:?}"
+    );
+}
+
+pub fn chain(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut chain = HashChain::new(
+        &ModelName::new("sim").unwrap(),
+        &CacheSalt::shared(),
+        BlockTokens::new(BLOCK).unwrap(),
+    );
+    chain.extend(tokens);
+    chain.hashes().to_vec()
+}
+
+/// Polls until `check` holds on worker `w1`'s match (total leading blocks), or fails after 10 s.
+pub async fn wait_for(
+    index: &Arc<RwLock<KvIndex>>,
+    chain: &[BlockHash],
+    what: &str,
+    check: impl Fn(usize) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = index
+            .read()
+            .unwrap()
+            .matches(chain)
+            .iter()
+            .find(|m| m.worker.as_str() == "w1")
+            .map_or(0, |m| m.total_blocks);
+        if check(held) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: index shows {held} blocks"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
