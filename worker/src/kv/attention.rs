@@ -2,9 +2,14 @@
 //! block table, with a single-pass (online) softmax. No gather into a contiguous copy: candle's
 //! `index_select` gather measured ~3% of memory bandwidth here.
 //!
-//! Work is split across threads by (token, head) pairs. Within a pair, each block contributes its
-//! scores at once: the block's maximum rescales the running sum, then the block's values are
-//! accumulated. Invariant: a query at position `p` sees exactly positions `0..=p`.
+//! Work is split across threads by (kv head, tile of up to 16 consecutive query rows of one
+//! sequence, range of blocks): the query heads sharing a kv head are computed in one pass, a
+//! tile's rows visit each page while it is in cache, and a long context with few queries (decode)
+//! is split into block ranges whose partial results merge exactly through their log-sum-exp.
+//! Within a task, each block contributes its scores at once: the block's maximum rescales the
+//! running sum, then the block's values are accumulated. Keys are stored transposed within a page
+//! (see [`crate::kv`]), so scores are vertical FMAs over vectors of slots. Invariant: a query at
+//! position `p` sees exactly positions `0..=p`.
 
 use rayon::prelude::*;
 use tidelock_protocol::BlockId;
