@@ -6,14 +6,16 @@
 //! (llama.cpp quantizes them to 8 bits), so the result is the f32 product with the dequantized
 //! weights up to summation order, and agreement with the f32 GEMM path used for prefill holds.
 //!
-//! Layout: each 32-weight block keeps its quantized bytes as stored and its scale (and minimum)
-//! widened once from f16 to f32 at load, in two separate arrays: the kernel reads scales without
-//! converting them (the x86 baseline that `pulp` dispatches to has no f16 conversion).
+//! Layout: each 32-weight block keeps its quantized bytes as stored; its scale (and Q4_1's
+//! minimum) is widened once from f16 to f32 at load, in separate arrays, so the kernels read
+//! scales without converting them (AVX2 without F16C has no f16 conversion).
 //!
-//! Kernel: output rows are split across threads; within a task every weight block is unpacked
-//! once to 32 f32 values and multiplied into up to four activation rows at a time, with four
-//! independent accumulator chains so the FMAs are not latency-bound. The loops are written to
-//! autovectorise and are compiled per instruction set by `pulp`'s runtime dispatch.
+//! Kernels ([`Kernel`], chosen at run time): output rows are split across threads; within a task
+//! every weight block is unpacked once to 32 f32 values (`vpmovzxbd` + `vcvtdq2ps`) and
+//! multiplied into up to eight (AVX-512) or four (AVX2) activation rows, the block scale applied
+//! with one FMA per row; Q4_1's minimums enter as one short dot product with the activations'
+//! block sums per row. The portable fallback is plain loops that autovectorise (poorly: LLVM
+//! unpacks the nibbles through the stack), for CPUs without AVX2.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
