@@ -42,8 +42,17 @@ impl RunningWorker {
     }
 }
 
-/// Starts a sim worker on `addr` (port 0 for any) with `epoch`.
+/// Starts a sim worker on `addr` (port 0 for any) with `epoch`, without a tokenizer.
 pub fn worker(addr: &str, epoch: u64) -> RunningWorker {
+    worker_with_kit(addr, epoch, None)
+}
+
+/// Starts a sim worker that serves `kit` as its tokenizer (`/v1/tokenizer`, `/tokenize`).
+pub fn worker_with_kit(
+    addr: &str,
+    epoch: u64,
+    kit: Option<std::sync::Arc<tidelock_prompt::PromptKit>>,
+) -> RunningWorker {
     let block_tokens = BlockTokens::new(BLOCK).unwrap();
     let model = ModelName::new("sim").unwrap();
     let cfg = EngineConfig {
@@ -53,13 +62,16 @@ pub fn worker(addr: &str, epoch: u64) -> RunningWorker {
         max_running: 8,
         max_waiting: 8,
         max_context: 4096,
-        vocab_size: VOCAB,
+        vocab_size: kit.as_ref().map_or(VOCAB, |k| k.vocab_size()),
         eos_token_ids: vec![],
     };
     let engine = Engine::new(
         cfg,
         BlockPool::new(256, block_tokens, Epoch::new(epoch)),
-        SimExecutor::new(VOCAB, Timing::INSTANT),
+        SimExecutor::new(
+            kit.as_ref().map_or(VOCAB, |k| k.vocab_size()),
+            Timing::INSTANT,
+        ),
     );
     let info = WorkerInfo {
         model,
@@ -73,9 +85,11 @@ pub fn worker(addr: &str, epoch: u64) -> RunningWorker {
         shard: ShardIndex::new(0),
         shard_count: 1,
     };
-    let state = server::start(engine, info, String::new(), None)
-        .unwrap()
-        .state;
+    let tokenizer = kit
+        .as_ref()
+        .map(|k| k.to_json().unwrap())
+        .unwrap_or_default();
+    let state = server::start(engine, info, tokenizer, kit).unwrap().state;
     let listener = std::net::TcpListener::bind(addr).unwrap();
     listener.set_nonblocking(true).unwrap();
     let bound = listener.local_addr().unwrap();

@@ -1,0 +1,57 @@
+//! The router's tokenizer and chat template come from the workers (`GET /v1/tokenizer`, a
+//! [`PromptKit`] in its JSON form), so the router needs no model files, and a prompt's token ids
+//! are the worker's own: one tokenizer, one template, built in one place (`tidelock-prompt`).
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tidelock_prompt::PromptKit;
+
+/// How long fetching a tokenizer may take (it can be a few MB of JSON).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a worker's tokenizer could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    #[error("{url}: {problem}")]
+    Http { url: String, problem: String },
+    #[error("{url}: not a tokenizer: {source}")]
+    Kit {
+        url: String,
+        #[source]
+        source: tidelock_prompt::PromptError,
+    },
+}
+
+/// Fetches and builds the tokenizer and chat template of the worker at `base_url`.
+pub async fn fetch_kit(base_url: &str) -> Result<PromptKit, KitError> {
+    let url = format!("{}/v1/tokenizer", base_url.trim_end_matches('/'));
+    let http = |problem: String| KitError::Http {
+        url: url.clone(),
+        problem,
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| http(format!("not a URL: {e}")))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let body = tokio::time::timeout(FETCH_TIMEOUT, async {
+        let response = client.get(uri).await.map_err(|e| http(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(http(format!("HTTP {}", response.status())));
+        }
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        Ok(body.to_bytes())
+    })
+    .await
+    .map_err(|_| http(format!("no answer within {FETCH_TIMEOUT:?}")))??;
+    let text = std::str::from_utf8(&body).map_err(|e| http(format!("not UTF-8: {e}")))?;
+    PromptKit::from_json(text).map_err(|source| KitError::Kit {
+        url: url.clone(),
+        source,
+    })
+}
