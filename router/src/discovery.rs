@@ -11,15 +11,77 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tidelock_protocol::{KeyLayout, ModelName, WorkerId, WorkerRegistration};
+use tidelock_protocol::{KeyLayout, ModelName, WorkerId, WorkerInfo, WorkerRegistration};
 use tidelock_state::{KeyValue, StateStore, WatchEvent};
 use tokio::task::JoinHandle;
 
 use crate::follow::Follower;
+use crate::http::get_body;
 use crate::index::KvIndex;
 
 /// Wait before listing again after the store failed.
 const RETRY: Duration = Duration::from_millis(200);
+/// How long a worker may take to answer `/v1/info` when registered statically.
+const INFO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a statically given worker could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum StaticError {
+    #[error("{url}: {problem}")]
+    Worker { url: String, problem: String },
+    #[error("cannot record worker {url}: {source}")]
+    Store {
+        url: String,
+        #[source]
+        source: tidelock_state::StateError,
+    },
+}
+
+/// Registers workers given by URL (the local cluster, or a router without etcd) into `store`,
+/// so [`Discovery`] finds them like any other. Each worker's `GET /v1/info` gives its model and
+/// shape; its id is its address (`host:port`). Returns, in order, the model and id of each.
+pub async fn register_static(
+    store: &dyn StateStore,
+    layout: &KeyLayout,
+    urls: &[String],
+) -> Result<Vec<(ModelName, WorkerId)>, StaticError> {
+    let mut out = Vec::with_capacity(urls.len());
+    for url in urls {
+        let base = url.trim_end_matches('/');
+        let problem = |problem: String| StaticError::Worker {
+            url: base.to_owned(),
+            problem,
+        };
+        let body = get_body(&format!("{base}/v1/info"), INFO_TIMEOUT)
+            .await
+            .map_err(problem)?;
+        let info: WorkerInfo = serde_json::from_slice(&body)
+            .map_err(|e| problem(format!("/v1/info is not a worker's: {e}")))?;
+        let address = base
+            .split_once("://")
+            .map_or(base, |(_, rest)| rest)
+            .to_owned();
+        let id = WorkerId::new(address).map_err(|e| problem(e.to_string()))?;
+        let registration = WorkerRegistration {
+            address: base.to_owned(),
+            group: info.group,
+            shard: info.shard,
+            shard_count: info.shard_count,
+            block_tokens: info.block_tokens,
+            kv_capacity_bytes: info.kv_capacity_bytes,
+        };
+        let value = serde_json::to_vec(&registration).map_err(|e| problem(e.to_string()))?;
+        store
+            .put(&layout.worker(&info.model, &id), value, None)
+            .await
+            .map_err(|source| StaticError::Store {
+                url: base.to_owned(),
+                source,
+            })?;
+        out.push((info.model, id));
+    }
+    Ok(out)
+}
 
 /// A known worker and the task following its KV events.
 #[derive(Debug)]

@@ -7,6 +7,7 @@
 
 pub mod discovery;
 pub mod follow;
+mod http;
 pub mod index;
 pub mod prompt;
 

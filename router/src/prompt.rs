@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tidelock_prompt::PromptKit;
+
+use crate::http::get_body;
 
 /// How long fetching a tokenizer may take (it can be a few MB of JSON).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,22 +31,7 @@ pub async fn fetch_kit(base_url: &str) -> Result<PromptKit, KitError> {
         url: url.clone(),
         problem,
     };
-    let uri: hyper::Uri = url.parse().map_err(|e| http(format!("not a URL: {e}")))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let body = tokio::time::timeout(FETCH_TIMEOUT, async {
-        let response = client.get(uri).await.map_err(|e| http(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(http(format!("HTTP {}", response.status())));
-        }
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(e.to_string()))?;
-        Ok(body.to_bytes())
-    })
-    .await
-    .map_err(|_| http(format!("no answer within {FETCH_TIMEOUT:?}")))??;
+    let body = get_body(&url, FETCH_TIMEOUT).await.map_err(http)?;
     let text = std::str::from_utf8(&body).map_err(|e| http(format!("not UTF-8: {e}")))?;
     PromptKit::from_json(text).map_err(|source| KitError::Kit {
         url: url.clone(),

@@ -13,7 +13,7 @@ use tidelock_protocol::{
     BlockTokens, GroupId, KeyLayout, ModelName, ShardIndex, WorkerId, WorkerRegistration,
 };
 use tidelock_router::KvIndex;
-use tidelock_router::discovery::Discovery;
+use tidelock_router::discovery::{Discovery, register_static};
 use tidelock_state::{MemoryStore, StateStore};
 
 fn registration(address: String) -> Vec<u8> {
@@ -130,4 +130,74 @@ async fn discovery_follows_registrations_into_the_index() {
 
     task.abort();
     running.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_workers_are_registered_from_their_info_and_discovered() {
+    let a = worker("127.0.0.1:0", 1);
+    let b = worker("127.0.0.1:0", 1);
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let layout = KeyLayout::default();
+    let urls = vec![format!("http://{}/", a.addr), format!("http://{}", b.addr)];
+    let registered = register_static(store.as_ref(), &layout, &urls)
+        .await
+        .unwrap();
+    let model = ModelName::new("sim").unwrap();
+    let ids: Vec<String> = registered
+        .iter()
+        .map(|(m, id)| {
+            assert_eq!(m, &model);
+            id.as_str().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, [a.addr.to_string(), b.addr.to_string()]);
+    // The records carry the workers' shape from /v1/info and a URL without the trailing slash.
+    let listing = store.list(&layout.workers_of(&model)).await.unwrap();
+    assert_eq!(listing.kvs.len(), 2);
+    for kv in &listing.kvs {
+        let r: WorkerRegistration = serde_json::from_slice(&kv.value).unwrap();
+        assert_eq!(r.block_tokens.as_usize(), BLOCK as usize);
+        assert!(!r.address.ends_with('/'));
+    }
+
+    // Discovery finds them like registered workers, and their blocks reach the index.
+    let index = Arc::new(RwLock::new(KvIndex::new(BlockTokens::new(BLOCK).unwrap())));
+    let discovery = Discovery::new(store.clone(), layout, model, index.clone());
+    let task = tokio::spawn(discovery.clone().run());
+    let (first, second) = (a.addr.to_string(), b.addr.to_string());
+    wait_workers(
+        &discovery,
+        "static workers",
+        &[first.as_str(), second.as_str()],
+    )
+    .await;
+    let prompt: Vec<u32> = (0..100).map(|i| 60 + (i * 13) % 900).collect();
+    let hashes = chain(&prompt);
+    generate(b.addr, prompt).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let matches = index.read().unwrap().matches(&hashes);
+        if matches
+            .iter()
+            .any(|m| m.worker.as_str() == second && m.total_blocks == hashes.len())
+        {
+            assert!(matches.iter().all(|m| m.worker.as_str() != first));
+            break;
+        }
+        assert!(Instant::now() < deadline, "index: {matches:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    a.stop();
+
+    // A URL with nothing behind it: an error naming it.
+    let err = register_static(
+        store.as_ref(),
+        &KeyLayout::default(),
+        &[format!("http://{first}")],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains(&first), "{err}");
+    b.stop();
 }
