@@ -165,12 +165,10 @@ async fn static_workers_are_registered_from_their_info_and_discovered() {
     let discovery = Discovery::new(store.clone(), layout, model, index.clone());
     let task = tokio::spawn(discovery.clone().run());
     let (first, second) = (a.addr.to_string(), b.addr.to_string());
-    wait_workers(
-        &discovery,
-        "static workers",
-        &[first.as_str(), second.as_str()],
-    )
-    .await;
+    // `workers()` is ordered by id.
+    let mut both = [first.as_str(), second.as_str()];
+    both.sort_unstable();
+    wait_workers(&discovery, "static workers", &both).await;
     let prompt: Vec<u32> = (0..100).map(|i| 60 + (i * 13) % 900).collect();
     let hashes = chain(&prompt);
     generate(b.addr, prompt).await;
