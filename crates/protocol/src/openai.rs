@@ -26,8 +26,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub use error::{ErrorKind, OpenAiError};
 pub use request::{
-    ChatCompletionRequest, ChatMessageIn, CompletionRequest, ContentPart, MessageContent, Prompt,
-    PromptInput, Stop, StreamOptions,
+    ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest, ContentPart,
+    MessageContent, Prompt, PromptInput, Stop, StreamOptions,
 };
 pub use response::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatMessageOut, ChunkChoice, Completion,

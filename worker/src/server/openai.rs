@@ -157,7 +157,7 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiError> 
         meta: response_meta("chatcmpl", &req.model, req.include_usage()),
         request: generate_request(state, tokens, sampling, req.session_hint())?,
         stops: req.stop_strings(),
-        stream: req.stream,
+        stream: req.common.stream,
         chat: true,
     })
 }
@@ -187,7 +187,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiE
         meta: response_meta("cmpl", &req.model, req.include_usage()),
         request: generate_request(state, tokens, sampling, req.session_hint())?,
         stops: req.stop_strings(),
-        stream: req.stream,
+        stream: req.common.stream,
         chat: false,
     })
 }

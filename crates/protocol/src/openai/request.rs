@@ -119,19 +119,9 @@ impl ChatMessageIn {
     }
 }
 
-/// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatCompletionRequest {
-    /// The served model name.
-    pub model: String,
-    /// The conversation.
-    pub messages: Vec<ChatMessageIn>,
-    /// Most tokens to generate (deprecated by OpenAI in favour of `max_completion_tokens`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    /// Most tokens to generate; wins over `max_tokens`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_completion_tokens: Option<u32>,
+/// The fields `/v1/chat/completions` and `/v1/completions` share, flattened into both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommonFields {
     /// Softmax temperature in `[0, 2]`, default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
@@ -156,12 +146,6 @@ pub struct ChatCompletionRequest {
     /// Streaming options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
-    /// Return log-probabilities of the generated tokens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<bool>,
-    /// Alternatives per token to return with `logprobs`, at most 20.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_logprobs: Option<u32>,
     /// End-user id; a session key when `prompt_cache_key` is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -171,6 +155,75 @@ pub struct ChatCompletionRequest {
     /// Extension (vLLM): keep generating past end-of-sequence.
     #[serde(default, deserialize_with = "null_as_default")]
     pub ignore_eos: bool,
+}
+
+impl CommonFields {
+    /// Validates the shared sampling fields (`stop` and `n` included) and converts them, with
+    /// the endpoint's own `max_tokens` and `logprobs` (and the names it gives them in errors).
+    fn sampling(
+        &self,
+        (max_tokens, max_tokens_param): (u32, &'static str),
+        (logprobs, logprobs_param): (Option<u32>, &'static str),
+    ) -> Result<SamplingParams, OpenAiError> {
+        SamplingFields {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            max_tokens,
+            max_tokens_param,
+            n: self.n,
+            stop: self.stop.as_ref(),
+            ignore_eos: self.ignore_eos,
+            logprobs,
+            logprobs_param,
+        }
+        .build()
+    }
+
+    /// The stop sequences, empty when none were given.
+    pub fn stop_strings(&self) -> Vec<String> {
+        self.stop.as_ref().map(Stop::to_vec).unwrap_or_default()
+    }
+
+    /// The session key the request names itself: `prompt_cache_key`, else `user` (the router
+    /// checks the `X-Session-Id` header between the two).
+    pub fn session_hint(&self) -> Option<&str> {
+        [&self.prompt_cache_key, &self.user]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .find(|key| !key.is_empty())
+    }
+
+    /// Whether a streamed answer ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream && self.stream_options.is_some_and(|o| o.include_usage)
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// The served model name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessageIn>,
+    /// Most tokens to generate (deprecated by OpenAI in favour of `max_completion_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Most tokens to generate; wins over `max_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling, streaming and session fields both endpoints take.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    /// Return log-probabilities of the generated tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token to return with `logprobs`, at most 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
     /// Tool definitions, passed to the chat template as they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Value>,
@@ -195,41 +248,27 @@ impl ChatCompletionRequest {
             }
             _ => None,
         };
-        let (max_tokens, max_tokens_param) = match (self.max_completion_tokens, self.max_tokens) {
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(max), _) => (max, "max_completion_tokens"),
             (None, Some(max)) => (max, "max_tokens"),
             (None, None) => (default_max_tokens, "max_tokens"),
         };
-        SamplingFields {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            seed: self.seed,
-            max_tokens,
-            max_tokens_param,
-            n: self.n,
-            stop: self.stop.as_ref(),
-            ignore_eos: self.ignore_eos,
-            logprobs,
-            logprobs_param: "top_logprobs",
-        }
-        .build()
+        self.common.sampling(max_tokens, (logprobs, "top_logprobs"))
     }
 
     /// The stop sequences, empty when none were given.
     pub fn stop_strings(&self) -> Vec<String> {
-        self.stop.as_ref().map(Stop::to_vec).unwrap_or_default()
+        self.common.stop_strings()
     }
 
-    /// The session key the request names itself: `prompt_cache_key`, else `user` (the router
-    /// checks the `X-Session-Id` header between the two).
+    /// The session key the request names itself; see [`CommonFields::session_hint`].
     pub fn session_hint(&self) -> Option<&str> {
-        session_hint(&self.prompt_cache_key, &self.user)
+        self.common.session_hint()
     }
 
     /// Whether a streamed answer ends with a usage chunk.
     pub fn include_usage(&self) -> bool {
-        self.stream && self.stream_options.is_some_and(|o| o.include_usage)
+        self.common.include_usage()
     }
 }
 
@@ -300,45 +339,15 @@ pub struct CompletionRequest {
     /// context ends" (as in vLLM). Always serialised, so `null` survives a round trip.
     #[serde(default = "completion_default_max_tokens")]
     pub max_tokens: Option<u32>,
-    /// Softmax temperature in `[0, 2]`, default 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    /// Nucleus mass in `(0, 1]`, default 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    /// Extension (vLLM): keep the `k` most likely tokens; `-1` or `0` disables, as in vLLM.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    /// Seed for reproducible sampling.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// Stop sequences.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<Stop>,
-    /// Choices to generate; only 1 is served.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
-    /// Stream the answer as server-sent events.
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub stream: bool,
-    /// Streaming options.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_options: Option<StreamOptions>,
+    /// Sampling, streaming and session fields both endpoints take.
+    #[serde(flatten)]
+    pub common: CommonFields,
     /// Alternatives per token to return with log-probabilities, at most 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
     /// Return the prompt in front of the completion.
     #[serde(default, deserialize_with = "null_as_default")]
     pub echo: bool,
-    /// End-user id; a session key when `prompt_cache_key` is absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    /// Tidelock's session key (OpenAI's cache routing key).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_cache_key: Option<String>,
-    /// Extension (vLLM): keep generating past end-of-sequence.
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub ignore_eos: bool,
 }
 
 impl CompletionRequest {
@@ -347,49 +356,31 @@ impl CompletionRequest {
     /// `default_max_tokens` applies only to `"max_tokens": null`; an absent `max_tokens` is 16.
     /// Callers pass the room left in the context.
     pub fn sampling(&self, default_max_tokens: u32) -> Result<SamplingParams, OpenAiError> {
-        SamplingFields {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            seed: self.seed,
-            max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
-            max_tokens_param: "max_tokens",
-            n: self.n,
-            stop: self.stop.as_ref(),
-            ignore_eos: self.ignore_eos,
-            logprobs: self.logprobs,
-            logprobs_param: "logprobs",
-        }
-        .build()
+        self.common.sampling(
+            (self.max_tokens.unwrap_or(default_max_tokens), "max_tokens"),
+            (self.logprobs, "logprobs"),
+        )
     }
 
     /// The stop sequences, empty when none were given.
     pub fn stop_strings(&self) -> Vec<String> {
-        self.stop.as_ref().map(Stop::to_vec).unwrap_or_default()
+        self.common.stop_strings()
     }
 
-    /// The session key the request names itself: `prompt_cache_key`, else `user`.
+    /// The session key the request names itself; see [`CommonFields::session_hint`].
     pub fn session_hint(&self) -> Option<&str> {
-        session_hint(&self.prompt_cache_key, &self.user)
+        self.common.session_hint()
     }
 
     /// Whether a streamed answer ends with a usage chunk.
     pub fn include_usage(&self) -> bool {
-        self.stream && self.stream_options.is_some_and(|o| o.include_usage)
+        self.common.include_usage()
     }
 
     /// The one prompt to serve; see [`Prompt::input`].
     pub fn prompt_input(&self) -> Result<PromptInput, OpenAiError> {
         self.prompt.input()
     }
-}
-
-fn session_hint<'a>(cache_key: &'a Option<String>, user: &'a Option<String>) -> Option<&'a str> {
-    [cache_key, user]
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .find(|key| !key.is_empty())
 }
 
 /// The sampling fields both request types share, named as each request names them.
@@ -555,7 +546,7 @@ mod tests {
             "tool_choice": "auto",
             "user": "u-9"
         }));
-        assert!(!request.stream && !request.include_usage());
+        assert!(!request.common.stream && !request.include_usage());
         assert_eq!(request.messages[1].text().unwrap(), None);
         assert!(request.messages[1].tool_calls.is_some());
         assert_eq!(request.messages[2].tool_call_id.as_deref(), Some("c1"));
