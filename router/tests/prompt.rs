@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
@@ -14,22 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use support::worker_with_kit;
 use tidelock_prompt::{ChatMessage, PromptKit};
 use tidelock_router::prompt::{KitError, fetch_kit};
-
-/// The default model: `$TIDELOCK_MODEL`, else the cache `./scripts/test` fills.
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("TIDELOCK_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "the default model is not at {} (run ./scripts/test, which fetches it, or set TIDELOCK_MODEL)",
-        path.display()
-    );
-    path
-}
+use tidelock_worker::testing::model_path;
 
 async fn worker_tokenize(addr: std::net::SocketAddr, text: &str) -> Vec<u32> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();

@@ -20,21 +20,10 @@ use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::llama::WeightFormat;
+use tidelock_worker::testing::tokens;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 const BLOCK: usize = 64;
-
-fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            17 + ((s >> 33) % 20_000) as u32
-        })
-        .collect()
-}
 
 fn request(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {

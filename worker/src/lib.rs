@@ -17,3 +17,4 @@ pub mod kv;
 pub mod model;
 pub mod registration;
 pub mod server;
+pub mod testing;

@@ -11,48 +11,22 @@ use support::model_path;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use tidelock_prompt::PromptKit;
-use tidelock_protocol::{BlockTokens, Epoch, GroupId, ModelName, ShardIndex, WorkerInfo};
-use tidelock_worker::engine::sim::{SimExecutor, Timing};
-use tidelock_worker::engine::{Engine, EngineConfig};
-use tidelock_worker::kv::pool::BlockPool;
-use tidelock_worker::server::{self, AppState, app};
+use tidelock_protocol::ModelName;
+use tidelock_worker::server::{AppState, app};
+use tidelock_worker::testing::SimWorker;
 use tower::ServiceExt;
 
 fn state() -> AppState {
     let kit = Arc::new(PromptKit::from_gguf_file(&model_path()).expect("tokenizer"));
-    let block_tokens = BlockTokens::new(16).unwrap();
-    let model = ModelName::new("smollm2").unwrap();
-    let cfg = EngineConfig {
-        model: model.clone(),
-        block_tokens,
-        max_step_tokens: 512,
-        max_running: 8,
-        max_waiting: 8,
+    SimWorker {
+        model: ModelName::new("smollm2").unwrap(),
+        blocks: 128,
         max_context: 2048,
-        vocab_size: kit.vocab_size(),
         eos_token_ids: kit.stop_token_ids().to_vec(),
-    };
-    let engine = Engine::new(
-        cfg,
-        BlockPool::new(128, block_tokens, Epoch::new(1)),
-        SimExecutor::new(kit.vocab_size(), Timing::INSTANT),
-    );
-    let info = WorkerInfo {
-        model,
-        block_tokens,
-        dtype: "f32".into(),
-        kv_capacity_bytes: 0,
-        kv_capacity_blocks: 128,
-        max_context_tokens: 2048,
-        epoch: Epoch::new(1),
-        group: GroupId::new("g").unwrap(),
-        shard: ShardIndex::new(0),
-        shard_count: 1,
-    };
-    let tokenizer = kit.to_json().unwrap();
-    server::start(engine, info, tokenizer, Some(kit))
-        .unwrap()
-        .state
+        kit: Some(kit),
+        ..SimWorker::new(16)
+    }
+    .start()
 }
 
 async fn post(state: &AppState, uri: &str, body: serde_json::Value) -> (StatusCode, String) {

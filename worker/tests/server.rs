@@ -6,51 +6,25 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures::StreamExt;
 use tidelock_protocol::{
-    BlockTokens, Epoch, GenerateEvent, GroupId, KvEvent, KvEventBatch, KvSnapshot, LoadReport,
-    ModelName, ShardIndex, WorkerInfo,
+    Epoch, GenerateEvent, KvEvent, KvEventBatch, KvSnapshot, LoadReport, WorkerInfo,
 };
-use tidelock_worker::engine::sim::{SimExecutor, Timing};
-use tidelock_worker::engine::{Engine, EngineConfig};
-use tidelock_worker::kv::pool::BlockPool;
-use tidelock_worker::server::{self, AppState, app};
+use tidelock_worker::server::{AppState, app};
+use tidelock_worker::testing::SimWorker;
 use tower::ServiceExt;
 
 const BLOCK: u32 = 16;
 const VOCAB: usize = 1000;
 
 fn started() -> AppState {
-    let epoch = Epoch::new(42);
-    let block_tokens = BlockTokens::new(BLOCK).unwrap();
-    let cfg = EngineConfig {
-        model: ModelName::new("sim").unwrap(),
-        block_tokens,
+    SimWorker {
+        blocks: 64,
+        epoch: Epoch::new(42),
         max_step_tokens: 256,
-        max_running: 8,
-        max_waiting: 8,
-        max_context: 4096,
         vocab_size: VOCAB,
         eos_token_ids: vec![2],
-    };
-    let engine = Engine::new(
-        cfg,
-        BlockPool::new(64, block_tokens, epoch),
-        SimExecutor::new(VOCAB, Timing::INSTANT),
-    );
-    let info = WorkerInfo {
-        model: ModelName::new("sim").unwrap(),
-        block_tokens,
-        dtype: "f32".into(),
-        kv_capacity_bytes: 0,
-        kv_capacity_blocks: 64,
-        max_context_tokens: 4096,
-        epoch,
-        group: GroupId::new("g").unwrap(),
-        shard: ShardIndex::new(0),
-        shard_count: 1,
-    };
-    server::start(engine, info, "{\"tokenizer\": {}}".into(), None)
-        .unwrap()
-        .state
+        ..SimWorker::new(BLOCK)
+    }
+    .start()
 }
 
 async fn get(state: &AppState, uri: &str) -> (StatusCode, Vec<u8>) {

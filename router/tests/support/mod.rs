@@ -11,14 +11,11 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::{
-    BlockHash, BlockTokens, CacheSalt, Epoch, GenerateRequest, GroupId, HashChain, ModelName,
-    SamplingParams, ShardIndex, WorkerInfo,
+    BlockHash, BlockTokens, CacheSalt, Epoch, GenerateRequest, HashChain, ModelName, SamplingParams,
 };
 use tidelock_router::KvIndex;
-use tidelock_worker::engine::sim::{SimExecutor, Timing};
-use tidelock_worker::engine::{Engine, EngineConfig};
-use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::server;
+use tidelock_worker::testing::SimWorker;
 
 pub const BLOCK: u32 = 16;
 pub const VOCAB: usize = 1000;
@@ -53,43 +50,13 @@ pub fn worker_with_kit(
     epoch: u64,
     kit: Option<std::sync::Arc<tidelock_prompt::PromptKit>>,
 ) -> RunningWorker {
-    let block_tokens = BlockTokens::new(BLOCK).unwrap();
-    let model = ModelName::new("sim").unwrap();
-    let cfg = EngineConfig {
-        model: model.clone(),
-        block_tokens,
-        max_step_tokens: 512,
-        max_running: 8,
-        max_waiting: 8,
-        max_context: 4096,
-        vocab_size: kit.as_ref().map_or(VOCAB, |k| k.vocab_size()),
-        eos_token_ids: vec![],
-    };
-    let engine = Engine::new(
-        cfg,
-        BlockPool::new(256, block_tokens, Epoch::new(epoch)),
-        SimExecutor::new(
-            kit.as_ref().map_or(VOCAB, |k| k.vocab_size()),
-            Timing::INSTANT,
-        ),
-    );
-    let info = WorkerInfo {
-        model,
-        block_tokens,
-        dtype: "f32".into(),
-        kv_capacity_bytes: 0,
-        kv_capacity_blocks: 256,
-        max_context_tokens: 4096,
+    let state = SimWorker {
         epoch: Epoch::new(epoch),
-        group: GroupId::new("g").unwrap(),
-        shard: ShardIndex::new(0),
-        shard_count: 1,
-    };
-    let tokenizer = kit
-        .as_ref()
-        .map(|k| k.to_json().unwrap())
-        .unwrap_or_default();
-    let state = server::start(engine, info, tokenizer, kit).unwrap().state;
+        vocab_size: VOCAB,
+        kit,
+        ..SimWorker::new(BLOCK)
+    }
+    .start();
     let listener = std::net::TcpListener::bind(addr).unwrap();
     listener.set_nonblocking(true).unwrap();
     let bound = listener.local_addr().unwrap();
