@@ -6,15 +6,13 @@ mod support;
 
 use std::sync::Arc;
 
-use support::model_path;
+use support::{model_path, post_json};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::ModelName;
-use tidelock_worker::server::{AppState, app};
+use tidelock_worker::server::AppState;
 use tidelock_worker::testing::SimWorker;
-use tower::ServiceExt;
 
 fn state() -> AppState {
     let kit = Arc::new(PromptKit::from_gguf_file(&model_path()).expect("tokenizer"));
@@ -30,20 +28,8 @@ fn state() -> AppState {
 }
 
 async fn post(state: &AppState, uri: &str, body: serde_json::Value) -> (StatusCode, String) {
-    let response = app(state.clone())
-        .oneshot(
-            Request::post(uri)
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    (status, String::from_utf8(bytes.to_vec()).unwrap())
+    let (status, bytes) = post_json(state, uri, body).await;
+    (status, String::from_utf8(bytes).unwrap())
 }
 
 fn chat(extra: serde_json::Value) -> serde_json::Value {

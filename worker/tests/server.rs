@@ -2,9 +2,12 @@
 //! streams with exact usage, the KV event stream and snapshot mirror the prefix cache, and bad
 //! requests get OpenAI-shaped errors.
 
+mod support;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures::StreamExt;
+use support::{post_json, send};
 use tidelock_protocol::{
     Epoch, GenerateEvent, KvEvent, KvEventBatch, KvSnapshot, LoadReport, WorkerInfo,
 };
@@ -28,31 +31,11 @@ fn started() -> AppState {
 }
 
 async fn get(state: &AppState, uri: &str) -> (StatusCode, Vec<u8>) {
-    let response = app(state.clone())
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    (status, body.to_vec())
+    send(state, Request::get(uri).body(Body::empty()).unwrap()).await
 }
 
 async fn generate(state: &AppState, body: serde_json::Value) -> (StatusCode, Vec<GenerateEvent>) {
-    let response = app(state.clone())
-        .oneshot(
-            Request::post("/v1/generate")
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap();
+    let (status, body) = post_json(state, "/v1/generate", body).await;
     let events = body
         .split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
