@@ -8,40 +8,24 @@
 //! matcher. The worker has no tenants: its cache salt is the shared one, and tenant isolation is
 //! the Tidelock router's job.
 
-use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use tidelock_prompt::{ChatMessage, IncrementalDetokenizer, PromptKit, StopMatcher};
-use tidelock_protocol::openai::{
-    self, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Delta, ModelCard,
-    ModelList, OpenAiError, PromptInput, ResponseMeta, TokenLogprob,
-};
-use tidelock_protocol::{CacheSalt, GenerateEvent, GenerateRequest, SamplingParams, SessionKey};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tidelock_openai::{Endpoint, error_response as error, parse, respond};
+use tidelock_prompt::PromptKit;
+use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
+use tidelock_protocol::{CacheSalt, GenerateRequest, SessionKey};
 
 use crate::server::AppState;
 use crate::server::runner::Command;
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn error(e: &OpenAiError) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, axum::Json(e.body())).into_response()
-}
-
-fn kit(state: &AppState) -> Result<&PromptKit, OpenAiError> {
+fn kit(state: &AppState) -> Result<&Arc<PromptKit>, OpenAiError> {
     state
         .kit
-        .as_deref()
+        .as_ref()
         .ok_or_else(|| OpenAiError::unavailable("this worker has no tokenizer loaded"))
 }
 
@@ -49,15 +33,6 @@ pub async fn models(State(state): State<AppState>) -> Response {
     let mut card = ModelCard::new(state.info.model.as_str(), state.started_at, "tidelock");
     card.max_model_len = Some(state.info.max_context_tokens);
     axum::Json(ModelList::new(vec![card])).into_response()
-}
-
-/// What both endpoints hand to the common generation path.
-struct Prepared {
-    meta: ResponseMeta,
-    request: GenerateRequest,
-    stops: Vec<String>,
-    stream: bool,
-    chat: bool,
 }
 
 fn check_model(state: &AppState, model: &str) -> Result<(), OpenAiError> {
@@ -72,372 +47,52 @@ fn check_model(state: &AppState, model: &str) -> Result<(), OpenAiError> {
     }
 }
 
-fn generate_request(
-    state: &AppState,
-    tokens: Vec<u32>,
-    sampling: SamplingParams,
-    session: Option<&str>,
-) -> Result<GenerateRequest, OpenAiError> {
-    let context = state.info.max_context_tokens as usize;
-    if tokens.len() >= context {
-        return Err(OpenAiError::invalid(
-            "messages",
-            format!(
-                "This model's maximum context length is {context} tokens; the prompt has {}.",
-                tokens.len()
-            ),
-        )
-        .with_code("context_length_exceeded"));
-    }
-    Ok(GenerateRequest {
-        request_id: None,
-        session: session.and_then(|s| SessionKey::new(s).ok()),
-        cache_salt: CacheSalt::shared(),
-        tokens,
-        sampling,
-    })
-}
-
-/// Features the request types parse but this surface does not serve: refused, not ignored.
-fn refuse_unserved(echo: bool) -> Result<(), OpenAiError> {
-    if echo {
-        return Err(OpenAiError::invalid("echo", "echo is not supported"));
-    }
-    Ok(())
-}
-
-/// The id, time and model every response and chunk of one request repeats.
-fn response_meta(id_prefix: &str, model: &str, include_usage: bool) -> ResponseMeta {
-    ResponseMeta {
-        id: format!("{id_prefix}-{:032x}", rand::random::<u128>()),
-        created: now(),
-        model: model.to_owned(),
-        include_usage,
-    }
-}
-
-fn room(state: &AppState, prompt: usize) -> u32 {
-    (state.info.max_context_tokens as usize)
-        .saturating_sub(prompt)
-        .max(1) as u32
-}
-
 pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
-    match prepare_chat(&state, &body) {
-        Ok(prepared) => run(state, prepared).await,
-        Err(e) => error(&e),
-    }
-}
-
-fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiError> {
-    let req: ChatCompletionRequest = OpenAiError::parse_body(body)?;
-    check_model(state, &req.model)?;
-    let kit = kit(state)?;
-    let messages = req
-        .messages
-        .iter()
-        .map(|m| {
-            let mut out = ChatMessage::new(m.role.clone(), m.text()?.unwrap_or_default());
-            out.name = m.name.clone();
-            out.tool_calls = m.tool_calls.clone();
-            out.tool_call_id = m.tool_call_id.clone();
-            Ok(out)
-        })
-        .collect::<Result<Vec<_>, OpenAiError>>()?;
-    let mut extra = serde_json::Map::new();
-    if let Some(tools) = &req.tools {
-        extra.insert("tools".into(), tools.clone());
-    }
-    let tokens = kit
-        .encode_chat(&messages, true, &extra)
-        .map_err(|e| OpenAiError::invalid("messages", e.to_string()))?;
-    let sampling = req.sampling(room(state, tokens.len()))?;
-
-    Ok(Prepared {
-        meta: response_meta("chatcmpl", &req.model, req.include_usage()),
-        request: generate_request(state, tokens, sampling, req.session_hint())?,
-        stops: req.stop_strings(),
-        stream: req.common.stream,
-        chat: true,
-    })
+    serve(state, Endpoint::Chat, &body).await
 }
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
-    match prepare_completion(&state, &body) {
-        Ok(prepared) => run(state, prepared).await,
-        Err(e) => error(&e),
-    }
+    serve(state, Endpoint::Completion, &body).await
 }
 
-fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiError> {
-    let req: CompletionRequest = OpenAiError::parse_body(body)?;
-    check_model(state, &req.model)?;
-    let tokens = match req.prompt_input()? {
-        PromptInput::Tokens(tokens) => tokens,
-        PromptInput::Text(text) => kit(state)?
-            .encode(&text, true)
-            .map_err(|e| OpenAiError::invalid("prompt", e.to_string()))?,
+/// Parses, tokenizes, hands the request to the engine and answers from its events.
+async fn serve(state: AppState, endpoint: Endpoint, body: &[u8]) -> Response {
+    let prepared = (|| {
+        let parsed = parse(endpoint, body)?;
+        check_model(&state, parsed.model())?;
+        let kit = kit(&state)?.clone();
+        let prepared = parsed.prepare(&kit, state.info.max_context_tokens)?;
+        let session = parsed
+            .common()
+            .session_hint()
+            .and_then(|s| SessionKey::new(s).ok());
+        Ok::<_, OpenAiError>((prepared, kit, session))
+    })();
+    let (prepared, kit, session) = match prepared {
+        Ok(p) => p,
+        Err(e) => return error(&e),
     };
-    if tokens.is_empty() {
-        return Err(OpenAiError::invalid("prompt", "the prompt is empty"));
-    }
-    let sampling = req.sampling(room(state, tokens.len()))?;
-    refuse_unserved(req.echo)?;
-    Ok(Prepared {
-        meta: response_meta("cmpl", &req.model, req.include_usage()),
-        request: generate_request(state, tokens, sampling, req.session_hint())?,
-        stops: req.stop_strings(),
-        stream: req.common.stream,
-        chat: false,
-    })
-}
-
-/// Text out of token events: detokenized, cut at stop strings.
-struct TextOut {
-    detok: IncrementalDetokenizer,
-    stop: StopMatcher,
-    prompt_tokens: u32,
-    cached_tokens: u32,
-    completion_tokens: u32,
-    /// Log-probabilities of tokens read but not yet sent (when the request asked for them).
-    logprobs: Vec<TokenLogprob>,
-    /// Characters of completion text sent so far (the completions `text_offset` base).
-    chars_sent: usize,
-}
-
-/// One step of a generation as the client sees it.
-enum Step {
-    Text(String),
-    /// The end: remaining text, finish reason, usage.
-    End(String, Option<String>, openai::Usage),
-    Failed(OpenAiError),
-}
-
-impl TextOut {
-    fn usage(&self) -> openai::Usage {
-        openai::Usage::from(tidelock_protocol::Usage {
-            prompt_tokens: self.prompt_tokens,
-            cached_tokens: self.cached_tokens,
-            completion_tokens: self.completion_tokens,
-        })
-    }
-
-    /// Reads the next event; `None` when the stream is over.
-    async fn next(
-        &mut self,
-        kit: &PromptKit,
-        rx: &mut UnboundedReceiver<GenerateEvent>,
-    ) -> Option<Step> {
-        if self.stop.is_stopped() {
-            return None;
-        }
-        let event = match rx.recv().await {
-            Some(event) => event,
-            None => {
-                return Some(Step::Failed(OpenAiError::internal(
-                    "the engine ended the request without an answer",
-                )));
-            }
-        };
-        Some(match event {
-            GenerateEvent::Prefilled {
-                prompt_tokens,
-                cached_tokens,
-            } => {
-                self.prompt_tokens = prompt_tokens;
-                self.cached_tokens = cached_tokens;
-                Step::Text(String::new())
-            }
-            GenerateEvent::Tokens {
-                ids,
-                logprobs,
-                top_logprobs,
-            } => {
-                self.completion_tokens += ids.len() as u32;
-                if let Some(logprobs) = logprobs {
-                    let text = |id: u32| kit.decode(&[id], false).unwrap_or_default();
-                    for (i, (&id, &logprob)) in ids.iter().zip(&logprobs).enumerate() {
-                        let top = top_logprobs
-                            .as_ref()
-                            .and_then(|t| t.get(i))
-                            .map(|alts| alts.iter().map(|a| (text(a.id), a.logprob)).collect())
-                            .unwrap_or_default();
-                        self.logprobs.push(TokenLogprob {
-                            token: text(id),
-                            logprob,
-                            top,
-                        });
-                    }
-                }
-                let mut text = String::new();
-                for id in ids {
-                    let piece = self.detok.push(kit.tokenizer(), id).unwrap_or_default();
-                    let out = self.stop.push(&piece);
-                    text.push_str(&out.text);
-                    if out.stopped {
-                        // Dropping the receiver (by ending the stream) cancels generation.
-                        return Some(Step::End(text, Some("stop".into()), self.usage()));
-                    }
-                }
-                Step::Text(text)
-            }
-            GenerateEvent::Finished { reason, usage } => {
-                self.prompt_tokens = usage.prompt_tokens;
-                self.cached_tokens = usage.cached_tokens;
-                self.completion_tokens = usage.completion_tokens;
-                let tail = self.detok.finish(kit.tokenizer()).unwrap_or_default();
-                let mut text = self.stop.push(&tail).text;
-                let finish = if self.stop.is_stopped() {
-                    Some("stop".into())
-                } else {
-                    text.push_str(&self.stop.finish());
-                    openai::finish_reason(reason)
-                };
-                Step::End(text, finish, self.usage())
-            }
-            GenerateEvent::Error { code, message } => {
-                Step::Failed(OpenAiError::from_wire(code, message))
-            }
-            GenerateEvent::Unknown => Step::Text(String::new()),
-        })
-    }
-}
-
-async fn run(state: AppState, prepared: Prepared) -> Response {
-    let Some(kit) = state.kit.clone() else {
-        return error(&OpenAiError::unavailable(
-            "this worker has no tokenizer loaded",
-        ));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = GenerateRequest {
+        request_id: Some(prepared.meta.id.clone()),
+        session,
+        cache_salt: CacheSalt::shared(),
+        tokens: prepared.tokens.clone(),
+        sampling: prepared.sampling.clone(),
     };
-    let wants_logprobs = prepared.request.sampling.logprobs.is_some();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     if state
         .commands
-        .send(Command::Generate {
-            request: prepared.request,
-            out: tx,
-        })
+        .send(Command::Generate { request, out: tx })
         .is_err()
     {
         return error(&OpenAiError::unavailable("the engine has stopped"));
     }
-    let mut text_out = TextOut {
-        detok: IncrementalDetokenizer::new(true),
-        stop: StopMatcher::new(prepared.stops),
-        prompt_tokens: 0,
-        cached_tokens: 0,
-        completion_tokens: 0,
-        logprobs: Vec::new(),
-        chars_sent: 0,
-    };
-    let meta = prepared.meta;
-    if !prepared.stream {
-        let mut content = String::new();
-        loop {
-            match text_out.next(&kit, &mut rx).await {
-                Some(Step::Text(t)) => content.push_str(&t),
-                Some(Step::End(t, finish, usage)) => {
-                    content.push_str(&t);
-                    let logprobs = &text_out.logprobs;
-                    return if prepared.chat {
-                        let mut body = ChatCompletion::new(&meta, content, finish, usage);
-                        if wants_logprobs {
-                            body.choices[0].logprobs = Some(openai::chat_logprobs(logprobs));
-                        }
-                        axum::Json(body).into_response()
-                    } else {
-                        let mut body = Completion::new(&meta, content, finish, usage);
-                        if wants_logprobs {
-                            body.choices[0].logprobs =
-                                Some(openai::completion_logprobs(logprobs, 0));
-                        }
-                        axum::Json(body).into_response()
-                    };
-                }
-                Some(Step::Failed(e)) => return error(&e),
-                None => return error(&OpenAiError::internal("generation ended early")),
-            }
-        }
-    }
-    let chat = prepared.chat;
-    let first = chat.then(|| {
-        openai::sse_data(&meta.chat_chunk(
-            Delta {
-                role: Some("assistant".into()),
-                content: Some(String::new()),
-            },
-            None,
-        ))
-    });
-    // A content chunk, with the log-probabilities of the tokens it carries when asked for.
-    let chunk =
-        move |meta: &ResponseMeta, text_out: &mut TextOut, text: String, finish: Option<String>| {
-            let tokens = std::mem::take(&mut text_out.logprobs);
-            let offset = text_out.chars_sent;
-            text_out.chars_sent += text.chars().count();
-            if chat {
-                let mut c = meta.chat_chunk(
-                    Delta {
-                        role: None,
-                        content: Some(text),
-                    },
-                    finish,
-                );
-                if wants_logprobs {
-                    c.choices[0].logprobs = Some(openai::chat_logprobs(&tokens));
-                }
-                openai::sse_data(&c)
-            } else {
-                let mut c = meta.completion_chunk(text, finish);
-                if wants_logprobs {
-                    c.choices[0].logprobs = Some(openai::completion_logprobs(&tokens, offset));
-                }
-                openai::sse_data(&c)
-            }
-        };
-    let events = futures::stream::unfold(
-        (text_out, rx, kit, meta, false),
-        move |(mut text_out, mut rx, kit, meta, done)| async move {
-            if done {
-                return None;
-            }
-            let mut lines = String::new();
-            match text_out.next(&kit, &mut rx).await? {
-                Step::Text(t) if t.is_empty() => {}
-                Step::Text(t) => lines.push_str(&chunk(&meta, &mut text_out, t, None)),
-                Step::End(t, finish, usage) => {
-                    lines.push_str(&chunk(&meta, &mut text_out, t, finish));
-                    if meta.include_usage {
-                        lines.push_str(&if chat {
-                            openai::sse_data(&meta.chat_usage_chunk(usage))
-                        } else {
-                            openai::sse_data(&meta.completion_usage_chunk(usage))
-                        });
-                    }
-                    lines.push_str(openai::SSE_DONE);
-                    return Some((lines, (text_out, rx, kit, meta, true)));
-                }
-                Step::Failed(e) => {
-                    lines.push_str(&e.sse_event());
-                    lines.push_str(openai::SSE_DONE);
-                    return Some((lines, (text_out, rx, kit, meta, true)));
-                }
-            }
-            Some((lines, (text_out, rx, kit, meta, false)))
-        },
-    );
-    let stream = futures::stream::iter(first)
-        .chain(events)
-        .filter(|s| futures::future::ready(!s.is_empty()))
-        .map(|s| Ok::<_, Infallible>(Bytes::from(s)));
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response()
+    // Dropping the receiver (the client went away, or a stop string matched) cancels the request.
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (event, rx))
+    })
+    .boxed();
+    respond(prepared, kit, events).await
 }
 
 /// `GET /health`: the probe sglang-router and vllm-router make.

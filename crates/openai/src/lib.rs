@@ -1,0 +1,19 @@
+//! The OpenAI surface the router and the worker share, so both answer a request the same way:
+//!
+//! - [`parse`] reads a `/v1/chat/completions` or `/v1/completions` body; [`Parsed::prepare`]
+//!   renders the chat template and tokenizes with the model's [`PromptKit`], giving the token ids,
+//!   sampling parameters and stop strings of a [`GenerateRequest`](tidelock_protocol::GenerateRequest);
+//! - [`respond`] turns the worker's stream of [`GenerateEvent`](tidelock_protocol::GenerateEvent)s
+//!   back into an OpenAI answer: one JSON body, or server-sent events shaped as OpenAI sends them
+//!   (role chunk, content chunks, optional usage chunk, `data: [DONE]`), with incremental
+//!   detokenization and stop strings matched across token boundaries and never emitted.
+//!
+//! Where the events come from is the caller's business: the worker's engine channel, or the
+//! router's proxied (and retried) worker stream. Dropping the answer's body drops the event
+//! stream, which is how a client that goes away cancels generation in both.
+
+mod prepare;
+mod respond;
+
+pub use prepare::{Endpoint, Parsed, Prepared, parse};
+pub use respond::{error_response, respond};

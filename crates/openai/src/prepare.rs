@@ -1,0 +1,183 @@
+//! A request body to what a worker generates from: token ids, sampling, stop strings.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tidelock_prompt::{ChatMessage, PromptKit};
+use tidelock_protocol::SamplingParams;
+use tidelock_protocol::openai::{
+    ChatCompletionRequest, CommonFields, CompletionRequest, OpenAiError, PromptInput, ResponseMeta,
+};
+
+/// Which OpenAI endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completion,
+}
+
+impl Endpoint {
+    /// The endpoint's name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Completion => "completions",
+        }
+    }
+}
+
+/// A parsed request body, not yet tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    Chat(Box<ChatCompletionRequest>),
+    Completion(Box<CompletionRequest>),
+}
+
+/// Parses a request body of `endpoint`; malformed JSON, wrong types and invalid UTF-8 are 400s
+/// naming the problem.
+pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, OpenAiError> {
+    Ok(match endpoint {
+        Endpoint::Chat => Parsed::Chat(OpenAiError::parse_body(body)?),
+        Endpoint::Completion => Parsed::Completion(OpenAiError::parse_body(body)?),
+    })
+}
+
+/// Everything a worker needs to generate, and the client to be answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    pub endpoint: Endpoint,
+    /// Id, time and model every response and chunk repeats.
+    pub meta: ResponseMeta,
+    /// The prompt as token ids (chat template applied).
+    pub tokens: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Stop strings, matched on the text and never returned.
+    pub stops: Vec<String>,
+    /// Answer as server-sent events.
+    pub stream: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Parsed {
+    /// The model the request names.
+    pub fn model(&self) -> &str {
+        match self {
+            Parsed::Chat(r) => &r.model,
+            Parsed::Completion(r) => &r.model,
+        }
+    }
+
+    /// The fields both endpoints share (session hints, stream flags).
+    pub fn common(&self) -> &CommonFields {
+        match self {
+            Parsed::Chat(r) => &r.common,
+            Parsed::Completion(r) => &r.common,
+        }
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            Parsed::Chat(_) => Endpoint::Chat,
+            Parsed::Completion(_) => Endpoint::Completion,
+        }
+    }
+
+    /// Renders and tokenizes the prompt with `kit` and checks every field. `max_context` is the
+    /// longest context (prompt plus completion) the request may reach: the prompt must be
+    /// shorter, and `max_tokens` defaults to (and is capped at) the room left.
+    pub fn prepare(&self, kit: &PromptKit, max_context: u64) -> Result<Prepared, OpenAiError> {
+        let (tokens, param) = match self {
+            Parsed::Chat(req) => (chat_tokens(kit, req)?, "messages"),
+            Parsed::Completion(req) => {
+                if req.echo {
+                    return Err(OpenAiError::invalid("echo", "echo is not supported"));
+                }
+                let tokens = match req.prompt_input()? {
+                    PromptInput::Tokens(tokens) => tokens,
+                    PromptInput::Text(text) => kit
+                        .encode(&text, true)
+                        .map_err(|e| OpenAiError::invalid("prompt", e.to_string()))?,
+                };
+                if tokens.is_empty() {
+                    return Err(OpenAiError::invalid("prompt", "the prompt is empty"));
+                }
+                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= kit.vocab_size()) {
+                    return Err(OpenAiError::invalid(
+                        "prompt",
+                        format!(
+                            "token id {bad} is out of range: the vocabulary has {} tokens",
+                            kit.vocab_size()
+                        ),
+                    ));
+                }
+                (tokens, "prompt")
+            }
+        };
+        let prompt = tokens.len() as u64;
+        if prompt >= max_context {
+            return Err(OpenAiError::invalid(
+                param,
+                format!(
+                    "This request's maximum context length is {max_context} tokens; the prompt has {prompt}."
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        let room = u32::try_from(max_context - prompt).unwrap_or(u32::MAX);
+        let mut sampling = match self {
+            Parsed::Chat(req) => req.sampling(room)?,
+            Parsed::Completion(req) => req.sampling(room)?,
+        };
+        sampling.max_tokens = sampling.max_tokens.min(room);
+        let (prefix, stops) = match self {
+            Parsed::Chat(req) => ("chatcmpl", req.stop_strings()),
+            Parsed::Completion(req) => ("cmpl", req.stop_strings()),
+        };
+        Ok(Prepared {
+            endpoint: self.endpoint(),
+            meta: ResponseMeta {
+                id: format!("{prefix}-{:032x}", rand::random::<u128>()),
+                created: now(),
+                model: self.model().to_owned(),
+                include_usage: self.common().include_usage(),
+            },
+            tokens,
+            sampling,
+            stops,
+            stream: self.common().stream,
+        })
+    }
+}
+
+/// The conversation rendered with the chat template (and the request's tools) and tokenized.
+fn chat_tokens(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<Vec<u32>, OpenAiError> {
+    if req.messages.is_empty() {
+        return Err(OpenAiError::invalid(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(|m| {
+            let mut out = ChatMessage::new(m.role.clone(), m.text()?.unwrap_or_default());
+            out.name = m.name.clone();
+            out.tool_calls = m.tool_calls.clone();
+            out.tool_call_id = m.tool_call_id.clone();
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>, OpenAiError>>()?;
+    let mut extra = serde_json::Map::new();
+    if let Some(tools) = &req.tools {
+        extra.insert("tools".into(), tools.clone());
+    }
+    kit.encode_chat(&messages, true, &extra)
+        .map_err(|e| OpenAiError::invalid("messages", e.to_string()))
+}
