@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod follow;
 mod http;
 pub mod index;
+pub mod policy;
 pub mod prompt;
 
 pub use index::{Applied, IndexError, KvIndex, MAX_WORKERS, Resync, TierCounts, WorkerMatch};

@@ -239,7 +239,7 @@ pub struct WorkerInfo {
 }
 
 /// `GET /v1/load`: a worker's current load, for cost-based routing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct LoadReport {
     /// Requests being decoded or prefilled.
@@ -252,6 +252,9 @@ pub struct LoadReport {
     pub kv_total_blocks: u64,
     /// Prompt tokens still to prefill across queued and running requests.
     pub prefill_tokens_waiting: u64,
+    /// Measured prefill speed in tokens per second (a moving average); 0 until the worker has
+    /// prefilled something. The router's TTFT prediction divides uncached tokens by it.
+    pub prefill_tokens_per_second: f64,
 }
 
 /// etcd value of `workers/<model>/<worker>`, bound to the worker's lease.
@@ -457,6 +460,7 @@ mod tests {
             kv_used_blocks: 10,
             kv_total_blocks: 100,
             prefill_tokens_waiting: 512,
+            prefill_tokens_per_second: 2500.5,
         });
         round_trip(&WorkerRegistration {
             address: "http://127.0.0.1:8000".into(),

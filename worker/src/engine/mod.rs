@@ -143,7 +143,12 @@ impl<E: Executor> Engine<E> {
         EngineLoad {
             running: self.running.len(),
             waiting: self.waiting.len(),
-            waiting_prefill_tokens: self.waiting.iter().map(Sequence::remaining).sum(),
+            waiting_prefill_tokens: self
+                .waiting
+                .iter()
+                .chain(&self.running)
+                .map(Sequence::remaining)
+                .sum(),
             blocks: self.pool.stats(),
         }
     }

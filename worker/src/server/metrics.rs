@@ -22,12 +22,17 @@ pub struct Metrics {
     pub prefill_tokens: IntCounter,
     pub decode_tokens: IntCounter,
     pub preemptions: IntCounter,
+    /// Measured prefill speed (moving average over steps that prefilled), reported in `/v1/load`.
+    pub prefill_rate: prometheus::Gauge,
     pub requests: IntCounterVec,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }
 
 impl Metrics {
+    /// Steps that prefilled fewer tokens say more about decode than prefill speed.
+    pub const RATE_MIN_TOKENS: usize = 32;
+
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
@@ -85,6 +90,14 @@ impl Metrics {
             prefill_tokens: counter("tidelock_worker_prefill_tokens_total", "Tokens prefilled.")?,
             decode_tokens: counter("tidelock_worker_decode_tokens_total", "Tokens decoded.")?,
             preemptions: counter("tidelock_worker_preemptions_total", "Sequences preempted.")?,
+            prefill_rate: {
+                let g = prometheus::Gauge::new(
+                    "tidelock_worker_prefill_tokens_per_second",
+                    "Measured prefill speed: a moving average over engine steps that prefilled.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             requests,
             ttft: histogram(
                 "tidelock_worker_time_to_first_token_seconds",
@@ -100,7 +113,18 @@ impl Metrics {
         })
     }
 
-    pub fn record_step(&self, stats: &StepStats) {
+    /// Counts a step's tokens; a step that prefilled at least [`Self::RATE_MIN_TOKENS`] tokens
+    /// in `elapsed` also updates the prefill speed (exponential moving average, weight 0.2).
+    pub fn record_step(&self, stats: &StepStats, elapsed: std::time::Duration) {
+        if stats.prefill_tokens >= Self::RATE_MIN_TOKENS && !elapsed.is_zero() {
+            let rate = stats.prefill_tokens as f64 / elapsed.as_secs_f64();
+            let old = self.prefill_rate.get();
+            self.prefill_rate.set(if old > 0.0 {
+                0.8 * old + 0.2 * rate
+            } else {
+                rate
+            });
+        }
         self.prefill_tokens.inc_by(stats.prefill_tokens as u64);
         self.decode_tokens.inc_by(stats.decode_tokens as u64);
         self.preemptions.inc_by(stats.preempted as u64);

@@ -167,6 +167,7 @@ async fn load(State(state): State<AppState>) -> axum::Json<LoadReport> {
         kv_used_blocks: load.blocks.in_use as u64,
         kv_total_blocks: load.blocks.total as u64,
         prefill_tokens_waiting: load.waiting_prefill_tokens as u64,
+        prefill_tokens_per_second: state.metrics.prefill_rate.get(),
     })
 }
 

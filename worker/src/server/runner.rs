@@ -139,8 +139,9 @@ fn run<E: Executor>(
             }
         }
         if !engine.is_idle() {
+            let started = std::time::Instant::now();
             match engine.step() {
-                Ok(stats) => metrics.record_step(&stats),
+                Ok(stats) => metrics.record_step(&stats, started.elapsed()),
                 Err(error) => {
                     // A model error here is a bug or a broken installation, not a bad request
                     // (those are rejected at submit): fail every request and keep serving.

@@ -1,0 +1,305 @@
+//! Where a request goes: pure placement decisions, no I/O, no clock.
+//!
+//! Every policy sees the same [`Candidate`]s (a healthy worker, its last load report, the
+//! router's own in-flight count, and how much of the prompt's block chain it holds, by tier)
+//! and returns the workers in the order to try them, with the reason for the first choice. The
+//! proxy tries the next one when a worker fails before the first token.
+//!
+//! The default, [`Policy::Ttft`], predicts each worker's time to first token:
+//!
+//! ```text
+//! ttft(w) = queue_wait(w) + uncached_tokens(w) / prefill_speed(w) + transfer(w)
+//! queue_wait(w) = prefill tokens queued on w / prefill_speed(w)
+//! transfer(w) = host-tier blocks * host_block_secs + disk-tier blocks * disk_block_secs
+//! ```
+//!
+//! with the prefill speed each worker measures and reports in `/v1/load` (a default until it has
+//! prefilled anything). A session keeps its pinned worker unless that worker's prediction
+//! exceeds the best one's by more than the pin margin (`best * (1 + margin_ratio) +
+//! margin_secs`): moving a session costs its cache, and the prediction is only a prediction.
+
+use std::time::Duration;
+
+use tidelock_protocol::{LoadReport, WorkerId};
+
+use crate::index::TierCounts;
+
+/// A placement policy, selectable per router so benchmarks compare them in one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Policy {
+    /// Lowest predicted TTFT, keeping a session's pinned worker within a margin (default).
+    Ttft,
+    /// Each healthy worker in turn.
+    RoundRobin,
+    /// Fewest requests running, queued or in flight from this router.
+    LeastLoaded,
+    /// Consistent (rendezvous) hashing of the session key, with bounded load.
+    SessionHash,
+    /// Longest cached prefix; ties to the least loaded.
+    PrefixOnly,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Ttft => "ttft",
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastLoaded => "least_loaded",
+            Policy::SessionHash => "session_hash",
+            Policy::PrefixOnly => "prefix_only",
+        }
+    }
+}
+
+/// Why the first worker was chosen; a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The session's pinned worker, within the margin of the best.
+    Pinned,
+    /// A session without a pin (or a request without a session): the best prediction.
+    Placed,
+    /// The pinned worker's prediction exceeded the best by more than the margin.
+    Moved,
+    /// The pinned worker is gone or unhealthy.
+    PinLost,
+    /// Round robin's turn.
+    Turn,
+    /// The least loaded worker.
+    LeastLoaded,
+    /// The session's worker on the hash ring.
+    Hashed,
+    /// The session's worker on the ring was over its load bound; the next one on the ring.
+    HashOverflow,
+    /// The worker holding the longest cached prefix.
+    PrefixHit,
+    /// Nobody holds any of the prefix: the least loaded worker.
+    PrefixMiss,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Pinned => "pinned",
+            Reason::Placed => "placed",
+            Reason::Moved => "moved",
+            Reason::PinLost => "pin_lost",
+            Reason::Turn => "turn",
+            Reason::LeastLoaded => "least_loaded",
+            Reason::Hashed => "hashed",
+            Reason::HashOverflow => "hash_overflow",
+            Reason::PrefixHit => "prefix_hit",
+            Reason::PrefixMiss => "prefix_miss",
+        }
+    }
+
+    /// Whether the session's pin should be written (placed or moved) when the request succeeds.
+    pub fn writes_pin(self) -> bool {
+        matches!(self, Reason::Placed | Reason::Moved | Reason::PinLost)
+    }
+}
+
+/// One healthy worker as a policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub worker: WorkerId,
+    /// Its last load report.
+    pub load: LoadReport,
+    /// Requests this router has sent it that have not finished.
+    pub in_flight: u32,
+    /// Prompt tokens this router has sent it whose prefill has not finished (fresher than the
+    /// load report, which may predate them).
+    pub pending_prefill: u64,
+    /// Leading blocks of the prompt's chain it holds, by tier.
+    pub cached: TierCounts,
+}
+
+impl Candidate {
+    /// Requests on the worker: the larger of its report and this router's own count.
+    fn load(&self) -> u64 {
+        u64::from(self.load.running + self.load.waiting).max(u64::from(self.in_flight))
+    }
+
+    fn cached_blocks(&self) -> usize {
+        self.cached.device + self.cached.host + self.cached.disk
+    }
+}
+
+/// The TTFT model's parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostModel {
+    /// Prefill tokens per second assumed for a worker that has not reported a measurement.
+    pub default_prefill_tps: f64,
+    /// Seconds to bring one block from the host tier to the device.
+    pub host_block_secs: f64,
+    /// Seconds to bring one block from the disk tier to the device.
+    pub disk_block_secs: f64,
+    /// A pinned worker is kept while its prediction is at most `best * (1 + margin_ratio) +
+    /// margin_secs`.
+    pub margin_ratio: f64,
+    pub margin_secs: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        CostModel {
+            default_prefill_tps: 2_000.0,
+            host_block_secs: 0.000_5,
+            disk_block_secs: 0.005,
+            margin_ratio: 0.5,
+            margin_secs: 0.05,
+        }
+    }
+}
+
+impl CostModel {
+    /// Predicted time to first token of a `prompt_tokens`-token prompt on `c`.
+    pub fn ttft(&self, c: &Candidate, prompt_tokens: usize, block_tokens: usize) -> Duration {
+        let speed = if c.load.prefill_tokens_per_second > 0.0 {
+            c.load.prefill_tokens_per_second
+        } else {
+            self.default_prefill_tps
+        };
+        let queued = c.load.prefill_tokens_waiting.max(c.pending_prefill) as f64;
+        // The last token is always computed (its logits start decoding), cached or not.
+        let uncached = prompt_tokens
+            .saturating_sub(c.cached_blocks() * block_tokens)
+            .max(1) as f64;
+        let transfer = c.cached.host as f64 * self.host_block_secs
+            + c.cached.disk as f64 * self.disk_block_secs;
+        Duration::from_secs_f64((queued + uncached) / speed + transfer)
+    }
+}
+
+/// What a policy is asked.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub prompt_tokens: usize,
+    pub block_tokens: usize,
+    /// The session key (or, without one, the prompt's first block hash), for `session_hash`.
+    pub session: Option<&'a str>,
+    /// The worker the session is pinned to, if any.
+    pub pinned: Option<&'a WorkerId>,
+}
+
+/// A placement: workers in the order to try them, and why the first was chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub order: Vec<WorkerId>,
+    pub reason: Reason,
+    /// The first worker's predicted TTFT (for `ttft`; logged, and compared in tests).
+    pub predicted: Option<Duration>,
+}
+
+/// Load bound of `session_hash`: a worker takes a session's request while its load is at most
+/// `(1 + BOUND_EPSILON) * average + 1`.
+pub const BOUND_EPSILON: f64 = 0.25;
+
+/// Decides where a request goes. `candidates` are the healthy workers (any order); `turn` is the
+/// router's round-robin counter. `None` when there is no candidate.
+pub fn decide(
+    policy: Policy,
+    model: &CostModel,
+    request: &Request<'_>,
+    candidates: &[Candidate],
+    turn: u64,
+) -> Option<Decision> {
+    if candidates.is_empty() {
+        return None;
+    }
+    // Deterministic base order: by worker id.
+    let mut sorted: Vec<&Candidate> = candidates.iter().collect();
+    sorted.sort_by(|a, b| a.worker.cmp(&b.worker));
+    let by_load = |v: &mut Vec<&Candidate>| v.sort_by_key(|c| c.load());
+    let decision = |order: Vec<&Candidate>, reason, predicted| Decision {
+        order: order.iter().map(|c| c.worker.clone()).collect(),
+        reason,
+        predicted,
+    };
+    Some(match policy {
+        Policy::Ttft => {
+            let ttft = |c: &Candidate| model.ttft(c, request.prompt_tokens, request.block_tokens);
+            let mut order = sorted;
+            order.sort_by_key(|c| ttft(c));
+            let best = ttft(order[0]);
+            let pinned = request
+                .pinned
+                .map(|p| order.iter().position(|c| &c.worker == p));
+            let reason = match pinned {
+                None => Reason::Placed,
+                Some(None) => Reason::PinLost,
+                Some(Some(i)) => {
+                    let keep = best.as_secs_f64() * (1.0 + model.margin_ratio) + model.margin_secs;
+                    if ttft(order[i]).as_secs_f64() <= keep {
+                        let pin = order.remove(i);
+                        order.insert(0, pin);
+                        Reason::Pinned
+                    } else {
+                        Reason::Moved
+                    }
+                }
+            };
+            let predicted = Some(ttft(order[0]));
+            decision(order, reason, predicted)
+        }
+        Policy::RoundRobin => {
+            let n = sorted.len();
+            let start = (turn % n as u64) as usize;
+            let order = (0..n).map(|i| sorted[(start + i) % n]).collect();
+            decision(order, Reason::Turn, None)
+        }
+        Policy::LeastLoaded => {
+            let mut order = sorted;
+            // Stable sort: ties go to the round-robin turn's order, not always the first id.
+            let n = order.len();
+            order.rotate_left((turn % n as u64) as usize);
+            by_load(&mut order);
+            decision(order, Reason::LeastLoaded, None)
+        }
+        Policy::SessionHash => {
+            let key = request.session.unwrap_or("");
+            let ring = ring_order(&sorted, key);
+            let total: u64 = sorted.iter().map(|c| c.load()).sum();
+            let bound = (1.0 + BOUND_EPSILON) * total as f64 / sorted.len() as f64 + 1.0;
+            let fits = ring.iter().position(|c| c.load() as f64 <= bound);
+            let (first, reason) = match fits {
+                Some(0) | None => (0, Reason::Hashed),
+                Some(i) => (i, Reason::HashOverflow),
+            };
+            let mut order = ring;
+            order.rotate_left(first);
+            decision(order, reason, None)
+        }
+        Policy::PrefixOnly => {
+            let mut order = sorted;
+            by_load(&mut order);
+            order.sort_by_key(|c| std::cmp::Reverse(c.cached_blocks()));
+            let reason = if order[0].cached_blocks() > 0 {
+                Reason::PrefixHit
+            } else {
+                Reason::PrefixMiss
+            };
+            decision(order, reason, None)
+        }
+    })
+}
+
+/// The workers in rendezvous-hashing order for `key` (highest random weight first): each
+/// worker's weight is a hash of (key, worker), so adding or removing a worker moves only the
+/// keys that rank it first, as a hash ring does, at one hash per worker and no ring to keep.
+fn ring_order<'c>(workers: &[&'c Candidate], key: &str) -> Vec<&'c Candidate> {
+    let weight = |c: &Candidate| {
+        let mut h = blake3::Hasher::new();
+        h.update(key.as_bytes());
+        h.update(&[0]);
+        h.update(c.worker.as_str().as_bytes());
+        let bytes = h.finalize();
+        u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or_default())
+    };
+    let mut order: Vec<(u64, &Candidate)> = workers.iter().map(|c| (weight(c), *c)).collect();
+    order.sort_by_key(|(w, _)| std::cmp::Reverse(*w));
+    order.into_iter().map(|(_, c)| c).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,303 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+fn id(name: &str) -> WorkerId {
+    WorkerId::new(name).unwrap()
+}
+
+fn cand(name: &str, running: u32, device_blocks: usize) -> Candidate {
+    Candidate {
+        worker: id(name),
+        load: LoadReport {
+            running,
+            prefill_tokens_per_second: 1_000.0,
+            ..LoadReport::default()
+        },
+        in_flight: 0,
+        pending_prefill: 0,
+        cached: TierCounts {
+            device: device_blocks,
+            host: 0,
+            disk: 0,
+        },
+    }
+}
+
+fn req<'a>(prompt: usize, session: Option<&'a str>, pinned: Option<&'a WorkerId>) -> Request<'a> {
+    Request {
+        prompt_tokens: prompt,
+        block_tokens: 64,
+        session,
+        pinned,
+    }
+}
+
+fn first(d: &Decision) -> &str {
+    d.order[0].as_str()
+}
+
+#[test]
+fn ttft_formula_counts_queue_uncached_tokens_and_tier_transfer() {
+    let model = CostModel::default();
+    let mut c = cand("a", 0, 10);
+    c.cached.host = 4;
+    c.cached.disk = 2;
+    c.load.prefill_tokens_waiting = 500;
+    c.pending_prefill = 200; // older than the report's count: the larger one is used
+    // 2,048 tokens, 16 blocks cached -> 1,024 uncached; (500 + 1,024) / 1,000 tok/s = 1.524 s,
+    // plus 4 host blocks (0.5 ms each) and 2 disk blocks (5 ms each) = 12 ms.
+    let t = model.ttft(&c, 2_048, 64).as_secs_f64();
+    assert!((t - 1.536).abs() < 1e-9, "{t}");
+    // No measurement yet: the default speed.
+    c.load.prefill_tokens_per_second = 0.0;
+    let t = model.ttft(&c, 2_048, 64).as_secs_f64();
+    assert!((t - (1_524.0 / 2_000.0 + 0.012)).abs() < 1e-9, "{t}");
+}
+
+#[test]
+fn ttft_sends_a_new_session_to_the_worker_holding_its_prefix() {
+    let cands = [cand("a", 0, 0), cand("b", 0, 30), cand("c", 0, 10)];
+    let d = decide(
+        Policy::Ttft,
+        &CostModel::default(),
+        &req(2_048, Some("s"), None),
+        &cands,
+        0,
+    )
+    .unwrap();
+    assert_eq!(first(&d), "b");
+    assert_eq!(d.reason, Reason::Placed);
+    assert!(d.reason.writes_pin());
+    // The rest in prediction order: c (10 cached) before a (none).
+    assert_eq!(d.order, [id("b"), id("c"), id("a")]);
+}
+
+#[test]
+fn ttft_keeps_the_pin_within_the_margin_and_moves_it_beyond() {
+    let model = CostModel::default();
+    let pin = id("a");
+    // a is pinned and holds the prefix; b is idle but holds nothing: a wins anyway.
+    let mut a = cand("a", 0, 30);
+    let b = cand("b", 0, 0);
+    let d = decide(
+        Policy::Ttft,
+        &model,
+        &req(2_048, Some("s"), Some(&pin)),
+        &[a.clone(), b.clone()],
+        0,
+    )
+    .unwrap();
+    assert_eq!((first(&d), d.reason), ("a", Reason::Pinned));
+    assert!(!d.reason.writes_pin());
+
+    // a has a modest queue: slower than b's full prefill, but within the margin.
+    // b: 2,048 / 1,000 = 2.048 s; keep while a <= 2.048 * 1.5 + 0.05 = 3.122 s.
+    a.load.prefill_tokens_waiting = 2_900; // a: (2,900 + 128) / 1,000 = 3.028 s
+    let d = decide(
+        Policy::Ttft,
+        &model,
+        &req(2_048, Some("s"), Some(&pin)),
+        &[a.clone(), b.clone()],
+        0,
+    )
+    .unwrap();
+    assert_eq!((first(&d), d.reason), ("a", Reason::Pinned));
+
+    a.load.prefill_tokens_waiting = 3_100; // a: 3.228 s > 3.122 s
+    let d = decide(
+        Policy::Ttft,
+        &model,
+        &req(2_048, Some("s"), Some(&pin)),
+        &[a, b],
+        0,
+    )
+    .unwrap();
+    assert_eq!((first(&d), d.reason), ("b", Reason::Moved));
+    assert_eq!(
+        d.order,
+        [id("b"), id("a")],
+        "the old pin stays as the fallback"
+    );
+    assert!(d.reason.writes_pin());
+}
+
+#[test]
+fn ttft_reports_a_lost_pin() {
+    let gone = id("z");
+    let d = decide(
+        Policy::Ttft,
+        &CostModel::default(),
+        &req(100, Some("s"), Some(&gone)),
+        &[cand("a", 0, 0)],
+        0,
+    )
+    .unwrap();
+    assert_eq!((first(&d), d.reason), ("a", Reason::PinLost));
+}
+
+#[test]
+fn no_candidate_no_decision() {
+    for policy in [
+        Policy::Ttft,
+        Policy::RoundRobin,
+        Policy::LeastLoaded,
+        Policy::SessionHash,
+        Policy::PrefixOnly,
+    ] {
+        assert_eq!(
+            decide(policy, &CostModel::default(), &req(10, None, None), &[], 0),
+            None
+        );
+    }
+}
+
+#[test]
+fn round_robin_takes_turns_and_offers_every_worker() {
+    let cands = [cand("c", 0, 0), cand("a", 0, 0), cand("b", 0, 0)];
+    let firsts: Vec<String> = (0..6)
+        .map(|turn| {
+            let d = decide(
+                Policy::RoundRobin,
+                &CostModel::default(),
+                &req(10, None, None),
+                &cands,
+                turn,
+            )
+            .unwrap();
+            assert_eq!(d.order.len(), 3);
+            first(&d).to_owned()
+        })
+        .collect();
+    assert_eq!(firsts, ["a", "b", "c", "a", "b", "c"]);
+}
+
+#[test]
+fn least_loaded_counts_reports_and_in_flight() {
+    let mut a = cand("a", 5, 0);
+    let b = cand("b", 2, 0);
+    let d = decide(
+        Policy::LeastLoaded,
+        &CostModel::default(),
+        &req(10, None, None),
+        &[a.clone(), b.clone()],
+        0,
+    )
+    .unwrap();
+    assert_eq!(first(&d), "b");
+    // The router's own in-flight count is fresher than a report that predates it.
+    a.load.running = 0;
+    a.in_flight = 4;
+    let d = decide(
+        Policy::LeastLoaded,
+        &CostModel::default(),
+        &req(10, None, None),
+        &[a, b],
+        0,
+    )
+    .unwrap();
+    assert_eq!(first(&d), "b");
+}
+
+#[test]
+fn session_hash_is_sticky_and_consistent_when_a_worker_leaves() {
+    let all: Vec<Candidate> = (0..8).map(|i| cand(&format!("w{i}"), 0, 0)).collect();
+    let place = |cands: &[Candidate], key: &str| {
+        let d = decide(
+            Policy::SessionHash,
+            &CostModel::default(),
+            &req(10, Some(key), None),
+            cands,
+            0,
+        )
+        .unwrap();
+        assert_eq!(d.reason, Reason::Hashed);
+        first(&d).to_owned()
+    };
+    let keys: Vec<String> = (0..2_000).map(|i| format!("session-{i}")).collect();
+    let before: Vec<String> = keys.iter().map(|k| place(&all, k)).collect();
+    // Sticky: the same answer again.
+    assert_eq!(
+        before,
+        keys.iter().map(|k| place(&all, k)).collect::<Vec<_>>()
+    );
+    // Spread: every worker gets a fair share (expected 250 each).
+    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+    for w in &before {
+        *per.entry(w).or_default() += 1;
+    }
+    assert_eq!(per.len(), 8);
+    assert!(per.values().all(|&n| (150..350).contains(&n)), "{per:?}");
+    // w3 leaves: only its keys move.
+    let rest: Vec<Candidate> = all
+        .iter()
+        .filter(|c| c.worker.as_str() != "w3")
+        .cloned()
+        .collect();
+    for (key, old) in keys.iter().zip(&before) {
+        let new = place(&rest, key);
+        if old != "w3" {
+            assert_eq!(&new, old, "{key} moved although its worker stayed");
+        }
+    }
+}
+
+#[test]
+fn session_hash_bounds_load() {
+    let mut cands: Vec<Candidate> = (0..4).map(|i| cand(&format!("w{i}"), 1, 0)).collect();
+    let d = decide(
+        Policy::SessionHash,
+        &CostModel::default(),
+        &req(10, Some("k"), None),
+        &cands,
+        0,
+    )
+    .unwrap();
+    let home = d.order[0].clone();
+    // Overload the key's home: average (20 + 3) / 4 = 5.75, bound 5.75 * 1.25 + 1 = 8.2.
+    cands
+        .iter_mut()
+        .find(|c| c.worker == home)
+        .unwrap()
+        .load
+        .running = 20;
+    let d = decide(
+        Policy::SessionHash,
+        &CostModel::default(),
+        &req(10, Some("k"), None),
+        &cands,
+        0,
+    )
+    .unwrap();
+    assert_ne!(d.order[0], home);
+    assert_eq!(d.reason, Reason::HashOverflow);
+    assert_eq!(
+        d.order.last(),
+        Some(&home),
+        "the overloaded home is tried last"
+    );
+}
+
+#[test]
+fn prefix_only_takes_the_longest_prefix_whatever_the_load() {
+    let cands = [cand("a", 0, 3), cand("b", 50, 9), cand("c", 0, 0)];
+    let d = decide(
+        Policy::PrefixOnly,
+        &CostModel::default(),
+        &req(1_000, None, None),
+        &cands,
+        0,
+    )
+    .unwrap();
+    assert_eq!((first(&d), d.reason), ("b", Reason::PrefixHit));
+    let cold = [cand("a", 3, 0), cand("b", 1, 0)];
+    let d = decide(
+        Policy::PrefixOnly,
+        &CostModel::default(),
+        &req(1_000, None, None),
+        &cold,
+        0,
+    )
+    .unwrap();
+    assert_eq!((first(&d), d.reason), ("b", Reason::PrefixMiss));
+}
