@@ -1,15 +1,28 @@
-//! `tidelock-router` as a library: the router's pure core, tested without a network.
+//! `tidelock-router` as a library, so that component tests build the whole router without a
+//! network (`app::app(state)` driven with `oneshot`) and the binary (`main.rs`) only parses its
+//! configuration and wires the parts:
 //!
-//! So far (issue #4): the KV index (`index`), the task that keeps it current with each worker's
-//! event stream (`follow`), the worker set of a model from the StateStore (`discovery`), and the
-//! tokenizer and chat template fetched from a worker (`prompt`). The HTTP front end and the placement policy arrive later and
-//! build on them. The binary (`main.rs`) still says that the router is not implemented.
+//! - `app`: the OpenAI API and probes; one request's path from key to streamed answer;
+//! - `tenants`, `limits`: who is calling and what they may do;
+//! - `workers`: the models served and their workers' live state (load, health, ejection);
+//!   `discovery` and `follow` keep each model's worker set and KV `index` current;
+//! - `policy`: where a request goes (pure); `sessions`: session pins in the StateStore;
+//! - `proxy`: the request to a worker, retried before its first token, streamed after;
+//! - `prompt`: the tokenizer and chat template fetched from a worker; `metrics`.
 
+pub mod app;
+pub mod config;
 pub mod discovery;
 pub mod follow;
 mod http;
 pub mod index;
+pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod prompt;
+pub mod proxy;
+pub mod sessions;
+pub mod tenants;
+pub mod workers;
 
 pub use index::{Applied, IndexError, KvIndex, MAX_WORKERS, Resync, TierCounts, WorkerMatch};

@@ -1,18 +1,127 @@
 //! `tidelock-router`: the OpenAI-compatible endpoint tenants talk to; pins each session to the
-//! workers holding its cached prefix (DESIGN.md, "Router API").
-//!
-//! Not built yet: it arrives with issue #4. Until then the binary says so and exits non-zero rather
-//! than pretending to serve.
+//! workers holding its cached prefix (DESIGN.md, "Router API"). This file only wires the
+//! library's parts from the configuration; see `lib.rs` for the module map.
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use clap::Parser;
-
-/// Tidelock router (not implemented yet: issue #4).
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Config {}
+use tidelock_protocol::KeyLayout;
+use tidelock_router::app::{Shared, app};
+use tidelock_router::config::Config;
+use tidelock_router::discovery::register_static;
+use tidelock_router::sessions::Pins;
+use tidelock_router::tenants::{self, Tenants};
+use tidelock_router::workers::Models;
+use tidelock_state::StateStore;
 
 fn main() -> std::process::ExitCode {
-    let _config = Config::parse();
-    eprintln!("tidelock-router: the router is not implemented yet (issue #4); nothing is served");
-    std::process::ExitCode::from(2)
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tidelock-router: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidelock-router: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let (settings, probing) = config.settings().map_err(anyhow::Error::msg)?;
+    let layout = KeyLayout::new(config.etcd_prefix.clone());
+    let store: Arc<dyn StateStore> = if config.etcd.is_empty() {
+        Arc::new(tidelock_state::MemoryStore::new())
+    } else {
+        Arc::new(
+            tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new(
+                config.etcd.clone(),
+            ))
+            .await
+            .context("connecting to etcd")?,
+        )
+    };
+    if !config.workers.is_empty() {
+        let found = register_static(&*store, &layout, &config.workers).await?;
+        for (model, worker) in found {
+            tracing::info!(%model, %worker, "static worker");
+        }
+    }
+    let mut background = Vec::new();
+    if let Some(path) = &config.tenants_file {
+        let n = tenants::load_file(&*store, &layout, path).await?;
+        tracing::info!(path = %path.display(), tenants = n, "tenants file loaded");
+        background.push(tokio::spawn(tenants::sync_file(
+            store.clone(),
+            layout.clone(),
+            path.clone(),
+        )));
+    } else if config.etcd.is_empty() {
+        tracing::warn!("no --tenants-file: no API key is valid, every request will get a 401");
+    }
+    let tenants = Arc::new(Tenants::default());
+    background.push(tokio::spawn(
+        tenants.clone().follow(store.clone(), layout.clone()),
+    ));
+    let models = Models::new(store.clone(), layout.clone(), probing);
+    background.push(tokio::spawn(models.clone().run()));
+    let pins = Arc::new(Pins::new(store, layout, config.session_idle()));
+    let purge = pins.clone();
+    background.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            purge.purge();
+        }
+    }));
+    let state = Shared::new(models, tenants, pins, settings)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(
+        policy = settings.policy.as_str(),
+        "serving the OpenAI API on http://{}/v1",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    for task in background {
+        task.abort();
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -1,0 +1,683 @@
+//! The router's HTTP surface: the OpenAI API tenants call, and the probes.
+//!
+//! One request's path (DESIGN.md, "How one long session is served"): authenticate the tenant,
+//! parse, check the model, render and tokenize (`tidelock-openai`, the same code the worker
+//! runs), apply the tenant's limits, wait for a slot in the bounded queue, hash the prompt's
+//! blocks under the tenant's cache salt, look them up in the KV index, find the session's pin,
+//! let the policy order the workers, proxy to the first that takes it, pin the session where it
+//! landed, and stream the answer back. Every refusal is an OpenAI-shaped error with the right
+//! status (`Retry-After` on 429 and 503).
+//!
+//! `app(state)` builds the routes without binding a port, so component tests drive it with
+//! `oneshot`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tidelock_openai::{Endpoint, error_response, parse, respond};
+use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
+use tidelock_protocol::{CacheSalt, GenerateEvent, GenerateRequest, HashChain, SessionKey};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::limits::{Admission, Limiter};
+use crate::metrics::Metrics;
+use crate::policy::{self, Candidate, CostModel, Policy};
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::sessions::Pins;
+use crate::tenants::{Tenant, Tenants};
+use crate::workers::{Model, Models};
+
+/// Knobs of the HTTP surface and placement.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub policy: Policy,
+    pub cost: CostModel,
+    /// Requests served at once; more wait in the queue.
+    pub max_in_flight: usize,
+    /// Requests waiting at most; beyond, 503.
+    pub max_queue: usize,
+    /// How long a request may wait in the queue before a 503.
+    pub queue_timeout: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    pub proxy: ProxyConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            policy: Policy::Ttft,
+            cost: CostModel::default(),
+            max_in_flight: 1024,
+            max_queue: 4096,
+            queue_timeout: Duration::from_secs(30),
+            max_body_bytes: 32 << 20,
+            proxy: ProxyConfig::default(),
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    pub models: Arc<Models>,
+    pub tenants: Arc<Tenants>,
+    pub pins: Arc<Pins>,
+    pub metrics: Metrics,
+    pub settings: Settings,
+    limiter: Limiter,
+    proxy: Proxy,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    turn: AtomicU64,
+}
+
+pub type AppState = Arc<Shared>;
+
+impl Shared {
+    pub fn new(
+        models: Arc<Models>,
+        tenants: Arc<Tenants>,
+        pins: Arc<Pins>,
+        settings: Settings,
+    ) -> Result<AppState, prometheus::Error> {
+        Ok(Arc::new(Shared {
+            models,
+            tenants,
+            pins,
+            metrics: Metrics::new()?,
+            limiter: Limiter::default(),
+            proxy: Proxy::new(settings.proxy),
+            slots: Arc::new(Semaphore::new(settings.max_in_flight)),
+            waiting: AtomicUsize::new(0),
+            turn: AtomicU64::new(0),
+            settings,
+        }))
+    }
+}
+
+/// The router's routes.
+pub fn app(state: AppState) -> Router {
+    let limit = state.settings.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(|| async {
+            error_response(&OpenAiError::not_found(
+                "Unknown endpoint: this router serves /v1/chat/completions, /v1/completions and /v1/models.",
+            ))
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let models = state.models.all();
+    let ready: Vec<&str> = models
+        .iter()
+        .filter(|(_, m)| m.ready())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if ready.is_empty() {
+        let why = if models.is_empty() {
+            "no worker has registered yet".to_owned()
+        } else {
+            "no model has a healthy worker and a tokenizer yet".to_owned()
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    } else {
+        format!("ready: {}\n", ready.join(", ")).into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&state.models),
+    )
+        .into_response()
+}
+
+/// The tenant a request's `Authorization: Bearer` key belongs to.
+fn authenticate(state: &Shared, headers: &HeaderMap) -> Result<Arc<Tenant>, OpenAiError> {
+    let missing = || {
+        OpenAiError::unauthenticated(
+            "You didn't provide an API key. Send it in the Authorization header: `Authorization: Bearer YOUR_KEY`.",
+        )
+    };
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(missing)?;
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(missing)?;
+    state.tenants.authenticate(key).ok_or_else(|| {
+        OpenAiError::unauthenticated("Incorrect API key provided.").with_code("invalid_api_key")
+    })
+}
+
+fn model_not_found(name: &str) -> OpenAiError {
+    OpenAiError::not_found(format!(
+        "The model `{name}` does not exist or you do not have access to it."
+    ))
+    .with_code("model_not_found")
+}
+
+fn card(model: &Model) -> ModelCard {
+    let mut card = ModelCard::new(model.name.as_str(), model.created, "tidelock");
+    let context = model.max_context();
+    card.max_model_len = (context > 0).then_some(context);
+    card
+}
+
+async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let tenant = match authenticate(&state, &headers) {
+        Ok(t) => t,
+        Err(e) => return error_response(&e),
+    };
+    let cards = state
+        .models
+        .all()
+        .values()
+        .filter(|m| tenant.record.allows_model(&m.name) && !m.workers().is_empty())
+        .map(|m| card(m))
+        .collect();
+    axum::Json(ModelList::new(cards)).into_response()
+}
+
+async fn model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let result = authenticate(&state, &headers).and_then(|tenant| {
+        state
+            .models
+            .get(&id)
+            .filter(|m| tenant.record.allows_model(&m.name) && !m.workers().is_empty())
+            .ok_or_else(|| model_not_found(&id))
+    });
+    match result {
+        Ok(m) => axum::Json(card(&m)).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(state, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(state, Endpoint::Completion, headers, body).await
+}
+
+/// Counts one answered request when dropped (its status known by then).
+struct Answered {
+    state: AppState,
+    tenant: String,
+    model: String,
+    endpoint: Endpoint,
+    status: u16,
+    started: Instant,
+}
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        let status = self.status.to_string();
+        let m = &self.state.metrics;
+        m.requests
+            .with_label_values(&[&self.tenant, &self.model, self.endpoint.as_str(), &status])
+            .inc();
+        if self.status == 200 {
+            m.duration
+                .with_label_values(&[&self.model])
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+async fn serve(
+    state: AppState,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut answered = Answered {
+        state: state.clone(),
+        tenant: String::new(),
+        model: String::new(),
+        endpoint,
+        status: 200,
+        started: Instant::now(),
+    };
+    match place(&state, endpoint, &headers, body, &mut answered).await {
+        Ok(response) => {
+            answered.status = response.status().as_u16();
+            response
+        }
+        Err(refusal) => {
+            answered.status = refusal.error.status;
+            refusal.into_response()
+        }
+    }
+}
+
+/// An error answer, with the time to wait before retrying when waiting helps.
+struct Refusal {
+    error: OpenAiError,
+    retry_after: Option<Duration>,
+}
+
+impl From<OpenAiError> for Refusal {
+    fn from(error: OpenAiError) -> Self {
+        let retry_after = (error.status == 503).then_some(Duration::from_secs(1));
+        Refusal { error, retry_after }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = error_response(&self.error);
+        if let Some(wait) = self.retry_after {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+/// The session key: `prompt_cache_key`, else the `X-Session-Id` header, else `user`.
+fn session_key(
+    common: &tidelock_protocol::openai::CommonFields,
+    headers: &HeaderMap,
+) -> Result<Option<SessionKey>, OpenAiError> {
+    let header = headers
+        .get("x-session-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| OpenAiError::bad_request("X-Session-Id must be visible ASCII"))
+        })
+        .transpose()?;
+    let (key, param) = [
+        (common.prompt_cache_key.as_deref(), "prompt_cache_key"),
+        (header, "X-Session-Id"),
+        (common.user.as_deref(), "user"),
+    ]
+    .into_iter()
+    .find_map(|(k, p)| k.filter(|k| !k.is_empty()).map(|k| (k, p)))
+    .unzip();
+    match (key, param) {
+        (Some(key), Some(param)) => SessionKey::new(key)
+            .map(Some)
+            .map_err(|e| OpenAiError::invalid(param, e.to_string())),
+        _ => Ok(None),
+    }
+}
+
+/// A slot among the requests served at once, waiting in the bounded queue for it.
+async fn slot(state: &Shared) -> Result<OwnedSemaphorePermit, Refusal> {
+    if let Ok(permit) = state.slots.clone().try_acquire_owned() {
+        return Ok(permit);
+    }
+    if state.waiting.fetch_add(1, Ordering::Relaxed) >= state.settings.max_queue {
+        state.waiting.fetch_sub(1, Ordering::Relaxed);
+        return Err(Refusal {
+            error: OpenAiError::unavailable("The router's queue is full; retry shortly.")
+                .with_code("queue_full"),
+            retry_after: Some(Duration::from_secs(1)),
+        });
+    }
+    state.metrics.queued.inc();
+    let waited = tokio::time::timeout(
+        state.settings.queue_timeout,
+        state.slots.clone().acquire_owned(),
+    )
+    .await;
+    state.waiting.fetch_sub(1, Ordering::Relaxed);
+    state.metrics.queued.dec();
+    match waited {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(Refusal {
+            error: OpenAiError::unavailable(format!(
+                "The request waited {:?} in the router's queue without a slot; retry shortly.",
+                state.settings.queue_timeout
+            ))
+            .with_code("queue_timeout"),
+            retry_after: Some(Duration::from_secs(1)),
+        }),
+    }
+}
+
+async fn place(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    answered: &mut Answered,
+) -> Result<Response, Refusal> {
+    let tenant = authenticate(state, headers)?;
+    answered.tenant = tenant.id.to_string();
+    let body = body.map_err(|rejection| {
+        let status = rejection.status().as_u16();
+        let message = if status == 413 {
+            format!(
+                "The request body is larger than this router accepts ({} bytes).",
+                state.settings.max_body_bytes
+            )
+        } else {
+            rejection.body_text()
+        };
+        OpenAiError {
+            status,
+            ..OpenAiError::bad_request(message)
+        }
+    })?;
+    let parsed = parse(endpoint, &body)?;
+    let model = state
+        .models
+        .get(parsed.model())
+        .filter(|m| tenant.record.allows_model(&m.name))
+        .ok_or_else(|| model_not_found(parsed.model()))?;
+    answered.model = model.name.to_string();
+    let kit = model.kit().ok_or_else(|| {
+        OpenAiError::unavailable(format!(
+            "The model `{}` is starting: no worker has served its tokenizer yet.",
+            model.name
+        ))
+    })?;
+    let model_context = model.max_context();
+    if model_context == 0 {
+        return Err(OpenAiError::unavailable(format!(
+            "The model `{}` has no worker ready.",
+            model.name
+        ))
+        .into());
+    }
+    let tenant_context = tenant.record.limits.max_context_tokens;
+    let context = tenant_context.map_or(model_context, |t| t.min(model_context));
+    let prepared = parsed.prepare(&kit, context).map_err(|e| {
+        if tenant_context.is_some_and(|t| t < model_context)
+            && e.code.as_deref() == Some("context_length_exceeded")
+        {
+            OpenAiError::invalid(
+                e.param.clone().unwrap_or_default(),
+                format!("{} (your tenant's limit is {context} tokens)", e.message),
+            )
+            .with_code("context_length_exceeded")
+        } else {
+            e
+        }
+    })?;
+    let session = session_key(parsed.common(), headers)?;
+    let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
+    let admission = admit(state, &tenant, cost)?;
+    let permit = slot(state).await?;
+    let salt = if tenant.record.share_cache {
+        CacheSalt::shared()
+    } else {
+        CacheSalt::for_tenant(&tenant.id)
+    };
+    let request = GenerateRequest {
+        request_id: Some(prepared.meta.id.clone()),
+        session: session.clone(),
+        cache_salt: salt,
+        tokens: prepared.tokens.clone(),
+        sampling: prepared.sampling.clone(),
+    };
+    let started = route(state, &model, &tenant.id, session, &request).await?;
+    let ttft = started.first_token.duration_since(answered.started);
+    state
+        .metrics
+        .ttft
+        .with_label_values(&[model.name.as_str()])
+        .observe(ttft.as_secs_f64());
+    let events = observed(
+        state.clone(),
+        &model,
+        &tenant.id,
+        started.events,
+        started.first_token,
+        admission,
+        permit,
+    );
+    Ok(respond(prepared, kit, events).await)
+}
+
+fn admit(state: &Shared, tenant: &Tenant, cost: u64) -> Result<Admission, Refusal> {
+    state
+        .limiter
+        .admit(&tenant.id, &tenant.record.limits, cost, Instant::now())
+        .map_err(|exceeded| {
+            state
+                .metrics
+                .limited
+                .with_label_values(&[tenant.id.as_str(), exceeded.as_str()])
+                .inc();
+            let error = match exceeded.retry_after() {
+                Some(_) => {
+                    OpenAiError::rate_limited(exceeded.to_string()).with_code("rate_limit_exceeded")
+                }
+                None => OpenAiError::invalid("max_tokens", exceeded.to_string())
+                    .with_code("rate_limit_exceeded"),
+            };
+            Refusal {
+                error,
+                retry_after: exceeded.retry_after(),
+            }
+        })
+}
+
+/// Places the request and starts it on a worker; pins the session where it landed.
+async fn route(
+    state: &AppState,
+    model: &Arc<Model>,
+    tenant_id: &tidelock_protocol::TenantId,
+    session: Option<SessionKey>,
+    request: &GenerateRequest,
+) -> Result<crate::proxy::Started, Refusal> {
+    let block_tokens = model.block_tokens.as_usize();
+    let mut chain = HashChain::new(&model.name, &request.cache_salt, model.block_tokens);
+    chain.extend(&request.tokens);
+    let matches = model
+        .index
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .matches(chain.hashes());
+    let workers = model.workers();
+    let candidates: Vec<Candidate> = workers
+        .values()
+        .filter(|w| w.healthy())
+        .map(|w| Candidate {
+            worker: w.id.clone(),
+            load: w.load(),
+            in_flight: w.in_flight.load(Ordering::Relaxed),
+            pending_prefill: w.pending_prefill.load(Ordering::Relaxed),
+            cached: matches
+                .iter()
+                .find(|m| m.worker == w.id)
+                .map(|m| m.tiers)
+                .unwrap_or_default(),
+        })
+        .collect();
+    let policy = state.settings.policy;
+    let pinned = match (&session, policy) {
+        (Some(s), Policy::Ttft) => state.pins.get(&model.name, tenant_id, s).await,
+        _ => None,
+    };
+    // Without a session key, the prompt's first block stands for the session.
+    let prefix_key = chain.hashes().first().map(|h| h.to_hex());
+    let hash_key = session
+        .as_ref()
+        .map(SessionKey::as_str)
+        .or(prefix_key.as_deref());
+    let decision = policy::decide(
+        policy,
+        &state.settings.cost,
+        &policy::Request {
+            prompt_tokens: request.tokens.len(),
+            block_tokens,
+            session: hash_key,
+            pinned: pinned.as_ref(),
+        },
+        &candidates,
+        state.turn.fetch_add(1, Ordering::Relaxed),
+    )
+    .ok_or_else(|| {
+        OpenAiError::unavailable(format!(
+            "No healthy worker serves `{}` right now.",
+            model.name
+        ))
+    })?;
+    state
+        .metrics
+        .decisions
+        .with_label_values(&[policy.as_str(), decision.reason.as_str()])
+        .inc();
+    let order = decision
+        .order
+        .iter()
+        .filter_map(|id| {
+            let w = workers.get(id)?.clone();
+            let cached = candidates
+                .iter()
+                .find(|c| &c.worker == id)
+                .map_or(0, |c| c.cached.device + c.cached.host + c.cached.disk);
+            let uncached = request.tokens.len().saturating_sub(cached * block_tokens);
+            Some((w, uncached as u64))
+        })
+        .collect();
+    let started = state.proxy.start(order, request).await?;
+    if !started.failed.is_empty() {
+        state
+            .metrics
+            .retries
+            .with_label_values(&[model.name.as_str()])
+            .inc_by(started.failed.len() as u64);
+    }
+    let moved = decision.order.first() != Some(&started.worker.id);
+    if let Some(session) = session
+        && policy == Policy::Ttft
+        && (decision.reason.writes_pin() || moved || pinned.as_ref() != Some(&started.worker.id))
+    {
+        let (pins, model_name, tenant_id) =
+            (state.pins.clone(), model.name.clone(), tenant_id.clone());
+        let (group, worker) = (
+            started.worker.registration.group.clone(),
+            started.worker.id.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = pins
+                .set(&model_name, &tenant_id, &session, group, worker)
+                .await
+            {
+                tracing::warn!(error = %e, "session pin not written; the next request places the session again");
+            }
+        });
+    }
+    Ok(started)
+}
+
+/// The worker's events on their way to the client: counted into metrics; the tenant's token
+/// charge settled and the queue slot released when the answer ends (or the client leaves).
+fn observed(
+    state: AppState,
+    model: &Model,
+    tenant: &tidelock_protocol::TenantId,
+    events: BoxStream<'static, GenerateEvent>,
+    first_token: Instant,
+    admission: Admission,
+    permit: OwnedSemaphorePermit,
+) -> BoxStream<'static, GenerateEvent> {
+    struct Tally {
+        state: AppState,
+        labels: [String; 2],
+        first_token: Instant,
+        usage: tidelock_protocol::Usage,
+        admission: Admission,
+        _permit: OwnedSemaphorePermit,
+    }
+    impl Drop for Tally {
+        fn drop(&mut self) {
+            let m = &self.state.metrics;
+            let labels = [self.labels[0].as_str(), self.labels[1].as_str()];
+            let u = self.usage;
+            m.prompt_tokens
+                .with_label_values(&labels)
+                .inc_by(u64::from(u.prompt_tokens));
+            m.cached_tokens
+                .with_label_values(&labels)
+                .inc_by(u64::from(u.cached_tokens));
+            m.completion_tokens
+                .with_label_values(&labels)
+                .inc_by(u64::from(u.completion_tokens));
+            if u.completion_tokens > 1 {
+                let per =
+                    self.first_token.elapsed().as_secs_f64() / f64::from(u.completion_tokens - 1);
+                m.time_per_output_token
+                    .with_label_values(&[labels[1]])
+                    .observe(per);
+            }
+            self.admission
+                .settle(u64::from(u.prompt_tokens) + u64::from(u.completion_tokens));
+            m.in_flight.dec();
+        }
+    }
+    state.metrics.in_flight.inc();
+    let tally = Tally {
+        labels: [tenant.to_string(), model.name.to_string()],
+        state,
+        first_token,
+        usage: tidelock_protocol::Usage::default(),
+        admission,
+        _permit: permit,
+    };
+    events
+        .scan(tally, |tally, event| {
+            match &event {
+                GenerateEvent::Prefilled {
+                    prompt_tokens,
+                    cached_tokens,
+                } => {
+                    tally.usage.prompt_tokens = *prompt_tokens;
+                    tally.usage.cached_tokens = *cached_tokens;
+                }
+                GenerateEvent::Tokens { ids, .. } => {
+                    tally.usage.completion_tokens += ids.len() as u32;
+                }
+                GenerateEvent::Finished { usage, .. } => tally.usage = *usage,
+                _ => {}
+            }
+            futures::future::ready(Some(event))
+        })
+        .boxed()
+}

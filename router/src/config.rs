@@ -1,0 +1,173 @@
+//! The router's configuration: command line and environment, parsed by clap and turned into the
+//! library's settings before anything starts. The only place that reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::Parser;
+
+use crate::app::Settings;
+use crate::policy::{CostModel, Policy};
+use crate::proxy::ProxyConfig;
+use crate::workers::Probing;
+
+/// Tidelock router: the OpenAI-compatible endpoint tenants call; pins each session to the
+/// workers holding its cached prefix.
+#[derive(Debug, Parser)]
+#[command(name = "tidelock-router", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "TIDELOCK_ROUTER_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+
+    /// Workers given by URL (repeat, or comma-separate), e.g. `http://127.0.0.1:8100`: static
+    /// discovery with the in-memory state store (the local cluster). Without it, `--etcd`.
+    #[arg(long = "worker", env = "TIDELOCK_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+
+    /// etcd endpoints (comma-separated): workers, tenants and session pins come from there.
+    #[arg(long, env = "TIDELOCK_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// Key prefix of Tidelock's cluster state in etcd.
+    #[arg(long, env = "TIDELOCK_ETCD_PREFIX", default_value = "/tidelock/")]
+    pub etcd_prefix: String,
+
+    /// Tenants file (with the in-memory store only): a JSON object from tenant id to its record,
+    /// `{"<tenant>": {"key_hashes": ["<BLAKE3 hex of the key>"], "allowed_models": [],
+    /// "limits": {"requests_per_minute": 60, ...}, "share_cache": false}}`. Re-read when it
+    /// changes.
+    #[arg(long, env = "TIDELOCK_TENANTS_FILE")]
+    pub tenants_file: Option<PathBuf>,
+
+    /// Placement policy.
+    #[arg(long, value_enum, default_value = "ttft")]
+    pub policy: Policy,
+
+    /// `ttft`: keep a session's pinned worker while its predicted TTFT is at most the best one's
+    /// times (1 + this) plus `--pin-margin-ms`.
+    #[arg(long, default_value_t = 0.5)]
+    pub pin_margin_ratio: f64,
+
+    /// `ttft`: the absolute part of the pin margin, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub pin_margin_ms: u64,
+
+    /// `ttft`: prefill tokens per second assumed for a worker that has not measured its own.
+    #[arg(long, default_value_t = 2_000.0)]
+    pub default_prefill_tps: f64,
+
+    /// Idle time after which a session's pin is forgotten, in seconds.
+    #[arg(long, default_value_t = 3_600)]
+    pub session_idle_secs: u64,
+
+    /// Requests served at once; more wait in the queue.
+    #[arg(long, default_value_t = 1_024)]
+    pub max_in_flight: usize,
+
+    /// Requests waiting for a slot at most; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = 4_096)]
+    pub max_queue: usize,
+
+    /// Longest wait in the queue, in seconds, before a 503.
+    #[arg(long, default_value_t = 30)]
+    pub queue_timeout_secs: u64,
+
+    /// Largest request body, e.g. `32MiB`.
+    #[arg(long, default_value = "32MiB")]
+    pub max_body: ByteSize,
+
+    /// Connecting to a worker, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_timeout_ms: u64,
+
+    /// From sending a request to a worker to its first token, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub first_token_timeout_secs: u64,
+
+    /// Between two tokens of an answer, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Workers tried at most for one request (failures before the first token move on).
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: usize,
+
+    /// Time between load probes of each worker, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub probe_interval_ms: u64,
+
+    /// Consecutive failures (probes or requests) that eject a worker until a probe succeeds.
+    #[arg(long, default_value_t = 3)]
+    pub eject_after: u32,
+}
+
+impl Config {
+    /// Checks the values clap cannot and builds the library's settings.
+    pub fn settings(&self) -> Result<(Settings, Probing), String> {
+        if self.workers.is_empty() && self.etcd.is_empty() {
+            return Err(
+                "give the workers (--worker URL, repeatable) or an etcd cluster (--etcd ENDPOINTS)"
+                    .into(),
+            );
+        }
+        if !self.workers.is_empty() && !self.etcd.is_empty() {
+            return Err(
+                "--worker and --etcd exclude each other: with etcd, workers register themselves"
+                    .into(),
+            );
+        }
+        if self.tenants_file.is_some() && !self.etcd.is_empty() {
+            return Err("--tenants-file is for the in-memory store; with --etcd, tenants come from etcd (the operator writes them from Tenant resources)".into());
+        }
+        let positive = [
+            ("--max-in-flight", self.max_in_flight as u64),
+            ("--max-attempts", self.max_attempts as u64),
+            ("--probe-interval-ms", self.probe_interval_ms),
+            ("--eject-after", u64::from(self.eject_after)),
+            ("--first-token-timeout-secs", self.first_token_timeout_secs),
+            ("--idle-timeout-secs", self.idle_timeout_secs),
+            ("--session-idle-secs", self.session_idle_secs),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if !(self.pin_margin_ratio >= 0.0 && self.pin_margin_ratio.is_finite()) {
+            return Err("--pin-margin-ratio must be a non-negative number".into());
+        }
+        if !(self.default_prefill_tps > 0.0 && self.default_prefill_tps.is_finite()) {
+            return Err("--default-prefill-tps must be positive".into());
+        }
+        let settings = Settings {
+            policy: self.policy,
+            cost: CostModel {
+                default_prefill_tps: self.default_prefill_tps,
+                margin_ratio: self.pin_margin_ratio,
+                margin_secs: self.pin_margin_ms as f64 / 1_000.0,
+                ..CostModel::default()
+            },
+            max_in_flight: self.max_in_flight,
+            max_queue: self.max_queue,
+            queue_timeout: Duration::from_secs(self.queue_timeout_secs),
+            max_body_bytes: usize::try_from(self.max_body.as_u64()).unwrap_or(usize::MAX),
+            proxy: ProxyConfig {
+                connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+                first_token_timeout: Duration::from_secs(self.first_token_timeout_secs),
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+                max_attempts: self.max_attempts,
+            },
+        };
+        let probing = Probing {
+            interval: Duration::from_millis(self.probe_interval_ms),
+            eject_after: self.eject_after,
+            ..Probing::default()
+        };
+        Ok((settings, probing))
+    }
+
+    pub fn session_idle(&self) -> Duration {
+        Duration::from_secs(self.session_idle_secs)
+    }
+}

@@ -1,0 +1,408 @@
+//! The models the router serves and the live state of their workers.
+//!
+//! A model appears when its first worker registers (`workers/<model>/...`): the router then
+//! builds its KV index (with the block size the registration gives), starts [`Discovery`] for it,
+//! and fetches its tokenizer and chat template from a worker. A probe loop per model asks every
+//! worker for `/v1/load` each [`Probing::interval`]: the answer feeds the placement policy (queue,
+//! measured prefill speed); a missing answer counts as a failure. A worker with
+//! [`Probing::eject_after`] consecutive failures (probes or proxied requests) is ejected: no
+//! request is placed on it until a probe succeeds again, which readmits it. A worker whose
+//! registration disappears (its lease ended) is gone for good.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tidelock_prompt::PromptKit;
+use tidelock_protocol::{
+    BlockTokens, KeyLayout, LoadReport, ModelName, WorkerId, WorkerInfo, WorkerRegistration,
+};
+use tidelock_state::{StateStore, WatchEvent};
+use tokio::task::JoinHandle;
+
+use crate::discovery::Discovery;
+use crate::index::KvIndex;
+use crate::prompt::fetch_kit;
+
+/// How workers are watched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Probing {
+    /// Time between load probes of each worker.
+    pub interval: Duration,
+    /// How long a probe may take.
+    pub timeout: Duration,
+    /// Consecutive failures (probes or requests) that eject a worker.
+    pub eject_after: u32,
+}
+
+impl Default for Probing {
+    fn default() -> Self {
+        Probing {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            eject_after: 3,
+        }
+    }
+}
+
+/// What the router knows of one worker right now.
+#[derive(Debug)]
+pub struct WorkerState {
+    pub id: WorkerId,
+    pub registration: WorkerRegistration,
+    /// The last load report.
+    load: Mutex<LoadReport>,
+    /// Longest context the worker takes (from `/v1/info`), once known.
+    max_context: AtomicU64,
+    failures: AtomicU32,
+    eject_after: u32,
+    /// Requests this router has sent it that have not ended.
+    pub in_flight: AtomicU32,
+    /// Prompt tokens this router has sent it whose prefill has not finished.
+    pub pending_prefill: AtomicU64,
+}
+
+impl WorkerState {
+    fn new(id: WorkerId, registration: WorkerRegistration, eject_after: u32) -> Self {
+        WorkerState {
+            id,
+            registration,
+            load: Mutex::default(),
+            max_context: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            eject_after,
+            in_flight: AtomicU32::new(0),
+            pending_prefill: AtomicU64::new(0),
+        }
+    }
+
+    pub fn load(&self) -> LoadReport {
+        *self.load.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether requests may be placed on it.
+    pub fn healthy(&self) -> bool {
+        self.failures.load(Ordering::Relaxed) < self.eject_after
+    }
+
+    /// Records a failed probe or request; returns whether this one ejected the worker.
+    pub fn record_failure(&self) -> bool {
+        self.failures.fetch_add(1, Ordering::Relaxed) + 1 == self.eject_after
+    }
+
+    /// Records a success; readmits an ejected worker.
+    pub fn record_success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    fn set_load(&self, load: LoadReport) {
+        *self.load.lock().unwrap_or_else(|e| e.into_inner()) = load;
+    }
+}
+
+/// One model: its index, its workers, its tokenizer.
+#[derive(Debug)]
+pub struct Model {
+    pub name: ModelName,
+    pub block_tokens: BlockTokens,
+    pub index: Arc<RwLock<KvIndex>>,
+    discovery: Discovery,
+    workers: RwLock<Arc<BTreeMap<WorkerId, Arc<WorkerState>>>>,
+    kit: RwLock<Option<Arc<PromptKit>>>,
+    /// Unix seconds when the router first saw the model (`created` in `/v1/models`).
+    pub created: u64,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Model {
+    /// The workers known now (healthy or not).
+    pub fn workers(&self) -> Arc<BTreeMap<WorkerId, Arc<WorkerState>>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The tokenizer and chat template, once fetched from a worker.
+    pub fn kit(&self) -> Option<Arc<PromptKit>> {
+        self.kit.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The longest context every known worker takes (0 while none has said).
+    pub fn max_context(&self) -> u64 {
+        self.workers()
+            .values()
+            .map(|w| w.max_context.load(Ordering::Relaxed))
+            .filter(|&c| c > 0)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Ready to serve: a tokenizer, and a healthy worker whose context is known.
+    pub fn ready(&self) -> bool {
+        self.kit().is_some()
+            && self
+                .workers()
+                .values()
+                .any(|w| w.healthy() && w.max_context.load(Ordering::Relaxed) > 0)
+    }
+
+    /// One probe round: reconcile the worker set with discovery, then probe every worker.
+    async fn probe_round(&self, http: &Http, probing: &Probing) {
+        let registered = self.discovery.workers();
+        let current = self.workers();
+        if registered.len() != current.len()
+            || registered
+                .iter()
+                .any(|(id, r)| current.get(id).is_none_or(|w| &w.registration != r))
+        {
+            let next: BTreeMap<WorkerId, Arc<WorkerState>> = registered
+                .into_iter()
+                .map(|(id, registration)| {
+                    let state = match current.get(&id) {
+                        Some(w) if w.registration == registration => w.clone(),
+                        _ => Arc::new(WorkerState::new(
+                            id.clone(),
+                            registration,
+                            probing.eject_after,
+                        )),
+                    };
+                    (id, state)
+                })
+                .collect();
+            *self.workers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        }
+        let workers = self.workers();
+        let probes = workers.values().map(|w| probe(http, w, probing.timeout));
+        futures::future::join_all(probes).await;
+        if self.kit().is_none() {
+            self.fetch_kit(&workers).await;
+        }
+    }
+
+    async fn fetch_kit(&self, workers: &BTreeMap<WorkerId, Arc<WorkerState>>) {
+        for w in workers.values().filter(|w| w.healthy()) {
+            match fetch_kit(&w.registration.address).await {
+                Ok(kit) => {
+                    tracing::info!(model = %self.name, worker = %w.id, "tokenizer and chat template loaded");
+                    *self.kit.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(kit));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(model = %self.name, error = %e, "no tokenizer from this worker")
+                }
+            }
+        }
+    }
+}
+
+/// Asks one worker for its load (and, once, its info).
+async fn probe(http: &Http, w: &WorkerState, timeout: Duration) {
+    let base = w.registration.address.trim_end_matches('/');
+    if w.max_context.load(Ordering::Relaxed) == 0 {
+        match http
+            .get_json::<WorkerInfo>(&format!("{base}/v1/info"), timeout)
+            .await
+        {
+            Ok(info) => w
+                .max_context
+                .store(info.max_context_tokens, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(worker = %w.id, error = %e, "info probe failed");
+            }
+        }
+    }
+    match http
+        .get_json::<LoadReport>(&format!("{base}/v1/load"), timeout)
+        .await
+    {
+        Ok(load) => {
+            if !w.healthy() {
+                tracing::info!(worker = %w.id, "worker answers again: readmitted");
+            }
+            w.set_load(load);
+            w.record_success();
+        }
+        Err(e) => {
+            if w.record_failure() {
+                tracing::warn!(worker = %w.id, error = %e, "worker ejected: no load report");
+            }
+        }
+    }
+}
+
+/// A pooled HTTP client for small GETs.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Http {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+}
+
+impl Http {
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let body = tokio::time::timeout(timeout, async {
+            let response = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("HTTP {}", response.status()));
+            }
+            let body = response.into_body().collect().await;
+            body.map(|b| b.to_bytes()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))??;
+        serde_json::from_slice(&body).map_err(|e| e.to_string())
+    }
+}
+
+/// Every model the router serves, found from worker registrations.
+#[derive(Debug)]
+pub struct Models {
+    store: Arc<dyn StateStore>,
+    layout: KeyLayout,
+    probing: Probing,
+    http: Http,
+    all: RwLock<Arc<BTreeMap<ModelName, Arc<Model>>>>,
+}
+
+impl Models {
+    pub fn new(store: Arc<dyn StateStore>, layout: KeyLayout, probing: Probing) -> Arc<Self> {
+        Arc::new(Models {
+            store,
+            layout,
+            probing,
+            http: Http::default(),
+            all: RwLock::default(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Model>> {
+        let name = ModelName::new(name).ok()?;
+        self.all().get(&name).cloned()
+    }
+
+    pub fn all(&self) -> Arc<BTreeMap<ModelName, Arc<Model>>> {
+        self.all.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Finds models until the task is aborted: list `workers/`, then watch it; a model is added
+    /// the first time one of its workers is seen. Models are never removed (a model with no
+    /// workers answers 503 until one returns).
+    pub async fn run(self: Arc<Self>) {
+        let dir = self.layout.workers_dir();
+        loop {
+            let result: Result<(), tidelock_state::StateError> = async {
+                let listing = self.store.list(&dir).await?;
+                for kv in &listing.kvs {
+                    self.saw(&kv.key, &kv.value);
+                }
+                let mut watch = self.store.watch(&dir, listing.revision).await?;
+                while let Some(event) = watch.next().await {
+                    if let WatchEvent::Put(kv) = event? {
+                        self.saw(&kv.key, &kv.value);
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "model discovery: the state store failed; listing again");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn saw(&self, key: &str, value: &[u8]) {
+        let Some((name, _)) = self.layout.parse_worker(key) else {
+            return;
+        };
+        if self.all().contains_key(&name) {
+            return;
+        }
+        let Ok(registration) = serde_json::from_slice::<WorkerRegistration>(value) else {
+            return;
+        };
+        let mut guard = self.all.write().unwrap_or_else(|e| e.into_inner());
+        if guard.contains_key(&name) {
+            return;
+        }
+        tracing::info!(model = %name, block_tokens = %registration.block_tokens, "model found");
+        let model = self.start_model(name.clone(), registration.block_tokens);
+        let mut next = (**guard).clone();
+        next.insert(name, model);
+        *guard = Arc::new(next);
+    }
+
+    fn start_model(&self, name: ModelName, block_tokens: BlockTokens) -> Arc<Model> {
+        let index = Arc::new(RwLock::new(KvIndex::new(block_tokens)));
+        let discovery = Discovery::new(
+            self.store.clone(),
+            self.layout.clone(),
+            name.clone(),
+            index.clone(),
+        );
+        let model = Arc::new(Model {
+            name,
+            block_tokens,
+            index,
+            discovery: discovery.clone(),
+            workers: RwLock::default(),
+            kit: RwLock::default(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            tasks: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&model);
+        let (http, probing) = (self.http.clone(), self.probing);
+        let prober = tokio::spawn(async move {
+            loop {
+                let Some(model) = weak.upgrade() else { return };
+                model.probe_round(&http, &probing).await;
+                drop(model);
+                tokio::time::sleep(probing.interval).await;
+            }
+        });
+        let discovering = tokio::spawn(discovery.run());
+        model
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend([prober, discovering]);
+        model
+    }
+}
