@@ -45,7 +45,7 @@ pub fn tokens(n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// A simulated worker (instant timing model), as the binary's `--engine sim` builds it.
+/// A simulated worker, as the binary's `--engine sim` builds it (instant timing by default).
 #[derive(Debug, Clone)]
 pub struct SimWorker {
     pub model: ModelName,
@@ -59,6 +59,8 @@ pub struct SimWorker {
     pub eos_token_ids: Vec<u32>,
     /// The tokenizer served (`/v1/tokenizer`, the OpenAI surface); `None` for none.
     pub kit: Option<Arc<PromptKit>>,
+    /// How long steps take.
+    pub timing: Timing,
 }
 
 impl SimWorker {
@@ -75,6 +77,7 @@ impl SimWorker {
             vocab_size: 1000,
             eos_token_ids: Vec::new(),
             kit: None,
+            timing: Timing::INSTANT,
         }
     }
 
@@ -97,7 +100,7 @@ impl SimWorker {
         let engine = Engine::new(
             cfg,
             BlockPool::new(self.blocks, self.block_tokens, self.epoch),
-            SimExecutor::new(vocab_size, Timing::INSTANT),
+            SimExecutor::new(vocab_size, self.timing),
         );
         let info = WorkerInfo {
             model: self.model,

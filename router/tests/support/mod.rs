@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test file uses its own subset.
 
+pub mod cluster;
+
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -50,13 +52,20 @@ pub fn worker_with_kit(
     epoch: u64,
     kit: Option<std::sync::Arc<tidelock_prompt::PromptKit>>,
 ) -> RunningWorker {
-    let state = SimWorker {
-        epoch: Epoch::new(epoch),
-        vocab_size: VOCAB,
-        kit,
-        ..SimWorker::new(BLOCK)
-    }
-    .start();
+    serve_worker(
+        addr,
+        SimWorker {
+            epoch: Epoch::new(epoch),
+            vocab_size: VOCAB,
+            kit,
+            ..SimWorker::new(BLOCK)
+        },
+    )
+}
+
+/// Serves `sim` on `addr` (port 0 for any) on its own runtime and thread.
+pub fn serve_worker(addr: &str, sim: SimWorker) -> RunningWorker {
+    let state = sim.start();
     let listener = std::net::TcpListener::bind(addr).unwrap();
     listener.set_nonblocking(true).unwrap();
     let bound = listener.local_addr().unwrap();

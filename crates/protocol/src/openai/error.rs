@@ -135,8 +135,33 @@ impl OpenAiError {
 
     /// Parses a request body, reporting malformed JSON as a 400 in OpenAI's shape.
     pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Self> {
-        serde_json::from_slice(body)
-            .map_err(|error| Self::bad_request(format!("invalid request body: {error}")))
+        if let Err(e) = std::str::from_utf8(body) {
+            return Err(Self::bad_request(format!(
+                "The request body is not valid UTF-8 (at byte {}).",
+                e.valid_up_to()
+            )));
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|error| {
+            let path = error.path().to_string();
+            Self::from_json(Some(path), error.into_inner())
+        })?;
+        de.end().map_err(|e| Self::from_json(None, e))?;
+        Ok(value)
+    }
+
+    /// A body that is not JSON, or JSON of the wrong shape (naming the field at `path`).
+    fn from_json(path: Option<String>, error: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match (error.classify(), path) {
+            (Category::Syntax | Category::Eof | Category::Io, _) => {
+                Self::bad_request(format!("The request body is not valid JSON: {error}"))
+            }
+            (Category::Data, Some(path)) if path != "." => {
+                Self::invalid(path.clone(), format!("`{path}`: {error}"))
+            }
+            (Category::Data, _) => Self::bad_request(format!("invalid request body: {error}")),
+        }
     }
 
     /// `{"error": {"message", "type", "param", "code"}}`, `null` for an absent param or code.
@@ -265,7 +290,17 @@ mod tests {
         let error = OpenAiError::parse_body::<ChatCompletionRequest>(b"{\"model\": ").unwrap_err();
         assert_eq!((error.status, error.kind), (400, ErrorKind::InvalidRequest));
         assert!(
-            error.message.starts_with("invalid request body: "),
+            error
+                .message
+                .starts_with("The request body is not valid JSON: "),
+            "{}",
+            error.message
+        );
+        let error =
+            OpenAiError::parse_body::<ChatCompletionRequest>(b"{\"model\": \"\xff\"}").unwrap_err();
+        assert_eq!(error.status, 400);
+        assert!(
+            error.message.contains("not valid UTF-8 (at byte 11)"),
             "{}",
             error.message
         );

@@ -81,9 +81,11 @@ impl MessageContent {
                             "messages",
                             "a text content part needs a `text` field",
                         )),
-                        _ => Err(OpenAiError::invalid(
+                        (other, _) => Err(OpenAiError::invalid(
                             "messages",
-                            "only text content parts are supported",
+                            format!(
+                                "only text content parts are supported, not `{other}` (this model reads text only)"
+                            ),
                         )),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -571,7 +573,10 @@ mod tests {
             ]}]
         }));
         let error = request.messages[0].text().unwrap_err();
-        assert_eq!(error.message, "only text content parts are supported");
+        assert_eq!(
+            error.message,
+            "only text content parts are supported, not `image_url` (this model reads text only)"
+        );
         assert_eq!((error.status, error.kind), (400, ErrorKind::InvalidRequest));
         assert_eq!(error.param.as_deref(), Some("messages"));
     }
