@@ -16,6 +16,8 @@
 //!   [`RenderOptions::extra`] (for example `tools`); the four named ones win over `extra`.
 //! - Message fields that are `None` are absent in the template (`message.tool_calls is defined`
 //!   is false), never `none`.
+//! - Messages and options are data: whatever they contain (`{{`, `{%`, special-token text) is
+//!   copied into the prompt, never evaluated as template code (`tests/template_props.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -217,39 +219,12 @@ mod tests {
     const SMOLLM2_TEMPLATE: &str = include_str!("../tests/golden/smollm2_chat_template.jinja");
 
     /// Llama 3's template shape: `bos_token`, `loop.first`, role checks, `raise_exception`.
-    const LLAMA3_STYLE: &str = r#"{{ bos_token }}
-{% for message in messages %}
-    {% if message['role'] not in ['system', 'user', 'assistant'] %}
-        {{ raise_exception('Unknown role: ' + message['role']) }}
-    {% endif %}
-    {% if loop.first and message['role'] != 'system' %}
-{{ '<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>' }}
-    {% endif %}
-{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
-{% endfor %}
-{% if add_generation_prompt %}
-{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{% endif %}
-"#;
+    /// In `tests/templates/`, shared with the property tests (`tests/template_props.rs`).
+    const LLAMA3_STYLE: &str = include_str!("../tests/templates/llama3_style.jinja");
 
     /// Qwen 2.5's tool section shape: `tojson`, `.startswith`, `is defined`, `namespace`.
-    const QWEN_STYLE: &str = r#"{%- if tools %}
-{{- '<|im_start|>system\n' }}
-{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}You are Qwen.{%- endif %}
-{{- "\n\n# Tools\n<tools>" }}
-{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
-{{- "\n</tools><|im_end|>\n" }}
-{%- endif %}
-{%- set ns = namespace(n=0) %}
-{%- for message in messages %}
-{%- if message.role.startswith('sys') %}{%- set ns.n = ns.n + 1 %}
-{%- elif message.tool_calls is defined %}
-{{- '<|im_start|>assistant' }}{%- for c in message.tool_calls %}{{- '\n<tool_call>\n' }}{{- c.function | tojson }}{{- '\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}
-{%- else %}
-{{- '<|im_start|>' + message.role + '\n' + message.content.strip() + '<|im_end|>\n' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
+    /// Shared with the property tests too.
+    const QWEN_STYLE: &str = include_str!("../tests/templates/qwen_style.jinja");
 
     fn opts(add_generation_prompt: bool) -> RenderOptions {
         RenderOptions {

@@ -14,6 +14,8 @@
 //! - [`ChatCompletionRequest::sampling`] and [`CompletionRequest::sampling`] are the one place
 //!   request fields become [`SamplingParams`](crate::SamplingParams), and every validation error names its `param`.
 //! - [`OpenAiError`] is the one place errors of the OpenAI surface get an HTTP status and a body.
+//! - Any body that is not a valid request (not UTF-8, not JSON, a field of the wrong type, a
+//!   value out of range) is a 400 in OpenAI's shape, never a panic (`tests/request_props.rs`).
 //!
 //! Modules: `request` (request bodies and their validation), `response` (completions, stream
 //! chunks, usage, model list), `error` ([`OpenAiError`]); server-sent event framing is here.

@@ -134,6 +134,9 @@ impl OpenAiError {
     }
 
     /// Parses a request body, reporting malformed JSON as a 400 in OpenAI's shape.
+    ///
+    /// A body that is not UTF-8 is refused as a whole (JSON text is UTF-8): serde_json checks
+    /// only the strings it reads, and skips those of fields the target type ignores unchecked.
     pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Self> {
         if let Err(e) = std::str::from_utf8(body) {
             return Err(Self::bad_request(format!(
@@ -311,5 +314,26 @@ mod tests {
             br#"{"model": "m", "messages": [], "future": 1}"#,
         );
         assert!(ok.is_ok());
+    }
+
+    /// Regression: serde_json skips the strings of fields a type ignores without checking their
+    /// UTF-8, so a bad byte in an unknown field of a message (or of `stream_options`) used to be
+    /// accepted. Found by `tests/request_props.rs`.
+    #[test]
+    fn invalid_utf8_in_an_ignored_field_is_a_bad_request() {
+        let bodies: [&[u8]; 3] = [
+            b"{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\", \"x\": \"\x80\"}]}",
+            b"{\"model\": \"m\", \"messages\": [], \"stream_options\": {\"x\": \"\xff\"}}",
+            b"{\"model\": \"m\xc3\", \"messages\": []}",
+        ];
+        for body in bodies {
+            let error = OpenAiError::parse_body::<ChatCompletionRequest>(body).unwrap_err();
+            assert_eq!((error.status, error.kind), (400, ErrorKind::InvalidRequest));
+            let at = std::str::from_utf8(body).unwrap_err().valid_up_to();
+            assert_eq!(
+                error.message,
+                format!("The request body is not valid UTF-8 (at byte {at}).")
+            );
+        }
     }
 }
