@@ -607,7 +607,7 @@ def parse_args():
     p.add_argument("--ours", type=Path, default=None,
                    help="tidelock-router binary; skipped with a message when it has no --worker")
     p.add_argument("--ours-policy", action="append", default=None,
-                   help="policy for ours (repeatable); default: cache_aware and round_robin")
+                   help="policy for ours (repeatable); default: ttft and round_robin")
     p.add_argument("--peers", default=",".join(PEER_POLICIES),
                    help="comma-separated ROUTER:POLICY for the peers (ROUTER: sglang or vllm); "
                         "empty for none")
@@ -631,7 +631,7 @@ def parse_args():
     if args.out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.out = Path(tempfile.gettempdir()) / f"router_overhead-{stamp}.json"
-    args.ours_policy = args.ours_policy or ["cache_aware", "round_robin"]
+    args.ours_policy = args.ours_policy or ["ttft", "round_robin"]
     return args
 
 

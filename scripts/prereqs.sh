@@ -97,6 +97,18 @@ ensure_venv() {
   note "created python venv: $VENV"
 }
 
+# The official openai client, for the end-to-end tests (pinned: the tests read its response types).
+OPENAI_PACKAGE="openai==3.57.0"
+ensure_python_packages() {
+  if "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("openai") != sys.argv[1])' "${OPENAI_PACKAGE#openai==}" 2>/dev/null; then
+    note "python packages: $OPENAI_PACKAGE"
+    return
+  fi
+  note "installing $OPENAI_PACKAGE into the venv (the end-to-end tests' client)"
+  "$VENV/bin/python" -m pip install --quiet --progress-bar on "$OPENAI_PACKAGE" \
+    || die "pip could not install $OPENAI_PACKAGE"
+}
+
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 # Fetches the default model once, verifies its size and sha256, and exports TIDELOCK_MODEL.
@@ -140,5 +152,6 @@ ensure_prerequisites() {
   ensure_protoc
   ensure_etcd
   ensure_venv
+  ensure_python_packages
   ensure_model
 }

@@ -1,0 +1,108 @@
+"""End-to-end checks of the router through the official `openai` Python client.
+
+Run by tests/router_openai.rs against a router and real workers it started on loopback. Reads
+BASE_URL, KEY, LIMITED_KEY, MODEL and BLOCK_TOKENS from the environment; prints one line per
+check with its numbers; exits non-zero on the first failure.
+"""
+
+import os
+import sys
+
+import openai
+
+BASE_URL = os.environ["BASE_URL"]
+MODEL = os.environ["MODEL"]
+BLOCK = int(os.environ["BLOCK_TOKENS"])
+client = openai.OpenAI(base_url=BASE_URL, api_key=os.environ["KEY"], max_retries=0, timeout=120)
+
+
+def check(what, ok, detail):
+    print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}", flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+ids = [m.id for m in client.models.list().data]
+check("models.list", MODEL in ids, ids)
+check("models.retrieve", client.models.retrieve(MODEL).id == MODEL, MODEL)
+
+chat = client.chat.completions.create(
+    model=MODEL,
+    messages=[{"role": "user", "content": "Name a colour."}],
+    max_tokens=8,
+    temperature=0,
+)
+u = chat.usage
+check(
+    "chat",
+    bool(chat.choices[0].message.content)
+    and u.completion_tokens > 0
+    and isinstance(u.prompt_tokens_details.cached_tokens, int),
+    f"{chat.choices[0].message.content!r}, prompt {u.prompt_tokens}, "
+    f"cached {u.prompt_tokens_details.cached_tokens}, completion {u.completion_tokens}",
+)
+
+stream = client.chat.completions.create(
+    model=MODEL,
+    messages=[{"role": "user", "content": "Count to five."}],
+    max_tokens=12,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage = [], None
+for chunk in stream:
+    if chunk.choices:
+        pieces.append(chunk.choices[0].delta.content or "")
+    if chunk.usage:
+        usage = chunk.usage
+check(
+    "streaming chat with usage",
+    bool("".join(pieces)) and usage is not None and usage.completion_tokens > 0,
+    f"{len(pieces)} chunks, {''.join(pieces)!r}, usage {usage}",
+)
+
+completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6)
+check(
+    "completions",
+    bool(completion.choices[0].text) and completion.usage.prompt_tokens > 0,
+    f"{completion.choices[0].text!r}, prompt {completion.usage.prompt_tokens}, "
+    f"completion {completion.usage.completion_tokens}",
+)
+
+try:
+    openai.OpenAI(base_url=BASE_URL, api_key="sk-wrong", max_retries=0).models.list()
+    check("401 for a wrong key", False, "no error")
+except openai.AuthenticationError as e:
+    check("401 for a wrong key", e.status_code == 401, e.body)
+
+limited = openai.OpenAI(base_url=BASE_URL, api_key=os.environ["LIMITED_KEY"], max_retries=0)
+limited.completions.create(model=MODEL, prompt="One", max_tokens=1)
+try:
+    limited.completions.create(model=MODEL, prompt="Two", max_tokens=1)
+    check("429 over requests/min", False, "no error")
+except openai.RateLimitError as e:
+    retry = e.response.headers.get("retry-after")
+    check("429 over requests/min", e.status_code == 429 and retry is not None, f"Retry-After {retry}, {e.body}")
+
+# Two turns of one session: the second's cached tokens cover the first prompt (whole blocks).
+system = " ".join(f"Fact {i}: the tide rises twice a day at harbour {i}." for i in range(20))
+history = [
+    {"role": "system", "content": system},
+    {"role": "user", "content": "Which harbour is the first one?"},
+]
+session = {"prompt_cache_key": "e2e-session"}
+turn1 = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0, extra_body=session)
+p1 = turn1.usage.prompt_tokens
+history += [
+    {"role": "assistant", "content": turn1.choices[0].message.content},
+    {"role": "user", "content": "And the last one?"},
+]
+turn2 = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0, extra_body=session)
+c2 = turn2.usage.prompt_tokens_details.cached_tokens
+check(
+    "second turn served from cache",
+    c2 >= p1 // BLOCK * BLOCK and c2 > 0,
+    f"turn 1 prompt {p1} tokens; turn 2 prompt {turn2.usage.prompt_tokens}, cached {c2} "
+    f"(>= {p1 // BLOCK * BLOCK} required)",
+)
+print("all checks passed")

@@ -1,0 +1,174 @@
+//! What the end-to-end tests share: the workspace's binaries, free loopback ports, child
+//! processes that are always stopped (and whose logs are shown when a test fails), readiness
+//! polling with a deadline, and the Python venv with the official `openai` client.
+//!
+//! The binaries are the ones `cargo test --workspace` has just built next to the test
+//! executable (`target/<profile>/`); run the suite that way (`./scripts/test`).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A workspace binary, e.g. `tidelock-router`, from the same build as the running test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test executable under target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the suite with `cargo test --workspace` (./scripts/test), which builds every binary",
+        path.display()
+    );
+    path
+}
+
+/// The default model (`$TIDELOCK_MODEL`, else the cache `./scripts/test` fills).
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("TIDELOCK_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        path.is_file(),
+        "the default model is not at {} (run ./scripts/test, which fetches it, or set TIDELOCK_MODEL)",
+        path.display()
+    );
+    path
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TIDELOCK_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    base.join("tidelock")
+}
+
+/// The venv's Python, which has the official `openai` client (`./scripts/test` installs it).
+pub fn python() -> PathBuf {
+    let path = cache_dir().join("venv/bin/python");
+    assert!(
+        path.is_file(),
+        "{} is missing: run ./scripts/test, which creates the venv with the openai client",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A child process, stopped (SIGTERM, then SIGKILL) when dropped; its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> Proc {
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("a log file");
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("a log file handle"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// The log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `http://127.0.0.1:{port}{path}` until it answers 200; panics with the log if the
+    /// process exits or `deadline` passes.
+    pub fn wait_ready(&mut self, port: u16, path: &str, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            if http_get(port, path).is_some_and(|(status, _)| status == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} not ready on :{port}{path} within {deadline:?}:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for the exit, then kills.
+    pub fn stop(&mut self, grace: Duration) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: `(status, body)`, or `None` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
