@@ -73,6 +73,7 @@ pub fn free_port() -> u16 {
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped; its output goes to a log file.
+#[derive(Debug)]
 pub struct Proc {
     pub name: String,
     child: Child,
