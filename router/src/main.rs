@@ -96,6 +96,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "serving the OpenAI API on http://{}/v1",
         listener.local_addr()?
     );
+    // Small streamed writes (one event per token) must not wait for the peer's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal())
         .await?;

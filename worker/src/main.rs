@@ -187,6 +187,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let shutdown_state = state.clone();
+    // Small streamed writes (one event per token) must not wait for the peer's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;

@@ -269,40 +269,56 @@ async fn generate(
     }
     let metrics = state.metrics.clone();
     metrics.prompt_tokens.inc_by(prompt_tokens);
+    // Counts one event into the metrics; true when it ends the stream.
+    let observe = move |event: &GenerateEvent, last: &mut Option<Instant>| match event {
+        GenerateEvent::Tokens { .. } => {
+            let now = Instant::now();
+            match *last {
+                None => metrics.ttft.observe((now - started).as_secs_f64()),
+                Some(prev) => metrics.inter_token.observe((now - prev).as_secs_f64()),
+            }
+            *last = Some(now);
+            false
+        }
+        GenerateEvent::Finished { usage, .. } => {
+            metrics
+                .cached_prompt_tokens
+                .inc_by(u64::from(usage.cached_tokens));
+            metrics.requests.with_label_values(&["finished"]).inc();
+            true
+        }
+        GenerateEvent::Error { .. } => {
+            metrics.requests.with_label_values(&["error"]).inc();
+            true
+        }
+        GenerateEvent::Prefilled { .. } | GenerateEvent::Unknown => false,
+    };
+    // Events already waiting are written together (one write, one wake-up for the reader);
+    // nothing waits for more.
     let stream = futures::stream::unfold(
         (rx, None::<Instant>, false),
         move |(mut rx, mut last, done)| {
-            let metrics = metrics.clone();
+            let observe = observe.clone();
             async move {
                 if done {
                     return None;
                 }
-                let event = rx.recv().await?;
-                let mut done = false;
-                match &event {
-                    GenerateEvent::Tokens { .. } => {
-                        let now = Instant::now();
-                        match last {
-                            None => metrics.ttft.observe((now - started).as_secs_f64()),
-                            Some(prev) => metrics.inter_token.observe((now - prev).as_secs_f64()),
-                        }
-                        last = Some(now);
+                let mut event = rx.recv().await?;
+                let mut lines = String::new();
+                loop {
+                    let done = observe(&event, &mut last);
+                    if !lines.is_empty() {
+                        lines.push('\n');
                     }
-                    GenerateEvent::Finished { usage, .. } => {
-                        metrics
-                            .cached_prompt_tokens
-                            .inc_by(u64::from(usage.cached_tokens));
-                        metrics.requests.with_label_values(&["finished"]).inc();
-                        done = true;
+                    lines.push_str(&serde_json::to_string(&event).unwrap_or_default());
+                    if done {
+                        return Some((lines, (rx, last, true)));
                     }
-                    GenerateEvent::Error { .. } => {
-                        metrics.requests.with_label_values(&["error"]).inc();
-                        done = true;
+                    match rx.try_recv() {
+                        Ok(next) => event = next,
+                        Err(_) => return Some((lines, (rx, last, false))),
                     }
-                    GenerateEvent::Prefilled { .. } | GenerateEvent::Unknown => {}
                 }
-                let line = serde_json::to_string(&event).unwrap_or_default();
-                Some((line, (rx, last, done)))
             }
         },
     );
