@@ -652,3 +652,50 @@ async fn metrics_count_requests_tokens_and_decisions_under_prometheus_names() {
         );
     }
 }
+
+/// A worker that dies after the first token: the stream ends with an OpenAI error event and
+/// `[DONE]`, never silently, and the failure counts against the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_stream_ends_it_with_an_error_event() {
+    let mut c = cluster(1, Settings::default(), |w| {
+        w.timing.step = Duration::from_millis(5);
+        w.max_context = 1 << 20;
+    })
+    .await;
+    let req = json!({"model": MODEL, "prompt": [17, 18], "max_tokens": 100_000, "ignore_eos": true, "stream": true});
+    let request = hyper::Request::post("/v1/completions")
+        .header("authorization", format!("Bearer {KEY_A}"))
+        .body(Body::from(req.to_string()))
+        .unwrap();
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let response = tidelock_router::app::app(c.state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("text_completion"));
+    c.stop_worker(0);
+    let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("the stream ends once its worker is gone")
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&rest);
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]", "{text}");
+    let error: Value =
+        serde_json::from_str(events[events.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed mid-answer"),
+        "{error}"
+    );
+}
