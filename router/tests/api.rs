@@ -40,6 +40,33 @@ fn usage(body: &Value) -> (u64, u64, u64) {
     )
 }
 
+/// A sim worker slow enough (5 ms a step) that an endless answer is still streaming while a test
+/// acts on it.
+fn slow(w: &mut tidelock_worker::testing::SimWorker) {
+    w.timing.step = Duration::from_millis(5);
+    w.max_context = 1 << 20;
+}
+
+/// Starts an endless streamed completion and reads its first chunk; returns the open body.
+async fn open_endless_stream(c: &support::cluster::Cluster) -> Body {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let req = json!({"model": MODEL, "prompt": [17, 18], "max_tokens": 100_000, "ignore_eos": true, "stream": true});
+    let request = hyper::Request::post("/v1/completions")
+        .header("authorization", format!("Bearer {KEY_A}"))
+        .body(Body::from(req.to_string()))
+        .unwrap();
+    let response = tidelock_router::app::app(c.state.clone())
+        .oneshot(request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("text_completion"));
+    body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_has_openai_shape_and_exact_usage() {
     let c = cluster(2, Settings::default(), |_| {}).await;
@@ -562,26 +589,8 @@ async fn the_queue_is_bounded_and_a_client_leaving_cancels_the_request() {
         max_queue: 0,
         ..Settings::default()
     };
-    let c = cluster(1, settings, |w| {
-        w.timing.step = Duration::from_millis(5);
-        w.max_context = 1 << 20;
-    })
-    .await;
-    let mut req = json!({"model": MODEL, "prompt": [17, 18], "max_tokens": 100_000, "ignore_eos": true, "stream": true});
-    let request = hyper::Request::post("/v1/completions")
-        .header("authorization", format!("Bearer {KEY_A}"))
-        .body(Body::from(req.to_string()))
-        .unwrap();
-    use tower::ServiceExt;
-    let response = tidelock_router::app::app(c.state.clone())
-        .oneshot(request)
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.into_body();
-    use http_body_util::BodyExt;
-    let first = body.frame().await.unwrap().unwrap();
-    assert!(first.is_data());
+    let c = cluster(1, settings, slow).await;
+    let body = open_endless_stream(&c).await;
     let model = c.state.models.get(MODEL).unwrap();
     let worker = model.workers().values().next().unwrap().clone();
     assert_eq!(
@@ -589,8 +598,7 @@ async fn the_queue_is_bounded_and_a_client_leaving_cancels_the_request() {
         1
     );
 
-    req["stream"] = json!(false);
-    req["max_tokens"] = json!(1);
+    let req = json!({"model": MODEL, "prompt": [17, 18], "max_tokens": 1});
     let busy = c.post("/v1/completions", KEY_A, req.clone()).await;
     assert_eq!(busy.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(busy.error()["code"], "queue_full");
@@ -657,27 +665,10 @@ async fn metrics_count_requests_tokens_and_decisions_under_prometheus_names() {
 /// `[DONE]`, never silently, and the failure counts against the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_dying_mid_stream_ends_it_with_an_error_event() {
-    let mut c = cluster(1, Settings::default(), |w| {
-        w.timing.step = Duration::from_millis(5);
-        w.max_context = 1 << 20;
-    })
-    .await;
-    let req = json!({"model": MODEL, "prompt": [17, 18], "max_tokens": 100_000, "ignore_eos": true, "stream": true});
-    let request = hyper::Request::post("/v1/completions")
-        .header("authorization", format!("Bearer {KEY_A}"))
-        .body(Body::from(req.to_string()))
-        .unwrap();
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let response = tidelock_router::app::app(c.state.clone())
-        .oneshot(request)
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(String::from_utf8_lossy(&first).contains("text_completion"));
+    let mut c = cluster(1, Settings::default(), slow).await;
+    let body = open_endless_stream(&c).await;
     c.stop_worker(0);
+    use http_body_util::BodyExt;
     let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
         .await
         .expect("the stream ends once its worker is gone")
