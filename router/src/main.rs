@@ -80,6 +80,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let models = Models::new(store.clone(), layout.clone(), probing);
     background.push(tokio::spawn(models.clone().run()));
     let pins = Arc::new(Pins::new(store, layout, config.session_idle()));
+    background.push(tokio::spawn(pins.clone().follow()));
     let purge = pins.clone();
     background.push(tokio::spawn(async move {
         loop {

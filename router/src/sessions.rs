@@ -6,7 +6,8 @@
 //! that long disappears from the store by itself. A pin is *written* only when a session is
 //! placed or moved; a request on a pinned session only refreshes the lease, and at most once per
 //! third of the timeout, in the background. Pins are cached in memory; a cache miss reads the
-//! store once (another replica may have placed the session).
+//! store once (another replica may have placed the session), and a watch on `sessions/` keeps
+//! cached pins current when another replica moves a session or its lease ends.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -153,6 +154,56 @@ impl Pins {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, p| now.duration_since(p.refreshed) < self.idle_timeout);
+    }
+
+    /// Keeps the cache in step with the store until the task is aborted: a pin another router
+    /// replica writes (a session placed or moved there) replaces this one's cached entry, and a
+    /// pin whose lease ended leaves the cache. Lists nothing: entries are read on first use.
+    pub async fn follow(self: Arc<Self>) {
+        let dir = self.layout.sessions_dir();
+        loop {
+            let result: Result<(), tidelock_state::StateError> = async {
+                // The store's revision, without listing every session: list an empty directory.
+                let from = self.store.list(&format!("{dir}~revision")).await?.revision;
+                let mut watch = self.store.watch(&dir, from).await?;
+                while let Some(event) = futures::StreamExt::next(&mut watch).await {
+                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    match event? {
+                        tidelock_state::WatchEvent::Put(kv) => {
+                            if let (Some(pin), Ok(record)) = (
+                                cache.get_mut(&kv.key),
+                                serde_json::from_slice::<SessionRecord>(&kv.value),
+                            ) {
+                                pin.record = record;
+                                pin.lease = kv.lease;
+                            }
+                        }
+                        tidelock_state::WatchEvent::Delete { key, .. } => {
+                            cache.remove(&key);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "session pins: the watch failed; watching again");
+            }
+            self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// The worker this router's cache pins `session` to, without touching the store.
+    pub fn cached_pin(
+        &self,
+        model: &ModelName,
+        tenant: &TenantId,
+        session: &SessionKey,
+    ) -> Option<WorkerId> {
+        let key = self.layout.session(model, tenant, session);
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(&key).map(|p| p.record.coordinator.clone())
     }
 
     /// Pins held in memory.

@@ -690,3 +690,104 @@ async fn a_worker_dying_mid_stream_ends_it_with_an_error_event() {
         "{error}"
     );
 }
+
+/// Another router replica moves a session (writes its pin): this router's cached pin follows
+/// through the store's watch, and the next request goes to the new worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_moved_by_another_replica_is_followed() {
+    // A wide pin margin: the test is about following the pin, not about the policy moving the
+    // session back to the worker that holds its blocks (which it would, rightly, at the default).
+    let mut settings = Settings::default();
+    settings.cost.margin_secs = 60.0;
+    let c = cluster(2, settings, |_| {}).await;
+    let mut req = chat(&long_text(40, 5));
+    req["prompt_cache_key"] = json!("moved");
+    assert_eq!(
+        usage(
+            &c.post("/v1/chat/completions", KEY_A, req.clone())
+                .await
+                .json()
+        )
+        .1,
+        0
+    );
+    assert!(
+        usage(
+            &c.post("/v1/chat/completions", KEY_A, req.clone())
+                .await
+                .json()
+        )
+        .1 > 0
+    );
+    let (model, tenant, session) = (
+        ModelName::new(MODEL).unwrap(),
+        TenantId::new("a").unwrap(),
+        SessionKey::new("moved").unwrap(),
+    );
+    let key = c.layout.session(&model, &tenant, &session);
+    let old: SessionRecord =
+        serde_json::from_slice(&c.store.get(&key).await.unwrap().unwrap().value).unwrap();
+    let workers = c.state.models.get(MODEL).unwrap().workers();
+    let other = workers
+        .keys()
+        .find(|w| **w != old.coordinator)
+        .unwrap()
+        .clone();
+    let moved = SessionRecord {
+        group: old.group,
+        coordinator: other.clone(),
+    };
+    c.store
+        .put(&key, serde_json::to_vec(&moved).unwrap(), None)
+        .await
+        .unwrap();
+    c.wait("the cached pin follows the store", |s| {
+        s.pins.cached_pin(&model, &tenant, &session).as_ref() == Some(&other)
+    })
+    .await;
+    // The new worker has none of the session's blocks yet: served there, cold, then warm.
+    assert_eq!(
+        usage(
+            &c.post("/v1/chat/completions", KEY_A, req.clone())
+                .await
+                .json()
+        )
+        .1,
+        0
+    );
+    assert!(usage(&c.post("/v1/chat/completions", KEY_A, req).await.json()).1 > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_that_opt_in_share_the_cache_and_logprobs_pass_through() {
+    let c = cluster(1, Settings::default(), |_| {}).await;
+    for (id, key) in [("a", KEY_A), ("b", KEY_B)] {
+        let mut record = tenant_record(key);
+        record.share_cache = true;
+        put_tenant(&*c.store, &c.layout, id, &record).await;
+    }
+    c.wait("both tenants share", |s| {
+        s.tenants.snapshot().values().all(|t| t.record.share_cache)
+    })
+    .await;
+    let mut req = chat(&long_text(100, 6));
+    req["logprobs"] = json!(true);
+    req["top_logprobs"] = json!(2);
+    let a = c
+        .post("/v1/chat/completions", KEY_A, req.clone())
+        .await
+        .json();
+    let b = c.post("/v1/chat/completions", KEY_B, req).await.json();
+    assert_eq!(usage(&a).1, 0);
+    assert!(usage(&b).1 > 0, "b reuses a's blocks once both opt in");
+    let content = b["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4);
+    for token in content {
+        assert!(token["logprob"].as_f64().unwrap() <= 0.0, "{token}");
+        assert_eq!(
+            token["top_logprobs"].as_array().unwrap().len(),
+            2,
+            "{token}"
+        );
+    }
+}

@@ -100,6 +100,7 @@ pub async fn cluster(n: usize, settings: Settings, sim: impl Fn(&mut SimWorker))
     let tasks = vec![
         tokio::spawn(tenants.clone().follow(dyn_store.clone(), layout.clone())),
         tokio::spawn(models.clone().run()),
+        tokio::spawn(pins.clone().follow()),
     ];
     let state = Shared::new(models, tenants, pins, settings).unwrap();
     let cluster = Cluster {
