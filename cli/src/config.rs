@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// File name of the default model inside the model cache.
 pub(crate) const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -19,17 +19,62 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Start a local cluster (router + workers on loopback) and print its endpoint.
     Up(UpArgs),
+    /// Chat in the terminal with a Tidelock (or any OpenAI-compatible) endpoint, showing cached
+    /// tokens and time to first token after each turn.
+    Chat(ChatArgs),
+}
+
+/// What computes the tokens in the local cluster's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Engine {
+    /// The real model on the CPU.
+    Real,
+    /// The simulator: the same scheduler, cache and APIs, answers of random tokens, no math.
+    Sim,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct UpArgs {
-    /// Model to serve: a GGUF file. Default: the SmolLM2-135M-Instruct GGUF in the model cache,
-    /// which `./scripts/up` fetches.
+    /// Model to serve: a GGUF file or a Hugging Face folder. Default: the SmolLM2-135M-Instruct
+    /// GGUF in the model cache, which `./scripts/up` fetches.
     #[arg(long, env = "TIDELOCK_MODEL")]
     model: Option<PathBuf>,
 
-    /// Cache directory for models and tools. Default: `$XDG_CACHE_HOME/tidelock` or
-    /// `~/.cache/tidelock`.
+    /// Workers to start.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) workers: usize,
+
+    /// Workers per shard group (sharded KV caches arrive with issue #7; only 1 for now).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) shards: usize,
+
+    /// Port of the router, the endpoint tenants call.
+    #[arg(long, default_value_t = 8000)]
+    pub(crate) port: u16,
+
+    /// The real model, or the simulator.
+    #[arg(long, value_enum, default_value = "real")]
+    pub(crate) engine: Engine,
+
+    /// KV cache memory per worker, e.g. `512MiB`.
+    #[arg(long, default_value = "512MiB")]
+    pub(crate) kv_cache: String,
+
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) block_tokens: u32,
+
+    /// Tenants file for the router (see router/README.md); default: one local tenant whose key
+    /// is kept in the cache and printed.
+    #[arg(long)]
+    pub(crate) tenants_file: Option<PathBuf>,
+
+    /// Seconds every part has to become ready.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) start_timeout_secs: u64,
+
+    /// Cache directory for models, the local key and logs. Default: `$XDG_CACHE_HOME/tidelock`
+    /// or `~/.cache/tidelock`.
     #[arg(long, env = "TIDELOCK_CACHE")]
     cache_dir: Option<PathBuf>,
 }
@@ -43,14 +88,71 @@ impl UpArgs {
         }
     }
 
-    fn cache_dir(&self) -> PathBuf {
-        if let Some(dir) = &self.cache_dir {
-            return dir.clone();
-        }
-        if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir).join("tidelock");
-        }
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-        home.join(".cache").join("tidelock")
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        cache_dir(self.cache_dir.as_ref())
+    }
+}
+
+fn cache_dir(given: Option<&PathBuf>) -> PathBuf {
+    if let Some(dir) = given {
+        return dir.clone();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("tidelock");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("tidelock")
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ChatArgs {
+    /// The endpoint's base URL (plain HTTP).
+    #[arg(long, env = "TIDELOCK_URL", default_value = "http://127.0.0.1:8000/v1")]
+    pub(crate) url: String,
+
+    /// API key. Default: `$OPENAI_API_KEY`, else the local cluster's key from the cache.
+    #[arg(long, env = "TIDELOCK_API_KEY")]
+    api_key: Option<String>,
+
+    /// Model. Default: the first one the endpoint lists.
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+
+    /// A system prompt for the conversation.
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+
+    /// Session key (sent as `prompt_cache_key`). Default: a new random one.
+    #[arg(long)]
+    pub(crate) session: Option<String>,
+
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_tokens: u32,
+
+    /// Sampling temperature (the server's default when omitted).
+    #[arg(long)]
+    pub(crate) temperature: Option<f32>,
+
+    /// Cache directory where `tidelock up` keeps the local key.
+    #[arg(long, env = "TIDELOCK_CACHE")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl ChatArgs {
+    pub(crate) fn api_key(&self) -> Option<String> {
+        self.api_key
+            .clone()
+            .or_else(|| {
+                std::env::var("OPENAI_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty())
+            })
+            .or_else(|| {
+                let file = cache_dir(self.cache_dir.as_ref()).join("local-api-key");
+                std::fs::read_to_string(file)
+                    .ok()
+                    .map(|k| k.trim().to_owned())
+            })
     }
 }

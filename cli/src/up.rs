@@ -1,49 +1,495 @@
-//! `tidelock up`: today a readiness report. It checks the model the local cluster would serve and
-//! states that the cluster itself is not implemented yet (issue #5), exiting non-zero so no script
-//! mistakes it for a running endpoint.
+//! `tidelock up`: the local cluster. Starts N workers and one router as child processes on
+//! loopback (in-memory state, workers given to the router by URL), shows progress while the
+//! model loads, waits until every part answers its readiness probe (polling with a deadline),
+//! prints the endpoint, the local tenant's API key and ready-to-paste examples, then supervises:
+//! a worker that dies is reported (the router routes around it); Ctrl-C or SIGTERM stops
+//! everything (SIGTERM, a grace period, then SIGKILL), leaving no process and no bound port.
+//!
+//! One `up` at a time per cache directory: a lock file says so plainly to a second one. While it
+//! runs, `<cache>/up/` holds `endpoint` (the base URL), `parts.json` (each part's name, pid, URL
+//! and log) and `logs/`.
 
 use std::fs::File;
-use std::io::Read;
-use std::path::Path;
-use std::process::ExitCode;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::config::UpArgs;
+use tidelock_protocol::TenantRecord;
+use tokio::process::{Child, Command};
 
-/// Exit code when a prerequisite is missing or broken.
-const EXIT_MISSING_PREREQUISITE: u8 = 1;
-/// Exit code when prerequisites are in place but the cluster cannot be started yet.
-const EXIT_NOT_IMPLEMENTED: u8 = 2;
+use crate::config::{Engine, UpArgs};
+use crate::http::get;
+
+/// Exit code when something the cluster needs is missing or broken (model, binary, port).
+const EXIT_FAILED: u8 = 1;
+/// Exit code when another `up` is running.
+const EXIT_ALREADY_RUNNING: u8 = 3;
+/// How long each part has to stop after SIGTERM before it is killed.
+const GRACE: Duration = Duration::from_secs(10);
+/// The local tenant's id.
+const LOCAL_TENANT: &str = "local";
 
 /// First four bytes of every GGUF file.
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
-pub(crate) fn run(args: &UpArgs) -> ExitCode {
-    let model = args.model_path();
-    match check_model(&model) {
-        Ok(size) => {
-            println!("tidelock up: prerequisites");
-            println!(
-                "  model  {} ({:.1} MB, GGUF)",
-                model.display(),
-                size as f64 / 1e6
-            );
-            println!();
-            eprintln!(
-                "tidelock up: the local cluster (router + workers) is not implemented yet \
-                 (issue #5); nothing is being served."
-            );
-            ExitCode::from(EXIT_NOT_IMPLEMENTED)
+/// One child process of the cluster.
+struct Part {
+    name: String,
+    port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Part {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        port: u16,
+        logs: &Path,
+    ) -> Result<Part, String> {
+        let log = logs.join(format!("{name}.log"));
+        let file =
+            File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let err = file
+            .try_clone()
+            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        // Error messages, not backtraces, end a part's log: up shows that end when it fails.
+        let child = Command::new(program)
+            .args(args)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        Ok(Part {
+            name: name.to_owned(),
+            port,
+            child,
+            log,
+        })
+    }
+
+    /// The last lines of the part's log, indented, for error messages.
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|l| format!("    | {l}\n"))
+            .collect()
+    }
+
+    /// Sends SIGTERM, waits up to [`GRACE`], then kills.
+    async fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
         }
-        Err(problem) => {
-            eprintln!("tidelock up: model {}: {problem}", model.display());
-            eprintln!("  run ./scripts/up (it fetches the default model), or pass --model PATH");
-            ExitCode::from(EXIT_MISSING_PREREQUISITE)
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(GRACE, self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("  {} did not stop within {GRACE:?}: killing it", self.name);
+            let _ = self.child.kill().await;
         }
     }
 }
 
-/// Checks that `path` is a readable GGUF file; returns its size in bytes.
+/// Everything started so far; stopped in reverse order (router first) when dropped or asked.
+struct Cluster {
+    parts: Vec<Part>,
+}
+
+impl Cluster {
+    async fn stop(&mut self) {
+        while let Some(mut part) = self.parts.pop() {
+            part.stop().await;
+        }
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tidelock up: {message}");
+    ExitCode::from(EXIT_FAILED)
+}
+
+pub(crate) async fn run(args: UpArgs) -> ExitCode {
+    if args.shards != 1 {
+        return fail(
+            "--shards: sharded groups arrive with issue #7; run with --shards 1 (the default)",
+        );
+    }
+    if args.workers == 0 {
+        return fail("--workers must be at least 1");
+    }
+    let model = args.model_path();
+    let model_size = match check_model(&model) {
+        Ok(size) => size,
+        Err(problem) => {
+            return fail(format!(
+                "model {}: {problem}\n  run ./scripts/up (it fetches the default model), or pass --model PATH (a GGUF file or a Hugging Face folder)",
+                model.display()
+            ));
+        }
+    };
+    let binaries = match (sibling("tidelock-worker"), sibling("tidelock-router")) {
+        (Ok(w), Ok(r)) => (w, r),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    let run_dir = args.cache_dir().join("up");
+    let logs = run_dir.join("logs");
+    if let Err(e) = std::fs::create_dir_all(&logs) {
+        return fail(format!("cannot create {}: {e}", logs.display()));
+    }
+    // One `up` per cache directory: held until this process exits.
+    let _lock = match lock(&run_dir) {
+        Ok(lock) => lock,
+        Err(Some(endpoint)) => {
+            eprintln!(
+                "tidelock up: a local cluster is already running (endpoint {endpoint}); stop it with Ctrl-C in its terminal first"
+            );
+            return ExitCode::from(EXIT_ALREADY_RUNNING);
+        }
+        Err(None) => {
+            eprintln!(
+                "tidelock up: a local cluster is already running (lock {}); stop it with Ctrl-C in its terminal first",
+                run_dir.join("lock").display()
+            );
+            return ExitCode::from(EXIT_ALREADY_RUNNING);
+        }
+    };
+    if let Err(e) = TcpListener::bind(("127.0.0.1", args.port)) {
+        return fail(format!(
+            "port {} is not free ({e}): stop what uses it, or pass --port",
+            args.port
+        ));
+    }
+    let (tenants_file, key) = match &args.tenants_file {
+        Some(path) => (path.clone(), None),
+        None => match local_tenant(&args.cache_dir(), &run_dir) {
+            Ok((path, key)) => (path, Some(key)),
+            Err(e) => return fail(e),
+        },
+    };
+
+    println!(
+        "tidelock up: {} worker{} ({} engine) + 1 router on 127.0.0.1, model {} ({:.0} MB)",
+        args.workers,
+        if args.workers == 1 { "" } else { "s" },
+        args.engine.as_str(),
+        model.display(),
+        model_size as f64 / 1e6
+    );
+    let mut cluster = Cluster { parts: Vec::new() };
+    let served = match start(&args, &model, &binaries, &tenants_file, &logs, &mut cluster).await {
+        Ok(served) => served,
+        Err(e) => {
+            cluster.stop().await;
+            return fail(e);
+        }
+    };
+    let endpoint = format!("http://127.0.0.1:{}/v1", args.port);
+    let _ = std::fs::write(run_dir.join("endpoint"), &endpoint);
+    let parts: Vec<serde_json::Value> = cluster
+        .parts
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name, "pid": p.child.id(), "url": p.url(), "log": p.log,
+            })
+        })
+        .collect();
+    let _ = std::fs::write(
+        run_dir.join("parts.json"),
+        serde_json::Value::from(parts).to_string(),
+    );
+    banner(&endpoint, &served, key.as_deref(), &logs);
+    let code = supervise(&mut cluster).await;
+    println!("\ntidelock up: stopping");
+    cluster.stop().await;
+    let _ = std::fs::remove_file(run_dir.join("endpoint"));
+    let _ = std::fs::remove_file(run_dir.join("parts.json"));
+    println!("tidelock up: stopped; every process has exited");
+    code
+}
+
+/// Starts the workers, then the router; returns the served model name.
+async fn start(
+    args: &UpArgs,
+    model: &Path,
+    (worker_bin, router_bin): &(PathBuf, PathBuf),
+    tenants_file: &Path,
+    logs: &Path,
+    cluster: &mut Cluster,
+) -> Result<String, String> {
+    let served = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    for i in 0..args.workers {
+        let port = free_port()?;
+        let worker_args = vec![
+            "--model".into(),
+            model.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--engine".into(),
+            args.engine.as_str().into(),
+            "--kv-cache".into(),
+            args.kv_cache.clone(),
+            "--block-tokens".into(),
+            args.block_tokens.to_string(),
+            "--served-model-name".into(),
+            served.clone(),
+        ];
+        let part = Part::spawn(&format!("worker-{i}"), worker_bin, &worker_args, port, logs)?;
+        println!(
+            "  worker-{i}  starting on {} (log {})",
+            part.url(),
+            part.log.display()
+        );
+        cluster.parts.push(part);
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
+    wait_ready(&mut cluster.parts, "/readyz", deadline, "loading the model").await?;
+    let urls: Vec<String> = cluster.parts.iter().map(Part::url).collect();
+    let router_args = vec![
+        "--listen".into(),
+        format!("127.0.0.1:{}", args.port),
+        "--worker".into(),
+        urls.join(","),
+        "--tenants-file".into(),
+        tenants_file.display().to_string(),
+    ];
+    let router = Part::spawn("router", router_bin, &router_args, args.port, logs)?;
+    println!(
+        "  router    starting on {} (log {})",
+        router.url(),
+        router.log.display()
+    );
+    cluster.parts.push(router);
+    let n = cluster.parts.len();
+    wait_ready(
+        &mut cluster.parts[n - 1..],
+        "/readyz",
+        deadline,
+        "fetching the tokenizer",
+    )
+    .await?;
+    Ok(served)
+}
+
+/// Polls every part's readiness probe until all answer 200; reports each as it becomes ready
+/// and the wait every few seconds. Fails with the part's log when it exits, or at `deadline`.
+async fn wait_ready(
+    parts: &mut [Part],
+    path: &str,
+    deadline: Instant,
+    what: &str,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut ready = vec![false; parts.len()];
+    let mut last_note = Instant::now();
+    while ready.iter().any(|r| !r) {
+        for (i, part) in parts.iter_mut().enumerate() {
+            if ready[i] {
+                continue;
+            }
+            if let Ok(Some(status)) = part.child.try_wait() {
+                return Err(format!(
+                    "{} exited ({status}) while starting; the end of its log ({}):\n{}",
+                    part.name,
+                    part.log.display(),
+                    part.log_tail(15)
+                ));
+            }
+            if get(part.port, path, Duration::from_secs(2))
+                .await
+                .is_some_and(|(status, _)| status == 200)
+            {
+                ready[i] = true;
+                println!(
+                    "  {:<9} ready after {:.1} s",
+                    part.name,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            let waiting: Vec<&str> = parts
+                .iter()
+                .zip(&ready)
+                .filter(|(_, r)| !**r)
+                .map(|(p, _)| p.name.as_str())
+                .collect();
+            return Err(format!(
+                "{} not ready in time (--start-timeout-secs); see the logs",
+                waiting.join(", ")
+            ));
+        }
+        if last_note.elapsed() > Duration::from_secs(5) {
+            println!("  ... {what} ({:.0} s)", started.elapsed().as_secs_f64());
+            last_note = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn banner(endpoint: &str, model: &str, key: Option<&str>, logs: &Path) {
+    let key_shown = key.unwrap_or("<a key from your tenants file>");
+    println!(
+        r#"
+Tidelock is serving `{model}` at {endpoint}
+  API key   {key_shown}
+  logs      {logs}
+
+  curl {endpoint}/chat/completions \
+    -H "Authorization: Bearer {key_shown}" -H "Content-Type: application/json" \
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], "prompt_cache_key": "demo"}}'
+
+  python3 -c '
+from openai import OpenAI
+client = OpenAI(base_url="{endpoint}", api_key="{key_shown}")
+r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])
+print(r.choices[0].message.content, r.usage)'
+
+  tidelock chat            # a terminal chat that shows cached tokens growing turn by turn
+  curl {metrics}           # the router's metrics
+
+Press Ctrl-C to stop."#,
+        logs = logs.display(),
+        metrics = endpoint.trim_end_matches("/v1").to_owned() + "/metrics",
+    );
+}
+
+/// Waits for Ctrl-C, SIGTERM, or the router's exit. A worker that exits is reported; the
+/// router routes around it.
+async fn supervise(cluster: &mut Cluster) -> ExitCode {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => return fail(format!("cannot watch for SIGTERM: {e}")),
+    };
+    let mut reported = vec![false; cluster.parts.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            _ = term.recv() => return ExitCode::SUCCESS,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        for (i, part) in cluster.parts.iter_mut().enumerate() {
+            if reported[i] {
+                continue;
+            }
+            if let Ok(Some(status)) = part.child.try_wait() {
+                reported[i] = true;
+                eprintln!(
+                    "tidelock up: {} exited ({status}); the end of its log ({}):\n{}",
+                    part.name,
+                    part.log.display(),
+                    part.log_tail(10)
+                );
+                if part.name == "router" {
+                    return ExitCode::from(EXIT_FAILED);
+                }
+                eprintln!("tidelock up: the router routes around it; still serving");
+            }
+        }
+    }
+}
+
+/// The local tenant: a key kept in the cache (created once, readable only by you) and a tenants
+/// file in the run directory holding only its hash.
+fn local_tenant(cache: &Path, run_dir: &Path) -> Result<(PathBuf, String), String> {
+    let key_file = cache.join("local-api-key");
+    let key = match std::fs::read_to_string(&key_file) {
+        Ok(key) if key.trim().starts_with("sk-") => key.trim().to_owned(),
+        _ => {
+            let key = format!("sk-local-{:032x}", rand::random::<u128>());
+            write_private(&key_file, &key)?;
+            key
+        }
+    };
+    let record = TenantRecord {
+        key_hashes: vec![TenantRecord::hash_api_key(&key)],
+        ..TenantRecord::default()
+    };
+    let tenants = serde_json::json!({ LOCAL_TENANT: record });
+    let path = run_dir.join("tenants.json");
+    std::fs::write(&path, tenants.to_string())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok((path, key))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Takes the run directory's lock; on failure, the running cluster's endpoint when known.
+fn lock(run_dir: &Path) -> Result<File, Option<String>> {
+    let file = File::create(run_dir.join("lock")).map_err(|_| None)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(_) => Err(std::fs::read_to_string(run_dir.join("endpoint")).ok()),
+    }
+}
+
+/// A binary installed next to this one (`cargo build --release` puts them together).
+fn sibling(name: &str) -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find my own path: {e}"))?;
+    let path = me.with_file_name(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing: build every binary together (`cargo build --release --bins`, as ./scripts/up does)",
+            path.display()
+        ))
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free loopback port: {e}"))
+}
+
+/// Checks that `path` is a GGUF file or a Hugging Face folder; returns its size in bytes.
 fn check_model(path: &Path) -> Result<u64, String> {
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err("a folder without config.json (not a Hugging Face model folder)".into());
+        }
+        let size = std::fs::read_dir(path)
+            .map_err(|e| format!("cannot list: {e}"))?
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        return Ok(size);
+    }
     let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let size = file
         .metadata()
@@ -56,4 +502,13 @@ fn check_model(path: &Path) -> Result<u64, String> {
         return Err(format!("not a GGUF file (starts with {magic:02x?})"));
     }
     Ok(size)
+}
+
+impl Engine {
+    fn as_str(self) -> &'static str {
+        match self {
+            Engine::Real => "real",
+            Engine::Sim => "sim",
+        }
+    }
 }
