@@ -1,5 +1,6 @@
-//! `tidelock up` runs as a newcomer would run it: a missing or broken model is a clear error, and
-//! with a model in place it says the cluster is not implemented yet instead of pretending to serve.
+//! `tidelock up`'s refusals, as a newcomer meets them: a missing or broken model and options out
+//! of range are clear errors with exit 1, before any process starts. The running cluster is
+//! tested end to end in `tests/up.rs` at the repository root.
 
 use std::process::{Command, Output};
 
@@ -39,17 +40,28 @@ fn a_file_that_is_not_gguf_is_rejected() {
 }
 
 #[test]
-fn with_a_model_it_reports_and_refuses_to_pretend() {
+fn a_folder_that_is_not_a_hugging_face_model_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model.gguf");
-    std::fs::write(&model, b"GGUF\x03\x00\x00\x00rest").unwrap();
-    let out = up(&model);
-    assert_eq!(out.status.code(), Some(2));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&model.display().to_string()), "{stdout}");
+    let out = up(dir.path());
+    assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("not implemented yet"),
+        stderr(&out).contains("without config.json"),
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn options_out_of_range_are_refused_before_anything_starts() {
+    for (flag, value, needle) in [
+        ("--workers", "0", "--workers must be at least 1"),
+        ("--shards", "4", "issue #7"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tidelock"))
+            .args(["up", flag, value, "--model", "/nonexistent.gguf"])
+            .output()
+            .expect("run tidelock");
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}");
+        assert!(stderr(&out).contains(needle), "{flag}: {}", stderr(&out));
+    }
 }
