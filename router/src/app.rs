@@ -239,7 +239,8 @@ async fn completions(
     serve(state, Endpoint::Completion, headers, body).await
 }
 
-/// Counts one answered request when dropped (its status known by then).
+/// Counts one answered request when dropped (its status known by then; a streamed answer's
+/// duration is recorded when its stream ends, see [`observed`]).
 struct Answered {
     state: AppState,
     tenant: String,
@@ -256,11 +257,6 @@ impl Drop for Answered {
         m.requests
             .with_label_values(&[&self.tenant, &self.model, self.endpoint.as_str(), &status])
             .inc();
-        if self.status == 200 {
-            m.duration
-                .with_label_values(&[&self.model])
-                .observe(self.started.elapsed().as_secs_f64());
-        }
     }
 }
 
@@ -466,7 +462,7 @@ async fn place(
         &model,
         &tenant.id,
         started.events,
-        started.first_token,
+        (answered.started, started.first_token),
         admission,
         permit,
     );
@@ -607,20 +603,22 @@ async fn route(
     Ok(started)
 }
 
-/// The worker's events on their way to the client: counted into metrics; the tenant's token
-/// charge settled and the queue slot released when the answer ends (or the client leaves).
+/// The worker's events on their way to the client: counted into metrics (the request's whole
+/// duration included, streamed or not); the tenant's token charge settled and the queue slot
+/// released when the answer ends (or the client leaves).
 fn observed(
     state: AppState,
     model: &Model,
     tenant: &tidelock_protocol::TenantId,
     events: BoxStream<'static, GenerateEvent>,
-    first_token: Instant,
+    (arrived, first_token): (Instant, Instant),
     admission: Admission,
     permit: OwnedSemaphorePermit,
 ) -> BoxStream<'static, GenerateEvent> {
     struct Tally {
         state: AppState,
         labels: [String; 2],
+        arrived: Instant,
         first_token: Instant,
         usage: tidelock_protocol::Usage,
         admission: Admission,
@@ -649,6 +647,9 @@ fn observed(
             }
             self.admission
                 .settle(u64::from(u.prompt_tokens) + u64::from(u.completion_tokens));
+            m.duration
+                .with_label_values(&[labels[1]])
+                .observe(self.arrived.elapsed().as_secs_f64());
             m.in_flight.dec();
         }
     }
@@ -656,6 +657,7 @@ fn observed(
     let tally = Tally {
         labels: [tenant.to_string(), model.name.to_string()],
         state,
+        arrived,
         first_token,
         usage: tidelock_protocol::Usage::default(),
         admission,

@@ -3,7 +3,7 @@
 //! The two rates are token buckets that hold one minute's allowance and refill continuously, so a
 //! tenant may burst up to its per-minute limit and then proceeds at the limit's pace. A request
 //! is charged its prompt plus its `max_tokens` when admitted (the most it can cost) and refunded
-//! what it did not generate when it ends. All limits are checked before anything is charged, so
+//! what it did not generate when it ends (all of it when it never reached a worker). All limits are checked before anything is charged, so
 //! a rejected request costs nothing. The context limit is applied earlier, when the request is
 //! tokenized (it caps `max_tokens` and refuses longer prompts). Limits are per router replica.
 
@@ -196,19 +196,21 @@ impl Limiter {
             limiter: self.clone(),
             tenant: tenant.clone(),
             charged: cost_tokens,
-            used: None,
+            used: 0,
             per_minute: tpm,
         })
     }
 }
 
-/// An admitted request: holds its concurrency slot and its token charge until dropped.
+/// An admitted request: holds its concurrency slot and its token charge until dropped. What it
+/// did not use is refunded then: everything, unless [`Admission::settle`] said otherwise (a
+/// request that never reached a worker costs no tokens).
 #[derive(Debug)]
 pub struct Admission {
     limiter: Limiter,
     tenant: TenantId,
     charged: u64,
-    used: Option<u64>,
+    used: u64,
     per_minute: Option<f64>,
 }
 
@@ -216,7 +218,7 @@ impl Admission {
     /// Records what the request really used (prompt plus generated tokens); the difference to
     /// the charge is refunded when the admission is dropped.
     pub fn settle(&mut self, used_tokens: u64) {
-        self.used = Some(used_tokens.min(self.charged));
+        self.used = used_tokens.min(self.charged);
     }
 }
 
@@ -225,10 +227,8 @@ impl Drop for Admission {
         let mut inner = self.limiter.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(usage) = inner.tenants.get_mut(&self.tenant) {
             usage.in_flight = usage.in_flight.saturating_sub(1);
-            if let (Some(used), Some(per_minute), Some(bucket)) =
-                (self.used, self.per_minute, usage.tokens.as_mut())
-            {
-                bucket.level = (bucket.level + (self.charged - used) as f64).min(per_minute);
+            if let (Some(per_minute), Some(bucket)) = (self.per_minute, usage.tokens.as_mut()) {
+                bucket.level = (bucket.level + (self.charged - self.used) as f64).min(per_minute);
             }
         }
     }
@@ -293,6 +293,9 @@ mod tests {
         a.settle(250);
         drop(a);
         assert!(l.admit(&tenant(), &limits, 600, t0).is_ok());
+        // A request that never ran (no worker took it) costs nothing.
+        drop(l.admit(&tenant(), &limits, 400, t0).unwrap());
+        assert!(l.admit(&tenant(), &limits, 400, t0).is_ok());
         // A request larger than the whole minute can never pass, and says so.
         let e = l.admit(&tenant(), &limits, 1_001, t0).unwrap_err();
         assert_eq!(
