@@ -22,6 +22,15 @@ pub(crate) enum Command {
     /// Chat in the terminal with a Tidelock (or any OpenAI-compatible) endpoint, showing cached
     /// tokens and time to first token after each turn.
     Chat(ChatArgs),
+    /// Print the CustomResourceDefinitions (Model, Tenant) as YAML, or write them to a folder.
+    Crds(CrdsArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CrdsArgs {
+    /// Write one file per CRD into this folder (e.g. `crds`) instead of printing them.
+    #[arg(long)]
+    pub(crate) write: Option<PathBuf>,
 }
 
 /// What computes the tokens in the local cluster's workers.

@@ -1,7 +1,8 @@
 //! `tidelock`: the command a newcomer runs first.
 //!
 //! - `tidelock up`: the local cluster, router and workers on loopback (`up.rs`);
-//! - `tidelock chat`: a terminal chat that shows the cache at work (`chat.rs`).
+//! - `tidelock chat`: a terminal chat that shows the cache at work (`chat.rs`);
+//! - `tidelock crds`: the CustomResourceDefinitions as YAML (`crds/` is its output).
 
 mod chat;
 mod config;
@@ -11,6 +12,26 @@ mod up;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// Prints the CRDs, or writes them into `--write`'s folder.
+fn crds(args: &config::CrdsArgs) -> ExitCode {
+    let all = tidelock_api::crd::all_yaml();
+    let Some(dir) = &args.write else {
+        for (_, yaml) in all {
+            print!("---\n{yaml}");
+        }
+        return ExitCode::SUCCESS;
+    };
+    for (name, yaml) in all {
+        let path = dir.join(name);
+        if let Err(e) = std::fs::write(&path, yaml) {
+            eprintln!("tidelock crds: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
 
 fn main() -> ExitCode {
     let cli = config::Cli::parse();
@@ -28,6 +49,7 @@ fn main() -> ExitCode {
         match cli.command {
             config::Command::Up(args) => up::run(args).await,
             config::Command::Chat(args) => chat::run(args).await,
+            config::Command::Crds(args) => crds(&args),
         }
     })
 }

@@ -3,8 +3,17 @@
 //! version, the labels and annotations the operator puts on what it creates, and the condition
 //! types and reasons it reports.
 //!
-//! The `Model` and `Tenant` custom resource types themselves join this crate with the operator
-//! (issue #6); until then it holds only names, so nothing can depend on a half-defined schema.
+//! The custom resources are [`Model`] and [`Tenant`] (group `tidelock.dev`, version `v1alpha1`):
+//! every field documented (it shows in `kubectl explain`), validated in the schema (bounds,
+//! enums, CEL rules), defaulted, with printer columns and a status subresource. [`crd::all_yaml`]
+//! renders them; `crds/` holds that output, checked current by this crate's tests.
+
+pub mod crd;
+pub mod model;
+pub mod tenant;
+
+pub use model::{Model, ModelSpec, ModelStatus};
+pub use tenant::{Tenant, TenantSpec, TenantStatus};
 
 /// API group of Tidelock's custom resources.
 pub const GROUP: &str = "tidelock.dev";
