@@ -1,0 +1,482 @@
+//! Desired state: a `Model` to the objects that run it. Pure functions, no I/O, unit-tested as a
+//! table of specs to objects; the reconciler applies their output with server-side apply.
+//!
+//! Layout: **one StatefulSet per shard group** (`<model>-g<i>`, `shards` pods). A pod's ordinal
+//! is its shard index and its StatefulSet its group, both stable across restarts, so a worker
+//! always rejoins the same place in the same group. Scaling `replicas` adds or removes whole
+//! StatefulSets (whole groups), never a shard out of a group; and each group rolls on its own,
+//! so a spec change never takes down every group's shard 0 at once. One headless Service gives
+//! every worker a stable DNS name; one PodDisruptionBudget keeps voluntary evictions to one
+//! worker at a time.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    Lifecycle, LifecycleHandler, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Service, ServicePort, ServiceSpec, SleepAction, Toleration, TopologySpreadConstraint, Volume,
+    VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use tidelock_api::Model;
+use tidelock_api::labels;
+use tidelock_api::model::ModelSource;
+
+/// The worker's HTTP port.
+pub const WORKER_PORT: i32 = 8000;
+/// Where the weights live in a worker pod.
+const MODELS_DIR: &str = "/models";
+/// Where a `pvc` source is mounted (read-only).
+const SOURCE_DIR: &str = "/source";
+
+/// What the operator was installed with (Helm values), used for every Model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    /// Worker image when the Model names none.
+    pub worker_image: String,
+    /// Image of the init container that downloads `huggingFace` and `url` sources (needs Python).
+    pub fetch_image: String,
+    /// etcd client URLs the workers register in.
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of the cluster state in etcd.
+    pub etcd_prefix: String,
+}
+
+/// Why a Model cannot be turned into objects (reported as a `Degraded` condition).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("the Model has no {0} (it must be read from the API server)")]
+    Missing(&'static str),
+    #[error("spec.source: set exactly one of huggingFace, pvc or url")]
+    Source,
+}
+
+/// Everything a Model needs, in apply order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub service: Service,
+    pub groups: Vec<StatefulSet>,
+    pub budget: PodDisruptionBudget,
+}
+
+/// Names and labels of one Model's objects.
+struct Names<'a> {
+    model: &'a str,
+    namespace: &'a str,
+    owner: OwnerReference,
+}
+
+impl Names<'_> {
+    fn service(&self) -> String {
+        format!("{}-workers", self.model)
+    }
+
+    fn group(&self, i: i32) -> String {
+        format!("{}-g{i}", self.model)
+    }
+
+    fn labels(&self, group: Option<&str>) -> BTreeMap<String, String> {
+        let mut l = BTreeMap::from([
+            (labels::MODEL.to_owned(), self.model.to_owned()),
+            (labels::COMPONENT.to_owned(), "worker".to_owned()),
+            (
+                labels::MANAGED_BY.to_owned(),
+                labels::MANAGED_BY_VALUE.to_owned(),
+            ),
+        ]);
+        if let Some(group) = group {
+            l.insert(labels::GROUP.to_owned(), group.to_owned());
+        }
+        l
+    }
+
+    fn selector(&self, group: Option<&str>) -> LabelSelector {
+        let mut l = BTreeMap::from([(labels::MODEL.to_owned(), self.model.to_owned())]);
+        if let Some(group) = group {
+            l.insert(labels::GROUP.to_owned(), group.to_owned());
+        }
+        LabelSelector {
+            match_labels: Some(l),
+            ..LabelSelector::default()
+        }
+    }
+
+    fn meta(&self, name: String, group: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.to_owned()),
+            labels: Some(self.labels(group)),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// The objects that run `model`.
+pub fn desired(model: &Model, defaults: &Defaults) -> Result<Desired, BuildError> {
+    let name = model
+        .meta()
+        .name
+        .as_deref()
+        .ok_or(BuildError::Missing("name"))?;
+    let namespace = model
+        .meta()
+        .namespace
+        .as_deref()
+        .ok_or(BuildError::Missing("namespace"))?;
+    let owner = model
+        .controller_owner_ref(&())
+        .ok_or(BuildError::Missing("uid"))?;
+    let names = Names {
+        model: name,
+        namespace,
+        owner,
+    };
+    let service = Service {
+        metadata: names.meta(names.service(), None),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            // Workers register themselves when ready; their DNS names must resolve before that.
+            publish_not_ready_addresses: Some(true),
+            selector: names.selector(None).match_labels,
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: WORKER_PORT,
+                target_port: Some(IntOrString::Int(WORKER_PORT)),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let groups = (0..model.spec.replicas)
+        .map(|i| group(model, &names, i, defaults))
+        .collect::<Result<_, _>>()?;
+    let budget = PodDisruptionBudget {
+        metadata: names.meta(names.service(), None),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(names.selector(None)),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+    Ok(Desired {
+        service,
+        groups,
+        budget,
+    })
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(WORKER_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// The model path the worker reads, and the init container that puts it there (for sources
+/// that must be downloaded).
+fn source(
+    spec: &ModelSource,
+    defaults: &Defaults,
+) -> Result<(String, Option<Container>), BuildError> {
+    let fetch = |script: String| Container {
+        name: "fetch-model".into(),
+        image: Some(defaults.fetch_image.clone()),
+        command: Some(vec!["sh".into(), "-c".into(), script]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "models".into(),
+            mount_path: MODELS_DIR.into(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    match (&spec.hugging_face, &spec.pvc, &spec.url) {
+        (Some(hf), None, None) => {
+            let dir = format!("{MODELS_DIR}/hf/{}/{}", hf.repo, hf.revision);
+            let script = format!(
+                "pip install -q huggingface_hub && python -c \"from huggingface_hub import snapshot_download; snapshot_download('{}', revision='{}', local_dir='{dir}')\"",
+                hf.repo, hf.revision
+            );
+            let path = match &hf.file {
+                Some(file) => format!("{dir}/{file}"),
+                None => dir,
+            };
+            Ok((path, Some(fetch(script))))
+        }
+        (None, Some(pvc), None) => Ok((format!("{SOURCE_DIR}/{}", pvc.path), None)),
+        (None, None, Some(url)) => {
+            let path = format!("{MODELS_DIR}/url/model.gguf");
+            let check = url
+                .sha256
+                .as_ref()
+                .map(|sum| format!(" && echo '{sum}  {path}' | sha256sum -c -"))
+                .unwrap_or_default();
+            let script = format!(
+                "mkdir -p {MODELS_DIR}/url && test -s {path} || python -c \"import urllib.request; urllib.request.urlretrieve('{}', '{path}')\"{check}",
+                url.url
+            );
+            Ok((path, Some(fetch(script))))
+        }
+        _ => Err(BuildError::Source),
+    }
+}
+
+/// Shard group `i`: a StatefulSet of `shards` workers.
+fn group(
+    model: &Model,
+    names: &Names<'_>,
+    i: i32,
+    defaults: &Defaults,
+) -> Result<StatefulSet, BuildError> {
+    let spec = &model.spec;
+    let group = names.group(i);
+    let served = spec
+        .served_name
+        .clone()
+        .unwrap_or_else(|| names.model.to_owned());
+    let (model_path, fetch) = source(&spec.source, defaults)?;
+    let advertise = format!(
+        "http://$(POD_NAME).{}.{}.svc:{WORKER_PORT}",
+        names.service(),
+        names.namespace
+    );
+    let mut args = vec![
+        "--model".to_owned(),
+        model_path,
+        "--served-model-name".to_owned(),
+        served,
+        "--listen".to_owned(),
+        format!("0.0.0.0:{WORKER_PORT}"),
+        "--kv-cache".to_owned(),
+        spec.kv_cache.memory_per_worker.clone(),
+        "--block-tokens".to_owned(),
+        spec.kv_cache.block_tokens.to_string(),
+        "--group".to_owned(),
+        group.clone(),
+        "--worker-id".to_owned(),
+        "$(POD_NAME)".to_owned(),
+        "--advertise-url".to_owned(),
+        advertise,
+    ];
+    if let Some(context) = spec.max_context_tokens {
+        args.extend(["--max-context".to_owned(), context.to_string()]);
+    }
+    let env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        // The pod's ordinal is its shard index in the group.
+        field_env(
+            "TIDELOCK_SHARD",
+            "metadata.labels['apps.kubernetes.io/pod-index']",
+        ),
+        env("TIDELOCK_SHARDS", spec.shards.to_string()),
+        env("TIDELOCK_ETCD_ENDPOINTS", defaults.etcd_endpoints.join(",")),
+        env("TIDELOCK_ETCD_PREFIX", defaults.etcd_prefix.clone()),
+    ];
+    let mut limits = BTreeMap::new();
+    let mut requests = BTreeMap::new();
+    if spec.resources.gpus > 0 {
+        limits.insert(
+            "nvidia.com/gpu".to_owned(),
+            Quantity(spec.resources.gpus.to_string()),
+        );
+    }
+    if let Some(cpu) = &spec.resources.cpu {
+        requests.insert("cpu".to_owned(), cpu.clone());
+    }
+    if let Some(memory) = &spec.resources.memory {
+        requests.insert("memory".to_owned(), memory.clone());
+        limits.insert("memory".to_owned(), memory.clone());
+    }
+    let mut mounts = vec![VolumeMount {
+        name: "models".into(),
+        mount_path: MODELS_DIR.into(),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = Vec::new();
+    if let Some(pvc) = &spec.source.pvc {
+        mounts.push(VolumeMount {
+            name: "source".into(),
+            mount_path: SOURCE_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "source".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+    }
+    let claims = match &spec.model_cache.size {
+        Some(size) => Some(vec![PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some("models".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: spec.model_cache.storage_class.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        Quantity(size.clone()),
+                    )])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        }]),
+        None => {
+            volumes.push(Volume {
+                name: "models".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            });
+            None
+        }
+    };
+    let mut tolerations = spec.placement.tolerations.clone();
+    if spec.resources.gpus > 0 {
+        tolerations.push(Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Toleration::default()
+        });
+    }
+    let affinity = spec.resources.gpu_product.as_ref().map(|product| Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(vec![NodeSelectorRequirement {
+                        key: "nvidia.com/gpu.product".into(),
+                        operator: "In".into(),
+                        values: Some(vec![product.clone()]),
+                    }]),
+                    ..NodeSelectorTerm::default()
+                }],
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
+    });
+    let spread = spec.placement.spread.then(|| {
+        vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(names.selector(Some(&group))),
+            ..TopologySpreadConstraint::default()
+        }]
+    });
+    let worker = Container {
+        name: "worker".into(),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| defaults.worker_image.clone()),
+        ),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: WORKER_PORT,
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(http_probe("/readyz", 5)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(30),
+            ..http_probe("/healthz", 10)
+        }),
+        // Give endpoints and routers a moment to stop sending new work; SIGTERM then drains.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: 5 }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        resources: Some(ResourceRequirements {
+            limits: (!limits.is_empty()).then_some(limits),
+            requests: (!requests.is_empty()).then_some(requests),
+            ..ResourceRequirements::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    let pod_labels = names.labels(Some(&group));
+    Ok(StatefulSet {
+        metadata: names.meta(group.clone(), Some(&group)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.shards),
+            service_name: Some(names.service()),
+            // Shards of a group start and stop together: they are one replica.
+            pod_management_policy: Some("Parallel".into()),
+            selector: names.selector(Some(&group)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    init_containers: fetch.map(|c| vec![c]),
+                    containers: vec![worker],
+                    node_selector: (!spec.placement.node_selector.is_empty())
+                        .then(|| spec.placement.node_selector.clone()),
+                    tolerations: (!tolerations.is_empty()).then_some(tolerations),
+                    affinity,
+                    topology_spread_constraints: spread,
+                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: claims,
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,342 @@
+//! A table of Model specs to the objects they must produce.
+
+use serde_json::{Value, json};
+
+use super::*;
+
+fn defaults() -> Defaults {
+    Defaults {
+        worker_image: "tidelock/worker:0.1.0".into(),
+        fetch_image: "python:3.12-slim".into(),
+        etcd_endpoints: vec![
+            "http://etcd-0.etcd:2379".into(),
+            "http://etcd-1.etcd:2379".into(),
+        ],
+        etcd_prefix: "/tidelock/".into(),
+    }
+}
+
+fn model(spec: Value) -> Model {
+    serde_json::from_value(json!({
+        "apiVersion": "tidelock.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": "smol", "namespace": "ml", "uid": "1234-5678"},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn hf() -> Value {
+    json!({"huggingFace": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "abc123"}})
+}
+
+fn pod(set: &StatefulSet) -> &PodSpec {
+    set.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn worker(set: &StatefulSet) -> &Container {
+    &pod(set).containers[0]
+}
+
+fn arg<'a>(c: &'a Container, flag: &str) -> Option<&'a str> {
+    let args = c.args.as_ref().unwrap();
+    args.iter()
+        .position(|a| a == flag)
+        .map(|i| args[i + 1].as_str())
+}
+
+#[test]
+fn one_statefulset_per_group_with_shards_pods_owned_by_the_model() {
+    let d = desired(
+        &model(json!({"source": hf(), "replicas": 3, "shards": 4})),
+        &defaults(),
+    )
+    .unwrap();
+    let names: Vec<&str> = d
+        .groups
+        .iter()
+        .map(|g| g.metadata.name.as_deref().unwrap())
+        .collect();
+    assert_eq!(names, ["smol-g0", "smol-g1", "smol-g2"]);
+    for (i, g) in d.groups.iter().enumerate() {
+        let spec = g.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(4));
+        assert_eq!(spec.service_name.as_deref(), Some("smol-workers"));
+        let owner = &g.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("Model", "1234-5678", Some(true))
+        );
+        let group = format!("smol-g{i}");
+        assert_eq!(g.metadata.labels.as_ref().unwrap()[labels::GROUP], group);
+        assert_eq!(
+            spec.selector.match_labels.as_ref().unwrap()[labels::GROUP],
+            group
+        );
+        assert_eq!(arg(worker(g), "--group"), Some(group.as_str()));
+    }
+    // Scaling is whole groups: 1 replica, one StatefulSet.
+    let d = desired(
+        &model(json!({"source": hf(), "replicas": 1, "shards": 4})),
+        &defaults(),
+    )
+    .unwrap();
+    assert_eq!(d.groups.len(), 1);
+    let d = desired(&model(json!({"source": hf(), "replicas": 0})), &defaults()).unwrap();
+    assert!(d.groups.is_empty());
+}
+
+#[test]
+fn the_worker_gets_its_identity_etcd_and_model_from_the_spec() {
+    let d = desired(
+        &model(
+            json!({"source": hf(), "servedName": "smollm2", "maxContextTokens": 8192,
+                      "kvCache": {"blockTokens": 128, "memoryPerWorker": "40Gi"}}),
+        ),
+        &defaults(),
+    )
+    .unwrap();
+    let g = &d.groups[0];
+    let w = worker(g);
+    assert_eq!(w.image.as_deref(), Some("tidelock/worker:0.1.0"));
+    assert_eq!(arg(w, "--served-model-name"), Some("smollm2"));
+    assert_eq!(arg(w, "--kv-cache"), Some("40Gi"));
+    assert_eq!(arg(w, "--block-tokens"), Some("128"));
+    assert_eq!(arg(w, "--max-context"), Some("8192"));
+    assert_eq!(arg(w, "--worker-id"), Some("$(POD_NAME)"));
+    assert_eq!(
+        arg(w, "--advertise-url"),
+        Some("http://$(POD_NAME).smol-workers.ml.svc:8000")
+    );
+    assert_eq!(
+        arg(w, "--model"),
+        Some("/models/hf/HuggingFaceTB/SmolLM2-135M-Instruct/abc123")
+    );
+    let env: BTreeMap<&str, &EnvVar> = w
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.as_str(), e))
+        .collect();
+    assert_eq!(
+        env["TIDELOCK_ETCD_ENDPOINTS"].value.as_deref(),
+        Some("http://etcd-0.etcd:2379,http://etcd-1.etcd:2379")
+    );
+    assert_eq!(
+        env["TIDELOCK_SHARD"]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    );
+    // The weights are fetched by an init container into the models volume (an emptyDir here).
+    let init = &pod(g).init_containers.as_ref().unwrap()[0];
+    assert!(
+        init.command.as_ref().unwrap()[2]
+            .contains("snapshot_download('HuggingFaceTB/SmolLM2-135M-Instruct', revision='abc123'")
+    );
+    let volumes = pod(g).volumes.as_ref().unwrap();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.name == "models" && v.empty_dir.is_some())
+    );
+    assert!(g.spec.as_ref().unwrap().volume_claim_templates.is_none());
+    // Probes and the drain.
+    assert_eq!(
+        w.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        w.lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap()
+            .sleep
+            .as_ref()
+            .unwrap()
+            .seconds,
+        5
+    );
+    assert_eq!(pod(g).termination_grace_period_seconds, Some(300));
+}
+
+#[test]
+fn gpus_become_requests_affinity_and_a_toleration() {
+    let d = desired(
+        &model(json!({"source": hf(),
+            "resources": {"gpus": 2, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "cpu": "8", "memory": "64Gi"},
+            "placement": {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]}})),
+        &defaults(),
+    )
+    .unwrap();
+    let p = pod(&d.groups[0]);
+    let r = worker(&d.groups[0]).resources.as_ref().unwrap();
+    assert_eq!(
+        r.limits.as_ref().unwrap()["nvidia.com/gpu"],
+        Quantity("2".into())
+    );
+    assert_eq!(
+        r.limits.as_ref().unwrap()["memory"],
+        Quantity("64Gi".into())
+    );
+    assert_eq!(r.requests.as_ref().unwrap()["cpu"], Quantity("8".into()));
+    let term = &p
+        .affinity
+        .as_ref()
+        .unwrap()
+        .node_affinity
+        .as_ref()
+        .unwrap()
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()
+        .unwrap()
+        .node_selector_terms[0];
+    let req = &term.match_expressions.as_ref().unwrap()[0];
+    assert_eq!(
+        (req.key.as_str(), req.operator.as_str()),
+        ("nvidia.com/gpu.product", "In")
+    );
+    assert_eq!(
+        req.values.as_deref(),
+        Some(&["NVIDIA-H100-80GB-HBM3".to_owned()][..])
+    );
+    let keys: Vec<&str> = p
+        .tolerations
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|t| t.key.as_deref().unwrap())
+        .collect();
+    assert_eq!(keys, ["dedicated", "nvidia.com/gpu"]);
+    assert_eq!(p.node_selector.as_ref().unwrap()["pool"], "gpu");
+    let spread = &p.topology_spread_constraints.as_ref().unwrap()[0];
+    assert_eq!(spread.topology_key, "kubernetes.io/hostname");
+
+    // A CPU model: no GPU limit, toleration or affinity; no spread when turned off.
+    let d = desired(
+        &model(json!({"source": hf(), "placement": {"spread": false}})),
+        &defaults(),
+    )
+    .unwrap();
+    let p = pod(&d.groups[0]);
+    assert!(
+        p.tolerations.is_none() && p.affinity.is_none() && p.topology_spread_constraints.is_none()
+    );
+    assert!(
+        worker(&d.groups[0])
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .is_none()
+    );
+}
+
+#[test]
+fn pvc_and_url_sources_and_a_persistent_model_cache() {
+    let d = desired(
+        &model(
+            json!({"source": {"pvc": {"claimName": "weights", "path": "smol/model.gguf"}},
+                      "modelCache": {"size": "50Gi", "storageClass": "fast"}}),
+        ),
+        &defaults(),
+    )
+    .unwrap();
+    let g = &d.groups[0];
+    assert_eq!(arg(worker(g), "--model"), Some("/source/smol/model.gguf"));
+    assert!(
+        pod(g).init_containers.is_none(),
+        "a PVC source needs no download"
+    );
+    let source = pod(g)
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "source")
+        .unwrap();
+    assert_eq!(
+        source.persistent_volume_claim.as_ref().unwrap().claim_name,
+        "weights"
+    );
+    let claim = &g
+        .spec
+        .as_ref()
+        .unwrap()
+        .volume_claim_templates
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        claim.spec.as_ref().unwrap().storage_class_name.as_deref(),
+        Some("fast")
+    );
+    assert_eq!(
+        claim
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"],
+        Quantity("50Gi".into())
+    );
+
+    let sum = "a".repeat(64);
+    let d = desired(
+        &model(json!({"source": {"url": {"url": "https://example.org/m.gguf", "sha256": sum}}})),
+        &defaults(),
+    )
+    .unwrap();
+    let g = &d.groups[0];
+    assert_eq!(arg(worker(g), "--model"), Some("/models/url/model.gguf"));
+    let script = &pod(g).init_containers.as_ref().unwrap()[0]
+        .command
+        .as_ref()
+        .unwrap()[2];
+    assert!(
+        script.contains("urlretrieve('https://example.org/m.gguf'")
+            && script.contains("sha256sum -c"),
+        "{script}"
+    );
+}
+
+#[test]
+fn the_service_is_headless_and_the_budget_allows_one_worker_down() {
+    let d = desired(&model(json!({"source": hf(), "replicas": 2})), &defaults()).unwrap();
+    let s = d.service.spec.as_ref().unwrap();
+    assert_eq!(d.service.metadata.name.as_deref(), Some("smol-workers"));
+    assert_eq!(s.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(s.selector.as_ref().unwrap()[labels::MODEL], "smol");
+    let b = d.budget.spec.as_ref().unwrap();
+    assert_eq!(b.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        b.selector.as_ref().unwrap().match_labels.as_ref().unwrap()[labels::MODEL],
+        "smol"
+    );
+}
+
+#[test]
+fn a_model_without_identity_or_source_is_an_error() {
+    let mut m = model(json!({"source": hf()}));
+    m.metadata.uid = None;
+    assert_eq!(desired(&m, &defaults()), Err(BuildError::Missing("uid")));
+    let m = model(json!({"source": {}}));
+    assert_eq!(desired(&m, &defaults()), Err(BuildError::Source));
+}
