@@ -151,7 +151,10 @@ mod tests {
         .unwrap()
     }
 
-    fn secret(name: &str, data: &[(&str, &[u8])]) -> (String, Secret) {
+    /// A Secret's data: key to bytes.
+    type Data<'a> = &'a [(&'a str, &'a [u8])];
+
+    fn secret(name: &str, data: Data<'_>) -> (String, Secret) {
         let mut s = Secret::default();
         s.metadata.name = Some(name.into());
         s.data = Some(
@@ -209,7 +212,7 @@ mod tests {
         let e = tenant_record(&t, &BTreeMap::from([ok.clone()])).unwrap_err();
         assert_eq!(e.to_string(), "Secret ml/gone does not exist");
         assert_eq!(e.reason(), "SecretMissing");
-        let cases: [(&[(&str, &[u8])], &str); 4] = [
+        let cases: [(Data<'_>, &str); 4] = [
             (&[("other", KEY_1)], "has no key `apiKey`"),
             (
                 &[("apiKey", b"\xff\xfe-not-text-at-all-really")],
