@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use tidelock_api::{Tenant, reasons};
-use tidelock_protocol::{ModelName, TenantId, TenantLimits, TenantRecord};
+use tidelock_protocol::{KeyLayout, ModelName, TenantId, TenantLimits, TenantRecord};
+use tidelock_state::{StateError, StateStore};
 
 /// API keys shorter than this are refused: they are meant to be long random strings (the store
 /// keeps an unsalted fast hash, which is only safe for such keys).
@@ -133,6 +134,34 @@ pub fn tenant_record(
         },
         share_cache: tenant.spec.share_cache,
     })
+}
+
+/// Writes `record` as tenant `id`'s entry in the cluster state, unless it is already there;
+/// returns whether anything changed (the reconciler emits an Event when it did).
+pub async fn write(
+    store: &dyn StateStore,
+    layout: &KeyLayout,
+    id: &TenantId,
+    record: &TenantRecord,
+) -> Result<bool, StateError> {
+    let key = layout.tenant(id);
+    let value =
+        serde_json::to_vec(record).map_err(|e| StateError::InvalidRequest(e.to_string()))?;
+    if store.get(&key).await?.is_some_and(|kv| kv.value == value) {
+        return Ok(false);
+    }
+    store.put(&key, value, None).await?;
+    Ok(true)
+}
+
+/// Removes tenant `id` from the cluster state (its keys stop working on every router); returns
+/// whether it was there. The Tenant's finalizer calls this before the resource goes.
+pub async fn remove(
+    store: &dyn StateStore,
+    layout: &KeyLayout,
+    id: &TenantId,
+) -> Result<bool, StateError> {
+    Ok(store.delete(&layout.tenant(id)).await?.is_some())
 }
 
 #[cfg(test)]
