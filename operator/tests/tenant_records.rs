@@ -16,12 +16,14 @@ use tidelock_router::tenants::Tenants;
 use tidelock_state::{MemoryStore, StateStore};
 
 fn secret(key: &str) -> BTreeMap<String, Secret> {
-    let mut s = Secret::default();
-    s.data = Some(BTreeMap::from([(
-        "apiKey".to_owned(),
-        ByteString(key.as_bytes().to_vec()),
-    )]));
-    BTreeMap::from([("keys".to_owned(), s)])
+    let secret = Secret {
+        data: Some(BTreeMap::from([(
+            "apiKey".to_owned(),
+            ByteString(key.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    BTreeMap::from([("keys".to_owned(), secret)])
 }
 
 async fn until(what: &str, check: impl Fn() -> bool) {
