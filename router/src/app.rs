@@ -11,6 +11,7 @@
 //! `app(state)` builds the routes without binding a port, so component tests drive it with
 //! `oneshot`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -26,8 +27,12 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tidelock_openai::{Endpoint, error_response, parse, respond};
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
-use tidelock_protocol::{CacheSalt, GenerateEvent, GenerateRequest, HashChain, SessionKey};
+use tidelock_protocol::{
+    CacheSalt, GenerateEvent, GenerateRequest, HashChain, SessionKey, WorkerId,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::index::TierCounts;
 
 use crate::limits::{Admission, Limiter};
 use crate::metrics::Metrics;
@@ -324,20 +329,18 @@ fn session_key(
                 .map_err(|_| OpenAiError::bad_request("X-Session-Id must be visible ASCII"))
         })
         .transpose()?;
-    let (key, param) = [
+    let first = [
         (common.prompt_cache_key.as_deref(), "prompt_cache_key"),
         (header, "X-Session-Id"),
         (common.user.as_deref(), "user"),
     ]
     .into_iter()
-    .find_map(|(k, p)| k.filter(|k| !k.is_empty()).map(|k| (k, p)))
-    .unzip();
-    match (key, param) {
-        (Some(key), Some(param)) => SessionKey::new(key)
-            .map(Some)
-            .map_err(|e| OpenAiError::invalid(param, e.to_string())),
-        _ => Ok(None),
-    }
+    .find_map(|(key, param)| Some((key.filter(|k| !k.is_empty())?, param)));
+    first
+        .map(|(key, param)| {
+            SessionKey::new(key).map_err(|e| OpenAiError::invalid(param, e.to_string()))
+        })
+        .transpose()
 }
 
 /// A slot among the requests served at once, waiting in the bounded queue for it.
@@ -421,7 +424,7 @@ async fn place(
     }
     let tenant_context = tenant.record.limits.max_context_tokens;
     let context = tenant_context.map_or(model_context, |t| t.min(model_context));
-    let prepared = parsed.prepare(&kit, context).map_err(|e| {
+    let mut prepared = parsed.prepare(&kit, context).map_err(|e| {
         if tenant_context.is_some_and(|t| t < model_context)
             && e.code.as_deref() == Some("context_length_exceeded")
         {
@@ -443,11 +446,13 @@ async fn place(
     } else {
         CacheSalt::for_tenant(&tenant.id)
     };
+    // The answer needs only the prompt's length (already in the cost), not its tokens: move
+    // them into the worker request rather than copying a possibly million-token prompt.
     let request = GenerateRequest {
         request_id: Some(prepared.meta.id.clone()),
         session: session.clone(),
         cache_salt: salt,
-        tokens: prepared.tokens.clone(),
+        tokens: std::mem::take(&mut prepared.tokens),
         sampling: prepared.sampling.clone(),
     };
     let started = route(state, &model, &tenant.id, session, &request).await?;
@@ -504,11 +509,14 @@ async fn route(
     let block_tokens = model.block_tokens.as_usize();
     let mut chain = HashChain::new(&model.name, &request.cache_salt, model.block_tokens);
     chain.extend(&request.tokens);
-    let matches = model
+    let held: HashMap<WorkerId, TierCounts> = model
         .index
         .read()
         .unwrap_or_else(|e| e.into_inner())
-        .matches(chain.hashes());
+        .matches(chain.hashes())
+        .into_iter()
+        .map(|m| (m.worker, m.tiers))
+        .collect();
     let workers = model.workers();
     let candidates: Vec<Candidate> = workers
         .values()
@@ -518,11 +526,7 @@ async fn route(
             load: w.load(),
             in_flight: w.in_flight.load(Ordering::Relaxed),
             pending_prefill: w.pending_prefill.load(Ordering::Relaxed),
-            cached: matches
-                .iter()
-                .find(|m| m.worker == w.id)
-                .map(|m| m.tiers)
-                .unwrap_or_default(),
+            cached: held.get(&w.id).copied().unwrap_or_default(),
         })
         .collect();
     let policy = state.settings.policy;
@@ -530,8 +534,12 @@ async fn route(
         (Some(s), Policy::Ttft) => state.pins.get(&model.name, tenant_id, s).await,
         _ => None,
     };
-    // Without a session key, the prompt's first block stands for the session.
-    let prefix_key = chain.hashes().first().map(|h| h.to_hex());
+    // Without a session key, the prompt's first block stands for the session (only
+    // `session_hash` reads it).
+    let prefix_key = match (&session, policy) {
+        (None, Policy::SessionHash) => chain.hashes().first().map(|h| h.to_hex()),
+        _ => None,
+    };
     let hash_key = session
         .as_ref()
         .map(SessionKey::as_str)
@@ -564,10 +572,7 @@ async fn route(
         .iter()
         .filter_map(|id| {
             let w = workers.get(id)?.clone();
-            let cached = candidates
-                .iter()
-                .find(|c| &c.worker == id)
-                .map_or(0, |c| c.cached.device + c.cached.host + c.cached.disk);
+            let cached = held.get(id).map_or(0, |t| t.device + t.host + t.disk);
             let uncached = request.tokens.len().saturating_sub(cached * block_tokens);
             Some((w, uncached as u64))
         })
@@ -580,10 +585,10 @@ async fn route(
             .with_label_values(&[model.name.as_str()])
             .inc_by(started.failed.len() as u64);
     }
-    let moved = decision.order.first() != Some(&started.worker.id);
+    // Placed, moved, or landed elsewhere by a retry: the pin is written where the session is.
     if let Some(session) = session
         && policy == Policy::Ttft
-        && (decision.reason.writes_pin() || moved || pinned.as_ref() != Some(&started.worker.id))
+        && pinned.as_ref() != Some(&started.worker.id)
     {
         let (pins, model_name, tenant_id) =
             (state.pins.clone(), model.name.clone(), tenant_id.clone());

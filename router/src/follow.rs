@@ -18,6 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::{KvEventBatch, KvSnapshot, WorkerId};
 
+use crate::http::{LineError, NdjsonLines};
 use crate::index::{Applied, KvIndex};
 
 /// How long a snapshot request may take.
@@ -137,33 +138,25 @@ impl Follower {
             }
             other => other?,
         };
-        let mut body = response.into_body();
-        let mut pending = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| FollowError::Http {
-                url: url.clone(),
-                problem: e.to_string(),
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            pending.extend_from_slice(&data);
-            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                let line = &line[..line.len() - 1];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+        let mut lines = NdjsonLines::new(response.into_body());
+        loop {
+            let batch: KvEventBatch = match lines.next().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(LineError::Read(problem)) => {
+                    return Err(FollowError::Http { url, problem });
                 }
-                let batch: KvEventBatch =
-                    serde_json::from_slice(line).map_err(|e| FollowError::Body {
-                        url: url.clone(),
+                Err(LineError::Parse(problem)) => {
+                    return Err(FollowError::Body {
+                        url,
                         what: "event batch",
-                        problem: e.to_string(),
-                    })?;
-                if let Applied::NeedsSnapshot(why) = self.write().apply(&self.worker, &batch) {
-                    tracing::debug!(worker = %self.worker, ?why, "KV events: snapshot needed");
-                    return Ok(Ended::Resync);
+                        problem,
+                    });
                 }
+            };
+            if let Applied::NeedsSnapshot(why) = self.write().apply(&self.worker, &batch) {
+                tracing::debug!(worker = %self.worker, ?why, "KV events: snapshot needed");
+                return Ok(Ended::Resync);
             }
         }
         Ok(Ended::Resync)

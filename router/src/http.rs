@@ -1,30 +1,124 @@
-//! The one small HTTP helper the router's background tasks share: GET a whole body, with a
-//! deadline, as bytes. (The KV event follower streams instead, see [`crate::follow`].)
+//! The HTTP pieces the router's background tasks and proxy share: a pooled client for small
+//! GETs with a deadline ([`Http`]), and a reader of newline-delimited JSON bodies
+//! ([`NdjsonLines`]) used for both the KV event stream and the generate stream.
 
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
 
-/// GETs `url` and returns its body; any failure (bad URL, connection, non-2xx status, timeout)
-/// as a sentence that does not repeat the URL.
-pub(crate) async fn get_body(url: &str, timeout: Duration) -> Result<Bytes, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    tokio::time::timeout(timeout, async {
-        let response = client.get(uri).await.map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("HTTP {}", response.status()));
+/// A pooled HTTP client for small GETs.
+#[derive(Debug, Clone)]
+pub(crate) struct Http {
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Http {
+            client: Client::builder(TokioExecutor::new()).build(connector),
         }
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(body.to_bytes())
-    })
-    .await
-    .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
+}
+
+impl Http {
+    /// GETs `url` and returns its body; any failure (bad URL, connection, non-2xx status,
+    /// timeout) as a sentence that does not repeat the URL.
+    pub(crate) async fn get_body(&self, url: &str, timeout: Duration) -> Result<Bytes, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        tokio::time::timeout(timeout, async {
+            let response = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("HTTP {}", response.status()));
+            }
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(body.to_bytes())
+        })
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
+
+    /// GETs `url` and parses its JSON body.
+    pub(crate) async fn get_json<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let body = self.get_body(url, timeout).await?;
+        serde_json::from_slice(&body).map_err(|e| e.to_string())
+    }
+}
+
+/// GETs a whole body with a fresh client (rare calls: a tokenizer, a static worker's info).
+pub(crate) async fn get_body(url: &str, timeout: Duration) -> Result<Bytes, String> {
+    Http::default().get_body(url, timeout).await
+}
+
+/// Why reading one line of an NDJSON body failed.
+#[derive(Debug)]
+pub(crate) enum LineError {
+    /// The body could not be read (connection lost).
+    Read(String),
+    /// A line was not the JSON value expected.
+    Parse(String),
+}
+
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LineError::Read(problem) => write!(f, "reading the stream: {problem}"),
+            LineError::Parse(problem) => write!(f, "not the JSON expected: {problem}"),
+        }
+    }
+}
+
+/// The JSON values of a newline-delimited body, one line at a time; blank lines are skipped.
+pub(crate) struct NdjsonLines {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl NdjsonLines {
+    pub(crate) fn new(body: Incoming) -> Self {
+        NdjsonLines {
+            body,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next value; `Ok(None)` at the end of the body.
+    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, LineError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let line = &line[..line.len() - 1];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(line)
+                    .map(Some)
+                    .map_err(|e| LineError::Parse(e.to_string()));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(LineError::Read(e.to_string())),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
 }

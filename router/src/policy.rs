@@ -220,7 +220,8 @@ pub fn decide(
         Policy::Ttft => {
             let ttft = |c: &Candidate| model.ttft(c, request.prompt_tokens, request.block_tokens);
             let mut order = sorted;
-            order.sort_by_key(|c| ttft(c));
+            // One prediction per worker, not one per comparison.
+            order.sort_by_cached_key(|c| ttft(c));
             let best = ttft(order[0]);
             let pinned = request
                 .pinned

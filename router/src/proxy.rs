@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::openai::OpenAiError;
 use tidelock_protocol::{ErrorCode, GenerateEvent, GenerateRequest};
 
+use crate::http::NdjsonLines;
 use crate::workers::WorkerState;
 
 /// Timeouts and retries of proxied requests.
@@ -131,10 +132,6 @@ impl Proxy {
         }
     }
 
-    pub fn config(&self) -> &ProxyConfig {
-        &self.cfg
-    }
-
     /// Sends `request` to the first worker of `order` that takes it; each entry carries the
     /// prompt tokens that worker must prefill (its queue estimate while the request waits).
     pub async fn start(
@@ -226,7 +223,7 @@ impl Proxy {
                 AttemptError::Failed(problem)
             });
         }
-        let mut lines = Lines::new(response.into_body());
+        let mut lines = NdjsonLines::new(response.into_body());
         let mut buffered = VecDeque::new();
         loop {
             let event = match tokio::time::timeout_at(deadline, lines.next()).await {
@@ -235,7 +232,7 @@ impl Proxy {
                         "no first token before the timeout".into(),
                     ));
                 }
-                Ok(Err(problem)) => return Err(AttemptError::Failed(problem)),
+                Ok(Err(problem)) => return Err(AttemptError::Failed(problem.to_string())),
                 Ok(Ok(None)) => {
                     return Err(AttemptError::Failed(
                         "the stream ended before the first token".into(),
@@ -271,14 +268,14 @@ impl Proxy {
 fn rest(
     worker: Arc<WorkerState>,
     buffered: VecDeque<GenerateEvent>,
-    lines: Lines,
+    lines: NdjsonLines,
     guard: InFlight,
     idle: Duration,
 ) -> BoxStream<'static, GenerateEvent> {
     struct State {
         worker: Arc<WorkerState>,
         buffered: VecDeque<GenerateEvent>,
-        lines: Lines,
+        lines: NdjsonLines,
         _guard: InFlight,
         done: bool,
     }
@@ -305,7 +302,7 @@ fn rest(
                 };
                 match tokio::time::timeout(idle, s.lines.next()).await {
                     Err(_) => failed(format!("no event for {idle:?}")),
-                    Ok(Err(problem)) => failed(problem),
+                    Ok(Err(problem)) => failed(problem.to_string()),
                     Ok(Ok(None)) => failed("the stream ended without finishing".into()),
                     Ok(Ok(Some(event))) => event,
                 }
@@ -318,44 +315,4 @@ fn rest(
         Some((event, s))
     })
     .boxed()
-}
-
-/// Newline-delimited JSON events out of a response body.
-struct Lines {
-    body: Incoming,
-    buf: Vec<u8>,
-}
-
-impl Lines {
-    fn new(body: Incoming) -> Self {
-        Lines {
-            body,
-            buf: Vec::new(),
-        }
-    }
-
-    /// The next event; `Ok(None)` at the end of the body.
-    async fn next(&mut self) -> Result<Option<GenerateEvent>, String> {
-        loop {
-            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=end).collect();
-                let line = &line[..line.len() - 1];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return serde_json::from_slice(line)
-                    .map(Some)
-                    .map_err(|e| format!("not a generate event: {e}"));
-            }
-            match self.body.frame().await {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(format!("reading the stream: {e}")),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-            }
-        }
-    }
 }

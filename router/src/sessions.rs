@@ -44,6 +44,11 @@ impl Pins {
         }
     }
 
+    fn cached(&self, key: &str) -> Option<Pin> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(key).cloned()
+    }
+
     /// The worker `session` is pinned to, if any. Refreshes the pin's lease when due.
     pub async fn get(
         &self,
@@ -53,12 +58,7 @@ impl Pins {
     ) -> Option<WorkerId> {
         let key = self.layout.session(model, tenant, session);
         let now = Instant::now();
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned();
+        let cached = self.cached(&key);
         // A pin idle past the timeout is gone from the store too (or soon): read it again.
         if let Some(pin) = cached
             && now.duration_since(pin.refreshed) < self.idle_timeout
@@ -120,12 +120,7 @@ impl Pins {
         worker: WorkerId,
     ) -> Result<(), tidelock_state::StateError> {
         let key = self.layout.session(model, tenant, session);
-        let old_lease = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .and_then(|p| p.lease);
+        let old_lease = self.cached(&key).and_then(|p| p.lease);
         let lease = match old_lease {
             Some(lease) if self.store.keep_alive(lease).await.is_ok() => lease,
             _ => self.store.grant_lease(self.idle_timeout).await?,
@@ -202,12 +197,6 @@ impl Pins {
         session: &SessionKey,
     ) -> Option<WorkerId> {
         let key = self.layout.session(model, tenant, session);
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(&key).map(|p| p.record.coordinator.clone())
-    }
-
-    /// Pins held in memory.
-    pub fn cached(&self) -> usize {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.cached(&key).map(|p| p.record.coordinator)
     }
 }

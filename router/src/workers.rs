@@ -15,11 +15,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::{
     BlockTokens, KeyLayout, LoadReport, ModelName, WorkerId, WorkerInfo, WorkerRegistration,
@@ -28,6 +23,7 @@ use tidelock_state::{StateStore, WatchEvent};
 use tokio::task::JoinHandle;
 
 use crate::discovery::Discovery;
+use crate::http::Http;
 use crate::index::KvIndex;
 use crate::prompt::fetch_kit;
 
@@ -248,44 +244,6 @@ async fn probe(http: &Http, w: &WorkerState, timeout: Duration) {
                 tracing::warn!(worker = %w.id, error = %e, "worker ejected: no load report");
             }
         }
-    }
-}
-
-/// A pooled HTTP client for small GETs.
-#[derive(Debug, Clone)]
-pub struct Http {
-    client: Client<HttpConnector, Empty<Bytes>>,
-}
-
-impl Default for Http {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        Http {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        }
-    }
-}
-
-impl Http {
-    async fn get_json<T: serde::de::DeserializeOwned>(
-        &self,
-        url: &str,
-        timeout: Duration,
-    ) -> Result<T, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-        let body = tokio::time::timeout(timeout, async {
-            let response = self.client.get(uri).await.map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("HTTP {}", response.status()));
-            }
-            let body = response.into_body().collect().await;
-            body.map(|b| b.to_bytes()).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))??;
-        serde_json::from_slice(&body).map_err(|e| e.to_string())
     }
 }
 

@@ -68,7 +68,7 @@ async fn serve(state: AppState, endpoint: Endpoint, body: &[u8]) -> Response {
             .and_then(|s| SessionKey::new(s).ok());
         Ok::<_, OpenAiError>((prepared, kit, session))
     })();
-    let (prepared, kit, session) = match prepared {
+    let (mut prepared, kit, session) = match prepared {
         Ok(p) => p,
         Err(e) => return error(&e),
     };
@@ -77,7 +77,8 @@ async fn serve(state: AppState, endpoint: Endpoint, body: &[u8]) -> Response {
         request_id: Some(prepared.meta.id.clone()),
         session,
         cache_salt: CacheSalt::shared(),
-        tokens: prepared.tokens.clone(),
+        // The answer does not need the prompt's tokens: move them, not copy them.
+        tokens: std::mem::take(&mut prepared.tokens),
         sampling: prepared.sampling.clone(),
     };
     if state
