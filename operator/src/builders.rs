@@ -24,7 +24,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use tidelock_api::Model;
 use tidelock_api::labels;
 use tidelock_api::model::ModelSource;
@@ -258,6 +258,15 @@ fn source(
     }
 }
 
+/// The name tenants request the model by: `spec.servedName`, else the resource's name.
+pub fn served_name(model: &Model) -> String {
+    model
+        .spec
+        .served_name
+        .clone()
+        .unwrap_or_else(|| model.name_any())
+}
+
 /// Shard group `i`: a StatefulSet of `shards` workers.
 fn group(
     model: &Model,
@@ -267,10 +276,7 @@ fn group(
 ) -> Result<StatefulSet, BuildError> {
     let spec = &model.spec;
     let group = names.group(i);
-    let served = spec
-        .served_name
-        .clone()
-        .unwrap_or_else(|| names.model.to_owned());
+    let served = served_name(model);
     let (model_path, fetch) = source(&spec.source, defaults)?;
     let advertise = format!(
         "http://$(POD_NAME).{}.{}.svc:{WORKER_PORT}",
@@ -416,6 +422,8 @@ fn group(
                 .clone()
                 .unwrap_or_else(|| defaults.worker_image.clone()),
         ),
+        // The image holds every binary and no entrypoint (the Dockerfile's `ENTRYPOINT []`).
+        command: Some(vec!["tidelock-worker".into()]),
         args: Some(args),
         env: Some(env),
         ports: Some(vec![ContainerPort {

@@ -98,6 +98,10 @@ fn the_worker_gets_its_identity_etcd_and_model_from_the_spec() {
     let g = &d.groups[0];
     let w = worker(g);
     assert_eq!(w.image.as_deref(), Some("tidelock/worker:0.1.0"));
+    assert_eq!(
+        w.command.as_deref(),
+        Some(&["tidelock-worker".to_owned()][..])
+    );
     assert_eq!(arg(w, "--served-model-name"), Some("smollm2"));
     assert_eq!(arg(w, "--kv-cache"), Some("40Gi"));
     assert_eq!(arg(w, "--block-tokens"), Some("128"));

@@ -1,0 +1,380 @@
+//! The Model reconciler: applies a Model's desired objects (`builders`) with server-side apply,
+//! removes the groups that scaling down left over, and reports status from the StatefulSets and
+//! from the workers registered in the cluster state. Its finalizer removes the model's keys from
+//! the cluster state (sessions, registrations, the model record) before the Model goes;
+//! Kubernetes' garbage collector deletes the owned objects.
+//!
+//! Status:
+//! - `Ready` is true when every desired worker is registered and every group is rolled out.
+//! - `Progressing` is true while a group rolls (`RollingUpdate`) or workers start
+//!   (`WorkersStarting`).
+//! - `Degraded` is true when the spec cannot be built (`InvalidSpec`) or the cluster state cannot
+//!   be read (`StateStoreUnavailable`).
+//!
+//! Every change to the objects and every condition that flips is a Kubernetes Event.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reasons};
+use tidelock_protocol::{ModelName, WorkerRegistration};
+
+use super::{Context, Error, FINALIZER, condition, is_true, measured};
+use crate::builders::{self, BuildError};
+
+/// Requeue while workers start: registrations live in etcd, which the controller does not watch.
+const STARTING_REQUEUE: Duration = Duration::from_secs(10);
+/// Requeue when all is well: a periodic check that nothing drifted.
+const STEADY_REQUEUE: Duration = Duration::from_secs(300);
+
+/// Reconciles one Model (the controller's entry point).
+pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
+    let api: Api<Model> = Api::namespaced(ctx.client.clone(), &namespace);
+    measured("model", &*model, &ctx, async {
+        finalizer(&api, FINALIZER, model.clone(), |event| async {
+            match event {
+                Finalizer::Apply(model) => apply(&model, &ctx).await,
+                Finalizer::Cleanup(model) => cleanup(&model, &ctx).await,
+            }
+        })
+        .await
+        .map_err(Error::from)
+    })
+    .await
+}
+
+/// Worker registrations per group name, from the cluster state.
+pub type Registered = BTreeMap<String, i32>;
+
+async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
+    let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
+    let name = model.name_any();
+    let previous = model.status.clone().unwrap_or_default();
+    let desired = match builders::desired(model, &ctx.defaults) {
+        Ok(desired) => desired,
+        Err(e) => {
+            let status = invalid_status(model, &previous, &e);
+            publish(model, ctx, &previous, status).await?;
+            // Nothing to retry until the spec changes.
+            return Ok(Action::await_change());
+        }
+    };
+    let client = &ctx.client;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+    let uid = model.uid();
+    let before: BTreeMap<String, StatefulSet> = statefulsets
+        .list(&ListParams::default().labels(&format!("{}={name}", labels::MODEL)))
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| {
+            s.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .map(|s| (s.name_any(), s))
+        .collect();
+
+    let service = &desired.service;
+    Api::<Service>::namespaced(client.clone(), &namespace)
+        .patch(&service.name_any(), &apply, &Patch::Apply(service))
+        .await?;
+    let mut groups = Vec::with_capacity(desired.groups.len());
+    for group in &desired.groups {
+        let group_name = group.name_any();
+        let applied = statefulsets
+            .patch(&group_name, &apply, &Patch::Apply(group))
+            .await?;
+        match before.get(&group_name) {
+            None => {
+                let note = format!(
+                    "created shard group {group_name} ({} workers)",
+                    model.spec.shards
+                );
+                ctx.event_about(
+                    model,
+                    Some(applied.object_ref(&())),
+                    false,
+                    "GroupCreated",
+                    note,
+                )
+                .await;
+            }
+            Some(old) if old.metadata.generation != applied.metadata.generation => {
+                let note = format!("updated shard group {group_name}: its workers roll");
+                ctx.event_about(
+                    model,
+                    Some(applied.object_ref(&())),
+                    false,
+                    "GroupUpdated",
+                    note,
+                )
+                .await;
+            }
+            Some(_) => {}
+        }
+        groups.push(applied);
+    }
+    let budget = &desired.budget;
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace)
+        .patch(&budget.name_any(), &apply, &Patch::Apply(budget))
+        .await?;
+    // Scaling down removes whole groups: every owned StatefulSet the spec no longer names.
+    for (group_name, group) in &before {
+        if desired.groups.iter().any(|g| g.name_any() == *group_name) {
+            continue;
+        }
+        statefulsets
+            .delete(group_name, &DeleteParams::background())
+            .await?;
+        let note = format!(
+            "removed shard group {group_name} (replicas is now {})",
+            model.spec.replicas
+        );
+        ctx.event_about(
+            model,
+            Some(group.object_ref(&())),
+            false,
+            "GroupRemoved",
+            note,
+        )
+        .await;
+    }
+
+    let registered = registrations(model, ctx).await;
+    let status = status(model, &previous, &groups, registered.as_ref().ok());
+    let ready = is_true(&status.conditions, conditions::READY);
+    publish(model, ctx, &previous, status).await?;
+    // A store that cannot be read is an error: the controller retries with backoff.
+    registered?;
+    Ok(Action::requeue(if ready {
+        STEADY_REQUEUE
+    } else {
+        STARTING_REQUEUE
+    }))
+}
+
+/// Counts the model's registered workers per group (a worker registers once it serves).
+async fn registrations(model: &Model, ctx: &Context) -> Result<Registered, Error> {
+    let served = ModelName::new(builders::served_name(model))
+        .map_err(|_| Error::Missing("valid served name"))?;
+    let mut per_group = Registered::new();
+    for kv in ctx.store.list(&ctx.layout.workers_of(&served)).await?.kvs {
+        // A value some other writer put there is not a worker of ours; it is not counted.
+        if let Ok(r) = serde_json::from_slice::<WorkerRegistration>(&kv.value) {
+            *per_group.entry(r.group.as_str().to_owned()).or_default() += 1;
+        }
+    }
+    Ok(per_group)
+}
+
+/// The status a reconciliation reports. Pure: from the Model, the applied StatefulSets and the
+/// registrations (`None` when the cluster state could not be read).
+pub fn status(
+    model: &Model,
+    previous: &ModelStatus,
+    groups: &[StatefulSet],
+    registered: Option<&Registered>,
+) -> ModelStatus {
+    let generation = model.metadata.generation;
+    let desired = model.spec.replicas * model.spec.shards;
+    let mut ready = 0;
+    let mut rolling = Vec::new();
+    let mut starting = Vec::new();
+    for group in groups {
+        let name = group.name_any();
+        let st = group.status.clone().unwrap_or_default();
+        let want = group.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        let pods_ready = st.ready_replicas.unwrap_or(0);
+        let rolled = st.observed_generation >= group.metadata.generation
+            && st.updated_replicas.unwrap_or(0) == want
+            && st.update_revision.is_some()
+            && st.current_revision == st.update_revision;
+        // A worker counts once its pod is ready and it registered (both, so neither a stale
+        // registration nor a pod that has not loaded the model counts).
+        let in_store = registered.map_or(pods_ready, |r| r.get(&name).copied().unwrap_or(0));
+        ready += pods_ready.min(in_store).min(want);
+        if !rolled && st.current_revision.is_some() && st.current_revision != st.update_revision {
+            rolling.push(name);
+        } else if !rolled || pods_ready.min(in_store) < want {
+            starting.push(name);
+        }
+    }
+    let prev = &previous.conditions;
+    let workers = format!("{ready}/{desired}");
+    let all_ready = ready == desired && rolling.is_empty() && starting.is_empty();
+    let (reason, message) = if !rolling.is_empty() {
+        (
+            reasons::ROLLING_UPDATE,
+            format!("{workers} workers ready; rolling {}", rolling.join(", ")),
+        )
+    } else if !all_ready {
+        (
+            reasons::WORKERS_STARTING,
+            format!("{workers} workers ready; starting {}", starting.join(", ")),
+        )
+    } else {
+        (
+            reasons::ALL_WORKERS_READY,
+            format!("{workers} workers ready"),
+        )
+    };
+    let degraded = match registered {
+        Some(_) => condition(
+            prev,
+            conditions::DEGRADED,
+            false,
+            reasons::AS_EXPECTED,
+            String::new(),
+            generation,
+        ),
+        None => condition(
+            prev,
+            conditions::DEGRADED,
+            true,
+            reasons::STATE_STORE_UNAVAILABLE,
+            "the cluster state (etcd) cannot be read: worker registrations are unknown".into(),
+            generation,
+        ),
+    };
+    ModelStatus {
+        conditions: vec![
+            condition(
+                prev,
+                conditions::READY,
+                all_ready,
+                reason,
+                message.clone(),
+                generation,
+            ),
+            condition(
+                prev,
+                conditions::PROGRESSING,
+                !all_ready,
+                reason,
+                message,
+                generation,
+            ),
+            degraded,
+        ],
+        observed_generation: generation,
+        ready_workers: ready,
+        desired_workers: desired,
+        workers: Some(workers),
+        served_name: Some(builders::served_name(model)),
+    }
+}
+
+/// The status of a Model whose spec cannot be built: Degraded, nothing applied.
+fn invalid_status(model: &Model, previous: &ModelStatus, e: &BuildError) -> ModelStatus {
+    let generation = model.metadata.generation;
+    let prev = &previous.conditions;
+    let message = format!("{e}; nothing was applied");
+    ModelStatus {
+        conditions: vec![
+            condition(
+                prev,
+                conditions::READY,
+                false,
+                reasons::INVALID_SPEC,
+                message.clone(),
+                generation,
+            ),
+            condition(
+                prev,
+                conditions::PROGRESSING,
+                false,
+                reasons::INVALID_SPEC,
+                message.clone(),
+                generation,
+            ),
+            condition(
+                prev,
+                conditions::DEGRADED,
+                true,
+                reasons::INVALID_SPEC,
+                message,
+                generation,
+            ),
+        ],
+        observed_generation: generation,
+        desired_workers: model.spec.replicas * model.spec.shards,
+        ..previous.clone()
+    }
+}
+
+/// Writes `status` (when it changed) and publishes an Event for each condition that flipped.
+async fn publish(
+    model: &Model,
+    ctx: &Context,
+    previous: &ModelStatus,
+    status: ModelStatus,
+) -> Result<(), Error> {
+    if *previous == status {
+        return Ok(());
+    }
+    for c in &status.conditions {
+        let was = previous.conditions.iter().find(|p| p.type_ == c.type_);
+        let changed = was.map(|p| (p.status.as_str(), p.reason.as_str()))
+            != Some((c.status.as_str(), c.reason.as_str()));
+        let is_true = c.status == "True";
+        let noteworthy = match c.type_.as_str() {
+            // Not the first "not ready yet": the GroupCreated events say that.
+            conditions::READY => is_true || was.is_some(),
+            conditions::DEGRADED => is_true || was.is_some_and(|p| p.status == "True"),
+            _ => false,
+        };
+        if changed && noteworthy {
+            let warning = c.type_ == conditions::DEGRADED && is_true;
+            let note = format!("{} is {}: {}", c.type_, c.status, c.message);
+            ctx.event(model, warning, &c.reason, note).await;
+        }
+    }
+    let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
+    let api: Api<Model> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = serde_json::json!({
+        "apiVersion": Model::api_version(&()),
+        "kind": Model::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &model.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The finalizer's step: removes the model's keys from the cluster state (session pins,
+/// worker registrations, the model record) so routers stop routing to it at once.
+async fn cleanup(model: &Model, ctx: &Context) -> Result<Action, Error> {
+    let served = ModelName::new(builders::served_name(model))
+        .map_err(|_| Error::Missing("valid served name"))?;
+    let layout = &ctx.layout;
+    let mut removed = 0;
+    for dir in [
+        layout.sessions_of_model(&served),
+        layout.workers_of(&served),
+    ] {
+        for kv in ctx.store.list(&dir).await?.kvs {
+            removed += usize::from(ctx.store.delete(&kv.key).await?.is_some());
+        }
+    }
+    removed += usize::from(ctx.store.delete(&layout.model(&served)).await?.is_some());
+    let note = format!(
+        "removed {removed} keys of `{served}` from the cluster state; Kubernetes deletes its workers"
+    );
+    ctx.event(model, false, "Cleanup", note).await;
+    Ok(Action::await_change())
+}

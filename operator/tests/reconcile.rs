@@ -1,0 +1,708 @@
+//! Reconcile flows of the Model and Tenant controllers, each run against the mocked API server
+//! (`mocked::*`) and against a real cluster when `KUBECONFIG` is set (`cluster::*`): create,
+//! spec change, scale up and down, delete with the finalizer, a missing / malformed / rotated
+//! Secret, API errors with backoff, an invalid spec. Steps that only Kubernetes' own
+//! controllers perform (StatefulSet status) run on the mocked server only.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::Method;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use support::Harness;
+use tidelock_api::{Model, Tenant};
+use tidelock_operator::reconcile::{self, Error, error_policy, is_true};
+use tidelock_protocol::{KeyLayout, ModelName, TenantId, TenantRecord, WorkerId};
+use tidelock_state::StateStore;
+
+flows!(
+    a_model_becomes_groups_then_ready,
+    a_spec_change_rolls_and_scaling_moves_whole_groups,
+    deleting_a_model_removes_its_cluster_state,
+    a_tenant_follows_its_secrets_and_fails_closed,
+    api_errors_back_off_then_recover,
+    an_invalid_spec_is_degraded_and_applies_nothing,
+);
+
+fn model_object(h: &Harness, name: &str, spec: Value) -> Model {
+    serde_json::from_value(json!({
+        "apiVersion": "tidelock.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": name, "namespace": h.namespace},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// Creates a Model and reconciles it once: the first pass only adds the finalizer (the
+/// controller then sees the change and comes back, as the tests do next).
+async fn create_model(h: &Harness, name: &str, spec: Value) {
+    h.api::<Model>()
+        .create(&PostParams::default(), &model_object(h, name, spec))
+        .await
+        .unwrap();
+    assert_eq!(
+        reconcile_model(h, name).await.unwrap(),
+        Action::await_change()
+    );
+    let model = h.api::<Model>().get(name).await.unwrap();
+    assert_eq!(model.finalizers(), ["tidelock.dev/cleanup"]);
+    assert!(
+        model.status.is_none(),
+        "nothing else happened in the first pass"
+    );
+}
+
+/// Reads the Model back and reconciles it once, as the controller would after a change.
+async fn reconcile_model(h: &Harness, name: &str) -> Result<Action, Error> {
+    let model = h.api::<Model>().get(name).await.unwrap();
+    reconcile::model::reconcile(Arc::new(model), h.ctx.clone()).await
+}
+
+async fn reconcile_tenant(h: &Harness, name: &str) -> Result<Action, Error> {
+    let tenant = h.api::<Tenant>().get(name).await.unwrap();
+    reconcile::tenant::reconcile(Arc::new(tenant), h.ctx.clone()).await
+}
+
+async fn patch_spec<K>(h: &Harness, name: &str, spec: Value)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    h.api::<K>()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": spec})),
+        )
+        .await
+        .unwrap();
+}
+
+/// `(reason, note)` of the Events about `name`, oldest first.
+async fn events(h: &Harness, name: &str) -> Vec<(String, String)> {
+    let mut events: Vec<Event> = h
+        .api::<Event>()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect();
+    events.sort_by_key(|e| {
+        e.metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+    });
+    // A repeated event is one object with a series count.
+    events
+        .into_iter()
+        .flat_map(|e| {
+            let n = e.series.as_ref().map_or(1, |s| s.count);
+            let item = (e.reason.unwrap_or_default(), e.note.unwrap_or_default());
+            std::iter::repeat_n(item, usize::try_from(n).unwrap())
+        })
+        .collect()
+}
+
+fn reasons(events: &[(String, String)]) -> Vec<&str> {
+    events.iter().map(|(r, _)| r.as_str()).collect()
+}
+
+fn condition(
+    model_status: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> (String, String) {
+    let c = model_status
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone())
+}
+
+async fn groups(h: &Harness, model: &str) -> Vec<StatefulSet> {
+    let mut groups: Vec<StatefulSet> = h
+        .api::<StatefulSet>()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| s.labels().get("tidelock.dev/model").map(String::as_str) == Some(model))
+        .collect();
+    groups.sort_by_key(|s| s.name_any());
+    groups
+}
+
+fn names<K: ResourceExt>(objects: &[K]) -> Vec<String> {
+    objects.iter().map(ResourceExt::name_any).collect()
+}
+
+/// What the StatefulSet controller would report: `ready` pods at `revision` (current and
+/// updated revisions differ while rolling). Mocked server only.
+fn report_pods(h: &Harness, group: &str, ready: i32, current: &str, update: &str) {
+    let fake = h.fake.as_ref().expect("mocked server only");
+    let sts = fake
+        .get("apps/v1/statefulsets", &h.namespace, group)
+        .unwrap();
+    let want = sts["spec"]["replicas"].as_i64().unwrap();
+    let updated = if current == update { want } else { 0 };
+    fake.set_status(
+        "apps/v1/statefulsets",
+        &h.namespace,
+        group,
+        json!({"replicas": want, "readyReplicas": ready, "updatedReplicas": updated,
+               "currentRevision": current, "updateRevision": update,
+               "observedGeneration": sts["metadata"]["generation"]}),
+    );
+}
+
+/// Registers worker `shard` of `group` for `served` in the cluster state, as a ready worker does.
+async fn register(h: &Harness, served: &str, group: &str, shard: u32) -> String {
+    let worker = format!("{group}-{shard}");
+    let registration = json!({
+        "address": format!("http://{worker}.x.svc:8000"), "group": group, "shard": shard,
+        "shard_count": 2, "block_tokens": 64, "kv_capacity_bytes": 1u64 << 30,
+    });
+    let key = KeyLayout::default().worker(
+        &ModelName::new(served).unwrap(),
+        &WorkerId::new(worker.clone()).unwrap(),
+    );
+    h.store
+        .put(&key, serde_json::to_vec(&registration).unwrap(), None)
+        .await
+        .unwrap();
+    key
+}
+
+async fn a_model_becomes_groups_then_ready(h: Harness) {
+    let spec = json!({"source": {"huggingFace": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct"}},
+                      "servedName": "smollm2", "replicas": 2, "shards": 2});
+    create_model(&h, "smol", spec).await;
+    let action = reconcile_model(&h, "smol").await.unwrap();
+    // Not ready yet: the next look is soon (registrations live in etcd, not watched).
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(10)));
+
+    let model = h.api::<Model>().get("smol").await.unwrap();
+    let groups = groups(&h, "smol").await;
+    assert_eq!(names(&groups), ["smol-g0", "smol-g1"]);
+    let uid = model.uid().unwrap();
+    for g in &groups {
+        assert_eq!(
+            g.spec.as_ref().unwrap().replicas,
+            Some(2),
+            "shards per group"
+        );
+        let owner = &g.owner_references()[0];
+        assert_eq!(
+            (owner.uid.as_str(), owner.controller),
+            (uid.as_str(), Some(true))
+        );
+    }
+    assert!(
+        h.api::<Service>()
+            .get_opt("smol-workers")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        h.api::<PodDisruptionBudget>()
+            .get_opt("smol-workers")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let status = model.status.unwrap();
+    assert_eq!((status.ready_workers, status.desired_workers), (0, 4));
+    assert_eq!(status.workers.as_deref(), Some("0/4"));
+    assert_eq!(status.served_name.as_deref(), Some("smollm2"));
+    assert_eq!(status.observed_generation, model.metadata.generation);
+    assert_eq!(
+        condition(&status.conditions, "Ready"),
+        ("False".into(), "WorkersStarting".into())
+    );
+    assert_eq!(
+        condition(&status.conditions, "Progressing"),
+        ("True".into(), "WorkersStarting".into())
+    );
+    assert_eq!(
+        condition(&status.conditions, "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+    assert_eq!(
+        reasons(&events(&h, "smol").await),
+        ["GroupCreated", "GroupCreated"]
+    );
+
+    // A second pass with nothing new changes nothing and says nothing.
+    reconcile_model(&h, "smol").await.unwrap();
+    assert_eq!(events(&h, "smol").await.len(), 2);
+
+    if h.fake.is_none() {
+        return h.finish().await;
+    }
+    // Pods ready but nothing registered: still starting (a pod that has not loaded the model).
+    for g in ["smol-g0", "smol-g1"] {
+        report_pods(&h, g, 2, "r1", "r1");
+    }
+    reconcile_model(&h, "smol").await.unwrap();
+    let status = h.api::<Model>().get("smol").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.ready_workers, 0,
+        "registered workers count, not pods alone"
+    );
+    for (g, s) in [("smol-g0", 0), ("smol-g0", 1), ("smol-g1", 0)] {
+        register(&h, "smollm2", g, s).await;
+    }
+    reconcile_model(&h, "smol").await.unwrap();
+    let status = h.api::<Model>().get("smol").await.unwrap().status.unwrap();
+    assert_eq!(status.workers.as_deref(), Some("3/4"));
+    assert!(!is_true(&status.conditions, "Ready"));
+    register(&h, "smollm2", "smol-g1", 1).await;
+    let action = reconcile_model(&h, "smol").await.unwrap();
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(300)));
+    let status = h.api::<Model>().get("smol").await.unwrap().status.unwrap();
+    assert_eq!(status.workers.as_deref(), Some("4/4"));
+    assert_eq!(
+        condition(&status.conditions, "Ready"),
+        ("True".into(), "AllWorkersReady".into())
+    );
+    assert_eq!(
+        condition(&status.conditions, "Progressing"),
+        ("False".into(), "AllWorkersReady".into())
+    );
+    let events = events(&h, "smol").await;
+    assert_eq!(
+        reasons(&events),
+        ["GroupCreated", "GroupCreated", "AllWorkersReady"]
+    );
+    assert!(events[2].1.contains("4/4 workers ready"), "{events:?}");
+}
+
+async fn a_spec_change_rolls_and_scaling_moves_whole_groups(h: Harness) {
+    let spec =
+        json!({"source": {"url": {"url": "https://models.example/smol.gguf"}}, "replicas": 2});
+    create_model(&h, "roll", spec).await;
+    reconcile_model(&h, "roll").await.unwrap();
+    let before = groups(&h, "roll").await;
+    assert_eq!(names(&before), ["roll-g0", "roll-g1"]);
+
+    // A spec change reaches every group's pod template: the StatefulSets roll their pods.
+    patch_spec::<Model>(&h, "roll", json!({"kvCache": {"memoryPerWorker": "2Gi"}})).await;
+    reconcile_model(&h, "roll").await.unwrap();
+    let after = groups(&h, "roll").await;
+    for (b, a) in before.iter().zip(&after) {
+        assert!(
+            a.metadata.generation > b.metadata.generation,
+            "{} rolled",
+            a.name_any()
+        );
+        let args = a
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap();
+        let at = args.iter().position(|x| x == "--kv-cache").unwrap();
+        assert_eq!(args[at + 1], "2Gi");
+    }
+    let evs = events(&h, "roll").await;
+    assert_eq!(reasons(&evs)[2..], ["GroupUpdated", "GroupUpdated"]);
+    if h.fake.is_some() {
+        report_pods(&h, "roll-g0", 1, "r1", "r2");
+        reconcile_model(&h, "roll").await.unwrap();
+        let status = h.api::<Model>().get("roll").await.unwrap().status.unwrap();
+        assert_eq!(
+            condition(&status.conditions, "Progressing"),
+            ("True".into(), "RollingUpdate".into())
+        );
+        assert!(condition(&status.conditions, "Ready").1 == "RollingUpdate");
+    }
+
+    // Scale up: a whole new group; scale down: whole groups go, the first ones stay.
+    patch_spec::<Model>(&h, "roll", json!({"replicas": 3})).await;
+    reconcile_model(&h, "roll").await.unwrap();
+    assert_eq!(
+        names(&groups(&h, "roll").await),
+        ["roll-g0", "roll-g1", "roll-g2"]
+    );
+    patch_spec::<Model>(&h, "roll", json!({"replicas": 1})).await;
+    reconcile_model(&h, "roll").await.unwrap();
+    let sts: Api<StatefulSet> = h.api();
+    support::until("groups g1 and g2 are gone", || async {
+        names(&groups(&h, "roll").await) == ["roll-g0"]
+    })
+    .await;
+    assert!(sts.get_opt("roll-g0").await.unwrap().is_some());
+    let evs = events(&h, "roll").await;
+    let removed: Vec<&str> = evs
+        .iter()
+        .filter(|(r, _)| r == "GroupRemoved")
+        .map(|(_, n)| n.as_str())
+        .collect();
+    assert_eq!(
+        removed,
+        [
+            "removed shard group roll-g1 (replicas is now 1)",
+            "removed shard group roll-g2 (replicas is now 1)"
+        ]
+    );
+    let status = h.api::<Model>().get("roll").await.unwrap().status.unwrap();
+    assert_eq!(status.desired_workers, 1);
+    h.finish().await;
+}
+
+async fn deleting_a_model_removes_its_cluster_state(h: Harness) {
+    let spec =
+        json!({"source": {"url": {"url": "https://models.example/a.gguf"}}, "servedName": "gone"});
+    create_model(&h, "gone", spec).await;
+    reconcile_model(&h, "gone").await.unwrap();
+    let layout = KeyLayout::default();
+    let tenant = TenantId::new("ml/team-a").unwrap();
+    let mine = [
+        register(&h, "gone", "gone-g0", 0).await,
+        format!(
+            "{}s-1",
+            layout.sessions_of(&ModelName::new("gone").unwrap(), &tenant)
+        ),
+        layout.model(&ModelName::new("gone").unwrap()),
+    ];
+    let others = [
+        register(&h, "kept", "kept-g0", 0).await,
+        format!(
+            "{}s-1",
+            layout.sessions_of(&ModelName::new("kept").unwrap(), &tenant)
+        ),
+    ];
+    for key in [&mine[1], &mine[2], &others[1]] {
+        h.store.put(key, b"{}".to_vec(), None).await.unwrap();
+    }
+    h.api::<Model>()
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The finalizer holds the Model until the operator cleaned up.
+    let model = h.api::<Model>().get("gone").await.unwrap();
+    assert!(model.metadata.deletion_timestamp.is_some());
+    reconcile_model(&h, "gone").await.unwrap();
+    for key in &mine {
+        assert!(h.store.get(key).await.unwrap().is_none(), "{key} removed");
+    }
+    for key in &others {
+        assert!(h.store.get(key).await.unwrap().is_some(), "{key} kept");
+    }
+    support::until("the Model is gone", || async {
+        h.api::<Model>().get_opt("gone").await.unwrap().is_none()
+    })
+    .await;
+    let evs = events(&h, "gone").await;
+    let cleanup = evs
+        .iter()
+        .find(|(r, _)| r == "Cleanup")
+        .expect("a Cleanup event");
+    assert!(
+        cleanup.1.starts_with("removed 3 keys of `gone`"),
+        "{cleanup:?}"
+    );
+    if h.fake.is_some() {
+        // The garbage collector (mocked) removed what the Model owned.
+        assert!(groups(&h, "gone").await.is_empty());
+    }
+    h.finish().await;
+}
+
+fn secret(name: &str, key: &str) -> Secret {
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.into());
+    s.data = Some(BTreeMap::from([(
+        "apiKey".to_owned(),
+        ByteString(key.as_bytes().to_vec()),
+    )]));
+    s
+}
+
+async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
+    let tenant: Tenant = serde_json::from_value(json!({
+        "apiVersion": "tidelock.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": "team-a", "namespace": h.namespace},
+        "spec": {"apiKeySecrets": [{"name": "team-a-keys"}], "limits": {"requestsPerMinute": 60}},
+    }))
+    .unwrap();
+    let tenants: Api<Tenant> = h.api();
+    tenants
+        .create(&PostParams::default(), &tenant)
+        .await
+        .unwrap();
+    assert_eq!(
+        reconcile_tenant(&h, "team-a").await.unwrap(),
+        Action::await_change()
+    );
+    assert_eq!(
+        tenants.get("team-a").await.unwrap().finalizers(),
+        ["tidelock.dev/cleanup"]
+    );
+    let id = TenantId::new(format!("{}/team-a", h.namespace)).unwrap();
+    let key = KeyLayout::default().tenant(&id);
+    let record = || async {
+        h.store
+            .get(&key)
+            .await
+            .unwrap()
+            .map(|kv| serde_json::from_slice::<TenantRecord>(&kv.value).unwrap())
+    };
+    let status = || async { tenants.get("team-a").await.unwrap().status.unwrap() };
+
+    // The Secret does not exist yet: Degraded, naming it; no record at all.
+    reconcile_tenant(&h, "team-a").await.unwrap();
+    let s = status().await;
+    assert_eq!(
+        condition(&s.conditions, "Degraded"),
+        ("True".into(), "SecretMissing".into())
+    );
+    let message = &s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains(&format!(
+            "Secret {}/team-a-keys does not exist",
+            h.namespace
+        )),
+        "{message}"
+    );
+    assert_eq!(s.keys, 0);
+    assert!(record().await.is_none());
+
+    // The Secret appears (the controller maps its event to this Tenant): the key works.
+    let secrets: Api<Secret> = h.api();
+    let first = "sk-team-a-first-0123456789";
+    secrets
+        .create(&PostParams::default(), &secret("team-a-keys", first))
+        .await
+        .unwrap();
+    let (cache, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Apply(tenants.get("team-a").await.unwrap()));
+    let mapped =
+        reconcile::tenant::tenants_referencing(&cache, &secrets.get("team-a-keys").await.unwrap());
+    assert_eq!(
+        mapped.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["team-a"]
+    );
+    assert!(reconcile::tenant::tenants_referencing(&cache, &secret("unrelated", first)).is_empty());
+    reconcile_tenant(&h, "team-a").await.unwrap();
+    let r = record().await.expect("a record");
+    assert!(r.accepts_key(first));
+    assert_eq!(r.limits.requests_per_minute, Some(60));
+    let s = status().await;
+    assert_eq!(
+        condition(&s.conditions, "Ready"),
+        ("True".into(), "KeysLoaded".into())
+    );
+    assert_eq!(
+        condition(&s.conditions, "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+    assert_eq!(s.keys, 1);
+
+    // Rotation: the new key replaces the old one.
+    let second = "sk-team-a-second-9876543210";
+    secrets
+        .replace("team-a-keys", &PostParams::default(), &{
+            let mut s = secrets.get("team-a-keys").await.unwrap();
+            s.data = secret("team-a-keys", second).data;
+            s
+        })
+        .await
+        .unwrap();
+    reconcile_tenant(&h, "team-a").await.unwrap();
+    let r = record().await.unwrap();
+    assert!(r.accepts_key(second) && !r.accepts_key(first));
+
+    // Malformed: fail closed, the record goes, the condition names the Secret and the problem.
+    secrets
+        .replace("team-a-keys", &PostParams::default(), &{
+            let mut s = secrets.get("team-a-keys").await.unwrap();
+            s.data = secret("team-a-keys", "short").data;
+            s
+        })
+        .await
+        .unwrap();
+    reconcile_tenant(&h, "team-a").await.unwrap();
+    assert!(
+        record().await.is_none(),
+        "no key works while the Secret is malformed"
+    );
+    let s = status().await;
+    assert_eq!(
+        condition(&s.conditions, "Degraded"),
+        ("True".into(), "SecretMalformed".into())
+    );
+    let evs = events(&h, "team-a").await;
+    assert_eq!(
+        reasons(&evs),
+        [
+            "SecretMissing",
+            "RecordWritten",
+            "RecordWritten",
+            "SecretMalformed"
+        ]
+    );
+    assert!(
+        evs[3].1.contains("shorter than 16 characters") && evs[3].1.contains("revoked"),
+        "{evs:?}"
+    );
+
+    // Deleting the Tenant removes its record through the finalizer.
+    secrets
+        .replace("team-a-keys", &PostParams::default(), &{
+            let mut s = secrets.get("team-a-keys").await.unwrap();
+            s.data = secret("team-a-keys", second).data;
+            s
+        })
+        .await
+        .unwrap();
+    reconcile_tenant(&h, "team-a").await.unwrap();
+    assert!(record().await.is_some());
+    tenants
+        .delete("team-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    reconcile_tenant(&h, "team-a").await.unwrap();
+    assert!(record().await.is_none());
+    support::until("the Tenant is gone", || async {
+        tenants.get_opt("team-a").await.unwrap().is_none()
+    })
+    .await;
+    h.finish().await;
+}
+
+async fn api_errors_back_off_then_recover(h: Harness) {
+    let Some(fake) = h.fake.clone() else {
+        // Faults are injected into the mocked server only.
+        return h.finish().await;
+    };
+    let spec = json!({"source": {"url": {"url": "https://models.example/a.gguf"}}});
+    create_model(&h, "flaky", spec).await;
+    fake.fail(Method::PATCH, "/statefulsets/flaky-g0", 500, 2);
+    let model = Arc::new(h.api::<Model>().get("flaky").await.unwrap());
+    let mut delays = Vec::new();
+    for _ in 0..2 {
+        let e = reconcile_model(&h, "flaky").await.unwrap_err();
+        assert_eq!(e.reason(), "ServerError", "{e}");
+        assert!(e.to_string().contains("injected fault"), "{e}");
+        delays.push(error_policy(&*model, &e, &h.ctx));
+    }
+    assert_eq!(
+        delays,
+        [
+            Action::requeue(std::time::Duration::from_secs(5)),
+            Action::requeue(std::time::Duration::from_secs(10))
+        ],
+        "exponential backoff per object"
+    );
+    reconcile_model(&h, "flaky").await.unwrap();
+    assert_eq!(names(&groups(&h, "flaky").await), ["flaky-g0"]);
+    // Success reset the backoff.
+    let e = Error::Missing("test");
+    assert_eq!(
+        error_policy(&*model, &e, &h.ctx),
+        Action::requeue(std::time::Duration::from_secs(5))
+    );
+
+    // A conflict on the status write is an error the controller retries, not a panic.
+    fake.fail(Method::PATCH, "/models/flaky/status", 409, 1);
+    report_pods(&h, "flaky-g0", 1, "r1", "r1");
+    register(&h, "flaky", "flaky-g0", 0).await;
+    let e = reconcile_model(&h, "flaky").await.unwrap_err();
+    assert_eq!(e.reason(), "Conflict");
+    reconcile_model(&h, "flaky").await.unwrap();
+    let status = h.api::<Model>().get("flaky").await.unwrap().status.unwrap();
+    assert_eq!(
+        condition(&status.conditions, "Ready"),
+        ("True".into(), "AllWorkersReady".into())
+    );
+
+    let metrics = h.ctx.metrics.render();
+    for line in [
+        r#"tidelock_operator_reconcile_errors_total{controller="model",reason="ServerError"} 2"#,
+        r#"tidelock_operator_reconcile_errors_total{controller="model",reason="Conflict"} 1"#,
+        r#"tidelock_operator_reconciliations_total{controller="model",result="success"} 3"#,
+        r#"tidelock_operator_reconciliations_total{controller="model",result="error"} 3"#,
+        r#"tidelock_operator_reconcile_duration_seconds_count{controller="model"} 6"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+    h.finish().await;
+}
+
+async fn an_invalid_spec_is_degraded_and_applies_nothing(h: Harness) {
+    // Two sources: the CRD's CEL rule refuses this on a real server, so the operator's own check
+    // is only reachable on the mocked one (or with validation bypassed).
+    let Some(_) = h.fake else {
+        let bad = model_object(
+            &h,
+            "two",
+            json!({"source": {
+            "url": {"url": "https://models.example/a.gguf"}, "huggingFace": {"repo": "a/b"}}}),
+        );
+        let e = h
+            .api::<Model>()
+            .create(&PostParams::default(), &bad)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exactly one of huggingFace, pvc or url"),
+            "{e}"
+        );
+        return h.finish().await;
+    };
+    create_model(
+        &h,
+        "two",
+        json!({"source": {
+        "url": {"url": "https://models.example/a.gguf"}, "huggingFace": {"repo": "a/b"}}}),
+    )
+    .await;
+    let action = reconcile_model(&h, "two").await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(groups(&h, "two").await.is_empty());
+    let status = h.api::<Model>().get("two").await.unwrap().status.unwrap();
+    assert_eq!(
+        condition(&status.conditions, "Degraded"),
+        ("True".into(), "InvalidSpec".into())
+    );
+    let evs = events(&h, "two").await;
+    assert_eq!(reasons(&evs), ["InvalidSpec"]);
+    assert!(
+        evs[0]
+            .1
+            .contains("set exactly one of huggingFace, pvc or url"),
+        "{evs:?}"
+    );
+    h.finish().await;
+}
