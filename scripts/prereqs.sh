@@ -97,16 +97,44 @@ ensure_venv() {
   note "created python venv: $VENV"
 }
 
-# The official openai client, for the end-to-end tests (pinned: the tests read its response types).
-OPENAI_PACKAGE="openai==3.57.0"
+# Pinned Python packages of the tests: the official openai client (the end-to-end tests read its
+# response types), and for the Helm chart checks (tests/chart.rs) Helm's own Go SDK
+# (helm-python-sdk, no helm binary needed), kubernetes-validate (Kubernetes' JSON schemas) and
+# the jsonschema and PyYAML they and the checks use.
+PYTHON_PACKAGES=(
+  "openai==3.57.0"
+  "helm-python-sdk==0.2.2"
+  "kubernetes-validate==1.37.0"
+  "jsonschema==4.26.0"
+  "PyYAML==6.0.4"
+)
 ensure_python_packages() {
-  if "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("openai") != sys.argv[1])' "${OPENAI_PACKAGE#openai==}" 2>/dev/null; then
-    note "python packages: $OPENAI_PACKAGE"
+  local missing
+  missing="$("$VENV/bin/python" - "${PYTHON_PACKAGES[@]}" <<'PY'
+import importlib.metadata as m, sys
+for spec in sys.argv[1:]:
+    name, version = spec.split("==")
+    try:
+        current = m.version(name)
+    except m.PackageNotFoundError:
+        current = None
+    if current != version:
+        print(spec)
+PY
+)" || die "cannot list the packages of the venv $VENV"
+  if [ -z "$missing" ]; then
+    note "python packages: ${PYTHON_PACKAGES[*]}"
     return
   fi
-  note "installing $OPENAI_PACKAGE into the venv (the end-to-end tests' client)"
-  "$VENV/bin/python" -m pip install --quiet --progress-bar on "$OPENAI_PACKAGE" \
-    || die "pip could not install $OPENAI_PACKAGE"
+  local spec
+  for spec in $missing; do
+    note "installing $spec into the venv"
+  done
+  # Unquoted on purpose: one argument per package (the specs hold no spaces).
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar on $missing \
+    || die "pip could not install: $(echo $missing)"
+  note "python packages: ${PYTHON_PACKAGES[*]}"
 }
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }

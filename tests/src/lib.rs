@@ -28,6 +28,27 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The repository's root (the workspace).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// The binaries a Dockerfile of the repository copies out of its build stage, in order
+/// (`COPY --from=build /src/target/release/<name> ...`).
+pub fn image_binaries(dockerfile: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join(dockerfile))
+        .unwrap_or_else(|e| panic!("cannot read {dockerfile}: {e}"));
+    text.lines()
+        .filter(|l| l.starts_with("COPY --from=build"))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|src| src.strip_prefix("/src/target/release/"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The default model (`$TIDELOCK_MODEL`, else the cache `./scripts/test` fills).
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("TIDELOCK_MODEL")

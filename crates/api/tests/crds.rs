@@ -192,3 +192,32 @@ fn cel_rules_refuse_bad_models_with_their_message() {
         assert!(why.contains(needle), "{spec}: expected {needle:?} in {why}");
     }
 }
+
+/// The chart's examples (charts/tidelock/examples) pass the CEL rules the API server runs. Their
+/// structural schema, unknown fields included, is checked by tests/chart.rs.
+#[test]
+fn the_charts_examples_pass_the_cel_rules() {
+    use serde::Deserialize;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/tidelock/examples");
+    let mut checked = Vec::new();
+    for file in ["model-cpu.yaml", "model-gpu.yaml", "tenant.yaml"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = Value::deserialize(doc).unwrap();
+            let name = format!("{file}: {}/{}", value["kind"], value["metadata"]["name"]);
+            match value["kind"].as_str() {
+                Some("Model") => {
+                    let m: Model = serde_json::from_value(value).unwrap();
+                    Model::validate_cel(&m).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                }
+                Some("Tenant") => {
+                    let t: Tenant = serde_json::from_value(value).unwrap();
+                    Tenant::validate_cel(&t).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                }
+                _ => continue,
+            }
+            checked.push(name);
+        }
+    }
+    assert_eq!(checked.len(), 3, "two Models and a Tenant: {checked:?}");
+}
