@@ -102,7 +102,35 @@ fn the_chart_lints_renders_and_validates() {
                 "the chart starts {name}, which {dockerfile} does not copy ({entry})"
             );
         }
-        binary(name);
+        // What the chart passes is what the binary reads: its flags and its variables.
+        let help = Command::new(binary(name)).arg("--help").output().unwrap();
+        let help = String::from_utf8(help.stdout).unwrap();
+        let strings = |key: &str| -> Vec<String> {
+            entry[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        for arg in strings("args") {
+            if let Some(flag) = arg.strip_prefix("--") {
+                let flag = flag.split('=').next().unwrap();
+                assert!(
+                    help.contains(&format!("--{flag} ")) || help.contains(&format!("--{flag}\n")),
+                    "{name} has no --{flag} ({entry})"
+                );
+            }
+        }
+        for env in strings("env") {
+            let read =
+                help.contains(&format!("[env: {env}=")) || help.contains(&format!("[env: {env}]"));
+            // RUST_LOG is read by the logger, not by clap.
+            assert!(
+                read || env == "RUST_LOG",
+                "{name} does not read {env} ({entry})"
+            );
+        }
         binaries.insert(name);
     }
     assert_eq!(

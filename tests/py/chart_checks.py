@@ -353,10 +353,11 @@ def check_sets(chart):
         check_common(set_name, objects, values)
         for o in objects:
             for c in containers(o):
-                commands.append({"set": set_name, "object": f"{o['kind']}/{o['metadata']['name']}", "image": c["image"], "command": c.get("command", [])})
+                commands.append({"set": set_name, "object": f"{o['kind']}/{o['metadata']['name']}", "image": c["image"], "command": c.get("command", []),
+                                 "args": c.get("args", []), "env": [e["name"] for e in c.get("env", [])]})
         # The worker the operator starts runs this image; its binary must be in it too.
         op = container(objects, "Deployment", "tidelock-operator")
-        commands.append({"set": set_name, "object": "operator's workers", "image": env_of(op)["TIDELOCK_WORKER_IMAGE"], "command": ["tidelock-worker"]})
+        commands.append({"set": set_name, "object": "operator's workers", "image": env_of(op)["TIDELOCK_WORKER_IMAGE"], "command": ["tidelock-worker"], "args": [], "env": []})
     return commands, rendered, notes
 
 
