@@ -35,6 +35,17 @@ struct State {
     version: u64,
     faults: Vec<Fault>,
     requests: Vec<String>,
+    /// Every change, for watches: `(resourceVersion, key, ADDED|MODIFIED|DELETED, object)`.
+    changes: Vec<(u64, Key, &'static str, Value)>,
+}
+
+impl State {
+    /// Stores `obj` under `key` and records the change for watches.
+    fn store(&mut self, key: Key, obj: Value, change: &'static str) {
+        self.changes
+            .push((self.version, key.clone(), change, obj.clone()));
+        self.objects.insert(key, obj);
+    }
 }
 
 #[derive(Debug)]
@@ -74,6 +85,39 @@ impl ApiServer {
         (server, client)
     }
 
+    /// Serves a fresh state over HTTP on a loopback port, watches included, for processes (the
+    /// operator binary) that find it through a kubeconfig. Returns it and its URL.
+    pub async fn serve_http() -> (ApiServer, String) {
+        let server = ApiServer::default();
+        let state = server.state.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let state = state.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let is_watch = parts.method == Method::GET
+                    && query(&parts.uri)
+                        .get("watch")
+                        .is_some_and(|w| w == "true" || w == "1");
+                if is_watch && let Some(response) = watch(state.clone(), &parts.uri) {
+                    return response;
+                }
+                let body = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let (code, value) = handle_request(&state, &parts, &body);
+                axum::response::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(serde_json::to_vec(&value).unwrap()))
+                    .unwrap()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (server, url)
+    }
+
     /// The object, if any.
     pub fn get(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
         let key = (collection.to_owned(), namespace.to_owned(), name.to_owned());
@@ -101,6 +145,8 @@ impl ApiServer {
         let obj = state.objects.get_mut(&key).expect("object exists");
         obj["status"] = status;
         obj["metadata"]["resourceVersion"] = json!(version);
+        let obj = obj.clone();
+        state.store(key, obj, "MODIFIED");
     }
 
     /// Makes the next `times` requests with `method` whose path contains `path` fail with `code`.
@@ -182,6 +228,62 @@ fn target(path: &str) -> Option<Target> {
     })
 }
 
+fn query(uri: &http::Uri) -> BTreeMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+        .collect()
+}
+
+/// A watch over HTTP: every change after `resourceVersion` to the collection (in the
+/// namespace, matching the label selector), as JSON lines, until the client hangs up.
+fn watch(state: Arc<Mutex<State>>, uri: &http::Uri) -> Option<axum::response::Response> {
+    let t = target(uri.path())?;
+    let q = query(uri);
+    let seen: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let selector = q.get("labelSelector").cloned().unwrap_or_default();
+    let stream = futures::stream::unfold(seen, move |mut seen| {
+        let state = state.clone();
+        let (collection, namespace, selector) =
+            (t.collection.clone(), t.namespace.clone(), selector.clone());
+        async move {
+            loop {
+                let mut lines = Vec::new();
+                {
+                    let state = state.lock().unwrap();
+                    for (version, (c, ns, _), change, obj) in &state.changes {
+                        if *version <= seen {
+                            continue;
+                        }
+                        seen = *version;
+                        let here = *c == collection && namespace.as_ref().is_none_or(|n| n == ns);
+                        if here && matches_labels(obj, &selector) {
+                            let line = json!({"type": change, "object": obj});
+                            lines.extend(serde_json::to_vec(&line).unwrap());
+                            lines.push(b'\n');
+                        }
+                    }
+                }
+                if !lines.is_empty() {
+                    return Some((Ok::<_, std::convert::Infallible>(lines), seen));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    });
+    Some(
+        axum::response::Response::builder()
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from_stream(stream))
+            .unwrap(),
+    )
+}
+
 fn matches_labels(obj: &Value, selector: &str) -> bool {
     selector.split(',').filter(|t| !t.is_empty()).all(|term| {
         let (k, v) = term.split_once('=').unwrap_or((term, ""));
@@ -206,14 +308,13 @@ fn handle_request(
         let code = fault.code;
         return status(code, "InjectedFault", format!("injected fault for {path}"));
     }
-    let query: BTreeMap<String, String> = parts
-        .uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), percent_decode(v)))
-        .collect();
+    let query = query(&parts.uri);
+    if path == "/version" {
+        let info = json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-mocked",
+            "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+            "goVersion": "", "compiler": "", "platform": "linux/amd64"});
+        return (StatusCode::OK, info);
+    }
     let Some(t) = target(&path) else {
         return status(404, "NotFound", format!("no such path {path}"));
     };
@@ -258,7 +359,7 @@ fn handle_request(
                     return status(409, "AlreadyExists", format!("{name} already exists"));
                 }
                 let obj = created(&mut state, body, &namespace);
-                state.objects.insert(key, obj.clone());
+                state.store(key, obj.clone(), "ADDED");
                 (StatusCode::CREATED, obj)
             }
             _ => status(
@@ -325,7 +426,7 @@ fn handle_request(
                         return not_found();
                     }
                     let obj = created(&mut state, body, &namespace);
-                    state.objects.insert(key, obj.clone());
+                    state.store(key, obj.clone(), "ADDED");
                     return (StatusCode::CREATED, obj);
                 }
                 None => return not_found(),
@@ -370,7 +471,7 @@ fn handle_request(
                     obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
                     state.version += 1;
                     obj["metadata"]["resourceVersion"] = json!(state.version.to_string());
-                    state.objects.insert(key, obj.clone());
+                    state.store(key, obj.clone(), "MODIFIED");
                 }
                 (StatusCode::OK, obj)
             } else {
@@ -435,17 +536,22 @@ fn finish_update(state: &mut State, key: Key, old: &Value, mut new: Value) -> (S
         .is_none_or(|f| f.is_empty());
     if !new["metadata"]["deletionTimestamp"].is_null() && finalizers_done {
         remove(state, &key);
-    } else {
-        state.objects.insert(key, new.clone());
+    } else if new != *old {
+        state.store(key, new.clone(), "MODIFIED");
     }
     (StatusCode::OK, new)
 }
 
 /// Removes an object and, like the garbage collector, everything it owns.
 fn remove(state: &mut State, key: &Key) {
-    let Some(obj) = state.objects.remove(key) else {
+    let Some(mut obj) = state.objects.remove(key) else {
         return;
     };
+    state.version += 1;
+    obj["metadata"]["resourceVersion"] = json!(state.version.to_string());
+    state
+        .changes
+        .push((state.version, key.clone(), "DELETED", obj.clone()));
     let Some(uid) = obj["metadata"]["uid"].as_str() else {
         return;
     };

@@ -107,7 +107,9 @@ impl Harness {
             })
             .await;
         }
-        let namespace = format!("tidelock-test-{test}-{}", std::process::id()).replace('_', "-");
+        // A DNS label: at most 63 characters.
+        let test: String = test.replace('_', "-").chars().take(40).collect();
+        let namespace = format!("tlt-{}-{}", test.trim_end_matches('-'), std::process::id());
         let mut ns = Namespace::default();
         ns.metadata.name = Some(namespace.clone());
         Api::<Namespace>::all(client.clone())
