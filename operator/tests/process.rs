@@ -2,7 +2,8 @@
 //! processes, a real etcd, and the mocked API server served over HTTP (watches included) and
 //! found through a kubeconfig. Exactly one replica leads and reconciles (the Lease names it, its
 //! `/metrics` says so, every Event on a Model comes from it); on SIGTERM it finishes, releases
-//! the Lease and exits 0, and the standby takes over and reconciles the next Model.
+//! the Lease and exits 0, and the standby takes over, reconciles the next Model, and follows a
+//! Tenant's Secret through its rotation.
 
 mod support;
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::PostParams;
@@ -17,7 +19,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 use support::ApiServer;
-use tidelock_api::Model;
+use tidelock_api::{Model, Tenant};
+use tidelock_state::StateStore;
 use tidelock_state::testing::EtcdServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -104,7 +107,10 @@ async fn until(what: &str, ops: &[&Operator], mut check: impl AsyncFnMut() -> bo
                 .iter()
                 .map(|o| format!("--- {}:\n{}", o.identity, o.log()))
                 .collect();
-            panic!("timed out or an operator failed: {what}\n{}", logs.join("\n"));
+            panic!(
+                "timed out or an operator failed: {what}\n{}",
+                logs.join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -264,6 +270,59 @@ async fn two_replicas_one_leader_and_a_graceful_handover() {
         !second.is_empty() && second.iter().all(|r| r == ops[standby].identity),
         "{second:?}"
     );
+
+    // A Tenant's Secret, created and then rotated: the Secret watch brings each key to etcd
+    // without the Tenant changing.
+    let store = tidelock_state::EtcdStore::connect(etcd.config())
+        .await
+        .unwrap();
+    let layout = tidelock_protocol::KeyLayout::default();
+    let record_key = layout.tenant(&tidelock_protocol::TenantId::new("ml/team-a").unwrap());
+    let accepts = async |key: &str| {
+        store
+            .get(&record_key)
+            .await
+            .unwrap()
+            .and_then(|kv| {
+                serde_json::from_slice::<tidelock_protocol::TenantRecord>(&kv.value).ok()
+            })
+            .is_some_and(|r| r.accepts_key(key))
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ml");
+    let first_key = "sk-team-a-first-0123456789";
+    let mut secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "team-a-keys", "namespace": "ml"},
+        "stringData": {"apiKey": first_key},
+    }))
+    .unwrap();
+    secret = secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let tenant: Tenant = serde_json::from_value(json!({
+        "apiVersion": "tidelock.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": "team-a", "namespace": "ml"},
+        "spec": {"apiKeySecrets": [{"name": "team-a-keys"}]},
+    }))
+    .unwrap();
+    Api::<Tenant>::namespaced(client.clone(), "ml")
+        .create(&PostParams::default(), &tenant)
+        .await
+        .unwrap();
+    until("the tenant's key is in etcd", &all, async || {
+        accepts(first_key).await
+    })
+    .await;
+    let rotated = "sk-team-a-rotated-9876543210";
+    secret.string_data = Some([("apiKey".to_owned(), rotated.to_owned())].into());
+    secrets
+        .replace("team-a-keys", &PostParams::default(), &secret)
+        .await
+        .unwrap();
+    until("the rotated key replaced the first", &all, async || {
+        accepts(rotated).await && !accepts(first_key).await
+    })
+    .await;
 
     let pid = Pid::from_raw(i32::try_from(ops[standby].child.id()).unwrap());
     kill(pid, Signal::SIGTERM).unwrap();
