@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Api, Client};
 use kube::{Resource, ResourceExt};
 use tidelock_protocol::KeyLayout;
 use tidelock_state::{StateError, StateStore};
@@ -218,6 +219,40 @@ pub async fn measured<K: ResourceExt, F: Future<Output = Result<Action, Error>>>
         ctx.backoff.succeeded(&object_key(obj));
     }
     result
+}
+
+/// One reconciliation of `obj` under the [`FINALIZER`]: `apply` while it lives (the first pass
+/// only adds the finalizer), `cleanup` once it is being deleted (the finalizer goes after it
+/// succeeds); timed and counted as `controller`.
+pub async fn with_finalizer<K, FA, FC>(
+    controller: &str,
+    obj: Arc<K>,
+    ctx: &Context,
+    apply: impl FnOnce(Arc<K>) -> FA,
+    cleanup: impl FnOnce(Arc<K>) -> FC,
+) -> Result<Action, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    FA: Future<Output = Result<Action, Error>>,
+    FC: Future<Output = Result<Action, Error>>,
+{
+    let namespace = obj.namespace().ok_or(Error::Missing("namespace"))?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    measured(controller, &*obj, ctx, async {
+        finalizer(&api, FINALIZER, obj.clone(), |event| async move {
+            match event {
+                FinalizerEvent::Apply(obj) => apply(obj).await,
+                FinalizerEvent::Cleanup(obj) => cleanup(obj).await,
+            }
+        })
+        .await
+        .map_err(Error::from)
+    })
+    .await
 }
 
 /// A condition; `lastTransitionTime` is carried over from `previous` when the status is

@@ -443,6 +443,16 @@ fn secret(name: &str, key: &str) -> Secret {
     s
 }
 
+/// Rotates the key in Secret `team-a-keys`.
+async fn set_key(secrets: &Api<Secret>, key: &str) {
+    let mut s = secrets.get("team-a-keys").await.unwrap();
+    s.data = secret("team-a-keys", key).data;
+    secrets
+        .replace("team-a-keys", &PostParams::default(), &s)
+        .await
+        .unwrap();
+}
+
 async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
     let tenant: Tenant = serde_json::from_value(json!({
         "apiVersion": "tidelock.dev/v1alpha1", "kind": "Tenant",
@@ -530,27 +540,13 @@ async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
 
     // Rotation: the new key replaces the old one.
     let second = "sk-team-a-second-9876543210";
-    secrets
-        .replace("team-a-keys", &PostParams::default(), &{
-            let mut s = secrets.get("team-a-keys").await.unwrap();
-            s.data = secret("team-a-keys", second).data;
-            s
-        })
-        .await
-        .unwrap();
+    set_key(&secrets, second).await;
     reconcile_tenant(&h, "team-a").await.unwrap();
     let r = record().await.unwrap();
     assert!(r.accepts_key(second) && !r.accepts_key(first));
 
     // Malformed: fail closed, the record goes, the condition names the Secret and the problem.
-    secrets
-        .replace("team-a-keys", &PostParams::default(), &{
-            let mut s = secrets.get("team-a-keys").await.unwrap();
-            s.data = secret("team-a-keys", "short").data;
-            s
-        })
-        .await
-        .unwrap();
+    set_key(&secrets, "short").await;
     reconcile_tenant(&h, "team-a").await.unwrap();
     assert!(
         record().await.is_none(),
@@ -577,14 +573,7 @@ async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
     );
 
     // Deleting the Tenant removes its record through the finalizer.
-    secrets
-        .replace("team-a-keys", &PostParams::default(), &{
-            let mut s = secrets.get("team-a-keys").await.unwrap();
-            s.data = secret("team-a-keys", second).data;
-            s
-        })
-        .await
-        .unwrap();
+    set_key(&secrets, second).await;
     reconcile_tenant(&h, "team-a").await.unwrap();
     assert!(record().await.is_some());
     tenants

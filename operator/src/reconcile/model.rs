@@ -22,12 +22,11 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reasons};
 use tidelock_protocol::{ModelName, WorkerRegistration};
 
-use super::{Context, Error, FINALIZER, condition, is_true, measured};
+use super::{Context, Error, condition, is_true, with_finalizer};
 use crate::builders::{self, BuildError};
 
 /// Requeue while workers start: registrations live in etcd, which the controller does not watch.
@@ -37,18 +36,14 @@ const STEADY_REQUEUE: Duration = Duration::from_secs(300);
 
 /// Reconciles one Model (the controller's entry point).
 pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
-    let api: Api<Model> = Api::namespaced(ctx.client.clone(), &namespace);
-    measured("model", &*model, &ctx, async {
-        finalizer(&api, FINALIZER, model.clone(), |event| async {
-            match event {
-                Finalizer::Apply(model) => apply(&model, &ctx).await,
-                Finalizer::Cleanup(model) => cleanup(&model, &ctx).await,
-            }
-        })
-        .await
-        .map_err(Error::from)
-    })
+    let ctx = &*ctx;
+    with_finalizer(
+        "model",
+        model,
+        ctx,
+        async |model| apply(&model, ctx).await,
+        async |model| cleanup(&model, ctx).await,
+    )
     .await
 }
 

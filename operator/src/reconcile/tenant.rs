@@ -13,28 +13,23 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use tidelock_api::{FIELD_MANAGER, Tenant, TenantStatus, conditions, reasons};
 
-use super::{Context, Error, FINALIZER, condition, measured};
+use super::{Context, Error, condition, with_finalizer};
 use crate::tenants;
 
 /// Reconciles one Tenant (the controller's entry point).
 pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = tenant.namespace().ok_or(Error::Missing("namespace"))?;
-    let api: Api<Tenant> = Api::namespaced(ctx.client.clone(), &namespace);
-    measured("tenant", &*tenant, &ctx, async {
-        finalizer(&api, FINALIZER, tenant.clone(), |event| async {
-            match event {
-                Finalizer::Apply(tenant) => apply(&tenant, &ctx).await,
-                Finalizer::Cleanup(tenant) => cleanup(&tenant, &ctx).await,
-            }
-        })
-        .await
-        .map_err(Error::from)
-    })
+    let ctx = &*ctx;
+    with_finalizer(
+        "tenant",
+        tenant,
+        ctx,
+        async |tenant| apply(&tenant, ctx).await,
+        async |tenant| cleanup(&tenant, ctx).await,
+    )
     .await
 }
 
