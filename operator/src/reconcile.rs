@@ -255,6 +255,34 @@ where
     .await
 }
 
+/// Writes `obj`'s status with server-side apply (the status subresource, our field manager).
+pub async fn write_status<K>(
+    ctx: &Context,
+    obj: &K,
+    status: &impl serde::Serialize,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let namespace = obj.namespace().ok_or(Error::Missing("namespace"))?;
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    Api::<K>::namespaced(ctx.client.clone(), &namespace)
+        .patch_status(
+            &obj.name_any(),
+            &kube::api::PatchParams::apply(tidelock_api::FIELD_MANAGER).force(),
+            &kube::api::Patch::Apply(&body),
+        )
+        .await?;
+    Ok(())
+}
+
 /// A condition; `lastTransitionTime` is carried over from `previous` when the status is
 /// unchanged, so it tells when the condition last changed, not when we last looked.
 pub fn condition(

@@ -26,7 +26,7 @@ use kube::{Resource, ResourceExt};
 use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reasons};
 use tidelock_protocol::{ModelName, WorkerRegistration};
 
-use super::{Context, Error, condition, is_true, with_finalizer};
+use super::{Context, Error, condition, is_true, with_finalizer, write_status};
 use crate::builders::{self, BuildError};
 
 /// Requeue while workers start: registrations live in etcd, which the controller does not watch.
@@ -335,20 +335,7 @@ async fn publish(
             ctx.event(model, warning, &c.reason, note).await;
         }
     }
-    let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
-    let api: Api<Model> = Api::namespaced(ctx.client.clone(), &namespace);
-    let body = serde_json::json!({
-        "apiVersion": Model::api_version(&()),
-        "kind": Model::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &model.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
+    write_status(ctx, model, &status).await
 }
 
 /// The finalizer's step: removes the model's keys from the cluster state (session pins,

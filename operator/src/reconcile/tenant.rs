@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Resource, ResourceExt};
-use tidelock_api::{FIELD_MANAGER, Tenant, TenantStatus, conditions, reasons};
+use kube::ResourceExt;
+use tidelock_api::{Tenant, TenantStatus, conditions, reasons};
 
-use super::{Context, Error, condition, with_finalizer};
+use super::{Context, Error, condition, with_finalizer, write_status};
 use crate::tenants;
 
 /// Reconciles one Tenant (the controller's entry point).
@@ -143,18 +143,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
     };
     if status != previous {
-        let body = serde_json::json!({
-            "apiVersion": Tenant::api_version(&()),
-            "kind": Tenant::kind(&()),
-            "status": status,
-        });
-        Api::<Tenant>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &tenant.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await?;
+        write_status(ctx, tenant, &status).await?;
     }
     // Secrets are watched: nothing to poll. A periodic pass re-asserts the record anyway.
     Ok(Action::requeue(std::time::Duration::from_secs(600)))
