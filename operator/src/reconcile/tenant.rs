@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::ResourceExt;
 use tidelock_api::{Tenant, TenantStatus, conditions, reasons};
 
 use super::{Context, Error, condition, with_finalizer, write_status};

@@ -27,6 +27,32 @@ pub struct AttnSeq<'a> {
     pub table: &'a [BlockId],
 }
 
+/// One sequence's queries against the part of its context one shard holds: the blocks of
+/// logical indices `logical` (ascending; block `i` covers positions `i * block_tokens ..`),
+/// stored at `table` (same length) in this shard's KV store.
+#[derive(Debug, Clone)]
+pub struct ShardSeq<'a> {
+    /// Row range of this sequence's tokens in the batch.
+    pub rows: std::ops::Range<usize>,
+    /// Absolute position of the first of those tokens.
+    pub start: usize,
+    /// Logical indices of the blocks held here, ascending.
+    pub logical: &'a [u32],
+    /// Where each of them is stored.
+    pub table: &'a [BlockId],
+}
+
+/// What one shard returns for each (row, query head): the attention output over the positions it
+/// holds, normalised over them, and the log-sum-exp of their scores (`-inf`, with a zero output,
+/// when it holds none the row may see). [`merge_shards`] combines these exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardPartial {
+    /// `[rows, heads * head_dim]`.
+    pub out: Vec<f32>,
+    /// `[rows, heads]`.
+    pub lse: Vec<f32>,
+}
+
 /// Computes attention for every query row.
 ///
 /// `q` is `[rows, heads * head_dim]`; `out` has the same shape. `scale` multiplies the scores
@@ -39,6 +65,122 @@ pub fn paged_attention(
     q: &[f32],
     out: &mut [f32],
 ) {
+    let views: Vec<View<'_>> = seqs
+        .iter()
+        .map(|s| View {
+            rows: s.rows.clone(),
+            start: s.start,
+            logical: &[],
+            table: s.table,
+        })
+        .collect();
+    let (d, kv_heads, group) = dims(&kv, heads);
+    let (partials, splits, rows) = attend(kv, &views, heads, scale, q);
+    for (pair, out_group) in out.chunks_exact_mut(group * d).enumerate() {
+        let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
+        let first = (kv_head * rows + row) * splits;
+        merge(&partials[first..first + splits], group, d, out_group);
+    }
+}
+
+/// Attention of every query row over the blocks this shard holds (see [`ShardSeq`]), with the
+/// log-sum-exp the coordinator needs to merge the shards' results exactly.
+pub fn shard_attention(
+    kv: LayerKv<'_>,
+    seqs: &[ShardSeq<'_>],
+    heads: usize,
+    scale: f32,
+    q: &[f32],
+) -> ShardPartial {
+    let views: Vec<View<'_>> = seqs
+        .iter()
+        .map(|s| {
+            assert_eq!(
+                s.logical.len(),
+                s.table.len(),
+                "one location per logical block"
+            );
+            View {
+                rows: s.rows.clone(),
+                start: s.start,
+                logical: s.logical,
+                table: s.table,
+            }
+        })
+        .collect();
+    let (d, kv_heads, group) = dims(&kv, heads);
+    let (partials, splits, rows) = attend(kv, &views, heads, scale, q);
+    let mut result = ShardPartial {
+        out: vec![0.0; rows * heads * d],
+        lse: vec![f32::NEG_INFINITY; rows * heads],
+    };
+    for (pair, (out_group, lse_group)) in result
+        .out
+        .chunks_exact_mut(group * d)
+        .zip(result.lse.chunks_exact_mut(group))
+        .enumerate()
+    {
+        let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
+        let first = (kv_head * rows + row) * splits;
+        let lse = merge(&partials[first..first + splits], group, d, out_group);
+        lse_group.copy_from_slice(&lse);
+    }
+    result
+}
+
+/// Combines the shards' results for the same query rows exactly: with `L = log(sum_s e^lse_s)`,
+/// the output is `sum_s e^(lse_s - L) * out_s`. `out` is `[rows, heads * head_dim]`.
+pub fn merge_shards(parts: &[ShardPartial], head_dim: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    let Some(first) = parts.first() else {
+        return;
+    };
+    for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
+        let total = parts
+            .iter()
+            .map(|p| p.lse[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if total == f32::NEG_INFINITY {
+            continue;
+        }
+        let weights: Vec<f32> = parts.iter().map(|p| (p.lse[h] - total).exp()).collect();
+        let norm: f32 = weights.iter().sum();
+        for (p, w) in parts.iter().zip(&weights) {
+            if *w == 0.0 {
+                continue;
+            }
+            let w = w / norm;
+            for (x, v) in o.iter_mut().zip(&p.out[h * head_dim..(h + 1) * head_dim]) {
+                *x += w * v;
+            }
+        }
+    }
+    debug_assert_eq!(first.out.len(), out.len());
+}
+
+/// A sequence's rows against some of its blocks (all of them when `logical` is empty).
+struct View<'a> {
+    rows: std::ops::Range<usize>,
+    start: usize,
+    logical: &'a [u32],
+    table: &'a [BlockId],
+}
+
+/// `(head_dim, kv_heads, query heads per kv head)`.
+fn dims(kv: &LayerKv<'_>, heads: usize) -> (usize, usize, usize) {
+    let kv_heads = kv.shape.kv_heads;
+    (kv.shape.head_dim, kv_heads, heads / kv_heads)
+}
+
+/// The unnormalised partial results of every (kv head, row, split), laid out
+/// `[kv head][row][split]`; returns them with the number of splits and of rows.
+fn attend(
+    kv: LayerKv<'_>,
+    seqs: &[View<'_>],
+    heads: usize,
+    scale: f32,
+    q: &[f32],
+) -> (Vec<Partial>, usize, usize) {
     let d = kv.shape.head_dim;
     let bt = kv.shape.block_tokens;
     let kv_heads = kv.shape.kv_heads;
@@ -112,7 +254,14 @@ pub fn paged_attention(
         .zip(owned)
         .for_each(|((kv_head, s, tile_rows, split), partials)| {
             let start = row_info[tile_rows.start].1;
-            let blocks = (row_info[tile_rows.end - 1].1 + 1).div_ceil(bt);
+            let seq = &seqs[s];
+            let needed = (row_info[tile_rows.end - 1].1 + 1).div_ceil(bt);
+            // The entries of the table this tile may see: all of them up to `needed`.
+            let blocks = if seq.logical.is_empty() {
+                needed
+            } else {
+                seq.logical.partition_point(|&l| (l as usize) < needed)
+            };
             let range = split * blocks / splits..(split + 1) * blocks / splits;
             let queries: Vec<&[f32]> = tile_rows
                 .clone()
@@ -120,7 +269,8 @@ pub fn paged_attention(
                 .collect();
             arch.dispatch(Attend {
                 kv,
-                table: seqs[s].table,
+                table: seq.table,
+                logical: seq.logical,
                 kv_head,
                 start,
                 range,
@@ -129,11 +279,7 @@ pub fn paged_attention(
                 partials,
             });
         });
-    for (pair, out_group) in out.chunks_exact_mut(group * d).enumerate() {
-        let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
-        let first = (kv_head * rows + row) * splits;
-        merge(&partials[first..first + splits], group, d, out_group);
-    }
+    (partials, splits, rows)
 }
 
 /// The most query rows that share a pass over the pages.
@@ -158,8 +304,10 @@ impl Partial {
     }
 }
 
-/// Combines partial results over disjoint ranges of the context exactly, and normalises.
-fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) {
+/// Combines partial results over disjoint ranges of the context exactly, and normalises; returns
+/// each query head's log-sum-exp (`-inf`, with a zero output, when no position was seen).
+fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) -> Vec<f32> {
+    let mut lse = vec![f32::NEG_INFINITY; group];
     for g in 0..group {
         let max = parts
             .iter()
@@ -178,11 +326,16 @@ fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) {
                 *x += a * w;
             }
         }
+        if sum == 0.0 {
+            continue;
+        }
         let inv = 1.0 / sum;
         for x in o.iter_mut() {
             *x *= inv;
         }
+        lse[g] = max + sum.ln();
     }
+    lse
 }
 
 /// One task of [`paged_attention`] as a `pulp` operation: `with_simd` is `#[inline(always)]`, so
@@ -191,6 +344,8 @@ fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) {
 struct Attend<'a> {
     kv: LayerKv<'a>,
     table: &'a [BlockId],
+    /// Logical index of each table entry (empty: entry `b` is block `b`).
+    logical: &'a [u32],
     kv_head: usize,
     /// Position of the tile's first row; row `i` is at `start + i`.
     start: usize,
@@ -212,8 +367,13 @@ impl pulp::WithSimd for Attend<'_> {
         let group = self.queries.first().map_or(0, |q| q.len() / d);
         // scores[g * bt + j]: query head g against slot j of the current block.
         let mut scores = vec![0.0f32; group * bt];
-        for b in self.range {
-            let base = shape.offset(self.table[b], self.kv_head, 0);
+        for entry in self.range {
+            let base = shape.offset(self.table[entry], self.kv_head, 0);
+            let b = if self.logical.is_empty() {
+                entry
+            } else {
+                self.logical[entry] as usize
+            };
             // Rows before `b * bt - start` end before block b.
             let first_seeing = (b * bt).saturating_sub(self.start);
             for (i, (q, partial)) in self
@@ -491,6 +651,99 @@ mod tests {
                         assert!(
                             (g - w).abs() < 1e-5,
                             "d={d} bt={bt} row {r} head {h}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Striping a sequence's blocks over S shards (block `i` on shard `i % S`, each shard with
+    /// its own store and physical ids), computing each shard's partial and merging them gives
+    /// the single-store result: for a decode row, a prefill chunk, a whole prefill (whose first
+    /// rows see nothing on most shards), S = 1..=4, and head sizes of every vector path.
+    #[test]
+    fn shard_partials_merge_to_the_single_store_result() {
+        for (d, bt) in [(64, 16), (16, 4), (72, 6)] {
+            let shape = KvShape {
+                layers: 1,
+                kv_heads: 2,
+                head_dim: d,
+                block_tokens: bt,
+            };
+            let heads = 4;
+            let len = 9 * bt + bt / 3 + 1;
+            let blocks = len.div_ceil(bt);
+            let mut seed = 11;
+            let mut whole = KvStore::new(shape, blocks);
+            let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
+            let mut kvs = Vec::new();
+            for p in 0..len {
+                let k: Vec<f32> = (0..2 * d).map(|_| pseudo(&mut seed)).collect();
+                let v: Vec<f32> = (0..2 * d).map(|_| pseudo(&mut seed)).collect();
+                whole.write(0, &table, p, &k, &v);
+                kvs.push((k, v));
+            }
+            let scale = 1.0 / (d as f32).sqrt();
+            for shards in 1..=4usize {
+                // Shard s: its logical blocks, stored densely (and in reverse) in its own store.
+                let mut stores = Vec::new();
+                for s in 0..shards {
+                    let logical: Vec<u32> = (0..blocks as u32)
+                        .filter(|b| *b as usize % shards == s)
+                        .collect();
+                    let n = logical.len();
+                    let local: Vec<BlockId> = (0..n as u32).rev().map(BlockId::new).collect();
+                    let mut store = KvStore::new(shape, n.max(1));
+                    // A sparse table for writing: logical block b at its local id.
+                    let mut sparse = vec![BlockId::new(0); blocks];
+                    for (l, id) in logical.iter().zip(&local) {
+                        sparse[*l as usize] = *id;
+                    }
+                    for (p, (k, v)) in kvs.iter().enumerate() {
+                        if (p / bt) % shards == s {
+                            store.write(0, &sparse, p, k, v);
+                        }
+                    }
+                    stores.push((store, logical, local));
+                }
+                for rows in [1, 5, len] {
+                    let q: Vec<f32> = (0..rows * heads * d).map(|_| pseudo(&mut seed)).collect();
+                    let start = len - rows;
+                    let mut want = vec![0.0; q.len()];
+                    let seq = AttnSeq {
+                        rows: 0..rows,
+                        start,
+                        table: &table,
+                    };
+                    paged_attention(whole.layer(0), &[seq], heads, scale, &q, &mut want);
+                    let parts: Vec<ShardPartial> = stores
+                        .iter()
+                        .map(|(store, logical, local)| {
+                            let seq = ShardSeq {
+                                rows: 0..rows,
+                                start,
+                                logical,
+                                table: local,
+                            };
+                            shard_attention(store.layer(0), &[seq], heads, scale, &q)
+                        })
+                        .collect();
+                    if rows == len && shards > 1 {
+                        // Row 0 sees block 0 only: every other shard has nothing for it.
+                        assert!(
+                            parts[1].lse[..heads]
+                                .iter()
+                                .all(|l| *l == f32::NEG_INFINITY)
+                        );
+                        assert!(parts[1].out[..heads * d].iter().all(|x| *x == 0.0));
+                    }
+                    let mut got = vec![0.0; q.len()];
+                    merge_shards(&parts, d, &mut got);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() < 1e-5,
+                            "d={d} bt={bt} S={shards} rows={rows} at {i}: {g} vs {w}"
                         );
                     }
                 }
