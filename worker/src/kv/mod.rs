@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod pool;
+pub mod shard;
 
 use tidelock_protocol::BlockId;
 

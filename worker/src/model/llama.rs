@@ -19,7 +19,8 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 use tidelock_protocol::BlockId;
 
-use crate::kv::attention::{AttnSeq, paged_attention};
+use crate::kv::attention::AttnSeq;
+use crate::kv::shard::{Attention, Local};
 use crate::kv::{KvShape, KvStore};
 use crate::model::ModelError;
 use crate::model::config::{LlamaConfig, RopeStyle, rope_frequencies};
@@ -36,6 +37,16 @@ pub enum Logits {
     Last,
     /// Every token's: teacher forcing and verification.
     All,
+}
+
+/// One sequence's new tokens in [`Llama::forward_with`], whose [`Attention`] knows where its
+/// KV lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    pub tokens: &'a [u32],
+    /// Absolute position of `tokens[0]`.
+    pub start: usize,
+    pub logits: Logits,
 }
 
 /// One sequence's share of a forward call.
@@ -277,17 +288,17 @@ impl Llama {
         }
     }
 
-    /// Runs the chunks; returns, per chunk, the logits it asked for (`[rows, vocab]`).
+    /// Runs the chunks on one worker's store; returns, per chunk, the logits it asked for
+    /// (`[rows, vocab]`).
     pub fn forward(
         &self,
         kv: &mut KvStore,
         chunks: &[SeqChunk<'_>],
     ) -> Result<Vec<Option<Tensor>>, ModelError> {
-        let cfg = &self.cfg;
         let bt = kv.shape().block_tokens;
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
         let mut seqs = Vec::with_capacity(chunks.len());
+        let mut row_tables = Vec::new();
+        let mut row = 0;
         for chunk in chunks {
             let end = chunk.start + chunk.tokens.len();
             if chunk.table.len() * bt < end {
@@ -305,19 +316,52 @@ impl Llama {
                     "block {bad} is outside the KV store"
                 )));
             }
+            seqs.push(AttnSeq {
+                rows: row..row + chunk.tokens.len(),
+                start: chunk.start,
+                table: chunk.table,
+            });
+            // Each row's block table, found once rather than per row and layer.
+            row_tables.extend(std::iter::repeat_n(chunk.table, chunk.tokens.len()));
+            row += chunk.tokens.len();
+        }
+        let rows: Vec<Rows<'_>> = chunks
+            .iter()
+            .map(|c| Rows {
+                tokens: c.tokens,
+                start: c.start,
+                logits: c.logits,
+            })
+            .collect();
+        let mut local = Local {
+            kv,
+            seqs,
+            row_tables,
+        };
+        self.forward_with(&mut local, &rows)
+    }
+
+    /// Runs the chunks with their KV wherever `attention` keeps it (one store, or a shard
+    /// group); returns, per chunk, the logits it asked for (`[rows, vocab]`).
+    pub fn forward_with(
+        &self,
+        attention: &mut dyn Attention,
+        chunks: &[Rows<'_>],
+    ) -> Result<Vec<Option<Tensor>>, ModelError> {
+        let cfg = &self.cfg;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
             if let Some(bad) = chunk.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(ModelError::Input(format!(
                     "token id {bad} is outside the vocabulary of {}",
                     cfg.vocab_size
                 )));
             }
-            seqs.push(AttnSeq {
-                rows: ids.len()..ids.len() + chunk.tokens.len(),
-                start: chunk.start,
-                table: chunk.table,
-            });
+            spans.push(ids.len()..ids.len() + chunk.tokens.len());
             ids.extend_from_slice(chunk.tokens);
-            positions.extend(chunk.start..end);
+            positions.extend(chunk.start..chunk.start + chunk.tokens.len());
         }
         let rows = ids.len();
         if rows == 0 {
@@ -334,11 +378,6 @@ impl Llama {
         let scale = 1.0 / (d as f32).sqrt();
         let eps = cfg.rms_norm_eps;
 
-        // Each row's block table, found once rather than per row and layer.
-        let row_tables: Vec<&[BlockId]> = seqs
-            .iter()
-            .flat_map(|s| std::iter::repeat_n(s.table, s.rows.len()))
-            .collect();
         let ids_t = Tensor::from_vec(ids, rows, &device)?;
         let mut x = self.embed.index_select(&ids_t, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -357,10 +396,10 @@ impl Llama {
                     rotate(head, c, s, cfg.rope_style);
                 }
                 q.extend_from_slice(qs);
-                kv.write(l, row_tables[r], positions[r], ks, vs);
+                attention.write(l, r, positions[r], ks, vs);
             }
             let mut attn = vec![0.0f32; rows * q_width];
-            paged_attention(kv.layer(l), &seqs, heads, scale, &q, &mut attn);
+            attention.attend(l, heads, scale, &q, &mut attn);
             let attn = Tensor::from_vec(attn, (rows, q_width), &device)?;
             x = (x + layer.out.apply(&attn)?)?;
 
@@ -374,20 +413,20 @@ impl Llama {
         // The rows whose logits are wanted, through the final norm and the head in one call:
         // the head is the largest matrix, read once per step rather than once per sequence.
         let mut wanted = Vec::new();
-        let mut spans = Vec::with_capacity(chunks.len());
-        for (chunk, seq) in chunks.iter().zip(&seqs) {
+        let mut wanted_spans = Vec::with_capacity(chunks.len());
+        for (chunk, span) in chunks.iter().zip(&spans) {
             let rows = match chunk.logits {
-                Logits::None => seq.rows.end..seq.rows.end,
-                Logits::Last => seq.rows.end - 1..seq.rows.end,
-                Logits::All => seq.rows.clone(),
+                Logits::None => span.end..span.end,
+                Logits::Last => span.end - 1..span.end,
+                Logits::All => span.clone(),
             };
-            spans.push(
+            wanted_spans.push(
                 (chunk.logits != Logits::None).then_some(wanted.len()..wanted.len() + rows.len()),
             );
             wanted.extend(rows.map(|r| r as u32));
         }
         if wanted.is_empty() {
-            return Ok(spans.iter().map(|_| None).collect());
+            return Ok(wanted_spans.iter().map(|_| None).collect());
         }
         let h = if wanted.len() == rows {
             x
@@ -396,7 +435,7 @@ impl Llama {
             x.index_select(&index, 0)?
         };
         let logits = self.lm_head.apply(&rms_norm(&h, &self.norm, eps)?)?;
-        spans
+        wanted_spans
             .into_iter()
             .map(|span| {
                 span.map(|s| logits.narrow(0, s.start, s.len()))
