@@ -11,6 +11,7 @@ pub mod hash;
 pub mod ids;
 pub mod keys;
 pub mod openai;
+pub mod shard;
 pub mod wire;
 
 pub use events::{Continuity, KvEvent, KvEventBatch, KvSnapshot, SnapshotBlock, Tier, classify};

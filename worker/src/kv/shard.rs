@@ -17,7 +17,10 @@
 //! normalised over those positions and its log-sum-exp, which the coordinator merges exactly
 //! ([`merge_shards`]).
 
+use std::collections::HashMap;
+
 use tidelock_protocol::BlockId;
+use tidelock_protocol::shard::{Append, AttendReply, AttendRequest, AttendSeq};
 
 use crate::kv::KvStore;
 use crate::kv::attention::{
@@ -31,8 +34,16 @@ pub trait Attention {
     fn write(&mut self, layer: usize, row: usize, position: usize, k: &[f32], v: &[f32]);
 
     /// Attention of every batch row over its sequence's context (written keys included) in
-    /// `layer`: `q` and `out` are `[rows, heads * head_dim]`.
-    fn attend(&mut self, layer: usize, heads: usize, scale: f32, q: &[f32], out: &mut [f32]);
+    /// `layer`: `q` and `out` are `[rows, heads * head_dim]`. Fails only when a remote shard
+    /// does (the message says which and why).
+    fn attend(
+        &mut self,
+        layer: usize,
+        heads: usize,
+        scale: f32,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), String>;
 }
 
 /// One worker's store: the sequences' block tables index it directly.
@@ -49,8 +60,16 @@ impl Attention for Local<'_> {
         self.kv.write(layer, self.row_tables[row], position, k, v);
     }
 
-    fn attend(&mut self, layer: usize, heads: usize, scale: f32, q: &[f32], out: &mut [f32]) {
+    fn attend(
+        &mut self,
+        layer: usize,
+        heads: usize,
+        scale: f32,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), String> {
         paged_attention(self.kv.layer(layer), &self.seqs, heads, scale, q, out);
+        Ok(())
     }
 }
 
@@ -119,7 +138,14 @@ impl Attention for Striped<'_> {
         self.stores[shard].write(layer, &[block], position % bt, k, v);
     }
 
-    fn attend(&mut self, layer: usize, heads: usize, scale: f32, q: &[f32], out: &mut [f32]) {
+    fn attend(
+        &mut self,
+        layer: usize,
+        heads: usize,
+        scale: f32,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), String> {
         let d = self.stores[0].shape().head_dim;
         let shards = self.shards();
         let parts: Vec<ShardPartial> = self
@@ -147,5 +173,235 @@ impl Attention for Striped<'_> {
             })
             .collect();
         merge_shards(&parts, d, out);
+        Ok(())
+    }
+}
+
+/// One shard of a group as it serves the shard RPC ([`tidelock_protocol::shard`]): its own
+/// store, and per session (the coordinator's handle) the local blocks it holds, allocated as
+/// the session grows.
+#[derive(Debug)]
+pub struct ShardServer {
+    index: usize,
+    shards: usize,
+    store: KvStore,
+    free: Vec<BlockId>,
+    sessions: HashMap<u64, Vec<BlockId>>,
+}
+
+impl ShardServer {
+    /// Shard `index` of `shards`, with `store`'s blocks all free.
+    pub fn new(index: usize, shards: usize, store: KvStore) -> Self {
+        let free = (0..store.num_blocks() as u32)
+            .rev()
+            .map(BlockId::new)
+            .collect();
+        ShardServer {
+            index,
+            shards,
+            store,
+            free,
+            sessions: HashMap::new(),
+        }
+    }
+
+    /// Blocks held for sessions.
+    pub fn blocks_in_use(&self) -> usize {
+        self.sessions.values().map(Vec::len).sum()
+    }
+
+    /// Appends the request's keys and values, then computes attention over this shard's
+    /// blocks of each sequence.
+    pub fn handle(&mut self, req: &AttendRequest) -> Result<AttendReply, String> {
+        let bt = self.store.shape().block_tokens;
+        let layer = req.layer as usize;
+        if layer >= self.store.shape().layers {
+            return Err(format!("layer {layer} of {}", self.store.shape().layers));
+        }
+        let mut logical = Vec::with_capacity(req.seqs.len());
+        for seq in &req.seqs {
+            let mine = logical_blocks(self.index, self.shards, seq.blocks as usize);
+            let table = self.sessions.entry(seq.session).or_default();
+            while table.len() < mine.len() {
+                let block = self
+                    .free
+                    .pop()
+                    .ok_or_else(|| format!("shard {} is out of KV blocks", self.index))?;
+                table.push(block);
+            }
+            logical.push(mine);
+        }
+        for a in &req.appends {
+            let seq = &req.seqs[a.seq as usize];
+            let (shard, index) = placement(a.position as usize / bt, self.shards);
+            if shard != self.index {
+                return Err(format!(
+                    "position {} belongs to shard {shard}, not {}",
+                    a.position, self.index
+                ));
+            }
+            let block = self.sessions[&seq.session][index];
+            self.store
+                .write(layer, &[block], a.position as usize % bt, &a.key, &a.value);
+        }
+        let mut row = 0;
+        let seqs: Vec<ShardSeq<'_>> = req
+            .seqs
+            .iter()
+            .zip(&logical)
+            .map(|(seq, logical)| {
+                let rows = row..row + seq.rows as usize;
+                row = rows.end;
+                ShardSeq {
+                    rows,
+                    start: seq.start as usize,
+                    logical,
+                    table: &self.sessions[&seq.session][..logical.len()],
+                }
+            })
+            .collect();
+        let part = shard_attention(
+            self.store.layer(layer),
+            &seqs,
+            req.heads as usize,
+            req.scale,
+            &req.queries,
+        );
+        Ok(AttendReply {
+            rows: row as u32,
+            heads: req.heads,
+            head_dim: req.head_dim,
+            outputs: part.out,
+            lse: part.lse,
+        })
+    }
+}
+
+/// How a coordinator reaches one shard: a request body in, a reply body out.
+pub trait ShardLink: Send {
+    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String>;
+}
+
+/// A shard in this process, reached through the encoded bodies all the same (the local shard of
+/// a group short-circuits the network this way).
+#[derive(Debug)]
+pub struct InProcess(pub ShardServer);
+
+impl ShardLink for InProcess {
+    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        let req = AttendRequest::decode(&body).map_err(|e| e.to_string())?;
+        let reply = self.0.handle(&req)?;
+        reply.encode().map_err(|e| e.to_string())
+    }
+}
+
+/// One sequence of a coordinated forward call.
+#[derive(Debug, Clone)]
+pub struct CoordinatedSeq {
+    /// The handle the shards keep the sequence's blocks under.
+    pub session: u64,
+    pub start: usize,
+    pub rows: std::ops::Range<usize>,
+}
+
+/// The coordinator's side: new keys and values go to the shard holding their block (sent with
+/// that shard's next attention request), every shard attends over its blocks, the replies
+/// merge exactly.
+pub struct Coordinated<'a> {
+    pub links: &'a mut [Box<dyn ShardLink>],
+    pub seqs: Vec<CoordinatedSeq>,
+    pub row_seq: Vec<usize>,
+    pub block_tokens: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pending: Vec<Vec<Append>>,
+}
+
+impl std::fmt::Debug for Coordinated<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinated")
+            .field("shards", &self.links.len())
+            .field("seqs", &self.seqs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Coordinated<'a> {
+    pub fn new(
+        links: &'a mut [Box<dyn ShardLink>],
+        seqs: Vec<CoordinatedSeq>,
+        block_tokens: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        let row_seq = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| std::iter::repeat_n(i, s.rows.len()))
+            .collect();
+        let pending = (0..links.len()).map(|_| Vec::new()).collect();
+        Coordinated {
+            links,
+            seqs,
+            row_seq,
+            block_tokens,
+            kv_heads,
+            head_dim,
+            pending,
+        }
+    }
+}
+
+impl Attention for Coordinated<'_> {
+    fn write(&mut self, _layer: usize, row: usize, position: usize, k: &[f32], v: &[f32]) {
+        let (shard, _) = placement(position / self.block_tokens, self.links.len());
+        self.pending[shard].push(Append {
+            seq: self.row_seq[row] as u32,
+            position: position as u64,
+            key: k.to_vec(),
+            value: v.to_vec(),
+        });
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        heads: usize,
+        scale: f32,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        let seqs: Vec<AttendSeq> = self
+            .seqs
+            .iter()
+            .map(|s| AttendSeq {
+                session: s.session,
+                start: s.start as u64,
+                rows: s.rows.len() as u32,
+                blocks: (s.start + s.rows.len()).div_ceil(self.block_tokens) as u32,
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(self.links.len());
+        for (s, link) in self.links.iter_mut().enumerate() {
+            let req = AttendRequest {
+                layer: layer as u32,
+                heads: heads as u32,
+                kv_heads: self.kv_heads as u32,
+                head_dim: self.head_dim as u32,
+                scale,
+                seqs: seqs.clone(),
+                appends: std::mem::take(&mut self.pending[s]),
+                queries: q.to_vec(),
+            };
+            let body = req.encode().map_err(|e| e.to_string())?;
+            let reply = link.call(body).map_err(|e| format!("shard {s}: {e}"))?;
+            let reply = AttendReply::decode(&reply).map_err(|e| format!("shard {s}: {e}"))?;
+            parts.push(ShardPartial {
+                out: reply.outputs,
+                lse: reply.lse,
+            });
+        }
+        merge_shards(&parts, self.head_dim, out);
+        Ok(())
     }
 }

@@ -399,7 +399,9 @@ impl Llama {
                 attention.write(l, r, positions[r], ks, vs);
             }
             let mut attn = vec![0.0f32; rows * q_width];
-            attention.attend(l, heads, scale, &q, &mut attn);
+            attention
+                .attend(l, heads, scale, &q, &mut attn)
+                .map_err(ModelError::Shard)?;
             let attn = Tensor::from_vec(attn, (rows, q_width), &device)?;
             x = (x + layer.out.apply(&attn)?)?;
 

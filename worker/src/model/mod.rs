@@ -46,6 +46,9 @@ pub enum ModelError {
     /// blocks given...).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A shard of the group could not compute its part of attention (issue #7).
+    #[error("shard attention: {0}")]
+    Shard(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,0 +1,497 @@
+//! The shard attention RPC of a shard group (issue #7): the coordinator (the worker the router
+//! pinned) sends each shard, per layer, the new keys and values whose blocks live there and the
+//! batch's queries; the shard appends, computes attention over the blocks it holds and replies
+//! with outputs normalised over them and their log-sum-exp, which the coordinator merges exactly.
+//!
+//! Binary bodies, all little-endian, no padding (JSON would triple the bytes and cost more CPU
+//! than the attention of a decode step):
+//!
+//! ```text
+//! request  "TLSA" u16 version=1 u16 kind=1
+//!          u32 layer  u32 heads  u32 kv_heads  u32 head_dim  f32 scale  u32 n_seqs  u32 n_appends
+//!          n_seqs    x { u64 session  u64 start  u32 rows  u32 blocks }
+//!          n_appends x { u32 seq  u64 position  f32[kv_heads*head_dim] key  f32[kv_heads*head_dim] value }
+//!          f32[sum(rows) * heads * head_dim] queries
+//! reply    "TLSA" u16 version=1 u16 kind=2
+//!          u32 rows  u32 heads  u32 head_dim
+//!          f32[rows * heads * head_dim] outputs   f32[rows * heads] log-sum-exp (-inf: nothing seen)
+//! ```
+//!
+//! `session` is the coordinator's handle for a sequence (the shard keeps its blocks under it);
+//! `start` the position of its first row; `blocks` how many logical blocks the sequence has in
+//! all, so the shard knows which of them are its own (block `b` lives on shard `b % S`).
+//! Decoding checks every count against the bytes present before allocating, so a corrupt or
+//! hostile body is an error, never a huge allocation.
+
+/// First bytes of every body.
+pub const MAGIC: [u8; 4] = *b"TLSA";
+/// The format's version; a body of another version is refused.
+pub const VERSION: u16 = 1;
+const KIND_REQUEST: u16 = 1;
+const KIND_REPLY: u16 = 2;
+
+/// One sequence of the batch, as the shard sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttendSeq {
+    pub session: u64,
+    pub start: u64,
+    pub rows: u32,
+    pub blocks: u32,
+}
+
+/// A new token's key and value, for the shard holding its block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Append {
+    /// Index into the request's sequences.
+    pub seq: u32,
+    pub position: u64,
+    pub key: Vec<f32>,
+    pub value: Vec<f32>,
+}
+
+/// One layer's work for one shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttendRequest {
+    pub layer: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub scale: f32,
+    pub seqs: Vec<AttendSeq>,
+    pub appends: Vec<Append>,
+    /// `[rows, heads * head_dim]`, rows in sequence order.
+    pub queries: Vec<f32>,
+}
+
+/// A shard's answer: per (row, head) the output over its blocks and the log-sum-exp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttendReply {
+    pub rows: u32,
+    pub heads: u32,
+    pub head_dim: u32,
+    pub outputs: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+/// Why a body cannot be decoded (or a value cannot be encoded).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardWireError {
+    #[error("not a shard RPC body (bad magic)")]
+    Magic,
+    #[error("shard RPC version {0}, this build speaks {VERSION}")]
+    Version(u16),
+    #[error("expected a {expected} body, got kind {got}")]
+    Kind { expected: &'static str, got: u16 },
+    #[error("body truncated: {need} more bytes needed, {have} left")]
+    Truncated { need: usize, have: usize },
+    #[error("{0} bytes after the end of the body")]
+    Trailing(usize),
+    #[error("invalid body: {0}")]
+    Invalid(String),
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32s(&mut self, xs: &[f32]) {
+        self.0.reserve(xs.len() * 4);
+        for x in xs {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    fn header(kind: u16, capacity: usize) -> Writer {
+        let mut w = Writer(Vec::with_capacity(capacity));
+        w.0.extend_from_slice(&MAGIC);
+        w.u16(VERSION);
+        w.u16(kind);
+        w
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ShardWireError> {
+        if self.0.len() < n {
+            return Err(ShardWireError::Truncated {
+                need: n,
+                have: self.0.len(),
+            });
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u16(&mut self) -> Result<u16, ShardWireError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, ShardWireError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, ShardWireError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn f32(&mut self) -> Result<f32, ShardWireError> {
+        Ok(f32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    /// `n` floats; the byte count is checked before anything is allocated.
+    fn f32s(&mut self, n: u64) -> Result<Vec<f32>, ShardWireError> {
+        let bytes = n
+            .checked_mul(4)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| ShardWireError::Invalid(format!("{n} floats")))?;
+        Ok(self
+            .take(bytes)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
+    }
+    fn header(&mut self, kind: u16, expected: &'static str) -> Result<(), ShardWireError> {
+        if self.0.len() < 4 || self.0[..4] != MAGIC {
+            return Err(ShardWireError::Magic);
+        }
+        self.take(4)?;
+        let version = self.u16()?;
+        if version != VERSION {
+            return Err(ShardWireError::Version(version));
+        }
+        let got = self.u16()?;
+        if got != kind {
+            return Err(ShardWireError::Kind { expected, got });
+        }
+        Ok(())
+    }
+    fn end(&self) -> Result<(), ShardWireError> {
+        match self.0.len() {
+            0 => Ok(()),
+            n => Err(ShardWireError::Trailing(n)),
+        }
+    }
+}
+
+/// `a * b * c` as a count, or an error naming what overflowed.
+fn product(parts: &[u64], what: &str) -> Result<u64, ShardWireError> {
+    parts
+        .iter()
+        .try_fold(1u64, |acc, &p| acc.checked_mul(p))
+        .ok_or_else(|| ShardWireError::Invalid(format!("{what} overflows")))
+}
+
+impl AttendRequest {
+    /// Rows of the batch (the sum of the sequences' rows).
+    pub fn rows(&self) -> u64 {
+        self.seqs.iter().map(|s| u64::from(s.rows)).sum()
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, ShardWireError> {
+        self.check()?;
+        let kv_width = (self.kv_heads * self.head_dim) as usize;
+        let size = 36
+            + self.seqs.len() * 24
+            + self.appends.len() * (12 + 8 * kv_width)
+            + self.queries.len() * 4;
+        let mut w = Writer::header(KIND_REQUEST, size);
+        for v in [self.layer, self.heads, self.kv_heads, self.head_dim] {
+            w.u32(v);
+        }
+        w.f32s(&[self.scale]);
+        w.u32(
+            u32::try_from(self.seqs.len())
+                .map_err(|_| ShardWireError::Invalid("too many sequences".into()))?,
+        );
+        w.u32(
+            u32::try_from(self.appends.len())
+                .map_err(|_| ShardWireError::Invalid("too many appends".into()))?,
+        );
+        for s in &self.seqs {
+            w.u64(s.session);
+            w.u64(s.start);
+            w.u32(s.rows);
+            w.u32(s.blocks);
+        }
+        for a in &self.appends {
+            w.u32(a.seq);
+            w.u64(a.position);
+            w.f32s(&a.key);
+            w.f32s(&a.value);
+        }
+        w.f32s(&self.queries);
+        Ok(w.0)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<AttendRequest, ShardWireError> {
+        let mut r = Reader(body);
+        r.header(KIND_REQUEST, "request")?;
+        let (layer, heads, kv_heads, head_dim) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+        let scale = r.f32()?;
+        let (n_seqs, n_appends) = (r.u32()?, r.u32()?);
+        // Each sequence takes 24 bytes: a count beyond the body is refused before allocating.
+        if u64::from(n_seqs) * 24 > r.0.len() as u64 {
+            return Err(ShardWireError::Truncated {
+                need: n_seqs as usize * 24,
+                have: r.0.len(),
+            });
+        }
+        let seqs = (0..n_seqs)
+            .map(|_| {
+                Ok(AttendSeq {
+                    session: r.u64()?,
+                    start: r.u64()?,
+                    rows: r.u32()?,
+                    blocks: r.u32()?,
+                })
+            })
+            .collect::<Result<Vec<_>, ShardWireError>>()?;
+        let kv_width = product(&[u64::from(kv_heads), u64::from(head_dim)], "kv width")?;
+        let mut appends = Vec::new();
+        for _ in 0..n_appends {
+            let seq = r.u32()?;
+            let position = r.u64()?;
+            appends.push(Append {
+                seq,
+                position,
+                key: r.f32s(kv_width)?,
+                value: r.f32s(kv_width)?,
+            });
+        }
+        let rows: u64 = seqs.iter().map(|s| u64::from(s.rows)).sum();
+        let queries = r.f32s(product(
+            &[rows, u64::from(heads), u64::from(head_dim)],
+            "queries",
+        )?)?;
+        r.end()?;
+        let request = AttendRequest {
+            layer,
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            seqs,
+            appends,
+            queries,
+        };
+        request.check()?;
+        Ok(request)
+    }
+
+    /// The invariants both sides rely on.
+    fn check(&self) -> Result<(), ShardWireError> {
+        let invalid = |m: String| Err(ShardWireError::Invalid(m));
+        if self.kv_heads == 0 || self.head_dim == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return invalid(format!(
+                "{} heads over {} kv heads of {}",
+                self.heads, self.kv_heads, self.head_dim
+            ));
+        }
+        let width = (self.kv_heads as usize) * (self.head_dim as usize);
+        for a in &self.appends {
+            if a.seq as usize >= self.seqs.len() {
+                return invalid(format!(
+                    "append for sequence {} of {}",
+                    a.seq,
+                    self.seqs.len()
+                ));
+            }
+            if a.key.len() != width || a.value.len() != width {
+                return invalid(format!(
+                    "an append of {}/{} floats, not {width}",
+                    a.key.len(),
+                    a.value.len()
+                ));
+            }
+        }
+        let want = self.rows() * u64::from(self.heads) * u64::from(self.head_dim);
+        if self.queries.len() as u64 != want {
+            return invalid(format!("{} query floats for {want}", self.queries.len()));
+        }
+        Ok(())
+    }
+}
+
+impl AttendReply {
+    pub fn encode(&self) -> Result<Vec<u8>, ShardWireError> {
+        let heads = u64::from(self.rows) * u64::from(self.heads);
+        if self.lse.len() as u64 != heads
+            || self.outputs.len() as u64 != heads * u64::from(self.head_dim)
+        {
+            return Err(ShardWireError::Invalid(format!(
+                "{} outputs and {} lse for {} rows of {} heads of {}",
+                self.outputs.len(),
+                self.lse.len(),
+                self.rows,
+                self.heads,
+                self.head_dim
+            )));
+        }
+        let mut w = Writer::header(KIND_REPLY, 20 + (self.outputs.len() + self.lse.len()) * 4);
+        for v in [self.rows, self.heads, self.head_dim] {
+            w.u32(v);
+        }
+        w.f32s(&self.outputs);
+        w.f32s(&self.lse);
+        Ok(w.0)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<AttendReply, ShardWireError> {
+        let mut r = Reader(body);
+        r.header(KIND_REPLY, "reply")?;
+        let (rows, heads, head_dim) = (r.u32()?, r.u32()?, r.u32()?);
+        let pairs = product(&[u64::from(rows), u64::from(heads)], "reply")?;
+        let outputs = r.f32s(product(&[pairs, u64::from(head_dim)], "reply")?)?;
+        let lse = r.f32s(pairs)?;
+        r.end()?;
+        Ok(AttendReply {
+            rows,
+            heads,
+            head_dim,
+            outputs,
+            lse,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> AttendRequest {
+        AttendRequest {
+            layer: 1,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            scale: 0.5,
+            seqs: vec![
+                AttendSeq {
+                    session: 7,
+                    start: 130,
+                    rows: 1,
+                    blocks: 3,
+                },
+                AttendSeq {
+                    session: 9,
+                    start: 0,
+                    rows: 2,
+                    blocks: 1,
+                },
+            ],
+            appends: vec![Append {
+                seq: 0,
+                position: 130,
+                key: vec![1.0, -1.0],
+                value: vec![0.25, 2.0],
+            }],
+            queries: (0..12).map(|i| i as f32 / 4.0).collect(),
+        }
+    }
+
+    #[test]
+    fn requests_and_replies_round_trip() {
+        let r = request();
+        assert_eq!(AttendRequest::decode(&r.encode().unwrap()).unwrap(), r);
+        let reply = AttendReply {
+            rows: 3,
+            heads: 2,
+            head_dim: 2,
+            outputs: (0..12).map(|i| i as f32).collect(),
+            lse: vec![0.5, f32::NEG_INFINITY, 1.0, 2.0, 3.0, 4.0],
+        };
+        assert_eq!(
+            AttendReply::decode(&reply.encode().unwrap()).unwrap(),
+            reply
+        );
+    }
+
+    /// The bytes are the contract between workers of different builds: any change here is a
+    /// format change (bump VERSION).
+    #[test]
+    fn the_request_layout_is_fixed() {
+        let bytes = request().encode().unwrap();
+        assert_eq!(bytes.len(), 36 + 2 * 24 + (12 + 2 * 2 * 4) + 12 * 4);
+        let hex: String = bytes[..36].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "544c5341", "0100", "0100", // magic, version 1, request
+                "01000000", "02000000", "01000000", "02000000", // layer, heads, kv heads, dim
+                "0000003f", // scale 0.5
+                "02000000", "01000000", // 2 sequences, 1 append
+            )
+        );
+        // The first sequence: session 7, start 130, 1 row, 3 blocks.
+        assert_eq!(
+            &bytes[36..60],
+            [
+                7, 0, 0, 0, 0, 0, 0, 0, 130, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 3, 0, 0, 0
+            ]
+        );
+    }
+
+    #[test]
+    fn damaged_bodies_are_errors() {
+        let bytes = request().encode().unwrap();
+        for n in 0..bytes.len() {
+            assert!(
+                AttendRequest::decode(&bytes[..n]).is_err(),
+                "a body cut at {n} bytes"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(
+            AttendRequest::decode(&longer),
+            Err(ShardWireError::Trailing(1))
+        );
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert_eq!(AttendRequest::decode(&bad), Err(ShardWireError::Magic));
+        let mut version = bytes.clone();
+        version[4] = 2;
+        assert_eq!(
+            AttendRequest::decode(&version),
+            Err(ShardWireError::Version(2))
+        );
+        let reply = AttendReply {
+            rows: 0,
+            heads: 1,
+            head_dim: 1,
+            outputs: vec![],
+            lse: vec![],
+        };
+        assert!(matches!(
+            AttendRequest::decode(&reply.encode().unwrap()),
+            Err(ShardWireError::Kind { .. })
+        ));
+        // Huge counts with no bytes behind them: refused, nothing allocated.
+        let mut huge = bytes[..36].to_vec();
+        huge[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            AttendRequest::decode(&huge),
+            Err(ShardWireError::Truncated { .. })
+        ));
+        let mut wide = bytes.clone();
+        wide[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // heads
+        assert!(AttendRequest::decode(&wide).is_err());
+        // An append for a sequence that is not there.
+        let mut r = request();
+        r.appends[0].seq = 2;
+        assert!(matches!(r.encode(), Err(ShardWireError::Invalid(_))));
+    }
+}
