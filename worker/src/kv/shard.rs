@@ -210,6 +210,59 @@ impl ShardServer {
         self.sessions.values().map(Vec::len).sum()
     }
 
+    /// Bytes of KV memory this shard holds (all layers, keys and values).
+    pub fn kv_bytes(&self) -> usize {
+        self.store.num_blocks() * self.store.shape().block_bytes()
+    }
+
+    /// The block import path: stores keys and values (`kv_heads * head_dim` floats per token,
+    /// token after token) of `layer` for consecutive positions from `first`, all in one block
+    /// this shard holds, allocating the session's blocks up to it. Fills a context without
+    /// computing it (moving a session between groups, benchmarks).
+    pub fn import(
+        &mut self,
+        session: u64,
+        layer: usize,
+        first: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<(), String> {
+        let shape = *self.store.shape();
+        let width = shape.kv_heads * shape.head_dim;
+        let n = keys.len() / width;
+        let bt = shape.block_tokens;
+        if n == 0 || keys.len() != values.len() || first / bt != (first + n - 1) / bt {
+            return Err(format!(
+                "an import of {n} tokens from {first} is not within one block"
+            ));
+        }
+        let (shard, index) = placement(first / bt, self.shards);
+        if shard != self.index {
+            return Err(format!(
+                "block {} belongs to shard {shard}, not {}",
+                first / bt,
+                self.index
+            ));
+        }
+        let table = self.sessions.entry(session).or_default();
+        while table.len() <= index {
+            let block = self
+                .free
+                .pop()
+                .ok_or_else(|| format!("shard {} is out of KV blocks", self.index))?;
+            table.push(block);
+        }
+        let block = table[index];
+        for (i, (k, v)) in keys
+            .chunks_exact(width)
+            .zip(values.chunks_exact(width))
+            .enumerate()
+        {
+            self.store.write(layer, &[block], (first + i) % bt, k, v);
+        }
+        Ok(())
+    }
+
     /// Appends the request's keys and values, then computes attention over this shard's
     /// blocks of each sequence.
     pub fn handle(&mut self, req: &AttendRequest) -> Result<AttendReply, String> {

@@ -1,0 +1,293 @@
+//! Issue #7's benchmark: one session of TOKENS tokens (default 1,048,576) on the generated tiny
+//! Llama of issue 7 (2 layers, 4 heads over 2 KV heads of 64), held by one worker's store, then
+//! striped over SHARDS shard servers (default 4) reached through the binary RPC bodies. Both run
+//! here, in one process on this machine's cores, one after the other.
+//!
+//! The context's KV is filled, not computed: a real prefill of 1M tokens is O(n^2) attention,
+//! out of reach on 2 CPU cores, so the one-worker store is written directly and the shards get
+//! theirs through the shard block import path (`ShardServer::import`), with the same synthetic
+//! keys and values. Then it measures:
+//! - the decode step at that context (median of STEPS), one worker vs the shards, and the logits
+//!   of both (they must agree: the same KV, exact merging);
+//! - each shard's own compute time per step (its share of attention, measured around its RPC
+//!   call): on S machines the shards run at once, so the step would take about the slowest
+//!   shard's time plus the coordinator's layers (a projection, printed as such);
+//! - KV bytes per worker, against one worker holding the whole context;
+//! - prefill tokens/s at 16,384 tokens, one worker vs the shards (a real prefill, in chunks).
+//!
+//! Usage: bench_sharded [TOKENS] [SHARDS] [STEPS]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidelock_protocol::BlockId;
+use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::shard::{
+    Coordinated, CoordinatedSeq, InProcess, ShardLink, ShardServer, placement,
+};
+use tidelock_worker::model::llama::{Logits, Rows, WeightFormat};
+use tidelock_worker::model::tiny::{TinySpec, write_tiny_llama};
+use tidelock_worker::model::{Llama, SeqChunk};
+
+const BLOCK: usize = 64;
+const SESSION: u64 = 1;
+
+/// A shard link that times each call (the shard's compute for that layer).
+struct Timed {
+    inner: InProcess,
+    spent: Arc<Mutex<Duration>>,
+}
+
+impl ShardLink for Timed {
+    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        let t = Instant::now();
+        let r = self.inner.call(body);
+        *self.spent.lock().unwrap() += t.elapsed();
+        r
+    }
+}
+
+/// Synthetic keys and values of one token (`width` floats each): small, varied, deterministic.
+fn kv_of(position: usize, layer: usize, width: usize, out_k: &mut Vec<f32>, out_v: &mut Vec<f32>) {
+    for i in 0..width {
+        let x = (position * 31 + i * 7 + layer * 13) as f32;
+        out_k.push((x * 0.0137).sin() * 0.5);
+        out_v.push((x * 0.0071).cos() * 0.5);
+    }
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn last_logits(out: Vec<Option<candle_core::Tensor>>) -> Vec<f32> {
+    out[0]
+        .as_ref()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let tokens: usize = args.next().map_or(Ok(1 << 20), |a| a.parse())?;
+    let shards: usize = args.next().map_or(Ok(4), |a| a.parse())?;
+    let steps: usize = args.next().map_or(Ok(5), |a| a.parse())?;
+    let dir = tempfile::tempdir()?;
+    write_tiny_llama(dir.path(), &TinySpec::issue7())?;
+    let m = Llama::from_hf(dir.path(), WeightFormat::F32)?;
+    let shape = m.kv_shape(BLOCK);
+    let width = shape.kv_heads * shape.head_dim;
+    let blocks = (tokens + steps).div_ceil(BLOCK);
+    eprintln!(
+        "bench_sharded: tiny model of #7, {tokens} tokens of context, {shards} shards, {steps} decode steps; \
+         a real prefill of this context is O(n^2) attention and out of reach on 2 CPU cores, so the \
+         KV is filled (one worker: written; shards: the block import path)"
+    );
+
+    // One worker holding everything.
+    let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
+    let mut local = KvStore::new(shape, blocks);
+    // The shards, each with room for its share.
+    let per_shard = blocks.div_ceil(shards);
+    let mut servers: Vec<ShardServer> = (0..shards)
+        .map(|i| ShardServer::new(i, shards, KvStore::new(shape, per_shard)))
+        .collect();
+    let started = Instant::now();
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    for b in 0..tokens.div_ceil(BLOCK) {
+        let first = b * BLOCK;
+        let n = BLOCK.min(tokens - first);
+        for layer in 0..shape.layers {
+            k.clear();
+            v.clear();
+            for p in first..first + n {
+                kv_of(p, layer, width, &mut k, &mut v);
+            }
+            for (i, (kk, vv)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
+                local.write(layer, &table, first + i, kk, vv);
+            }
+            servers[placement(b, shards).0].import(SESSION, layer, first, &k, &v)?;
+        }
+        if b % (blocks / 4).max(1) == 0 {
+            eprintln!(
+                "  filled {first} tokens ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    eprintln!(
+        "  filled {tokens} tokens in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Decode steps: one worker, then the shards, same tokens and positions.
+    let token = [17u32];
+    let mut one_times = Vec::new();
+    let mut one_logits = Vec::new();
+    for i in 0..steps {
+        let t = Instant::now();
+        let out = m.forward(
+            &mut local,
+            &[SeqChunk {
+                tokens: &token,
+                start: tokens + i,
+                table: &table,
+                logits: Logits::Last,
+            }],
+        )?;
+        one_times.push(t.elapsed());
+        one_logits.push(last_logits(out));
+    }
+    let spent: Vec<Arc<Mutex<Duration>>> = (0..shards).map(|_| Arc::default()).collect();
+    let kv_per_shard: Vec<usize> = servers.iter().map(ShardServer::kv_bytes).collect();
+    let mut links: Vec<Box<dyn ShardLink>> = servers
+        .into_iter()
+        .zip(&spent)
+        .map(|(s, spent)| {
+            Box::new(Timed {
+                inner: InProcess(s),
+                spent: spent.clone(),
+            }) as Box<dyn ShardLink>
+        })
+        .collect();
+    let mut many_times = Vec::new();
+    let mut shard_times: Vec<Vec<Duration>> = vec![Vec::new(); shards];
+    let mut max_diff = 0.0f32;
+    for i in 0..steps {
+        for s in &spent {
+            *s.lock().unwrap() = Duration::ZERO;
+        }
+        let seqs = vec![CoordinatedSeq {
+            session: SESSION,
+            start: tokens + i,
+            rows: 0..1,
+        }];
+        let mut c = Coordinated::new(&mut links, seqs, BLOCK, shape.kv_heads, shape.head_dim);
+        let t = Instant::now();
+        let out = m.forward_with(
+            &mut c,
+            &[Rows {
+                tokens: &token,
+                start: tokens + i,
+                logits: Logits::Last,
+            }],
+        )?;
+        many_times.push(t.elapsed());
+        for (times, s) in shard_times.iter_mut().zip(&spent) {
+            times.push(*s.lock().unwrap());
+        }
+        for (a, b) in last_logits(out).iter().zip(&one_logits[i]) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    }
+    let one_step = median(one_times);
+    let many_step = median(many_times);
+    let per_shard_step: Vec<Duration> = shard_times.into_iter().map(median).collect();
+    let slowest = per_shard_step.iter().max().copied().unwrap_or_default();
+    let shard_sum: Duration = per_shard_step.iter().sum();
+    // What is not shard compute: the coordinator's layers, merging, encoding.
+    let coordinator = many_step.saturating_sub(shard_sum);
+    let projected = coordinator + slowest;
+    let one_kv = local.num_blocks() * shape.block_bytes();
+    let max_shard_kv = kv_per_shard.iter().copied().max().unwrap_or(0);
+    drop(local);
+    drop(links);
+
+    // Prefill through the shards at 16K, against one worker.
+    let prefill = 16_384.min(tokens);
+    let prompt: Vec<u32> = (0..prefill).map(|i| ((i * 7919) % 500) as u32).collect();
+    let pblocks = prefill.div_ceil(BLOCK);
+    let ptable: Vec<BlockId> = (0..pblocks as u32).map(BlockId::new).collect();
+    let mut pstore = KvStore::new(shape, pblocks);
+    let t = Instant::now();
+    for (c, chunk) in prompt.chunks(2048).enumerate() {
+        m.forward(
+            &mut pstore,
+            &[SeqChunk {
+                tokens: chunk,
+                start: c * 2048,
+                table: &ptable,
+                logits: Logits::Last,
+            }],
+        )?;
+    }
+    let one_prefill = t.elapsed();
+    let mut plinks: Vec<Box<dyn ShardLink>> = (0..shards)
+        .map(|i| {
+            Box::new(InProcess(ShardServer::new(
+                i,
+                shards,
+                KvStore::new(shape, pblocks.div_ceil(shards)),
+            ))) as Box<dyn ShardLink>
+        })
+        .collect();
+    let t = Instant::now();
+    for (c, chunk) in prompt.chunks(2048).enumerate() {
+        let seqs = vec![CoordinatedSeq {
+            session: 2,
+            start: c * 2048,
+            rows: 0..chunk.len(),
+        }];
+        let mut co = Coordinated::new(&mut plinks, seqs, BLOCK, shape.kv_heads, shape.head_dim);
+        m.forward_with(
+            &mut co,
+            &[Rows {
+                tokens: chunk,
+                start: c * 2048,
+                logits: Logits::Last,
+            }],
+        )?;
+    }
+    let many_prefill = t.elapsed();
+
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    println!("| measure | one worker | {shards} shards | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| decode step at {tokens} tokens (median of {steps}) | {:.1} ms | {:.1} ms | {:.2}x | <= 1.25x |",
+        ms(one_step),
+        ms(many_step),
+        ms(many_step) / ms(one_step)
+    );
+    println!(
+        "| KV bytes per worker | {:.2} GiB | {:.2} GiB | {:.2}x | <= 0.3x |",
+        gib(one_kv),
+        gib(max_shard_kv),
+        max_shard_kv as f64 / one_kv as f64
+    );
+    println!(
+        "| per-shard compute per step | | {} ms | | |",
+        per_shard_step
+            .iter()
+            .map(|d| format!("{:.1}", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    println!(
+        "| projected step on {shards} machines (coordinator {:.1} ms + slowest shard {:.1} ms) | {:.1} ms | {:.1} ms | {:.2}x | |",
+        ms(coordinator),
+        ms(slowest),
+        ms(one_step),
+        ms(projected),
+        ms(projected) / ms(one_step)
+    );
+    println!(
+        "| prefill tokens/s at {prefill} tokens | {:.0} | {:.0} | {:.2}x | |",
+        prefill as f64 / one_prefill.as_secs_f64(),
+        prefill as f64 / many_prefill.as_secs_f64(),
+        one_prefill.as_secs_f64() / many_prefill.as_secs_f64()
+    );
+    println!("max |logit diff| one worker vs shards over the decode steps: {max_diff:.2e}");
+    if max_diff > 1e-3 {
+        return Err(format!("the shards' logits differ from one worker's by {max_diff}").into());
+    }
+    Ok(())
+}
