@@ -161,7 +161,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut many_times = Vec::new();
     let mut shard_times: Vec<Vec<Duration>> = vec![Vec::new(); shards];
     let mut max_diff = 0.0f32;
-    for i in 0..steps {
+    for (i, one) in one_logits.iter().enumerate() {
         for s in &spent {
             *s.lock().unwrap() = Duration::ZERO;
         }
@@ -184,7 +184,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (times, s) in shard_times.iter_mut().zip(&spent) {
             times.push(*s.lock().unwrap());
         }
-        for (a, b) in last_logits(out).iter().zip(&one_logits[i]) {
+        for (a, b) in last_logits(out).iter().zip(one) {
             max_diff = max_diff.max((a - b).abs());
         }
     }
