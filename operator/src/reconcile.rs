@@ -122,6 +122,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("the resource has no {0}")]
     Missing(&'static str),
+    #[error("the API server refused {object}: {message}")]
+    Rejected { object: String, message: String },
 }
 
 impl Error {
@@ -145,6 +147,7 @@ impl Error {
                 _ => "FinalizerFailed",
             },
             Error::Missing(_) => "InvalidObject",
+            Error::Rejected { .. } => tidelock_api::reasons::APPLY_REJECTED,
         }
     }
 }

@@ -635,13 +635,52 @@ async fn api_errors_back_off_then_recover(h: Harness) {
         ("True".into(), "AllWorkersReady".into())
     );
 
+    // A refused apply (422: an immutable field, a webhook): Degraded naming the object, a
+    // Warning, retried with backoff; once accepted, Degraded clears.
+    fake.fail(Method::PATCH, "/statefulsets/flaky-g0", 422, 1);
+    let e = reconcile_model(&h, "flaky").await.unwrap_err();
+    assert_eq!(e.reason(), "ApplyRejected");
+    let status = h.api::<Model>().get("flaky").await.unwrap().status.unwrap();
+    assert_eq!(
+        condition(&status.conditions, "Degraded"),
+        ("True".into(), "ApplyRejected".into())
+    );
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap()
+        .message;
+    assert!(
+        message.starts_with("the API server refused StatefulSet flaky-g0: injected fault"),
+        "{message}"
+    );
+    assert!(!is_true(&status.conditions, "Ready"));
+    reconcile_model(&h, "flaky").await.unwrap();
+    let status = h.api::<Model>().get("flaky").await.unwrap().status.unwrap();
+    assert_eq!(
+        condition(&status.conditions, "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+    assert!(is_true(&status.conditions, "Ready"));
+    let warnings: Vec<String> = events(&h, "flaky")
+        .await
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    assert!(
+        warnings.contains(&"ApplyRejected".to_owned()),
+        "{warnings:?}"
+    );
+
     let metrics = h.ctx.metrics.render();
     for line in [
         r#"tidelock_operator_reconcile_errors_total{controller="model",reason="ServerError"} 2"#,
         r#"tidelock_operator_reconcile_errors_total{controller="model",reason="Conflict"} 1"#,
-        r#"tidelock_operator_reconciliations_total{controller="model",result="success"} 3"#,
-        r#"tidelock_operator_reconciliations_total{controller="model",result="error"} 3"#,
-        r#"tidelock_operator_reconcile_duration_seconds_count{controller="model"} 6"#,
+        r#"tidelock_operator_reconcile_errors_total{controller="model",reason="ApplyRejected"} 1"#,
+        r#"tidelock_operator_reconciliations_total{controller="model",result="success"} 4"#,
+        r#"tidelock_operator_reconciliations_total{controller="model",result="error"} 4"#,
+        r#"tidelock_operator_reconcile_duration_seconds_count{controller="model"} 8"#,
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }

@@ -56,6 +56,8 @@ pub mod reasons {
     pub const SECRET_MALFORMED: &str = "SecretMalformed";
     pub const STATE_STORE_UNAVAILABLE: &str = "StateStoreUnavailable";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The API server refused an object built from the spec (e.g. an immutable field changed).
+    pub const APPLY_REJECTED: &str = "ApplyRejected";
     /// A `False` `Degraded` condition: nothing needs a human.
     pub const AS_EXPECTED: &str = "AsExpected";
     /// A Tenant's record is written and its keys work.

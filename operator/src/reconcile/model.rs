@@ -27,7 +27,7 @@ use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reason
 use tidelock_protocol::{ModelName, WorkerRegistration};
 
 use super::{Context, Error, condition, is_true, with_finalizer, write_status};
-use crate::builders::{self, BuildError};
+use crate::builders;
 
 /// Requeue while workers start: registrations live in etcd, which the controller does not watch.
 const STARTING_REQUEUE: Duration = Duration::from_secs(10);
@@ -47,49 +47,30 @@ pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, E
     .await
 }
 
-/// Worker registrations per group name, from the cluster state.
-pub type Registered = BTreeMap<String, i32>;
-
-async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
+/// Applies the Service, the groups and the budget, and removes the groups scaling down left
+/// over; returns the applied StatefulSets. Events for every group created, updated or removed.
+async fn apply_objects(
+    model: &Model,
+    ctx: &Context,
+    desired: &builders::Desired,
+    before: &BTreeMap<String, StatefulSet>,
+    statefulsets: &Api<StatefulSet>,
+) -> Result<Vec<StatefulSet>, Error> {
     let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
-    let name = model.name_any();
-    let previous = model.status.clone().unwrap_or_default();
-    let desired = match builders::desired(model, &ctx.defaults) {
-        Ok(desired) => desired,
-        Err(e) => {
-            let status = invalid_status(model, &previous, &e);
-            publish(model, ctx, &previous, status).await?;
-            // Nothing to retry until the spec changes.
-            return Ok(Action::await_change());
-        }
-    };
     let client = &ctx.client;
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
-    let uid = model.uid();
-    let before: BTreeMap<String, StatefulSet> = statefulsets
-        .list(&ListParams::default().labels(&format!("{}={name}", labels::MODEL)))
-        .await?
-        .items
-        .into_iter()
-        .filter(|s| {
-            s.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .map(|s| (s.name_any(), s))
-        .collect();
-
     let service = &desired.service;
     Api::<Service>::namespaced(client.clone(), &namespace)
         .patch(&service.name_any(), &apply, &Patch::Apply(service))
-        .await?;
+        .await
+        .map_err(|e| rejected(e, "Service", &service.name_any()))?;
     let mut groups = Vec::with_capacity(desired.groups.len());
     for group in &desired.groups {
         let group_name = group.name_any();
         let applied = statefulsets
             .patch(&group_name, &apply, &Patch::Apply(group))
-            .await?;
+            .await
+            .map_err(|e| rejected(e, "StatefulSet", &group_name))?;
         match before.get(&group_name) {
             None => {
                 let note = format!(
@@ -123,9 +104,10 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     let budget = &desired.budget;
     Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace)
         .patch(&budget.name_any(), &apply, &Patch::Apply(budget))
-        .await?;
+        .await
+        .map_err(|e| rejected(e, "PodDisruptionBudget", &budget.name_any()))?;
     // Scaling down removes whole groups: every owned StatefulSet the spec no longer names.
-    for (group_name, group) in &before {
+    for (group_name, group) in before {
         if desired.groups.iter().any(|g| g.name_any() == *group_name) {
             continue;
         }
@@ -145,6 +127,66 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     }
+
+    Ok(groups)
+}
+
+/// A 422 from the API server on an apply names the object: the spec asks for something the
+/// server refuses (an immutable field changed, a value an admission webhook rejects).
+fn rejected(e: kube::Error, kind: &str, name: &str) -> Error {
+    match e {
+        kube::Error::Api(s) if s.code == 422 => Error::Rejected {
+            object: format!("{kind} {name}"),
+            message: s.message,
+        },
+        e => Error::Kube(e),
+    }
+}
+
+/// Worker registrations per group name, from the cluster state.
+pub type Registered = BTreeMap<String, i32>;
+
+async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
+    let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
+    let name = model.name_any();
+    let previous = model.status.clone().unwrap_or_default();
+    let desired = match builders::desired(model, &ctx.defaults) {
+        Ok(desired) => desired,
+        Err(e) => {
+            let message = format!("{e}; nothing was applied");
+            let status = degraded_status(model, &previous, reasons::INVALID_SPEC, message);
+            publish(model, ctx, &previous, status).await?;
+            // Nothing to retry until the spec changes.
+            return Ok(Action::await_change());
+        }
+    };
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let uid = model.uid();
+    let before: BTreeMap<String, StatefulSet> = statefulsets
+        .list(&ListParams::default().labels(&format!("{}={name}", labels::MODEL)))
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| {
+            s.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .map(|s| (s.name_any(), s))
+        .collect();
+
+    let groups = match apply_objects(model, ctx, &desired, &before, &statefulsets).await {
+        Ok(groups) => groups,
+        Err(e @ Error::Rejected { .. }) => {
+            let message = format!(
+                "{e}; nothing further was applied (some fields, like a StatefulSet's volume claim templates, cannot change on a running Model)"
+            );
+            let status = degraded_status(model, &previous, reasons::APPLY_REJECTED, message);
+            publish(model, ctx, &previous, status).await?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
 
     let registered = registrations(model, ctx).await;
     let status = status(model, &previous, &groups, registered.as_ref().ok());
@@ -270,18 +312,23 @@ pub fn status(
     }
 }
 
-/// The status of a Model whose spec cannot be built: Degraded, nothing applied.
-fn invalid_status(model: &Model, previous: &ModelStatus, e: &BuildError) -> ModelStatus {
+/// The status of a Model that needs a human: `Degraded` with `reason`, not ready, not
+/// progressing; the worker counts are kept.
+fn degraded_status(
+    model: &Model,
+    previous: &ModelStatus,
+    reason: &str,
+    message: String,
+) -> ModelStatus {
     let generation = model.metadata.generation;
     let prev = &previous.conditions;
-    let message = format!("{e}; nothing was applied");
     ModelStatus {
         conditions: vec![
             condition(
                 prev,
                 conditions::READY,
                 false,
-                reasons::INVALID_SPEC,
+                reason,
                 message.clone(),
                 generation,
             ),
@@ -289,7 +336,7 @@ fn invalid_status(model: &Model, previous: &ModelStatus, e: &BuildError) -> Mode
                 prev,
                 conditions::PROGRESSING,
                 false,
-                reasons::INVALID_SPEC,
+                reason,
                 message.clone(),
                 generation,
             ),
@@ -297,7 +344,7 @@ fn invalid_status(model: &Model, previous: &ModelStatus, e: &BuildError) -> Mode
                 prev,
                 conditions::DEGRADED,
                 true,
-                reasons::INVALID_SPEC,
+                reason,
                 message,
                 generation,
             ),
