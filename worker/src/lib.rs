@@ -17,4 +17,5 @@ pub mod kv;
 pub mod model;
 pub mod registration;
 pub mod server;
+pub mod shard_rpc;
 pub mod testing;

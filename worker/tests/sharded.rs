@@ -8,8 +8,11 @@
 use std::path::Path;
 
 use candle_core::Tensor;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tidelock_protocol::BlockId;
 use tidelock_worker::kv::KvStore;
+
 use tidelock_worker::kv::shard::{
     Coordinated, CoordinatedSeq, InProcess, ShardLink, ShardServer, Striped, StripedSeq,
     StripedTables, placement,
@@ -18,8 +21,38 @@ use tidelock_worker::model::Llama;
 use tidelock_worker::model::SeqChunk;
 use tidelock_worker::model::llama::{Logits, Rows, WeightFormat};
 use tidelock_worker::model::tiny::{TinySpec, write_tiny_llama};
+use tidelock_worker::shard_rpc::{HttpLink, routes};
 
 const BLOCK: usize = 64;
+
+/// Serves each shard on its own loopback port (the worker's shard route); returns the runtime
+/// running them, their base URLs and their tasks.
+fn serve(
+    servers: Vec<ShardServer>,
+) -> (
+    tokio::runtime::Runtime,
+    Vec<String>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut urls = Vec::new();
+    let mut tasks = Vec::new();
+    for server in servers {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        urls.push(format!("http://{}", listener.local_addr().unwrap()));
+        let app = routes(Arc::new(Mutex::new(server)));
+        tasks.push(runtime.spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        }));
+    }
+    (runtime, urls, tasks)
+}
 const CHUNK: usize = 2048;
 
 fn tokens(n: usize, seed: u64) -> Vec<u32> {
@@ -62,6 +95,8 @@ enum Mode {
     Striped(usize),
     /// S shard servers behind the binary RPC bodies (encoded, decoded), in this process.
     Rpc(usize),
+    /// S shard servers behind HTTP on loopback ports, through `HttpLink`s.
+    Http(usize),
 }
 
 /// Prefill `prompt` in chunks, then `steps` greedy tokens; returns the logits after the prompt
@@ -69,7 +104,7 @@ enum Mode {
 fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, Vec<u32>) {
     let shards = match mode {
         Mode::One => None,
-        Mode::Striped(s) | Mode::Rpc(s) => Some(s),
+        Mode::Striped(s) | Mode::Rpc(s) | Mode::Http(s) => Some(s),
     };
     let total = prompt.len() + steps;
     let blocks = total.div_ceil(BLOCK);
@@ -89,12 +124,25 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
         *t = (0..n).rev().map(BlockId::new).collect();
     }
     let per_shard = blocks.div_ceil(s);
-    let mut links: Vec<Box<dyn ShardLink>> = (0..s)
-        .map(|i| {
-            let server = ShardServer::new(i, s, KvStore::new(shape, per_shard));
-            Box::new(InProcess(server)) as Box<dyn ShardLink>
-        })
+    let servers: Vec<ShardServer> = (0..s)
+        .map(|i| ShardServer::new(i, s, KvStore::new(shape, per_shard)))
         .collect();
+    let (_runtime, mut links) = if matches!(mode, Mode::Http(_)) {
+        let (runtime, urls, _) = serve(servers);
+        let links = urls
+            .iter()
+            .map(|u| {
+                Box::new(HttpLink::new(u, Duration::from_secs(10)).unwrap()) as Box<dyn ShardLink>
+            })
+            .collect();
+        (Some(runtime), links)
+    } else {
+        let links = servers
+            .into_iter()
+            .map(|server| Box::new(InProcess(server)) as Box<dyn ShardLink>)
+            .collect::<Vec<_>>();
+        (None, links)
+    };
     let mut stores: Vec<KvStore> = tables
         .shards
         .iter()
@@ -111,7 +159,7 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
                     logits: Logits::Last,
                 }],
             ),
-            Some(_) if matches!(mode, Mode::Rpc(_)) => {
+            Some(_) if matches!(mode, Mode::Rpc(_) | Mode::Http(_)) => {
                 let seqs = vec![CoordinatedSeq {
                     session: 42,
                     start,
@@ -239,4 +287,89 @@ fn the_rpc_bodies_carry_the_computation_exactly() {
     assert_eq!(direct, rpc, "encoding loses nothing");
     assert_eq!(direct_tokens, rpc_tokens);
     assert!(max_diff(&one, &rpc) < 1e-4);
+}
+
+/// Over HTTP on loopback (persistent connections, one per shard): the same logits as one store.
+#[test]
+fn http_shards_match_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let prompt = tokens(2_048, 13);
+    let (one, one_tokens) = run(&m, &prompt, 8, Mode::One);
+    let (http, http_tokens) = run(&m, &prompt, 8, Mode::Http(4));
+    let (rpc, _) = run(&m, &prompt, 8, Mode::Rpc(4));
+    eprintln!(
+        "tiny model, 2,048 tokens + 8 steps, S=4 over HTTP: max |diff| vs one store {:.2e}, vs in-process RPC {:.2e}",
+        max_diff(&one, &http),
+        max_diff(&rpc, &http)
+    );
+    assert_eq!(rpc, http, "HTTP carries the bodies unchanged");
+    assert_eq!(one_tokens, http_tokens);
+    assert!(max_diff(&one, &http) < 1e-4);
+}
+
+/// A shard that is gone, or that accepts and never answers, fails the forward pass with an error
+/// naming it, within the link's timeout: never a hang.
+#[test]
+fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let shape = m.kv_shape(BLOCK);
+    let servers: Vec<ShardServer> = (0..2)
+        .map(|i| ShardServer::new(i, 2, KvStore::new(shape, 8)))
+        .collect();
+    let (runtime, urls, tasks) = serve(servers);
+    // A third "shard" that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let timeout = Duration::from_millis(500);
+    let step = |links: &mut Vec<Box<dyn ShardLink>>, start: usize| {
+        let tokens = [5u32, 6, 7];
+        let seqs = vec![CoordinatedSeq {
+            session: 1,
+            start,
+            rows: 0..3,
+        }];
+        let mut c = Coordinated::new(links, seqs, BLOCK, shape.kv_heads, shape.head_dim);
+        m.forward_with(
+            &mut c,
+            &[Rows {
+                tokens: &tokens,
+                start,
+                logits: Logits::Last,
+            }],
+        )
+    };
+    let mut links: Vec<Box<dyn ShardLink>> = urls
+        .iter()
+        .map(|u| Box::new(HttpLink::new(u, timeout).unwrap()) as Box<dyn ShardLink>)
+        .collect();
+    step(&mut links, 0).expect("both shards up");
+    // Shard 1 dies.
+    tasks[1].abort();
+    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    let t = Instant::now();
+    let e = step(&mut links, 3).unwrap_err().to_string();
+    eprintln!("dead shard: {e} (after {:?})", t.elapsed());
+    assert!(e.starts_with("shard attention: shard 1: "), "{e}");
+    assert!(e.contains(&urls[1]), "{e}");
+    assert!(t.elapsed() < timeout * 3, "failed fast: {:?}", t.elapsed());
+    // A silent shard: the deadline ends the call.
+    let mut links: Vec<Box<dyn ShardLink>> = [&urls[0], &silent_url]
+        .iter()
+        .map(|u| Box::new(HttpLink::new(u, timeout).unwrap()) as Box<dyn ShardLink>)
+        .collect();
+    let t = Instant::now();
+    let e = step(&mut links, 0).unwrap_err().to_string();
+    eprintln!("silent shard: {e} (after {:?})", t.elapsed());
+    assert!(
+        e.contains("no answer within 500ms") && e.contains(&silent_url),
+        "{e}"
+    );
+    assert!(
+        t.elapsed() >= timeout && t.elapsed() < timeout * 4,
+        "{:?}",
+        t.elapsed()
+    );
+    drop(silent);
 }

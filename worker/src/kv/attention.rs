@@ -70,7 +70,7 @@ pub fn paged_attention(
         .map(|s| View {
             rows: s.rows.clone(),
             start: s.start,
-            logical: &[],
+            logical: None,
             table: s.table,
         })
         .collect();
@@ -103,7 +103,7 @@ pub fn shard_attention(
             View {
                 rows: s.rows.clone(),
                 start: s.start,
-                logical: s.logical,
+                logical: Some(s.logical),
                 table: s.table,
             }
         })
@@ -158,11 +158,11 @@ pub fn merge_shards(parts: &[ShardPartial], head_dim: usize, out: &mut [f32]) {
     debug_assert_eq!(first.out.len(), out.len());
 }
 
-/// A sequence's rows against some of its blocks (all of them when `logical` is empty).
+/// A sequence's rows against some of its blocks (all of them when `logical` is `None`).
 struct View<'a> {
     rows: std::ops::Range<usize>,
     start: usize,
-    logical: &'a [u32],
+    logical: Option<&'a [u32]>,
     table: &'a [BlockId],
 }
 
@@ -257,10 +257,9 @@ fn attend(
             let seq = &seqs[s];
             let needed = (row_info[tile_rows.end - 1].1 + 1).div_ceil(bt);
             // The entries of the table this tile may see: all of them up to `needed`.
-            let blocks = if seq.logical.is_empty() {
-                needed
-            } else {
-                seq.logical.partition_point(|&l| (l as usize) < needed)
+            let blocks = match seq.logical {
+                None => needed,
+                Some(logical) => logical.partition_point(|&l| (l as usize) < needed),
             };
             let range = split * blocks / splits..(split + 1) * blocks / splits;
             let queries: Vec<&[f32]> = tile_rows
@@ -344,8 +343,8 @@ fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) -> Vec<f32>
 struct Attend<'a> {
     kv: LayerKv<'a>,
     table: &'a [BlockId],
-    /// Logical index of each table entry (empty: entry `b` is block `b`).
-    logical: &'a [u32],
+    /// Logical index of each table entry (`None`: entry `b` is block `b`).
+    logical: Option<&'a [u32]>,
     kv_head: usize,
     /// Position of the tile's first row; row `i` is at `start + i`.
     start: usize,
@@ -369,11 +368,7 @@ impl pulp::WithSimd for Attend<'_> {
         let mut scores = vec![0.0f32; group * bt];
         for entry in self.range {
             let base = shape.offset(self.table[entry], self.kv_head, 0);
-            let b = if self.logical.is_empty() {
-                entry
-            } else {
-                self.logical[entry] as usize
-            };
+            let b = self.logical.map_or(entry, |l| l[entry] as usize);
             // Rows before `b * bt - start` end before block b.
             let first_seeing = (b * bt).saturating_sub(self.start);
             for (i, (q, partial)) in self

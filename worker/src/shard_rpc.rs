@@ -1,0 +1,142 @@
+//! The shard attention RPC over HTTP (issue #7): the route a shard serves
+//! (`POST /v1/shard/attend`, binary bodies of [`tidelock_protocol::shard`]) and the link a
+//! coordinator calls it through ([`HttpLink`]).
+//!
+//! The link owns one I/O thread with its own single-threaded runtime and a pooled HTTP/1.1
+//! client, so the connection to its shard stays open between calls (one TCP handshake per
+//! shard, not per layer), and the forward pass, which is synchronous, can call it from any
+//! thread. Every call has a deadline: a shard that died, hangs or answers garbage fails the
+//! call with a message naming it and why, never a hang.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tidelock_protocol::shard::AttendRequest;
+
+use crate::kv::shard::{ShardLink, ShardServer};
+
+/// The content type of shard RPC bodies.
+pub const CONTENT_TYPE: &str = "application/vnd.tidelock.shard";
+/// The route.
+pub const PATH: &str = "/v1/shard/attend";
+/// The largest request body a shard accepts.
+pub const MAX_BODY: usize = 512 << 20;
+
+/// `POST /v1/shard/attend` over `server` (one request at a time: a shard's store has one writer).
+pub fn routes(server: Arc<Mutex<ShardServer>>) -> Router {
+    Router::new()
+        .route(PATH, post(attend))
+        // A prefill chunk's queries and new keys and values: tens of MiB for large models.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(server)
+}
+
+async fn attend(State(server): State<Arc<Mutex<ShardServer>>>, body: Bytes) -> Response {
+    let result = tokio::task::spawn_blocking(move || {
+        let request = AttendRequest::decode(&body).map_err(|e| e.to_string())?;
+        let reply = server.lock().expect("not poisoned").handle(&request)?;
+        reply.encode().map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], bytes).into_response(),
+        Ok(Err(message)) => (StatusCode::BAD_REQUEST, message).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+type Job = (Vec<u8>, mpsc::Sender<Result<Vec<u8>, String>>);
+
+/// A coordinator's link to one shard over HTTP.
+#[derive(Debug)]
+pub struct HttpLink {
+    url: String,
+    timeout: Duration,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl HttpLink {
+    /// A link to the shard at `base` (e.g. `http://10.0.0.7:8000`); each call fails after
+    /// `timeout`.
+    pub fn new(base: &str, timeout: Duration) -> std::io::Result<HttpLink> {
+        let url = format!("{}{PATH}", base.trim_end_matches('/'));
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let target = url.clone();
+        std::thread::Builder::new()
+            .name("shard-link".into())
+            .spawn(move || {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(timeout));
+                let client: Client<_, Full<Bytes>> =
+                    Client::builder(TokioExecutor::new()).build(connector);
+                while let Ok((body, reply)) = rx.recv() {
+                    let result = runtime.block_on(async {
+                        let request = hyper::Request::post(&target)
+                            .header(header::CONTENT_TYPE, CONTENT_TYPE)
+                            .body(Full::new(Bytes::from(body)))
+                            .map_err(|e| e.to_string())?;
+                        let call = async {
+                            let response = client.request(request).await.map_err(|e| chain(&e))?;
+                            let status = response.status();
+                            let bytes = response
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .to_bytes();
+                            if status.is_success() {
+                                Ok(bytes.to_vec())
+                            } else {
+                                Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)))
+                            }
+                        };
+                        tokio::time::timeout(timeout, call)
+                            .await
+                            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+                    });
+                    let _ = reply.send(result);
+                }
+            })?;
+        Ok(HttpLink { url, timeout, jobs })
+    }
+}
+
+/// An error and its causes, `a: b: c` (hyper's own text is only the outermost).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl ShardLink for HttpLink {
+    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .send((body, tx))
+            .map_err(|_| format!("{}: the link's I/O thread is gone", self.url))?;
+        // The I/O thread enforces the deadline; this one only guards against it being stuck.
+        rx.recv_timeout(self.timeout + Duration::from_secs(1))
+            .map_err(|_| format!("{}: no answer within {:?}", self.url, self.timeout))?
+            .map_err(|e| format!("{}: {e}", self.url))
+    }
+}
