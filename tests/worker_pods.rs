@@ -1,7 +1,7 @@
 //! The worker pods the operator creates can start: for each example Model of the chart, every
 //! container's command is a binary of this workspace (and of the images), every `--flag` it
 //! passes is one that binary accepts, and every `TIDELOCK_*` variable it sets is one the binary
-//! reads, except the shard identity, which the worker does not read until sharding (#7).
+//! reads (the shard identity included).
 //! No cluster runs here, so this is how a renamed worker flag is caught before pods crash-loop.
 
 use std::collections::BTreeSet;
@@ -10,9 +10,6 @@ use std::process::Command;
 use tidelock_api::Model;
 use tidelock_e2e::{binary, image_binaries, repo_root};
 use tidelock_operator::builders::{Defaults, desired};
-
-/// Set for each worker but read only once shard groups exist (issue #7).
-const NOT_READ_YET: [&str; 2] = ["TIDELOCK_SHARD", "TIDELOCK_SHARDS"];
 
 fn help(program: &str) -> String {
     let out = Command::new(binary(program))
@@ -80,7 +77,7 @@ fn the_operators_worker_containers_run_binaries_with_flags_they_accept() {
                     .filter(|n| n.starts_with("TIDELOCK_"))
                 {
                     assert!(
-                        read.contains(env) || NOT_READ_YET.contains(&env),
+                        read.contains(env),
                         "{name}: `{program}` does not read {env} (it reads {read:?})"
                     );
                     checked += 1;

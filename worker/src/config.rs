@@ -67,6 +67,20 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_GROUP")]
     pub group: Option<String>,
 
+    /// Workers in this worker's shard group (issue #7). Above 1, this worker also serves its
+    /// shard of the group's sessions on `POST /v1/shard/attend` (the Kubernetes operator sets it).
+    #[arg(long, env = "TIDELOCK_SHARDS", default_value_t = 1)]
+    pub shards: u32,
+
+    /// This worker's position in its group, from 0 (the operator passes the pod's ordinal).
+    #[arg(long, env = "TIDELOCK_SHARD", default_value_t = 0)]
+    pub shard: u32,
+
+    /// KV memory of the shard store: the blocks this worker holds of sessions another worker of
+    /// the group coordinates. Default: `--kv-cache`. Used only with `--shards` above 1.
+    #[arg(long, env = "TIDELOCK_SHARD_KV_CACHE")]
+    pub shard_kv_cache: Option<ByteSize>,
+
     /// etcd endpoints (comma-separated) to register this worker in. None: no registration
     /// (static discovery, as `tidelock up` uses).
     #[arg(long, env = "TIDELOCK_ETCD_ENDPOINTS", value_delimiter = ',')]

@@ -17,6 +17,7 @@ use tidelock_worker::engine::sim::SimExecutor;
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::kv::shard::ShardServer;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::gguf::GgufFile;
 use tidelock_worker::model::hf::{self, HfFolder};
@@ -47,6 +48,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         bail!("--max-step-tokens and --max-running must be positive");
     }
     let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
+    if config.shards == 0 || config.shard >= config.shards {
+        bail!(
+            "--shard {} of --shards {}: the shard index must be below the group's size",
+            config.shard,
+            config.shards
+        );
+    }
 
     // A folder is a Hugging Face checkpoint; a file is GGUF.
     let hf_folder = config.model.is_dir();
@@ -112,8 +120,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_context_tokens: max_context as u64,
         epoch,
         group,
-        shard: ShardIndex::new(0),
-        shard_count: 1,
+        shard: ShardIndex::new(config.shard),
+        shard_count: config.shards,
     };
 
     let tokenizer = kit.to_json()?;
@@ -193,7 +201,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app(state))
+    let mut router = app(state);
+    if config.shards > 1 {
+        let bytes = config.shard_kv_cache.unwrap_or(config.kv_cache);
+        let blocks = shape.blocks_in(bytes.as_u64());
+        tracing::info!(
+            shard = config.shard,
+            shards = config.shards,
+            kv_blocks = blocks,
+            "serving shard attention on {}",
+            tidelock_worker::shard_rpc::PATH
+        );
+        let server = ShardServer::new(
+            config.shard as usize,
+            config.shards as usize,
+            KvStore::new(shape, blocks.max(1)),
+        );
+        router = router.merge(tidelock_worker::shard_rpc::routes(Arc::new(
+            std::sync::Mutex::new(server),
+        )));
+    }
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             tracing::info!("shutting down");
