@@ -165,7 +165,10 @@ impl Model {
 
     /// One probe round: reconcile the worker set with discovery, then probe every worker.
     async fn probe_round(&self, http: &Http, probing: &Probing) {
-        let registered = self.discovery.workers();
+        // A shard group is one target: its coordinator, shard 0 (issue #7). The other shards
+        // hold parts of its sessions' KV and answer only the coordinator.
+        let mut registered = self.discovery.workers();
+        registered.retain(|_, r| is_coordinator(r));
         let current = self.workers();
         if registered.len() != current.len()
             || registered
@@ -213,6 +216,11 @@ impl Model {
 }
 
 /// Asks one worker for its load (and, once, its info).
+/// Whether requests may be routed to this worker: a worker alone, or shard 0 of its group.
+pub fn is_coordinator(r: &WorkerRegistration) -> bool {
+    r.shard_count <= 1 || r.shard.get() == 0
+}
+
 async fn probe(http: &Http, w: &WorkerState, timeout: Duration) {
     let base = w.registration.address.trim_end_matches('/');
     if w.max_context.load(Ordering::Relaxed) == 0 {

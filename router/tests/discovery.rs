@@ -199,3 +199,64 @@ async fn static_workers_are_registered_from_their_info_and_discovered() {
     assert!(err.to_string().contains(&first), "{err}");
     b.stop();
 }
+
+/// A shard group is one routing target, its coordinator (shard 0): the group's other shards are
+/// discovered but never offered to placement; a worker alone is a target as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_group_is_one_target_its_coordinator() {
+    use tidelock_router::workers::{Models, Probing};
+    let store = Arc::new(MemoryStore::new());
+    let layout = KeyLayout::default();
+    let model = ModelName::new("m").unwrap();
+    let put = |id: &'static str, group: &'static str, shard: u32, shards: u32| {
+        let store = store.clone();
+        let key = layout.worker(&model, &WorkerId::new(id).unwrap());
+        async move {
+            let r = WorkerRegistration {
+                address: "http://127.0.0.1:9".into(),
+                group: GroupId::new(group).unwrap(),
+                shard: ShardIndex::new(shard),
+                shard_count: shards,
+                block_tokens: BlockTokens::new(BLOCK).unwrap(),
+                kv_capacity_bytes: 1 << 20,
+            };
+            store
+                .put(&key, serde_json::to_vec(&r).unwrap(), None)
+                .await
+                .unwrap();
+        }
+    };
+    put("g-0", "g", 0, 2).await;
+    put("g-1", "g", 1, 2).await;
+    put("alone", "alone", 0, 1).await;
+    let probing = Probing {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(200),
+        eject_after: 3,
+    };
+    let models = Models::new(store.clone(), layout.clone(), probing);
+    let run = tokio::spawn(models.clone().run());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let targets: Vec<String> = models
+            .get("m")
+            .map(|m| m.workers().keys().map(|w| w.as_str().to_owned()).collect())
+            .unwrap_or_default();
+        if targets == ["alone", "g-0"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "targets {targets:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // g-1 stays registered, and stays out: a few more probe rounds change nothing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let targets: Vec<String> = models
+        .get("m")
+        .unwrap()
+        .workers()
+        .keys()
+        .map(|w| w.as_str().to_owned())
+        .collect();
+    assert_eq!(targets, ["alone", "g-0"]);
+    run.abort();
+}
