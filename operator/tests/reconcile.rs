@@ -135,6 +135,18 @@ fn condition(
     (c.status.clone(), c.reason.clone())
 }
 
+/// The message of condition `type_`.
+fn message_of<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> &'a str {
+    &conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap()
+        .message
+}
+
 async fn groups(h: &Harness, model: &str) -> Vec<StatefulSet> {
     let mut groups: Vec<StatefulSet> = h
         .api::<StatefulSet>()
@@ -491,12 +503,7 @@ async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
         condition(&s.conditions, "Degraded"),
         ("True".into(), "SecretMissing".into())
     );
-    let message = &s
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Degraded")
-        .unwrap()
-        .message;
+    let message = message_of(&s.conditions, "Degraded");
     assert!(
         message.contains(&format!(
             "Secret {}/team-a-keys does not exist",
@@ -645,12 +652,7 @@ async fn api_errors_back_off_then_recover(h: Harness) {
         condition(&status.conditions, "Degraded"),
         ("True".into(), "ApplyRejected".into())
     );
-    let message = &status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Degraded")
-        .unwrap()
-        .message;
+    let message = message_of(&status.conditions, "Degraded");
     assert!(
         message.starts_with("the API server refused StatefulSet flaky-g0: injected fault"),
         "{message}"

@@ -34,13 +34,22 @@ pub fn model_path() -> PathBuf {
 
 /// `n` token ids from the vocabulary's word range, a fixed walk per `seed`.
 pub fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    ids_below(n, seed, 20_000)
+        .into_iter()
+        .map(|t| 17 + t)
+        .collect()
+}
+
+/// `n` ids in `0..below`, a fixed walk per `seed` (a linear congruential generator: the same
+/// ids on every machine and release).
+pub fn ids_below(n: usize, seed: u64, below: u32) -> Vec<u32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
             s = s
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            17 + ((s >> 33) % 20_000) as u32
+            ((s >> 33) % u64::from(below)) as u32
         })
         .collect()
 }

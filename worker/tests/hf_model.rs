@@ -29,17 +29,8 @@ fn load(dir: &Path) -> Llama {
     Llama::from_hf(dir, WeightFormat::F32).unwrap()
 }
 
-/// `n` ids spread over the whole vocabulary of 512, a fixed walk per `seed`.
 fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 512) as u32
-        })
-        .collect()
+    tidelock_worker::testing::ids_below(n, seed, 512)
 }
 
 /// Every position's logits, computed cold in one chunk.

@@ -56,15 +56,7 @@ fn serve(
 const CHUNK: usize = 2048;
 
 fn tokens(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 500) as u32
-        })
-        .collect()
+    tidelock_worker::testing::ids_below(n, seed, 500)
 }
 
 fn last_row(t: &Tensor) -> Vec<f32> {
