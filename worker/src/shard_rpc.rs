@@ -64,6 +64,7 @@ pub struct HttpLink {
     url: String,
     timeout: Duration,
     jobs: mpsc::Sender<Job>,
+    reply: Option<mpsc::Receiver<Result<Vec<u8>, String>>>,
 }
 
 impl HttpLink {
@@ -112,7 +113,12 @@ impl HttpLink {
                     let _ = reply.send(result);
                 }
             })?;
-        Ok(HttpLink { url, timeout, jobs })
+        Ok(HttpLink {
+            url,
+            timeout,
+            jobs,
+            reply: None,
+        })
     }
 }
 
@@ -129,11 +135,20 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl ShardLink for HttpLink {
-    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
+    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
         let (tx, rx) = mpsc::channel();
         self.jobs
             .send((body, tx))
             .map_err(|_| format!("{}: the link's I/O thread is gone", self.url))?;
+        self.reply = Some(rx);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<Vec<u8>, String> {
+        let rx = self
+            .reply
+            .take()
+            .ok_or_else(|| format!("{}: no request was sent", self.url))?;
         // The I/O thread enforces the deadline; this one only guards against it being stuck.
         rx.recv_timeout(self.timeout + Duration::from_secs(1))
             .map_err(|_| format!("{}: no answer within {:?}", self.url, self.timeout))?

@@ -131,7 +131,7 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
     } else {
         let links = servers
             .into_iter()
-            .map(|server| Box::new(InProcess(server)) as Box<dyn ShardLink>)
+            .map(|server| Box::new(InProcess::new(server)) as Box<dyn ShardLink>)
             .collect::<Vec<_>>();
         (None, links)
     };

@@ -331,20 +331,54 @@ impl ShardServer {
 }
 
 /// How a coordinator reaches one shard: a request body in, a reply body out.
+///
+/// A call is `send` then `finish`, so a coordinator sends every shard its request before it
+/// waits for any reply: over the network the shards compute at the same time.
 pub trait ShardLink: Send {
-    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String>;
+    /// Sends a request body (a link over the network returns before the reply arrives).
+    fn send(&mut self, body: Vec<u8>) -> Result<(), String>;
+
+    /// The reply body to the last request sent.
+    fn finish(&mut self) -> Result<Vec<u8>, String>;
+
+    /// One request and its reply.
+    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.send(body)?;
+        self.finish()
+    }
 }
 
 /// A shard in this process, reached through the encoded bodies all the same (the local shard of
-/// a group short-circuits the network this way).
+/// a group short-circuits the network this way). It computes when the request is sent.
 #[derive(Debug)]
-pub struct InProcess(pub ShardServer);
+pub struct InProcess {
+    pub server: ShardServer,
+    reply: Option<Result<Vec<u8>, String>>,
+}
+
+impl InProcess {
+    pub fn new(server: ShardServer) -> Self {
+        InProcess {
+            server,
+            reply: None,
+        }
+    }
+}
 
 impl ShardLink for InProcess {
-    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
-        let req = AttendRequest::decode(&body).map_err(|e| e.to_string())?;
-        let reply = self.0.handle(&req)?;
-        reply.encode().map_err(|e| e.to_string())
+    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+        let reply = AttendRequest::decode(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|req| self.server.handle(&req))
+            .and_then(|reply| reply.encode().map_err(|e| e.to_string()));
+        self.reply = Some(reply);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<Vec<u8>, String> {
+        self.reply
+            .take()
+            .unwrap_or_else(|| Err("no request was sent".into()))
     }
 }
 
@@ -434,7 +468,7 @@ impl Attention for Coordinated<'_> {
                 blocks: (s.start + s.rows.len()).div_ceil(self.block_tokens) as u32,
             })
             .collect();
-        let mut parts = Vec::with_capacity(self.links.len());
+        // Every shard gets its request before any reply is awaited.
         for (s, link) in self.links.iter_mut().enumerate() {
             let req = AttendRequest {
                 layer: layer as u32,
@@ -447,12 +481,27 @@ impl Attention for Coordinated<'_> {
                 queries: q.to_vec(),
             };
             let body = req.encode().map_err(|e| e.to_string())?;
-            let reply = link.call(body).map_err(|e| format!("shard {s}: {e}"))?;
-            let reply = AttendReply::decode(&reply).map_err(|e| format!("shard {s}: {e}"))?;
-            parts.push(ShardPartial {
-                out: reply.outputs,
-                lse: reply.lse,
-            });
+            link.send(body).map_err(|e| format!("shard {s}: {e}"))?;
+        }
+        let mut parts = Vec::with_capacity(self.links.len());
+        let mut failure = None;
+        for (s, link) in self.links.iter_mut().enumerate() {
+            // Collect every reply, even after a failure, so no link is left mid-call.
+            let reply = link
+                .finish()
+                .and_then(|r| AttendReply::decode(&r).map_err(|e| e.to_string()));
+            match reply {
+                Ok(reply) => parts.push(ShardPartial {
+                    out: reply.outputs,
+                    lse: reply.lse,
+                }),
+                Err(e) => {
+                    failure.get_or_insert(format!("shard {s}: {e}"));
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         merge_shards(&parts, self.head_dim, out);
         Ok(())
