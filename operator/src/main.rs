@@ -24,36 +24,15 @@ use tidelock_state::StateStore;
 use tokio::sync::watch;
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let config = Config::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("tidelock-operator: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(operate(config)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tidelock-operator: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tidelock_service::run("tidelock-operator", None, operate(config))
 }
 
 async fn operate(config: Config) -> anyhow::Result<()> {
     let timing = config.timing().map_err(anyhow::Error::msg)?;
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        tidelock_service::shutdown_signal().await;
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
     });
@@ -138,18 +117,4 @@ async fn operate(config: Config) -> anyhow::Result<()> {
     let _ = server.await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        let _ = ctrl_c.await;
-        return;
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }

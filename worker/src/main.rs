@@ -26,18 +26,9 @@ use tidelock_worker::registration::{self, Registration};
 use tidelock_worker::server::runner::Command;
 use tidelock_worker::server::{self, app};
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(serve(config))
+    tidelock_service::run("tidelock-worker", Some(2), serve(config))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -223,7 +214,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            tidelock_service::shutdown_signal().await;
             tracing::info!("shutting down");
             shutdown_state.draining.store(true, Ordering::Relaxed);
         })
@@ -234,25 +225,4 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = commands.send(Command::Shutdown);
     let _ = started.engine_thread.join();
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -1,0 +1,52 @@
+//! What every Tidelock server binary (`tidelock-router`, `tidelock-worker`, `tidelock-operator`)
+//! does the same way, so it is written once: logging from `RUST_LOG` (default `info`), a
+//! multi-threaded runtime, `name: error` and exit status 1 when the server fails, and the signal
+//! that starts a graceful shutdown.
+
+use std::process::ExitCode;
+
+/// Runs `serve` to completion on a new multi-threaded runtime (`worker_threads` of them, or one
+/// per core), after setting up logging. A failure is printed as `name: error: cause: ...` and
+/// exits 1.
+pub fn run<F>(name: &str, worker_threads: Option<usize>, serve: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        let _ = ctrl_c.await;
+        return;
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
