@@ -169,15 +169,14 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
                 )
             }
             Some(_) => {
-                let mut striped = Striped {
-                    stores: &mut stores,
-                    seqs: vec![StripedSeq {
+                let mut striped = Striped::new(
+                    &mut stores,
+                    vec![StripedSeq {
                         rows: 0..tokens.len(),
                         start,
                         tables: &tables,
                     }],
-                    row_seq: vec![0; tokens.len()],
-                };
+                );
                 m.forward_with(
                     &mut striped,
                     &[Rows {

@@ -76,10 +76,18 @@ pub fn paged_attention(
         .collect();
     let (d, kv_heads, group) = dims(&kv, heads);
     let (partials, splits, rows) = attend(kv, &views, heads, scale, q);
+    // Log-sum-exps are not needed here: one scratch row for all of them.
+    let mut lse = vec![0.0f32; group];
     for (pair, out_group) in out.chunks_exact_mut(group * d).enumerate() {
         let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
         let first = (kv_head * rows + row) * splits;
-        merge(&partials[first..first + splits], group, d, out_group);
+        merge(
+            &partials[first..first + splits],
+            group,
+            d,
+            out_group,
+            &mut lse,
+        );
     }
 }
 
@@ -122,8 +130,13 @@ pub fn shard_attention(
     {
         let (row, kv_head) = (pair / kv_heads, pair % kv_heads);
         let first = (kv_head * rows + row) * splits;
-        let lse = merge(&partials[first..first + splits], group, d, out_group);
-        lse_group.copy_from_slice(&lse);
+        merge(
+            &partials[first..first + splits],
+            group,
+            d,
+            out_group,
+            lse_group,
+        );
     }
     result
 }
@@ -131,10 +144,9 @@ pub fn shard_attention(
 /// Combines the shards' results for the same query rows exactly: with `L = log(sum_s e^lse_s)`,
 /// the output is `sum_s e^(lse_s - L) * out_s`. `out` is `[rows, heads * head_dim]`.
 pub fn merge_shards(parts: &[ShardPartial], head_dim: usize, out: &mut [f32]) {
+    debug_assert!(parts.iter().all(|p| p.out.len() == out.len()));
     out.fill(0.0);
-    let Some(first) = parts.first() else {
-        return;
-    };
+    let mut weights = Vec::with_capacity(parts.len());
     for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
         let total = parts
             .iter()
@@ -143,7 +155,8 @@ pub fn merge_shards(parts: &[ShardPartial], head_dim: usize, out: &mut [f32]) {
         if total == f32::NEG_INFINITY {
             continue;
         }
-        let weights: Vec<f32> = parts.iter().map(|p| (p.lse[h] - total).exp()).collect();
+        weights.clear();
+        weights.extend(parts.iter().map(|p| (p.lse[h] - total).exp()));
         let norm: f32 = weights.iter().sum();
         for (p, w) in parts.iter().zip(&weights) {
             if *w == 0.0 {
@@ -155,7 +168,6 @@ pub fn merge_shards(parts: &[ShardPartial], head_dim: usize, out: &mut [f32]) {
             }
         }
     }
-    debug_assert_eq!(first.out.len(), out.len());
 }
 
 /// A sequence's rows against some of its blocks (all of them when `logical` is `None`).
@@ -303,11 +315,11 @@ impl Partial {
     }
 }
 
-/// Combines partial results over disjoint ranges of the context exactly, and normalises; returns
-/// each query head's log-sum-exp (`-inf`, with a zero output, when no position was seen).
-fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) -> Vec<f32> {
-    let mut lse = vec![f32::NEG_INFINITY; group];
+/// Combines partial results over disjoint ranges of the context exactly, and normalises; writes
+/// each query head's log-sum-exp to `lse` (`-inf`, with a zero output, when no position was seen).
+fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32], lse: &mut [f32]) {
     for g in 0..group {
+        lse[g] = f32::NEG_INFINITY;
         let max = parts
             .iter()
             .map(|p| p.max[g])
@@ -334,7 +346,6 @@ fn merge(parts: &[Partial], group: usize, d: usize, out: &mut [f32]) -> Vec<f32>
         }
         lse[g] = max + sum.ln();
     }
-    lse
 }
 
 /// One task of [`paged_attention`] as a `pulp` operation: `with_simd` is `#[inline(always)]`, so

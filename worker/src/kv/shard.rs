@@ -73,6 +73,13 @@ impl Attention for Local<'_> {
     }
 }
 
+/// Each batch row's sequence, for sequences of `rows` rows each, in order.
+fn row_sequences(rows: impl Iterator<Item = usize>) -> Vec<usize> {
+    rows.enumerate()
+        .flat_map(|(i, n)| std::iter::repeat_n(i, n))
+        .collect()
+}
+
 /// Shard and index within that shard's table of logical block `block`, with `shards` shards.
 pub fn placement(block: usize, shards: usize) -> (usize, usize) {
     (block % shards, block / shards)
@@ -115,13 +122,22 @@ pub struct StripedSeq<'a> {
 /// transport replaces the direct calls.
 #[derive(Debug)]
 pub struct Striped<'a> {
-    pub stores: &'a mut [KvStore],
-    pub seqs: Vec<StripedSeq<'a>>,
+    stores: &'a mut [KvStore],
+    seqs: Vec<StripedSeq<'a>>,
     /// Each batch row's sequence.
-    pub row_seq: Vec<usize>,
+    row_seq: Vec<usize>,
 }
 
-impl Striped<'_> {
+impl<'a> Striped<'a> {
+    pub fn new(stores: &'a mut [KvStore], seqs: Vec<StripedSeq<'a>>) -> Self {
+        let row_seq = row_sequences(seqs.iter().map(|s| s.rows.len()));
+        Striped {
+            stores,
+            seqs,
+            row_seq,
+        }
+    }
+
     fn shards(&self) -> usize {
         self.stores.len()
     }
@@ -205,9 +221,17 @@ impl ShardServer {
         }
     }
 
-    /// Blocks held for sessions.
-    pub fn blocks_in_use(&self) -> usize {
-        self.sessions.values().map(Vec::len).sum()
+    /// Extends `session`'s table to `len` blocks from the free ones.
+    fn grow(&mut self, session: u64, len: usize) -> Result<(), String> {
+        let table = self.sessions.entry(session).or_default();
+        while table.len() < len {
+            let block = self
+                .free
+                .pop()
+                .ok_or_else(|| format!("shard {} is out of KV blocks", self.index))?;
+            table.push(block);
+        }
+        Ok(())
     }
 
     /// Bytes of KV memory this shard holds (all layers, keys and values).
@@ -244,15 +268,8 @@ impl ShardServer {
                 self.index
             ));
         }
-        let table = self.sessions.entry(session).or_default();
-        while table.len() <= index {
-            let block = self
-                .free
-                .pop()
-                .ok_or_else(|| format!("shard {} is out of KV blocks", self.index))?;
-            table.push(block);
-        }
-        let block = table[index];
+        self.grow(session, index + 1)?;
+        let block = self.sessions[&session][index];
         for (i, (k, v)) in keys
             .chunks_exact(width)
             .zip(values.chunks_exact(width))
@@ -274,14 +291,7 @@ impl ShardServer {
         let mut logical = Vec::with_capacity(req.seqs.len());
         for seq in &req.seqs {
             let mine = logical_blocks(self.index, self.shards, seq.blocks as usize);
-            let table = self.sessions.entry(seq.session).or_default();
-            while table.len() < mine.len() {
-                let block = self
-                    .free
-                    .pop()
-                    .ok_or_else(|| format!("shard {} is out of KV blocks", self.index))?;
-                table.push(block);
-            }
+            self.grow(seq.session, mine.len())?;
             logical.push(mine);
         }
         for a in &req.appends {
@@ -395,12 +405,13 @@ pub struct CoordinatedSeq {
 /// that shard's next attention request), every shard attends over its blocks, the replies
 /// merge exactly.
 pub struct Coordinated<'a> {
-    pub links: &'a mut [Box<dyn ShardLink>],
-    pub seqs: Vec<CoordinatedSeq>,
-    pub row_seq: Vec<usize>,
-    pub block_tokens: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
+    links: &'a mut [Box<dyn ShardLink>],
+    /// The sequences as every shard's request names them (fixed for the call).
+    wire: Vec<AttendSeq>,
+    row_seq: Vec<usize>,
+    block_tokens: usize,
+    kv_heads: usize,
+    head_dim: usize,
     pending: Vec<Vec<Append>>,
 }
 
@@ -408,7 +419,7 @@ impl std::fmt::Debug for Coordinated<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Coordinated")
             .field("shards", &self.links.len())
-            .field("seqs", &self.seqs)
+            .field("seqs", &self.wire)
             .finish_non_exhaustive()
     }
 }
@@ -421,15 +432,20 @@ impl<'a> Coordinated<'a> {
         kv_heads: usize,
         head_dim: usize,
     ) -> Self {
-        let row_seq = seqs
+        let row_seq = row_sequences(seqs.iter().map(|s| s.rows.len()));
+        let wire = seqs
             .iter()
-            .enumerate()
-            .flat_map(|(i, s)| std::iter::repeat_n(i, s.rows.len()))
+            .map(|s| AttendSeq {
+                session: s.session,
+                start: s.start as u64,
+                rows: s.rows.len() as u32,
+                blocks: (s.start + s.rows.len()).div_ceil(block_tokens) as u32,
+            })
             .collect();
         let pending = (0..links.len()).map(|_| Vec::new()).collect();
         Coordinated {
             links,
-            seqs,
+            wire,
             row_seq,
             block_tokens,
             kv_heads,
@@ -458,28 +474,20 @@ impl Attention for Coordinated<'_> {
         q: &[f32],
         out: &mut [f32],
     ) -> Result<(), String> {
-        let seqs: Vec<AttendSeq> = self
-            .seqs
-            .iter()
-            .map(|s| AttendSeq {
-                session: s.session,
-                start: s.start as u64,
-                rows: s.rows.len() as u32,
-                blocks: (s.start + s.rows.len()).div_ceil(self.block_tokens) as u32,
-            })
-            .collect();
-        // Every shard gets its request before any reply is awaited.
+        // One request, its appends swapped per shard; every shard gets its request before any
+        // reply is awaited.
+        let mut req = AttendRequest {
+            layer: layer as u32,
+            heads: heads as u32,
+            kv_heads: self.kv_heads as u32,
+            head_dim: self.head_dim as u32,
+            scale,
+            seqs: self.wire.clone(),
+            appends: Vec::new(),
+            queries: q.to_vec(),
+        };
         for (s, link) in self.links.iter_mut().enumerate() {
-            let req = AttendRequest {
-                layer: layer as u32,
-                heads: heads as u32,
-                kv_heads: self.kv_heads as u32,
-                head_dim: self.head_dim as u32,
-                scale,
-                seqs: seqs.clone(),
-                appends: std::mem::take(&mut self.pending[s]),
-                queries: q.to_vec(),
-            };
+            req.appends = std::mem::take(&mut self.pending[s]);
             let body = req.encode().map_err(|e| e.to_string())?;
             link.send(body).map_err(|e| format!("shard {s}: {e}"))?;
         }
