@@ -572,7 +572,7 @@ async fn route(
         .iter()
         .filter_map(|id| {
             let w = workers.get(id)?.clone();
-            let cached = held.get(id).map_or(0, |t| t.device + t.host + t.disk);
+            let cached = held.get(id).map_or(0, TierCounts::total);
             let uncached = request.tokens.len().saturating_sub(cached * block_tokens);
             Some((w, uncached as u64))
         })
@@ -670,20 +670,7 @@ fn observed(
     };
     events
         .scan(tally, |tally, event| {
-            match &event {
-                GenerateEvent::Prefilled {
-                    prompt_tokens,
-                    cached_tokens,
-                } => {
-                    tally.usage.prompt_tokens = *prompt_tokens;
-                    tally.usage.cached_tokens = *cached_tokens;
-                }
-                GenerateEvent::Tokens { ids, .. } => {
-                    tally.usage.completion_tokens += ids.len() as u32;
-                }
-                GenerateEvent::Finished { usage, .. } => tally.usage = *usage,
-                _ => {}
-            }
+            tally.usage.record(&event);
             futures::future::ready(Some(event))
         })
         .boxed()

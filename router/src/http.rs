@@ -101,14 +101,16 @@ impl NdjsonLines {
     pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, LineError> {
         loop {
             if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=end).collect();
-                let line = &line[..line.len() - 1];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+                // Parsed in place (this runs per token): no copy of the line.
+                let line = &self.buf[..end];
+                let parsed = (!line.iter().all(u8::is_ascii_whitespace)).then(|| {
+                    serde_json::from_slice(line).map_err(|e| LineError::Parse(e.to_string()))
+                });
+                self.buf.drain(..=end);
+                match parsed {
+                    None => continue,
+                    Some(value) => return value.map(Some),
                 }
-                return serde_json::from_slice(line)
-                    .map(Some)
-                    .map_err(|e| LineError::Parse(e.to_string()));
             }
             match self.body.frame().await {
                 None => return Ok(None),

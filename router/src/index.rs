@@ -171,6 +171,13 @@ pub struct TierCounts {
     pub disk: usize,
 }
 
+impl TierCounts {
+    /// The matched prefix length, in blocks.
+    pub fn total(&self) -> usize {
+        self.device + self.host + self.disk
+    }
+}
+
 /// How much of a prompt's chain one worker holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerMatch {

@@ -121,7 +121,7 @@ impl Candidate {
     }
 
     fn cached_blocks(&self) -> usize {
-        self.cached.device + self.cached.host + self.cached.disk
+        self.cached.total()
     }
 }
 
@@ -187,8 +187,6 @@ pub struct Request<'a> {
 pub struct Decision {
     pub order: Vec<WorkerId>,
     pub reason: Reason,
-    /// The first worker's predicted TTFT (for `ttft`; logged, and compared in tests).
-    pub predicted: Option<Duration>,
 }
 
 /// Load bound of `session_hash`: a worker takes a session's request while its load is at most
@@ -211,10 +209,9 @@ pub fn decide(
     let mut sorted: Vec<&Candidate> = candidates.iter().collect();
     sorted.sort_by(|a, b| a.worker.cmp(&b.worker));
     let by_load = |v: &mut Vec<&Candidate>| v.sort_by_key(|c| c.load());
-    let decision = |order: Vec<&Candidate>, reason, predicted| Decision {
+    let decision = |order: Vec<&Candidate>, reason| Decision {
         order: order.iter().map(|c| c.worker.clone()).collect(),
         reason,
-        predicted,
     };
     Some(match policy {
         Policy::Ttft => {
@@ -240,14 +237,13 @@ pub fn decide(
                     }
                 }
             };
-            let predicted = Some(ttft(order[0]));
-            decision(order, reason, predicted)
+            decision(order, reason)
         }
         Policy::RoundRobin => {
             let n = sorted.len();
             let start = (turn % n as u64) as usize;
             let order = (0..n).map(|i| sorted[(start + i) % n]).collect();
-            decision(order, Reason::Turn, None)
+            decision(order, Reason::Turn)
         }
         Policy::LeastLoaded => {
             let mut order = sorted;
@@ -255,7 +251,7 @@ pub fn decide(
             let n = order.len();
             order.rotate_left((turn % n as u64) as usize);
             by_load(&mut order);
-            decision(order, Reason::LeastLoaded, None)
+            decision(order, Reason::LeastLoaded)
         }
         Policy::SessionHash => {
             let key = request.session.unwrap_or("");
@@ -269,7 +265,7 @@ pub fn decide(
             };
             let mut order = ring;
             order.rotate_left(first);
-            decision(order, reason, None)
+            decision(order, reason)
         }
         Policy::PrefixOnly => {
             let mut order = sorted;
@@ -280,7 +276,7 @@ pub fn decide(
             } else {
                 Reason::PrefixMiss
             };
-            decision(order, reason, None)
+            decision(order, reason)
         }
     })
 }

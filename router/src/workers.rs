@@ -348,9 +348,7 @@ impl Models {
             discovery: discovery.clone(),
             workers: RwLock::default(),
             kit: RwLock::default(),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created: tidelock_openai::unix_now(),
             tasks: Mutex::default(),
         });
         let weak = Arc::downgrade(&model);

@@ -15,5 +15,5 @@
 mod prepare;
 mod respond;
 
-pub use prepare::{Endpoint, Parsed, Prepared, parse};
+pub use prepare::{Endpoint, Parsed, Prepared, parse, unix_now};
 pub use respond::{error_response, respond};

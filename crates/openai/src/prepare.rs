@@ -58,7 +58,8 @@ pub struct Prepared {
     pub stream: bool,
 }
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch: OpenAI's `created` fields.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -143,7 +144,7 @@ impl Parsed {
             endpoint: self.endpoint(),
             meta: ResponseMeta {
                 id: format!("{prefix}-{:032x}", rand::random::<u128>()),
-                created: now(),
+                created: unix_now(),
                 model: self.model().to_owned(),
                 include_usage: self.common().include_usage(),
             },

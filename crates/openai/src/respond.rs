@@ -58,21 +58,14 @@ impl TextOut {
                 "the worker ended the request without an answer",
             )));
         };
+        self.usage.record(&event);
         Some(match event {
-            GenerateEvent::Prefilled {
-                prompt_tokens,
-                cached_tokens,
-            } => {
-                self.usage.prompt_tokens = prompt_tokens;
-                self.usage.cached_tokens = cached_tokens;
-                Step::Text(String::new())
-            }
+            GenerateEvent::Prefilled { .. } => Step::Text(String::new()),
             GenerateEvent::Tokens {
                 ids,
                 logprobs,
                 top_logprobs,
             } => {
-                self.usage.completion_tokens += ids.len() as u32;
                 if let Some(logprobs) = logprobs {
                     self.collect_logprobs(&ids, &logprobs, top_logprobs.as_deref());
                 }
@@ -91,8 +84,7 @@ impl TextOut {
                 }
                 Step::Text(text)
             }
-            GenerateEvent::Finished { reason, usage } => {
-                self.usage = usage;
+            GenerateEvent::Finished { reason, .. } => {
                 let tail = self.detok.finish(self.kit.tokenizer()).unwrap_or_default();
                 let mut text = self.stop.push(&tail).text;
                 let finish = if self.stop.is_stopped() {

@@ -147,6 +147,24 @@ pub struct Usage {
     pub completion_tokens: u32,
 }
 
+impl Usage {
+    /// Folds one streamed event into the running count (`Finished` carries the final one).
+    pub fn record(&mut self, event: &GenerateEvent) {
+        match event {
+            GenerateEvent::Prefilled {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                self.prompt_tokens = *prompt_tokens;
+                self.cached_tokens = *cached_tokens;
+            }
+            GenerateEvent::Tokens { ids, .. } => self.completion_tokens += ids.len() as u32,
+            GenerateEvent::Finished { usage, .. } => *self = *usage,
+            _ => {}
+        }
+    }
+}
+
 /// Machine-readable error class of a failed generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -89,9 +89,7 @@ pub fn start<E: Executor + 'static>(
         metrics,
         draining: AtomicBool::new(false),
         kit,
-        started_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started_at: tidelock_openai::unix_now(),
     });
     Ok(Started {
         state,
