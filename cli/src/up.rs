@@ -108,7 +108,8 @@ impl Part {
     }
 }
 
-/// Everything started so far; stopped in reverse order (router first) when dropped or asked.
+/// Everything started so far: `stop` ends it in reverse order (router first); dropped, every
+/// child is killed (`kill_on_drop`).
 struct Cluster {
     parts: Vec<Part>,
 }

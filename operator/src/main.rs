@@ -87,8 +87,8 @@ async fn operate(config: Config) -> anyhow::Result<()> {
         let mut shutdown = stop.clone();
         let watcher = tokio::spawn(async move {
             let lost = tokio::select! {
-                r = leading.wait_for(|l| !*l) => { let _ = r; true }
-                r = shutdown.wait_for(|s| *s) => { let _ = r; false }
+                _ = leading.wait_for(|l| !*l) => true,
+                _ = shutdown.wait_for(|s| *s) => false,
             };
             ctl_stop_tx.send_replace(true);
             lost && !*shutdown.borrow()

@@ -194,7 +194,7 @@ impl Backoff {
 }
 
 /// `namespace/name` of an object, the backoff's and the logs' key.
-pub fn object_key<K: ResourceExt>(obj: &K) -> String {
+fn object_key<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
@@ -204,24 +204,6 @@ pub fn error_policy<K: ResourceExt>(obj: &K, error: &Error, ctx: &Context) -> Ac
     let delay = ctx.backoff.failed(&key);
     tracing::warn!(object = %key, reason = error.reason(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
-}
-
-/// Runs `f` as one reconciliation of `obj`: timed, counted, and its backoff reset on success.
-pub async fn measured<K: ResourceExt, F: Future<Output = Result<Action, Error>>>(
-    controller: &str,
-    obj: &K,
-    ctx: &Context,
-    f: F,
-) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = f.await;
-    let reason = result.as_ref().err().map(Error::reason);
-    ctx.metrics
-        .reconciled(controller, started.elapsed(), reason);
-    if result.is_ok() {
-        ctx.backoff.succeeded(&object_key(obj));
-    }
-    result
 }
 
 /// One reconciliation of `obj` under the [`FINALIZER`]: `apply` while it lives (the first pass
@@ -245,17 +227,22 @@ where
 {
     let namespace = obj.namespace().ok_or(Error::Missing("namespace"))?;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
-    measured(controller, &*obj, ctx, async {
-        finalizer(&api, FINALIZER, obj.clone(), |event| async move {
-            match event {
-                FinalizerEvent::Apply(obj) => apply(obj).await,
-                FinalizerEvent::Cleanup(obj) => cleanup(obj).await,
-            }
-        })
-        .await
-        .map_err(Error::from)
+    let started = Instant::now();
+    let result = finalizer(&api, FINALIZER, obj.clone(), |event| async move {
+        match event {
+            FinalizerEvent::Apply(obj) => apply(obj).await,
+            FinalizerEvent::Cleanup(obj) => cleanup(obj).await,
+        }
     })
     .await
+    .map_err(Error::from);
+    let reason = result.as_ref().err().map(Error::reason);
+    ctx.metrics
+        .reconciled(controller, started.elapsed(), reason);
+    if result.is_ok() {
+        ctx.backoff.succeeded(&object_key(&*obj));
+    }
+    result
 }
 
 /// Writes `obj`'s status with server-side apply (the status subresource, our field manager).

@@ -73,13 +73,6 @@ pub fn tenant_record(
             .as_ref()
             .and_then(|d| d.get(&reference.key))
             .map(|b| b.0.clone())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(&reference.key))
-                    .map(|s| s.clone().into_bytes())
-            })
             .ok_or_else(|| malformed(format!("has no key `{}`", reference.key)))?;
         let key = String::from_utf8(bytes)
             .map_err(|_| malformed(format!("`{}` is not UTF-8 text", reference.key)))?;

@@ -44,16 +44,8 @@ impl Drop for Operator {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(identity: &'static str, dir: &Path, etcd: &str) -> Operator {
-    let port = free_port();
+    let port = tidelock_state::testing::free_port().unwrap();
     let log = dir.join(format!("{identity}.log"));
     let file = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tidelock-operator"))

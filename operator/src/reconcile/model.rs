@@ -144,7 +144,7 @@ fn rejected(e: kube::Error, kind: &str, name: &str) -> Error {
 }
 
 /// Worker registrations per group name, from the cluster state.
-pub type Registered = BTreeMap<String, i32>;
+type Registered = BTreeMap<String, i32>;
 
 async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
@@ -217,7 +217,7 @@ async fn registrations(model: &Model, ctx: &Context) -> Result<Registered, Error
 
 /// The status a reconciliation reports. Pure: from the Model, the applied StatefulSets and the
 /// registrations (`None` when the cluster state could not be read).
-pub fn status(
+fn status(
     model: &Model,
     previous: &ModelStatus,
     groups: &[StatefulSet],

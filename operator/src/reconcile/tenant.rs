@@ -61,9 +61,8 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let id = tenants::tenant_id(tenant);
-    let record = id
-        .clone()
-        .and_then(|_| tenants::tenant_record(tenant, &secrets));
+    // An invalid id is reported first: the match below tries it first.
+    let record = tenants::tenant_record(tenant, &secrets);
     let previous = tenant.status.clone().unwrap_or_default();
     let generation = tenant.metadata.generation;
     let prev = &previous.conditions;

@@ -319,7 +319,7 @@ fn handle_request(
         return status(404, "NotFound", format!("no such path {path}"));
     };
     let namespace = t.namespace.clone().unwrap_or_default();
-    let body: Value = if body.is_empty() {
+    let mut body: Value = if body.is_empty() {
         Value::Null
     } else {
         match serde_json::from_slice(body) {
@@ -327,6 +327,14 @@ fn handle_request(
             Err(e) => return status(400, "BadRequest", format!("body is not JSON: {e}")),
         }
     };
+    // Like the real server: a Secret's `stringData` is write-only, merged into `data`.
+    if let Some(Value::Object(strings)) = body.as_object_mut().and_then(|o| o.remove("stringData"))
+    {
+        for (k, v) in strings {
+            let bytes = k8s_openapi::ByteString(v.as_str().unwrap_or_default().as_bytes().to_vec());
+            body["data"][k] = serde_json::to_value(bytes).unwrap();
+        }
+    }
     let Some(name) = t.name.clone() else {
         return match parts.method {
             Method::GET => {

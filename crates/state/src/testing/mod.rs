@@ -5,4 +5,4 @@ pub mod conformance;
 mod etcd_server;
 
 pub use conformance::{EtcdFixture, Fixture, MemoryFixture};
-pub use etcd_server::EtcdServer;
+pub use etcd_server::{EtcdServer, free_port};
