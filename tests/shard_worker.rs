@@ -1,8 +1,9 @@
 //! A worker started as shard 1 of a group of 2 (as the operator starts one: `--shards`,
 //! `--shard`) says so in `/v1/info` and serves the shard attention RPC over HTTP: a new token
-//! appended to its block comes back as the attention output over that one position (its value,
-//! softmax weight 1) with log-sum-exp `q.k * scale`; a position of the other shard's block is
-//! refused with a 400 naming the owner; and an impossible shard index stops the worker at start.
+//! appended to a block comes back as the attention output over that one position (its value,
+//! softmax weight 1) with log-sum-exp `q.k * scale`, under the same incarnation call after call;
+//! a block outside its store is refused with a 400 saying so; and an impossible shard index, or
+//! a coordinator without its peers, stops the worker at start.
 
 use std::process::Command;
 use std::time::Duration;
@@ -17,7 +18,8 @@ const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const DIM: usize = 64;
 
-fn request(position: u64, blocks: u32, k: &[f32], v: &[f32], q: &[f32]) -> AttendRequest {
+/// One token at `position`, its block (index `position / 16` of the sequence) at `local`.
+fn request(position: u64, local: u32, k: &[f32], v: &[f32], q: &[f32]) -> AttendRequest {
     AttendRequest {
         layer: 0,
         heads: HEADS as u32,
@@ -25,14 +27,13 @@ fn request(position: u64, blocks: u32, k: &[f32], v: &[f32], q: &[f32]) -> Atten
         head_dim: DIM as u32,
         scale: 0.125,
         seqs: vec![AttendSeq {
-            session: 7,
             start: position,
             rows: 1,
-            blocks,
+            blocks: vec![((position / 16) as u32, local)],
         }],
         appends: vec![Append {
-            seq: 0,
-            position,
+            local,
+            slot: (position % 16) as u32,
             key: k.to_vec(),
             value: v.to_vec(),
         }],
@@ -82,11 +83,19 @@ fn a_worker_serves_its_shard_of_a_group() {
     let q: Vec<f32> = (0..HEADS * DIM).map(|i| (i as f32 * 0.11).cos()).collect();
     let mut link =
         HttpLink::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(5)).unwrap();
-    // Position 16 is block 1: shard 1 of 2 holds it, and it is the only position there.
+    // Position 16 starts block 1 of the sequence, kept at place 5: the only position there.
     let reply = link
-        .call(request(16, 2, &k, &v, &q).encode().unwrap())
+        .call(request(16, 5, &k, &v, &q).encode().unwrap())
         .unwrap();
     let reply = AttendReply::decode(&reply).unwrap();
+    let again = link
+        .call(request(17, 6, &k, &v, &q).encode().unwrap())
+        .unwrap();
+    assert_eq!(
+        AttendReply::decode(&again).unwrap().incarnation,
+        reply.incarnation,
+        "one process, one incarnation"
+    );
     assert_eq!((reply.rows, reply.heads), (1, HEADS as u32));
     for h in 0..HEADS {
         let kv = h / (HEADS / KV_HEADS);
@@ -103,11 +112,14 @@ fn a_worker_serves_its_shard_of_a_group() {
             reply.lse[h]
         );
     }
-    // Position 0 is block 0, shard 0's.
+    // 64 MiB holds 91 blocks of this model.
     let e = link
-        .call(request(0, 2, &k, &v, &q).encode().unwrap())
+        .call(request(0, 91, &k, &v, &q).encode().unwrap())
         .unwrap_err();
-    assert!(e.contains("400") && e.contains("belongs to shard 0"), "{e}");
+    assert!(
+        e.contains("400") && e.contains("block place 91 is outside this shard's 91"),
+        "{e}"
+    );
     worker.stop(Duration::from_secs(10));
 
     // Shard 2 of 2 does not exist: the worker refuses to start, saying why.
@@ -124,4 +136,18 @@ fn a_worker_serves_its_shard_of_a_group() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("--shard 2 of --shards 2"), "{stderr}");
+
+    // A coordinator must know every shard of its group.
+    let out = Command::new(binary("tidelock-worker"))
+        .args(["--model", &model_path().to_string_lossy()])
+        .args(["--shards", "2", "--shard-peers", "http://127.0.0.1:1"])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--shard-peers names 1 workers; shard 0 of a group of 2 needs all 2"),
+        "{stderr}"
+    );
 }

@@ -23,14 +23,13 @@ use std::time::{Duration, Instant};
 use tidelock_protocol::BlockId;
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::shard::{
-    Coordinated, CoordinatedSeq, InProcess, ShardLink, ShardServer, placement,
+    Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer, placement,
 };
 use tidelock_worker::model::llama::{Logits, Rows, WeightFormat};
 use tidelock_worker::model::tiny::{TinySpec, write_tiny_llama};
 use tidelock_worker::model::{Llama, SeqChunk};
 
 const BLOCK: usize = 64;
-const SESSION: u64 = 1;
 
 /// A shard link that times each call (the shard's compute for that layer).
 struct Timed {
@@ -97,13 +96,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          KV is filled (one worker: written; shards: the block import path)"
     );
 
-    // One worker holding everything.
+    // One worker holding everything; the same table names the group's blocks (block b on shard
+    // b % S, as a fresh session gets them from the coordinator's pool).
     let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
     let mut local = KvStore::new(shape, blocks);
     // The shards, each with room for its share.
     let per_shard = blocks.div_ceil(shards);
     let mut servers: Vec<ShardServer> = (0..shards)
-        .map(|i| ShardServer::new(i, shards, KvStore::new(shape, per_shard)))
+        .map(|_| ShardServer::new(KvStore::new(shape, per_shard)))
         .collect();
     let started = Instant::now();
     let (mut k, mut v) = (Vec::new(), Vec::new());
@@ -119,7 +119,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for (i, (kk, vv)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
                 local.write(layer, &table, first + i, kk, vv);
             }
-            servers[placement(b, shards).0].import(SESSION, layer, first, &k, &v)?;
+            let (shard, place) = placement(table[b], shards);
+            servers[shard].import(place, layer, 0, &k, &v)?;
         }
         if b % (blocks / 4).max(1) == 0 {
             eprintln!(
@@ -153,7 +154,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let spent: Vec<Arc<Mutex<Duration>>> = (0..shards).map(|_| Arc::default()).collect();
     let kv_per_shard: Vec<usize> = servers.iter().map(ShardServer::kv_bytes).collect();
-    let mut links: Vec<Box<dyn ShardLink>> = servers
+    let links: Vec<Box<dyn ShardLink>> = servers
         .into_iter()
         .zip(&spent)
         .map(|(s, spent)| {
@@ -163,6 +164,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }) as Box<dyn ShardLink>
         })
         .collect();
+    let mut group = ShardGroup::new(links);
     let mut many_times = Vec::new();
     let mut shard_times: Vec<Vec<Duration>> = vec![Vec::new(); shards];
     let mut max_diff = 0.0f32;
@@ -170,12 +172,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for s in &spent {
             *s.lock().unwrap() = Duration::ZERO;
         }
-        let seqs = vec![CoordinatedSeq {
-            session: SESSION,
+        let seqs = [CoordinatedSeq {
             start: tokens + i,
             rows: 0..1,
+            table: &table,
         }];
-        let mut c = Coordinated::new(&mut links, seqs, BLOCK, shape.kv_heads, shape.head_dim);
+        let mut c = Coordinated::new(&mut group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
         let t = Instant::now();
         let out = m.forward_with(
             &mut c,
@@ -204,7 +206,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let one_kv = local.num_blocks() * shape.block_bytes();
     let max_shard_kv = kv_per_shard.iter().copied().max().unwrap_or(0);
     drop(local);
-    drop(links);
+    drop(group);
 
     // Prefill through the shards at 16K, against one worker.
     let prefill = 16_384.min(tokens);
@@ -225,23 +227,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
     }
     let one_prefill = t.elapsed();
-    let mut plinks: Vec<Box<dyn ShardLink>> = (0..shards)
-        .map(|i| {
-            Box::new(InProcess::new(ShardServer::new(
-                i,
-                shards,
-                KvStore::new(shape, pblocks.div_ceil(shards)),
-            ))) as Box<dyn ShardLink>
-        })
-        .collect();
+    let mut pgroup = ShardGroup::new(
+        (0..shards)
+            .map(|_| {
+                Box::new(InProcess::new(ShardServer::new(KvStore::new(
+                    shape,
+                    pblocks.div_ceil(shards),
+                )))) as Box<dyn ShardLink>
+            })
+            .collect(),
+    );
     let t = Instant::now();
     for (c, chunk) in prompt.chunks(2048).enumerate() {
-        let seqs = vec![CoordinatedSeq {
-            session: 2,
+        let seqs = [CoordinatedSeq {
             start: c * 2048,
             rows: 0..chunk.len(),
+            table: &ptable,
         }];
-        let mut co = Coordinated::new(&mut plinks, seqs, BLOCK, shape.kv_heads, shape.head_dim);
+        let mut co = Coordinated::new(&mut pgroup, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
         m.forward_with(
             &mut co,
             &[Rows {

@@ -67,8 +67,9 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_GROUP")]
     pub group: Option<String>,
 
-    /// Workers in this worker's shard group (issue #7). Above 1, this worker also serves its
-    /// shard of the group's sessions on `POST /v1/shard/attend` (the Kubernetes operator sets it).
+    /// Workers in this worker's shard group (issue #7; the Kubernetes operator sets it). Above
+    /// 1, shard 0 coordinates: it runs the model and the engine, and its KV pool spans the
+    /// group's memory; the other shards only hold KV blocks and serve `POST /v1/shard/attend`.
     #[arg(long, env = "TIDELOCK_SHARDS", default_value_t = 1)]
     pub shards: u32,
 
@@ -76,10 +77,17 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_SHARD", default_value_t = 0)]
     pub shard: u32,
 
-    /// KV memory of the shard store: the blocks this worker holds of sessions another worker of
-    /// the group coordinates. Default: `--kv-cache`. Used only with `--shards` above 1.
-    #[arg(long, env = "TIDELOCK_SHARD_KV_CACHE")]
-    pub shard_kv_cache: Option<ByteSize>,
+    /// Base URLs of every worker of the group, in shard order (`http://host:port`, this worker's
+    /// own entry included and unused). The coordinator (shard 0) reaches the others through
+    /// them; the operator sets them from the StatefulSet's pod names. Every shard of a group
+    /// must have the same `--kv-cache`.
+    #[arg(long, env = "TIDELOCK_SHARD_PEERS", value_delimiter = ',')]
+    pub shard_peers: Vec<String>,
+
+    /// Deadline of one shard call (one layer of one step), in milliseconds: a shard that does
+    /// not answer in time fails the step with an error naming it.
+    #[arg(long, env = "TIDELOCK_SHARD_TIMEOUT_MS", default_value_t = 30_000)]
+    pub shard_timeout_ms: u64,
 
     /// etcd endpoints (comma-separated) to register this worker in. None: no registration
     /// (static discovery, as `tidelock up` uses).

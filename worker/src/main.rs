@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -12,12 +13,12 @@ use tidelock_protocol::{
     WorkerRegistration,
 };
 use tidelock_worker::config::{Config, EngineKind};
-use tidelock_worker::engine::executor::ModelExecutor;
+use tidelock_worker::engine::executor::{GroupExecutor, ModelExecutor};
 use tidelock_worker::engine::sim::SimExecutor;
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::pool::BlockPool;
-use tidelock_worker::kv::shard::ShardServer;
+use tidelock_worker::kv::shard::{InProcess, ShardGroup, ShardLink, ShardServer};
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::gguf::GgufFile;
 use tidelock_worker::model::hf::{self, HfFolder};
@@ -25,6 +26,7 @@ use tidelock_worker::model::llama::WeightFormat;
 use tidelock_worker::registration::{self, Registration};
 use tidelock_worker::server::runner::Command;
 use tidelock_worker::server::{self, app};
+use tidelock_worker::shard_rpc::HttpLink;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
@@ -45,6 +47,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             config.shard,
             config.shards
         );
+    }
+    let shards = config.shards as usize;
+    let coordinator = shards > 1 && config.shard == 0;
+    if coordinator && config.shard_peers.len() != shards {
+        bail!(
+            "--shard-peers names {} workers; shard 0 of a group of {shards} needs all {shards}, in shard order",
+            config.shard_peers.len()
+        );
+    }
+    if coordinator && config.engine == EngineKind::Sim {
+        bail!("--engine sim does not shard: run a group with the real engine, or --shards 1");
     }
 
     // A folder is a Hugging Face checkpoint; a file is GGUF.
@@ -94,7 +107,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         vocab_size: model_config.vocab_size,
         eos_token_ids: kit.stop_token_ids().to_vec(),
     };
-    let pool = BlockPool::new(num_blocks, block_tokens, epoch);
+    // A coordinator's pool numbers the blocks of the whole group (kv::shard).
+    let pool_blocks = if coordinator {
+        num_blocks * shards
+    } else {
+        num_blocks
+    };
+    let pool = BlockPool::new(pool_blocks, block_tokens, epoch);
     let group = GroupId::new(
         config
             .group
@@ -106,8 +125,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         model: served.clone(),
         block_tokens,
         dtype: "f32".into(),
-        kv_capacity_bytes: (num_blocks * shape.block_bytes()) as u64,
-        kv_capacity_blocks: num_blocks as u64,
+        kv_capacity_bytes: (pool_blocks * shape.block_bytes()) as u64,
+        kv_capacity_blocks: pool_blocks as u64,
         max_context_tokens: max_context as u64,
         epoch,
         group,
@@ -115,17 +134,42 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shard_count: config.shards,
     };
 
+    if shards > 1 && config.shard > 0 {
+        return serve_shard(config, info, KvStore::new(shape, num_blocks)).await;
+    }
     let tokenizer = kit.to_json()?;
     let started = match config.engine {
+        EngineKind::Real if coordinator => {
+            tracing::info!("loading weights");
+            let model = Arc::new(load_model(&config.model, hf_folder)?);
+            let timeout = Duration::from_millis(config.shard_timeout_ms);
+            let mut links: Vec<Box<dyn ShardLink>> = vec![Box::new(InProcess::new(
+                ShardServer::new(KvStore::new(shape, num_blocks)),
+            ))];
+            for (i, peer) in config.shard_peers.iter().enumerate().skip(1) {
+                tracing::info!(shard = i, %peer, "shard link");
+                links.push(Box::new(
+                    HttpLink::new(peer, timeout)
+                        .with_context(|| format!("shard {i} link to {peer}"))?,
+                ));
+            }
+            let exec = GroupExecutor {
+                model,
+                group: ShardGroup::new(links),
+                block_tokens: bt,
+            };
+            server::start(
+                Engine::new(engine_config, pool, exec),
+                info,
+                tokenizer,
+                Some(kit.clone()),
+            )?
+        }
         EngineKind::Real => {
             tracing::info!("loading weights");
             // GGUF: packed quantized weights for decode, f32 for prefill. Hugging Face
             // folders hold f32/f16/bf16 weights: f32 only.
-            let model = Arc::new(if hf_folder {
-                Llama::from_hf(&config.model, WeightFormat::F32)?
-            } else {
-                Llama::from_gguf(&config.model, WeightFormat::Packed)?
-            });
+            let model = Arc::new(load_model(&config.model, hf_folder)?);
             let kv = KvStore::new(shape, num_blocks);
             let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
             server::start(engine, info, tokenizer, Some(kit.clone()))?
@@ -153,66 +197,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "serving on http://{}",
         listener.local_addr()?
     );
-    let registration = match config.etcd.is_empty() {
-        true => None,
-        false => {
-            let store = tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new(
-                config.etcd.clone(),
-            ))
-            .await?;
-            let worker = WorkerId::new(
-                config
-                    .worker_id
-                    .clone()
-                    .unwrap_or_else(|| config.listen.to_string()),
-            )
-            .context("--worker-id")?;
-            let key = KeyLayout::new(config.etcd_prefix.clone()).worker(&served, &worker);
-            let record = WorkerRegistration {
-                address: config
-                    .advertise_url
-                    .clone()
-                    .unwrap_or_else(|| format!("http://{}", config.listen)),
-                group: state.info.group.clone(),
-                shard: state.info.shard,
-                shard_count: state.info.shard_count,
-                block_tokens,
-                kv_capacity_bytes: state.info.kv_capacity_bytes,
-            };
-            Some(
-                Registration::start(Arc::new(store), key, record, registration::DEFAULT_TTL)
-                    .await?,
-            )
-        }
-    };
+    let registration = register(&config, &state.info).await?;
     let shutdown_state = state.clone();
-    // Small streamed writes (one event per token) must not wait for the peer's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let mut router = app(state);
-    if config.shards > 1 {
-        let bytes = config.shard_kv_cache.unwrap_or(config.kv_cache);
-        let blocks = shape.blocks_in(bytes.as_u64());
-        tracing::info!(
-            shard = config.shard,
-            shards = config.shards,
-            kv_blocks = blocks,
-            "serving shard attention on {}",
-            tidelock_worker::shard_rpc::PATH
-        );
-        let server = ShardServer::new(
-            config.shard as usize,
-            config.shards as usize,
-            KvStore::new(shape, blocks.max(1)),
-        );
-        router = router.merge(tidelock_worker::shard_rpc::routes(Arc::new(
-            std::sync::Mutex::new(server),
-        )));
-    }
-    axum::serve(listener, router)
+    let listener = nodelay(listener);
+    axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             tidelock_service::shutdown_signal().await;
             tracing::info!("shutting down");
@@ -224,5 +212,91 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let _ = commands.send(Command::Shutdown);
     let _ = started.engine_thread.join();
+    Ok(())
+}
+
+fn load_model(path: &std::path::Path, hf_folder: bool) -> anyhow::Result<Llama> {
+    // GGUF: packed quantized weights for decode, f32 for prefill. Hugging Face folders hold
+    // f32/f16/bf16 weights: f32 only.
+    Ok(if hf_folder {
+        Llama::from_hf(path, WeightFormat::F32)?
+    } else {
+        Llama::from_gguf(path, WeightFormat::Packed)?
+    })
+}
+
+/// Small streamed writes (one event per token, one reply per layer) must not wait for the
+/// peer's delayed ACK.
+fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    })
+}
+
+/// `workers/<model>/<worker>` in etcd under a kept-alive lease, when `--etcd` is given.
+async fn register(config: &Config, info: &WorkerInfo) -> anyhow::Result<Option<Registration>> {
+    if config.etcd.is_empty() {
+        return Ok(None);
+    }
+    let store =
+        tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new(config.etcd.clone()))
+            .await?;
+    let worker = WorkerId::new(
+        config
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| config.listen.to_string()),
+    )
+    .context("--worker-id")?;
+    let key = KeyLayout::new(config.etcd_prefix.clone()).worker(&info.model, &worker);
+    let record = WorkerRegistration {
+        address: config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.listen)),
+        group: info.group.clone(),
+        shard: info.shard,
+        shard_count: info.shard_count,
+        block_tokens: info.block_tokens,
+        kv_capacity_bytes: info.kv_capacity_bytes,
+    };
+    Ok(Some(
+        Registration::start(Arc::new(store), key, record, registration::DEFAULT_TTL).await?,
+    ))
+}
+
+/// A shard other than the coordinator: its KV store behind the shard RPC, no model weights and
+/// no engine (the coordinator runs the layers).
+async fn serve_shard(config: Config, info: WorkerInfo, store: KvStore) -> anyhow::Result<()> {
+    let blocks = store.num_blocks();
+    let server = ShardServer::new(store);
+    tracing::info!(
+        shard = config.shard,
+        shards = config.shards,
+        kv_blocks = blocks,
+        incarnation = server.incarnation(),
+        "shard of group {}: serving {} on http://{}",
+        info.group,
+        tidelock_worker::shard_rpc::PATH,
+        config.listen
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let registration = register(&config, &info).await?;
+    let app = tidelock_worker::shard_rpc::shard_app(info, Arc::new(std::sync::Mutex::new(server)));
+    axum::serve(nodelay(listener), app)
+        .with_graceful_shutdown(async {
+            tidelock_service::shutdown_signal().await;
+            tracing::info!("shutting down");
+        })
+        .await?;
+    if let Some(registration) = registration {
+        registration.deregister().await;
+    }
     Ok(())
 }

@@ -17,11 +17,12 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tidelock_protocol::WorkerInfo;
 use tidelock_protocol::shard::AttendRequest;
 
 use crate::kv::shard::{ShardLink, ShardServer};
@@ -32,6 +33,24 @@ pub const CONTENT_TYPE: &str = "application/vnd.tidelock.shard";
 pub const PATH: &str = "/v1/shard/attend";
 /// The largest request body a shard accepts.
 pub const MAX_BODY: usize = 512 << 20;
+
+/// What a shard other than the coordinator serves: its store on `POST /v1/shard/attend`, and
+/// `/healthz`, `/readyz` and `/v1/info` (its group and index) for probes and tools. It runs no
+/// engine, so it has no generation routes.
+pub fn shard_app(info: WorkerInfo, server: Arc<Mutex<ShardServer>>) -> Router {
+    let info = Arc::new(info);
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/v1/info",
+            get(move || {
+                let info = info.clone();
+                async move { axum::Json((*info).clone()) }
+            }),
+        )
+        .merge(routes(server))
+}
 
 /// `POST /v1/shard/attend` over `server` (one request at a time: a shard's store has one writer).
 pub fn routes(server: Arc<Mutex<ShardServer>>) -> Router {

@@ -10,12 +10,18 @@ use std::path::Path;
 use candle_core::Tensor;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tidelock_protocol::BlockId;
+use tidelock_protocol::{
+    BlockId, BlockTokens, CacheSalt, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName,
+    SamplingParams, Usage,
+};
+use tidelock_worker::engine::executor::{Executor, GroupExecutor, ModelExecutor};
+use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::pool::BlockPool;
+use tokio::sync::mpsc::unbounded_channel;
 
 use tidelock_worker::kv::shard::{
-    Coordinated, CoordinatedSeq, InProcess, ShardLink, ShardServer, Striped, StripedSeq,
-    StripedTables, placement,
+    Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer,
 };
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::SeqChunk;
@@ -83,43 +89,24 @@ fn argmax(xs: &[f32]) -> u32 {
 enum Mode {
     /// One store.
     One,
-    /// S stores in this process, called directly.
-    Striped(usize),
     /// S shard servers behind the binary RPC bodies (encoded, decoded), in this process.
     Rpc(usize),
     /// S shard servers behind HTTP on loopback ports, through `HttpLink`s.
     Http(usize),
 }
 
-/// Prefill `prompt` in chunks, then `steps` greedy tokens; returns the logits after the prompt
-/// and after each step, and the tokens.
-fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let shards = match mode {
-        Mode::One => None,
-        Mode::Striped(s) | Mode::Rpc(s) | Mode::Http(s) => Some(s),
-    };
-    let total = prompt.len() + steps;
-    let blocks = total.div_ceil(BLOCK);
+/// A group of `s` shards reached as `mode` says, each store holding `per_shard` blocks.
+fn group(
+    m: &Llama,
+    mode: Mode,
+    s: usize,
+    per_shard: usize,
+) -> (Option<tokio::runtime::Runtime>, ShardGroup) {
     let shape = m.kv_shape(BLOCK);
-    let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
-    let mut local = KvStore::new(shape, blocks);
-    let s = shards.unwrap_or(1);
-    // Each shard numbers its own blocks, in reverse so the tables really indirect.
-    let mut tables = StripedTables {
-        shards: vec![Vec::new(); s],
-    };
-    for b in 0..blocks {
-        tables.shards[placement(b, s).0].push(BlockId::new(0));
-    }
-    for t in &mut tables.shards {
-        let n = t.len() as u32;
-        *t = (0..n).rev().map(BlockId::new).collect();
-    }
-    let per_shard = blocks.div_ceil(s);
     let servers: Vec<ShardServer> = (0..s)
-        .map(|i| ShardServer::new(i, s, KvStore::new(shape, per_shard)))
+        .map(|_| ShardServer::new(KvStore::new(shape, per_shard)))
         .collect();
-    let (_runtime, mut links) = if matches!(mode, Mode::Http(_)) {
+    if matches!(mode, Mode::Http(_)) {
         let (runtime, urls, _) = serve(servers);
         let links = urls
             .iter()
@@ -127,22 +114,38 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
                 Box::new(HttpLink::new(u, Duration::from_secs(10)).unwrap()) as Box<dyn ShardLink>
             })
             .collect();
-        (Some(runtime), links)
+        (Some(runtime), ShardGroup::new(links))
     } else {
         let links = servers
             .into_iter()
             .map(|server| Box::new(InProcess::new(server)) as Box<dyn ShardLink>)
-            .collect::<Vec<_>>();
-        (None, links)
+            .collect();
+        (None, ShardGroup::new(links))
+    }
+}
+
+/// Prefill `prompt` in chunks, then `steps` greedy tokens; returns the logits after the prompt
+/// and after each step, and the tokens.
+fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let total = prompt.len() + steps;
+    let blocks = total.div_ceil(BLOCK);
+    let shape = m.kv_shape(BLOCK);
+    let s = match mode {
+        Mode::One => 1,
+        Mode::Rpc(s) | Mode::Http(s) => s,
     };
-    let mut stores: Vec<KvStore> = tables
-        .shards
-        .iter()
-        .map(|t| KvStore::new(shape, t.len().max(1)))
+    let per_shard = blocks.div_ceil(s);
+    // The sequence's blocks from the top of the pool down, so the tables really indirect (and
+    // still rotate over the shards).
+    let pool = per_shard * s;
+    let table: Vec<BlockId> = (0..blocks as u32)
+        .map(|b| BlockId::new(pool as u32 - 1 - b))
         .collect();
+    let mut local = KvStore::new(shape, pool);
+    let (_runtime, mut group) = group(m, mode, s, per_shard);
     let mut forward = |tokens: &[u32], start: usize| -> Vec<f32> {
-        let out = match shards {
-            None => m.forward(
+        let out = match mode {
+            Mode::One => m.forward(
                 &mut local,
                 &[SeqChunk {
                     tokens,
@@ -151,34 +154,16 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
                     logits: Logits::Last,
                 }],
             ),
-            Some(_) if matches!(mode, Mode::Rpc(_) | Mode::Http(_)) => {
-                let seqs = vec![CoordinatedSeq {
-                    session: 42,
+            Mode::Rpc(_) | Mode::Http(_) => {
+                let seqs = [CoordinatedSeq {
                     start,
                     rows: 0..tokens.len(),
+                    table: &table,
                 }];
                 let mut rpc =
-                    Coordinated::new(&mut links, seqs, BLOCK, shape.kv_heads, shape.head_dim);
+                    Coordinated::new(&mut group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
                 m.forward_with(
                     &mut rpc,
-                    &[Rows {
-                        tokens,
-                        start,
-                        logits: Logits::Last,
-                    }],
-                )
-            }
-            Some(_) => {
-                let mut striped = Striped::new(
-                    &mut stores,
-                    vec![StripedSeq {
-                        rows: 0..tokens.len(),
-                        start,
-                        tables: &tables,
-                    }],
-                );
-                m.forward_with(
-                    &mut striped,
                     &[Rows {
                         tokens,
                         start,
@@ -216,9 +201,13 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 }
 
 fn check(m: &Llama, what: &str, prompt: &[u32], shard_counts: &[usize]) {
+    let t = Instant::now();
     let (one, one_tokens) = run(m, prompt, 64, Mode::One);
+    eprintln!("{what}: one store {:?}", t.elapsed());
     for &s in shard_counts {
-        let (many, many_tokens) = run(m, prompt, 64, Mode::Striped(s));
+        let t = Instant::now();
+        let (many, many_tokens) = run(m, prompt, 64, Mode::Rpc(s));
+        eprintln!("{what}: S={s} {:?}", t.elapsed());
         let diff = max_diff(&one, &many);
         let distinct: std::collections::BTreeSet<_> = one_tokens.iter().collect();
         eprintln!(
@@ -260,26 +249,6 @@ fn four_shards_match_one_store_on_the_real_model_at_6000() {
     );
 }
 
-/// The same computation behind the binary RPC bodies (every layer's request encoded, decoded by
-/// the shard server, its reply encoded and decoded): bit-identical to the direct calls.
-#[test]
-fn the_rpc_bodies_carry_the_computation_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = tiny(dir.path());
-    let prompt = tokens(4_096, 9);
-    let (direct, direct_tokens) = run(&m, &prompt, 16, Mode::Striped(4));
-    let (rpc, rpc_tokens) = run(&m, &prompt, 16, Mode::Rpc(4));
-    let (one, _) = run(&m, &prompt, 16, Mode::One);
-    eprintln!(
-        "tiny model, 4,096 tokens + 16 steps, S=4 over RPC bodies: max |diff| vs direct {:.2e}, vs one store {:.2e}",
-        max_diff(&direct, &rpc),
-        max_diff(&one, &rpc)
-    );
-    assert_eq!(direct, rpc, "encoding loses nothing");
-    assert_eq!(direct_tokens, rpc_tokens);
-    assert!(max_diff(&one, &rpc) < 1e-4);
-}
-
 /// Over HTTP on loopback (persistent connections, one per shard): the same logits as one store.
 #[test]
 fn http_shards_match_one_store() {
@@ -307,21 +276,23 @@ fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
     let m = tiny(dir.path());
     let shape = m.kv_shape(BLOCK);
     let servers: Vec<ShardServer> = (0..2)
-        .map(|i| ShardServer::new(i, 2, KvStore::new(shape, 8)))
+        .map(|_| ShardServer::new(KvStore::new(shape, 8)))
         .collect();
     let (runtime, urls, tasks) = serve(servers);
     // A third "shard" that accepts connections and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("http://{}", silent.local_addr().unwrap());
     let timeout = Duration::from_millis(500);
-    let step = |links: &mut Vec<Box<dyn ShardLink>>, start: usize| {
+    // Two blocks, one on each shard; the step writes into the second.
+    let table = [BlockId::new(0), BlockId::new(1)];
+    let step = |group: &mut ShardGroup, start: usize| {
         let tokens = [5u32, 6, 7];
-        let seqs = vec![CoordinatedSeq {
-            session: 1,
+        let seqs = [CoordinatedSeq {
             start,
             rows: 0..3,
+            table: &table,
         }];
-        let mut c = Coordinated::new(links, seqs, BLOCK, shape.kv_heads, shape.head_dim);
+        let mut c = Coordinated::new(group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
         m.forward_with(
             &mut c,
             &[Rows {
@@ -331,27 +302,28 @@ fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
             }],
         )
     };
-    let mut links: Vec<Box<dyn ShardLink>> = urls
-        .iter()
-        .map(|u| Box::new(HttpLink::new(u, timeout).unwrap()) as Box<dyn ShardLink>)
-        .collect();
-    step(&mut links, 0).expect("both shards up");
+    let links = |urls: &[&String]| {
+        ShardGroup::new(
+            urls.iter()
+                .map(|u| Box::new(HttpLink::new(u, timeout).unwrap()) as Box<dyn ShardLink>)
+                .collect(),
+        )
+    };
+    let mut group = links(&[&urls[0], &urls[1]]);
+    step(&mut group, BLOCK - 1).expect("both shards up");
     // Shard 1 dies.
     tasks[1].abort();
     runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
     let t = Instant::now();
-    let e = step(&mut links, 3).unwrap_err().to_string();
+    let e = step(&mut group, BLOCK + 2).unwrap_err().to_string();
     eprintln!("dead shard: {e} (after {:?})", t.elapsed());
     assert!(e.starts_with("shard attention: shard 1: "), "{e}");
     assert!(e.contains(&urls[1]), "{e}");
     assert!(t.elapsed() < timeout * 3, "failed fast: {:?}", t.elapsed());
     // A silent shard: the deadline ends the call.
-    let mut links: Vec<Box<dyn ShardLink>> = [&urls[0], &silent_url]
-        .iter()
-        .map(|u| Box::new(HttpLink::new(u, timeout).unwrap()) as Box<dyn ShardLink>)
-        .collect();
+    let mut group = links(&[&urls[0], &silent_url]);
     let t = Instant::now();
-    let e = step(&mut links, 0).unwrap_err().to_string();
+    let e = step(&mut group, BLOCK - 1).unwrap_err().to_string();
     eprintln!("silent shard: {e} (after {:?})", t.elapsed());
     assert!(
         e.contains("no answer within 500ms") && e.contains(&silent_url),
@@ -363,4 +335,198 @@ fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
         t.elapsed()
     );
     drop(silent);
+}
+
+// ---- The engine over a group: what `tidelock-worker --shards 4` runs on its coordinator. ----
+
+/// A link whose shard can be replaced, as a restarted shard process is.
+struct Restartable(Arc<Mutex<InProcess>>);
+
+impl ShardLink for Restartable {
+    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+        self.0.lock().unwrap().send(body)
+    }
+
+    fn finish(&mut self) -> Result<Vec<u8>, String> {
+        self.0.lock().unwrap().finish()
+    }
+}
+
+const ENGINE_BLOCK: usize = 16;
+
+fn engine_config(m: &Llama) -> EngineConfig {
+    EngineConfig {
+        model: ModelName::new("tiny").unwrap(),
+        block_tokens: BlockTokens::new(ENGINE_BLOCK as u32).unwrap(),
+        max_step_tokens: 256,
+        max_running: 8,
+        max_waiting: 8,
+        max_context: 4096,
+        vocab_size: m.config().vocab_size,
+        eos_token_ids: vec![],
+    }
+}
+
+/// One worker with `blocks` blocks.
+fn single(m: &Arc<Llama>, blocks: usize) -> Engine<ModelExecutor> {
+    let cfg = engine_config(m);
+    let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(1));
+    let kv = KvStore::new(m.kv_shape(ENGINE_BLOCK), blocks);
+    Engine::new(
+        cfg,
+        pool,
+        ModelExecutor {
+            model: m.clone(),
+            kv,
+        },
+    )
+}
+
+/// A coordinator over `shards` in-process shards of `per_shard` blocks each; also returns the
+/// handles that restart a shard.
+fn grouped(
+    m: &Arc<Llama>,
+    shards: usize,
+    per_shard: usize,
+) -> (Engine<GroupExecutor>, Vec<Arc<Mutex<InProcess>>>) {
+    let cfg = engine_config(m);
+    let pool = BlockPool::new(shards * per_shard, cfg.block_tokens, Epoch::new(2));
+    let handles: Vec<Arc<Mutex<InProcess>>> = (0..shards)
+        .map(|_| {
+            Arc::new(Mutex::new(InProcess::new(ShardServer::new(KvStore::new(
+                m.kv_shape(ENGINE_BLOCK),
+                per_shard,
+            )))))
+        })
+        .collect();
+    let links = handles
+        .iter()
+        .map(|h| Box::new(Restartable(h.clone())) as Box<dyn ShardLink>)
+        .collect();
+    let exec = GroupExecutor {
+        model: m.clone(),
+        group: ShardGroup::new(links),
+        block_tokens: ENGINE_BLOCK,
+    };
+    (Engine::new(cfg, pool, exec), handles)
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: None,
+        session: None,
+        cache_salt: CacheSalt::new("tenant").unwrap(),
+        tokens: prompt,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+/// Runs one request to its end as the worker's engine thread does (a failed step fails every
+/// request); returns its tokens and usage, or its error.
+fn generate<E: Executor>(
+    e: &mut Engine<E>,
+    request: GenerateRequest,
+) -> Result<(Vec<u32>, Usage), String> {
+    let (tx, mut rx) = unbounded_channel();
+    e.submit(request, tx);
+    let mut steps = 0;
+    while !e.is_idle() {
+        if let Err(error) = e.step() {
+            e.fail_all(&error.to_string());
+        }
+        steps += 1;
+        assert!(steps < 10_000, "the engine does not finish");
+    }
+    let mut tokens = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            GenerateEvent::Tokens { ids, .. } => tokens.extend(ids),
+            GenerateEvent::Finished { usage, .. } => return Ok((tokens, usage)),
+            GenerateEvent::Error { message, .. } => return Err(message),
+            _ => {}
+        }
+    }
+    Err("no Finished event".into())
+}
+
+fn events<E: Executor>(e: &mut Engine<E>) -> Vec<KvEvent> {
+    e.pool_mut()
+        .take_events()
+        .map(|b| b.events)
+        .unwrap_or_default()
+}
+
+/// The engine over four shards gives one worker's greedy tokens, and its pool (the group's
+/// index) caches prefixes and reports them: a second prompt sharing a prefix is served from
+/// blocks that live on every shard.
+#[test]
+fn the_engine_over_four_shards_matches_one_worker_and_caches_prefixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(tiny(dir.path()));
+    let mut one = single(&m, 256);
+    let (mut group, _) = grouped(&m, 4, 64);
+    let first = tokens(1_000, 21);
+    let mut second = first[..960].to_vec();
+    second.extend(tokens(100, 22));
+    for (i, prompt) in [first, second].into_iter().enumerate() {
+        let want = generate(&mut one, greedy(prompt.clone(), 32)).unwrap();
+        let got = generate(&mut group, greedy(prompt, 32)).unwrap();
+        eprintln!(
+            "request {i}: one worker {} tokens (cached {}), 4 shards {} tokens (cached {}), identical: {}",
+            want.0.len(),
+            want.1.cached_tokens,
+            got.0.len(),
+            got.1.cached_tokens,
+            want == got
+        );
+        assert_eq!(got, want, "request {i}");
+    }
+    let stored: usize = events(&mut group)
+        .iter()
+        .map(|e| match e {
+            KvEvent::Stored { blocks, .. } => blocks.len(),
+            _ => 0,
+        })
+        .sum();
+    // The first prompt and its answer: (1,000 + 32 - 1) / 16 full blocks; the second adds its
+    // own after the shared 960 tokens (60 blocks).
+    assert_eq!(stored, 1031 / 16 + (1091 / 16 - 60));
+}
+
+/// A shard that restarts loses its blocks: the coordinator sees its new incarnation, fails the
+/// step with an error naming the shard, and drops the group's prefix cache (a `Cleared` event:
+/// routers forget the group's blocks). The restarted shard is used again at once: the same
+/// prompt, sent again, is computed afresh and gives one worker's tokens.
+#[test]
+fn a_restarted_shard_fails_its_step_drops_the_cache_and_is_readmitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(tiny(dir.path()));
+    let mut one = single(&m, 256);
+    let (mut group, shards) = grouped(&m, 4, 64);
+    let prompt = tokens(500, 31);
+    let want = generate(&mut one, greedy(prompt.clone(), 16)).unwrap();
+    assert_eq!(
+        generate(&mut group, greedy(prompt.clone(), 16)).unwrap(),
+        want
+    );
+    events(&mut group);
+
+    shards[2].lock().unwrap().server = ShardServer::new(KvStore::new(m.kv_shape(ENGINE_BLOCK), 64));
+    let e = generate(&mut group, greedy(prompt.clone(), 16)).unwrap_err();
+    eprintln!("after shard 2 restarted: {e}");
+    assert!(e.starts_with("shard attention: shard 2: restarted"), "{e}");
+    assert_eq!(events(&mut group), vec![KvEvent::Cleared]);
+    assert_eq!(group.pool().stats().cached, 0);
+
+    let again = generate(&mut group, greedy(prompt, 16)).unwrap();
+    assert_eq!(
+        again.1.cached_tokens, 0,
+        "nothing is served from lost blocks"
+    );
+    assert_eq!(again.0, want.0, "the readmitted shard computes correctly");
 }

@@ -7,44 +7,56 @@
 //! than the attention of a decode step):
 //!
 //! ```text
-//! request  "TLSA" u16 version=1 u16 kind=1
+//! request  "TLSA" u16 version=2 u16 kind=1
 //!          u32 layer  u32 heads  u32 kv_heads  u32 head_dim  f32 scale  u32 n_seqs  u32 n_appends
-//!          n_seqs    x { u64 session  u64 start  u32 rows  u32 blocks }
-//!          n_appends x { u32 seq  u64 position  f32[kv_heads*head_dim] key  f32[kv_heads*head_dim] value }
+//!          n_seqs    x { u64 start  u32 rows  u32 n_blocks  n_blocks x { u32 logical  u32 local } }
+//!          n_appends x { u32 local  u32 slot  f32[kv_heads*head_dim] key  f32[kv_heads*head_dim] value }
 //!          f32[sum(rows) * heads * head_dim] queries
-//! reply    "TLSA" u16 version=1 u16 kind=2
-//!          u32 rows  u32 heads  u32 head_dim
+//! reply    "TLSA" u16 version=2 u16 kind=2
+//!          u64 incarnation  u32 rows  u32 heads  u32 head_dim
 //!          f32[rows * heads * head_dim] outputs   f32[rows * heads] log-sum-exp (-inf: nothing seen)
 //! ```
 //!
-//! `session` is the coordinator's handle for a sequence (the shard keeps its blocks under it);
-//! `start` the position of its first row; `blocks` how many logical blocks the sequence has in
-//! all, so the shard knows which of them are its own (block `b` lives on shard `b % S`).
+//! Shards are stateless: the coordinator's block pool owns every block of the group, and a
+//! request names blocks by their place in the shard's store (`local`). Per sequence: `start`, the
+//! position of its first row, and the blocks of its context this shard holds, as pairs of the
+//! block's index in the sequence (`logical`, ascending; it covers positions
+//! `logical * block_tokens ..`) and its place. An append writes one token's key and value at
+//! `slot` of block `local`. The reply's `incarnation` is drawn when the shard starts: a
+//! coordinator that sees it change knows the shard restarted and lost what it held.
+//!
+//! Version 1 kept per-session tables on the shard; version 2 moved all bookkeeping to the
+//! coordinator, so prefix caching and KV events are the coordinator pool's, one place for the
+//! whole group, and a shard holds no state to reconcile after a restart.
+//!
 //! Decoding checks every count against the bytes present before allocating, so a corrupt or
 //! hostile body is an error, never a huge allocation.
 
 /// First bytes of every body.
 pub const MAGIC: [u8; 4] = *b"TLSA";
 /// The format's version; a body of another version is refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const KIND_REQUEST: u16 = 1;
 const KIND_REPLY: u16 = 2;
 
 /// One sequence of the batch, as the shard sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AttendSeq {
-    pub session: u64,
+    /// Position of the sequence's first row.
     pub start: u64,
     pub rows: u32,
-    pub blocks: u32,
+    /// The sequence's blocks this shard holds, ascending: (index in the sequence, place in the
+    /// shard's store).
+    pub blocks: Vec<(u32, u32)>,
 }
 
 /// A new token's key and value, for the shard holding its block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Append {
-    /// Index into the request's sequences.
-    pub seq: u32,
-    pub position: u64,
+    /// The block's place in the shard's store.
+    pub local: u32,
+    /// The token's slot in the block.
+    pub slot: u32,
     pub key: Vec<f32>,
     pub value: Vec<f32>,
 }
@@ -66,6 +78,8 @@ pub struct AttendRequest {
 /// A shard's answer: per (row, head) the output over its blocks and the log-sum-exp.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttendReply {
+    /// Drawn when the shard started; a change means it restarted and lost its blocks.
+    pub incarnation: u64,
     pub rows: u32,
     pub heads: u32,
     pub head_dim: u32,
@@ -178,6 +192,17 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
+    /// Refuses `count` items of at least `size` bytes each when the body cannot hold them.
+    fn fits(&self, count: u32, size: u64) -> Result<(), ShardWireError> {
+        let need = u64::from(count) * size;
+        if need > self.0.len() as u64 {
+            return Err(ShardWireError::Truncated {
+                need: usize::try_from(need).unwrap_or(usize::MAX),
+                have: self.0.len(),
+            });
+        }
+        Ok(())
+    }
     fn end(&self) -> Result<(), ShardWireError> {
         match self.0.len() {
             0 => Ok(()),
@@ -204,8 +229,12 @@ impl AttendRequest {
         self.check()?;
         let kv_width = (self.kv_heads * self.head_dim) as usize;
         let size = 36
-            + self.seqs.len() * 24
-            + self.appends.len() * (12 + 8 * kv_width)
+            + self
+                .seqs
+                .iter()
+                .map(|s| 16 + 8 * s.blocks.len())
+                .sum::<usize>()
+            + self.appends.len() * (8 + 8 * kv_width)
             + self.queries.len() * 4;
         let mut w = Writer::header(KIND_REQUEST, size);
         for v in [self.layer, self.heads, self.kv_heads, self.head_dim] {
@@ -221,14 +250,20 @@ impl AttendRequest {
                 .map_err(|_| ShardWireError::Invalid("too many appends".into()))?,
         );
         for s in &self.seqs {
-            w.u64(s.session);
             w.u64(s.start);
             w.u32(s.rows);
-            w.u32(s.blocks);
+            w.u32(
+                u32::try_from(s.blocks.len())
+                    .map_err(|_| ShardWireError::Invalid("too many blocks in a sequence".into()))?,
+            );
+            for &(logical, local) in &s.blocks {
+                w.u32(logical);
+                w.u32(local);
+            }
         }
         for a in &self.appends {
-            w.u32(a.seq);
-            w.u64(a.position);
+            w.u32(a.local);
+            w.u32(a.slot);
             w.f32s(&a.key);
             w.f32s(&a.value);
         }
@@ -242,31 +277,30 @@ impl AttendRequest {
         let (layer, heads, kv_heads, head_dim) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
         let scale = r.f32()?;
         let (n_seqs, n_appends) = (r.u32()?, r.u32()?);
-        // Each sequence takes 24 bytes: a count beyond the body is refused before allocating.
-        if u64::from(n_seqs) * 24 > r.0.len() as u64 {
-            return Err(ShardWireError::Truncated {
-                need: n_seqs as usize * 24,
-                have: r.0.len(),
-            });
-        }
+        // Each sequence takes at least 16 bytes and each block 8: a count beyond the body is
+        // refused before allocating.
+        r.fits(n_seqs, 16)?;
         let seqs = (0..n_seqs)
             .map(|_| {
+                let (start, rows, n) = (r.u64()?, r.u32()?, r.u32()?);
+                r.fits(n, 8)?;
+                let blocks = (0..n)
+                    .map(|_| Ok((r.u32()?, r.u32()?)))
+                    .collect::<Result<Vec<_>, ShardWireError>>()?;
                 Ok(AttendSeq {
-                    session: r.u64()?,
-                    start: r.u64()?,
-                    rows: r.u32()?,
-                    blocks: r.u32()?,
+                    start,
+                    rows,
+                    blocks,
                 })
             })
             .collect::<Result<Vec<_>, ShardWireError>>()?;
         let kv_width = product(&[u64::from(kv_heads), u64::from(head_dim)], "kv width")?;
         let mut appends = Vec::new();
         for _ in 0..n_appends {
-            let seq = r.u32()?;
-            let position = r.u64()?;
+            let (local, slot) = (r.u32()?, r.u32()?);
             appends.push(Append {
-                seq,
-                position,
+                local,
+                slot,
                 key: r.f32s(kv_width)?,
                 value: r.f32s(kv_width)?,
             });
@@ -301,14 +335,12 @@ impl AttendRequest {
             ));
         }
         let width = (self.kv_heads as usize) * (self.head_dim as usize);
-        for a in &self.appends {
-            if a.seq as usize >= self.seqs.len() {
-                return invalid(format!(
-                    "append for sequence {} of {}",
-                    a.seq,
-                    self.seqs.len()
-                ));
+        for (i, s) in self.seqs.iter().enumerate() {
+            if s.blocks.windows(2).any(|w| w[0].0 >= w[1].0) {
+                return invalid(format!("sequence {i}: block indices are not ascending"));
             }
+        }
+        for a in &self.appends {
             if a.key.len() != width || a.value.len() != width {
                 return invalid(format!(
                     "an append of {}/{} floats, not {width}",
@@ -340,7 +372,8 @@ impl AttendReply {
                 self.head_dim
             )));
         }
-        let mut w = Writer::header(KIND_REPLY, 20 + (self.outputs.len() + self.lse.len()) * 4);
+        let mut w = Writer::header(KIND_REPLY, 28 + (self.outputs.len() + self.lse.len()) * 4);
+        w.u64(self.incarnation);
         for v in [self.rows, self.heads, self.head_dim] {
             w.u32(v);
         }
@@ -352,12 +385,14 @@ impl AttendReply {
     pub fn decode(body: &[u8]) -> Result<AttendReply, ShardWireError> {
         let mut r = Reader(body);
         r.header(KIND_REPLY, "reply")?;
+        let incarnation = r.u64()?;
         let (rows, heads, head_dim) = (r.u32()?, r.u32()?, r.u32()?);
         let pairs = product(&[u64::from(rows), u64::from(heads)], "reply")?;
         let outputs = r.f32s(product(&[pairs, u64::from(head_dim)], "reply")?)?;
         let lse = r.f32s(pairs)?;
         r.end()?;
         Ok(AttendReply {
+            incarnation,
             rows,
             heads,
             head_dim,
@@ -380,21 +415,19 @@ mod tests {
             scale: 0.5,
             seqs: vec![
                 AttendSeq {
-                    session: 7,
                     start: 130,
                     rows: 1,
-                    blocks: 3,
+                    blocks: vec![(0, 7), (2, 3)],
                 },
                 AttendSeq {
-                    session: 9,
                     start: 0,
                     rows: 2,
-                    blocks: 1,
+                    blocks: vec![(0, 9)],
                 },
             ],
             appends: vec![Append {
-                seq: 0,
-                position: 130,
+                local: 3,
+                slot: 2,
                 key: vec![1.0, -1.0],
                 value: vec![0.25, 2.0],
             }],
@@ -407,6 +440,7 @@ mod tests {
         let r = request();
         assert_eq!(AttendRequest::decode(&r.encode().unwrap()).unwrap(), r);
         let reply = AttendReply {
+            incarnation: 0x0102_0304_0506_0708,
             rows: 3,
             heads: 2,
             head_dim: 2,
@@ -424,24 +458,30 @@ mod tests {
     #[test]
     fn the_request_layout_is_fixed() {
         let bytes = request().encode().unwrap();
-        assert_eq!(bytes.len(), 36 + 2 * 24 + (12 + 2 * 2 * 4) + 12 * 4);
+        assert_eq!(
+            bytes.len(),
+            36 + (16 + 2 * 8) + (16 + 8) + (8 + 2 * 2 * 4) + 12 * 4
+        );
         let hex: String = bytes[..36].iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex,
             concat!(
-                "544c5341", "0100", "0100", // magic, version 1, request
+                "544c5341", "0200", "0100", // magic, version 2, request
                 "01000000", "02000000", "01000000", "02000000", // layer, heads, kv heads, dim
                 "0000003f", // scale 0.5
                 "02000000", "01000000", // 2 sequences, 1 append
             )
         );
-        // The first sequence: session 7, start 130, 1 row, 3 blocks.
+        // The first sequence: start 130, 1 row, 2 blocks: index 0 at 7, index 2 at 3.
         assert_eq!(
-            &bytes[36..60],
+            &bytes[36..68],
             [
-                7, 0, 0, 0, 0, 0, 0, 0, 130, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 3, 0, 0, 0
+                130, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 2, 0, 0,
+                0, 3, 0, 0, 0
             ]
         );
+        // The append: block 3, slot 2.
+        assert_eq!(&bytes[92..100], [3, 0, 0, 0, 2, 0, 0, 0]);
     }
 
     #[test]
@@ -463,12 +503,13 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(AttendRequest::decode(&bad), Err(ShardWireError::Magic));
         let mut version = bytes.clone();
-        version[4] = 2;
+        version[4] = 1;
         assert_eq!(
             AttendRequest::decode(&version),
-            Err(ShardWireError::Version(2))
+            Err(ShardWireError::Version(1))
         );
         let reply = AttendReply {
+            incarnation: 1,
             rows: 0,
             heads: 1,
             head_dim: 1,
@@ -489,9 +530,16 @@ mod tests {
         let mut wide = bytes.clone();
         wide[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // heads
         assert!(AttendRequest::decode(&wide).is_err());
-        // An append for a sequence that is not there.
+        // A block count with no bytes behind it.
+        let mut many = bytes.clone();
+        many[48..52].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            AttendRequest::decode(&many),
+            Err(ShardWireError::Truncated { .. })
+        ));
+        // Blocks out of order.
         let mut r = request();
-        r.appends[0].seq = 2;
+        r.seqs[0].blocks.reverse();
         assert!(matches!(r.encode(), Err(ShardWireError::Invalid(_))));
     }
 }

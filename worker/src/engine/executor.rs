@@ -1,4 +1,6 @@
-//! What runs a scheduled step: the real model over the KV store, or (later) a timing model.
+//! What runs a scheduled step: the real model over one worker's KV store ([`ModelExecutor`]),
+//! over a shard group's stores ([`GroupExecutor`], issue #7), or a timing model
+//! ([`super::sim`]).
 //!
 //! The scheduler hands over one batch of chunks and gets back, for each chunk that asked for it,
 //! the next-token logits. Block tables are already allocated by then.
@@ -7,8 +9,11 @@ use std::sync::Arc;
 
 use tidelock_protocol::BlockId;
 
+use candle_core::Tensor;
+
 use crate::kv::KvStore;
-use crate::model::llama::Logits;
+use crate::kv::shard::{Coordinated, CoordinatedSeq, ShardGroup};
+use crate::model::llama::{Logits, Rows};
 use crate::model::{Llama, ModelError, SeqChunk};
 
 /// One sequence's work in a step.
@@ -42,20 +47,73 @@ impl Executor for ModelExecutor {
                 tokens: w.tokens,
                 start: w.start,
                 table: w.table,
-                logits: if w.wants_logits {
-                    Logits::Last
-                } else {
-                    Logits::None
-                },
+                logits: w.logits(),
             })
             .collect();
-        self.model
-            .forward(&mut self.kv, &chunks)?
-            .into_iter()
-            .map(|t| match t {
-                Some(t) => Ok(Some(t.squeeze(0)?.to_vec1::<f32>()?)),
-                None => Ok(None),
+        last_rows(self.model.forward(&mut self.kv, &chunks)?)
+    }
+}
+
+impl Work<'_> {
+    fn logits(&self) -> Logits {
+        match self.wants_logits {
+            true => Logits::Last,
+            false => Logits::None,
+        }
+    }
+}
+
+/// The logits tensors of a forward call as rows.
+fn last_rows(out: Vec<Option<Tensor>>) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+    out.into_iter()
+        .map(|t| match t {
+            Some(t) => Ok(Some(t.squeeze(0)?.to_vec1::<f32>()?)),
+            None => Ok(None),
+        })
+        .collect()
+}
+
+/// The coordinator of a shard group: the real model, with each layer's attention spread over
+/// the group's shards (its own among them, in process). The engine's block tables hold group
+/// blocks; [`crate::kv::shard::placement`] says where each lives.
+#[derive(Debug)]
+pub struct GroupExecutor {
+    pub model: Arc<Llama>,
+    pub group: ShardGroup,
+    pub block_tokens: usize,
+}
+
+impl Executor for GroupExecutor {
+    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        let mut row = 0;
+        let seqs: Vec<CoordinatedSeq<'_>> = work
+            .iter()
+            .map(|w| {
+                let rows = row..row + w.tokens.len();
+                row = rows.end;
+                CoordinatedSeq {
+                    start: w.start,
+                    rows,
+                    table: w.table,
+                }
             })
-            .collect()
+            .collect();
+        let rows: Vec<Rows<'_>> = work
+            .iter()
+            .map(|w| Rows {
+                tokens: w.tokens,
+                start: w.start,
+                logits: w.logits(),
+            })
+            .collect();
+        let shape = self.model.kv_shape(self.block_tokens);
+        let mut attention = Coordinated::new(
+            &mut self.group,
+            &seqs,
+            self.block_tokens,
+            shape.kv_heads,
+            shape.head_dim,
+        );
+        last_rows(self.model.forward_with(&mut attention, &rows)?)
     }
 }

@@ -290,8 +290,20 @@ impl<E: Executor> Engine<E> {
                 }
             })
             .collect();
-        let logits = self.exec.run(&work)?;
+        let result = self.exec.run(&work);
         drop(work);
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                if e.loses_kv() {
+                    // Blocks the prefix cache names are gone: every running sequence has lost
+                    // context, and no later prompt may be served from them.
+                    self.fail_all(&e.to_string());
+                    self.pool.clear_cache();
+                }
+                return Err(e);
+            }
+        };
 
         stats.sequences = plan.len();
         for (p, logits) in plan.iter().zip(logits) {

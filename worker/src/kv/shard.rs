@@ -1,23 +1,29 @@
 //! Where a forward pass keeps its new keys and values and computes attention: one worker's
-//! store ([`Local`]), or a session's blocks striped over the S workers of a shard group
-//! ([`Striped`], issue #7). The model is written against [`Attention`] only, so both run the
-//! same layers.
+//! store ([`Local`]), or a shard group's S stores ([`Coordinated`], issue #7). The model is
+//! written against [`Attention`] only, so both run the same layers.
 //!
-//! Layout: **striped by block**. Logical block `b` of a sequence (positions `b * block_tokens ..`)
-//! lives on shard `b % S`, at index `b / S` of that shard's table for the sequence. Why striping
-//! rather than contiguous ranges: every shard holds `ceil(n / S)` or `floor(n / S)` of a
-//! session's `n` blocks at every length, so each shard reads the same share of the context per
+//! **Who owns what.** The coordinator (shard 0, the worker the router pins) runs the engine, and
+//! its block pool numbers every block of the group: group block `B` lives on shard `B % S`, at
+//! place `B / S` of that shard's store ([`placement`]). Prefix caching, reference counts,
+//! eviction and KV events are therefore the coordinator pool's, one index for the whole group,
+//! exactly as for one worker; the shards ([`ShardServer`]) are stateless stores that append and
+//! attend where they are told. A restarted shard has nothing to reconcile: the coordinator sees
+//! its new incarnation in the next reply, fails the step and drops its prefix cache, and the
+//! shard serves again at once.
+//!
+//! **Layout: striped by block.** The pool hands out free blocks in increasing order, so a
+//! session's consecutive blocks land on consecutive shards: each shard holds `ceil(n / S)` or
+//! `floor(n / S)` of a fresh session's `n` blocks, so each reads the same share of the context per
 //! decode step (the step time is the slowest shard's), and new blocks rotate over the shards
-//! rather than all landing on the last one as the session grows, so no shard fills first.
-//! Contiguous ranges would need rebalancing as a session grows, and at any length short of full
-//! the last range is the short one. A block is the unit either way, so prefix caching and block
-//! events work per shard unchanged.
+//! rather than all landing on the last one as the session grows. After churn (blocks freed and
+//! evicted in other orders) the placement is no longer exact rotation; `tests/sharded.rs` prints
+//! the spread. Contiguous ranges per shard would need rebalancing as a session grows, and at any
+//! length short of full the last range is the short one. Memory can never be short on one shard
+//! while free on another: the pool's ids are exactly the union of the shards' places.
 //!
 //! Each shard computes attention over the blocks it holds ([`shard_attention`]): an output
 //! normalised over those positions and its log-sum-exp, which the coordinator merges exactly
 //! ([`merge_shards`]).
-
-use std::collections::HashMap;
 
 use tidelock_protocol::BlockId;
 use tidelock_protocol::shard::{Append, AttendReply, AttendRequest, AttendSeq};
@@ -27,6 +33,17 @@ use crate::kv::attention::{
     AttnSeq, ShardPartial, ShardSeq, merge_shards, paged_attention, shard_attention,
 };
 
+/// Why a shard's part of attention failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("shard {shard}: {message}")]
+pub struct ShardError {
+    pub shard: usize,
+    /// The shard restarted: every block it held is gone, so the coordinator's prefix cache must
+    /// forget them.
+    pub lost: bool,
+    pub message: String,
+}
+
 /// A forward pass's KV: writes the new tokens' keys and values, then attends.
 pub trait Attention {
     /// Stores the key and value (`kv_heads * head_dim` floats each) of batch row `row`, at
@@ -35,7 +52,7 @@ pub trait Attention {
 
     /// Attention of every batch row over its sequence's context (written keys included) in
     /// `layer`: `q` and `out` are `[rows, heads * head_dim]`. Fails only when a remote shard
-    /// does (the message says which and why).
+    /// does (the error says which and why).
     fn attend(
         &mut self,
         layer: usize,
@@ -43,7 +60,7 @@ pub trait Attention {
         scale: f32,
         q: &[f32],
         out: &mut [f32],
-    ) -> Result<(), String>;
+    ) -> Result<(), ShardError>;
 }
 
 /// One worker's store: the sequences' block tables index it directly.
@@ -67,7 +84,7 @@ impl Attention for Local<'_> {
         scale: f32,
         q: &[f32],
         out: &mut [f32],
-    ) -> Result<(), String> {
+    ) -> Result<(), ShardError> {
         paged_attention(self.kv.layer(layer), &self.seqs, heads, scale, q, out);
         Ok(())
     }
@@ -80,158 +97,39 @@ fn row_sequences(rows: impl Iterator<Item = usize>) -> Vec<usize> {
         .collect()
 }
 
-/// Shard and index within that shard's table of logical block `block`, with `shards` shards.
-pub fn placement(block: usize, shards: usize) -> (usize, usize) {
-    (block % shards, block / shards)
+/// The shard holding group block `block`, in a group of `shards`, and its place in that shard's
+/// store.
+pub fn placement(block: BlockId, shards: usize) -> (usize, u32) {
+    let b = block.get();
+    let s = u32::try_from(shards).expect("a group of fewer than 2^32 shards");
+    ((b % s) as usize, b / s)
 }
 
-/// The logical blocks shard `shard` holds of a sequence of `blocks` blocks: `shard`,
-/// `shard + S`, ...
-pub fn logical_blocks(shard: usize, shards: usize, blocks: usize) -> Vec<u32> {
-    (shard..blocks)
-        .step_by(shards)
-        .map(|b| u32::try_from(b).expect("block index fits u32"))
-        .collect()
-}
-
-/// A sequence striped over the shards: per shard, the local ids of the blocks it holds, in
-/// logical order (shard `s`'s `j`-th block is logical block `s + j * S`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StripedTables {
-    pub shards: Vec<Vec<BlockId>>,
-}
-
-impl StripedTables {
-    /// Blocks of the sequence, over every shard.
-    pub fn blocks(&self) -> usize {
-        self.shards.iter().map(Vec::len).sum()
-    }
-}
-
-/// One sequence's rows in a striped forward call.
-#[derive(Debug, Clone)]
-pub struct StripedSeq<'a> {
-    pub rows: std::ops::Range<usize>,
-    pub start: usize,
-    pub tables: &'a StripedTables,
-}
-
-/// The S shards of a group in one process: each shard is its own store (its own memory and block
-/// ids), and attention runs per shard and merges, exactly as across workers. The coordinator's
-/// logic without the network: the exactness tests compare it with [`Local`], and the RPC
-/// transport replaces the direct calls.
-#[derive(Debug)]
-pub struct Striped<'a> {
-    stores: &'a mut [KvStore],
-    seqs: Vec<StripedSeq<'a>>,
-    /// Each batch row's sequence.
-    row_seq: Vec<usize>,
-}
-
-impl<'a> Striped<'a> {
-    pub fn new(stores: &'a mut [KvStore], seqs: Vec<StripedSeq<'a>>) -> Self {
-        let row_seq = row_sequences(seqs.iter().map(|s| s.rows.len()));
-        Striped {
-            stores,
-            seqs,
-            row_seq,
-        }
-    }
-
-    fn shards(&self) -> usize {
-        self.stores.len()
-    }
-}
-
-impl Attention for Striped<'_> {
-    fn write(&mut self, layer: usize, row: usize, position: usize, k: &[f32], v: &[f32]) {
-        let bt = self.stores[0].shape().block_tokens;
-        let (shard, index) = placement(position / bt, self.shards());
-        let tables = self.seqs[self.row_seq[row]].tables;
-        let block = tables.shards[shard][index];
-        // The store's write takes a table indexed by position / block_tokens: a one-entry
-        // table and the position within the block.
-        self.stores[shard].write(layer, &[block], position % bt, k, v);
-    }
-
-    fn attend(
-        &mut self,
-        layer: usize,
-        heads: usize,
-        scale: f32,
-        q: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), String> {
-        let d = self.stores[0].shape().head_dim;
-        let shards = self.shards();
-        let parts: Vec<ShardPartial> = self
-            .stores
-            .iter()
-            .enumerate()
-            .map(|(s, store)| {
-                let logical: Vec<Vec<u32>> = self
-                    .seqs
-                    .iter()
-                    .map(|seq| logical_blocks(s, shards, seq.tables.blocks()))
-                    .collect();
-                let seqs: Vec<ShardSeq<'_>> = self
-                    .seqs
-                    .iter()
-                    .zip(&logical)
-                    .map(|(seq, logical)| ShardSeq {
-                        rows: seq.rows.clone(),
-                        start: seq.start,
-                        logical,
-                        table: &seq.tables.shards[s],
-                    })
-                    .collect();
-                shard_attention(store.layer(layer), &seqs, heads, scale, q)
-            })
-            .collect();
-        merge_shards(&parts, d, out);
-        Ok(())
-    }
-}
-
-/// One shard of a group as it serves the shard RPC ([`tidelock_protocol::shard`]): its own
-/// store, and per session (the coordinator's handle) the local blocks it holds, allocated as
-/// the session grows.
+/// One shard of a group as it serves the shard RPC ([`tidelock_protocol::shard`]): a KV store
+/// with no bookkeeping of its own (the coordinator's pool decides what each place holds), and
+/// the incarnation it reports so a coordinator can tell that it restarted.
 #[derive(Debug)]
 pub struct ShardServer {
-    index: usize,
-    shards: usize,
     store: KvStore,
-    free: Vec<BlockId>,
-    sessions: HashMap<u64, Vec<BlockId>>,
+    incarnation: u64,
 }
 
 impl ShardServer {
-    /// Shard `index` of `shards`, with `store`'s blocks all free.
-    pub fn new(index: usize, shards: usize, store: KvStore) -> Self {
-        let free = (0..store.num_blocks() as u32)
-            .rev()
-            .map(BlockId::new)
-            .collect();
+    /// A shard serving `store`, with a fresh incarnation.
+    pub fn new(store: KvStore) -> Self {
         ShardServer {
-            index,
-            shards,
             store,
-            free,
-            sessions: HashMap::new(),
+            incarnation: rand::random(),
         }
     }
 
-    /// Extends `session`'s table to `len` blocks from the free ones.
-    fn grow(&mut self, session: u64, len: usize) -> Result<(), String> {
-        let table = self.sessions.entry(session).or_default();
-        while table.len() < len {
-            let block = self
-                .free
-                .pop()
-                .ok_or_else(|| format!("shard {} is out of KV blocks", self.index))?;
-            table.push(block);
-        }
-        Ok(())
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Places in this shard's store.
+    pub fn num_blocks(&self) -> usize {
+        self.store.num_blocks()
     }
 
     /// Bytes of KV memory this shard holds (all layers, keys and values).
@@ -239,43 +137,49 @@ impl ShardServer {
         self.store.num_blocks() * self.store.shape().block_bytes()
     }
 
+    fn check_place(&self, local: u32) -> Result<(), String> {
+        match (local as usize) < self.store.num_blocks() {
+            true => Ok(()),
+            false => Err(format!(
+                "block place {local} is outside this shard's {} (is every shard's --kv-cache the same?)",
+                self.store.num_blocks()
+            )),
+        }
+    }
+
     /// The block import path: stores keys and values (`kv_heads * head_dim` floats per token,
-    /// token after token) of `layer` for consecutive positions from `first`, all in one block
-    /// this shard holds, allocating the session's blocks up to it. Fills a context without
-    /// computing it (moving a session between groups, benchmarks).
+    /// token after token) of `layer` for consecutive slots from `slot` of the block at `local`.
+    /// Fills a context without computing it (moving a session between groups, benchmarks).
     pub fn import(
         &mut self,
-        session: u64,
+        local: u32,
         layer: usize,
-        first: usize,
+        slot: usize,
         keys: &[f32],
         values: &[f32],
     ) -> Result<(), String> {
         let shape = *self.store.shape();
         let width = shape.kv_heads * shape.head_dim;
         let n = keys.len() / width;
-        let bt = shape.block_tokens;
-        if n == 0 || keys.len() != values.len() || first / bt != (first + n - 1) / bt {
+        self.check_place(local)?;
+        if n == 0
+            || keys.len() != values.len()
+            || !keys.len().is_multiple_of(width)
+            || slot + n > shape.block_tokens
+            || layer >= shape.layers
+        {
             return Err(format!(
-                "an import of {n} tokens from {first} is not within one block"
+                "an import of {n} tokens at slot {slot} of layer {layer} does not fit one block of {} slots",
+                shape.block_tokens
             ));
         }
-        let (shard, index) = placement(first / bt, self.shards);
-        if shard != self.index {
-            return Err(format!(
-                "block {} belongs to shard {shard}, not {}",
-                first / bt,
-                self.index
-            ));
-        }
-        self.grow(session, index + 1)?;
-        let block = self.sessions[&session][index];
+        let block = BlockId::new(local);
         for (i, (k, v)) in keys
             .chunks_exact(width)
             .zip(values.chunks_exact(width))
             .enumerate()
         {
-            self.store.write(layer, &[block], (first + i) % bt, k, v);
+            self.store.write(layer, &[block], slot + i, k, v);
         }
         Ok(())
     }
@@ -283,43 +187,60 @@ impl ShardServer {
     /// Appends the request's keys and values, then computes attention over this shard's
     /// blocks of each sequence.
     pub fn handle(&mut self, req: &AttendRequest) -> Result<AttendReply, String> {
-        let bt = self.store.shape().block_tokens;
+        let shape = *self.store.shape();
         let layer = req.layer as usize;
-        if layer >= self.store.shape().layers {
-            return Err(format!("layer {layer} of {}", self.store.shape().layers));
+        if layer >= shape.layers {
+            return Err(format!("layer {layer} of {}", shape.layers));
+        }
+        if (req.kv_heads as usize, req.head_dim as usize) != (shape.kv_heads, shape.head_dim) {
+            return Err(format!(
+                "{} kv heads of {}, but this shard holds {} of {} (another model?)",
+                req.kv_heads, req.head_dim, shape.kv_heads, shape.head_dim
+            ));
         }
         let mut logical = Vec::with_capacity(req.seqs.len());
+        let mut places = Vec::with_capacity(req.seqs.len());
         for seq in &req.seqs {
-            let mine = logical_blocks(self.index, self.shards, seq.blocks as usize);
-            self.grow(seq.session, mine.len())?;
-            logical.push(mine);
+            let (l, p): (Vec<u32>, Vec<BlockId>) = seq
+                .blocks
+                .iter()
+                .map(|&(logical, local)| (logical, BlockId::new(local)))
+                .unzip();
+            for b in &p {
+                self.check_place(b.get())?;
+            }
+            logical.push(l);
+            places.push(p);
         }
         for a in &req.appends {
-            let seq = &req.seqs[a.seq as usize];
-            let (shard, index) = placement(a.position as usize / bt, self.shards);
-            if shard != self.index {
+            self.check_place(a.local)?;
+            if a.slot as usize >= shape.block_tokens {
                 return Err(format!(
-                    "position {} belongs to shard {shard}, not {}",
-                    a.position, self.index
+                    "slot {} of a {}-token block",
+                    a.slot, shape.block_tokens
                 ));
             }
-            let block = self.sessions[&seq.session][index];
-            self.store
-                .write(layer, &[block], a.position as usize % bt, &a.key, &a.value);
+            self.store.write(
+                layer,
+                &[BlockId::new(a.local)],
+                a.slot as usize,
+                &a.key,
+                &a.value,
+            );
         }
         let mut row = 0;
         let seqs: Vec<ShardSeq<'_>> = req
             .seqs
             .iter()
-            .zip(&logical)
-            .map(|(seq, logical)| {
+            .zip(logical.iter().zip(&places))
+            .map(|(seq, (logical, table))| {
                 let rows = row..row + seq.rows as usize;
                 row = rows.end;
                 ShardSeq {
                     rows,
                     start: seq.start as usize,
                     logical,
-                    table: &self.sessions[&seq.session][..logical.len()],
+                    table,
                 }
             })
             .collect();
@@ -331,6 +252,7 @@ impl ShardServer {
             &req.queries,
         );
         Ok(AttendReply {
+            incarnation: self.incarnation,
             rows: row as u32,
             heads: req.heads,
             head_dim: req.head_dim,
@@ -358,8 +280,8 @@ pub trait ShardLink: Send {
     }
 }
 
-/// A shard in this process, reached through the encoded bodies all the same (the local shard of
-/// a group short-circuits the network this way). It computes when the request is sent.
+/// A shard in this process, reached through the encoded bodies all the same (the coordinator's
+/// own shard, and tests). It computes when the request is sent.
 #[derive(Debug)]
 pub struct InProcess {
     pub server: ShardServer,
@@ -392,22 +314,84 @@ impl ShardLink for InProcess {
     }
 }
 
-/// One sequence of a coordinated forward call.
-#[derive(Debug, Clone)]
-pub struct CoordinatedSeq {
-    /// The handle the shards keep the sequence's blocks under.
-    pub session: u64,
-    pub start: usize,
-    pub rows: std::ops::Range<usize>,
+/// A coordinator's links to the S shards of its group (index = shard), and the incarnation
+/// each last answered with.
+pub struct ShardGroup {
+    links: Vec<Box<dyn ShardLink>>,
+    incarnations: Vec<Option<u64>>,
 }
 
-/// The coordinator's side: new keys and values go to the shard holding their block (sent with
-/// that shard's next attention request), every shard attends over its blocks, the replies
-/// merge exactly.
+impl std::fmt::Debug for ShardGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardGroup")
+            .field("shards", &self.links.len())
+            .field("incarnations", &self.incarnations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardGroup {
+    pub fn new(links: Vec<Box<dyn ShardLink>>) -> Self {
+        let incarnations = vec![None; links.len()];
+        ShardGroup {
+            links,
+            incarnations,
+        }
+    }
+
+    /// Shards in the group.
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Reads a reply and checks that the shard is the one that holds its blocks: a new
+    /// incarnation after a known one means it restarted, which loses the step and its blocks.
+    fn accept(
+        &mut self,
+        shard: usize,
+        body: Result<Vec<u8>, String>,
+    ) -> Result<AttendReply, ShardError> {
+        let failed = |message: String| ShardError {
+            shard,
+            lost: false,
+            message,
+        };
+        let reply =
+            AttendReply::decode(&body.map_err(failed)?).map_err(|e| failed(e.to_string()))?;
+        let known = self.incarnations[shard].replace(reply.incarnation);
+        if known.is_some_and(|k| k != reply.incarnation) {
+            return Err(ShardError {
+                shard,
+                lost: true,
+                message: "restarted: the KV blocks it held are gone (the group's prefix cache is dropped; the request can be retried)".into(),
+            });
+        }
+        Ok(reply)
+    }
+}
+
+/// One sequence of a coordinated forward call.
+#[derive(Debug, Clone)]
+pub struct CoordinatedSeq<'a> {
+    pub start: usize,
+    pub rows: std::ops::Range<usize>,
+    /// The sequence's group blocks (the coordinator pool's ids), covering at least its rows.
+    pub table: &'a [BlockId],
+}
+
+/// The coordinator's side of one forward call: new keys and values go to the shard holding
+/// their block (sent with that shard's next attention request), every shard holding part of the
+/// batch's context attends over its blocks, the replies merge exactly.
 pub struct Coordinated<'a> {
-    links: &'a mut [Box<dyn ShardLink>],
-    /// The sequences as every shard's request names them (fixed for the call).
-    wire: Vec<AttendSeq>,
+    group: &'a mut ShardGroup,
+    tables: Vec<&'a [BlockId]>,
+    /// Per shard, the sequences as its requests name them (fixed for the call); empty when the
+    /// shard holds none of the batch's context, and then it is not called.
+    wire: Vec<Vec<AttendSeq>>,
     row_seq: Vec<usize>,
     block_tokens: usize,
     kv_heads: usize,
@@ -418,33 +402,49 @@ pub struct Coordinated<'a> {
 impl std::fmt::Debug for Coordinated<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Coordinated")
-            .field("shards", &self.links.len())
-            .field("seqs", &self.wire)
+            .field("group", &self.group)
+            .field("wire", &self.wire)
             .finish_non_exhaustive()
     }
 }
 
 impl<'a> Coordinated<'a> {
     pub fn new(
-        links: &'a mut [Box<dyn ShardLink>],
-        seqs: Vec<CoordinatedSeq>,
+        group: &'a mut ShardGroup,
+        seqs: &[CoordinatedSeq<'a>],
         block_tokens: usize,
         kv_heads: usize,
         head_dim: usize,
     ) -> Self {
+        let shards = group.len();
         let row_seq = row_sequences(seqs.iter().map(|s| s.rows.len()));
-        let wire = seqs
-            .iter()
-            .map(|s| AttendSeq {
-                session: s.session,
-                start: s.start as u64,
-                rows: s.rows.len() as u32,
-                blocks: (s.start + s.rows.len()).div_ceil(block_tokens) as u32,
+        let mut wire: Vec<Vec<AttendSeq>> = (0..shards)
+            .map(|_| {
+                seqs.iter()
+                    .map(|s| AttendSeq {
+                        start: s.start as u64,
+                        rows: s.rows.len() as u32,
+                        blocks: Vec::new(),
+                    })
+                    .collect()
             })
             .collect();
-        let pending = (0..links.len()).map(|_| Vec::new()).collect();
+        for (i, s) in seqs.iter().enumerate() {
+            let used = (s.start + s.rows.len()).div_ceil(block_tokens);
+            for (logical, &block) in s.table[..used.min(s.table.len())].iter().enumerate() {
+                let (shard, local) = placement(block, shards);
+                wire[shard][i].blocks.push((logical as u32, local));
+            }
+        }
+        for w in &mut wire {
+            if w.iter().all(|s| s.blocks.is_empty()) {
+                w.clear();
+            }
+        }
+        let pending = (0..shards).map(|_| Vec::new()).collect();
         Coordinated {
-            links,
+            group,
+            tables: seqs.iter().map(|s| s.table).collect(),
             wire,
             row_seq,
             block_tokens,
@@ -453,14 +453,20 @@ impl<'a> Coordinated<'a> {
             pending,
         }
     }
+
+    /// Shards this call reaches (those holding part of the batch's context).
+    pub fn shards_called(&self) -> usize {
+        self.wire.iter().filter(|w| !w.is_empty()).count()
+    }
 }
 
 impl Attention for Coordinated<'_> {
     fn write(&mut self, _layer: usize, row: usize, position: usize, k: &[f32], v: &[f32]) {
-        let (shard, _) = placement(position / self.block_tokens, self.links.len());
+        let block = self.tables[self.row_seq[row]][position / self.block_tokens];
+        let (shard, local) = placement(block, self.group.len());
         self.pending[shard].push(Append {
-            seq: self.row_seq[row] as u32,
-            position: position as u64,
+            local,
+            slot: (position % self.block_tokens) as u32,
             key: k.to_vec(),
             value: v.to_vec(),
         });
@@ -473,39 +479,51 @@ impl Attention for Coordinated<'_> {
         scale: f32,
         q: &[f32],
         out: &mut [f32],
-    ) -> Result<(), String> {
-        // One request, its appends swapped per shard; every shard gets its request before any
-        // reply is awaited.
+    ) -> Result<(), ShardError> {
+        // One request, its sequences and appends swapped per shard; every shard gets its
+        // request before any reply is awaited.
         let mut req = AttendRequest {
             layer: layer as u32,
             heads: heads as u32,
             kv_heads: self.kv_heads as u32,
             head_dim: self.head_dim as u32,
             scale,
-            seqs: self.wire.clone(),
+            seqs: Vec::new(),
             appends: Vec::new(),
             queries: q.to_vec(),
         };
-        for (s, link) in self.links.iter_mut().enumerate() {
+        let called: Vec<usize> = (0..self.group.len())
+            .filter(|&s| !self.wire[s].is_empty())
+            .collect();
+        for &s in &called {
+            req.seqs = std::mem::take(&mut self.wire[s]);
             req.appends = std::mem::take(&mut self.pending[s]);
-            let body = req.encode().map_err(|e| e.to_string())?;
-            link.send(body).map_err(|e| format!("shard {s}: {e}"))?;
+            let body = req.encode();
+            self.wire[s] = std::mem::take(&mut req.seqs);
+            let sent = body
+                .map_err(|e| e.to_string())
+                .and_then(|body| self.group.links[s].send(body));
+            if let Err(message) = sent {
+                return Err(ShardError {
+                    shard: s,
+                    lost: false,
+                    message,
+                });
+            }
         }
-        let mut parts = Vec::with_capacity(self.links.len());
-        let mut failure = None;
-        for (s, link) in self.links.iter_mut().enumerate() {
+        let mut parts = Vec::with_capacity(called.len());
+        let mut failure: Option<ShardError> = None;
+        for &s in &called {
             // Collect every reply, even after a failure, so no link is left mid-call.
-            let reply = link
-                .finish()
-                .and_then(|r| AttendReply::decode(&r).map_err(|e| e.to_string()));
-            match reply {
+            let body = self.group.links[s].finish();
+            match self.group.accept(s, body) {
                 Ok(reply) => parts.push(ShardPartial {
                     out: reply.outputs,
                     lse: reply.lse,
                 }),
-                Err(e) => {
-                    failure.get_or_insert(format!("shard {s}: {e}"));
-                }
+                // A lost shard outranks a failed one: it is what the caller must act on.
+                Err(e) if failure.as_ref().is_none_or(|f| e.lost && !f.lost) => failure = Some(e),
+                Err(_) => {}
             }
         }
         if let Some(e) = failure {

@@ -399,9 +399,7 @@ impl Llama {
                 attention.write(l, r, positions[r], ks, vs);
             }
             let mut attn = vec![0.0f32; rows * q_width];
-            attention
-                .attend(l, heads, scale, &q, &mut attn)
-                .map_err(ModelError::Shard)?;
+            attention.attend(l, heads, scale, &q, &mut attn)?;
             let attn = Tensor::from_vec(attn, (rows, q_width), &device)?;
             x = (x + layer.out.apply(&attn)?)?;
 

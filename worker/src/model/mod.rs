@@ -48,8 +48,16 @@ pub enum ModelError {
     Input(String),
     /// A shard of the group could not compute its part of attention (issue #7).
     #[error("shard attention: {0}")]
-    Shard(String),
+    Shard(#[from] crate::kv::shard::ShardError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    /// Whether KV blocks held before this call are gone (a shard of the group restarted): the
+    /// prefix cache must forget them.
+    pub fn loses_kv(&self) -> bool {
+        matches!(self, ModelError::Shard(e) if e.lost)
+    }
 }
