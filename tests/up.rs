@@ -352,3 +352,186 @@ assert a1[1] == 0 and b1[1] == 0 and a2[1] > 0, (a1, b1, a2)
     assert!(interrupt(&mut child).success());
     assert!(port_free(port));
 }
+
+/// `tidelock up --shards 4`: two groups of four workers, 16 MiB of KV each (352 tokens of this
+/// model at 16 per block), so one conversation's context outgrows any one worker and lives on
+/// a group. Its cached tokens grow turn by turn; when a shard of the group holding it is
+/// killed, the next turn is still answered (the router re-places the session, or the group
+/// recomputes on the restarted shard), up restarts the shard, and the group serves and caches
+/// again.
+#[test]
+fn up_runs_sharded_groups_that_hold_a_context_no_worker_could_and_survive_a_dead_shard() {
+    let cache = cache();
+    let port = free_port();
+    let mut child = up(
+        cache.path(),
+        &[
+            "--port",
+            &port.to_string(),
+            "--workers",
+            "2",
+            "--shards",
+            "4",
+            "--kv-cache",
+            "16MiB",
+            "--block-tokens",
+            "16",
+        ],
+    );
+    wait_up(&mut child, cache.path(), port);
+    let parts = parts(cache.path());
+    assert_eq!(parts.len(), 9, "8 workers and the router");
+    let shown = output(cache.path());
+    assert!(
+        shown.contains("2 shard groups of 4 workers") && shown.contains("shard 3 of group-1"),
+        "{shown}"
+    );
+    let url_of = |name: &str| -> String {
+        parts
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no part {name}"))["url"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let info = |name: &str| -> Value {
+        let (_, body) = http_get(port_of(&url_of(name)), "/v1/info").unwrap();
+        serde_json::from_str(&body).unwrap()
+    };
+    let (coordinator, shard) = (info("worker-0"), info("worker-0.1"));
+    assert_eq!(
+        (coordinator["shard_count"].as_u64(), shard["shard"].as_u64()),
+        (Some(4), Some(1))
+    );
+    let one_worker = shard["kv_capacity_blocks"].as_u64().unwrap() * 16;
+    assert_eq!(
+        coordinator["kv_capacity_blocks"].as_u64().unwrap(),
+        4 * shard["kv_capacity_blocks"].as_u64().unwrap(),
+        "the coordinator's pool spans its group"
+    );
+
+    let key = std::fs::read_to_string(cache.path().join("local-api-key")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/conversation.py");
+    let mut conversation = Command::new(python())
+        .arg(&script)
+        .env("BASE_URL", format!("http://127.0.0.1:{port}/v1"))
+        .env("KEY", key.trim())
+        .env("MODEL", "SmolLM2-135M-Instruct.Q4_1")
+        .env("BLOCK_TOKENS", "16")
+        .env("TURNS", "4")
+        .env("PAUSE_AFTER", "2")
+        .env("LONG_SYSTEM", "24")
+        .env("KEY_NAME", "sharded")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = conversation.stdin.take().unwrap();
+    let mut transcript = Vec::new();
+    let mut victim = None;
+    for line in BufReader::new(conversation.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        println!("{line}");
+        if line != "PAUSED" {
+            transcript.push(line);
+            continue;
+        }
+        // The group holding the conversation: the coordinator with blocks cached.
+        let cached = |name: &str| {
+            let (_, body) = http_get(port_of(&url_of(name)), "/v1/kv/snapshot").unwrap();
+            serde_json::from_str::<Value>(&body).unwrap()["blocks"]
+                .as_array()
+                .map_or(0, Vec::len)
+        };
+        let (a, b) = (cached("worker-0"), cached("worker-1"));
+        let group = if a >= b { 0 } else { 1 };
+        println!("cached blocks: group-0 {a}, group-1 {b}; killing shard 1 of group-{group}");
+        let name = format!("worker-{group}.1");
+        let pid = parts.iter().find(|p| p["name"] == name.as_str()).unwrap()["pid"]
+            .as_u64()
+            .unwrap();
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        victim = Some((group, name));
+        writeln!(stdin, "go").unwrap();
+    }
+    let status = conversation.wait().unwrap();
+    assert!(
+        status.success(),
+        "the conversation failed:\n{}\nup:\n{}",
+        transcript.join("\n"),
+        output(cache.path())
+    );
+    let (group, name) = victim.expect("the conversation paused");
+    let turns: Vec<Value> = transcript
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(turns.len(), 4);
+    let first = turns[0]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        first > one_worker,
+        "the context ({first} tokens) outgrows one worker ({one_worker} tokens)"
+    );
+    let retries = http_get(port, "/metrics")
+        .map(|(_, m)| {
+            m.lines()
+                .filter(|l| l.starts_with("tidelock_router_retries_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .unwrap_or(0.0);
+    println!(
+        "context {first} tokens (one worker holds {one_worker}); router retries after the kill: {retries}"
+    );
+
+    // up restarts the shard; its group serves again, and caches again.
+    let since = Instant::now();
+    let restarted = format!("restarted {name}");
+    while !output(cache.path()).contains(&restarted) {
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{name} not restarted:\n{}",
+            output(cache.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let shard_port = port_of(&url_of(&name));
+    while http_get(shard_port, "/readyz").is_none_or(|(s, _)| s != 200) {
+        assert!(since.elapsed() < Duration::from_secs(60), "{name} not back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let check = r#"
+import os, openai
+prompt = " ".join(f"Line {i}: the harbour wall is {i} metres long." for i in range(40))
+c = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key="unused", max_retries=0)
+usage = []
+for _ in range(2):
+    r = c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=prompt, max_tokens=4, temperature=0)
+    usage.append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+print("the readmitted group: (prompt, cached) per request", usage)
+assert usage[1][1] >= usage[0][0] // 16 * 16 - 16, usage
+"#;
+    let run = Command::new(python())
+        .args(["-c", check])
+        .env(
+            "BASE_URL",
+            format!("{}/v1", url_of(&format!("worker-{group}"))),
+        )
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&run.stdout));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(interrupt(&mut child).success());
+    for part in &parts {
+        assert!(port_free(port_of(part["url"].as_str().unwrap())));
+    }
+}

@@ -49,11 +49,14 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "TIDELOCK_MODEL")]
     model: Option<PathBuf>,
 
-    /// Workers to start.
+    /// Model replicas to start: workers, or with `--shards` above 1, shard groups.
     #[arg(long, default_value_t = 2)]
     pub(crate) workers: usize,
 
-    /// Workers per shard group (sharded KV caches arrive with issue #7; only 1 for now).
+    /// Workers per shard group: each replica's KV cache is spread over this many worker
+    /// processes (one coordinator running the model, the others holding KV blocks), so one
+    /// session can hold `shards` times the context of one worker's `--kv-cache`. The real
+    /// engine only.
     #[arg(long, default_value_t = 1)]
     pub(crate) shards: usize,
 

@@ -1,8 +1,10 @@
-//! `tidelock up`: the local cluster. Starts N workers and one router as child processes on
-//! loopback (in-memory state, workers given to the router by URL), shows progress while the
-//! model loads, waits until every part answers its readiness probe (polling with a deadline),
-//! prints the endpoint, the local tenant's API key and ready-to-paste examples, then supervises:
-//! a worker that dies is reported (the router routes around it); Ctrl-C or SIGTERM stops
+//! `tidelock up`: the local cluster. Starts N workers (or N shard groups of S workers with
+//! `--shards S`) and one router as child processes on loopback (in-memory state, workers given
+//! to the router by URL), shows progress while the model loads, waits until every part answers
+//! its readiness probe (polling with a deadline), prints the endpoint, the local tenant's API
+//! key and ready-to-paste examples, then supervises: a worker that dies is reported (the router
+//! routes around it), a shard that dies is restarted on its port (its group fails requests
+//! until then, and drops its cached prefixes when the shard is back); Ctrl-C or SIGTERM stops
 //! everything (SIGTERM, a grace period, then SIGKILL), leaving no process and no bound port.
 //!
 //! One `up` at a time per cache directory: a lock file says so plainly to a second one. While it
@@ -28,6 +30,8 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
 /// How long each part has to stop after SIGTERM before it is killed.
 const GRACE: Duration = Duration::from_secs(10);
+/// How many times a dead shard is restarted before up leaves it down.
+const MAX_RESTARTS: u32 = 5;
 /// The local tenant's id.
 const LOCAL_TENANT: &str = "local";
 
@@ -40,6 +44,12 @@ struct Part {
     port: u16,
     child: Child,
     log: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+    /// A shard of a group (not its coordinator): restarted when it dies, up to
+    /// [`MAX_RESTARTS`] times.
+    shard: bool,
+    restarts: u32,
 }
 
 impl Part {
@@ -55,8 +65,11 @@ impl Part {
         logs: &Path,
     ) -> Result<Part, String> {
         let log = logs.join(format!("{name}.log"));
-        let file =
-            File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let err = file
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
@@ -76,7 +89,18 @@ impl Part {
             port,
             child,
             log,
+            program: program.to_owned(),
+            args: args.to_vec(),
+            shard: false,
+            restarts: 0,
         })
+    }
+
+    /// Starts the part again, as it was started (its log continues).
+    fn respawn(&mut self, logs: &Path) -> Result<(), String> {
+        let again = Part::spawn(&self.name, &self.program, &self.args, self.port, logs)?;
+        self.child = again.child;
+        Ok(())
     }
 
     /// The last lines of the part's log, indented, for error messages.
@@ -128,13 +152,14 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 pub(crate) async fn run(args: UpArgs) -> ExitCode {
-    if args.shards != 1 {
-        return fail(
-            "--shards: sharded groups arrive with issue #7; run with --shards 1 (the default)",
-        );
-    }
     if args.workers == 0 {
         return fail("--workers must be at least 1");
+    }
+    if args.shards == 0 {
+        return fail("--shards must be at least 1");
+    }
+    if args.shards > 1 && args.engine == Engine::Sim {
+        return fail("--shards above 1 needs the real engine: the simulator holds no KV to shard");
     }
     let model = args.model_path();
     let model_size = match check_model(&model) {
@@ -186,10 +211,17 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
         },
     };
 
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let workers = match args.shards {
+        1 => plural(args.workers, "worker"),
+        s => format!(
+            "{} of {s} workers (KV cache {} per worker, {s}x per group)",
+            plural(args.workers, "shard group"),
+            args.kv_cache
+        ),
+    };
     println!(
-        "tidelock up: {} worker{} ({} engine) + 1 router on 127.0.0.1, model {} ({:.0} MB)",
-        args.workers,
-        if args.workers == 1 { "" } else { "s" },
+        "tidelock up: {workers} ({} engine) + 1 router on 127.0.0.1, model {} ({:.0} MB)",
         args.engine.as_str(),
         model.display(),
         model_size as f64 / 1e6
@@ -218,7 +250,7 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
         serde_json::Value::from(parts).to_string(),
     );
     banner(&endpoint, &served, key.as_deref(), &logs);
-    let code = supervise(&mut cluster).await;
+    let code = supervise(&mut cluster, &logs).await;
     println!("\ntidelock up: stopping");
     cluster.stop().await;
     let _ = std::fs::remove_file(run_dir.join("endpoint"));
@@ -240,33 +272,68 @@ async fn start(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
+    let mut urls = Vec::new();
     for i in 0..args.workers {
-        let port = free_port()?;
-        let worker_args = vec![
-            "--model".into(),
-            model.display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--engine".into(),
-            args.engine.as_str().into(),
-            "--kv-cache".into(),
-            args.kv_cache.clone(),
-            "--block-tokens".into(),
-            args.block_tokens.to_string(),
-            "--served-model-name".into(),
-            served.clone(),
-        ];
-        let part = Part::spawn(&format!("worker-{i}"), worker_bin, &worker_args, port, logs)?;
-        println!(
-            "  worker-{i}  starting on {} (log {})",
-            part.url(),
-            part.log.display()
-        );
-        cluster.parts.push(part);
+        let ports = (0..args.shards)
+            .map(|_| free_port())
+            .collect::<Result<Vec<u16>, String>>()?;
+        let peers: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        for (shard, &port) in ports.iter().enumerate() {
+            let mut worker_args = vec![
+                "--model".into(),
+                model.display().to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--engine".into(),
+                args.engine.as_str().into(),
+                "--kv-cache".into(),
+                args.kv_cache.clone(),
+                "--block-tokens".into(),
+                args.block_tokens.to_string(),
+                "--served-model-name".into(),
+                served.clone(),
+            ];
+            let name = if args.shards > 1 {
+                worker_args.extend([
+                    "--group".into(),
+                    format!("group-{i}"),
+                    "--shards".into(),
+                    args.shards.to_string(),
+                    "--shard".into(),
+                    shard.to_string(),
+                    "--shard-peers".into(),
+                    peers.join(","),
+                ]);
+                match shard {
+                    0 => format!("worker-{i}"),
+                    s => format!("worker-{i}.{s}"),
+                }
+            } else {
+                format!("worker-{i}")
+            };
+            let mut part = Part::spawn(&name, worker_bin, &worker_args, port, logs)?;
+            part.shard = shard > 0;
+            let role = match (args.shards, shard) {
+                (1, _) => String::new(),
+                (s, 0) => format!(", coordinator of group-{i}, {s} shards"),
+                (_, s) => format!(", shard {s} of group-{i}"),
+            };
+            println!(
+                "  {name:<9} starting on {}{role} (log {})",
+                part.url(),
+                part.log.display()
+            );
+            if shard == 0 {
+                urls.push(part.url());
+            }
+            cluster.parts.push(part);
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
     wait_ready(&mut cluster.parts, "/readyz", deadline, "loading the model").await?;
-    let urls: Vec<String> = cluster.parts.iter().map(Part::url).collect();
     let router_args = vec![
         "--listen".into(),
         format!("127.0.0.1:{}", args.port),
@@ -378,8 +445,10 @@ Press Ctrl-C to stop."#,
 }
 
 /// Waits for Ctrl-C, SIGTERM, or the router's exit. A worker that exits is reported; the
-/// router routes around it.
-async fn supervise(cluster: &mut Cluster) -> ExitCode {
+/// router routes around it. A shard that exits is restarted on its port: its group's
+/// coordinator fails requests while it is gone (the router places them elsewhere) and
+/// readmits it when it is back.
+async fn supervise(cluster: &mut Cluster, logs: &Path) -> ExitCode {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(e) => return fail(format!("cannot watch for SIGTERM: {e}")),
@@ -405,6 +474,21 @@ async fn supervise(cluster: &mut Cluster) -> ExitCode {
                 );
                 if part.name == "router" {
                     return ExitCode::from(EXIT_FAILED);
+                }
+                if part.shard && part.restarts < MAX_RESTARTS {
+                    part.restarts += 1;
+                    match part.respawn(logs) {
+                        Ok(()) => {
+                            reported[i] = false;
+                            eprintln!(
+                                "tidelock up: restarted {} on {}; its group serves again once it answers",
+                                part.name,
+                                part.url()
+                            );
+                        }
+                        Err(e) => eprintln!("tidelock up: cannot restart {}: {e}", part.name),
+                    }
+                    continue;
                 }
                 eprintln!("tidelock up: the router routes around it; still serving");
             }

@@ -55,7 +55,7 @@ fn a_folder_that_is_not_a_hugging_face_model_is_rejected() {
 fn options_out_of_range_are_refused_before_anything_starts() {
     for (flag, value, needle) in [
         ("--workers", "0", "--workers must be at least 1"),
-        ("--shards", "4", "issue #7"),
+        ("--shards", "0", "--shards must be at least 1"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tidelock"))
             .args(["up", flag, value, "--model", "/nonexistent.gguf"])
@@ -64,4 +64,15 @@ fn options_out_of_range_are_refused_before_anything_starts() {
         assert_eq!(out.status.code(), Some(1), "{flag} {value}");
         assert!(stderr(&out).contains(needle), "{flag}: {}", stderr(&out));
     }
+    let out = Command::new(env!("CARGO_BIN_EXE_tidelock"))
+        .args(["up", "--shards", "4", "--engine", "sim"])
+        .args(["--model", "/nonexistent.gguf"])
+        .output()
+        .expect("run tidelock");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--shards above 1 needs the real engine"),
+        "{}",
+        stderr(&out)
+    );
 }

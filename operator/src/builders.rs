@@ -304,7 +304,7 @@ fn group(
     if let Some(context) = spec.max_context_tokens {
         args.extend(["--max-context".to_owned(), context.to_string()]);
     }
-    let env = vec![
+    let mut vars = vec![
         field_env("POD_NAME", "metadata.name"),
         // The pod's ordinal is its shard index in the group.
         field_env(
@@ -315,6 +315,19 @@ fn group(
         env("TIDELOCK_ETCD_ENDPOINTS", defaults.etcd_endpoints.join(",")),
         env("TIDELOCK_ETCD_PREFIX", defaults.etcd_prefix.clone()),
     ];
+    if spec.shards > 1 {
+        // Shard 0 coordinates and reaches the others by their stable pod names.
+        let peers: Vec<String> = (0..spec.shards)
+            .map(|k| {
+                format!(
+                    "http://{group}-{k}.{}.{}.svc:{WORKER_PORT}",
+                    names.service(),
+                    names.namespace
+                )
+            })
+            .collect();
+        vars.push(env("TIDELOCK_SHARD_PEERS", peers.join(",")));
+    }
     let mut limits = BTreeMap::new();
     let mut requests = BTreeMap::new();
     if spec.resources.gpus > 0 {
@@ -425,7 +438,7 @@ fn group(
         // The image holds every binary and no entrypoint (the Dockerfile's `ENTRYPOINT []`).
         command: Some(vec!["tidelock-worker".into()]),
         args: Some(args),
-        env: Some(env),
+        env: Some(vars),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: WORKER_PORT,

@@ -2,7 +2,8 @@
 
 Environment: BASE_URL, KEY, MODEL, BLOCK_TOKENS, TURNS, and optionally PAUSE_AFTER (a turn number:
 after it, print "PAUSED" and wait for a line on stdin before going on; the test kills a worker
-meanwhile). Each turn resends the whole conversation under one prompt_cache_key and prints one
+meanwhile), LONG_SYSTEM (a number of sentences of background added to the system prompt, for a
+context longer than one worker's KV cache) and KEY_NAME (the prompt_cache_key). Each turn resends the whole conversation under one prompt_cache_key and prints one
 line of JSON with its numbers. From turn 2 on, cached_tokens must cover the previous turn's whole
 prompt rounded down to whole blocks, except on the first turn after the pause (its worker may be
 gone, and with it the cache). Exits non-zero on the first failure.
@@ -32,7 +33,9 @@ questions = [
     "Can we make power from them?",
     "Thanks. Summarise our talk in one line.",
 ]
-history = [{"role": "system", "content": "You are a patient teacher who answers in two sentences."}]
+background = " ".join(f"Note {i}: the tide at harbour {i} turns {i % 7} minutes after the last." for i in range(int(os.environ.get("LONG_SYSTEM", "0"))))
+history = [{"role": "system", "content": ("You are a patient teacher who answers in two sentences. " + background).strip()}]
+CACHE_KEY = os.environ.get("KEY_NAME", "up-e2e-conversation")
 previous_prompt = 0
 after_pause = False
 for turn in range(1, TURNS + 1):
@@ -40,7 +43,7 @@ for turn in range(1, TURNS + 1):
     started = time.perf_counter()
     r = client.chat.completions.create(
         model=MODEL, messages=history, max_tokens=24, temperature=0,
-        extra_body={"prompt_cache_key": "up-e2e-conversation"},
+        extra_body={"prompt_cache_key": CACHE_KEY},
     )
     elapsed = time.perf_counter() - started
     answer = r.choices[0].message.content

@@ -12,6 +12,9 @@
 //! - each shard's own compute time per step (its share of attention, measured around its RPC
 //!   call): on S machines the shards run at once, so the step would take about the slowest
 //!   shard's time plus the coordinator's layers (a projection, printed as such);
+//! - the same decode step with the shards behind HTTP on loopback (each its own server, as
+//!   `tidelock-worker --shards` serves it, all in this process and on these cores): what the
+//!   transport adds;
 //! - KV bytes per worker, against one worker holding the whole context;
 //! - prefill tokens/s at 16,384 tokens, one worker vs the shards (a real prefill, in chunks).
 //!
@@ -21,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidelock_protocol::BlockId;
+use tidelock_protocol::shard::AttendRequest;
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::shard::{
     Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer, placement,
@@ -28,26 +32,34 @@ use tidelock_worker::kv::shard::{
 use tidelock_worker::model::llama::{Logits, Rows, WeightFormat};
 use tidelock_worker::model::tiny::{TinySpec, write_tiny_llama};
 use tidelock_worker::model::{Llama, SeqChunk};
+use tidelock_worker::shard_rpc::{HttpLink, routes};
 
 const BLOCK: usize = 64;
 
-/// A shard link that times each call (the shard's compute for that layer).
+/// An in-process link to a shard that times each call (the shard's compute for that layer,
+/// decoding and encoding included). The shard is shared so the HTTP run serves the same store.
 struct Timed {
-    inner: InProcess,
+    server: Arc<Mutex<ShardServer>>,
+    reply: Option<Result<Vec<u8>, String>>,
     spent: Arc<Mutex<Duration>>,
 }
 
 impl ShardLink for Timed {
-    /// An in-process shard computes when the request is sent: that is its compute time.
     fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
         let t = Instant::now();
-        let r = self.inner.send(body);
+        let reply = AttendRequest::decode(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|req| self.server.lock().unwrap().handle(&req))
+            .and_then(|reply| reply.encode().map_err(|e| e.to_string()));
         *self.spent.lock().unwrap() += t.elapsed();
-        r
+        self.reply = Some(reply);
+        Ok(())
     }
 
     fn finish(&mut self) -> Result<Vec<u8>, String> {
-        self.inner.finish()
+        self.reply
+            .take()
+            .unwrap_or_else(|| Err("nothing sent".into()))
     }
 }
 
@@ -154,12 +166,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let spent: Vec<Arc<Mutex<Duration>>> = (0..shards).map(|_| Arc::default()).collect();
     let kv_per_shard: Vec<usize> = servers.iter().map(ShardServer::kv_bytes).collect();
-    let links: Vec<Box<dyn ShardLink>> = servers
+    let servers: Vec<Arc<Mutex<ShardServer>>> = servers
         .into_iter()
+        .map(|s| Arc::new(Mutex::new(s)))
+        .collect();
+    let links: Vec<Box<dyn ShardLink>> = servers
+        .iter()
         .zip(&spent)
         .map(|(s, spent)| {
             Box::new(Timed {
-                inner: InProcess::new(s),
+                server: s.clone(),
+                reply: None,
                 spent: spent.clone(),
             }) as Box<dyn ShardLink>
         })
@@ -195,6 +212,52 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_diff = max_diff.max((a - b).abs());
         }
     }
+    // The same steps with every shard behind its own HTTP server on loopback (the store holds
+    // the positions written above at the same places: they are rewritten with the same values).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut http_links: Vec<Box<dyn ShardLink>> = Vec::new();
+    for server in &servers {
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let app = routes(server.clone());
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        http_links.push(Box::new(HttpLink::new(&url, Duration::from_secs(30))?));
+    }
+    let mut http_group = ShardGroup::new(http_links);
+    let mut http_times = Vec::new();
+    for (i, one) in one_logits.iter().enumerate() {
+        let seqs = [CoordinatedSeq {
+            start: tokens + i,
+            rows: 0..1,
+            table: &table,
+        }];
+        let mut c = Coordinated::new(
+            &mut http_group,
+            &seqs,
+            BLOCK,
+            shape.kv_heads,
+            shape.head_dim,
+        );
+        let t = Instant::now();
+        let out = m.forward_with(
+            &mut c,
+            &[Rows {
+                tokens: &token,
+                start: tokens + i,
+                logits: Logits::Last,
+            }],
+        )?;
+        http_times.push(t.elapsed());
+        for (a, b) in last_logits(out).iter().zip(one) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    }
+    drop(http_group);
+    drop(runtime);
+    let http_step = median(http_times);
     let one_step = median(one_times);
     let many_step = median(many_times);
     let per_shard_step: Vec<Duration> = shard_times.into_iter().map(median).collect();
@@ -264,6 +327,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms(one_step),
         ms(many_step),
         ms(many_step) / ms(one_step)
+    );
+    println!(
+        "| decode step, shards behind HTTP on loopback | {:.1} ms | {:.1} ms | {:.2}x | <= 1.25x |",
+        ms(one_step),
+        ms(http_step),
+        ms(http_step) / ms(one_step)
     );
     println!(
         "| KV bytes per worker | {:.2} GiB | {:.2} GiB | {:.2}x | <= 0.3x |",

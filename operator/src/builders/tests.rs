@@ -73,6 +73,18 @@ fn one_statefulset_per_group_with_shards_pods_owned_by_the_model() {
             group
         );
         assert_eq!(arg(worker(g), "--group"), Some(group.as_str()));
+        // Shard 0 reaches the group's workers by their pod names, in shard order.
+        let peers = worker(g)
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "TIDELOCK_SHARD_PEERS")
+            .and_then(|e| e.value.clone());
+        let want: Vec<String> = (0..4)
+            .map(|k| format!("http://{group}-{k}.smol-workers.ml.svc:8000"))
+            .collect();
+        assert_eq!(peers, Some(want.join(",")));
     }
     // Scaling is whole groups: 1 replica, one StatefulSet.
     let d = desired(
@@ -83,6 +95,16 @@ fn one_statefulset_per_group_with_shards_pods_owned_by_the_model() {
     assert_eq!(d.groups.len(), 1);
     let d = desired(&model(json!({"source": hf(), "replicas": 0})), &defaults()).unwrap();
     assert!(d.groups.is_empty());
+    // One worker per group: no peers to name.
+    let d = desired(&model(json!({"source": hf()})), &defaults()).unwrap();
+    assert!(
+        worker(&d.groups[0])
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|e| e.name != "TIDELOCK_SHARD_PEERS")
+    );
 }
 
 #[test]

@@ -9,6 +9,9 @@
 //!    last. Admission looks the prompt's block hashes up in the prefix cache and only computes the
 //!    uncached suffix: that is the lossless reuse everything else in Tidelock is built around.
 //!
+//! When a shard of the group restarts (issue #7), its blocks are gone: every running sequence is
+//! preempted the same way and the prefix cache is cleared.
+//!
 //! When a decode needs a block and none can be freed, the most recently admitted other sequence
 //! is preempted by recompute: its blocks are released (its full blocks stay in the prefix cache,
 //! so re-admission usually finds them again) and it goes back to the front of the queue. Requests
@@ -294,15 +297,26 @@ impl<E: Executor> Engine<E> {
         drop(work);
         let logits = match result {
             Ok(logits) => logits,
-            Err(e) => {
-                if e.loses_kv() {
-                    // Blocks the prefix cache names are gone: every running sequence has lost
-                    // context, and no later prompt may be served from them.
-                    self.fail_all(&e.to_string());
-                    self.pool.clear_cache();
+            Err(e) if e.loses_kv() => {
+                // A shard restarted: blocks the prefix cache names are gone, and every running
+                // sequence lost context. Nothing is answered wrong or lost: the sequences go
+                // back to the queue to be recomputed (their tokens so far are kept), and the
+                // cache forgets everything (a Cleared event tells the routers).
+                for index in (0..self.running.len()).rev() {
+                    self.preempt(index);
+                    stats.preempted += 1;
                 }
-                return Err(e);
+                for seq in &mut self.waiting {
+                    if seq.completion == 0 {
+                        // Not reported yet: the prompt is now computed, not served from cache.
+                        seq.cached_tokens = None;
+                    }
+                }
+                self.pool.clear_cache();
+                tracing::warn!(error = %e, recomputed = stats.preempted, "KV blocks lost; recomputing the running sequences");
+                return Ok(stats);
             }
+            Err(e) => return Err(e),
         };
 
         stats.sequences = plan.len();

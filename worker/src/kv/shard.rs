@@ -8,8 +8,9 @@
 //! eviction and KV events are therefore the coordinator pool's, one index for the whole group,
 //! exactly as for one worker; the shards ([`ShardServer`]) are stateless stores that append and
 //! attend where they are told. A restarted shard has nothing to reconcile: the coordinator sees
-//! its new incarnation in the next reply, fails the step and drops its prefix cache, and the
-//! shard serves again at once.
+//! its new incarnation in the next reply, drops its prefix cache and recomputes the running
+//! sequences (the engine's preemption by recompute), and the shard serves again at once. A shard
+//! that is down fails each step that needs it, with an error naming it, within its deadline.
 //!
 //! **Layout: striped by block.** The pool hands out free blocks in increasing order, so a
 //! session's consecutive blocks land on consecutive shards: each shard holds `ceil(n / S)` or
@@ -367,7 +368,7 @@ impl ShardGroup {
             return Err(ShardError {
                 shard,
                 lost: true,
-                message: "restarted: the KV blocks it held are gone (the group's prefix cache is dropped; the request can be retried)".into(),
+                message: "restarted: the KV blocks it held are gone".into(),
             });
         }
         Ok(reply)
