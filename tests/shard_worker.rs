@@ -2,7 +2,7 @@
 //! `--shard`) says so in `/v1/info` and serves the shard attention RPC over HTTP: a new token
 //! appended to a block comes back as the attention output over that one position (its value,
 //! softmax weight 1) with log-sum-exp `q.k * scale`, under the same incarnation call after call;
-//! a block outside its store is refused with a 400 saying so; and an impossible shard index, or
+//! a block outside its store is refused with a 400 saying so; its metrics count both; and an impossible shard index, or
 //! a coordinator without its peers, stops the worker at start.
 
 use std::process::Command;
@@ -120,6 +120,16 @@ fn a_worker_serves_its_shard_of_a_group() {
         e.contains("400") && e.contains("block place 91 is outside this shard's 91"),
         "{e}"
     );
+    // Its metrics count what it served.
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    for line in [
+        "tidelock_shard_requests_total{outcome=\"ok\"} 2",
+        "tidelock_shard_requests_total{outcome=\"error\"} 1",
+        "tidelock_shard_kv_blocks_capacity 91",
+        "tidelock_shard_request_seconds_count 3",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
     worker.stop(Duration::from_secs(10));
 
     // Shard 2 of 2 does not exist: the worker refuses to start, saying why.

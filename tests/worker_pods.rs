@@ -31,7 +31,7 @@ fn the_operators_worker_containers_run_binaries_with_flags_they_accept() {
     let in_image = image_binaries("Dockerfile");
     let examples = repo_root().join("charts/tidelock/examples");
     let mut checked = 0;
-    for name in ["model-cpu.yaml", "model-gpu.yaml"] {
+    for name in ["model-cpu.yaml", "model-gpu.yaml", "model-sharded.yaml"] {
         let text = std::fs::read_to_string(examples.join(name)).unwrap();
         let mut model: Model = serde_yaml_ng::from_str(&text).unwrap();
         model

@@ -493,7 +493,7 @@ def check_examples():
     validators = crd_validators()
     examples = sorted((CHART / "examples").glob("*.yaml"))
     check(
-        [e.name for e in examples] == ["model-cpu.yaml", "model-gpu.yaml", "tenant.yaml"],
+        [e.name for e in examples] == ["model-cpu.yaml", "model-gpu.yaml", "model-sharded.yaml", "tenant.yaml"],
         f"examples: {[e.name for e in examples]}",
     )
     for path in examples:

@@ -22,6 +22,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 use tidelock_protocol::WorkerInfo;
 use tidelock_protocol::shard::AttendRequest;
 
@@ -34,9 +37,9 @@ pub const PATH: &str = "/v1/shard/attend";
 /// The largest request body a shard accepts.
 pub const MAX_BODY: usize = 512 << 20;
 
-/// What a shard other than the coordinator serves: its store on `POST /v1/shard/attend`, and
-/// `/healthz`, `/readyz` and `/v1/info` (its group and index) for probes and tools. It runs no
-/// engine, so it has no generation routes.
+/// What a shard other than the coordinator serves: its store on `POST /v1/shard/attend`, its
+/// metrics on `/metrics`, and `/healthz`, `/readyz` and `/v1/info` (its group and index) for
+/// probes and tools. It runs no engine, so it has no generation routes.
 pub fn shard_app(info: WorkerInfo, server: Arc<Mutex<ShardServer>>) -> Router {
     let info = Arc::new(info);
     Router::new()
@@ -52,20 +55,83 @@ pub fn shard_app(info: WorkerInfo, server: Arc<Mutex<ShardServer>>) -> Router {
         .merge(routes(server))
 }
 
-/// `POST /v1/shard/attend` over `server` (one request at a time: a shard's store has one writer).
-pub fn routes(server: Arc<Mutex<ShardServer>>) -> Router {
-    Router::new()
-        .route(PATH, post(attend))
-        // A prefill chunk's queries and new keys and values: tens of MiB for large models.
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(server)
+/// A shard's metrics (its own registry: a shard runs no engine).
+#[derive(Debug)]
+struct ShardMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    seconds: Histogram,
 }
 
-async fn attend(State(server): State<Arc<Mutex<ShardServer>>>, body: Bytes) -> Response {
+impl ShardMetrics {
+    fn new(blocks: usize) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tidelock_shard_requests_total",
+                "Shard attention requests (one per layer of a coordinator's step) by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tidelock_shard_request_seconds",
+                "Time to append, attend and encode one request.",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16)?),
+        )?;
+        let capacity = IntGauge::new(
+            "tidelock_shard_kv_blocks_capacity",
+            "KV blocks in this shard's store.",
+        )?;
+        capacity.set(blocks as i64);
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        registry.register(Box::new(capacity))?;
+        Ok(ShardMetrics {
+            registry,
+            requests,
+            seconds,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Shared {
+    server: Arc<Mutex<ShardServer>>,
+    metrics: Arc<ShardMetrics>,
+}
+
+/// `POST /v1/shard/attend` over `server` (one request at a time: a shard's store has one
+/// writer), and `GET /metrics` counting its requests.
+pub fn routes(server: Arc<Mutex<ShardServer>>) -> Router {
+    let blocks = server.lock().expect("not poisoned").num_blocks();
+    let metrics = Arc::new(ShardMetrics::new(blocks).expect("the shard metrics register once"));
+    Router::new()
+        .route(PATH, post(attend))
+        .route("/metrics", get(metrics_text))
+        // A prefill chunk's queries and new keys and values: tens of MiB for large models.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(Shared { server, metrics })
+}
+
+async fn metrics_text(State(shared): State<Shared>) -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&shared.metrics.registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+async fn attend(State(shared): State<Shared>, body: Bytes) -> Response {
+    let Shared { server, metrics } = shared;
     let result = tokio::task::spawn_blocking(move || {
-        let request = AttendRequest::decode(&body).map_err(|e| e.to_string())?;
-        let reply = server.lock().expect("not poisoned").handle(&request)?;
-        reply.encode().map_err(|e| e.to_string())
+        let _timer = metrics.seconds.start_timer();
+        let result = AttendRequest::decode(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|request| server.lock().expect("not poisoned").handle(&request))
+            .and_then(|reply| reply.encode().map_err(|e| e.to_string()));
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics.requests.with_label_values(&[outcome]).inc();
+        result
     })
     .await;
     match result {

@@ -200,7 +200,12 @@ fn the_charts_examples_pass_the_cel_rules() {
     use serde::Deserialize;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/tidelock/examples");
     let mut checked = Vec::new();
-    for file in ["model-cpu.yaml", "model-gpu.yaml", "tenant.yaml"] {
+    for file in [
+        "model-cpu.yaml",
+        "model-gpu.yaml",
+        "model-sharded.yaml",
+        "tenant.yaml",
+    ] {
         let text = std::fs::read_to_string(dir.join(file)).unwrap();
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let value = Value::deserialize(doc).unwrap();
@@ -219,5 +224,5 @@ fn the_charts_examples_pass_the_cel_rules() {
             checked.push(name);
         }
     }
-    assert_eq!(checked.len(), 3, "two Models and a Tenant: {checked:?}");
+    assert_eq!(checked.len(), 4, "three Models and a Tenant: {checked:?}");
 }

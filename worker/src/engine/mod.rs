@@ -98,6 +98,9 @@ pub struct StepStats {
     pub prefill_tokens: usize,
     pub decode_tokens: usize,
     pub preempted: usize,
+    /// KV blocks were lost (a shard restarted): the cache was cleared and the running sequences
+    /// requeued for recompute.
+    pub kv_lost: bool,
 }
 
 /// Counts for the load report.
@@ -313,6 +316,7 @@ impl<E: Executor> Engine<E> {
                     }
                 }
                 self.pool.clear_cache();
+                stats.kv_lost = true;
                 tracing::warn!(error = %e, recomputed = stats.preempted, "KV blocks lost; recomputing the running sequences");
                 return Ok(stats);
             }

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub prefill_tokens: IntCounter,
     pub decode_tokens: IntCounter,
     pub preemptions: IntCounter,
+    pub step_failures: IntCounter,
+    pub kv_lost: IntCounter,
     /// Measured prefill speed (moving average over steps that prefilled), reported in `/v1/load`.
     pub prefill_rate: prometheus::Gauge,
     pub requests: IntCounterVec,
@@ -90,6 +92,14 @@ impl Metrics {
             prefill_tokens: counter("tidelock_worker_prefill_tokens_total", "Tokens prefilled.")?,
             decode_tokens: counter("tidelock_worker_decode_tokens_total", "Tokens decoded.")?,
             preemptions: counter("tidelock_worker_preemptions_total", "Sequences preempted.")?,
+            step_failures: counter(
+                "tidelock_worker_step_failures_total",
+                "Engine steps that failed, failing the requests they ran (a shard of the group down, a broken installation).",
+            )?,
+            kv_lost: counter(
+                "tidelock_worker_kv_lost_total",
+                "Times a shard of the group restarted: its KV blocks were lost, the prefix cache cleared and the running sequences recomputed.",
+            )?,
             prefill_rate: {
                 let g = prometheus::Gauge::new(
                     "tidelock_worker_prefill_tokens_per_second",
@@ -128,6 +138,9 @@ impl Metrics {
         self.prefill_tokens.inc_by(stats.prefill_tokens as u64);
         self.decode_tokens.inc_by(stats.decode_tokens as u64);
         self.preemptions.inc_by(stats.preempted as u64);
+        if stats.kv_lost {
+            self.kv_lost.inc();
+        }
     }
 
     pub fn record_load(&self, load: &EngineLoad) {

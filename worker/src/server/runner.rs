@@ -143,8 +143,10 @@ fn run<E: Executor>(
             match engine.step() {
                 Ok(stats) => metrics.record_step(&stats, started.elapsed()),
                 Err(error) => {
-                    // A model error here is a bug or a broken installation, not a bad request
-                    // (those are rejected at submit): fail every request and keep serving.
+                    // Not a bad request (those are rejected at submit): a shard of the group that
+                    // is down, a bug or a broken installation. Fail every request (routers retry
+                    // them elsewhere) and keep serving.
+                    metrics.step_failures.inc();
                     tracing::error!(%error, "engine step failed; failing the running requests");
                     engine.fail_all(&error.to_string());
                 }
