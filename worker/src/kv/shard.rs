@@ -274,6 +274,12 @@ pub trait ShardLink: Send {
     /// The reply body to the last request sent.
     fn finish(&mut self) -> Result<Vec<u8>, String>;
 
+    /// Whether the shard computes in this process when the request is sent: such links are sent
+    /// to last, so the remote shards compute meanwhile.
+    fn in_process(&self) -> bool {
+        false
+    }
+
     /// One request and its reply.
     fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
         self.send(body)?;
@@ -312,6 +318,10 @@ impl ShardLink for InProcess {
         self.reply
             .take()
             .unwrap_or_else(|| Err("no request was sent".into()))
+    }
+
+    fn in_process(&self) -> bool {
+        true
     }
 }
 
@@ -482,7 +492,8 @@ impl Attention for Coordinated<'_> {
         out: &mut [f32],
     ) -> Result<(), ShardError> {
         // One request, its sequences and appends swapped per shard; every shard gets its
-        // request before any reply is awaited.
+        // request before any reply is awaited, remote ones first so that they compute while an
+        // in-process shard (the coordinator's own) does.
         let mut req = AttendRequest {
             layer: layer as u32,
             heads: heads as u32,
@@ -493,9 +504,10 @@ impl Attention for Coordinated<'_> {
             appends: Vec::new(),
             queries: q.to_vec(),
         };
-        let called: Vec<usize> = (0..self.group.len())
+        let mut called: Vec<usize> = (0..self.group.len())
             .filter(|&s| !self.wire[s].is_empty())
             .collect();
+        called.sort_by_key(|&s| self.group.links[s].in_process());
         for &s in &called {
             req.seqs = std::mem::take(&mut self.wire[s]);
             req.appends = std::mem::take(&mut self.pending[s]);
@@ -518,10 +530,13 @@ impl Attention for Coordinated<'_> {
             // Collect every reply, even after a failure, so no link is left mid-call.
             let body = self.group.links[s].finish();
             match self.group.accept(s, body) {
-                Ok(reply) => parts.push(ShardPartial {
-                    out: reply.outputs,
-                    lse: reply.lse,
-                }),
+                Ok(reply) => parts.push((
+                    s,
+                    ShardPartial {
+                        out: reply.outputs,
+                        lse: reply.lse,
+                    },
+                )),
                 // A lost shard outranks a failed one: it is what the caller must act on.
                 Err(e) if failure.as_ref().is_none_or(|f| e.lost && !f.lost) => failure = Some(e),
                 Err(_) => {}
@@ -530,6 +545,10 @@ impl Attention for Coordinated<'_> {
         if let Some(e) = failure {
             return Err(e);
         }
+        // Merged in shard order whatever the order of the calls, so results do not depend on
+        // which shard is local.
+        parts.sort_by_key(|(s, _)| *s);
+        let parts: Vec<ShardPartial> = parts.into_iter().map(|(_, p)| p).collect();
         merge_shards(&parts, self.head_dim, out);
         Ok(())
     }
