@@ -30,8 +30,10 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
 /// How long each part has to stop after SIGTERM before it is killed.
 const GRACE: Duration = Duration::from_secs(10);
-/// How many times a dead shard is restarted before up leaves it down.
+/// How many times in a row a dead shard is restarted before up leaves it down (a shard that
+/// ran for [`STABLE`] starts a new row); the n-th restart waits n seconds.
 const MAX_RESTARTS: u32 = 5;
+const STABLE: Duration = Duration::from_secs(60);
 /// The local tenant's id.
 const LOCAL_TENANT: &str = "local";
 
@@ -47,9 +49,12 @@ struct Part {
     program: PathBuf,
     args: Vec<String>,
     /// A shard of a group (not its coordinator): restarted when it dies, up to
-    /// [`MAX_RESTARTS`] times.
+    /// [`MAX_RESTARTS`] times in a row.
     shard: bool,
     restarts: u32,
+    started: Instant,
+    /// When a dead shard is due to start again.
+    restart_at: Option<Instant>,
 }
 
 impl Part {
@@ -57,17 +62,22 @@ impl Part {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Starts a part; its log is `<logs>/<name>.log`, continued when `append` (a restart),
+    /// else started afresh.
     fn spawn(
         name: &str,
         program: &Path,
         args: &[String],
         port: u16,
         logs: &Path,
+        append: bool,
     ) -> Result<Part, String> {
         let log = logs.join(format!("{name}.log"));
         let file = File::options()
             .create(true)
-            .append(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
             .open(&log)
             .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let err = file
@@ -93,13 +103,16 @@ impl Part {
             args: args.to_vec(),
             shard: false,
             restarts: 0,
+            started: Instant::now(),
+            restart_at: None,
         })
     }
 
     /// Starts the part again, as it was started (its log continues).
     fn respawn(&mut self, logs: &Path) -> Result<(), String> {
-        let again = Part::spawn(&self.name, &self.program, &self.args, self.port, logs)?;
+        let again = Part::spawn(&self.name, &self.program, &self.args, self.port, logs, true)?;
         self.child = again.child;
+        self.started = again.started;
         Ok(())
     }
 
@@ -236,6 +249,19 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
     };
     let endpoint = format!("http://127.0.0.1:{}/v1", args.port);
     let _ = std::fs::write(run_dir.join("endpoint"), &endpoint);
+    write_parts(&run_dir, &cluster);
+    banner(&endpoint, &served, key.as_deref(), &logs);
+    let code = supervise(&mut cluster, &run_dir).await;
+    println!("\ntidelock up: stopping");
+    cluster.stop().await;
+    let _ = std::fs::remove_file(run_dir.join("endpoint"));
+    let _ = std::fs::remove_file(run_dir.join("parts.json"));
+    println!("tidelock up: stopped; every process has exited");
+    code
+}
+
+/// `<run_dir>/parts.json`: each part's name, pid, URL and log (rewritten when a shard restarts).
+fn write_parts(run_dir: &Path, cluster: &Cluster) {
     let parts: Vec<serde_json::Value> = cluster
         .parts
         .iter()
@@ -249,14 +275,6 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
         run_dir.join("parts.json"),
         serde_json::Value::from(parts).to_string(),
     );
-    banner(&endpoint, &served, key.as_deref(), &logs);
-    let code = supervise(&mut cluster, &logs).await;
-    println!("\ntidelock up: stopping");
-    cluster.stop().await;
-    let _ = std::fs::remove_file(run_dir.join("endpoint"));
-    let _ = std::fs::remove_file(run_dir.join("parts.json"));
-    println!("tidelock up: stopped; every process has exited");
-    code
 }
 
 /// Starts the workers, then the router; returns the served model name.
@@ -314,7 +332,7 @@ async fn start(
             } else {
                 format!("worker-{i}")
             };
-            let mut part = Part::spawn(&name, worker_bin, &worker_args, port, logs)?;
+            let mut part = Part::spawn(&name, worker_bin, &worker_args, port, logs, false)?;
             part.shard = shard > 0;
             let role = match (args.shards, shard) {
                 (1, _) => String::new(),
@@ -342,7 +360,7 @@ async fn start(
         "--tenants-file".into(),
         tenants_file.display().to_string(),
     ];
-    let router = Part::spawn("router", router_bin, &router_args, args.port, logs)?;
+    let router = Part::spawn("router", router_bin, &router_args, args.port, logs, false)?;
     println!(
         "  router    starting on {} (log {})",
         router.url(),
@@ -448,7 +466,8 @@ Press Ctrl-C to stop."#,
 /// router routes around it. A shard that exits is restarted on its port: its group's
 /// coordinator fails requests while it is gone (the router places them elsewhere) and
 /// readmits it when it is back.
-async fn supervise(cluster: &mut Cluster, logs: &Path) -> ExitCode {
+async fn supervise(cluster: &mut Cluster, run_dir: &Path) -> ExitCode {
+    let logs = run_dir.join("logs");
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(e) => return fail(format!("cannot watch for SIGTERM: {e}")),
@@ -460,7 +479,24 @@ async fn supervise(cluster: &mut Cluster, logs: &Path) -> ExitCode {
             _ = term.recv() => return ExitCode::SUCCESS,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
+        let mut restarted = false;
         for (i, part) in cluster.parts.iter_mut().enumerate() {
+            if part.restart_at.is_some_and(|at| Instant::now() >= at) {
+                part.restart_at = None;
+                part.restarts += 1;
+                match part.respawn(&logs) {
+                    Ok(()) => {
+                        reported[i] = false;
+                        restarted = true;
+                        eprintln!(
+                            "tidelock up: restarted {} on {}; its group serves again once it answers",
+                            part.name,
+                            part.url()
+                        );
+                    }
+                    Err(e) => eprintln!("tidelock up: cannot restart {}: {e}", part.name),
+                }
+            }
             if reported[i] {
                 continue;
             }
@@ -475,23 +511,31 @@ async fn supervise(cluster: &mut Cluster, logs: &Path) -> ExitCode {
                 if part.name == "router" {
                     return ExitCode::from(EXIT_FAILED);
                 }
-                if part.shard && part.restarts < MAX_RESTARTS {
-                    part.restarts += 1;
-                    match part.respawn(logs) {
-                        Ok(()) => {
-                            reported[i] = false;
-                            eprintln!(
-                                "tidelock up: restarted {} on {}; its group serves again once it answers",
-                                part.name,
-                                part.url()
-                            );
-                        }
-                        Err(e) => eprintln!("tidelock up: cannot restart {}: {e}", part.name),
+                if part.shard {
+                    if part.started.elapsed() >= STABLE {
+                        part.restarts = 0;
+                    }
+                    if part.restarts < MAX_RESTARTS {
+                        let wait = Duration::from_secs(u64::from(part.restarts) + 1);
+                        part.restart_at = Some(Instant::now() + wait);
+                        eprintln!(
+                            "tidelock up: restarting {} in {} s; until then its group fails requests and the router places them on other groups",
+                            part.name,
+                            wait.as_secs()
+                        );
+                    } else {
+                        eprintln!(
+                            "tidelock up: {} died {MAX_RESTARTS} times in a row; left down, its group fails requests (the router places them on other groups)",
+                            part.name
+                        );
                     }
                     continue;
                 }
                 eprintln!("tidelock up: the router routes around it; still serving");
             }
+        }
+        if restarted {
+            write_parts(run_dir, cluster);
         }
     }
 }

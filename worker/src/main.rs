@@ -167,8 +167,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         EngineKind::Real => {
             tracing::info!("loading weights");
-            // GGUF: packed quantized weights for decode, f32 for prefill. Hugging Face
-            // folders hold f32/f16/bf16 weights: f32 only.
             let model = Arc::new(load_model(&config.model, hf_folder)?);
             let kv = KvStore::new(shape, num_blocks);
             let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });

@@ -105,7 +105,10 @@ struct Shared {
 /// `POST /v1/shard/attend` over `server` (one request at a time: a shard's store has one
 /// writer), and `GET /metrics` counting its requests.
 pub fn routes(server: Arc<Mutex<ShardServer>>) -> Router {
-    let blocks = server.lock().expect("not poisoned").num_blocks();
+    let blocks = server
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .num_blocks();
     let metrics = Arc::new(ShardMetrics::new(blocks).expect("the shard metrics register once"));
     Router::new()
         .route(PATH, post(attend))
@@ -127,7 +130,14 @@ async fn attend(State(shared): State<Shared>, body: Bytes) -> Response {
         let _timer = metrics.seconds.start_timer();
         let result = AttendRequest::decode(&body)
             .map_err(|e| e.to_string())
-            .and_then(|request| server.lock().expect("not poisoned").handle(&request))
+            // A panic while serving (a bug: bad requests are errors) must not take the store
+            // out of service: its contents are plain numbers, valid whatever was interrupted.
+            .and_then(|request| {
+                server
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .handle(&request)
+            })
             .and_then(|reply| reply.encode().map_err(|e| e.to_string()));
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics.requests.with_label_values(&[outcome]).inc();

@@ -194,7 +194,7 @@ impl<'a> Reader<'a> {
     }
     /// Refuses `count` items of at least `size` bytes each when the body cannot hold them.
     fn fits(&self, count: u32, size: u64) -> Result<(), ShardWireError> {
-        let need = u64::from(count) * size;
+        let need = u64::from(count).saturating_mul(size);
         if need > self.0.len() as u64 {
             return Err(ShardWireError::Truncated {
                 need: usize::try_from(need).unwrap_or(usize::MAX),
@@ -295,7 +295,14 @@ impl AttendRequest {
             })
             .collect::<Result<Vec<_>, ShardWireError>>()?;
         let kv_width = product(&[u64::from(kv_heads), u64::from(head_dim)], "kv width")?;
-        let mut appends = Vec::new();
+        if kv_width == 0 {
+            return Err(ShardWireError::Invalid(format!(
+                "{kv_heads} kv heads of {head_dim}"
+            )));
+        }
+        // Each append is 8 bytes and two vectors of kv_width floats.
+        r.fits(n_appends, 8 + 8 * kv_width)?;
+        let mut appends = Vec::with_capacity(n_appends as usize);
         for _ in 0..n_appends {
             let (local, slot) = (r.u32()?, r.u32()?);
             appends.push(Append {
@@ -535,6 +542,20 @@ mod tests {
         many[48..52].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             AttendRequest::decode(&many),
+            Err(ShardWireError::Truncated { .. })
+        ));
+        // No kv heads: appends would cost nothing in the body; refused before any is read.
+        let mut flat = bytes.clone();
+        flat[16..20].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(
+            AttendRequest::decode(&flat),
+            Err(ShardWireError::Invalid("0 kv heads of 2".into()))
+        );
+        // More appends than the body holds.
+        let mut appends = bytes.clone();
+        appends[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            AttendRequest::decode(&appends),
             Err(ShardWireError::Truncated { .. })
         ));
         // Blocks out of order.

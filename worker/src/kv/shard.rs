@@ -106,6 +106,14 @@ pub fn placement(block: BlockId, shards: usize) -> (usize, u32) {
     ((b % s) as usize, b / s)
 }
 
+/// Query heads per kv head a shard accepts (grouped-query attention uses up to 16 today).
+const MAX_QUERY_GROUP: u32 = 128;
+/// Query floats in one request at most (256 MiB): a prefill chunk of 512 rows of a model with
+/// 64 heads of 128 is 4 Mi.
+const MAX_QUERY_FLOATS: usize = 64 << 20;
+/// Positions a shard accepts (2^40, far beyond any context).
+const MAX_POSITION: u64 = 1 << 40;
+
 /// One shard of a group as it serves the shard RPC ([`tidelock_protocol::shard`]): a KV store
 /// with no bookkeeping of its own (the coordinator's pool decides what each place holds), and
 /// the incarnation it reports so a coordinator can tell that it restarted.
@@ -150,7 +158,8 @@ impl ShardServer {
 
     /// The block import path: stores keys and values (`kv_heads * head_dim` floats per token,
     /// token after token) of `layer` for consecutive slots from `slot` of the block at `local`.
-    /// Fills a context without computing it (moving a session between groups, benchmarks).
+    /// Fills a context without computing it (the benchmark's 1M-token session; later, sessions
+    /// moved between groups).
     pub fn import(
         &mut self,
         local: u32,
@@ -198,6 +207,41 @@ impl ShardServer {
                 "{} kv heads of {}, but this shard holds {} of {} (another model?)",
                 req.kv_heads, req.head_dim, shape.kv_heads, shape.head_dim
             ));
+        }
+        // Bounds that keep a hostile body from dividing by zero, overflowing positions or
+        // multiplying its size in scratch memory (the attention's per-split partials).
+        let group = req.heads / req.kv_heads;
+        if group == 0 || group > MAX_QUERY_GROUP {
+            return Err(format!(
+                "{} query heads over {} kv heads (1 to {MAX_QUERY_GROUP} per kv head)",
+                req.heads, req.kv_heads
+            ));
+        }
+        if req.queries.len() > MAX_QUERY_FLOATS {
+            return Err(format!(
+                "{} query floats in one request, at most {MAX_QUERY_FLOATS}",
+                req.queries.len()
+            ));
+        }
+        if let Some(seq) = req
+            .seqs
+            .iter()
+            .find(|s| s.start.saturating_add(u64::from(s.rows)) > MAX_POSITION)
+        {
+            return Err(format!(
+                "a sequence at position {} is beyond {MAX_POSITION}",
+                seq.start
+            ));
+        }
+        if req.rows() == 0 {
+            return Ok(AttendReply {
+                incarnation: self.incarnation,
+                rows: 0,
+                heads: req.heads,
+                head_dim: req.head_dim,
+                outputs: Vec::new(),
+                lse: Vec::new(),
+            });
         }
         let mut logical = Vec::with_capacity(req.seqs.len());
         let mut places = Vec::with_capacity(req.seqs.len());
@@ -359,12 +403,14 @@ impl ShardGroup {
         self.links.is_empty()
     }
 
-    /// Reads a reply and checks that the shard is the one that holds its blocks: a new
-    /// incarnation after a known one means it restarted, which loses the step and its blocks.
+    /// Reads a reply, checks it answers the request (`shape`: rows, heads, head dim) and that the
+    /// shard is the one that holds its blocks: a new incarnation after a known one means it
+    /// restarted, which loses the step and its blocks.
     fn accept(
         &mut self,
         shard: usize,
         body: Result<Vec<u8>, String>,
+        shape: (u32, u32, u32),
     ) -> Result<AttendReply, ShardError> {
         let failed = |message: String| ShardError {
             shard,
@@ -373,6 +419,12 @@ impl ShardGroup {
         };
         let reply =
             AttendReply::decode(&body.map_err(failed)?).map_err(|e| failed(e.to_string()))?;
+        if (reply.rows, reply.heads, reply.head_dim) != shape {
+            return Err(failed(format!(
+                "a reply of {} rows of {} heads of {}, for a request of {:?}",
+                reply.rows, reply.heads, reply.head_dim, shape
+            )));
+        }
         let known = self.incarnations[shard].replace(reply.incarnation);
         if known.is_some_and(|k| k != reply.incarnation) {
             return Err(ShardError {
@@ -464,11 +516,6 @@ impl<'a> Coordinated<'a> {
             pending,
         }
     }
-
-    /// Shards this call reaches (those holding part of the batch's context).
-    pub fn shards_called(&self) -> usize {
-        self.wire.iter().filter(|w| !w.is_empty()).count()
-    }
 }
 
 impl Attention for Coordinated<'_> {
@@ -508,28 +555,38 @@ impl Attention for Coordinated<'_> {
             .filter(|&s| !self.wire[s].is_empty())
             .collect();
         called.sort_by_key(|&s| self.group.links[s].in_process());
+        let mut failure: Option<ShardError> = None;
+        let mut sent = Vec::with_capacity(called.len());
         for &s in &called {
             req.seqs = std::mem::take(&mut self.wire[s]);
             req.appends = std::mem::take(&mut self.pending[s]);
             let body = req.encode();
             self.wire[s] = std::mem::take(&mut req.seqs);
-            let sent = body
+            match body
                 .map_err(|e| e.to_string())
-                .and_then(|body| self.group.links[s].send(body));
-            if let Err(message) = sent {
-                return Err(ShardError {
-                    shard: s,
-                    lost: false,
-                    message,
-                });
+                .and_then(|body| self.group.links[s].send(body))
+            {
+                Ok(()) => sent.push(s),
+                Err(message) => {
+                    failure = Some(ShardError {
+                        shard: s,
+                        lost: false,
+                        message,
+                    });
+                    break;
+                }
             }
         }
+        let shape = (
+            self.row_seq.len() as u32,
+            heads as u32,
+            self.head_dim as u32,
+        );
         let mut parts = Vec::with_capacity(called.len());
-        let mut failure: Option<ShardError> = None;
-        for &s in &called {
-            // Collect every reply, even after a failure, so no link is left mid-call.
+        for s in sent {
+            // Collect every reply sent for, even after a failure, so no link is left mid-call.
             let body = self.group.links[s].finish();
-            match self.group.accept(s, body) {
+            match self.group.accept(s, body, shape) {
                 Ok(reply) => parts.push((
                     s,
                     ShardPartial {
@@ -551,5 +608,116 @@ impl Attention for Coordinated<'_> {
         let parts: Vec<ShardPartial> = parts.into_iter().map(|(_, p)| p).collect();
         merge_shards(&parts, self.head_dim, out);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::KvShape;
+
+    const SHAPE: KvShape = KvShape {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 4,
+        block_tokens: 4,
+    };
+
+    fn request(heads: u32, start: u64, rows: u32) -> AttendRequest {
+        AttendRequest {
+            layer: 1,
+            heads,
+            kv_heads: 2,
+            head_dim: 4,
+            scale: 0.5,
+            seqs: vec![AttendSeq {
+                start,
+                rows,
+                blocks: vec![(0, 1)],
+            }],
+            appends: vec![Append {
+                local: 1,
+                slot: 0,
+                key: vec![0.5; 8],
+                value: vec![1.0; 8],
+            }],
+            queries: vec![0.25; (rows * heads * 4) as usize],
+        }
+    }
+
+    /// Requests a coordinator would never send, but a broken or hostile peer could: each is an
+    /// error naming the problem, never a panic, and the shard serves the next good request.
+    #[test]
+    fn a_shard_refuses_impossible_requests_and_keeps_serving() {
+        let mut shard = ShardServer::new(KvStore::new(SHAPE, 4));
+        let mut zero_heads = request(2, 0, 1);
+        zero_heads.heads = 0;
+        zero_heads.queries.clear();
+        let mut far_block = request(2, 0, 1);
+        far_block.seqs[0].blocks = vec![(0, 4)];
+        let mut far_append = request(2, 0, 1);
+        far_append.appends[0].local = 9;
+        let mut far_slot = request(2, 0, 1);
+        far_slot.appends[0].slot = 4;
+        let mut other_model = request(2, 0, 1);
+        other_model.head_dim = 8;
+        other_model.queries = vec![0.0; 16];
+        for (req, why) in [
+            (zero_heads, "0 query heads over 2 kv heads"),
+            (request(2 * 129, 0, 1), "258 query heads over 2 kv heads"),
+            (request(2, u64::MAX - 1, 1), "is beyond"),
+            (far_block, "block place 4 is outside this shard's 4"),
+            (far_append, "block place 9 is outside"),
+            (far_slot, "slot 4 of a 4-token block"),
+            (other_model, "(another model?)"),
+        ] {
+            let e = shard.handle(&req).unwrap_err();
+            assert!(e.contains(why), "{e} (wanted {why:?})");
+        }
+        let empty = shard.handle(&request(2, 0, 0)).unwrap();
+        assert_eq!((empty.rows, empty.outputs.len()), (0, 0));
+        // The one position written: its value, whatever the score.
+        let reply = shard.handle(&request(2, 0, 1)).unwrap();
+        assert_eq!(reply.outputs, vec![1.0; 8]);
+        assert_eq!(reply.incarnation, shard.incarnation());
+    }
+
+    /// A reply that does not answer the request (a shard of another build, a broken proxy) fails
+    /// the call with a message, instead of the merge reading past its end.
+    #[test]
+    fn a_reply_of_the_wrong_shape_fails_the_call() {
+        struct Short;
+        impl ShardLink for Short {
+            fn send(&mut self, _: Vec<u8>) -> Result<(), String> {
+                Ok(())
+            }
+            fn finish(&mut self) -> Result<Vec<u8>, String> {
+                let reply = AttendReply {
+                    incarnation: 1,
+                    rows: 0,
+                    heads: 2,
+                    head_dim: 4,
+                    outputs: vec![],
+                    lse: vec![],
+                };
+                reply.encode().map_err(|e| e.to_string())
+            }
+        }
+        let mut group = ShardGroup::new(vec![
+            Box::new(InProcess::new(ShardServer::new(KvStore::new(SHAPE, 4)))),
+            Box::new(Short),
+        ]);
+        let table = [BlockId::new(0), BlockId::new(1)];
+        let seqs = [CoordinatedSeq {
+            start: 4,
+            rows: 0..1,
+            table: &table,
+        }];
+        let mut c = Coordinated::new(&mut group, &seqs, 4, 2, 4);
+        c.write(0, 0, 4, &[0.5; 8], &[1.0; 8]);
+        let mut out = vec![0.0; 8];
+        let e = c.attend(0, 2, 0.5, &[0.25; 8], &mut out).unwrap_err();
+        assert_eq!(e.shard, 1);
+        assert!(e.message.contains("a reply of 0 rows"), "{e}");
     }
 }
