@@ -106,6 +106,55 @@ fn port_of(url: &str) -> u16 {
     url.rsplit(':').next().unwrap().parse().unwrap()
 }
 
+/// Holds a conversation through `tests/py/conversation.py` (the official `openai` client)
+/// against up's router on `port`, with the script's settings in `env`; runs `on_pause` when the
+/// script pauses (`PAUSE_AFTER`), then lets it go on. Returns each turn's numbers; fails with
+/// the transcript and up's output when the script does.
+fn converse(
+    cache: &Path,
+    port: u16,
+    env: &[(&str, &str)],
+    mut on_pause: impl FnMut(),
+) -> Vec<Value> {
+    let key = std::fs::read_to_string(cache.join("local-api-key")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/conversation.py");
+    let mut conversation = Command::new(python())
+        .arg(&script)
+        .env("BASE_URL", format!("http://127.0.0.1:{port}/v1"))
+        .env("KEY", key.trim())
+        .env("MODEL", "SmolLM2-135M-Instruct.Q4_1")
+        .env("BLOCK_TOKENS", "16")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = conversation.stdin.take().unwrap();
+    let mut transcript = Vec::new();
+    for line in BufReader::new(conversation.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        println!("{line}");
+        if line == "PAUSED" {
+            on_pause();
+            writeln!(stdin, "go").unwrap();
+        } else {
+            transcript.push(line);
+        }
+    }
+    let status = conversation.wait().unwrap();
+    assert!(
+        status.success(),
+        "the conversation failed:\n{}\nup:\n{}",
+        transcript.join("\n"),
+        output(cache)
+    );
+    transcript
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn up_keeps_a_ten_turn_conversation_survives_a_dead_worker_and_stops_clean() {
     let cache = cache();
@@ -145,27 +194,12 @@ fn up_keeps_a_ten_turn_conversation_survives_a_dead_worker_and_stops_clean() {
     assert_eq!(second.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/conversation.py");
-    let mut conversation = Command::new(python())
-        .arg(&script)
-        .env("BASE_URL", format!("http://127.0.0.1:{port}/v1"))
-        .env("KEY", key.trim())
-        .env("MODEL", "SmolLM2-135M-Instruct.Q4_1")
-        .env("BLOCK_TOKENS", "16")
-        .env("TURNS", "10")
-        .env("PAUSE_AFTER", "6")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = conversation.stdin.take().unwrap();
-    let mut lines = BufReader::new(conversation.stdout.take().unwrap()).lines();
-    let mut transcript = Vec::new();
     let mut killed = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        println!("{line}");
-        if line == "PAUSED" {
+    let turns = converse(
+        cache.path(),
+        port,
+        &[("TURNS", "10"), ("PAUSE_AFTER", "6")],
+        || {
             // Kill the worker holding the session (the one the router's metrics show busiest
             // is not knowable; kill worker-0, and check the turn after is answered either way).
             let victim = &parts[0];
@@ -197,24 +231,8 @@ fn up_keeps_a_ten_turn_conversation_survives_a_dead_worker_and_stops_clean() {
                 since.elapsed().as_secs_f64()
             );
             killed = Some(since.elapsed());
-            writeln!(stdin, "go").unwrap();
-            continue;
-        }
-        transcript.push(line);
-    }
-    let status = conversation.wait().unwrap();
-    assert!(
-        status.success(),
-        "the conversation failed:\n{}\nup:\n{}",
-        transcript.join("\n"),
-        output(cache.path())
+        },
     );
-    assert!(killed.is_some(), "the conversation never paused");
-    let turns: Vec<Value> = transcript
-        .iter()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(turns.len(), 10);
     // Cached tokens grow with the conversation (the script checks each turn's bound).
     assert!(
@@ -411,66 +429,39 @@ fn up_runs_sharded_groups_that_hold_a_context_no_worker_could_and_survive_a_dead
         "the coordinator's pool spans its group"
     );
 
-    let key = std::fs::read_to_string(cache.path().join("local-api-key")).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/conversation.py");
-    let mut conversation = Command::new(python())
-        .arg(&script)
-        .env("BASE_URL", format!("http://127.0.0.1:{port}/v1"))
-        .env("KEY", key.trim())
-        .env("MODEL", "SmolLM2-135M-Instruct.Q4_1")
-        .env("BLOCK_TOKENS", "16")
-        .env("TURNS", "4")
-        .env("PAUSE_AFTER", "2")
-        .env("LONG_SYSTEM", "24")
-        .env("KEY_NAME", "sharded")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = conversation.stdin.take().unwrap();
-    let mut transcript = Vec::new();
     let mut victim = None;
-    for line in BufReader::new(conversation.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        println!("{line}");
-        if line != "PAUSED" {
-            transcript.push(line);
-            continue;
-        }
-        // The group holding the conversation: the coordinator with blocks cached.
-        let cached = |name: &str| {
-            let (_, body) = http_get(port_of(&url_of(name)), "/v1/kv/snapshot").unwrap();
-            serde_json::from_str::<Value>(&body).unwrap()["blocks"]
-                .as_array()
-                .map_or(0, Vec::len)
-        };
-        let (a, b) = (cached("worker-0"), cached("worker-1"));
-        let group = if a >= b { 0 } else { 1 };
-        println!("cached blocks: group-0 {a}, group-1 {b}; killing shard 1 of group-{group}");
-        let name = format!("worker-{group}.1");
-        let pid = parts.iter().find(|p| p["name"] == name.as_str()).unwrap()["pid"]
-            .as_u64()
-            .unwrap();
-        Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap();
-        victim = Some((group, name));
-        writeln!(stdin, "go").unwrap();
-    }
-    let status = conversation.wait().unwrap();
-    assert!(
-        status.success(),
-        "the conversation failed:\n{}\nup:\n{}",
-        transcript.join("\n"),
-        output(cache.path())
+    let turns = converse(
+        cache.path(),
+        port,
+        &[
+            ("TURNS", "4"),
+            ("PAUSE_AFTER", "2"),
+            ("LONG_SYSTEM", "24"),
+            ("KEY_NAME", "sharded"),
+        ],
+        || {
+            // The group holding the conversation: the coordinator with blocks cached.
+            let cached = |name: &str| {
+                let (_, body) = http_get(port_of(&url_of(name)), "/v1/kv/snapshot").unwrap();
+                serde_json::from_str::<Value>(&body).unwrap()["blocks"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+            };
+            let (a, b) = (cached("worker-0"), cached("worker-1"));
+            let group = if a >= b { 0 } else { 1 };
+            println!("cached blocks: group-0 {a}, group-1 {b}; killing shard 1 of group-{group}");
+            let name = format!("worker-{group}.1");
+            let pid = parts.iter().find(|p| p["name"] == name.as_str()).unwrap()["pid"]
+                .as_u64()
+                .unwrap();
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+            victim = Some((group, name));
+        },
     );
     let (group, name) = victim.expect("the conversation paused");
-    let turns: Vec<Value> = transcript
-        .iter()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(turns.len(), 4);
     let first = turns[0]["prompt_tokens"].as_u64().unwrap();
     assert!(

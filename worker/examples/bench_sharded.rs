@@ -35,6 +35,8 @@ use tidelock_worker::model::{Llama, SeqChunk};
 use tidelock_worker::shard_rpc::{HttpLink, routes};
 
 const BLOCK: usize = 64;
+/// The token every decode step feeds.
+const TOKEN: [u32; 1] = [17];
 
 /// An in-process link to a shard that times each call (the shard's compute for that layer,
 /// decoding and encoding included). The shard is shared so the HTTP run serves the same store.
@@ -89,6 +91,45 @@ fn last_logits(out: Vec<Option<candle_core::Tensor>>) -> Vec<f32> {
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+/// Decode steps over `group`, one per `reference` row (one worker's logits at positions
+/// `tokens`, `tokens + 1`, ...); returns each step's time and the largest logit difference.
+/// `each` runs after every step.
+fn decode_over(
+    m: &Llama,
+    group: &mut ShardGroup,
+    table: &[BlockId],
+    tokens: usize,
+    reference: &[Vec<f32>],
+    mut each: impl FnMut(),
+) -> Result<(Vec<Duration>, f32), Box<dyn std::error::Error>> {
+    let shape = m.kv_shape(BLOCK);
+    let mut times = Vec::new();
+    let mut max_diff = 0.0f32;
+    for (i, one) in reference.iter().enumerate() {
+        let seqs = [CoordinatedSeq {
+            start: tokens + i,
+            rows: 0..1,
+            table,
+        }];
+        let mut c = Coordinated::new(group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
+        let t = Instant::now();
+        let out = m.forward_with(
+            &mut c,
+            &[Rows {
+                tokens: &TOKEN,
+                start: tokens + i,
+                logits: Logits::Last,
+            }],
+        )?;
+        times.push(t.elapsed());
+        each();
+        for (a, b) in last_logits(out).iter().zip(one) {
+            max_diff = max_diff.max((a - b).abs());
+        }
+    }
+    Ok((times, max_diff))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -147,7 +188,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Decode steps: one worker, then the shards, same tokens and positions.
-    let token = [17u32];
     let mut one_times = Vec::new();
     let mut one_logits = Vec::new();
     for i in 0..steps {
@@ -155,7 +195,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let out = m.forward(
             &mut local,
             &[SeqChunk {
-                tokens: &token,
+                tokens: &TOKEN,
                 start: tokens + i,
                 table: &table,
                 logits: Logits::Last,
@@ -182,36 +222,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let mut group = ShardGroup::new(links);
-    let mut many_times = Vec::new();
     let mut shard_times: Vec<Vec<Duration>> = vec![Vec::new(); shards];
-    let mut max_diff = 0.0f32;
-    for (i, one) in one_logits.iter().enumerate() {
-        for s in &spent {
-            *s.lock().unwrap() = Duration::ZERO;
-        }
-        let seqs = [CoordinatedSeq {
-            start: tokens + i,
-            rows: 0..1,
-            table: &table,
-        }];
-        let mut c = Coordinated::new(&mut group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
-        let t = Instant::now();
-        let out = m.forward_with(
-            &mut c,
-            &[Rows {
-                tokens: &token,
-                start: tokens + i,
-                logits: Logits::Last,
-            }],
-        )?;
-        many_times.push(t.elapsed());
-        for (times, s) in shard_times.iter_mut().zip(&spent) {
-            times.push(*s.lock().unwrap());
-        }
-        for (a, b) in last_logits(out).iter().zip(one) {
-            max_diff = max_diff.max((a - b).abs());
-        }
-    }
+    let (many_times, in_process_diff) =
+        decode_over(&m, &mut group, &table, tokens, &one_logits, || {
+            for (times, s) in shard_times.iter_mut().zip(&spent) {
+                times.push(std::mem::take(&mut *s.lock().unwrap()));
+            }
+        })?;
     // The same steps with every shard behind its own HTTP server on loopback (the store holds
     // the positions written above at the same places: they are rewritten with the same values).
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -227,34 +244,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         http_links.push(Box::new(HttpLink::new(&url, Duration::from_secs(30))?));
     }
     let mut http_group = ShardGroup::new(http_links);
-    let mut http_times = Vec::new();
-    for (i, one) in one_logits.iter().enumerate() {
-        let seqs = [CoordinatedSeq {
-            start: tokens + i,
-            rows: 0..1,
-            table: &table,
-        }];
-        let mut c = Coordinated::new(
-            &mut http_group,
-            &seqs,
-            BLOCK,
-            shape.kv_heads,
-            shape.head_dim,
-        );
-        let t = Instant::now();
-        let out = m.forward_with(
-            &mut c,
-            &[Rows {
-                tokens: &token,
-                start: tokens + i,
-                logits: Logits::Last,
-            }],
-        )?;
-        http_times.push(t.elapsed());
-        for (a, b) in last_logits(out).iter().zip(one) {
-            max_diff = max_diff.max((a - b).abs());
-        }
-    }
+    let (http_times, http_diff) =
+        decode_over(&m, &mut http_group, &table, tokens, &one_logits, || {})?;
+    let max_diff = in_process_diff.max(http_diff);
     drop(http_group);
     drop(runtime);
     let http_step = median(http_times);

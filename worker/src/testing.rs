@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tidelock_prompt::PromptKit;
-use tidelock_protocol::{BlockTokens, Epoch, GroupId, ModelName, ShardIndex, WorkerInfo};
+use tidelock_protocol::{
+    BlockTokens, CacheSalt, Epoch, GenerateRequest, GroupId, ModelName, SamplingParams, ShardIndex,
+    WorkerInfo,
+};
 
 use crate::engine::sim::{SimExecutor, Timing};
 use crate::engine::{Engine, EngineConfig};
@@ -38,6 +41,23 @@ pub fn tokens(n: usize, seed: u64) -> Vec<u32> {
         .into_iter()
         .map(|t| 17 + t)
         .collect()
+}
+
+/// A greedy request of `max_tokens` (end of sequence ignored, so the length is exact) for
+/// `prompt`, under one tenant's cache salt.
+pub fn greedy(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: None,
+        session: None,
+        cache_salt: CacheSalt::new("tenant").expect("a valid salt"),
+        tokens: prompt,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+    }
 }
 
 /// `n` ids in `0..below`, a fixed walk per `seed` (a linear congruential generator: the same

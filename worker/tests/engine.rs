@@ -6,10 +6,10 @@ mod support;
 use std::sync::{Arc, OnceLock};
 
 use support::{model_path, tokens};
+use tidelock_worker::testing::greedy;
 
 use tidelock_protocol::{
-    BlockTokens, CacheSalt, Epoch, ErrorCode, FinishReason, GenerateEvent, GenerateRequest,
-    ModelName, SamplingParams, Usage,
+    BlockTokens, Epoch, ErrorCode, FinishReason, GenerateEvent, GenerateRequest, ModelName, Usage,
 };
 use tidelock_worker::engine::executor::ModelExecutor;
 use tidelock_worker::engine::{Engine, EngineConfig};
@@ -45,21 +45,6 @@ fn engine(blocks: usize, max_step_tokens: usize, max_waiting: usize) -> Engine<M
     let kv = KvStore::new(model.kv_shape(BLOCK), blocks);
     let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(1));
     Engine::new(cfg, pool, ModelExecutor { model, kv })
-}
-
-fn greedy(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        request_id: None,
-        session: None,
-        cache_salt: CacheSalt::new("tenant").unwrap(),
-        tokens: prompt,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens,
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
-    }
 }
 
 #[derive(Debug, PartialEq)]

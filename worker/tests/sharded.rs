@@ -11,13 +11,13 @@ use candle_core::Tensor;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidelock_protocol::{
-    BlockId, BlockTokens, CacheSalt, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName,
-    SamplingParams, Usage,
+    BlockId, BlockTokens, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName, Usage,
 };
 use tidelock_worker::engine::executor::{Executor, GroupExecutor, ModelExecutor};
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::testing::greedy;
 use tokio::sync::mpsc::unbounded_channel;
 
 use tidelock_worker::kv::shard::{
@@ -409,21 +409,6 @@ fn grouped(
         block_tokens: ENGINE_BLOCK,
     };
     (Engine::new(cfg, pool, exec), handles)
-}
-
-fn greedy(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        request_id: None,
-        session: None,
-        cache_salt: CacheSalt::new("tenant").unwrap(),
-        tokens: prompt,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens,
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
-    }
 }
 
 /// Runs one request to its end as the worker's engine thread does (a failed step fails every
