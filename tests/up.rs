@@ -526,3 +526,91 @@ assert usage[1][1] >= usage[0][0] // 16 * 16 - 16, usage
         assert!(port_free(port_of(part["url"].as_str().unwrap())));
     }
 }
+
+/// `tidelock bench trace` against `tidelock up --engine sim`: a Mooncake-format trace of four
+/// conversations whose prompts grow by whole 512-token blocks, sent with enough time between
+/// requests for the router to learn where each prefix is. Rebuilt as text, every prompt has
+/// exactly its trace length in tokens, and with caches big enough to keep everything the hit
+/// rate the endpoint reports is the trace's own (the leading blocks each prompt shares with an
+/// earlier one). A trace line that is not a request is an error naming the line.
+#[test]
+fn bench_trace_replays_a_trace_with_its_prefix_structure_intact() {
+    let cache = cache();
+    let port = free_port();
+    let mut child = up(
+        cache.path(),
+        &[
+            "--engine",
+            "sim",
+            "--port",
+            &port.to_string(),
+            "--kv-cache",
+            "8GiB",
+        ],
+    );
+    wait_up(&mut child, cache.path(), port);
+    // Four conversations, five turns each, interleaved; turn t has t + 1 blocks. Conversation c
+    // uses ids 100 c + t: every turn extends the previous turn's prompt by one block.
+    let mut lines = Vec::new();
+    for turn in 0..5u64 {
+        for c in 0..4u64 {
+            let ids: Vec<u64> = (0..=turn).map(|t| 100 * c + t).collect();
+            lines.push(serde_json::json!({
+                "timestamp": (turn * 4 + c) * 200,
+                "input_length": ids.len() * 512,
+                "output_length": 6,
+                "hash_ids": ids,
+            }));
+        }
+    }
+    let trace = cache.path().join("trace.jsonl");
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    std::fs::write(&trace, text.join("\n")).unwrap();
+    let out = cache.path().join("bench.json");
+    let run = Command::new(binary("tidelock"))
+        .args(["bench", "trace", "--trace"])
+        .arg(&trace)
+        .args(["--url", &format!("http://127.0.0.1:{port}/v1")])
+        .args(["--time-scale", "2", "--out"])
+        .arg(&out)
+        .env("TIDELOCK_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&run.stdout);
+    println!("{printed}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success());
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let summary = &report["summary"];
+    assert_eq!(summary["requests"], 20);
+    assert_eq!(summary["errors"], 0);
+    // Turn t reuses its t earlier blocks: (0 + 1 + 2 + 3 + 4) / (1 + 2 + 3 + 4 + 5) = 2 / 3.
+    let ideal = (0..5).sum::<u32>() as f64 / (1..=5).sum::<u32>() as f64;
+    assert!((summary["ideal_hit_rate"].as_f64().unwrap() - ideal).abs() < 1e-9);
+    for r in report["requests"].as_array().unwrap() {
+        let i = r["index"].as_u64().unwrap() as usize;
+        let want = lines[i]["input_length"].as_u64().unwrap();
+        assert_eq!(r["prompt_tokens"].as_u64(), Some(want), "request {i}");
+        assert_eq!(r["completion_tokens"], 6, "request {i}: ignore_eos");
+        assert!(r["ttft_s"].as_f64().unwrap() > 0.0);
+    }
+    let hit = summary["hit_rate"].as_f64().unwrap();
+    assert!(
+        (hit - ideal).abs() < 0.01,
+        "hit rate {hit} vs the trace's {ideal}"
+    );
+    assert!(printed.contains("| token hit rate (cached / prompt tokens) | 0.667"));
+
+    // A broken trace: the line is named, nothing is sent.
+    std::fs::write(&trace, format!("{}\n{{\"timestamp\": 1}}\n", text[0])).unwrap();
+    let bad = Command::new(binary("tidelock"))
+        .args(["bench", "trace", "--trace"])
+        .arg(&trace)
+        .args(["--url", &format!("http://127.0.0.1:{port}/v1")])
+        .env("TIDELOCK_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("trace.jsonl:2: not a trace request"), "{err}");
+    assert!(interrupt(&mut child).success());
+}

@@ -24,6 +24,101 @@ pub(crate) enum Command {
     Chat(ChatArgs),
     /// Print the CustomResourceDefinitions (Model, Tenant) as YAML, or write them to a folder.
     Crds(CrdsArgs),
+    /// Benchmarks against any OpenAI-compatible endpoint.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    pub(crate) command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Replay a request trace in the Mooncake format (JSON lines of timestamp, input_length,
+    /// output_length, hash_ids): prompts rebuilt block by block as text, sent at the trace's
+    /// times; prints hit rate, TTFT, TPOT and throughput.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TraceArgs {
+    /// The trace file.
+    #[arg(long)]
+    pub(crate) trace: PathBuf,
+
+    /// The endpoint's base URL (plain HTTP).
+    #[arg(long, env = "TIDELOCK_URL", default_value = "http://127.0.0.1:8000/v1")]
+    pub(crate) url: String,
+
+    /// API key. Default: `$OPENAI_API_KEY`, else the local cluster's key from the cache.
+    #[arg(long, env = "TIDELOCK_API_KEY")]
+    api_key: Option<String>,
+
+    /// Model. Default: the first one the endpoint lists.
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+
+    /// GGUF file whose tokenizer the endpoint uses (the prompts' words are single tokens in it).
+    /// Default: the default model in the cache.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+
+    /// Replay this many times faster than the trace's timestamps.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) time_scale: f64,
+
+    /// Only the first N requests.
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+
+    /// Cap on each request's output tokens (default: the trace's output_length).
+    #[arg(long)]
+    pub(crate) max_output: Option<usize>,
+
+    /// Write the summary and every request's numbers here, as JSON.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+
+    /// Exit 0 even when requests fail (they are counted and written to --out).
+    #[arg(long)]
+    pub(crate) allow_errors: bool,
+
+    /// Cache directory (the local key, the default model).
+    #[arg(long, env = "TIDELOCK_CACHE")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl TraceArgs {
+    pub(crate) fn api_key(&self) -> Option<String> {
+        resolve_key(self.api_key.as_ref(), self.cache_dir.as_ref())
+    }
+
+    pub(crate) fn tokenizer_path(&self) -> PathBuf {
+        self.tokenizer.clone().unwrap_or_else(|| {
+            cache_dir(self.cache_dir.as_ref())
+                .join("models")
+                .join(DEFAULT_MODEL_FILE)
+        })
+    }
+}
+
+/// An API key: the one given, else `$OPENAI_API_KEY`, else the local cluster's from the cache.
+fn resolve_key(given: Option<&String>, cache: Option<&PathBuf>) -> Option<String> {
+    given
+        .cloned()
+        .or_else(|| {
+            std::env::var("OPENAI_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+        })
+        .or_else(|| {
+            let file = cache_dir(cache).join("local-api-key");
+            std::fs::read_to_string(file)
+                .ok()
+                .map(|k| k.trim().to_owned())
+        })
 }
 
 #[derive(Debug, Args)]
@@ -75,6 +170,11 @@ pub(crate) struct UpArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 64)]
     pub(crate) block_tokens: u32,
+
+    /// Context (prompt + completion) each worker serves at most. Default: the model's trained
+    /// context. The simulator has no positional limit: raise it to replay long traces.
+    #[arg(long)]
+    pub(crate) max_context: Option<usize>,
 
     /// Tenants file for the router (see router/README.md); default: one local tenant whose key
     /// is kept in the cache and printed.
@@ -153,18 +253,6 @@ pub(crate) struct ChatArgs {
 
 impl ChatArgs {
     pub(crate) fn api_key(&self) -> Option<String> {
-        self.api_key
-            .clone()
-            .or_else(|| {
-                std::env::var("OPENAI_API_KEY")
-                    .ok()
-                    .filter(|k| !k.is_empty())
-            })
-            .or_else(|| {
-                let file = cache_dir(self.cache_dir.as_ref()).join("local-api-key");
-                std::fs::read_to_string(file)
-                    .ok()
-                    .map(|k| k.trim().to_owned())
-            })
+        resolve_key(self.api_key.as_ref(), self.cache_dir.as_ref())
     }
 }

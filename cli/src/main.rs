@@ -2,8 +2,10 @@
 //!
 //! - `tidelock up`: the local cluster, router and workers on loopback (`up.rs`);
 //! - `tidelock chat`: a terminal chat that shows the cache at work (`chat.rs`);
-//! - `tidelock crds`: the CustomResourceDefinitions as YAML (`crds/` is its output).
+//! - `tidelock crds`: the CustomResourceDefinitions as YAML (`crds/` is its output);
+//! - `tidelock bench trace`: a request trace replayed against any endpoint (`bench.rs`).
 
+mod bench;
 mod chat;
 mod config;
 mod http;
@@ -50,6 +52,9 @@ fn main() -> ExitCode {
             config::Command::Up(args) => up::run(args).await,
             config::Command::Chat(args) => chat::run(args).await,
             config::Command::Crds(args) => crds(&args),
+            config::Command::Bench(args) => match args.command {
+                config::BenchCommand::Trace(args) => bench::run(args).await,
+            },
         }
     })
 }

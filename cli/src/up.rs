@@ -314,6 +314,9 @@ async fn start(
                 "--served-model-name".into(),
                 served.clone(),
             ];
+            if let Some(context) = args.max_context {
+                worker_args.extend(["--max-context".into(), context.to_string()]);
+            }
             let name = if args.shards > 1 {
                 worker_args.extend([
                     "--group".into(),
