@@ -171,6 +171,19 @@ pub(crate) struct UpArgs {
     #[arg(long, default_value_t = 64)]
     pub(crate) block_tokens: u32,
 
+    /// Simulator: prefill speed of each worker, tokens per second (0: free). With a cost, the
+    /// router's time-to-first-token predictions, and so its placement, see the cache.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) sim_prefill_tokens_per_s: f64,
+
+    /// Simulator: fixed cost of an engine step, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) sim_step_ms: f64,
+
+    /// Simulator: added cost per decoding sequence per step, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) sim_decode_ms_per_sequence: f64,
+
     /// Context (prompt + completion) each worker serves at most. Default: the model's trained
     /// context. The simulator has no positional limit: raise it to replay long traces.
     #[arg(long)]

@@ -171,6 +171,12 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
     if args.shards == 0 {
         return fail("--shards must be at least 1");
     }
+    let sim_timing = args.sim_prefill_tokens_per_s != 0.0
+        || args.sim_step_ms != 0.0
+        || args.sim_decode_ms_per_sequence != 0.0;
+    if sim_timing && args.engine != Engine::Sim {
+        return fail("--sim-* set the simulator's timing: use them with --engine sim");
+    }
     if args.shards > 1 && args.engine == Engine::Sim {
         return fail("--shards above 1 needs the real engine: the simulator holds no KV to shard");
     }
@@ -314,6 +320,16 @@ async fn start(
                 "--served-model-name".into(),
                 served.clone(),
             ];
+            if args.engine == Engine::Sim {
+                worker_args.extend([
+                    "--sim-prefill-tokens-per-s".into(),
+                    args.sim_prefill_tokens_per_s.to_string(),
+                    "--sim-step-ms".into(),
+                    args.sim_step_ms.to_string(),
+                    "--sim-decode-ms-per-sequence".into(),
+                    args.sim_decode_ms_per_sequence.to_string(),
+                ]);
+            }
             if let Some(context) = args.max_context {
                 worker_args.extend(["--max-context".into(), context.to_string()]);
             }

@@ -65,6 +65,17 @@ fn options_out_of_range_are_refused_before_anything_starts() {
         assert!(stderr(&out).contains(needle), "{flag}: {}", stderr(&out));
     }
     let out = Command::new(env!("CARGO_BIN_EXE_tidelock"))
+        .args(["up", "--sim-prefill-tokens-per-s", "1000"])
+        .args(["--model", "/nonexistent.gguf"])
+        .output()
+        .expect("run tidelock");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("use them with --engine sim"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tidelock"))
         .args(["up", "--shards", "4", "--engine", "sim"])
         .args(["--model", "/nonexistent.gguf"])
         .output()
