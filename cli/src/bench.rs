@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tidelock_prompt::PromptKit;
 
 use crate::config::TraceArgs;
-use crate::http::{Api, Events};
+use crate::http::{Api, Events, connect};
 
 /// Tokens per trace block (the Mooncake format's).
 pub(crate) const TRACE_BLOCK: usize = 512;
@@ -331,14 +331,8 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
         ));
     }
     let ideal = ideal_hit_rate(&trace);
-    let api = Arc::new(Api::new(&args.url, args.api_key())?);
-    let model = match &args.model {
-        Some(model) => model.clone(),
-        None => api.get_json("/models").await?["data"][0]["id"]
-            .as_str()
-            .ok_or_else(|| format!("{}/models lists no model; pass --model", args.url))?
-            .to_owned(),
-    };
+    let (api, model) = connect(&args.endpoint).await?;
+    let api = Arc::new(api);
     let total = trace.len();
     let span = Duration::from_secs_f64(
         trace.last().map_or(0, |r| r.timestamp) as f64 / 1000.0 / args.time_scale,
@@ -348,7 +342,7 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
         args.trace.display(),
         span.as_secs_f64(),
         args.time_scale,
-        args.url
+        args.endpoint.url
     );
     let words = Arc::new(words);
     let started = Instant::now();
@@ -394,7 +388,7 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
     if let Some(out) = &args.out {
         let json = serde_json::json!({
             "trace": args.trace,
-            "url": args.url,
+            "url": args.endpoint.url,
             "time_scale": args.time_scale,
             "summary": summary,
             "requests": outcomes,

@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use crate::config::ChatArgs;
-use crate::http::{Api, Events};
+use crate::http::{Api, Events, connect};
 
 pub(crate) async fn run(args: ChatArgs) -> ExitCode {
     match chat(args).await {
@@ -34,17 +34,7 @@ struct Turn {
 }
 
 async fn chat(args: ChatArgs) -> Result<(), String> {
-    let api = Api::new(&args.url, args.api_key())?;
-    let model = match &args.model {
-        Some(model) => model.clone(),
-        None => {
-            let models = api.get_json("/models").await?;
-            models["data"][0]["id"]
-                .as_str()
-                .ok_or_else(|| format!("{}/models lists no model; pass --model", args.url))?
-                .to_owned()
-        }
-    };
+    let (api, model) = connect(&args.endpoint).await?;
     let mut session = args
         .session
         .clone()
@@ -55,7 +45,7 @@ async fn chat(args: ChatArgs) -> Result<(), String> {
     }
     println!(
         "Chatting with `{model}` at {} (session {session}).",
-        args.url
+        args.endpoint.url
     );
     println!("Type a message; /reset starts over, /exit (or Ctrl-D) leaves.\n");
     let stdin = std::io::stdin();

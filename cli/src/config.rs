@@ -48,17 +48,8 @@ pub(crate) struct TraceArgs {
     #[arg(long)]
     pub(crate) trace: PathBuf,
 
-    /// The endpoint's base URL (plain HTTP).
-    #[arg(long, env = "TIDELOCK_URL", default_value = "http://127.0.0.1:8000/v1")]
-    pub(crate) url: String,
-
-    /// API key. Default: `$OPENAI_API_KEY`, else the local cluster's key from the cache.
-    #[arg(long, env = "TIDELOCK_API_KEY")]
-    api_key: Option<String>,
-
-    /// Model. Default: the first one the endpoint lists.
-    #[arg(long)]
-    pub(crate) model: Option<String>,
+    #[command(flatten)]
+    pub(crate) endpoint: EndpointArgs,
 
     /// GGUF file whose tokenizer the endpoint uses (the prompts' words are single tokens in it).
     /// Default: the default model in the cache.
@@ -84,41 +75,55 @@ pub(crate) struct TraceArgs {
     /// Exit 0 even when requests fail (they are counted and written to --out).
     #[arg(long)]
     pub(crate) allow_errors: bool,
-
-    /// Cache directory (the local key, the default model).
-    #[arg(long, env = "TIDELOCK_CACHE")]
-    cache_dir: Option<PathBuf>,
 }
 
 impl TraceArgs {
-    pub(crate) fn api_key(&self) -> Option<String> {
-        resolve_key(self.api_key.as_ref(), self.cache_dir.as_ref())
-    }
-
     pub(crate) fn tokenizer_path(&self) -> PathBuf {
         self.tokenizer.clone().unwrap_or_else(|| {
-            cache_dir(self.cache_dir.as_ref())
+            cache_dir(self.endpoint.cache_dir.as_ref())
                 .join("models")
                 .join(DEFAULT_MODEL_FILE)
         })
     }
 }
 
-/// An API key: the one given, else `$OPENAI_API_KEY`, else the local cluster's from the cache.
-fn resolve_key(given: Option<&String>, cache: Option<&PathBuf>) -> Option<String> {
-    given
-        .cloned()
-        .or_else(|| {
-            std::env::var("OPENAI_API_KEY")
-                .ok()
-                .filter(|k| !k.is_empty())
-        })
-        .or_else(|| {
-            let file = cache_dir(cache).join("local-api-key");
-            std::fs::read_to_string(file)
-                .ok()
-                .map(|k| k.trim().to_owned())
-        })
+/// An OpenAI-compatible endpoint to talk to, and who we are there.
+#[derive(Debug, Args)]
+pub(crate) struct EndpointArgs {
+    /// The endpoint's base URL (plain HTTP).
+    #[arg(long, env = "TIDELOCK_URL", default_value = "http://127.0.0.1:8000/v1")]
+    pub(crate) url: String,
+
+    /// API key. Default: `$OPENAI_API_KEY`, else the local cluster's key from the cache.
+    #[arg(long, env = "TIDELOCK_API_KEY")]
+    api_key: Option<String>,
+
+    /// Model. Default: the first one the endpoint lists.
+    #[arg(long)]
+    pub(crate) model: Option<String>,
+
+    /// Cache directory where `tidelock up` keeps the local key (and the default model).
+    #[arg(long, env = "TIDELOCK_CACHE")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl EndpointArgs {
+    /// The key given, else `$OPENAI_API_KEY`, else the local cluster's from the cache.
+    pub(crate) fn api_key(&self) -> Option<String> {
+        self.api_key
+            .clone()
+            .or_else(|| {
+                std::env::var("OPENAI_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty())
+            })
+            .or_else(|| {
+                let file = cache_dir(self.cache_dir.as_ref()).join("local-api-key");
+                std::fs::read_to_string(file)
+                    .ok()
+                    .map(|k| k.trim().to_owned())
+            })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -231,17 +236,8 @@ fn cache_dir(given: Option<&PathBuf>) -> PathBuf {
 
 #[derive(Debug, Args)]
 pub(crate) struct ChatArgs {
-    /// The endpoint's base URL (plain HTTP).
-    #[arg(long, env = "TIDELOCK_URL", default_value = "http://127.0.0.1:8000/v1")]
-    pub(crate) url: String,
-
-    /// API key. Default: `$OPENAI_API_KEY`, else the local cluster's key from the cache.
-    #[arg(long, env = "TIDELOCK_API_KEY")]
-    api_key: Option<String>,
-
-    /// Model. Default: the first one the endpoint lists.
-    #[arg(long)]
-    pub(crate) model: Option<String>,
+    #[command(flatten)]
+    pub(crate) endpoint: EndpointArgs,
 
     /// A system prompt for the conversation.
     #[arg(long)]
@@ -258,14 +254,4 @@ pub(crate) struct ChatArgs {
     /// Sampling temperature (the server's default when omitted).
     #[arg(long)]
     pub(crate) temperature: Option<f32>,
-
-    /// Cache directory where `tidelock up` keeps the local key.
-    #[arg(long, env = "TIDELOCK_CACHE")]
-    cache_dir: Option<PathBuf>,
-}
-
-impl ChatArgs {
-    pub(crate) fn api_key(&self) -> Option<String> {
-        resolve_key(self.api_key.as_ref(), self.cache_dir.as_ref())
-    }
 }

@@ -10,6 +10,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::EndpointArgs;
+
 /// `GET http://127.0.0.1:{port}{path}`: `(status, body)`, or `None` when nothing answers in time.
 pub(crate) async fn get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String)> {
     let exchange = async {
@@ -29,6 +31,20 @@ pub(crate) async fn get(port: u16, path: &str, timeout: Duration) -> Option<(u16
     tokio::time::timeout(timeout, exchange).await.ok().flatten()
 }
 
+/// A client for `endpoint`, and the model to ask for: the one given, else the first the
+/// endpoint lists.
+pub(crate) async fn connect(endpoint: &EndpointArgs) -> Result<(Api, String), String> {
+    let api = Api::new(&endpoint.url, endpoint.api_key())?;
+    let model = match &endpoint.model {
+        Some(model) => model.clone(),
+        None => api.get_json("/models").await?["data"][0]["id"]
+            .as_str()
+            .ok_or_else(|| format!("{}/models lists no model; pass --model", endpoint.url))?
+            .to_owned(),
+    };
+    Ok((api, model))
+}
+
 /// A client for one OpenAI-compatible base URL, e.g. `http://127.0.0.1:8000/v1`.
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
@@ -41,7 +57,7 @@ impl Api {
     pub(crate) fn new(base: &str, key: Option<String>) -> Result<Self, String> {
         if base.starts_with("https://") {
             return Err(format!(
-                "{base}: tidelock chat speaks plain HTTP only (a TLS client is not built in)"
+                "{base}: tidelock speaks plain HTTP only (a TLS client is not built in)"
             ));
         }
         base.parse::<hyper::Uri>()
