@@ -546,6 +546,9 @@ fn bench_trace_replays_a_trace_with_its_prefix_structure_intact() {
             &port.to_string(),
             "--kv-cache",
             "8GiB",
+            // Prefill at a cost, so that where the cache is matters to the router.
+            "--sim-prefill-tokens-per-s",
+            "200000",
         ],
     );
     wait_up(&mut child, cache.path(), port);
@@ -567,10 +570,16 @@ fn bench_trace_replays_a_trace_with_its_prefix_structure_intact() {
     let text: Vec<String> = lines.iter().map(Value::to_string).collect();
     std::fs::write(&trace, text.join("\n")).unwrap();
     let out = cache.path().join("bench.json");
+    let workers: Vec<String> = parts(cache.path())
+        .iter()
+        .filter(|p| p["name"] != "router")
+        .map(|p| p["url"].as_str().unwrap().to_owned())
+        .collect();
     let run = Command::new(binary("tidelock"))
         .args(["bench", "trace", "--trace"])
         .arg(&trace)
         .args(["--url", &format!("http://127.0.0.1:{port}/v1")])
+        .args(["--workers", &workers.join(",")])
         .args(["--time-scale", "2", "--out"])
         .arg(&out)
         .env("TIDELOCK_CACHE", cache.path())
@@ -593,6 +602,21 @@ fn bench_trace_replays_a_trace_with_its_prefix_structure_intact() {
         assert_eq!(r["completion_tokens"], 6, "request {i}: ignore_eos");
         assert!(r["ttft_s"].as_f64().unwrap() > 0.0);
     }
+    // What the workers prefilled is what was not cached, each token counted once.
+    let per_worker: Vec<u64> = summary["prefill_tokens_per_worker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(per_worker.len(), 2);
+    assert_eq!(
+        per_worker.iter().sum::<u64>(),
+        summary["prompt_tokens"].as_u64().unwrap() - summary["cached_tokens"].as_u64().unwrap()
+    );
+    let imbalance = summary["imbalance"].as_f64().unwrap();
+    assert!((1.0..=2.0).contains(&imbalance), "{imbalance}");
+    assert!(printed.contains("| load imbalance (max / mean prefill tokens over 2 workers) |"));
     let hit = summary["hit_rate"].as_f64().unwrap();
     assert!(
         (hit - ideal).abs() < 0.01,

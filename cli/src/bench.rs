@@ -13,7 +13,8 @@
 //! Measured per request: time to first token, time per output token after it, prompt and
 //! cached tokens from the final usage chunk, errors. The summary: token-weighted prefix hit
 //! rate (cached / prompt tokens), next to the trace's own hit rate with an unlimited cache (the
-//! leading blocks each prompt shares with an earlier one), TTFT and TPOT percentiles, throughput.
+//! leading blocks each prompt shares with an earlier one), TTFT and TPOT percentiles, throughput,
+//! and with `--workers` the load imbalance (max over mean of the tokens each worker prefilled).
 //! Written as JSON (`--out`) and printed as a table.
 
 use std::collections::HashSet;
@@ -22,6 +23,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use tidelock_prompt::PromptKit;
 
@@ -181,6 +183,10 @@ pub(crate) struct Summary {
     pub(crate) tpot_p90_s: f64,
     pub(crate) output_tokens_per_s: f64,
     pub(crate) requests_per_s: f64,
+    /// Tokens each worker prefilled during the run (when `--workers` was given).
+    pub(crate) prefill_tokens_per_worker: Vec<u64>,
+    /// Max over mean of those (0 when not measured).
+    pub(crate) imbalance: f64,
 }
 
 /// The `q` quantile (0..=1) of `xs` by nearest rank; 0 when empty.
@@ -221,7 +227,42 @@ pub(crate) fn summarise(outcomes: &[Outcome], duration: Duration, ideal: f64) ->
         tpot_p90_s: quantile(&tpot, 0.9),
         output_tokens_per_s: output as f64 / secs,
         requests_per_s: ok.len() as f64 / secs,
+        prefill_tokens_per_worker: Vec::new(),
+        imbalance: 0.0,
     }
+}
+
+/// Max over mean of `loads` (0 when empty or all zero).
+pub(crate) fn imbalance(loads: &[u64]) -> f64 {
+    let total: u64 = loads.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let mean = total as f64 / loads.len() as f64;
+    loads.iter().copied().max().unwrap_or(0) as f64 / mean
+}
+
+/// Each worker's `tidelock_worker_prefill_tokens_total`.
+async fn prefill_counters(workers: &[String]) -> Result<Vec<u64>, String> {
+    const NAME: &str = "tidelock_worker_prefill_tokens_total";
+    let mut out = Vec::with_capacity(workers.len());
+    for base in workers {
+        let api = Api::new(base, None)?;
+        let response = api.send(hyper::Method::GET, "/metrics", None).await?;
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{base}/metrics: {e}"))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(NAME)?.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("{base}/metrics has no {NAME}"))?;
+        out.push(value as u64);
+    }
+    Ok(out)
 }
 
 /// Sends one request and reads its stream to the end.
@@ -345,6 +386,7 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
         args.endpoint.url
     );
     let words = Arc::new(words);
+    let before = prefill_counters(&args.workers).await?;
     let started = Instant::now();
     let t0 = trace[0].timestamp;
     let mut tasks = Vec::with_capacity(total);
@@ -383,7 +425,10 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
             last_note = Instant::now();
         }
     }
-    let summary = summarise(&outcomes, started.elapsed(), ideal);
+    let mut summary = summarise(&outcomes, started.elapsed(), ideal);
+    let after = prefill_counters(&args.workers).await?;
+    summary.prefill_tokens_per_worker = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    summary.imbalance = imbalance(&summary.prefill_tokens_per_worker);
     print_summary(&summary);
     if let Some(out) = &args.out {
         let json = serde_json::json!({
@@ -431,6 +476,13 @@ fn print_summary(s: &Summary) {
         "| throughput | {:.1} output tokens/s, {:.2} requests/s over {:.1} s |",
         s.output_tokens_per_s, s.requests_per_s, s.duration_s
     );
+    if !s.prefill_tokens_per_worker.is_empty() {
+        println!(
+            "| load imbalance (max / mean prefill tokens over {} workers) | {:.2} |",
+            s.prefill_tokens_per_worker.len(),
+            s.imbalance
+        );
+    }
 }
 
 #[cfg(test)]
@@ -460,6 +512,15 @@ mod tests {
         let hit = 512 + 1024;
         let total = 1024 + 1536 + 1100 + 512;
         assert_eq!(ideal_hit_rate(&trace), hit as f64 / total as f64);
+    }
+
+    #[test]
+    fn imbalance_is_max_over_mean() {
+        assert_eq!(imbalance(&[10, 10, 10, 10]), 1.0);
+        assert_eq!(imbalance(&[40, 0, 0, 0]), 4.0);
+        assert_eq!(imbalance(&[30, 10]), 1.5);
+        assert_eq!(imbalance(&[]), 0.0);
+        assert_eq!(imbalance(&[0, 0]), 0.0);
     }
 
     #[test]

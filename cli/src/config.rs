@@ -72,6 +72,12 @@ pub(crate) struct TraceArgs {
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
 
+    /// Base URLs of the workers behind the endpoint (comma-separated, e.g. from `tidelock up`'s
+    /// `parts.json`): their prefill token counters, read before and after, give the load
+    /// imbalance (max / mean). Any worker exporting `tidelock_worker_prefill_tokens_total`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) workers: Vec<String>,
+
     /// Exit 0 even when requests fail (they are counted and written to --out).
     #[arg(long)]
     pub(crate) allow_errors: bool,
