@@ -624,6 +624,38 @@ fn bench_trace_replays_a_trace_with_its_prefix_structure_intact() {
     );
     assert!(printed.contains("| token hit rate (cached / prompt tokens) | 0.667"));
 
+    // `bench sessions` on the same cluster: four conversations of three turns at once; every
+    // later turn finds at least its session's previous prompt, rounded down to whole blocks.
+    let out = cache.path().join("sessions.json");
+    let run = Command::new(binary("tidelock"))
+        .args(["bench", "sessions", "--sessions", "4", "--turns", "3"])
+        .args(["--think-ms", "20", "--system-words", "200", "--out"])
+        .arg(&out)
+        .args(["--url", &format!("http://127.0.0.1:{port}/v1")])
+        .env("TIDELOCK_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&run.stdout);
+    println!("{printed}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success());
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(report["summary"]["turns"], 12);
+    assert_eq!(report["summary"]["errors"], 0);
+    let mut turns: Vec<&Value> = report["turns"].as_array().unwrap().iter().collect();
+    turns.sort_by_key(|t| (t["session"].as_u64(), t["turn"].as_u64()));
+    for pair in turns.windows(2) {
+        let (before, turn) = (pair[0], pair[1]);
+        if turn["turn"] == 1 {
+            continue;
+        }
+        let need = before["prompt_tokens"].as_u64().unwrap() / 64 * 64;
+        let cached = turn["cached_tokens"].as_u64().unwrap();
+        assert!(cached >= need, "{turn}: cached {cached} < {need}");
+    }
+    let later = report["summary"]["later_turn_hit_rate"].as_f64().unwrap();
+    assert!(later > 0.5, "later turns' hit rate {later}");
+    assert!(printed.contains("| token hit rate, first turns / later turns |"));
+
     // A broken trace: the line is named, nothing is sent.
     std::fs::write(&trace, format!("{}\n{{\"timestamp\": 1}}\n", text[0])).unwrap();
     let bad = Command::new(binary("tidelock"))

@@ -265,8 +265,16 @@ async fn prefill_counters(workers: &[String]) -> Result<Vec<u64>, String> {
     Ok(out)
 }
 
-/// Sends one request and reads its stream to the end.
-async fn one(api: &Api, body: serde_json::Value, index: usize, sent_at: Duration) -> Outcome {
+/// Sends one streamed request to `path` (`/completions` or `/chat/completions`) and reads it to
+/// the end; returns its numbers and the text it generated.
+pub(crate) async fn stream(
+    api: &Api,
+    path: &str,
+    body: serde_json::Value,
+    index: usize,
+    sent_at: Duration,
+) -> (Outcome, String) {
+    let mut text = String::new();
     let mut outcome = Outcome {
         index,
         sent_at_s: sent_at.as_secs_f64(),
@@ -276,9 +284,7 @@ async fn one(api: &Api, body: serde_json::Value, index: usize, sent_at: Duration
     let mut first: Option<Instant> = None;
     let mut last = started;
     let result: Result<(), String> = async {
-        let response = api
-            .send(hyper::Method::POST, "/completions", Some(body))
-            .await?;
+        let response = api.send(hyper::Method::POST, path, Some(body)).await?;
         let mut events = Events::new(response.into_body());
         while let Some(data) = events.next().await? {
             if data == "[DONE]" {
@@ -289,10 +295,15 @@ async fn one(api: &Api, body: serde_json::Value, index: usize, sent_at: Duration
             if let Some(error) = chunk.get("error") {
                 return Err(format!("error in the stream: {error}"));
             }
-            let has_text = chunk["choices"].as_array().is_some_and(|c| {
-                c.iter()
-                    .any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty()))
-            });
+            let mut has_text = false;
+            for choice in chunk["choices"].as_array().into_iter().flatten() {
+                let delta = choice["text"]
+                    .as_str()
+                    .or_else(|| choice["delta"]["content"].as_str())
+                    .unwrap_or_default();
+                has_text |= !delta.is_empty();
+                text.push_str(delta);
+            }
             if has_text {
                 let now = Instant::now();
                 first.get_or_insert(now);
@@ -322,7 +333,7 @@ async fn one(api: &Api, body: serde_json::Value, index: usize, sent_at: Duration
     } else if outcome.prompt_tokens == 0 {
         outcome.error = Some("the stream ended without usage".into());
     }
-    outcome
+    (outcome, text)
 }
 
 pub(crate) async fn run(args: TraceArgs) -> ExitCode {
@@ -406,7 +417,9 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
             body["prompt"] = serde_json::Value::String(words.prompt(&r));
-            one(&api, body, index, started.elapsed()).await
+            stream(&api, "/completions", body, index, started.elapsed())
+                .await
+                .0
         }));
     }
     let mut outcomes = Vec::with_capacity(total);
@@ -448,8 +461,12 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
     Ok(summary)
 }
 
+/// Milliseconds, for tables.
+pub(crate) fn ms(x: f64) -> String {
+    format!("{:.1} ms", x * 1e3)
+}
+
 fn print_summary(s: &Summary) {
-    let ms = |x: f64| format!("{:.1} ms", x * 1e3);
     println!("| measure | value |");
     println!("|---|---|");
     println!("| requests (errors) | {} ({}) |", s.requests, s.errors);

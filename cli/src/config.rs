@@ -40,6 +40,52 @@ pub(crate) enum BenchCommand {
     /// output_length, hash_ids): prompts rebuilt block by block as text, sent at the trace's
     /// times; prints hit rate, TTFT, TPOT and throughput.
     Trace(TraceArgs),
+    /// Multi-turn sessions: K conversations at once, each turn resending the history and a new
+    /// message after a think time; prints the hit rate of first and later turns and their TTFT.
+    Sessions(SessionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SessionsArgs {
+    #[command(flatten)]
+    pub(crate) endpoint: EndpointArgs,
+
+    /// Conversations at once.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) sessions: usize,
+
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) turns: usize,
+
+    /// Pause between an answer and the next turn, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) think_ms: u64,
+
+    /// Words in each session's system prompt.
+    #[arg(long, default_value_t = 400)]
+    pub(crate) system_words: usize,
+
+    /// Share of the sessions (0 to 1) that open with one common system prompt.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) shared: f64,
+
+    /// Words in each user message.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) message_words: usize,
+
+    /// Tokens per answer at most.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) max_tokens: u32,
+
+    /// API keys of several tenants (comma-separated); sessions take them in turn. Default: the
+    /// endpoint's key for every session.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) api_keys: Vec<String>,
+
+    /// Write the summary and every turn's numbers here, as JSON.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

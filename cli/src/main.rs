@@ -3,12 +3,14 @@
 //! - `tidelock up`: the local cluster, router and workers on loopback (`up.rs`);
 //! - `tidelock chat`: a terminal chat that shows the cache at work (`chat.rs`);
 //! - `tidelock crds`: the CustomResourceDefinitions as YAML (`crds/` is its output);
-//! - `tidelock bench trace`: a request trace replayed against any endpoint (`bench.rs`).
+//! - `tidelock bench trace`: a request trace replayed against any endpoint (`bench.rs`);
+//! - `tidelock bench sessions`: concurrent multi-turn conversations (`sessions.rs`).
 
 mod bench;
 mod chat;
 mod config;
 mod http;
+mod sessions;
 mod up;
 
 use std::process::ExitCode;
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
             config::Command::Crds(args) => crds(&args),
             config::Command::Bench(args) => match args.command {
                 config::BenchCommand::Trace(args) => bench::run(args).await,
+                config::BenchCommand::Sessions(args) => sessions::run(args).await,
             },
         }
     })

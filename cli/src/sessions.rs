@@ -1,0 +1,254 @@
+//! `tidelock bench sessions`: the multi-turn workload of issue #8. K sessions talk to an
+//! OpenAI-compatible endpoint at once through `/v1/chat/completions`, streamed; each turn
+//! resends the whole conversation (the previous answers included) plus a new user message, after
+//! a think time, under the session's `prompt_cache_key`. Sessions are spread over the API keys
+//! given (several tenants), and a share of them open with one common system prompt while the
+//! others have their own, so some prefixes are shared across sessions and tenants.
+//!
+//! Measured: per turn, time to first token and prompt and cached tokens; the summary gives the
+//! hit rate of first turns and of later turns (a later turn should find everything its session
+//! sent before), and TTFT percentiles of each.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::bench::{Outcome, ms, quantile, stream};
+use crate::config::SessionsArgs;
+use crate::http::{Api, connect};
+
+/// Words the generated messages are made of.
+const VOCABULARY: &[&str] = &[
+    "tide", "moon", "harbour", "wind", "boat", "river", "stone", "light", "north", "water",
+    "evening", "morning", "island", "storm", "sand", "rope", "sail", "bridge", "market", "garden",
+    "letter", "window", "winter", "summer", "friend", "story", "question", "answer", "map", "road",
+];
+
+/// `n` words, a fixed walk per `seed`.
+fn words(n: usize, seed: u64) -> String {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.push(VOCABULARY[(s >> 33) as usize % VOCABULARY.len()]);
+    }
+    out.join(" ")
+}
+
+/// One turn's numbers.
+#[derive(Debug, Clone, Serialize)]
+struct Turn {
+    session: usize,
+    turn: usize,
+    tenant: usize,
+    shared_system: bool,
+    #[serde(flatten)]
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Summary {
+    sessions: usize,
+    turns: usize,
+    errors: usize,
+    first_turn_hit_rate: f64,
+    later_turn_hit_rate: f64,
+    first_turn_ttft_p50_s: f64,
+    first_turn_ttft_p90_s: f64,
+    later_turn_ttft_p50_s: f64,
+    later_turn_ttft_p90_s: f64,
+    later_turn_ttft_p99_s: f64,
+    duration_s: f64,
+}
+
+fn hit_rate<'a>(turns: impl Iterator<Item = &'a Turn>) -> f64 {
+    let (cached, prompt) = turns.fold((0, 0), |(c, p), t| {
+        (c + t.outcome.cached_tokens, p + t.outcome.prompt_tokens)
+    });
+    if prompt == 0 {
+        0.0
+    } else {
+        cached as f64 / prompt as f64
+    }
+}
+
+fn summarise(turns: &[Turn], sessions: usize, duration: Duration) -> Summary {
+    let ok: Vec<&Turn> = turns.iter().filter(|t| t.outcome.error.is_none()).collect();
+    let ttfts = |first: bool| -> Vec<f64> {
+        ok.iter()
+            .filter(|t| (t.turn == 1) == first)
+            .filter_map(|t| t.outcome.ttft_s)
+            .collect()
+    };
+    let (first, later) = (ttfts(true), ttfts(false));
+    Summary {
+        sessions,
+        turns: turns.len(),
+        errors: turns.len() - ok.len(),
+        first_turn_hit_rate: hit_rate(ok.iter().copied().filter(|t| t.turn == 1)),
+        later_turn_hit_rate: hit_rate(ok.iter().copied().filter(|t| t.turn > 1)),
+        first_turn_ttft_p50_s: quantile(&first, 0.5),
+        first_turn_ttft_p90_s: quantile(&first, 0.9),
+        later_turn_ttft_p50_s: quantile(&later, 0.5),
+        later_turn_ttft_p90_s: quantile(&later, 0.9),
+        later_turn_ttft_p99_s: quantile(&later, 0.99),
+        duration_s: duration.as_secs_f64(),
+    }
+}
+
+/// One session from its first turn to its last; a failed turn ends it.
+async fn session(
+    api: Arc<Api>,
+    model: String,
+    args: Arc<SessionsArgs>,
+    index: usize,
+    tenant: usize,
+    started: Instant,
+) -> Vec<Turn> {
+    let shared = (index as f64) < args.shared * args.sessions as f64;
+    let system = if shared {
+        words(args.system_words, 0)
+    } else {
+        words(args.system_words, 1 + index as u64)
+    };
+    let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
+    let mut turns = Vec::with_capacity(args.turns);
+    for turn in 1..=args.turns {
+        let question = words(args.message_words, (index as u64) << 32 | turn as u64);
+        messages.push(serde_json::json!({"role": "user", "content": question}));
+        let body = serde_json::json!({
+            "model": model,
+            "messages": messages,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "prompt_cache_key": format!("bench-session-{index}"),
+        });
+        let (outcome, answer) =
+            stream(&api, "/chat/completions", body, index, started.elapsed()).await;
+        let failed = outcome.error.is_some();
+        turns.push(Turn {
+            session: index,
+            turn,
+            tenant,
+            shared_system: shared,
+            outcome,
+        });
+        if failed {
+            break;
+        }
+        messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+        tokio::time::sleep(Duration::from_millis(args.think_ms)).await;
+    }
+    turns
+}
+
+pub(crate) async fn run(args: SessionsArgs) -> ExitCode {
+    match sessions(args).await {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(errors) => {
+            eprintln!("tidelock bench sessions: {errors} turns failed (see --out for each error)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tidelock bench sessions: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn sessions(args: SessionsArgs) -> Result<usize, String> {
+    if args.sessions == 0 || args.turns == 0 || !(0.0..=1.0).contains(&args.shared) {
+        return Err("--sessions and --turns must be at least 1, --shared within 0..1".into());
+    }
+    let (api, model) = connect(&args.endpoint).await?;
+    // One client per tenant key; without --api-keys, the endpoint's key for every session.
+    let apis: Vec<Arc<Api>> = if args.api_keys.is_empty() {
+        vec![Arc::new(api)]
+    } else {
+        args.api_keys
+            .iter()
+            .map(|k| Api::new(&args.endpoint.url, Some(k.clone())).map(Arc::new))
+            .collect::<Result<_, _>>()?
+    };
+    eprintln!(
+        "{} sessions of {} turns over {} tenant key(s) against {} ({} share a system prompt of {} words)",
+        args.sessions,
+        args.turns,
+        apis.len(),
+        args.endpoint.url,
+        (args.shared * args.sessions as f64).ceil(),
+        args.system_words
+    );
+    let args = Arc::new(args);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.sessions)
+        .map(|i| {
+            let tenant = i % apis.len();
+            tokio::spawn(session(
+                apis[tenant].clone(),
+                model.clone(),
+                args.clone(),
+                i,
+                tenant,
+                started,
+            ))
+        })
+        .collect();
+    let mut turns = Vec::new();
+    for task in tasks {
+        turns.extend(
+            task.await
+                .map_err(|e| format!("a session task failed: {e}"))?,
+        );
+    }
+    let summary = summarise(&turns, args.sessions, started.elapsed());
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| sessions, turns (errors) | {}, {} ({}) |",
+        summary.sessions, summary.turns, summary.errors
+    );
+    println!(
+        "| token hit rate, first turns / later turns | {:.3} / {:.3} |",
+        summary.first_turn_hit_rate, summary.later_turn_hit_rate
+    );
+    println!(
+        "| TTFT first turns p50 / p90 | {} / {} |",
+        ms(summary.first_turn_ttft_p50_s),
+        ms(summary.first_turn_ttft_p90_s)
+    );
+    println!(
+        "| TTFT later turns p50 / p90 / p99 | {} / {} / {} |",
+        ms(summary.later_turn_ttft_p50_s),
+        ms(summary.later_turn_ttft_p90_s),
+        ms(summary.later_turn_ttft_p99_s)
+    );
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({"summary": summary, "turns": turns});
+        std::fs::write(
+            out,
+            serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(summary.errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_fixed_per_seed_and_differ_between_seeds() {
+        assert_eq!(words(12, 3), words(12, 3));
+        assert_ne!(words(12, 3), words(12, 4));
+        assert_eq!(words(5, 9).split(' ').count(), 5);
+    }
+}
