@@ -23,7 +23,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use tidelock_prompt::PromptKit;
 
@@ -247,15 +246,7 @@ async fn prefill_counters(workers: &[String]) -> Result<Vec<u64>, String> {
     const NAME: &str = "tidelock_worker_prefill_tokens_total";
     let mut out = Vec::with_capacity(workers.len());
     for base in workers {
-        let api = Api::new(base, None)?;
-        let response = api.send(hyper::Method::GET, "/metrics", None).await?;
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{base}/metrics: {e}"))?
-            .to_bytes();
-        let text = String::from_utf8_lossy(&bytes);
+        let text = Api::new(base, None)?.get_text("/metrics").await?;
         let value = text
             .lines()
             .find_map(|l| l.strip_prefix(NAME)?.trim().parse::<f64>().ok())

@@ -111,16 +111,22 @@ impl Api {
         Err(format!("HTTP {status}: {message}"))
     }
 
-    /// A JSON GET.
-    pub(crate) async fn get_json(&self, path: &str) -> Result<serde_json::Value, String> {
+    /// A GET's whole body.
+    pub(crate) async fn get_text(&self, path: &str) -> Result<String, String> {
         let response = self.send(hyper::Method::GET, path, None).await?;
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{}{path}: {e}", self.base))?
             .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|e| format!("{path}: not JSON: {e}"))
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// A JSON GET.
+    pub(crate) async fn get_json(&self, path: &str) -> Result<serde_json::Value, String> {
+        let text = self.get_text(path).await?;
+        serde_json::from_str(&text).map_err(|e| format!("{path}: not JSON: {e}"))
     }
 }
 

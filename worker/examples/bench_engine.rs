@@ -11,34 +11,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidelock_protocol::{
-    BlockTokens, CacheSalt, Epoch, GenerateEvent, GenerateRequest, ModelName, SamplingParams,
-};
+use tidelock_protocol::{BlockTokens, Epoch, GenerateEvent, GenerateRequest, ModelName};
 use tidelock_worker::engine::executor::ModelExecutor;
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::llama::WeightFormat;
-use tidelock_worker::testing::tokens;
+use tidelock_worker::testing::{greedy, tokens};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 const BLOCK: usize = 64;
-
-fn request(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        request_id: None,
-        session: None,
-        cache_salt: CacheSalt::shared(),
-        tokens: prompt,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens,
-            ignore_eos: true,
-            ..SamplingParams::default()
-        },
-    }
-}
 
 struct Run {
     /// Time to the first token of each request.
@@ -111,17 +94,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // Prefill: one 2,048-token prompt in one step, one token out.
-    let prefill = run(&mut engine(4096), vec![request(tokens(2048, 1), 1)]);
+    let prefill = run(&mut engine(4096), vec![greedy(tokens(2048, 1), 1)]);
     let prefill_tps = 2048.0 / prefill.ttft[0].as_secs_f64();
 
     // Decode at batch 1: 128 tokens after a short prompt; time after the first token.
-    let one = run(&mut engine(4096), vec![request(tokens(32, 2), 129)]);
+    let one = run(&mut engine(4096), vec![greedy(tokens(32, 2), 129)]);
     let decode1 = 128.0 / (one.total - one.ttft[0]).as_secs_f64();
 
     // Decode at batch 8: eight sequences, 128 tokens each, after their (batched) prefill.
     let eight = run(
         &mut engine(4096),
-        (0..8).map(|i| request(tokens(32, 10 + i), 129)).collect(),
+        (0..8).map(|i| greedy(tokens(32, 10 + i), 129)).collect(),
     );
     let first = eight.ttft.iter().max().copied().unwrap_or_default();
     let decode8 = (eight.completion_tokens - 8) as f64 / (eight.total - first).as_secs_f64();
@@ -130,12 +113,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // request with the same beginning.
     let long = tokens(4096, 3);
     let mut e = engine(4096);
-    let cold = run(&mut e, vec![request(long.clone(), 1)]);
+    let cold = run(&mut e, vec![greedy(long.clone(), 1)]);
     let mut other_tail = long[..4032].to_vec();
     other_tail.extend(tokens(64, 4));
     let mut e = engine(4096);
-    run(&mut e, vec![request(other_tail, 1)]);
-    let warm = run(&mut e, vec![request(long, 1)]);
+    run(&mut e, vec![greedy(other_tail, 1)]);
+    let warm = run(&mut e, vec![greedy(long, 1)]);
 
     println!(
         "{}",

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidelock_protocol::BlockId;
-use tidelock_protocol::shard::AttendRequest;
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::shard::{
     Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer, placement,
@@ -49,10 +48,7 @@ struct Timed {
 impl ShardLink for Timed {
     fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
         let t = Instant::now();
-        let reply = AttendRequest::decode(&body)
-            .map_err(|e| e.to_string())
-            .and_then(|req| self.server.lock().unwrap().handle(&req))
-            .and_then(|reply| reply.encode().map_err(|e| e.to_string()));
+        let reply = self.server.lock().unwrap().serve(&body);
         *self.spent.lock().unwrap() += t.elapsed();
         self.reply = Some(reply);
         Ok(())

@@ -26,7 +26,6 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 use tidelock_protocol::WorkerInfo;
-use tidelock_protocol::shard::AttendRequest;
 
 use crate::kv::shard::{ShardLink, ShardServer};
 
@@ -128,17 +127,12 @@ async fn attend(State(shared): State<Shared>, body: Bytes) -> Response {
     let Shared { server, metrics } = shared;
     let result = tokio::task::spawn_blocking(move || {
         let _timer = metrics.seconds.start_timer();
-        let result = AttendRequest::decode(&body)
-            .map_err(|e| e.to_string())
-            // A panic while serving (a bug: bad requests are errors) must not take the store
-            // out of service: its contents are plain numbers, valid whatever was interrupted.
-            .and_then(|request| {
-                server
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .handle(&request)
-            })
-            .and_then(|reply| reply.encode().map_err(|e| e.to_string()));
+        // A panic while serving (a bug: bad requests are errors) must not take the store out of
+        // service: its contents are plain numbers, valid whatever was interrupted.
+        let result = server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .serve(&body);
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics.requests.with_label_values(&[outcome]).inc();
         result

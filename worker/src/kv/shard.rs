@@ -194,6 +194,13 @@ impl ShardServer {
         Ok(())
     }
 
+    /// One encoded request in, its encoded reply out (what every transport does with a body).
+    pub fn serve(&mut self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let request = AttendRequest::decode(body).map_err(|e| e.to_string())?;
+        let reply = self.handle(&request)?;
+        reply.encode().map_err(|e| e.to_string())
+    }
+
     /// Appends the request's keys and values, then computes attention over this shard's
     /// blocks of each sequence.
     pub fn handle(&mut self, req: &AttendRequest) -> Result<AttendReply, String> {
@@ -350,11 +357,7 @@ impl InProcess {
 
 impl ShardLink for InProcess {
     fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
-        let reply = AttendRequest::decode(&body)
-            .map_err(|e| e.to_string())
-            .and_then(|req| self.server.handle(&req))
-            .and_then(|reply| reply.encode().map_err(|e| e.to_string()));
-        self.reply = Some(reply);
+        self.reply = Some(self.server.serve(&body));
         Ok(())
     }
 
