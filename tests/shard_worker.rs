@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tidelock_e2e::{Proc, binary, free_port, http_get, model_path};
-use tidelock_protocol::shard::{Append, AttendReply, AttendRequest, AttendSeq};
+use tidelock_protocol::shard::{Append, AttendRequest, AttendSeq};
 use tidelock_worker::kv::shard::ShardLink;
 use tidelock_worker::shard_rpc::HttpLink;
 
@@ -84,16 +84,10 @@ fn a_worker_serves_its_shard_of_a_group() {
     let mut link =
         HttpLink::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(5)).unwrap();
     // Position 16 starts block 1 of the sequence, kept at place 5: the only position there.
-    let reply = link
-        .call(request(16, 5, &k, &v, &q).encode().unwrap())
-        .unwrap();
-    let reply = AttendReply::decode(&reply).unwrap();
-    let again = link
-        .call(request(17, 6, &k, &v, &q).encode().unwrap())
-        .unwrap();
+    let reply = link.call(&request(16, 5, &k, &v, &q)).unwrap();
+    let again = link.call(&request(17, 6, &k, &v, &q)).unwrap();
     assert_eq!(
-        AttendReply::decode(&again).unwrap().incarnation,
-        reply.incarnation,
+        again.incarnation, reply.incarnation,
         "one process, one incarnation"
     );
     assert_eq!((reply.rows, reply.heads), (1, HEADS as u32));
@@ -113,9 +107,7 @@ fn a_worker_serves_its_shard_of_a_group() {
         );
     }
     // 64 MiB holds 91 blocks of this model.
-    let e = link
-        .call(request(0, 91, &k, &v, &q).encode().unwrap())
-        .unwrap_err();
+    let e = link.call(&request(0, 91, &k, &v, &q)).unwrap_err();
     assert!(
         e.contains("400") && e.contains("block place 91 is outside this shard's 91"),
         "{e}"

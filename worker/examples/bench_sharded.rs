@@ -1,6 +1,6 @@
 //! Issue #7's benchmark: one session of TOKENS tokens (default 1,048,576) on the generated tiny
 //! Llama of issue 7 (2 layers, 4 heads over 2 KV heads of 64), held by one worker's store, then
-//! striped over SHARDS shard servers (default 4) reached through the binary RPC bodies. Both run
+//! striped over SHARDS shard servers (default 4) reached through in-process links (and then over HTTP). Both run
 //! here, in one process on this machine's cores, one after the other.
 //!
 //! The context's KV is filled, not computed: a real prefill of 1M tokens is O(n^2) attention,
@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidelock_protocol::BlockId;
+use tidelock_protocol::shard::{AttendReply, AttendRequest};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::shard::{
     Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer, placement,
@@ -37,24 +38,24 @@ const BLOCK: usize = 64;
 /// The token every decode step feeds.
 const TOKEN: [u32; 1] = [17];
 
-/// An in-process link to a shard that times each call (the shard's compute for that layer,
-/// decoding and encoding included). The shard is shared so the HTTP run serves the same store.
+/// An in-process link to a shard that times each call (the shard's compute for that layer).
+/// The shard is shared so the HTTP run serves the same store.
 struct Timed {
     server: Arc<Mutex<ShardServer>>,
-    reply: Option<Result<Vec<u8>, String>>,
+    reply: Option<Result<AttendReply, String>>,
     spent: Arc<Mutex<Duration>>,
 }
 
 impl ShardLink for Timed {
-    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
         let t = Instant::now();
-        let reply = self.server.lock().unwrap().serve(&body);
+        let reply = self.server.lock().unwrap().handle(request);
         *self.spent.lock().unwrap() += t.elapsed();
         self.reply = Some(reply);
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<Vec<u8>, String> {
+    fn finish(&mut self) -> Result<AttendReply, String> {
         self.reply
             .take()
             .unwrap_or_else(|| Err("nothing sent".into()))

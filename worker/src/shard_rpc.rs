@@ -26,6 +26,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 use tidelock_protocol::WorkerInfo;
+use tidelock_protocol::shard::{AttendReply, AttendRequest};
 
 use crate::kv::shard::{ShardLink, ShardServer};
 
@@ -224,7 +225,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl ShardLink for HttpLink {
-    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
+    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
+        let body = request.encode().map_err(|e| format!("{}: {e}", self.url))?;
         let (tx, rx) = mpsc::channel();
         self.jobs
             .send((body, tx))
@@ -233,7 +235,7 @@ impl ShardLink for HttpLink {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<Vec<u8>, String> {
+    fn finish(&mut self) -> Result<AttendReply, String> {
         let rx = self
             .reply
             .take()
@@ -241,6 +243,7 @@ impl ShardLink for HttpLink {
         // The I/O thread enforces the deadline; this one only guards against it being stuck.
         rx.recv_timeout(self.timeout + Duration::from_secs(1))
             .map_err(|_| format!("{}: no answer within {:?}", self.url, self.timeout))?
+            .and_then(|body| AttendReply::decode(&body).map_err(|e| e.to_string()))
             .map_err(|e| format!("{}: {e}", self.url))
     }
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tidelock_protocol::shard::{AttendReply, AttendRequest};
 use tidelock_protocol::{
     BlockId, BlockTokens, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName, Usage,
 };
@@ -89,7 +90,8 @@ fn argmax(xs: &[f32]) -> u32 {
 enum Mode {
     /// One store.
     One,
-    /// S shard servers behind the binary RPC bodies (encoded, decoded), in this process.
+    /// S shard servers in this process, reached through in-process links (the coordinator's
+    /// path for its own shard).
     Rpc(usize),
     /// S shard servers behind HTTP on loopback ports, through `HttpLink`s.
     Http(usize),
@@ -343,11 +345,11 @@ fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
 struct Restartable(Arc<Mutex<InProcess>>);
 
 impl ShardLink for Restartable {
-    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
-        self.0.lock().unwrap().send(body)
+    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
+        self.0.lock().unwrap().send(request)
     }
 
-    fn finish(&mut self) -> Result<Vec<u8>, String> {
+    fn finish(&mut self) -> Result<AttendReply, String> {
         self.0.lock().unwrap().finish()
     }
 }
@@ -522,10 +524,10 @@ fn a_restarted_shard_is_readmitted_and_its_lost_blocks_recomputed() {
     // A shard that is down: an error naming it, nothing hangs.
     struct Down;
     impl ShardLink for Down {
-        fn send(&mut self, _: Vec<u8>) -> Result<(), String> {
+        fn send(&mut self, _: &AttendRequest) -> Result<(), String> {
             Err("connection refused".into())
         }
-        fn finish(&mut self) -> Result<Vec<u8>, String> {
+        fn finish(&mut self) -> Result<AttendReply, String> {
             Err("no request was sent".into())
         }
     }

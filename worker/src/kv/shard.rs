@@ -194,7 +194,7 @@ impl ShardServer {
         Ok(())
     }
 
-    /// One encoded request in, its encoded reply out (what every transport does with a body).
+    /// One encoded request in, its encoded reply out (the HTTP route's work).
     pub fn serve(&mut self, body: &[u8]) -> Result<Vec<u8>, String> {
         let request = AttendRequest::decode(body).map_err(|e| e.to_string())?;
         let reply = self.handle(&request)?;
@@ -314,16 +314,17 @@ impl ShardServer {
     }
 }
 
-/// How a coordinator reaches one shard: a request body in, a reply body out.
+/// How a coordinator reaches one shard: a request in, its reply out. Links over the network
+/// encode them ([`tidelock_protocol::shard`]); the in-process one hands them over as they are.
 ///
 /// A call is `send` then `finish`, so a coordinator sends every shard its request before it
 /// waits for any reply: over the network the shards compute at the same time.
 pub trait ShardLink: Send {
-    /// Sends a request body (a link over the network returns before the reply arrives).
-    fn send(&mut self, body: Vec<u8>) -> Result<(), String>;
+    /// Sends a request (a link over the network returns before the reply arrives).
+    fn send(&mut self, request: &AttendRequest) -> Result<(), String>;
 
-    /// The reply body to the last request sent.
-    fn finish(&mut self) -> Result<Vec<u8>, String>;
+    /// The reply to the last request sent.
+    fn finish(&mut self) -> Result<AttendReply, String>;
 
     /// Whether the shard computes in this process when the request is sent: such links are sent
     /// to last, so the remote shards compute meanwhile.
@@ -332,18 +333,18 @@ pub trait ShardLink: Send {
     }
 
     /// One request and its reply.
-    fn call(&mut self, body: Vec<u8>) -> Result<Vec<u8>, String> {
-        self.send(body)?;
+    fn call(&mut self, request: &AttendRequest) -> Result<AttendReply, String> {
+        self.send(request)?;
         self.finish()
     }
 }
 
-/// A shard in this process, reached through the encoded bodies all the same (the coordinator's
-/// own shard, and tests). It computes when the request is sent.
+/// A shard in this process (the coordinator's own shard, and tests): no encoding, it computes
+/// when the request is sent.
 #[derive(Debug)]
 pub struct InProcess {
     pub server: ShardServer,
-    reply: Option<Result<Vec<u8>, String>>,
+    reply: Option<Result<AttendReply, String>>,
 }
 
 impl InProcess {
@@ -356,12 +357,12 @@ impl InProcess {
 }
 
 impl ShardLink for InProcess {
-    fn send(&mut self, body: Vec<u8>) -> Result<(), String> {
-        self.reply = Some(self.server.serve(&body));
+    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
+        self.reply = Some(self.server.handle(request));
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<Vec<u8>, String> {
+    fn finish(&mut self) -> Result<AttendReply, String> {
         self.reply
             .take()
             .unwrap_or_else(|| Err("no request was sent".into()))
@@ -412,7 +413,7 @@ impl ShardGroup {
     fn accept(
         &mut self,
         shard: usize,
-        body: Result<Vec<u8>, String>,
+        reply: Result<AttendReply, String>,
         shape: (u32, u32, u32),
     ) -> Result<AttendReply, ShardError> {
         let failed = |message: String| ShardError {
@@ -420,8 +421,7 @@ impl ShardGroup {
             lost: false,
             message,
         };
-        let reply =
-            AttendReply::decode(&body.map_err(failed)?).map_err(|e| failed(e.to_string()))?;
+        let reply = reply.map_err(failed)?;
         if (reply.rows, reply.heads, reply.head_dim) != shape {
             return Err(failed(format!(
                 "a reply of {} rows of {} heads of {}, for a request of {:?}",
@@ -563,12 +563,9 @@ impl Attention for Coordinated<'_> {
         for &s in &called {
             req.seqs = std::mem::take(&mut self.wire[s]);
             req.appends = std::mem::take(&mut self.pending[s]);
-            let body = req.encode();
+            let sent_one = self.group.links[s].send(&req);
             self.wire[s] = std::mem::take(&mut req.seqs);
-            match body
-                .map_err(|e| e.to_string())
-                .and_then(|body| self.group.links[s].send(body))
-            {
+            match sent_one {
                 Ok(()) => sent.push(s),
                 Err(message) => {
                     failure = Some(ShardError {
@@ -588,8 +585,8 @@ impl Attention for Coordinated<'_> {
         let mut parts = Vec::with_capacity(called.len());
         for s in sent {
             // Collect every reply sent for, even after a failure, so no link is left mid-call.
-            let body = self.group.links[s].finish();
-            match self.group.accept(s, body, shape) {
+            let reply = self.group.links[s].finish();
+            match self.group.accept(s, reply, shape) {
                 Ok(reply) => parts.push((
                     s,
                     ShardPartial {
@@ -691,19 +688,18 @@ mod tests {
     fn a_reply_of_the_wrong_shape_fails_the_call() {
         struct Short;
         impl ShardLink for Short {
-            fn send(&mut self, _: Vec<u8>) -> Result<(), String> {
+            fn send(&mut self, _: &AttendRequest) -> Result<(), String> {
                 Ok(())
             }
-            fn finish(&mut self) -> Result<Vec<u8>, String> {
-                let reply = AttendReply {
+            fn finish(&mut self) -> Result<AttendReply, String> {
+                Ok(AttendReply {
                     incarnation: 1,
                     rows: 0,
                     heads: 2,
                     head_dim: 4,
                     outputs: vec![],
                     lse: vec![],
-                };
-                reply.encode().map_err(|e| e.to_string())
+                })
             }
         }
         let mut group = ShardGroup::new(vec![
