@@ -25,7 +25,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tidelock_openai::{Endpoint, error_response, parse, respond};
+use tidelock_openai::{
+    Answer, Continuations, Endpoint, OnAnswer, error_response, parse, respond_then,
+};
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
 use tidelock_protocol::{
     CacheSalt, GenerateEvent, GenerateRequest, HashChain, SessionKey, WorkerId,
@@ -55,6 +57,8 @@ pub struct Settings {
     pub queue_timeout: Duration,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Token ids the turn memory holds at most ([`Continuations`]).
+    pub turn_memory_tokens: usize,
     pub proxy: ProxyConfig,
 }
 
@@ -67,6 +71,7 @@ impl Default for Settings {
             max_queue: 4096,
             queue_timeout: Duration::from_secs(30),
             max_body_bytes: 32 << 20,
+            turn_memory_tokens: 16 << 20,
             proxy: ProxyConfig::default(),
         }
     }
@@ -80,6 +85,8 @@ pub struct Shared {
     pub pins: Arc<Pins>,
     pub metrics: Metrics,
     pub settings: Settings,
+    /// Sessions' last prompts and answers as ids.
+    pub turns: Continuations,
     limiter: Limiter,
     proxy: Proxy,
     slots: Arc<Semaphore>,
@@ -101,6 +108,7 @@ impl Shared {
             tenants,
             pins,
             metrics: Metrics::new()?,
+            turns: Continuations::new(settings.turn_memory_tokens),
             limiter: Limiter::default(),
             proxy: Proxy::new(settings.proxy),
             slots: Arc::new(Semaphore::new(settings.max_in_flight)),
@@ -424,20 +432,34 @@ async fn place(
     }
     let tenant_context = tenant.record.limits.max_context_tokens;
     let context = tenant_context.map_or(model_context, |t| t.min(model_context));
-    let mut prepared = parsed.prepare(&kit, context).map_err(|e| {
-        if tenant_context.is_some_and(|t| t < model_context)
-            && e.code.as_deref() == Some("context_length_exceeded")
-        {
-            OpenAiError::invalid(
-                e.param.clone().unwrap_or_default(),
-                format!("{} (your tenant's limit is {context} tokens)", e.message),
-            )
-            .with_code("context_length_exceeded")
-        } else {
-            e
-        }
-    })?;
     let session = session_key(parsed.common(), headers)?;
+    // The turn memory's key: the ids are the model's, and never cross tenants.
+    let turn_key = session
+        .as_ref()
+        .map(|s| format!("{}\0{}\0{}", model.name, tenant.id, s.as_str()));
+    let previous = turn_key.as_deref().and_then(|k| state.turns.get(k));
+    let mut prepared = parsed
+        .prepare_after(&kit, context, previous.as_deref())
+        .map_err(|e| {
+            if tenant_context.is_some_and(|t| t < model_context)
+                && e.code.as_deref() == Some("context_length_exceeded")
+            {
+                OpenAiError::invalid(
+                    e.param.clone().unwrap_or_default(),
+                    format!("{} (your tenant's limit is {context} tokens)", e.message),
+                )
+                .with_code("context_length_exceeded")
+            } else {
+                e
+            }
+        })?;
+    if prepared.continued > 0 {
+        state
+            .metrics
+            .continued_tokens
+            .with_label_values(&[model.name.as_str()])
+            .inc_by(prepared.continued as u64);
+    }
     let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
     let admission = admit(state, &tenant, cost)?;
     let permit = slot(state).await?;
@@ -456,6 +478,18 @@ async fn place(
         sampling: prepared.sampling.clone(),
     };
     let started = route(state, &model, &tenant.id, session, &request).await?;
+    // Remember this prompt and its answer for the session's next turn.
+    let on_answer = match (turn_key, prepared.text.take()) {
+        (Some(key), Some(text)) if state.settings.turn_memory_tokens > 0 => {
+            let (state, kit, ids) = (state.clone(), kit.clone(), request.tokens);
+            Some(Box::new(move |answer: Answer| {
+                if let Some(next) = text.then(ids, &answer, &kit) {
+                    state.turns.put(key, next);
+                }
+            }) as OnAnswer)
+        }
+        _ => None,
+    };
     let ttft = started.first_token.duration_since(answered.started);
     state
         .metrics
@@ -471,7 +505,7 @@ async fn place(
         admission,
         permit,
     );
-    Ok(respond(prepared, kit, events).await)
+    Ok(respond_then(prepared, kit, events, on_answer).await)
 }
 
 fn admit(state: &Shared, tenant: &Tenant, cost: u64) -> Result<Admission, Refusal> {

@@ -63,6 +63,12 @@ pub struct Config {
     #[arg(long, default_value_t = 3_600)]
     pub session_idle_secs: u64,
 
+    /// Token ids of sessions' last prompts and answers kept in memory (all sessions together,
+    /// least recently used out first), so a session's next turn starts from the ids the worker
+    /// cached instead of re-tokenizing the answer from its text. 0 turns it off.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub turn_memory_tokens: usize,
+
     /// Requests served at once; more wait in the queue.
     #[arg(long, default_value_t = 1_024)]
     pub max_in_flight: usize,
@@ -152,6 +158,7 @@ impl Config {
             max_queue: self.max_queue,
             queue_timeout: Duration::from_secs(self.queue_timeout_secs),
             max_body_bytes: usize::try_from(self.max_body.as_u64()).unwrap_or(usize::MAX),
+            turn_memory_tokens: self.turn_memory_tokens,
             proxy: ProxyConfig {
                 connect_timeout: Duration::from_millis(self.connect_timeout_ms),
                 first_token_timeout: Duration::from_secs(self.first_token_timeout_secs),

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub limited: IntCounterVec,
     /// Workers given up on for one request (before its first token), by model.
     pub retries: IntCounterVec,
+    /// Prompt tokens taken from the turn memory instead of tokenized, by model.
+    pub continued_tokens: IntCounterVec,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
     worker_in_flight: GaugeVec,
@@ -120,6 +122,11 @@ impl Metrics {
             retries: counter(
                 "tidelock_router_retries_total",
                 "Workers that failed a request before its first token (it went to the next).",
+                &["model"],
+            )?,
+            continued_tokens: counter(
+                "tidelock_router_continued_tokens_total",
+                "Prompt tokens taken from the turn memory (a session's previous prompt and answer, as the worker cached them) instead of tokenized again.",
                 &["model"],
             )?,
             in_flight: gauge(

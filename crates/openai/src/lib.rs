@@ -8,12 +8,17 @@
 //!   (role chunk, content chunks, optional usage chunk, `data: [DONE]`), with incremental
 //!   detokenization and stop strings matched across token boundaries and never emitted.
 //!
+//! - [`Continuations`] is a router's turn memory: a session's last prompt and answer as the ids
+//!   the worker cached, so the next turn starts from them instead of re-tokenizing the answer.
+//!
 //! Where the events come from is the caller's business: the worker's engine channel, or the
 //! router's proxied (and retried) worker stream. Dropping the answer's body drops the event
 //! stream, which is how a client that goes away cancels generation in both.
 
+mod continuation;
 mod prepare;
 mod respond;
 
+pub use continuation::{Answer, Continuation, Continuations, PromptText};
 pub use prepare::{Endpoint, Parsed, Prepared, parse, unix_now};
-pub use respond::{error_response, respond};
+pub use respond::{OnAnswer, error_response, respond, respond_then};

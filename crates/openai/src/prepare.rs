@@ -3,6 +3,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tidelock_prompt::{ChatMessage, PromptKit};
+
+use crate::continuation::{Continuation, PromptText};
 use tidelock_protocol::SamplingParams;
 use tidelock_protocol::openai::{
     ChatCompletionRequest, CommonFields, CompletionRequest, OpenAiError, PromptInput, ResponseMeta,
@@ -51,6 +53,11 @@ pub struct Prepared {
     pub meta: ResponseMeta,
     /// The prompt as token ids (chat template applied).
     pub tokens: Vec<u32>,
+    /// The digest of the prompt's text (rendered, for chat), to remember with its answer; `None`
+    /// for a prompt given as ids.
+    pub text: Option<PromptText>,
+    /// Leading ids taken from the session's [`Continuation`] rather than tokenized again.
+    pub continued: usize,
     pub sampling: SamplingParams,
     /// Stop strings, matched on the text and never returned.
     pub stops: Vec<String>,
@@ -93,17 +100,47 @@ impl Parsed {
     /// longest context (prompt plus completion) the request may reach: the prompt must be
     /// shorter, and `max_tokens` defaults to (and is capped at) the room left.
     pub fn prepare(&self, kit: &PromptKit, max_context: u64) -> Result<Prepared, OpenAiError> {
-        let (tokens, param) = match self {
-            Parsed::Chat(req) => (chat_tokens(kit, req)?, "messages"),
+        self.prepare_after(kit, max_context, None)
+    }
+
+    /// [`Parsed::prepare`], for a session that `previous` continues: when the prompt's text
+    /// starts with the text `previous` remembers, its ids are `previous`'s followed by the
+    /// tokenization of the rest alone.
+    pub fn prepare_after(
+        &self,
+        kit: &PromptKit,
+        max_context: u64,
+        previous: Option<&Continuation>,
+    ) -> Result<Prepared, OpenAiError> {
+        let mut continued = 0;
+        let mut encode = |text: &str, add_special: bool| {
+            let (head, rest, add_special) = match previous.and_then(|p| Some((p, p.rest(text)?))) {
+                Some((p, rest)) => (p.ids(), rest, false),
+                None => (&[][..], text, add_special),
+            };
+            let mut ids = head.to_vec();
+            ids.extend(kit.encode(rest, add_special)?);
+            continued = head.len();
+            Ok::<_, tidelock_prompt::PromptError>((ids, PromptText::new(text)))
+        };
+        let (tokens, text, param) = match self {
+            Parsed::Chat(req) => {
+                let text = chat_text(kit, req)?;
+                let (tokens, text) = encode(&text, false)
+                    .map_err(|e| OpenAiError::invalid("messages", e.to_string()))?;
+                (tokens, Some(text), "messages")
+            }
             Parsed::Completion(req) => {
                 if req.echo {
                     return Err(OpenAiError::invalid("echo", "echo is not supported"));
                 }
-                let tokens = match req.prompt_input()? {
-                    PromptInput::Tokens(tokens) => tokens,
-                    PromptInput::Text(text) => kit
-                        .encode(&text, true)
-                        .map_err(|e| OpenAiError::invalid("prompt", e.to_string()))?,
+                let (tokens, text) = match req.prompt_input()? {
+                    PromptInput::Tokens(tokens) => (tokens, None),
+                    PromptInput::Text(text) => {
+                        let (tokens, text) = encode(&text, true)
+                            .map_err(|e| OpenAiError::invalid("prompt", e.to_string()))?;
+                        (tokens, Some(text))
+                    }
                 };
                 if tokens.is_empty() {
                     return Err(OpenAiError::invalid("prompt", "the prompt is empty"));
@@ -117,7 +154,7 @@ impl Parsed {
                         ),
                     ));
                 }
-                (tokens, "prompt")
+                (tokens, text, "prompt")
             }
         };
         let prompt = tokens.len() as u64;
@@ -149,6 +186,8 @@ impl Parsed {
                 include_usage: self.common().include_usage(),
             },
             tokens,
+            text,
+            continued,
             sampling,
             stops,
             stream: self.common().stream,
@@ -156,8 +195,8 @@ impl Parsed {
     }
 }
 
-/// The conversation rendered with the chat template (and the request's tools) and tokenized.
-fn chat_tokens(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<Vec<u32>, OpenAiError> {
+/// The conversation rendered with the chat template (and the request's tools).
+fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<String, OpenAiError> {
     if req.messages.is_empty() {
         return Err(OpenAiError::invalid(
             "messages",
@@ -179,6 +218,6 @@ fn chat_tokens(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<Vec<u32>,
     if let Some(tools) = &req.tools {
         extra.insert("tools".into(), tools.clone());
     }
-    kit.encode_chat(&messages, true, &extra)
+    kit.render_chat(&messages, true, &extra)
         .map_err(|e| OpenAiError::invalid("messages", e.to_string()))
 }

@@ -14,7 +14,11 @@ use tidelock_protocol::openai::{
     self, ChatCompletion, Completion, Delta, OpenAiError, ResponseMeta, TokenLogprob,
 };
 
+use crate::continuation::Answer;
 use crate::prepare::{Endpoint, Prepared};
+
+/// Called with the whole answer when it ends normally (not cut by a stop string, not failed).
+pub type OnAnswer = Box<dyn FnOnce(Answer) + Send>;
 
 /// An OpenAI error as a response with its status.
 pub fn error_response(e: &OpenAiError) -> Response {
@@ -33,6 +37,8 @@ struct TextOut {
     logprobs: Vec<TokenLogprob>,
     /// Characters of completion text sent so far (the completions `text_offset` base).
     chars_sent: usize,
+    /// The answer so far, and who wants it whole.
+    remember: Option<(Answer, OnAnswer)>,
 }
 
 /// One step of a generation as the client sees it.
@@ -69,6 +75,9 @@ impl TextOut {
                 if let Some(logprobs) = logprobs {
                     self.collect_logprobs(&ids, &logprobs, top_logprobs.as_deref());
                 }
+                if let Some((answer, _)) = &mut self.remember {
+                    answer.ids.extend_from_slice(&ids);
+                }
                 let mut text = String::new();
                 for id in ids {
                     let piece = self
@@ -78,9 +87,14 @@ impl TextOut {
                     let out = self.stop.push(&piece);
                     text.push_str(&out.text);
                     if out.stopped {
-                        // Ending here drops the event stream, which cancels generation.
+                        // Ending here drops the event stream, which cancels generation. The
+                        // text is cut: nothing to remember.
+                        self.remember = None;
                         return Some(Step::End(text, Some("stop".into())));
                     }
+                }
+                if let Some((answer, _)) = &mut self.remember {
+                    answer.text.push_str(&text);
                 }
                 Step::Text(text)
             }
@@ -88,11 +102,16 @@ impl TextOut {
                 let tail = self.detok.finish(self.kit.tokenizer()).unwrap_or_default();
                 let mut text = self.stop.push(&tail).text;
                 let finish = if self.stop.is_stopped() {
+                    self.remember = None;
                     Some("stop".into())
                 } else {
                     text.push_str(&self.stop.finish());
                     openai::finish_reason(reason)
                 };
+                if let Some((mut answer, on_answer)) = self.remember.take() {
+                    answer.text.push_str(&text);
+                    on_answer(answer);
+                }
                 Step::End(text, finish)
             }
             GenerateEvent::Error { code, message } => {
@@ -165,6 +184,16 @@ pub async fn respond(
     kit: Arc<PromptKit>,
     events: BoxStream<'static, GenerateEvent>,
 ) -> Response {
+    respond_then(prepared, kit, events, None).await
+}
+
+/// [`respond`], calling `on_answer` with the whole answer when it ends normally.
+pub async fn respond_then(
+    prepared: Prepared,
+    kit: Arc<PromptKit>,
+    events: BoxStream<'static, GenerateEvent>,
+    on_answer: Option<OnAnswer>,
+) -> Response {
     let wants_logprobs = prepared.sampling.logprobs.is_some();
     let endpoint = prepared.endpoint;
     let meta = prepared.meta;
@@ -176,6 +205,7 @@ pub async fn respond(
         usage: tidelock_protocol::Usage::default(),
         logprobs: Vec::new(),
         chars_sent: 0,
+        remember: on_answer.map(|f| (Answer::default(), f)),
     };
     if !prepared.stream {
         return whole(&meta, endpoint, wants_logprobs, out).await;

@@ -1,0 +1,217 @@
+//! The turn memory on the default model's vocabulary (SmolLM2-135M-Instruct, Q4_1 GGUF, at
+//! `$TIDELOCK_MODEL` or `~/.cache/tidelock/models/`; `./scripts/test` fetches it): a session's
+//! next turn starts from the ids of its previous prompt and answer even when the answer's ids
+//! are not the tokenizer's own choice for its text, and falls back to tokenizing everything
+//! whenever the text does not continue what was remembered.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde_json::json;
+use tidelock_openai::{Answer, Continuation, Continuations, Endpoint, PromptText, parse};
+use tidelock_prompt::PromptKit;
+
+fn kit() -> &'static PromptKit {
+    static KIT: OnceLock<PromptKit> = OnceLock::new();
+    KIT.get_or_init(|| {
+        let path = std::env::var_os("TIDELOCK_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            });
+        assert!(
+            path.is_file(),
+            "the default model is missing at {}: run ./scripts/test",
+            path.display()
+        );
+        PromptKit::from_gguf_file(&path).expect("kit")
+    })
+}
+
+fn chat(messages: &[(&str, &str)]) -> tidelock_openai::Parsed {
+    let messages: Vec<_> = messages
+        .iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    let body = json!({"model": "m", "messages": messages});
+    parse(Endpoint::Chat, body.to_string().as_bytes()).expect("parse")
+}
+
+/// An answer whose ids spell `words` one piece at a time, split where the tokenizer would not:
+/// each word's first letter is its own token. Its text is exactly `words`.
+fn odd_answer(words: &str) -> Answer {
+    let kit = kit();
+    let mut ids = Vec::new();
+    for (i, word) in words.split(' ').enumerate() {
+        let word = if i == 0 {
+            word.to_owned()
+        } else {
+            format!(" {word}")
+        };
+        let cut = word
+            .char_indices()
+            .nth(if i == 0 { 1 } else { 2 })
+            .unwrap()
+            .0;
+        ids.extend(kit.encode(&word[..cut], false).unwrap());
+        ids.extend(kit.encode(&word[cut..], false).unwrap());
+    }
+    let answer = Answer {
+        text: kit.decode(&ids, false).unwrap(),
+        ids,
+    };
+    assert_eq!(answer.text, words);
+    answer
+}
+
+#[test]
+fn the_next_turn_starts_from_the_ids_the_worker_cached() {
+    let kit = kit();
+    let history = [("system", "You are terse."), ("user", "Name three rivers.")];
+    let first = chat(&history).prepare_after(kit, 8192, None).unwrap();
+    assert_eq!(first.continued, 0);
+    let answer = odd_answer("Nile, Amazon and Danube.");
+    let retokenized = kit.encode(&answer.text, false).unwrap();
+    assert_ne!(
+        retokenized, answer.ids,
+        "the answer's ids are not the tokenizer's"
+    );
+
+    let memory = first
+        .text
+        .clone()
+        .unwrap()
+        .then(first.tokens.clone(), &answer, kit)
+        .expect("remembered");
+    let second = chat(&[
+        history[0],
+        history[1],
+        ("assistant", &answer.text),
+        ("user", "And three lakes?"),
+    ]);
+    let without = second.prepare(kit, 8192).unwrap();
+    let with = second.prepare_after(kit, 8192, Some(&memory)).unwrap();
+
+    // With the memory: the previous prompt, then the answer's own ids, then the rest.
+    let head = first.tokens.len() + answer.ids.len();
+    assert_eq!(with.continued, head);
+    assert_eq!(with.tokens[..first.tokens.len()], first.tokens[..]);
+    assert_eq!(with.tokens[first.tokens.len()..head], answer.ids[..]);
+    // The same text either way; only the answer's tokenization differs.
+    assert_eq!(
+        kit.decode(&with.tokens, false).unwrap(),
+        kit.decode(&without.tokens, false).unwrap()
+    );
+    assert_eq!(without.tokens[..first.tokens.len()], first.tokens[..]);
+    assert_ne!(without.tokens[first.tokens.len()..head], answer.ids[..]);
+    assert_eq!(with.text, without.text);
+    println!(
+        "turn 2: {} tokens, {} from memory; re-tokenized, the cached prefix breaks at token {}",
+        with.tokens.len(),
+        with.continued,
+        first.tokens.len()
+            + without.tokens[first.tokens.len()..]
+                .iter()
+                .zip(&answer.ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+    );
+}
+
+#[test]
+fn a_history_that_does_not_continue_the_memory_is_tokenized_whole() {
+    let kit = kit();
+    let history = [("user", "Hello there.")];
+    let first = chat(&history).prepare_after(kit, 8192, None).unwrap();
+    let answer = odd_answer("General Kenobi.");
+    let memory = first
+        .text
+        .clone()
+        .unwrap()
+        .then(first.tokens.clone(), &answer, kit)
+        .unwrap();
+    // An edited answer, another first message, a shorter history, a completion's plain text.
+    let cases = [
+        chat(&[
+            history[0],
+            ("assistant", "General Kenobi!"),
+            ("user", "Hi."),
+        ]),
+        chat(&[("user", "Hello there!"), ("assistant", &answer.text)]),
+        chat(&[("user", "Hello")]),
+        parse(
+            Endpoint::Completion,
+            json!({"model": "m", "prompt": "Hello there. General Kenobi."})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap(),
+    ];
+    for parsed in cases {
+        let plain = parsed.prepare(kit, 8192).unwrap();
+        let after = parsed.prepare_after(kit, 8192, Some(&memory)).unwrap();
+        assert_eq!(after.continued, 0);
+        assert_eq!(after.tokens, plain.tokens);
+    }
+    // A prompt text that ends inside a multi-byte character of the remembered text.
+    let remembered = PromptText::new("caf\u{e9}")
+        .then(vec![1, 2], &Answer::default(), kit)
+        .unwrap();
+    assert_eq!(remembered.rest("caf\u{e9} au lait"), Some(" au lait"));
+    assert_eq!(remembered.rest("caf"), None);
+    assert_eq!(remembered.rest("cafe au lait"), None);
+}
+
+#[test]
+fn an_answer_whose_ids_do_not_spell_its_text_is_not_remembered() {
+    let kit = kit();
+    let im_end = kit.encode("<|im_end|>", false).unwrap();
+    assert_eq!(im_end.len(), 1);
+    // A control token inside the answer: the client was sent the text without it.
+    let mut ids = kit.encode("Yes", false).unwrap();
+    ids.extend(&im_end);
+    ids.extend(kit.encode(" no", false).unwrap());
+    let answer = Answer {
+        ids,
+        text: "Yes no".into(),
+    };
+    assert!(PromptText::new("q").then(vec![7], &answer, kit).is_none());
+    let fine = Answer {
+        ids: kit.encode("Yes no", false).unwrap(),
+        text: "Yes no".into(),
+    };
+    let memory = PromptText::new("q").then(vec![7], &fine, kit).unwrap();
+    assert_eq!(memory.ids()[0], 7);
+    assert_eq!(memory.rest("qYes no, maybe"), Some(", maybe"));
+}
+
+fn remembered(tokens: usize) -> Continuation {
+    PromptText::new("p")
+        .then(vec![0; tokens], &Answer::default(), kit())
+        .unwrap()
+}
+
+#[test]
+fn memory_is_bounded_by_tokens_least_recently_used_out() {
+    let memory = Continuations::new(100);
+    memory.put("a".into(), remembered(40));
+    memory.put("b".into(), remembered(40));
+    assert_eq!(memory.usage(), (2, 80));
+    // `a` used last: `b` goes first.
+    assert!(memory.get("a").is_some());
+    memory.put("c".into(), remembered(30));
+    assert_eq!(memory.usage(), (2, 70));
+    assert!(memory.get("b").is_none());
+    // Replacing a session's memory frees its old ids first.
+    memory.put("a".into(), remembered(60));
+    assert_eq!(memory.usage(), (2, 90));
+    // Longer than the whole budget: not kept, and the session's old memory is gone.
+    memory.put("c".into(), remembered(101));
+    assert_eq!(memory.usage(), (1, 60));
+    assert!(memory.get("c").is_none());
+    // Off.
+    let off = Continuations::new(0);
+    off.put("a".into(), remembered(1));
+    assert_eq!(off.usage(), (0, 0));
+}
