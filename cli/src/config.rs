@@ -55,7 +55,7 @@ pub(crate) struct SessionsArgs {
     pub(crate) sessions: usize,
 
     /// Turns per conversation.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 8)]
     pub(crate) turns: usize,
 
     /// Pause between an answer and the next turn, in milliseconds.
@@ -63,7 +63,7 @@ pub(crate) struct SessionsArgs {
     pub(crate) think_ms: u64,
 
     /// Words in each session's system prompt.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 1000)]
     pub(crate) system_words: usize,
 
     /// Share of the sessions (0 to 1) that open with one common system prompt.
@@ -75,7 +75,7 @@ pub(crate) struct SessionsArgs {
     pub(crate) message_words: usize,
 
     /// Tokens per answer at most.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 128)]
     pub(crate) max_tokens: u32,
 
     /// API keys of several tenants (comma-separated); sessions take them in turn. Default: the

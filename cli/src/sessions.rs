@@ -57,6 +57,9 @@ struct Summary {
     errors: usize,
     first_turn_hit_rate: f64,
     later_turn_hit_rate: f64,
+    /// The most later turns could find: each its session's previous prompt and answer (less the
+    /// answer's last token, never computed), over their prompt tokens.
+    later_turn_bound: f64,
     first_turn_ttft_p50_s: f64,
     first_turn_ttft_p90_s: f64,
     later_turn_ttft_p50_s: f64,
@@ -85,12 +88,26 @@ fn summarise(turns: &[Turn], sessions: usize, duration: Duration) -> Summary {
             .collect()
     };
     let (first, later) = (ttfts(true), ttfts(false));
+    let (mut reachable, mut prompt) = (0, 0);
+    for pair in ok.windows(2) {
+        let (before, turn) = (pair[0], pair[1]);
+        if turn.session == before.session && turn.turn == before.turn + 1 {
+            let had = before.outcome.prompt_tokens + before.outcome.completion_tokens;
+            reachable += had.saturating_sub(1).min(turn.outcome.prompt_tokens);
+            prompt += turn.outcome.prompt_tokens;
+        }
+    }
     Summary {
         sessions,
         turns: turns.len(),
         errors: turns.len() - ok.len(),
         first_turn_hit_rate: hit_rate(ok.iter().copied().filter(|t| t.turn == 1)),
         later_turn_hit_rate: hit_rate(ok.iter().copied().filter(|t| t.turn > 1)),
+        later_turn_bound: if prompt == 0 {
+            0.0
+        } else {
+            reachable as f64 / prompt as f64
+        },
         first_turn_ttft_p50_s: quantile(&first, 0.5),
         first_turn_ttft_p90_s: quantile(&first, 0.9),
         later_turn_ttft_p50_s: quantile(&later, 0.5),
@@ -217,6 +234,10 @@ async fn sessions(args: SessionsArgs) -> Result<usize, String> {
     println!(
         "| token hit rate, first turns / later turns | {:.3} / {:.3} |",
         summary.first_turn_hit_rate, summary.later_turn_hit_rate
+    );
+    println!(
+        "| later turns' bound (previous prompt + answer / prompt tokens) | {:.3} |",
+        summary.later_turn_bound
     );
     println!(
         "| TTFT first turns p50 / p90 | {} / {} |",
