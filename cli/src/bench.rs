@@ -231,6 +231,15 @@ pub(crate) fn summarise(outcomes: &[Outcome], duration: Duration, ideal: f64) ->
     }
 }
 
+/// Distinct hash ids (blocks) in `trace`.
+pub(crate) fn unique_blocks(trace: &[TraceRequest]) -> u64 {
+    let ids: std::collections::HashSet<u64> = trace
+        .iter()
+        .flat_map(|r| r.hash_ids.iter().copied())
+        .collect();
+    ids.len() as u64
+}
+
 /// Max over mean of `loads` (0 when empty or all zero).
 pub(crate) fn imbalance(loads: &[u64]) -> f64 {
     let total: u64 = loads.iter().sum();
@@ -242,7 +251,7 @@ pub(crate) fn imbalance(loads: &[u64]) -> f64 {
 }
 
 /// Each worker's `tidelock_worker_prefill_tokens_total`.
-async fn prefill_counters(workers: &[String]) -> Result<Vec<u64>, String> {
+pub(crate) async fn prefill_counters(workers: &[String]) -> Result<Vec<u64>, String> {
     const NAME: &str = "tidelock_worker_prefill_tokens_total";
     let mut out = Vec::with_capacity(workers.len());
     for base in workers {
@@ -329,8 +338,8 @@ pub(crate) async fn stream(
 
 pub(crate) async fn run(args: TraceArgs) -> ExitCode {
     match replay(&args).await {
-        Ok(summary) if summary.errors == 0 || args.allow_errors => ExitCode::SUCCESS,
-        Ok(summary) => {
+        Ok((summary, _)) if summary.errors == 0 || args.allow_errors => ExitCode::SUCCESS,
+        Ok((summary, _)) => {
             eprintln!(
                 "tidelock bench trace: {} of {} requests failed (see --out for each error)",
                 summary.errors, summary.requests
@@ -344,7 +353,7 @@ pub(crate) async fn run(args: TraceArgs) -> ExitCode {
     }
 }
 
-async fn replay(args: &TraceArgs) -> Result<Summary, String> {
+pub(crate) async fn replay(args: &TraceArgs) -> Result<(Summary, Vec<Outcome>), String> {
     if args.time_scale.is_nan() || args.time_scale <= 0.0 {
         return Err(format!(
             "--time-scale must be above 0, got {}",
@@ -449,7 +458,7 @@ async fn replay(args: &TraceArgs) -> Result<Summary, String> {
         .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
-    Ok(summary)
+    Ok((summary, outcomes))
 }
 
 /// Milliseconds, for tables.

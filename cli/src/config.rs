@@ -43,9 +43,85 @@ pub(crate) enum BenchCommand {
     /// Multi-turn sessions: K conversations at once, each turn resending the history and a new
     /// message after a think time; prints the hit rate of first and later turns and their TTFT.
     Sessions(SessionsArgs),
+    /// One workload against each of our policies and against sglang-router and vllm-router,
+    /// all fronting the same simulated workers (started afresh for each): one table, JSON and
+    /// PNG charts. The workload's --url and --api-key are the harness's own.
+    Compare(CompareArgs),
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct CompareArgs {
+    /// Routers and policies, as ROUTER:POLICY (ROUTER: ours, sglang or vllm), comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ours:ttft,ours:prefix_only,ours:session_hash,ours:least_loaded,ours:round_robin,sglang:cache_aware,sglang:round_robin,vllm:cache_aware,vllm:consistent_hash"
+    )]
+    pub(crate) targets: Vec<String>,
+
+    /// Simulated workers.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) workers: usize,
+
+    /// KV cache per worker; set the total below the workload's working set so routing matters
+    /// (the run prints what fraction of the trace's unique blocks the workers hold).
+    #[arg(long, default_value = "60GiB")]
+    pub(crate) kv_cache: String,
+
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) block_tokens: u32,
+
+    /// The workers' longest context (a trace's prompts can exceed the model's own).
+    #[arg(long, default_value_t = 200_000)]
+    pub(crate) max_context: u64,
+
+    /// Simulated prefill speed, tokens per second (0: free).
+    #[arg(long, default_value_t = 100_000.0)]
+    pub(crate) sim_prefill_tokens_per_s: f64,
+
+    /// Simulated fixed cost of each engine step, milliseconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) sim_step_ms: f64,
+
+    /// Simulated decode cost per running sequence and step, milliseconds.
+    #[arg(long, default_value_t = 0.2)]
+    pub(crate) sim_decode_ms_per_sequence: f64,
+
+    /// Tenants (API keys) the router knows; the sessions workload spreads sessions over them.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) tenants: usize,
+
+    /// Python with sglang-router and vllm-router installed (see bench/README.md).
+    #[arg(long, env = "TIDELOCK_PEERS_PYTHON")]
+    pub(crate) peers_python: Option<PathBuf>,
+
+    /// The model file the workers load (its tokenizer; the simulator runs no weights). Default:
+    /// the default model in the cache.
+    #[arg(long)]
+    pub(crate) model_file: Option<PathBuf>,
+
+    /// Seconds each part has to become ready.
+    #[arg(long, default_value_t = 120)]
+    pub(crate) start_timeout_secs: u64,
+
+    /// Folder for the table's JSON, the charts, each target's own JSON and every log.
+    #[arg(long, default_value = "bench-compare")]
+    pub(crate) out: PathBuf,
+
+    #[command(subcommand)]
+    pub(crate) workload: Workload,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Workload {
+    /// Replay a Mooncake trace (the options of `tidelock bench trace`).
+    Trace(TraceArgs),
+    /// Multi-turn sessions (the options of `tidelock bench sessions`).
+    Sessions(SessionsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
 pub(crate) struct SessionsArgs {
     #[command(flatten)]
     pub(crate) endpoint: EndpointArgs,
@@ -88,7 +164,7 @@ pub(crate) struct SessionsArgs {
     pub(crate) out: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct TraceArgs {
     /// The trace file.
     #[arg(long)]
@@ -140,7 +216,7 @@ impl TraceArgs {
 }
 
 /// An OpenAI-compatible endpoint to talk to, and who we are there.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct EndpointArgs {
     /// The endpoint's base URL (plain HTTP).
     #[arg(long, env = "TIDELOCK_URL", default_value = "http://127.0.0.1:8000/v1")]
@@ -148,7 +224,7 @@ pub(crate) struct EndpointArgs {
 
     /// API key. Default: `$OPENAI_API_KEY`, else the local cluster's key from the cache.
     #[arg(long, env = "TIDELOCK_API_KEY")]
-    api_key: Option<String>,
+    pub(crate) api_key: Option<String>,
 
     /// Model. Default: the first one the endpoint lists.
     #[arg(long)]
@@ -160,6 +236,11 @@ pub(crate) struct EndpointArgs {
 }
 
 impl EndpointArgs {
+    /// The cache directory (given, else the default).
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        cache_dir(self.cache_dir.as_ref())
+    }
+
     /// The key given, else `$OPENAI_API_KEY`, else the local cluster's from the cache.
     pub(crate) fn api_key(&self) -> Option<String> {
         self.api_key

@@ -7,7 +7,9 @@
 //! - `tidelock bench sessions`: concurrent multi-turn conversations (`sessions.rs`).
 
 mod bench;
+mod chart;
 mod chat;
+mod compare;
 mod config;
 mod http;
 mod sessions;
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
             config::Command::Bench(args) => match args.command {
                 config::BenchCommand::Trace(args) => bench::run(args).await,
                 config::BenchCommand::Sessions(args) => sessions::run(args).await,
+                config::BenchCommand::Compare(args) => compare::run(args).await,
             },
         }
     })

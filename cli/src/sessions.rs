@@ -41,25 +41,25 @@ fn words(n: usize, seed: u64) -> String {
 
 /// One turn's numbers.
 #[derive(Debug, Clone, Serialize)]
-struct Turn {
+pub(crate) struct Turn {
     session: usize,
-    turn: usize,
+    pub(crate) turn: usize,
     tenant: usize,
     shared_system: bool,
     #[serde(flatten)]
-    outcome: Outcome,
+    pub(crate) outcome: Outcome,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-struct Summary {
+pub(crate) struct Summary {
     sessions: usize,
     turns: usize,
-    errors: usize,
+    pub(crate) errors: usize,
     first_turn_hit_rate: f64,
-    later_turn_hit_rate: f64,
+    pub(crate) later_turn_hit_rate: f64,
     /// The most later turns could find: each its session's previous prompt and answer (less the
     /// answer's last token, never computed), over their prompt tokens.
-    later_turn_bound: f64,
+    pub(crate) later_turn_bound: f64,
     first_turn_ttft_p50_s: f64,
     first_turn_ttft_p90_s: f64,
     later_turn_ttft_p50_s: f64,
@@ -167,9 +167,12 @@ async fn session(
 
 pub(crate) async fn run(args: SessionsArgs) -> ExitCode {
     match sessions(args).await {
-        Ok(0) => ExitCode::SUCCESS,
-        Ok(errors) => {
-            eprintln!("tidelock bench sessions: {errors} turns failed (see --out for each error)");
+        Ok((summary, _)) if summary.errors == 0 => ExitCode::SUCCESS,
+        Ok((summary, _)) => {
+            eprintln!(
+                "tidelock bench sessions: {} turns failed (see --out for each error)",
+                summary.errors
+            );
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -179,7 +182,7 @@ pub(crate) async fn run(args: SessionsArgs) -> ExitCode {
     }
 }
 
-async fn sessions(args: SessionsArgs) -> Result<usize, String> {
+pub(crate) async fn sessions(args: SessionsArgs) -> Result<(Summary, Vec<Turn>), String> {
     if args.sessions == 0 || args.turns == 0 || !(0.0..=1.0).contains(&args.shared) {
         return Err("--sessions and --turns must be at least 1, --shared within 0..1".into());
     }
@@ -259,7 +262,7 @@ async fn sessions(args: SessionsArgs) -> Result<usize, String> {
         .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
-    Ok(summary.errors)
+    Ok((summary, turns))
 }
 
 #[cfg(test)]

@@ -41,11 +41,11 @@ const LOCAL_TENANT: &str = "local";
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
 /// One child process of the cluster.
-struct Part {
-    name: String,
-    port: u16,
-    child: Child,
-    log: PathBuf,
+pub(crate) struct Part {
+    pub(crate) name: String,
+    pub(crate) port: u16,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
     program: PathBuf,
     args: Vec<String>,
     /// A shard of a group (not its coordinator): restarted when it dies, up to
@@ -58,16 +58,40 @@ struct Part {
 }
 
 impl Part {
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// Starts a part; its log is `<logs>/<name>.log`, continued when `append` (a restart),
     /// else started afresh.
-    fn spawn(
+    pub(crate) fn spawn(
         name: &str,
         program: &Path,
         args: &[String],
+        port: u16,
+        logs: &Path,
+        append: bool,
+    ) -> Result<Part, String> {
+        Self::start(name, program, args, &[], port, logs, append)
+    }
+
+    /// [`Part::spawn`] afresh, with `env` added to the environment.
+    pub(crate) fn spawn_with(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        port: u16,
+        logs: &Path,
+    ) -> Result<Part, String> {
+        Self::start(name, program, args, env, port, logs, false)
+    }
+
+    fn start(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
         port: u16,
         logs: &Path,
         append: bool,
@@ -86,6 +110,7 @@ impl Part {
         // Error messages, not backtraces, end a part's log: up shows that end when it fails.
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("RUST_BACKTRACE")
             .env_remove("RUST_LIB_BACKTRACE")
             .stdin(Stdio::null())
@@ -117,7 +142,7 @@ impl Part {
     }
 
     /// The last lines of the part's log, indented, for error messages.
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..]
@@ -127,7 +152,7 @@ impl Part {
     }
 
     /// Sends SIGTERM, waits up to [`GRACE`], then kills.
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
@@ -399,7 +424,7 @@ async fn start(
 
 /// Polls every part's readiness probe until all answer 200; reports each as it becomes ready
 /// and the wait every few seconds. Fails with the part's log when it exits, or at `deadline`.
-async fn wait_ready(
+pub(crate) async fn wait_ready(
     parts: &mut [Part],
     path: &str,
     deadline: Instant,
@@ -582,7 +607,7 @@ fn local_tenant(cache: &Path, run_dir: &Path) -> Result<(PathBuf, String), Strin
     Ok((path, key))
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -605,7 +630,7 @@ fn lock(run_dir: &Path) -> Result<File, Option<String>> {
 }
 
 /// A binary installed next to this one (`cargo build --release` puts them together).
-fn sibling(name: &str) -> Result<PathBuf, String> {
+pub(crate) fn sibling(name: &str) -> Result<PathBuf, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find my own path: {e}"))?;
     let path = me.with_file_name(name);
     if path.is_file() {
@@ -618,7 +643,7 @@ fn sibling(name: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -1,0 +1,742 @@
+//! `tidelock bench compare`: one workload against each of our placement policies and against
+//! the peers' routers (sglang-router, vllm-router), all fronting the same simulated workers.
+//!
+//! For every target (`ROUTER:POLICY`) in turn:
+//! 1. the workers are started afresh (`tidelock-worker --engine sim`, same ports, same KV size and
+//!    timing model every time), so each router meets cold, identical caches;
+//! 2. the router is started in front of them and polled until it serves (`/readyz` for ours; for
+//!    the peers, `/workers` listing every worker healthy);
+//! 3. the workload runs through it: `bench trace` or `bench sessions`, the same code as those
+//!    commands, with the workers' prefill counters read before and after (load imbalance);
+//! 4. the router gets SIGTERM (a kill after a grace period), and its port is checked to be free
+//!    again before anything else starts; then the workers are stopped.
+//!
+//! Then one table, `compare.json` (every row and the run's settings), `ttft_cdf.png` and
+//! `hit_rate.png` in `--out`; each target's own JSON (every request) and every process's log
+//! are there too. The peers run from a Python with `sglang-router` and `vllm-router` installed
+//! (`--peers-python`), with the Hugging Face hub pointed at a closed loopback port and offline:
+//! at registration sglang-router tries to fetch a tokenizer named after the workers' model, and
+//! that attempt must stay on this machine.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tidelock_protocol::TenantRecord;
+
+use crate::bench::{self, Outcome};
+use crate::chart::{self, Series};
+use crate::config::{CompareArgs, DEFAULT_MODEL_FILE, Workload};
+use crate::http::Api;
+use crate::sessions;
+use crate::up::{Part, free_port, sibling, wait_ready, write_private};
+
+/// The peers' environment: the Hugging Face hub at a closed loopback port, and offline.
+const PEER_ENV: [(&str, &str); 2] = [
+    ("HF_ENDPOINT", "http://127.0.0.1:9"),
+    ("HF_HUB_OFFLINE", "1"),
+];
+
+/// A router and one of its policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    router: Router,
+    policy: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Router {
+    Ours,
+    Sglang,
+    Vllm,
+}
+
+impl Target {
+    fn parse(spec: &str) -> Result<Self, String> {
+        let (router, policy) = spec
+            .split_once(':')
+            .filter(|(_, p)| !p.is_empty())
+            .ok_or_else(|| format!("--targets: `{spec}` is not ROUTER:POLICY"))?;
+        let router = match router {
+            "ours" => Router::Ours,
+            "sglang" => Router::Sglang,
+            "vllm" => Router::Vllm,
+            other => {
+                return Err(format!(
+                    "--targets: unknown router `{other}` in `{spec}` (ours, sglang or vllm)"
+                ));
+            }
+        };
+        Ok(Target {
+            router,
+            policy: policy.to_owned(),
+        })
+    }
+
+    fn label(&self) -> String {
+        let router = match self.router {
+            Router::Ours => "ours",
+            Router::Sglang => "sglang",
+            Router::Vllm => "vllm",
+        };
+        format!("{router}:{}", self.policy)
+    }
+
+    /// Program and arguments that start this router on `port` in front of `workers`.
+    fn command(
+        &self,
+        router_bin: &Path,
+        python: &Path,
+        port: u16,
+        workers: &[String],
+        tenants: &Path,
+    ) -> (PathBuf, Vec<String>) {
+        let listen = format!("127.0.0.1:{port}");
+        match self.router {
+            Router::Ours => (
+                router_bin.to_owned(),
+                vec![
+                    "--listen".into(),
+                    listen,
+                    "--worker".into(),
+                    workers.join(","),
+                    "--tenants-file".into(),
+                    tenants.display().to_string(),
+                    "--policy".into(),
+                    self.policy.clone(),
+                ],
+            ),
+            Router::Sglang | Router::Vllm => {
+                let module = if self.router == Router::Sglang {
+                    "sglang_router.launch_router"
+                } else {
+                    "vllm_router.launch_router"
+                };
+                let mut args = vec![
+                    "-m".into(),
+                    module.into(),
+                    "--host".into(),
+                    "127.0.0.1".into(),
+                    "--port".into(),
+                    port.to_string(),
+                    "--policy".into(),
+                    self.policy.clone(),
+                    "--worker-urls".into(),
+                ];
+                args.extend(workers.iter().cloned());
+                (python.to_owned(), args)
+            }
+        }
+    }
+
+    /// Whether the router serves: ours is ready; a peer lists every worker as healthy.
+    async fn ready(&self, port: u16, workers: &[String]) -> bool {
+        let Ok(api) = Api::new(&format!("http://127.0.0.1:{port}"), None) else {
+            return false;
+        };
+        if self.router == Router::Ours {
+            return api.get_text("/readyz").await.is_ok();
+        }
+        let Ok(listed) = api.get_json("/workers").await else {
+            return false;
+        };
+        let healthy: Vec<&str> = listed["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| w["is_healthy"].as_bool().unwrap_or(true))
+            .filter_map(|w| w["url"].as_str())
+            .collect();
+        workers.iter().all(|w| healthy.contains(&w.as_str()))
+    }
+}
+
+/// One target's row of the table.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    target: String,
+    /// Token hit rate: of every request (trace), of later turns (sessions).
+    hit_rate: f64,
+    ttft_p50_s: f64,
+    ttft_p90_s: f64,
+    ttft_p99_s: f64,
+    tpot_p50_s: f64,
+    output_tokens_per_s: f64,
+    requests: usize,
+    errors: usize,
+    /// Max over mean of the tokens each worker prefilled.
+    imbalance: f64,
+    prefill_tokens_per_worker: Vec<u64>,
+    /// The router stopped on SIGTERM (not killed), and its port was free afterwards.
+    stopped_cleanly: bool,
+    #[serde(skip)]
+    ttfts_s: Vec<f64>,
+}
+
+pub(crate) async fn run(args: CompareArgs) -> ExitCode {
+    match compare(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidelock bench compare: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The tenants file (one tenant per key) and the keys.
+fn tenants(dir: &Path, n: usize) -> Result<(PathBuf, Vec<String>), String> {
+    let keys: Vec<String> = (0..n.max(1))
+        .map(|_| format!("sk-bench-{:032x}", rand::random::<u128>()))
+        .collect();
+    let records: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let record = TenantRecord {
+                key_hashes: vec![TenantRecord::hash_api_key(key)],
+                ..TenantRecord::default()
+            };
+            Ok((
+                format!("bench-{i}"),
+                serde_json::to_value(record).map_err(|e| e.to_string())?,
+            ))
+        })
+        .collect::<Result<_, String>>()?;
+    let path = dir.join("tenants.json");
+    write_private(&path, &serde_json::Value::Object(records).to_string())?;
+    Ok((path, keys))
+}
+
+/// Checks that `python` can run both peers; says how to install them if not.
+async fn check_peers(python: &Path) -> Result<(), String> {
+    let probe = tokio::process::Command::new(python)
+        .args(["-c", "import sglang_router, vllm_router"])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if probe.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} cannot import sglang_router and vllm_router ({}); install them as bench/README.md \
+         says (a venv with `pip install sglang-router==0.3.2 vllm-router==0.1.17`), pass \
+         --peers-python, or leave the peers out of --targets",
+        python.display(),
+        String::from_utf8_lossy(&probe.stderr).trim()
+    ))
+}
+
+async fn compare(args: CompareArgs) -> Result<(), String> {
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| Target::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    if targets.is_empty() || args.workers == 0 {
+        return Err("give at least one target and one worker".into());
+    }
+    let (worker_bin, router_bin) = (sibling("tidelock-worker")?, sibling("tidelock-router")?);
+    let cache = match &args.workload {
+        Workload::Trace(t) => t.endpoint.cache_dir(),
+        Workload::Sessions(s) => s.endpoint.cache_dir(),
+    };
+    let python = args
+        .peers_python
+        .clone()
+        .unwrap_or_else(|| cache.join("router-bench-venv/bin/python"));
+    if targets.iter().any(|t| t.router != Router::Ours) {
+        check_peers(&python).await?;
+    }
+    let model = args
+        .model_file
+        .clone()
+        .unwrap_or_else(|| cache.join("models").join(DEFAULT_MODEL_FILE));
+    if !model.is_file() {
+        return Err(format!(
+            "{} is missing: pass --model-file, or run ./scripts/up once (it fetches the default model)",
+            model.display()
+        ));
+    }
+    let served = model
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let (tenants_file, keys) = tenants(&args.out, args.tenants)?;
+    let worker_ports = (0..args.workers)
+        .map(|_| free_port())
+        .collect::<Result<Vec<u16>, String>>()?;
+    let worker_urls: Vec<String> = worker_ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let router_port = free_port()?;
+    let ideal = match &args.workload {
+        Workload::Trace(t) => {
+            let trace = bench::read_trace(&t.trace)?;
+            let n = t.limit.unwrap_or(trace.len()).min(trace.len());
+            Some(bench::ideal_hit_rate(&trace[..n]))
+        }
+        Workload::Sessions(_) => None,
+    };
+    let mut rows = Vec::new();
+    let mut bound = None;
+    for (n, target) in targets.iter().enumerate() {
+        let label = target.label();
+        eprintln!("\n[{}/{}] {label}", n + 1, targets.len());
+        let logs = args.out.join("logs").join(label.replace(':', "-"));
+        std::fs::create_dir_all(&logs)
+            .map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
+        let mut workers = Vec::new();
+        for (i, &port) in worker_ports.iter().enumerate() {
+            let worker_args = vec![
+                "--model".into(),
+                model.display().to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--engine".into(),
+                "sim".into(),
+                "--kv-cache".into(),
+                args.kv_cache.clone(),
+                "--block-tokens".into(),
+                args.block_tokens.to_string(),
+                "--served-model-name".into(),
+                served.clone(),
+                "--max-context".into(),
+                args.max_context.to_string(),
+                "--sim-prefill-tokens-per-s".into(),
+                args.sim_prefill_tokens_per_s.to_string(),
+                "--sim-step-ms".into(),
+                args.sim_step_ms.to_string(),
+                "--sim-decode-ms-per-sequence".into(),
+                args.sim_decode_ms_per_sequence.to_string(),
+            ];
+            let name = format!("worker-{i}");
+            workers.push(Part::spawn(
+                &name,
+                &worker_bin,
+                &worker_args,
+                port,
+                &logs,
+                false,
+            )?);
+        }
+        let result = async {
+            wait_ready(&mut workers, "/readyz", deadline, "starting the workers").await?;
+            if n == 0 {
+                describe_capacity(&args, &worker_urls[0]).await?;
+            }
+            let (program, router_args) = target.command(
+                &router_bin,
+                &python,
+                router_port,
+                &worker_urls,
+                &tenants_file,
+            );
+            let env: &[(&str, &str)] = match target.router {
+                Router::Ours => &[],
+                // Keeps the peers' tokenizer fetch on this machine (see the module docs).
+                Router::Sglang | Router::Vllm => &PEER_ENV,
+            };
+            let mut router =
+                Part::spawn_with(&label, &program, &router_args, env, router_port, &logs)?;
+            let outcome = async {
+                wait_serving(target, &mut router, &worker_urls, deadline).await?;
+                run_workload(&args, target, router_port, &keys, &served, &worker_urls).await
+            }
+            .await;
+            let stopped = stop_router(&mut router).await;
+            let (row, workload_bound) = outcome?;
+            Ok::<_, String>((
+                Row {
+                    stopped_cleanly: stopped?,
+                    ..row
+                },
+                workload_bound,
+            ))
+        }
+        .await;
+        for w in workers.iter_mut().rev() {
+            w.stop().await;
+        }
+        let (row, workload_bound) = result?;
+        bound = bound.or(workload_bound);
+        eprintln!(
+            "  {label}: hit rate {:.3}, TTFT p90 {}, errors {}",
+            row.hit_rate,
+            bench::ms(row.ttft_p90_s),
+            row.errors
+        );
+        rows.push(row);
+    }
+    report(&args, &rows, ideal.or(bound))
+}
+
+/// Prints what the workers hold against the trace's unique blocks.
+async fn describe_capacity(args: &CompareArgs, worker: &str) -> Result<(), String> {
+    let info = Api::new(worker, None)?.get_json("/v1/info").await?;
+    let blocks = info["kv_capacity_blocks"].as_u64().unwrap_or(0);
+    let tokens = blocks * u64::from(args.block_tokens) * args.workers as u64;
+    match &args.workload {
+        Workload::Trace(t) => {
+            let trace = bench::read_trace(&t.trace)?;
+            let trace = &trace[..t.limit.unwrap_or(trace.len()).min(trace.len())];
+            let unique = bench::unique_blocks(trace) * bench::TRACE_BLOCK as u64;
+            eprintln!(
+                "  the {} workers hold {tokens} tokens: {:.2} of the trace's {unique} tokens in unique blocks",
+                args.workers,
+                tokens as f64 / unique.max(1) as f64
+            );
+        }
+        Workload::Sessions(_) => {
+            eprintln!("  the {} workers hold {tokens} tokens", args.workers)
+        }
+    }
+    Ok(())
+}
+
+/// Polls until the router serves; fails with its log when it exits or at `deadline`.
+async fn wait_serving(
+    target: &Target,
+    router: &mut Part,
+    workers: &[String],
+    deadline: Instant,
+) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = router.child.try_wait() {
+            return Err(format!(
+                "{} exited ({status}) while starting; the end of its log ({}):\n{}",
+                router.name,
+                router.log.display(),
+                router.log_tail(15)
+            ));
+        }
+        if target.ready(router.port, workers).await {
+            eprintln!(
+                "  {} serving after {:.1} s",
+                router.name,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} not serving in time (--start-timeout-secs); its log: {}",
+                router.name,
+                router.log.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGTERM (a kill after the grace period), then checks the port is free. `Ok(false)` when it
+/// had to be killed.
+async fn stop_router(router: &mut Part) -> Result<bool, String> {
+    let started = Instant::now();
+    router.stop().await;
+    let clean = router.child.try_wait().ok().flatten().is_some_and(|s| {
+        use std::os::unix::process::ExitStatusExt;
+        s.code().is_some() || s.signal() == Some(nix::sys::signal::Signal::SIGTERM as i32)
+    });
+    // The port must be free before the next router takes it.
+    let until = Instant::now() + Duration::from_secs(10);
+    while TcpListener::bind(("127.0.0.1", router.port)).is_err() {
+        if Instant::now() > until {
+            return Err(format!(
+                "{} stopped, but port {} is still taken 10 s later",
+                router.name, router.port
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "  {} stopped in {:.1} s{}; port {} free",
+        router.name,
+        started.elapsed().as_secs_f64(),
+        if clean { "" } else { " (killed)" },
+        router.port
+    );
+    Ok(clean)
+}
+
+/// Runs the workload through the router on `port`; the row (without the stop's outcome) and,
+/// for sessions, the later turns' bound.
+async fn run_workload(
+    args: &CompareArgs,
+    target: &Target,
+    port: u16,
+    keys: &[String],
+    served: &str,
+    workers: &[String],
+) -> Result<(Row, Option<f64>), String> {
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let out = args
+        .out
+        .join(format!("{}.json", target.label().replace(':', "-")));
+    let before = bench::prefill_counters(workers).await?;
+    let (outcomes, hit_rate, bound): (Vec<Outcome>, Option<f64>, Option<f64>) = match &args.workload
+    {
+        Workload::Trace(t) => {
+            let mut t = t.clone();
+            t.endpoint.url = url;
+            t.endpoint.api_key = Some(keys[0].clone());
+            t.endpoint.model = Some(served.to_owned());
+            t.workers = Vec::new();
+            t.out = Some(out);
+            let (_, outcomes) = bench::replay(&t).await?;
+            (outcomes, None, None)
+        }
+        Workload::Sessions(s) => {
+            let mut s = s.clone();
+            s.endpoint.url = url;
+            s.endpoint.api_key = Some(keys[0].clone());
+            s.endpoint.model = Some(served.to_owned());
+            s.api_keys = keys.to_vec();
+            s.out = Some(out);
+            let (summary, turns) = sessions::sessions(s).await?;
+            (
+                turns.into_iter().map(|t| t.outcome).collect(),
+                Some(summary.later_turn_hit_rate),
+                Some(summary.later_turn_bound),
+            )
+        }
+    };
+    let after = bench::prefill_counters(workers).await?;
+    let per_worker: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let duration = outcomes
+        .iter()
+        .map(|o| o.sent_at_s + o.latency_s)
+        .fold(0.0, f64::max);
+    let summary = bench::summarise(&outcomes, Duration::from_secs_f64(duration), 0.0);
+    Ok((
+        Row {
+            target: target.label(),
+            hit_rate: hit_rate.unwrap_or(summary.hit_rate),
+            ttft_p50_s: summary.ttft_p50_s,
+            ttft_p90_s: summary.ttft_p90_s,
+            ttft_p99_s: summary.ttft_p99_s,
+            tpot_p50_s: summary.tpot_p50_s,
+            output_tokens_per_s: summary.output_tokens_per_s,
+            requests: summary.requests,
+            errors: summary.errors,
+            imbalance: bench::imbalance(&per_worker),
+            prefill_tokens_per_worker: per_worker,
+            stopped_cleanly: false,
+            ttfts_s: outcomes
+                .iter()
+                .filter(|o| o.error.is_none())
+                .filter_map(|o| o.ttft_s)
+                .collect(),
+        },
+        bound,
+    ))
+}
+
+/// The goals of issue #8 for the default policy, checked against this run's rows.
+fn goals(rows: &[Row], ideal: Option<f64>, trace: bool) -> Vec<(String, bool)> {
+    let Some(ours) = rows.iter().find(|r| r.target == "ours:ttft") else {
+        return Vec::new();
+    };
+    let peers: Vec<&Row> = rows
+        .iter()
+        .filter(|r| !r.target.starts_with("ours:"))
+        .collect();
+    let mut out = Vec::new();
+    if trace {
+        if let Some(ideal) = ideal {
+            out.push((
+                format!(
+                    "hit rate {:.3} >= 0.9 x the trace's own {ideal:.3} = {:.3}",
+                    ours.hit_rate,
+                    0.9 * ideal
+                ),
+                ours.hit_rate >= 0.9 * ideal,
+            ));
+        }
+        for p in &peers {
+            out.push((
+                format!(
+                    "hit rate {:.3} >= {}'s {:.3}",
+                    ours.hit_rate, p.target, p.hit_rate
+                ),
+                ours.hit_rate >= p.hit_rate,
+            ));
+            out.push((
+                format!(
+                    "TTFT p90 {} <= {}'s {}",
+                    bench::ms(ours.ttft_p90_s),
+                    p.target,
+                    bench::ms(p.ttft_p90_s)
+                ),
+                ours.ttft_p90_s <= p.ttft_p90_s,
+            ));
+        }
+        out.push((
+            format!("load imbalance {:.2} <= 1.3", ours.imbalance),
+            ours.imbalance <= 1.3,
+        ));
+    } else {
+        out.push((
+            format!("later turns' hit rate {:.3} >= 0.95", ours.hit_rate),
+            ours.hit_rate >= 0.95,
+        ));
+    }
+    out
+}
+
+fn report(args: &CompareArgs, rows: &[Row], reference: Option<f64>) -> Result<(), String> {
+    let trace = matches!(args.workload, Workload::Trace(_));
+    let what = if trace {
+        "token hit rate"
+    } else {
+        "later turns' hit rate"
+    };
+    println!();
+    println!(
+        "| router:policy | {what} | TTFT p50 / p90 / p99 | TPOT p50 | output tok/s | imbalance | errors | stopped |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.3} | {} / {} / {} | {} | {:.1} | {:.2} | {} of {} | {} |",
+            r.target,
+            r.hit_rate,
+            bench::ms(r.ttft_p50_s),
+            bench::ms(r.ttft_p90_s),
+            bench::ms(r.ttft_p99_s),
+            bench::ms(r.tpot_p50_s),
+            r.output_tokens_per_s,
+            r.imbalance,
+            r.errors,
+            r.requests,
+            if r.stopped_cleanly {
+                "SIGTERM, port free"
+            } else {
+                "killed, port free"
+            }
+        );
+    }
+    let reference_name = if trace {
+        "the trace's hit rate with an unlimited cache"
+    } else {
+        "later turns' bound (previous prompt + answer)"
+    };
+    if let Some(x) = reference {
+        println!("\n{reference_name}: {x:.3}");
+    }
+    let checks = goals(rows, reference, trace);
+    if !checks.is_empty() {
+        println!("\ngoals for ours:ttft (issue #8):");
+        for (what, ok) in &checks {
+            println!("  [{}] {what}", if *ok { "met" } else { "NOT met" });
+        }
+    }
+    let json = serde_json::json!({
+        "workload": if trace { "trace" } else { "sessions" },
+        "workers": args.workers,
+        "kv_cache_per_worker": args.kv_cache,
+        "block_tokens": args.block_tokens,
+        "sim_prefill_tokens_per_s": args.sim_prefill_tokens_per_s,
+        "sim_step_ms": args.sim_step_ms,
+        "sim_decode_ms_per_sequence": args.sim_decode_ms_per_sequence,
+        "reference_hit_rate": reference,
+        "rows": rows,
+        "goals": checks.iter().map(|(w, ok)| serde_json::json!({"goal": w, "met": ok})).collect::<Vec<_>>(),
+    });
+    let path = args.out.join("compare.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let series: Vec<Series> = rows
+        .iter()
+        .map(|r| Series {
+            label: r.target.clone(),
+            ttfts_s: r.ttfts_s.clone(),
+            hit_rate: r.hit_rate,
+        })
+        .collect();
+    let title = if trace {
+        "trace"
+    } else {
+        "multi-turn sessions"
+    };
+    let cdf = args.out.join("ttft_cdf.png");
+    chart::ttft_cdf(&cdf, &format!("TTFT, {title}"), &series)?;
+    let bars = args.out.join("hit_rate.png");
+    let mut lines = Vec::new();
+    if let Some(x) = reference {
+        if trace {
+            lines.push(("goal: 0.9 x the trace's own".to_owned(), 0.9 * x));
+            lines.push(("the trace's own (unlimited cache)".to_owned(), x));
+        } else {
+            lines.push(("goal".to_owned(), 0.95));
+            lines.push(("bound: previous prompt + answer".to_owned(), x));
+        }
+    }
+    chart::hit_rates(&bars, &format!("{what}, {title}"), &series, &lines)?;
+    println!(
+        "\nwrote {}, {} and {}",
+        path.display(),
+        cdf.display(),
+        bars.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_name_themselves() {
+        let t = Target::parse("sglang:cache_aware").unwrap();
+        assert_eq!(t.router, Router::Sglang);
+        assert_eq!(t.label(), "sglang:cache_aware");
+        assert!(Target::parse("nginx:round_robin").is_err());
+        assert!(Target::parse("ours").is_err());
+        assert!(Target::parse("ours:").is_err());
+    }
+
+    fn row(target: &str, hit: f64, p90: f64, imbalance: f64) -> Row {
+        Row {
+            target: target.into(),
+            hit_rate: hit,
+            ttft_p50_s: 0.0,
+            ttft_p90_s: p90,
+            ttft_p99_s: 0.0,
+            tpot_p50_s: 0.0,
+            output_tokens_per_s: 0.0,
+            requests: 1,
+            errors: 0,
+            imbalance,
+            prefill_tokens_per_worker: Vec::new(),
+            stopped_cleanly: true,
+            ttfts_s: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn goals_compare_the_default_policy_with_every_peer() {
+        let rows = [
+            row("ours:ttft", 0.6, 0.5, 1.2),
+            row("ours:round_robin", 0.1, 0.1, 1.0),
+            row("sglang:cache_aware", 0.55, 0.4, 1.5),
+        ];
+        let checks = goals(&rows, Some(0.65), true);
+        let met: Vec<bool> = checks.iter().map(|(_, ok)| *ok).collect();
+        // 0.6 >= 0.585; 0.6 >= 0.55; p90 0.5 > 0.4; imbalance 1.2 <= 1.3. Our other
+        // policies are not peers.
+        assert_eq!(met, [true, true, false, true], "{checks:?}");
+        let sessions = goals(&rows, Some(0.97), false);
+        assert_eq!(sessions.len(), 1);
+        assert!(!sessions[0].1);
+        assert!(goals(&rows[1..], Some(0.65), true).is_empty());
+    }
+}
