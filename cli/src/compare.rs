@@ -345,7 +345,15 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
                 Part::spawn_with(&label, &program, &router_args, env, router_port, &logs)?;
             let outcome = async {
                 wait_serving(target, &mut router, &worker_urls, deadline).await?;
-                run_workload(&args, target, router_port, &keys, &served, &worker_urls).await
+                run_workload(
+                    &args,
+                    target,
+                    router_port,
+                    &keys,
+                    (&model, &served),
+                    &worker_urls,
+                )
+                .await
             }
             .await;
             let stopped = stop_router(&mut router).await;
@@ -386,7 +394,7 @@ async fn describe_capacity(args: &CompareArgs, worker: &str) -> Result<(), Strin
             let trace = &trace[..t.limit.unwrap_or(trace.len()).min(trace.len())];
             let unique = bench::unique_blocks(trace) * bench::TRACE_BLOCK as u64;
             eprintln!(
-                "  the {} workers hold {tokens} tokens: {:.2} of the trace's {unique} tokens in unique blocks",
+                "  the {} workers hold {tokens} tokens: {:.2} x the {unique} tokens of the trace's unique blocks",
                 args.workers,
                 tokens as f64 / unique.max(1) as f64
             );
@@ -471,7 +479,7 @@ async fn run_workload(
     target: &Target,
     port: u16,
     keys: &[String],
-    served: &str,
+    (model, served): (&Path, &str),
     workers: &[String],
 ) -> Result<(Row, Option<f64>), String> {
     let url = format!("http://127.0.0.1:{port}/v1");
@@ -488,6 +496,7 @@ async fn run_workload(
             t.endpoint.model = Some(served.to_owned());
             t.workers = Vec::new();
             t.out = Some(out);
+            t.tokenizer.get_or_insert_with(|| model.to_owned());
             let (_, outcomes) = bench::replay(&t).await?;
             (outcomes, None, None)
         }

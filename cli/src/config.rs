@@ -46,7 +46,7 @@ pub(crate) enum BenchCommand {
     /// One workload against each of our policies and against sglang-router and vllm-router,
     /// all fronting the same simulated workers (started afresh for each): one table, JSON and
     /// PNG charts. The workload's --url and --api-key are the harness's own.
-    Compare(CompareArgs),
+    Compare(Box<CompareArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -176,7 +176,7 @@ pub(crate) struct TraceArgs {
     /// GGUF file whose tokenizer the endpoint uses (the prompts' words are single tokens in it).
     /// Default: the default model in the cache.
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub(crate) tokenizer: Option<PathBuf>,
 
     /// Replay this many times faster than the trace's timestamps.
     #[arg(long, default_value_t = 1.0)]

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             config::Command::Bench(args) => match args.command {
                 config::BenchCommand::Trace(args) => bench::run(args).await,
                 config::BenchCommand::Sessions(args) => sessions::run(args).await,
-                config::BenchCommand::Compare(args) => compare::run(args).await,
+                config::BenchCommand::Compare(args) => compare::run(*args).await,
             },
         }
     })

@@ -55,6 +55,11 @@ pub struct Config {
     #[arg(long, default_value_t = 50)]
     pub pin_margin_ms: u64,
 
+    /// `ttft`: how much more than its own prefill a placement away from the longest cached
+    /// prefix is charged, per missing token (0: the predicted TTFT alone).
+    #[arg(long, env = "TIDELOCK_ROUTER_CACHE_WEIGHT", default_value_t = 3.0)]
+    pub cache_weight: f64,
+
     /// `ttft`: prefill tokens per second assumed for a worker that has not measured its own.
     #[arg(long, default_value_t = 2_000.0)]
     pub default_prefill_tps: f64,
@@ -143,6 +148,9 @@ impl Config {
         if !(self.pin_margin_ratio >= 0.0 && self.pin_margin_ratio.is_finite()) {
             return Err("--pin-margin-ratio must be a non-negative number".into());
         }
+        if !(self.cache_weight >= 0.0 && self.cache_weight.is_finite()) {
+            return Err("--cache-weight must be a non-negative number".into());
+        }
         if !(self.default_prefill_tps > 0.0 && self.default_prefill_tps.is_finite()) {
             return Err("--default-prefill-tps must be positive".into());
         }
@@ -152,6 +160,7 @@ impl Config {
                 default_prefill_tps: self.default_prefill_tps,
                 margin_ratio: self.pin_margin_ratio,
                 margin_secs: self.pin_margin_ms as f64 / 1_000.0,
+                cache_weight: self.cache_weight,
                 ..CostModel::default()
             },
             max_in_flight: self.max_in_flight,

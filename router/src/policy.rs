@@ -14,9 +14,21 @@
 //! ```
 //!
 //! with the prefill speed each worker measures and reports in `/v1/load` (a default until it has
-//! prefilled anything). A session keeps its pinned worker unless that worker's prediction
-//! exceeds the best one's by more than the pin margin (`best * (1 + margin_ratio) +
-//! margin_secs`): moving a session costs its cache, and the prediction is only a prediction.
+//! prefilled anything). Workers are ranked by that prediction plus a charge for the cache a
+//! placement gives up:
+//!
+//! ```text
+//! score(w) = ttft(w) + cache_weight * (most cached tokens on any worker - cached tokens(w)) / prefill_speed(w)
+//! ```
+//!
+//! The prediction alone prices a miss at one prefill of the missing tokens; but a request sent
+//! away from its prefix also stores a second copy of it, which pushes other prefixes out of the
+//! cache, and leaves the first copy to age: later requests of the same family miss too. The
+//! charge keeps a prefix family together unless the holder's queue outweighs `1 + cache_weight`
+//! times the prefill it saves (see bench/README.md for what it does on the Mooncake trace). A
+//! session keeps its pinned worker unless that worker's score exceeds the best one's by more
+//! than the pin margin (`best * (1 + margin_ratio) + margin_secs`): moving a session costs its
+//! cache, and the prediction is only a prediction.
 
 use std::time::Duration;
 
@@ -138,6 +150,9 @@ pub struct CostModel {
     /// margin_secs`.
     pub margin_ratio: f64,
     pub margin_secs: f64,
+    /// How much more than its own prefill a placement away from the longest cached prefix is
+    /// charged, per missing token (see the module docs).
+    pub cache_weight: f64,
 }
 
 impl Default for CostModel {
@@ -148,18 +163,39 @@ impl Default for CostModel {
             disk_block_secs: 0.005,
             margin_ratio: 0.5,
             margin_secs: 0.05,
+            cache_weight: 3.0,
         }
     }
 }
 
 impl CostModel {
-    /// Predicted time to first token of a `prompt_tokens`-token prompt on `c`.
-    pub fn ttft(&self, c: &Candidate, prompt_tokens: usize, block_tokens: usize) -> Duration {
-        let speed = if c.load.prefill_tokens_per_second > 0.0 {
+    /// The prefill speed `c` reported, else the default.
+    fn speed(&self, c: &Candidate) -> f64 {
+        if c.load.prefill_tokens_per_second > 0.0 {
             c.load.prefill_tokens_per_second
         } else {
             self.default_prefill_tps
-        };
+        }
+    }
+
+    /// The rank of `c` for a prompt whose longest cached prefix on any worker is
+    /// `most_cached_blocks`: its predicted TTFT plus the charge for the cache it gives up.
+    pub fn score(
+        &self,
+        c: &Candidate,
+        prompt_tokens: usize,
+        block_tokens: usize,
+        most_cached_blocks: usize,
+    ) -> f64 {
+        let forgone = most_cached_blocks.saturating_sub(c.cached_blocks()) * block_tokens;
+        let forgone = forgone.min(prompt_tokens) as f64;
+        self.ttft(c, prompt_tokens, block_tokens).as_secs_f64()
+            + self.cache_weight * forgone / self.speed(c)
+    }
+
+    /// Predicted time to first token of a `prompt_tokens`-token prompt on `c`.
+    pub fn ttft(&self, c: &Candidate, prompt_tokens: usize, block_tokens: usize) -> Duration {
+        let speed = self.speed(c);
         let queued = c.load.prefill_tokens_waiting.max(c.pending_prefill) as f64;
         // The last token is always computed (its logits start decoding), cached or not.
         let uncached = prompt_tokens
@@ -189,6 +225,24 @@ pub struct Decision {
     pub reason: Reason,
 }
 
+/// A score, totally ordered (scores are finite: speeds are positive).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Score(f64);
+
+impl Eq for Score {}
+
+impl PartialOrd for Score {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Score {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
 /// Load bound of `session_hash`: a worker takes a session's request while its load is at most
 /// `(1 + BOUND_EPSILON) * average + 1`.
 pub const BOUND_EPSILON: f64 = 0.25;
@@ -215,11 +269,17 @@ pub fn decide(
     };
     Some(match policy {
         Policy::Ttft => {
-            let ttft = |c: &Candidate| model.ttft(c, request.prompt_tokens, request.block_tokens);
+            let most = sorted.iter().map(|c| c.cached_blocks()).max().unwrap_or(0);
+            let score =
+                |c: &Candidate| model.score(c, request.prompt_tokens, request.block_tokens, most);
             let mut order = sorted;
-            // One prediction per worker, not one per comparison.
-            order.sort_by_cached_key(|c| ttft(c));
-            let best = ttft(order[0]);
+            // Stable sort from the round-robin turn's order: equal scores (an idle cluster, a
+            // prompt nobody holds) are spread over the workers, not all given to the first id.
+            let n = order.len();
+            order.rotate_left((turn % n as u64) as usize);
+            // One score per worker, not one per comparison.
+            order.sort_by_cached_key(|c| Score(score(c)));
+            let best = score(order[0]);
             let pinned = request
                 .pinned
                 .map(|p| order.iter().position(|c| &c.worker == p));
@@ -227,8 +287,8 @@ pub fn decide(
                 None => Reason::Placed,
                 Some(None) => Reason::PinLost,
                 Some(Some(i)) => {
-                    let keep = best.as_secs_f64() * (1.0 + model.margin_ratio) + model.margin_secs;
-                    if ttft(order[i]).as_secs_f64() <= keep {
+                    let keep = best * (1.0 + model.margin_ratio) + model.margin_secs;
+                    if score(order[i]) <= keep {
                         let pin = order.remove(i);
                         order.insert(0, pin);
                         Reason::Pinned

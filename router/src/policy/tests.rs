@@ -74,8 +74,90 @@ fn ttft_sends_a_new_session_to_the_worker_holding_its_prefix() {
 }
 
 #[test]
+fn ttft_charges_a_placement_for_the_cache_it_gives_up() {
+    // a holds 30 of the prompt's 32 blocks (1,920 tokens); b is idle and holds nothing. At
+    // 1,000 tokens/s: ttft(a) = (queue + 128) / 1,000, ttft(b) = 2.048 s; with weight w, b is
+    // charged w * 1.92 s more for the prefix it would compute a second time.
+    let a = |queue: u64| {
+        let mut a = cand("a", 0, 30);
+        a.load.prefill_tokens_waiting = queue;
+        a
+    };
+    let b = cand("b", 0, 0);
+    let place = |weight: f64, queue: u64| {
+        let model = CostModel {
+            cache_weight: weight,
+            ..CostModel::default()
+        };
+        let d = decide(
+            Policy::Ttft,
+            &model,
+            &req(2_048, None, None),
+            &[a(queue), b.clone()],
+            0,
+        )
+        .unwrap();
+        first(&d).to_owned()
+    };
+    // A queue of 2,500 tokens: a's 2.628 s loses to b's 2.048 s on TTFT alone...
+    assert_eq!(place(0.0, 2_500), "b");
+    // ...but not to b's 2.048 + 1.92 = 3.968 s with the charge.
+    assert_eq!(place(1.0, 2_500), "a");
+    // Beyond twice the prefill saved, the queue wins again: 4.128 s > 3.968 s.
+    assert_eq!(place(1.0, 4_000), "b");
+    // Workers holding the same amount are not charged: the idle one wins.
+    let mut c = cand("c", 0, 30);
+    c.load.prefill_tokens_waiting = 0;
+    let d = decide(
+        Policy::Ttft,
+        &CostModel::default(),
+        &req(2_048, None, None),
+        &[a(500), c],
+        0,
+    )
+    .unwrap();
+    assert_eq!(first(&d), "c");
+}
+
+#[test]
+fn ttft_spreads_equal_scores_over_the_workers() {
+    let cands = [cand("a", 0, 0), cand("b", 0, 0), cand("c", 0, 0)];
+    let firsts: Vec<String> = (0..6)
+        .map(|turn| {
+            let d = decide(
+                Policy::Ttft,
+                &CostModel::default(),
+                &req(640, None, None),
+                &cands,
+                turn,
+            )
+            .unwrap();
+            first(&d).to_owned()
+        })
+        .collect();
+    assert_eq!(firsts, ["a", "b", "c", "a", "b", "c"]);
+    // A difference in score still decides, whatever the turn.
+    let held = [cand("a", 0, 0), cand("b", 0, 5), cand("c", 0, 0)];
+    for turn in 0..3 {
+        let d = decide(
+            Policy::Ttft,
+            &CostModel::default(),
+            &req(640, None, None),
+            &held,
+            turn,
+        )
+        .unwrap();
+        assert_eq!(first(&d), "b");
+    }
+}
+
+#[test]
 fn ttft_keeps_the_pin_within_the_margin_and_moves_it_beyond() {
-    let model = CostModel::default();
+    // The predicted TTFT alone (no charge for the cache given up), so the margin is plain.
+    let model = CostModel {
+        cache_weight: 0.0,
+        ..CostModel::default()
+    };
     let pin = id("a");
     // a is pinned and holds the prefix; b is idle but holds nothing: a wins anyway.
     let mut a = cand("a", 0, 30);
