@@ -628,7 +628,8 @@ fn bench_trace_replays_a_trace_with_its_prefix_structure_intact() {
     // later turn finds its session's previous prompt and answer in the cache, rounded down to
     // whole blocks (the answer's last token is never computed). The answer is resent as text,
     // and the simulator's random ids do not encode back to themselves: only the router's turn
-    // memory makes the answer's blocks match.
+    // memory makes the answer's blocks match. (It holds for the default model: the simulator
+    // never emits ids below 32, where its control tokens are, so every answer's ids spell its text.)
     let out = cache.path().join("sessions.json");
     let run = Command::new(binary("tidelock"))
         .args(["bench", "sessions", "--sessions", "4", "--turns", "3"])

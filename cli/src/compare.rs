@@ -31,7 +31,7 @@ use crate::chart::{self, Series};
 use crate::config::{CompareArgs, DEFAULT_MODEL_FILE, Workload};
 use crate::http::Api;
 use crate::sessions;
-use crate::up::{Part, free_port, sibling, wait_ready, write_private};
+use crate::up::{Part, sibling, wait_ready, write_private};
 
 /// The peers' environment: the Hugging Face hub at a closed loopback port, and offline.
 const PEER_ENV: [(&str, &str); 2] = [
@@ -89,7 +89,7 @@ impl Target {
         &self,
         router_bin: &Path,
         python: &Path,
-        port: u16,
+        (port, metrics_port): (u16, u16),
         workers: &[String],
         tenants: &Path,
     ) -> (PathBuf, Vec<String>) {
@@ -121,6 +121,12 @@ impl Target {
                     "127.0.0.1".into(),
                     "--port".into(),
                     port.to_string(),
+                    // Their metrics exporter's own port (by default a fixed one, which anything
+                    // else on the machine may hold).
+                    "--prometheus-host".into(),
+                    "127.0.0.1".into(),
+                    "--prometheus-port".into(),
+                    metrics_port.to_string(),
                     "--policy".into(),
                     self.policy.clone(),
                     "--worker-urls".into(),
@@ -171,8 +177,39 @@ struct Row {
     prefill_tokens_per_worker: Vec<u64>,
     /// The router stopped on SIGTERM (not killed), and its port was free afterwards.
     stopped_cleanly: bool,
+    /// Sessions: the later turns' bound (their previous prompt and answer over their prompt).
+    bound: Option<f64>,
+    /// Why the target could not be measured (its router or workers failed).
+    failed: Option<String>,
     #[serde(skip)]
     ttfts_s: Vec<f64>,
+}
+
+impl Row {
+    fn failed(target: String, why: String) -> Self {
+        Row {
+            target,
+            hit_rate: 0.0,
+            ttft_p50_s: 0.0,
+            ttft_p90_s: 0.0,
+            ttft_p99_s: 0.0,
+            tpot_p50_s: 0.0,
+            output_tokens_per_s: 0.0,
+            requests: 0,
+            errors: 0,
+            imbalance: 0.0,
+            prefill_tokens_per_worker: Vec::new(),
+            stopped_cleanly: false,
+            bound: None,
+            failed: Some(why),
+            ttfts_s: Vec::new(),
+        }
+    }
+
+    /// Whether its numbers can be compared: measured, and no request failed.
+    fn comparable(&self) -> bool {
+        self.failed.is_none() && self.errors == 0
+    }
 }
 
 pub(crate) async fn run(args: CompareArgs) -> ExitCode {
@@ -194,8 +231,11 @@ fn tenants(dir: &Path, n: usize) -> Result<(PathBuf, Vec<String>), String> {
         .iter()
         .enumerate()
         .map(|(i, key)| {
+            // The peers share every cache across keys; so do ours here, so that sessions of
+            // different tenants opening with the same system prompt can share it in every run.
             let record = TenantRecord {
                 key_hashes: vec![TenantRecord::hash_api_key(key)],
+                share_cache: true,
                 ..TenantRecord::default()
             };
             Ok((
@@ -209,10 +249,15 @@ fn tenants(dir: &Path, n: usize) -> Result<(PathBuf, Vec<String>), String> {
     Ok((path, keys))
 }
 
-/// Checks that `python` can run both peers; says how to install them if not.
-async fn check_peers(python: &Path) -> Result<(), String> {
+/// Checks that `python` can run the peer `router`; says how to install it if not.
+async fn check_peer(python: &Path, router: Router) -> Result<(), String> {
+    let module = match router {
+        Router::Sglang => "sglang_router",
+        Router::Vllm => "vllm_router",
+        Router::Ours => return Ok(()),
+    };
     let probe = tokio::process::Command::new(python)
-        .args(["-c", "import sglang_router, vllm_router"])
+        .args(["-c", &format!("import {module}")])
         .output()
         .await
         .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
@@ -220,9 +265,9 @@ async fn check_peers(python: &Path) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "{} cannot import sglang_router and vllm_router ({}); install them as bench/README.md \
-         says (a venv with `pip install sglang-router==0.3.2 vllm-router==0.1.17`), pass \
-         --peers-python, or leave the peers out of --targets",
+        "{} cannot import {module} ({}); install the peers as bench/README.md says (a venv \
+         with `pip install sglang-router==0.3.2 vllm-router==0.1.17`), pass --peers-python, or \
+         leave the peers out of --targets",
         python.display(),
         String::from_utf8_lossy(&probe.stderr).trim()
     ))
@@ -237,6 +282,13 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
     if targets.is_empty() || args.workers == 0 {
         return Err("give at least one target and one worker".into());
     }
+    if let Some(t) = targets
+        .iter()
+        .enumerate()
+        .find(|(i, t)| targets[..*i].contains(t))
+    {
+        return Err(format!("--targets: `{}` is listed twice", t.1.label()));
+    }
     let (worker_bin, router_bin) = (sibling("tidelock-worker")?, sibling("tidelock-router")?);
     let cache = match &args.workload {
         Workload::Trace(t) => t.endpoint.cache_dir(),
@@ -246,8 +298,10 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
         .peers_python
         .clone()
         .unwrap_or_else(|| cache.join("router-bench-venv/bin/python"));
-    if targets.iter().any(|t| t.router != Router::Ours) {
-        check_peers(&python).await?;
+    for router in [Router::Sglang, Router::Vllm] {
+        if targets.iter().any(|t| t.router == router) {
+            check_peer(&python, router).await?;
+        }
     }
     let model = args
         .model_file
@@ -265,14 +319,14 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let (tenants_file, keys) = tenants(&args.out, args.tenants)?;
-    let worker_ports = (0..args.workers)
-        .map(|_| free_port())
-        .collect::<Result<Vec<u16>, String>>()?;
+    let mut ports = free_ports(args.workers + 2)?;
+    let metrics_port = ports.pop().unwrap_or_default();
+    let router_port = ports.pop().unwrap_or_default();
+    let worker_ports = ports;
     let worker_urls: Vec<String> = worker_ports
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
         .collect();
-    let router_port = free_port()?;
     let ideal = match &args.workload {
         Workload::Trace(t) => {
             let trace = bench::read_trace(&t.trace)?;
@@ -282,7 +336,6 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
         Workload::Sessions(_) => None,
     };
     let mut rows = Vec::new();
-    let mut bound = None;
     for (n, target) in targets.iter().enumerate() {
         let label = target.label();
         eprintln!("\n[{}/{}] {label}", n + 1, targets.len());
@@ -332,7 +385,7 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
             let (program, router_args) = target.command(
                 &router_bin,
                 &python,
-                router_port,
+                (router_port, metrics_port),
                 &worker_urls,
                 &tenants_file,
             );
@@ -370,17 +423,50 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
         for w in workers.iter_mut().rev() {
             w.stop().await;
         }
-        let (row, workload_bound) = result?;
-        bound = bound.or(workload_bound);
-        eprintln!(
-            "  {label}: hit rate {:.3}, TTFT p90 {}, errors {}",
-            row.hit_rate,
-            bench::ms(row.ttft_p90_s),
-            row.errors
-        );
+        let row = match result {
+            Ok((row, workload_bound)) => Row {
+                bound: workload_bound,
+                ..row
+            },
+            Err(e) => {
+                eprintln!("  {label} FAILED: {e}");
+                Row::failed(label.clone(), e)
+            }
+        };
+        if row.failed.is_none() {
+            eprintln!(
+                "  {label}: hit rate {:.3}, TTFT p90 {}, errors {}",
+                row.hit_rate,
+                bench::ms(row.ttft_p90_s),
+                row.errors
+            );
+        }
         rows.push(row);
     }
-    report(&args, &rows, ideal.or(bound))
+    report(&args, &rows, ideal)?;
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.failed.is_some())
+        .map(|r| r.target.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} failed (see above)", failed.join(", ")))
+    }
+}
+
+/// `n` distinct free loopback ports: every listener is held until all are picked.
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("no free loopback port: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("no free loopback port: {e}"))
 }
 
 /// Prints what the workers hold against the trace's unique blocks.
@@ -433,9 +519,10 @@ async fn wait_serving(
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "{} not serving in time (--start-timeout-secs); its log: {}",
+                "{} not serving in time (--start-timeout-secs); the end of its log ({}):\n{}",
                 router.name,
-                router.log.display()
+                router.log.display(),
+                router.log_tail(15)
             ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -445,11 +532,19 @@ async fn wait_serving(
 /// SIGTERM (a kill after the grace period), then checks the port is free. `Ok(false)` when it
 /// had to be killed.
 async fn stop_router(router: &mut Part) -> Result<bool, String> {
+    if let Ok(Some(status)) = router.child.try_wait() {
+        return Err(format!(
+            "{} exited during the run ({status}); the end of its log ({}):\n{}",
+            router.name,
+            router.log.display(),
+            router.log_tail(15)
+        ));
+    }
     let started = Instant::now();
     router.stop().await;
     let clean = router.child.try_wait().ok().flatten().is_some_and(|s| {
         use std::os::unix::process::ExitStatusExt;
-        s.code().is_some() || s.signal() == Some(nix::sys::signal::Signal::SIGTERM as i32)
+        s.code() == Some(0) || s.signal() == Some(nix::sys::signal::Signal::SIGTERM as i32)
     });
     // The port must be free before the next router takes it.
     let until = Instant::now() + Duration::from_secs(10);
@@ -516,7 +611,11 @@ async fn run_workload(
         }
     };
     let after = bench::prefill_counters(workers).await?;
-    let per_worker: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let per_worker: Vec<u64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
     let duration = outcomes
         .iter()
         .map(|o| o.sent_at_s + o.latency_s)
@@ -536,6 +635,8 @@ async fn run_workload(
             imbalance: bench::imbalance(&per_worker),
             prefill_tokens_per_worker: per_worker,
             stopped_cleanly: false,
+            bound: None,
+            failed: None,
             ttfts_s: outcomes
                 .iter()
                 .filter(|o| o.error.is_none())
@@ -546,59 +647,76 @@ async fn run_workload(
     ))
 }
 
-/// The goals of issue #8 for the default policy, checked against this run's rows.
+/// The goals of issue #8 for the default policy, checked against this run's rows. A row that
+/// failed, or had failed requests, cannot show a goal met.
 fn goals(rows: &[Row], ideal: Option<f64>, trace: bool) -> Vec<(String, bool)> {
     let Some(ours) = rows.iter().find(|r| r.target == "ours:ttft") else {
         return Vec::new();
     };
+    if !ours.comparable() {
+        return vec![(
+            "ours:ttft was not measured cleanly (failed, or requests failed)".into(),
+            false,
+        )];
+    }
     let peers: Vec<&Row> = rows
         .iter()
         .filter(|r| !r.target.starts_with("ours:"))
         .collect();
     let mut out = Vec::new();
-    if trace {
-        if let Some(ideal) = ideal {
-            out.push((
-                format!(
-                    "hit rate {:.3} >= 0.9 x the trace's own {ideal:.3} = {:.3}",
-                    ours.hit_rate,
-                    0.9 * ideal
-                ),
-                ours.hit_rate >= 0.9 * ideal,
-            ));
-        }
-        for p in &peers {
-            out.push((
-                format!(
-                    "hit rate {:.3} >= {}'s {:.3}",
-                    ours.hit_rate, p.target, p.hit_rate
-                ),
-                ours.hit_rate >= p.hit_rate,
-            ));
-            out.push((
-                format!(
-                    "TTFT p90 {} <= {}'s {}",
-                    bench::ms(ours.ttft_p90_s),
-                    p.target,
-                    bench::ms(p.ttft_p90_s)
-                ),
-                ours.ttft_p90_s <= p.ttft_p90_s,
-            ));
-        }
-        out.push((
-            format!("load imbalance {:.2} <= 1.3", ours.imbalance),
-            ours.imbalance <= 1.3,
-        ));
-    } else {
+    if !trace {
         out.push((
             format!("later turns' hit rate {:.3} >= 0.95", ours.hit_rate),
             ours.hit_rate >= 0.95,
         ));
+        return out;
     }
+    if let Some(ideal) = ideal {
+        out.push((
+            format!(
+                "hit rate {:.3} >= 0.9 x the trace's own {ideal:.3} = {:.3}",
+                ours.hit_rate,
+                0.9 * ideal
+            ),
+            ours.hit_rate >= 0.9 * ideal,
+        ));
+    }
+    for p in &peers {
+        if !p.comparable() {
+            out.push((
+                format!(
+                    "{} was not measured cleanly (failed, or requests failed): no comparison",
+                    p.target
+                ),
+                false,
+            ));
+            continue;
+        }
+        out.push((
+            format!(
+                "hit rate {:.3} >= {}'s {:.3}",
+                ours.hit_rate, p.target, p.hit_rate
+            ),
+            ours.hit_rate >= p.hit_rate,
+        ));
+        out.push((
+            format!(
+                "TTFT p90 {} <= {}'s {}",
+                bench::ms(ours.ttft_p90_s),
+                p.target,
+                bench::ms(p.ttft_p90_s)
+            ),
+            ours.ttft_p90_s <= p.ttft_p90_s,
+        ));
+    }
+    out.push((
+        format!("load imbalance {:.2} <= 1.3", ours.imbalance),
+        ours.imbalance <= 1.3,
+    ));
     out
 }
 
-fn report(args: &CompareArgs, rows: &[Row], reference: Option<f64>) -> Result<(), String> {
+fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), String> {
     let trace = matches!(args.workload, Workload::Trace(_));
     let what = if trace {
         "token hit rate"
@@ -611,10 +729,21 @@ fn report(args: &CompareArgs, rows: &[Row], reference: Option<f64>) -> Result<()
     );
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
+        if let Some(why) = &r.failed {
+            println!(
+                "| {} | failed: {} | | | | | | |",
+                r.target,
+                why.lines().next().unwrap_or_default()
+            );
+            continue;
+        }
+        let hit = match r.bound {
+            Some(b) => format!("{:.3} (bound {b:.3})", r.hit_rate),
+            None => format!("{:.3}", r.hit_rate),
+        };
         println!(
-            "| {} | {:.3} | {} / {} / {} | {} | {:.1} | {:.2} | {} of {} | {} |",
+            "| {} | {hit} | {} / {} / {} | {} | {:.1} | {:.2} | {} of {} | {} |",
             r.target,
-            r.hit_rate,
             bench::ms(r.ttft_p50_s),
             bench::ms(r.ttft_p90_s),
             bench::ms(r.ttft_p99_s),
@@ -630,15 +759,10 @@ fn report(args: &CompareArgs, rows: &[Row], reference: Option<f64>) -> Result<()
             }
         );
     }
-    let reference_name = if trace {
-        "the trace's hit rate with an unlimited cache"
-    } else {
-        "later turns' bound (previous prompt + answer)"
-    };
-    if let Some(x) = reference {
-        println!("\n{reference_name}: {x:.3}");
+    if let Some(x) = ideal {
+        println!("\nthe trace's hit rate with an unlimited cache: {x:.3}");
     }
-    let checks = goals(rows, reference, trace);
+    let checks = goals(rows, ideal, trace);
     if !checks.is_empty() {
         println!("\ngoals for ours:ttft (issue #8):");
         for (what, ok) in &checks {
@@ -653,7 +777,7 @@ fn report(args: &CompareArgs, rows: &[Row], reference: Option<f64>) -> Result<()
         "sim_prefill_tokens_per_s": args.sim_prefill_tokens_per_s,
         "sim_step_ms": args.sim_step_ms,
         "sim_decode_ms_per_sequence": args.sim_decode_ms_per_sequence,
-        "reference_hit_rate": reference,
+        "ideal_hit_rate": ideal,
         "rows": rows,
         "goals": checks.iter().map(|(w, ok)| serde_json::json!({"goal": w, "met": ok})).collect::<Vec<_>>(),
     });
@@ -665,12 +789,17 @@ fn report(args: &CompareArgs, rows: &[Row], reference: Option<f64>) -> Result<()
     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let series: Vec<Series> = rows
         .iter()
+        .filter(|r| r.failed.is_none() && !r.ttfts_s.is_empty())
         .map(|r| Series {
             label: r.target.clone(),
             ttfts_s: r.ttfts_s.clone(),
             hit_rate: r.hit_rate,
         })
         .collect();
+    if series.is_empty() {
+        println!("\nwrote {} (no target measured: no charts)", path.display());
+        return Ok(());
+    }
     let title = if trace {
         "trace"
     } else {
@@ -680,13 +809,17 @@ fn report(args: &CompareArgs, rows: &[Row], reference: Option<f64>) -> Result<()
     chart::ttft_cdf(&cdf, &format!("TTFT, {title}"), &series)?;
     let bars = args.out.join("hit_rate.png");
     let mut lines = Vec::new();
-    if let Some(x) = reference {
-        if trace {
-            lines.push(("goal: 0.9 x the trace's own".to_owned(), 0.9 * x));
-            lines.push(("the trace's own (unlimited cache)".to_owned(), x));
-        } else {
-            lines.push(("goal".to_owned(), 0.95));
-            lines.push(("bound: previous prompt + answer".to_owned(), x));
+    if let Some(x) = ideal {
+        lines.push(("goal: 0.9 x the trace's own".to_owned(), 0.9 * x));
+        lines.push(("the trace's own (unlimited cache)".to_owned(), x));
+    } else if !trace {
+        lines.push(("goal".to_owned(), 0.95));
+        let ours = rows
+            .iter()
+            .find(|r| r.target == "ours:ttft")
+            .and_then(|r| r.bound);
+        if let Some(b) = ours {
+            lines.push(("ours:ttft's bound: previous prompt + answer".to_owned(), b));
         }
     }
     chart::hit_rates(&bars, &format!("{what}, {title}"), &series, &lines)?;
@@ -727,6 +860,8 @@ mod tests {
             imbalance,
             prefill_tokens_per_worker: Vec::new(),
             stopped_cleanly: true,
+            bound: None,
+            failed: None,
             ttfts_s: Vec::new(),
         }
     }
@@ -747,5 +882,18 @@ mod tests {
         assert_eq!(sessions.len(), 1);
         assert!(!sessions[0].1);
         assert!(goals(&rows[1..], Some(0.65), true).is_empty());
+        // A peer that failed, or whose requests failed, cannot be beaten.
+        let mut broken = rows.clone();
+        broken[2].errors = 3;
+        let checks = goals(&broken, Some(0.65), true);
+        assert_eq!(checks.len(), 3, "{checks:?}");
+        assert!(!checks[1].1 && checks[1].0.contains("not measured cleanly"));
+        broken[2] = Row::failed("sglang:cache_aware".into(), "exited".into());
+        assert!(!goals(&broken, Some(0.65), true)[1].1);
+        // Nor can ours show a goal met then.
+        broken[0].errors = 1;
+        let checks = goals(&broken, Some(0.65), true);
+        assert_eq!(checks.len(), 1);
+        assert!(!checks[0].1);
     }
 }

@@ -4,7 +4,9 @@
 //! - `tidelock chat`: a terminal chat that shows the cache at work (`chat.rs`);
 //! - `tidelock crds`: the CustomResourceDefinitions as YAML (`crds/` is its output);
 //! - `tidelock bench trace`: a request trace replayed against any endpoint (`bench.rs`);
-//! - `tidelock bench sessions`: concurrent multi-turn conversations (`sessions.rs`).
+//! - `tidelock bench sessions`: concurrent multi-turn conversations (`sessions.rs`);
+//! - `tidelock bench compare`: one workload through each of our policies and the peers' routers
+//!   on the same simulated workers, with a table and PNG charts (`compare.rs`, `chart.rs`).
 
 mod bench;
 mod chart;

@@ -433,10 +433,17 @@ async fn place(
     let tenant_context = tenant.record.limits.max_context_tokens;
     let context = tenant_context.map_or(model_context, |t| t.min(model_context));
     let session = session_key(parsed.common(), headers)?;
-    // The turn memory's key: the ids are the model's, and never cross tenants.
-    let turn_key = session
-        .as_ref()
-        .map(|s| format!("{}\0{}\0{}", model.name, tenant.id, s.as_str()));
+    // The turn memory's key: the ids are the model's, never cross tenants, and a chat's are not
+    // a completion's (a text completion's tokenization may add BOS; a chat's never does).
+    let turn_key = session.as_ref().map(|s| {
+        format!(
+            "{}\0{}\0{}\0{}",
+            model.name,
+            tenant.id,
+            parsed.endpoint().as_str(),
+            s.as_str()
+        )
+    });
     let previous = turn_key.as_deref().and_then(|k| state.turns.get(k));
     let mut prepared = parsed
         .prepare_after(&kit, context, previous.as_deref())
@@ -453,6 +460,8 @@ async fn place(
                 e
             }
         })?;
+    let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
+    let admission = admit(state, &tenant, cost)?;
     if prepared.continued > 0 {
         state
             .metrics
@@ -460,8 +469,6 @@ async fn place(
             .with_label_values(&[model.name.as_str()])
             .inc_by(prepared.continued as u64);
     }
-    let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
-    let admission = admit(state, &tenant, cost)?;
     let permit = slot(state).await?;
     let salt = if tenant.record.share_cache {
         CacheSalt::shared()
@@ -469,7 +476,9 @@ async fn place(
         CacheSalt::for_tenant(&tenant.id)
     };
     // The answer needs only the prompt's length (already in the cost), not its tokens: move
-    // them into the worker request rather than copying a possibly million-token prompt.
+    // them into the worker request rather than copying a possibly million-token prompt. After
+    // placement they move on to the turn memory's callback (when the session has one), which
+    // keeps them until the answer ends.
     let request = GenerateRequest {
         request_id: Some(prepared.meta.id.clone()),
         session: session.clone(),

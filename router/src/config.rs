@@ -71,7 +71,7 @@ pub struct Config {
     /// Token ids of sessions' last prompts and answers kept in memory (all sessions together,
     /// least recently used out first), so a session's next turn starts from the ids the worker
     /// cached instead of re-tokenizing the answer from its text. 0 turns it off.
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, env = "TIDELOCK_ROUTER_TURN_MEMORY_TOKENS", default_value_t = 16 << 20)]
     pub turn_memory_tokens: usize,
 
     /// Requests served at once; more wait in the queue.

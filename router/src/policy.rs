@@ -225,7 +225,8 @@ pub struct Decision {
     pub reason: Reason,
 }
 
-/// A score, totally ordered (scores are finite: speeds are positive).
+/// A score, totally ordered by `f64::total_cmp` (a reported speed near zero can make it
+/// infinite; it then sorts last, as it should).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Score(f64);
 

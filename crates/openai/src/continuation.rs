@@ -98,7 +98,13 @@ impl Continuation {
     }
 }
 
-/// Every session's [`Continuation`], bounded by the ids held in all: least recently used out.
+/// Bytes a remembered session costs beyond its ids and key (digest, lengths, the map's and the
+/// list's entries), rounded up.
+const ENTRY_OVERHEAD_BYTES: usize = 128;
+
+/// Every session's [`Continuation`], bounded by what they hold in all, counted in ids (4 bytes):
+/// each session's ids, plus its key and [`ENTRY_OVERHEAD_BYTES`] in id-sized units, so that many
+/// short sessions cannot outgrow the budget. Least recently used out.
 #[derive(Debug)]
 pub struct Continuations {
     max_tokens: usize,
@@ -108,7 +114,13 @@ pub struct Continuations {
 #[derive(Debug)]
 struct Held {
     lru: lru::LruCache<String, Arc<Continuation>>,
+    /// Ids held plus each entry's key and overhead, in ids.
     tokens: usize,
+}
+
+/// What one remembered session counts against the budget, in ids.
+fn charge(key: &str, continuation: &Continuation) -> usize {
+    continuation.ids.len() + (key.len() + ENTRY_OVERHEAD_BYTES).div_ceil(4)
 }
 
 impl Continuations {
@@ -137,23 +149,23 @@ impl Continuations {
     pub fn put(&self, key: String, continuation: Continuation) {
         let mut held = self.held();
         if let Some(old) = held.lru.pop(&key) {
-            held.tokens -= old.ids.len();
+            held.tokens -= charge(&key, &old);
         }
-        let size = continuation.ids.len();
+        let size = charge(&key, &continuation);
         if size > self.max_tokens {
             return;
         }
         while held.tokens + size > self.max_tokens {
-            let Some((_, old)) = held.lru.pop_lru() else {
+            let Some((old_key, old)) = held.lru.pop_lru() else {
                 break;
             };
-            held.tokens -= old.ids.len();
+            held.tokens -= charge(&old_key, &old);
         }
         held.tokens += size;
         held.lru.put(key, Arc::new(continuation));
     }
 
-    /// Sessions and ids held.
+    /// Sessions held, and what they count against the budget (ids plus overheads, in ids).
     pub fn usage(&self) -> (usize, usize) {
         let held = self.held();
         (held.lru.len(), held.tokens)

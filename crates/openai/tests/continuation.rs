@@ -5,11 +5,15 @@
 //! whenever the text does not continue what was remembered.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, mpsc};
 
+use futures::StreamExt;
 use serde_json::json;
-use tidelock_openai::{Answer, Continuation, Continuations, Endpoint, PromptText, parse};
+use tidelock_openai::{
+    Answer, Continuation, Continuations, Endpoint, PromptText, parse, respond_then,
+};
 use tidelock_prompt::PromptKit;
+use tidelock_protocol::{ErrorCode, FinishReason, GenerateEvent, Usage};
 
 fn kit() -> &'static PromptKit {
     static KIT: OnceLock<PromptKit> = OnceLock::new();
@@ -194,24 +198,105 @@ fn remembered(tokens: usize) -> Continuation {
 
 #[test]
 fn memory_is_bounded_by_tokens_least_recently_used_out() {
-    let memory = Continuations::new(100);
+    // Each session also costs its key and 128 bytes, in 4-byte ids: (1 + 128) / 4 -> 33.
+    let extra = 33;
+    let memory = Continuations::new(2 * (40 + extra) + 10);
     memory.put("a".into(), remembered(40));
     memory.put("b".into(), remembered(40));
-    assert_eq!(memory.usage(), (2, 80));
+    assert_eq!(memory.usage(), (2, 2 * (40 + extra)));
     // `a` used last: `b` goes first.
     assert!(memory.get("a").is_some());
     memory.put("c".into(), remembered(30));
-    assert_eq!(memory.usage(), (2, 70));
+    assert_eq!(memory.usage(), (2, 40 + 30 + 2 * extra));
     assert!(memory.get("b").is_none());
     // Replacing a session's memory frees its old ids first.
     memory.put("a".into(), remembered(60));
-    assert_eq!(memory.usage(), (2, 90));
+    assert_eq!(memory.usage(), (2, 60 + 30 + 2 * extra));
     // Longer than the whole budget: not kept, and the session's old memory is gone.
-    memory.put("c".into(), remembered(101));
-    assert_eq!(memory.usage(), (1, 60));
+    memory.put("c".into(), remembered(2 * (40 + extra) + 10 - extra + 1));
+    assert_eq!(memory.usage(), (1, 60 + extra));
     assert!(memory.get("c").is_none());
+    // Many short sessions are bounded by their overheads too: each 3-letter key costs
+    // 1 + (3 + 128) / 4 -> 34, and 1,000 / 34 -> 29 sessions.
+    let many = Continuations::new(1_000);
+    for i in 0..100 {
+        many.put(format!("{i:03}"), remembered(1));
+    }
+    assert_eq!(many.usage(), (29, 29 * 34));
+    assert!(many.get("099").is_some() && many.get("070").is_none());
     // Off.
     let off = Continuations::new(0);
     off.put("a".into(), remembered(1));
     assert_eq!(off.usage(), (0, 0));
+}
+
+/// A worker's events for an answer of `ids`, ending with `end`.
+fn events(ids: &[u32], end: GenerateEvent) -> futures::stream::BoxStream<'static, GenerateEvent> {
+    let tokens = ids.iter().map(|&id| GenerateEvent::Tokens {
+        ids: vec![id],
+        logprobs: None,
+        top_logprobs: None,
+    });
+    let prefilled = GenerateEvent::Prefilled {
+        prompt_tokens: 5,
+        cached_tokens: 0,
+    };
+    futures::stream::iter(
+        std::iter::once(prefilled)
+            .chain(tokens)
+            .chain([end])
+            .collect::<Vec<_>>(),
+    )
+    .boxed()
+}
+
+/// What the callback got from answering `body` with `ids` then `end`, the answer read whole.
+async fn answered(body: serde_json::Value, ids: &[u32], end: GenerateEvent) -> Option<Answer> {
+    let kit = kit();
+    let prepared = parse(Endpoint::Chat, body.to_string().as_bytes())
+        .unwrap()
+        .prepare(kit, 8192)
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let response = respond_then(
+        prepared,
+        Arc::new(kit.clone()),
+        events(ids, end),
+        Some(Box::new(move |answer| tx.send(answer).unwrap())),
+    )
+    .await;
+    axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    rx.try_recv().ok()
+}
+
+#[tokio::test]
+async fn the_whole_answer_reaches_the_callback_unless_it_was_cut_or_failed() {
+    let answer = odd_answer("Nile, Amazon and Danube.");
+    let finished = || GenerateEvent::Finished {
+        reason: FinishReason::Length,
+        usage: Usage {
+            prompt_tokens: 5,
+            cached_tokens: 0,
+            completion_tokens: answer.ids.len() as u32,
+        },
+    };
+    let messages = json!([{"role": "user", "content": "Rivers?"}]);
+    for stream in [false, true] {
+        let body = json!({"model": "m", "messages": messages, "stream": stream});
+        let got = answered(body, &answer.ids, finished()).await;
+        assert_eq!(got.as_ref(), Some(&answer), "stream {stream}");
+        // A stop string cuts the text the client sees: nothing to remember.
+        let body =
+            json!({"model": "m", "messages": messages, "stream": stream, "stop": ["Amazon"]});
+        assert_eq!(answered(body, &answer.ids, finished()).await, None);
+        // A failed generation neither.
+        let body = json!({"model": "m", "messages": messages, "stream": stream});
+        let failed = GenerateEvent::Error {
+            code: ErrorCode::Internal,
+            message: "worker lost".into(),
+        };
+        assert_eq!(answered(body, &answer.ids, failed).await, None);
+    }
 }
