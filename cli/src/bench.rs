@@ -451,14 +451,17 @@ pub(crate) async fn replay(args: &TraceArgs) -> Result<(Summary, Vec<Outcome>), 
             "summary": summary,
             "requests": outcomes,
         });
-        std::fs::write(
-            out,
-            serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-        eprintln!("wrote {}", out.display());
+        write_json(out, &json)?;
     }
     Ok((summary, outcomes))
+}
+
+/// Writes `json` to `path`, pretty, and says so.
+pub(crate) fn write_json(path: &Path, json: &serde_json::Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(json).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 /// Milliseconds, for tables.

@@ -31,7 +31,7 @@ use crate::chart::{self, Series};
 use crate::config::{CompareArgs, DEFAULT_MODEL_FILE, Workload};
 use crate::http::Api;
 use crate::sessions;
-use crate::up::{Part, sibling, wait_ready, write_private};
+use crate::up::{Part, SimTiming, WorkerSpec, sibling, wait_ready, write_private};
 
 /// The peers' environment: the Hugging Face hub at a closed loopback port, and offline.
 const PEER_ENV: [(&str, &str); 2] = [
@@ -160,7 +160,7 @@ impl Target {
 }
 
 /// One target's row of the table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 struct Row {
     target: String,
     /// Token hit rate: of every request (trace), of later turns (sessions).
@@ -189,20 +189,8 @@ impl Row {
     fn failed(target: String, why: String) -> Self {
         Row {
             target,
-            hit_rate: 0.0,
-            ttft_p50_s: 0.0,
-            ttft_p90_s: 0.0,
-            ttft_p99_s: 0.0,
-            tpot_p50_s: 0.0,
-            output_tokens_per_s: 0.0,
-            requests: 0,
-            errors: 0,
-            imbalance: 0.0,
-            prefill_tokens_per_worker: Vec::new(),
-            stopped_cleanly: false,
-            bound: None,
             failed: Some(why),
-            ttfts_s: Vec::new(),
+            ..Row::default()
         }
     }
 
@@ -345,28 +333,20 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
         let mut workers = Vec::new();
         for (i, &port) in worker_ports.iter().enumerate() {
-            let worker_args = vec![
-                "--model".into(),
-                model.display().to_string(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--engine".into(),
-                "sim".into(),
-                "--kv-cache".into(),
-                args.kv_cache.clone(),
-                "--block-tokens".into(),
-                args.block_tokens.to_string(),
-                "--served-model-name".into(),
-                served.clone(),
-                "--max-context".into(),
-                args.max_context.to_string(),
-                "--sim-prefill-tokens-per-s".into(),
-                args.sim_prefill_tokens_per_s.to_string(),
-                "--sim-step-ms".into(),
-                args.sim_step_ms.to_string(),
-                "--sim-decode-ms-per-sequence".into(),
-                args.sim_decode_ms_per_sequence.to_string(),
-            ];
+            let worker_args = WorkerSpec {
+                model: &model,
+                engine: "sim",
+                kv_cache: &args.kv_cache,
+                block_tokens: args.block_tokens,
+                served: &served,
+                max_context: Some(args.max_context),
+                sim: Some(SimTiming {
+                    prefill_tokens_per_s: args.sim_prefill_tokens_per_s,
+                    step_ms: args.sim_step_ms,
+                    decode_ms_per_sequence: args.sim_decode_ms_per_sequence,
+                }),
+            }
+            .args(port);
             let name = format!("worker-{i}");
             workers.push(Part::spawn(
                 &name,
@@ -782,11 +762,7 @@ fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), St
         "goals": checks.iter().map(|(w, ok)| serde_json::json!({"goal": w, "met": ok})).collect::<Vec<_>>(),
     });
     let path = args.out.join("compare.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    bench::write_json(&path, &json)?;
     let series: Vec<Series> = rows
         .iter()
         .filter(|r| r.failed.is_none() && !r.ttfts_s.is_empty())
@@ -850,19 +826,11 @@ mod tests {
         Row {
             target: target.into(),
             hit_rate: hit,
-            ttft_p50_s: 0.0,
             ttft_p90_s: p90,
-            ttft_p99_s: 0.0,
-            tpot_p50_s: 0.0,
-            output_tokens_per_s: 0.0,
             requests: 1,
-            errors: 0,
             imbalance,
-            prefill_tokens_per_worker: Vec::new(),
             stopped_cleanly: true,
-            bound: None,
-            failed: None,
-            ttfts_s: Vec::new(),
+            ..Row::default()
         }
     }
 

@@ -255,12 +255,7 @@ pub(crate) async fn sessions(args: SessionsArgs) -> Result<(Summary, Vec<Turn>),
     );
     if let Some(out) = &args.out {
         let json = serde_json::json!({"summary": summary, "turns": turns});
-        std::fs::write(
-            out,
-            serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-        eprintln!("wrote {}", out.display());
+        crate::bench::write_json(out, &json)?;
     }
     Ok((summary, turns))
 }

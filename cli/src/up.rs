@@ -170,6 +170,60 @@ impl Part {
     }
 }
 
+/// The simulator's timing model, as its worker flags take it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SimTiming {
+    pub(crate) prefill_tokens_per_s: f64,
+    pub(crate) step_ms: f64,
+    pub(crate) decode_ms_per_sequence: f64,
+}
+
+/// How a worker is started; [`WorkerSpec::args`] gives its command line for one port.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkerSpec<'a> {
+    pub(crate) model: &'a Path,
+    pub(crate) engine: &'a str,
+    pub(crate) kv_cache: &'a str,
+    pub(crate) block_tokens: u32,
+    pub(crate) served: &'a str,
+    pub(crate) max_context: Option<u64>,
+    /// The simulator's timing, for `--engine sim`.
+    pub(crate) sim: Option<SimTiming>,
+}
+
+impl WorkerSpec<'_> {
+    pub(crate) fn args(&self, port: u16) -> Vec<String> {
+        let mut args = vec![
+            "--model".into(),
+            self.model.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--engine".into(),
+            self.engine.into(),
+            "--kv-cache".into(),
+            self.kv_cache.into(),
+            "--block-tokens".into(),
+            self.block_tokens.to_string(),
+            "--served-model-name".into(),
+            self.served.into(),
+        ];
+        if let Some(sim) = self.sim {
+            args.extend([
+                "--sim-prefill-tokens-per-s".into(),
+                sim.prefill_tokens_per_s.to_string(),
+                "--sim-step-ms".into(),
+                sim.step_ms.to_string(),
+                "--sim-decode-ms-per-sequence".into(),
+                sim.decode_ms_per_sequence.to_string(),
+            ]);
+        }
+        if let Some(context) = self.max_context {
+            args.extend(["--max-context".into(), context.to_string()]);
+        }
+        args
+    }
+}
+
 /// Everything started so far: `stop` ends it in reverse order (router first); dropped, every
 /// child is killed (`kill_on_drop`).
 struct Cluster {
@@ -331,33 +385,20 @@ async fn start(
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
         for (shard, &port) in ports.iter().enumerate() {
-            let mut worker_args = vec![
-                "--model".into(),
-                model.display().to_string(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--engine".into(),
-                args.engine.as_str().into(),
-                "--kv-cache".into(),
-                args.kv_cache.clone(),
-                "--block-tokens".into(),
-                args.block_tokens.to_string(),
-                "--served-model-name".into(),
-                served.clone(),
-            ];
-            if args.engine == Engine::Sim {
-                worker_args.extend([
-                    "--sim-prefill-tokens-per-s".into(),
-                    args.sim_prefill_tokens_per_s.to_string(),
-                    "--sim-step-ms".into(),
-                    args.sim_step_ms.to_string(),
-                    "--sim-decode-ms-per-sequence".into(),
-                    args.sim_decode_ms_per_sequence.to_string(),
-                ]);
+            let mut worker_args = WorkerSpec {
+                model,
+                engine: args.engine.as_str(),
+                kv_cache: &args.kv_cache,
+                block_tokens: args.block_tokens,
+                served: &served,
+                max_context: args.max_context.map(|c| c as u64),
+                sim: (args.engine == Engine::Sim).then_some(SimTiming {
+                    prefill_tokens_per_s: args.sim_prefill_tokens_per_s,
+                    step_ms: args.sim_step_ms,
+                    decode_ms_per_sequence: args.sim_decode_ms_per_sequence,
+                }),
             }
-            if let Some(context) = args.max_context {
-                worker_args.extend(["--max-context".into(), context.to_string()]);
-            }
+            .args(port);
             let name = if args.shards > 1 {
                 worker_args.extend([
                     "--group".into(),
