@@ -56,14 +56,31 @@ ensure_rust() {
   done
 }
 
-# protoc: etcd-client's build generates its gRPC code with it.
+# protoc and the well-known types: etcd-client's build generates its gRPC code with protoc, and
+# its .proto files import google/protobuf/descriptor.proto. Debian ships that file in
+# libprotobuf-dev, which `--no-install-recommends` leaves out of protobuf-compiler: so check what
+# the build does (compile a file with that import), not only that a protoc binary exists.
+protoc_compiles_well_known_types() {
+  local dir rc=0
+  dir="$(mktemp -d)"
+  printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\n' >"$dir/check.proto"
+  "${PROTOC:-protoc}" -I "$dir" ${PROTOC_INCLUDE:+-I "$PROTOC_INCLUDE"} \
+    --descriptor_set_out=/dev/null "$dir/check.proto" >/dev/null 2>&1 || rc=$?
+  rm -rf "$dir"
+  return "$rc"
+}
+
 ensure_protoc() {
-  if command -v protoc >/dev/null 2>&1; then
-    note "protoc: $(protoc --version)"
-  else
-    note "protoc missing (etcd-client's build needs it): installing protobuf-compiler"
-    apt_install protobuf-compiler
+  if ! command -v "${PROTOC:-protoc}" >/dev/null 2>&1; then
+    note "protoc missing (etcd-client's build needs it): installing protobuf-compiler, libprotobuf-dev"
+    apt_install protobuf-compiler libprotobuf-dev
+  elif ! protoc_compiles_well_known_types; then
+    note "protoc cannot import google/protobuf/descriptor.proto (etcd-client's build needs it): installing libprotobuf-dev"
+    apt_install libprotobuf-dev
   fi
+  protoc_compiles_well_known_types \
+    || die "protoc still cannot compile a file that imports google/protobuf/descriptor.proto: install the well-known .proto files (Debian: libprotobuf-dev) or set PROTOC_INCLUDE to their folder"
+  note "protoc: $("${PROTOC:-protoc}" --version), well-known types found"
 }
 
 # etcd: the tests start real etcd servers on free loopback ports.
