@@ -208,6 +208,95 @@ PY
   note "model: $target (sha256 verified)"
 }
 
+# The local Kubernetes control plane of the tests and of ./scripts/kube: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler and kubectl (k8s.io/kubernetes), kwok (fake nodes) and
+# helm, built once from the Go module tools/k8s, whose go.mod pins them, into
+# $TIDELOCK_CACHE/k8s/<kubernetes version>/bin (outside the clone, so CI reuses it), and rebuilt
+# when tools/k8s changes. Needs Go 1.26 or newer and the Go module proxy. Exports
+# TIDELOCK_K8S_BIN. Where it cannot be built the Kubernetes tests skip, saying so; with
+# TIDELOCK_REQUIRE_CLUSTER=1 (CI) that is an error instead.
+KUBE_MODULE="tools/k8s"
+kube_unavailable() {
+  unset TIDELOCK_K8S_BIN
+  if [ "${TIDELOCK_REQUIRE_CLUSTER:-}" = 1 ]; then
+    die "$1 (TIDELOCK_REQUIRE_CLUSTER=1 needs the local Kubernetes control plane)"
+  fi
+  note "warning: $1: the tests that need Kubernetes will be skipped"
+}
+
+# Runs "$@", printing how long it has run every 30 s (a Go build is silent for minutes).
+with_heartbeat() {
+  local started=$SECONDS pid n=0
+  "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    n=$((n + 1))
+    if [ $((n % 30)) -eq 0 ] && kill -0 "$pid" 2>/dev/null; then
+      note "      still building ($((SECONDS - started)) s)"
+    fi
+  done
+  wait "$pid"
+}
+
+ensure_kube_tools() {
+  local version bin stamp
+  version="$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' "$KUBE_MODULE/go.mod")"
+  bin="$TIDELOCK_CACHE/k8s/$version/bin"
+  stamp="$(cat "$KUBE_MODULE/go.mod" "$KUBE_MODULE/go.sum" | sha256sum | cut -d' ' -f1)"
+  export TIDELOCK_K8S_BIN="$bin"
+  if [ -f "$bin/stamp" ] && [ "$(cat "$bin/stamp")" = "$stamp" ]; then
+    note "kubernetes control plane $version: $bin"
+    return 0
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    kube_unavailable "go not found (Go 1.26 or newer builds the local Kubernetes control plane)"
+    return 0
+  fi
+  local helm minor
+  helm="$(awk '$1 == "helm.sh/helm/v4" { print $2; exit }' "$KUBE_MODULE/go.mod")"
+  minor="$(echo "$version" | cut -d. -f2)"
+  local ldflags="-s -w"
+  local pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags="$ldflags -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  done
+  ldflags="$ldflags -X helm.sh/helm/v4/internal/version.version=$helm"
+  note "building the Kubernetes $version control plane from Go modules ($(go version | cut -d' ' -f3)) into $bin"
+  note "(once; about 15 minutes on 2 cores with empty Go caches, a minute or two with warm ones)"
+  local partial="$bin.partial"
+  rm -rf "$partial"
+  mkdir -p "$partial"
+  local targets=(
+    "etcd go.etcd.io/etcd/server/v3"
+    "kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver"
+    "kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager"
+    "kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler"
+    "kubectl k8s.io/kubernetes/cmd/kubectl"
+    "kwok sigs.k8s.io/kwok/cmd/kwok"
+    "helm helm.sh/helm/v4/cmd/helm"
+  )
+  local i=0 target name started
+  for target in "${targets[@]}"; do
+    i=$((i + 1))
+    name="${target%% *}"
+    pkg="${target#* }"
+    started=$SECONDS
+    note "[$i/${#targets[@]}] $name ($pkg)"
+    if ! (cd "$KUBE_MODULE" && with_heartbeat env GOFLAGS="-mod=readonly -buildvcs=false" \
+      go build -trimpath -ldflags "$ldflags" -o "$partial/$name" "$pkg"); then
+      rm -rf "$partial"
+      kube_unavailable "building $name from $KUBE_MODULE failed (the Go output above says why; the Go module proxy must be reachable)"
+      return 0
+    fi
+    note "      built in $((SECONDS - started)) s"
+  done
+  echo "$stamp" >"$partial/stamp"
+  rm -rf "$bin"
+  mv "$partial" "$bin"
+  note "kubernetes control plane $version: $bin"
+}
+
 ensure_prerequisites() {
   step "Checking prerequisites"
   ensure_rust
