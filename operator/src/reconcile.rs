@@ -3,6 +3,7 @@
 //! error policy (per-object exponential backoff), and status conditions that keep their
 //! `lastTransitionTime` until their status really changes.
 
+pub mod diagnose;
 pub mod model;
 pub mod tenant;
 

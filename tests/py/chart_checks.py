@@ -102,17 +102,17 @@ BAD_VALUES = [
 
 # The operator's permissions, exactly (issue #6): anything more is a review, not an accident.
 OPERATOR_RULES = [
-    (["tidelock.dev"], ["models", "tenants"], ["get", "list", "watch", "patch", "update"]),
-    (["tidelock.dev"], ["models/status", "tenants/status"], ["get", "patch", "update"]),
-    (["tidelock.dev"], ["models/finalizers", "tenants/finalizers"], ["update"]),
-    (["apps"], ["statefulsets"], ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ([""], ["services"], ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    (["policy"], ["poddisruptionbudgets"], ["get", "list", "watch", "create", "patch", "update", "delete"]),
+    (["tidelock.dev"], ["models", "tenants"], ["list", "watch", "patch"]),
+    (["tidelock.dev"], ["models/status", "tenants/status"], ["patch"]),
+    (["tidelock.dev"], ["models/finalizers"], ["update"]),
+    (["apps"], ["statefulsets"], ["list", "watch", "create", "patch", "delete"]),
+    ([""], ["services"], ["create", "patch"]),
+    (["policy"], ["poddisruptionbudgets"], ["create", "patch"]),
     ([""], ["secrets"], ["get", "list", "watch"]),
-    ([""], ["pods"], ["get", "list", "watch"]),
+    ([""], ["pods", "events"], ["list"]),
     (["events.k8s.io"], ["events"], ["create", "patch"]),
 ]
-LEASE_RULES = [(["coordination.k8s.io"], ["leases"], ["get", "create", "update", "patch"])]
+LEASE_RULES = [(["coordination.k8s.io"], ["leases"], ["get", "create", "update"])]
 
 DEFAULT_OBJECTS = [
     "ClusterRole/tidelock-system-tidelock-operator",
@@ -261,7 +261,7 @@ def check_common(set_name, objects, values):
     check(rt["command"] == ["tidelock-router"], f"{label} router command {rt['command']}")
     check(renv.get("TIDELOCK_ROUTER_LISTEN") == "0.0.0.0:8000", f"{label} router listen")
     check(rt["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}], f"{label} router port")
-    check(rt["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}, f"{label} router readiness")
+    check(rt["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}, f"{label} router readiness")
     policy = values.get("router", {}).get("policy", "ttft")
     check(rt["args"][:2] == ["--policy", policy], f"{label} router args {rt['args']}")
     svc = one(objects, "Service", "tidelock-router")
@@ -426,6 +426,26 @@ def check_facts(rendered):
     check(pod.get("imagePullSecrets") == [{"name": "registry-credentials"}], "[gpu] pull secrets")
 
 
+def check_long_release_name(chart):
+    """The longest release name helm allows (53 characters) still gives valid object names: a
+    Service name is a DNS label (63 characters), and a StatefulSet's pods carry a
+    `<name>-<10-character hash>` revision label (63 characters)."""
+    release = "r" * 53
+    manifests = chart.render({}, name=release, namespace=NAMESPACE, is_install=True)
+    names = []
+    for path, text in sorted(manifests.items()):
+        if not path.endswith(".yaml"):
+            continue
+        for o in yaml.safe_load_all(text):
+            if not o or o["kind"].startswith("Cluster"):
+                continue
+            name = o["metadata"]["name"]
+            limit = 63 - 11 if o["kind"] == "StatefulSet" else 63
+            check(len(name) <= limit, f"[53-character release] {o['kind']}/{name}: {len(name)} characters, over {limit}")
+            names.append(name)
+    print(f"[53-character release] {len(names)} objects, longest name {max(map(len, names))} characters")
+
+
 def check_refusals(chart):
     for values, words in BAD_VALUES:
         try:
@@ -586,6 +606,7 @@ def main():
         commands, rendered, notes = check_sets(chart)
         check_facts(rendered)
         check_refusals(chart)
+        check_long_release_name(chart)
     check_examples()
     check_notes(notes)
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,9 +20,14 @@ Names, labels, images and the etcd endpoints every component shares.
 {{- end }}
 {{- end }}
 
-{{/* Component names; truncated so a suffix still fits in 63 characters. */}}
+{{/*
+Component names, truncated so that each object's name still fits in the 63 characters of a
+DNS label with its longest suffix: `<operator>-metrics` (Service), `<router>` (Service,
+Deployment), `<etcd>-peers` (Service) and `<etcd>-<ordinal>` pods with their
+`<etcd>-<10-character hash>` revision label.
+*/}}
 {{- define "tidelock.operator.fullname" -}}
-{{- printf "%s-operator" (include "tidelock.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- printf "%s-operator" (include "tidelock.fullname" . | trunc 46 | trimSuffix "-") }}
 {{- end }}
 {{- define "tidelock.router.fullname" -}}
 {{- printf "%s-router" (include "tidelock.fullname" . | trunc 50 | trimSuffix "-") }}
@@ -117,34 +122,43 @@ capabilities:
 {{- end }}
 
 {{/*
-What the operator may do, wherever it watches (a ClusterRole, or a Role in watchNamespace).
-Secrets are read-only: the operator hashes Tenants' keys and never writes them.
+What the operator may do, wherever it watches (a ClusterRole, or a Role in watchNamespace):
+exactly what it uses, which tests/kube.rs checks against the API server's audit log. Secrets
+are read-only: the operator hashes Tenants' keys and never writes them.
 */}}
 {{- define "tidelock.operatorRules" -}}
+# The Models and Tenants it reconciles: watched, finalizers added and removed by patch, status
+# by server-side apply.
 - apiGroups: ["tidelock.dev"]
   resources: ["models", "tenants"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["tidelock.dev"]
   resources: ["models/status", "tenants/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
+# Owning objects with blockOwnerDeletion (StatefulSets, Service, budget) needs this where the
+# OwnerReferencesPermissionEnforcement admission plugin runs.
 - apiGroups: ["tidelock.dev"]
-  resources: ["models/finalizers", "tenants/finalizers"]
+  resources: ["models/finalizers"]
   verbs: ["update"]
+# What it owns: applied (server-side apply creates them), groups listed and removed on scale-down;
+# the garbage collector deletes the rest.
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["create", "patch"]
+# Tenants' keys, read-only.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
+# Why workers do not run: their pods, and the StatefulSet controller's FailedCreate Events.
 - apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  resources: ["pods", "events"]
+  verbs: ["list"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

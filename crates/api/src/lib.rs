@@ -58,6 +58,13 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The API server refused an object built from the spec (e.g. an immutable field changed).
     pub const APPLY_REJECTED: &str = "ApplyRejected";
+    /// No node can take a worker's pod (the scheduler's message says why: resources, GPU
+    /// product, taints, volumes).
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// A group's pods cannot be created (Pod Security, a ResourceQuota, a webhook refused them).
+    pub const POD_CREATION_FAILED: &str = "PodCreationFailed";
+    /// A worker's container cannot start or keeps exiting (image pull, crash loop, config).
+    pub const WORKER_FAILING: &str = "WorkerFailing";
     /// A `False` `Degraded` condition: nothing needs a human.
     pub const AS_EXPECTED: &str = "AsExpected";
     /// A Tenant's record is written and its keys work.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -211,7 +212,9 @@ impl ControlPlane {
                 format!("--client-ca-file={}", pki.ca_cert.display()),
                 format!("--token-auth-file={}", pki.token_file.display()),
                 "--authorization-mode=RBAC".into(),
-                "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,ResourceQuota,DefaultTolerationSeconds,Priority".into(),
+                // The defaults, and OwnerReferencesPermissionEnforcement as hardened clusters (OpenShift)
+                // run it: setting an owner that blocks deletion needs `update` on its finalizers.
+                "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,ResourceQuota,DefaultStorageClass,DefaultTolerationSeconds,Priority,OwnerReferencesPermissionEnforcement".into(),
                 format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
                 format!("--api-audiences={SERVICE_ACCOUNT_ISSUER}"),
                 format!("--service-account-key-file={}", pki.sa_public.display()),
@@ -292,6 +295,25 @@ impl ControlPlane {
             ..Spec::default()
         })?;
         cp.add_nodes(&admin).await?;
+        // The default storage class, whose claims kwok's volume stages bind to fake volumes.
+        let class: StorageClass = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "kwok-volume",
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": "kwok.x-k8s.io/volume",
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate",
+        }))
+        .expect("a StorageClass");
+        Api::<StorageClass>::all(admin.clone())
+            .patch(
+                "kwok-volume",
+                &PatchParams::apply("tidelock-localkube").force(),
+                &Patch::Apply(class),
+            )
+            .await
+            .map_err(Error::Kube)?;
         // Pods need their namespace's `default` service account, which the controller-manager
         // creates: its presence says the controllers run.
         let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");

@@ -24,8 +24,8 @@
 //! What it does not do: pull images (the binaries come from `programs`), run init containers
 //! (reported as completed), mount volumes (a process sees this machine's files), enforce
 //! resources, or run liveness probes. Per command, `overrides` replace flags a real container
-//! would need its image for: the worker's `--model` becomes a local model file and it runs the
-//! simulated engine (`--engine sim`) because no GPU exists here. kwok's stages leave these pods
+//! would need its image for: the worker's `--model` becomes a local model file, and a worker
+//! whose pod asks for GPUs runs the simulated engine (`--engine sim`) because no GPU exists here. kwok's stages leave these pods
 //! to us (`kwok-stages.yaml`) and still delete them when they are deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +61,21 @@ pub struct Override {
     pub set: Vec<(String, String)>,
     /// Added after the pod's own arguments.
     pub append: Vec<String>,
+    /// Added too when the container asks for GPUs (`nvidia.com/gpu`), which no process here
+    /// has: the worker's `--engine sim`.
+    pub append_without_gpu: Vec<String>,
+}
+
+/// Whether a container asks for GPUs.
+fn wants_gpus(container: &Container) -> bool {
+    let resources = container.resources.as_ref();
+    [
+        resources.and_then(|r| r.limits.as_ref()),
+        resources.and_then(|r| r.requests.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|m| m.get("nvidia.com/gpu").is_some_and(|q| q.0 != "0"))
 }
 
 /// What the kubelet runs and where.
@@ -93,11 +108,22 @@ impl std::fmt::Debug for Config {
 /// `(namespace, pod name)`.
 type PodKey = (String, String);
 
+/// What a pod's task is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halt {
+    /// Keep running (the initial value).
+    No,
+    /// The pod is gone: SIGTERM, its grace period, SIGKILL.
+    Stop,
+    /// The machine is gone: SIGKILL now, nothing restarts it, the pod object stays.
+    Crash,
+}
+
 /// One pod this kubelet runs.
 #[derive(Debug)]
 struct Run {
     uid: String,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Halt>,
     task: JoinHandle<()>,
     pid: Arc<Mutex<Option<u32>>>,
 }
@@ -185,6 +211,16 @@ impl Kubelet {
         self.config.dir.join(format!("{namespace}_{pod}.log"))
     }
 
+    /// Kills the pod's process as a machine failure would: SIGKILL, no restart, the pod object
+    /// left as it is (Running, until someone deletes it). Returns whether it ran.
+    pub fn crash(&self, namespace: &str, pod: &str) -> bool {
+        let state = self.state.lock().expect("kubelet state");
+        match state.runs.get(&(namespace.to_owned(), pod.to_owned())) {
+            Some(run) => run.stop.send(Halt::Crash).is_ok(),
+            None => false,
+        }
+    }
+
     /// Stops watching; every process it runs is stopped.
     pub async fn shutdown(&self) {
         self.task.abort();
@@ -193,7 +229,7 @@ impl Kubelet {
             std::mem::take(&mut state.runs).into_values().collect()
         };
         for run in runs {
-            let _ = run.stop.send(true);
+            let _ = run.stop.send(Halt::Stop);
             let _ = run.task.await;
         }
     }
@@ -241,7 +277,7 @@ fn stop_run(ctx: &Ctx, key: &PodKey, uid: Option<&str>) {
     if let Some(run) = state.runs.get(key)
         && uid.is_none_or(|u| u == run.uid)
     {
-        let _ = run.stop.send(true);
+        let _ = run.stop.send(Halt::Stop);
     }
 }
 
@@ -261,12 +297,12 @@ fn on_pod(ctx: &Arc<Ctx>, pod: Pod) {
         Some(_) => {
             // The same name, a new pod (a StatefulSet's replacement): the old one stops first.
             let old = state.runs.remove(&key).expect("present");
-            let _ = old.stop.send(true);
+            let _ = old.stop.send(Halt::Stop);
             Some(old.task)
         }
         None => None,
     };
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = watch::channel(Halt::No);
     let pid = Arc::new(Mutex::new(None));
     let task = tokio::spawn(run_pod(ctx.clone(), pod, stopped, previous, pid.clone()));
     state.runs.insert(
@@ -563,6 +599,9 @@ async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, String> {
             set_flag(&mut args, flag, value);
         }
         args.extend(o.append.iter().cloned());
+        if wants_gpus(&container) {
+            args.extend(o.append_without_gpu.iter().cloned());
+        }
     }
     // Every declared port gets its host port now (a probe or a peer may name it).
     let mut named = BTreeMap::new();
@@ -716,7 +755,7 @@ async fn patch_status(ctx: &Ctx, pod: &Pod, status: serde_json::Value) {
 async fn run_pod(
     ctx: Arc<Ctx>,
     pod: Pod,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<Halt>,
     previous: Option<JoinHandle<()>>,
     pid: Arc<Mutex<Option<u32>>>,
 ) {
@@ -727,7 +766,7 @@ async fn run_pod(
     let mut restarts = 0;
     let mut backoff = Duration::from_secs(1);
     loop {
-        if *stopped.borrow() {
+        if *stopped.borrow() != Halt::No {
             return;
         }
         let prepared = match prepare(&ctx, &pod).await {
@@ -774,7 +813,12 @@ async fn run_pod(
         loop {
             tokio::select! {
                 _ = stopped.changed() => {
-                    process.stop(prepared.grace).await;
+                    if *stopped.borrow() == Halt::Crash {
+                        process.kill_now();
+                        let _ = process.wait().await;
+                    } else {
+                        process.stop(prepared.grace).await;
+                    }
                     *pid.lock().expect("pid") = None;
                     return;
                 }

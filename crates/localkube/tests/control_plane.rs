@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, PersistentVolumeClaim, Pod, Secret, ServiceAccount,
+};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -217,6 +219,25 @@ async fn a_real_cluster_that_stops_cleanly() {
     wait_for("the garbage collector to remove the pods", LIMIT, || {
         let (pods, web) = (pods.clone(), web.clone());
         async move { pods.list(&web).await.ok()?.items.is_empty().then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    // kwok's volume stages bind a claim of the default storage class.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), "apps");
+    create(
+        &claims,
+        json!({"metadata": {"name": "models"},
+               "spec": {"accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "40Gi"}}}}),
+    )
+    .await;
+    wait_for("the claim to be bound", LIMIT, || {
+        let claims = claims.clone();
+        async move {
+            let c = claims.get("models").await.ok()?;
+            (c.status?.phase.as_deref() == Some("Bound")).then_some(())
+        }
     })
     .await
     .unwrap();

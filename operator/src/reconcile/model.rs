@@ -8,8 +8,11 @@
 //! - `Ready` is true when every desired worker is registered and every group is rolled out.
 //! - `Progressing` is true while a group rolls (`RollingUpdate`) or workers start
 //!   (`WorkersStarting`).
-//! - `Degraded` is true when the spec cannot be built (`InvalidSpec`) or the cluster state cannot
-//!   be read (`StateStoreUnavailable`).
+//! - `Degraded` is true when the spec cannot be built (`InvalidSpec`), the cluster state cannot
+//!   be read (`StateStoreUnavailable`), or workers cannot run for a reason a person must fix:
+//!   no node fits (`Unschedulable`), their pods cannot be created (`PodCreationFailed`: Pod
+//!   Security, a quota), a container cannot start (`WorkerFailing`); `diagnose` reads those from
+//!   the pods and the StatefulSets' Events while the Model is not ready.
 //!
 //! Every change to the objects and every condition that flips is a Kubernetes Event.
 
@@ -26,7 +29,7 @@ use kube::{Resource, ResourceExt};
 use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reasons};
 use tidelock_protocol::{ModelName, WorkerRegistration};
 
-use super::{Context, Error, condition, is_true, with_finalizer, write_status};
+use super::{Context, Error, condition, diagnose, is_true, with_finalizer, write_status};
 use crate::builders;
 
 /// Requeue while workers start: registrations live in etcd, which the controller does not watch.
@@ -189,7 +192,29 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     };
 
     let registered = registrations(model, ctx).await;
-    let status = status(model, &previous, &groups, registered.as_ref().ok());
+    let mut status = status(model, &previous, &groups, registered.as_ref().ok());
+    if !is_true(&status.conditions, conditions::READY) && registered.is_ok() {
+        match diagnose::diagnose(model, ctx, &groups).await {
+            Ok(Some((reason, message))) => {
+                let degraded = condition(
+                    &previous.conditions,
+                    conditions::DEGRADED,
+                    true,
+                    reason,
+                    message,
+                    model.metadata.generation,
+                );
+                for c in &mut status.conditions {
+                    if c.type_ == conditions::DEGRADED {
+                        *c = degraded.clone();
+                    }
+                }
+            }
+            Ok(None) => {}
+            // A diagnosis is a courtesy: its failure leaves the status as it was computed.
+            Err(e) => tracing::warn!(model = %name, "cannot read why workers do not run: {e}"),
+        }
+    }
     let ready = is_true(&status.conditions, conditions::READY);
     publish(model, ctx, &previous, status).await?;
     // A store that cannot be read is an error: the controller retries with backoff.

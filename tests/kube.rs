@@ -1,0 +1,950 @@
+//! The user's Kubernetes path, end to end, against a real control plane (`tidelock-localkube`:
+//! kube-apiserver with RBAC, admission and Pod Security, the controller-manager's StatefulSet,
+//! Deployment and garbage-collector controllers, the scheduler, kwok's fake CPU and GPU nodes).
+//!
+//! What stands in for what cannot run here (no container runtime, no kubelet, no GPU): the
+//! chart's operator and router pods, and the operator's worker pods, run as the workspace's
+//! binaries under the stand-in kubelet (`tidelock_localkube::kubelet`): same command, arguments
+//! and environment as the pod spec, the pod's own service-account token (so the operator talks
+//! to the API server exactly as its ServiceAccount, never as admin), loopback ports for
+//! container ports and pod DNS names, readiness from the real `/readyz`. CPU workers run the
+//! real model (the default SmolLM2 GGUF instead of the Hugging Face download their init
+//! container would do); GPU workers run the simulated engine. The chart's bundled etcd is not
+//! run (its pods are kwok's fakes): the release points at a real etcd started here, the one
+//! Tidelock's state lives in. What is not exercised: images, image pulls, volumes' contents,
+//! resource limits, liveness probes, init containers, Service networking.
+//!
+//! Skipped (saying so) where the control plane is not built; failed under
+//! `TIDELOCK_REQUIRE_CLUSTER=1` (CI). `-- --nocapture` prints the transcript.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tidelock_api::{Model, Tenant};
+use tidelock_e2e::{binary, model_path, python, repo_root};
+use tidelock_localkube::control_plane::wait_for;
+use tidelock_localkube::kubelet::{self, Kubelet, Override};
+use tidelock_localkube::{ControlPlane, Options, shared};
+use tidelock_protocol::{KeyLayout, ModelName, TenantId, TenantRecord};
+use tidelock_state::StateStore;
+use tidelock_state::testing::EtcdServer;
+
+/// The release and its namespace; the Models and the Tenant go to `ML`.
+const RELEASE: &str = "tidelock";
+const NS: &str = "tidelock";
+const ML: &str = "ml";
+/// Readiness of real workers on two cores, with everything else running.
+const SLOW: Duration = Duration::from_secs(180);
+const LIMIT: Duration = Duration::from_secs(60);
+/// The example Tenant's key (charts/tidelock/examples/tenant.yaml).
+const EXAMPLE_KEY: &str = "sk-team-a-replace-me-0123456789";
+
+/// The control plane, the stand-in kubelet, and the etcd Tidelock's state lives in.
+struct Cluster {
+    cp: ControlPlane,
+    kubelet: Kubelet,
+    etcd: EtcdServer,
+    client: Client,
+    store: tidelock_state::EtcdStore,
+    /// Where the test's files go.
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn tool(&self, name: &str) -> PathBuf {
+        self.cp.tools().path(name)
+    }
+
+    /// Runs kubectl or helm with the admin kubeconfig; `(success, stdout + stderr)`.
+    fn run(&self, tool: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new(self.tool(tool))
+            .args(args)
+            .env("KUBECONFIG", self.cp.kubeconfig())
+            .env("HOME", self.dir.path())
+            .current_dir(repo_root())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Like [`Self::run`], printed as a transcript line (helm's notes left out) and required
+    /// to succeed.
+    fn ok(&self, tool: &str, args: &[&str]) -> String {
+        let (ok, text) = self.run(tool, args);
+        let shown = text.split("\nNOTES:").next().unwrap_or_default();
+        eprintln!("$ {tool} {}\n{shown}", args.join(" "));
+        assert!(ok, "{tool} {} failed:\n{text}", args.join(" "));
+        text
+    }
+
+    fn api<K>(&self, namespace: &str) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// The host port of the first running pod matching `selector` in `namespace`.
+    async fn pod_port(&self, namespace: &str, selector: &str, port: i32) -> u16 {
+        let pods: Api<Pod> = self.api(namespace);
+        let selector = selector.to_owned();
+        let kubelet = self.kubelet.clone();
+        let namespace = namespace.to_owned();
+        wait_for(&format!("a ready pod {selector}"), SLOW, || {
+            let (pods, selector, kubelet, namespace) = (
+                pods.clone(),
+                selector.clone(),
+                kubelet.clone(),
+                namespace.clone(),
+            );
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels(&selector))
+                    .await
+                    .ok()?;
+                list.items
+                    .iter()
+                    .filter(|p| is_ready(p))
+                    .find_map(|p| kubelet.port(&namespace, &p.name_any(), port))
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A chat through the router with the `openai` client: the parsed reply line.
+    async fn chat(&self, key: &str, model: &str, prompt: &str) -> Value {
+        let port = self
+            .pod_port(NS, "app.kubernetes.io/component=router", 8000)
+            .await;
+        let out = Command::new(python())
+            .arg(repo_root().join("tests/py/kube_chat.py"))
+            .args([&format!("http://127.0.0.1:{port}/v1"), key, model, prompt])
+            .output()
+            .expect("the venv's python");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "kube_chat.py: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    async fn model(&self, name: &str) -> Option<Model> {
+        self.api::<Model>(ML).get_opt(name).await.ok().flatten()
+    }
+
+    /// Waits until the Model reports Ready with `workers` ("ready/desired").
+    async fn model_ready(&self, name: &str, workers: &str, limit: Duration) -> Model {
+        let started = Instant::now();
+        let result = wait_for(&format!("Model {name} Ready {workers}"), limit, || async {
+            let m = self.model(name).await?;
+            let status = m.status.as_ref()?;
+            let ready = condition(&m, "Ready").is_some_and(|(s, _, _)| s == "True");
+            let current = status.observed_generation == m.metadata.generation;
+            (ready && current && status.workers.as_deref() == Some(workers)).then_some(m)
+        })
+        .await;
+        match result {
+            Ok(m) => {
+                eprintln!(
+                    "Model {name} Ready {workers} after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                m
+            }
+            Err(e) => {
+                let now = self.model(name).await.map(|m| m.status);
+                let (_, refused) = operator_requests(self);
+                panic!(
+                    "{e}; the Model's status: {now:#?}\nthe operator's refused requests: {refused:#?}\n{}",
+                    self.logs_of(ML)
+                );
+            }
+        }
+    }
+
+    /// The tail of each process log in `namespace` (for failure messages).
+    fn logs_of(&self, namespace: &str) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("kubelet")) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(&format!("{namespace}_")) && name.ends_with(".log") {
+                let tail = tidelock_localkube::process::log_tail(&e.path(), 15);
+                out.push_str(&format!("--- {name}\n{tail}\n"));
+            }
+        }
+        out
+    }
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// `(status, reason, message)` of a Model's condition.
+fn condition(model: &Model, kind: &str) -> Option<(String, String, String)> {
+    model
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn start() -> Option<Cluster> {
+    let tools = shared::tools_or_skip()?;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(tools, Options::default())
+        .await
+        .expect("the local control plane starts");
+    let client = cp.client().await.unwrap();
+    let etcd = EtcdServer::start()
+        .await
+        .expect("etcd (run ./scripts/test to install it)");
+    let store = tidelock_state::EtcdStore::connect(etcd.config())
+        .await
+        .unwrap();
+    let worker = Override {
+        set: vec![("--model".into(), model_path().display().to_string())],
+        append: Vec::new(),
+        append_without_gpu: vec!["--engine".into(), "sim".into()],
+    };
+    let kubelet = Kubelet::start(
+        client.clone(),
+        kubelet::Config {
+            programs: [
+                ("tidelock-operator", binary("tidelock-operator")),
+                ("tidelock-router", binary("tidelock-router")),
+                ("tidelock-worker", binary("tidelock-worker")),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+            overrides: BTreeMap::from([("tidelock-worker".to_owned(), worker)]),
+            namespaces: Some(BTreeSet::from([NS.to_owned(), ML.to_owned()])),
+            dir: dir.path().join("kubelet"),
+            server: cp.server().to_owned(),
+            ca_pem: cp.ca_pem().to_owned(),
+            report: Some(std::sync::Arc::new(|line: &str| {
+                eprintln!("kubelet: {line}")
+            })),
+        },
+    );
+    Some(Cluster {
+        cp,
+        kubelet,
+        etcd,
+        client,
+        store,
+        dir,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_then_kubectl_apply_the_examples() {
+    let Some(p) = start().await else {
+        return;
+    };
+    let chart = repo_root().join("charts/tidelock");
+    let chart = chart.to_str().unwrap();
+    let etcd_url = p.etcd.endpoint();
+
+    // helm install with the real helm CLI: helm v4 applies every object with server-side apply.
+    p.ok(
+        "helm",
+        &[
+            "install",
+            RELEASE,
+            chart,
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--set",
+            &format!("etcd.external.endpoints[0]={etcd_url}"),
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    );
+    let (listed, manifest) = p.run("helm", &["get", "manifest", RELEASE, "-n", NS]);
+    assert!(listed, "{manifest}");
+    let kinds: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect();
+    eprintln!("the release's objects: {kinds:?}");
+    for kind in [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "Role",
+    ] {
+        assert!(kinds.contains(&kind), "the release renders a {kind}");
+    }
+    let deployments = p.ok(
+        "kubectl",
+        &["get", "deployments", "-n", NS, "-o", "jsonpath={range .items[*]}{.metadata.name} {.metadata.managedFields[0].manager}/{.metadata.managedFields[0].operation}{\"\\n\"}{end}"],
+    );
+    assert!(
+        deployments.contains("helm/Apply"),
+        "server-side apply by helm: {deployments}"
+    );
+
+    // Other values install too, each object accepted by the API server (their pods stay
+    // Pending: the stand-in kubelet runs only the main release's namespaces).
+    let long = "a-release-name-of-the-longest-length-helm-allows-x-53";
+    assert_eq!(long.len(), 53);
+    for (release, extra) in [
+        ("bundled", vec![]),
+        (
+            "ha",
+            vec![
+                "--set",
+                "etcd.replicas=3",
+                "--set",
+                "router.autoscaling.enabled=true",
+                "--set",
+                "operator.watchNamespace=ha",
+            ],
+        ),
+        (long, vec![]),
+    ] {
+        let namespace = if release == long { "long" } else { release };
+        let mut args = vec![
+            "install",
+            release,
+            chart,
+            "-n",
+            namespace,
+            "--create-namespace",
+        ];
+        args.extend(extra);
+        p.ok("helm", &args);
+    }
+
+    // The CRDs: printer columns, field docs, and CEL rules the API server itself compiled.
+    p.ok("kubectl", &["create", "namespace", ML]);
+    let explain = p.ok("kubectl", &["explain", "model.spec.kvCache"]);
+    assert!(explain.contains("blockTokens"), "{explain}");
+    for (file, words) in [
+        ("bad-block-tokens.yaml", "a power of two from 1 to 1024"),
+        (
+            "bad-name.yaml",
+            "a Model's name is at most 46 lowercase letters",
+        ),
+    ] {
+        let bad = repo_root().join("tests/kube").join(file);
+        let (accepted, refusal) =
+            p.run("kubectl", &["apply", "-n", ML, "-f", bad.to_str().unwrap()]);
+        eprintln!("$ kubectl apply -f tests/kube/{file}\n{refusal}");
+        assert!(!accepted && refusal.contains(words), "{refusal}");
+    }
+
+    // kubectl apply -f every example.
+    p.ok(
+        "kubectl",
+        &["apply", "-n", ML, "-f", &format!("{chart}/examples/")],
+    );
+    let cpu = p.model_ready("smollm2", "2/2", SLOW).await;
+    let sharded = p.model_ready("smollm2-long", "4/4", SLOW).await;
+    let gpu = p.model_ready("llama-3-1-8b", "2/2", SLOW).await;
+    for m in [&cpu, &sharded, &gpu] {
+        assert!(
+            condition(m, "Degraded").is_some_and(|(s, _, _)| s == "False"),
+            "{:?}",
+            m.status
+        );
+    }
+    let table = p.ok("kubectl", &["get", "models", "-n", ML]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "SERVED", "READY", "CONTEXT", "AGE"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("smollm2 ") && l.contains(" 2/2 ")),
+        "{table}"
+    );
+
+    // The workers: one StatefulSet per group, owned by the Model; GPU workers on GPU nodes.
+    let groups: Api<StatefulSet> = p.api(ML);
+    let owned: Vec<String> = groups
+        .list(&ListParams::default().labels("tidelock.dev/model=llama-3-1-8b"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|s| {
+            s.owner_references()
+                .iter()
+                .any(|o| o.kind == "Model" && o.controller == Some(true))
+        })
+        .map(|s| s.name_any())
+        .collect();
+    assert_eq!(owned, ["llama-3-1-8b-g0", "llama-3-1-8b-g1"]);
+    let pods: Api<Pod> = p.api(ML);
+    for pod in pods
+        .list(&ListParams::default().labels("tidelock.dev/model=llama-3-1-8b"))
+        .await
+        .unwrap()
+        .items
+    {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        assert!(node.starts_with("gpu-"), "{} on {node}", pod.name_any());
+    }
+    p.ok(
+        "kubectl",
+        &[
+            "get",
+            "pods,statefulsets,services,pdb,pvc",
+            "-n",
+            ML,
+            "-o",
+            "wide",
+        ],
+    );
+
+    // The Tenant: its key is in etcd only as a hash; the router serves it.
+    let tenant = wait_for("Tenant team-a Ready", LIMIT, || async {
+        let t = p.api::<Tenant>(ML).get("team-a").await.ok()?;
+        let ready = t
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(t)
+    })
+    .await
+    .unwrap();
+    eprintln!("tenant status: {:?}", tenant.status);
+    p.ok("kubectl", &["get", "tenants", "-n", ML]);
+    let layout = KeyLayout::new(KeyLayout::DEFAULT_ROOT);
+    let tenant_key = layout.tenant(&TenantId::new(format!("{ML}/team-a")).unwrap());
+    let record = |store: &tidelock_state::EtcdStore| {
+        let key = tenant_key.clone();
+        let store = store.clone();
+        async move {
+            let kv = store.get(&key).await.ok()??;
+            serde_json::from_slice::<TenantRecord>(&kv.value).ok()
+        }
+    };
+    let stored = record(&p.store).await.expect("the tenant record");
+    assert_eq!(stored.key_hashes, [TenantRecord::hash_api_key(EXAMPLE_KEY)]);
+    let raw = String::from_utf8_lossy(&p.store.get(&tenant_key).await.unwrap().unwrap().value)
+        .to_string();
+    assert!(!raw.contains(EXAMPLE_KEY), "never the key itself");
+
+    let reply = p.chat(EXAMPLE_KEY, "smollm2", "Say hello.").await;
+    eprintln!("chat smollm2 (real model): {reply}");
+    assert_eq!(reply["status"], 200, "{reply}");
+    assert!(reply["content"].as_str().is_some_and(|c| !c.is_empty()));
+    let reply = p
+        .chat(EXAMPLE_KEY, "llama-3.1-8b-instruct", "Say hello.")
+        .await;
+    eprintln!("chat llama-3.1-8b-instruct (simulated GPU workers): {reply}");
+    assert_eq!(reply["status"], 200, "{reply}");
+    let reply = p.chat(EXAMPLE_KEY, "smollm2-long", "Say hello.").await;
+    assert_eq!(
+        reply["status"], 404,
+        "not among the tenant's models: {reply}"
+    );
+    let reply = p
+        .chat("sk-nobody-0123456789abcdef", "smollm2", "Say hello.")
+        .await;
+    assert_eq!(reply["status"], 401, "{reply}");
+
+    // Secret rotation reaches the router through the operator; deletion revokes.
+    let secrets: Api<Secret> = p.api(ML);
+    let rotated = "sk-team-a-rotated-abcdefghijklmnop";
+    secrets
+        .patch(
+            "team-a-key",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"apiKey": rotated}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the rotated key's hash in etcd", LIMIT, || async {
+        let r = record(&p.store).await?;
+        (r.key_hashes == [TenantRecord::hash_api_key(rotated)]).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_for("the router to accept the rotated key", LIMIT, || async {
+        (p.chat(rotated, "smollm2", "Hi.").await["status"] == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        p.chat(EXAMPLE_KEY, "smollm2", "Hi.").await["status"],
+        401,
+        "the old key is revoked"
+    );
+    secrets
+        .delete("team-a-key", &Default::default())
+        .await
+        .unwrap();
+    wait_for("the record removed with its Secret", LIMIT, || async {
+        record(&p.store).await.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    wait_for("the router to refuse the deleted key", LIMIT, || async {
+        (p.chat(rotated, "smollm2", "Hi.").await["status"] == 401).then_some(())
+    })
+    .await
+    .unwrap();
+    let degraded = wait_for("Tenant team-a Degraded SecretMissing", LIMIT, || async {
+        let t = p.api::<Tenant>(ML).get("team-a").await.ok()?;
+        t.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "SecretMissing")
+    })
+    .await
+    .unwrap();
+    eprintln!("tenant after its Secret was deleted: {}", degraded.message);
+
+    // A spec change rolls the groups: every worker is replaced and the Model is Ready again.
+    let uids = |pods: Vec<Pod>| pods.iter().filter_map(|p| p.uid()).collect::<BTreeSet<_>>();
+    let cpu_pods = ListParams::default().labels("tidelock.dev/model=smollm2");
+    let before = uids(pods.list(&cpu_pods).await.unwrap().items);
+    p.api::<Model>(ML)
+        .patch(
+            "smollm2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"kvCache": {"memoryPerWorker": "256Mi"}}})),
+        )
+        .await
+        .unwrap();
+    wait_for("both groups rolled", SLOW, || async {
+        let now = uids(pods.list(&cpu_pods).await.ok()?.items);
+        (now.len() == 2 && now.is_disjoint(&before)).then_some(())
+    })
+    .await
+    .unwrap();
+    p.model_ready("smollm2", "2/2", SLOW).await;
+    for g in ["smollm2-g0", "smollm2-g1"] {
+        let args = groups
+            .get(g)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert!(
+            args.windows(2).any(|w| w == ["--kv-cache", "256Mi"]),
+            "{g}: {args:?}"
+        );
+    }
+
+    // Scaling adds and removes whole groups.
+    let scale = |n: i32| {
+        let api = p.api::<Model>(ML);
+        async move {
+            api.patch(
+                "smollm2",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": n}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    scale(3).await;
+    p.model_ready("smollm2", "3/3", SLOW).await;
+    assert!(groups.get_opt("smollm2-g2").await.unwrap().is_some());
+    scale(1).await;
+    p.model_ready("smollm2", "1/1", SLOW).await;
+    wait_for("groups g1 and g2 and their pods gone", LIMIT, || async {
+        let g1 = groups.get_opt("smollm2-g1").await.ok()?;
+        let g2 = groups.get_opt("smollm2-g2").await.ok()?;
+        let left = pods.list(&cpu_pods).await.ok()?.items.len();
+        (g1.is_none() && g2.is_none() && left == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_for("their processes to stop", LIMIT, || async {
+        let running: Vec<String> = p.kubelet.running().into_iter().map(|(_, n)| n).collect();
+        (!running
+            .iter()
+            .any(|n| n.starts_with("smollm2-g1") || n.starts_with("smollm2-g2")))
+        .then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Failures surface on the Model: no node fits, Pod Security, quota.
+    failures_surface(&p).await;
+
+    // Two operator replicas: exactly one leads on the real Lease API; killing it hands over.
+    leader_handover(&p).await;
+
+    // Delete: the finalizer clears the model's cluster state, the garbage collector its objects.
+    let served = ModelName::new("smollm2".to_owned()).unwrap();
+    let workers_dir = layout.workers_of(&served);
+    assert!(!p.store.list(&workers_dir).await.unwrap().kvs.is_empty());
+    p.ok(
+        "kubectl",
+        &[
+            "delete",
+            "model",
+            "smollm2",
+            "-n",
+            ML,
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    );
+    assert!(
+        p.store.list(&workers_dir).await.unwrap().kvs.is_empty(),
+        "registrations removed"
+    );
+    wait_for(
+        "the garbage collector to remove smollm2's objects",
+        LIMIT,
+        || async {
+            let sts = groups.list(&cpu_pods).await.ok()?.items.len();
+            let left = pods.list(&cpu_pods).await.ok()?.items.len();
+            let svc = p.api::<Service>(ML).get_opt("smollm2-workers").await.ok()?;
+            let pdb = p
+                .api::<PodDisruptionBudget>(ML)
+                .get_opt("smollm2-workers")
+                .await
+                .ok()?;
+            (sts == 0 && left == 0 && svc.is_none() && pdb.is_none()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    p.ok(
+        "kubectl",
+        &[
+            "delete",
+            "-n",
+            ML,
+            "-f",
+            &format!("{chart}/examples/"),
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=90s",
+        ],
+    );
+    p.ok("kubectl", &["get", "models,statefulsets,pods", "-n", ML]);
+
+    // The operator's ServiceAccount has exactly the permissions it used.
+    permissions_are_exactly_what_the_operator_uses(&p).await;
+
+    p.ok(
+        "helm",
+        &["uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "60s"],
+    );
+    p.kubelet.shutdown().await;
+    p.cp.stop().await;
+}
+
+/// A Model nothing can schedule, one Pod Security refuses, one over its namespace's quota: each
+/// says why in its conditions.
+async fn failures_surface(p: &Cluster) {
+    let spec = |gpus: u32, product: Option<&str>| {
+        let mut resources = json!({"gpus": gpus, "cpu": "1", "memory": "1Gi"});
+        if let Some(product) = product {
+            resources["gpuProduct"] = json!(product);
+        }
+        json!({
+            "source": {"url": {"url": "https://example.com/model.gguf"}},
+            "replicas": 1, "shards": 1,
+            "kvCache": {"memoryPerWorker": "64Mi"},
+            "resources": resources,
+        })
+    };
+    let create = |namespace: &str, name: &str, spec: Value| {
+        let api: Api<Model> = p.api(namespace);
+        let model: Model = serde_json::from_value(json!({
+            "apiVersion": "tidelock.dev/v1alpha1", "kind": "Model",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec,
+        }))
+        .unwrap();
+        async move {
+            api.create(&Default::default(), &model).await.unwrap();
+        }
+    };
+    let says = |namespace: &'static str, name: &'static str, words: &'static str| async move {
+        let api: Api<Model> = p.api(namespace);
+        let found = wait_for(&format!("Model {name} to say \"{words}\""), LIMIT, || {
+            let api = api.clone();
+            async move {
+                let m = api.get(name).await.ok()?;
+                let (status, reason, message) = condition(&m, "Degraded")?;
+                (status == "True" && message.contains(words)).then_some((reason, message))
+            }
+        })
+        .await;
+        match found {
+            Ok((reason, message)) => {
+                eprintln!("Model {namespace}/{name}: Degraded {reason}: {message}")
+            }
+            Err(e) => {
+                let status = api.get(name).await.ok().and_then(|m| m.status);
+                let (_, refused) = operator_requests(p);
+                panic!("{e}: {status:#?}\nthe operator's refused requests: {refused:#?}");
+            }
+        }
+    };
+
+    create(ML, "nowhere", spec(1, Some("NVIDIA-B300"))).await;
+    says(ML, "nowhere", "0/4 nodes are available").await;
+
+    p.ok("kubectl", &["create", "namespace", "ml-strict"]);
+    p.ok(
+        "kubectl",
+        &[
+            "label",
+            "namespace",
+            "ml-strict",
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+    );
+    create("ml-strict", "strict", spec(0, None)).await;
+    says("ml-strict", "strict", "violates PodSecurity").await;
+
+    p.ok("kubectl", &["create", "namespace", "ml-quota"]);
+    p.ok(
+        "kubectl",
+        &[
+            "create",
+            "quota",
+            "gpus",
+            "-n",
+            "ml-quota",
+            "--hard=requests.nvidia.com/gpu=0",
+        ],
+    );
+    create("ml-quota", "overquota", spec(1, None)).await;
+    says("ml-quota", "overquota", "exceeded quota").await;
+
+    for (namespace, name) in [
+        (ML, "nowhere"),
+        ("ml-strict", "strict"),
+        ("ml-quota", "overquota"),
+    ] {
+        p.ok(
+            "kubectl",
+            &[
+                "delete",
+                "model",
+                name,
+                "-n",
+                namespace,
+                "--wait=true",
+                "--timeout=60s",
+            ],
+        );
+    }
+}
+
+/// Exactly one of the two operator replicas holds the Lease; kill it as a machine failure would
+/// and the other takes over within the lease duration, then reconciles.
+async fn leader_handover(p: &Cluster) {
+    let leases: Api<Lease> = p.api(NS);
+    let lease_name = "tidelock-operator";
+    let holder = || async { leases.get(lease_name).await.ok()?.spec?.holder_identity };
+    let first = wait_for("a leader", LIMIT, holder).await.unwrap();
+    let operators: Vec<String> = p
+        .api::<Pod>(NS)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(operators.len(), 2, "{operators:?}");
+    assert!(
+        operators.contains(&first),
+        "{first} is one of {operators:?}"
+    );
+    let duration = leases
+        .get(lease_name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .lease_duration_seconds
+        .unwrap();
+    let pid = p.kubelet.pid(NS, &first).expect("the leader's process");
+    let killed = Instant::now();
+    // As when its machine dies: SIGKILL, no restart (a restarted container keeps its pod's
+    // name, so it would simply lead again).
+    assert!(p.kubelet.crash(NS, &first));
+    wait_for("the leader's process to die", LIMIT, || async move {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })
+    .await
+    .unwrap();
+    let second = wait_for("another leader", Duration::from_secs(60), || async {
+        holder().await.filter(|h| *h != first)
+    })
+    .await
+    .unwrap();
+    let took = killed.elapsed();
+    eprintln!(
+        "leader {first} killed (SIGKILL); {second} leads after {:.1} s (lease duration {duration} s)",
+        took.as_secs_f64()
+    );
+    assert!(operators.contains(&second));
+    // The lease expires `duration` after the last renewal; the standby retries every 2 s.
+    assert!(
+        took <= Duration::from_secs(u64::try_from(duration).unwrap() + 2 + 3),
+        "handover took {took:?}"
+    );
+    // The new leader reconciles: a change made now is acted on.
+    p.api::<Model>(ML)
+        .patch(
+            "smollm2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    p.model_ready("smollm2", "2/2", SLOW).await;
+}
+
+/// `(group, resource[/subresource], verb)`.
+type Permission = (String, String, String);
+
+/// What the operator's ServiceAccount asked of the API server, from the audit log: the
+/// permissions it used (an apply that created an object used `create`), and its refused
+/// requests.
+fn operator_requests(p: &Cluster) -> (BTreeSet<Permission>, BTreeSet<String>) {
+    let user = format!("system:serviceaccount:{NS}:{RELEASE}-operator");
+    let text = std::fs::read_to_string(p.cp.audit_log()).unwrap_or_default();
+    let mut used = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    for line in text.lines() {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if entry["user"]["username"] != user.as_str() {
+            continue;
+        }
+        let object = &entry["objectRef"];
+        let resource = match object["subresource"].as_str() {
+            Some(sub) => format!("{}/{sub}", object["resource"].as_str().unwrap_or("")),
+            None => object["resource"].as_str().unwrap_or("").to_owned(),
+        };
+        let group = object["apiGroup"].as_str().unwrap_or("").to_owned();
+        let verb = entry["verb"].as_str().unwrap_or("").to_owned();
+        let code = entry["responseStatus"]["code"].as_u64().unwrap_or(0);
+        if resource.is_empty() {
+            continue;
+        }
+        if code == 403 {
+            refused.insert(format!(
+                "{verb} {group}/{resource}: {}",
+                entry["responseStatus"]["message"]
+            ));
+        }
+        if verb == "patch" && code == 201 {
+            used.insert((group.clone(), resource.clone(), "create".to_owned()));
+        }
+        used.insert((group, resource, verb));
+    }
+    (used, refused)
+}
+
+/// The operator's requests, from the API server's audit log: none refused, and every
+/// permission its roles grant used at least once (an apply that created an object used
+/// `create`). A permission removed from the chart fails the flow that needs it and is named
+/// here as a refused request; one added without use is named as unused.
+async fn permissions_are_exactly_what_the_operator_uses(p: &Cluster) {
+    let (mut used, refused) = operator_requests(p);
+    assert!(
+        !used.is_empty(),
+        "the audit log has the operator's requests"
+    );
+    assert!(
+        refused.is_empty(),
+        "requests the operator's roles refused: {refused:#?}"
+    );
+    let mut granted = BTreeSet::new();
+    let cluster_role: ClusterRole = Api::all(p.client.clone())
+        .get(&format!("{NS}-{RELEASE}-operator"))
+        .await
+        .unwrap();
+    let lease_role: Role = p
+        .api(NS)
+        .get(&format!("{RELEASE}-operator-lease"))
+        .await
+        .unwrap();
+    for rule in cluster_role
+        .rules
+        .unwrap_or_default()
+        .into_iter()
+        .chain(lease_role.rules.unwrap_or_default())
+    {
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    // Checked by an admission plugin (OwnerReferencesPermissionEnforcement: owning objects with
+    // blockOwnerDeletion), not sent as a request: the objects it owns could not be applied
+    // without it.
+    used.insert((
+        "tidelock.dev".into(),
+        "models/finalizers".into(),
+        "update".into(),
+    ));
+    let unused: Vec<String> = granted
+        .difference(&used)
+        .map(|(g, r, v)| format!("{v} {g}/{r}"))
+        .collect();
+    let used_list: Vec<String> = used
+        .iter()
+        .map(|(g, r, v)| format!("{v} {g}/{r}"))
+        .collect();
+    eprintln!("the operator used: {used_list:#?}");
+    assert!(
+        unused.is_empty(),
+        "granted to the operator but never used: {unused:#?}"
+    );
+}
