@@ -948,3 +948,163 @@ async fn permissions_are_exactly_what_the_operator_uses(p: &Cluster) {
         "granted to the operator but never used: {unused:#?}"
     );
 }
+
+/// `tidelock kube up` as the README runs it: the printed commands work (helm install, the CPU
+/// example to Ready 2/2), and Ctrl-C stops everything, leaving no process, port, folder or
+/// kubeconfig.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidelock_kube_up_runs_the_readme_path_and_stops_clean() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    if shared::tools_or_skip().is_none() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let kubeconfig = home.path().join("kubeconfig");
+    let mut up = Command::new(binary("tidelock"))
+        .args(["kube", "up", "--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args([
+            "--bin-dir",
+            binary("tidelock").parent().unwrap().to_str().unwrap(),
+        ])
+        .args(["--model", model_path().to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = up.stderr.take().unwrap();
+    let progress = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .inspect(|l| eprintln!("kube up: {l}"))
+            .collect::<Vec<_>>()
+    });
+    let mut out = String::new();
+    for line in BufReader::new(up.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        out.push_str(&line);
+        out.push('\n');
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    eprintln!("{out}");
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(name).map(|r| r.trim().to_owned()))
+            .unwrap_or_else(|| panic!("`{name}` in the output:\n{out}"))
+    };
+    let server = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Kubernetes ")
+                .and_then(|l| l.split(": ").nth(1))
+        })
+        .expect("the API server's address")
+        .to_owned();
+    let etcd = field("state etcd")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let logs = out
+        .lines()
+        .find_map(|l| l.split("Logs: ").nth(1))
+        .map(|l| PathBuf::from(l.trim()))
+        .expect("the logs folder");
+    let state_dir = logs.parent().unwrap().to_path_buf();
+    assert!(kubeconfig.is_file());
+    let tools = shared::tools_or_skip().unwrap();
+    let run = |tool: &str, args: &[&str]| {
+        let o = Command::new(tools.path(tool))
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", home.path())
+            .current_dir(repo_root())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{tool} {args:?}:\n{text}");
+        text
+    };
+    // The commands the output prints.
+    run(
+        "helm",
+        &[
+            "install",
+            "tidelock",
+            "charts/tidelock",
+            "-n",
+            "tidelock",
+            "--create-namespace",
+            "--set",
+            &format!("etcd.external.endpoints[0]={etcd}"),
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    );
+    run(
+        "kubectl",
+        &[
+            "apply",
+            "-f",
+            "charts/tidelock/examples/model-cpu.yaml",
+            "-f",
+            "charts/tidelock/examples/tenant.yaml",
+        ],
+    );
+    let deadline = Instant::now() + SLOW;
+    let table = loop {
+        let table = run("kubectl", &["get", "models"]);
+        if table
+            .lines()
+            .any(|l| l.starts_with("smollm2 ") && l.contains(" 2/2 "))
+        {
+            break table;
+        }
+        assert!(Instant::now() < deadline, "smollm2 not Ready 2/2:\n{table}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    eprintln!("$ kubectl get models\n{table}");
+
+    // Ctrl-C (SIGINT to the command alone, as a terminal's is now: its children have their own
+    // process group) stops everything.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(up.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = up.wait().unwrap();
+    let progress = progress.join().unwrap();
+    assert!(status.success(), "exit {status}: {progress:#?}");
+    assert!(progress.iter().any(|l| l.contains("stopped every process")));
+    let port: u16 = server.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "the API server's port is free"
+    );
+    let etcd_port: u16 = etcd.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", etcd_port)).is_ok(),
+        "etcd's port is free"
+    );
+    assert!(!state_dir.exists(), "{} removed", state_dir.display());
+    assert!(!kubeconfig.exists(), "the kubeconfig removed");
+    let marker = state_dir.display().to_string();
+    // A component names its folder on its command line; a pod's process runs inside it.
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+            (cmdline.contains(&marker) || cwd.starts_with(&state_dir)).then_some(cmdline)
+        })
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:#?}");
+}

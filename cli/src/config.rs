@@ -26,6 +26,62 @@ pub(crate) enum Command {
     Crds(CrdsArgs),
     /// Benchmarks against any OpenAI-compatible endpoint.
     Bench(BenchArgs),
+    /// A local Kubernetes control plane to try the chart and the operator on (`./scripts/kube`
+    /// builds it and runs `tidelock kube up`).
+    Kube(KubeArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct KubeArgs {
+    #[command(subcommand)]
+    pub(crate) command: KubeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KubeCommand {
+    /// Start kube-apiserver, kube-controller-manager, kube-scheduler and kwok (two CPU and two
+    /// H100 fake nodes) on loopback, an etcd for Tidelock's state, and a stand-in kubelet that
+    /// runs the pods of tidelock-operator, -router and -worker as local processes; print the
+    /// kubeconfig and the commands to try. Ctrl-C stops everything.
+    Up(KubeUpArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct KubeUpArgs {
+    /// The model file CPU workers load (GPU workers run the simulator: no GPU here). Default:
+    /// the default model in the cache.
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+
+    /// Folder with tidelock-operator, tidelock-router and tidelock-worker. Default: this
+    /// program's own folder.
+    #[arg(long)]
+    pub(crate) bin_dir: Option<PathBuf>,
+
+    /// Where to write the admin kubeconfig (removed on exit). Default: `<cache>/kube/kubeconfig`.
+    #[arg(long)]
+    pub(crate) kubeconfig: Option<PathBuf>,
+
+    /// Folder of the built control plane (etcd, kube-apiserver, ..., kwok, kubectl, helm).
+    /// Default: `<cache>/k8s/<kubernetes version>/bin`, where ./scripts/kube builds it.
+    #[arg(long, env = "TIDELOCK_K8S_BIN")]
+    pub(crate) k8s_bin: Option<PathBuf>,
+
+    /// Cache directory. Default: `$XDG_CACHE_HOME/tidelock` or `~/.cache/tidelock`.
+    #[arg(long, env = "TIDELOCK_CACHE")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl KubeUpArgs {
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        cache_dir(self.cache_dir.as_ref())
+    }
+
+    pub(crate) fn model_path(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(|| self.cache_dir().join("models").join(DEFAULT_MODEL_FILE))
+    }
 }
 
 #[derive(Debug, Args)]

@@ -6,7 +6,9 @@
 //! - `tidelock bench trace`: a request trace replayed against any endpoint (`bench.rs`);
 //! - `tidelock bench sessions`: concurrent multi-turn conversations (`sessions.rs`);
 //! - `tidelock bench compare`: one workload through each of our policies and the peers' routers
-//!   on the same simulated workers, with a table and PNG charts (`compare.rs`, `chart.rs`).
+//!   on the same simulated workers, with a table and PNG charts (`compare.rs`, `chart.rs`);
+//! - `tidelock kube up`: a local Kubernetes control plane for the chart and the operator
+//!   (`kube.rs`).
 
 mod bench;
 mod chart;
@@ -14,6 +16,7 @@ mod chat;
 mod compare;
 mod config;
 mod http;
+mod kube;
 mod sessions;
 mod up;
 
@@ -62,6 +65,9 @@ fn main() -> ExitCode {
                 config::BenchCommand::Trace(args) => bench::run(args).await,
                 config::BenchCommand::Sessions(args) => sessions::run(args).await,
                 config::BenchCommand::Compare(args) => compare::run(*args).await,
+            },
+            config::Command::Kube(args) => match args.command {
+                config::KubeCommand::Up(args) => kube::up(args).await,
             },
         }
     })

@@ -53,6 +53,9 @@ pub struct Options {
     pub nodes: Option<Vec<FakeNode>>,
     /// Where to keep state and logs (default: a new temporary folder, removed on stop).
     pub dir: Option<PathBuf>,
+    /// Also start a second etcd for Tidelock's own state (`tidelock kube up`: the chart's
+    /// bundled etcd cannot run here, so releases point at this one).
+    pub state_etcd: bool,
     pub report: Option<Report>,
 }
 
@@ -61,6 +64,7 @@ impl std::fmt::Debug for Options {
         f.debug_struct("Options")
             .field("nodes", &self.nodes)
             .field("dir", &self.dir)
+            .field("state_etcd", &self.state_etcd)
             .finish_non_exhaustive()
     }
 }
@@ -74,6 +78,7 @@ pub struct ControlPlane {
     pki: Pki,
     server: String,
     etcd_url: String,
+    state_etcd_url: Option<String>,
     tools: Tools,
     /// In start order; stopped in reverse.
     processes: Vec<Process>,
@@ -148,6 +153,7 @@ impl ControlPlane {
             pki,
             server,
             etcd_url,
+            state_etcd_url: None,
             tools,
             processes: Vec::new(),
             nodes,
@@ -158,35 +164,18 @@ impl ControlPlane {
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
         }
 
-        report(&format!(
-            "etcd {} on {}",
-            tools::pinned("go.etcd.io/etcd/server/v3").unwrap_or("?"),
-            cp.etcd_url
-        ));
-        cp.spawn(Spec {
-            name: "etcd".into(),
-            program: cp.tools.path("etcd"),
-            args: vec![
-                format!("--data-dir={}", dir.join("etcd").display()),
-                format!("--listen-client-urls={}", cp.etcd_url),
-                format!("--advertise-client-urls={}", cp.etcd_url),
-                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
-                format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer_port}"),
-                // A throwaway store: durability buys nothing and fsyncs cost seconds on CI disks.
-                "--unsafe-no-fsync".into(),
-                "--log-level=warn".into(),
-            ],
-            ..Spec::default()
-        })?;
-        cp.wait_http(
-            "etcd",
-            etcd_port,
-            "/health",
-            "true",
-            Duration::from_secs(30),
-        )
-        .await?;
+        let etcd_version = tools::pinned("go.etcd.io/etcd/server/v3").unwrap_or("?");
+        report(&format!("etcd {etcd_version} on {}", cp.etcd_url));
+        cp.start_etcd("etcd", etcd_port, etcd_peer_port).await?;
+        if options.state_etcd {
+            let (client, peer) = (process::free_port()?, process::free_port()?);
+            let url = format!("http://127.0.0.1:{client}");
+            report(&format!(
+                "etcd {etcd_version} on {url} for Tidelock's state"
+            ));
+            cp.start_etcd("tidelock-etcd", client, peer).await?;
+            cp.state_etcd_url = Some(url);
+        }
 
         report(&format!(
             "kube-apiserver {} on {}",
@@ -325,6 +314,29 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// A single-member etcd named `name` (its data and log named after it), once it answers.
+    async fn start_etcd(&mut self, name: &str, client: u16, peer: u16) -> Result<(), Error> {
+        let url = format!("http://127.0.0.1:{client}");
+        self.spawn(Spec {
+            name: name.into(),
+            program: self.tools.path("etcd"),
+            args: vec![
+                format!("--data-dir={}", self.dir.join(name).display()),
+                format!("--listen-client-urls={url}"),
+                format!("--advertise-client-urls={url}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{peer}"),
+                // A throwaway store: durability buys nothing and fsyncs cost seconds on CI disks.
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            ..Spec::default()
+        })?;
+        self.wait_http(name, client, "/health", "true", Duration::from_secs(30))
+            .await
+    }
+
     fn spawn(&mut self, spec: Spec) -> Result<(), Error> {
         let process = Process::spawn(&spec, &self.dir.join("logs"))?;
         self.processes.push(process);
@@ -446,6 +458,11 @@ impl ControlPlane {
     /// etcd of the control plane itself (not Tidelock's state).
     pub fn etcd_url(&self) -> &str {
         &self.etcd_url
+    }
+
+    /// The etcd for Tidelock's state, when [`Options::state_etcd`] asked for one.
+    pub fn state_etcd_url(&self) -> Option<&str> {
+        self.state_etcd_url.as_deref()
     }
 
     /// The admin kubeconfig (`system:masters`).

@@ -221,15 +221,18 @@ impl Kubelet {
         }
     }
 
-    /// Stops watching; every process it runs is stopped.
+    /// Stops watching; every process it runs is stopped (all at once, each with its grace
+    /// period).
     pub async fn shutdown(&self) {
         self.task.abort();
         let runs: Vec<Run> = {
             let mut state = self.state.lock().expect("kubelet state");
             std::mem::take(&mut state.runs).into_values().collect()
         };
-        for run in runs {
+        for run in &runs {
             let _ = run.stop.send(Halt::Stop);
+        }
+        for run in runs {
             let _ = run.task.await;
         }
     }
@@ -769,7 +772,12 @@ async fn run_pod(
         if *stopped.borrow() != Halt::No {
             return;
         }
-        let prepared = match prepare(&ctx, &pod).await {
+        // Preparing talks to the API server: a stop must not wait for it.
+        let prepared = tokio::select! {
+            prepared = prepare(&ctx, &pod) => prepared,
+            _ = stopped.changed() => return,
+        };
+        let prepared = match prepared {
             Ok(p) => p,
             Err(message) => {
                 report(&ctx, &format!("pod {label}: cannot start: {message}"));

@@ -1,8 +1,9 @@
 //! Child processes that cannot outlive us. Each is started through util-linux's `setpriv
 //! --pdeathsig KILL` where it exists (it does on every Debian and Ubuntu), so the kernel kills it
 //! when the thread that started it ends, even if this process is killed with SIGKILL or exits
-//! without running destructors (a test binary's statics never drop). A clean stop is SIGTERM,
-//! a grace period, then SIGKILL. Output goes to a log file whose tail is quoted in errors.
+//! without running destructors (a test binary's statics never drop). Each is in a process group
+//! of its own, so a terminal's Ctrl-C reaches only us. A clean stop is SIGTERM, a grace period,
+//! then SIGKILL. Output goes to a log file whose tail is quoted in errors.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,9 @@ impl Process {
         };
         command
             .args(&spec.args)
+            // A group of its own: a terminal's Ctrl-C reaches only us, and we stop our children
+            // in order (a kubelet must not see its pods die and restart them mid-shutdown).
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)

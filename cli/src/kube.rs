@@ -1,0 +1,198 @@
+//! `tidelock kube up`: a real Kubernetes control plane on this machine to try the Helm chart and
+//! the operator on, as a platform team would on their cluster (`tidelock-localkube` has the
+//! parts; `./scripts/kube` builds them and runs this). The pods of Tidelock's own binaries run
+//! as local processes (CPU workers on the real model, GPU workers simulated); other pods are
+//! kwok's fakes. Everything stops on Ctrl-C or SIGTERM, leaving no process, port or kubeconfig.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tidelock_localkube::kubelet::{self, Kubelet, Override, TIDELOCK_COMMANDS};
+use tidelock_localkube::{ControlPlane, Options, Tools, tools};
+
+use crate::config::KubeUpArgs;
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tidelock kube up: {message}");
+    ExitCode::FAILURE
+}
+
+/// The local binaries standing in for each Tidelock command, all present.
+fn programs(dir: &Path) -> Result<BTreeMap<String, PathBuf>, String> {
+    TIDELOCK_COMMANDS
+        .iter()
+        .map(|command| {
+            let path = dir.join(command);
+            if path.is_file() {
+                Ok(((*command).to_owned(), path))
+            } else {
+                Err(format!(
+                    "{} is missing: build it (`cargo build --release -p tidelock-operator -p tidelock-router -p tidelock-worker`; ./scripts/kube does) or pass --bin-dir",
+                    path.display()
+                ))
+            }
+        })
+        .collect()
+}
+
+pub(crate) async fn up(args: KubeUpArgs) -> ExitCode {
+    let k8s_bin = args.k8s_bin.clone().unwrap_or_else(|| {
+        args.cache_dir()
+            .join("k8s")
+            .join(tools::kubernetes_version())
+            .join("bin")
+    });
+    let tools = match Tools::at(k8s_bin) {
+        Ok(tools) => tools,
+        Err(e) => {
+            return fail(format!(
+                "{e}\n  ./scripts/kube builds it and starts this command"
+            ));
+        }
+    };
+    let bin_dir = match args.bin_dir.clone() {
+        Some(dir) => dir,
+        None => match std::env::current_exe() {
+            Ok(exe) => exe.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Err(e) => return fail(format!("cannot find my own folder: {e}")),
+        },
+    };
+    let programs = match programs(&bin_dir) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let model = args.model_path();
+    if !model.is_file() {
+        return fail(format!(
+            "the model {} is missing (./scripts/kube fetches the default one; or pass --model)",
+            model.display()
+        ));
+    }
+    let kubeconfig = args
+        .kubeconfig
+        .clone()
+        .unwrap_or_else(|| args.cache_dir().join("kube").join("kubeconfig"));
+
+    eprintln!(
+        "==> Starting Kubernetes {} on loopback",
+        tools::kubernetes_version()
+    );
+    let report: tidelock_localkube::control_plane::Report =
+        Arc::new(|line: &str| eprintln!("    {line}"));
+    let cp = match ControlPlane::start(
+        tools.clone(),
+        Options {
+            state_etcd: true,
+            report: Some(report.clone()),
+            ..Options::default()
+        },
+    )
+    .await
+    {
+        Ok(cp) => cp,
+        Err(e) => return fail(e),
+    };
+    let result = serve(&cp, &tools, programs, &model, &kubeconfig, report).await;
+    eprintln!("==> Stopping");
+    let _ = std::fs::remove_file(&kubeconfig);
+    cp.stop().await;
+    eprintln!("    stopped every process");
+    result
+}
+
+async fn serve(
+    cp: &ControlPlane,
+    tools: &Tools,
+    programs: BTreeMap<String, PathBuf>,
+    model: &Path,
+    kubeconfig: &Path,
+    report: tidelock_localkube::control_plane::Report,
+) -> ExitCode {
+    if let Some(dir) = kubeconfig.parent()
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        return fail(format!("cannot create {}: {e}", dir.display()));
+    }
+    if let Err(e) = std::fs::copy(cp.kubeconfig(), kubeconfig) {
+        return fail(format!("cannot write {}: {e}", kubeconfig.display()));
+    }
+    let client = match cp.client().await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let worker = Override {
+        set: vec![("--model".into(), model.display().to_string())],
+        append: Vec::new(),
+        append_without_gpu: vec!["--engine".into(), "sim".into()],
+    };
+    let kubelet = Kubelet::start(
+        client,
+        kubelet::Config {
+            programs,
+            overrides: BTreeMap::from([("tidelock-worker".to_owned(), worker)]),
+            namespaces: None,
+            dir: cp.dir().join("kubelet"),
+            server: cp.server().to_owned(),
+            ca_pem: cp.ca_pem().to_owned(),
+            report: Some(report),
+        },
+    );
+    let etcd = cp.state_etcd_url().unwrap_or_default();
+    let nodes: Vec<String> = cp
+        .nodes()
+        .iter()
+        .map(|n| match &n.gpus {
+            Some((count, product)) => {
+                format!("{} ({count} x {product}, tainted nvidia.com/gpu)", n.name)
+            }
+            None => format!("{} ({} CPUs)", n.name, n.cpu),
+        })
+        .collect();
+    println!(
+        r#"
+Kubernetes {version} is up: {server}
+  nodes          {nodes}
+  state etcd     {etcd} (Tidelock's cluster state; point releases at it)
+  stand-in pods  tidelock-operator, -router and -worker pods run here as processes with their
+                 pods' environment and service-account tokens; CPU workers load {model},
+                 GPU workers run the simulator. Logs: {logs}
+
+In another terminal, from the repository:
+
+  export KUBECONFIG={kubeconfig} PATH={bin}:$PATH
+  helm install tidelock charts/tidelock -n tidelock --create-namespace \
+      --set 'etcd.external.endpoints[0]={etcd}' --wait
+  kubectl apply -f charts/tidelock/examples/model-cpu.yaml -f charts/tidelock/examples/tenant.yaml
+  kubectl get models -w          # Ready 2/2 once both workers loaded the model
+
+The router's address is printed below when its pod starts (tidelock-router on 127.0.0.1:PORT);
+talk to it with `target/release/tidelock chat --url http://127.0.0.1:PORT/v1 --api-key
+sk-team-a-replace-me-0123456789 --model smollm2`.
+
+Press Ctrl-C to stop."#,
+        version = tools::kubernetes_version(),
+        server = cp.server(),
+        nodes = nodes.join(", "),
+        model = model.display(),
+        logs = cp.dir().join("kubelet").display(),
+        kubeconfig = kubeconfig.display(),
+        bin = tools.dir().display(),
+    );
+    let code = wait_for_stop().await;
+    kubelet.shutdown().await;
+    code
+}
+
+async fn wait_for_stop() -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => return fail(format!("cannot watch for SIGTERM: {e}")),
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        _ = term.recv() => ExitCode::SUCCESS,
+    }
+}
