@@ -229,6 +229,8 @@ with_heartbeat() {
   local started=$SECONDS pid n=0
   "$@" &
   pid=$!
+  # A background job ignores the terminal's Ctrl-C: pass interruptions on to it.
+  trap 'kill "$pid" 2>/dev/null' INT TERM
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
     n=$((n + 1))
@@ -236,7 +238,10 @@ with_heartbeat() {
       note "      still building ($((SECONDS - started)) s)"
     fi
   done
-  wait "$pid"
+  local rc=0
+  wait "$pid" || rc=$?
+  trap - INT TERM
+  return "$rc"
 }
 
 ensure_kube_tools() {
@@ -262,11 +267,13 @@ ensure_kube_tools() {
     ldflags="$ldflags -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
   done
   ldflags="$ldflags -X helm.sh/helm/v4/internal/version.version=$helm"
+  # What is there was built from another tools/k8s: never let the tests run it.
+  rm -rf "$bin"
   note "building the Kubernetes $version control plane from Go modules ($(go version | cut -d' ' -f3)) into $bin"
   note "(once; about 5 minutes on 2 cores with empty Go caches, under a minute with warm ones)"
-  local partial="$bin.partial"
-  rm -rf "$partial"
-  mkdir -p "$partial"
+  mkdir -p "$(dirname "$bin")"
+  local partial
+  partial="$(mktemp -d "$bin.partial.XXXXXX")"
   local targets=(
     "etcd go.etcd.io/etcd/server/v3"
     "kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver"
@@ -292,8 +299,9 @@ ensure_kube_tools() {
     note "      built in $((SECONDS - started)) s"
   done
   echo "$stamp" >"$partial/stamp"
+  chmod 755 "$partial"
   rm -rf "$bin"
-  mv "$partial" "$bin"
+  mv -T "$partial" "$bin"
   note "kubernetes control plane $version: $bin"
 }
 

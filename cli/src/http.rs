@@ -8,27 +8,12 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::EndpointArgs;
 
 /// `GET http://127.0.0.1:{port}{path}`: `(status, body)`, or `None` when nothing answers in time.
 pub(crate) async fn get(port: u16, path: &str, timeout: Duration) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response);
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((status, body))
-    };
-    tokio::time::timeout(timeout, exchange).await.ok().flatten()
+    tidelock_localkube::http_get_within(port, path, timeout).await
 }
 
 /// A client for `endpoint`, and the model to ask for: the one given, else the first the

@@ -115,9 +115,23 @@ async fn serve(
     {
         return fail(format!("cannot create {}: {e}", dir.display()));
     }
-    if let Err(e) = std::fs::copy(cp.kubeconfig(), kubeconfig) {
+    // The admin's token: readable by this user alone.
+    let written = std::fs::copy(cp.kubeconfig(), kubeconfig).and_then(|_| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(kubeconfig, std::fs::Permissions::from_mode(0o600))
+    });
+    if let Err(e) = written {
         return fail(format!("cannot write {}: {e}", kubeconfig.display()));
     }
+    // Watched from now, before "Press Ctrl-C" is printed.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut interrupt, mut term) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        (Err(e), _) | (_, Err(e)) => return fail(format!("cannot watch for signals: {e}")),
+    };
     let client = match cp.client().await {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -180,19 +194,10 @@ Press Ctrl-C to stop."#,
         kubeconfig = kubeconfig.display(),
         bin = tools.dir().display(),
     );
-    let code = wait_for_stop().await;
+    let code = tokio::select! {
+        _ = interrupt.recv() => ExitCode::SUCCESS,
+        _ = term.recv() => ExitCode::SUCCESS,
+    };
     kubelet.shutdown().await;
     code
-}
-
-async fn wait_for_stop() -> ExitCode {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => return fail(format!("cannot watch for SIGTERM: {e}")),
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
-        _ = term.recv() => ExitCode::SUCCESS,
-    }
 }

@@ -63,15 +63,7 @@ pub fn model_path() -> PathBuf {
 }
 
 fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TIDELOCK_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-        });
-    base.join("tidelock")
+    tidelock_localkube::tools::cache_dir()
 }
 
 /// The venv's Python, which has the official `openai` client (`./scripts/test` installs it).

@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
     // The name becomes a Service (`<name>-workers`, a DNS label) and StatefulSets `<name>-g<i>`
     // whose pods carry a `<name>-g<i>-<10-character hash>` revision label: 46 characters leave
     // room for group 1023. The API server refuses longer names, and dots, up front.
-    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 46").message("a Model's name is at most 46 lowercase letters, digits and '-', starting with a letter (it names the Service <name>-workers and the StatefulSets <name>-g<i>)"),
+    // Checked when a Model is created only (a name never changes): a Model made before this
+    // rule can still be updated and deleted.
+    validation = Rule::new("oldSelf.hasValue() || (self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 46)").optional_old_self(true).message("a Model's name is at most 46 lowercase letters, digits and '-', starting with a letter (it names the Service <name>-workers and the StatefulSets <name>-g<i>)"),
     printcolumn(
         name = "Served",
         type_ = "string",

@@ -72,8 +72,6 @@ impl std::fmt::Debug for Options {
 /// The running control plane.
 #[derive(Debug)]
 pub struct ControlPlane {
-    /// Kept for its removal on drop (None when the caller chose the folder).
-    _temp: Option<TempDir>,
     dir: PathBuf,
     pki: Pki,
     server: String,
@@ -83,6 +81,9 @@ pub struct ControlPlane {
     /// In start order; stopped in reverse.
     processes: Vec<Process>,
     nodes: Vec<FakeNode>,
+    /// Removed on drop (None when the caller chose the folder). Last: fields drop in order, so
+    /// the processes are killed before their folder goes.
+    _temp: Option<TempDir>,
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails with `what` after `limit`.

@@ -6,7 +6,7 @@
 //! - **command and args** from the pod spec, `$(VAR)` expanded from the container's
 //!   environment as Kubernetes does;
 //! - **environment** from the pod spec only (`value`, `fieldRef`, `secretKeyRef`,
-//!   `configMapKeyRef`, `envFrom`), plus `PATH` and an empty `HOME` of its own;
+//!   `configMapKeyRef`, `envFrom`; `LD_*` dropped), plus `PATH` and an empty `HOME` of its own;
 //! - **identity**: unless the pod (or its service account) opts out of the token mount, a
 //!   token from the TokenRequest API for the pod's service account, bound to the pod, in a
 //!   kubeconfig named by `KUBECONFIG`; the process is exactly that service account to the API
@@ -27,6 +27,10 @@
 //! would need its image for: the worker's `--model` becomes a local model file, and a worker
 //! whose pod asks for GPUs runs the simulated engine (`--engine sim`) because no GPU exists here. kwok's stages leave these pods
 //! to us (`kwok-stages.yaml`) and still delete them when they are deleted.
+//!
+//! Trust: whoever may create pods in the namespaces it runs (the admin, and the operator on a
+//! Model's behalf) starts these binaries on this machine, as this user, with arguments of their
+//! choosing. It is a tool for one developer's machine and a test suite, not a sandbox.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -133,6 +137,8 @@ struct State {
     /// `(namespace, pod, container port)` to the host port standing in for it.
     ports: BTreeMap<(String, String, i32), u16>,
     runs: BTreeMap<PodKey, Run>,
+    /// Set by [`Kubelet::shutdown`]: no new run starts.
+    closed: bool,
 }
 
 /// A handle on the running kubelet (cheap to clone, usable from any thread).
@@ -227,6 +233,7 @@ impl Kubelet {
         self.task.abort();
         let runs: Vec<Run> = {
             let mut state = self.state.lock().expect("kubelet state");
+            state.closed = true;
             std::mem::take(&mut state.runs).into_values().collect()
         };
         for run in &runs {
@@ -261,11 +268,28 @@ async fn watch_pods(ctx: Arc<Ctx>) {
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     let config = watcher::Config::default().fields("spec.nodeName!=");
     let mut events = watcher::watcher(pods, config).default_backoff().boxed();
+    // A re-list (after a dropped watch) sends no Delete for pods that went meanwhile: the runs
+    // whose pods it did not list are stopped when it ends.
+    let mut listed: Option<BTreeSet<String>> = None;
     while let Some(event) = events.next().await {
         match event {
-            Ok(Event::Apply(pod) | Event::InitApply(pod)) => on_pod(&ctx, pod),
+            Ok(Event::Apply(pod)) => on_pod(&ctx, pod),
+            Ok(Event::InitApply(pod)) => {
+                if let (Some(seen), Some(uid)) = (listed.as_mut(), pod.uid()) {
+                    seen.insert(uid);
+                }
+                on_pod(&ctx, pod);
+            }
             Ok(Event::Delete(pod)) => stop_run(&ctx, &key(&pod), pod.uid().as_deref()),
-            Ok(Event::Init | Event::InitDone) => {}
+            Ok(Event::Init) => listed = Some(BTreeSet::new()),
+            Ok(Event::InitDone) => {
+                if let Some(seen) = listed.take() {
+                    let state = ctx.state.lock().expect("kubelet state");
+                    for run in state.runs.values().filter(|r| !seen.contains(&r.uid)) {
+                        let _ = run.stop.send(Halt::Stop);
+                    }
+                }
+            }
             Err(e) => tracing::warn!("kubelet: watching pods: {e}"),
         }
     }
@@ -295,6 +319,9 @@ fn on_pod(ctx: &Arc<Ctx>, pod: Pod) {
         return;
     }
     let mut state = ctx.state.lock().expect("kubelet state");
+    if state.closed {
+        return;
+    }
     let previous = match state.runs.get(&key) {
         Some(run) if run.uid == uid => return,
         Some(_) => {
@@ -364,7 +391,13 @@ impl Net {
         if let Some(p) = state.ports.get(&key) {
             return Ok(*p);
         }
-        let p = process::free_port()?;
+        // A port is released for its process to bind later: never hand out one twice.
+        let p = loop {
+            let p = process::free_port()?;
+            if !state.ports.values().any(|&taken| taken == p) {
+                break p;
+            }
+        };
         state.ports.insert(key, p);
         Ok(p)
     }
@@ -432,6 +465,19 @@ fn field(pod: &Pod, path: &str) -> Option<String> {
     }
 }
 
+/// A referenced value: `None` when it is absent and optional, an error when absent and required.
+fn present(
+    value: Option<String>,
+    optional: Option<bool>,
+    missing: impl FnOnce() -> String,
+) -> Result<Option<String>, String> {
+    match value {
+        Some(v) => Ok(Some(v)),
+        None if optional.unwrap_or(false) => Ok(None),
+        None => Err(missing()),
+    }
+}
+
 /// The container's environment, resolved against the pod and the API server.
 async fn environment(
     ctx: &Ctx,
@@ -481,31 +527,23 @@ async fn environment(
                     let value = secret
                         .and_then(|x| x.data)
                         .and_then(|d| d.get(&s.key).map(|v| String::from_utf8_lossy(&v.0).into()));
-                    match value {
-                        Some(v) => Some(v),
-                        None if s.optional.unwrap_or(false) => None,
-                        None => {
-                            return Err(format!(
-                                "env {}: key {} of secret \"{}\" not found",
-                                var.name, s.key, s.name
-                            ));
-                        }
-                    }
+                    present(value, s.optional, || {
+                        format!(
+                            "env {}: key {} of secret \"{}\" not found",
+                            var.name, s.key, s.name
+                        )
+                    })?
                 } else if let Some(c) = &from.config_map_key_ref {
                     let map = maps.get_opt(&c.name).await.map_err(|e| e.to_string())?;
-                    match map
+                    let value = map
                         .and_then(|m| m.data)
-                        .and_then(|d| d.get(&c.key).cloned())
-                    {
-                        Some(v) => Some(v),
-                        None if c.optional.unwrap_or(false) => None,
-                        None => {
-                            return Err(format!(
-                                "env {}: key {} of configmap \"{}\" not found",
-                                var.name, c.key, c.name
-                            ));
-                        }
-                    }
+                        .and_then(|d| d.get(&c.key).cloned());
+                    present(value, c.optional, || {
+                        format!(
+                            "env {}: key {} of configmap \"{}\" not found",
+                            var.name, c.key, c.name
+                        )
+                    })?
                 } else {
                     return Err(format!("env {}: unsupported valueFrom", var.name));
                 }
@@ -637,6 +675,9 @@ async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, String> {
         }
         None => None,
     };
+    // The process runs on this machine, not in a container: a pod's variables must not steer
+    // the dynamic loader.
+    env.retain(|name, _| !name.starts_with("LD_"));
     if let Some(path) = identity(ctx, pod, &dir).await? {
         env.insert("KUBECONFIG".into(), path.display().to_string());
     }
@@ -739,9 +780,12 @@ enum ContainerState {
     Running(String),
 }
 
-async fn patch_status(ctx: &Ctx, pod: &Pod, status: serde_json::Value) {
+/// Writes the pod's status; whether it was written. The patch names the pod's uid, so a status
+/// meant for one pod never lands on a replacement of the same name.
+async fn patch_status(ctx: &Ctx, pod: &Pod, mut status: serde_json::Value) -> bool {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
-    if let Err(e) = pods
+    status["metadata"] = json!({"uid": pod.uid()});
+    match pods
         .patch_status(
             &pod.name_any(),
             &PatchParams::default(),
@@ -749,8 +793,13 @@ async fn patch_status(ctx: &Ctx, pod: &Pod, status: serde_json::Value) {
         )
         .await
     {
-        // The pod may be gone already; its next state comes with the next event.
-        tracing::debug!("kubelet: status of {}: {e}", pod.name_any());
+        Ok(_) => true,
+        Err(e) => {
+            // The pod may be gone already (its next state comes with the next event), or the
+            // API server busy: the probe loop writes again.
+            tracing::debug!("kubelet: status of {}: {e}", pod.name_any());
+            false
+        }
     }
 }
 
@@ -782,7 +831,7 @@ async fn run_pod(
             Err(message) => {
                 report(&ctx, &format!("pod {label}: cannot start: {message}"));
                 let waiting = ContainerState::Waiting("CreateContainerConfigError", message);
-                patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
+                let _ = patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
                 if tokio::time::timeout(Duration::from_secs(2), stopped.changed())
                     .await
                     .is_ok()
@@ -792,12 +841,23 @@ async fn run_pod(
                 continue;
             }
         };
+        if *stopped.borrow() != Halt::No {
+            return;
+        }
         let mut process = match Process::spawn(&prepared.spec, &ctx.config.dir) {
             Ok(p) => p,
             Err(e) => {
+                report(&ctx, &format!("pod {label}: cannot start: {e}"));
                 let waiting = ContainerState::Waiting("RunContainerError", e.to_string());
-                patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
-                return;
+                let _ = patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
+                if tokio::time::timeout(backoff, stopped.changed())
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
             }
         };
         *pid.lock().expect("pid") = process.id();
@@ -816,7 +876,8 @@ async fn run_pod(
                 process.id().unwrap_or(0)
             ),
         );
-        patch_status(&ctx, &pod, status(&pod, &running, false, restarts)).await;
+        // What the API server last accepted (None: nothing yet), so a failed write is retried.
+        let mut written: Option<bool> = None;
         let mut ready = false;
         loop {
             tokio::select! {
@@ -841,12 +902,14 @@ async fn run_pod(
                     .is_some_and(|(code, _)| (200..400).contains(&code)),
                 None => true,
             };
-            if now_ready != ready {
-                ready = now_ready;
-                if ready {
-                    backoff = Duration::from_secs(1);
-                }
-                patch_status(&ctx, &pod, status(&pod, &running, ready, restarts)).await;
+            if now_ready && !ready {
+                backoff = Duration::from_secs(1);
+            }
+            ready = now_ready;
+            if written != Some(ready)
+                && patch_status(&ctx, &pod, status(&pod, &running, ready, restarts)).await
+            {
+                written = Some(ready);
             }
         }
         *pid.lock().expect("pid") = None;
@@ -857,7 +920,7 @@ async fn run_pod(
             &format!("pod {label}: exited ({code}); restarting in {backoff:?}"),
         );
         let waiting = ContainerState::Waiting("CrashLoopBackOff", format!("exited ({code})"));
-        patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
+        let _ = patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
         if tokio::time::timeout(backoff, stopped.changed())
             .await
             .is_ok()

@@ -83,6 +83,11 @@ impl Error {
 /// A plain HTTP/1.1 GET on loopback with a 5 s limit: `(status, body)`, or `None` when nothing
 /// answers.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_within(port, path, Duration::from_secs(5)).await
+}
+
+/// [`http_get`] with a limit of one's own.
+pub async fn http_get_within(port: u16, path: &str, limit: Duration) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -101,8 +106,5 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
             .unwrap_or_default();
         Some((status, body))
     };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(limit, exchange).await.ok().flatten()
 }

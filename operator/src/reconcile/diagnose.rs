@@ -23,6 +23,10 @@ const FAILING: [&str; 7] = [
     "RunContainerError",
 ];
 
+/// How old a FailedCreate Event may be and still describe the present: the StatefulSet
+/// controller's retries back off to about 17 minutes.
+const RECENT: jiff::SignedDuration = jiff::SignedDuration::from_secs(20 * 60);
+
 /// A problem: `(reason, message)`.
 pub type Problem = (&'static str, String);
 
@@ -90,12 +94,22 @@ pub async fn diagnose(
             "involvedObject.kind=StatefulSet,involvedObject.name={},reason=FailedCreate",
             group.name_any()
         );
+        // This StatefulSet's (not an earlier one's of the same name), and recent: the controller
+        // retries with a growing back-off and repeats the Event while the failure lasts.
+        let uid = group.metadata.uid.clone();
+        let now = jiff::Timestamp::now();
         let latest = events
             .list(&ListParams::default().fields(&fields))
             .await?
             .items
             .into_iter()
-            .max_by_key(|e| e.last_timestamp.clone().map(|t| t.0));
+            .filter(|e| e.involved_object.uid == uid)
+            .filter_map(|e| {
+                let seen = e.last_timestamp.as_ref().map(|t| t.0)?;
+                (now.duration_since(seen) <= RECENT).then_some((seen, e))
+            })
+            .max_by_key(|(seen, _)| *seen)
+            .map(|(_, e)| e);
         if let Some(event) = latest {
             let why = event.message.unwrap_or_default();
             return Ok(Some((
