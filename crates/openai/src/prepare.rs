@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tidelock_prompt::{ChatMessage, PromptKit};
+use tidelock_prompt::{ChatMessage, PromptKit, RenderedChat};
 
 use crate::continuation::{Continuation, PromptText};
 use tidelock_protocol::SamplingParams;
@@ -113,20 +113,22 @@ impl Parsed {
         previous: Option<&Continuation>,
     ) -> Result<Prepared, OpenAiError> {
         let mut continued = 0;
-        let mut encode = |text: &str, add_special: bool| {
-            let (head, rest, add_special) = match previous.and_then(|p| Some((p, p.rest(text)?))) {
-                Some((p, rest)) => (p.ids(), rest, false),
-                None => (&[][..], text, add_special),
+        // Users' text never becomes control tokens (`tidelock_prompt::RenderedChat`).
+        let mut encode = |rendered: &RenderedChat, add_special: bool| {
+            let text = rendered.text();
+            let (head, from, add_special) = match previous.and_then(|p| Some((p, p.rest(text)?))) {
+                Some((p, rest)) => (p.ids(), text.len() - rest.len(), false),
+                None => (&[][..], 0, add_special),
             };
             let mut ids = head.to_vec();
-            ids.extend(kit.encode(rest, add_special)?);
+            ids.extend(kit.encode_rendered(rendered, from, add_special)?);
             continued = head.len();
             Ok::<_, tidelock_prompt::PromptError>((ids, PromptText::new(text)))
         };
         let (tokens, text, param) = match self {
             Parsed::Chat(req) => {
-                let text = chat_text(kit, req)?;
-                let (tokens, text) = encode(&text, false)
+                let rendered = chat_text(kit, req)?;
+                let (tokens, text) = encode(&rendered, false)
                     .map_err(|e| OpenAiError::invalid("messages", e.to_string()))?;
                 (tokens, Some(text), "messages")
             }
@@ -137,7 +139,7 @@ impl Parsed {
                 let (tokens, text) = match req.prompt_input()? {
                     PromptInput::Tokens(tokens) => (tokens, None),
                     PromptInput::Text(text) => {
-                        let (tokens, text) = encode(&text, true)
+                        let (tokens, text) = encode(&RenderedChat::user_only(text), true)
                             .map_err(|e| OpenAiError::invalid("prompt", e.to_string()))?;
                         (tokens, Some(text))
                     }
@@ -196,7 +198,7 @@ impl Parsed {
 }
 
 /// The conversation rendered with the chat template (and the request's tools).
-fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<String, OpenAiError> {
+fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<RenderedChat, OpenAiError> {
     if req.messages.is_empty() {
         return Err(OpenAiError::invalid(
             "messages",
@@ -218,6 +220,6 @@ fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<String, Ope
     if let Some(tools) = &req.tools {
         extra.insert("tools".into(), tools.clone());
     }
-    kit.render_chat(&messages, true, &extra)
+    kit.render_chat_guarded(&messages, true, &extra)
         .map_err(|e| OpenAiError::invalid("messages", e.to_string()))
 }

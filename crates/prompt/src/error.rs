@@ -49,6 +49,16 @@ pub enum PromptError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// A message's content holds a control token's text, and the model's template transforms
+    /// contents so that it cannot be told apart from the template's own (see
+    /// `crate::rendered`): refused rather than guessed.
+    #[error(
+        "a message contains `{token}`, this model's control token, and its chat template rewrites message contents so it cannot be kept as plain text; remove it from the message"
+    )]
+    ControlTextInContent {
+        /// The token's text.
+        token: String,
+    },
     /// A chat request reached a model without a chat template.
     #[error("the model has no chat template; use the completions API with a raw prompt")]
     NoChatTemplate,

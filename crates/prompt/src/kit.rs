@@ -24,6 +24,7 @@ use tokenizers::Tokenizer;
 
 use crate::PromptError;
 use crate::detok::IncrementalDetokenizer;
+use crate::rendered::{self, RenderedChat};
 use crate::template::{ChatMessage, ChatTemplate, RenderOptions};
 use crate::vocab::GgufVocab;
 
@@ -85,6 +86,10 @@ pub struct KitParts {
 #[derive(Clone)]
 pub struct PromptKit {
     tokenizer: Tokenizer,
+    /// The same tokenizer with special-token text encoded as plain text (for text users wrote).
+    plain: Tokenizer,
+    /// The text of every special token (what user text must not turn into control ids).
+    control_texts: Vec<String>,
     chat_template: Option<ChatTemplate>,
     bos: Option<SpecialToken>,
     eos: Option<SpecialToken>,
@@ -133,8 +138,19 @@ impl PromptKit {
         if let Some(&id) = stop_token_ids.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(PromptError::StopIdOutOfRange { id, vocab_size });
         }
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let mut control_texts: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .collect();
+        control_texts.sort();
         Ok(Self {
             tokenizer,
+            plain,
+            control_texts,
             chat_template,
             bos,
             eos,
@@ -225,6 +241,57 @@ impl PromptKit {
             })
     }
 
+    /// Text a user wrote to ids: special-token text such as `<|im_start|>` stays text (several
+    /// ordinary ids), so it can never become a control token. `add_special` as in
+    /// [`PromptKit::encode`].
+    pub fn encode_plain(&self, text: &str, add_special: bool) -> Result<Vec<u32>, PromptError> {
+        self.plain
+            .encode(text, add_special)
+            .map(|enc| enc.get_ids().to_vec())
+            .map_err(|source| PromptError::Tokenizer {
+                op: "encode",
+                source,
+            })
+    }
+
+    /// The first special token whose text `text` contains.
+    pub fn control_text_in(&self, text: &str) -> Option<&str> {
+        self.control_texts
+            .iter()
+            .find(|t| text.contains(t.as_str()))
+            .map(String::as_str)
+    }
+
+    /// `chat.text()[from..]` to ids: the template's text with its control tokens, the users'
+    /// text with special-token text as plain text (`crate::rendered`). No BOS/EOS is added
+    /// beyond the template's, except with `add_special` (a completion prompt).
+    pub fn encode_rendered(
+        &self,
+        chat: &RenderedChat,
+        from: usize,
+        add_special: bool,
+    ) -> Result<Vec<u32>, PromptError> {
+        let text = &chat.text()[from..];
+        if !chat
+            .pieces(from)
+            .iter()
+            .any(|(piece, user)| *user && self.control_text_in(piece).is_some())
+        {
+            // Nothing a user wrote looks like a control token: one piece, as always.
+            return self.encode(text, add_special);
+        }
+        let mut ids = Vec::new();
+        for (i, (piece, user)) in chat.pieces(from).into_iter().enumerate() {
+            let special = add_special && i == 0;
+            if user {
+                ids.extend(self.encode_plain(piece, special)?);
+            } else {
+                ids.extend(self.encode(piece, special)?);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Ids to text; `skip_special` drops control tokens such as `<|im_end|>`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, PromptError> {
         self.tokenizer
@@ -263,17 +330,54 @@ impl PromptKit {
         Ok(template.render(messages, &opts)?)
     }
 
-    /// Renders a conversation and encodes it, without adding special tokens beyond the template's.
+    /// Renders a conversation, knowing which ranges of the text are its messages' contents
+    /// (`crate::rendered`). Contents without control-token text need no ranges: the rendering
+    /// is then the plain [`PromptKit::render_chat`].
+    pub fn render_chat_guarded(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<RenderedChat, PromptError> {
+        let Some(token) = messages
+            .iter()
+            .find_map(|m| self.control_text_in(&m.content))
+        else {
+            return Ok(RenderedChat::template_only(self.render_chat(
+                messages,
+                add_generation_prompt,
+                extra,
+            )?));
+        };
+        let with = |f: fn(&str) -> String| -> Vec<ChatMessage> {
+            messages
+                .iter()
+                .map(|m| ChatMessage {
+                    content: f(&rendered::unmarked(&m.content)),
+                    ..m.clone()
+                })
+                .collect()
+        };
+        let plain = self.render_chat(&with(|c| c.to_owned()), add_generation_prompt, extra)?;
+        let marked = self.render_chat(&with(rendered::marked), add_generation_prompt, extra)?;
+        match rendered::strip(&marked) {
+            Some((text, ranges)) if text == plain => Ok(RenderedChat::with_ranges(text, ranges)),
+            _ => Err(PromptError::ControlTextInContent {
+                token: token.to_owned(),
+            }),
+        }
+    }
+
+    /// Renders a conversation and encodes it, without adding special tokens beyond the
+    /// template's; control-token text in contents stays text.
     pub fn encode_chat(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Vec<u32>, PromptError> {
-        self.encode(
-            &self.render_chat(messages, add_generation_prompt, extra)?,
-            false,
-        )
+        let chat = self.render_chat_guarded(messages, add_generation_prompt, extra)?;
+        self.encode_rendered(&chat, 0, false)
     }
 
     /// A streaming detokenizer for this kit's tokenizer (pass [`PromptKit::tokenizer`] to it).

@@ -138,7 +138,8 @@ pub async fn get_load(State(state): State<AppState>) -> Response {
     .into_response()
 }
 
-/// `POST /tokenize`: `{"prompt": "..."}` or `{"text": "..."}` to token ids.
+/// `POST /tokenize`: `{"prompt": "..."}` or `{"text": "..."}` to token ids, as a completion
+/// prompt is tokenized (special-token text stays text).
 pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
     let result = (|| {
         let req: serde_json::Value = OpenAiError::parse_body(&body)?;
@@ -152,7 +153,7 @@ pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
             .and_then(|v| v.as_bool())
             .unwrap_or(true);
         let tokens = kit(&state)?
-            .encode(text, add_special)
+            .encode_plain(text, add_special)
             .map_err(|e| OpenAiError::invalid("prompt", e.to_string()))?;
         Ok::<_, OpenAiError>(serde_json::json!({
             "tokens": tokens,
