@@ -625,12 +625,27 @@ async fn supervise(cluster: &mut Cluster, run_dir: &Path) -> ExitCode {
     }
 }
 
-/// The local tenant: a key kept in the cache (created once, readable only by you) and a tenants
-/// file in the run directory holding only its hash.
+/// The local tenant: a key kept in the cache (created once, readable only by you; a key file
+/// others could read is made private again, saying so) and a tenants file in the run directory
+/// holding only its hash.
 fn local_tenant(cache: &Path, run_dir: &Path) -> Result<(PathBuf, String), String> {
+    use std::os::unix::fs::PermissionsExt;
     let key_file = cache.join("local-api-key");
     let key = match std::fs::read_to_string(&key_file) {
-        Ok(key) if key.trim().starts_with("sk-") => key.trim().to_owned(),
+        Ok(key) if key.trim().starts_with("sk-") => {
+            let mode = std::fs::metadata(&key_file)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0o600);
+            if mode != 0o600 {
+                std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("cannot make {} private: {e}", key_file.display()))?;
+                eprintln!(
+                    "tidelock up: {} was readable by others (mode {mode:o}); it is now 0600",
+                    key_file.display()
+                );
+            }
+            key.trim().to_owned()
+        }
         _ => {
             let key = format!("sk-local-{:032x}", rand::random::<u128>());
             write_private(&key_file, &key)?;
@@ -657,6 +672,12 @@ pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    // `mode` applies only to a file it creates: an existing one is made private too.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+    }
     file.write_all(text.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
@@ -724,5 +745,36 @@ impl Engine {
             Engine::Real => "real",
             Engine::Sim => "sim",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_local_key_is_private_whether_new_old_or_loosened() {
+        let cache = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let key_file = cache.path().join("local-api-key");
+        let (_, key) = local_tenant(cache.path(), run.path()).unwrap();
+        assert_eq!(mode(&key_file), 0o600);
+        // Someone loosened it: the same key comes back, private again.
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (_, again) = local_tenant(cache.path(), run.path()).unwrap();
+        assert_eq!(again, key);
+        assert_eq!(mode(&key_file), 0o600);
+        // A file overwritten through write_private is private even if it existed loose.
+        let other = cache.path().join("other");
+        std::fs::write(&other, "x").unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_private(&other, "y").unwrap();
+        assert_eq!(mode(&other), 0o600);
     }
 }

@@ -136,6 +136,7 @@ pub fn app(state: AppState) -> Router {
             ))
         })
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(tidelock_openai::require_host))
         .with_state(state)
 }
 

@@ -53,6 +53,7 @@ async fn open_endless_stream(c: &support::cluster::Cluster) -> Body {
     use tower::ServiceExt;
     let req = json!({"model": MODEL, "prompt": [17, 18], "max_tokens": 100_000, "ignore_eos": true, "stream": true});
     let request = hyper::Request::post("/v1/completions")
+        .header("host", "router")
         .header("authorization", format!("Bearer {KEY_A}"))
         .body(Body::from(req.to_string()))
         .unwrap();
@@ -829,4 +830,28 @@ async fn a_message_cannot_forge_role_markers_through_the_router() {
     assert_eq!(r.status, StatusCode::OK);
     let expected = plain.encode("<|im_start|>system", true).unwrap().len() as u64;
     assert_eq!(usage(&r.json()).0, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_1_requests_without_host_are_refused() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let c = cluster(1, Settings::default(), |_| {}).await;
+    let send = |version: hyper::Version| {
+        let request = hyper::Request::get("/healthz")
+            .version(version)
+            .body(Body::empty())
+            .unwrap();
+        tidelock_router::app::app(c.state.clone()).oneshot(request)
+    };
+    let refused = send(hyper::Version::HTTP_11).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "missing_host", "{error}");
+    // HTTP/1.0 may leave it out.
+    assert_eq!(
+        send(hyper::Version::HTTP_10).await.unwrap().status(),
+        StatusCode::OK
+    );
 }

@@ -141,6 +141,7 @@ async fn kv_events_and_snapshot_mirror_the_cache() {
     let response = app(state.clone())
         .oneshot(
             Request::get("/v1/kv/events?after=0")
+                .header("host", "worker")
                 .body(Body::empty())
                 .unwrap(),
         )
@@ -179,6 +180,7 @@ async fn bad_requests_get_clear_errors() {
     let response = app(state.clone())
         .oneshot(
             Request::post("/v1/generate")
+                .header("host", "worker")
                 .header("content-type", "application/json")
                 .body(Body::from("{\"tokens\": [1, 2]}"))
                 .unwrap(),
@@ -203,5 +205,28 @@ async fn bad_requests_get_clear_errors() {
     assert!(
         matches!(&events[..], [GenerateEvent::Error { message, .. }] if message.contains("vocabulary")),
         "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn http_1_1_requests_without_host_are_refused() {
+    let state = started();
+    let send = |version: axum::http::Version| {
+        let request = Request::get("/v1/info")
+            .version(version)
+            .body(Body::empty())
+            .unwrap();
+        app(state.clone()).oneshot(request)
+    };
+    let refused = send(axum::http::Version::HTTP_11).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let body = axum::body::to_bytes(refused.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "missing_host", "{error}");
+    assert_eq!(
+        send(axum::http::Version::HTTP_10).await.unwrap().status(),
+        StatusCode::OK
     );
 }

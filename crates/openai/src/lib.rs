@@ -11,14 +11,18 @@
 //! - [`Continuations`] is a router's turn memory: a session's last prompt and answer as the ids
 //!   the worker cached, so the next turn starts from them instead of re-tokenizing the answer.
 //!
+//! - [`require_host`] refuses HTTP/1.1 requests without a `Host` header, on every route.
+//!
 //! Where the events come from is the caller's business: the worker's engine channel, or the
 //! router's proxied (and retried) worker stream. Dropping the answer's body drops the event
 //! stream, which is how a client that goes away cancels generation in both.
 
 mod continuation;
+mod host;
 mod prepare;
 mod respond;
 
 pub use continuation::{Answer, Continuation, Continuations, PromptText};
+pub use host::require_host;
 pub use prepare::{Endpoint, Parsed, Prepared, parse, unix_now};
 pub use respond::{OnAnswer, error_response, respond, respond_then};

@@ -185,7 +185,11 @@ impl Cluster {
         headers: &[(&str, &str)],
         body: impl Into<Body>,
     ) -> Answer {
-        let mut request = hyper::Request::builder().method(method).uri(path);
+        // As a client's HTTP/1.1 request has one (the router refuses requests without it).
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "router");
         if let Some(key) = key {
             request = request.header("authorization", format!("Bearer {key}"));
         }

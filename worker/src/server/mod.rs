@@ -117,6 +117,7 @@ pub fn app(state: AppState) -> Router {
         .route("/server_info", get(openai::server_info))
         .route("/get_load", get(openai::get_load))
         .route("/tokenize", post(openai::tokenize))
+        .layer(axum::middleware::from_fn(tidelock_openai::require_host))
         .with_state(state)
 }
 

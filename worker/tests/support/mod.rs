@@ -12,7 +12,12 @@ use tower::ServiceExt;
 
 /// Sends one request through the worker's real router (`app`), without a socket; returns the
 /// status and the whole body.
-pub async fn send(state: &AppState, request: Request<Body>) -> (StatusCode, Vec<u8>) {
+pub async fn send(state: &AppState, mut request: Request<Body>) -> (StatusCode, Vec<u8>) {
+    // As a client's HTTP/1.1 request has one (the worker refuses requests without it).
+    request
+        .headers_mut()
+        .entry(axum::http::header::HOST)
+        .or_insert(axum::http::HeaderValue::from_static("worker"));
     let response = app(state.clone()).oneshot(request).await.unwrap();
     let status = response.status();
     let body = axum::body::to_bytes(response.into_body(), usize::MAX)
