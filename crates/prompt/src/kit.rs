@@ -232,26 +232,14 @@ impl PromptKit {
     /// Text to ids. `add_special` adds what the tokenizer's post-processor adds (BOS when the
     /// model asks for it); special-token text such as `<|im_start|>` is always one id.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, PromptError> {
-        self.tokenizer
-            .encode(text, add_special)
-            .map(|enc| enc.get_ids().to_vec())
-            .map_err(|source| PromptError::Tokenizer {
-                op: "encode",
-                source,
-            })
+        encode_with(&self.tokenizer, text, add_special)
     }
 
     /// Text a user wrote to ids: special-token text such as `<|im_start|>` stays text (several
     /// ordinary ids), so it can never become a control token. `add_special` as in
     /// [`PromptKit::encode`].
     pub fn encode_plain(&self, text: &str, add_special: bool) -> Result<Vec<u32>, PromptError> {
-        self.plain
-            .encode(text, add_special)
-            .map(|enc| enc.get_ids().to_vec())
-            .map_err(|source| PromptError::Tokenizer {
-                op: "encode",
-                source,
-            })
+        encode_with(&self.plain, text, add_special)
     }
 
     /// The first special token whose text `text` contains.
@@ -429,6 +417,20 @@ impl PromptKit {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
     }
+}
+
+fn encode_with(
+    tokenizer: &Tokenizer,
+    text: &str,
+    add_special: bool,
+) -> Result<Vec<u32>, PromptError> {
+    tokenizer
+        .encode(text, add_special)
+        .map(|enc| enc.get_ids().to_vec())
+        .map_err(|source| PromptError::Tokenizer {
+            op: "encode",
+            source,
+        })
 }
 
 fn derive_stop_ids(
