@@ -56,6 +56,27 @@ ensure_rust() {
   done
 }
 
+# A C compiler with the C library's headers and an archiver: the build compiles C through the
+# `cc` crate (ring's crypto, mimalloc). Checked by compiling and archiving a file that includes
+# the headers they use, not by looking for a binary. (No C++ compiler, CMake or Ninja is needed.)
+c_toolchain_works() {
+  local dir rc=0
+  dir="$(mktemp -d)"
+  printf '#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\nint check(void) { return (int)strlen(getenv("HOME")) + (int)sizeof(uint64_t); }\n' >"$dir/check.c"
+  { "${CC:-cc}" -c "$dir/check.c" -o "$dir/check.o" && "${AR:-ar}" rcs "$dir/libcheck.a" "$dir/check.o"; } >/dev/null 2>&1 || rc=$?
+  rm -rf "$dir"
+  return "$rc"
+}
+
+ensure_c_toolchain() {
+  if ! c_toolchain_works; then
+    note "no working C compiler, C headers or archiver (the build compiles C): installing gcc, libc6-dev, binutils"
+    apt_install gcc libc6-dev binutils
+  fi
+  c_toolchain_works || die "${CC:-cc} cannot compile and archive a C file that includes <stdlib.h>: install a C toolchain (Debian: gcc libc6-dev binutils)"
+  note "C toolchain: $("${CC:-cc}" --version | head -n 1)"
+}
+
 # protoc and the well-known types: etcd-client's build generates its gRPC code with protoc, and
 # its .proto files import google/protobuf/descriptor.proto. Debian ships that file in
 # libprotobuf-dev, which `--no-install-recommends` leaves out of protobuf-compiler: so check what
@@ -308,6 +329,7 @@ ensure_kube_tools() {
 ensure_prerequisites() {
   step "Checking prerequisites"
   ensure_rust
+  ensure_c_toolchain
   ensure_protoc
   ensure_etcd
   ensure_font
