@@ -17,7 +17,7 @@
 //! Skipped (saying so) where the control plane is not built; failed under
 //! `TIDELOCK_REQUIRE_CLUSTER=1` (CI). `-- --nocapture` prints the transcript.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use tidelock_api::{Model, Tenant};
 use tidelock_e2e::{binary, model_path, python, repo_root};
 use tidelock_localkube::control_plane::wait_for;
-use tidelock_localkube::kubelet::{self, Kubelet, Override};
+use tidelock_localkube::kubelet::{self, Kubelet};
 use tidelock_localkube::{ControlPlane, Options, shared};
 use tidelock_protocol::{KeyLayout, ModelName, TenantId, TenantRecord};
 use tidelock_state::StateStore;
@@ -228,30 +228,16 @@ async fn start() -> Option<Cluster> {
     let store = tidelock_state::EtcdStore::connect(etcd.config())
         .await
         .unwrap();
-    let worker = Override {
-        set: vec![("--model".into(), model_path().display().to_string())],
-        append: Vec::new(),
-        append_without_gpu: vec!["--engine".into(), "sim".into()],
-    };
+    let programs = kubelet::tidelock_programs(binary("tidelock-worker").parent().unwrap())
+        .expect("the workspace's binaries");
     let kubelet = Kubelet::start(
         client.clone(),
         kubelet::Config {
-            programs: [
-                ("tidelock-operator", binary("tidelock-operator")),
-                ("tidelock-router", binary("tidelock-router")),
-                ("tidelock-worker", binary("tidelock-worker")),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
-            overrides: BTreeMap::from([("tidelock-worker".to_owned(), worker)]),
             namespaces: Some(BTreeSet::from([NS.to_owned(), ML.to_owned()])),
-            dir: dir.path().join("kubelet"),
-            server: cp.server().to_owned(),
-            ca_pem: cp.ca_pem().to_owned(),
             report: Some(std::sync::Arc::new(|line: &str| {
                 eprintln!("kubelet: {line}")
             })),
+            ..kubelet::Config::tidelock(&cp, programs, &model_path(), dir.path().join("kubelet"))
         },
     );
     Some(Cluster {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tidelock_localkube::kubelet::{self, Kubelet, Override, TIDELOCK_COMMANDS};
+use tidelock_localkube::kubelet::{self, Kubelet};
 use tidelock_localkube::{ControlPlane, Options, Tools, tools};
 
 use crate::config::KubeUpArgs;
@@ -19,31 +19,11 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The local binaries standing in for each Tidelock command, all present.
-fn programs(dir: &Path) -> Result<BTreeMap<String, PathBuf>, String> {
-    TIDELOCK_COMMANDS
-        .iter()
-        .map(|command| {
-            let path = dir.join(command);
-            if path.is_file() {
-                Ok(((*command).to_owned(), path))
-            } else {
-                Err(format!(
-                    "{} is missing: build it (`cargo build --release -p tidelock-operator -p tidelock-router -p tidelock-worker`; ./scripts/kube does) or pass --bin-dir",
-                    path.display()
-                ))
-            }
-        })
-        .collect()
-}
-
 pub(crate) async fn up(args: KubeUpArgs) -> ExitCode {
-    let k8s_bin = args.k8s_bin.clone().unwrap_or_else(|| {
-        args.cache_dir()
-            .join("k8s")
-            .join(tools::kubernetes_version())
-            .join("bin")
-    });
+    let k8s_bin = args
+        .k8s_bin
+        .clone()
+        .unwrap_or_else(|| Tools::dir_in(&args.cache_dir()));
     let tools = match Tools::at(k8s_bin) {
         Ok(tools) => tools,
         Err(e) => {
@@ -59,9 +39,9 @@ pub(crate) async fn up(args: KubeUpArgs) -> ExitCode {
             Err(e) => return fail(format!("cannot find my own folder: {e}")),
         },
     };
-    let programs = match programs(&bin_dir) {
+    let programs = match kubelet::tidelock_programs(&bin_dir) {
         Ok(p) => p,
-        Err(e) => return fail(e),
+        Err(e) => return fail(format!("{e} or pass --bin-dir")),
     };
     let model = args.model_path();
     if !model.is_file() {
@@ -136,21 +116,11 @@ async fn serve(
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let worker = Override {
-        set: vec![("--model".into(), model.display().to_string())],
-        append: Vec::new(),
-        append_without_gpu: vec!["--engine".into(), "sim".into()],
-    };
     let kubelet = Kubelet::start(
         client,
         kubelet::Config {
-            programs,
-            overrides: BTreeMap::from([("tidelock-worker".to_owned(), worker)]),
-            namespaces: None,
-            dir: cp.dir().join("kubelet"),
-            server: cp.server().to_owned(),
-            ca_pem: cp.ca_pem().to_owned(),
             report: Some(report),
+            ..kubelet::Config::tidelock(cp, programs, model, cp.dir().join("kubelet"))
         },
     );
     let etcd = cp.state_etcd_url().unwrap_or_default();

@@ -40,6 +40,9 @@ rules:
   - level: None
 "#;
 
+/// How long each component gets to come up.
+const STARTUP: Duration = Duration::from_secs(60);
+
 /// The issuer (and audience) of service-account tokens, as in most clusters.
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
@@ -84,26 +87,6 @@ pub struct ControlPlane {
     /// Removed on drop (None when the caller chose the folder). Last: fields drop in order, so
     /// the processes are killed before their folder goes.
     _temp: Option<TempDir>,
-}
-
-/// Polls `check` every 100 ms until it returns `Some`, or fails with `what` after `limit`.
-async fn poll<T, F>(what: &str, limit: Duration, mut check: impl FnMut() -> F) -> Result<T, Error>
-where
-    F: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Timeout {
-                what: what.to_owned(),
-                after: limit,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A client for the kubeconfig at `path`.
@@ -307,10 +290,14 @@ impl ControlPlane {
         // Pods need their namespace's `default` service account, which the controller-manager
         // creates: its presence says the controllers run.
         let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "default");
-        cp.watch_poll("the controller-manager to create default/default", || {
-            let accounts = accounts.clone();
-            async move { accounts.get_opt("default").await.ok().flatten() }
-        })
+        cp.watch_poll(
+            "the controller-manager to create default/default",
+            STARTUP,
+            || {
+                let accounts = accounts.clone();
+                async move { accounts.get_opt("default").await.ok().flatten() }
+            },
+        )
         .await?;
         Ok(cp)
     }
@@ -358,27 +345,28 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// [`poll`] for 60 s, failing early when a component exited.
-    async fn watch_poll<T, F>(&mut self, what: &str, check: impl Fn() -> F) -> Result<T, Error>
+    /// [`wait_for`], failing at once when a component exited (with its log).
+    async fn watch_poll<T, F>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn() -> F,
+    ) -> Result<T, Error>
     where
         F: Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            self.check_alive()?;
-            if let Some(value) = check().await {
-                return Ok(value);
+        poll_until(what, limit, || {
+            let alive = self.check_alive();
+            let next = check();
+            async move {
+                alive?;
+                Ok(next.await)
             }
-            if Instant::now() > deadline {
-                return Err(Error::Timeout {
-                    what: what.to_owned(),
-                    after: Duration::from_secs(60),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
+    /// Until `GET http://127.0.0.1:{port}{path}` answers 200 with `expect` in its body.
     async fn wait_http(
         &mut self,
         what: &str,
@@ -387,27 +375,16 @@ impl ControlPlane {
         expect: &str,
         limit: Duration,
     ) -> Result<(), Error> {
-        let deadline = Instant::now() + limit;
-        loop {
-            self.check_alive()?;
-            if crate::http_get(port, path)
-                .await
-                .is_some_and(|(status, body)| status == 200 && body.contains(expect))
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Timeout {
-                    what: format!("{what} to answer {path}"),
-                    after: limit,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("{what} to answer {path}");
+        self.watch_poll(&what, limit, || async move {
+            let (status, body) = crate::http_get(port, path).await?;
+            (status == 200 && body.contains(expect)).then_some(())
+        })
+        .await
     }
 
     async fn wait_ready(&mut self, client: &Client) -> Result<(), Error> {
-        self.watch_poll("kube-apiserver /readyz", || async {
+        self.watch_poll("kube-apiserver /readyz", STARTUP, || async {
             let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
             let text = client.request_text(request).await.ok()?;
             (text.trim() == "ok").then_some(())
@@ -424,7 +401,7 @@ impl ControlPlane {
                 .map_err(Error::Kube)?;
         }
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
-        self.watch_poll("kwok to make the fake nodes Ready", || {
+        self.watch_poll("kwok to make the fake nodes Ready", STARTUP, || {
             let api = api.clone();
             let names = names.clone();
             async move {
@@ -456,11 +433,6 @@ impl ControlPlane {
         &self.pki.ca_pem
     }
 
-    /// etcd of the control plane itself (not Tidelock's state).
-    pub fn etcd_url(&self) -> &str {
-        &self.etcd_url
-    }
-
     /// The etcd for Tidelock's state, when [`Options::state_etcd`] asked for one.
     pub fn state_etcd_url(&self) -> Option<&str> {
         self.state_etcd_url.as_deref()
@@ -474,11 +446,6 @@ impl ControlPlane {
     /// The kubeconfig of one of the control plane's identities.
     pub fn kubeconfig_path(&self, who: Identity) -> PathBuf {
         self.dir.join(format!("{}.kubeconfig", who.name()))
-    }
-
-    /// The admin token, for a kubeconfig of one's own.
-    pub fn admin_token(&self) -> &str {
-        self.pki.token(Identity::Admin)
     }
 
     /// A client as the admin.
@@ -522,16 +489,44 @@ impl ControlPlane {
     }
 }
 
-/// Polls for up to `limit` (for callers outside this module).
+/// Polls `check` every 100 ms until it returns `Some`, or fails naming `what` after `limit`.
 pub async fn wait_for<T, F>(
     what: &str,
     limit: Duration,
-    check: impl FnMut() -> F,
+    mut check: impl FnMut() -> F,
 ) -> Result<T, Error>
 where
     F: Future<Output = Option<T>>,
 {
-    poll(what, limit, check).await
+    poll_until(what, limit, || {
+        let next = check();
+        async move { Ok(next.await) }
+    })
+    .await
+}
+
+/// [`wait_for`] whose check may fail the wait at once.
+async fn poll_until<T, F>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> Result<T, Error>
+where
+    F: Future<Output = Result<Option<T>, Error>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: what.to_owned(),
+                after: limit,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Removes the temporary folders of control planes whose process is gone (a test process

@@ -98,6 +98,48 @@ pub struct Config {
     pub report: Option<Report>,
 }
 
+/// The workspace binaries in `bin_dir` standing in for each of [`TIDELOCK_COMMANDS`]; fails
+/// naming a missing one.
+pub fn tidelock_programs(bin_dir: &Path) -> Result<BTreeMap<String, PathBuf>, Error> {
+    TIDELOCK_COMMANDS
+        .iter()
+        .map(|command| {
+            let path = bin_dir.join(command);
+            match path.is_file() {
+                true => Ok(((*command).to_owned(), path)),
+                false => Err(Error::ProgramMissing { path }),
+            }
+        })
+        .collect()
+}
+
+impl Config {
+    /// Tidelock's pods on this machine: `programs` ([`tidelock_programs`]) stand in for the
+    /// image, a worker loads `model`, a worker that asks for GPUs runs the simulator; every
+    /// namespace, state under `dir`.
+    pub fn tidelock(
+        control_plane: &crate::ControlPlane,
+        programs: BTreeMap<String, PathBuf>,
+        model: &Path,
+        dir: PathBuf,
+    ) -> Config {
+        let worker = Override {
+            set: vec![("--model".into(), model.display().to_string())],
+            append: Vec::new(),
+            append_without_gpu: vec!["--engine".into(), "sim".into()],
+        };
+        Config {
+            programs,
+            overrides: BTreeMap::from([("tidelock-worker".to_owned(), worker)]),
+            namespaces: None,
+            dir,
+            server: control_plane.server().to_owned(),
+            ca_pem: control_plane.ca_pem().to_owned(),
+            report: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
@@ -145,7 +187,6 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct Kubelet {
     state: Arc<Mutex<State>>,
-    config: Arc<Config>,
     task: Arc<JoinHandle<()>>,
 }
 
@@ -172,14 +213,13 @@ impl Kubelet {
         let state = Arc::new(Mutex::new(State::default()));
         let ctx = Arc::new(Ctx {
             client,
-            config: config.clone(),
+            config,
             state: state.clone(),
             net: Net::new(state.clone()),
         });
         let task = tokio::spawn(watch_pods(ctx));
         Kubelet {
             state,
-            config,
             task: Arc::new(task),
         }
     }
@@ -210,11 +250,6 @@ impl Kubelet {
             .filter(|(_, r)| !r.task.is_finished())
             .map(|(k, _)| k.clone())
             .collect()
-    }
-
-    /// The log file of a pod's process.
-    pub fn log(&self, namespace: &str, pod: &str) -> PathBuf {
-        self.config.dir.join(format!("{namespace}_{pod}.log"))
     }
 
     /// Kills the pod's process as a machine failure would: SIGKILL, no restart, the pod object
@@ -831,11 +866,8 @@ async fn run_pod(
             Err(message) => {
                 report(&ctx, &format!("pod {label}: cannot start: {message}"));
                 let waiting = ContainerState::Waiting("CreateContainerConfigError", message);
-                let _ = patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
-                if tokio::time::timeout(Duration::from_secs(2), stopped.changed())
-                    .await
-                    .is_ok()
-                {
+                let pause = Duration::from_secs(2);
+                if hold(&ctx, &pod, &mut stopped, waiting, restarts, pause).await {
                     return;
                 }
                 continue;
@@ -849,14 +881,10 @@ async fn run_pod(
             Err(e) => {
                 report(&ctx, &format!("pod {label}: cannot start: {e}"));
                 let waiting = ContainerState::Waiting("RunContainerError", e.to_string());
-                let _ = patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
-                if tokio::time::timeout(backoff, stopped.changed())
-                    .await
-                    .is_ok()
-                {
+                if hold(&ctx, &pod, &mut stopped, waiting, restarts, backoff).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
@@ -920,15 +948,28 @@ async fn run_pod(
             &format!("pod {label}: exited ({code}); restarting in {backoff:?}"),
         );
         let waiting = ContainerState::Waiting("CrashLoopBackOff", format!("exited ({code})"));
-        let _ = patch_status(&ctx, &pod, status(&pod, &waiting, false, restarts)).await;
-        if tokio::time::timeout(backoff, stopped.changed())
-            .await
-            .is_ok()
-        {
+        if hold(&ctx, &pod, &mut stopped, waiting, restarts, backoff).await {
             return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The longest wait before a pod's process is started again.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Reports a container that does not run, then waits `pause` unless the pod is stopped first;
+/// whether it was.
+async fn hold(
+    ctx: &Ctx,
+    pod: &Pod,
+    stopped: &mut watch::Receiver<Halt>,
+    waiting: ContainerState,
+    restarts: i32,
+    pause: Duration,
+) -> bool {
+    let _ = patch_status(ctx, pod, status(pod, &waiting, false, restarts)).await;
+    tokio::time::timeout(pause, stopped.changed()).await.is_ok()
 }
 
 #[cfg(test)]

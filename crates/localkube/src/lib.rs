@@ -43,6 +43,11 @@ pub enum Error {
         path.display()
     )]
     ToolsMissing { path: PathBuf },
+    #[error(
+        "{} is missing: build it (`cargo build --release -p tidelock-operator -p tidelock-router -p tidelock-worker`; ./scripts/kube does)",
+        path.display()
+    )]
+    ProgramMissing { path: PathBuf },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

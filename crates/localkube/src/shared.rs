@@ -6,7 +6,7 @@
 //! exits (`process`), and a later start removes the folders earlier runs left.
 //!
 //! Where the programs are not built, [`shared`] says so and returns `None` (the test skips);
-//! with `TIDELOCK_REQUIRE_CLUSTER=1` (CI sets it) it panics instead, so nothing is skipped
+//! with `TIDELOCK_REQUIRE_CLUSTER=1` (`./scripts/test` sets it under CI) it panics instead, so nothing is skipped
 //! silently.
 
 use std::path::PathBuf;
@@ -19,12 +19,8 @@ use crate::{ControlPlane, Error, Options, Tools};
 /// What tests need of the shared control plane.
 #[derive(Debug, Clone)]
 pub struct Shared {
-    pub server: String,
+    /// The admin kubeconfig.
     pub kubeconfig: PathBuf,
-    pub ca_pem: String,
-    pub audit_log: PathBuf,
-    pub logs: PathBuf,
-    pub tools: Tools,
 }
 
 impl Shared {
@@ -97,12 +93,7 @@ fn start_on_own_thread(tools: Tools) -> Result<Shared, Error> {
                 match ControlPlane::start(tools, Options::default()).await {
                     Ok(cp) => {
                         let shared = Shared {
-                            server: cp.server().to_owned(),
                             kubeconfig: cp.kubeconfig(),
-                            ca_pem: cp.ca_pem().to_owned(),
-                            audit_log: cp.audit_log(),
-                            logs: cp.logs(),
-                            tools: cp.tools().clone(),
                         };
                         let _ = tx.send(Ok(shared));
                         // Hold the processes until the test process exits.

@@ -52,12 +52,14 @@ impl Tools {
     pub fn locate() -> Result<Tools, Error> {
         let dir = match std::env::var_os("TIDELOCK_K8S_BIN") {
             Some(dir) => PathBuf::from(dir),
-            None => cache_dir()
-                .join("k8s")
-                .join(kubernetes_version())
-                .join("bin"),
+            None => Tools::dir_in(&cache_dir()),
         };
         Tools::at(dir)
+    }
+
+    /// Where the programs are built in the cache folder `cache`.
+    pub fn dir_in(cache: &Path) -> PathBuf {
+        cache.join("k8s").join(kubernetes_version()).join("bin")
     }
 
     /// The programs in `dir`, all of them present.

@@ -59,6 +59,9 @@ pub enum PromptError {
         /// The token's text.
         token: String,
     },
+    /// The special tokens' texts could not be made into a matcher.
+    #[error("the special tokens cannot be searched for: {0}")]
+    ControlTexts(String),
     /// A chat request reached a model without a chat template.
     #[error("the model has no chat template; use the completions API with a raw prompt")]
     NoChatTemplate,

@@ -19,6 +19,7 @@
 
 use std::fmt;
 
+use aho_corasick::AhoCorasick;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
@@ -88,8 +89,9 @@ pub struct PromptKit {
     tokenizer: Tokenizer,
     /// The same tokenizer with special-token text encoded as plain text (for text users wrote).
     plain: Tokenizer,
-    /// The text of every special token (what user text must not turn into control ids).
-    control_texts: Vec<String>,
+    /// Finds any special token's text (what user text must not turn into control ids) in one
+    /// pass: contents are scanned on every chat request.
+    control_texts: AhoCorasick,
     chat_template: Option<ChatTemplate>,
     bos: Option<SpecialToken>,
     eos: Option<SpecialToken>,
@@ -140,13 +142,14 @@ impl PromptKit {
         }
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
-        let mut control_texts: Vec<String> = tokenizer
-            .get_added_tokens_decoder()
-            .into_values()
-            .filter(|t| t.special && !t.content.is_empty())
-            .map(|t| t.content)
-            .collect();
-        control_texts.sort();
+        let control_texts = AhoCorasick::new(
+            tokenizer
+                .get_added_tokens_decoder()
+                .into_values()
+                .filter(|t| t.special && !t.content.is_empty())
+                .map(|t| t.content),
+        )
+        .map_err(|e| PromptError::ControlTexts(e.to_string()))?;
         Ok(Self {
             tokenizer,
             plain,
@@ -242,12 +245,11 @@ impl PromptKit {
         encode_with(&self.plain, text, add_special)
     }
 
-    /// The first special token whose text `text` contains.
-    pub fn control_text_in(&self, text: &str) -> Option<&str> {
+    /// The first special token's text that `text` contains.
+    pub fn control_text_in<'t>(&self, text: &'t str) -> Option<&'t str> {
         self.control_texts
-            .iter()
-            .find(|t| text.contains(t.as_str()))
-            .map(String::as_str)
+            .find(text)
+            .map(|m| &text[m.start()..m.end()])
     }
 
     /// `chat.text()[from..]` to ids: the template's text with its control tokens, the users'

@@ -56,11 +56,6 @@ impl RenderedChat {
         &self.text
     }
 
-    /// The byte ranges of user text, in order, not overlapping.
-    pub fn user_ranges(&self) -> &[Range<usize>] {
-        &self.user
-    }
-
     /// The pieces of `text[from..]`, in order: `(piece, written by a user)`. Empty pieces are
     /// left out.
     pub fn pieces(&self, from: usize) -> Vec<(&str, bool)> {

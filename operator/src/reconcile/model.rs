@@ -192,23 +192,12 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     };
 
     let registered = registrations(model, ctx).await;
-    let mut status = status(model, &previous, &groups, registered.as_ref().ok());
-    if !is_true(&status.conditions, conditions::READY) && registered.is_ok() {
+    let registered_now = registered.as_ref().ok();
+    let mut status = status(model, &previous, &groups, registered_now, None);
+    if !is_true(&status.conditions, conditions::READY) && registered_now.is_some() {
         match diagnose::diagnose(model, ctx, &groups).await {
-            Ok(Some((reason, message))) => {
-                let degraded = condition(
-                    &previous.conditions,
-                    conditions::DEGRADED,
-                    true,
-                    reason,
-                    message,
-                    model.metadata.generation,
-                );
-                for c in &mut status.conditions {
-                    if c.type_ == conditions::DEGRADED {
-                        *c = degraded.clone();
-                    }
-                }
+            Ok(problem @ Some(_)) => {
+                status = self::status(model, &previous, &groups, registered_now, problem);
             }
             Ok(None) => {}
             // A diagnosis is a courtesy: its failure leaves the status as it was computed.
@@ -240,13 +229,15 @@ async fn registrations(model: &Model, ctx: &Context) -> Result<Registered, Error
     Ok(per_group)
 }
 
-/// The status a reconciliation reports. Pure: from the Model, the applied StatefulSets and the
-/// registrations (`None` when the cluster state could not be read).
+/// The status a reconciliation reports. Pure: from the Model, the applied StatefulSets, the
+/// registrations (`None` when the cluster state could not be read) and why workers do not run
+/// (`diagnose`), when that is known.
 fn status(
     model: &Model,
     previous: &ModelStatus,
     groups: &[StatefulSet],
     registered: Option<&Registered>,
+    problem: Option<diagnose::Problem>,
 ) -> ModelStatus {
     let generation = model.metadata.generation;
     let desired = model.spec.replicas * model.spec.shards;
@@ -291,8 +282,16 @@ fn status(
             format!("{workers} workers ready"),
         )
     };
-    let degraded = match registered {
-        Some(_) => condition(
+    let degraded = match (registered, problem) {
+        (Some(_), Some((reason, message))) => condition(
+            prev,
+            conditions::DEGRADED,
+            true,
+            reason,
+            message,
+            generation,
+        ),
+        (Some(_), None) => condition(
             prev,
             conditions::DEGRADED,
             false,
@@ -300,7 +299,7 @@ fn status(
             String::new(),
             generation,
         ),
-        None => condition(
+        (None, _) => condition(
             prev,
             conditions::DEGRADED,
             true,
