@@ -41,7 +41,7 @@ Method
        peer's max-throughput requests/s), and a JSON file (`--out`).
 
     Every request carries `Authorization: Bearer <key>` (ours checks it against the tenants file
-    the script writes, `{"bench": {"key_hashes": [blake3 hex of the key]}}`; peers and workers
+    the script writes, `{"bench": {"key_hashes": [blake3 hex of the key], "cache_salt": <random hex>}}`; peers and workers
     ignore it), so all targets receive the same bytes.
 
 Caveats
@@ -679,8 +679,9 @@ def main() -> int:
     if any(r.kind == "ours" for r in routers):
         import blake3  # only ours needs it
 
-        tenants.write_text(json.dumps({"bench": {"key_hashes": [
-            blake3.blake3(key.encode()).hexdigest()]}}))
+        tenants.write_text(json.dumps({"bench": {
+            "key_hashes": [blake3.blake3(key.encode()).hexdigest()],
+            "cache_salt": secrets.token_hex(16)}}))
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     results: list[dict] = []
     try:

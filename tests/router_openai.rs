@@ -45,13 +45,10 @@ fn openai_client_against_router_and_real_workers() {
         urls.push(format!("http://127.0.0.1:{port}"));
         workers.push(w);
     }
-    let mut limited = TenantRecord {
-        key_hashes: vec![TenantRecord::hash_api_key(LIMITED_KEY)],
-        ..TenantRecord::default()
-    };
+    let mut limited = TenantRecord::with_keys([LIMITED_KEY]);
     limited.limits.requests_per_minute = Some(1);
     let tenants = serde_json::json!({
-        "e2e": TenantRecord { key_hashes: vec![TenantRecord::hash_api_key(KEY)], ..TenantRecord::default() },
+        "e2e": TenantRecord::with_keys([KEY]),
         "limited": limited,
     });
     let tenants_file = dir.path().join("tenants.json");

@@ -327,8 +327,8 @@ fn up_keeps_tenants_apart_and_refuses_bad_starts_cleanly() {
 
     // Two tenants from a tenants file: the same long prompt, never shared.
     let tenants = serde_json::json!({
-        "alpha": TenantRecord { key_hashes: vec![TenantRecord::hash_api_key("sk-alpha-0123456789")], ..TenantRecord::default() },
-        "beta": TenantRecord { key_hashes: vec![TenantRecord::hash_api_key("sk-beta-0123456789")], ..TenantRecord::default() },
+        "alpha": TenantRecord::with_keys(["sk-alpha-0123456789"]),
+        "beta": TenantRecord::with_keys(["sk-beta-0123456789"]),
     });
     let file: PathBuf = cache.path().join("tenants.json");
     std::fs::write(&file, tenants.to_string()).unwrap();

@@ -215,16 +215,17 @@ fn tenants(dir: &Path, n: usize) -> Result<(PathBuf, Vec<String>), String> {
     let keys: Vec<String> = (0..n.max(1))
         .map(|_| format!("sk-bench-{:032x}", rand::random::<u128>()))
         .collect();
+    // The peers share every cache across keys; so do ours here (one secret salt for all), so
+    // that sessions of different tenants opening with the same system prompt can share it.
+    let shared = tidelock_protocol::CacheSalt::generate();
     let records: serde_json::Map<String, serde_json::Value> = keys
         .iter()
         .enumerate()
         .map(|(i, key)| {
-            // The peers share every cache across keys; so do ours here, so that sessions of
-            // different tenants opening with the same system prompt can share it in every run.
             let record = TenantRecord {
-                key_hashes: vec![TenantRecord::hash_api_key(key)],
                 share_cache: true,
-                ..TenantRecord::default()
+                cache_salt: shared.clone(),
+                ..TenantRecord::with_keys([key.as_str()])
             };
             Ok((
                 format!("bench-{i}"),

@@ -652,10 +652,8 @@ fn local_tenant(cache: &Path, run_dir: &Path) -> Result<(PathBuf, String), Strin
             key
         }
     };
-    let record = TenantRecord {
-        key_hashes: vec![TenantRecord::hash_api_key(&key)],
-        ..TenantRecord::default()
-    };
+    // A fresh secret cache salt every run: the workers start empty anyway.
+    let record = TenantRecord::with_keys([key.as_str()]);
     let tenants = serde_json::json!({ LOCAL_TENANT: record });
     let path = run_dir.join("tenants.json");
     std::fs::write(&path, tenants.to_string())

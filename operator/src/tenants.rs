@@ -1,16 +1,22 @@
 //! A `Tenant` and its Secrets to the record routers read from `tenants/<tenant>`: key hashes
-//! (never keys), allowed models, limits, cache sharing. Pure: the reconciler fetches the Secrets
-//! and writes the record; this decides what the record is, or why there is none. A missing or
-//! malformed Secret fails the whole record (and names the Secret), so a router never sees a
-//! tenant with some of its keys.
+//! (never keys), allowed models, limits, cache sharing and the secret cache salt. The reconciler
+//! fetches the Secrets and writes the record; [`tenant_record`] decides what the record is, or
+//! why there is none. A missing or malformed Secret fails the whole record (and names the
+//! Secret), so a router never sees a tenant with some of its keys.
+//!
+//! Cache salts ([`cache_salt`]) are random secrets, never derived from the tenant's name: a
+//! tenant keeps the salt of its existing record (so its cached blocks stay reachable), a new
+//! tenant gets a fresh one, and every tenant that opts into sharing gets the one salt stored at
+//! `salts/shared`, created once. A record from before salts were secret has none and is given a
+//! fresh one (docs: SECURITY.md, "Migration").
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use tidelock_api::{Tenant, reasons};
-use tidelock_protocol::{KeyLayout, ModelName, TenantId, TenantLimits, TenantRecord};
-use tidelock_state::{StateError, StateStore};
+use tidelock_protocol::{CacheSalt, KeyLayout, ModelName, TenantId, TenantLimits, TenantRecord};
+use tidelock_state::{CasOutcome, Expected, StateError, StateStore};
 
 /// API keys shorter than this are refused: they are meant to be long random strings (the store
 /// keeps an unsalted fast hash, which is only safe for such keys).
@@ -49,10 +55,12 @@ pub fn tenant_id(tenant: &Tenant) -> Result<TenantId, TenantError> {
         .map_err(|e| TenantError::InvalidSpec(format!("tenant id: {e}")))
 }
 
-/// The record for `tenant`, with its keys read from `secrets` (by name, in its namespace).
+/// The record for `tenant`, with its keys read from `secrets` (by name, in its namespace) and
+/// `cache_salt` (from [`cache_salt`]).
 pub fn tenant_record(
     tenant: &Tenant,
     secrets: &BTreeMap<String, Secret>,
+    cache_salt: CacheSalt,
 ) -> Result<TenantRecord, TenantError> {
     let namespace = tenant.namespace().unwrap_or_default();
     let mut key_hashes = Vec::new();
@@ -126,7 +134,54 @@ pub fn tenant_record(
             max_context_tokens: positive("maxContextTokens", limits.max_context_tokens)?,
         },
         share_cache: tenant.spec.share_cache,
+        cache_salt,
     })
+}
+
+/// The cache salt tenant `id` is to have: the shared one when it opts into sharing, else the
+/// secret salt of its current record, else (a new tenant, one that stops sharing, or a record
+/// from before salts were secret) a fresh one.
+pub async fn cache_salt(
+    store: &dyn StateStore,
+    layout: &KeyLayout,
+    id: &TenantId,
+    share_cache: bool,
+) -> Result<CacheSalt, StateError> {
+    if share_cache {
+        return shared_salt(store, layout).await;
+    }
+    let current = store
+        .get(&layout.tenant(id))
+        .await?
+        .and_then(|kv| serde_json::from_slice::<TenantRecord>(&kv.value).ok())
+        .filter(|record| !record.share_cache && record.cache_salt.is_secret());
+    Ok(current.map_or_else(CacheSalt::generate, |record| record.cache_salt))
+}
+
+/// The one salt of the tenants that share their cache, created on first use. Operators that
+/// race create it once: the loser of the compare-and-swap reads the winner's.
+async fn shared_salt(store: &dyn StateStore, layout: &KeyLayout) -> Result<CacheSalt, StateError> {
+    let key = layout.shared_cache_salt();
+    let parse = |value: &[u8]| {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|text| CacheSalt::new(text).ok())
+            .filter(CacheSalt::is_secret)
+            .ok_or_else(|| StateError::InvalidRequest(format!("{key} is not a secret cache salt")))
+    };
+    loop {
+        if let Some(kv) = store.get(&key).await? {
+            return parse(&kv.value);
+        }
+        let fresh = CacheSalt::generate();
+        let value = fresh.as_str().as_bytes().to_vec();
+        if let CasOutcome::Swapped(_) = store
+            .compare_and_swap(&key, Expected::Absent, value, None)
+            .await?
+        {
+            return Ok(fresh);
+        }
+    }
 }
 
 /// Writes `record` as tenant `id`'s entry in the cluster state, unless it is already there;
@@ -202,7 +257,7 @@ mod tests {
             secret("a-keys", &[("apiKey", KEY_1), ("rotated", KEY_2)]),
             secret("b", &[("apiKey", KEY_2)]),
         ]);
-        let record = tenant_record(&t, &secrets).unwrap();
+        let record = tenant_record(&t, &secrets, CacheSalt::generate()).unwrap();
         // Trimmed, hashed, and the same key twice is one hash.
         assert_eq!(
             record.key_hashes,
@@ -227,11 +282,73 @@ mod tests {
         assert_eq!(tenant_id(&t).unwrap().as_str(), "ml/team-a");
     }
 
+    /// Salts are secrets the store keeps: never the tenant's name, stable across reconciles,
+    /// one for all sharing tenants, fresh for a tenant that stops sharing or has an old record.
+    #[tokio::test]
+    async fn cache_salts_are_random_kept_and_shared_only_by_those_that_share() {
+        let store = tidelock_state::MemoryStore::new();
+        let layout = KeyLayout::default();
+        let id = |name: &str| TenantId::new(format!("ml/{name}")).unwrap();
+        let salt =
+            async |name: &str, share| cache_salt(&store, &layout, &id(name), share).await.unwrap();
+        let write = async |name: &str, salt: &CacheSalt, share| {
+            let record = TenantRecord {
+                share_cache: share,
+                cache_salt: salt.clone(),
+                ..TenantRecord::with_keys([])
+            };
+            write(&store, &layout, &id(name), &record).await.unwrap();
+        };
+
+        let a = salt("team-a", false).await;
+        assert!(a.is_secret() && !a.as_str().contains("team-a"));
+        write("team-a", &a, false).await;
+        assert_eq!(salt("team-a", false).await, a, "kept across reconciles");
+        let b = salt("team-b", false).await;
+        assert_ne!(a, b, "every tenant its own");
+
+        let shared = salt("team-c", true).await;
+        assert!(shared.is_secret() && shared != a && shared != b);
+        assert_eq!(
+            salt("team-d", true).await,
+            shared,
+            "one salt for all who share"
+        );
+        let stored = store
+            .get(&layout.shared_cache_salt())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.value, shared.as_str().as_bytes());
+        write("team-c", &shared, true).await;
+        let own = salt("team-c", false).await;
+        assert!(
+            own != shared && own.is_secret(),
+            "stopping sharing: a fresh salt"
+        );
+
+        // A record from before salts were secret (none, or the tenant's name): a fresh one.
+        let old = serde_json::json!({"key_hashes": [], "share_cache": false});
+        store
+            .put(
+                &layout.tenant(&id("old")),
+                old.to_string().into_bytes(),
+                None,
+            )
+            .await
+            .unwrap();
+        let migrated = salt("old", false).await;
+        assert!(migrated.is_secret());
+        write("named", &CacheSalt::new("ml/named").unwrap(), false).await;
+        assert_ne!(salt("named", false).await.as_str(), "ml/named");
+    }
+
     #[test]
     fn a_missing_or_malformed_secret_names_itself_and_gives_no_record() {
         let t = tenant(json!({"apiKeySecrets": [{"name": "a-keys"}, {"name": "gone"}]}));
         let ok = secret("a-keys", &[("apiKey", KEY_1)]);
-        let e = tenant_record(&t, &BTreeMap::from([ok.clone()])).unwrap_err();
+        let e =
+            tenant_record(&t, &BTreeMap::from([ok.clone()]), CacheSalt::generate()).unwrap_err();
         assert_eq!(e.to_string(), "Secret ml/gone does not exist");
         assert_eq!(e.reason(), "SecretMissing");
         let cases: [(Data<'_>, &str); 4] = [
@@ -245,7 +362,12 @@ mod tests {
         ];
         for (data, needle) in cases {
             let bad = secret("gone", data);
-            let e = tenant_record(&t, &BTreeMap::from([ok.clone(), bad])).unwrap_err();
+            let e = tenant_record(
+                &t,
+                &BTreeMap::from([ok.clone(), bad]),
+                CacheSalt::generate(),
+            )
+            .unwrap_err();
             assert_eq!(e.reason(), "SecretMalformed");
             let text = e.to_string();
             assert!(
@@ -272,7 +394,7 @@ mod tests {
                 "allowedModels",
             ),
         ] {
-            let e = tenant_record(&tenant(spec), &secrets).unwrap_err();
+            let e = tenant_record(&tenant(spec), &secrets, CacheSalt::generate()).unwrap_err();
             assert_eq!(e.reason(), "InvalidSpec");
             assert!(e.to_string().contains(needle), "{e}");
         }

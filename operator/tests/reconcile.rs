@@ -533,6 +533,9 @@ async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
     reconcile_tenant(&h, "team-a").await.unwrap();
     let r = record().await.expect("a record");
     assert!(r.accepts_key(first));
+    // The cache salt is a fresh secret, nothing derived from the tenant's name.
+    let salt = r.cache_salt.clone();
+    assert!(salt.is_secret() && !salt.as_str().contains("team-a"), "{salt}");
     assert_eq!(r.limits.requests_per_minute, Some(60));
     let s = status().await;
     assert_eq!(
@@ -551,6 +554,7 @@ async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
     reconcile_tenant(&h, "team-a").await.unwrap();
     let r = record().await.unwrap();
     assert!(r.accepts_key(second) && !r.accepts_key(first));
+    assert_eq!(r.cache_salt, salt, "a rotation keeps the salt (and the cache)");
 
     // Malformed: fail closed, the record goes, the condition names the Secret and the problem.
     set_key(&secrets, "short").await;

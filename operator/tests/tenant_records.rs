@@ -10,7 +10,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::json;
 use tidelock_api::Tenant;
-use tidelock_operator::tenants::{remove, tenant_id, tenant_record, write};
+use tidelock_operator::tenants::{cache_salt, remove, tenant_id, tenant_record, write};
 use tidelock_protocol::KeyLayout;
 use tidelock_router::tenants::Tenants;
 use tidelock_state::{MemoryStore, StateStore};
@@ -49,7 +49,8 @@ async fn a_written_record_lets_the_tenants_key_in_on_a_router() {
     .unwrap();
     let id = tenant_id(&tenant).unwrap();
     let first = "sk-team-a-first-key-0123456789";
-    let record = tenant_record(&tenant, &secret(first)).unwrap();
+    let salt = cache_salt(&*store, &layout, &id, false).await.unwrap();
+    let record = tenant_record(&tenant, &secret(first), salt).unwrap();
     assert!(write(&*store, &layout, &id, &record).await.unwrap());
     assert!(
         !write(&*store, &layout, &id, &record).await.unwrap(),
@@ -65,7 +66,9 @@ async fn a_written_record_lets_the_tenants_key_in_on_a_router() {
 
     // The Secret is rotated: the new key works, the old one stops.
     let second = "sk-team-a-second-key-9876543210";
-    let rotated = tenant_record(&tenant, &secret(second)).unwrap();
+    let salt = cache_salt(&*store, &layout, &id, false).await.unwrap();
+    assert_eq!(salt, record.cache_salt, "the record's salt is kept");
+    let rotated = tenant_record(&tenant, &secret(second), salt).unwrap();
     assert!(write(&*store, &layout, &id, &rotated).await.unwrap());
     until("the new key works", || {
         tenants.authenticate(second).is_some()

@@ -29,9 +29,7 @@ use tidelock_openai::{
     Answer, Continuations, Endpoint, OnAnswer, error_response, parse, respond_then,
 };
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
-use tidelock_protocol::{
-    CacheSalt, GenerateEvent, GenerateRequest, HashChain, SessionKey, WorkerId,
-};
+use tidelock_protocol::{GenerateEvent, GenerateRequest, HashChain, SessionKey, WorkerId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::index::TierCounts;
@@ -471,11 +469,6 @@ async fn place(
             .inc_by(prepared.continued as u64);
     }
     let permit = slot(state).await?;
-    let salt = if tenant.record.share_cache {
-        CacheSalt::shared()
-    } else {
-        CacheSalt::for_tenant(&tenant.id)
-    };
     // The answer needs only the prompt's length (already in the cost), not its tokens: move
     // them into the worker request rather than copying a possibly million-token prompt. After
     // placement they move on to the turn memory's callback (when the session has one), which
@@ -483,7 +476,8 @@ async fn place(
     let request = GenerateRequest {
         request_id: Some(prepared.meta.id.clone()),
         session: session.clone(),
-        cache_salt: salt,
+        // The tenant's secret (shared only with the tenants that opt into sharing).
+        cache_salt: tenant.record.cache_salt.clone(),
         tokens: std::mem::take(&mut prepared.tokens),
         sampling: prepared.sampling.clone(),
     };

@@ -36,9 +36,10 @@ pub struct Config {
     pub etcd_prefix: String,
 
     /// Tenants file (with the in-memory store only): a JSON object from tenant id to its record,
-    /// `{"<tenant>": {"key_hashes": ["<BLAKE3 hex of the key>"], "allowed_models": [],
-    /// "limits": {"requests_per_minute": 60, ...}, "share_cache": false}}`. Re-read when it
-    /// changes.
+    /// `{"<tenant>": {"key_hashes": ["<BLAKE3 hex of the key>"], "cache_salt": "<32+ random
+    /// hex digits, secret>", "allowed_models": [], "limits": {"requests_per_minute": 60, ...},
+    /// "share_cache": false}}`. Tenants that share their cache give the same salt. Re-read when
+    /// it changes.
     #[arg(long, env = "TIDELOCK_TENANTS_FILE")]
     pub tenants_file: Option<PathBuf>,
 

@@ -126,12 +126,19 @@ impl Tenants {
         let mut watch = store.watch(&dir, listing.revision).await?;
         while let Some(event) = watch.next().await {
             match event? {
-                WatchEvent::Put(kv) => {
-                    if let Some((id, record)) = parse(layout, &kv.key, &kv.value) {
+                WatchEvent::Put(kv) => match parse(layout, &kv.key, &kv.value) {
+                    Some((id, record)) => {
                         tracing::info!(tenant = %id, "tenant updated");
                         self.insert(id, record);
                     }
-                }
+                    // Fail closed: a record replaced by one that cannot be used takes the
+                    // tenant's old keys with it.
+                    None => {
+                        if let Some(id) = layout.parse_tenant(&kv.key) {
+                            self.remove(&id);
+                        }
+                    }
+                },
                 WatchEvent::Delete { key, .. } => {
                     if let Some(id) = layout.parse_tenant(&key) {
                         tracing::info!(tenant = %id, "tenant removed");
@@ -147,9 +154,17 @@ impl Tenants {
 fn parse(layout: &KeyLayout, key: &str, value: &[u8]) -> Option<(TenantId, TenantRecord)> {
     let id = layout.parse_tenant(key)?;
     match serde_json::from_slice::<TenantRecord>(value) {
-        Ok(record) => Some((id, record)),
+        Ok(record) => match record.check() {
+            Ok(()) => Some((id, record)),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "tenant record refused; its keys do not work");
+                None
+            }
+        },
         Err(e) => {
-            tracing::warn!(%key, error = %e, "not a tenant record; ignored");
+            // Records written before cache salts were secret have none (docs/SECURITY.md,
+            // "Migration"): refused until the operator rewrites them.
+            tracing::warn!(%key, error = %e, "not a tenant record; its keys do not work");
             None
         }
     }
@@ -165,18 +180,19 @@ pub enum TenantFileError {
         source: std::io::Error,
     },
     #[error(
-        "{path}: not a tenants file ({source}); expected {{\"<tenant>\": {{\"key_hashes\": [\"<64 hex digits>\"], ...}}}}"
+        "{path}: not a tenants file ({source}); expected {{\"<tenant>\": {{\"key_hashes\": [\"<64 hex digits>\"], \"cache_salt\": \"<32+ random hex digits>\", ...}}}}"
     )]
     Parse {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("{path}: tenant `{tenant}`: key hash `{hash}` is not 64 hex digits (a BLAKE3 hash)")]
-    BadHash {
+    #[error("{path}: tenant `{tenant}`: {problem}")]
+    BadRecord {
         path: PathBuf,
         tenant: String,
-        hash: String,
+        #[source]
+        problem: tidelock_protocol::TenantRecordError,
     },
     #[error("{path}: {problem}")]
     Store { path: PathBuf, problem: String },
@@ -195,17 +211,13 @@ pub fn read_file(path: &Path) -> Result<BTreeMap<TenantId, TenantRecord>, Tenant
             source,
         })?;
     for (id, record) in &all {
-        if let Some(bad) = record
-            .key_hashes
-            .iter()
-            .find(|h| blake3::Hash::from_hex(h).is_err())
-        {
-            return Err(TenantFileError::BadHash {
+        record
+            .check()
+            .map_err(|problem| TenantFileError::BadRecord {
                 path: path.to_owned(),
                 tenant: id.to_string(),
-                hash: bad.clone(),
-            });
-        }
+                problem,
+            })?;
     }
     Ok(all)
 }

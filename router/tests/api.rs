@@ -12,7 +12,9 @@ use axum::body::Body;
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::cluster::{KEY_A, KEY_B, MODEL, cluster, put_tenant, tenant_record};
-use tidelock_protocol::{ModelName, SessionKey, SessionRecord, TenantId, TenantLimits};
+use tidelock_protocol::{
+    CacheSalt, ModelName, SessionKey, SessionRecord, TenantId, TenantLimits, TenantRecord,
+};
 use tidelock_router::app::Settings;
 use tidelock_router::policy::Policy;
 use tidelock_state::StateStore;
@@ -262,6 +264,61 @@ async fn tenants_never_share_cached_blocks_unless_they_opt_in() {
     assert_eq!(usage(&a1).1, 0);
     assert_eq!(usage(&b1).1, 0, "tenant b must not hit tenant a's blocks");
     assert!(usage(&a2).1 > 0, "tenant a hits its own blocks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_without_a_secret_salt_are_refused() {
+    let c = cluster(1, Settings::default(), |_| {}).await;
+    let id = TenantId::new("b").unwrap();
+    // Written before salts were secret: no salt at all. Then one derived from the tenant id.
+    let old = json!({"key_hashes": [TenantRecord::hash_api_key(KEY_B)], "share_cache": false});
+    let key = c.layout.tenant(&id);
+    c.store
+        .put(&key, old.to_string().into_bytes(), None)
+        .await
+        .unwrap();
+    c.wait("old record dropped", |s| {
+        !s.tenants.snapshot().contains_key(&id)
+    })
+    .await;
+    assert_eq!(
+        c.post("/v1/chat/completions", KEY_B, chat("hi"))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let mut guessable = tenant_record(KEY_B);
+    guessable.cache_salt = CacheSalt::new("b").unwrap();
+    put_tenant(&*c.store, &c.layout, "b", &guessable).await;
+    // A good record for another tenant, written after, proves the store was read past it.
+    put_tenant(
+        &*c.store,
+        &c.layout,
+        "c",
+        &tenant_record("sk-tenant-c-0123456789"),
+    )
+    .await;
+    c.wait("tenant c loaded", |s| {
+        s.tenants.authenticate("sk-tenant-c-0123456789").is_some()
+    })
+    .await;
+    assert!(c.state.tenants.authenticate(KEY_B).is_none());
+    assert_eq!(
+        c.post("/v1/chat/completions", KEY_B, chat("hi"))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // The operator rewrites it with a secret salt: the key works again.
+    put_tenant(&*c.store, &c.layout, "b", &tenant_record(KEY_B)).await;
+    c.wait("tenant b back", |s| s.tenants.authenticate(KEY_B).is_some())
+        .await;
+    assert_eq!(
+        c.post("/v1/chat/completions", KEY_B, chat("hi"))
+            .await
+            .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,9 +820,12 @@ async fn a_pin_moved_by_another_replica_is_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_that_opt_in_share_the_cache_and_logprobs_pass_through() {
     let c = cluster(1, Settings::default(), |_| {}).await;
+    // Sharing tenants share one secret salt (the operator gives them the same one).
+    let shared = CacheSalt::generate();
     for (id, key) in [("a", KEY_A), ("b", KEY_B)] {
         let mut record = tenant_record(key);
         record.share_cache = true;
+        record.cache_salt = shared.clone();
         put_tenant(&*c.store, &c.layout, id, &record).await;
     }
     c.wait("both tenants share", |s| {

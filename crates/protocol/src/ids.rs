@@ -162,26 +162,38 @@ string_id!(
 );
 string_id!(
     /// Mixed into the root of every block-hash chain so that tenants never share KV blocks unless
-    /// they opt in. Empty means the shared, cross-tenant cache.
+    /// they opt in. A tenant's salt is a random secret ([`CacheSalt::generate`]) kept in its
+    /// record, never its id or anything else public: whoever knows a salt can compute the block
+    /// hashes of any prompt guessed under it. Empty means the unsalted cache, used only by a
+    /// worker's own OpenAI surface.
     CacheSalt, kind = "cache salt", max = NAME_MAX, allow_empty = true
 );
 
 impl CacheSalt {
-    /// The salt of the shared cache (empty): blocks hashed under it are visible to every tenant
-    /// that also uses it.
+    /// Characters of a [`CacheSalt::generate`]d salt: 128 random bits in hex. A tenant record's
+    /// salt must be at least this long ([`CacheSalt::is_secret`]).
+    pub const SECRET_CHARS: usize = 32;
+
+    /// The unsalted cache (empty): blocks hashed under it are visible to every caller that also
+    /// uses it. No tenant record may carry it.
     pub fn shared() -> Self {
         Self(String::new())
     }
 
-    /// The salt that isolates `tenant`'s blocks from every other tenant's.
-    pub fn for_tenant(tenant: &TenantId) -> Self {
-        // A valid tenant id is always a valid, non-empty salt: same limit, same character rules.
-        Self(tenant.as_str().to_owned())
+    /// A fresh secret salt: 128 bits from the operating system's random source, in hex.
+    pub fn generate() -> Self {
+        Self(format!("{:032x}", rand::random::<u128>()))
     }
 
-    /// Whether this is the shared cache's salt.
+    /// Whether this is the unsalted cache's salt.
     pub fn is_shared(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Whether the salt is long enough to be a secret ([`CacheSalt::SECRET_CHARS`]); what a
+    /// tenant record must carry. (Length is all that can be checked: randomness cannot.)
+    pub fn is_secret(&self) -> bool {
+        self.0.chars().count() >= Self::SECRET_CHARS
     }
 }
 
@@ -282,13 +294,19 @@ mod tests {
     }
 
     #[test]
-    fn cache_salt_may_be_empty() {
+    fn cache_salt_may_be_empty_and_generated_ones_are_secret() {
         assert!(CacheSalt::new("").is_ok());
         assert!(CacheSalt::shared().is_shared());
-        let tenant = TenantId::new("tenant-a").unwrap();
-        let salt = CacheSalt::for_tenant(&tenant);
-        assert_eq!(salt.as_str(), "tenant-a");
-        assert!(!salt.is_shared());
+        assert!(!CacheSalt::shared().is_secret());
+        assert!(!CacheSalt::new("tenant-a").unwrap().is_secret());
+        let (a, b) = (CacheSalt::generate(), CacheSalt::generate());
+        assert_ne!(a, b, "two salts from the random source");
+        for salt in [&a, &b] {
+            assert!(salt.is_secret() && !salt.is_shared());
+            assert_eq!(salt.as_str().len(), CacheSalt::SECRET_CHARS);
+            assert!(salt.as_str().bytes().all(|c| c.is_ascii_hexdigit()));
+            assert!(CacheSalt::new(salt.as_str()).is_ok(), "a valid salt");
+        }
         assert!(CacheSalt::new("a\nb").is_err());
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Layout under a configurable root (default `/tidelock/`):
 //! `workers/<model>/<worker>`, `sessions/<model>/<tenant>/<session>`, `tenants/<tenant>`,
-//! `models/<model>`. Directory functions end in '/', so a prefix watch on one model's directory
+//! `models/<model>`, and `salts/shared` (the secret salt of the tenants that share their cache). Directory functions end in '/', so a prefix watch on one model's directory
 //! never sees another model whose name merely starts the same way.
 //!
 //! Invariant: every name is one path segment. Ids may contain '/' and '%', so each segment is
@@ -18,6 +18,7 @@ const WORKERS: &str = "workers/";
 const SESSIONS: &str = "sessions/";
 const TENANTS: &str = "tenants/";
 const MODELS: &str = "models/";
+const SALTS: &str = "salts/";
 
 /// Escapes one path segment: '%' becomes `%25` and '/' becomes `%2F`; nothing else changes.
 pub fn escape_segment(segment: &str) -> Cow<'_, str> {
@@ -154,6 +155,12 @@ impl KeyLayout {
         self.leaf(TENANTS, &[tenant.as_str()])
     }
 
+    /// `<root>salts/shared`: the one secret cache salt of every tenant that opts into sharing
+    /// its cache. Written once by the operator; read only by it (tenant records carry it).
+    pub fn shared_cache_salt(&self) -> String {
+        self.leaf(SALTS, &["shared"])
+    }
+
     /// `<root>models/`: every model.
     pub fn models_dir(&self) -> String {
         self.dir(MODELS, &[])
@@ -248,6 +255,8 @@ mod tests {
         );
         assert_eq!(keys.tenants_dir(), "/tidelock/tenants/");
         assert_eq!(keys.tenant(&tenant("acme")), "/tidelock/tenants/acme");
+        assert_eq!(keys.shared_cache_salt(), "/tidelock/salts/shared");
+        assert_eq!(keys.parse_tenant(&keys.shared_cache_salt()), None);
         assert_eq!(keys.models_dir(), "/tidelock/models/");
         assert_eq!(keys.model(&model("smol")), "/tidelock/models/smol");
     }

@@ -27,6 +27,6 @@ pub use openai::{
 };
 pub use wire::{
     ErrorCode, FinishReason, GenerateEvent, GenerateRequest, LoadReport, SamplingError,
-    SamplingParams, SessionRecord, TenantLimits, TenantRecord, TopLogprob, Usage, WorkerInfo,
-    WorkerRegistration,
+    SamplingParams, SessionRecord, TenantLimits, TenantRecord, TenantRecordError, TopLogprob,
+    Usage, WorkerInfo, WorkerRegistration,
 };

@@ -318,20 +318,70 @@ pub struct TenantLimits {
 /// etcd value of `tenants/<tenant>`, written by the operator from the Tenant resource.
 ///
 /// Only hashes of API keys are stored, never the keys: see [`TenantRecord::hash_api_key`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+/// The cache salt is a secret and has no default: a record without one (written before salts
+/// were secret) does not parse, so its tenant is refused until the operator rewrites it, rather
+/// than served under a guessable salt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {
     /// [`TenantRecord::hash_api_key`] of each accepted key.
+    #[serde(default)]
     pub key_hashes: Vec<String>,
     /// Models the tenant may use; empty means all.
+    #[serde(default)]
     pub allowed_models: Vec<ModelName>,
     /// The tenant's limits.
+    #[serde(default)]
     pub limits: TenantLimits,
-    /// Opt into the shared cross-tenant cache where a Model allows it.
+    /// Opt into the cache shared by every tenant that opts in (they share one salt).
+    #[serde(default)]
     pub share_cache: bool,
+    /// The salt of every block-hash chain of this tenant's prompts: its own random secret, or
+    /// the one secret of the tenants that share their cache. Must be [`CacheSalt::is_secret`].
+    pub cache_salt: CacheSalt,
+}
+
+/// Why a [`TenantRecord`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TenantRecordError {
+    #[error("key hash `{0}` is not 64 hex digits (a BLAKE3 hash)")]
+    BadKeyHash(String),
+    #[error(
+        "its cache salt is not a secret (at least {} characters of a random value are needed; \
+         generate one with `head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'`)",
+        CacheSalt::SECRET_CHARS
+    )]
+    WeakSalt,
 }
 
 impl TenantRecord {
+    /// A record accepting `keys` (hashed here), with no limits, every model allowed and a fresh
+    /// secret salt.
+    pub fn with_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Self {
+        TenantRecord {
+            key_hashes: keys.into_iter().map(Self::hash_api_key).collect(),
+            allowed_models: Vec::new(),
+            limits: TenantLimits::default(),
+            share_cache: false,
+            cache_salt: CacheSalt::generate(),
+        }
+    }
+
+    /// Checks what a router needs before using the record: well-formed key hashes and a secret
+    /// salt.
+    pub fn check(&self) -> Result<(), TenantRecordError> {
+        if let Some(bad) = self
+            .key_hashes
+            .iter()
+            .find(|h| h.len() != 64 || !h.bytes().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(TenantRecordError::BadKeyHash(bad.clone()));
+        }
+        if !self.cache_salt.is_secret() {
+            return Err(TenantRecordError::WeakSalt);
+        }
+        Ok(())
+    }
+
     /// The stored form of an API key: 64 lowercase hex characters of the (unkeyed) BLAKE3 hash of
     /// its UTF-8 bytes. API keys are long random strings, so an unsalted fast hash suffices; what
     /// matters is that etcd and its backups never hold a usable key.
@@ -503,6 +553,7 @@ mod tests {
             allowed_models: vec![model("m")],
             limits: TenantLimits::default(),
             share_cache: true,
+            cache_salt: CacheSalt::generate(),
         });
     }
 
@@ -526,10 +577,6 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<LoadReport>("{}").unwrap(),
             LoadReport::default()
-        );
-        assert_eq!(
-            serde_json::from_str::<TenantRecord>("{}").unwrap(),
-            TenantRecord::default()
         );
         let usage: Usage =
             serde_json::from_str(r#"{"prompt_tokens":3,"completion_tokens":1}"#).unwrap();
@@ -667,7 +714,7 @@ mod tests {
         );
         let record = TenantRecord {
             key_hashes: vec![hashed],
-            ..TenantRecord::default()
+            ..TenantRecord::with_keys([])
         };
         assert!(record.accepts_key("sk-test"));
         assert!(!record.accepts_key("sk-other"));
@@ -678,5 +725,40 @@ mod tests {
         };
         assert!(limited.allows_model(&model("a")));
         assert!(!limited.allows_model(&model("b")));
+    }
+
+    #[test]
+    fn a_tenant_record_needs_a_secret_salt() {
+        let record = TenantRecord::with_keys(["sk-test-0123456789"]);
+        assert_eq!(record.check(), Ok(()));
+        assert!(record.accepts_key("sk-test-0123456789"));
+        assert_ne!(
+            record.cache_salt,
+            TenantRecord::with_keys(["sk-test-0123456789"]).cache_salt,
+            "every record gets its own salt"
+        );
+        // A record written before salts were secret has none: it does not parse at all.
+        let old =
+            json!({"key_hashes": [TenantRecord::hash_api_key("sk-test")], "share_cache": false});
+        assert!(serde_json::from_value::<TenantRecord>(old.clone()).is_err());
+        // Every other field has its default.
+        let mut minimal = json!({"cache_salt": record.cache_salt});
+        let parsed: TenantRecord = serde_json::from_value(minimal.take()).unwrap();
+        assert!(parsed.key_hashes.is_empty() && !parsed.share_cache);
+        for weak in ["", "tenant-a", "team-a/key-0123456789abcdefghi"] {
+            let weak = TenantRecord {
+                cache_salt: CacheSalt::new(weak).unwrap(),
+                ..record.clone()
+            };
+            assert_eq!(weak.check(), Err(TenantRecordError::WeakSalt));
+        }
+        let bad = TenantRecord {
+            key_hashes: vec!["not-hex".into()],
+            ..record
+        };
+        assert_eq!(
+            bad.check(),
+            Err(TenantRecordError::BadKeyHash("not-hex".into()))
+        );
     }
 }

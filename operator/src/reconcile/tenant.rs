@@ -1,5 +1,6 @@
 //! The Tenant reconciler: reads the API keys from the Secrets a Tenant references and writes its
-//! record (key hashes, allowed models, limits) to the cluster state, where routers read it.
+//! record (key hashes, allowed models, limits, secret cache salt) to the cluster state, where
+//! routers read it.
 //!
 //! Fail closed: when a referenced Secret is missing or malformed the Tenant is `Degraded` (the
 //! condition names the Secret) and it has **no** record, so none of its keys work, rather than
@@ -62,7 +63,14 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     }
     let id = tenants::tenant_id(tenant);
     // An invalid id is reported first: the match below tries it first.
-    let record = tenants::tenant_record(tenant, &secrets);
+    let record = match &id {
+        Ok(id) => {
+            let share = tenant.spec.share_cache;
+            let salt = tenants::cache_salt(&*ctx.store, &ctx.layout, id, share).await?;
+            tenants::tenant_record(tenant, &secrets, salt)
+        }
+        Err(e) => Err(e.clone()),
+    };
     let previous = tenant.status.clone().unwrap_or_default();
     let generation = tenant.metadata.generation;
     let prev = &previous.conditions;

@@ -53,11 +53,9 @@ impl Drop for Cluster {
     }
 }
 
+/// A record accepting `key`, with its own fresh secret salt.
 pub fn tenant_record(key: &str) -> TenantRecord {
-    TenantRecord {
-        key_hashes: vec![TenantRecord::hash_api_key(key)],
-        ..TenantRecord::default()
-    }
+    TenantRecord::with_keys([key])
 }
 
 /// `n` sim workers (each adjusted by `sim`), tenants `a` and `b` (keys [`KEY_A`], [`KEY_B`],
