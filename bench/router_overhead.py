@@ -245,7 +245,9 @@ def start_workers(children: Children, args) -> list[str]:
         argv = [str(args.worker_bin), "--engine", "sim", "--model", str(args.model),
                 "--listen", f"{HOST}:{port}", "--kv-cache", args.worker_kv_cache,
                 "--sim-step-ms", "0", "--sim-prefill-tokens-per-s", "0",
-                "--sim-decode-ms-per-sequence", "0"]
+                "--sim-decode-ms-per-sequence", "0",
+                # The other routers cannot send our cluster credential (loopback, one run).
+                "--no-cluster-auth"]
         procs.append(children.start(f"worker-{i:02d}", argv, env={"RUST_LOG": "warn"}))
         urls.append(f"http://{HOST}:{port}")
     for proc, url in zip(procs, urls):
@@ -277,7 +279,8 @@ class Router:
             argv = [str(args.ours), "--listen", f"{HOST}:{port}"]
             for w in workers:
                 argv += ["--worker", w]
-            return argv + ["--tenants-file", str(tenants), "--policy", self.policy]
+            return argv + ["--tenants-file", str(tenants), "--policy", self.policy,
+                           "--no-cluster-auth"]
         if self.kind == "sglang":
             return [py, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(port),
                     "--worker-urls", *workers, "--policy", self.policy,

@@ -61,7 +61,8 @@ MODEL = os.path.splitext(os.path.basename(args.model))[0]
 port = free_port()
 base = f"http://127.0.0.1:{port}"
 worker = subprocess.Popen(
-    [args.worker_bin, "--model", args.model, "--listen", f"127.0.0.1:{port}", "--kv-cache", "1GiB"],
+    [args.worker_bin, "--model", args.model, "--listen", f"127.0.0.1:{port}", "--kv-cache", "1GiB",
+     "--no-cluster-auth"],
     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
 )
 try:

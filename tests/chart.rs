@@ -1,17 +1,29 @@
 //! The Helm chart (`charts/tidelock`) without a cluster: its CRDs are the repository's, Helm's
 //! own SDK lints it strictly and renders it for several value sets whose objects are checked and
 //! validated against Kubernetes 1.30's schemas (`py/chart_checks.py`, with helm-python-sdk and
-//! kubernetes-validate from the venv), and every command the rendered chart starts in a Tidelock
-//! image is a binary the workspace builds and both Dockerfiles copy.
+//! kubernetes-validate from the venv), every command the rendered chart starts in a Tidelock
+//! image is a binary the workspace builds and both Dockerfiles copy, and the etcd certificates
+//! the chart generates work: a real etcd serves with them and admits the chart's client
+//! certificate only, and the server certificate names every address clients and peers use.
 //!
 //! `cargo test -p tidelock-e2e --test chart -- --nocapture` shows the rendered objects and the
 //! validator's output.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
 use serde_json::Value;
 use tidelock_e2e::{binary, image_binaries, python, repo_root};
+use tidelock_state::testing::{EtcdServer, TestPki};
+use tidelock_state::{EtcdConfig, EtcdStore, EtcdTls, StateError, StateStore};
 
 /// The chart's default image repository (values.yaml `image.repository`).
 const TIDELOCK_IMAGE: &str = "tidelock/tidelock:";
@@ -49,11 +61,13 @@ fn the_charts_crds_are_the_repositorys_crds() {
 fn the_chart_lints_renders_and_validates() {
     let dir = tempfile::tempdir().unwrap();
     let commands = dir.path().join("commands.json");
+    let certificates = dir.path().join("certificates");
     let script = repo_root().join("tests/py/chart_checks.py");
     let output = Command::new(python())
         .arg(&script)
         .env("CHART", repo_root().join("charts/tidelock"))
         .env("COMMANDS_OUT", &commands)
+        .env("TLS_OUT", &certificates)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -137,5 +151,108 @@ fn the_chart_lints_renders_and_validates() {
         binaries,
         BTreeSet::from(["tidelock-operator", "tidelock-router", "tidelock-worker"]),
         "the binaries the chart starts"
+    );
+
+    the_generated_certificates_name_every_address(&certificates.join("ha"));
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(etcd_serves_with_the_generated_certificates(
+            &certificates.join("default"),
+        ));
+}
+
+fn pem(dir: &Path, file: &str) -> Vec<u8> {
+    std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()))
+}
+
+fn certificate(dir: &Path, file: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(&pem(dir, file)).unwrap()
+}
+
+/// The HA render's server certificate is valid, under the chart's CA, for the client Service,
+/// the peers Service and each of the three members, as a server and (peers dial each other) as
+/// a client; the client certificate is a client certificate only, for no etcd name.
+fn the_generated_certificates_name_every_address(dir: &Path) {
+    let ns = "tidelock-system";
+    let ca = certificate(&dir.join("tidelock-etcd-ca"), "ca.crt");
+    let server = certificate(&dir.join("tidelock-etcd-server"), "tls.crt");
+    let client = certificate(&dir.join("tidelock-etcd-client"), "tls.crt");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let roots = Arc::new(roots);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let as_server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .unwrap();
+    let as_client = WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .build()
+        .unwrap();
+    let now = UnixTime::now();
+    let serves = |cert: &CertificateDer<'_>, name: &str| {
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        as_server
+            .verify_server_cert(cert, &[], &name, &[], now)
+            .map(|_| ())
+    };
+    let mut names = vec![
+        "tidelock-etcd".to_owned(),
+        format!("tidelock-etcd.{ns}.svc"),
+        format!("tidelock-etcd.{ns}.svc.cluster.local"),
+        format!("tidelock-etcd-peers.{ns}.svc"),
+        "127.0.0.1".to_owned(),
+    ];
+    names.extend((0..3).map(|i| format!("tidelock-etcd-{i}.tidelock-etcd-peers.{ns}.svc")));
+    for name in &names {
+        serves(&server, name).unwrap_or_else(|e| panic!("etcd's certificate for {name}: {e}"));
+        assert!(
+            serves(&client, name).is_err(),
+            "the client certificate serves {name}"
+        );
+    }
+    assert!(serves(&server, "tidelock-etcd.elsewhere.svc").is_err());
+    for (what, cert) in [("peer", &server), ("client", &client)] {
+        as_client
+            .verify_client_cert(cert, &[], now)
+            .unwrap_or_else(|e| panic!("the {what} certificate as a client: {e}"));
+    }
+    eprintln!(
+        "the generated etcd certificate is valid for {} names; the client certificate for none",
+        names.len()
+    );
+}
+
+/// A real etcd with the default render's server certificate, TLS for clients and peers and
+/// client-certificate authentication (as the chart runs it): the chart's client Secret, as the
+/// operator and the routers mount it, reads and writes; without a certificate, refused.
+async fn etcd_serves_with_the_generated_certificates(dir: &Path) {
+    let server = dir.join("tidelock-etcd-server");
+    let client = dir.join("tidelock-etcd-client");
+    let pki = TestPki::from_pem(
+        &pem(&server, "ca.crt"),
+        (&pem(&server, "tls.crt"), &pem(&server, "tls.key")),
+        (&pem(&client, "tls.crt"), &pem(&client, "tls.key")),
+    )
+    .unwrap();
+    let etcd = EtcdServer::start_tls(pki)
+        .await
+        .expect("etcd with the chart's certificates (run ./scripts/test to install etcd)");
+    let mounted = EtcdTls::new(client.join("ca.crt"))
+        .with_identity(client.join("tls.crt"), client.join("tls.key"));
+    let config = |tls| {
+        let mut config = EtcdConfig::new([etcd.endpoint()]).with_tls(Some(tls));
+        config.connect_timeout = Duration::from_secs(5);
+        config
+    };
+    let store = EtcdStore::connect(config(mounted))
+        .await
+        .expect("the chart's client certificate is accepted");
+    store.put("chart/tls", b"ok".to_vec(), None).await.unwrap();
+    assert_eq!(store.get("chart/tls").await.unwrap().unwrap().value, b"ok");
+    let refused = EtcdStore::connect(config(EtcdTls::new(client.join("ca.crt"))))
+        .await
+        .expect_err("no client certificate");
+    assert!(matches!(refused, StateError::Tls { .. }), "{refused}");
+    eprintln!(
+        "etcd with the chart's certificates: the client Secret gets in; without it: {refused}"
     );
 }

@@ -17,14 +17,15 @@
 //! Skipped (saying so) where the control plane is not built; failed under
 //! `TIDELOCK_REQUIRE_CLUSTER=1` (CI). `-- --nocapture` prints the transcript.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -46,8 +47,17 @@ const ML: &str = "ml";
 /// Readiness of real workers on two cores, with everything else running.
 const SLOW: Duration = Duration::from_secs(180);
 const LIMIT: Duration = Duration::from_secs(60);
-/// The example Tenant's key (charts/tidelock/examples/tenant.yaml).
-const EXAMPLE_KEY: &str = "sk-team-a-replace-me-0123456789";
+/// A fresh key for the example Tenant: charts/tidelock/examples/tenant.yaml carries none, so the
+/// tests create its Secret `team-a-key` as the example's comment says.
+fn random_key() -> String {
+    use std::io::Read;
+    let mut bytes = [0_u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("random bytes");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sk-{hex}")
+}
 
 /// The control plane, the stand-in kubelet, and the etcd Tidelock's state lives in.
 struct Cluster {
@@ -289,6 +299,7 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         "ServiceAccount",
         "ClusterRole",
         "Role",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains(&kind), "the release renders a {kind}");
     }
@@ -332,6 +343,7 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         args.extend(extra);
         p.ok("helm", &args);
     }
+    bundled_etcd_certificates_are_kept(&p, chart).await;
 
     // The CRDs: printer columns, field docs, and CEL rules the API server itself compiled.
     p.ok("kubectl", &["create", "namespace", ML]);
@@ -354,7 +366,22 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         assert!(!accepted && refusal.contains(words), "{refusal}");
     }
 
-    // kubectl apply -f every example.
+    // kubectl apply -f every example, after the Secret the Tenant example names.
+    let example_key = random_key();
+    let example_key = example_key.as_str();
+    let literal = format!("--from-literal=apiKey={example_key}");
+    p.ok(
+        "kubectl",
+        &[
+            "create",
+            "secret",
+            "generic",
+            "team-a-key",
+            "-n",
+            ML,
+            &literal,
+        ],
+    );
     p.ok(
         "kubectl",
         &["apply", "-n", ML, "-f", &format!("{chart}/examples/")],
@@ -443,6 +470,8 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         ],
     );
 
+    network_policies_admit_only_the_cluster(&p).await;
+
     // The Tenant: its key is in etcd only as a hash; the router serves it.
     let tenant = wait_for("Tenant team-a Ready", LIMIT, || async {
         let t = p.api::<Tenant>(ML).get("team-a").await.ok()?;
@@ -477,21 +506,21 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         }
     };
     let stored = record(&p.store).await.expect("the tenant record");
-    assert_eq!(stored.key_hashes, [TenantRecord::hash_api_key(EXAMPLE_KEY)]);
+    assert_eq!(stored.key_hashes, [TenantRecord::hash_api_key(example_key)]);
     let raw = String::from_utf8_lossy(&p.store.get(&tenant_key).await.unwrap().unwrap().value)
         .to_string();
-    assert!(!raw.contains(EXAMPLE_KEY), "never the key itself");
+    assert!(!raw.contains(example_key), "never the key itself");
 
-    let reply = p.chat(EXAMPLE_KEY, "smollm2", "Say hello.").await;
+    let reply = p.chat(example_key, "smollm2", "Say hello.").await;
     eprintln!("chat smollm2 (real model): {reply}");
     assert_eq!(reply["status"], 200, "{reply}");
     assert!(reply["content"].as_str().is_some_and(|c| !c.is_empty()));
     let reply = p
-        .chat(EXAMPLE_KEY, "llama-3.1-8b-instruct", "Say hello.")
+        .chat(example_key, "llama-3.1-8b-instruct", "Say hello.")
         .await;
     eprintln!("chat llama-3.1-8b-instruct (simulated GPU workers): {reply}");
     assert_eq!(reply["status"], 200, "{reply}");
-    let reply = p.chat(EXAMPLE_KEY, "smollm2-long", "Say hello.").await;
+    let reply = p.chat(example_key, "smollm2-long", "Say hello.").await;
     assert_eq!(
         reply["status"], 404,
         "not among the tenant's models: {reply}"
@@ -524,7 +553,7 @@ async fn helm_install_then_kubectl_apply_the_examples() {
     .await
     .unwrap();
     assert_eq!(
-        p.chat(EXAMPLE_KEY, "smollm2", "Hi.").await["status"],
+        p.chat(example_key, "smollm2", "Hi.").await["status"],
         401,
         "the old key is revoked"
     );
@@ -695,6 +724,69 @@ async fn helm_install_then_kubectl_apply_the_examples() {
     );
     p.kubelet.shutdown().await;
     p.cp.stop().await;
+}
+
+/// The "bundled" release's etcd: TLS certificates the chart generated, kept across `helm upgrade`
+/// (read back with `lookup` from the real API server); a deleted one is made anew on the next
+/// upgrade, signed by the kept CA; its NetworkPolicies are API objects the server accepted.
+async fn bundled_etcd_certificates_are_kept(p: &Cluster, chart: &str) {
+    let secrets: Api<Secret> = p.api("bundled");
+    let read = || async {
+        let mut out = BTreeMap::new();
+        for part in ["ca", "server", "client"] {
+            let s = secrets
+                .get(&format!("bundled-tidelock-etcd-{part}"))
+                .await
+                .unwrap_or_else(|e| panic!("the generated {part} Secret: {e}"));
+            for (key, value) in s.data.unwrap_or_default() {
+                out.insert(format!("{part}/{key}"), value.0);
+            }
+        }
+        out
+    };
+    let installed = read().await;
+    assert_eq!(
+        installed.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "ca/ca.crt",
+            "ca/ca.key",
+            "client/ca.crt",
+            "client/tls.crt",
+            "client/tls.key",
+            "server/ca.crt",
+            "server/tls.crt",
+            "server/tls.key"
+        ]
+    );
+    assert_eq!(installed["server/ca.crt"], installed["ca/ca.crt"]);
+    let upgrade = || p.ok("helm", &["upgrade", "bundled", chart, "-n", "bundled"]);
+    upgrade();
+    assert!(
+        read().await == installed,
+        "helm upgrade keeps the certificates"
+    );
+    secrets
+        .delete("bundled-tidelock-etcd-client", &Default::default())
+        .await
+        .unwrap();
+    upgrade();
+    let rotated = read().await;
+    assert_ne!(rotated["client/tls.crt"], installed["client/tls.crt"]);
+    for kept in ["ca/ca.crt", "ca/ca.key", "client/ca.crt", "server/tls.crt"] {
+        assert_eq!(rotated[kept], installed[kept], "{kept} kept");
+    }
+    let policies = p.ok(
+        "kubectl",
+        &["get", "networkpolicies", "-n", "bundled", "-o", "name"],
+    );
+    for name in ["etcd", "router", "operator"] {
+        assert!(
+            policies.contains(&format!(
+                "networkpolicy.networking.k8s.io/bundled-tidelock-{name}\n"
+            )),
+            "{policies}"
+        );
+    }
 }
 
 /// A Model nothing can schedule, one Pod Security refuses, one over its namespace's quota: each
@@ -868,6 +960,232 @@ async fn leader_handover(p: &Cluster) {
 
 /// `(group, resource[/subresource], verb)`.
 type Permission = (String, String, String);
+
+/// The NetworkPolicies of the chart and the operator, as the API server holds them, against the
+/// attacks of issue #17 (nothing enforces them here, no network plugin: `tidelock_e2e::netpol`
+/// decides as one would, from the real objects and pods). A pod of another namespace, or a
+/// tenant's pod beside the workers, reaches no worker, no metrics port and no etcd; a worker of
+/// another group does not reach this group; the routers and the group's own shards do;
+/// Prometheus's namespace reaches metrics ports only; anyone reaches the router's API.
+async fn network_policies_admit_only_the_cluster(p: &Cluster) {
+    use tidelock_e2e::netpol::{Endpoint, allowed};
+    let policies: Vec<NetworkPolicy> = Api::all(p.client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let namespaces: BTreeMap<String, BTreeMap<String, String>> =
+        Api::<Namespace>::all(p.client.clone())
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default()))
+            .collect();
+    let pods = Api::<Pod>::all(p.client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let pod = |namespace: &str, labels: &[(&str, &str)]| -> Endpoint {
+        let found = pods
+            .iter()
+            .find(|pod| {
+                pod.namespace().as_deref() == Some(namespace)
+                    && labels
+                        .iter()
+                        .all(|(k, v)| pod.labels().get(*k).map(String::as_str) == Some(*v))
+            })
+            .unwrap_or_else(|| panic!("no pod {labels:?} in {namespace}"));
+        Endpoint::of(found, namespaces[namespace].clone())
+    };
+    let component = "app.kubernetes.io/component";
+    let router = pod(NS, &[(component, "router")]);
+    let operator = pod(NS, &[(component, "operator")]);
+    let group = |name: &str| pod(ML, &[("tidelock.dev/group", name)]);
+    let (g0, g1) = (group("smollm2-g0"), group("smollm2-g1"));
+    let shard = |i: &str| {
+        pod(
+            ML,
+            &[
+                ("tidelock.dev/group", "smollm2-long-g0"),
+                ("apps.kubernetes.io/pod-index", i),
+            ],
+        )
+    };
+    let (coordinator, shard1) = (shard("0"), shard("1"));
+    // The "bundled" release's etcd, router and operator (their pods exist, Pending).
+    let etcd = pod("bundled", &[(component, "etcd")]);
+    let bundled_router = pod("bundled", &[(component, "router")]);
+    let bundled_operator = pod("bundled", &[(component, "operator")]);
+    let outsider = Endpoint::stranger("tenant-x", &[("app", "notebook")]);
+    let neighbour = Endpoint::stranger(ML, &[("app", "notebook")]);
+    let prometheus = Endpoint::stranger("monitoring", &[("app", "prometheus")]);
+    let cases: [(&str, &Endpoint, &str, &Endpoint, i32, bool); 20] = [
+        (
+            "a pod of another namespace",
+            &outsider,
+            "a worker's API",
+            &g0,
+            8000,
+            false,
+        ),
+        (
+            "a tenant's pod beside the workers",
+            &neighbour,
+            "a worker's API",
+            &g0,
+            8000,
+            false,
+        ),
+        (
+            "a pod of another namespace",
+            &outsider,
+            "a shard's RPC",
+            &shard1,
+            8000,
+            false,
+        ),
+        (
+            "a pod of another namespace",
+            &outsider,
+            "a worker's metrics",
+            &g0,
+            9100,
+            false,
+        ),
+        (
+            "a pod of another namespace",
+            &outsider,
+            "the router's metrics",
+            &router,
+            9090,
+            false,
+        ),
+        (
+            "a pod of another namespace",
+            &outsider,
+            "the operator's metrics",
+            &operator,
+            8080,
+            false,
+        ),
+        (
+            "a pod of another namespace",
+            &outsider,
+            "etcd",
+            &etcd,
+            2379,
+            false,
+        ),
+        (
+            "a tenant's pod beside the workers",
+            &neighbour,
+            "etcd",
+            &etcd,
+            2379,
+            false,
+        ),
+        (
+            "a worker of another group",
+            &g1,
+            "a worker's API",
+            &g0,
+            8000,
+            false,
+        ),
+        (
+            "a worker of another Model",
+            &coordinator,
+            "a worker's API",
+            &g0,
+            8000,
+            false,
+        ),
+        (
+            "Prometheus",
+            &prometheus,
+            "a worker's API",
+            &g0,
+            8000,
+            false,
+        ),
+        (
+            "a pod of another namespace",
+            &outsider,
+            "the router's API",
+            &router,
+            8000,
+            true,
+        ),
+        ("the router", &router, "a worker's API", &g0, 8000, true),
+        (
+            "the router",
+            &router,
+            "a shard group's coordinator",
+            &coordinator,
+            8000,
+            true,
+        ),
+        (
+            "the coordinator",
+            &coordinator,
+            "its shard's RPC",
+            &shard1,
+            8000,
+            true,
+        ),
+        (
+            "Prometheus",
+            &prometheus,
+            "a worker's metrics",
+            &g0,
+            9100,
+            true,
+        ),
+        (
+            "Prometheus",
+            &prometheus,
+            "the router's metrics",
+            &router,
+            9090,
+            true,
+        ),
+        (
+            "the release's router",
+            &bundled_router,
+            "etcd",
+            &etcd,
+            2379,
+            true,
+        ),
+        (
+            "the release's operator",
+            &bundled_operator,
+            "etcd",
+            &etcd,
+            2379,
+            true,
+        ),
+        (
+            "a worker",
+            &g0,
+            "etcd (bundled release's, any namespace)",
+            &etcd,
+            2379,
+            true,
+        ),
+    ];
+    for (who, from, what, to, port, expected) in cases {
+        let verdict = allowed(&policies, from, to, port);
+        eprintln!(
+            "network: {who} -> {what} (port {port}): {}",
+            if verdict { "admitted" } else { "refused" }
+        );
+        assert_eq!(verdict, expected, "{who} -> {what} on {port}");
+    }
+}
 
 /// What the operator's ServiceAccount asked of the API server, from the audit log: the
 /// permissions it used (an apply that created an object used `create`), and its refused
@@ -1070,6 +1388,11 @@ async fn tidelock_kube_up_runs_the_readme_path_and_stops_clean() {
             "--timeout",
             "3m",
         ],
+    );
+    let literal = format!("--from-literal=apiKey={}", random_key());
+    run(
+        "kubectl",
+        &["create", "secret", "generic", "team-a-key", &literal],
     );
     run(
         "kubectl",

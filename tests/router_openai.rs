@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tidelock_e2e::{Proc, binary, free_port, model_path, python};
-use tidelock_protocol::TenantRecord;
+use tidelock_protocol::{ClusterToken, TenantRecord};
 
 const KEY: &str = "sk-e2e-tenant-0123456789";
 const LIMITED_KEY: &str = "sk-e2e-limited-0123456789";
@@ -21,6 +21,13 @@ fn openai_client_against_router_and_real_workers() {
     let served = model.file_stem().unwrap().to_string_lossy().into_owned();
     let mut workers = Vec::new();
     let mut urls = Vec::new();
+    // The workers require the cluster credential; the router presents it.
+    let token_file = dir.path().join("cluster-token");
+    std::fs::write(&token_file, ClusterToken::generate().expose()).unwrap();
+    let auth = [
+        "--cluster-token-file".to_owned(),
+        token_file.display().to_string(),
+    ];
     for i in 0..2 {
         let port = free_port();
         let args = [
@@ -34,6 +41,8 @@ fn openai_client_against_router_and_real_workers() {
             BLOCK_TOKENS.to_string(),
             "--max-context".to_owned(),
             "2048".to_owned(),
+            auth[0].clone(),
+            auth[1].clone(),
         ];
         let mut w = Proc::spawn(
             &format!("worker-{i}"),
@@ -61,6 +70,8 @@ fn openai_client_against_router_and_real_workers() {
         urls.join(","),
         "--tenants-file".to_owned(),
         tenants_file.display().to_string(),
+        auth[0].clone(),
+        auth[1].clone(),
     ];
     let mut router = Proc::spawn("router", &binary("tidelock-router"), &args, dir.path());
     router.wait_ready(port, "/readyz", Duration::from_secs(30));

@@ -7,81 +7,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tidelock_e2e::{binary, free_port, http_get, model_path, python};
+use tidelock_e2e::local::{
+    cache, cluster_token, interrupt, metrics_port, output, parts, port_of, ports, up, wait_up,
+};
+use tidelock_e2e::{binary, free_port, http_get, http_get_with, python};
 use tidelock_protocol::TenantRecord;
-
-/// A cache directory for one `up`: its own lock, key and logs, with the default model linked in.
-fn cache() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("models")).unwrap();
-    let model = model_path();
-    std::os::unix::fs::symlink(
-        &model,
-        dir.path().join("models").join(model.file_name().unwrap()),
-    )
-    .unwrap();
-    dir
-}
-
-/// `tidelock up` with `args`, its output in `<cache>/up.out`.
-fn up(cache: &Path, args: &[&str]) -> Child {
-    let out = std::fs::File::create(cache.join("up.out")).unwrap();
-    Command::new(binary("tidelock"))
-        .arg("up")
-        .args(args)
-        .env("TIDELOCK_CACHE", cache)
-        .env_remove("TIDELOCK_MODEL")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap()
-}
-
-fn output(cache: &Path) -> String {
-    std::fs::read_to_string(cache.join("up.out")).unwrap_or_default()
-}
-
-/// Waits until the router answers `/readyz` on `port`; fails with `up`'s output otherwise.
-fn wait_up(child: &mut Child, cache: &Path, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("tidelock up exited ({status}):\n{}", output(cache));
-        }
-        if http_get(port, "/readyz").is_some_and(|(s, _)| s == 200)
-            && output(cache).contains("Press Ctrl-C")
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not up in time:\n{}",
-            output(cache)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Sends SIGINT and waits for `up` to exit; returns its status.
-fn interrupt(child: &mut Child) -> std::process::ExitStatus {
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "up did not stop after SIGINT");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn alive(pid: u64) -> bool {
     // A zombie (exited, not yet reaped) is not alive.
@@ -91,19 +25,6 @@ fn alive(pid: u64) -> bool {
 
 fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
-fn parts(cache: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(cache.join("up/parts.json")).unwrap();
-    serde_json::from_str::<Value>(&text)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn port_of(url: &str) -> u16 {
-    url.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 /// Holds a conversation through `tests/py/conversation.py` (the official `openai` client)
@@ -214,7 +135,7 @@ fn up_keeps_a_ten_turn_conversation_survives_a_dead_worker_and_stops_clean() {
                 "tidelock_router_worker_healthy{{model=\"SmolLM2-135M-Instruct.Q4_1\",worker=\"{id}\"}} 0"
             );
             loop {
-                let metrics = http_get(port, "/metrics")
+                let metrics = http_get(metrics_port(&parts, "router"), "/metrics")
                     .map(|(_, b)| b)
                     .unwrap_or_default();
                 if metrics.contains(&ejected) {
@@ -254,11 +175,13 @@ fn up_keeps_a_ten_turn_conversation_survives_a_dead_worker_and_stops_clean() {
     for part in &parts {
         let pid = part["pid"].as_u64().unwrap();
         assert!(!alive(pid), "{} (pid {pid}) survived", part["name"]);
-        assert!(
-            port_free(port_of(part["url"].as_str().unwrap())),
-            "{}'s port is still bound",
-            part["name"]
-        );
+        for port in ports(part) {
+            assert!(
+                port_free(port),
+                "{}'s port {port} is still bound",
+                part["name"]
+            );
+        }
     }
     assert!(port_free(port));
     assert!(output(cache.path()).contains("stopped; every process has exited"));
@@ -413,8 +336,9 @@ fn up_runs_sharded_groups_that_hold_a_context_no_worker_could_and_survive_a_dead
             .unwrap()
             .to_owned()
     };
+    let token = cluster_token(cache.path());
     let info = |name: &str| -> Value {
-        let (_, body) = http_get(port_of(&url_of(name)), "/v1/info").unwrap();
+        let (_, body) = http_get_with(port_of(&url_of(name)), "/v1/info", Some(&token)).unwrap();
         serde_json::from_str(&body).unwrap()
     };
     let (coordinator, shard) = (info("worker-0"), info("worker-0.1"));
@@ -442,7 +366,8 @@ fn up_runs_sharded_groups_that_hold_a_context_no_worker_could_and_survive_a_dead
         || {
             // The group holding the conversation: the coordinator with blocks cached.
             let cached = |name: &str| {
-                let (_, body) = http_get(port_of(&url_of(name)), "/v1/kv/snapshot").unwrap();
+                let (_, body) =
+                    http_get_with(port_of(&url_of(name)), "/v1/kv/snapshot", Some(&token)).unwrap();
                 serde_json::from_str::<Value>(&body).unwrap()["blocks"]
                     .as_array()
                     .map_or(0, Vec::len)
@@ -468,7 +393,7 @@ fn up_runs_sharded_groups_that_hold_a_context_no_worker_could_and_survive_a_dead
         first > one_worker,
         "the context ({first} tokens) outgrows one worker ({one_worker} tokens)"
     );
-    let retries = http_get(port, "/metrics")
+    let retries = http_get(metrics_port(&parts, "router"), "/metrics")
         .map(|(_, m)| {
             m.lines()
                 .filter(|l| l.starts_with("tidelock_router_retries_total"))
@@ -499,7 +424,8 @@ fn up_runs_sharded_groups_that_hold_a_context_no_worker_could_and_survive_a_dead
     let check = r#"
 import os, openai
 prompt = " ".join(f"Line {i}: the harbour wall is {i} metres long." for i in range(40))
-c = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key="unused", max_retries=0)
+# The worker's own OpenAI surface takes the cluster credential as the API key.
+c = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key=os.environ["TOKEN"], max_retries=0)
 usage = []
 for _ in range(2):
     r = c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=prompt, max_tokens=4, temperature=0)
@@ -513,6 +439,7 @@ assert usage[1][1] >= usage[0][0] // 16 * 16 - 16, usage
             "BASE_URL",
             format!("{}/v1", url_of(&format!("worker-{group}"))),
         )
+        .env("TOKEN", &token)
         .output()
         .unwrap();
     println!("{}", String::from_utf8_lossy(&run.stdout));
@@ -523,7 +450,7 @@ assert usage[1][1] >= usage[0][0] // 16 * 16 - 16, usage
     );
     assert!(interrupt(&mut child).success());
     for part in &parts {
-        assert!(port_free(port_of(part["url"].as_str().unwrap())));
+        assert!(ports(part).into_iter().all(port_free), "{part}");
     }
 }
 
@@ -573,7 +500,7 @@ fn bench_trace_replays_a_trace_with_its_prefix_structure_intact() {
     let workers: Vec<String> = parts(cache.path())
         .iter()
         .filter(|p| p["name"] != "router")
-        .map(|p| p["url"].as_str().unwrap().to_owned())
+        .map(|p| p["metrics"].as_str().unwrap().to_owned())
         .collect();
     let run = Command::new(binary("tidelock"))
         .args(["bench", "trace", "--trace"])

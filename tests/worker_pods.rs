@@ -25,8 +25,20 @@ fn the_operators_worker_containers_run_binaries_with_flags_they_accept() {
     let defaults = Defaults {
         worker_image: "tidelock/tidelock:0.1.0".into(),
         fetch_image: "python:3.12-slim".into(),
-        etcd_endpoints: vec!["http://tidelock-etcd-0.tidelock-etcd-peers.tidelock.svc:2379".into()],
+        etcd_endpoints: vec![
+            "https://tidelock-etcd-0.tidelock-etcd-peers.tidelock.svc:2379".into(),
+        ],
         etcd_prefix: "/tidelock/".into(),
+        // The chart's default: etcd over TLS, so the workers get the TLS variables too.
+        etcd_client_secret: Some(tidelock_operator::builders::SecretRef {
+            namespace: "tidelock".into(),
+            name: "tidelock-etcd-client".into(),
+        }),
+        cluster_token_secret: tidelock_operator::builders::SecretRef {
+            namespace: "tidelock".into(),
+            name: "tidelock-cluster-token".into(),
+        },
+        network_policy: None,
     };
     let in_image = image_binaries("Dockerfile");
     let examples = repo_root().join("charts/tidelock/examples");

@@ -106,6 +106,7 @@ impl Target {
                     tenants.display().to_string(),
                     "--policy".into(),
                     self.policy.clone(),
+                    "--no-cluster-auth".into(),
                 ],
             ),
             Router::Sglang | Router::Vllm => {
@@ -346,8 +347,11 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
                     step_ms: args.sim_step_ms,
                     decode_ms_per_sequence: args.sim_decode_ms_per_sequence,
                 }),
+                // The other routers cannot send our cluster credential: the benchmark's workers
+                // (on loopback, for one run) serve their internal API without one.
+                cluster_token: None,
             }
-            .args(port);
+            .args(port, None);
             let name = format!("worker-{i}");
             workers.push(Part::spawn(
                 &name,

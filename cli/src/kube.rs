@@ -148,12 +148,14 @@ In another terminal, from the repository:
   export KUBECONFIG={kubeconfig} PATH={bin}:$PATH
   helm install tidelock charts/tidelock -n tidelock --create-namespace \
       --set 'etcd.external.endpoints[0]={etcd}' --wait
+  KEY="sk-$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')"
+  kubectl create secret generic team-a-key --from-literal=apiKey="$KEY"
   kubectl apply -f charts/tidelock/examples/model-cpu.yaml -f charts/tidelock/examples/tenant.yaml
   kubectl get models -w          # Ready 2/2 once both workers loaded the model
 
 The router's address is printed below when its pod starts (tidelock-router on 127.0.0.1:PORT);
-talk to it with `target/release/tidelock chat --url http://127.0.0.1:PORT/v1 --api-key
-sk-team-a-replace-me-0123456789 --model smollm2`.
+talk to it with `target/release/tidelock chat --url http://127.0.0.1:PORT/v1 --api-key "$KEY"
+--model smollm2`.
 
 Press Ctrl-C to stop."#,
         version = tools::kubernetes_version(),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use tidelock_protocol::TenantRecord;
+use tidelock_protocol::{ClusterToken, TenantRecord};
 use tokio::process::{Child, Command};
 
 use crate::config::{Engine, UpArgs};
@@ -46,6 +46,8 @@ pub(crate) struct Part {
     pub(crate) port: u16,
     pub(crate) child: Child,
     pub(crate) log: PathBuf,
+    /// Its metrics-only port (`--metrics-listen`), if it has one.
+    pub(crate) metrics_port: Option<u16>,
     program: PathBuf,
     args: Vec<String>,
     /// A shard of a group (not its coordinator): restarted when it dies, up to
@@ -124,6 +126,7 @@ impl Part {
             port,
             child,
             log,
+            metrics_port: None,
             program: program.to_owned(),
             args: args.to_vec(),
             shard: false,
@@ -135,7 +138,8 @@ impl Part {
 
     /// Starts the part again, as it was started (its log continues).
     fn respawn(&mut self, logs: &Path) -> Result<(), String> {
-        let again = Part::spawn(&self.name, &self.program, &self.args, self.port, logs, true)?;
+        let mut again = Part::spawn(&self.name, &self.program, &self.args, self.port, logs, true)?;
+        again.metrics_port = self.metrics_port;
         self.child = again.child;
         self.started = again.started;
         Ok(())
@@ -189,10 +193,14 @@ pub(crate) struct WorkerSpec<'a> {
     pub(crate) max_context: Option<u64>,
     /// The simulator's timing, for `--engine sim`.
     pub(crate) sim: Option<SimTiming>,
+    /// The cluster credential's file; `None` serves the internal API to anyone
+    /// (`--no-cluster-auth`: only for benchmarks whose other routers cannot send it).
+    pub(crate) cluster_token: Option<&'a Path>,
 }
 
 impl WorkerSpec<'_> {
-    pub(crate) fn args(&self, port: u16) -> Vec<String> {
+    /// The command line of the worker on `port`, with its metrics-only port when given.
+    pub(crate) fn args(&self, port: u16, metrics_port: Option<u16>) -> Vec<String> {
         let mut args = vec![
             "--model".into(),
             self.model.display().to_string(),
@@ -220,7 +228,19 @@ impl WorkerSpec<'_> {
         if let Some(context) = self.max_context {
             args.extend(["--max-context".into(), context.to_string()]);
         }
+        args.extend(cluster_auth(self.cluster_token));
+        if let Some(metrics) = metrics_port {
+            args.extend(["--metrics-listen".into(), format!("127.0.0.1:{metrics}")]);
+        }
         args
+    }
+}
+
+/// The options that give a worker or router the cluster credential in `file`, or none.
+pub(crate) fn cluster_auth(file: Option<&Path>) -> Vec<String> {
+    match file {
+        Some(file) => vec!["--cluster-token-file".into(), file.display().to_string()],
+        None => vec!["--no-cluster-auth".into()],
     }
 }
 
@@ -325,7 +345,17 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
         model_size as f64 / 1e6
     );
     let mut cluster = Cluster { parts: Vec::new() };
-    let served = match start(&args, &model, &binaries, &tenants_file, &logs, &mut cluster).await {
+    // The internal APIs' credential: a fresh one every start, readable by this user only.
+    let token_file = run_dir.join("cluster-token");
+    if let Err(e) = write_private(&token_file, ClusterToken::generate().expose()) {
+        return fail(e);
+    }
+    let files = Files {
+        tenants: &tenants_file,
+        cluster_token: &token_file,
+        logs: &logs,
+    };
+    let (served, metrics) = match start(&args, &model, &binaries, &files, &mut cluster).await {
         Ok(served) => served,
         Err(e) => {
             cluster.stop().await;
@@ -335,7 +365,7 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
     let endpoint = format!("http://127.0.0.1:{}/v1", args.port);
     let _ = std::fs::write(run_dir.join("endpoint"), &endpoint);
     write_parts(&run_dir, &cluster);
-    banner(&endpoint, &served, key.as_deref(), &logs);
+    banner(&endpoint, &served, key.as_deref(), &logs, &metrics);
     let code = supervise(&mut cluster, &run_dir).await;
     println!("\ntidelock up: stopping");
     cluster.stop().await;
@@ -353,6 +383,7 @@ fn write_parts(run_dir: &Path, cluster: &Cluster) {
         .map(|p| {
             serde_json::json!({
                 "name": p.name, "pid": p.child.id(), "url": p.url(), "log": p.log,
+                "metrics": p.metrics_port.map(|port| format!("http://127.0.0.1:{port}")),
             })
         })
         .collect();
@@ -362,15 +393,23 @@ fn write_parts(run_dir: &Path, cluster: &Cluster) {
     );
 }
 
-/// Starts the workers, then the router; returns the served model name.
+/// The files the cluster's parts are started with.
+struct Files<'a> {
+    tenants: &'a Path,
+    cluster_token: &'a Path,
+    logs: &'a Path,
+}
+
+/// Starts the workers, then the router; returns the served model name and the router's
+/// metrics URL.
 async fn start(
     args: &UpArgs,
     model: &Path,
     (worker_bin, router_bin): &(PathBuf, PathBuf),
-    tenants_file: &Path,
-    logs: &Path,
+    files: &Files<'_>,
     cluster: &mut Cluster,
-) -> Result<String, String> {
+) -> Result<(String, String), String> {
+    let logs = files.logs;
     let served = model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -385,6 +424,7 @@ async fn start(
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect();
         for (shard, &port) in ports.iter().enumerate() {
+            let metrics_port = free_port()?;
             let mut worker_args = WorkerSpec {
                 model,
                 engine: args.engine.as_str(),
@@ -397,8 +437,9 @@ async fn start(
                     step_ms: args.sim_step_ms,
                     decode_ms_per_sequence: args.sim_decode_ms_per_sequence,
                 }),
+                cluster_token: Some(files.cluster_token),
             }
-            .args(port);
+            .args(port, Some(metrics_port));
             let name = if args.shards > 1 {
                 worker_args.extend([
                     "--group".into(),
@@ -419,6 +460,7 @@ async fn start(
             };
             let mut part = Part::spawn(&name, worker_bin, &worker_args, port, logs, false)?;
             part.shard = shard > 0;
+            part.metrics_port = Some(metrics_port);
             let role = match (args.shards, shard) {
                 (1, _) => String::new(),
                 (s, 0) => format!(", coordinator of group-{i}, {s} shards"),
@@ -437,15 +479,20 @@ async fn start(
     }
     let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
     wait_ready(&mut cluster.parts, "/readyz", deadline, "loading the model").await?;
-    let router_args = vec![
+    let metrics_port = free_port()?;
+    let mut router_args = vec![
         "--listen".into(),
         format!("127.0.0.1:{}", args.port),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{metrics_port}"),
         "--worker".into(),
         urls.join(","),
         "--tenants-file".into(),
-        tenants_file.display().to_string(),
+        files.tenants.display().to_string(),
     ];
-    let router = Part::spawn("router", router_bin, &router_args, args.port, logs, false)?;
+    router_args.extend(cluster_auth(Some(files.cluster_token)));
+    let mut router = Part::spawn("router", router_bin, &router_args, args.port, logs, false)?;
+    router.metrics_port = Some(metrics_port);
     println!(
         "  router    starting on {} (log {})",
         router.url(),
@@ -460,7 +507,7 @@ async fn start(
         "fetching the tokenizer",
     )
     .await?;
-    Ok(served)
+    Ok((served, format!("http://127.0.0.1:{metrics_port}/metrics")))
 }
 
 /// Polls every part's readiness probe until all answer 200; reports each as it becomes ready
@@ -520,7 +567,7 @@ pub(crate) async fn wait_ready(
     Ok(())
 }
 
-fn banner(endpoint: &str, model: &str, key: Option<&str>, logs: &Path) {
+fn banner(endpoint: &str, model: &str, key: Option<&str>, logs: &Path, metrics: &str) {
     let key_shown = key.unwrap_or("<a key from your tenants file>");
     println!(
         r#"
@@ -543,7 +590,6 @@ print(r.choices[0].message.content, r.usage)'
 
 Press Ctrl-C to stop."#,
         logs = logs.display(),
-        metrics = endpoint.trim_end_matches("/v1").to_owned() + "/metrics",
     );
 }
 

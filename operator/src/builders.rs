@@ -17,8 +17,12 @@ use k8s_openapi::api::core::v1::{
     Lifecycle, LifecycleHandler, NodeAffinity, NodeSelector, NodeSelectorRequirement,
     NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    Service, ServicePort, ServiceSpec, SleepAction, Toleration, TopologySpreadConstraint, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    SecretVolumeSource, Service, ServicePort, ServiceSpec, SleepAction, Toleration,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -31,10 +35,16 @@ use tidelock_api::model::ModelSource;
 
 /// The worker's HTTP port.
 pub const WORKER_PORT: i32 = 8000;
+/// The worker's metrics-only port (`--metrics-listen`), for Prometheus.
+pub const METRICS_PORT: i32 = 9100;
+/// The key of the cluster credential in its Secret.
+pub const CLUSTER_TOKEN_KEY: &str = "token";
 /// Where the weights live in a worker pod.
 const MODELS_DIR: &str = "/models";
 /// Where a `pvc` source is mounted (read-only).
 const SOURCE_DIR: &str = "/source";
+/// Where the etcd TLS files are mounted (read-only), as `ca.crt`, `tls.crt` and `tls.key`.
+pub const ETCD_TLS_DIR: &str = "/etc/tidelock/etcd-tls";
 
 /// What the operator was installed with (Helm values), used for every Model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +57,42 @@ pub struct Defaults {
     pub etcd_endpoints: Vec<String>,
     /// Key prefix of the cluster state in etcd.
     pub etcd_prefix: String,
+    /// The Secret with the etcd TLS files (`ca.crt`, `tls.crt`, `tls.key`) the workers use; the
+    /// reconciler copies it into each Model's namespace as [`etcd_client_secret`]. None: no TLS.
+    pub etcd_client_secret: Option<SecretRef>,
+    /// The Secret holding the cluster credential ([`CLUSTER_TOKEN_KEY`]); the reconciler copies
+    /// it into each Model's namespace as [`cluster_token_secret`] for the workers.
+    pub cluster_token_secret: SecretRef,
+    /// Who may reach the workers, for their NetworkPolicies (None: no NetworkPolicies).
+    pub network_policy: Option<PolicyPeers>,
+}
+
+/// The pods a worker NetworkPolicy admits besides the worker's own shard group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyPeers {
+    /// The routers' namespace and labels: they reach the workers' HTTP port.
+    pub router_namespace: String,
+    pub router_labels: BTreeMap<String, String>,
+    /// The labels of the monitoring namespace: it reaches the metrics port only.
+    pub monitoring_namespace_labels: BTreeMap<String, String>,
+}
+
+/// The name of a Model's copy of the cluster credential's Secret, in the Model's namespace.
+pub fn cluster_token_secret(model: &str) -> String {
+    format!("{model}-cluster-token")
+}
+
+/// A Secret by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The name of a Model's copy of the etcd client Secret, in the Model's namespace: pods can
+/// mount Secrets of their own namespace only.
+pub fn etcd_client_secret(model: &str) -> String {
+    format!("{model}-etcd-client")
 }
 
 /// Why a Model cannot be turned into objects (reported as a `Degraded` condition).
@@ -63,6 +109,8 @@ pub enum BuildError {
 pub struct Desired {
     pub service: Service,
     pub groups: Vec<StatefulSet>,
+    /// One per group, named as the group (empty without [`Defaults::network_policy`]).
+    pub policies: Vec<NetworkPolicy>,
     pub budget: PodDisruptionBudget,
 }
 
@@ -159,6 +207,12 @@ pub fn desired(model: &Model, defaults: &Defaults) -> Result<Desired, BuildError
     let groups = (0..model.spec.replicas)
         .map(|i| group(model, &names, i, defaults))
         .collect::<Result<_, _>>()?;
+    let policies = match &defaults.network_policy {
+        Some(peers) => (0..model.spec.replicas)
+            .map(|i| network_policy(&names, i, peers))
+            .collect(),
+        None => Vec::new(),
+    };
     let budget = PodDisruptionBudget {
         metadata: names.meta(names.service(), None),
         spec: Some(PodDisruptionBudgetSpec {
@@ -171,14 +225,87 @@ pub fn desired(model: &Model, defaults: &Defaults) -> Result<Desired, BuildError
     Ok(Desired {
         service,
         groups,
+        policies,
         budget,
     })
+}
+
+/// Group `i`'s NetworkPolicy: its workers take traffic on the HTTP port only from their own
+/// shard group and from the routers, and on the metrics port only from the monitoring
+/// namespace; nothing else (tenants' pods, other Models' workers) reaches them.
+fn network_policy(names: &Names<'_>, i: i32, peers: &PolicyPeers) -> NetworkPolicy {
+    let group = names.group(i);
+    let port = |port: i32| {
+        Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(port)),
+            protocol: Some("TCP".into()),
+            ..NetworkPolicyPort::default()
+        }])
+    };
+    let namespace = |labels: BTreeMap<String, String>| {
+        Some(LabelSelector {
+            match_labels: Some(labels),
+            ..LabelSelector::default()
+        })
+    };
+    let named =
+        |name: &str| BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), name.to_owned())]);
+    let own_group = NetworkPolicyPeer {
+        pod_selector: Some(names.selector(Some(&group))),
+        ..NetworkPolicyPeer::default()
+    };
+    let routers = NetworkPolicyPeer {
+        namespace_selector: namespace(named(&peers.router_namespace)),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(peers.router_labels.clone()),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    let monitoring = NetworkPolicyPeer {
+        namespace_selector: namespace(peers.monitoring_namespace_labels.clone()),
+        ..NetworkPolicyPeer::default()
+    };
+    NetworkPolicy {
+        metadata: names.meta(group.clone(), Some(&group)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(names.selector(Some(&group))),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![own_group, routers]),
+                    ports: port(WORKER_PORT),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![monitoring]),
+                    ports: port(METRICS_PORT),
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+/// `name` from key `key` of the Secret `secret` (in the pod's namespace).
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(k8s_openapi::api::core::v1::SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
         ..EnvVar::default()
     }
 }
@@ -208,6 +335,37 @@ fn http_probe(path: &str, period: i32) -> Probe {
         failure_threshold: Some(3),
         ..Probe::default()
     }
+}
+
+/// TLS to etcd: the Model's copy of the client Secret, mounted read-only, and the worker's flags
+/// pointing at its files.
+fn etcd_tls(
+    model: &str,
+    vars: &mut Vec<EnvVar>,
+    mounts: &mut Vec<VolumeMount>,
+    volumes: &mut Vec<Volume>,
+) {
+    for (var, file) in [
+        ("TIDELOCK_ETCD_CA_FILE", "ca.crt"),
+        ("TIDELOCK_ETCD_CERT_FILE", "tls.crt"),
+        ("TIDELOCK_ETCD_KEY_FILE", "tls.key"),
+    ] {
+        vars.push(env(var, format!("{ETCD_TLS_DIR}/{file}")));
+    }
+    mounts.push(VolumeMount {
+        name: "etcd-tls".into(),
+        mount_path: ETCD_TLS_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
+    volumes.push(Volume {
+        name: "etcd-tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(etcd_client_secret(model)),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
 }
 
 /// The model path the worker reads, and the init container that puts it there (for sources
@@ -300,6 +458,8 @@ fn group(
         "$(POD_NAME)".to_owned(),
         "--advertise-url".to_owned(),
         advertise,
+        "--metrics-listen".to_owned(),
+        format!("0.0.0.0:{METRICS_PORT}"),
     ];
     if let Some(context) = spec.max_context_tokens {
         args.extend(["--max-context".to_owned(), context.to_string()]);
@@ -314,6 +474,12 @@ fn group(
         env("TIDELOCK_SHARDS", spec.shards.to_string()),
         env("TIDELOCK_ETCD_ENDPOINTS", defaults.etcd_endpoints.join(",")),
         env("TIDELOCK_ETCD_PREFIX", defaults.etcd_prefix.clone()),
+        // The credential every internal route requires, which shard 0 also sends its shards.
+        secret_env(
+            "TIDELOCK_CLUSTER_TOKEN",
+            &cluster_token_secret(names.model),
+            CLUSTER_TOKEN_KEY,
+        ),
     ];
     if spec.shards > 1 {
         // Shard 0 coordinates and reaches the others by their stable pod names.
@@ -349,6 +515,9 @@ fn group(
         ..VolumeMount::default()
     }];
     let mut volumes = Vec::new();
+    if defaults.etcd_client_secret.is_some() {
+        etcd_tls(names.model, &mut vars, &mut mounts, &mut volumes);
+    }
     if let Some(pvc) = &spec.source.pvc {
         mounts.push(VolumeMount {
             name: "source".into(),
@@ -439,11 +608,18 @@ fn group(
         command: Some(vec!["tidelock-worker".into()]),
         args: Some(args),
         env: Some(vars),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: WORKER_PORT,
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: WORKER_PORT,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                ..ContainerPort::default()
+            },
+        ]),
         readiness_probe: Some(http_probe("/readyz", 5)),
         liveness_probe: Some(Probe {
             initial_delay_seconds: Some(30),

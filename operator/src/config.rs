@@ -27,6 +27,51 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_ETCD_PREFIX", default_value = "/tidelock/")]
     pub etcd_prefix: String,
 
+    // --etcd-ca-file, --etcd-cert-file, --etcd-key-file: TLS to etcd (tidelock-state's flags).
+    #[command(flatten)]
+    pub etcd_tls: tidelock_state::EtcdTlsArgs,
+
+    /// Secret in the operator's namespace (keys `ca.crt`, `tls.crt`, `tls.key`) with the etcd
+    /// TLS files for the workers: copied into each Model's namespace and mounted into its
+    /// workers. Empty: workers reach etcd without TLS. Required with `https://` endpoints.
+    #[arg(long, env = "TIDELOCK_ETCD_CLIENT_SECRET", default_value = "")]
+    pub etcd_client_secret: String,
+
+    /// Secret in the operator's namespace whose `token` is the cluster credential of the
+    /// internal APIs: created with a random token when missing, copied into each Model's
+    /// namespace for its workers, mounted into the routers by the chart.
+    #[arg(
+        long,
+        env = "TIDELOCK_CLUSTER_TOKEN_SECRET",
+        default_value = "tidelock-cluster-token"
+    )]
+    pub cluster_token_secret: String,
+
+    /// Give every shard group a NetworkPolicy: its workers take traffic only from their own
+    /// group, the routers (`--router-labels` in the operator's namespace) and, on the metrics
+    /// port, the monitoring namespace.
+    #[arg(long, env = "TIDELOCK_WORKER_NETWORK_POLICIES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub worker_network_policies: bool,
+
+    /// Labels of the router pods (`k=v`, comma-separated), in the operator's namespace.
+    #[arg(
+        long,
+        env = "TIDELOCK_ROUTER_LABELS",
+        value_delimiter = ',',
+        default_value = "app.kubernetes.io/component=router"
+    )]
+    pub router_labels: Vec<String>,
+
+    /// Labels (`k=v`, comma-separated) of the namespace Prometheus scrapes from: the workers'
+    /// metrics port admits it alone.
+    #[arg(
+        long,
+        env = "TIDELOCK_MONITORING_NAMESPACE_LABELS",
+        value_delimiter = ',',
+        default_value = "kubernetes.io/metadata.name=monitoring"
+    )]
+    pub monitoring_namespace_labels: Vec<String>,
+
     /// Worker image for Models that name none.
     #[arg(long, env = "TIDELOCK_WORKER_IMAGE")]
     pub worker_image: String,
@@ -62,15 +107,81 @@ pub struct Config {
     pub lease_duration_secs: u64,
 }
 
+/// `k=v` pairs as labels; `flag` names the option in the error.
+fn labels(
+    flag: &str,
+    pairs: &[String],
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("{flag}: `{pair}` is not key=value"))
+        })
+        .collect()
+}
+
 impl Config {
-    /// The defaults every Model's objects are built with.
-    pub fn defaults(&self) -> Defaults {
-        Defaults {
+    /// The defaults every Model's objects are built with (an error names a malformed flag).
+    pub fn defaults(&self) -> Result<Defaults, String> {
+        let router_labels = labels("--router-labels", &self.router_labels)?;
+        let monitoring = labels(
+            "--monitoring-namespace-labels",
+            &self.monitoring_namespace_labels,
+        )?;
+        if self.worker_network_policies && (router_labels.is_empty() || monitoring.is_empty()) {
+            return Err("the workers' NetworkPolicies need --router-labels and \
+                        --monitoring-namespace-labels"
+                .into());
+        }
+        let network_policy = self
+            .worker_network_policies
+            .then(|| crate::builders::PolicyPeers {
+                router_namespace: self.lease_namespace.clone(),
+                router_labels,
+                monitoring_namespace_labels: monitoring,
+            });
+        Ok(Defaults {
+            cluster_token_secret: crate::builders::SecretRef {
+                namespace: self.lease_namespace.clone(),
+                name: self.cluster_token_secret.clone(),
+            },
+            network_policy,
             worker_image: self.worker_image.clone(),
             fetch_image: self.fetch_image.clone(),
             etcd_endpoints: self.etcd_endpoints.clone(),
             etcd_prefix: self.etcd_prefix.clone(),
+            etcd_client_secret: (!self.etcd_client_secret.is_empty()).then(|| {
+                crate::builders::SecretRef {
+                    namespace: self.lease_namespace.clone(),
+                    name: self.etcd_client_secret.clone(),
+                }
+            }),
+        })
+    }
+
+    /// The operator's own etcd TLS settings, checked against the workers': with `https://`
+    /// endpoints the workers need the client Secret, and without TLS they must not get one.
+    pub fn etcd_tls(&self) -> Result<Option<tidelock_state::EtcdTls>, String> {
+        let tls = self.etcd_tls.tls()?;
+        let secret = !self.etcd_client_secret.is_empty();
+        if tls.is_some() && !secret {
+            return Err(
+                "--etcd-ca-file is given but not --etcd-client-secret: the workers \
+                        reach the same etcd and need its TLS files too"
+                    .into(),
+            );
         }
+        if tls.is_none() && secret {
+            return Err(
+                "--etcd-client-secret is given but not --etcd-ca-file: the operator \
+                        reaches the same etcd as the workers, over TLS too"
+                    .into(),
+            );
+        }
+        Ok(tls)
     }
 
     /// Election timing scaled from the lease duration (client-go's ratios: renew within 2/3 of
@@ -99,5 +210,56 @@ impl Config {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| format!("tidelock-operator-{}", std::process::id()))
         })
+    }
+}
+
+#[cfg(test)]
+mod etcd_tls_tests {
+    use clap::Parser;
+
+    use super::Config;
+    use crate::builders::SecretRef;
+
+    fn parse(args: &[&str]) -> Config {
+        let base = [
+            "tidelock-operator",
+            "--etcd-endpoints",
+            "https://e:2379",
+            "--worker-image",
+            "w",
+            "--lease-namespace",
+            "tidelock-system",
+        ];
+        Config::try_parse_from(base.iter().chain(args).copied()).unwrap()
+    }
+
+    #[test]
+    fn the_operators_tls_and_the_workers_secret_come_together() {
+        let error = parse(&["--etcd-ca-file", "ca.crt"]).etcd_tls().unwrap_err();
+        assert!(error.contains("--etcd-client-secret"), "{error}");
+        let error = parse(&["--etcd-client-secret", "c"])
+            .etcd_tls()
+            .unwrap_err();
+        assert!(error.contains("--etcd-ca-file"), "{error}");
+        assert_eq!(parse(&[]).etcd_tls().unwrap(), None);
+        assert_eq!(parse(&[]).defaults().unwrap().etcd_client_secret, None);
+        let config = parse(&[
+            "--etcd-ca-file",
+            "ca.crt",
+            "--etcd-cert-file",
+            "tls.crt",
+            "--etcd-key-file",
+            "tls.key",
+            "--etcd-client-secret",
+            "tidelock-etcd-client",
+        ]);
+        assert!(config.etcd_tls().unwrap().is_some());
+        assert_eq!(
+            config.defaults().unwrap().etcd_client_secret,
+            Some(SecretRef {
+                namespace: "tidelock-system".into(),
+                name: "tidelock-etcd-client".into(),
+            })
+        );
     }
 }

@@ -30,6 +30,8 @@ fn main() -> std::process::ExitCode {
 
 async fn operate(config: Config) -> anyhow::Result<()> {
     let timing = config.timing().map_err(anyhow::Error::msg)?;
+    let etcd_tls = config.etcd_tls().map_err(anyhow::Error::msg)?;
+    let defaults = config.defaults().map_err(anyhow::Error::msg)?;
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         tidelock_service::shutdown_signal().await;
@@ -54,10 +56,14 @@ async fn operate(config: Config) -> anyhow::Result<()> {
         .await
         .context("cannot reach the Kubernetes API server")?;
     tracing::info!(version = %version.git_version, "Kubernetes API server reached");
+    // The routers mount the cluster credential: it must exist before any Model does.
+    tidelock_operator::reconcile::cluster_token::ensure(&client, &defaults.cluster_token_secret)
+        .await
+        .context("the cluster credential's Secret")?;
     let store: Arc<dyn StateStore> = Arc::new(
-        tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new(
-            config.etcd_endpoints.clone(),
-        ))
+        tidelock_state::EtcdStore::connect(
+            tidelock_state::EtcdConfig::new(config.etcd_endpoints.clone()).with_tls(etcd_tls),
+        )
         .await
         .with_context(|| format!("connecting to etcd at {}", config.etcd_endpoints.join(",")))?,
     );
@@ -97,7 +103,7 @@ async fn operate(config: Config) -> anyhow::Result<()> {
             client.clone(),
             store,
             KeyLayout::new(config.etcd_prefix.clone()),
-            config.defaults(),
+            defaults.clone(),
             metrics.clone(),
             Some(identity),
         ));

@@ -3,7 +3,9 @@
 //! error policy (per-object exponential backoff), and status conditions that keep their
 //! `lastTransitionTime` until their status really changes.
 
+pub mod cluster_token;
 pub mod diagnose;
+pub mod etcd_tls;
 pub mod model;
 pub mod tenant;
 
@@ -125,6 +127,10 @@ pub enum Error {
     Missing(&'static str),
     #[error("the API server refused {object}: {message}")]
     Rejected { object: String, message: String },
+    #[error("the workers' etcd TLS files: {0}")]
+    EtcdClientSecret(String),
+    #[error("the cluster credential: {0}")]
+    ClusterToken(String),
 }
 
 impl Error {
@@ -149,6 +155,8 @@ impl Error {
             },
             Error::Missing(_) => "InvalidObject",
             Error::Rejected { .. } => tidelock_api::reasons::APPLY_REJECTED,
+            Error::EtcdClientSecret(_) => "EtcdClientSecretInvalid",
+            Error::ClusterToken(_) => "ClusterTokenInvalid",
         }
     }
 }

@@ -14,8 +14,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
@@ -240,6 +241,18 @@ async fn a_model_becomes_groups_then_ready(h: Harness) {
             .unwrap()
             .is_some()
     );
+    // The workers' credential is the Model's copy of the cluster token (created by the operator
+    // where it was missing), and each group has its NetworkPolicy.
+    let source = Api::<Secret>::namespaced(h.client.clone(), "default")
+        .get("tidelock-cluster-token")
+        .await
+        .unwrap();
+    let copy = h.api::<Secret>().get("smol-cluster-token").await.unwrap();
+    let token = |s: &Secret| s.data.as_ref().unwrap()["token"].0.clone();
+    assert_eq!(token(&copy), token(&source));
+    assert!(token(&copy).len() >= 32);
+    assert_eq!(copy.owner_references()[0].name, "smol");
+    assert_eq!(policy_names(&h).await, ["smol-g0", "smol-g1"]);
     let status = model.status.unwrap();
     assert_eq!((status.ready_workers, status.desired_workers), (0, 4));
     assert_eq!(status.workers.as_deref(), Some("0/4"));
@@ -307,6 +320,21 @@ async fn a_model_becomes_groups_then_ready(h: Harness) {
     assert!(events[2].1.contains("4/4 workers ready"), "{events:?}");
 }
 
+/// The NetworkPolicies in the test's namespace, by name.
+async fn policy_names(h: &Harness) -> Vec<String> {
+    let mut names: Vec<String> = h
+        .api::<NetworkPolicy>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    names.sort();
+    names
+}
+
 async fn a_spec_change_rolls_and_scaling_moves_whole_groups(h: Harness) {
     let spec =
         json!({"source": {"url": {"url": "https://models.example/smol.gguf"}}, "replicas": 2});
@@ -368,6 +396,11 @@ async fn a_spec_change_rolls_and_scaling_moves_whole_groups(h: Harness) {
     })
     .await;
     assert!(sts.get_opt("roll-g0").await.unwrap().is_some());
+    assert_eq!(
+        policy_names(&h).await,
+        ["roll-g0"],
+        "a removed group's policy goes too"
+    );
     let evs = events(&h, "roll").await;
     let removed: Vec<&str> = evs
         .iter()
@@ -535,7 +568,10 @@ async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
     assert!(r.accepts_key(first));
     // The cache salt is a fresh secret, nothing derived from the tenant's name.
     let salt = r.cache_salt.clone();
-    assert!(salt.is_secret() && !salt.as_str().contains("team-a"), "{salt}");
+    assert!(
+        salt.is_secret() && !salt.as_str().contains("team-a"),
+        "{salt}"
+    );
     assert_eq!(r.limits.requests_per_minute, Some(60));
     let s = status().await;
     assert_eq!(
@@ -554,7 +590,10 @@ async fn a_tenant_follows_its_secrets_and_fails_closed(h: Harness) {
     reconcile_tenant(&h, "team-a").await.unwrap();
     let r = record().await.unwrap();
     assert!(r.accepts_key(second) && !r.accepts_key(first));
-    assert_eq!(r.cache_salt, salt, "a rotation keeps the salt (and the cache)");
+    assert_eq!(
+        r.cache_salt, salt,
+        "a rotation keeps the salt (and the cache)"
+    );
 
     // Malformed: fail closed, the record goes, the condition names the Secret and the problem.
     set_key(&secrets, "short").await;

@@ -101,6 +101,7 @@ impl Shared {
         pins: Arc<Pins>,
         settings: Settings,
     ) -> Result<AppState, prometheus::Error> {
+        let proxy = Proxy::new(settings.proxy, models.http().authorization().cloned());
         Ok(Arc::new(Shared {
             models,
             tenants,
@@ -108,7 +109,7 @@ impl Shared {
             metrics: Metrics::new()?,
             turns: Continuations::new(settings.turn_memory_tokens),
             limiter: Limiter::default(),
-            proxy: Proxy::new(settings.proxy),
+            proxy,
             slots: Arc::new(Semaphore::new(settings.max_in_flight)),
             waiting: AtomicUsize::new(0),
             turn: AtomicU64::new(0),
@@ -123,7 +124,6 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
@@ -155,6 +155,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         format!("ready: {}\n", ready.join(", ")).into_response()
     }
+}
+
+/// `/metrics`, for the metrics listener (`--metrics-listen`): never on the public port, since
+/// the metrics name every tenant and worker.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -18,9 +18,19 @@ use crate::workers::Probing;
 #[derive(Debug, Parser)]
 #[command(name = "tidelock-router", version, about)]
 pub struct Config {
-    /// Address to listen on.
+    /// Address to listen on: the OpenAI API, for tenants.
     #[arg(long, env = "TIDELOCK_ROUTER_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
+
+    /// Address of `/metrics` (and nothing else), apart from the public port, which never serves
+    /// them (they name tenants and workers). The chart opens it to the monitoring namespace
+    /// only. None: no metrics.
+    #[arg(long, env = "TIDELOCK_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// The cluster credential the router presents to its workers.
+    #[command(flatten)]
+    pub auth: tidelock_service::cluster_auth::ClusterAuthArgs,
 
     /// Workers given by URL (repeat, or comma-separate), e.g. `http://127.0.0.1:8100`: static
     /// discovery with the in-memory state store (the local cluster). Without it, `--etcd`.
@@ -34,6 +44,10 @@ pub struct Config {
     /// Key prefix of Tidelock's cluster state in etcd.
     #[arg(long, env = "TIDELOCK_ETCD_PREFIX", default_value = "/tidelock/")]
     pub etcd_prefix: String,
+
+    // --etcd-ca-file, --etcd-cert-file, --etcd-key-file: TLS to etcd (tidelock-state's flags).
+    #[command(flatten)]
+    pub etcd_tls: tidelock_state::EtcdTlsArgs,
 
     /// Tenants file (with the in-memory store only): a JSON object from tenant id to its record,
     /// `{"<tenant>": {"key_hashes": ["<BLAKE3 hex of the key>"], "cache_salt": "<32+ random
@@ -131,6 +145,10 @@ impl Config {
                     .into(),
             );
         }
+        if self.etcd.is_empty() && self.etcd_tls != tidelock_state::EtcdTlsArgs::default() {
+            return Err("--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd".into());
+        }
+        self.etcd_tls.tls()?;
         if self.tenants_file.is_some() && !self.etcd.is_empty() {
             return Err("--tenants-file is for the in-memory store; with --etcd, tenants come from etcd (the operator writes them from Tenant resources)".into());
         }
@@ -186,5 +204,41 @@ impl Config {
 
     pub fn session_idle(&self) -> Duration {
         Duration::from_secs(self.session_idle_secs)
+    }
+}
+
+#[cfg(test)]
+mod etcd_tls_tests {
+    use clap::Parser;
+
+    use super::Config;
+
+    #[test]
+    fn etcd_tls_flags_need_etcd_and_come_in_pairs() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("tidelock-router").chain(args.iter().copied()))
+        };
+        let static_workers = parse(&["--worker", "http://127.0.0.1:1", "--etcd-ca-file", "ca.crt"]);
+        let error = static_workers.unwrap().settings().unwrap_err();
+        assert!(error.contains("need --etcd"), "{error}");
+        let error = parse(&["--etcd", "https://e:2379", "--etcd-cert-file", "tls.crt"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--etcd-key-file"), "{error}");
+        let config = parse(&[
+            "--etcd",
+            "https://e:2379",
+            "--etcd-ca-file",
+            "ca.crt",
+            "--etcd-cert-file",
+            "tls.crt",
+            "--etcd-key-file",
+            "tls.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.etcd_tls.tls().unwrap(),
+            Some(tidelock_state::EtcdTls::new("ca.crt").with_identity("tls.crt", "tls.key"))
+        );
     }
 }

@@ -16,7 +16,7 @@ use tidelock_state::{KeyValue, StateStore, WatchEvent};
 use tokio::task::JoinHandle;
 
 use crate::follow::Follower;
-use crate::http::get_body;
+use crate::http::Http;
 use crate::index::KvIndex;
 
 /// Wait before listing again after the store failed.
@@ -39,11 +39,13 @@ pub enum StaticError {
 
 /// Registers workers given by URL (the local cluster, or a router without etcd) into `store`,
 /// so [`Discovery`] finds them like any other. Each worker's `GET /v1/info` gives its model and
-/// shape; its id is its address (`host:port`). Returns, in order, the model and id of each.
+/// shape (asked through `http`, which carries the cluster credential); its id is its address
+/// (`host:port`). Returns, in order, the model and id of each.
 pub async fn register_static(
     store: &dyn StateStore,
     layout: &KeyLayout,
     urls: &[String],
+    http: &Http,
 ) -> Result<Vec<(ModelName, WorkerId)>, StaticError> {
     let mut out = Vec::with_capacity(urls.len());
     for url in urls {
@@ -52,7 +54,8 @@ pub async fn register_static(
             url: base.to_owned(),
             problem,
         };
-        let body = get_body(&format!("{base}/v1/info"), INFO_TIMEOUT)
+        let body = http
+            .get_body(&format!("{base}/v1/info"), INFO_TIMEOUT)
             .await
             .map_err(problem)?;
         let info: WorkerInfo = serde_json::from_slice(&body)
@@ -104,6 +107,7 @@ pub struct Discovery {
     model: ModelName,
     index: Arc<RwLock<KvIndex>>,
     known: Arc<RwLock<BTreeMap<WorkerId, Known>>>,
+    http: Http,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -121,6 +125,7 @@ impl Discovery {
         layout: KeyLayout,
         model: ModelName,
         index: Arc<RwLock<KvIndex>>,
+        http: Http,
     ) -> Self {
         Discovery {
             store,
@@ -128,6 +133,7 @@ impl Discovery {
             model,
             index,
             known: Arc::default(),
+            http,
         }
     }
 
@@ -216,7 +222,13 @@ impl Discovery {
         }
         tracing::info!(model = %self.model, worker = %id, address = %registration.address, "worker discovered");
         let follower = tokio::spawn(
-            Follower::new(id.clone(), &registration.address, self.index.clone()).run(),
+            Follower::new(
+                id.clone(),
+                &registration.address,
+                self.index.clone(),
+                self.http.clone(),
+            )
+            .run(),
         );
         // Replacing an entry drops the old one, which aborts its follower.
         known.insert(

@@ -10,15 +10,11 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::StatusCode;
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::{KvEventBatch, KvSnapshot, WorkerId};
 
-use crate::http::{LineError, NdjsonLines};
+use crate::http::{Http, LineError, NdjsonLines};
 use crate::index::{Applied, KvIndex};
 
 /// How long a snapshot request may take.
@@ -50,7 +46,7 @@ pub struct Follower {
     /// `http://host:port`, no trailing slash.
     base: String,
     index: Arc<RwLock<KvIndex>>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    http: Http,
 }
 
 /// How one pass ended when nothing failed.
@@ -61,12 +57,13 @@ enum Ended {
 }
 
 impl Follower {
-    pub fn new(worker: WorkerId, base_url: &str, index: Arc<RwLock<KvIndex>>) -> Self {
+    /// Follows the worker at `base_url` through `http` (which presents the cluster credential).
+    pub fn new(worker: WorkerId, base_url: &str, index: Arc<RwLock<KvIndex>>, http: Http) -> Self {
         Follower {
             worker,
             base: base_url.trim_end_matches('/').to_owned(),
             index,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            http,
         }
     }
 
@@ -163,14 +160,14 @@ impl Follower {
     }
 
     async fn get(&self, url: &str) -> Result<hyper::Response<hyper::body::Incoming>, FollowError> {
-        let uri: hyper::Uri = url.parse().map_err(|e| FollowError::Http {
-            url: url.to_owned(),
-            problem: format!("not a URL: {e}"),
-        })?;
-        let response = self.client.get(uri).await.map_err(|e| FollowError::Http {
-            url: url.to_owned(),
-            problem: e.to_string(),
-        })?;
+        let response = self
+            .http
+            .get(url)
+            .await
+            .map_err(|problem| FollowError::Http {
+                url: url.to_owned(),
+                problem,
+            })?;
         if !response.status().is_success() {
             return Err(FollowError::Status {
                 url: url.to_owned(),

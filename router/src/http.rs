@@ -1,40 +1,78 @@
-//! The HTTP pieces the router's background tasks and proxy share: a pooled client for small
-//! GETs with a deadline ([`Http`]), and a reader of newline-delimited JSON bodies
-//! ([`NdjsonLines`]) used for both the KV event stream and the generate stream.
+//! The HTTP pieces the router's background tasks and proxy share: a pooled client for GETs to
+//! workers that presents the cluster credential ([`Http`]), and a reader of newline-delimited
+//! JSON bodies ([`NdjsonLines`]) used for both the KV event stream and the generate stream.
 
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Bytes, Incoming};
+use hyper::header::{AUTHORIZATION, HeaderValue};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
+use tidelock_protocol::ClusterToken;
 
-/// A pooled HTTP client for small GETs.
+/// A pooled HTTP client for GETs to workers, presenting the cluster credential when it has one.
+/// Cheap to clone; clones share the pool.
 #[derive(Debug, Clone)]
-pub(crate) struct Http {
+pub struct Http {
     client: Client<HttpConnector, Empty<Bytes>>,
+    authorization: Option<HeaderValue>,
 }
 
 impl Default for Http {
+    /// Without a credential (workers started with `--no-cluster-auth`, or tests).
     fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        Http {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        }
+        Http::new(None)
     }
 }
 
 impl Http {
+    /// A client presenting `credential` on every request.
+    pub fn new(credential: Option<&ClusterToken>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let authorization = credential.map(|token| {
+            let mut value =
+                HeaderValue::from_str(&token.authorization()).expect("a token is visible ASCII");
+            value.set_sensitive(true);
+            value
+        });
+        Http {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            authorization,
+        }
+    }
+
+    /// The `Authorization` value it presents, for the proxy's own client.
+    pub(crate) fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
+    }
+
+    /// GETs `url` with the credential; the response as it comes (streams are read by the
+    /// caller), or the failure as a sentence.
+    pub(crate) async fn get(&self, url: &str) -> Result<hyper::Response<Incoming>, String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let mut request = hyper::Request::get(uri);
+        if let Some(value) = &self.authorization {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| format!("not a request: {e}"))?;
+        self.client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// GETs `url` and returns its body; any failure (bad URL, connection, non-2xx status,
     /// timeout) as a sentence that does not repeat the URL.
     pub(crate) async fn get_body(&self, url: &str, timeout: Duration) -> Result<Bytes, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
         tokio::time::timeout(timeout, async {
-            let response = self.client.get(uri).await.map_err(|e| e.to_string())?;
+            let response = self.get(url).await?;
             if !response.status().is_success() {
                 return Err(format!("HTTP {}", response.status()));
             }
@@ -58,11 +96,6 @@ impl Http {
         let body = self.get_body(url, timeout).await?;
         serde_json::from_slice(&body).map_err(|e| e.to_string())
     }
-}
-
-/// GETs a whole body with a fresh client (rare calls: a tokenizer, a static worker's info).
-pub(crate) async fn get_body(url: &str, timeout: Duration) -> Result<Bytes, String> {
-    Http::default().get_body(url, timeout).await
 }
 
 /// Why reading one line of an NDJSON body failed.

@@ -14,7 +14,7 @@ pub mod app;
 pub mod config;
 pub mod discovery;
 pub mod follow;
-mod http;
+pub mod http;
 pub mod index;
 pub mod limits;
 pub mod metrics;

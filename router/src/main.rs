@@ -7,9 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use tidelock_protocol::KeyLayout;
-use tidelock_router::app::{Shared, app};
+use tidelock_router::app::{Shared, app, metrics_app};
 use tidelock_router::config::Config;
 use tidelock_router::discovery::register_static;
+use tidelock_router::http::Http;
 use tidelock_router::sessions::Pins;
 use tidelock_router::tenants::{self, Tenants};
 use tidelock_router::workers::Models;
@@ -27,20 +28,24 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let (settings, probing) = config.settings().map_err(anyhow::Error::msg)?;
+    let token = config.auth.token().map_err(anyhow::Error::msg)?;
+    // Every call to a worker (info, load, tokenizer, KV events, generate) presents it.
+    let http = Http::new(token.as_ref());
     let layout = KeyLayout::new(config.etcd_prefix.clone());
     let store: Arc<dyn StateStore> = if config.etcd.is_empty() {
         Arc::new(tidelock_state::MemoryStore::new())
     } else {
         Arc::new(
-            tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new(
-                config.etcd.clone(),
-            ))
+            tidelock_state::EtcdStore::connect(
+                tidelock_state::EtcdConfig::new(config.etcd.clone())
+                    .with_tls(config.etcd_tls.tls().map_err(anyhow::Error::msg)?),
+            )
             .await
             .context("connecting to etcd")?,
         )
     };
     if !config.workers.is_empty() {
-        let found = register_static(&*store, &layout, &config.workers).await?;
+        let found = register_static(&*store, &layout, &config.workers, &http).await?;
         for (model, worker) in found {
             tracing::info!(%model, %worker, "static worker");
         }
@@ -61,7 +66,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     background.push(tokio::spawn(
         tenants.clone().follow(store.clone(), layout.clone()),
     ));
-    let models = Models::new(store.clone(), layout.clone(), probing);
+    let models = Models::new(store.clone(), layout.clone(), probing, http);
     background.push(tokio::spawn(models.clone().run()));
     let pins = Arc::new(Pins::new(store, layout, config.session_idle()));
     background.push(tokio::spawn(pins.clone().follow()));
@@ -73,6 +78,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }));
     let state = Shared::new(models, tenants, pins, settings)?;
+    match config.metrics_listen {
+        Some(addr) => {
+            tidelock_service::metrics_listener::spawn(addr, metrics_app(state.clone())).await?;
+        }
+        None => tracing::info!("no --metrics-listen: metrics are not served"),
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

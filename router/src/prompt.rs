@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tidelock_prompt::PromptKit;
 
-use crate::http::get_body;
+use crate::http::Http;
 
 /// How long fetching a tokenizer may take (it can be a few MB of JSON).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,15 +24,16 @@ pub enum KitError {
     },
 }
 
-/// Fetches and builds the tokenizer and chat template of the worker at `base_url`.
-pub async fn fetch_kit(base_url: &str) -> Result<PromptKit, KitError> {
+/// Fetches (through `http`) and builds the tokenizer and chat template of the worker at
+/// `base_url`.
+pub async fn fetch_kit(http: &Http, base_url: &str) -> Result<PromptKit, KitError> {
     let url = format!("{}/v1/tokenizer", base_url.trim_end_matches('/'));
-    let http = |problem: String| KitError::Http {
+    let failed = |problem: String| KitError::Http {
         url: url.clone(),
         problem,
     };
-    let body = get_body(&url, FETCH_TIMEOUT).await.map_err(http)?;
-    let text = std::str::from_utf8(&body).map_err(|e| http(format!("not UTF-8: {e}")))?;
+    let body = http.get_body(&url, FETCH_TIMEOUT).await.map_err(failed)?;
+    let text = std::str::from_utf8(&body).map_err(|e| failed(format!("not UTF-8: {e}")))?;
     PromptKit::from_json(text).map_err(|source| KitError::Kit {
         url: url.clone(),
         source,

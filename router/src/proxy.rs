@@ -117,10 +117,12 @@ enum AttemptError {
 pub struct Proxy {
     client: Client<HttpConnector, Full<Bytes>>,
     cfg: ProxyConfig,
+    /// The cluster credential's `Authorization` value, sent with every request.
+    authorization: Option<hyper::header::HeaderValue>,
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig) -> Self {
+    pub fn new(cfg: ProxyConfig, authorization: Option<hyper::header::HeaderValue>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.connect_timeout));
@@ -129,6 +131,7 @@ impl Proxy {
                 .pool_idle_timeout(Duration::from_secs(90))
                 .build(connector),
             cfg,
+            authorization,
         }
     }
 
@@ -192,8 +195,12 @@ impl Proxy {
             "{}/v1/generate",
             worker.registration.address.trim_end_matches('/')
         );
-        let request = hyper::Request::post(&url)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+        let mut request =
+            hyper::Request::post(&url).header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(authorization) = &self.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, authorization.clone());
+        }
+        let request = request
             .body(Full::new(body))
             .map_err(|e| AttemptError::Failed(format!("bad worker address: {e}")))?;
         let deadline = tokio::time::Instant::now() + self.cfg.first_token_timeout;

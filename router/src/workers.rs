@@ -195,13 +195,13 @@ impl Model {
         let probes = workers.values().map(|w| probe(http, w, probing.timeout));
         futures::future::join_all(probes).await;
         if self.kit().is_none() {
-            self.fetch_kit(&workers).await;
+            self.fetch_kit(http, &workers).await;
         }
     }
 
-    async fn fetch_kit(&self, workers: &BTreeMap<WorkerId, Arc<WorkerState>>) {
+    async fn fetch_kit(&self, http: &Http, workers: &BTreeMap<WorkerId, Arc<WorkerState>>) {
         for w in workers.values().filter(|w| w.healthy()) {
-            match fetch_kit(&w.registration.address).await {
+            match fetch_kit(http, &w.registration.address).await {
                 Ok(kit) => {
                     tracing::info!(model = %self.name, worker = %w.id, "tokenizer and chat template loaded");
                     *self.kit.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(kit));
@@ -266,14 +266,26 @@ pub struct Models {
 }
 
 impl Models {
-    pub fn new(store: Arc<dyn StateStore>, layout: KeyLayout, probing: Probing) -> Arc<Self> {
+    /// The models found in `store`; every call to their workers goes through `http` (which
+    /// presents the cluster credential).
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        layout: KeyLayout,
+        probing: Probing,
+        http: Http,
+    ) -> Arc<Self> {
         Arc::new(Models {
             store,
             layout,
             probing,
-            http: Http::default(),
+            http,
             all: RwLock::default(),
         })
+    }
+
+    /// The client to the workers.
+    pub fn http(&self) -> &Http {
+        &self.http
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Model>> {
@@ -340,6 +352,7 @@ impl Models {
             self.layout.clone(),
             name.clone(),
             index.clone(),
+            self.http.clone(),
         );
         let model = Arc::new(Model {
             name,

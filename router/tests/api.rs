@@ -438,8 +438,7 @@ async fn tenant_limits_answer_429_with_retry_after() {
             .status,
         StatusCode::OK
     );
-    let metrics = c.get("/metrics", None).await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = c.metrics().await;
     assert!(
         text.contains(
             r#"tidelock_router_rate_limited_total{limit="requests_per_minute",tenant="b"} 1"#
@@ -613,7 +612,7 @@ async fn a_dead_worker_is_retried_around_and_ejected() {
         !model.workers()[&id].healthy()
     })
     .await;
-    let text = String::from_utf8_lossy(&c.get("/metrics", None).await.body).into_owned();
+    let text = c.metrics().await;
     assert!(
         text.contains(&format!(
             r#"tidelock_router_worker_healthy{{model="sim",worker="{dead}"}} 0"#
@@ -689,9 +688,13 @@ async fn metrics_count_requests_tokens_and_decisions_under_prometheus_names() {
             StatusCode::OK
         );
     }
-    let a = c.get("/metrics", None).await;
-    assert_eq!(a.status, StatusCode::OK);
-    let text = String::from_utf8(a.body.to_vec()).unwrap();
+    let text = c.metrics().await;
+    // The public port never serves them: they name tenants and workers.
+    for key in [None, Some(KEY_A)] {
+        let public = c.get("/metrics", key).await;
+        assert_eq!(public.status, StatusCode::NOT_FOUND);
+        assert!(!String::from_utf8_lossy(&public.body).contains("tenant="));
+    }
     for needle in [
         r#"tidelock_router_requests_total{endpoint="chat_completions",model="sim",status="200",tenant="a"} 2"#,
         r#"tidelock_router_routing_decisions_total{policy="ttft",reason="placed"} 1"#,

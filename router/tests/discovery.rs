@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use support::{BLOCK, chain, generate, wait_for, worker};
 use tidelock_protocol::{
-    BlockTokens, GroupId, KeyLayout, ModelName, ShardIndex, WorkerId, WorkerRegistration,
+    BlockTokens, ClusterToken, GroupId, KeyLayout, ModelName, ShardIndex, WorkerId,
+    WorkerRegistration,
 };
 use tidelock_router::KvIndex;
 use tidelock_router::discovery::{Discovery, register_static};
+use tidelock_router::http::Http;
 use tidelock_state::{MemoryStore, StateStore};
 
 fn registration(address: String) -> Vec<u8> {
@@ -83,7 +85,13 @@ async fn discovery_follows_registrations_into_the_index() {
         .unwrap();
 
     let index = Arc::new(RwLock::new(KvIndex::new(BlockTokens::new(BLOCK).unwrap())));
-    let discovery = Discovery::new(store.clone(), layout.clone(), model.clone(), index.clone());
+    let discovery = Discovery::new(
+        store.clone(),
+        layout.clone(),
+        model.clone(),
+        index.clone(),
+        support::http(),
+    );
     let task = tokio::spawn(discovery.clone().run());
     wait_workers(&discovery, "after the listing", &["w1"]).await;
 
@@ -139,7 +147,22 @@ async fn static_workers_are_registered_from_their_info_and_discovered() {
     let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
     let layout = KeyLayout::default();
     let urls = vec![format!("http://{}/", a.addr), format!("http://{}", b.addr)];
-    let registered = register_static(store.as_ref(), &layout, &urls)
+    // Without the cluster credential the workers answer 401, and nothing is registered.
+    for client in [Http::default(), Http::new(Some(&ClusterToken::generate()))] {
+        let err = register_static(store.as_ref(), &layout, &urls, &client)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("401"), "{err}");
+    }
+    assert!(
+        store
+            .list(&layout.workers_dir())
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
+    let registered = register_static(store.as_ref(), &layout, &urls, &support::http())
         .await
         .unwrap();
     let model = ModelName::new("sim").unwrap();
@@ -162,7 +185,7 @@ async fn static_workers_are_registered_from_their_info_and_discovered() {
 
     // Discovery finds them like registered workers, and their blocks reach the index.
     let index = Arc::new(RwLock::new(KvIndex::new(BlockTokens::new(BLOCK).unwrap())));
-    let discovery = Discovery::new(store.clone(), layout, model, index.clone());
+    let discovery = Discovery::new(store.clone(), layout, model, index.clone(), support::http());
     let task = tokio::spawn(discovery.clone().run());
     let (first, second) = (a.addr.to_string(), b.addr.to_string());
     // `workers()` is ordered by id.
@@ -193,6 +216,7 @@ async fn static_workers_are_registered_from_their_info_and_discovered() {
         store.as_ref(),
         &KeyLayout::default(),
         &[format!("http://{first}")],
+        &support::http(),
     )
     .await
     .unwrap_err();
@@ -234,7 +258,7 @@ async fn a_shard_group_is_one_target_its_coordinator() {
         timeout: Duration::from_millis(200),
         eject_after: 3,
     };
-    let models = Models::new(store.clone(), layout.clone(), probing);
+    let models = Models::new(store.clone(), layout.clone(), probing, support::http());
     let run = tokio::spawn(models.clone().run());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

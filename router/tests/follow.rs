@@ -21,6 +21,7 @@ async fn index_follows_a_worker_through_requests_restarts_and_outages() {
             WorkerId::new("w1").unwrap(),
             &format!("http://{addr}"),
             index.clone(),
+            support::http(),
         )
         .run(),
     );

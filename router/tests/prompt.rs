@@ -20,6 +20,7 @@ async fn worker_tokenize(addr: std::net::SocketAddr, text: &str) -> Vec<u32> {
     let body = serde_json::json!({ "prompt": text }).to_string();
     let req = hyper::Request::post(format!("http://{addr}/tokenize"))
         .header("content-type", "application/json")
+        .header("authorization", support::TOKEN.authorization())
         .body(Full::new(Bytes::from(body)))
         .unwrap();
     let response = client.request(req).await.unwrap();
@@ -33,7 +34,7 @@ async fn worker_tokenize(addr: std::net::SocketAddr, text: &str) -> Vec<u32> {
 async fn the_routers_token_ids_are_the_workers() {
     let local = Arc::new(PromptKit::from_gguf_file(&model_path()).unwrap());
     let running = worker_with_kit("127.0.0.1:0", 1, Some(local.clone()));
-    let fetched = fetch_kit(&format!("http://{}", running.addr))
+    let fetched = fetch_kit(&support::http(), &format!("http://{}", running.addr))
         .await
         .unwrap();
 
@@ -66,11 +67,11 @@ async fn the_routers_token_ids_are_the_workers() {
     // A worker without a tokenizer, and no worker at all: errors that name the URL.
     let bare = support::worker("127.0.0.1:0", 1);
     let url = format!("http://{}", bare.addr);
-    match fetch_kit(&url).await {
+    match fetch_kit(&support::http(), &url).await {
         Err(KitError::Kit { url: u, .. }) => assert!(u.starts_with(&url)),
         other => panic!("{other:?}"),
     }
     bare.stop();
-    let err = fetch_kit(&url).await.unwrap_err();
+    let err = fetch_kit(&support::http(), &url).await.unwrap_err();
     assert!(err.to_string().contains(&url), "{err}");
 }

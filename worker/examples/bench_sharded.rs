@@ -236,9 +236,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for server in &servers {
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let url = format!("http://{}", listener.local_addr()?);
-        let app = routes(server.clone());
+        let guard = tidelock_service::cluster_auth::ClusterGuard::new(None);
+        let app = routes(server.clone(), &guard);
         runtime.spawn(async move { axum::serve(listener, app).await });
-        http_links.push(Box::new(HttpLink::new(&url, Duration::from_secs(30))?));
+        http_links.push(Box::new(HttpLink::new(
+            &url,
+            Duration::from_secs(30),
+            None,
+        )?));
     }
     let mut http_group = ShardGroup::new(http_links);
     let (http_times, http_diff) =

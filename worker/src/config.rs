@@ -98,6 +98,10 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_ETCD_PREFIX", default_value = "/tidelock/")]
     pub etcd_prefix: String,
 
+    // --etcd-ca-file, --etcd-cert-file, --etcd-key-file: TLS to etcd (tidelock-state's flags).
+    #[command(flatten)]
+    pub etcd_tls: tidelock_state::EtcdTlsArgs,
+
     /// This worker's name in the cluster state (a pod name in Kubernetes). Default: the listen
     /// address.
     #[arg(long, env = "TIDELOCK_WORKER_ID")]
@@ -106,6 +110,17 @@ pub struct Config {
     /// URL routers use to reach this worker. Default: `http://` + the listen address.
     #[arg(long, env = "TIDELOCK_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+
+    /// The cluster credential every route but `/healthz` and `/readyz` requires (and that a
+    /// coordinator sends its shards).
+    #[command(flatten)]
+    pub auth: tidelock_service::cluster_auth::ClusterAuthArgs,
+
+    /// Also serve `/metrics`, and nothing else, without the credential on this address (for
+    /// Prometheus; the operator opens it to the monitoring namespace only). The main port's
+    /// `/metrics` requires the credential like every internal route.
+    #[arg(long, env = "TIDELOCK_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Simulator: fixed cost of a step, in milliseconds.
     #[arg(long, default_value_t = 0.0)]
@@ -121,6 +136,22 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where to register this worker: `--etcd` with its TLS settings, or none.
+    pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, String> {
+        let tls = self.etcd_tls.tls()?;
+        if self.etcd.is_empty() {
+            return match tls {
+                Some(_) => {
+                    Err("--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd".into())
+                }
+                None => Ok(None),
+            };
+        }
+        Ok(Some(
+            tidelock_state::EtcdConfig::new(self.etcd.clone()).with_tls(tls),
+        ))
+    }
+
     pub fn served_name(&self) -> String {
         self.served_model_name.clone().unwrap_or_else(|| {
             // A folder's name has no extension to drop: `Qwen2.5-0.5B` stays whole.
@@ -156,5 +187,42 @@ impl Config {
                 self.sim_decode_ms_per_sequence,
             )?,
         })
+    }
+}
+
+#[cfg(test)]
+mod etcd_tls_tests {
+    use clap::Parser;
+
+    use super::Config;
+
+    fn parse(args: &[&str]) -> Config {
+        let base = ["tidelock-worker", "--model", "model.gguf"];
+        Config::try_parse_from(base.iter().chain(args).copied()).unwrap()
+    }
+
+    #[test]
+    fn registration_gets_the_etcd_tls_settings() {
+        assert!(parse(&[]).etcd().unwrap().is_none());
+        let error = parse(&["--etcd-ca-file", "ca.crt"]).etcd().unwrap_err();
+        assert!(error.contains("need --etcd"), "{error}");
+        let etcd = parse(&[
+            "--etcd",
+            "https://e:2379",
+            "--etcd-ca-file",
+            "ca.crt",
+            "--etcd-cert-file",
+            "tls.crt",
+            "--etcd-key-file",
+            "tls.key",
+        ])
+        .etcd()
+        .unwrap()
+        .unwrap();
+        assert_eq!(etcd.endpoints, ["https://e:2379"]);
+        assert_eq!(
+            etcd.tls,
+            Some(tidelock_state::EtcdTls::new("ca.crt").with_identity("tls.crt", "tls.key"))
+        );
     }
 }

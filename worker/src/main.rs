@@ -12,6 +12,8 @@ use tidelock_protocol::{
     BlockTokens, Epoch, GroupId, KeyLayout, ModelName, ShardIndex, WorkerId, WorkerInfo,
     WorkerRegistration,
 };
+use tidelock_service::cluster_auth::ClusterGuard;
+use tidelock_service::metrics_listener;
 use tidelock_worker::config::{Config, EngineKind};
 use tidelock_worker::engine::executor::{GroupExecutor, ModelExecutor};
 use tidelock_worker::engine::sim::SimExecutor;
@@ -41,6 +43,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         bail!("--max-step-tokens and --max-running must be positive");
     }
     let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
+    config.etcd().map_err(anyhow::Error::msg)?;
+    let token = config.auth.token().map_err(anyhow::Error::msg)?;
+    let guard = ClusterGuard::new(token.clone());
     if config.shards == 0 || config.shard >= config.shards {
         bail!(
             "--shard {} of --shards {}: the shard index must be below the group's size",
@@ -135,7 +140,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     if shards > 1 && config.shard > 0 {
-        return serve_shard(config, info, KvStore::new(shape, num_blocks)).await;
+        return serve_shard(config, info, KvStore::new(shape, num_blocks), guard).await;
     }
     let tokenizer = kit.to_json()?;
     let started = match config.engine {
@@ -149,7 +154,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             for (i, peer) in config.shard_peers.iter().enumerate().skip(1) {
                 tracing::info!(shard = i, %peer, "shard link");
                 links.push(Box::new(
-                    HttpLink::new(peer, timeout)
+                    HttpLink::new(peer, timeout, token.clone())
                         .with_context(|| format!("shard {i} link to {peer}"))?,
                 ));
             }
@@ -196,9 +201,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let registration = register(&config, &state.info).await?;
+    guard.register(state.metrics.registry())?;
+    if let Some(addr) = config.metrics_listen {
+        metrics_listener::spawn(addr, app(state.clone())).await?;
+    }
     let shutdown_state = state.clone();
     let listener = nodelay(listener);
-    axum::serve(listener, app(state))
+    axum::serve(listener, guard.protect(app(state)))
         .with_graceful_shutdown(async move {
             tidelock_service::shutdown_signal().await;
             tracing::info!("shutting down");
@@ -237,12 +246,10 @@ fn nodelay(
 
 /// `workers/<model>/<worker>` in etcd under a kept-alive lease, when `--etcd` is given.
 async fn register(config: &Config, info: &WorkerInfo) -> anyhow::Result<Option<Registration>> {
-    if config.etcd.is_empty() {
+    let Some(etcd) = config.etcd().map_err(anyhow::Error::msg)? else {
         return Ok(None);
-    }
-    let store =
-        tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new(config.etcd.clone()))
-            .await?;
+    };
+    let store = tidelock_state::EtcdStore::connect(etcd).await?;
     let worker = WorkerId::new(
         config
             .worker_id
@@ -269,7 +276,12 @@ async fn register(config: &Config, info: &WorkerInfo) -> anyhow::Result<Option<R
 
 /// A shard other than the coordinator: its KV store behind the shard RPC, no model weights and
 /// no engine (the coordinator runs the layers).
-async fn serve_shard(config: Config, info: WorkerInfo, store: KvStore) -> anyhow::Result<()> {
+async fn serve_shard(
+    config: Config,
+    info: WorkerInfo,
+    store: KvStore,
+    guard: ClusterGuard,
+) -> anyhow::Result<()> {
     let blocks = store.num_blocks();
     let server = ShardServer::new(store);
     tracing::info!(
@@ -286,8 +298,15 @@ async fn serve_shard(config: Config, info: WorkerInfo, store: KvStore) -> anyhow
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let registration = register(&config, &info).await?;
-    let app = tidelock_worker::shard_rpc::shard_app(info, Arc::new(std::sync::Mutex::new(server)));
-    axum::serve(nodelay(listener), app)
+    let app = tidelock_worker::shard_rpc::shard_app(
+        info,
+        Arc::new(std::sync::Mutex::new(server)),
+        &guard,
+    );
+    if let Some(addr) = config.metrics_listen {
+        metrics_listener::spawn(addr, app.clone()).await?;
+    }
+    axum::serve(nodelay(listener), guard.protect(app))
         .with_graceful_shutdown(async {
             tidelock_service::shutdown_signal().await;
             tracing::info!("shutting down");

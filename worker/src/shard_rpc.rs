@@ -25,8 +25,9 @@ use hyper_util::rt::TokioExecutor;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
-use tidelock_protocol::WorkerInfo;
 use tidelock_protocol::shard::{AttendReply, AttendRequest};
+use tidelock_protocol::{ClusterToken, WorkerInfo};
+use tidelock_service::cluster_auth::ClusterGuard;
 
 use crate::kv::shard::{ShardLink, ShardServer};
 
@@ -38,9 +39,14 @@ pub const PATH: &str = "/v1/shard/attend";
 pub const MAX_BODY: usize = 512 << 20;
 
 /// What a shard other than the coordinator serves: its store on `POST /v1/shard/attend`, its
-/// metrics on `/metrics`, and `/healthz`, `/readyz` and `/v1/info` (its group and index) for
-/// probes and tools. It runs no engine, so it has no generation routes.
-pub fn shard_app(info: WorkerInfo, server: Arc<Mutex<ShardServer>>) -> Router {
+/// metrics on `/metrics` (with `guard`'s refusals), and `/healthz`, `/readyz` and `/v1/info`
+/// (its group and index) for probes and tools. It runs no engine, so it has no generation
+/// routes. The caller puts it behind `guard` ([`ClusterGuard::protect`]).
+pub fn shard_app(
+    info: WorkerInfo,
+    server: Arc<Mutex<ShardServer>>,
+    guard: &ClusterGuard,
+) -> Router {
     let info = Arc::new(info);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -52,7 +58,7 @@ pub fn shard_app(info: WorkerInfo, server: Arc<Mutex<ShardServer>>) -> Router {
                 async move { axum::Json((*info).clone()) }
             }),
         )
-        .merge(routes(server))
+        .merge(routes(server, guard))
 }
 
 /// A shard's metrics (its own registry: a shard runs no engine).
@@ -103,13 +109,17 @@ struct Shared {
 }
 
 /// `POST /v1/shard/attend` over `server` (one request at a time: a shard's store has one
-/// writer), and `GET /metrics` counting its requests.
-pub fn routes(server: Arc<Mutex<ShardServer>>) -> Router {
+/// writer), and `GET /metrics` counting its requests and `guard`'s refusals.
+pub fn routes(server: Arc<Mutex<ShardServer>>, guard: &ClusterGuard) -> Router {
     let blocks = server
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .num_blocks();
-    let metrics = Arc::new(ShardMetrics::new(blocks).expect("the shard metrics register once"));
+    let metrics = ShardMetrics::new(blocks).expect("the shard metrics register once");
+    guard
+        .register(&metrics.registry)
+        .expect("the refusal counter registers once");
+    let metrics = Arc::new(metrics);
     Router::new()
         .route(PATH, post(attend))
         .route("/metrics", get(metrics_text))
@@ -158,9 +168,14 @@ pub struct HttpLink {
 }
 
 impl HttpLink {
-    /// A link to the shard at `base` (e.g. `http://10.0.0.7:8000`); each call fails after
-    /// `timeout`.
-    pub fn new(base: &str, timeout: Duration) -> std::io::Result<HttpLink> {
+    /// A link to the shard at `base` (e.g. `http://10.0.0.7:8000`), presenting `token` (the
+    /// cluster credential, when the group has one); each call fails after `timeout`.
+    pub fn new(
+        base: &str,
+        timeout: Duration,
+        token: Option<ClusterToken>,
+    ) -> std::io::Result<HttpLink> {
+        let authorization = token.map(|t| t.authorization());
         let url = format!("{}{PATH}", base.trim_end_matches('/'));
         let (jobs, rx) = mpsc::channel::<Job>();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -177,8 +192,12 @@ impl HttpLink {
                     Client::builder(TokioExecutor::new()).build(connector);
                 while let Ok((body, reply)) = rx.recv() {
                     let result = runtime.block_on(async {
-                        let request = hyper::Request::post(&target)
-                            .header(header::CONTENT_TYPE, CONTENT_TYPE)
+                        let mut request = hyper::Request::post(&target)
+                            .header(header::CONTENT_TYPE, CONTENT_TYPE);
+                        if let Some(authorization) = &authorization {
+                            request = request.header(header::AUTHORIZATION, authorization);
+                        }
+                        let request = request
                             .body(Full::new(Bytes::from(body)))
                             .map_err(|e| e.to_string())?;
                         let call = async {

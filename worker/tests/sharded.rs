@@ -8,11 +8,12 @@
 use std::path::Path;
 
 use candle_core::Tensor;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tidelock_protocol::shard::{AttendReply, AttendRequest};
 use tidelock_protocol::{
-    BlockId, BlockTokens, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName, Usage,
+    BlockId, BlockTokens, ClusterToken, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName,
+    Usage,
 };
 use tidelock_worker::engine::executor::{Executor, GroupExecutor, ModelExecutor};
 use tidelock_worker::engine::{Engine, EngineConfig};
@@ -21,6 +22,7 @@ use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::testing::greedy;
 use tokio::sync::mpsc::unbounded_channel;
 
+use tidelock_service::cluster_auth::ClusterGuard;
 use tidelock_worker::kv::shard::{
     Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer,
 };
@@ -31,6 +33,9 @@ use tidelock_worker::model::tiny::{TinySpec, write_tiny_llama};
 use tidelock_worker::shard_rpc::{HttpLink, routes};
 
 const BLOCK: usize = 64;
+
+/// The group's cluster credential: the HTTP shards require it and the links present it.
+static TOKEN: LazyLock<ClusterToken> = LazyLock::new(ClusterToken::generate);
 
 /// Serves each shard on its own loopback port (the worker's shard route); returns the runtime
 /// running them, their base URLs and their tasks.
@@ -53,7 +58,9 @@ fn serve(
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         urls.push(format!("http://{}", listener.local_addr().unwrap()));
-        let app = routes(Arc::new(Mutex::new(server)));
+        // The shards require the group's credential, as `tidelock-worker` serves them.
+        let guard = ClusterGuard::new(Some(TOKEN.clone()));
+        let app = guard.protect(routes(Arc::new(Mutex::new(server)), &guard));
         tasks.push(runtime.spawn(async move {
             axum::serve(listener, app).await.unwrap();
         }));
@@ -113,7 +120,8 @@ fn group(
         let links = urls
             .iter()
             .map(|u| {
-                Box::new(HttpLink::new(u, Duration::from_secs(10)).unwrap()) as Box<dyn ShardLink>
+                Box::new(HttpLink::new(u, Duration::from_secs(10), Some(TOKEN.clone())).unwrap())
+                    as Box<dyn ShardLink>
             })
             .collect();
         (Some(runtime), ShardGroup::new(links))
@@ -307,7 +315,10 @@ fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
     let links = |urls: &[&String]| {
         ShardGroup::new(
             urls.iter()
-                .map(|u| Box::new(HttpLink::new(u, timeout).unwrap()) as Box<dyn ShardLink>)
+                .map(|u| {
+                    Box::new(HttpLink::new(u, timeout, Some(TOKEN.clone())).unwrap())
+                        as Box<dyn ShardLink>
+                })
                 .collect(),
         )
     };

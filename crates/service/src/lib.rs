@@ -1,7 +1,11 @@
 //! What every Tidelock server binary (`tidelock-router`, `tidelock-worker`, `tidelock-operator`)
 //! does the same way, so it is written once: logging from `RUST_LOG` (default `info`), a
-//! multi-threaded runtime, `name: error` and exit status 1 when the server fails, and the signal
-//! that starts a graceful shutdown.
+//! multi-threaded runtime, `name: error` and exit status 1 when the server fails, the signal
+//! that starts a graceful shutdown, the cluster credential of the internal APIs
+//! ([`cluster_auth`]) and the listener that serves only `/metrics` ([`metrics_listener`]).
+
+pub mod cluster_auth;
+pub mod metrics_listener;
 
 use std::process::ExitCode;
 

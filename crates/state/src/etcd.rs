@@ -7,11 +7,15 @@
 //! delivered, so callers see every change exactly once (or [`StateError::Compacted`] if etcd has
 //! discarded that history meanwhile). etcd delivers all events of one revision in one response,
 //! and the cursor only advances per response, so a reconnect never splits a revision.
+//!
+//! Over TLS ([`EtcdConfig::tls`], `https://` endpoints) the files are checked before connecting,
+//! and a handshake that either side refuses is a [`StateError::Tls`] saying which (see `tls`).
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -21,6 +25,7 @@ use etcd_client::{
 
 use crate::error::StateError;
 use crate::store::{StateStore, WatchStream, check_expected, check_key, ttl_seconds};
+use crate::tls::{EtcdTls, Loaded};
 use crate::types::{
     CasOutcome, Expected, KeyValue, LeaseId, Listing, Revision, WatchEvent, dir_prefix,
 };
@@ -28,22 +33,52 @@ use crate::types::{
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
-    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    /// Client URLs, e.g. `http://127.0.0.1:2379`, or `https://...` with [`Self::tls`].
     pub endpoints: Vec<String>,
-    /// Bound on establishing the first connection.
+    /// Bound on establishing the first connection (the TLS handshake included).
     pub connect_timeout: Duration,
     /// Bound on every single request.
     pub request_timeout: Duration,
+    /// TLS: required by `https://` endpoints, refused with `http://` ones.
+    pub tls: Option<EtcdTls>,
 }
 
 impl EtcdConfig {
-    /// Endpoints with default timeouts (connect 5 s, request 5 s).
+    /// Endpoints with default timeouts (connect 5 s, request 5 s), without TLS.
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            tls: None,
         }
+    }
+
+    /// The same, over TLS when `tls` is given.
+    pub fn with_tls(mut self, tls: Option<EtcdTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Checks that the endpoints' schemes agree with the TLS setting: an `https://` endpoint
+    /// with no CA to verify it, or TLS files with a plain `http://` endpoint, is a mistake in
+    /// the configuration, not something to fall back from. Endpoints without a scheme follow
+    /// the TLS setting.
+    fn check_schemes(&self) -> Result<(), StateError> {
+        for endpoint in &self.endpoints {
+            if self.tls.is_none() && endpoint.starts_with("https://") {
+                return Err(StateError::InvalidRequest(format!(
+                    "etcd endpoint {endpoint} uses TLS but no CA certificate is given to verify it \
+                     (--etcd-ca-file, TIDELOCK_ETCD_CA_FILE)"
+                )));
+            }
+            if self.tls.is_some() && endpoint.starts_with("http://") {
+                return Err(StateError::InvalidRequest(format!(
+                    "etcd TLS files are given but endpoint {endpoint} is plain HTTP: use https://"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -54,6 +89,8 @@ pub struct EtcdStore {
     /// The endpoints, joined, for error messages.
     endpoint: String,
     request_timeout: Duration,
+    /// The TLS settings, to explain a refused handshake.
+    tls: Option<Arc<Loaded>>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -75,10 +112,21 @@ impl EtcdStore {
         if config.endpoints.is_empty() {
             return Err(StateError::InvalidRequest("no etcd endpoints given".into()));
         }
-        let options = ConnectOptions::new()
+        config.check_schemes()?;
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let tls = config
+            .tls
+            .as_ref()
+            .map(EtcdTls::load)
+            .transpose()?
+            .map(Arc::new);
+        if let Some(tls) = &tls {
+            options = options.with_tls(tls.options.clone().timeout(config.connect_timeout));
+        }
+        let started = Instant::now();
         let connect = async {
             let mut client = Client::connect(&config.endpoints, Some(options)).await?;
             // The channel connects lazily: ask for something to know etcd is really there.
@@ -88,6 +136,14 @@ impl EtcdStore {
         let client = match tokio::time::timeout(config.connect_timeout, connect).await {
             Ok(Ok(client)) => client,
             Ok(Err(source)) => {
+                if let Some(tls) = &tls {
+                    let left = config.connect_timeout.saturating_sub(started.elapsed());
+                    if let Some(reason) =
+                        refused_handshake(tls, &config.endpoints, &source, left).await
+                    {
+                        return Err(StateError::Tls { endpoint, reason });
+                    }
+                }
                 return Err(match classify(&source) {
                     Failure::Timeout => StateError::Timeout {
                         endpoint,
@@ -113,6 +169,7 @@ impl EtcdStore {
             client,
             endpoint,
             request_timeout: config.request_timeout,
+            tls,
         })
     }
 
@@ -135,6 +192,9 @@ impl EtcdStore {
 
     fn map_error(&self, op: &'static str, error: etcd_client::Error) -> StateError {
         let endpoint = self.endpoint.clone();
+        if let Some(reason) = self.tls.as_ref().and_then(|tls| tls.explain(&error)) {
+            return StateError::Tls { endpoint, reason };
+        }
         match classify(&error) {
             Failure::Timeout => StateError::Timeout {
                 endpoint,
@@ -164,6 +224,34 @@ impl EtcdStore {
             _ => error,
         }
     }
+}
+
+/// Why the first connection failed, when TLS is why: from the error itself, or else (etcd's
+/// alert often reaches the HTTP/2 client as a mere "connection closed") from a handshake of our
+/// own with each endpoint, within what is left of the connect timeout.
+async fn refused_handshake(
+    tls: &Arc<Loaded>,
+    endpoints: &[String],
+    error: &etcd_client::Error,
+    left: Duration,
+) -> Option<String> {
+    if let Some(reason) = tls.explain(error) {
+        return Some(reason);
+    }
+    if matches!(classify(error), Failure::Timeout) || left.is_zero() {
+        return None;
+    }
+    let tls = tls.clone();
+    let endpoints = endpoints.to_vec();
+    let probe = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + left;
+        endpoints.iter().find_map(|endpoint| {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            tls.diagnose(endpoint, left)
+        })
+    });
+    // Name resolution has no timeout of its own: never wait past the connect timeout for it.
+    tokio::time::timeout(left, probe).await.ok()?.ok().flatten()
 }
 
 enum Failure {

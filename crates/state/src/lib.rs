@@ -2,13 +2,16 @@
 //! in `tidelock-protocol`).
 //!
 //! One trait, [`StateStore`], with two implementations that behave the same: [`MemoryStore`] for
-//! the local cluster and unit tests, [`EtcdStore`] for real clusters. The `testing` feature adds a
-//! real etcd server for tests and the conformance suite both implementations pass.
+//! the local cluster and unit tests, [`EtcdStore`] for real clusters, over TLS with a client
+//! certificate where etcd asks for one ([`EtcdTls`]). The `testing` feature adds a real etcd
+//! server (plain or TLS with client authentication) for tests and the conformance suite both
+//! implementations pass; the `clap` feature the etcd TLS flags of the binaries.
 
 mod error;
 mod etcd;
 mod memory;
 mod store;
+mod tls;
 mod types;
 
 #[cfg(feature = "testing")]
@@ -18,6 +21,9 @@ pub use error::StateError;
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use memory::MemoryStore;
 pub use store::{LeaseKeeper, StateStore, WatchStream};
+#[cfg(feature = "clap")]
+pub use tls::EtcdTlsArgs;
+pub use tls::{ClientIdentity, EtcdTls};
 pub use types::{
     CasOutcome, Expected, KeyValue, LeaseId, Listing, Revision, WatchEvent, dir_prefix,
 };

@@ -13,6 +13,23 @@ fn defaults() -> Defaults {
             "http://etcd-1.etcd:2379".into(),
         ],
         etcd_prefix: "/tidelock/".into(),
+        etcd_client_secret: None,
+        cluster_token_secret: SecretRef {
+            namespace: "tidelock-system".into(),
+            name: "tidelock-cluster-token".into(),
+        },
+        network_policy: Some(PolicyPeers {
+            router_namespace: "tidelock-system".into(),
+            router_labels: BTreeMap::from([(
+                "app.kubernetes.io/component".to_owned(),
+                "router".to_owned(),
+            )]),
+            monitoring_namespace_labels: [(
+                "kubernetes.io/metadata.name".to_owned(),
+                "monitoring".to_owned(),
+            )]
+            .into(),
+        }),
     }
 }
 
@@ -198,6 +215,150 @@ fn the_worker_gets_its_identity_etcd_and_model_from_the_spec() {
         5
     );
     assert_eq!(pod(g).termination_grace_period_seconds, Some(300));
+}
+
+#[test]
+fn etcd_tls_mounts_the_models_copy_of_the_client_secret() {
+    let spec = json!({"source": hf(), "replicas": 2});
+    // Without a client Secret: no TLS variables, no volume.
+    let plain = desired(&model(spec.clone()), &defaults()).unwrap();
+    let w = worker(&plain.groups[0]);
+    assert!(
+        !w.env
+            .iter()
+            .flatten()
+            .any(|e| e.name.starts_with("TIDELOCK_ETCD_") && e.name.ends_with("_FILE"))
+    );
+    assert!(
+        !pod(&plain.groups[0])
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.secret.is_some())
+    );
+
+    let tls = Defaults {
+        etcd_endpoints: vec!["https://etcd-0.etcd:2379".into()],
+        etcd_client_secret: Some(SecretRef {
+            namespace: "tidelock-system".into(),
+            name: "tidelock-etcd-client".into(),
+        }),
+        ..defaults()
+    };
+    let d = desired(&model(spec), &tls).unwrap();
+    for g in &d.groups {
+        let w = worker(g);
+        let env: BTreeMap<&str, Option<&str>> = w
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert_eq!(
+            env["TIDELOCK_ETCD_CA_FILE"],
+            Some("/etc/tidelock/etcd-tls/ca.crt")
+        );
+        assert_eq!(
+            env["TIDELOCK_ETCD_CERT_FILE"],
+            Some("/etc/tidelock/etcd-tls/tls.crt")
+        );
+        assert_eq!(
+            env["TIDELOCK_ETCD_KEY_FILE"],
+            Some("/etc/tidelock/etcd-tls/tls.key")
+        );
+        assert_eq!(
+            env["TIDELOCK_ETCD_ENDPOINTS"],
+            Some("https://etcd-0.etcd:2379")
+        );
+        let mount = w
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "etcd-tls")
+            .expect("the TLS mount");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (ETCD_TLS_DIR, Some(true))
+        );
+        // The copy in the Model's namespace (pods mount Secrets of their own namespace only).
+        let volume = pod(g)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "etcd-tls")
+            .expect("the TLS volume");
+        assert_eq!(
+            volume.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("smol-etcd-client")
+        );
+    }
+    assert_eq!(etcd_client_secret("smol"), "smol-etcd-client");
+}
+
+/// The credential comes from the Model's copy of the Secret; each group's NetworkPolicy admits
+/// its own group and the routers on the HTTP port, the monitoring namespace on the metrics port,
+/// and nobody else.
+#[test]
+fn workers_get_the_credential_and_each_group_a_network_policy() {
+    let d = desired(
+        &model(json!({"source": hf(), "replicas": 2, "shards": 2})),
+        &defaults(),
+    )
+    .unwrap();
+    let w = worker(&d.groups[1]);
+    let token = w
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "TIDELOCK_CLUSTER_TOKEN")
+        .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+        .unwrap();
+    assert_eq!(
+        (token.name.as_str(), token.key.as_str()),
+        ("smol-cluster-token", "token")
+    );
+    assert_eq!(arg(w, "--metrics-listen"), Some("0.0.0.0:9100"));
+    let ports: Vec<i32> = w
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(ports, [8000, 9100]);
+
+    assert_eq!(d.policies.len(), 2);
+    let policy = serde_json::to_value(&d.policies[1]).unwrap();
+    assert_eq!(policy["metadata"]["name"], "smol-g1");
+    assert_eq!(policy["metadata"]["ownerReferences"][0]["uid"], "1234-5678");
+    let spec = &policy["spec"];
+    let group = json!({"tidelock.dev/model": "smol", "tidelock.dev/group": "smol-g1"});
+    assert_eq!(spec["podSelector"]["matchLabels"], group);
+    assert_eq!(spec["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        spec["ingress"],
+        json!([
+            {"ports": [{"port": 8000, "protocol": "TCP"}], "from": [
+                {"podSelector": {"matchLabels": group}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tidelock-system"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/component": "router"}}},
+            ]},
+            {"ports": [{"port": 9100, "protocol": "TCP"}], "from": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+            ]},
+        ])
+    );
+    let off = Defaults {
+        network_policy: None,
+        ..defaults()
+    };
+    assert!(
+        desired(&model(json!({"source": hf()})), &off)
+            .unwrap()
+            .policies
+            .is_empty()
+    );
 }
 
 #[test]

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -104,6 +105,13 @@ async fn apply_objects(
         }
         groups.push(applied);
     }
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &namespace);
+    for policy in &desired.policies {
+        policies
+            .patch(&policy.name_any(), &apply, &Patch::Apply(policy))
+            .await
+            .map_err(|e| rejected(e, "NetworkPolicy", &policy.name_any()))?;
+    }
     let budget = &desired.budget;
     Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace)
         .patch(&budget.name_any(), &apply, &Patch::Apply(budget))
@@ -117,6 +125,17 @@ async fn apply_objects(
         statefulsets
             .delete(group_name, &DeleteParams::background())
             .await?;
+        // Its NetworkPolicy shares its name.
+        if ctx.defaults.network_policy.is_some() {
+            match policies
+                .delete(group_name, &DeleteParams::background())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let note = format!(
             "removed shard group {group_name} (replicas is now {})",
             model.spec.replicas
@@ -178,6 +197,8 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
         .map(|s| (s.name_any(), s))
         .collect();
 
+    super::etcd_tls::copy_client_secret(model, ctx).await?;
+    super::cluster_token::copy_to_model(model, ctx).await?;
     let groups = match apply_objects(model, ctx, &desired, &before, &statefulsets).await {
         Ok(groups) => groups,
         Err(e @ Error::Rejected { .. }) => {

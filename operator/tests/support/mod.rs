@@ -44,6 +44,24 @@ pub fn defaults() -> Defaults {
         fetch_image: "python:3.12-slim".into(),
         etcd_endpoints: vec!["http://etcd:2379".into()],
         etcd_prefix: "/tidelock/".into(),
+        etcd_client_secret: None,
+        cluster_token_secret: tidelock_operator::builders::SecretRef {
+            namespace: "default".into(),
+            name: "tidelock-cluster-token".into(),
+        },
+        network_policy: Some(tidelock_operator::builders::PolicyPeers {
+            router_namespace: "tidelock-system".into(),
+            router_labels: [(
+                "app.kubernetes.io/component".to_owned(),
+                "router".to_owned(),
+            )]
+            .into(),
+            monitoring_namespace_labels: [(
+                "kubernetes.io/metadata.name".to_owned(),
+                "monitoring".to_owned(),
+            )]
+            .into(),
+        }),
     }
 }
 

@@ -11,7 +11,7 @@ use hyper::{HeaderMap, Method, StatusCode};
 use serde_json::Value;
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::{KeyLayout, TenantId, TenantRecord};
-use tidelock_router::app::{AppState, Settings, Shared, app};
+use tidelock_router::app::{AppState, Settings, Shared, app, metrics_app};
 use tidelock_router::discovery::register_static;
 use tidelock_router::sessions::Pins;
 use tidelock_router::tenants::Tenants;
@@ -78,7 +78,9 @@ pub async fn cluster(n: usize, settings: Settings, sim: impl Fn(&mut SimWorker))
         .iter()
         .map(|w| format!("http://{}", w.addr))
         .collect();
-    register_static(&*store, &layout, &urls).await.unwrap();
+    register_static(&*store, &layout, &urls, &super::http())
+        .await
+        .unwrap();
     for (id, key) in [("a", KEY_A), ("b", KEY_B)] {
         put_tenant(&*store, &layout, id, &tenant_record(key)).await;
     }
@@ -89,7 +91,7 @@ pub async fn cluster(n: usize, settings: Settings, sim: impl Fn(&mut SimWorker))
         timeout: Duration::from_secs(2),
         eject_after: 3,
     };
-    let models = Models::new(dyn_store.clone(), layout.clone(), probing);
+    let models = Models::new(dyn_store.clone(), layout.clone(), probing, super::http());
     let pins = Arc::new(Pins::new(
         dyn_store.clone(),
         layout.clone(),
@@ -215,6 +217,21 @@ impl Cluster {
 
     pub async fn get(&self, path: &str, key: Option<&str>) -> Answer {
         self.call(Method::GET, path, key, &[], Body::empty()).await
+    }
+
+    /// `GET /metrics` on the metrics listener's routes (the public ones do not serve it).
+    pub async fn metrics(&self) -> String {
+        let request = hyper::Request::get("/metrics")
+            .header("host", "router")
+            .body(Body::empty())
+            .unwrap();
+        let response = metrics_app(self.state.clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
     }
 
     /// Polls until `check` holds, or fails after 10 s naming `what`.

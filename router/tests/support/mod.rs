@@ -1,11 +1,12 @@
 //! Shared by the router's component tests: simulated workers served on loopback, each on its own
-//! runtime like a separate process, and helpers to drive them and watch the index.
+//! runtime like a separate process and behind the cluster credential ([`TOKEN`]) as
+//! `tidelock-worker` serves them, and helpers to drive them and watch the index.
 
 #![allow(dead_code)] // Each test file uses its own subset.
 
 pub mod cluster;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
@@ -13,13 +14,24 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::{
-    BlockHash, BlockTokens, CacheSalt, Epoch, GenerateRequest, HashChain, ModelName, SamplingParams,
+    BlockHash, BlockTokens, CacheSalt, ClusterToken, Epoch, GenerateRequest, HashChain, ModelName,
+    SamplingParams,
 };
 use tidelock_router::KvIndex;
+use tidelock_router::http::Http;
+use tidelock_service::cluster_auth::ClusterGuard;
 use tidelock_worker::server;
 use tidelock_worker::testing::SimWorker;
 
 pub const BLOCK: u32 = 16;
+
+/// The cluster credential the test workers require.
+pub static TOKEN: LazyLock<ClusterToken> = LazyLock::new(ClusterToken::generate);
+
+/// A client to the test workers that presents [`TOKEN`], as the router's does.
+pub fn http() -> Http {
+    Http::new(Some(&TOKEN))
+}
 pub const VOCAB: usize = 1000;
 
 /// A sim worker serving on its own runtime and thread, like a separate process: stopping it
@@ -66,6 +78,7 @@ pub fn worker_with_kit(
 /// Serves `sim` on `addr` (port 0 for any) on its own runtime and thread.
 pub fn serve_worker(addr: &str, sim: SimWorker) -> RunningWorker {
     let state = sim.start();
+    let guard = ClusterGuard::new(Some(TOKEN.clone()));
     let listener = std::net::TcpListener::bind(addr).unwrap();
     listener.set_nonblocking(true).unwrap();
     let bound = listener.local_addr().unwrap();
@@ -79,7 +92,7 @@ pub fn serve_worker(addr: &str, sim: SimWorker) -> RunningWorker {
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             tokio::select! {
-                _ = axum::serve(listener, server::app(state)) => {}
+                _ = axum::serve(listener, guard.protect(server::app(state))) => {}
                 _ = stopped => {}
             }
         });
@@ -109,6 +122,7 @@ pub async fn generate(addr: std::net::SocketAddr, tokens: Vec<u32>) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = hyper::Request::post(format!("http://{addr}/v1/generate"))
         .header("content-type", "application/json")
+        .header("authorization", TOKEN.authorization())
         .body(Full::new(Bytes::from(
             serde_json::to_vec(&request).unwrap(),
         )))

@@ -151,6 +151,11 @@ impl Metrics {
         self.blocks_total.set(load.blocks.total as i64);
     }
 
+    /// The registry, for collectors kept elsewhere (the cluster credential's refusals).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

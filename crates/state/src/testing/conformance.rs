@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 
-use super::EtcdServer;
+use super::{EtcdServer, TestPki};
 use crate::error::StateError;
 use crate::etcd::EtcdStore;
 use crate::memory::MemoryStore;
@@ -62,7 +62,18 @@ pub struct EtcdFixture {
 impl EtcdFixture {
     /// Starts etcd and connects. Panics with the reason if etcd cannot be started.
     pub async fn new() -> Self {
-        let server = match EtcdServer::start().await {
+        Self::connect(EtcdServer::start().await).await
+    }
+
+    /// The same over TLS, with a client certificate (`EtcdServer::start_tls`).
+    pub async fn new_tls() -> Self {
+        let pki = TestPki::generate("tidelock conformance CA")
+            .unwrap_or_else(|e| panic!("cannot make the test certificates: {e}"));
+        Self::connect(EtcdServer::start_tls(pki).await).await
+    }
+
+    async fn connect(server: std::io::Result<EtcdServer>) -> Self {
+        let server = match server {
             Ok(server) => server,
             Err(e) => panic!("cannot start etcd for the conformance suite: {e}"),
         };

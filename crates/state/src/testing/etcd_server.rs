@@ -1,5 +1,7 @@
 //! Starts a real `etcd` (Debian package `etcd-server`) for tests: on free loopback ports, with a
-//! temporary data directory, stopped (killed and reaped) when dropped.
+//! temporary data directory, stopped (killed and reaped) when dropped. [`EtcdServer::start_tls`]
+//! serves clients and peers over https only and requires a client certificate signed by the
+//! test's CA (`--client-cert-auth`, `--peer-client-cert-auth`), as the chart's etcd does.
 //!
 //! The binary is `$TIDELOCK_ETCD` if set, else `etcd` on `PATH`. A missing binary is an error that
 //! says how to install it; it never silently skips the tests that need it.
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::pki::TestPki;
 use crate::etcd::{EtcdConfig, EtcdStore};
 
 /// How long etcd gets to come up.
@@ -22,6 +25,8 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Serving over TLS with client authentication, with these certificates.
+    pki: Option<TestPki>,
     child: Option<Child>,
 }
 
@@ -47,6 +52,17 @@ impl EtcdServer {
 
     /// Starts a fresh etcd and waits until it answers.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts a fresh etcd that serves clients over https with `pki`'s server certificate and
+    /// accepts only clients with a certificate signed by `pki`'s CA (`--cert-file`,
+    /// `--key-file`, `--trusted-ca-file`, `--client-cert-auth`); waits until it answers.
+    pub async fn start_tls(pki: TestPki) -> std::io::Result<Self> {
+        Self::start_with(Some(pki)).await
+    }
+
+    async fn start_with(mut pki: Option<TestPki>) -> std::io::Result<Self> {
         let binary = Self::binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
@@ -57,25 +73,37 @@ impl EtcdServer {
                     .tempdir()?,
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                pki: pki.take(),
                 child: None,
             };
             // Another process can take a "free" port before etcd binds it: retry on new ports.
             match server.launch().await {
                 Ok(()) => return Ok(server),
-                Err(e) => last_error = Some(e),
+                Err(e) => {
+                    last_error = Some(e);
+                    pki = server.pki.take();
+                }
             }
         }
         Err(last_error.unwrap_or_else(|| std::io::Error::other("etcd did not start")))
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:43127`.
+    /// The client URL, e.g. `http://127.0.0.1:43127` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
-    /// A config for connecting to this server, with short timeouts suited to tests.
+    /// The certificates of a TLS server.
+    pub fn pki(&self) -> Option<&TestPki> {
+        self.pki.as_ref()
+    }
+
+    /// A config for connecting to this server, with short timeouts suited to tests (and, with
+    /// TLS, the CA and the client certificate).
     pub fn config(&self) -> EtcdConfig {
-        let mut config = EtcdConfig::new([self.endpoint()]);
+        let mut config =
+            EtcdConfig::new([self.endpoint()]).with_tls(self.pki.as_ref().map(TestPki::client_tls));
         config.connect_timeout = Duration::from_secs(5);
         config.request_timeout = Duration::from_secs(5);
         config
@@ -102,12 +130,26 @@ impl EtcdServer {
 
     async fn launch(&mut self) -> std::io::Result<()> {
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        let peer = format!("{scheme}://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(pki) = &self.pki {
+            command
+                .arg(format!("--cert-file={}", pki.server_cert.display()))
+                .arg(format!("--key-file={}", pki.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", pki.ca_cert.display()))
+                .arg("--client-cert-auth")
+                // Peers as the chart's etcd: the same certificate, TLS both ways.
+                .arg(format!("--peer-cert-file={}", pki.server_cert.display()))
+                .arg(format!("--peer-key-file={}", pki.server_key.display()))
+                .arg(format!("--peer-trusted-ca-file={}", pki.ca_cert.display()))
+                .arg("--peer-client-cert-auth");
+        }
+        let child = command
             .arg("--name=tidelock-test")
             .arg(format!(
                 "--data-dir={}",
