@@ -51,7 +51,7 @@ def main() -> None:
     src.add_argument("--worker", help="a worker's base URL (not the router's)")
     src.add_argument("--cache", help="a `tidelock up` cache dir: use the first worker of CACHE/up/parts.json")
     src.add_argument("--kit-file", help="a saved GET /v1/tokenizer answer")
-    ap.add_argument("--api-key", default=None, help="sent as a Bearer token, if the worker wants one")
+    ap.add_argument("--api-key", default=None, help="sent as a Bearer token: the cluster credential (with --cache: CACHE/up/cluster-token)")
     ap.add_argument("--model-max-length", type=int, default=8192)
     ap.add_argument("out", help="folder to write")
     args = ap.parse_args()
@@ -61,7 +61,12 @@ def main() -> None:
             kit = json.load(f)
     else:
         worker = args.worker or worker_from_cache(args.cache)
-        kit = fetch_kit(worker, args.api_key)
+        api_key = args.api_key
+        if api_key is None and args.cache:
+            # Workers require the cluster credential `tidelock up` wrote beside parts.json.
+            with open(os.path.join(args.cache, "up", "cluster-token"), encoding="utf-8") as f:
+                api_key = f.read().strip()
+        kit = fetch_kit(worker, api_key)
 
     if "tokenizer" not in kit:
         sys.exit("answer has no 'tokenizer' member: is this a worker's /v1/tokenizer?")

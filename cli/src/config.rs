@@ -250,9 +250,10 @@ pub(crate) struct TraceArgs {
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
 
-    /// Base URLs of the workers behind the endpoint (comma-separated, e.g. from `tidelock up`'s
-    /// `parts.json`): their prefill token counters, read before and after, give the load
-    /// imbalance (max / mean). Any worker exporting `tidelock_worker_prefill_tokens_total`.
+    /// Metrics URLs of the workers behind the endpoint (comma-separated; `tidelock up`'s
+    /// `parts.json` gives each worker's as `metrics`): their prefill token counters, read before
+    /// and after, give the load imbalance (max / mean). Any worker exporting
+    /// `tidelock_worker_prefill_tokens_total` without a credential there.
     #[arg(long, value_delimiter = ',')]
     pub(crate) workers: Vec<String>,
 
