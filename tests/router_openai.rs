@@ -1,5 +1,6 @@
 //! The router end to end, as a tenant uses it: two real workers on the default model and one
-//! router, each a separate process on loopback (started the way `tidelock up` starts them),
+//! router, each a separate process on loopback (the router started first, while its workers are
+//! down, and admitting them as they come up),
 //! driven by the official `openai` Python client (`py/router_openai.py`): models, chat,
 //! streaming chat with usage, completions, a 401, a 429, and a second turn of one session whose
 //! cached tokens cover the first turn's prompt.
@@ -7,7 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tidelock_e2e::{Proc, binary, free_port, model_path, python};
+use tidelock_e2e::{Proc, binary, free_port, http_get, model_path, python};
 use tidelock_protocol::{ClusterToken, TenantRecord};
 
 const KEY: &str = "sk-e2e-tenant-0123456789";
@@ -28,31 +29,11 @@ fn openai_client_against_router_and_real_workers() {
         "--cluster-token-file".to_owned(),
         token_file.display().to_string(),
     ];
-    for i in 0..2 {
-        let port = free_port();
-        let args = [
-            "--model".to_owned(),
-            model.display().to_string(),
-            "--listen".to_owned(),
-            format!("127.0.0.1:{port}"),
-            "--kv-cache".to_owned(),
-            "128MiB".to_owned(),
-            "--block-tokens".to_owned(),
-            BLOCK_TOKENS.to_string(),
-            "--max-context".to_owned(),
-            "2048".to_owned(),
-            auth[0].clone(),
-            auth[1].clone(),
-        ];
-        let mut w = Proc::spawn(
-            &format!("worker-{i}"),
-            &binary("tidelock-worker"),
-            &args,
-            dir.path(),
-        );
-        w.wait_ready(port, "/readyz", Duration::from_secs(120));
+    // The router starts first, its workers down: it serves (health, errors) and admits each
+    // worker when it answers.
+    let worker_ports = [free_port(), free_port()];
+    for port in worker_ports {
         urls.push(format!("http://127.0.0.1:{port}"));
-        workers.push(w);
     }
     let mut limited = TenantRecord::with_keys([LIMITED_KEY]);
     limited.limits.requests_per_minute = Some(1);
@@ -74,6 +55,36 @@ fn openai_client_against_router_and_real_workers() {
         auth[1].clone(),
     ];
     let mut router = Proc::spawn("router", &binary("tidelock-router"), &args, dir.path());
+    router.wait_ready(port, "/healthz", Duration::from_secs(30));
+    assert_eq!(
+        http_get(port, "/readyz").map(|(status, _)| status),
+        Some(503),
+        "not ready without a worker"
+    );
+    for (i, &port) in worker_ports.iter().enumerate() {
+        let args = [
+            "--model".to_owned(),
+            model.display().to_string(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--kv-cache".to_owned(),
+            "128MiB".to_owned(),
+            "--block-tokens".to_owned(),
+            BLOCK_TOKENS.to_string(),
+            "--max-context".to_owned(),
+            "2048".to_owned(),
+            auth[0].clone(),
+            auth[1].clone(),
+        ];
+        let mut w = Proc::spawn(
+            &format!("worker-{i}"),
+            &binary("tidelock-worker"),
+            &args,
+            dir.path(),
+        );
+        w.wait_ready(port, "/readyz", Duration::from_secs(120));
+        workers.push(w);
+    }
     router.wait_ready(port, "/readyz", Duration::from_secs(30));
 
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/router_openai.py");

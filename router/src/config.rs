@@ -33,7 +33,9 @@ pub struct Config {
     pub auth: tidelock_service::cluster_auth::ClusterAuthArgs,
 
     /// Workers given by URL (repeat, or comma-separate), e.g. `http://127.0.0.1:8100`: static
-    /// discovery with the in-memory state store (the local cluster). Without it, `--etcd`.
+    /// discovery with the in-memory state store (the local cluster). Without it, `--etcd`. A
+    /// worker that does not answer yet is retried in the background (at most every 5 s) and
+    /// admitted when it does; the router does not wait for it.
     #[arg(long = "worker", env = "TIDELOCK_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
 

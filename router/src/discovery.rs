@@ -86,6 +86,40 @@ pub async fn register_static(
     Ok(out)
 }
 
+/// First and longest wait between attempts to register a static worker that does not answer.
+const STATIC_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+
+/// [`register_static`] for one worker, retried (capped backoff) until it answers, so that a
+/// router starts while some of its workers are down and admits each when it comes up. Says
+/// once, then every minute or so, that the worker is not reachable yet.
+pub async fn register_when_up(
+    store: Arc<dyn StateStore>,
+    layout: KeyLayout,
+    url: String,
+    http: Http,
+) {
+    let mut wait = STATIC_BACKOFF.0;
+    let mut last_warning: Option<std::time::Instant> = None;
+    loop {
+        match register_static(&*store, &layout, std::slice::from_ref(&url), &http).await {
+            Ok(found) => {
+                for (model, worker) in found {
+                    tracing::info!(%model, %worker, "static worker registered");
+                }
+                return;
+            }
+            Err(e) => {
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(error = %e, "static worker not reachable yet; still trying");
+                    last_warning = Some(std::time::Instant::now());
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(STATIC_BACKOFF.1);
+    }
+}
+
 /// A known worker and the task following its KV events.
 #[derive(Debug)]
 struct Known {

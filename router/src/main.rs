@@ -9,7 +9,7 @@ use clap::Parser;
 use tidelock_protocol::KeyLayout;
 use tidelock_router::app::{Shared, app, metrics_app};
 use tidelock_router::config::Config;
-use tidelock_router::discovery::register_static;
+use tidelock_router::discovery::register_when_up;
 use tidelock_router::http::Http;
 use tidelock_router::sessions::Pins;
 use tidelock_router::tenants::{self, Tenants};
@@ -44,13 +44,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .context("connecting to etcd")?,
         )
     };
-    if !config.workers.is_empty() {
-        let found = register_static(&*store, &layout, &config.workers, &http).await?;
-        for (model, worker) in found {
-            tracing::info!(%model, %worker, "static worker");
-        }
-    }
     let mut background = Vec::new();
+    // Static workers are registered as they answer: the router starts with some of them down.
+    for url in &config.workers {
+        background.push(tokio::spawn(register_when_up(
+            store.clone(),
+            layout.clone(),
+            url.clone(),
+            http.clone(),
+        )));
+    }
     if let Some(path) = &config.tenants_file {
         let n = tenants::load_file(&*store, &layout, path).await?;
         tracing::info!(path = %path.display(), tenants = n, "tenants file loaded");

@@ -14,7 +14,7 @@ use tidelock_protocol::{
     WorkerRegistration,
 };
 use tidelock_router::KvIndex;
-use tidelock_router::discovery::{Discovery, register_static};
+use tidelock_router::discovery::{Discovery, register_static, register_when_up};
 use tidelock_router::http::Http;
 use tidelock_state::{MemoryStore, StateStore};
 
@@ -222,6 +222,43 @@ async fn static_workers_are_registered_from_their_info_and_discovered() {
     .unwrap_err();
     assert!(err.to_string().contains(&first), "{err}");
     b.stop();
+}
+
+/// A router starts while a static worker is down: the worker is registered once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_worker_that_is_down_is_admitted_when_it_comes_up() {
+    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let layout = KeyLayout::default();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let task = tokio::spawn(register_when_up(
+        store.clone(),
+        layout.clone(),
+        url,
+        support::http(),
+    ));
+    let registered = || async {
+        let listing = store.list(&layout.workers_dir()).await.unwrap();
+        listing.kvs.len()
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(registered().await, 0, "nothing answers yet");
+    assert!(!task.is_finished(), "still trying");
+    let up = worker(&format!("127.0.0.1:{port}"), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registered().await == 0 {
+        assert!(Instant::now() < deadline, "the worker was never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("done once registered")
+        .unwrap();
+    up.stop();
 }
 
 /// A shard group is one routing target, its coordinator (shard 0): the group's other shards are
