@@ -40,6 +40,11 @@ pub use response::{
 /// The most stop sequences a request may carry, as with OpenAI.
 pub const MAX_STOP_SEQUENCES: usize = 4;
 
+/// The longest stop sequence, in bytes. Stop matching holds back and rescans up to the longest
+/// stop's length per generated token, so an unbounded one (4 MiB in issue #18's probe: 86 s of
+/// router CPU for one request) would let a single request occupy the router.
+pub const MAX_STOP_BYTES: usize = 1024;
+
 /// The default `max_tokens` of `/v1/completions`, as with OpenAI.
 pub const COMPLETION_DEFAULT_MAX_TOKENS: u32 = 16;
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::null_as_default;
-use super::{COMPLETION_DEFAULT_MAX_TOKENS, MAX_STOP_SEQUENCES, OpenAiError};
+use super::{COMPLETION_DEFAULT_MAX_TOKENS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES, OpenAiError};
 use crate::wire::{SamplingError, SamplingParams};
 
 fn completion_default_max_tokens() -> Option<u32> {
@@ -421,6 +421,15 @@ impl SamplingFields<'_> {
                     "stop sequences must not be empty",
                 ));
             }
+            if let Some(long) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+                return Err(OpenAiError::invalid(
+                    "stop",
+                    format!(
+                        "a stop sequence is at most {MAX_STOP_BYTES} bytes (one has {})",
+                        long.len()
+                    ),
+                ));
+            }
         }
         let top_k = match self.top_k {
             None | Some(-1 | 0) => None,
@@ -675,6 +684,11 @@ mod tests {
                 json!({"stop": ["a", ""]}),
                 "stop",
                 "stop sequences must not be empty",
+            ),
+            (
+                json!({"stop": ["a", "b".repeat(1025)]}),
+                "stop",
+                "a stop sequence is at most 1024 bytes (one has 1025)",
             ),
             (
                 json!({"temperature": 2.5}),
