@@ -219,6 +219,15 @@ impl Proxy {
             let problem = format!("HTTP {status}: {}", text.trim());
             return Err(if status.as_u16() == 503 || status.as_u16() == 429 {
                 AttemptError::Busy(problem)
+            } else if status == hyper::StatusCode::PAYLOAD_TOO_LARGE {
+                // The prompt is longer than the worker's context allows: the client's to fix.
+                AttemptError::Client(
+                    OpenAiError::bad_request(format!(
+                        "The prompt is longer than worker {} accepts ({problem}).",
+                        worker.id
+                    ))
+                    .with_code("context_length_exceeded"),
+                )
             } else if status.is_client_error() {
                 // The router built this request: a 4xx means a contract mismatch, not the
                 // client's fault, but retrying elsewhere will not help either.

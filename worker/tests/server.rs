@@ -230,3 +230,44 @@ async fn http_1_1_requests_without_host_are_refused() {
         StatusCode::OK
     );
 }
+
+/// A prompt as long as the worker's context fits its `/v1/generate` body (axum's 2 MB default
+/// refused about 350,000 tokens); a body beyond even that is a 413, not a hang or a 500.
+#[tokio::test]
+async fn generate_takes_a_body_as_long_as_the_context() {
+    let state = SimWorker {
+        max_context: 700_000,
+        vocab_size: VOCAB,
+        ..SimWorker::new(BLOCK)
+    }
+    .start();
+    let limit = tidelock_worker::server::generate_body_limit(&state.info);
+    assert!(limit >= 700_000 * 11, "{limit}");
+    // 600,000 ids of 3 digits: 2.4 MB of JSON, over the old limit.
+    let tokens: Vec<u32> = (0..600_000).map(|i| 100 + (i % 800)).collect();
+    let body = request(&tokens, 1);
+    assert!(body.to_string().len() > 2 << 20);
+    let (status, events) = generate(&state, body).await;
+    assert_eq!(status, StatusCode::OK);
+    let last = events.last().expect("an answer from the engine");
+    assert!(
+        matches!(
+            last,
+            GenerateEvent::Finished { .. } | GenerateEvent::Error { .. }
+        ),
+        "{last:?}"
+    );
+    let huge = format!(
+        r#"{{"cache_salt":"","tokens":[{}1]}}"#,
+        "1,".repeat(limit / 2 + 1)
+    );
+    let (status, _) = send(
+        &state,
+        Request::post("/v1/generate")
+            .header("content-type", "application/json")
+            .body(Body::from(huge))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}

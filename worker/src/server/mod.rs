@@ -97,8 +97,18 @@ pub fn start<E: Executor + 'static>(
     })
 }
 
+/// The largest `/v1/generate` body the worker takes: its whole context as JSON token ids (at most
+/// 11 bytes each, `4294967295,`) plus room for the other fields. axum's default (2 MB) would
+/// refuse a prompt of about 350,000 tokens that the worker's context holds (issue #18).
+pub fn generate_body_limit(info: &WorkerInfo) -> usize {
+    const ID_BYTES: u64 = 11;
+    const FIELDS: u64 = 64 << 10;
+    usize::try_from(info.max_context_tokens.saturating_mul(ID_BYTES) + FIELDS).unwrap_or(usize::MAX)
+}
+
 /// The worker's routes.
 pub fn app(state: AppState) -> Router {
+    let generate_limit = generate_body_limit(&state.info);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -108,7 +118,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/load", get(load))
         .route("/v1/kv/snapshot", get(snapshot))
         .route("/v1/kv/events", get(kv_events))
-        .route("/v1/generate", post(generate))
+        .route(
+            "/v1/generate",
+            post(generate).layer(axum::extract::DefaultBodyLimit::max(generate_limit)),
+        )
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
@@ -249,11 +262,12 @@ async fn generate(
     let request = match body {
         Ok(axum::Json(request)) => request,
         Err(rejection) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                rejection.body_text(),
-            );
+            // 413 for a body over the limit, 400 for any other bad body.
+            let status = match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return error_response(status, "invalid_request_error", rejection.body_text());
         }
     };
     let started = Instant::now();
