@@ -50,13 +50,11 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A fresh key for the example Tenant: charts/tidelock/examples/tenant.yaml carries none, so the
 /// tests create its Secret `team-a-key` as the example's comment says.
 fn random_key() -> String {
-    use std::io::Read;
-    let mut bytes = [0_u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .expect("random bytes");
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sk-{hex}")
+    // 128 random bits in hex, as the cluster credential's generator makes them.
+    format!(
+        "sk-{}",
+        &tidelock_protocol::ClusterToken::generate().expose()[..32]
+    )
 }
 
 /// The control plane, the stand-in kubelet, and the etcd Tidelock's state lives in.

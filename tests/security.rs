@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 use tidelock_e2e::local::{
     cache, cluster_token, interrupt, metrics_port, parts, port, up, wait_up,
 };
+use tidelock_e2e::shard::{DIM, HEADS, KV_HEADS, request};
 use tidelock_e2e::{free_port, http_get, http_get_with, http_request, model_path};
 use tidelock_prompt::PromptKit;
-use tidelock_protocol::shard::{Append, AttendRequest, AttendSeq};
 use tidelock_protocol::{
     BlockTokens, CacheSalt, ClusterToken, KvSnapshot, ModelName, TenantRecord, block_hashes,
 };
@@ -79,30 +79,12 @@ fn generate(port: u16, token: &str, salt: &str, tokens: &[u32]) -> (u64, u64) {
 }
 
 /// A shard attention request that appends a key/value of the caller's choice at block place
-/// `local`, slot 0 (the default model's geometry: 9 heads over 3 KV heads of 64).
+/// `local`, slot 0.
 fn shard_write(local: u32) -> Vec<u8> {
-    let (heads, kv_heads, dim) = (9usize, 3usize, 64usize);
-    AttendRequest {
-        layer: 0,
-        heads: heads as u32,
-        kv_heads: kv_heads as u32,
-        head_dim: dim as u32,
-        scale: 0.125,
-        seqs: vec![AttendSeq {
-            start: 0,
-            rows: 1,
-            blocks: vec![(0, local)],
-        }],
-        appends: vec![Append {
-            local,
-            slot: 0,
-            key: vec![9.0; kv_heads * dim],
-            value: vec![9.0; kv_heads * dim],
-        }],
-        queries: vec![0.5; heads * dim],
-    }
-    .encode()
-    .unwrap()
+    let kv = [9.0; KV_HEADS * DIM];
+    request(0, local, &kv, &kv, &[0.5; HEADS * DIM])
+        .encode()
+        .unwrap()
 }
 
 fn tenants_file(dir: &Path) -> std::path::PathBuf {

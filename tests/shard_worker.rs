@@ -11,39 +11,11 @@
 use std::process::Command;
 use std::time::Duration;
 
+use tidelock_e2e::shard::{DIM, HEADS, KV_HEADS, request};
 use tidelock_e2e::{Proc, binary, free_port, http_get, http_get_with, model_path};
 use tidelock_protocol::ClusterToken;
-use tidelock_protocol::shard::{Append, AttendRequest, AttendSeq};
 use tidelock_worker::kv::shard::ShardLink;
 use tidelock_worker::shard_rpc::HttpLink;
-
-// The default model's attention geometry (SmolLM2-135M): 9 heads over 3 KV heads of 64.
-const HEADS: usize = 9;
-const KV_HEADS: usize = 3;
-const DIM: usize = 64;
-
-/// One token at `position`, its block (index `position / 16` of the sequence) at `local`.
-fn request(position: u64, local: u32, k: &[f32], v: &[f32], q: &[f32]) -> AttendRequest {
-    AttendRequest {
-        layer: 0,
-        heads: HEADS as u32,
-        kv_heads: KV_HEADS as u32,
-        head_dim: DIM as u32,
-        scale: 0.125,
-        seqs: vec![AttendSeq {
-            start: position,
-            rows: 1,
-            blocks: vec![((position / 16) as u32, local)],
-        }],
-        appends: vec![Append {
-            local,
-            slot: (position % 16) as u32,
-            key: k.to_vec(),
-            value: v.to_vec(),
-        }],
-        queries: q.to_vec(),
-    }
-}
 
 #[test]
 fn a_worker_serves_its_shard_of_a_group() {

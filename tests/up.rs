@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tidelock_e2e::local::{
-    cache, cluster_token, interrupt, metrics_port, output, parts, port_of, ports, up, wait_up,
+    cache, cluster_token, interrupt, metrics_port, output, part, parts, port_of, ports, up, wait_up,
 };
 use tidelock_e2e::{binary, free_port, http_get, http_get_with, python};
 use tidelock_protocol::TenantRecord;
@@ -327,15 +327,7 @@ fn up_runs_sharded_groups_that_hold_a_context_no_worker_could_and_survive_a_dead
         shown.contains("2 shard groups of 4 workers") && shown.contains("shard 3 of group-1"),
         "{shown}"
     );
-    let url_of = |name: &str| -> String {
-        parts
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("no part {name}"))["url"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let url_of = |name: &str| part(&parts, name)["url"].as_str().unwrap().to_owned();
     let token = cluster_token(cache.path());
     let info = |name: &str| -> Value {
         let (_, body) = http_get_with(port_of(&url_of(name)), "/v1/info", Some(&token)).unwrap();

@@ -282,6 +282,23 @@ where
     Ok(())
 }
 
+/// Applies `secret` (a Model's copy of a Secret the operator holds: the cluster credential, the
+/// etcd client certificate) with server-side apply, in its own namespace.
+pub async fn apply_secret(
+    ctx: &Context,
+    secret: &k8s_openapi::api::core::v1::Secret,
+) -> Result<(), Error> {
+    let namespace = secret.namespace().ok_or(Error::Missing("namespace"))?;
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &secret.name_any(),
+            &kube::api::PatchParams::apply(tidelock_api::FIELD_MANAGER).force(),
+            &kube::api::Patch::Apply(secret),
+        )
+        .await?;
+    Ok(())
+}
+
 /// A condition; `lastTransitionTime` is carried over from `previous` when the status is
 /// unchanged, so it tells when the condition last changed, not when we last looked.
 pub fn condition(

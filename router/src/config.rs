@@ -147,10 +147,7 @@ impl Config {
                     .into(),
             );
         }
-        if self.etcd.is_empty() && self.etcd_tls != tidelock_state::EtcdTlsArgs::default() {
-            return Err("--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd".into());
-        }
-        self.etcd_tls.tls()?;
+        self.etcd()?;
         if self.tenants_file.is_some() && !self.etcd.is_empty() {
             return Err("--tenants-file is for the in-memory store; with --etcd, tenants come from etcd (the operator writes them from Tenant resources)".into());
         }
@@ -202,6 +199,11 @@ impl Config {
             ..Probing::default()
         };
         Ok((settings, probing))
+    }
+
+    /// How to reach etcd (`--etcd` with its TLS flags); none for the in-memory store.
+    pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, String> {
+        self.etcd_tls.config(&self.etcd)
     }
 
     pub fn session_idle(&self) -> Duration {

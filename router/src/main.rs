@@ -32,17 +32,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Every call to a worker (info, load, tokenizer, KV events, generate) presents it.
     let http = Http::new(token.as_ref());
     let layout = KeyLayout::new(config.etcd_prefix.clone());
-    let store: Arc<dyn StateStore> = if config.etcd.is_empty() {
-        Arc::new(tidelock_state::MemoryStore::new())
-    } else {
-        Arc::new(
-            tidelock_state::EtcdStore::connect(
-                tidelock_state::EtcdConfig::new(config.etcd.clone())
-                    .with_tls(config.etcd_tls.tls().map_err(anyhow::Error::msg)?),
-            )
-            .await
-            .context("connecting to etcd")?,
-        )
+    let store: Arc<dyn StateStore> = match config.etcd().map_err(anyhow::Error::msg)? {
+        None => Arc::new(tidelock_state::MemoryStore::new()),
+        Some(etcd) => Arc::new(
+            tidelock_state::EtcdStore::connect(etcd)
+                .await
+                .context("connecting to etcd")?,
+        ),
     };
     let mut background = Vec::new();
     // Static workers are registered as they answer: the router starts with some of them down.

@@ -7,6 +7,7 @@
 
 pub mod local;
 pub mod netpol;
+pub mod shard;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -211,32 +212,39 @@ pub fn http_request(
     }
     let mut response = Vec::new();
     stream.read_to_end(&mut response).ok()?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let end = response.windows(4).position(|w| w == b"\r\n\r\n");
+    let (head, body) = match end {
+        Some(end) => (&response[..end], &response[end + 4..]),
+        None => (&response[..], &[][..]),
+    };
+    let head = String::from_utf8_lossy(head);
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
         unchunk(body)
     } else {
-        body.to_owned()
+        body.to_vec()
     };
-    Some((status, body))
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// The payload of a chunked body.
-fn unchunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
+/// The payload of a chunked body (sizes counted in bytes, before any text decoding).
+fn unchunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&body[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+        let rest = &body[eol + 2..];
+        match size {
+            Some(size) if size > 0 && rest.len() >= size => {
+                out.extend_from_slice(&rest[..size]);
+                body = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
+            }
+            _ => break,
         }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
     }
     out
 }

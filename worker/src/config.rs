@@ -138,18 +138,7 @@ pub struct Config {
 impl Config {
     /// Where to register this worker: `--etcd` with its TLS settings, or none.
     pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, String> {
-        let tls = self.etcd_tls.tls()?;
-        if self.etcd.is_empty() {
-            return match tls {
-                Some(_) => {
-                    Err("--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd".into())
-                }
-                None => Ok(None),
-            };
-        }
-        Ok(Some(
-            tidelock_state::EtcdConfig::new(self.etcd.clone()).with_tls(tls),
-        ))
+        self.etcd_tls.config(&self.etcd)
     }
 
     pub fn served_name(&self) -> String {

@@ -319,6 +319,21 @@ impl EtcdTlsArgs {
             ),
         }
     }
+
+    /// How to reach the etcd at `endpoints` (`--etcd`) with these TLS settings; none without
+    /// endpoints, where TLS files are a mistake.
+    pub fn config(&self, endpoints: &[String]) -> Result<Option<crate::EtcdConfig>, String> {
+        let tls = self.tls()?;
+        match (endpoints.is_empty(), tls) {
+            (true, Some(_)) => {
+                Err("--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd".into())
+            }
+            (true, None) => Ok(None),
+            (false, tls) => Ok(Some(
+                crate::EtcdConfig::new(endpoints.iter().cloned()).with_tls(tls),
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

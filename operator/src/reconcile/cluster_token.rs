@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::{Client, Resource, ResourceExt};
-use tidelock_api::{FIELD_MANAGER, Model, labels};
+use tidelock_api::{Model, labels};
 use tidelock_protocol::ClusterToken;
 
 use super::{Context, Error};
@@ -85,20 +85,7 @@ pub async fn copy_to_model(model: &Model, ctx: &Context) -> Result<(), Error> {
         data: Some(BTreeMap::from([(CLUSTER_TOKEN_KEY.to_owned(), token)])),
         ..Secret::default()
     };
-    apply_secret(ctx, &copy).await
-}
-
-/// Applies `secret` (a Model's copy of a Secret the operator holds) with server-side apply.
-pub(super) async fn apply_secret(ctx: &Context, secret: &Secret) -> Result<(), Error> {
-    let namespace = secret.namespace().ok_or(Error::Missing("namespace"))?;
-    Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
-        .patch(
-            &secret.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(secret),
-        )
-        .await?;
-    Ok(())
+    super::apply_secret(ctx, &copy).await
 }
 
 fn managed() -> BTreeMap<String, String> {

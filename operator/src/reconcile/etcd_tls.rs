@@ -46,7 +46,7 @@ pub async fn copy_client_secret(model: &Model, ctx: &Context) -> Result<(), Erro
         })?;
     let copy = copy(source, &found, &model.name_any(), &namespace, owner)
         .map_err(Error::EtcdClientSecret)?;
-    super::cluster_token::apply_secret(ctx, &copy).await
+    super::apply_secret(ctx, &copy).await
 }
 
 /// The Model's copy of `found` (the Secret `source` names): its three keys, or which is missing.
