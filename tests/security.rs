@@ -279,6 +279,18 @@ fn attacks_from_inside_the_cluster_fail_against_tidelock_up() {
     // The oracle itself still works for what the insider cached: only the salt stops it.
     let (_, again) = generate(worker, &token, "alpha", &ids);
     assert!(again >= 256, "{again}");
+    // The offline hashing above is the worker's own: the blocks the insider just cached under
+    // "alpha" are found by it, so its 0 for alpha's real blocks is the salt's doing.
+    let snapshot: KvSnapshot = serde_json::from_str(
+        &http_get_with(worker, "/v1/kv/snapshot", Some(&token))
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    let held: std::collections::HashSet<_> = snapshot.blocks.iter().map(|b| b.hash).collect();
+    let salt = CacheSalt::new("alpha").unwrap();
+    let own = block_hashes(&served, &salt, &ids, BlockTokens::new(BLOCK).unwrap());
+    assert!(!own.is_empty() && own.iter().all(|h| held.contains(h)));
     report.push(Outcome {
         attack: "prefix oracle: guessed prompt under the tenant id as salt",
         before: "cached_tokens 1472 of 1500 when right",
