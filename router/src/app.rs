@@ -1,9 +1,11 @@
 //! The router's HTTP surface: the OpenAI API tenants call, and the probes.
 //!
 //! One request's path (DESIGN.md, "How one long session is served"): authenticate the tenant,
-//! parse, check the model, render and tokenize (`tidelock-openai`, the same code the worker
-//! runs), apply the tenant's limits, wait for a slot in the bounded queue, hash the prompt's
-//! blocks under the tenant's cache salt, look them up in the KV index, find the session's pin,
+//! read a body no larger than its context calls for ([`body_limit`]), then on the preparation
+//! pool ([`crate::cpu`], never on the async threads): parse, check the model, render, tokenize
+//! (`tidelock-openai`, the same code the worker runs) and hash the prompt's blocks under the
+//! tenant's cache salt; apply the tenant's limits, wait for a slot in the bounded queue, look
+//! the blocks up in the KV index, find the session's pin,
 //! let the policy order the workers, proxy to the first that takes it, pin the session where it
 //! landed, and stream the answer back. Every refusal is an OpenAI-shaped error with the right
 //! status (`Retry-After` on 429 and 503).
@@ -17,8 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -26,12 +27,17 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tidelock_openai::{
-    Answer, Continuations, Endpoint, OnAnswer, error_response, parse, respond_then,
+    Answer, Continuation, Continuations, Endpoint, OnAnswer, Prepared, Rendered, error_response,
+    parse, respond_then,
 };
+use tidelock_prompt::PromptKit;
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
-use tidelock_protocol::{GenerateEvent, GenerateRequest, HashChain, SessionKey, WorkerId};
+use tidelock_protocol::{
+    GenerateEvent, GenerateRequest, HashChain, SessionKey, TenantId, WorkerId,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::cpu::{CpuLimits, CpuPool, CpuRefusal};
 use crate::index::TierCounts;
 
 use crate::limits::{Admission, Limiter};
@@ -53,8 +59,10 @@ pub struct Settings {
     pub max_queue: usize,
     /// How long a request may wait in the queue before a 503.
     pub queue_timeout: Duration,
-    /// Largest request body accepted.
+    /// Largest request body accepted, whatever the context (see [`body_limit`]).
     pub max_body_bytes: usize,
+    /// The pool that parses, renders and tokenizes requests ([`crate::cpu`]).
+    pub cpu: CpuLimits,
     /// Token ids the turn memory holds at most ([`Continuations`]).
     pub turn_memory_tokens: usize,
     pub proxy: ProxyConfig,
@@ -69,6 +77,7 @@ impl Default for Settings {
             max_queue: 4096,
             queue_timeout: Duration::from_secs(30),
             max_body_bytes: 32 << 20,
+            cpu: CpuLimits::default(),
             turn_memory_tokens: 16 << 20,
             proxy: ProxyConfig::default(),
         }
@@ -86,6 +95,7 @@ pub struct Shared {
     /// Sessions' last prompts and answers as ids.
     pub turns: Continuations,
     limiter: Limiter,
+    cpu: CpuPool<TenantId>,
     proxy: Proxy,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -109,12 +119,18 @@ impl Shared {
             metrics: Metrics::new()?,
             turns: Continuations::new(settings.turn_memory_tokens),
             limiter: Limiter::default(),
+            cpu: CpuPool::new(settings.cpu),
             proxy,
             slots: Arc::new(Semaphore::new(settings.max_in_flight)),
             waiting: AtomicUsize::new(0),
             turn: AtomicU64::new(0),
             settings,
         }))
+    }
+
+    /// Requests of `tenant` being prepared (parsed, rendered, tokenized) right now.
+    pub fn cpu_running(&self, tenant: &TenantId) -> usize {
+        self.cpu.tenant_running(tenant)
     }
 }
 
@@ -246,16 +262,12 @@ async fn model(
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     serve(state, Endpoint::Chat, headers, body).await
 }
 
-async fn completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     serve(state, Endpoint::Completion, headers, body).await
 }
 
@@ -280,12 +292,7 @@ impl Drop for Answered {
     }
 }
 
-async fn serve(
-    state: AppState,
-    endpoint: Endpoint,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn serve(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
     let mut answered = Answered {
         state: state.clone(),
         tenant: String::new(),
@@ -392,43 +399,174 @@ async fn slot(state: &Shared) -> Result<OwnedSemaphorePermit, Refusal> {
     }
 }
 
-async fn place(
-    state: &AppState,
-    endpoint: Endpoint,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    answered: &mut Answered,
-) -> Result<Response, Refusal> {
-    let tenant = authenticate(state, headers)?;
-    answered.tenant = tenant.id.to_string();
-    let body = body.map_err(|rejection| {
-        let status = rejection.status().as_u16();
-        let message = if status == 413 {
-            format!(
-                "The request body is larger than this router accepts ({} bytes).",
-                state.settings.max_body_bytes
-            )
+/// Bytes of request body allowed per token of context. A prompt near the context's end as text
+/// takes 4 to 6 bytes a token in English, up to about 12 as JSON-escaped CJK or emoji; as ids in
+/// JSON, up to 8 (`123456, `). 32 leaves room for any real prompt while bounding what an abusive
+/// one makes the router parse.
+pub const BODY_BYTES_PER_TOKEN: u64 = 32;
+
+/// Bytes of body allowed beyond the context's share: the request's other fields.
+pub const BODY_SLACK_BYTES: u64 = 64 << 10;
+
+/// Memory reserved in the [`CpuPool`] per byte of body while it is parsed and its template
+/// rendered (serde's values, the guarded rendering's two renderings).
+pub const PARSE_RESERVE_PER_BYTE: u64 = 16;
+
+/// Memory reserved per byte of text to tokenize. Measured with the default model's tokenizer:
+/// 106 bytes per byte of English, 202 for `"a a a ..."`, 347 for digits (one token each); a
+/// token is at least one byte, and costs about 350 bytes while the tokenizer runs.
+pub const TOKENIZE_RESERVE_PER_BYTE: u64 = 512;
+
+/// The largest body `tenant` may send: [`BODY_BYTES_PER_TOKEN`] per token of the longest context
+/// it may use (its models', capped by its own limit) plus [`BODY_SLACK_BYTES`], and never more
+/// than `--max-body`. Checked before the body is read, let alone parsed.
+pub fn body_limit(state: &Shared, tenant: &Tenant) -> usize {
+    let models = state.models.all();
+    let longest = models
+        .values()
+        .filter(|m| tenant.record.allows_model(&m.name))
+        .map(|m| m.max_context())
+        .max()
+        .unwrap_or(0);
+    let context = tenant
+        .record
+        .limits
+        .max_context_tokens
+        .map_or(longest, |t| t.min(longest));
+    let max = state.settings.max_body_bytes;
+    if context == 0 {
+        // No worker has said its context yet: the request fails later with a 503 that says so.
+        return max;
+    }
+    let derived = context
+        .saturating_mul(BODY_BYTES_PER_TOKEN)
+        .saturating_add(BODY_SLACK_BYTES);
+    usize::try_from(derived).unwrap_or(usize::MAX).min(max)
+}
+
+/// Reads a request body of at most `limit` bytes: a 413 naming the limit when it is larger.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, OpenAiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            OpenAiError {
+                status: 413,
+                ..OpenAiError::bad_request(format!(
+                    "The request body is larger than this router accepts for your models' context ({limit} bytes)."
+                ))
+            }
+            .with_code("request_too_large")
         } else {
-            rejection.body_text()
-        };
-        OpenAiError {
-            status,
-            ..OpenAiError::bad_request(message)
+            OpenAiError::bad_request(format!("The request body could not be read: {e}"))
         }
-    })?;
-    let parsed = parse(endpoint, &body)?;
+    })
+}
+
+fn too_large_to_prepare(refusal: CpuRefusal, what: &str, per_byte: u64) -> OpenAiError {
+    let CpuRefusal::TooLarge { limit, .. } = refusal;
+    OpenAiError {
+        status: 413,
+        ..OpenAiError::bad_request(format!(
+            "The request's {what} is larger than this router prepares at once ({} bytes; its \
+             --prepare-memory allows {limit} bytes at {per_byte} bytes of memory a byte).",
+            limit / per_byte
+        ))
+    }
+    .with_code("request_too_large")
+}
+
+/// What the first preparation job finds: the request rendered for its model.
+struct ForModel {
+    rendered: Rendered,
+    model: Arc<Model>,
+    kit: Arc<PromptKit>,
+}
+
+/// Parses `body` and renders its prompt with its model's template (on the pool).
+fn render(
+    state: &Shared,
+    tenant: &Tenant,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<ForModel, OpenAiError> {
+    let parsed = parse(endpoint, body)?;
     let model = state
         .models
         .get(parsed.model())
         .filter(|m| tenant.record.allows_model(&m.name))
         .ok_or_else(|| model_not_found(parsed.model()))?;
-    answered.model = model.name.to_string();
     let kit = model.kit().ok_or_else(|| {
         OpenAiError::unavailable(format!(
             "The model `{}` is starting: no worker has served its tokenizer yet.",
             model.name
         ))
     })?;
+    let rendered = parsed.render(&kit)?;
+    Ok(ForModel {
+        rendered,
+        model,
+        kit,
+    })
+}
+
+/// Tokenizes the rendered prompt after the session's remembered turn and hashes its blocks
+/// under the tenant's salt (on the pool).
+fn tokenize(
+    rendered: Rendered,
+    kit: &PromptKit,
+    context: u64,
+    previous: Option<&Continuation>,
+    model: &Model,
+    tenant: &Tenant,
+) -> Result<(Prepared, HashChain), OpenAiError> {
+    let tenant_context = tenant.record.limits.max_context_tokens;
+    let prepared = rendered.tokenize(kit, context, previous).map_err(|e| {
+        if tenant_context.is_some_and(|t| t < model.max_context())
+            && e.code.as_deref() == Some("context_length_exceeded")
+        {
+            OpenAiError::invalid(
+                e.param.clone().unwrap_or_default(),
+                format!("{} (your tenant's limit is {context} tokens)", e.message),
+            )
+            .with_code("context_length_exceeded")
+        } else {
+            e
+        }
+    })?;
+    let mut chain = HashChain::new(&model.name, &tenant.record.cache_salt, model.block_tokens);
+    chain.extend(&prepared.tokens);
+    Ok((prepared, chain))
+}
+
+async fn place(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    answered: &mut Answered,
+) -> Result<Response, Refusal> {
+    let tenant = authenticate(state, headers)?;
+    answered.tenant = tenant.id.to_string();
+    // Only an authenticated tenant's body is read, and only as much of it as its context needs.
+    let body = read_body(body, body_limit(state, &tenant)).await?;
+    let reserve = (body.len() as u64).saturating_mul(PARSE_RESERVE_PER_BYTE);
+    let (for_model, _) = {
+        let (job_state, job_tenant) = (state.clone(), tenant.clone());
+        state
+            .cpu
+            .run(&tenant.id, reserve, move || {
+                render(&job_state, &job_tenant, endpoint, &body)
+            })
+            .await
+            .map_err(|r| too_large_to_prepare(r, "body", PARSE_RESERVE_PER_BYTE))?
+    };
+    let ForModel {
+        rendered,
+        model,
+        kit,
+    } = for_model?;
+    answered.model = model.name.to_string();
     let model_context = model.max_context();
     if model_context == 0 {
         return Err(OpenAiError::unavailable(format!(
@@ -439,7 +577,7 @@ async fn place(
     }
     let tenant_context = tenant.record.limits.max_context_tokens;
     let context = tenant_context.map_or(model_context, |t| t.min(model_context));
-    let session = session_key(parsed.common(), headers)?;
+    let session = session_key(rendered.parsed().common(), headers)?;
     // The turn memory's key: the ids are the model's, never cross tenants, and a chat's are not
     // a completion's (a text completion's tokenization may add BOS; a chat's never does).
     let turn_key = session.as_ref().map(|s| {
@@ -447,26 +585,27 @@ async fn place(
             "{}\0{}\0{}\0{}",
             model.name,
             tenant.id,
-            parsed.endpoint().as_str(),
+            endpoint.as_str(),
             s.as_str()
         )
     });
     let previous = turn_key.as_deref().and_then(|k| state.turns.get(k));
-    let mut prepared = parsed
-        .prepare_after(&kit, context, previous.as_deref())
-        .map_err(|e| {
-            if tenant_context.is_some_and(|t| t < model_context)
-                && e.code.as_deref() == Some("context_length_exceeded")
-            {
-                OpenAiError::invalid(
-                    e.param.clone().unwrap_or_default(),
-                    format!("{} (your tenant's limit is {context} tokens)", e.message),
-                )
-                .with_code("context_length_exceeded")
-            } else {
-                e
-            }
-        })?;
+    let text = rendered.bytes_to_tokenize(previous.as_deref()) as u64;
+    let reserve = text
+        .saturating_mul(TOKENIZE_RESERVE_PER_BYTE)
+        .saturating_add(BODY_SLACK_BYTES);
+    let (tokenized, _) = {
+        let (kit, model, job_tenant) = (kit.clone(), model.clone(), tenant.clone());
+        state
+            .cpu
+            .run(&tenant.id, reserve, move || {
+                let previous = previous.as_deref();
+                tokenize(rendered, &kit, context, previous, &model, &job_tenant)
+            })
+            .await
+            .map_err(|r| too_large_to_prepare(r, "text", TOKENIZE_RESERVE_PER_BYTE))?
+    };
+    let (mut prepared, chain) = tokenized?;
     let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
     let admission = admit(state, &tenant, cost)?;
     if prepared.continued > 0 {
@@ -489,7 +628,7 @@ async fn place(
         tokens: std::mem::take(&mut prepared.tokens),
         sampling: prepared.sampling.clone(),
     };
-    let started = route(state, &model, &tenant.id, session, &request).await?;
+    let started = route(state, &model, &tenant.id, session, &request, &chain).await?;
     // Remember this prompt and its answer for the session's next turn.
     let on_answer = match (turn_key, prepared.text.take()) {
         (Some(key), Some(text)) if state.settings.turn_memory_tokens > 0 => {
@@ -551,10 +690,9 @@ async fn route(
     tenant_id: &tidelock_protocol::TenantId,
     session: Option<SessionKey>,
     request: &GenerateRequest,
+    chain: &HashChain,
 ) -> Result<crate::proxy::Started, Refusal> {
     let block_tokens = model.block_tokens.as_usize();
-    let mut chain = HashChain::new(&model.name, &request.cache_salt, model.block_tokens);
-    chain.extend(&request.tokens);
     let held: HashMap<WorkerId, TierCounts> = model
         .index
         .read()

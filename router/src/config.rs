@@ -9,6 +9,7 @@ use bytesize::ByteSize;
 use clap::Parser;
 
 use crate::app::Settings;
+use crate::cpu::CpuLimits;
 use crate::policy::{CostModel, Policy};
 use crate::proxy::ProxyConfig;
 use crate::workers::Probing;
@@ -103,9 +104,29 @@ pub struct Config {
     #[arg(long, default_value_t = 30)]
     pub queue_timeout_secs: u64,
 
-    /// Largest request body, e.g. `32MiB`.
+    /// Largest request body, e.g. `32MiB`, whatever the context; below it, a tenant may send 32
+    /// bytes per token of the longest context it may use, plus 64 KiB.
     #[arg(long, default_value = "32MiB")]
     pub max_body: ByteSize,
+
+    /// Requests parsed, rendered and tokenized at once, on threads apart from the ones serving
+    /// connections (so a huge prompt never delays others or `/healthz`). More than the cores
+    /// on purpose: a small request gets a thread while large ones run, and the kernel shares
+    /// the CPU between them.
+    #[arg(long, env = "TIDELOCK_ROUTER_PREPARE_THREADS", default_value_t = 8)]
+    pub prepare_threads: usize,
+
+    /// Of those, how many one tenant's requests may use at once; its others wait their turn,
+    /// never in front of another tenant's.
+    #[arg(long, env = "TIDELOCK_ROUTER_PREPARE_PER_TENANT", default_value_t = 2)]
+    pub prepare_per_tenant: usize,
+
+    /// Memory that requests being prepared may use together, e.g. `4GiB`. Each reserves an
+    /// estimate (16 bytes per byte of body to parse, 512 per byte of text to tokenize) and
+    /// waits until it fits; large requests together get three quarters of it, so small ones
+    /// always start. A text over three quarters of it / 512 (6 MiB at 4 GiB) gets a 413.
+    #[arg(long, env = "TIDELOCK_ROUTER_PREPARE_MEMORY", default_value = "4GiB")]
+    pub prepare_memory: ByteSize,
 
     /// Connecting to a worker, in milliseconds.
     #[arg(long, default_value_t = 2_000)]
@@ -153,6 +174,8 @@ impl Config {
         }
         let positive = [
             ("--max-in-flight", self.max_in_flight as u64),
+            ("--prepare-threads", self.prepare_threads as u64),
+            ("--prepare-per-tenant", self.prepare_per_tenant as u64),
             ("--max-attempts", self.max_attempts as u64),
             ("--probe-interval-ms", self.probe_interval_ms),
             ("--eject-after", u64::from(self.eject_after)),
@@ -162,6 +185,12 @@ impl Config {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
+        }
+        if self.prepare_memory.as_u64() < 64 << 20 {
+            return Err(format!(
+                "--prepare-memory must be at least 64MiB (got {}): requests are tokenized within it",
+                self.prepare_memory
+            ));
         }
         if !(self.pin_margin_ratio >= 0.0 && self.pin_margin_ratio.is_finite()) {
             return Err("--pin-margin-ratio must be a non-negative number".into());
@@ -185,6 +214,11 @@ impl Config {
             max_queue: self.max_queue,
             queue_timeout: Duration::from_secs(self.queue_timeout_secs),
             max_body_bytes: usize::try_from(self.max_body.as_u64()).unwrap_or(usize::MAX),
+            cpu: CpuLimits {
+                threads: self.prepare_threads,
+                per_tenant: self.prepare_per_tenant,
+                memory_bytes: self.prepare_memory.as_u64(),
+            },
             turn_memory_tokens: self.turn_memory_tokens,
             proxy: ProxyConfig {
                 connect_timeout: Duration::from_millis(self.connect_timeout_ms),

@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod config;
+pub mod cpu;
 pub mod discovery;
 pub mod follow;
 pub mod http;

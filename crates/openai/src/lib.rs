@@ -24,5 +24,5 @@ mod respond;
 
 pub use continuation::{Answer, Continuation, Continuations, PromptText};
 pub use host::require_host;
-pub use prepare::{Endpoint, Parsed, Prepared, parse, unix_now};
+pub use prepare::{Endpoint, Parsed, Prepared, Rendered, parse, unix_now};
 pub use respond::{OnAnswer, error_response, respond, respond_then};

@@ -99,7 +99,7 @@ impl Parsed {
     /// Renders and tokenizes the prompt with `kit` and checks every field. `max_context` is the
     /// longest context (prompt plus completion) the request may reach: the prompt must be
     /// shorter, and `max_tokens` defaults to (and is capped at) the room left.
-    pub fn prepare(&self, kit: &PromptKit, max_context: u64) -> Result<Prepared, OpenAiError> {
+    pub fn prepare(self, kit: &PromptKit, max_context: u64) -> Result<Prepared, OpenAiError> {
         self.prepare_after(kit, max_context, None)
     }
 
@@ -107,58 +107,130 @@ impl Parsed {
     /// starts with the text `previous` remembers, its ids are `previous`'s followed by the
     /// tokenization of the rest alone.
     pub fn prepare_after(
-        &self,
+        self,
         kit: &PromptKit,
         max_context: u64,
         previous: Option<&Continuation>,
     ) -> Result<Prepared, OpenAiError> {
-        let mut continued = 0;
-        // Users' text never becomes control tokens (`tidelock_prompt::RenderedChat`).
-        let mut encode = |rendered: &RenderedChat, add_special: bool| {
-            let text = rendered.text();
-            let (head, from, add_special) = match previous.and_then(|p| Some((p, p.rest(text)?))) {
-                Some((p, rest)) => (p.ids(), text.len() - rest.len(), false),
-                None => (&[][..], 0, add_special),
-            };
-            let mut ids = head.to_vec();
-            ids.extend(kit.encode_rendered(rendered, from, add_special)?);
-            continued = head.len();
-            Ok::<_, tidelock_prompt::PromptError>((ids, PromptText::new(text)))
-        };
-        let (tokens, text, param) = match self {
-            Parsed::Chat(req) => {
-                let rendered = chat_text(kit, req)?;
-                let (tokens, text) = encode(&rendered, false)
-                    .map_err(|e| OpenAiError::invalid("messages", e.to_string()))?;
-                (tokens, Some(text), "messages")
-            }
+        self.render(kit)?.tokenize(kit, max_context, previous)
+    }
+
+    /// The first half of [`Parsed::prepare`]: the chat template applied (its cost grows with the
+    /// messages), nothing tokenized yet (which costs much more, see
+    /// [`Rendered::bytes_to_tokenize`]).
+    pub fn render(self, kit: &PromptKit) -> Result<Rendered, OpenAiError> {
+        let prompt = match &self {
+            Parsed::Chat(req) => Prompt::Text {
+                chat: chat_text(kit, req)?,
+                add_special: false,
+                param: "messages",
+            },
             Parsed::Completion(req) => {
                 if req.echo {
                     return Err(OpenAiError::invalid("echo", "echo is not supported"));
                 }
-                let (tokens, text) = match req.prompt_input()? {
-                    PromptInput::Tokens(tokens) => (tokens, None),
-                    PromptInput::Text(text) => {
-                        let (tokens, text) = encode(&RenderedChat::user_only(text), true)
-                            .map_err(|e| OpenAiError::invalid("prompt", e.to_string()))?;
-                        (tokens, Some(text))
-                    }
-                };
-                if tokens.is_empty() {
-                    return Err(OpenAiError::invalid("prompt", "the prompt is empty"));
+                match req.prompt_input()? {
+                    PromptInput::Tokens(tokens) => Prompt::Ids(tokens),
+                    PromptInput::Text(text) => Prompt::Text {
+                        chat: RenderedChat::user_only(text),
+                        add_special: true,
+                        param: "prompt",
+                    },
                 }
-                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= kit.vocab_size()) {
-                    return Err(OpenAiError::invalid(
-                        "prompt",
-                        format!(
-                            "token id {bad} is out of range: the vocabulary has {} tokens",
-                            kit.vocab_size()
-                        ),
-                    ));
-                }
-                (tokens, text, "prompt")
             }
         };
+        Ok(Rendered {
+            parsed: self,
+            prompt,
+        })
+    }
+}
+
+/// A request whose prompt is rendered but not yet tokenized ([`Parsed::render`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    parsed: Parsed,
+    prompt: Prompt,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Prompt {
+    /// Text to tokenize; `param` is the request field it came from.
+    Text {
+        chat: RenderedChat,
+        add_special: bool,
+        param: &'static str,
+    },
+    /// Ids given by the client.
+    Ids(Vec<u32>),
+}
+
+impl Rendered {
+    pub fn parsed(&self) -> &Parsed {
+        &self.parsed
+    }
+
+    /// Bytes of text [`Rendered::tokenize`] will encode after `previous`: the whole rendered
+    /// prompt, or only what follows the text `previous` remembers. A tokenizer's time and
+    /// memory grow with it (a few hundred bytes of memory per byte of text).
+    pub fn bytes_to_tokenize(&self, previous: Option<&Continuation>) -> usize {
+        match &self.prompt {
+            Prompt::Text { chat, .. } => {
+                let text = chat.text();
+                previous
+                    .and_then(|p| p.rest(text))
+                    .map_or(text.len(), str::len)
+            }
+            Prompt::Ids(_) => 0,
+        }
+    }
+
+    /// The second half of [`Parsed::prepare_after`]: tokenizes and checks every field.
+    pub fn tokenize(
+        self,
+        kit: &PromptKit,
+        max_context: u64,
+        previous: Option<&Continuation>,
+    ) -> Result<Prepared, OpenAiError> {
+        let Rendered { parsed, prompt } = self;
+        let mut continued = 0;
+        let (tokens, text, param) = match prompt {
+            Prompt::Text {
+                chat,
+                add_special,
+                param,
+            } => {
+                // Users' text never becomes control tokens (`tidelock_prompt::RenderedChat`).
+                let text = chat.text();
+                let (head, from, add_special) =
+                    match previous.and_then(|p| Some((p, p.rest(text)?))) {
+                        Some((p, rest)) => (p.ids(), text.len() - rest.len(), false),
+                        None => (&[][..], 0, add_special),
+                    };
+                let mut ids = head.to_vec();
+                ids.extend(
+                    kit.encode_rendered(&chat, from, add_special)
+                        .map_err(|e| OpenAiError::invalid(param, e.to_string()))?,
+                );
+                continued = head.len();
+                (ids, Some(PromptText::new(text)), param)
+            }
+            Prompt::Ids(ids) => (ids, None, "prompt"),
+        };
+        if let Parsed::Completion(_) = parsed {
+            if tokens.is_empty() {
+                return Err(OpenAiError::invalid("prompt", "the prompt is empty"));
+            }
+            if let Some(bad) = tokens.iter().find(|&&t| t as usize >= kit.vocab_size()) {
+                return Err(OpenAiError::invalid(
+                    "prompt",
+                    format!(
+                        "token id {bad} is out of range: the vocabulary has {} tokens",
+                        kit.vocab_size()
+                    ),
+                ));
+            }
+        }
         let prompt = tokens.len() as u64;
         if prompt >= max_context {
             return Err(OpenAiError::invalid(
@@ -170,29 +242,29 @@ impl Parsed {
             .with_code("context_length_exceeded"));
         }
         let room = u32::try_from(max_context - prompt).unwrap_or(u32::MAX);
-        let mut sampling = match self {
+        let mut sampling = match &parsed {
             Parsed::Chat(req) => req.sampling(room)?,
             Parsed::Completion(req) => req.sampling(room)?,
         };
         sampling.max_tokens = sampling.max_tokens.min(room);
-        let (prefix, stops) = match self {
+        let (prefix, stops) = match &parsed {
             Parsed::Chat(req) => ("chatcmpl", req.stop_strings()),
             Parsed::Completion(req) => ("cmpl", req.stop_strings()),
         };
         Ok(Prepared {
-            endpoint: self.endpoint(),
+            endpoint: parsed.endpoint(),
             meta: ResponseMeta {
                 id: format!("{prefix}-{:032x}", rand::random::<u128>()),
                 created: unix_now(),
-                model: self.model().to_owned(),
-                include_usage: self.common().include_usage(),
+                model: parsed.model().to_owned(),
+                include_usage: parsed.common().include_usage(),
             },
             tokens,
             text,
             continued,
             sampling,
             stops,
-            stream: self.common().stream,
+            stream: parsed.common().stream,
         })
     }
 }

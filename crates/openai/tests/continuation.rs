@@ -94,7 +94,7 @@ fn the_next_turn_starts_from_the_ids_the_worker_cached() {
         ("assistant", &answer.text),
         ("user", "And three lakes?"),
     ]);
-    let without = second.prepare(kit, 8192).unwrap();
+    let without = second.clone().prepare(kit, 8192).unwrap();
     let with = second.prepare_after(kit, 8192, Some(&memory)).unwrap();
 
     // With the memory: the previous prompt, then the answer's own ids, then the rest.
@@ -153,7 +153,7 @@ fn a_history_that_does_not_continue_the_memory_is_tokenized_whole() {
         .unwrap(),
     ];
     for parsed in cases {
-        let plain = parsed.prepare(kit, 8192).unwrap();
+        let plain = parsed.clone().prepare(kit, 8192).unwrap();
         let after = parsed.prepare_after(kit, 8192, Some(&memory)).unwrap();
         assert_eq!(after.continued, 0);
         assert_eq!(after.tokens, plain.tokens);

@@ -17,6 +17,11 @@
 //! - Every emitted piece is a whole number of characters (the held-back suffix starts on a
 //!   character boundary).
 
+use std::collections::HashMap;
+
+use aho_corasick::automaton::{Automaton as _, StateID};
+use aho_corasick::{Anchored, MatchKind};
+
 /// What [`StopMatcher::push`] releases.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StopOutput {
@@ -27,21 +32,88 @@ pub struct StopOutput {
 }
 
 /// Finds stop strings in streamed text. One matcher per completion.
+///
+/// An Aho-Corasick automaton (the `aho-corasick` crate's contiguous NFA) reads each delta's
+/// bytes once: its state after a byte names the longest suffix of the text read so far that is a
+/// prefix of some stop, so the text to hold back is that suffix's length, looked up, and a stop
+/// completes when the state is a match state. Time is linear in the text (plus a copy of the
+/// held-back text, at most the longest stop, per delta), whatever the stops: the naive scan this
+/// replaced cost the delta times the longest stop, times the stops.
 #[derive(Debug, Clone)]
 pub struct StopMatcher {
-    /// The stop strings, none empty.
-    stops: Vec<String>,
-    /// Received text not yet emitted: a possible start of a stop string.
+    /// `None` with no (non-empty) stop strings: every delta passes straight through.
+    automaton: Option<Automaton>,
+    /// Received text not yet emitted: the held-back suffix, a possible start of a stop string.
     pending: String,
-    /// Index in `stops` of the stop found, once one is.
+    /// Index in the stops of the stop found, once one is.
     matched: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct Automaton {
+    stops: Vec<String>,
+    nfa: aho_corasick::nfa::contiguous::NFA,
+    state: StateID,
+    /// Each state's depth: the length of the stop prefix it stands for.
+    depth: HashMap<StateID, usize>,
+}
+
+impl Automaton {
+    fn new(stops: Vec<String>) -> Option<Self> {
+        let nfa = aho_corasick::nfa::contiguous::NFA::builder()
+            .match_kind(MatchKind::Standard)
+            .build(&stops)
+            // Only a pattern set too large for the crate's identifiers fails; requests carry
+            // at most four stops of at most 1 KiB (`tidelock_protocol::openai`).
+            .ok()?;
+        let start = nfa.start_state(Anchored::No).ok()?;
+        let mut depth = HashMap::from([(start, 0)]);
+        for stop in &stops {
+            let mut state = start;
+            for (i, &byte) in stop.as_bytes().iter().enumerate() {
+                state = nfa.next_state(Anchored::No, state, byte);
+                depth.insert(state, i + 1);
+            }
+        }
+        Some(Automaton {
+            stops,
+            nfa,
+            state: start,
+            depth,
+        })
+    }
+
+    /// Reads `bytes`; at the first stop completed, returns `(index in stops, its length, bytes
+    /// read up to its end)`.
+    fn read(&mut self, bytes: &[u8]) -> Option<(usize, usize, usize)> {
+        for (i, &byte) in bytes.iter().enumerate() {
+            self.state = self.nfa.next_state(Anchored::No, self.state, byte);
+            if self.nfa.is_match(self.state) {
+                // Every stop ending here: the longest starts earliest, and wins.
+                let (index, len) = (0..self.nfa.match_len(self.state))
+                    .map(|k| {
+                        let id = self.nfa.match_pattern(self.state, k);
+                        (id.as_usize(), self.nfa.pattern_len(id))
+                    })
+                    .max_by_key(|&(index, len)| (len, std::cmp::Reverse(index)))?;
+                return Some((index, len, i + 1));
+            }
+        }
+        None
+    }
+
+    /// The length of the longest suffix of the text read that is a proper prefix of a stop.
+    fn held(&self) -> usize {
+        self.depth.get(&self.state).copied().unwrap_or(0)
+    }
 }
 
 impl StopMatcher {
     /// A matcher for `stops`. Empty strings are ignored (they would match before any text).
     pub fn new(stops: Vec<String>) -> Self {
+        let stops: Vec<String> = stops.into_iter().filter(|stop| !stop.is_empty()).collect();
         Self {
-            stops: stops.into_iter().filter(|stop| !stop.is_empty()).collect(),
+            automaton: (!stops.is_empty()).then(|| Automaton::new(stops)).flatten(),
             pending: String::new(),
             matched: None,
         }
@@ -57,27 +129,32 @@ impl StopMatcher {
                 stopped: true,
             };
         }
-        if self.stops.is_empty() {
+        let Some(automaton) = &mut self.automaton else {
             return StopOutput {
                 text: delta.to_owned(),
                 stopped: false,
             };
-        }
+        };
+        let before = self.pending.len();
         self.pending.push_str(delta);
-
-        if let Some((index, start)) = self.first_complete() {
+        if let Some((index, len, read)) = automaton.read(delta.as_bytes()) {
             self.matched = Some(index);
-            self.pending.truncate(start);
+            // The stop ends `read` bytes into the delta and started `len` bytes earlier: in
+            // the held-back text or the delta, never before (what was emitted could not start
+            // a stop).
+            self.pending.truncate(before + read - len);
             return StopOutput {
                 text: std::mem::take(&mut self.pending),
                 stopped: true,
             };
         }
-
-        let keep = self.held_suffix_len();
-        let held = self.pending.split_off(self.pending.len() - keep);
+        // A suffix that equals a stop's prefix starts where the stop does, on a character
+        // boundary, so the emitted text is whole characters.
+        let emit = self.pending.len() - automaton.held();
+        let text = self.pending[..emit].to_owned();
+        self.pending.replace_range(..emit, "");
         StopOutput {
-            text: std::mem::replace(&mut self.pending, held),
+            text,
             stopped: false,
         }
     }
@@ -95,53 +172,10 @@ impl StopMatcher {
 
     /// The stop string that ended generation, if one did (vLLM reports it as `stop_reason`).
     pub fn matched(&self) -> Option<&str> {
+        let stops = &self.automaton.as_ref()?.stops;
         self.matched
-            .and_then(|index| self.stops.get(index))
+            .and_then(|index| stops.get(index))
             .map(String::as_str)
-    }
-
-    /// The stop occurrence in `pending` that ends first, ties going to the earliest start, as
-    /// `(index in stops, byte offset of its start)`.
-    ///
-    /// `pending` held no complete stop before the latest delta, so every occurrence found here
-    /// ends inside that delta and comparing ends reproduces character-at-a-time matching.
-    fn first_complete(&self) -> Option<(usize, usize)> {
-        self.stops
-            .iter()
-            .enumerate()
-            .filter_map(|(index, stop)| {
-                self.pending
-                    .find(stop.as_str())
-                    .map(|start| (index, start, start + stop.len()))
-            })
-            .min_by_key(|&(_, start, end)| (end, start))
-            .map(|(index, start, _)| (index, start))
-    }
-
-    /// Length in bytes of the longest suffix of `pending` that is a proper prefix of a stop.
-    ///
-    /// A suffix that starts on a character boundary of `pending` and equals a prefix of a stop is
-    /// whole characters, so the prefix ends on a boundary of the stop too.
-    fn held_suffix_len(&self) -> usize {
-        let pending = self.pending.as_bytes();
-        let longest = self
-            .stops
-            .iter()
-            .map(|stop| stop.len() - 1)
-            .max()
-            .unwrap_or(0)
-            .min(pending.len());
-        (1..=longest)
-            .rev()
-            .find(|&len| {
-                let start = pending.len() - len;
-                self.pending.is_char_boundary(start)
-                    && self
-                        .stops
-                        .iter()
-                        .any(|stop| stop.as_bytes().starts_with(&pending[start..]))
-            })
-            .unwrap_or(0)
     }
 }
 
@@ -332,5 +366,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_longest_allowed_stops_over_a_long_answer_cut_exactly() {
+        // Four stops of 1 KiB that the text keeps almost completing: the naive scan's worst
+        // case (4 x 1 KiB of comparisons per character, rescanned per delta).
+        let long = |tail: char| format!("{}{tail}", "a".repeat(1023));
+        let stops: Vec<String> = ['b', 'c', 'd', 'e'].into_iter().map(long).collect();
+        let mut matcher = StopMatcher::new(stops);
+        let mut out = String::new();
+        for _ in 0..200_000 {
+            let step = matcher.push("a");
+            assert!(!step.stopped);
+            out.push_str(&step.text);
+        }
+        // Everything but the last 1,023 bytes is out; they could still start a stop.
+        assert_eq!(out.len(), 200_000 - 1023);
+        let step = matcher.push("aad");
+        assert!(step.stopped);
+        out.push_str(&step.text);
+        // The stop began 1,023 bytes before the "d": the 'a's before it (and the two new ones
+        // that are not part of it) are all the answer.
+        assert_eq!(out, "a".repeat(200_002 - 1023));
+        assert_eq!(matcher.matched(), Some(long('d').as_str()));
     }
 }

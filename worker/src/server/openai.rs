@@ -61,11 +61,11 @@ async fn serve(state: AppState, endpoint: Endpoint, body: &[u8]) -> Response {
         let parsed = parse(endpoint, body)?;
         check_model(&state, parsed.model())?;
         let kit = kit(&state)?.clone();
-        let prepared = parsed.prepare(&kit, state.info.max_context_tokens)?;
         let session = parsed
             .common()
             .session_hint()
             .and_then(|s| SessionKey::new(s).ok());
+        let prepared = parsed.prepare(&kit, state.info.max_context_tokens)?;
         Ok::<_, OpenAiError>((prepared, kit, session))
     })();
     let (mut prepared, kit, session) = match prepared {
