@@ -14,8 +14,8 @@
 //! `oneshot`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -63,6 +63,12 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// The pool that parses, renders and tokenizes requests ([`crate::cpu`]).
     pub cpu: CpuLimits,
+    /// To receive a request's whole body; then 408.
+    pub body_timeout: Duration,
+    /// Requests of one tenant open at once (from its key being checked to its answer's end,
+    /// streams included); beyond, 429. Bounds what one tenant's clients hold, readers of
+    /// streams that never end included.
+    pub max_requests_per_tenant: usize,
     /// Token ids the turn memory holds at most ([`Continuations`]).
     pub turn_memory_tokens: usize,
     pub proxy: ProxyConfig,
@@ -78,6 +84,8 @@ impl Default for Settings {
             queue_timeout: Duration::from_secs(30),
             max_body_bytes: 32 << 20,
             cpu: CpuLimits::default(),
+            body_timeout: Duration::from_secs(60),
+            max_requests_per_tenant: 256,
             turn_memory_tokens: 16 << 20,
             proxy: ProxyConfig::default(),
         }
@@ -96,6 +104,7 @@ pub struct Shared {
     pub turns: Continuations,
     limiter: Limiter,
     cpu: CpuPool<TenantId>,
+    open: Arc<Mutex<HashMap<TenantId, usize>>>,
     proxy: Proxy,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -120,6 +129,7 @@ impl Shared {
             turns: Continuations::new(settings.turn_memory_tokens),
             limiter: Limiter::default(),
             cpu: CpuPool::new(settings.cpu),
+            open: Arc::default(),
             proxy,
             slots: Arc::new(Semaphore::new(settings.max_in_flight)),
             waiting: AtomicUsize::new(0),
@@ -399,6 +409,51 @@ async fn slot(state: &Shared) -> Result<OwnedSemaphorePermit, Refusal> {
     }
 }
 
+/// One of a tenant's open requests, from its key being checked to the end of its answer.
+struct Open {
+    counts: Arc<Mutex<HashMap<TenantId, usize>>>,
+    tenant: TenantId,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Counts a request of `tenant` open, or refuses it (429) when the tenant has
+/// `--max-requests-per-tenant` open already.
+fn open(state: &Shared, tenant: &TenantId) -> Result<Open, Refusal> {
+    let limit = state.settings.max_requests_per_tenant;
+    let mut counts = state.open.lock().unwrap_or_else(|e| e.into_inner());
+    let n = counts.entry(tenant.clone()).or_insert(0);
+    if *n >= limit {
+        state
+            .metrics
+            .limited
+            .with_label_values(&[tenant.as_str(), "max_requests_per_tenant"])
+            .inc();
+        return Err(Refusal {
+            error: OpenAiError::rate_limited(format!(
+                "Your requests open at this router have reached its limit ({limit}); retry when one ends."
+            ))
+            .with_code("too_many_requests"),
+            retry_after: Some(Duration::from_secs(1)),
+        });
+    }
+    *n += 1;
+    Ok(Open {
+        counts: state.open.clone(),
+        tenant: tenant.clone(),
+    })
+}
+
 /// Bytes of request body allowed per token of context. A prompt near the context's end as text
 /// takes 4 to 6 bytes a token in English, up to about 12 as JSON-escaped CJK or emoji; as ids in
 /// JSON, up to 8 (`123456, `). 32 leaves room for any real prompt while bounding what an abusive
@@ -444,9 +499,22 @@ pub fn body_limit(state: &Shared, tenant: &Tenant) -> usize {
     usize::try_from(derived).unwrap_or(usize::MAX).min(max)
 }
 
-/// Reads a request body of at most `limit` bytes: a 413 naming the limit when it is larger.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, OpenAiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads a request body of at most `limit` bytes within `timeout`: a 413 naming the limit when
+/// it is larger, a 408 when it is too slow.
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, OpenAiError> {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            OpenAiError {
+                status: 408,
+                ..OpenAiError::bad_request(format!(
+                    "The request body did not arrive within {} s.",
+                    timeout.as_secs_f64()
+                ))
+            }
+            .with_code("request_timeout")
+        })?;
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -548,8 +616,14 @@ async fn place(
 ) -> Result<Response, Refusal> {
     let tenant = authenticate(state, headers)?;
     answered.tenant = tenant.id.to_string();
+    let open = open(state, &tenant.id)?;
     // Only an authenticated tenant's body is read, and only as much of it as its context needs.
-    let body = read_body(body, body_limit(state, &tenant)).await?;
+    let body = read_body(
+        body,
+        body_limit(state, &tenant),
+        state.settings.body_timeout,
+    )
+    .await?;
     let reserve = (body.len() as u64).saturating_mul(PARSE_RESERVE_PER_BYTE);
     let (for_model, _) = {
         let (job_state, job_tenant) = (state.clone(), tenant.clone());
@@ -653,8 +727,7 @@ async fn place(
         &tenant.id,
         started.events,
         (answered.started, started.first_token),
-        admission,
-        permit,
+        (admission, permit, open),
     );
     Ok(respond_then(prepared, kit, events, on_answer).await)
 }
@@ -794,15 +867,14 @@ async fn route(
 
 /// The worker's events on their way to the client: counted into metrics (the request's whole
 /// duration included, streamed or not); the tenant's token charge settled and the queue slot
-/// released when the answer ends (or the client leaves).
+/// released when the answer ends (or the client leaves), and the tenant's open request with it.
 fn observed(
     state: AppState,
     model: &Model,
     tenant: &tidelock_protocol::TenantId,
     events: BoxStream<'static, GenerateEvent>,
     (arrived, first_token): (Instant, Instant),
-    admission: Admission,
-    permit: OwnedSemaphorePermit,
+    (admission, permit, open): (Admission, OwnedSemaphorePermit, Open),
 ) -> BoxStream<'static, GenerateEvent> {
     struct Tally {
         state: AppState,
@@ -811,7 +883,7 @@ fn observed(
         first_token: Instant,
         usage: tidelock_protocol::Usage,
         admission: Admission,
-        _permit: OwnedSemaphorePermit,
+        _held: (OwnedSemaphorePermit, Open),
     }
     impl Drop for Tally {
         fn drop(&mut self) {
@@ -850,7 +922,7 @@ fn observed(
         first_token,
         usage: tidelock_protocol::Usage::default(),
         admission,
-        _permit: permit,
+        _held: (permit, open),
     };
     events
         .scan(tally, |tally, event| {

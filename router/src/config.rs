@@ -13,6 +13,7 @@ use crate::cpu::CpuLimits;
 use crate::policy::{CostModel, Policy};
 use crate::proxy::ProxyConfig;
 use crate::workers::Probing;
+use tidelock_service::serve::ClientLimits;
 
 /// Tidelock router: the OpenAI-compatible endpoint tenants call; pins each session to the
 /// workers holding its cached prefix.
@@ -109,6 +110,47 @@ pub struct Config {
     #[arg(long, default_value = "32MiB")]
     pub max_body: ByteSize,
 
+    /// Seconds a client has to send a request's headers; also how long a kept-alive connection
+    /// may wait idle for its next request. Then the connection is closed.
+    #[arg(
+        long,
+        env = "TIDELOCK_ROUTER_CLIENT_HEADER_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub client_header_timeout_secs: u64,
+
+    /// Seconds a client has to send a request's whole body; then 408.
+    #[arg(
+        long,
+        env = "TIDELOCK_ROUTER_CLIENT_BODY_TIMEOUT_SECS",
+        default_value_t = 60
+    )]
+    pub client_body_timeout_secs: u64,
+
+    /// Seconds a write to a client may make no progress (a client that stopped reading its
+    /// stream): then the connection is closed and its worker request cancelled. A client that
+    /// reads slowly but reads is never cut.
+    #[arg(
+        long,
+        env = "TIDELOCK_ROUTER_CLIENT_WRITE_TIMEOUT_SECS",
+        default_value_t = 60
+    )]
+    pub client_write_timeout_secs: u64,
+
+    /// Client connections open at once; one more is answered 503 (Retry-After) and closed.
+    #[arg(long, env = "TIDELOCK_ROUTER_MAX_CONNECTIONS", default_value_t = 8_192)]
+    pub max_connections: usize,
+
+    /// Requests of one tenant open at once, from its key being checked to the end of its answer
+    /// (streams included); one more is answered 429 (Retry-After). The tenant's own
+    /// `max_concurrent` limit, when lower, applies too.
+    #[arg(
+        long,
+        env = "TIDELOCK_ROUTER_MAX_REQUESTS_PER_TENANT",
+        default_value_t = 256
+    )]
+    pub max_requests_per_tenant: usize,
+
     /// Requests parsed, rendered and tokenized at once, on threads apart from the ones serving
     /// connections (so a huge prompt never delays others or `/healthz`). More than the cores
     /// on purpose: a small request gets a thread while large ones run, and the kernel shares
@@ -175,6 +217,20 @@ impl Config {
         let positive = [
             ("--max-in-flight", self.max_in_flight as u64),
             ("--prepare-threads", self.prepare_threads as u64),
+            (
+                "--client-header-timeout-secs",
+                self.client_header_timeout_secs,
+            ),
+            ("--client-body-timeout-secs", self.client_body_timeout_secs),
+            (
+                "--client-write-timeout-secs",
+                self.client_write_timeout_secs,
+            ),
+            ("--max-connections", self.max_connections as u64),
+            (
+                "--max-requests-per-tenant",
+                self.max_requests_per_tenant as u64,
+            ),
             ("--prepare-per-tenant", self.prepare_per_tenant as u64),
             ("--max-attempts", self.max_attempts as u64),
             ("--probe-interval-ms", self.probe_interval_ms),
@@ -219,6 +275,8 @@ impl Config {
                 per_tenant: self.prepare_per_tenant,
                 memory_bytes: self.prepare_memory.as_u64(),
             },
+            body_timeout: Duration::from_secs(self.client_body_timeout_secs),
+            max_requests_per_tenant: self.max_requests_per_tenant,
             turn_memory_tokens: self.turn_memory_tokens,
             proxy: ProxyConfig {
                 connect_timeout: Duration::from_millis(self.connect_timeout_ms),
@@ -238,6 +296,15 @@ impl Config {
     /// How to reach etcd (`--etcd` with its TLS flags); none for the in-memory store.
     pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, String> {
         self.etcd_tls.config(&self.etcd)
+    }
+
+    /// What the public listener bounds (`tidelock_service::serve`).
+    pub fn client_limits(&self) -> ClientLimits {
+        ClientLimits {
+            header_timeout: Duration::from_secs(self.client_header_timeout_secs),
+            write_timeout: Duration::from_secs(self.client_write_timeout_secs),
+            max_connections: self.max_connections,
+        }
     }
 
     pub fn session_idle(&self) -> Duration {

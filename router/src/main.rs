@@ -91,15 +91,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "serving the OpenAI API on http://{}/v1",
         listener.local_addr()?
     );
-    // Small streamed writes (one event per token) must not wait for the peer's delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(tidelock_service::shutdown_signal())
-        .await?;
+    // Client timeouts, the connection limit and TCP_NODELAY (small streamed writes must not
+    // wait for the peer's delayed ACK).
+    tidelock_service::serve::serve(
+        listener,
+        app(state.clone()),
+        config.client_limits(),
+        state.metrics.connections.clone(),
+        tidelock_service::shutdown_signal(),
+    )
+    .await;
     tracing::info!("stopped");
     for task in background {
         task.abort();

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub continued_tokens: IntCounterVec,
     pub in_flight: IntGauge,
     pub queued: IntGauge,
+    /// Client connections open and refused (`tidelock_service::serve` keeps them).
+    pub connections: tidelock_service::serve::ConnectionMetrics,
     worker_in_flight: GaugeVec,
     worker_healthy: GaugeVec,
     worker_queue: GaugeVec,
@@ -137,6 +139,12 @@ impl Metrics {
                 "tidelock_router_queued_requests",
                 "Requests waiting for a slot.",
             )?,
+            connections: {
+                let c = tidelock_service::serve::ConnectionMetrics::new("tidelock_router")?;
+                registry.register(Box::new(c.open.clone()))?;
+                registry.register(Box::new(c.refused.clone()))?;
+                c
+            },
             worker_in_flight: worker_gauge(
                 "tidelock_router_worker_in_flight_requests",
                 "Requests this router has in flight on each worker.",

@@ -97,6 +97,7 @@ VALUE_SETS = {
             "replicas": 4,
             "policy": "session_hash",
             "extraArgs": ["--max-in-flight", "4096"],
+            "limits": {"prepareMemory": "1GiB", "maxRequestsPerTenant": 64},
             "service": {"type": "LoadBalancer", "port": 443},
             "resources": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
         },
@@ -729,7 +730,14 @@ def check_facts(rendered):
     check(svc["spec"]["type"] == "LoadBalancer", "[gpu] router Service type")
     rt = container(gpu, "Deployment", "tidelock-router")
     check(
-        rt["args"] == ["--policy", "session_hash", "--metrics-listen", "0.0.0.0:9090", "--max-in-flight", "4096"],
+        rt["args"]
+        == [
+            "--policy", "session_hash", "--metrics-listen", "0.0.0.0:9090",
+            "--client-header-timeout-secs=30", "--client-body-timeout-secs=60",
+            "--client-write-timeout-secs=60", "--max-connections=8192",
+            "--max-requests-per-tenant=64", "--max-body=32MiB", "--prepare-threads=8",
+            "--prepare-per-tenant=2", "--prepare-memory=1GiB", "--max-in-flight", "4096",
+        ],
         f"[gpu] router args {rt['args']}",
     )
     sts = one(gpu, "StatefulSet", "tidelock-etcd")

@@ -2,10 +2,12 @@
 //! does the same way, so it is written once: logging from `RUST_LOG` (default `info`), a
 //! multi-threaded runtime, `name: error` and exit status 1 when the server fails, the signal
 //! that starts a graceful shutdown, the cluster credential of the internal APIs
-//! ([`cluster_auth`]) and the listener that serves only `/metrics` ([`metrics_listener`]).
+//! ([`cluster_auth`]), the listener that serves only `/metrics` ([`metrics_listener`]) and the
+//! public listener with client timeouts and a connection limit ([`serve`]).
 
 pub mod cluster_auth;
 pub mod metrics_listener;
+pub mod serve;
 
 use std::process::ExitCode;
 
