@@ -121,11 +121,16 @@ impl Shared {
         settings: Settings,
     ) -> Result<AppState, prometheus::Error> {
         let proxy = Proxy::new(settings.proxy, models.http().authorization().cloned());
+        let metrics = Metrics::new()?;
+        let p = pins.metrics();
+        metrics.register(p.reachable.clone())?;
+        metrics.register(p.skipped.clone())?;
+        metrics.register(p.failed.clone())?;
         Ok(Arc::new(Shared {
             models,
             tenants,
             pins,
-            metrics: Metrics::new()?,
+            metrics,
             turns: Continuations::new(settings.turn_memory_tokens),
             limiter: Limiter::default(),
             cpu: CpuPool::new(settings.cpu),

@@ -83,6 +83,24 @@ pub struct Config {
     #[arg(long, default_value_t = 2_000.0)]
     pub default_prefill_tps: f64,
 
+    /// Longest wait for a session's pin from the state store on a request's path, in
+    /// milliseconds; past it (or on an error) the session is placed without its pin (the KV
+    /// index still finds its prefix) and the store is probed each second, unread meanwhile.
+    #[arg(
+        long,
+        env = "TIDELOCK_ROUTER_PIN_READ_TIMEOUT_MS",
+        default_value_t = 50
+    )]
+    pub pin_read_timeout_ms: u64,
+
+    /// Longest wait for a pin write (in the background), in milliseconds.
+    #[arg(
+        long,
+        env = "TIDELOCK_ROUTER_PIN_WRITE_TIMEOUT_MS",
+        default_value_t = 2_000
+    )]
+    pub pin_write_timeout_ms: u64,
+
     /// Idle time after which a session's pin is forgotten, in seconds.
     #[arg(long, default_value_t = 3_600)]
     pub session_idle_secs: u64,
@@ -238,6 +256,8 @@ impl Config {
             ("--first-token-timeout-secs", self.first_token_timeout_secs),
             ("--idle-timeout-secs", self.idle_timeout_secs),
             ("--session-idle-secs", self.session_idle_secs),
+            ("--pin-read-timeout-ms", self.pin_read_timeout_ms),
+            ("--pin-write-timeout-ms", self.pin_write_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
@@ -304,6 +324,14 @@ impl Config {
             header_timeout: Duration::from_secs(self.client_header_timeout_secs),
             write_timeout: Duration::from_secs(self.client_write_timeout_secs),
             max_connections: self.max_connections,
+        }
+    }
+
+    /// How long session pin reads and writes may take.
+    pub fn pin_deadlines(&self) -> crate::sessions::Deadlines {
+        crate::sessions::Deadlines {
+            read: Duration::from_millis(self.pin_read_timeout_ms),
+            write: Duration::from_millis(self.pin_write_timeout_ms),
         }
     }
 

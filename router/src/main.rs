@@ -67,7 +67,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     let models = Models::new(store.clone(), layout.clone(), probing, http);
     background.push(tokio::spawn(models.clone().run()));
-    let pins = Arc::new(Pins::new(store, layout, config.session_idle()));
+    let pins = Arc::new(Pins::with_deadlines(
+        store,
+        layout,
+        config.session_idle(),
+        config.pin_deadlines(),
+    ));
     background.push(tokio::spawn(pins.clone().follow()));
     let purge = pins.clone();
     background.push(tokio::spawn(async move {

@@ -165,6 +165,14 @@ impl Metrics {
         })
     }
 
+    /// Adds a metric kept elsewhere (the session pins' own) to the exposition.
+    pub fn register<C: prometheus::core::Collector + 'static>(
+        &self,
+        collector: C,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(Box::new(collector))
+    }
+
     /// The text exposition, with per-worker gauges read from `models` now.
     pub fn render(&self, models: &Models) -> String {
         for g in [
