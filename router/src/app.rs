@@ -472,10 +472,27 @@ pub const BODY_SLACK_BYTES: u64 = 64 << 10;
 /// rendered (serde's values, the guarded rendering's two renderings).
 pub const PARSE_RESERVE_PER_BYTE: u64 = 16;
 
-/// Memory reserved per byte of text to tokenize. Measured with the default model's tokenizer:
-/// 106 bytes per byte of English, 202 for `"a a a ..."`, 347 for digits (one token each); a
-/// token is at least one byte, and costs about 350 bytes while the tokenizer runs.
+/// Memory reserved per byte of text a tokenizer holds at once. Measured with the default model's
+/// tokenizer (`crates/prompt/examples/tokenizer_memory.rs`): 106 bytes per byte of English, 202
+/// for `"a a a ..."`, 344 for digits (one token each); a token is at least one byte, and costs
+/// about 350 bytes while the tokenizer runs.
 pub const TOKENIZE_RESERVE_PER_BYTE: u64 = 512;
+
+/// What tokenizing `text` bytes may allocate: the tokenizer's working memory (for the whole text,
+/// or for one piece when the kit encodes long texts in pieces: `tidelock_prompt::chunked`) and
+/// the ids made (at most one per byte and no more than the context, 4 bytes each, doubled for a
+/// growing vector).
+pub fn tokenize_reserve(text: usize, in_pieces: bool, context: u64) -> u64 {
+    let held = if in_pieces {
+        text.min(tidelock_prompt::MAX_PIECE_BYTES)
+    } else {
+        text
+    } as u64;
+    let ids = (text as u64).min(context);
+    held.saturating_mul(TOKENIZE_RESERVE_PER_BYTE)
+        .saturating_add(ids.saturating_mul(8))
+        .saturating_add(BODY_SLACK_BYTES)
+}
 
 /// The largest body `tenant` may send: [`BODY_BYTES_PER_TOKEN`] per token of the longest context
 /// it may use (its models', capped by its own limit) plus [`BODY_SLACK_BYTES`], and never more
@@ -669,10 +686,8 @@ async fn place(
         )
     });
     let previous = turn_key.as_deref().and_then(|k| state.turns.get(k));
-    let text = rendered.bytes_to_tokenize(previous.as_deref()) as u64;
-    let reserve = text
-        .saturating_mul(TOKENIZE_RESERVE_PER_BYTE)
-        .saturating_add(BODY_SLACK_BYTES);
+    let text = rendered.bytes_to_tokenize(previous.as_deref());
+    let reserve = tokenize_reserve(text, kit.encodes_in_pieces(), context);
     let (tokenized, _) = {
         let (kit, model, job_tenant) = (kit.clone(), model.clone(), tenant.clone());
         state

@@ -40,8 +40,8 @@ async fn two_abusive_tenants_do_not_delay_a_third_or_the_probes() {
         .await;
 
     // Tenants a and b each send six prompts of a million digit tokens (1 MB, inside the body
-    // limit of 32 bytes a token of the 600,000-token context): each is tokenized in full
-    // before it can be found too long, the work issue #18 measured at 28 s for 20 MB.
+    // limit of 32 bytes a token of the 600,000-token context): each is tokenized up to its
+    // first 600,000 tokens before it is found too long (issue #18 measured 28 s for 20 MB).
     let finished = Arc::new(AtomicUsize::new(0));
     let mut abusers = Vec::new();
     for key in [KEY_A, KEY_B] {
@@ -80,18 +80,20 @@ async fn two_abusive_tenants_do_not_delay_a_third_or_the_probes() {
         );
     }
 
-    // The abusers get what they asked for: a 400 naming the context, once tokenized.
+    // The abusers get what they asked for: a 400 naming the context. Tokenizing stopped at the
+    // first piece past the context, not at the end of the text.
     for abuser in abusers {
         let answer = abuser.await.unwrap();
         assert_eq!(answer.status, StatusCode::BAD_REQUEST);
         let error = answer.error();
         assert_eq!(error["code"], "context_length_exceeded", "{error}");
         let message = error["message"].as_str().unwrap();
-        assert!(
-            message.contains("the prompt has 1000000")
-                || message.contains("the prompt has 1000001"),
-            "{error}"
-        );
+        let at_least: u64 = message
+            .split("the prompt has at least ")
+            .nth(1)
+            .and_then(|rest| rest.trim_end_matches('.').parse().ok())
+            .unwrap_or_else(|| panic!("{error}"));
+        assert!((600_000..1_000_000).contains(&at_least), "{error}");
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tidelock_prompt::{ChatMessage, PromptKit, RenderedChat};
+use tidelock_prompt::{ChatMessage, PromptError, PromptKit, RenderedChat};
 
 use crate::continuation::{Continuation, PromptText};
 use tidelock_protocol::SamplingParams;
@@ -208,9 +208,20 @@ impl Rendered {
                         None => (&[][..], 0, add_special),
                     };
                 let mut ids = head.to_vec();
+                // A prompt must leave room in the context: tokenizing stops once it cannot.
+                let room = usize::try_from(max_context.saturating_sub(1))
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(head.len());
                 ids.extend(
-                    kit.encode_rendered(&chat, from, add_special)
-                        .map_err(|e| OpenAiError::invalid(param, e.to_string()))?,
+                    kit.encode_rendered_within(&chat, from, add_special, room)
+                        .map_err(|e| match e {
+                            PromptError::TooManyTokens { at_least, .. } => too_long(
+                                param,
+                                max_context,
+                                &format!("at least {}", head.len() + at_least),
+                            ),
+                            e => OpenAiError::invalid(param, e.to_string()),
+                        })?,
                 );
                 continued = head.len();
                 (ids, Some(PromptText::new(text)), param)
@@ -233,13 +244,7 @@ impl Rendered {
         }
         let prompt = tokens.len() as u64;
         if prompt >= max_context {
-            return Err(OpenAiError::invalid(
-                param,
-                format!(
-                    "This request's maximum context length is {max_context} tokens; the prompt has {prompt}."
-                ),
-            )
-            .with_code("context_length_exceeded"));
+            return Err(too_long(param, max_context, &prompt.to_string()));
         }
         let room = u32::try_from(max_context - prompt).unwrap_or(u32::MAX);
         let mut sampling = match &parsed {
@@ -267,6 +272,17 @@ impl Rendered {
             stream: parsed.common().stream,
         })
     }
+}
+
+/// A prompt that does not leave room in the context: `has` is its length, or a bound on it.
+fn too_long(param: &str, max_context: u64, has: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        param,
+        format!(
+            "This request's maximum context length is {max_context} tokens; the prompt has {has}."
+        ),
+    )
+    .with_code("context_length_exceeded")
 }
 
 /// The conversation rendered with the chat template (and the request's tools).

@@ -23,7 +23,7 @@ fn peak_kib() -> u64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: tokenizer_memory MODEL.gguf MEGABYTES english|a|digits|punct";
+    let usage = "usage: tokenizer_memory MODEL.gguf MEGABYTES english|a|digits|punct|word";
     let model = args.next().ok_or(usage)?;
     let megabytes: usize = args.next().ok_or(usage)?.parse()?;
     let kind = args.next().ok_or(usage)?;
@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "a" => "a ",
         "digits" => "1234567890",
         "punct" => "!?",
+        "word" => "abcdefghij",
         _ => return Err(usage.into()),
     };
     let kit = PromptKit::from_gguf_file(std::path::Path::new(&model))?;

@@ -59,6 +59,19 @@ pub enum PromptError {
         /// The token's text.
         token: String,
     },
+    /// A text has more tokens than its caller can use; encoding stopped there.
+    #[error("the text has at least {at_least} tokens, more than the {limit} allowed")]
+    TooManyTokens {
+        /// Ids made when encoding stopped.
+        at_least: usize,
+        limit: usize,
+    },
+    /// A long text has a run longer than a piece may be, without any break its tokenizer splits
+    /// at ([`crate::MAX_PIECE_BYTES`]).
+    #[error(
+        "the text has a run of over {bytes} bytes without a space, digit or punctuation break; it is not tokenized"
+    )]
+    UnbrokenText { bytes: usize },
     /// The special tokens' texts could not be made into a matcher.
     #[error("the special tokens cannot be searched for: {0}")]
     ControlTexts(String),
@@ -81,4 +94,18 @@ pub enum PromptError {
         /// The vocabulary size, added tokens included.
         vocab_size: usize,
     },
+}
+
+impl PromptError {
+    /// A [`PromptError::TooManyTokens`] of a part encoded after `before` ids, as the whole's
+    /// (`limit` being the whole's); other errors as they are.
+    pub(crate) fn after(self, before: usize, limit: usize) -> Self {
+        match self {
+            PromptError::TooManyTokens { at_least, .. } => PromptError::TooManyTokens {
+                at_least: before + at_least,
+                limit,
+            },
+            other => other,
+        }
+    }
 }

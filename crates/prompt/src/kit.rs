@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::PromptError;
+use crate::chunked::{self, CHUNK_BYTES, Chunking};
 use crate::detok::IncrementalDetokenizer;
 use crate::rendered::{self, RenderedChat};
 use crate::template::{ChatMessage, ChatTemplate, RenderOptions};
@@ -97,6 +98,8 @@ pub struct PromptKit {
     eos: Option<SpecialToken>,
     stop_token_ids: Vec<u32>,
     warnings: Vec<String>,
+    /// How long texts are encoded in pieces (`None`: always whole; see [`crate::chunked`]).
+    chunking: Option<Chunking>,
 }
 
 impl fmt::Debug for PromptKit {
@@ -142,6 +145,7 @@ impl PromptKit {
         }
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
+        let chunking = Chunking::of(&tokenizer);
         let control_texts = AhoCorasick::new(
             tokenizer
                 .get_added_tokens_decoder()
@@ -159,6 +163,7 @@ impl PromptKit {
             eos,
             stop_token_ids,
             warnings: Vec::new(),
+            chunking,
         })
     }
 
@@ -235,14 +240,69 @@ impl PromptKit {
     /// Text to ids. `add_special` adds what the tokenizer's post-processor adds (BOS when the
     /// model asks for it); special-token text such as `<|im_start|>` is always one id.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, PromptError> {
-        encode_with(&self.tokenizer, text, add_special)
+        self.encode_within(false, text, add_special, usize::MAX)
     }
 
     /// Text a user wrote to ids: special-token text such as `<|im_start|>` stays text (several
     /// ordinary ids), so it can never become a control token. `add_special` as in
     /// [`PromptKit::encode`].
     pub fn encode_plain(&self, text: &str, add_special: bool) -> Result<Vec<u32>, PromptError> {
-        encode_with(&self.plain, text, add_special)
+        self.encode_within(true, text, add_special, usize::MAX)
+    }
+
+    /// [`PromptKit::encode`] (`plain` false) or [`PromptKit::encode_plain`], in pieces when the
+    /// text is long ([`crate::chunked`]: the same ids, a piece's memory), stopping with
+    /// [`PromptError::TooManyTokens`] once more than `limit` ids are made. A text encoded whole
+    /// is returned whole, however many ids it has.
+    fn encode_within(
+        &self,
+        plain: bool,
+        text: &str,
+        add_special: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>, PromptError> {
+        let (tokenizer, specials) = if plain {
+            (&self.plain, None)
+        } else {
+            (&self.tokenizer, Some(&self.control_texts))
+        };
+        match &self.chunking {
+            Some(chunking) if text.len() > CHUNK_BYTES => {
+                chunking.encode(tokenizer, specials, text, (add_special, limit), CHUNK_BYTES)
+            }
+            // Encoded whole: the caller counts the ids.
+            _ => chunked::encode(tokenizer, text, add_special),
+        }
+    }
+
+    /// [`PromptKit::encode`] (`plain` false) or [`PromptKit::encode_plain`] in pieces of about
+    /// `piece_bytes` whatever the text's length, or `None` when this tokenizer is always encoded
+    /// whole: for tests that the pieces give the ids of the whole, at any cut.
+    pub fn encode_in_pieces(
+        &self,
+        plain: bool,
+        text: &str,
+        add_special: bool,
+        piece_bytes: usize,
+    ) -> Option<Result<Vec<u32>, PromptError>> {
+        let (tokenizer, specials) = if plain {
+            (&self.plain, None)
+        } else {
+            (&self.tokenizer, Some(&self.control_texts))
+        };
+        let chunking = self.chunking.as_ref()?;
+        Some(chunking.encode(
+            tokenizer,
+            specials,
+            text,
+            (add_special, usize::MAX),
+            piece_bytes,
+        ))
+    }
+
+    /// Whether long texts are encoded in pieces (see [`crate::chunked`]).
+    pub fn encodes_in_pieces(&self) -> bool {
+        self.chunking.is_some()
     }
 
     /// The first special token's text that `text` contains.
@@ -261,23 +321,36 @@ impl PromptKit {
         from: usize,
         add_special: bool,
     ) -> Result<Vec<u32>, PromptError> {
+        self.encode_rendered_within(chat, from, add_special, usize::MAX)
+    }
+
+    /// [`PromptKit::encode_rendered`], giving up with [`PromptError::TooManyTokens`] as soon
+    /// as more than `limit` ids are made when the text is encoded in pieces (before the rest of
+    /// it is read); a text encoded whole comes back whole, for the caller to count.
+    pub fn encode_rendered_within(
+        &self,
+        chat: &RenderedChat,
+        from: usize,
+        add_special: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>, PromptError> {
         let text = &chat.text()[from..];
         if !chat
             .pieces(from)
             .iter()
             .any(|(piece, user)| *user && self.control_text_in(piece).is_some())
         {
-            // Nothing a user wrote looks like a control token: one piece, as always.
-            return self.encode(text, add_special);
+            // Nothing a user wrote looks like a control token: one text, as always.
+            return self.encode_within(false, text, add_special, limit);
         }
         let mut ids = Vec::new();
         for (i, (piece, user)) in chat.pieces(from).into_iter().enumerate() {
             let special = add_special && i == 0;
-            if user {
-                ids.extend(self.encode_plain(piece, special)?);
-            } else {
-                ids.extend(self.encode(piece, special)?);
-            }
+            let left = limit.saturating_sub(ids.len());
+            ids.extend(
+                self.encode_within(user, piece, special, left)
+                    .map_err(|e| e.after(ids.len(), limit))?,
+            );
         }
         Ok(ids)
     }
@@ -419,20 +492,6 @@ impl PromptKit {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
     }
-}
-
-fn encode_with(
-    tokenizer: &Tokenizer,
-    text: &str,
-    add_special: bool,
-) -> Result<Vec<u32>, PromptError> {
-    tokenizer
-        .encode(text, add_special)
-        .map(|enc| enc.get_ids().to_vec())
-        .map_err(|source| PromptError::Tokenizer {
-            op: "encode",
-            source,
-        })
 }
 
 fn derive_stop_ids(

@@ -9,7 +9,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use tidelock_prompt::{ChatMessage, GgufVocab, IncrementalDetokenizer, PromptKit, token_type};
+use tidelock_prompt::{
+    CHUNK_BYTES, ChatMessage, GgufVocab, IncrementalDetokenizer, PromptError, PromptKit,
+    RenderedChat, token_type,
+};
 
 fn model_path() -> PathBuf {
     let path = std::env::var_os("TIDELOCK_MODEL")
@@ -455,4 +458,155 @@ fn a_template_that_rewrites_contents_refuses_control_text_it_cannot_separate() {
             .encode_chat(&[ChatMessage::new("user", "aa")], false, &extra)
             .is_ok()
     );
+}
+
+// Long texts are encoded in pieces (`tidelock_prompt::CHUNK_BYTES`, to bound the tokenizer's
+// memory and stop at a limit), and the pieces must give exactly the ids of the whole: the prefix
+// cache is keyed by them. Checked with pieces far smaller than the real ones, so that cuts land
+// next to every kind of pre-token: runs of spaces and newlines, digits, punctuation,
+// contractions, multibyte characters, special-token text.
+
+const PIECES: &[&str] = &[
+    "word",
+    " word",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\t",
+    " \n ",
+    "1234567",
+    " 42",
+    "!!",
+    "?!.",
+    "don't",
+    "'s",
+    " 'll",
+    "é",
+    "中文",
+    "🙂",
+    "e\u{301}",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|",
+    "|>",
+    "https://x.y/z?q=1",
+    "    indented",
+    "ABC",
+    "aaaaaaaaaaaaaaaaaaaaaaaaa",
+    "_",
+    "-",
+    "—",
+];
+
+/// A seeded generator (SplitMix64): the same texts on every run.
+struct Seeded(u64);
+
+impl Seeded {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+fn random_text(rng: &mut Seeded, bytes: usize) -> String {
+    let mut text = String::new();
+    while text.len() < bytes {
+        let piece = PIECES[rng.below(PIECES.len())];
+        let times = if rng.below(20) == 0 {
+            2 + rng.below(38)
+        } else {
+            1
+        };
+        for _ in 0..times {
+            text.push_str(piece);
+        }
+    }
+    text
+}
+
+/// Pieces against the whole for `kit`, `rounds` random texts.
+fn pieces_match_the_whole(kit: &PromptKit, rounds: usize, what: &str) {
+    let mut rng = Seeded(18);
+    for round in 0..rounds {
+        let bytes = 200 + rng.below(6_000);
+        let text = random_text(&mut rng, bytes);
+        let piece = [7, 16, 33, 100, 999][round % 5];
+        for plain in [true, false] {
+            for add_special in [false, true] {
+                let whole = if plain {
+                    kit.encode_plain(&text, add_special)
+                } else {
+                    kit.encode(&text, add_special)
+                }
+                .unwrap();
+                let pieces = kit
+                    .encode_in_pieces(plain, &text, add_special, piece)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    pieces, whole,
+                    "{what}: round {round}, pieces of {piece} bytes, plain {plain}, add_special {add_special}, text {text:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pieces_give_the_ids_of_the_whole_at_any_cut() {
+    let kit = kit();
+    assert!(
+        kit.encodes_in_pieces(),
+        "the default model's tokenizer should be encoded in pieces"
+    );
+    pieces_match_the_whole(kit, 200, "smollm");
+    // The same vocabulary under the other pre-tokenizers llama.cpp names (GPT-2's regex, Llama
+    // 3's with BOS, Qwen 2's without NFC); Qwen 2 with NFC has a normalizer and is encoded whole.
+    for pre in ["gpt2", "llama-bpe", "stablelm2", "qwen2"] {
+        let vocab = GgufVocab {
+            pre: Some(pre.into()),
+            ..vocab().clone()
+        };
+        let kit = PromptKit::from_vocab(&vocab).unwrap();
+        if pre == "qwen2" {
+            assert!(!kit.encodes_in_pieces(), "a normalizer: encoded whole");
+            continue;
+        }
+        assert!(kit.encodes_in_pieces(), "{pre}");
+        pieces_match_the_whole(&kit, 60, pre);
+    }
+}
+
+#[test]
+fn a_long_prompt_stops_at_its_limit_and_one_within_it_is_exact() {
+    let kit = kit();
+    let mut rng = Seeded(7);
+    // Over two pieces of the real size, so the real path runs.
+    let text = random_text(&mut rng, 3 * CHUNK_BYTES);
+    let chat = RenderedChat::user_only(text.clone());
+    let whole = kit.encode_plain(&text, true).unwrap();
+    assert_eq!(
+        kit.encode_rendered_within(&chat, 0, true, whole.len())
+            .unwrap(),
+        whole
+    );
+    // A limit of a third of it: the encoding stops after the piece that crosses it, without
+    // reading the rest.
+    let limit = whole.len() / 3;
+    match kit.encode_rendered_within(&chat, 0, true, limit) {
+        Err(PromptError::TooManyTokens { at_least, limit: l }) => {
+            assert_eq!(l, limit);
+            assert!(
+                at_least > limit && at_least < whole.len(),
+                "{at_least} of {}",
+                whole.len()
+            );
+        }
+        other => panic!("expected TooManyTokens, got {other:?}"),
+    }
 }
