@@ -29,7 +29,7 @@ pub use openai::{
     CompletionChunk, CompletionRequest, ModelCard, ModelList, OpenAiError, ResponseMeta,
 };
 pub use wire::{
-    ErrorCode, FinishReason, GenerateEvent, GenerateRequest, LoadReport, SamplingError,
-    SamplingParams, SessionRecord, TenantLimits, TenantRecord, TenantRecordError, TopLogprob,
-    Usage, WorkerInfo, WorkerRegistration,
+    BinaryRequestError, ErrorCode, FinishReason, GENERATE_BINARY_CONTENT_TYPE, GenerateEvent,
+    GenerateRequest, LoadReport, SamplingError, SamplingParams, SessionRecord, TenantLimits,
+    TenantRecord, TenantRecordError, TopLogprob, Usage, WorkerInfo, WorkerRegistration,
 };

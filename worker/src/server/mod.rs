@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -30,7 +29,9 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use serde::Deserialize;
 use tidelock_prompt::PromptKit;
-use tidelock_protocol::{GenerateEvent, GenerateRequest, LoadReport, WorkerInfo};
+use tidelock_protocol::{
+    GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest, LoadReport, WorkerInfo,
+};
 use tokio::sync::{oneshot, watch};
 
 use crate::engine::executor::Executor;
@@ -98,8 +99,9 @@ pub fn start<E: Executor + 'static>(
 }
 
 /// The largest `/v1/generate` body the worker takes: its whole context as JSON token ids (at most
-/// 11 bytes each, `4294967295,`) plus room for the other fields. axum's default (2 MB) would
-/// refuse a prompt of about 350,000 tokens that the worker's context holds (issue #18).
+/// 11 bytes each, `4294967295,`; the binary form routers send needs 4) plus room for the other
+/// fields. axum's default (2 MB) would refuse a prompt of about 350,000 tokens that the worker's
+/// context holds (issue #18).
 pub fn generate_body_limit(info: &WorkerInfo) -> usize {
     const ID_BYTES: u64 = 11;
     const FIELDS: u64 = 64 << 10;
@@ -257,17 +259,35 @@ async fn kv_events(State(state): State<AppState>, Query(q): Query<EventsQuery>) 
 
 async fn generate(
     State(state): State<AppState>,
-    body: Result<axum::Json<GenerateRequest>, JsonRejection>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let request = match body {
-        Ok(axum::Json(request)) => request,
+    let body = match body {
+        Ok(body) => body,
+        // 413 for a body over the limit, 400 for any other unreadable body.
         Err(rejection) => {
-            // 413 for a body over the limit, 400 for any other bad body.
             let status = match rejection.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
                 _ => StatusCode::BAD_REQUEST,
             };
             return error_response(status, "invalid_request_error", rejection.body_text());
+        }
+    };
+    // The binary form (what routers send) or JSON.
+    let binary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(GENERATE_BINARY_CONTENT_TYPE));
+    let parsed = if binary {
+        GenerateRequest::from_binary(&body).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice::<GenerateRequest>(&body)
+            .map_err(|e| format!("Failed to deserialize the JSON body into the target type: {e}"))
+    };
+    let request = match parsed {
+        Ok(request) => request,
+        Err(problem) => {
+            return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", problem);
         }
     };
     let started = Instant::now();
