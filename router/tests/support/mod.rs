@@ -91,6 +91,10 @@ pub fn serve_worker(addr: &str, sim: SimWorker) -> RunningWorker {
             .unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            // As `tidelock-worker` serves: small streamed writes must not wait for a delayed ACK.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             tokio::select! {
                 _ = axum::serve(listener, guard.protect(server::app(state))) => {}
                 _ = stopped => {}
