@@ -393,14 +393,22 @@ async fn slot(state: &Shared) -> Result<OwnedSemaphorePermit, Refusal> {
             retry_after: Some(Duration::from_secs(1)),
         });
     }
+    // Counted out when the wait ends, or when the client leaves and the wait is dropped.
+    struct Waiting<'s>(&'s Shared);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.0.metrics.queued.dec();
+        }
+    }
     state.metrics.queued.inc();
+    let waiting = Waiting(state);
     let waited = tokio::time::timeout(
         state.settings.queue_timeout,
         state.slots.clone().acquire_owned(),
     )
     .await;
-    state.waiting.fetch_sub(1, Ordering::Relaxed);
-    state.metrics.queued.dec();
+    drop(waiting);
     match waited {
         Ok(Ok(permit)) => Ok(permit),
         _ => Err(Refusal {
@@ -554,7 +562,9 @@ async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes,
 }
 
 fn too_large_to_prepare(refusal: CpuRefusal, what: &str, per_byte: u64) -> OpenAiError {
-    let CpuRefusal::TooLarge { limit, .. } = refusal;
+    let CpuRefusal::TooLarge { limit, .. } = refusal else {
+        return OpenAiError::unavailable(format!("{refusal}; retry on another replica."));
+    };
     OpenAiError {
         status: 413,
         ..OpenAiError::bad_request(format!(
@@ -687,7 +697,8 @@ async fn place(
     });
     let previous = turn_key.as_deref().and_then(|k| state.turns.get(k));
     let text = rendered.bytes_to_tokenize(previous.as_deref());
-    let reserve = tokenize_reserve(text, kit.encodes_in_pieces(), context);
+    let in_pieces = kit.encodes_in_pieces(rendered.adds_special());
+    let reserve = tokenize_reserve(text, in_pieces, context);
     let (tokenized, _) = {
         let (kit, model, job_tenant) = (kit.clone(), model.clone(), tenant.clone());
         state
@@ -878,7 +889,7 @@ async fn route(
                 .set(&model_name, &tenant_id, &session, group, worker)
                 .await
             {
-                tracing::warn!(error = %e, "session pin not written; the next request places the session again");
+                tracing::warn!(error = %e, "session pin not written to the store; this router keeps it, other replicas place the session afresh");
             }
         });
     }

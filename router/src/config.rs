@@ -182,9 +182,10 @@ pub struct Config {
     pub prepare_per_tenant: usize,
 
     /// Memory that requests being prepared may use together, e.g. `4GiB`. Each reserves an
-    /// estimate (16 bytes per byte of body to parse, 512 per byte of text to tokenize) and
-    /// waits until it fits; large requests together get three quarters of it, so small ones
-    /// always start. A text over three quarters of it / 512 (6 MiB at 4 GiB) gets a 413.
+    /// estimate (16 bytes per byte of body to parse; 512 per byte the tokenizer holds at once,
+    /// a piece of at most 1 MiB for tokenizers that encode long texts in pieces, the whole text
+    /// otherwise) and waits until it fits; large requests together get three quarters of it, so
+    /// small ones always start. A request that can never fit gets a 413.
     #[arg(long, env = "TIDELOCK_ROUTER_PREPARE_MEMORY", default_value = "4GiB")]
     pub prepare_memory: ByteSize,
 

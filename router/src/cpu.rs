@@ -16,8 +16,9 @@
 //! when its reservation is more than a `threads`-th of a quarter of the budget, and large jobs
 //! together hold at most three quarters of the threads and of the budget. The last quarter is
 //! for small jobs (an ordinary chat turn reserves a few MB), which therefore start at once while
-//! any number of tenants send the largest requests the router accepts. Their CPU time is then
-//! shared by the kernel with the large jobs' threads, not queued behind them.
+//! any number of tenants send the largest requests the router accepts (as long as fewer than a
+//! quarter of the threads' worth of small jobs run already). Their CPU time is then shared by the
+//! kernel with the large jobs' threads, not queued behind them.
 //!
 //! What this bounds: the router's memory for preparation stays under the budget (plus the
 //! bodies of requests waiting for their turn, which the body limit and connection limits bound).
@@ -82,6 +83,8 @@ pub enum CpuRefusal {
         "this request needs an estimated {needed} bytes of memory to prepare; the router prepares at most {limit} at once"
     )]
     TooLarge { needed: u64, limit: u64 },
+    #[error("the router is shutting down")]
+    ShuttingDown,
 }
 
 /// Memory is reserved in KiB so that budgets of terabytes fit a semaphore's `u32` permits.
@@ -197,11 +200,13 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> CpuPool<K> {
         match output {
             Ok((output, ran)) => Ok((output, Ran { waited, ran, large })),
             // The job panicked: the same as if it had run here.
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(CpuRefusal::ShuttingDown),
         }
     }
 
-    /// Jobs of `tenant` running now.
+    /// Jobs of `tenant` past their tenant's share: running, or waiting for a thread or memory.
     pub fn tenant_running(&self, tenant: &K) -> usize {
         let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         tenants.get(tenant).map_or(0, |s| {

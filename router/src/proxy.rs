@@ -110,6 +110,9 @@ enum AttemptError {
     Busy(String),
     /// The worker failed: count it, try another.
     Failed(String),
+    /// The worker does not take the binary form (415: a worker older than the router, during
+    /// a rolling upgrade): send it JSON.
+    NoBinary,
 }
 
 /// The router's client to its workers.
@@ -148,7 +151,16 @@ impl Proxy {
         let mut problems = Vec::new();
         for (worker, prefill) in order.into_iter().take(self.cfg.max_attempts) {
             let guard = InFlight::new(worker.clone(), prefill);
-            match self.attempt(&worker, body.clone(), guard).await {
+            let mut outcome = self.attempt(&worker, body.clone(), true, guard).await;
+            if let Err(AttemptError::NoBinary) = outcome {
+                tracing::debug!(worker = %worker.id, "worker takes no binary requests; sending JSON");
+                let json = serde_json::to_vec(request).map_err(|e| {
+                    OpenAiError::internal(format!("cannot encode the worker request: {e}"))
+                })?;
+                let guard = InFlight::new(worker.clone(), prefill);
+                outcome = self.attempt(&worker, Bytes::from(json), false, guard).await;
+            }
+            match outcome {
                 Ok((first_token, events)) => {
                     worker.record_success();
                     return Ok(Started {
@@ -159,6 +171,9 @@ impl Proxy {
                     });
                 }
                 Err(AttemptError::Client(e)) => return Err(e),
+                Err(AttemptError::NoBinary) => {
+                    problems.push(format!("{}: refuses JSON and binary bodies", worker.id));
+                }
                 Err(AttemptError::Busy(problem)) => {
                     tracing::debug!(worker = %worker.id, %problem, "worker busy; trying the next");
                     problems.push(format!("{}: {problem}", worker.id));
@@ -188,14 +203,20 @@ impl Proxy {
         &self,
         worker: &Arc<WorkerState>,
         body: Bytes,
+        binary: bool,
         mut guard: InFlight,
     ) -> Result<(Instant, BoxStream<'static, GenerateEvent>), AttemptError> {
         let url = format!(
             "{}/v1/generate",
             worker.registration.address.trim_end_matches('/')
         );
-        let mut request = hyper::Request::post(&url)
-            .header(hyper::header::CONTENT_TYPE, GENERATE_BINARY_CONTENT_TYPE);
+        let content_type = if binary {
+            GENERATE_BINARY_CONTENT_TYPE
+        } else {
+            "application/json"
+        };
+        let mut request =
+            hyper::Request::post(&url).header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(authorization) = &self.authorization {
             request = request.header(hyper::header::AUTHORIZATION, authorization.clone());
         }
@@ -208,6 +229,9 @@ impl Proxy {
             .map_err(|_| AttemptError::Failed("no answer before the first-token timeout".into()))?
             .map_err(|e| AttemptError::Failed(format!("request failed: {e}")))?;
         let status = response.status();
+        if binary && status == hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            return Err(AttemptError::NoBinary);
+        }
         if !status.is_success() {
             let text = tokio::time::timeout_at(deadline, response.into_body().collect())
                 .await

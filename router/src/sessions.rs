@@ -176,9 +176,11 @@ impl Pins {
                     break;
                 }
             }
+            // Probing ends before reads resume, so a read that fails right after starts a new
+            // probe instead of finding this one still marked running.
+            probing.store(false, Ordering::Relaxed);
             reachable.store(true, Ordering::Relaxed);
             gauge.set(1);
-            probing.store(false, Ordering::Relaxed);
             tracing::info!("session pins: the state store answers again");
         });
     }
@@ -340,6 +342,8 @@ impl Pins {
                     None => self.store.list(&format!("{dir}~revision")).await?.revision,
                 };
                 let mut watch = self.store.watch(&dir, after).await?;
+                // Watching from here: a failure before the first event resumes here too.
+                seen.get_or_insert(after);
                 while let Some(event) = futures::StreamExt::next(&mut watch).await {
                     let event = event?;
                     seen = Some(event.revision());

@@ -170,6 +170,18 @@ impl Rendered {
         &self.parsed
     }
 
+    /// Whether tokenizing adds the tokenizer's special tokens (BOS) to the text: a completion's
+    /// prompt does, a chat's rendering does not (its template writes them).
+    pub fn adds_special(&self) -> bool {
+        matches!(
+            self.prompt,
+            Prompt::Text {
+                add_special: true,
+                ..
+            }
+        )
+    }
+
     /// Bytes of text [`Rendered::tokenize`] will encode after `previous`: the whole rendered
     /// prompt, or only what follows the text `previous` remembers. A tokenizer's time and
     /// memory grow with it (a few hundred bytes of memory per byte of text).

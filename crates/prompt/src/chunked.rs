@@ -10,9 +10,11 @@
 //! Why the ids are the same: a BPE tokenizer without a normalizer splits text into pre-tokens
 //! (GPT-2 and Llama 3 style regexes, digit splits) and merges within each pre-token only, and
 //! a regex split found in a piece is the one found in the whole text as long as the piece goes on
-//! past it (these regexes look one character ahead at most, never behind). So each piece is cut
-//! at the start of its last pre-token that does not follow whitespace (a whitespace run's split
-//! depends on the character after it), and the rest is encoded again with the next piece. Special
+//! far enough past it (these regexes never look behind; their bounded alternatives, such as
+//! `'re` or `\p{N}{1,3}`, need at most three characters and one to look at). So each piece is
+//! cut at the start of its last pre-token that starts at least 16 bytes before the piece's end
+//! and does not follow whitespace (a whitespace run's split depends on the character after it),
+//! and the rest is encoded again with the next piece. Special
 //! tokens (when the tokenizer matches them) are cut out of the text before pre-tokenization;
 //! a cut never falls inside one, and pre-tokens are found from the end of the last one.
 //! Tokenizers outside that family (a normalizer, Metaspace or `add_prefix_space`, WordPiece or
@@ -32,6 +34,9 @@ use crate::PromptError;
 /// Texts up to this long are encoded in one piece; longer ones a piece of about this size at a
 /// time.
 pub const CHUNK_BYTES: usize = 256 << 10;
+
+/// How far before a piece's end its cut must be (see `last_pre_token_start`).
+const MARGIN_BYTES: usize = 16;
 
 /// The largest piece: a pre-token (a run without a space, digit or punctuation break) longer
 /// than this in a text over [`CHUNK_BYTES`] is refused ([`PromptError::UnbrokenText`]) rather
@@ -69,6 +74,12 @@ impl Chunking {
             .map(<[u32]>::to_vec)
             .filter(|p| tokenizer.encode("", true).is_ok_and(|e| e.get_ids() == p));
         Some(Chunking { special_prefix })
+    }
+
+    /// Whether texts are encoded in pieces when `add_special` is asked for (a post-processor that
+    /// appends makes them whole).
+    pub(crate) fn in_pieces(&self, add_special: bool) -> bool {
+        !add_special || self.special_prefix.is_some()
     }
 
     /// Encodes `text` (with `specials` matched by `tokenizer`, or none when it encodes special
@@ -166,13 +177,20 @@ impl Chunking {
     }
 }
 
-/// The byte offset of the last pre-token of `piece` that follows a character other than
-/// whitespace: encoding the piece up to there gives the whole text's ids. (Before a whitespace
+/// The byte offset of the last pre-token of `piece` that starts at least [`MARGIN_BYTES`] before
+/// its end and follows a character other than whitespace: encoding the piece up to there gives
+/// the whole text's ids. (Before a whitespace
 /// run's end, a regex's `\s+(?!\S)` looks at the next character, which a piece cut there does
 /// not have: `" \n\n|"` splits as `" \n"`, `"\n"`, `"|"`, but `" \n\n"` alone is one
 /// pre-token.)
 fn last_pre_token_start(tokenizer: &Tokenizer, piece: &str) -> Result<Option<usize>, PromptError> {
     let Some(pre) = tokenizer.get_pre_tokenizer() else {
+        return Ok(None);
+    };
+    // Pre-tokens that start too near the piece's end may have been cut short by it: a regex's
+    // fixed alternatives (`'re`, `\p{N}{1,3}`) need up to three characters and one more to look
+    // at, all inside the piece for a pre-token starting MARGIN_BYTES before its end.
+    let Some(usable) = piece.len().checked_sub(MARGIN_BYTES) else {
         return Ok(None);
     };
     let mut split = PreTokenizedString::from(piece);
@@ -188,6 +206,7 @@ fn last_pre_token_start(tokenizer: &Tokenizer, piece: &str) -> Result<Option<usi
         .map(|(_, (start, _), _)| *start)
         .find(|&start| {
             start > 0
+                && start <= usable
                 && piece[..start]
                     .chars()
                     .next_back()

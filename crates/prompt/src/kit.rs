@@ -300,9 +300,12 @@ impl PromptKit {
         ))
     }
 
-    /// Whether long texts are encoded in pieces (see [`crate::chunked`]).
-    pub fn encodes_in_pieces(&self) -> bool {
-        self.chunking.is_some()
+    /// Whether long texts are encoded in pieces (see [`crate::chunked`]), with BOS and the like
+    /// added (`add_special`, a completion prompt) or not (a chat's rendering).
+    pub fn encodes_in_pieces(&self, add_special: bool) -> bool {
+        self.chunking
+            .as_ref()
+            .is_some_and(|c| c.in_pieces(add_special))
     }
 
     /// The first special token's text that `text` contains.

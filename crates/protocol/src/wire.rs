@@ -1,6 +1,8 @@
 //! Router<->worker wire types and the JSON values stored in etcd.
 //!
-//! Everything here is JSON. Unknown fields are ignored and fields with a natural default may be
+//! Everything here is JSON, except a [`GenerateRequest`]'s binary form (its fields as JSON, its
+//! ids as raw little-endian u32s), which routers send; a worker too old to know it answers 415 and
+//! gets JSON instead. Unknown fields are ignored and fields with a natural default may be
 //! omitted, so a router and a worker of neighbouring versions understand each other; enums that
 //! may grow (`GenerateEvent`, `ErrorCode`) carry an `Unknown` variant instead of failing a whole
 //! stream. What is never defaulted: anything whose default would be unsafe, such as the cache salt

@@ -16,7 +16,8 @@
 //!
 //! A request body's own deadline is the handler's business (it knows when it reads one).
 //! Small streamed writes go out at once (`TCP_NODELAY`). On shutdown, no connection is accepted
-//! any more and the open ones finish their requests (hyper's graceful shutdown).
+//! any more and the open ones finish their requests (hyper's graceful shutdown), for at most
+//! [`SHUTDOWN_GRACE`]; then they are dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,7 @@ use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{IntCounter, IntGauge};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
@@ -145,12 +146,33 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them"
+        );
+    }
 }
 
-/// Writes [`refusal`] (for at most a second) and closes.
+/// How long open connections may take to finish their requests once shutdown begins (the
+/// chart's pods get 30 s between SIGTERM and SIGKILL by default).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// Writes [`refusal`] and closes, within a second. What the client sent is read and dropped
+/// first (up to 64 KiB): closing a socket with unread data resets the connection, and the client
+/// would see the reset instead of the 503.
 async fn refuse(mut tcp: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sent = [0u8; 4096];
+        let mut drained = 0;
+        while drained < 64 << 10 {
+            match tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut sent)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
         tcp.write_all(&refusal()).await?;
         tcp.shutdown().await
     })

@@ -72,13 +72,24 @@ pub async fn cluster(n: usize, settings: Settings, sim: impl Fn(&mut SimWorker))
             serve_worker("127.0.0.1:0", w)
         })
         .collect();
-    let store = Arc::new(MemoryStore::new());
-    let layout = KeyLayout::new(KeyLayout::DEFAULT_ROOT);
     let urls: Vec<String> = workers
         .iter()
         .map(|w| format!("http://{}", w.addr))
         .collect();
-    register_static(&*store, &layout, &urls, &super::http())
+    cluster_at(&urls, workers, settings).await
+}
+
+/// A router with `settings` over the workers at `urls` (`workers` are kept running for as long
+/// as the cluster lives; `urls` may lead to them through something else).
+pub async fn cluster_at(
+    urls: &[String],
+    workers: Vec<RunningWorker>,
+    settings: Settings,
+) -> Cluster {
+    let n = urls.len();
+    let store = Arc::new(MemoryStore::new());
+    let layout = KeyLayout::new(KeyLayout::DEFAULT_ROOT);
+    register_static(&*store, &layout, urls, &super::http())
         .await
         .unwrap();
     for (id, key) in [("a", KEY_A), ("b", KEY_B)] {
