@@ -300,8 +300,15 @@ impl AttendRequest {
                 "{kv_heads} kv heads of {head_dim}"
             )));
         }
-        // Each append is 8 bytes and two vectors of kv_width floats.
-        r.fits(n_appends, 8 + 8 * kv_width)?;
+        // Each append is 8 bytes and two vectors of kv_width floats (a width so large that this
+        // overflows is refused, not wrapped: found by tests/fuzz.rs).
+        let append_bytes = kv_width
+            .checked_mul(8)
+            .and_then(|b| b.checked_add(8))
+            .ok_or_else(|| {
+                ShardWireError::Invalid(format!("{kv_heads} kv heads of {head_dim}: too wide"))
+            })?;
+        r.fits(n_appends, append_bytes)?;
         let mut appends = Vec::with_capacity(n_appends as usize);
         for _ in 0..n_appends {
             let (local, slot) = (r.u32()?, r.u32()?);
@@ -440,6 +447,18 @@ mod tests {
             }],
             queries: (0..12).map(|i| i as f32 / 4.0).collect(),
         }
+    }
+
+    /// Found by `tests/fuzz.rs` (seed 5): kv heads times head dim near 2^64 overflowed the
+    /// append size check (`8 + 8 * width`) and panicked in a debug build instead of refusing.
+    #[test]
+    fn an_overflowing_kv_width_is_refused() {
+        let mut body = request().encode().unwrap();
+        // Layer, heads, kv heads, head dim follow the 8-byte header.
+        body[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        body[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        let error = AttendRequest::decode(&body).unwrap_err();
+        assert!(error.to_string().contains("too wide"), "{error}");
     }
 
     #[test]
