@@ -25,20 +25,6 @@ use tidelock_router::app::Settings;
 const KEY_C: &str = "sk-tenant-c-well-behaved";
 const ROUNDS: usize = 60;
 
-fn peak_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib / 1024)
-}
-
 fn quantile(xs: &mut [f64], q: f64) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[((xs.len() - 1) as f64 * q).round() as usize]
@@ -71,18 +57,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::bench_runtime();
     runtime.block_on(async move {
         let c = Arc::new(
             cluster(1, Settings::default(), |w| w.max_context = 600_000).await,
         );
         put_tenant(&*c.store, &c.layout, "c", &tenant_record(KEY_C)).await;
         c.wait("tenant c", |s| s.tenants.snapshot().len() == 3).await;
-        let idle_rss = peak_rss_mib();
+        let idle_rss = support::peak_rss_mib();
         let (mut chat0, mut health0) = measure(&c).await;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -130,7 +112,7 @@ fn main() {
         }
         println!(
             "peak resident memory: {idle_rss} MiB idle, {} MiB after the abuse (bound on preparation: --prepare-memory, 4096 MiB)",
-            peak_rss_mib()
+            support::peak_rss_mib()
         );
     });
 }

@@ -47,26 +47,8 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn peak_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib / 1024)
-}
-
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::bench_runtime();
     runtime.block_on(async {
         let c = cluster(1, Settings::default(), |w| {
             w.max_context = 1_100_000;
@@ -121,7 +103,7 @@ fn main() {
                 walls[TURNS / 2],
                 walls[TURNS - 1],
                 cpu_per_turn,
-                peak_rss_mib()
+                support::peak_rss_mib()
             );
         }
         println!("(each measured turn adds {NEW} new tokens; the body resends the whole history as text)");

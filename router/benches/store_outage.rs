@@ -55,7 +55,7 @@ fn main() {
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .expect("a tokio runtime");
     runtime.block_on(async {
         let server = EtcdServer::start()
             .await
