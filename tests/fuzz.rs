@@ -1,7 +1,8 @@
 //! An in-repo mutation fuzzer for every decoder that reads bytes from outside a process (issue
 //! #18, point 7): the OpenAI request parser (through rendering and tokenization with the default
 //! model's chat template), the binary generate request, the shard RPC bodies, KV event batches,
-//! GGUF tokenizer metadata and safetensors headers.
+//! the router replicas' turn log records (through rebuilding a prompt's ids from them), GGUF
+//! tokenizer metadata and safetensors headers.
 //!
 //! Each target starts from valid inputs (seeds) and mutates them: bit flips, byte changes to
 //! boundary values, insertions, deletions, duplicated or spliced chunks, truncation, 32-bit
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tidelock_openai::{Endpoint, parse};
+use tidelock_openai::{Answer, Endpoint, TurnRecord, parse};
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::shard::{Append, AttendReply, AttendRequest, AttendSeq};
 use tidelock_protocol::{CacheSalt, GenerateRequest, KvEventBatch, SamplingParams};
@@ -164,6 +165,59 @@ fn openai_requests_parse_render_and_tokenize_without_panicking() {
             if let Ok(parsed) = parse(endpoint, body) {
                 let _ = parsed.prepare(kit, 4096);
             }
+        }
+    });
+}
+
+#[test]
+fn turn_log_records_decode_and_rebuild_only_what_their_text_says() {
+    let kit = kit();
+    let chat = |messages: &str| {
+        let body = format!(r#"{{"model":"m","messages":[{messages}]}}"#);
+        parse(Endpoint::Chat, body.as_bytes())
+            .unwrap()
+            .render(kit)
+            .unwrap()
+    };
+    let first = chat(r#"{"role":"user","content":"Name a river <|im_start|>."}"#);
+    let prepared = first.tokenize(kit, 4096, None).unwrap();
+    let ids = kit.encode("Nile.", false).unwrap();
+    let answer = Answer {
+        text: kit.decode(&ids, false).unwrap(),
+        ids,
+    };
+    let memory = prepared
+        .text
+        .clone()
+        .unwrap()
+        .then(prepared.tokens.clone(), &answer, kit)
+        .unwrap();
+    let next = chat(&format!(
+        r#"{{"role":"user","content":"Name a river <|im_start|>."}},{{"role":"assistant","content":"{}"}},{{"role":"user","content":"Another?"}}"#,
+        answer.text
+    ));
+    assert_eq!(
+        next.rebuild(&[memory.record()], kit).as_ref(),
+        Some(&memory)
+    );
+    let text = kit
+        .decode(
+            &next.clone().tokenize(kit, 4096, None).unwrap().tokens,
+            false,
+        )
+        .unwrap();
+    fuzz("turn-record", &[memory.record().to_bytes()], |bytes| {
+        let Ok(record) = TurnRecord::from_bytes(bytes) else {
+            return;
+        };
+        assert_eq!(TurnRecord::from_bytes(&record.to_bytes()).unwrap(), record);
+        // Whatever a record says, the ids rebuilt from it spell the text they stand for.
+        if let Some(rebuilt) = next.rebuild(std::slice::from_ref(&record), kit) {
+            let rest = rebuilt
+                .rest(&text)
+                .expect("the rebuilt text is the prompt's");
+            let spelled = kit.decode(rebuilt.ids(), false).unwrap();
+            assert_eq!(format!("{spelled}{rest}"), text);
         }
     });
 }

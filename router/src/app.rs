@@ -25,6 +25,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use tidelock_openai::{
     Answer, Continuation, Continuations, Endpoint, OnAnswer, Prepared, Rendered, error_response,
@@ -46,6 +47,7 @@ use crate::policy::{self, Candidate, CostModel, Policy};
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::sessions::Pins;
 use crate::tenants::{Tenant, Tenants};
+use crate::turns::TurnLog;
 use crate::workers::{Model, Models};
 
 /// Knobs of the HTTP surface and placement.
@@ -71,6 +73,9 @@ pub struct Settings {
     pub max_requests_per_tenant: usize,
     /// Token ids the turn memory holds at most ([`Continuations`]).
     pub turn_memory_tokens: usize,
+    /// Shares the turn memory with the other router replicas through the store
+    /// ([`crate::turns`]): on when the store is shared (etcd), pointless with the in-memory one.
+    pub share_turns: bool,
     pub proxy: ProxyConfig,
 }
 
@@ -87,6 +92,7 @@ impl Default for Settings {
             body_timeout: Duration::from_secs(60),
             max_requests_per_tenant: 256,
             turn_memory_tokens: 16 << 20,
+            share_turns: false,
             proxy: ProxyConfig::default(),
         }
     }
@@ -101,7 +107,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub settings: Settings,
     /// Sessions' last prompts and answers as ids.
-    pub turns: Continuations,
+    pub turns: Arc<Continuations>,
+    /// The turn memory shared with the other replicas, when [`Settings::share_turns`].
+    pub turn_log: Option<Arc<TurnLog>>,
     limiter: Limiter,
     cpu: CpuPool<TenantId>,
     open: Arc<Mutex<HashMap<TenantId, usize>>>,
@@ -126,12 +134,18 @@ impl Shared {
         metrics.register(p.reachable.clone())?;
         metrics.register(p.skipped.clone())?;
         metrics.register(p.failed.clone())?;
+        let turn_log = (settings.share_turns && settings.turn_memory_tokens > 0)
+            .then(|| Arc::new(TurnLog::new(pins.clone())));
+        if let Some(log) = &turn_log {
+            metrics.register(log.metrics().clone())?;
+        }
         Ok(Arc::new(Shared {
             models,
             tenants,
             pins,
             metrics,
-            turns: Continuations::new(settings.turn_memory_tokens),
+            turns: Arc::new(Continuations::new(settings.turn_memory_tokens)),
+            turn_log,
             limiter: Limiter::default(),
             cpu: CpuPool::new(settings.cpu),
             open: Arc::default(),
@@ -684,18 +698,30 @@ async fn place(
     let tenant_context = tenant.record.limits.max_context_tokens;
     let context = tenant_context.map_or(model_context, |t| t.min(model_context));
     let session = session_key(rendered.parsed().common(), headers)?;
-    // The turn memory's key: the ids are the model's, never cross tenants, and a chat's are not
-    // a completion's (a text completion's tokenization may add BOS; a chat's never does).
+    // The turn memory's key, the session's turn log: the ids are the model's, never cross
+    // tenants, and a chat's are not a completion's (a text completion's tokenization may add
+    // BOS; a chat's never does).
     let turn_key = session.as_ref().map(|s| {
-        format!(
-            "{}\0{}\0{}\0{}",
-            model.name,
-            tenant.id,
-            endpoint.as_str(),
-            s.as_str()
-        )
+        state
+            .pins
+            .layout()
+            .turns_of(&model.name, &tenant.id, endpoint.as_str(), s)
     });
-    let previous = turn_key.as_deref().and_then(|k| state.turns.get(k));
+    let mut previous = turn_key
+        .as_deref()
+        .and_then(|k| state.turns.get(k))
+        .filter(|p| rendered.continues(p));
+    // Unless nobody answered the session since this replica's memory (or it has none), the log
+    // the replicas share continues the prompt further.
+    let mut shared = Vec::new();
+    if let (Some(log), Some(key)) = (&state.turn_log, &turn_key)
+        && rendered.is_text()
+    {
+        shared = log.newer(key, previous.as_ref().map(|p| p.turns())).await;
+        if !shared.is_empty() {
+            previous = None;
+        }
+    }
     let text = rendered.bytes_to_tokenize(previous.as_deref());
     let in_pieces = kit.encodes_in_pieces(rendered.adds_special());
     let reserve = tokenize_reserve(text, in_pieces, context);
@@ -704,12 +730,25 @@ async fn place(
         state
             .cpu
             .run(&tenant.id, reserve, move || {
-                let previous = previous.as_deref();
-                tokenize(rendered, &kit, context, previous, &model, &job_tenant)
+                let rebuilt = rendered.rebuild(&shared, &kit).map(Arc::new);
+                let previous = rebuilt.clone().or(previous);
+                let tokenized = tokenize(
+                    rendered,
+                    &kit,
+                    context,
+                    previous.as_deref(),
+                    &model,
+                    &job_tenant,
+                );
+                (tokenized, (!shared.is_empty()).then_some(rebuilt.is_some()))
             })
             .await
             .map_err(|r| too_large_to_prepare(r, "text", TOKENIZE_RESERVE_PER_BYTE))?
     };
+    let (tokenized, rebuilt) = tokenized;
+    if let (Some(log), Some(rebuilt)) = (&state.turn_log, rebuilt) {
+        log.count(if rebuilt { "rebuilt" } else { "missed" });
+    }
     let (mut prepared, chain) = tokenized?;
     let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
     let admission = admit(state, &tenant, cost)?;
@@ -739,9 +778,15 @@ async fn place(
         (Some(key), Some(text)) if state.settings.turn_memory_tokens > 0 => {
             let (state, kit, ids) = (state.clone(), kit.clone(), request.tokens);
             Some(Box::new(move |answer: Answer| {
-                if let Some(next) = text.then(ids, &answer, &kit) {
-                    state.turns.put(key, next);
-                }
+                let Some(next) = text.then(ids, &answer, &kit) else {
+                    return Box::pin(async {}) as BoxFuture<'static, ()>;
+                };
+                let written = match &state.turn_log {
+                    Some(log) => log.write(key.clone(), &next),
+                    None => Box::pin(async {}),
+                };
+                state.turns.put(key, next);
+                written
             }) as OnAnswer)
         }
         _ => None,

@@ -107,7 +107,10 @@ pub struct Config {
 
     /// Token ids of sessions' last prompts and answers kept in memory (all sessions together,
     /// least recently used out first), so a session's next turn starts from the ids the worker
-    /// cached instead of re-tokenizing the answer from its text. 0 turns it off.
+    /// cached instead of re-tokenizing the answer from its text. 0 turns it off. With --etcd,
+    /// the replicas share each session's answered turns through etcd (about 4 bytes per
+    /// generated token, gone with the session's idle lease), so a session keeps its cache on
+    /// whichever replica its next turn lands.
     #[arg(long, env = "TIDELOCK_ROUTER_TURN_MEMORY_TOKENS", default_value_t = 16 << 20)]
     pub turn_memory_tokens: usize,
 
@@ -299,6 +302,8 @@ impl Config {
             body_timeout: Duration::from_secs(self.client_body_timeout_secs),
             max_requests_per_tenant: self.max_requests_per_tenant,
             turn_memory_tokens: self.turn_memory_tokens,
+            // Replicas share a store only through etcd.
+            share_turns: !self.etcd.is_empty(),
             proxy: ProxyConfig {
                 connect_timeout: Duration::from_millis(self.connect_timeout_ms),
                 first_token_timeout: Duration::from_secs(self.first_token_timeout_secs),

@@ -7,6 +7,7 @@
 //! - `workers`: the models served and their workers' live state (load, health, ejection);
 //!   `discovery` and `follow` keep each model's worker set and KV `index` current;
 //! - `policy`: where a request goes (pure); `sessions`: session pins in the StateStore;
+//!   `turns`: the sessions' answered turns shared by the replicas through the StateStore;
 //! - `proxy`: the request to a worker, retried before its first token, streamed after;
 //! - `prompt`: the tokenizer and chat template fetched from a worker; `metrics`.
 
@@ -24,6 +25,7 @@ pub mod prompt;
 pub mod proxy;
 pub mod sessions;
 pub mod tenants;
+pub mod turns;
 pub mod workers;
 
 pub use index::{Applied, IndexError, KvIndex, MAX_WORKERS, Resync, TierCounts, WorkerMatch};

@@ -138,6 +138,22 @@ impl Pins {
         }
     }
 
+    /// The store, its layout, the deadlines and the idle timeout these pins use (the turn log
+    /// shares them).
+    pub(crate) fn store_settings(&self) -> (Arc<dyn StateStore>, KeyLayout, Deadlines, Duration) {
+        (
+            self.store.clone(),
+            self.layout.clone(),
+            self.deadlines,
+            self.idle_timeout,
+        )
+    }
+
+    /// The store's key layout.
+    pub fn layout(&self) -> &KeyLayout {
+        &self.layout
+    }
+
     /// The counters to register with the router's metrics.
     pub fn metrics(&self) -> &PinMetrics {
         &self.metrics
@@ -150,7 +166,7 @@ impl Pins {
 
     /// Marks the store unreachable and probes it in the background (once per
     /// [`PROBE_EVERY`], with the read deadline) until a read succeeds.
-    fn unreachable(&self, why: &str) {
+    pub(crate) fn unreachable(&self, why: &str) {
         self.metrics.failed.inc();
         self.metrics.reachable.set(0);
         if self.reachable.swap(false, Ordering::Relaxed) {

@@ -20,29 +20,48 @@
 
 use std::sync::{Arc, Mutex};
 
-use tidelock_prompt::PromptKit;
+use tidelock_prompt::{PromptKit, RenderedChat};
 
 /// The digest of a prompt's text, kept from preparing the request to the end of its answer
-/// (the text itself is not kept).
+/// (the text itself is not kept), and how its ids were made.
 #[derive(Debug, Clone)]
 pub struct PromptText {
     len: usize,
     hasher: blake3::Hasher,
+    /// Where the text tokenized for this prompt began (after the remembered turn, or 0).
+    from: usize,
+    add_special: bool,
+    /// Turns in the chain this prompt extends, itself included.
+    turns: u32,
 }
 
 impl PartialEq for PromptText {
     fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.hasher.finalize() == other.hasher.finalize()
+        self.len == other.len
+            && self.hasher.finalize() == other.hasher.finalize()
+            && (self.from, self.add_special, self.turns)
+                == (other.from, other.add_special, other.turns)
     }
 }
 
 impl PromptText {
+    /// A prompt tokenized whole (`add_special` false), the first of its chain.
     pub fn new(text: &str) -> Self {
+        Self::after(text, None, false)
+    }
+
+    /// A prompt whose ids are `previous`'s followed by the tokenization of the rest of `text`
+    /// (or, without `previous`, the tokenization of all of it, with `add_special`).
+    pub fn after(text: &str, previous: Option<&Continuation>, add_special: bool) -> Self {
         let mut hasher = blake3::Hasher::new();
         hasher.update(text.as_bytes());
+        let (from, turns) = previous.map_or((0, 1), |p| (p.text_len, p.turns + 1));
         PromptText {
             len: text.len(),
             hasher,
+            from,
+            add_special: add_special && previous.is_none(),
+            turns,
         }
     }
 
@@ -64,6 +83,13 @@ impl PromptText {
             text_len: self.len + answer.text.len(),
             digest: self.hasher.finalize(),
             ids,
+            turns: self.turns,
+            last: LastTurn {
+                from: self.from,
+                answer_at: self.len,
+                add_special: self.add_special,
+                answer_ids: answer.ids.len(),
+            },
         })
     }
 }
@@ -83,6 +109,19 @@ pub struct Continuation {
     text_len: usize,
     digest: blake3::Hash,
     ids: Vec<u32>,
+    /// Answered turns whose ids these are, since the text was last tokenized whole.
+    turns: u32,
+    last: LastTurn,
+}
+
+/// How the last turn of a [`Continuation`] was made, to share it as a [`TurnRecord`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LastTurn {
+    from: usize,
+    answer_at: usize,
+    add_special: bool,
+    /// The answer's ids: the last of the continuation's.
+    answer_ids: usize,
 }
 
 impl Continuation {
@@ -91,10 +130,183 @@ impl Continuation {
         &self.ids
     }
 
+    /// Answered turns in its chain: its last turn is the turn log's entry `turns() - 1`.
+    pub fn turns(&self) -> u32 {
+        self.turns
+    }
+
     /// What follows the remembered text in `text`, when `text` starts with it.
     pub fn rest<'t>(&self, text: &'t str) -> Option<&'t str> {
         let head = text.get(..self.text_len)?;
         (blake3::hash(head.as_bytes()) == self.digest).then(|| &text[self.text_len..])
+    }
+
+    /// Its last turn, to share with the other router replicas.
+    pub fn record(&self) -> TurnRecord {
+        TurnRecord {
+            from: self.last.from,
+            answer_at: self.last.answer_at,
+            end: self.text_len,
+            add_special: self.last.add_special,
+            digest: *self.digest.as_bytes(),
+            answer: self.ids[self.ids.len() - self.last.answer_ids..].to_vec(),
+        }
+    }
+
+    /// Whether `record` is this continuation's last turn (as another replica would write it).
+    pub fn is_last(&self, record: &TurnRecord) -> bool {
+        record.digest == *self.digest.as_bytes() && record.end == self.text_len
+    }
+
+    /// The continuation a session's turn log stands for in `chat`: every record's text checked
+    /// against `chat`'s (a record whose digest differs, or that does not start where the one
+    /// before it ended, ends the chain there), the text between answers tokenized as the
+    /// replicas that wrote the records tokenized it, the answers' ids as generated. `None` when
+    /// not even the first record fits. The ids always decode to the text they stand for: the
+    /// text by digest, each answer's ids by decoding them (a record is read from outside the
+    /// process; whatever it holds, the prompt is the client's).
+    pub fn rebuild(
+        records: &[TurnRecord],
+        chat: &RenderedChat,
+        kit: &PromptKit,
+    ) -> Option<Continuation> {
+        let text = chat.text();
+        let mut hasher = blake3::Hasher::new();
+        let mut hashed = 0;
+        let mut built: Option<Continuation> = None;
+        for (n, record) in records.iter().enumerate() {
+            let ended = built.as_ref().map_or(0, |c| c.text_len);
+            if record.from != ended
+                || record.answer_at < record.from
+                || record.end < record.answer_at
+                || !text.is_char_boundary(record.end)
+                || !text.is_char_boundary(record.answer_at)
+                || record.end > text.len()
+                || (n > 0 && record.add_special)
+            {
+                break;
+            }
+            hasher.update(&text.as_bytes()[hashed..record.end]);
+            hashed = record.end;
+            if *hasher.finalize().as_bytes() != record.digest
+                || kit.decode(&record.answer, false).ok().as_deref()
+                    != Some(&text[record.answer_at..record.end])
+            {
+                break;
+            }
+            let Ok(prompt) = kit.encode_rendered_between(
+                chat,
+                record.from..record.answer_at,
+                record.add_special,
+                usize::MAX,
+            ) else {
+                break;
+            };
+            let mut ids = built.take().map(|c| c.ids).unwrap_or_default();
+            ids.extend(prompt);
+            ids.extend_from_slice(&record.answer);
+            built = Some(Continuation {
+                text_len: record.end,
+                digest: blake3::Hash::from_bytes(record.digest),
+                ids,
+                turns: n as u32 + 1,
+                last: LastTurn {
+                    from: record.from,
+                    answer_at: record.answer_at,
+                    add_special: record.add_special,
+                    answer_ids: record.answer.len(),
+                },
+            });
+        }
+        built
+    }
+}
+
+/// One answered turn of a session, as router replicas share it through the state store (the
+/// turn log, `turns/<model>/<tenant>/<endpoint>/<session>/<n>`), so that a session's next turn
+/// keeps its cached ids on whichever replica it lands ([`Continuation::rebuild`]). Only the
+/// answer's ids are kept: the prompts' are tokenized again from the text, as they were made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnRecord {
+    /// Where the text tokenized for this turn's prompt began: the end of the turn before it,
+    /// or 0 for the first turn of a chain.
+    pub from: usize,
+    /// Where the prompt's text ended and the answer's began.
+    pub answer_at: usize,
+    /// Where the answer's text ended.
+    pub end: usize,
+    /// Whether the prompt was tokenized with the tokenizer's special tokens added (the first
+    /// turn of a completion's chain).
+    pub add_special: bool,
+    /// BLAKE3 of the conversation's text up to `end`.
+    pub digest: [u8; 32],
+    /// The answer's ids, as generated.
+    pub answer: Vec<u32>,
+}
+
+/// Why stored bytes are not a [`TurnRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a turn record: {0}")]
+pub struct TurnRecordError(&'static str);
+
+impl TurnRecord {
+    /// The format's version, its first byte.
+    const VERSION: u8 = 1;
+    /// Version, three offsets, the flag, the digest and the id count.
+    const HEADER: usize = 1 + 3 * 8 + 1 + 32 + 4;
+
+    /// The stored form: the version byte, `from`, `answer_at`, `end` (u64 LE), `add_special`
+    /// (one byte), the digest, the answer's length (u32 LE) and its ids (u32 LE each).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::HEADER + 4 * self.answer.len());
+        out.push(Self::VERSION);
+        for offset in [self.from, self.answer_at, self.end] {
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+        }
+        out.push(u8::from(self.add_special));
+        out.extend_from_slice(&self.digest);
+        out.extend_from_slice(&(self.answer.len() as u32).to_le_bytes());
+        for id in &self.answer {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads [`TurnRecord::to_bytes`]'s form, refusing anything else.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, TurnRecordError> {
+        let header = bytes
+            .get(..Self::HEADER)
+            .ok_or(TurnRecordError("too short"))?;
+        if header[0] != Self::VERSION {
+            return Err(TurnRecordError("unknown version"));
+        }
+        let u64_at = |at: usize| {
+            let value = u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+            usize::try_from(value).map_err(|_| TurnRecordError("offset out of range"))
+        };
+        let (from, answer_at, end) = (u64_at(1)?, u64_at(9)?, u64_at(17)?);
+        let add_special = match header[25] {
+            0 => false,
+            1 => true,
+            _ => return Err(TurnRecordError("bad flag")),
+        };
+        let digest: [u8; 32] = header[26..58].try_into().expect("32 bytes");
+        let count = u32::from_le_bytes(header[58..62].try_into().expect("4 bytes")) as usize;
+        let ids = &bytes[Self::HEADER..];
+        if ids.len() != count.saturating_mul(4) {
+            return Err(TurnRecordError("its length does not match its id count"));
+        }
+        Ok(TurnRecord {
+            from,
+            answer_at,
+            end,
+            add_special,
+            digest,
+            answer: ids
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+        })
     }
 }
 
@@ -163,6 +375,19 @@ impl Continuations {
         }
         held.tokens += size;
         held.lru.put(key, Arc::new(continuation));
+    }
+
+    /// Forgets the session's continuation unless `keep` holds for it; whether it was forgotten.
+    /// Does not mark it recently used.
+    pub fn forget_unless(&self, key: &str, keep: impl FnOnce(&Continuation) -> bool) -> bool {
+        let mut held = self.held();
+        if held.lru.peek(key).is_none_or(|c| keep(c)) {
+            return false;
+        }
+        if let Some(old) = held.lru.pop(key) {
+            held.tokens -= charge(key, &old);
+        }
+        true
     }
 
     /// Sessions held, and what they count against the budget (ids plus overheads, in ids).

@@ -22,7 +22,9 @@ mod host;
 mod prepare;
 mod respond;
 
-pub use continuation::{Answer, Continuation, Continuations, PromptText};
+pub use continuation::{
+    Answer, Continuation, Continuations, PromptText, TurnRecord, TurnRecordError,
+};
 pub use host::require_host;
 pub use prepare::{Endpoint, Parsed, Prepared, Rendered, parse, unix_now};
 pub use respond::{OnAnswer, error_response, respond, respond_then};

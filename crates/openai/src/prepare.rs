@@ -4,7 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tidelock_prompt::{ChatMessage, PromptError, PromptKit, RenderedChat};
 
-use crate::continuation::{Continuation, PromptText};
+use crate::continuation::{Continuation, PromptText, TurnRecord};
 use tidelock_protocol::SamplingParams;
 use tidelock_protocol::openai::{
     ChatCompletionRequest, CommonFields, CompletionRequest, OpenAiError, PromptInput, ResponseMeta,
@@ -182,6 +182,30 @@ impl Rendered {
         )
     }
 
+    /// Whether the prompt is text (not ids given by the client).
+    pub fn is_text(&self) -> bool {
+        matches!(self.prompt, Prompt::Text { .. })
+    }
+
+    /// Whether the prompt's text starts with the text `previous` remembers.
+    pub fn continues(&self, previous: &Continuation) -> bool {
+        match &self.prompt {
+            Prompt::Text { chat, .. } => previous.rest(chat.text()).is_some(),
+            Prompt::Ids(_) => false,
+        }
+    }
+
+    /// The continuation a session's shared turn log stands for in this prompt
+    /// ([`Continuation::rebuild`]); `None` for a prompt given as ids, or when no record fits.
+    pub fn rebuild(&self, records: &[TurnRecord], kit: &PromptKit) -> Option<Continuation> {
+        match &self.prompt {
+            Prompt::Text { chat, .. } if !records.is_empty() => {
+                Continuation::rebuild(records, chat, kit)
+            }
+            _ => None,
+        }
+    }
+
     /// Bytes of text [`Rendered::tokenize`] will encode after `previous`: the whole rendered
     /// prompt, or only what follows the text `previous` remembers. A tokenizer's time and
     /// memory grow with it (a few hundred bytes of memory per byte of text).
@@ -214,11 +238,11 @@ impl Rendered {
             } => {
                 // Users' text never becomes control tokens (`tidelock_prompt::RenderedChat`).
                 let text = chat.text();
-                let (head, from, add_special) =
-                    match previous.and_then(|p| Some((p, p.rest(text)?))) {
-                        Some((p, rest)) => (p.ids(), text.len() - rest.len(), false),
-                        None => (&[][..], 0, add_special),
-                    };
+                let matched = previous.and_then(|p| Some((p, p.rest(text)?)));
+                let (head, from, add_special) = match matched {
+                    Some((p, rest)) => (p.ids(), text.len() - rest.len(), false),
+                    None => (&[][..], 0, add_special),
+                };
                 let mut ids = head.to_vec();
                 // A prompt must leave room in the context: tokenizing stops once it cannot.
                 let room = usize::try_from(max_context.saturating_sub(1))
@@ -236,7 +260,8 @@ impl Rendered {
                         })?,
                 );
                 continued = head.len();
-                (ids, Some(PromptText::new(text)), param)
+                let text = PromptText::after(text, matched.map(|(p, _)| p), add_special);
+                (ids, Some(text), param)
             }
             Prompt::Ids(ids) => (ids, None, "prompt"),
         };

@@ -17,8 +17,10 @@ use tidelock_protocol::openai::{
 use crate::continuation::Answer;
 use crate::prepare::{Endpoint, Prepared};
 
-/// Called with the whole answer when it ends normally (not cut by a stop string, not failed).
-pub type OnAnswer = Box<dyn FnOnce(Answer) + Send>;
+/// Called with the whole answer when it ends normally (not cut by a stop string, not failed);
+/// the answer's end reaches the client once the future it returns is done (so that what it
+/// records is visible before the client can send its next turn).
+pub type OnAnswer = Box<dyn FnOnce(Answer) -> futures::future::BoxFuture<'static, ()> + Send>;
 
 /// An OpenAI error as a response with its status.
 pub fn error_response(e: &OpenAiError) -> Response {
@@ -110,7 +112,7 @@ impl TextOut {
                 };
                 if let Some((mut answer, on_answer)) = self.remember.take() {
                     answer.text.push_str(&text);
-                    on_answer(answer);
+                    on_answer(answer).await;
                 }
                 Step::End(text, finish)
             }

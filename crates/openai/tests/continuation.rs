@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock, mpsc};
 use futures::StreamExt;
 use serde_json::json;
 use tidelock_openai::{
-    Answer, Continuation, Continuations, Endpoint, PromptText, parse, respond_then,
+    Answer, Continuation, Continuations, Endpoint, PromptText, TurnRecord, parse, respond_then,
 };
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::{ErrorCode, FinishReason, GenerateEvent, Usage};
@@ -109,7 +109,6 @@ fn the_next_turn_starts_from_the_ids_the_worker_cached() {
     );
     assert_eq!(without.tokens[..first.tokens.len()], first.tokens[..]);
     assert_ne!(without.tokens[first.tokens.len()..head], answer.ids[..]);
-    assert_eq!(with.text, without.text);
     println!(
         "turn 2: {} tokens, {} from memory; re-tokenized, the cached prefix breaks at token {}",
         with.tokens.len(),
@@ -262,7 +261,10 @@ async fn answered(body: serde_json::Value, ids: &[u32], end: GenerateEvent) -> O
         prepared,
         Arc::new(kit.clone()),
         events(ids, end),
-        Some(Box::new(move |answer| tx.send(answer).unwrap())),
+        Some(Box::new(move |answer| {
+            tx.send(answer).unwrap();
+            Box::pin(async {})
+        })),
     )
     .await;
     axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -299,4 +301,150 @@ async fn the_whole_answer_reaches_the_callback_unless_it_was_cut_or_failed() {
         };
         assert_eq!(answered(body, &answer.ids, failed).await, None);
     }
+}
+
+/// Turns of one chat on one replica: each turn's request continues the memory of the one
+/// before; returns the last request prepared with memory, the memory after each turn, and the
+/// last request's rendered form.
+fn converse(
+    kit: &PromptKit,
+    users: &[&str],
+) -> (
+    tidelock_openai::Prepared,
+    Vec<Continuation>,
+    tidelock_openai::Rendered,
+) {
+    let mut history: Vec<(String, String)> = vec![("system".into(), "You are terse.".into())];
+    let mut memories: Vec<Continuation> = Vec::new();
+    for (turn, user) in users.iter().enumerate() {
+        history.push(("user".into(), (*user).into()));
+        let messages: Vec<(&str, &str)> = history
+            .iter()
+            .map(|(r, c)| (r.as_str(), c.as_str()))
+            .collect();
+        let rendered = chat(&messages).render(kit).unwrap();
+        let prepared = rendered
+            .clone()
+            .tokenize(kit, 8192, memories.last())
+            .unwrap();
+        if turn + 1 == users.len() {
+            return (prepared, memories, rendered);
+        }
+        let answer = odd_answer(&format!(
+            "Answer {} follows here.",
+            ["one", "two", "three", "four", "five"][turn]
+        ));
+        let memory = prepared
+            .text
+            .clone()
+            .unwrap()
+            .then(prepared.tokens.clone(), &answer, kit)
+            .unwrap();
+        assert_eq!(memory.turns() as usize, turn + 1);
+        memories.push(memory);
+        history.push(("assistant".into(), answer.text));
+    }
+    unreachable!("users is not empty")
+}
+
+#[test]
+fn a_turn_log_rebuilds_on_another_replica_the_ids_the_first_one_sent() {
+    let kit = kit();
+    // One message with control-token text: its turn is tokenized in pieces.
+    let users = [
+        "Name a river.",
+        "Write <|im_start|>system literally.",
+        "Another one?",
+        "Thanks.",
+    ];
+    let (last, memories, rendered) = converse(kit, &users);
+    let records: Vec<_> = memories.iter().map(Continuation::record).collect();
+    for (memory, record) in memories.iter().zip(&records) {
+        assert!(memory.is_last(record));
+        // The stored form round-trips.
+        let bytes = record.to_bytes();
+        assert_eq!(TurnRecord::from_bytes(&bytes).unwrap(), *record);
+    }
+    assert!(!memories[0].is_last(&records[1]));
+
+    // Another replica, with no memory of its own, rebuilds the same continuation from the log.
+    let rebuilt = rendered.rebuild(&records, kit).expect("rebuilt");
+    assert_eq!(&rebuilt, memories.last().unwrap());
+    let other = rendered
+        .clone()
+        .tokenize(kit, 8192, Some(&rebuilt))
+        .unwrap();
+    assert_eq!(other.tokens, last.tokens);
+    assert_eq!(other.continued, last.continued);
+    assert!(other.continued > 0);
+    // Without it the answers' ids are lost: the ids differ from the first answer on.
+    let cold = rendered.clone().tokenize(kit, 8192, None).unwrap();
+    assert_ne!(cold.tokens, last.tokens);
+
+    // A damaged record ends the chain where it stands; the rest is tokenized from the text.
+    let mut damaged = records.clone();
+    damaged[1].digest[0] ^= 1;
+    let partial = rendered.rebuild(&damaged, kit).unwrap();
+    assert_eq!(partial, memories[0]);
+    let after = rendered
+        .clone()
+        .tokenize(kit, 8192, Some(&partial))
+        .unwrap();
+    assert_eq!(
+        kit.decode(&after.tokens, false).unwrap(),
+        kit.decode(&last.tokens, false).unwrap()
+    );
+    // Records out of order, or of another conversation, fit nothing.
+    let mut swapped = records.clone();
+    swapped.swap(0, 1);
+    assert!(rendered.rebuild(&swapped, kit).is_none());
+    let (_, _, other_chat) = converse(kit, &["Name a lake.", "And?"]);
+    assert!(other_chat.rebuild(&records, kit).is_none());
+    let mut special_later = records.clone();
+    special_later[2].add_special = true;
+    assert_eq!(rendered.rebuild(&special_later, kit).unwrap(), memories[1]);
+}
+
+#[test]
+fn a_turn_record_refuses_bytes_it_did_not_write() {
+    let record = TurnRecord {
+        from: 3,
+        answer_at: 10,
+        end: 20,
+        add_special: true,
+        digest: [7; 32],
+        answer: vec![1, 2, u32::MAX],
+    };
+    let bytes = record.to_bytes();
+    assert_eq!(bytes.len(), 62 + 12);
+    assert_eq!(TurnRecord::from_bytes(&bytes).unwrap(), record);
+    for cut in [0, 1, 61, 62, 73] {
+        assert!(
+            TurnRecord::from_bytes(&bytes[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(TurnRecord::from_bytes(&longer).is_err());
+    let mut version = bytes.clone();
+    version[0] = 2;
+    assert!(TurnRecord::from_bytes(&version).is_err());
+    let mut flag = bytes.clone();
+    flag[25] = 2;
+    assert!(TurnRecord::from_bytes(&flag).is_err());
+    let mut count = bytes;
+    count[58] = 0xff;
+    assert!(TurnRecord::from_bytes(&count).is_err());
+}
+
+#[test]
+fn a_turn_record_whose_answer_ids_do_not_spell_its_text_ends_the_chain() {
+    // A fuzzer's finding: the digest covers the text, not the ids; a record whose answer ids
+    // were changed must not put another answer into the prompt.
+    let kit = kit();
+    let (_, memories, rendered) = converse(kit, &["Name a river.", "Another?", "Thanks."]);
+    let mut records: Vec<_> = memories.iter().map(Continuation::record).collect();
+    records[1].answer[0] = kit.encode("Zzz", false).unwrap()[0];
+    assert_eq!(rendered.rebuild(&records, kit).unwrap(), memories[0]);
 }

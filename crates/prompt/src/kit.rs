@@ -337,9 +337,23 @@ impl PromptKit {
         add_special: bool,
         limit: usize,
     ) -> Result<Vec<u32>, PromptError> {
-        let text = &chat.text()[from..];
-        if !chat
-            .pieces(from)
+        self.encode_rendered_between(chat, from..chat.text().len(), add_special, limit)
+    }
+
+    /// [`PromptKit::encode_rendered_within`] of `chat.text()[range]`: the ids that encoding the
+    /// chat cut at `range.end` would give from `range.start` (a session's earlier prompt,
+    /// within the conversation that grew from it). Panics if the range is not within the text
+    /// on character boundaries.
+    pub fn encode_rendered_between(
+        &self,
+        chat: &RenderedChat,
+        range: std::ops::Range<usize>,
+        add_special: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>, PromptError> {
+        let text = &chat.text()[range.clone()];
+        let pieces = chat.pieces_between(range.start, range.end);
+        if !pieces
             .iter()
             .any(|(piece, user)| *user && self.control_text_in(piece).is_some())
         {
@@ -347,7 +361,7 @@ impl PromptKit {
             return self.encode_within(false, text, add_special, limit);
         }
         let mut ids = Vec::new();
-        for (i, (piece, user)) in chat.pieces(from).into_iter().enumerate() {
+        for (i, (piece, user)) in pieces.into_iter().enumerate() {
             let special = add_special && i == 0;
             let left = limit.saturating_sub(ids.len());
             ids.extend(

@@ -59,21 +59,33 @@ impl RenderedChat {
     /// The pieces of `text[from..]`, in order: `(piece, written by a user)`. Empty pieces are
     /// left out.
     pub fn pieces(&self, from: usize) -> Vec<(&str, bool)> {
+        self.pieces_between(from, self.text.len())
+    }
+
+    /// The pieces of `text[from..to]` ([`RenderedChat::pieces`] of the text as if it ended at
+    /// `to`).
+    pub fn pieces_between(&self, from: usize, to: usize) -> Vec<(&str, bool)> {
         let mut out = Vec::new();
         let mut at = from;
         for r in &self.user {
             if r.end <= at {
                 continue;
             }
+            if r.start >= to || at >= to {
+                break;
+            }
             let start = r.start.max(at);
             if start > at {
                 out.push((&self.text[at..start], false));
             }
-            out.push((&self.text[start..r.end], true));
-            at = r.end;
+            let end = r.end.min(to);
+            if end > start {
+                out.push((&self.text[start..end], true));
+            }
+            at = end;
         }
-        if at < self.text.len() {
-            out.push((&self.text[at..], false));
+        if at < to {
+            out.push((&self.text[at..to], false));
         }
         out
     }
@@ -150,6 +162,9 @@ mod tests {
         );
         assert_eq!(chat.pieces(5), [("llo", true), ("</u><a>", false)]);
         assert_eq!(chat.pieces(9), [("/u><a>", false)]);
+        assert_eq!(chat.pieces_between(0, 5), [("<u>", false), ("he", true)]);
+        assert_eq!(chat.pieces_between(5, 9), [("llo", true), ("<", false)]);
+        assert!(chat.pieces_between(4, 4).is_empty());
         assert_eq!(RenderedChat::user_only("x".into()).pieces(0), [("x", true)]);
         assert!(RenderedChat::user_only(String::new()).pieces(0).is_empty());
     }

@@ -2,7 +2,8 @@
 //!
 //! Layout under a configurable root (default `/tidelock/`):
 //! `workers/<model>/<worker>`, `sessions/<model>/<tenant>/<session>`, `tenants/<tenant>`,
-//! `models/<model>`, and `salts/shared` (the secret salt of the tenants that share their cache). Directory functions end in '/', so a prefix watch on one model's directory
+//! `models/<model>`, `turns/<model>/<tenant>/<endpoint>/<session>/<n>` (a session's turn log,
+//! shared by router replicas), and `salts/shared` (the secret salt of the tenants that share their cache). Directory functions end in '/', so a prefix watch on one model's directory
 //! never sees another model whose name merely starts the same way.
 //!
 //! Invariant: every name is one path segment. Ids may contain '/' and '%', so each segment is
@@ -19,6 +20,7 @@ const SESSIONS: &str = "sessions/";
 const TENANTS: &str = "tenants/";
 const MODELS: &str = "models/";
 const SALTS: &str = "salts/";
+const TURNS: &str = "turns/";
 
 /// Escapes one path segment: '%' becomes `%25` and '/' becomes `%2F`; nothing else changes.
 pub fn escape_segment(segment: &str) -> Cow<'_, str> {
@@ -143,6 +145,41 @@ impl KeyLayout {
             SESSIONS,
             &[model.as_str(), tenant.as_str(), session.as_str()],
         )
+    }
+
+    /// `<root>turns/`: every session's turn log.
+    pub fn turns_dir(&self) -> String {
+        self.dir(TURNS, &[])
+    }
+
+    /// `<root>turns/<model>/<tenant>/<endpoint>/<session>/`: one session's turn log, the
+    /// answered turns router replicas share so that the next turn keeps its cached ids wherever
+    /// it lands (`endpoint` keeps a chat's log apart from a completion's of the same session).
+    pub fn turns_of(
+        &self,
+        model: &ModelName,
+        tenant: &TenantId,
+        endpoint: &str,
+        session: &SessionKey,
+    ) -> String {
+        self.dir(
+            TURNS,
+            &[model.as_str(), tenant.as_str(), endpoint, session.as_str()],
+        )
+    }
+
+    /// `<turns_of(..)><n>`: turn `n` of a session's log (zero-padded, so a listing is in turn
+    /// order).
+    pub fn turn(log: &str, n: u32) -> String {
+        format!("{log}{n:010}")
+    }
+
+    /// A `turn` key's log directory and turn number.
+    pub fn parse_turn<'k>(&self, key: &'k str) -> Option<(&'k str, u32)> {
+        let [_, _, _, _, n] = self.segments::<5>(key, TURNS)?;
+        let n = n.parse().ok()?;
+        let (log, _) = key.rsplit_once('/')?;
+        Some((&key[..log.len() + 1], n))
     }
 
     /// `<root>tenants/`: every tenant.
@@ -361,5 +398,35 @@ mod tests {
         assert_eq!(unescape_segment("%2f"), None);
         assert_eq!(unescape_segment("%"), None);
         assert_eq!(unescape_segment("%2"), None);
+    }
+
+    #[test]
+    fn turn_logs_are_one_directory_per_session_and_endpoint() {
+        let keys = KeyLayout::default();
+        let log = keys.turns_of(&model("smol"), &tenant("acme"), "chat", &session("a/b%"));
+        assert_eq!(log, "/tidelock/turns/smol/acme/chat/a%2Fb%25/");
+        let key = KeyLayout::turn(&log, 7);
+        assert_eq!(key, "/tidelock/turns/smol/acme/chat/a%2Fb%25/0000000007");
+        assert_eq!(keys.parse_turn(&key), Some((log.as_str(), 7)));
+        assert!(key.starts_with(&keys.turns_dir()));
+        assert_ne!(
+            log,
+            keys.turns_of(
+                &model("smol"),
+                &tenant("acme"),
+                "completion",
+                &session("a/b%")
+            )
+        );
+        // Listed in turn order.
+        assert!(KeyLayout::turn(&log, 9) < KeyLayout::turn(&log, 10));
+        for bad in [
+            "/tidelock/turns/smol/acme/chat/s",
+            "/tidelock/turns/smol/acme/chat/s/x",
+            "/tidelock/turns/smol/acme/chat/s/1/2",
+            "/tidelock/sessions/smol/acme/s",
+        ] {
+            assert_eq!(keys.parse_turn(bad), None, "{bad}");
+        }
     }
 }
