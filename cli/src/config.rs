@@ -332,6 +332,15 @@ pub(crate) enum Engine {
     Sim,
 }
 
+/// Where `tidelock up` keeps the cluster's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Store {
+    /// In the router's memory.
+    Memory,
+    /// In a local etcd that up starts.
+    Etcd,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct UpArgs {
     /// Model to serve: a GGUF file or a Hugging Face folder. Default: the SmolLM2-135M-Instruct
@@ -383,6 +392,15 @@ pub(crate) struct UpArgs {
     /// context. The simulator has no positional limit: raise it to replay long traces.
     #[arg(long)]
     pub(crate) max_context: Option<usize>,
+
+    /// Where the cluster's state (session pins, the turn log, tenants) lives. `memory`: in the
+    /// router's memory, gone when it restarts (the workers' KV index still finds every cached
+    /// prefix; only pins and answers' ids start afresh); nothing else to run, so the default.
+    /// `etcd`: a local etcd that up starts (the binary from `$TIDELOCK_ETCD` or PATH), its data
+    /// under the run directory, so a router that dies and is restarted serves every session
+    /// from its pin and turn log at once, as router replicas in a Kubernetes cluster do.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub(crate) store: Store,
 
     /// Tenants file for the router (see router/README.md); default: one local tenant whose key
     /// is kept in the cache and printed.

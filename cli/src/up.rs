@@ -1,11 +1,14 @@
 //! `tidelock up`: the local cluster. Starts N workers (or N shard groups of S workers with
-//! `--shards S`) and one router as child processes on loopback (in-memory state, workers given
-//! to the router by URL), shows progress while the model loads, waits until every part answers
-//! its readiness probe (polling with a deadline), prints the endpoint, the local tenant's API
-//! key and ready-to-paste examples, then supervises: a worker that dies is reported (the router
-//! routes around it), a shard that dies is restarted on its port (its group fails requests
-//! until then, and drops its cached prefixes when the shard is back); Ctrl-C or SIGTERM stops
-//! everything (SIGTERM, a grace period, then SIGKILL), leaving no process and no bound port.
+//! `--shards S`) and one router as child processes on loopback (workers given to the router by
+//! URL; state in the router's memory, or with `--store etcd` in a local etcd it starts first),
+//! shows progress while the model loads, waits until every part answers its readiness probe
+//! (polling with a deadline), prints the endpoint, the local tenant's API key and ready-to-paste
+//! examples, then supervises: a worker that dies is reported (the router routes around it); a
+//! shard, the router or etcd that dies is restarted on its port (a shard's group fails requests
+//! until then, and drops its cached prefixes when the shard is back; a restarted router finds
+//! its pins and turn log again in etcd, or starts them afresh in memory); Ctrl-C or SIGTERM
+//! stops everything (SIGTERM, a grace period, then SIGKILL), leaving no process and no bound
+//! port.
 //!
 //! One `up` at a time per cache directory: a lock file says so plainly to a second one. While it
 //! runs, `<cache>/up/` holds `endpoint` (the base URL), `parts.json` (each part's name, pid, URL
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 use tidelock_protocol::{ClusterToken, TenantRecord};
 use tokio::process::{Child, Command};
 
-use crate::config::{Engine, UpArgs};
+use crate::config::{Engine, Store, UpArgs};
 use crate::http::get;
 
 /// Exit code when something the cluster needs is missing or broken (model, binary, port).
@@ -30,8 +33,8 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_ALREADY_RUNNING: u8 = 3;
 /// How long each part has to stop after SIGTERM before it is killed.
 const GRACE: Duration = Duration::from_secs(10);
-/// How many times in a row a dead shard is restarted before up leaves it down (a shard that
-/// ran for [`STABLE`] starts a new row); the n-th restart waits n seconds.
+/// How many times in a row a dead shard, router or etcd is restarted before up leaves it down (a
+/// part that ran for [`STABLE`] starts a new row); the n-th restart waits n seconds.
 const MAX_RESTARTS: u32 = 5;
 const STABLE: Duration = Duration::from_secs(60);
 /// The local tenant's id.
@@ -50,9 +53,9 @@ pub(crate) struct Part {
     pub(crate) metrics_port: Option<u16>,
     program: PathBuf,
     args: Vec<String>,
-    /// A shard of a group (not its coordinator): restarted when it dies, up to
-    /// [`MAX_RESTARTS`] times in a row.
-    shard: bool,
+    /// A shard of a group (not its coordinator), the router or etcd: restarted when it dies, up
+    /// to [`MAX_RESTARTS`] times in a row.
+    restartable: bool,
     restarts: u32,
     started: Instant,
     /// When a dead shard is due to start again.
@@ -129,7 +132,7 @@ impl Part {
             metrics_port: None,
             program: program.to_owned(),
             args: args.to_vec(),
-            shard: false,
+            restartable: false,
             restarts: 0,
             started: Instant::now(),
             restart_at: None,
@@ -366,7 +369,7 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
     let _ = std::fs::write(run_dir.join("endpoint"), &endpoint);
     write_parts(&run_dir, &cluster);
     banner(&endpoint, &served, key.as_deref(), &logs, &metrics);
-    let code = supervise(&mut cluster, &run_dir).await;
+    let code = supervise(&mut cluster, &run_dir, args.store).await;
     println!("\ntidelock up: stopping");
     cluster.stop().await;
     let _ = std::fs::remove_file(run_dir.join("endpoint"));
@@ -400,6 +403,81 @@ struct Files<'a> {
     logs: &'a Path,
 }
 
+/// The etcd binary: `$TIDELOCK_ETCD`, or `etcd` on PATH.
+fn etcd_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("TIDELOCK_ETCD") {
+        return Ok(PathBuf::from(path));
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("etcd"))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or_else(|| {
+            "--store etcd: etcd is not on PATH; install it (Debian: apt-get install etcd-server; ./scripts/up does) or set TIDELOCK_ETCD".into()
+        })
+}
+
+/// Starts a local etcd for `--store etcd` (its data in `<run dir>/etcd`, new for every `up`:
+/// the workers start with empty caches, so older pins would lead nowhere), writes the tenants
+/// file into it and keeps it in step with the file; returns its client URL.
+async fn start_etcd(files: &Files<'_>, cluster: &mut Cluster) -> Result<String, String> {
+    let binary = etcd_binary()?;
+    let run_dir = files.logs.parent().unwrap_or(files.logs);
+    let data = run_dir.join("etcd");
+    if data.exists() {
+        std::fs::remove_dir_all(&data)
+            .map_err(|e| format!("cannot clear {}: {e}", data.display()))?;
+    }
+    let (client, peer) = (free_port()?, free_port()?);
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let etcd_args = vec![
+        "--name=tidelock-up".into(),
+        format!("--data-dir={}", data.display()),
+        format!("--listen-client-urls={client_url}"),
+        format!("--advertise-client-urls={client_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster=tidelock-up={peer_url}"),
+        "--log-level=warn".into(),
+    ];
+    let mut part = Part::spawn("etcd", &binary, &etcd_args, client, files.logs, false)?;
+    part.restartable = true;
+    println!(
+        "  etcd      starting on {client_url}, data in {} (log {})",
+        data.display(),
+        part.log.display()
+    );
+    cluster.parts.push(part);
+    let n = cluster.parts.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_ready(
+        &mut cluster.parts[n - 1..],
+        "/health",
+        deadline,
+        "starting etcd",
+    )
+    .await?;
+    let store: std::sync::Arc<dyn tidelock_state::StateStore> = std::sync::Arc::new(
+        tidelock_state::EtcdStore::connect(tidelock_state::EtcdConfig::new([client_url.clone()]))
+            .await
+            .map_err(|e| format!("etcd at {client_url}: {e}"))?,
+    );
+    let layout = tidelock_protocol::KeyLayout::default();
+    tidelock_router::tenants::load_file(&*store, &layout, files.tenants)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Edits to the tenants file apply live, as the router's own --tenants-file does.
+    tokio::spawn(tidelock_router::tenants::sync_file(
+        store,
+        layout,
+        files.tenants.to_owned(),
+    ));
+    Ok(client_url)
+}
+
 /// Starts the workers, then the router; returns the served model name and the router's
 /// metrics URL.
 async fn start(
@@ -410,11 +488,16 @@ async fn start(
     cluster: &mut Cluster,
 ) -> Result<(String, String), String> {
     let logs = files.logs;
+    let etcd = match args.store {
+        Store::Memory => None,
+        Store::Etcd => Some(start_etcd(files, cluster).await?),
+    };
     let served = model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let mut urls = Vec::new();
+    let first_worker = cluster.parts.len();
     for i in 0..args.workers {
         let ports = (0..args.shards)
             .map(|_| free_port())
@@ -440,6 +523,10 @@ async fn start(
                 cluster_token: Some(files.cluster_token),
             }
             .args(port, Some(metrics_port));
+            if let Some(url) = &etcd {
+                // Workers register themselves (on a lease: a dead one leaves the router's set).
+                worker_args.extend(["--etcd".into(), url.clone()]);
+            }
             let name = if args.shards > 1 {
                 worker_args.extend([
                     "--group".into(),
@@ -459,7 +546,7 @@ async fn start(
                 format!("worker-{i}")
             };
             let mut part = Part::spawn(&name, worker_bin, &worker_args, port, logs, false)?;
-            part.shard = shard > 0;
+            part.restartable = shard > 0;
             part.metrics_port = Some(metrics_port);
             let role = match (args.shards, shard) {
                 (1, _) => String::new(),
@@ -478,21 +565,35 @@ async fn start(
         }
     }
     let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
-    wait_ready(&mut cluster.parts, "/readyz", deadline, "loading the model").await?;
+    wait_ready(
+        &mut cluster.parts[first_worker..],
+        "/readyz",
+        deadline,
+        "loading the model",
+    )
+    .await?;
     let metrics_port = free_port()?;
     let mut router_args = vec![
         "--listen".into(),
         format!("127.0.0.1:{}", args.port),
         "--metrics-listen".into(),
         format!("127.0.0.1:{metrics_port}"),
-        "--worker".into(),
-        urls.join(","),
-        "--tenants-file".into(),
-        files.tenants.display().to_string(),
     ];
+    match etcd {
+        // Workers and tenants are in etcd (the tenants written by up, kept in step with the
+        // file).
+        Some(url) => router_args.extend(["--etcd".into(), url]),
+        None => router_args.extend([
+            "--worker".into(),
+            urls.join(","),
+            "--tenants-file".into(),
+            files.tenants.display().to_string(),
+        ]),
+    }
     router_args.extend(cluster_auth(Some(files.cluster_token)));
     let mut router = Part::spawn("router", router_bin, &router_args, args.port, logs, false)?;
     router.metrics_port = Some(metrics_port);
+    router.restartable = true;
     println!(
         "  router    starting on {} (log {})",
         router.url(),
@@ -597,7 +698,23 @@ Press Ctrl-C to stop."#,
 /// router routes around it. A shard that exits is restarted on its port: its group's
 /// coordinator fails requests while it is gone (the router places them elsewhere) and
 /// readmits it when it is back.
-async fn supervise(cluster: &mut Cluster, run_dir: &Path) -> ExitCode {
+/// What goes on while the part called `name` is down.
+fn meanwhile(name: &str, store: Store) -> &'static str {
+    match (name, store) {
+        ("router", Store::Etcd) => {
+            "the endpoint refuses connections; back, it serves every session from its pin and turn log in etcd"
+        }
+        ("router", Store::Memory) => {
+            "the endpoint refuses connections; back, it finds cached prefixes from the workers again, while pins and the turn memory start afresh (--store etcd keeps them)"
+        }
+        ("etcd", _) => {
+            "the router keeps its last-known pins and places new sessions without reading them"
+        }
+        _ => "its group fails requests and the router places them on other groups",
+    }
+}
+
+async fn supervise(cluster: &mut Cluster, run_dir: &Path, store: Store) -> ExitCode {
     let logs = run_dir.join("logs");
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
@@ -639,10 +756,7 @@ async fn supervise(cluster: &mut Cluster, run_dir: &Path) -> ExitCode {
                     part.log.display(),
                     part.log_tail(10)
                 );
-                if part.name == "router" {
-                    return ExitCode::from(EXIT_FAILED);
-                }
-                if part.shard {
+                if part.restartable {
                     if part.started.elapsed() >= STABLE {
                         part.restarts = 0;
                     }
@@ -650,14 +764,16 @@ async fn supervise(cluster: &mut Cluster, run_dir: &Path) -> ExitCode {
                         let wait = Duration::from_secs(u64::from(part.restarts) + 1);
                         part.restart_at = Some(Instant::now() + wait);
                         eprintln!(
-                            "tidelock up: restarting {} in {} s; until then its group fails requests and the router places them on other groups",
+                            "tidelock up: restarting {} in {} s; until then {}",
                             part.name,
-                            wait.as_secs()
+                            wait.as_secs(),
+                            meanwhile(&part.name, store)
                         );
                     } else {
                         eprintln!(
-                            "tidelock up: {} died {MAX_RESTARTS} times in a row; left down, its group fails requests (the router places them on other groups)",
-                            part.name
+                            "tidelock up: {} died {MAX_RESTARTS} times in a row; left down: {}",
+                            part.name,
+                            meanwhile(&part.name, store)
                         );
                     }
                     continue;
