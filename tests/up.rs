@@ -730,3 +730,48 @@ fn parts_after(cache: &Path, fallback: &[Value]) -> Vec<Value> {
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_else(|| fallback.to_vec())
 }
+
+/// `tidelock bench chaos` (issue #18, point 6), briefly: two router replicas, four simulated
+/// workers and etcd under steady multi-turn load while the seeded schedule kills processes.
+/// Only requests in flight on a killed process may fail, every answer equals the undisturbed
+/// replay's, and each killed process serves again.
+#[test]
+fn bench_chaos_fails_only_what_it_kills_and_changes_no_answer() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(binary("tidelock"))
+        .args([
+            "bench",
+            "chaos",
+            "--duration-secs",
+            "30",
+            "--fault-every-secs",
+            "6",
+        ])
+        .args(["--sessions", "4", "--seed", "7", "--out"])
+        .arg(out.path())
+        .env("TIDELOCK_MODEL", tidelock_e2e::model_path())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&run.stdout);
+    println!("{printed}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "exit {:?}", run.status.code());
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("chaos.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["failed_not_in_flight_on_a_killed_process"], 0);
+    assert_eq!(report["answers_differing"], 0);
+    assert!(
+        report["answers_compared"].as_u64().unwrap() > 100,
+        "{report}"
+    );
+    let faults = report["faults"].as_array().unwrap();
+    assert!(faults.len() >= 2, "{report}");
+    for f in faults {
+        assert!(f["recovery_s"].as_f64().is_some_and(|s| s < 30.0), "{f}");
+    }
+    assert!(
+        report["later_turn_hit_rate"].as_f64().unwrap() > 0.5,
+        "{report}"
+    );
+    assert!(printed.contains("| failed, not in flight on a killed process (must be 0) | 0 |"));
+}

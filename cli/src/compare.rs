@@ -212,7 +212,7 @@ pub(crate) async fn run(args: CompareArgs) -> ExitCode {
 }
 
 /// The tenants file (one tenant per key) and the keys.
-fn tenants(dir: &Path, n: usize) -> Result<(PathBuf, Vec<String>), String> {
+pub(crate) fn tenants(dir: &Path, n: usize) -> Result<(PathBuf, Vec<String>), String> {
     let keys: Vec<String> = (0..n.max(1))
         .map(|_| format!("sk-bench-{:032x}", rand::random::<u128>()))
         .collect();

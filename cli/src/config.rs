@@ -103,6 +103,85 @@ pub(crate) enum BenchCommand {
     /// all fronting the same simulated workers (started afresh for each): one table, JSON and
     /// PNG charts. The workload's --url and --api-key are the harness's own.
     Compare(Box<CompareArgs>),
+    /// Multi-turn sessions at steady load on a local cluster of simulated workers, two router
+    /// replicas and etcd, while processes are killed and restarted at random: failed requests,
+    /// answers that differ from an undisturbed replay, hit rate around each fault, recovery
+    /// times, memory of every process at the start and the end.
+    Chaos(ChaosArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ChaosArgs {
+    /// Seconds of load (faults stop a fault interval before the end, so the last recovers).
+    #[arg(long, default_value_t = 120)]
+    pub(crate) duration_secs: u64,
+
+    /// Mean seconds between faults (each interval drawn between half and one and a half times).
+    #[arg(long, default_value_t = 15.0)]
+    pub(crate) fault_every_secs: f64,
+
+    /// Seconds a killed process stays down before it is started again.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) down_secs: f64,
+
+    /// What may be killed, comma-separated: worker, router, etcd.
+    #[arg(long, value_delimiter = ',', default_value = "worker,router,etcd")]
+    pub(crate) kill: Vec<String>,
+
+    /// Seed of the fault schedule (victims and times).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+
+    /// Simulated workers.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) workers: usize,
+
+    /// Router replicas (clients stick to one per session, and move to the next when theirs
+    /// refuses connections, as a load balancer does).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) routers: usize,
+
+    /// Conversations at once; each starts a new one after `--turns` turns.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) sessions: usize,
+
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 6)]
+    pub(crate) turns: usize,
+
+    /// Pause between an answer and the next turn, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) think_ms: u64,
+
+    /// Words in each conversation's system prompt, and in each user message.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) system_words: usize,
+    #[arg(long, default_value_t = 20)]
+    pub(crate) message_words: usize,
+
+    /// Tokens per answer.
+    #[arg(long, default_value_t = 24)]
+    pub(crate) max_tokens: u32,
+
+    /// KV cache per worker, and tokens per block.
+    #[arg(long, default_value = "1GiB")]
+    pub(crate) kv_cache: String,
+    #[arg(long, default_value_t = 16)]
+    pub(crate) block_tokens: u32,
+
+    /// Simulated prefill speed (tokens per second) and fixed step cost (milliseconds).
+    #[arg(long, default_value_t = 200_000.0)]
+    pub(crate) sim_prefill_tokens_per_s: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) sim_step_ms: f64,
+
+    /// The model file whose tokenizer the workers serve. Default: the default model in the cache.
+    #[arg(long, env = "TIDELOCK_MODEL")]
+    pub(crate) model_file: Option<PathBuf>,
+
+    /// Folder for the report (JSON) and every process's log.
+    #[arg(long, default_value = "bench-chaos")]
+    pub(crate) out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +508,11 @@ impl UpArgs {
     pub(crate) fn cache_dir(&self) -> PathBuf {
         cache_dir(self.cache_dir.as_ref())
     }
+}
+
+/// The cache directory when none is given: `$XDG_CACHE_HOME/tidelock` or `~/.cache/tidelock`.
+pub(crate) fn default_cache_dir() -> PathBuf {
+    cache_dir(None)
 }
 
 fn cache_dir(given: Option<&PathBuf>) -> PathBuf {

@@ -11,6 +11,7 @@
 //!   (`kube.rs`).
 
 mod bench;
+mod chaos;
 mod chart;
 mod chat;
 mod compare;
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
                 config::BenchCommand::Trace(args) => bench::run(args).await,
                 config::BenchCommand::Sessions(args) => sessions::run(args).await,
                 config::BenchCommand::Compare(args) => compare::run(*args).await,
+                config::BenchCommand::Chaos(args) => chaos::run(args).await,
             },
             config::Command::Kube(args) => match args.command {
                 config::KubeCommand::Up(args) => kube::up(args).await,

@@ -27,7 +27,7 @@ const VOCABULARY: &[&str] = &[
 ];
 
 /// `n` words, a fixed walk per `seed`.
-fn words(n: usize, seed: u64) -> String {
+pub(crate) fn words(n: usize, seed: u64) -> String {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {

@@ -140,7 +140,7 @@ impl Part {
     }
 
     /// Starts the part again, as it was started (its log continues).
-    fn respawn(&mut self, logs: &Path) -> Result<(), String> {
+    pub(crate) fn respawn(&mut self, logs: &Path) -> Result<(), String> {
         let mut again = Part::spawn(&self.name, &self.program, &self.args, self.port, logs, true)?;
         again.metrics_port = self.metrics_port;
         self.child = again.child;
@@ -249,12 +249,13 @@ pub(crate) fn cluster_auth(file: Option<&Path>) -> Vec<String> {
 
 /// Everything started so far: `stop` ends it in reverse order (router first); dropped, every
 /// child is killed (`kill_on_drop`).
-struct Cluster {
-    parts: Vec<Part>,
+pub(crate) struct Cluster {
+    pub(crate) parts: Vec<Part>,
 }
 
 impl Cluster {
-    async fn stop(&mut self) {
+    /// Stops every part, the last started first.
+    pub(crate) async fn stop(&mut self) {
         while let Some(mut part) = self.parts.pop() {
             part.stop().await;
         }
@@ -397,10 +398,10 @@ fn write_parts(run_dir: &Path, cluster: &Cluster) {
 }
 
 /// The files the cluster's parts are started with.
-struct Files<'a> {
-    tenants: &'a Path,
-    cluster_token: &'a Path,
-    logs: &'a Path,
+pub(crate) struct Files<'a> {
+    pub(crate) tenants: &'a Path,
+    pub(crate) cluster_token: &'a Path,
+    pub(crate) logs: &'a Path,
 }
 
 /// The etcd binary: `$TIDELOCK_ETCD`, or `etcd` on PATH.
@@ -422,7 +423,7 @@ fn etcd_binary() -> Result<PathBuf, String> {
 /// Starts a local etcd for `--store etcd` (its data in `<run dir>/etcd`, new for every `up`:
 /// the workers start with empty caches, so older pins would lead nowhere), writes the tenants
 /// file into it and keeps it in step with the file; returns its client URL.
-async fn start_etcd(files: &Files<'_>, cluster: &mut Cluster) -> Result<String, String> {
+pub(crate) async fn start_etcd(files: &Files<'_>, cluster: &mut Cluster) -> Result<String, String> {
     let binary = etcd_binary()?;
     let run_dir = files.logs.parent().unwrap_or(files.logs);
     let data = run_dir.join("etcd");

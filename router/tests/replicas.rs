@@ -17,8 +17,8 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{Value, json};
-use support::cluster::{KEY_A, KEY_B, MODEL, kit, put_tenant, tenant_record};
-use support::{BLOCK, RunningWorker, serve_worker};
+use support::cluster::{KEY_A, KEY_B, MODEL, put_tenant, sim_workers, tenant_record};
+use support::{BLOCK, RunningWorker};
 use tidelock_protocol::KeyLayout;
 use tidelock_router::app::{Settings, Shared, app};
 use tidelock_router::discovery::register_static;
@@ -119,21 +119,7 @@ impl Drop for Replica {
 /// Real etcd, `n` sim workers registered in it (`sim` adjusts them), tenants a, b, c.
 async fn cluster(n: usize, sim: impl Fn(&mut SimWorker)) -> (EtcdServer, Vec<RunningWorker>) {
     let etcd = EtcdServer::start().await.unwrap();
-    let workers: Vec<RunningWorker> = (0..n)
-        .map(|_| {
-            let mut w = SimWorker {
-                model: tidelock_protocol::ModelName::new(MODEL).unwrap(),
-                kit: Some(kit()),
-                ..SimWorker::new(BLOCK)
-            };
-            sim(&mut w);
-            serve_worker("127.0.0.1:0", w)
-        })
-        .collect();
-    let urls: Vec<String> = workers
-        .iter()
-        .map(|w| format!("http://{}", w.addr))
-        .collect();
+    let (workers, urls) = sim_workers(n, sim);
     let store = EtcdStore::connect(etcd.config()).await.unwrap();
     let layout = KeyLayout::default();
     register_static(&store, &layout, &urls, &support::http())

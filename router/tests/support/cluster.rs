@@ -61,6 +61,13 @@ pub fn tenant_record(key: &str) -> TenantRecord {
 /// `n` sim workers (each adjusted by `sim`), tenants `a` and `b` (keys [`KEY_A`], [`KEY_B`],
 /// no limits), a router with `settings`; returns once every worker is ready in the router.
 pub async fn cluster(n: usize, settings: Settings, sim: impl Fn(&mut SimWorker)) -> Cluster {
+    let (workers, urls) = sim_workers(n, sim);
+    cluster_at(&urls, workers, settings).await
+}
+
+/// `n` sim workers of model [`MODEL`] on the default model's tokenizer, each adjusted by
+/// `sim`, serving on loopback; and their URLs.
+pub fn sim_workers(n: usize, sim: impl Fn(&mut SimWorker)) -> (Vec<RunningWorker>, Vec<String>) {
     let workers: Vec<RunningWorker> = (0..n)
         .map(|_| {
             let mut w = SimWorker {
@@ -72,11 +79,11 @@ pub async fn cluster(n: usize, settings: Settings, sim: impl Fn(&mut SimWorker))
             serve_worker("127.0.0.1:0", w)
         })
         .collect();
-    let urls: Vec<String> = workers
+    let urls = workers
         .iter()
         .map(|w| format!("http://{}", w.addr))
         .collect();
-    cluster_at(&urls, workers, settings).await
+    (workers, urls)
 }
 
 /// A router with `settings` over the workers at `urls` (`workers` are kept running for as long
