@@ -707,22 +707,25 @@ async fn place(
             .layout()
             .turns_of(&model.name, &tenant.id, endpoint.as_str(), s)
     });
-    let mut previous = turn_key
+    let previous = turn_key
         .as_deref()
         .and_then(|k| state.turns.get(k))
         .filter(|p| rendered.continues(p));
     // Unless nobody answered the session since this replica's memory (or it has none), the log
-    // the replicas share continues the prompt further.
+    // the replicas share continues the prompt further (this replica's memory serves when
+    // nothing in the log fits).
     let mut shared = Vec::new();
     if let (Some(log), Some(key)) = (&state.turn_log, &turn_key)
         && rendered.is_text()
     {
         shared = log.newer(key, previous.as_ref().map(|p| p.turns())).await;
-        if !shared.is_empty() {
-            previous = None;
-        }
     }
-    let text = rendered.bytes_to_tokenize(previous.as_deref());
+    // Rebuilding from the log tokenizes the text between the answers: about all of it.
+    let text = if shared.is_empty() {
+        rendered.bytes_to_tokenize(previous.as_deref())
+    } else {
+        rendered.bytes_to_tokenize(None)
+    };
     let in_pieces = kit.encodes_in_pieces(rendered.adds_special());
     let reserve = tokenize_reserve(text, in_pieces, context);
     let (tokenized, _) = {

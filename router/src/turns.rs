@@ -3,7 +3,7 @@
 //! (issue #18, point 5).
 //!
 //! Why: each replica remembers a session's last prompt and answer as the ids the worker cached
-//! ([`Continuations`], the turn memory). A client behind a load balancer sends its next turn
+//! ([`tidelock_openai::Continuations`], the turn memory). A client behind a load balancer sends its next turn
 //! to any replica; one that did not serve the turn before re-tokenizes the answer from its
 //! text, which rarely gives the ids the model generated, and the session's cache breaks at
 //! its first answer.
@@ -17,8 +17,8 @@
 //! with one point read (`<n>` after its memory's last turn) that nobody answered the session
 //! since; if somebody did, or it has no memory of the session, it reads the session's log and
 //! rebuilds the ids from it ([`tidelock_openai::Rendered::rebuild`]). Every record is checked
-//! against the prompt's text by digest, so a stale or foreign log can only cost a cache miss,
-//! never a wrong prompt. Reads have the read deadline and are skipped while the store is
+//! against the prompt's text (by digest, and its answer's ids by decoding them), so a stale,
+//! foreign or damaged log can only cost a cache miss, never a wrong prompt. Reads have the read deadline and are skipped while the store is
 //! unreachable ([`Pins::store_reachable`]): then the replica's own memory, or the text, serves.
 //!
 //! Records live on one lease per session with the idle timeout as TTL, refreshed at each write;
