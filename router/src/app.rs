@@ -720,12 +720,13 @@ async fn place(
     {
         shared = log.newer(key, previous.as_ref().map(|p| p.turns())).await;
     }
-    // Rebuilding from the log tokenizes the text between the answers: about all of it.
-    let text = if shared.is_empty() {
-        rendered.bytes_to_tokenize(previous.as_deref())
-    } else {
-        rendered.bytes_to_tokenize(None)
-    };
+    // What is left to tokenize (no second digest of the text: `continues` checked it); a
+    // rebuild from the log tokenizes the text between the answers, about all of it.
+    let text = rendered.bytes_to_tokenize(None)
+        - previous
+            .as_ref()
+            .filter(|_| shared.is_empty())
+            .map_or(0, |p| p.text_len());
     let in_pieces = kit.encodes_in_pieces(rendered.adds_special());
     let reserve = tokenize_reserve(text, in_pieces, context);
     let (tokenized, _) = {

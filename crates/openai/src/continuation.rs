@@ -141,6 +141,11 @@ impl Continuation {
         (blake3::hash(head.as_bytes()) == self.digest).then(|| &text[self.text_len..])
     }
 
+    /// Bytes of the text it remembers.
+    pub fn text_len(&self) -> usize {
+        self.text_len
+    }
+
     /// Its last turn, to share with the other router replicas.
     pub fn record(&self) -> TurnRecord {
         TurnRecord {
@@ -151,11 +156,6 @@ impl Continuation {
             digest: *self.digest.as_bytes(),
             answer: self.ids[self.ids.len() - self.last.answer_ids..].to_vec(),
         }
-    }
-
-    /// Whether `record` is this continuation's last turn (as another replica would write it).
-    pub fn is_last(&self, record: &TurnRecord) -> bool {
-        record.digest == *self.digest.as_bytes() && record.end == self.text_len
     }
 
     /// The continuation a session's turn log stands for in `chat`: every record's text checked
@@ -375,19 +375,6 @@ impl Continuations {
         }
         held.tokens += size;
         held.lru.put(key, Arc::new(continuation));
-    }
-
-    /// Forgets the session's continuation unless `keep` holds for it; whether it was forgotten.
-    /// Does not mark it recently used.
-    pub fn forget_unless(&self, key: &str, keep: impl FnOnce(&Continuation) -> bool) -> bool {
-        let mut held = self.held();
-        if held.lru.peek(key).is_none_or(|c| keep(c)) {
-            return false;
-        }
-        if let Some(old) = held.lru.pop(key) {
-            held.tokens -= charge(key, &old);
-        }
-        true
     }
 
     /// Sessions held, and what they count against the budget (ids plus overheads, in ids).
