@@ -148,21 +148,29 @@ impl Proc {
 
     /// Sends SIGTERM and waits up to `grace` for the exit, then kills.
     pub fn stop(&mut self, grace: Duration) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
+        if self.terminate(grace).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Sends SIGTERM (unless it has exited already) and waits up to `grace`: how it exited, or
+    /// `None` when it still runs.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Some(status) = self.child.try_wait().ok().flatten() {
+            return Some(status);
         }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let until = Instant::now() + grace;
         while Instant::now() < until {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
+            if let Some(status) = self.child.try_wait().ok().flatten() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        None
     }
 }
 

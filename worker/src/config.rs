@@ -133,6 +133,11 @@ pub struct Config {
     /// Simulator: added cost per decoding sequence per step, in milliseconds.
     #[arg(long, default_value_t = 0.0)]
     pub sim_decode_ms_per_sequence: f64,
+
+    /// Simulator: seconds its weights take to load (a large model's start), during which
+    /// `/healthz` answers and `/readyz` does not.
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_load_secs: f64,
 }
 
 impl Config {

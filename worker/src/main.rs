@@ -1,11 +1,14 @@
 //! `tidelock-worker`: loads a model, runs the engine on its own thread, and serves the worker API
 //! (DESIGN.md, "Worker API") until SIGINT or SIGTERM.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use clap::Parser;
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::{
@@ -29,6 +32,7 @@ use tidelock_worker::registration::{self, Registration};
 use tidelock_worker::server::runner::Command;
 use tidelock_worker::server::{self, app};
 use tidelock_worker::shard_rpc::HttpLink;
+use tower::ServiceExt;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
@@ -65,6 +69,108 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         bail!("--engine sim does not shard: run a group with the real engine, or --shards 1");
     }
 
+    // Listen from the first second: `/healthz` answers while the weights load (a startup
+    // probe's budget covers that), `/readyz` and every other route only once loaded.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let serving: Arc<OnceLock<Router>> = Arc::default();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn({
+        let app = while_loading(serving.clone());
+        let mut stopped = stopped;
+        async move {
+            axum::serve(nodelay(listener), app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        }
+    });
+    tracing::info!(listen = %config.listen, "loading; /healthz answers meanwhile");
+    let config = Arc::new(config);
+    let loading = {
+        let (config, token) = (config.clone(), token.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let (done, loaded) = tokio::sync::oneshot::channel();
+        // A thread of its own: loading is seconds to minutes of blocking work, and a signal
+        // meanwhile ends the process without waiting for it.
+        std::thread::spawn(move || {
+            let _runtime = runtime.enter();
+            let _ = done.send(load(&config, token, block_tokens, served, timing));
+        });
+        loaded
+    };
+    let signal = tidelock_service::shutdown_signal();
+    tokio::pin!(signal);
+    let loaded = tokio::select! {
+        loaded = loading => loaded.context("loading stopped")??,
+        () = &mut signal => {
+            tracing::info!("stopped while loading");
+            return Ok(());
+        }
+    };
+    // Registered first, then ready: a worker that says ready is one routers can find.
+    let (registration, engine) = match loaded {
+        Loaded::Shard { info, store } => {
+            let app = serve_shard(&config, &info, store, &guard).await?;
+            let registration = register(&config, &info).await?;
+            let _ = serving.set(guard.protect(app));
+            (registration, None)
+        }
+        Loaded::Engine(started) => {
+            let state = started.state;
+            guard.register(state.metrics.registry())?;
+            if let Some(addr) = config.metrics_listen {
+                metrics_listener::spawn(addr, app(state.clone())).await?;
+            }
+            let registration = register(&config, &state.info).await?;
+            let _ = serving.set(guard.protect(app(state.clone())));
+            tracing::info!(
+                model = %state.info.model,
+                engine = ?config.engine,
+                kv_blocks = state.info.kv_capacity_blocks,
+                block_tokens = state.info.block_tokens.get(),
+                "serving on http://{}",
+                config.listen
+            );
+            (registration, Some((state, started.engine_thread)))
+        }
+    };
+    signal.await;
+    tracing::info!("shutting down");
+    if let Some((state, _)) = &engine {
+        state.draining.store(true, Ordering::Relaxed);
+    }
+    let _ = stop.send(true);
+    server.await??;
+    if let Some(registration) = registration {
+        registration.deregister().await;
+    }
+    if let Some((state, thread)) = engine {
+        let _ = state.commands.send(Command::Shutdown);
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+/// What loading produced: a shard's KV store, or a running engine.
+enum Loaded {
+    Shard { info: WorkerInfo, store: KvStore },
+    Engine(server::Started),
+}
+
+/// Reads the tokenizer and the model, sizes the KV cache and starts the engine: the slow part
+/// of a start (blocking; minutes for a large model).
+fn load(
+    config: &Config,
+    token: Option<tidelock_protocol::ClusterToken>,
+    block_tokens: BlockTokens,
+    served: ModelName,
+    timing: tidelock_worker::engine::sim::Timing,
+) -> anyhow::Result<Loaded> {
+    let shards = config.shards as usize;
+    let coordinator = shards > 1 && config.shard == 0;
     // A folder is a Hugging Face checkpoint; a file is GGUF.
     let hf_folder = config.model.is_dir();
     tracing::info!(model = %config.model.display(), "loading tokenizer and chat template");
@@ -140,7 +246,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     if shards > 1 && config.shard > 0 {
-        return serve_shard(config, info, KvStore::new(shape, num_blocks), guard).await;
+        let store = KvStore::new(shape, num_blocks);
+        return Ok(Loaded::Shard { info, store });
     }
     let tokenizer = kit.to_json()?;
     let started = match config.engine {
@@ -178,6 +285,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             server::start(engine, info, tokenizer, Some(kit.clone()))?
         }
         EngineKind::Sim => {
+            // What loading a model's weights would take on the machine simulated.
+            std::thread::sleep(Duration::from_secs_f64(config.sim_load_secs.max(0.0)));
             let sim = SimExecutor::new(model_config.vocab_size, timing);
             server::start(
                 Engine::new(engine_config, pool, sim),
@@ -187,39 +296,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             )?
         }
     };
-    let state = started.state;
-    let commands = state.commands.clone();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    tracing::info!(
-        model = %served,
-        engine = ?config.engine,
-        kv_blocks = num_blocks,
-        block_tokens = bt,
-        "serving on http://{}",
-        listener.local_addr()?
-    );
-    let registration = register(&config, &state.info).await?;
-    guard.register(state.metrics.registry())?;
-    if let Some(addr) = config.metrics_listen {
-        metrics_listener::spawn(addr, app(state.clone())).await?;
-    }
-    let shutdown_state = state.clone();
-    let listener = nodelay(listener);
-    axum::serve(listener, guard.protect(app(state)))
-        .with_graceful_shutdown(async move {
-            tidelock_service::shutdown_signal().await;
-            tracing::info!("shutting down");
-            shutdown_state.draining.store(true, Ordering::Relaxed);
-        })
-        .await?;
-    if let Some(registration) = registration {
-        registration.deregister().await;
-    }
-    let _ = commands.send(Command::Shutdown);
-    let _ = started.engine_thread.join();
-    Ok(())
+    Ok(Loaded::Engine(started))
 }
 
 fn load_model(path: &std::path::Path, hf_folder: bool) -> anyhow::Result<Llama> {
@@ -275,13 +352,14 @@ async fn register(config: &Config, info: &WorkerInfo) -> anyhow::Result<Option<R
 }
 
 /// A shard other than the coordinator: its KV store behind the shard RPC, no model weights and
-/// no engine (the coordinator runs the layers).
+/// no engine (the coordinator runs the layers). Returns its routes (before the credential
+/// check, which the caller adds), with the metrics port serving them already.
 async fn serve_shard(
-    config: Config,
-    info: WorkerInfo,
+    config: &Config,
+    info: &WorkerInfo,
     store: KvStore,
-    guard: ClusterGuard,
-) -> anyhow::Result<()> {
+    guard: &ClusterGuard,
+) -> anyhow::Result<Router> {
     let blocks = store.num_blocks();
     let server = ShardServer::new(store);
     tracing::info!(
@@ -294,26 +372,33 @@ async fn serve_shard(
         tidelock_worker::shard_rpc::PATH,
         config.listen
     );
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let registration = register(&config, &info).await?;
     let app = tidelock_worker::shard_rpc::shard_app(
-        info,
+        info.clone(),
         Arc::new(std::sync::Mutex::new(server)),
-        &guard,
+        guard,
     );
     if let Some(addr) = config.metrics_listen {
         metrics_listener::spawn(addr, app.clone()).await?;
     }
-    axum::serve(nodelay(listener), guard.protect(app))
-        .with_graceful_shutdown(async {
-            tidelock_service::shutdown_signal().await;
-            tracing::info!("shutting down");
-        })
-        .await?;
-    if let Some(registration) = registration {
-        registration.deregister().await;
-    }
-    Ok(())
+    Ok(app)
+}
+
+/// The worker's routes while it loads: `/healthz` answers (the process is alive, a startup
+/// probe passes), everything else is 503 until [`OnceLock::set`] puts the real routes in
+/// `serving`, after which every request goes there.
+fn while_loading(serving: Arc<OnceLock<Router>>) -> Router {
+    Router::new().fallback(move |request: axum::extract::Request| {
+        let serving = serving.clone();
+        async move {
+            match serving.get() {
+                Some(app) => app.clone().oneshot(request).await.into_response(),
+                None if request.uri().path() == "/healthz" => "loading".into_response(),
+                None => server::error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the worker is loading its model",
+                ),
+            }
+        }
+    })
 }
