@@ -364,6 +364,18 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         assert!(!accepted && refusal.contains(words), "{refusal}");
     }
 
+    // The examples run under Pod Security's "restricted" profile (issue #19, point 3): the API
+    // server refuses any worker pod that asks for more.
+    p.ok(
+        "kubectl",
+        &[
+            "label",
+            "namespace",
+            ML,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+    );
+
     // kubectl apply -f every example, after the Secret the Tenant example names.
     let example_key = random_key();
     let example_key = example_key.as_str();
@@ -396,11 +408,15 @@ async fn helm_install_then_kubectl_apply_the_examples() {
     }
     let table = p.ok("kubectl", &["get", "models", "-n", ML]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "SERVED", "READY", "CONTEXT", "AGE"]);
+    assert_eq!(
+        header,
+        ["NAME", "SERVED", "READY", "UPDATED", "CONTEXT", "AGE"]
+    );
     assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("smollm2 ") && l.contains(" 2/2 ")),
+        table.lines().any(|l| {
+            let row: Vec<&str> = l.split_whitespace().collect();
+            row.len() == 6 && row[0] == "smollm2" && row[2] == "2/2" && row[3] == "2"
+        }),
         "{table}"
     );
 
@@ -655,7 +671,14 @@ async fn helm_install_then_kubectl_apply_the_examples() {
     .await
     .unwrap();
 
-    // Failures surface on the Model: no node fits, Pod Security, quota.
+    // One served name, one Model: the same name from another namespace is refused, naming the
+    // holder, and its deletion leaves the holder serving.
+    served_names_are_not_shared(&p, &layout).await;
+
+    // A rollout of three groups keeps two serving at every moment.
+    rollout_keeps_groups_serving(&p, &layout).await;
+
+    // Failures surface on the Model: no node fits, a limit refuses its pods, quota.
     failures_surface(&p).await;
 
     // Two operator replicas: exactly one leads on the real Lease API; killing it hands over.
@@ -787,7 +810,269 @@ async fn bundled_etcd_certificates_are_kept(p: &Cluster, chart: &str) {
     }
 }
 
-/// A Model nothing can schedule, one Pod Security refuses, one over its namespace's quota: each
+/// Issue #19, point 5: a Model in another namespace asking for `smollm2`'s served name is
+/// `Degraded` (`ServedNameTaken`) naming `ml/smollm2`, gets no StatefulSet, and its deletion
+/// (through its finalizer) leaves `smollm2`'s registrations in the cluster state.
+async fn served_names_are_not_shared(p: &Cluster, layout: &KeyLayout) {
+    let served = ModelName::new("smollm2".to_owned()).unwrap();
+    let registered = || async {
+        p.store
+            .list(&layout.workers_of(&served))
+            .await
+            .unwrap()
+            .kvs
+            .len()
+    };
+    let before = registered().await;
+    assert!(before > 0, "smollm2 has workers registered");
+    p.ok("kubectl", &["create", "namespace", "ml-other"]);
+    let copy: Model = serde_json::from_value(json!({
+        "apiVersion": "tidelock.dev/v1alpha1", "kind": "Model",
+        "metadata": {"name": "smollm2", "namespace": "ml-other"},
+        "spec": {"source": {"url": {"url": "https://example.com/model.gguf"}}},
+    }))
+    .unwrap();
+    let other: Api<Model> = p.api("ml-other");
+    other.create(&Default::default(), &copy).await.unwrap();
+    let (reason, message) = wait_for("the second smollm2 to be refused", LIMIT, || async {
+        let m = other.get("smollm2").await.ok()?;
+        let (status, reason, message) = condition(&m, "Degraded")?;
+        (status == "True").then_some((reason, message))
+    })
+    .await
+    .unwrap();
+    eprintln!("Model ml-other/smollm2: Degraded {reason}: {message}");
+    assert_eq!(reason, "ServedNameTaken");
+    assert!(
+        message.contains("belongs to Model ml/smollm2 already"),
+        "{message}"
+    );
+    let groups: Api<StatefulSet> = p.api("ml-other");
+    assert!(
+        groups
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    p.ok(
+        "kubectl",
+        &[
+            "delete",
+            "model",
+            "smollm2",
+            "-n",
+            "ml-other",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    );
+    assert_eq!(
+        registered().await,
+        before,
+        "the holder's registrations stay"
+    );
+    let holder = p.api::<Model>(ML).get("smollm2").await.unwrap();
+    assert!(condition(&holder, "Ready").is_some_and(|(s, _, _)| s == "True"));
+}
+
+/// What a poll of a Model's groups saw during a rollout.
+#[derive(Debug, Default)]
+struct RolloutWatch {
+    polls: usize,
+    /// The fewest groups serving at one poll.
+    fewest: Option<usize>,
+    /// Polls at which exactly `groups - 1` served (a group was being replaced).
+    one_down: usize,
+    /// The Progressing messages seen, in order, without repeats.
+    messages: Vec<String>,
+}
+
+/// Groups of `model` serving now, and how many it has: a group serves when each of its
+/// `shards` worker pods is ready, not terminating, and registered in the cluster state under
+/// its group and shard (a group with a pod missing, being replaced, does not).
+async fn serving_groups(p: &Cluster, layout: &KeyLayout, model: &Model) -> Option<(usize, usize)> {
+    let name = model.name_any();
+    let pods: Api<Pod> = p.api(ML);
+    let selector = format!("tidelock.dev/model={name}");
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .ok()?;
+    let served = ModelName::new(model.spec.served_name.clone().unwrap_or(name.clone())).unwrap();
+    let registered: BTreeSet<(String, u32)> = p
+        .store
+        .list(&layout.workers_of(&served))
+        .await
+        .ok()?
+        .kvs
+        .iter()
+        .filter_map(|kv| {
+            serde_json::from_slice::<tidelock_protocol::WorkerRegistration>(&kv.value).ok()
+        })
+        .map(|r| (r.group.as_str().to_owned(), r.shard.get()))
+        .collect();
+    let groups = usize::try_from(model.spec.replicas).unwrap();
+    let serving = (0..groups)
+        .filter(|g| {
+            let group = format!("{name}-g{g}");
+            (0..model.spec.shards).all(|shard| {
+                list.items.iter().any(|pod| {
+                    pod.labels().get("tidelock.dev/group") == Some(&group)
+                        && pod.labels().get("apps.kubernetes.io/pod-index")
+                            == Some(&shard.to_string())
+                        && is_ready(pod)
+                        && pod.metadata.deletion_timestamp.is_none()
+                        && registered.contains(&(group.clone(), shard as u32))
+                })
+            })
+        })
+        .count();
+    Some((serving, groups))
+}
+
+/// Changes `model`'s spec and polls its groups every 100 ms until every worker was replaced
+/// and the Model is Ready with all groups updated.
+async fn watch_rollout(
+    p: &Cluster,
+    layout: &KeyLayout,
+    model: &str,
+    change: Value,
+) -> RolloutWatch {
+    let pods: Api<Pod> = p.api(ML);
+    let models: Api<Model> = p.api(ML);
+    let selector = ListParams::default().labels(&format!("tidelock.dev/model={model}"));
+    let uids = |pods: Vec<Pod>| pods.iter().filter_map(|p| p.uid()).collect::<BTreeSet<_>>();
+    let before = uids(pods.list(&selector).await.unwrap().items);
+    models
+        .patch(
+            model,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": change})),
+        )
+        .await
+        .unwrap();
+    let mut seen = RolloutWatch::default();
+    let until = Instant::now() + SLOW;
+    loop {
+        assert!(
+            Instant::now() < until,
+            "the rollout did not finish within {SLOW:?}: {seen:?}"
+        );
+        let m = models.get(model).await.unwrap();
+        let Some((serving, groups)) = serving_groups(p, layout, &m).await else {
+            continue;
+        };
+        seen.polls += 1;
+        seen.fewest = Some(seen.fewest.map_or(serving, |f| f.min(serving)));
+        seen.one_down += usize::from(serving + 1 == groups);
+        let status = m.status.clone().unwrap_or_default();
+        if let Some((_, _, message)) = condition(&m, "Progressing")
+            && seen.messages.last() != Some(&message)
+        {
+            seen.messages.push(message);
+        }
+        let now = uids(pods.list(&selector).await.unwrap().items);
+        let ready = condition(&m, "Ready").is_some_and(|(s, _, _)| s == "True");
+        if now.is_disjoint(&before)
+            && ready
+            && status.updated_groups == status.desired_groups
+            && serving == groups
+        {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue #19, point 1: the GPU example (simulated workers) at three groups; a spec change rolls
+/// one group at a time, so at every poll at least two groups serve (ready, registered, not
+/// terminating), and the Model's status tells the rollout's progress. Then the same change
+/// with `maxUnavailableGroups: 3`, which lets every group go at once: fewer than two serve at
+/// some poll, so the watch can see what it guards against.
+async fn rollout_keeps_groups_serving(p: &Cluster, layout: &KeyLayout) {
+    let model = "llama-3-1-8b";
+    p.api::<Model>(ML)
+        .patch(
+            model,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
+    p.model_ready(model, "3/3", SLOW).await;
+    let started = Instant::now();
+    let one_by_one = watch_rollout(p, layout, model, json!({"maxContextTokens": 65536})).await;
+    eprintln!(
+        "rollout, at most 1 group down, {:.1} s: {} polls, fewest groups serving {:?}, {} polls with one group down; Progressing said:\n  {}",
+        started.elapsed().as_secs_f64(),
+        one_by_one.polls,
+        one_by_one.fewest,
+        one_by_one.one_down,
+        one_by_one.messages.join("\n  ")
+    );
+    assert!(one_by_one.fewest >= Some(2), "{one_by_one:?}");
+    assert!(
+        one_by_one.one_down > 0,
+        "a group was replaced while watched: {one_by_one:?}"
+    );
+    for progress in [
+        "rollout: 0/3 groups updated",
+        "rollout: 1/3 groups updated",
+        "rollout: 2/3 groups updated",
+    ] {
+        assert!(
+            one_by_one.messages.iter().any(|m| m.contains(progress)),
+            "the status said {progress:?}: {:?}",
+            one_by_one.messages
+        );
+    }
+    let events = p.ok(
+        "kubectl",
+        &[
+            "get",
+            "events",
+            "-n",
+            ML,
+            "--field-selector",
+            &format!("involvedObject.name={model},reason=GroupUpdated"),
+            "-o",
+            "jsonpath={range .items[*]}{.note}{.message}{\"\\n\"}{end}",
+        ],
+    );
+    assert!(
+        events.contains("at most 1 of 3 groups out of service at once"),
+        "{events}"
+    );
+
+    let started = Instant::now();
+    let all_at_once = watch_rollout(
+        p,
+        layout,
+        model,
+        json!({"maxContextTokens": 32768, "rollout": {"maxUnavailableGroups": 3}}),
+    )
+    .await;
+    eprintln!(
+        "rollout, up to 3 groups down, {:.1} s: {} polls, fewest groups serving {:?}",
+        started.elapsed().as_secs_f64(),
+        all_at_once.polls,
+        all_at_once.fewest
+    );
+    assert!(all_at_once.fewest < Some(2), "{all_at_once:?}");
+    p.api::<Model>(ML)
+        .patch(
+            model,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    p.model_ready(model, "2/2", SLOW).await;
+}
+
+/// A Model nothing can schedule, one a LimitRange refuses, one over its namespace's quota: each
 /// says why in its conditions.
 async fn failures_surface(p: &Cluster) {
     let spec = |gpus: u32, product: Option<&str>| {
@@ -839,18 +1124,25 @@ async fn failures_surface(p: &Cluster) {
     create(ML, "nowhere", spec(1, Some("NVIDIA-B300"))).await;
     says(ML, "nowhere", "0/4 nodes are available").await;
 
+    // Workers pass Pod Security's "restricted" profile now; a LimitRange still refuses pods.
     p.ok("kubectl", &["create", "namespace", "ml-strict"]);
+    let limits = p.dir.path().join("limits.yaml");
+    std::fs::write(
+        &limits,
+        "apiVersion: v1\nkind: LimitRange\nmetadata:\n  name: small\nspec:\n  limits:\n    - type: Container\n      min:\n        cpu: \"2\"\n",
+    )
+    .unwrap();
     p.ok(
         "kubectl",
-        &[
-            "label",
-            "namespace",
-            "ml-strict",
-            "pod-security.kubernetes.io/enforce=restricted",
-        ],
+        &["apply", "-n", "ml-strict", "-f", limits.to_str().unwrap()],
     );
     create("ml-strict", "strict", spec(0, None)).await;
-    says("ml-strict", "strict", "violates PodSecurity").await;
+    says(
+        "ml-strict",
+        "strict",
+        "minimum cpu usage per Container is 2",
+    )
+    .await;
 
     p.ok("kubectl", &["create", "namespace", "ml-quota"]);
     p.ok(

@@ -13,11 +13,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    Lifecycle, LifecycleHandler, NodeAffinity, NodeSelector, NodeSelectorRequirement,
-    NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretVolumeSource, Service, ServicePort, ServiceSpec, SleepAction, Toleration,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, Lifecycle, LifecycleHandler, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration,
     TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
@@ -32,6 +33,27 @@ use kube::{Resource, ResourceExt};
 use tidelock_api::Model;
 use tidelock_api::labels;
 use tidelock_api::model::ModelSource;
+
+/// A worker's CPU request when the Model names none.
+const DEFAULT_CPU: &str = "1";
+/// A worker's memory beside its KV cache (weights, activations, buffers) when the Model names
+/// none; on CPU workers the KV cache is host memory too.
+const DEFAULT_MEMORY_MIB: u64 = 1024;
+
+/// A worker's memory request when the Model names none (no limit is set then): the base, plus
+/// the KV cache on CPU workers.
+fn default_memory(model: &Model) -> Quantity {
+    let kv = match model.spec.resources.gpus {
+        0 => model
+            .spec
+            .kv_cache
+            .memory_per_worker
+            .parse::<bytesize::ByteSize>()
+            .map_or(0, |b| b.as_u64().div_ceil(1 << 20)),
+        _ => 0,
+    };
+    Quantity(format!("{}Mi", DEFAULT_MEMORY_MIB + kv))
+}
 
 /// The worker's HTTP port.
 pub const WORKER_PORT: i32 = 8000;
@@ -218,6 +240,9 @@ pub fn desired(model: &Model, defaults: &Defaults) -> Result<Desired, BuildError
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(names.selector(None)),
+            // A worker that is not ready (loading, crash-looping) may always be evicted: the
+            // budget protects serving workers and never blocks a node drain on broken ones.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()
@@ -337,6 +362,71 @@ fn http_probe(path: &str, period: i32) -> Probe {
     }
 }
 
+/// Seconds between two startup probes.
+const STARTUP_PERIOD: i32 = 10;
+
+/// The startup probe: `/healthz`, which the worker answers from its first second (while it
+/// downloads and loads weights, `/readyz` says not yet), allowed to fail for the Model's
+/// `startupTimeoutSeconds`; liveness checks begin only after it passed once.
+fn startup_probe(timeout_seconds: i64) -> Probe {
+    let period = i64::from(STARTUP_PERIOD);
+    let tries = ((timeout_seconds + period - 1) / period).max(1);
+    Probe {
+        failure_threshold: Some(i32::try_from(tries).unwrap_or(i32::MAX)),
+        ..http_probe("/healthz", STARTUP_PERIOD)
+    }
+}
+
+/// What every worker pod runs as: Pod Security's `restricted` profile. The image's own
+/// unprivileged user (Dockerfile: uid 10001), which also owns the writable volumes.
+const RUN_AS: i64 = 10001;
+
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// Every container: no privilege escalation, no capabilities, a read-only root filesystem
+/// (writes go to the mounted volumes: the weights, `/tmp`).
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// Where containers may write scratch files (a read-only root filesystem has no other).
+const TMP_DIR: &str = "/tmp";
+
+fn tmp_mount() -> VolumeMount {
+    VolumeMount {
+        name: "tmp".into(),
+        mount_path: TMP_DIR.into(),
+        ..VolumeMount::default()
+    }
+}
+
+/// The digest [`tidelock_api::annotations::SPEC_HASH`] records: of everything the
+/// StatefulSet's spec says (its JSON form, whose maps are ordered).
+pub fn spec_hash(spec: &StatefulSetSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    blake3::hash(&bytes).to_hex()[..16].to_owned()
+}
+
 /// TLS to etcd: the Model's copy of the client Secret, mounted read-only, and the worker's flags
 /// pointing at its files.
 fn etcd_tls(
@@ -378,18 +468,31 @@ fn source(
         name: "fetch-model".into(),
         image: Some(defaults.fetch_image.clone()),
         command: Some(vec!["sh".into(), "-c".into(), script]),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "models".into(),
-            mount_path: MODELS_DIR.into(),
-            ..VolumeMount::default()
-        }]),
+        // Unprivileged with a read-only root: Python's and pip's files go to the scratch volume.
+        env: Some(vec![env("HOME", TMP_DIR)]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "models".into(),
+                mount_path: MODELS_DIR.into(),
+                ..VolumeMount::default()
+            },
+            tmp_mount(),
+        ]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("250m".into())),
+                ("memory".to_owned(), Quantity("256Mi".into())),
+            ])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(container_security()),
         ..Container::default()
     };
     match (&spec.hugging_face, &spec.pvc, &spec.url) {
         (Some(hf), None, None) => {
             let dir = format!("{MODELS_DIR}/hf/{}/{}", hf.repo, hf.revision);
             let script = format!(
-                "pip install -q huggingface_hub && python -c \"from huggingface_hub import snapshot_download; snapshot_download('{}', revision='{}', local_dir='{dir}')\"",
+                "pip install -q --target {TMP_DIR}/fetch huggingface_hub && PYTHONPATH={TMP_DIR}/fetch python -c \"from huggingface_hub import snapshot_download; snapshot_download('{}', revision='{}', local_dir='{dir}')\"",
                 hf.repo, hf.revision
             );
             let path = match &hf.file {
@@ -502,19 +605,35 @@ fn group(
             Quantity(spec.resources.gpus.to_string()),
         );
     }
-    if let Some(cpu) = &spec.resources.cpu {
-        requests.insert("cpu".to_owned(), cpu.clone());
+    // Every container requests what it needs at least, so the scheduler never packs workers
+    // onto a node by nothing; the spec's figures when given.
+    let cpu = spec.resources.cpu.clone();
+    requests.insert(
+        "cpu".to_owned(),
+        cpu.unwrap_or_else(|| Quantity(DEFAULT_CPU.into())),
+    );
+    match &spec.resources.memory {
+        Some(memory) => {
+            requests.insert("memory".to_owned(), memory.clone());
+            limits.insert("memory".to_owned(), memory.clone());
+        }
+        None => {
+            requests.insert("memory".to_owned(), default_memory(model));
+        }
     }
-    if let Some(memory) = &spec.resources.memory {
-        requests.insert("memory".to_owned(), memory.clone());
-        limits.insert("memory".to_owned(), memory.clone());
-    }
-    let mut mounts = vec![VolumeMount {
-        name: "models".into(),
-        mount_path: MODELS_DIR.into(),
-        ..VolumeMount::default()
+    let mut mounts = vec![
+        VolumeMount {
+            name: "models".into(),
+            mount_path: MODELS_DIR.into(),
+            ..VolumeMount::default()
+        },
+        tmp_mount(),
+    ];
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
     }];
-    let mut volumes = Vec::new();
     if defaults.etcd_client_secret.is_some() {
         etcd_tls(names.model, &mut vars, &mut mounts, &mut volumes);
     }
@@ -621,10 +740,9 @@ fn group(
             },
         ]),
         readiness_probe: Some(http_probe("/readyz", 5)),
-        liveness_probe: Some(Probe {
-            initial_delay_seconds: Some(30),
-            ..http_probe("/healthz", 10)
-        }),
+        startup_probe: Some(startup_probe(spec.startup_timeout_seconds)),
+        // After the startup probe passed: a worker that stops answering is restarted.
+        liveness_probe: Some(http_probe("/healthz", 10)),
         // Give endpoints and routers a moment to stop sending new work; SIGTERM then drains.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
@@ -639,38 +757,48 @@ fn group(
             ..ResourceRequirements::default()
         }),
         volume_mounts: Some(mounts),
+        security_context: Some(container_security()),
         ..Container::default()
     };
     let pod_labels = names.labels(Some(&group));
+    let spec = StatefulSetSpec {
+        replicas: Some(spec.shards),
+        service_name: Some(names.service()),
+        // Shards of a group start and stop together: they are one replica.
+        pod_management_policy: Some("Parallel".into()),
+        selector: names.selector(Some(&group)),
+        template: PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                labels: Some(pod_labels),
+                ..ObjectMeta::default()
+            }),
+            spec: Some(PodSpec {
+                init_containers: fetch.map(|c| vec![c]),
+                containers: vec![worker],
+                node_selector: (!spec.placement.node_selector.is_empty())
+                    .then(|| spec.placement.node_selector.clone()),
+                tolerations: (!tolerations.is_empty()).then_some(tolerations),
+                affinity,
+                topology_spread_constraints: spread,
+                termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+                volumes: Some(volumes),
+                security_context: Some(pod_security()),
+                // Workers never call the Kubernetes API.
+                automount_service_account_token: Some(false),
+                ..PodSpec::default()
+            }),
+        },
+        volume_claim_templates: claims,
+        ..StatefulSetSpec::default()
+    };
+    let mut metadata = names.meta(group.clone(), Some(&group));
+    metadata.annotations = Some(BTreeMap::from([(
+        tidelock_api::annotations::SPEC_HASH.to_owned(),
+        spec_hash(&spec),
+    )]));
     Ok(StatefulSet {
-        metadata: names.meta(group.clone(), Some(&group)),
-        spec: Some(StatefulSetSpec {
-            replicas: Some(spec.shards),
-            service_name: Some(names.service()),
-            // Shards of a group start and stop together: they are one replica.
-            pod_management_policy: Some("Parallel".into()),
-            selector: names.selector(Some(&group)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    init_containers: fetch.map(|c| vec![c]),
-                    containers: vec![worker],
-                    node_selector: (!spec.placement.node_selector.is_empty())
-                        .then(|| spec.placement.node_selector.clone()),
-                    tolerations: (!tolerations.is_empty()).then_some(tolerations),
-                    affinity,
-                    topology_spread_constraints: spread,
-                    termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
-                    volumes: (!volumes.is_empty()).then_some(volumes),
-                    ..PodSpec::default()
-                }),
-            },
-            volume_claim_templates: claims,
-            ..StatefulSetSpec::default()
-        }),
+        metadata,
+        spec: Some(spec),
         ..StatefulSet::default()
     })
 }

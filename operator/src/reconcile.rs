@@ -3,10 +3,12 @@
 //! error policy (per-object exponential backoff), and status conditions that keep their
 //! `lastTransitionTime` until their status really changes.
 
+pub mod claim;
 pub mod cluster_token;
 pub mod diagnose;
 pub mod etcd_tls;
 pub mod model;
+pub mod rollout;
 pub mod tenant;
 
 use std::collections::HashMap;

@@ -15,7 +15,8 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::runtime::{Controller, watcher};
+use kube::core::PartialObjectMeta;
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use tidelock_api::{Model, Tenant, labels};
 use tokio::sync::watch;
 
@@ -63,12 +64,18 @@ pub async fn controllers(
         });
     let tenants = Controller::new(api::<Tenant>(&ctx, ns), watcher::Config::default());
     let cache = tenants.store();
+    // Secrets by their metadata only: a rotation changes the resourceVersion, which is all the
+    // trigger needs; the reconciler reads the few Secrets Tenants reference. The operator never
+    // holds (or receives) the contents of every Secret in the cluster.
+    let secrets = watcher(
+        api::<PartialObjectMeta<Secret>>(&ctx, ns),
+        watcher::Config::default(),
+    )
+    .touched_objects();
     let tenants = tenants
-        .watches(
-            api::<Secret>(&ctx, ns),
-            watcher::Config::default(),
-            move |secret| reconcile::tenant::tenants_referencing(&cache, &secret),
-        )
+        .watches_stream(secrets, move |secret| {
+            reconcile::tenant::tenants_referencing(&cache, &secret)
+        })
         .graceful_shutdown_on(stopped(stop))
         .run(
             reconcile::tenant::reconcile,

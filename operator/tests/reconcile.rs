@@ -35,6 +35,7 @@ flows!(
     a_tenant_follows_its_secrets_and_fails_closed,
     api_errors_back_off_then_recover,
     an_invalid_spec_is_degraded_and_applies_nothing,
+    a_served_name_belongs_to_one_model,
 );
 
 fn model_object(h: &Harness, name: &str, spec: Value) -> Model {
@@ -335,6 +336,24 @@ async fn policy_names(h: &Harness) -> Vec<String> {
     names
 }
 
+/// The `--kv-cache` argument of a group's worker.
+fn kv_cache_of(group: &StatefulSet) -> String {
+    let args = group
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let at = args.iter().position(|x| x == "--kv-cache").unwrap();
+    args[at + 1].clone()
+}
+
 async fn a_spec_change_rolls_and_scaling_moves_whole_groups(h: Harness) {
     let spec =
         json!({"source": {"url": {"url": "https://models.example/smol.gguf"}}, "replicas": 2});
@@ -343,42 +362,78 @@ async fn a_spec_change_rolls_and_scaling_moves_whole_groups(h: Harness) {
     let before = groups(&h, "roll").await;
     assert_eq!(names(&before), ["roll-g0", "roll-g1"]);
 
-    // A spec change reaches every group's pod template: the StatefulSets roll their pods.
-    patch_spec::<Model>(&h, "roll", json!({"kvCache": {"memoryPerWorker": "2Gi"}})).await;
-    reconcile_model(&h, "roll").await.unwrap();
-    let after = groups(&h, "roll").await;
-    for (b, a) in before.iter().zip(&after) {
-        assert!(
-            a.metadata.generation > b.metadata.generation,
-            "{} rolled",
-            a.name_any()
-        );
-        let args = a
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
-            .args
-            .clone()
-            .unwrap();
-        let at = args.iter().position(|x| x == "--kv-cache").unwrap();
-        assert_eq!(args[at + 1], "2Gi");
-    }
-    let evs = events(&h, "roll").await;
-    assert_eq!(reasons(&evs)[2..], ["GroupUpdated", "GroupUpdated"]);
     if h.fake.is_some() {
-        report_pods(&h, "roll-g0", 1, "r1", "r2");
+        // Both groups serve (ready and registered). A spec change reaches one group at a time:
+        // g0 rolls while g1 keeps the older spec and serves.
+        for g in ["roll-g0", "roll-g1"] {
+            report_pods(&h, g, 1, "r1", "r1");
+            register(&h, "roll", g, 0).await;
+        }
         reconcile_model(&h, "roll").await.unwrap();
+        let status = h.api::<Model>().get("roll").await.unwrap().status.unwrap();
+        assert_eq!(condition(&status.conditions, "Ready").0, "True");
+        assert_eq!((status.updated_groups, status.desired_groups), (2, 2));
+
+        patch_spec::<Model>(&h, "roll", json!({"kvCache": {"memoryPerWorker": "2Gi"}})).await;
+        reconcile_model(&h, "roll").await.unwrap();
+        let during = groups(&h, "roll").await;
+        assert!(during[0].metadata.generation > before[0].metadata.generation);
+        assert_eq!(kv_cache_of(&during[0]), "2Gi");
+        assert_eq!(during[1].metadata.generation, before[1].metadata.generation);
+        assert_eq!(kv_cache_of(&during[1]), "8Gi", "g1 waits for g0");
+        let evs = events(&h, "roll").await;
+        let updated: Vec<&str> = evs
+            .iter()
+            .filter(|(r, _)| r == "GroupUpdated")
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(
+            updated,
+            [
+                "updated shard group roll-g0: its workers roll (at most 1 of 2 groups out of service at once)"
+            ]
+        );
+        // g0's pods are being replaced: still nothing for g1, whatever the number of looks.
+        report_pods(&h, "roll-g0", 0, "r1", "r2");
+        for _ in 0..2 {
+            reconcile_model(&h, "roll").await.unwrap();
+        }
+        assert_eq!(kv_cache_of(&groups(&h, "roll").await[1]), "8Gi");
         let status = h.api::<Model>().get("roll").await.unwrap().status.unwrap();
         assert_eq!(
             condition(&status.conditions, "Progressing"),
             ("True".into(), "RollingUpdate".into())
         );
-        assert!(condition(&status.conditions, "Ready").1 == "RollingUpdate");
+        let message = message_of(&status.conditions, "Progressing");
+        assert_eq!(
+            message,
+            "1/2 workers ready; rollout: 0/2 groups updated; rolling roll-g0; waiting roll-g1"
+        );
+        // g0 rolled and serving again: now g1 rolls.
+        report_pods(&h, "roll-g0", 1, "r2", "r2");
+        reconcile_model(&h, "roll").await.unwrap();
+        assert_eq!(kv_cache_of(&groups(&h, "roll").await[1]), "2Gi");
+        report_pods(&h, "roll-g1", 1, "r2", "r2");
+        reconcile_model(&h, "roll").await.unwrap();
+        let status = h.api::<Model>().get("roll").await.unwrap().status.unwrap();
+        assert_eq!(condition(&status.conditions, "Ready").0, "True");
+        assert_eq!(status.updated_groups, 2);
+    } else {
+        // No kubelet runs these pods: no group serves, so a spec change costs no service and
+        // reaches every group at once (a fix must reach workers that do not start).
+        patch_spec::<Model>(&h, "roll", json!({"kvCache": {"memoryPerWorker": "2Gi"}})).await;
+        reconcile_model(&h, "roll").await.unwrap();
+        let after = groups(&h, "roll").await;
+        for (b, a) in before.iter().zip(&after) {
+            assert!(
+                a.metadata.generation > b.metadata.generation,
+                "{} rolled",
+                a.name_any()
+            );
+            assert_eq!(kv_cache_of(a), "2Gi");
+        }
+        let evs = events(&h, "roll").await;
+        assert_eq!(reasons(&evs)[2..4], ["GroupUpdated", "GroupUpdated"]);
     }
 
     // Scale up: a whole new group; scale down: whole groups go, the first ones stay.
@@ -777,5 +832,67 @@ async fn an_invalid_spec_is_degraded_and_applies_nothing(h: Harness) {
             .contains("set exactly one of huggingFace, pvc or url"),
         "{evs:?}"
     );
+    h.finish().await;
+}
+
+/// Two Models asking for one served name: the first holds it; the second is `Degraded`
+/// (`ServedNameTaken`, naming the first), gets no workers, and its deletion leaves the first's
+/// keys alone; once the first is deleted, the second takes the name over.
+async fn a_served_name_belongs_to_one_model(h: Harness) {
+    let spec = |_: &str| json!({"source": {"url": {"url": "https://models.example/a.gguf"}}, "servedName": "shared"});
+    create_model(&h, "first", spec("first")).await;
+    reconcile_model(&h, "first").await.unwrap();
+    let registration = register(&h, "shared", "first-g0", 0).await;
+    assert_eq!(names(&groups(&h, "first").await), ["first-g0"]);
+
+    create_model(&h, "second", spec("second")).await;
+    let action = reconcile_model(&h, "second").await.unwrap();
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(30)));
+    let status = h
+        .api::<Model>()
+        .get("second")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        condition(&status.conditions, "Degraded"),
+        ("True".into(), "ServedNameTaken".into())
+    );
+    let message = message_of(&status.conditions, "Degraded");
+    assert!(
+        message.contains(&format!("belongs to Model {}/first already", h.namespace)),
+        "{message}"
+    );
+    assert!(groups(&h, "second").await.is_empty(), "nothing applied");
+    // The first is untouched by the second's passes.
+    reconcile_model(&h, "first").await.unwrap();
+    let status = h.api::<Model>().get("first").await.unwrap().status.unwrap();
+    assert_eq!(condition(&status.conditions, "Degraded").0, "False");
+
+    // Deleting the refused one leaves the holder's registration.
+    h.api::<Model>()
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    reconcile_model(&h, "second").await.unwrap();
+    assert!(h.store.get(&registration).await.unwrap().is_some());
+
+    // The holder goes: a new claimant takes the name.
+    h.api::<Model>()
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    reconcile_model(&h, "first").await.unwrap();
+    assert!(h.store.get(&registration).await.unwrap().is_none());
+    support::until("both Models are gone", || async {
+        let api = h.api::<Model>();
+        api.get_opt("first").await.unwrap().is_none()
+            && api.get_opt("second").await.unwrap().is_none()
+    })
+    .await;
+    create_model(&h, "third", spec("third")).await;
+    reconcile_model(&h, "third").await.unwrap();
+    assert_eq!(names(&groups(&h, "third").await), ["third-g0"]);
     h.finish().await;
 }

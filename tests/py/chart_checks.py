@@ -656,6 +656,10 @@ def check_facts(rendered):
     check(named(default, "PodDisruptionBudget", "tidelock-etcd") == [], "[default] no etcd budget for one member")
     pdb = one(default, "PodDisruptionBudget", "tidelock-router")
     check(pdb["spec"] == {**pdb["spec"], "minAvailable": 1}, "[default] router budget minAvailable 1")
+    check(
+        pdb["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow",
+        "[default] a router that is not ready never blocks a drain",
+    )
     check(named(default, "HorizontalPodAutoscaler") == [], "[default] no autoscaler")
     check(named(default, "ServiceMonitor") == [], "[default] no ServiceMonitor")
     check(one(default, "Deployment", "tidelock-router")["spec"]["replicas"] == 2, "[default] two routers")

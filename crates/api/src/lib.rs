@@ -37,6 +37,14 @@ pub mod labels {
     pub const MANAGED_BY_VALUE: &str = "tidelock-operator";
 }
 
+/// Annotations the operator puts on the objects it creates.
+pub mod annotations {
+    /// On a group's StatefulSet: a digest of the spec the operator last applied to it, so a
+    /// rollout knows which groups still run an older spec without comparing against the fields
+    /// the API server defaulted.
+    pub const SPEC_HASH: &str = "tidelock.dev/spec-hash";
+}
+
 /// Condition types on `Model` and `Tenant` status.
 pub mod conditions {
     /// Every desired worker is registered and ready.
@@ -65,6 +73,8 @@ pub mod reasons {
     pub const POD_CREATION_FAILED: &str = "PodCreationFailed";
     /// A worker's container cannot start or keeps exiting (image pull, crash loop, config).
     pub const WORKER_FAILING: &str = "WorkerFailing";
+    /// Another Model (in any namespace) serves the same name already.
+    pub const SERVED_NAME_TAKEN: &str = "ServedNameTaken";
     /// A `False` `Degraded` condition: nothing needs a human.
     pub const AS_EXPECTED: &str = "AsExpected";
     /// A Tenant's record is written and its keys work.

@@ -43,6 +43,12 @@ use serde::{Deserialize, Serialize};
         description = "Ready workers / desired workers"
     ),
     printcolumn(
+        name = "Updated",
+        type_ = "integer",
+        json_path = ".status.updatedGroups",
+        description = "Shard groups running the current spec"
+    ),
+    printcolumn(
         name = "Context",
         type_ = "integer",
         json_path = ".spec.maxContextTokens",
@@ -110,6 +116,15 @@ pub struct ModelSpec {
     #[schemars(range(min = 1, max = 86_400))]
     pub termination_grace_period_seconds: i64,
 
+    /// Seconds a worker may take to start (download and load its weights) before Kubernetes
+    /// restarts it: the startup probe's budget. Liveness checks begin only once it has passed, so
+    /// a model that loads for many minutes does not crash-loop.
+    #[serde(default = "default_startup")]
+    #[schemars(range(min = 10, max = 86_400))]
+    pub startup_timeout_seconds: i64,
+    /// How a spec change reaches the workers: group by group.
+    #[serde(default)]
+    pub rollout: Rollout,
     /// Bounds for an autoscaler acting on `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
@@ -121,6 +136,30 @@ fn one() -> i32 {
 
 fn default_grace() -> i64 {
     300
+}
+
+fn default_startup() -> i64 {
+    1800
+}
+
+/// How a spec change rolls: the operator updates one shard group's StatefulSet at a time and
+/// moves to the next only when the updated group's workers are ready and registered again.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// Shard groups that may be out of service at once during a rollout (groups already out of
+    /// service for another reason count too, and are updated first).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_unavailable_groups: i32,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            max_unavailable_groups: 1,
+        }
+    }
 }
 
 /// Where the weights come from. Exactly one field is set.
@@ -351,4 +390,10 @@ pub struct ModelStatus {
     /// The name tenants request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_name: Option<String>,
+    /// Shard groups running the current spec (rolled out), for `kubectl get models`.
+    #[serde(default)]
+    pub updated_groups: i32,
+    /// Shard groups the spec asks for (`replicas`).
+    #[serde(default)]
+    pub desired_groups: i32,
 }

@@ -72,7 +72,7 @@ fn model_crd_is_documented_defaulted_and_printable() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Served", "Ready", "Context", "Age"]);
+    assert_eq!(columns, ["Served", "Ready", "Updated", "Context", "Age"]);
     let schema = &v["schema"]["openAPIV3Schema"];
     assert_documented(schema, "");
     let spec = &schema["properties"]["spec"]["properties"];
@@ -84,6 +84,15 @@ fn model_crd_is_documented_defaulted_and_printable() {
         json!(["f32", "f16", "bf16"])
     );
     assert_eq!(spec["terminationGracePeriodSeconds"]["default"], 300);
+    assert_eq!(spec["startupTimeoutSeconds"]["default"], 1800);
+    assert_eq!(
+        spec["rollout"]["properties"]["maxUnavailableGroups"]["default"],
+        1
+    );
+    assert_eq!(
+        spec["rollout"]["properties"]["maxUnavailableGroups"]["minimum"],
+        1.0
+    );
 }
 
 #[test]

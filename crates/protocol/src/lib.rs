@@ -30,6 +30,7 @@ pub use openai::{
 };
 pub use wire::{
     BinaryRequestError, ErrorCode, FinishReason, GENERATE_BINARY_CONTENT_TYPE, GenerateEvent,
-    GenerateRequest, LoadReport, SamplingError, SamplingParams, SessionRecord, TenantLimits,
-    TenantRecord, TenantRecordError, TopLogprob, Usage, WorkerInfo, WorkerRegistration,
+    GenerateRequest, LoadReport, ModelClaim, SamplingError, SamplingParams, SessionRecord,
+    TenantLimits, TenantRecord, TenantRecordError, TopLogprob, Usage, WorkerInfo,
+    WorkerRegistration,
 };

@@ -294,6 +294,19 @@ pub struct WorkerRegistration {
     pub kv_capacity_bytes: u64,
 }
 
+/// etcd value of `models/<model>`, written by the operator: which `Model` resource serves the
+/// name. The first Model to claim a served name holds it until it is deleted; another Model
+/// asking for the same name (in any namespace) is refused, so two Models never share
+/// registrations, pins or turn logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelClaim {
+    pub namespace: String,
+    pub name: String,
+    /// The resource's `metadata.uid`: a Model deleted and created again under the same name
+    /// is another claimant.
+    pub uid: String,
+}
+
 /// etcd value of `sessions/<model>/<tenant>/<session>`: where the session's KV cache lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {

@@ -514,6 +514,11 @@ fn the_service_is_headless_and_the_budget_allows_one_worker_down() {
     let b = d.budget.spec.as_ref().unwrap();
     assert_eq!(b.max_unavailable, Some(IntOrString::Int(1)));
     assert_eq!(
+        b.unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow"),
+        "workers that do not serve never block a drain"
+    );
+    assert_eq!(
         b.selector.as_ref().unwrap().match_labels.as_ref().unwrap()[labels::MODEL],
         "smol"
     );
@@ -526,4 +531,125 @@ fn a_model_without_identity_or_source_is_an_error() {
     assert_eq!(desired(&m, &defaults()), Err(BuildError::Missing("uid")));
     let m = model(json!({"source": {}}));
     assert_eq!(desired(&m, &defaults()), Err(BuildError::Source));
+}
+
+#[test]
+fn pods_meet_pod_security_restricted_and_request_resources() {
+    for source in [
+        hf(),
+        json!({"url": {"url": "https://models.example/m.gguf"}}),
+    ] {
+        let d = desired(&model(json!({"source": source})), &defaults()).unwrap();
+        let pod = pod(&d.groups[0]);
+        let security = pod.security_context.as_ref().unwrap();
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert!(security.run_as_user.is_some_and(|u| u > 0));
+        assert_eq!(
+            security.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let containers = pod.init_containers.iter().flatten().chain(&pod.containers);
+        let mut seen = 0;
+        for c in containers {
+            seen += 1;
+            let s = c.security_context.as_ref().unwrap();
+            assert_eq!(s.allow_privilege_escalation, Some(false), "{}", c.name);
+            assert_eq!(s.read_only_root_filesystem, Some(true), "{}", c.name);
+            assert_eq!(
+                s.capabilities.as_ref().unwrap().drop.as_deref(),
+                Some(&["ALL".to_owned()][..]),
+                "{}",
+                c.name
+            );
+            assert!(s.privileged.is_none() && s.run_as_user.is_none());
+            let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+            assert!(
+                requests.contains_key("cpu") && requests.contains_key("memory"),
+                "{}: {requests:?}",
+                c.name
+            );
+            // A read-only root: scratch space is a mounted volume.
+            let mounts: Vec<&str> = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.as_str())
+                .collect();
+            assert!(mounts.contains(&"/tmp"), "{}: {mounts:?}", c.name);
+        }
+        assert_eq!(seen, 2, "the fetch step and the worker");
+    }
+}
+
+#[test]
+fn a_cpu_workers_default_memory_request_holds_its_kv_cache() {
+    let memory = |spec: Value| {
+        let d = desired(&model(spec), &defaults()).unwrap();
+        let resources = worker(&d.groups[0]).resources.clone().unwrap();
+        (
+            resources.requests.unwrap()["memory"].0.clone(),
+            resources.limits.and_then(|l| l.get("memory").cloned()),
+        )
+    };
+    // 8Gi of KV cache by default plus 1Gi for the rest; no limit unless the Model sets one.
+    assert_eq!(memory(json!({"source": hf()})), ("9216Mi".into(), None));
+    assert_eq!(
+        memory(json!({"source": hf(), "kvCache": {"memoryPerWorker": "512Mi"}})).0,
+        "1536Mi"
+    );
+    // On GPUs the KV cache is device memory.
+    assert_eq!(
+        memory(json!({"source": hf(), "resources": {"gpus": 1}})).0,
+        "1024Mi"
+    );
+    assert_eq!(
+        memory(json!({"source": hf(), "resources": {"memory": "64Gi"}})),
+        ("64Gi".into(), Some(Quantity("64Gi".into())))
+    );
+}
+
+#[test]
+fn a_long_load_is_covered_by_the_startup_probe_not_killed_by_liveness() {
+    let probes = |spec: Value| {
+        let d = desired(&model(spec), &defaults()).unwrap();
+        let w = worker(&d.groups[0]).clone();
+        (w.startup_probe.unwrap(), w.liveness_probe.unwrap())
+    };
+    let (startup, liveness) = probes(json!({"source": hf()}));
+    let budget = |p: &Probe| p.period_seconds.unwrap() * p.failure_threshold.unwrap();
+    // 30 minutes by default to download and load, on /healthz, which a loading worker answers.
+    assert_eq!(budget(&startup), 1800);
+    assert_eq!(
+        startup.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/healthz")
+    );
+    // Kubernetes runs liveness only after the startup probe passed: no initial delay needed.
+    assert_eq!(liveness.initial_delay_seconds, None);
+    let (startup, _) = probes(json!({"source": hf(), "startupTimeoutSeconds": 7205}));
+    assert_eq!(budget(&startup), 7210, "rounded up to whole periods");
+}
+
+#[test]
+fn the_spec_hash_follows_the_spec_and_nothing_else() {
+    let hash = |spec: Value| {
+        let d = desired(&model(spec), &defaults()).unwrap();
+        d.groups
+            .iter()
+            .map(|g| g.annotations()[tidelock_api::annotations::SPEC_HASH].clone())
+            .collect::<Vec<_>>()
+    };
+    let base = hash(json!({"source": hf(), "replicas": 2}));
+    assert_eq!(base, hash(json!({"source": hf(), "replicas": 2})));
+    assert_ne!(base[0], base[1], "each group's spec names its group");
+    let changed =
+        hash(json!({"source": hf(), "replicas": 2, "kvCache": {"memoryPerWorker": "2Gi"}}));
+    assert!(base.iter().zip(&changed).all(|(a, b)| a != b));
+    // More groups leave the existing groups' specs as they were.
+    assert_eq!(hash(json!({"source": hf(), "replicas": 3}))[..2], base[..]);
+    // How many groups may be down at once is the rollout's business, not the pods'.
+    assert_eq!(
+        hash(json!({"source": hf(), "replicas": 2, "rollout": {"maxUnavailableGroups": 2}})),
+        base
+    );
 }

@@ -30,11 +30,15 @@ use kube::{Resource, ResourceExt};
 use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reasons};
 use tidelock_protocol::{ModelName, WorkerRegistration};
 
+use super::claim;
+use super::rollout::{self, Registered};
 use super::{Context, Error, condition, diagnose, is_true, with_finalizer, write_status};
 use crate::builders;
 
 /// Requeue while workers start: registrations live in etcd, which the controller does not watch.
 const STARTING_REQUEUE: Duration = Duration::from_secs(10);
+/// Requeue of a Model refused its served name: the holder may be deleted meanwhile.
+const CLAIM_REQUEUE: Duration = Duration::from_secs(30);
 /// Requeue when all is well: a periodic check that nothing drifted.
 const STEADY_REQUEUE: Duration = Duration::from_secs(300);
 
@@ -51,13 +55,15 @@ pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, E
     .await
 }
 
-/// Applies the Service, the groups and the budget, and removes the groups scaling down left
-/// over; returns the applied StatefulSets. Events for every group created, updated or removed.
+/// Applies the Service, the groups the rollout plan lets through and the budget, and removes
+/// the groups scaling down left over; returns every desired group as it now is (applied, or as
+/// it was when held). Events for every group created, updated or removed.
 async fn apply_objects(
     model: &Model,
     ctx: &Context,
     desired: &builders::Desired,
     before: &BTreeMap<String, StatefulSet>,
+    registered: Option<&Registered>,
     statefulsets: &Api<StatefulSet>,
 ) -> Result<Vec<StatefulSet>, Error> {
     let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
@@ -68,9 +74,19 @@ async fn apply_objects(
         .patch(&service.name_any(), &apply, &Patch::Apply(service))
         .await
         .map_err(|e| rejected(e, "Service", &service.name_any()))?;
+    let steps = rollout::plan(
+        &desired.groups,
+        before,
+        registered,
+        model.spec.rollout.max_unavailable_groups,
+    );
     let mut groups = Vec::with_capacity(desired.groups.len());
-    for group in &desired.groups {
+    for (group, step) in desired.groups.iter().zip(steps) {
         let group_name = group.name_any();
+        if let (rollout::Step::Hold, Some(held)) = (step, before.get(&group_name)) {
+            groups.push(held.clone());
+            continue;
+        }
         let applied = statefulsets
             .patch(&group_name, &apply, &Patch::Apply(group))
             .await
@@ -91,7 +107,11 @@ async fn apply_objects(
                 .await;
             }
             Some(old) if old.metadata.generation != applied.metadata.generation => {
-                let note = format!("updated shard group {group_name}: its workers roll");
+                let note = format!(
+                    "updated shard group {group_name}: its workers roll (at most {} of {} groups out of service at once)",
+                    model.spec.rollout.max_unavailable_groups.max(1),
+                    desired.groups.len()
+                );
                 ctx.event_about(
                     model,
                     Some(applied.object_ref(&())),
@@ -165,9 +185,6 @@ fn rejected(e: kube::Error, kind: &str, name: &str) -> Error {
     }
 }
 
-/// Worker registrations per group name, from the cluster state.
-type Registered = BTreeMap<String, i32>;
-
 async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
     let name = model.name_any();
@@ -182,6 +199,15 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
+    let served = ModelName::new(builders::served_name(model))
+        .map_err(|_| Error::Missing("valid served name"))?;
+    if let claim::Holder::Other(holder) = claim::claim(model, &served, ctx).await? {
+        let message = claim::Holder::refusal(&holder, &served);
+        let status = degraded_status(model, &previous, reasons::SERVED_NAME_TAKEN, message);
+        publish(model, ctx, &previous, status).await?;
+        // The holder's deletion is not an event of this Model: look again now and then.
+        return Ok(Action::requeue(CLAIM_REQUEUE));
+    }
     let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = model.uid();
     let before: BTreeMap<String, StatefulSet> = statefulsets
@@ -199,7 +225,11 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
 
     super::etcd_tls::copy_client_secret(model, ctx).await?;
     super::cluster_token::copy_to_model(model, ctx).await?;
-    let groups = match apply_objects(model, ctx, &desired, &before, &statefulsets).await {
+    // Read before applying: the rollout moves on only when updated groups serve again.
+    let registered = registrations(model, ctx).await;
+    let registered_now = registered.as_ref().ok();
+    let applied = apply_objects(model, ctx, &desired, &before, registered_now, &statefulsets).await;
+    let groups = match applied {
         Ok(groups) => groups,
         Err(e @ Error::Rejected { .. }) => {
             let message = format!(
@@ -212,13 +242,11 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
         Err(e) => return Err(e),
     };
 
-    let registered = registrations(model, ctx).await;
-    let registered_now = registered.as_ref().ok();
-    let mut status = status(model, &previous, &groups, registered_now, None);
+    let mut status = status(model, &previous, &desired, &groups, registered_now, None);
     if !is_true(&status.conditions, conditions::READY) && registered_now.is_some() {
         match diagnose::diagnose(model, ctx, &groups).await {
             Ok(problem @ Some(_)) => {
-                status = self::status(model, &previous, &groups, registered_now, problem);
+                status = self::status(model, &previous, &desired, &groups, registered_now, problem);
             }
             Ok(None) => {}
             // A diagnosis is a courtesy: its failure leaves the status as it was computed.
@@ -250,48 +278,70 @@ async fn registrations(model: &Model, ctx: &Context) -> Result<Registered, Error
     Ok(per_group)
 }
 
-/// The status a reconciliation reports. Pure: from the Model, the applied StatefulSets, the
-/// registrations (`None` when the cluster state could not be read) and why workers do not run
-/// (`diagnose`), when that is known.
+/// The status a reconciliation reports. Pure: from the Model, its desired objects, every
+/// desired group as it is (applied or held by the rollout), the registrations (`None` when the
+/// cluster state could not be read) and why workers do not run (`diagnose`), when that is known.
 fn status(
     model: &Model,
     previous: &ModelStatus,
+    desired: &builders::Desired,
     groups: &[StatefulSet],
     registered: Option<&Registered>,
     problem: Option<diagnose::Problem>,
 ) -> ModelStatus {
     let generation = model.metadata.generation;
-    let desired = model.spec.replicas * model.spec.shards;
+    let desired_workers = model.spec.replicas * model.spec.shards;
     let mut ready = 0;
+    let mut updated = 0;
     let mut rolling = Vec::new();
+    let mut waiting = Vec::new();
     let mut starting = Vec::new();
-    for group in groups {
+    for (group, want) in groups.iter().zip(&desired.groups) {
         let name = group.name_any();
-        let st = group.status.clone().unwrap_or_default();
-        let want = group.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-        let pods_ready = st.ready_replicas.unwrap_or(0);
-        let rolled = st.observed_generation >= group.metadata.generation
-            && st.updated_replicas.unwrap_or(0) == want
-            && st.update_revision.is_some()
-            && st.current_revision == st.update_revision;
-        // A worker counts once its pod is ready and it registered (both, so neither a stale
-        // registration nor a pod that has not loaded the model counts).
-        let in_store = registered.map_or(pods_ready, |r| r.get(&name).copied().unwrap_or(0));
-        ready += pods_ready.min(in_store).min(want);
-        if !rolled && st.current_revision.is_some() && st.current_revision != st.update_revision {
+        let size = group.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        let serving = rollout::serving_workers(group, registered);
+        ready += serving;
+        let current = rollout::applied_hash(group) == rollout::applied_hash(want);
+        let rolled = rollout::rolled(group);
+        if !current {
+            waiting.push(name);
+        } else if !rolled
+            && group.status.as_ref().is_some_and(|s| {
+                s.current_revision.is_some()
+                    && (s.current_revision != s.update_revision
+                        || s.observed_generation < group.metadata.generation)
+            })
+        {
+            // An existing group given the new spec: its controller has not seen it yet, or
+            // has not replaced every pod.
             rolling.push(name);
-        } else if !rolled || pods_ready.min(in_store) < want {
+        } else if !rolled || serving < size {
+            if rolled {
+                updated += 1;
+            }
             starting.push(name);
+        } else {
+            updated += 1;
         }
     }
+    let desired_groups = i32::try_from(desired.groups.len()).unwrap_or(i32::MAX);
     let prev = &previous.conditions;
-    let workers = format!("{ready}/{desired}");
-    let all_ready = ready == desired && rolling.is_empty() && starting.is_empty();
-    let (reason, message) = if !rolling.is_empty() {
-        (
-            reasons::ROLLING_UPDATE,
-            format!("{workers} workers ready; rolling {}", rolling.join(", ")),
-        )
+    let workers = format!("{ready}/{desired_workers}");
+    let all_ready =
+        ready == desired_workers && rolling.is_empty() && waiting.is_empty() && starting.is_empty();
+    let (reason, message) = if !rolling.is_empty() || !waiting.is_empty() {
+        let mut message =
+            format!("{workers} workers ready; rollout: {updated}/{desired_groups} groups updated");
+        for (what, names) in [
+            ("rolling", &rolling),
+            ("starting", &starting),
+            ("waiting", &waiting),
+        ] {
+            if !names.is_empty() {
+                message.push_str(&format!("; {what} {}", names.join(", ")));
+            }
+        }
+        (reasons::ROLLING_UPDATE, message)
     } else if !all_ready {
         (
             reasons::WORKERS_STARTING,
@@ -351,9 +401,11 @@ fn status(
         ],
         observed_generation: generation,
         ready_workers: ready,
-        desired_workers: desired,
+        desired_workers,
         workers: Some(workers),
         served_name: Some(builders::served_name(model)),
+        updated_groups: updated,
+        desired_groups,
     }
 }
 
@@ -396,6 +448,7 @@ fn degraded_status(
         ],
         observed_generation: generation,
         desired_workers: model.spec.replicas * model.spec.shards,
+        desired_groups: model.spec.replicas,
         ..previous.clone()
     }
 }
@@ -435,6 +488,12 @@ async fn publish(
 async fn cleanup(model: &Model, ctx: &Context) -> Result<Action, Error> {
     let served = ModelName::new(builders::served_name(model))
         .map_err(|_| Error::Missing("valid served name"))?;
+    if !claim::held_by(model, &served, ctx).await? {
+        // Refused its served name: the keys under it are the holder's.
+        let note = format!("the served name `{served}` belongs to another Model: its keys stay");
+        ctx.event(model, false, "Cleanup", note).await;
+        return Ok(Action::await_change());
+    }
     let layout = &ctx.layout;
     let mut removed = 0;
     for dir in [

@@ -36,7 +36,10 @@ pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action,
 
 /// The Tenants (from the controller's cache) that reference `secret`: a Secret event
 /// reconciles exactly those.
-pub fn tenants_referencing(tenants: &Store<Tenant>, secret: &Secret) -> Vec<ObjectRef<Tenant>> {
+pub fn tenants_referencing(
+    tenants: &Store<Tenant>,
+    secret: &impl ResourceExt,
+) -> Vec<ObjectRef<Tenant>> {
     let (Some(namespace), name) = (secret.namespace(), secret.name_any()) else {
         return Vec::new();
     };

@@ -1,0 +1,102 @@
+//! One Model per served name. The served name keys everything a model has in the cluster state
+//! (worker registrations, session pins, turn logs), so two Models serving the same name, even
+//! in different namespaces, would mix their workers and delete each other's keys. The first
+//! Model to reconcile claims the name in `models/<served>` ([`ModelClaim`], written with a
+//! compare-and-swap so two operators cannot both win); another Model asking for it is refused
+//! with a `Degraded` condition naming the holder, until the holder is deleted.
+
+use kube::api::{Api, ListParams};
+use kube::{Resource, ResourceExt};
+use tidelock_api::Model;
+use tidelock_protocol::{ModelClaim, ModelName};
+use tidelock_state::{CasOutcome, Expected};
+
+use super::{Context, Error};
+
+/// Who holds a served name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// This Model.
+    Us,
+    /// Another Model that still exists.
+    Other(ModelClaim),
+}
+
+impl Holder {
+    /// The `Degraded` message for a Model refused its served name.
+    pub fn refusal(claim: &ModelClaim, served: &ModelName) -> String {
+        format!(
+            "the served name `{served}` belongs to Model {}/{} already (Models in different namespaces share the cluster state's names): set spec.servedName to another name, or delete that Model; nothing was applied",
+            claim.namespace, claim.name
+        )
+    }
+}
+
+fn ours(model: &Model) -> Result<ModelClaim, Error> {
+    Ok(ModelClaim {
+        namespace: model.namespace().ok_or(Error::Missing("namespace"))?,
+        name: model.name_any(),
+        uid: model.uid().ok_or(Error::Missing("uid"))?,
+    })
+}
+
+/// Claims `served` for `model`, or says who holds it. A claim whose Model is gone (deleted
+/// without its finalizer, or replaced by a new Model of the same name) is taken over.
+pub async fn claim(model: &Model, served: &ModelName, ctx: &Context) -> Result<Holder, Error> {
+    let key = ctx.layout.model(served);
+    let me = ours(model)?;
+    let value = serde_json::to_vec(&me).expect("a claim serializes");
+    let mut expected = Expected::Absent;
+    // A few rounds at most: each lost race means someone else wrote, and the next read says who.
+    for _ in 0..3 {
+        match ctx
+            .store
+            .compare_and_swap(&key, expected, value.clone(), None)
+            .await?
+        {
+            CasOutcome::Swapped(_) => return Ok(Holder::Us),
+            CasOutcome::Conflict(None) => expected = Expected::Absent,
+            CasOutcome::Conflict(Some(kv)) => {
+                let Ok(holder) = serde_json::from_slice::<ModelClaim>(&kv.value) else {
+                    // Not a claim (written by something else): ours to overwrite.
+                    expected = Expected::ModRevision(kv.mod_revision);
+                    continue;
+                };
+                if holder == me {
+                    return Ok(Holder::Us);
+                }
+                if exists(&holder, ctx).await? {
+                    return Ok(Holder::Other(holder));
+                }
+                expected = Expected::ModRevision(kv.mod_revision);
+            }
+        }
+    }
+    Err(Error::Missing("a settled claim on the served name"))
+}
+
+/// Whether `claim` is still held: `model` holds it, or nobody does (cleanup may then remove the
+/// name's keys).
+pub async fn held_by(model: &Model, served: &ModelName, ctx: &Context) -> Result<bool, Error> {
+    let me = ours(model)?;
+    Ok(match ctx.store.get(&ctx.layout.model(served)).await? {
+        None => true,
+        Some(kv) => serde_json::from_slice::<ModelClaim>(&kv.value).map_or(true, |c| c == me),
+    })
+}
+
+/// Whether the Model a claim names exists with that uid. A Model the operator may not read
+/// (another namespace, when it watches one only) counts as existing.
+async fn exists(claim: &ModelClaim, ctx: &Context) -> Result<bool, Error> {
+    let api: Api<Model> = Api::namespaced(ctx.client.clone(), &claim.namespace);
+    // A list by name: the operator's role lists and watches Models, it never gets one.
+    let by_name = ListParams::default().fields(&format!("metadata.name={}", claim.name));
+    match api.list(&by_name).await {
+        Ok(found) => Ok(found
+            .items
+            .iter()
+            .any(|m| m.meta().uid.as_deref() == Some(&claim.uid))),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
