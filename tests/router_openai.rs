@@ -3,7 +3,8 @@
 //! down, and admitting them as they come up),
 //! driven by the official `openai` Python client (`py/router_openai.py`): models, chat,
 //! streaming chat with usage, completions, a 401, a 429, and a second turn of one session whose
-//! cached tokens cover the first turn's prompt.
+//! cached tokens cover the first turn's prompt. Then every metric the chart's Grafana dashboard
+//! queries is on the live router's or a worker's metrics-only port (issue #19, point 8).
 
 use std::process::Command;
 use std::time::Duration;
@@ -44,7 +45,10 @@ fn openai_client_against_router_and_real_workers() {
     let tenants_file = dir.path().join("tenants.json");
     std::fs::write(&tenants_file, tenants.to_string()).unwrap();
     let port = free_port();
+    let router_metrics = free_port();
     let args = [
+        "--metrics-listen".to_owned(),
+        format!("127.0.0.1:{router_metrics}"),
         "--listen".to_owned(),
         format!("127.0.0.1:{port}"),
         "--worker".to_owned(),
@@ -61,8 +65,11 @@ fn openai_client_against_router_and_real_workers() {
         Some(503),
         "not ready without a worker"
     );
+    let worker_metrics = [free_port(), free_port()];
     for (i, &port) in worker_ports.iter().enumerate() {
         let args = [
+            "--metrics-listen".to_owned(),
+            format!("127.0.0.1:{}", worker_metrics[i]),
             "--model".to_owned(),
             model.display().to_string(),
             "--listen".to_owned(),
@@ -105,9 +112,62 @@ fn openai_client_against_router_and_real_workers() {
         String::from_utf8_lossy(&output.stderr),
         router.log_text()
     );
+    dashboard_metrics_exist(router_metrics, &worker_metrics);
+
     // Shut down as `up` does: the router first, then the workers; each exits by itself.
     router.stop(Duration::from_secs(10));
     for w in &mut workers {
         w.stop(Duration::from_secs(10));
     }
+}
+
+/// Every metric the chart's Grafana dashboard queries (`charts/tidelock/dashboards/tidelock.json`)
+/// is exposed by the live router or one of the workers, on their metrics-only ports (what the
+/// ServiceMonitor and PodMonitor scrape). A histogram's `_bucket` is its family.
+fn dashboard_metrics_exist(router_metrics: u16, worker_metrics: &[u16]) {
+    let file = tidelock_e2e::repo_root().join("charts/tidelock/dashboards/tidelock.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    let mut exprs = 0;
+    let panels = dashboard["panels"].as_array().unwrap();
+    for target in panels.iter().flat_map(|p| p["targets"].as_array().unwrap()) {
+        let expr = target["expr"].as_str().unwrap();
+        exprs += 1;
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("tidelock_") {
+                queried.insert(word.to_owned());
+            }
+        }
+    }
+    let mut exposed = String::new();
+    for port in std::iter::once(router_metrics).chain(worker_metrics.iter().copied()) {
+        let (status, text) = http_get(port, "/metrics").unwrap();
+        assert_eq!(status, 200, "{text}");
+        exposed.push_str(&text);
+    }
+    let families: std::collections::BTreeSet<&str> = exposed
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let series: std::collections::BTreeSet<&str> = exposed
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|name| !series.contains(name.as_str()))
+        .collect();
+    eprintln!(
+        "the dashboard: {} panels, {exprs} queries, {} metrics, all exposed: {:?}",
+        panels.len(),
+        queried.len(),
+        queried
+    );
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics nothing exposes (with samples): {missing:?}; families exposed: {families:?}"
+    );
 }

@@ -915,13 +915,13 @@ async fn route(
         })
         .collect();
     let started = state.proxy.start(order, request).await?;
-    if !started.failed.is_empty() {
-        state
-            .metrics
-            .retries
-            .with_label_values(&[model.name.as_str()])
-            .inc_by(started.failed.len() as u64);
-    }
+    // Counted from zero once a model is served (a series that only appears with the first
+    // retry leaves dashboards and alerts blind until then).
+    state
+        .metrics
+        .retries
+        .with_label_values(&[model.name.as_str()])
+        .inc_by(started.failed.len() as u64);
     // Placed, moved, or landed elsewhere by a retry: the pin is written where the session is.
     if let Some(session) = session
         && policy == Policy::Ttft

@@ -55,7 +55,7 @@ NAMESPACE = "tidelock-system"
 IMAGE = "tidelock/tidelock:0.1.0"
 
 # Kinds kubernetes-validate has no schema for; checked here by other means.
-NO_BUILTIN_SCHEMA = {"ServiceMonitor", "Model", "Tenant"}
+NO_BUILTIN_SCHEMA = {"ServiceMonitor", "PodMonitor", "Model", "Tenant"}
 
 VALUE_SETS = {
     "default": {},
@@ -86,8 +86,11 @@ VALUE_SETS = {
             "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
         },
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
     },
     "gpu": {
+        "podMonitor": {"enabled": True},
         "worker": {"image": "tidelock/tidelock:0.1.0-cuda"},
         "operator": {
             "watchNamespace": "inference",
@@ -273,6 +276,9 @@ def check_common(set_name, objects, values):
             check(ns is None, f"{label} {kind}/{name} is cluster-scoped but has a namespace")
         elif kind in ("Role", "RoleBinding") and name.endswith("-operator") and merged_ns:
             check(ns == merged_ns, f"{label} {kind}/{name} belongs in the watched namespace {merged_ns}")
+        elif kind == "ConfigMap" and name.endswith("-dashboard"):
+            want = values.get("grafanaDashboard", {}).get("namespace") or NAMESPACE
+            check(ns == want, f"{label} the dashboard is in namespace {ns}, not {want}")
         else:
             check(ns == NAMESPACE, f"{label} {kind}/{name} is in namespace {ns}, not the release's")
         check(len(name) <= 63 or kind.startswith("Cluster"), f"{label} {kind}/{name}: name too long")
@@ -725,6 +731,28 @@ def check_facts(rendered):
             and [ep["port"] for ep in m["spec"]["endpoints"]] == [want[m["metadata"]["name"]][1]],
             f"[ha] ServiceMonitor/{m['metadata']['name']} scrapes {[t['metadata']['name'] for t in targets]}",
         )
+
+    # Workers: what the operator labels its worker pods with (operator/src/builders.rs) and
+    # the name of their metrics-only container port; in every namespace, or the watched one.
+    check(named(default, "PodMonitor") == [] and named(default, "ConfigMap") == [], "[default] no PodMonitor, no dashboard")
+    pm = one(ha, "PodMonitor", "tidelock-workers")
+    check(
+        pm["spec"]["selector"]["matchLabels"]
+        == {"app.kubernetes.io/component": "worker", "app.kubernetes.io/managed-by": "tidelock-operator"},
+        "[ha] the PodMonitor selects the operator's worker pods",
+    )
+    check(pm["spec"]["namespaceSelector"] == {"any": True}, "[ha] workers in every namespace")
+    check([e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"], "[ha] the metrics-only port")
+    check(pm["metadata"]["labels"].get("release") == "prometheus", "[ha] PodMonitor labels")
+    check(
+        one(rendered["gpu"], "PodMonitor", "tidelock-workers")["spec"]["namespaceSelector"] == {"matchNames": ["inference"]},
+        "[gpu] workers in the watched namespace",
+    )
+    dashboard = one(ha, "ConfigMap", "tidelock-dashboard")
+    check(dashboard["metadata"]["namespace"] == "monitoring", "[ha] the dashboard in Grafana's namespace")
+    check(dashboard["metadata"]["labels"].get("grafana_dashboard") == "1", "[ha] the sidecar's label")
+    shipped = json.loads(open(os.path.join(os.path.dirname(__file__), "../../charts/tidelock/dashboards/tidelock.json")).read())
+    check(json.loads(dashboard["data"]["tidelock.json"]) == shipped, "[ha] the dashboard is the shipped JSON")
 
     gpu = rendered["gpu"]
     check(named(gpu, "ClusterRole") == [] and named(gpu, "ClusterRoleBinding") == [], "[gpu] no cluster-wide role when one namespace is watched")
