@@ -399,6 +399,13 @@ async fn helm_install_then_kubectl_apply_the_examples() {
     let cpu = p.model_ready("smollm2", "2/2", SLOW).await;
     let sharded = p.model_ready("smollm2-long", "4/4", SLOW).await;
     let gpu = p.model_ready("llama-3-1-8b", "2/2", SLOW).await;
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = p.api(ML);
+    let gpu_claims = claims
+        .list(&ListParams::default().labels("tidelock.dev/model=llama-3-1-8b"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(gpu_claims.len(), 2, "one model-cache claim per GPU worker");
     for m in [&cpu, &sharded, &gpu] {
         assert!(
             condition(m, "Degraded").is_some_and(|(s, _, _)| s == "False"),
@@ -735,6 +742,19 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         ],
     );
     p.ok("kubectl", &["get", "models,statefulsets,pods", "-n", ML]);
+    // The GPU example's model-cache claims went with their groups (spec.modelCache.retain is
+    // false): the StatefulSets' retention policy, carried out by the real controllers.
+    wait_for(
+        "the model-cache claims to go with their Model",
+        LIMIT,
+        || async {
+            let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = p.api(ML);
+            let left = claims.list(&ListParams::default()).await.ok()?.items;
+            left.is_empty().then_some(())
+        },
+    )
+    .await
+    .unwrap();
 
     // The operator's ServiceAccount has exactly the permissions it used.
     permissions_are_exactly_what_the_operator_uses(&p).await;
@@ -1312,7 +1332,7 @@ async fn network_policies_admit_only_the_cluster(p: &Cluster) {
     let outsider = Endpoint::stranger("tenant-x", &[("app", "notebook")]);
     let neighbour = Endpoint::stranger(ML, &[("app", "notebook")]);
     let prometheus = Endpoint::stranger("monitoring", &[("app", "prometheus")]);
-    let cases: [(&str, &Endpoint, &str, &Endpoint, i32, bool); 20] = [
+    let cases: [(&str, &Endpoint, &str, &Endpoint, i32, bool); 21] = [
         (
             "a pod of another namespace",
             &outsider,
@@ -1410,6 +1430,14 @@ async fn network_policies_admit_only_the_cluster(p: &Cluster) {
             true,
         ),
         ("the router", &router, "a worker's API", &g0, 8000, true),
+        (
+            "the operator (load reports, to autoscale)",
+            &operator,
+            "a worker's API",
+            &g0,
+            8000,
+            true,
+        ),
         (
             "the router",
             &router,

@@ -1,5 +1,6 @@
 //! The worker pods the operator creates can start: for each example Model of the chart, every
-//! container's command is a binary of this workspace (and of the images), every `--flag` it
+//! container's command (the worker, and the init container's `tidelock fetch`) is a binary of
+//! this workspace (and of the images), every `--flag` it
 //! passes is one that binary accepts, and every `TIDELOCK_*` variable it sets is one the binary
 //! reads (the shard identity included).
 //! No cluster runs here, so this is how a renamed worker flag is caught before pods crash-loop.
@@ -11,12 +12,14 @@ use tidelock_api::Model;
 use tidelock_e2e::{binary, image_binaries, repo_root};
 use tidelock_operator::builders::{Defaults, desired};
 
-fn help(program: &str) -> String {
-    let out = Command::new(binary(program))
+/// `--help` of a container's command (a binary and its subcommands, e.g. `tidelock fetch hf`).
+fn help(command: &[String]) -> String {
+    let out = Command::new(binary(&command[0]))
+        .args(&command[1..])
         .arg("--help")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{program} --help failed");
+    assert!(out.status.success(), "{command:?} --help failed");
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -24,7 +27,6 @@ fn help(program: &str) -> String {
 fn the_operators_worker_containers_run_binaries_with_flags_they_accept() {
     let defaults = Defaults {
         worker_image: "tidelock/tidelock:0.1.0".into(),
-        fetch_image: "python:3.12-slim".into(),
         etcd_endpoints: vec![
             "https://tidelock-etcd-0.tidelock-etcd-peers.tidelock.svc:2379".into(),
         ],
@@ -54,7 +56,8 @@ fn the_operators_worker_containers_run_binaries_with_flags_they_accept() {
         let d = desired(&model, &defaults).unwrap();
         for group in &d.groups {
             let pod = group.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-            for c in &pod.containers {
+            // The weights' download (init) and the worker.
+            for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
                 let command = c.command.as_ref().unwrap_or_else(|| {
                     panic!(
                         "{name}: container {} names no command (the image has no entrypoint)",
@@ -66,7 +69,7 @@ fn the_operators_worker_containers_run_binaries_with_flags_they_accept() {
                     in_image.contains(program),
                     "{name}: {program} is not in the image"
                 );
-                let help = help(program);
+                let help = help(command);
                 for flag in c.args.iter().flatten().filter(|a| a.starts_with("--")) {
                     assert!(
                         help.contains(&format!("{flag} "))

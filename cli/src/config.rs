@@ -29,6 +29,45 @@ pub(crate) enum Command {
     /// A local Kubernetes control plane to try the chart and the operator on (`./scripts/kube`
     /// builds it and runs `tidelock kube up`).
     Kube(KubeArgs),
+    /// Download a model's weights (what a worker pod's init container runs).
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FetchArgs {
+    #[command(subcommand)]
+    pub(crate) command: FetchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FetchCommand {
+    /// The files of a Hugging Face repository at a revision ($HF_ENDPOINT, default the public
+    /// Hub; $HF_TOKEN for gated repositories).
+    Hf {
+        /// `owner/name`.
+        #[arg(long)]
+        repo: String,
+        /// A branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// One file of the repository (e.g. a GGUF) instead of all of them.
+        #[arg(long)]
+        file: Option<String>,
+        /// The folder the files go to (their paths in the repository kept).
+        #[arg(long)]
+        dest: PathBuf,
+    },
+    /// One file by URL, its SHA-256 checked when given.
+    Url {
+        #[arg(long)]
+        url: String,
+        /// Expected SHA-256, 64 lowercase hex digits: a different download is refused.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// The file to write.
+        #[arg(long)]
+        dest: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

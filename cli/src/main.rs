@@ -8,7 +8,9 @@
 //! - `tidelock bench compare`: one workload through each of our policies and the peers' routers
 //!   on the same simulated workers, with a table and PNG charts (`compare.rs`, `chart.rs`);
 //! - `tidelock kube up`: a local Kubernetes control plane for the chart and the operator
-//!   (`kube.rs`).
+//!   (`kube.rs`);
+//! - `tidelock fetch hf|url`: a model's weights, as a worker pod's init container fetches them
+//!   (`fetch.rs`).
 
 mod bench;
 mod chaos;
@@ -16,6 +18,7 @@ mod chart;
 mod chat;
 mod compare;
 mod config;
+mod fetch;
 mod http;
 mod kube;
 mod sessions;
@@ -70,6 +73,13 @@ fn main() -> ExitCode {
             },
             config::Command::Kube(args) => match args.command {
                 config::KubeCommand::Up(args) => kube::up(args).await,
+            },
+            config::Command::Fetch(args) => match fetch::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tidelock fetch: {e}");
+                    ExitCode::FAILURE
+                }
             },
         }
     })

@@ -11,7 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, Lifecycle, LifecycleHandler, NodeAffinity, NodeSelector,
@@ -73,8 +75,6 @@ pub const ETCD_TLS_DIR: &str = "/etc/tidelock/etcd-tls";
 pub struct Defaults {
     /// Worker image when the Model names none.
     pub worker_image: String,
-    /// Image of the init container that downloads `huggingFace` and `url` sources (needs Python).
-    pub fetch_image: String,
     /// etcd client URLs the workers register in.
     pub etcd_endpoints: Vec<String>,
     /// Key prefix of the cluster state in etcd.
@@ -95,6 +95,9 @@ pub struct PolicyPeers {
     /// The routers' namespace and labels: they reach the workers' HTTP port.
     pub router_namespace: String,
     pub router_labels: BTreeMap<String, String>,
+    /// The operator's labels (in the routers' namespace): it reads the coordinators' load
+    /// reports for the autoscaler.
+    pub operator_labels: BTreeMap<String, String>,
     /// The labels of the monitoring namespace: it reaches the metrics port only.
     pub monitoring_namespace_labels: BTreeMap<String, String>,
 }
@@ -189,8 +192,41 @@ impl Names<'_> {
     }
 }
 
-/// The objects that run `model`.
+/// The objects that run `model`, its groups numbered `0..replicas`.
 pub fn desired(model: &Model, defaults: &Defaults) -> Result<Desired, BuildError> {
+    let indices: Vec<i32> = (0..model.spec.replicas).collect();
+    desired_groups(model, defaults, &indices)
+}
+
+/// The group indices a Model with `replicas` groups keeps, given the indices its groups have
+/// now: all of them while there are not too many (the autoscaler may have removed any group,
+/// so indices need not be contiguous), the highest dropped first when `replicas` went down, the
+/// lowest free ones added when it went up.
+pub fn group_indices(existing: impl IntoIterator<Item = i32>, replicas: i32) -> Vec<i32> {
+    let want = usize::try_from(replicas).unwrap_or(0);
+    let mut kept: std::collections::BTreeSet<i32> = existing.into_iter().collect();
+    while kept.len() > want {
+        kept.pop_last();
+    }
+    let mut next = 0;
+    while kept.len() < want {
+        kept.insert(next);
+        next += 1;
+    }
+    kept.into_iter().collect()
+}
+
+/// The index of the group a StatefulSet named `name` is, for a Model named `model`.
+pub fn group_index(model: &str, name: &str) -> Option<i32> {
+    name.strip_prefix(model)?.strip_prefix("-g")?.parse().ok()
+}
+
+/// The objects that run `model` with the groups `indices` (see [`group_indices`]).
+pub fn desired_groups(
+    model: &Model,
+    defaults: &Defaults,
+    indices: &[i32],
+) -> Result<Desired, BuildError> {
     let name = model
         .meta()
         .name
@@ -226,12 +262,14 @@ pub fn desired(model: &Model, defaults: &Defaults) -> Result<Desired, BuildError
         }),
         ..Service::default()
     };
-    let groups = (0..model.spec.replicas)
-        .map(|i| group(model, &names, i, defaults))
+    let groups = indices
+        .iter()
+        .map(|&i| group(model, &names, i, defaults))
         .collect::<Result<_, _>>()?;
     let policies = match &defaults.network_policy {
-        Some(peers) => (0..model.spec.replicas)
-            .map(|i| network_policy(&names, i, peers))
+        Some(peers) => indices
+            .iter()
+            .map(|&i| network_policy(&names, i, peers))
             .collect(),
         None => Vec::new(),
     };
@@ -287,6 +325,14 @@ fn network_policy(names: &Names<'_>, i: i32, peers: &PolicyPeers) -> NetworkPoli
         }),
         ..NetworkPolicyPeer::default()
     };
+    let operator = NetworkPolicyPeer {
+        namespace_selector: namespace(named(&peers.router_namespace)),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(peers.operator_labels.clone()),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    };
     let monitoring = NetworkPolicyPeer {
         namespace_selector: namespace(peers.monitoring_namespace_labels.clone()),
         ..NetworkPolicyPeer::default()
@@ -298,7 +344,7 @@ fn network_policy(names: &Names<'_>, i: i32, peers: &PolicyPeers) -> NetworkPoli
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
-                    from: Some(vec![own_group, routers]),
+                    from: Some(vec![own_group, routers, operator]),
                     ports: port(WORKER_PORT),
                 },
                 NetworkPolicyIngressRule {
@@ -459,17 +505,15 @@ fn etcd_tls(
 }
 
 /// The model path the worker reads, and the init container that puts it there (for sources
-/// that must be downloaded).
-fn source(
-    spec: &ModelSource,
-    defaults: &Defaults,
-) -> Result<(String, Option<Container>), BuildError> {
-    let fetch = |script: String| Container {
+/// that must be downloaded): `tidelock fetch` from the worker's own image, the source's fields
+/// as arguments (never a shell string), nothing installed at start.
+fn source(spec: &ModelSource, image: &str) -> Result<(String, Option<Container>), BuildError> {
+    let fetch = |kind: &str, args: Vec<String>, env: Vec<EnvVar>| Container {
         name: "fetch-model".into(),
-        image: Some(defaults.fetch_image.clone()),
-        command: Some(vec!["sh".into(), "-c".into(), script]),
-        // Unprivileged with a read-only root: Python's and pip's files go to the scratch volume.
-        env: Some(vec![env("HOME", TMP_DIR)]),
+        image: Some(image.to_owned()),
+        command: Some(vec!["tidelock".into(), "fetch".into(), kind.into()]),
+        args: Some(args),
+        env: (!env.is_empty()).then_some(env),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "models".into(),
@@ -491,29 +535,38 @@ fn source(
     match (&spec.hugging_face, &spec.pvc, &spec.url) {
         (Some(hf), None, None) => {
             let dir = format!("{MODELS_DIR}/hf/{}/{}", hf.repo, hf.revision);
-            let script = format!(
-                "pip install -q --target {TMP_DIR}/fetch huggingface_hub && PYTHONPATH={TMP_DIR}/fetch python -c \"from huggingface_hub import snapshot_download; snapshot_download('{}', revision='{}', local_dir='{dir}')\"",
-                hf.repo, hf.revision
-            );
+            let mut args = vec![
+                "--repo".to_owned(),
+                hf.repo.clone(),
+                "--revision".to_owned(),
+                hf.revision.clone(),
+                "--dest".to_owned(),
+                dir.clone(),
+            ];
+            if let Some(file) = &hf.file {
+                args.extend(["--file".to_owned(), file.clone()]);
+            }
+            // A gated repository's token, from the Model's namespace.
+            let env = hf
+                .token_secret
+                .iter()
+                .map(|s| secret_env("HF_TOKEN", &s.name, &s.key))
+                .collect();
             let path = match &hf.file {
                 Some(file) => format!("{dir}/{file}"),
                 None => dir,
             };
-            Ok((path, Some(fetch(script))))
+            Ok((path, Some(fetch("hf", args, env))))
         }
         (None, Some(pvc), None) => Ok((format!("{SOURCE_DIR}/{}", pvc.path), None)),
         (None, None, Some(url)) => {
             let path = format!("{MODELS_DIR}/url/model.gguf");
-            let check = url
-                .sha256
-                .as_ref()
-                .map(|sum| format!(" && echo '{sum}  {path}' | sha256sum -c -"))
-                .unwrap_or_default();
-            let script = format!(
-                "mkdir -p {MODELS_DIR}/url && test -s {path} || python -c \"import urllib.request; urllib.request.urlretrieve('{}', '{path}')\"{check}",
-                url.url
-            );
-            Ok((path, Some(fetch(script))))
+            let mut args = vec!["--url".to_owned(), url.url.clone()];
+            if let Some(sum) = &url.sha256 {
+                args.extend(["--sha256".to_owned(), sum.clone()]);
+            }
+            args.extend(["--dest".to_owned(), path.clone()]);
+            Ok((path, Some(fetch("url", args, Vec::new()))))
         }
         _ => Err(BuildError::Source),
     }
@@ -538,7 +591,11 @@ fn group(
     let spec = &model.spec;
     let group = names.group(i);
     let served = served_name(model);
-    let (model_path, fetch) = source(&spec.source, defaults)?;
+    let image = spec
+        .image
+        .clone()
+        .unwrap_or_else(|| defaults.worker_image.clone());
+    let (model_path, fetch) = source(&spec.source, &image)?;
     let advertise = format!(
         "http://$(POD_NAME).{}.{}.svc:{WORKER_PORT}",
         names.service(),
@@ -718,11 +775,7 @@ fn group(
     });
     let worker = Container {
         name: "worker".into(),
-        image: Some(
-            spec.image
-                .clone()
-                .unwrap_or_else(|| defaults.worker_image.clone()),
-        ),
+        image: Some(image),
         // The image holds every binary and no entrypoint (the Dockerfile's `ENTRYPOINT []`).
         command: Some(vec!["tidelock-worker".into()]),
         args: Some(args),
@@ -788,6 +841,18 @@ fn group(
                 ..PodSpec::default()
             }),
         },
+        // The model cache's claims follow their group (spec.modelCache.retain).
+        persistent_volume_claim_retention_policy: claims.as_ref().map(|_| {
+            let policy = if spec.model_cache.retain {
+                "Retain"
+            } else {
+                "Delete"
+            };
+            StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some(policy.into()),
+                when_scaled: Some(policy.into()),
+            }
+        }),
         volume_claim_templates: claims,
         ..StatefulSetSpec::default()
     };

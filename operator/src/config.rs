@@ -62,6 +62,16 @@ pub struct Config {
     )]
     pub router_labels: Vec<String>,
 
+    /// Labels of the operator's own pods (`k=v`, comma-separated), in its namespace: the
+    /// workers' NetworkPolicies admit them to the HTTP port (load reports for the autoscaler).
+    #[arg(
+        long,
+        env = "TIDELOCK_OPERATOR_LABELS",
+        value_delimiter = ',',
+        default_value = "app.kubernetes.io/component=operator"
+    )]
+    pub operator_labels: Vec<String>,
+
     /// Labels (`k=v`, comma-separated) of the namespace Prometheus scrapes from: the workers'
     /// metrics port admits it alone.
     #[arg(
@@ -75,11 +85,6 @@ pub struct Config {
     /// Worker image for Models that name none.
     #[arg(long, env = "TIDELOCK_WORKER_IMAGE")]
     pub worker_image: String,
-
-    /// Image of the init container that downloads `huggingFace` and `url` model sources (it
-    /// needs Python).
-    #[arg(long, env = "TIDELOCK_FETCH_IMAGE", default_value = "python:3.12-slim")]
-    pub fetch_image: String,
 
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "TIDELOCK_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
@@ -127,6 +132,7 @@ impl Config {
     /// The defaults every Model's objects are built with (an error names a malformed flag).
     pub fn defaults(&self) -> Result<Defaults, String> {
         let router_labels = labels("--router-labels", &self.router_labels)?;
+        let operator_labels = labels("--operator-labels", &self.operator_labels)?;
         let monitoring = labels(
             "--monitoring-namespace-labels",
             &self.monitoring_namespace_labels,
@@ -141,6 +147,7 @@ impl Config {
             .then(|| crate::builders::PolicyPeers {
                 router_namespace: self.lease_namespace.clone(),
                 router_labels,
+                operator_labels,
                 monitoring_namespace_labels: monitoring,
             });
         Ok(Defaults {
@@ -150,7 +157,6 @@ impl Config {
             },
             network_policy,
             worker_image: self.worker_image.clone(),
-            fetch_image: self.fetch_image.clone(),
             etcd_endpoints: self.etcd_endpoints.clone(),
             etcd_prefix: self.etcd_prefix.clone(),
             etcd_client_secret: (!self.etcd_client_secret.is_empty()).then(|| {

@@ -10,6 +10,7 @@
 //! | [`run`] | The controllers and the `/healthz`, `/readyz`, `/metrics` endpoints. |
 //! | [`config`] | Command line and environment. |
 
+pub mod autoscale;
 pub mod builders;
 pub mod config;
 pub mod leader;

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Every metric the operator exports.
 #[derive(Debug, Clone)]
@@ -14,6 +16,10 @@ pub struct Metrics {
     duration: HistogramVec,
     errors: IntCounterVec,
     pub leader: IntGauge,
+    /// The autoscaler's changes of `replicas`, by Model (`namespace/name`) and direction.
+    pub autoscale_changes: IntCounterVec,
+    /// The autoscaler's last recommendation (before stabilisation), by Model.
+    pub autoscale_recommended: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -57,11 +63,29 @@ impl Metrics {
             "1 while this replica holds the leader Lease and reconciles, else 0.",
         )
         .expect("valid metric");
+        let autoscale_changes = IntCounterVec::new(
+            Opts::new(
+                "tidelock_operator_autoscale_changes_total",
+                "Changes of a Model's shard groups by the autoscaler, by Model and direction (up, down).",
+            ),
+            &["model", "direction"],
+        )
+        .expect("valid metric");
+        let autoscale_recommended = IntGaugeVec::new(
+            Opts::new(
+                "tidelock_operator_autoscale_recommended_groups",
+                "Shard groups the last look at a Model's load called for, before the stabilisation windows and the cool-down.",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
             Box::new(errors.clone()),
             Box::new(leader.clone()),
+            Box::new(autoscale_changes.clone()),
+            Box::new(autoscale_recommended.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -71,6 +95,8 @@ impl Metrics {
             duration,
             errors,
             leader,
+            autoscale_changes,
+            autoscale_recommended,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub backoff: Backoff,
+    /// The autoscaler's recommendations so far and its client for load reports.
+    pub autoscaler: crate::autoscale::Autoscaler,
 }
 
 impl std::fmt::Debug for Context {
@@ -74,6 +76,7 @@ impl Context {
             defaults,
             metrics,
             backoff: Backoff::default(),
+            autoscaler: crate::autoscale::Autoscaler::default(),
         }
     }
 

@@ -9,6 +9,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::response::IntoResponse;
 use http::Method;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -36,6 +37,7 @@ flows!(
     api_errors_back_off_then_recover,
     an_invalid_spec_is_degraded_and_applies_nothing,
     a_served_name_belongs_to_one_model,
+    the_autoscaler_follows_the_load_reports,
 );
 
 fn model_object(h: &Harness, name: &str, spec: Value) -> Model {
@@ -894,5 +896,167 @@ async fn a_served_name_belongs_to_one_model(h: Harness) {
     create_model(&h, "third", spec("third")).await;
     reconcile_model(&h, "third").await.unwrap();
     assert_eq!(names(&groups(&h, "third").await), ["third-g0"]);
+    h.finish().await;
+}
+
+/// Load reports served as workers serve them (`GET <address>/v1/load`), one per group, set by
+/// the test: the simulated load the autoscaler reads.
+struct FakeLoads {
+    reports: Arc<std::sync::Mutex<BTreeMap<String, tidelock_protocol::LoadReport>>>,
+    port: u16,
+}
+
+impl FakeLoads {
+    async fn start() -> FakeLoads {
+        let reports: Arc<std::sync::Mutex<BTreeMap<String, tidelock_protocol::LoadReport>>> =
+            Arc::default();
+        let shared = reports.clone();
+        let app = axum::Router::new().route(
+            "/{group}/v1/load",
+            axum::routing::get(
+                move |axum::extract::Path(group): axum::extract::Path<String>| {
+                    let report = shared.lock().unwrap().get(&group).copied();
+                    async move {
+                        match report {
+                            Some(r) => axum::Json(r).into_response(),
+                            None => http::StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                        }
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeLoads { reports, port }
+    }
+
+    /// `group` reports `waiting` prompt tokens to prefill and `kv_percent` of its KV in use.
+    fn set(&self, group: &str, waiting: u64, kv_percent: u64) {
+        self.reports.lock().unwrap().insert(
+            group.to_owned(),
+            tidelock_protocol::LoadReport {
+                running: 1,
+                waiting: 0,
+                kv_used_blocks: kv_percent,
+                kv_total_blocks: 100,
+                prefill_tokens_waiting: waiting,
+                prefill_tokens_per_second: 1000.0,
+            },
+        );
+    }
+
+    /// Registers group `group`'s coordinator for `served`, its address this server.
+    async fn register(&self, h: &Harness, served: &str, group: &str) {
+        let registration = json!({
+            "address": format!("http://127.0.0.1:{}/{group}", self.port), "group": group,
+            "shard": 0, "shard_count": 1, "block_tokens": 64, "kv_capacity_bytes": 1u64 << 30,
+        });
+        let key = KeyLayout::default().worker(
+            &ModelName::new(served).unwrap(),
+            &WorkerId::new(format!("{group}-0")).unwrap(),
+        );
+        h.store
+            .put(&key, serde_json::to_vec(&registration).unwrap(), None)
+            .await
+            .unwrap();
+    }
+}
+
+/// Issue #19, point 7: the operator's autoscaler on simulated load reports. A queue of 2.5
+/// times the target adds groups (1 -> 3, bounded by maxReplicas); an idle cluster removes the
+/// least-loaded groups, keeping the busiest (`g1`) even though it is not the first; a cool-down
+/// holds the next change; each change is an Event, a metric and `status.lastScale`. On the
+/// real API server, the scale subresource reads and sets the groups (as an HPA would).
+async fn the_autoscaler_follows_the_load_reports(h: Harness) {
+    let loads = FakeLoads::start().await;
+    let spec = json!({"source": {"url": {"url": "https://models.example/a.gguf"}}, "replicas": 1,
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetWaitingPrefillTokens": 1000,
+                        "targetKvUtilizationPercent": 80, "scaleUpStabilizationSeconds": 0,
+                        "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0}});
+    create_model(&h, "auto", spec).await;
+    reconcile_model(&h, "auto").await.unwrap();
+    assert_eq!(names(&groups(&h, "auto").await), ["auto-g0"]);
+    loads.register(&h, "auto", "auto-g0").await;
+    loads.set("auto-g0", 2500, 10);
+    let action = reconcile_model(&h, "auto").await.unwrap();
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(1)));
+    let model = h.api::<Model>().get("auto").await.unwrap();
+    assert_eq!(model.spec.replicas, 3, "2.5 x 1 group, rounded up");
+    let last = model.status.unwrap().last_scale.unwrap();
+    assert_eq!((last.from, last.to), (1, 3));
+    assert_eq!(
+        last.reason,
+        "2500 prompt tokens waiting per group (target 1000), 10% of KV cache in use (target 80%)"
+    );
+    reconcile_model(&h, "auto").await.unwrap();
+    assert_eq!(
+        names(&groups(&h, "auto").await),
+        ["auto-g0", "auto-g1", "auto-g2"]
+    );
+
+    // Quiet: g1 keeps a little work; g0 and g2 go.
+    for g in ["auto-g1", "auto-g2"] {
+        loads.register(&h, "auto", g).await;
+    }
+    loads.set("auto-g0", 0, 0);
+    loads.set("auto-g1", 100, 10);
+    loads.set("auto-g2", 0, 2);
+    reconcile_model(&h, "auto").await.unwrap();
+    assert_eq!(h.api::<Model>().get("auto").await.unwrap().spec.replicas, 1);
+    reconcile_model(&h, "auto").await.unwrap();
+    support::until("only the busiest group is left", || async {
+        names(&groups(&h, "auto").await) == ["auto-g1"]
+    })
+    .await;
+    let evs = events(&h, "auto").await;
+    let scaled: Vec<&str> = evs
+        .iter()
+        .filter(|(r, _)| r.starts_with("Scaled"))
+        .map(|(_, n)| n.as_str())
+        .collect();
+    assert_eq!(
+        scaled,
+        [
+            "1 -> 3 groups: 2500 prompt tokens waiting per group (target 1000), 10% of KV cache in use (target 80%)",
+            "3 -> 1 groups: 33 prompt tokens waiting per group (target 1000), 4% of KV cache in use (target 80%); removed the least loaded: auto-g0, auto-g2"
+        ]
+    );
+    let metrics = h.ctx.metrics.render();
+    for direction in ["up", "down"] {
+        let line = format!(
+            "tidelock_operator_autoscale_changes_total{{direction=\"{direction}\",model=\"{}/auto\"}} 1",
+            h.namespace
+        );
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+
+    // A cool-down holds the next change however busy it gets.
+    patch_spec::<Model>(&h, "auto", json!({"autoscaling": {"minReplicas": 1, "maxReplicas": 3, "cooldownSeconds": 3600, "scaleUpStabilizationSeconds": 0, "targetWaitingPrefillTokens": 1000}})).await;
+    loads.set("auto-g1", 50_000, 90);
+    reconcile_model(&h, "auto").await.unwrap();
+    assert_eq!(h.api::<Model>().get("auto").await.unwrap().spec.replicas, 1);
+    assert!(h.ctx.metrics.render().contains(&format!(
+        "tidelock_operator_autoscale_recommended_groups{{model=\"{}/auto\"}} 3",
+        h.namespace
+    )));
+
+    if h.fake.is_none() {
+        // The scale subresource: what an HPA or KEDA reads and writes.
+        let api = h.api::<Model>();
+        let scale = api.get_scale("auto").await.unwrap();
+        assert_eq!(scale.spec.and_then(|s| s.replicas), Some(1));
+        let status = scale.status.unwrap();
+        assert_eq!(status.replicas, 1);
+        assert_eq!(status.selector.as_deref(), Some("tidelock.dev/model=auto"));
+        api.patch_scale(
+            "auto",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(api.get("auto").await.unwrap().spec.replicas, 2);
+    }
     h.finish().await;
 }

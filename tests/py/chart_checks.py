@@ -323,7 +323,7 @@ def check_common(set_name, objects, values):
     worker_image = values.get("worker", {}).get("image") or IMAGE
     check(op["image"] == IMAGE, f"{label} operator image {op['image']}")
     check(env.get("TIDELOCK_WORKER_IMAGE") == worker_image, f"{label} worker image {env.get('TIDELOCK_WORKER_IMAGE')}")
-    check(env.get("TIDELOCK_FETCH_IMAGE") == "python:3.12-slim", f"{label} fetch image")
+    check("TIDELOCK_FETCH_IMAGE" not in env, f"{label} no fetch image: the worker image fetches")
     check(env.get("TIDELOCK_OPERATOR_LISTEN") == "0.0.0.0:8080", f"{label} operator listen")
     check(env.get("TIDELOCK_LEASE_NAME") == "tidelock-operator", f"{label} lease name")
     check(env.get("POD_NAME") == {"fieldRef": {"fieldPath": "metadata.name"}}, f"{label} POD_NAME from the pod")

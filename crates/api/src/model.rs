@@ -20,6 +20,12 @@ use serde::{Deserialize, Serialize};
     kind = "Model",
     namespaced,
     status = "ModelStatus",
+    // HorizontalPodAutoscalers and KEDA scale shard groups through this.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     shortname = "tlm",
     category = "tidelock",
     cel,
@@ -188,10 +194,33 @@ pub struct HuggingFaceSource {
     /// A branch, tag or commit; pin a commit for reproducible rollouts.
     #[serde(default = "main_revision")]
     #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("!self.contains('..') && !self.startsWith('/')").message("a revision has no '..' and does not start with '/' (git refuses such names too)"))]
     pub revision: String,
     /// A GGUF file in the repository to serve instead of the safetensors weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self.contains('..') && !self.startsWith('/')").message("a path in the repository, without '..'"))]
     pub file: Option<String>,
+    /// A Secret in the Model's namespace holding a Hugging Face token, for gated or private
+    /// repositories (the download sends it as a bearer token; it never appears in the pod spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKey>,
+}
+
+/// One key of a Secret in the Model's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKey {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key holding the value.
+    #[serde(default = "token_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn token_key() -> String {
+    "token".into()
 }
 
 fn main_revision() -> String {
@@ -353,9 +382,16 @@ pub struct ModelCache {
     /// Storage class of the model cache claims.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class: Option<String>,
+    /// Keep the claims when their group goes (the Model deleted, scaled down, a group removed
+    /// by the autoscaler), to reuse the downloaded weights later. Default: they go with it.
+    #[serde(default)]
+    pub retain: bool,
 }
 
-/// Bounds for an autoscaler acting on `replicas`.
+/// The operator's autoscaler: it sets `replicas` from the workers' load reports (prompt tokens
+/// waiting to be prefilled, KV cache in use), within bounds, after the load held for a
+/// stabilisation window, and not within a cool-down of its last change. Leave it unset to
+/// drive `replicas` through the scale subresource instead (a HorizontalPodAutoscaler, KEDA).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
@@ -366,6 +402,49 @@ pub struct Autoscaling {
     /// Most shard groups.
     #[schemars(range(min = 1, max = 1024))]
     pub max_replicas: i32,
+    /// Prompt tokens waiting to be prefilled per group that the autoscaler aims for: more adds
+    /// groups, less removes them.
+    #[serde(default = "default_waiting_tokens")]
+    #[schemars(range(min = 1))]
+    pub target_waiting_prefill_tokens: i64,
+    /// Percent of each group's KV cache held by running requests that the autoscaler aims for.
+    #[serde(default = "default_kv_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_kv_utilization_percent: i32,
+    /// Seconds a higher load must last before groups are added (the lowest recommendation
+    /// over this window is taken).
+    #[serde(default = "default_up_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: i64,
+    /// Seconds a lower load must last before groups are removed (the highest recommendation
+    /// over this window is taken).
+    #[serde(default = "default_down_window")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub scale_down_stabilization_seconds: i64,
+    /// Seconds after a change of `replicas` (by the autoscaler) before the next.
+    #[serde(default = "default_cooldown")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub cooldown_seconds: i64,
+}
+
+fn default_waiting_tokens() -> i64 {
+    8192
+}
+
+fn default_kv_percent() -> i32 {
+    80
+}
+
+fn default_up_window() -> i64 {
+    30
+}
+
+fn default_down_window() -> i64 {
+    300
+}
+
+fn default_cooldown() -> i64 {
+    120
 }
 
 /// What the operator observed.
@@ -396,4 +475,27 @@ pub struct ModelStatus {
     /// Shard groups the spec asks for (`replicas`).
     #[serde(default)]
     pub desired_groups: i32,
+    /// Shard groups that exist (the scale subresource's replicas).
+    #[serde(default)]
+    pub replicas: i32,
+    /// The label selector of the Model's worker pods (the scale subresource's selector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// When the autoscaler last changed `replicas`, and what it saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale: Option<LastScale>,
+}
+
+/// The autoscaler's last change.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LastScale {
+    /// RFC 3339.
+    pub time: String,
+    /// `replicas` before the change.
+    pub from: i32,
+    /// `replicas` after the change.
+    pub to: i32,
+    /// Why, in words (the load against the targets).
+    pub reason: String,
 }

@@ -85,6 +85,13 @@ fn model_crd_is_documented_defaulted_and_printable() {
     );
     assert_eq!(spec["terminationGracePeriodSeconds"]["default"], 300);
     assert_eq!(spec["startupTimeoutSeconds"]["default"], 1800);
+    let scale = &v["subresources"]["scale"];
+    assert_eq!(scale["specReplicasPath"], ".spec.replicas");
+    assert_eq!(scale["statusReplicasPath"], ".status.replicas");
+    assert_eq!(scale["labelSelectorPath"], ".status.selector");
+    let autoscaling = &spec["autoscaling"]["properties"];
+    assert_eq!(autoscaling["scaleDownStabilizationSeconds"]["default"], 300);
+    assert_eq!(autoscaling["targetKvUtilizationPercent"]["maximum"], 100.0);
     assert_eq!(
         spec["rollout"]["properties"]["maxUnavailableGroups"]["default"],
         1

@@ -7,7 +7,6 @@ use super::*;
 fn defaults() -> Defaults {
     Defaults {
         worker_image: "tidelock/worker:0.1.0".into(),
-        fetch_image: "python:3.12-slim".into(),
         etcd_endpoints: vec![
             "http://etcd-0.etcd:2379".into(),
             "http://etcd-1.etcd:2379".into(),
@@ -24,6 +23,11 @@ fn defaults() -> Defaults {
                 "app.kubernetes.io/component".to_owned(),
                 "router".to_owned(),
             )]),
+            operator_labels: [(
+                "app.kubernetes.io/component".to_owned(),
+                "operator".to_owned(),
+            )]
+            .into(),
             monitoring_namespace_labels: [(
                 "kubernetes.io/metadata.name".to_owned(),
                 "monitoring".to_owned(),
@@ -177,11 +181,25 @@ fn the_worker_gets_its_identity_etcd_and_model_from_the_spec() {
         "metadata.labels['apps.kubernetes.io/pod-index']"
     );
     // The weights are fetched by an init container into the models volume (an emptyDir here).
+    // `tidelock fetch` from the worker's own image: the source's fields as arguments, no shell.
     let init = &pod(g).init_containers.as_ref().unwrap()[0];
-    assert!(
-        init.command.as_ref().unwrap()[2]
-            .contains("snapshot_download('HuggingFaceTB/SmolLM2-135M-Instruct', revision='abc123'")
+    assert_eq!(init.image, worker(g).image);
+    assert_eq!(
+        init.command.as_deref(),
+        Some(&["tidelock".to_owned(), "fetch".into(), "hf".into()][..])
     );
+    assert_eq!(
+        init.args.as_deref().unwrap(),
+        [
+            "--repo",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--revision",
+            "abc123",
+            "--dest",
+            "/models/hf/HuggingFaceTB/SmolLM2-135M-Instruct/abc123"
+        ]
+    );
+    assert!(init.env.is_none(), "no token unless the Model names one");
     let volumes = pod(g).volumes.as_ref().unwrap();
     assert!(
         volumes
@@ -343,6 +361,9 @@ fn workers_get_the_credential_and_each_group_a_network_policy() {
                 {"podSelector": {"matchLabels": group}},
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tidelock-system"}},
                  "podSelector": {"matchLabels": {"app.kubernetes.io/component": "router"}}},
+                // The operator reads the load reports it autoscales on.
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tidelock-system"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}},
             ]},
             {"ports": [{"port": 9100, "protocol": "TCP"}], "from": [
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
@@ -493,14 +514,56 @@ fn pvc_and_url_sources_and_a_persistent_model_cache() {
     .unwrap();
     let g = &d.groups[0];
     assert_eq!(arg(worker(g), "--model"), Some("/models/url/model.gguf"));
-    let script = &pod(g).init_containers.as_ref().unwrap()[0]
-        .command
+    let init = &pod(g).init_containers.as_ref().unwrap()[0];
+    assert_eq!(
+        init.args.as_deref().unwrap(),
+        [
+            "--url",
+            "https://example.org/m.gguf",
+            "--sha256",
+            &"a".repeat(64),
+            "--dest",
+            "/models/url/model.gguf"
+        ]
+    );
+}
+
+#[test]
+fn a_source_reaches_the_fetch_step_as_arguments_and_a_token_from_a_secret() {
+    // Shell metacharacters in a revision stay one argument: nothing interprets them.
+    let revision = "v1'; touch /tmp/owned; echo '";
+    let d = desired(
+        &model(json!({"source": {"huggingFace": {
+            "repo": "meta-llama/Llama-3.1-8B-Instruct", "revision": revision,
+            "tokenSecret": {"name": "hf-token"}}}})),
+        &defaults(),
+    )
+    .unwrap();
+    let init = &pod(&d.groups[0]).init_containers.as_ref().unwrap()[0];
+    let args = init.args.as_deref().unwrap();
+    assert_eq!(args[3], revision);
+    assert!(init.command.as_ref().unwrap().iter().all(|c| c != "sh"));
+    let token = init
+        .env
         .as_ref()
-        .unwrap()[2];
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "HF_TOKEN")
+        .unwrap();
+    let from = token
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (from.name.as_str(), from.key.as_str()),
+        ("hf-token", "token")
+    );
     assert!(
-        script.contains("urlretrieve('https://example.org/m.gguf'")
-            && script.contains("sha256sum -c"),
-        "{script}"
+        token.value.is_none(),
+        "the token itself is never in the pod spec"
     );
 }
 
@@ -652,4 +715,56 @@ fn the_spec_hash_follows_the_spec_and_nothing_else() {
         hash(json!({"source": hf(), "replicas": 2, "rollout": {"maxUnavailableGroups": 2}})),
         base
     );
+}
+
+#[test]
+fn group_indices_keep_the_groups_that_exist() {
+    assert_eq!(group_indices([], 3), [0, 1, 2]);
+    // The autoscaler removed g1: the others keep their names.
+    assert_eq!(group_indices([0, 2], 2), [0, 2]);
+    // Scaling up again fills the hole first.
+    assert_eq!(group_indices([0, 2], 3), [0, 1, 2]);
+    assert_eq!(group_indices([0, 2], 4), [0, 1, 2, 3]);
+    // Scaling down by hand drops the highest.
+    assert_eq!(group_indices([0, 2, 5], 2), [0, 2]);
+    assert_eq!(group_index("smol", "smol-g12"), Some(12));
+    assert_eq!(group_index("smol", "smol-long-g1"), None);
+    let d = desired_groups(
+        &model(json!({"source": hf(), "replicas": 2})),
+        &defaults(),
+        &[0, 2],
+    )
+    .unwrap();
+    let names: Vec<_> = d.groups.iter().map(|g| g.name_any()).collect();
+    assert_eq!(names, ["smol-g0", "smol-g2"]);
+    let policies: Vec<_> = d.policies.iter().map(|g| g.name_any()).collect();
+    assert_eq!(policies, ["smol-g0", "smol-g2"]);
+}
+
+#[test]
+fn model_cache_claims_follow_their_group_unless_retained() {
+    let policy = |cache: Value| {
+        let d = desired(
+            &model(json!({"source": hf(), "modelCache": cache})),
+            &defaults(),
+        )
+        .unwrap();
+        d.groups[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .persistent_volume_claim_retention_policy
+            .clone()
+            .map(|p| (p.when_deleted.unwrap(), p.when_scaled.unwrap()))
+    };
+    assert_eq!(
+        policy(json!({"size": "50Gi"})),
+        Some(("Delete".into(), "Delete".into()))
+    );
+    assert_eq!(
+        policy(json!({"size": "50Gi", "retain": true})),
+        Some(("Retain".into(), "Retain".into()))
+    );
+    // No claims (an emptyDir): nothing to retain.
+    assert_eq!(policy(json!({})), None);
 }

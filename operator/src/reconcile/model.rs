@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
@@ -27,12 +27,14 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
+use tidelock_api::model::{Autoscaling, LastScale};
 use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reasons};
 use tidelock_protocol::{ModelName, WorkerRegistration};
 
-use super::claim;
 use super::rollout::{self, Registered};
 use super::{Context, Error, condition, diagnose, is_true, with_finalizer, write_status};
+use super::{claim, cluster_token};
+use crate::autoscale;
 use crate::builders;
 
 /// Requeue while workers start: registrations live in etcd, which the controller does not watch.
@@ -189,7 +191,27 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     let namespace = model.namespace().ok_or(Error::Missing("namespace"))?;
     let name = model.name_any();
     let previous = model.status.clone().unwrap_or_default();
-    let desired = match builders::desired(model, &ctx.defaults) {
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let uid = model.uid();
+    let before: BTreeMap<String, StatefulSet> = statefulsets
+        .list(&ListParams::default().labels(&format!("{}={name}", labels::MODEL)))
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| {
+            s.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .map(|s| (s.name_any(), s))
+        .collect();
+    let indices = builders::group_indices(
+        before
+            .keys()
+            .filter_map(|g| builders::group_index(&name, g)),
+        model.spec.replicas,
+    );
+    let desired = match builders::desired_groups(model, &ctx.defaults, &indices) {
         Ok(desired) => desired,
         Err(e) => {
             let message = format!("{e}; nothing was applied");
@@ -208,20 +230,15 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
         // The holder's deletion is not an event of this Model: look again now and then.
         return Ok(Action::requeue(CLAIM_REQUEUE));
     }
-    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
-    let uid = model.uid();
-    let before: BTreeMap<String, StatefulSet> = statefulsets
-        .list(&ListParams::default().labels(&format!("{}={name}", labels::MODEL)))
-        .await?
-        .items
-        .into_iter()
-        .filter(|s| {
-            s.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .map(|s| (s.name_any(), s))
-        .collect();
+    let autoscaled = model.spec.autoscaling.is_some();
+    match &model.spec.autoscaling {
+        Some(spec) => {
+            if let Some(action) = autoscale(model, spec, ctx, &before, &previous, &served).await? {
+                return Ok(action);
+            }
+        }
+        None => ctx.autoscaler.forget(&autoscale_key(model)),
+    }
 
     super::etcd_tls::copy_client_secret(model, ctx).await?;
     super::cluster_token::copy_to_model(model, ctx).await?;
@@ -257,11 +274,170 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     publish(model, ctx, &previous, status).await?;
     // A store that cannot be read is an error: the controller retries with backoff.
     registered?;
-    Ok(Action::requeue(if ready {
+    let next = if ready {
         STEADY_REQUEUE
     } else {
         STARTING_REQUEUE
+    };
+    Ok(Action::requeue(if autoscaled {
+        next.min(autoscale::SAMPLE_PERIOD)
+    } else {
+        next
     }))
+}
+
+/// The autoscaler's name for a Model (its history is kept per Model).
+fn autoscale_key(model: &Model) -> String {
+    format!(
+        "{}/{}",
+        model.namespace().unwrap_or_default(),
+        model.name_any()
+    )
+}
+
+/// One look of the autoscaler (module `autoscale`): reads each group's load report, and when
+/// the stabilised recommendation differs from `spec.replicas` (or the bounds exclude it) and
+/// the cool-down has passed, sets `spec.replicas`, deletes the least-loaded groups when going
+/// down, records the change (Event, metric, `status.lastScale`) and asks for the next pass.
+async fn autoscale(
+    model: &Model,
+    spec: &Autoscaling,
+    ctx: &Context,
+    before: &BTreeMap<String, StatefulSet>,
+    previous: &ModelStatus,
+    served: &ModelName,
+) -> Result<Option<Action>, Error> {
+    let key = autoscale_key(model);
+    let current = model.spec.replicas;
+    // A change of replicas not yet applied (by hand, or the last pass): converge first.
+    if before.len() != usize::try_from(current).unwrap_or(0) {
+        return Ok(None);
+    }
+    let coordinators: BTreeMap<String, String> = ctx
+        .store
+        .list(&ctx.layout.workers_of(served))
+        .await?
+        .kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<WorkerRegistration>(&kv.value).ok())
+        .filter(|r| r.shard.get() == 0)
+        .map(|r| (r.group.as_str().to_owned(), r.address))
+        .collect();
+    let token = cluster_token::ensure(&ctx.client, &ctx.defaults.cluster_token_secret).await?;
+    let token = String::from_utf8(token.0).ok();
+    let reports = futures::future::join_all(before.keys().map(|group| {
+        let address = coordinators.get(group).cloned();
+        let token = token.as_deref();
+        async move {
+            let load = match address {
+                Some(address) => match ctx.autoscaler.load(&address, token).await {
+                    Ok(report) => Some(autoscale::GroupLoad::from_report(&report)),
+                    Err(e) => {
+                        tracing::debug!(%group, %address, "no load report: {e}");
+                        None
+                    }
+                },
+                None => None,
+            };
+            (group.clone(), load)
+        }
+    }))
+    .await;
+    let loads: BTreeMap<String, Option<autoscale::GroupLoad>> = reports.into_iter().collect();
+    let recommended = autoscale::recommend(current, spec, &loads);
+    ctx.metrics
+        .autoscale_recommended
+        .with_label_values(&[key.as_str()])
+        .set(i64::from(recommended.groups));
+    let stable = ctx
+        .autoscaler
+        .stabilize(&key, recommended.groups, current, spec, Instant::now());
+    let bounded = current.clamp(spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
+    let cooling = previous.last_scale.as_ref().and_then(|last| {
+        let at: jiff::Timestamp = last.time.parse().ok()?;
+        let since = jiff::Timestamp::now().duration_since(at);
+        (since.as_secs() < spec.cooldown_seconds).then_some(since)
+    });
+    let target = if bounded != current {
+        bounded
+    } else if cooling.is_some() {
+        current
+    } else {
+        stable
+    };
+    if target == current {
+        return Ok(None);
+    }
+    let models: Api<Model> = Api::namespaced(
+        ctx.client.clone(),
+        &model.namespace().ok_or(Error::Missing("namespace"))?,
+    );
+    models
+        .patch(
+            &model.name_any(),
+            &PatchParams {
+                field_manager: Some(tidelock_api::FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": target}})),
+        )
+        .await?;
+    let why = if bounded != current {
+        format!(
+            "outside minReplicas {} .. maxReplicas {}",
+            spec.min_replicas, spec.max_replicas
+        )
+    } else {
+        recommended.why
+    };
+    let (direction, reason, mut note) = if target > current {
+        (
+            "up",
+            "ScaledUp",
+            format!("{current} -> {target} groups: {why}"),
+        )
+    } else {
+        (
+            "down",
+            "ScaledDown",
+            format!("{current} -> {target} groups: {why}"),
+        )
+    };
+    if target < current {
+        let keep = usize::try_from(target).unwrap_or(0);
+        let removed = autoscale::least_loaded(&loads, keep, spec);
+        let statefulsets: Api<StatefulSet> = Api::namespaced(
+            ctx.client.clone(),
+            &model.namespace().ok_or(Error::Missing("namespace"))?,
+        );
+        for group in &removed {
+            statefulsets
+                .delete(group, &DeleteParams::background())
+                .await?;
+        }
+        if !removed.is_empty() {
+            note.push_str(&format!(
+                "; removed the least loaded: {}",
+                removed.join(", ")
+            ));
+        }
+    }
+    ctx.metrics
+        .autoscale_changes
+        .with_label_values(&[key.as_str(), direction])
+        .inc();
+    ctx.event(model, false, reason, note).await;
+    let status = ModelStatus {
+        last_scale: Some(LastScale {
+            time: jiff::Timestamp::now().to_string(),
+            from: current,
+            to: target,
+            reason: why,
+        }),
+        ..previous.clone()
+    };
+    write_status(ctx, model, &status).await?;
+    Ok(Some(Action::requeue(Duration::from_secs(1))))
 }
 
 /// Counts the model's registered workers per group (a worker registers once it serves).
@@ -406,6 +582,9 @@ fn status(
         served_name: Some(builders::served_name(model)),
         updated_groups: updated,
         desired_groups,
+        replicas: i32::try_from(groups.len()).unwrap_or(i32::MAX),
+        selector: Some(format!("{}={}", labels::MODEL, model.name_any())),
+        last_scale: previous.last_scale.clone(),
     }
 }
 

@@ -41,7 +41,6 @@ pub struct Harness {
 pub fn defaults() -> Defaults {
     Defaults {
         worker_image: "tidelock/tidelock:test".into(),
-        fetch_image: "python:3.12-slim".into(),
         etcd_endpoints: vec!["http://etcd:2379".into()],
         etcd_prefix: "/tidelock/".into(),
         etcd_client_secret: None,
@@ -54,6 +53,11 @@ pub fn defaults() -> Defaults {
             router_labels: [(
                 "app.kubernetes.io/component".to_owned(),
                 "router".to_owned(),
+            )]
+            .into(),
+            operator_labels: [(
+                "app.kubernetes.io/component".to_owned(),
+                "operator".to_owned(),
             )]
             .into(),
             monitoring_namespace_labels: [(
