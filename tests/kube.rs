@@ -100,6 +100,18 @@ impl Cluster {
         text
     }
 
+    /// Sets Model `name`'s shard groups in `ML`.
+    async fn set_replicas(&self, name: &str, replicas: i32) {
+        self.api::<Model>(ML)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+            )
+            .await
+            .unwrap();
+    }
+
     fn api<K>(&self, namespace: &str) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -643,22 +655,10 @@ async fn helm_install_then_kubectl_apply_the_examples() {
     }
 
     // Scaling adds and removes whole groups.
-    let scale = |n: i32| {
-        let api = p.api::<Model>(ML);
-        async move {
-            api.patch(
-                "smollm2",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"replicas": n}})),
-            )
-            .await
-            .unwrap();
-        }
-    };
-    scale(3).await;
+    p.set_replicas("smollm2", 3).await;
     p.model_ready("smollm2", "3/3", SLOW).await;
     assert!(groups.get_opt("smollm2-g2").await.unwrap().is_some());
-    scale(1).await;
+    p.set_replicas("smollm2", 1).await;
     p.model_ready("smollm2", "1/1", SLOW).await;
     wait_for("groups g1 and g2 and their pods gone", LIMIT, || async {
         let g1 = groups.get_opt("smollm2-g1").await.ok()?;
@@ -1013,14 +1013,7 @@ async fn watch_rollout(
 /// some poll, so the watch can see what it guards against.
 async fn rollout_keeps_groups_serving(p: &Cluster, layout: &KeyLayout) {
     let model = "llama-3-1-8b";
-    p.api::<Model>(ML)
-        .patch(
-            model,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 3}})),
-        )
-        .await
-        .unwrap();
+    p.set_replicas(model, 3).await;
     p.model_ready(model, "3/3", SLOW).await;
     let started = Instant::now();
     let one_by_one = watch_rollout(p, layout, model, json!({"maxContextTokens": 65536})).await;
@@ -1081,14 +1074,7 @@ async fn rollout_keeps_groups_serving(p: &Cluster, layout: &KeyLayout) {
         all_at_once.fewest
     );
     assert!(all_at_once.fewest < Some(2), "{all_at_once:?}");
-    p.api::<Model>(ML)
-        .patch(
-            model,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 2}})),
-        )
-        .await
-        .unwrap();
+    p.set_replicas(model, 2).await;
     p.model_ready(model, "2/2", SLOW).await;
 }
 

@@ -317,22 +317,17 @@ fn network_policy(names: &Names<'_>, i: i32, peers: &PolicyPeers) -> NetworkPoli
         pod_selector: Some(names.selector(Some(&group))),
         ..NetworkPolicyPeer::default()
     };
-    let routers = NetworkPolicyPeer {
+    // Pods of the release's namespace (the routers', the operator's) by their labels.
+    let release_pods = |labels: &BTreeMap<String, String>| NetworkPolicyPeer {
         namespace_selector: namespace(named(&peers.router_namespace)),
         pod_selector: Some(LabelSelector {
-            match_labels: Some(peers.router_labels.clone()),
+            match_labels: Some(labels.clone()),
             ..LabelSelector::default()
         }),
         ..NetworkPolicyPeer::default()
     };
-    let operator = NetworkPolicyPeer {
-        namespace_selector: namespace(named(&peers.router_namespace)),
-        pod_selector: Some(LabelSelector {
-            match_labels: Some(peers.operator_labels.clone()),
-            ..LabelSelector::default()
-        }),
-        ..NetworkPolicyPeer::default()
-    };
+    let routers = release_pods(&peers.router_labels);
+    let operator = release_pods(&peers.operator_labels);
     let monitoring = NetworkPolicyPeer {
         namespace_selector: namespace(peers.monitoring_namespace_labels.clone()),
         ..NetworkPolicyPeer::default()
