@@ -14,6 +14,11 @@
 //!   Security, a quota), a container cannot start (`WorkerFailing`); `diagnose` reads those from
 //!   the pods and the StatefulSets' Events while the Model is not ready.
 //!
+//! Before anything is applied, the Model claims its served name (`claim`: one Model per name
+//! across namespaces) and, with `spec.autoscaling`, the autoscaler takes its look (`autoscale`;
+//! a change of `replicas` ends the pass). Groups are applied as the rollout plan allows
+//! (`rollout`: group by group).
+//!
 //! Every change to the objects and every condition that flips is a Kubernetes Event.
 
 use std::collections::BTreeMap;
