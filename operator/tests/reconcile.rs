@@ -838,16 +838,21 @@ async fn an_invalid_spec_is_degraded_and_applies_nothing(h: Harness) {
 }
 
 /// Two Models asking for one served name: the first holds it; the second is `Degraded`
-/// (`ServedNameTaken`, naming the first), gets no workers, and its deletion leaves the first's
-/// keys alone; once the first is deleted, the second takes the name over.
+/// (`ServedNameTaken`, naming the first), loses the group it had under its former name, and
+/// its deletion leaves the first's keys alone; a Model that moves to another name frees the
+/// old one; once the holder is deleted, a newcomer takes the name over.
 async fn a_served_name_belongs_to_one_model(h: Harness) {
-    let spec = |_: &str| json!({"source": {"url": {"url": "https://models.example/a.gguf"}}, "servedName": "shared"});
-    create_model(&h, "first", spec("first")).await;
+    let spec = |served: &str| json!({"source": {"url": {"url": "https://models.example/a.gguf"}}, "servedName": served});
+    create_model(&h, "first", spec("shared")).await;
     reconcile_model(&h, "first").await.unwrap();
     let registration = register(&h, "shared", "first-g0", 0).await;
     assert_eq!(names(&groups(&h, "first").await), ["first-g0"]);
 
-    create_model(&h, "second", spec("second")).await;
+    // The second runs under its own name, then asks for the first's.
+    create_model(&h, "second", spec("elsewhere")).await;
+    reconcile_model(&h, "second").await.unwrap();
+    assert_eq!(names(&groups(&h, "second").await), ["second-g0"]);
+    patch_spec::<Model>(&h, "second", json!({"servedName": "shared"})).await;
     let action = reconcile_model(&h, "second").await.unwrap();
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(30)));
     let status = h
@@ -866,7 +871,10 @@ async fn a_served_name_belongs_to_one_model(h: Harness) {
         message.contains(&format!("belongs to Model {}/first already", h.namespace)),
         "{message}"
     );
-    assert!(groups(&h, "second").await.is_empty(), "nothing applied");
+    support::until("the refused Model's group is gone", || async {
+        groups(&h, "second").await.is_empty()
+    })
+    .await;
     // The first is untouched by the second's passes.
     reconcile_model(&h, "first").await.unwrap();
     let status = h.api::<Model>().get("first").await.unwrap().status.unwrap();
@@ -880,22 +888,23 @@ async fn a_served_name_belongs_to_one_model(h: Harness) {
     reconcile_model(&h, "second").await.unwrap();
     assert!(h.store.get(&registration).await.unwrap().is_some());
 
-    // The holder goes: a new claimant takes the name.
-    h.api::<Model>()
-        .delete("first", &DeleteParams::default())
-        .await
-        .unwrap();
+    // The holder moves to another name: its old claim does not block the newcomer.
+    patch_spec::<Model>(&h, "first", json!({"servedName": "moved"})).await;
     reconcile_model(&h, "first").await.unwrap();
-    assert!(h.store.get(&registration).await.unwrap().is_none());
-    support::until("both Models are gone", || async {
-        let api = h.api::<Model>();
-        api.get_opt("first").await.unwrap().is_none()
-            && api.get_opt("second").await.unwrap().is_none()
-    })
-    .await;
-    create_model(&h, "third", spec("third")).await;
+    create_model(&h, "third", spec("shared")).await;
     reconcile_model(&h, "third").await.unwrap();
     assert_eq!(names(&groups(&h, "third").await), ["third-g0"]);
+    let status = h.api::<Model>().get("third").await.unwrap().status.unwrap();
+    assert_eq!(condition(&status.conditions, "Degraded").0, "False");
+
+    // And the moved one cannot take its old name back while the newcomer holds it.
+    patch_spec::<Model>(&h, "first", json!({"servedName": "shared"})).await;
+    reconcile_model(&h, "first").await.unwrap();
+    let status = h.api::<Model>().get("first").await.unwrap().status.unwrap();
+    assert_eq!(
+        condition(&status.conditions, "Degraded").1,
+        "ServedNameTaken"
+    );
     h.finish().await;
 }
 

@@ -3,7 +3,8 @@
 //! in different namespaces, would mix their workers and delete each other's keys. The first
 //! Model to reconcile claims the name in `models/<served>` ([`ModelClaim`], written with a
 //! compare-and-swap so two operators cannot both win); another Model asking for it is refused
-//! with a `Degraded` condition naming the holder, until the holder is deleted.
+//! with a `Degraded` condition naming the holder (and loses any groups it had), until the
+//! holder is deleted or serves another name.
 
 use kube::api::{Api, ListParams};
 use kube::{Resource, ResourceExt};
@@ -41,7 +42,8 @@ fn ours(model: &Model) -> Result<ModelClaim, Error> {
 }
 
 /// Claims `served` for `model`, or says who holds it. A claim whose Model is gone (deleted
-/// without its finalizer, or replaced by a new Model of the same name) is taken over.
+/// without its finalizer, or replaced by a new Model of the same name) or serves another name
+/// now is taken over.
 pub async fn claim(model: &Model, served: &ModelName, ctx: &Context) -> Result<Holder, Error> {
     let key = ctx.layout.model(served);
     let me = ours(model)?;
@@ -65,7 +67,7 @@ pub async fn claim(model: &Model, served: &ModelName, ctx: &Context) -> Result<H
                 if holder == me {
                     return Ok(Holder::Us);
                 }
-                if exists(&holder, ctx).await? {
+                if still_holds(&holder, served, ctx).await? {
                     return Ok(Holder::Other(holder));
                 }
                 expected = Expected::ModRevision(kv.mod_revision);
@@ -85,17 +87,19 @@ pub async fn held_by(model: &Model, served: &ModelName, ctx: &Context) -> Result
     })
 }
 
-/// Whether the Model a claim names exists with that uid. A Model the operator may not read
-/// (another namespace, when it watches one only) counts as existing.
-async fn exists(claim: &ModelClaim, ctx: &Context) -> Result<bool, Error> {
+/// Whether the Model a claim names exists with that uid and still serves `served` (a Model
+/// whose `servedName` changed leaves its old claim behind, which must not block the name). A
+/// Model the operator may not read (another namespace, when it watches one only) counts as
+/// holding it.
+async fn still_holds(claim: &ModelClaim, served: &ModelName, ctx: &Context) -> Result<bool, Error> {
     let api: Api<Model> = Api::namespaced(ctx.client.clone(), &claim.namespace);
     // A list by name: the operator's role lists and watches Models, it never gets one.
     let by_name = ListParams::default().fields(&format!("metadata.name={}", claim.name));
     match api.list(&by_name).await {
-        Ok(found) => Ok(found
-            .items
-            .iter()
-            .any(|m| m.meta().uid.as_deref() == Some(&claim.uid))),
+        Ok(found) => Ok(found.items.iter().any(|m| {
+            m.meta().uid.as_deref() == Some(&claim.uid)
+                && crate::builders::served_name(m) == served.as_str()
+        })),
         Err(kube::Error::Api(e)) if e.code == 403 => Ok(true),
         Err(e) => Err(e.into()),
     }

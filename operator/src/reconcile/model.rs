@@ -228,12 +228,34 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     };
     let served = ModelName::new(builders::served_name(model))
         .map_err(|_| Error::Missing("valid served name"))?;
-    if let claim::Holder::Other(holder) = claim::claim(model, &served, ctx).await? {
-        let message = claim::Holder::refusal(&holder, &served);
-        let status = degraded_status(model, &previous, reasons::SERVED_NAME_TAKEN, message);
-        publish(model, ctx, &previous, status).await?;
-        // The holder's deletion is not an event of this Model: look again now and then.
-        return Ok(Action::requeue(CLAIM_REQUEUE));
+    match claim::claim(model, &served, ctx).await {
+        Ok(claim::Holder::Us) => {}
+        Ok(claim::Holder::Other(holder)) => {
+            // Refused: no worker of this Model may register under the holder's name, so groups
+            // it already has (made before the holder claimed the name) go too.
+            for group in before.keys() {
+                statefulsets
+                    .delete(group, &DeleteParams::background())
+                    .await?;
+            }
+            let message = claim::Holder::refusal(&holder, &served);
+            let status = degraded_status(model, &previous, reasons::SERVED_NAME_TAKEN, message);
+            publish(model, ctx, &previous, status).await?;
+            // The holder's deletion is not an event of this Model: look again now and then.
+            return Ok(Action::requeue(CLAIM_REQUEUE));
+        }
+        Err(e @ Error::State(_)) => {
+            // Who holds the name is unknown: nothing is applied until the store answers (the
+            // groups that run keep running); the controller retries with backoff.
+            let message = format!(
+                "the cluster state (etcd) cannot be read, so the served name `{served}` cannot be claimed: {e}"
+            );
+            let status =
+                degraded_status(model, &previous, reasons::STATE_STORE_UNAVAILABLE, message);
+            publish(model, ctx, &previous, status).await?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
     }
     let autoscaled = model.spec.autoscaling.is_some();
     match &model.spec.autoscaling {
@@ -318,10 +340,16 @@ async fn autoscale(
     if before.len() != usize::try_from(current).unwrap_or(0) {
         return Ok(None);
     }
-    let coordinators: BTreeMap<String, String> = ctx
-        .store
-        .list(&ctx.layout.workers_of(served))
-        .await?
+    // Without the cluster state there are no addresses to ask: no look this time, and the
+    // rest of the pass goes on (the status says the store is unavailable).
+    let listing = match ctx.store.list(&ctx.layout.workers_of(served)).await {
+        Ok(listing) => listing,
+        Err(e) => {
+            tracing::warn!(model = %key, "autoscaler: cannot read registrations: {e}");
+            return Ok(None);
+        }
+    };
+    let coordinators: BTreeMap<String, String> = listing
         .kvs
         .iter()
         .filter_map(|kv| serde_json::from_slice::<WorkerRegistration>(&kv.value).ok())
