@@ -30,6 +30,8 @@ use crate::config::{FetchArgs, FetchCommand};
 const HUB: &str = "https://huggingface.co";
 /// Redirects followed per file.
 const MAX_REDIRECTS: usize = 10;
+/// A download that sends nothing for this long has stalled: it fails (the pod restarts it).
+const STALL: std::time::Duration = std::time::Duration::from_secs(120);
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -130,6 +132,7 @@ async fn get(
         );
         if let Some(token) = token
             && uri.authority() == first.authority()
+            && uri.scheme() == first.scheme()
         {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -163,14 +166,22 @@ async fn get(
     Err(format!("{url}: more than {MAX_REDIRECTS} redirects"))
 }
 
-/// A redirect's target: absolute, or relative to `base`.
+/// A redirect's target against `base` (RFC 3986: absolute, scheme-relative, absolute path or
+/// relative path).
 fn resolve(base: &hyper::Uri, location: &str) -> String {
-    if location.contains("://") {
-        return location.to_owned();
-    }
     let scheme = base.scheme_str().unwrap_or("https");
     let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
-    format!("{scheme}://{authority}{location}")
+    if location.starts_with("http://") || location.starts_with("https://") {
+        location.to_owned()
+    } else if let Some(rest) = location.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{authority}{location}")
+    } else {
+        let path = base.path();
+        let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        format!("{scheme}://{authority}{dir}{location}")
+    }
 }
 
 /// Streams `url` into `dest` through `dest.partial`, checking `sha256` when given.
@@ -206,7 +217,11 @@ async fn download(
         std::fs::File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     let (started, mut written, mut shown) = (Instant::now(), 0u64, 0u64);
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = tokio::time::timeout(STALL, body.frame())
+            .await
+            .map_err(|_| format!("{url}: no data for {} s", STALL.as_secs()))?;
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| format!("{url}: {e}"))?;
         if let Some(data) = frame.data_ref() {
             file.write_all(data)
@@ -244,11 +259,23 @@ async fn download(
     Ok(())
 }
 
+/// The SHA-256 of a file, read in pieces (weights are tens of GiB; the init container has
+/// a few hundred MiB).
 fn digest_of(path: &Path) -> Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(hex(
-        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()
-    ))
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buffer)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buffer[..n]);
+    }
+    Ok(hex(context.finish().as_ref()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -306,6 +333,12 @@ mod tests {
         assert_eq!(
             resolve(&base, "http://cdn.example/f"),
             "http://cdn.example/f"
+        );
+        assert_eq!(resolve(&base, "//cdn.example/f"), "https://cdn.example/f");
+        assert_eq!(resolve(&base, "c/d"), "https://hub.example/a/c/d");
+        assert_eq!(
+            resolve(&base, "/x?next=https://elsewhere"),
+            "https://hub.example/x?next=https://elsewhere"
         );
     }
 }

@@ -200,11 +200,22 @@ pub fn desired(model: &Model, defaults: &Defaults) -> Result<Desired, BuildError
 
 /// The group indices a Model with `replicas` groups keeps, given the indices its groups have
 /// now: all of them while there are not too many (the autoscaler may have removed any group,
-/// so indices need not be contiguous), the highest dropped first when `replicas` went down, the
-/// lowest free ones added when it went up.
-pub fn group_indices(existing: impl IntoIterator<Item = i32>, replicas: i32) -> Vec<i32> {
+/// so indices need not be contiguous); when `replicas` went down, those in `remove_first` go
+/// first (the autoscaler's least loaded), then the highest; when it went up, the lowest free
+/// ones are added.
+pub fn group_indices(
+    existing: impl IntoIterator<Item = i32>,
+    replicas: i32,
+    remove_first: &[i32],
+) -> Vec<i32> {
     let want = usize::try_from(replicas).unwrap_or(0);
     let mut kept: std::collections::BTreeSet<i32> = existing.into_iter().collect();
+    for i in remove_first {
+        if kept.len() <= want {
+            break;
+        }
+        kept.remove(i);
+    }
     while kept.len() > want {
         kept.pop_last();
     }
@@ -406,15 +417,15 @@ fn http_probe(path: &str, period: i32) -> Probe {
 /// Seconds between two startup probes.
 const STARTUP_PERIOD: i32 = 10;
 
-/// The startup probe: `/healthz`, which the worker answers from its first second (while it
-/// downloads and loads weights, `/readyz` says not yet), allowed to fail for the Model's
-/// `startupTimeoutSeconds`; liveness checks begin only after it passed once.
+/// The startup probe: `/readyz`, which the worker answers 200 once its model is loaded and it
+/// is registered, allowed to fail for the Model's `startupTimeoutSeconds` (a load that hangs is
+/// restarted then); liveness (`/healthz`, answered from the first second) begins only after.
 fn startup_probe(timeout_seconds: i64) -> Probe {
     let period = i64::from(STARTUP_PERIOD);
     let tries = ((timeout_seconds + period - 1) / period).max(1);
     Probe {
         failure_threshold: Some(i32::try_from(tries).unwrap_or(i32::MAX)),
-        ..http_probe("/healthz", STARTUP_PERIOD)
+        ..http_probe("/readyz", STARTUP_PERIOD)
     }
 }
 
@@ -555,7 +566,10 @@ fn source(spec: &ModelSource, image: &str) -> Result<(String, Option<Container>)
         }
         (None, Some(pvc), None) => Ok((format!("{SOURCE_DIR}/{}", pvc.path), None)),
         (None, None, Some(url)) => {
-            let path = format!("{MODELS_DIR}/url/model.gguf");
+            // Named by the URL: a Model that changes its URL on a kept model cache gets the
+            // new file, not the one already there.
+            let name = &blake3::hash(url.url.as_bytes()).to_hex()[..16];
+            let path = format!("{MODELS_DIR}/url/{name}.gguf");
             let mut args = vec!["--url".to_owned(), url.url.clone()];
             if let Some(sum) = &url.sha256 {
                 args.extend(["--sha256".to_owned(), sum.clone()]);
@@ -565,6 +579,15 @@ fn source(spec: &ModelSource, image: &str) -> Result<(String, Option<Container>)
         }
         _ => Err(BuildError::Source),
     }
+}
+
+/// The served name a group's workers run with (its worker's `--served-model-name`): during a
+/// change of `servedName`, groups not yet rolled still register under the old one.
+pub fn group_served_name(group: &StatefulSet) -> Option<String> {
+    let pod = group.spec.as_ref()?.template.spec.as_ref()?;
+    let args = pod.containers.first()?.args.as_ref()?;
+    let at = args.iter().position(|a| a == "--served-model-name")?;
+    args.get(at + 1).cloned()
 }
 
 /// The name tenants request the model by: `spec.servedName`, else the resource's name.

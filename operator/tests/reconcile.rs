@@ -420,6 +420,14 @@ async fn a_spec_change_rolls_and_scaling_moves_whole_groups(h: Harness) {
         let status = h.api::<Model>().get("roll").await.unwrap().status.unwrap();
         assert_eq!(condition(&status.conditions, "Ready").0, "True");
         assert_eq!(status.updated_groups, 2);
+
+        // A new served name: the groups on the older spec are registered under the old one and
+        // still serve, so again one group at a time.
+        let generation = groups(&h, "roll").await[1].metadata.generation;
+        patch_spec::<Model>(&h, "roll", json!({"servedName": "renamed"})).await;
+        reconcile_model(&h, "roll").await.unwrap();
+        let during = groups(&h, "roll").await;
+        assert_eq!(during[1].metadata.generation, generation, "g1 waits for g0");
     } else {
         // No kubelet runs these pods: no group serves, so a spec change costs no service and
         // reaches every group at once (a fix must reach workers that do not start).
@@ -498,7 +506,8 @@ async fn deleting_a_model_removes_its_cluster_state(h: Harness) {
             layout.sessions_of(&ModelName::new("kept").unwrap(), &tenant)
         ),
     ];
-    for key in [&mine[1], &mine[2], &others[1]] {
+    // The model key holds the claim the reconcile wrote.
+    for key in [&mine[1], &others[1]] {
         h.store.put(key, b"{}".to_vec(), None).await.unwrap();
     }
     h.api::<Model>()
@@ -1028,7 +1037,7 @@ async fn the_autoscaler_follows_the_load_reports(h: Harness) {
         scaled,
         [
             "1 -> 3 groups: 2500 prompt tokens waiting per group (target 1000), 10% of KV cache in use (target 80%)",
-            "3 -> 1 groups: 33 prompt tokens waiting per group (target 1000), 4% of KV cache in use (target 80%); removed the least loaded: auto-g0, auto-g2"
+            "3 -> 1 groups: 33 prompt tokens waiting per group (target 1000), 4% of KV cache in use (target 80%); removing the least loaded: auto-g0, auto-g2"
         ]
     );
     let metrics = h.ctx.metrics.render();
@@ -1057,7 +1066,10 @@ async fn the_autoscaler_follows_the_load_reports(h: Harness) {
         assert_eq!(scale.spec.and_then(|s| s.replicas), Some(1));
         let status = scale.status.unwrap();
         assert_eq!(status.replicas, 1);
-        assert_eq!(status.selector.as_deref(), Some("tidelock.dev/model=auto"));
+        assert_eq!(
+            status.selector.as_deref(),
+            Some("tidelock.dev/model=auto,apps.kubernetes.io/pod-index=0")
+        );
         api.patch_scale(
             "auto",
             &PatchParams::default(),

@@ -1,7 +1,7 @@
 //! `tidelock-worker`: loads a model, runs the engine on its own thread, and serves the worker API
 //! (DESIGN.md, "Worker API") until SIGINT or SIGTERM.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -75,9 +75,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let serving: Arc<OnceLock<Router>> = Arc::default();
+    let registered = Arc::new(AtomicBool::new(false));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn({
-        let app = while_loading(serving.clone());
+        let app = while_loading(serving.clone(), registered.clone());
         let mut stopped = stopped;
         async move {
             axum::serve(nodelay(listener), app)
@@ -110,13 +111,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    // Registered first, then ready: a worker that says ready is one routers can find.
+    // The routes first (a router that finds the registration gets answers), then the
+    // registration, then ready: a worker that says ready is one routers can find.
     let (registration, engine) = match loaded {
         Loaded::Shard { info, store } => {
             let app = serve_shard(&config, &info, store, &guard).await?;
-            let registration = register(&config, &info).await?;
             let _ = serving.set(guard.protect(app));
-            (registration, None)
+            (register(&config, &info).await?, None)
         }
         Loaded::Engine(started) => {
             let state = started.state;
@@ -124,8 +125,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             if let Some(addr) = config.metrics_listen {
                 metrics_listener::spawn(addr, app(state.clone())).await?;
             }
-            let registration = register(&config, &state.info).await?;
             let _ = serving.set(guard.protect(app(state.clone())));
+            let registration = register(&config, &state.info).await?;
             tracing::info!(
                 model = %state.info.model,
                 engine = ?config.engine,
@@ -137,6 +138,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             (registration, Some((state, started.engine_thread)))
         }
     };
+    registered.store(true, Ordering::Release);
     signal.await;
     tracing::info!("shutting down");
     if let Some((state, _)) = &engine {
@@ -383,14 +385,20 @@ async fn serve_shard(
     Ok(app)
 }
 
-/// The worker's routes while it loads: `/healthz` answers (the process is alive, a startup
-/// probe passes), everything else is 503 until [`OnceLock::set`] puts the real routes in
-/// `serving`, after which every request goes there.
-fn while_loading(serving: Arc<OnceLock<Router>>) -> Router {
+/// The worker's routes while it loads: `/healthz` answers (the process is alive: liveness
+/// passes), everything else is 503 until [`OnceLock::set`] puts the real routes in `serving`,
+/// after which every request goes there, except `/readyz`, which stays 503 until the worker
+/// is `registered` too.
+fn while_loading(serving: Arc<OnceLock<Router>>, registered: Arc<AtomicBool>) -> Router {
     Router::new().fallback(move |request: axum::extract::Request| {
-        let serving = serving.clone();
+        let (serving, registered) = (serving.clone(), registered.clone());
         async move {
             match serving.get() {
+                Some(_)
+                    if request.uri().path() == "/readyz" && !registered.load(Ordering::Acquire) =>
+                {
+                    (StatusCode::SERVICE_UNAVAILABLE, "registering").into_response()
+                }
                 Some(app) => app.clone().oneshot(request).await.into_response(),
                 None if request.uri().path() == "/healthz" => "loading".into_response(),
                 None => server::error_response(

@@ -43,6 +43,9 @@ pub mod annotations {
     /// rollout knows which groups still run an older spec without comparing against the fields
     /// the API server defaulted.
     pub const SPEC_HASH: &str = "tidelock.dev/spec-hash";
+    /// On a Model: the groups to remove first when it has more than `replicas` (the
+    /// autoscaler's least loaded, set in the same write that lowers `replicas`).
+    pub const REMOVE_FIRST: &str = "tidelock.dev/remove-first";
 }
 
 /// Condition types on `Model` and `Tenant` status.

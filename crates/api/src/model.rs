@@ -478,7 +478,8 @@ pub struct ModelStatus {
     /// Shard groups that exist (the scale subresource's replicas).
     #[serde(default)]
     pub replicas: i32,
-    /// The label selector of the Model's worker pods (the scale subresource's selector).
+    /// The label selector of each group's coordinator pod (the scale subresource's selector:
+    /// an autoscaler counting pods counts groups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
     /// When the autoscaler last changed `replicas`, and what it saw.

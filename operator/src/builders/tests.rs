@@ -513,7 +513,21 @@ fn pvc_and_url_sources_and_a_persistent_model_cache() {
     )
     .unwrap();
     let g = &d.groups[0];
-    assert_eq!(arg(worker(g), "--model"), Some("/models/url/model.gguf"));
+    let path = arg(worker(g), "--model").unwrap().to_owned();
+    assert!(
+        path.starts_with("/models/url/") && path.ends_with(".gguf"),
+        "{path}"
+    );
+    // Another URL, another file: a kept model cache never serves the old one.
+    let other = desired(
+        &model(json!({"source": {"url": {"url": "https://example.org/other.gguf"}}})),
+        &defaults(),
+    )
+    .unwrap();
+    assert_ne!(
+        arg(worker(&other.groups[0]), "--model"),
+        Some(path.as_str())
+    );
     let init = &pod(g).init_containers.as_ref().unwrap()[0];
     assert_eq!(
         init.args.as_deref().unwrap(),
@@ -523,7 +537,7 @@ fn pvc_and_url_sources_and_a_persistent_model_cache() {
             "--sha256",
             &"a".repeat(64),
             "--dest",
-            "/models/url/model.gguf"
+            &path
         ]
     );
 }
@@ -681,10 +695,15 @@ fn a_long_load_is_covered_by_the_startup_probe_not_killed_by_liveness() {
     };
     let (startup, liveness) = probes(json!({"source": hf()}));
     let budget = |p: &Probe| p.period_seconds.unwrap() * p.failure_threshold.unwrap();
-    // 30 minutes by default to download and load, on /healthz, which a loading worker answers.
+    // 30 minutes by default to load, on /readyz (200 once loaded and registered); a hung
+    // load is restarted after it. Liveness is /healthz, which a loading worker answers.
     assert_eq!(budget(&startup), 1800);
     assert_eq!(
         startup.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        liveness.http_get.as_ref().unwrap().path.as_deref(),
         Some("/healthz")
     );
     // Kubernetes runs liveness only after the startup probe passed: no initial delay needed.
@@ -719,14 +738,18 @@ fn the_spec_hash_follows_the_spec_and_nothing_else() {
 
 #[test]
 fn group_indices_keep_the_groups_that_exist() {
-    assert_eq!(group_indices([], 3), [0, 1, 2]);
+    assert_eq!(group_indices([], 3, &[]), [0, 1, 2]);
     // The autoscaler removed g1: the others keep their names.
-    assert_eq!(group_indices([0, 2], 2), [0, 2]);
+    assert_eq!(group_indices([0, 1, 2], 2, &[1]), [0, 2]);
+    assert_eq!(group_indices([0, 2], 2, &[1]), [0, 2]);
+    // Marked groups go only while there are too many.
+    assert_eq!(group_indices([0, 1, 2], 2, &[0, 2]), [1, 2]);
+    assert_eq!(group_indices([0, 1, 2], 3, &[0, 2]), [0, 1, 2]);
     // Scaling up again fills the hole first.
-    assert_eq!(group_indices([0, 2], 3), [0, 1, 2]);
-    assert_eq!(group_indices([0, 2], 4), [0, 1, 2, 3]);
+    assert_eq!(group_indices([0, 2], 3, &[1]), [0, 1, 2]);
+    assert_eq!(group_indices([0, 2], 4, &[]), [0, 1, 2, 3]);
     // Scaling down by hand drops the highest.
-    assert_eq!(group_indices([0, 2, 5], 2), [0, 2]);
+    assert_eq!(group_indices([0, 2, 5], 2, &[]), [0, 2]);
     assert_eq!(group_index("smol", "smol-g12"), Some(12));
     assert_eq!(group_index("smol", "smol-long-g1"), None);
     let d = desired_groups(

@@ -6,11 +6,12 @@
 //! with a `Degraded` condition naming the holder (and loses any groups it had), until the
 //! holder is deleted or serves another name.
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Api, ListParams};
 use kube::{Resource, ResourceExt};
-use tidelock_api::Model;
+use tidelock_api::{Model, labels};
 use tidelock_protocol::{ModelClaim, ModelName};
-use tidelock_state::{CasOutcome, Expected};
+use tidelock_state::{CasOutcome, Expected, Revision};
 
 use super::{Context, Error};
 
@@ -77,30 +78,48 @@ pub async fn claim(model: &Model, served: &ModelName, ctx: &Context) -> Result<H
     Err(Error::Missing("a settled claim on the served name"))
 }
 
-/// Whether `claim` is still held: `model` holds it, or nobody does (cleanup may then remove the
-/// name's keys).
-pub async fn held_by(model: &Model, served: &ModelName, ctx: &Context) -> Result<bool, Error> {
+/// The revision of `model`'s claim on `served`, when it holds it: only then may its cleanup
+/// remove the name's keys (and the claim itself, as it was read). A missing claim is nobody's.
+pub async fn held_by(
+    model: &Model,
+    served: &ModelName,
+    ctx: &Context,
+) -> Result<Option<Revision>, Error> {
     let me = ours(model)?;
-    Ok(match ctx.store.get(&ctx.layout.model(served)).await? {
-        None => true,
-        Some(kv) => serde_json::from_slice::<ModelClaim>(&kv.value).map_or(true, |c| c == me),
-    })
+    Ok(ctx
+        .store
+        .get(&ctx.layout.model(served))
+        .await?
+        .filter(|kv| serde_json::from_slice::<ModelClaim>(&kv.value).is_ok_and(|c| c == me))
+        .map(|kv| kv.mod_revision))
 }
 
-/// Whether the Model a claim names exists with that uid and still serves `served` (a Model
-/// whose `servedName` changed leaves its old claim behind, which must not block the name). A
-/// Model the operator may not read (another namespace, when it watches one only) counts as
-/// holding it.
+/// Whether the Model a claim names exists with that uid and still serves `served`: its spec
+/// names it, or one of its groups still runs it (a change of `servedName` rolls group by
+/// group; the old name is free only once no group of the holder runs it). A Model the
+/// operator may not read (another namespace, when it watches one only) counts as holding it.
 async fn still_holds(claim: &ModelClaim, served: &ModelName, ctx: &Context) -> Result<bool, Error> {
     let api: Api<Model> = Api::namespaced(ctx.client.clone(), &claim.namespace);
     // A list by name: the operator's role lists and watches Models, it never gets one.
     let by_name = ListParams::default().fields(&format!("metadata.name={}", claim.name));
-    match api.list(&by_name).await {
-        Ok(found) => Ok(found.items.iter().any(|m| {
-            m.meta().uid.as_deref() == Some(&claim.uid)
-                && crate::builders::served_name(m) == served.as_str()
-        })),
-        Err(kube::Error::Api(e)) if e.code == 403 => Ok(true),
-        Err(e) => Err(e.into()),
+    let holder = match api.list(&by_name).await {
+        Ok(found) => found
+            .items
+            .into_iter()
+            .find(|m| m.meta().uid.as_deref() == Some(&claim.uid)),
+        Err(kube::Error::Api(e)) if e.code == 403 => return Ok(true),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(holder) = holder else {
+        return Ok(false);
+    };
+    if crate::builders::served_name(&holder) == served.as_str() {
+        return Ok(true);
     }
+    let groups: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &claim.namespace);
+    let of_holder = ListParams::default().labels(&format!("{}={}", labels::MODEL, claim.name));
+    Ok(groups.list(&of_holder).await?.items.iter().any(|g| {
+        g.owner_references().iter().any(|o| o.uid == claim.uid)
+            && crate::builders::group_served_name(g).as_deref() == Some(served.as_str())
+    }))
 }

@@ -35,6 +35,7 @@ use kube::{Resource, ResourceExt};
 use tidelock_api::model::{Autoscaling, LastScale};
 use tidelock_api::{FIELD_MANAGER, Model, ModelStatus, conditions, labels, reasons};
 use tidelock_protocol::{ModelName, WorkerRegistration};
+use tidelock_state::Expected;
 
 use super::rollout::{self, Registered};
 use super::{Context, Error, condition, diagnose, is_true, with_finalizer, write_status};
@@ -210,11 +211,22 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
         })
         .map(|s| (s.name_any(), s))
         .collect();
+    let remove_first: Vec<i32> = model
+        .annotations()
+        .get(tidelock_api::annotations::REMOVE_FIRST)
+        .map(|groups| {
+            groups
+                .split(',')
+                .filter_map(|g| builders::group_index(&name, g.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
     let indices = builders::group_indices(
         before
             .keys()
             .filter_map(|g| builders::group_index(&name, g)),
         model.spec.replicas,
+        &remove_first,
     );
     let desired = match builders::desired_groups(model, &ctx.defaults, &indices) {
         Ok(desired) => desired,
@@ -270,7 +282,7 @@ async fn apply(model: &Model, ctx: &Context) -> Result<Action, Error> {
     super::etcd_tls::copy_client_secret(model, ctx).await?;
     super::cluster_token::copy_to_model(model, ctx).await?;
     // Read before applying: the rollout moves on only when updated groups serve again.
-    let registered = registrations(model, ctx).await;
+    let registered = registrations(model, ctx, &before).await;
     let registered_now = registered.as_ref().ok();
     let applied = apply_objects(model, ctx, &desired, &before, registered_now, &statefulsets).await;
     let groups = match applied {
@@ -405,16 +417,6 @@ async fn autoscale(
         ctx.client.clone(),
         &model.namespace().ok_or(Error::Missing("namespace"))?,
     );
-    models
-        .patch(
-            &model.name_any(),
-            &PatchParams {
-                field_manager: Some(tidelock_api::FIELD_MANAGER.into()),
-                ..PatchParams::default()
-            },
-            &Patch::Merge(serde_json::json!({"spec": {"replicas": target}})),
-        )
-        .await?;
     let why = if bounded != current {
         format!(
             "outside minReplicas {} .. maxReplicas {}",
@@ -423,6 +425,30 @@ async fn autoscale(
     } else {
         recommended.why
     };
+    // Going down: the least-loaded groups are named in the same write that lowers `replicas`,
+    // so whichever pass applies the new count removes exactly those (the reconciler deletes
+    // the groups the spec no longer names, with their NetworkPolicies).
+    let removed = if target < current {
+        autoscale::least_loaded(&loads, usize::try_from(target).unwrap_or(0), spec)
+    } else {
+        Vec::new()
+    };
+    let mut patch = serde_json::json!({"spec": {"replicas": target}});
+    if !removed.is_empty() {
+        patch["metadata"] = serde_json::json!({"annotations": {
+            tidelock_api::annotations::REMOVE_FIRST: removed.join(","),
+        }});
+    }
+    models
+        .patch(
+            &model.name_any(),
+            &PatchParams {
+                field_manager: Some(tidelock_api::FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(patch),
+        )
+        .await?;
     let (direction, reason, mut note) = if target > current {
         (
             "up",
@@ -436,24 +462,11 @@ async fn autoscale(
             format!("{current} -> {target} groups: {why}"),
         )
     };
-    if target < current {
-        let keep = usize::try_from(target).unwrap_or(0);
-        let removed = autoscale::least_loaded(&loads, keep, spec);
-        let statefulsets: Api<StatefulSet> = Api::namespaced(
-            ctx.client.clone(),
-            &model.namespace().ok_or(Error::Missing("namespace"))?,
-        );
-        for group in &removed {
-            statefulsets
-                .delete(group, &DeleteParams::background())
-                .await?;
-        }
-        if !removed.is_empty() {
-            note.push_str(&format!(
-                "; removed the least loaded: {}",
-                removed.join(", ")
-            ));
-        }
+    if !removed.is_empty() {
+        note.push_str(&format!(
+            "; removing the least loaded: {}",
+            removed.join(", ")
+        ));
     }
     ctx.metrics
         .autoscale_changes
@@ -474,14 +487,25 @@ async fn autoscale(
 }
 
 /// Counts the model's registered workers per group (a worker registers once it serves).
-async fn registrations(model: &Model, ctx: &Context) -> Result<Registered, Error> {
-    let served = ModelName::new(builders::served_name(model))
-        .map_err(|_| Error::Missing("valid served name"))?;
+async fn registrations(
+    model: &Model,
+    ctx: &Context,
+    groups: &BTreeMap<String, StatefulSet>,
+) -> Result<Registered, Error> {
+    // Groups still on the older spec of a served-name change register under the old name:
+    // counted too, or the rollout would take them all for out of service and roll them at once.
+    let mut names = std::collections::BTreeSet::from([builders::served_name(model)]);
+    names.extend(groups.values().filter_map(builders::group_served_name));
     let mut per_group = Registered::new();
-    for kv in ctx.store.list(&ctx.layout.workers_of(&served)).await?.kvs {
-        // A value some other writer put there is not a worker of ours; it is not counted.
-        if let Ok(r) = serde_json::from_slice::<WorkerRegistration>(&kv.value) {
-            *per_group.entry(r.group.as_str().to_owned()).or_default() += 1;
+    for name in names {
+        let Ok(served) = ModelName::new(name) else {
+            continue;
+        };
+        for kv in ctx.store.list(&ctx.layout.workers_of(&served)).await?.kvs {
+            // A value some other writer put there is not a worker of ours; it is not counted.
+            if let Ok(r) = serde_json::from_slice::<WorkerRegistration>(&kv.value) {
+                *per_group.entry(r.group.as_str().to_owned()).or_default() += 1;
+            }
         }
     }
     Ok(per_group)
@@ -616,7 +640,12 @@ fn status(
         updated_groups: updated,
         desired_groups,
         replicas: i32::try_from(groups.len()).unwrap_or(i32::MAX),
-        selector: Some(format!("{}={}", labels::MODEL, model.name_any())),
+        // Each group's coordinator (shard 0): an HPA counting pods counts groups.
+        selector: Some(format!(
+            "{}={},apps.kubernetes.io/pod-index=0",
+            labels::MODEL,
+            model.name_any()
+        )),
         last_scale: previous.last_scale.clone(),
     }
 }
@@ -700,12 +729,12 @@ async fn publish(
 async fn cleanup(model: &Model, ctx: &Context) -> Result<Action, Error> {
     let served = ModelName::new(builders::served_name(model))
         .map_err(|_| Error::Missing("valid served name"))?;
-    if !claim::held_by(model, &served, ctx).await? {
-        // Refused its served name: the keys under it are the holder's.
-        let note = format!("the served name `{served}` belongs to another Model: its keys stay");
+    let Some(claimed) = claim::held_by(model, &served, ctx).await? else {
+        // Refused its served name (or never claimed it): the keys under it are not its own.
+        let note = format!("the served name `{served}` is not this Model's: its keys stay");
         ctx.event(model, false, "Cleanup", note).await;
         return Ok(Action::await_change());
-    }
+    };
     let layout = &ctx.layout;
     let mut removed = 0;
     for dir in [
@@ -716,7 +745,12 @@ async fn cleanup(model: &Model, ctx: &Context) -> Result<Action, Error> {
             removed += usize::from(ctx.store.delete(&kv.key).await?.is_some());
         }
     }
-    removed += usize::from(ctx.store.delete(&layout.model(&served)).await?.is_some());
+    // The claim last, and only as it was read: a newcomer's claim is never removed.
+    let released = ctx
+        .store
+        .compare_and_delete(&layout.model(&served), Expected::ModRevision(claimed))
+        .await?;
+    removed += usize::from(matches!(released, tidelock_state::CasOutcome::Swapped(_)));
     let note = format!(
         "removed {removed} keys of `{served}` from the cluster state; Kubernetes deletes its workers"
     );
