@@ -100,6 +100,22 @@ impl Cluster {
         text
     }
 
+    /// `kubectl delete model` and wait for it to be gone (its finalizer has run).
+    fn delete_model(&self, namespace: &str, name: &str) {
+        self.ok(
+            "kubectl",
+            &[
+                "delete",
+                "model",
+                name,
+                "-n",
+                namespace,
+                "--wait=true",
+                "--timeout=60s",
+            ],
+        );
+    }
+
     /// Sets Model `name`'s shard groups in `ML`.
     async fn set_replicas(&self, name: &str, replicas: i32) {
         self.api::<Model>(ML)
@@ -695,18 +711,7 @@ async fn helm_install_then_kubectl_apply_the_examples() {
     let served = ModelName::new("smollm2".to_owned()).unwrap();
     let workers_dir = layout.workers_of(&served);
     assert!(!p.store.list(&workers_dir).await.unwrap().kvs.is_empty());
-    p.ok(
-        "kubectl",
-        &[
-            "delete",
-            "model",
-            "smollm2",
-            "-n",
-            ML,
-            "--wait=true",
-            "--timeout=60s",
-        ],
-    );
+    p.delete_model(ML, "smollm2");
     assert!(
         p.store.list(&workers_dir).await.unwrap().kvs.is_empty(),
         "registrations removed"
@@ -876,18 +881,7 @@ async fn served_names_are_not_shared(p: &Cluster, layout: &KeyLayout) {
             .items
             .is_empty()
     );
-    p.ok(
-        "kubectl",
-        &[
-            "delete",
-            "model",
-            "smollm2",
-            "-n",
-            "ml-other",
-            "--wait=true",
-            "--timeout=60s",
-        ],
-    );
+    p.delete_model("ml-other", "smollm2");
     assert_eq!(
         registered().await,
         before,
@@ -1170,18 +1164,7 @@ async fn failures_surface(p: &Cluster) {
         ("ml-strict", "strict"),
         ("ml-quota", "overquota"),
     ] {
-        p.ok(
-            "kubectl",
-            &[
-                "delete",
-                "model",
-                name,
-                "-n",
-                namespace,
-                "--wait=true",
-                "--timeout=60s",
-            ],
-        );
+        p.delete_model(namespace, name);
     }
 }
 

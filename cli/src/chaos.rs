@@ -31,7 +31,7 @@ use tidelock_protocol::ClusterToken;
 use crate::bench::{Outcome, stream};
 use crate::config::{ChaosArgs, DEFAULT_MODEL_FILE};
 use crate::http::{Api, get};
-use crate::sessions::words;
+use crate::sessions::{chat_body, words};
 use crate::up::{
     Cluster, Files, Part, SimTiming, WorkerSpec, cluster_auth, free_port, sibling, start_etcd,
     wait_ready, write_private,
@@ -55,9 +55,25 @@ struct Try {
     outcome: Outcome,
     #[serde(skip)]
     answer: String,
-    /// The history it was sent with (kept for the replay).
+    /// Which client and which of its conversations: the replay rebuilds the history from them
+    /// and the recorded answers ([`system_prompt`], [`question`]).
     #[serde(skip)]
-    messages: Vec<serde_json::Value>,
+    seed: (usize, u64),
+}
+
+/// The system prompt of client `s`'s conversation `conversation`.
+fn system_prompt(args: &ChaosArgs, (s, conversation): (usize, u64)) -> serde_json::Value {
+    let system = words(args.system_words, (s as u64) << 20 | conversation);
+    serde_json::json!({"role": "system", "content": system})
+}
+
+/// The user message of turn `turn` of client `s`'s conversation `conversation`.
+fn question(args: &ChaosArgs, (s, conversation): (usize, u64), turn: usize) -> serde_json::Value {
+    let question = words(
+        args.message_words,
+        (s as u64) << 40 | conversation << 8 | turn as u64,
+    );
+    serde_json::json!({"role": "user", "content": question})
 }
 
 /// One kill and restart.
@@ -315,27 +331,14 @@ async fn client(
     let mut router = s % apis.len();
     for conversation in 0.. {
         let name = format!("c{s}-{conversation}");
-        let system = words(args.system_words, (s as u64) << 20 | conversation);
-        let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
+        let seed = (s, conversation);
+        let mut messages = vec![system_prompt(args, seed)];
         for turn in 1..=args.turns {
             if Instant::now() >= until {
                 return;
             }
-            let question = words(
-                args.message_words,
-                (s as u64) << 40 | conversation << 8 | turn as u64,
-            );
-            messages.push(serde_json::json!({"role": "user", "content": question}));
-            let body = serde_json::json!({
-                "model": model,
-                "messages": messages,
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-                "ignore_eos": true,
-                "stream": true,
-                "stream_options": {"include_usage": true},
-                "prompt_cache_key": name,
-            });
+            messages.push(question(args, seed, turn));
+            let body = chat_body(model, &messages, args.max_tokens, &name, true);
             let mut answered = None;
             for _ in 0..TRIES {
                 let mut sent = 0;
@@ -364,7 +367,7 @@ async fn client(
                     ended_s: started.elapsed().as_secs_f64(),
                     outcome,
                     answer: answer.clone(),
-                    messages: messages.clone(),
+                    seed,
                 });
                 if !failed {
                     answered = Some(answer);
@@ -473,22 +476,22 @@ async fn compare_answers(
     let replays = conversations.into_values().map(|mut turns| {
         turns.sort_by_key(|t| t.turn);
         let turns: Vec<Try> = turns.into_iter().cloned().collect();
-        let (api, model, max_tokens) = (api.clone(), model.to_owned(), args.max_tokens);
+        let (api, model) = (api.clone(), model.to_owned());
         async move {
             let (mut compared, mut differing) = (0, 0);
+            // The history each turn was sent with: the system prompt, then each earlier turn's
+            // question and its recorded answer.
+            let Some(first) = turns.first() else {
+                return (compared, differing);
+            };
+            let mut messages = vec![system_prompt(args, first.seed)];
             for t in turns {
-                let body = serde_json::json!({
-                    "model": model,
-                    "messages": t.messages,
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "ignore_eos": true,
-                    "stream": true,
-                    "stream_options": {"include_usage": true},
-                    "prompt_cache_key": format!("replay-{}", t.conversation),
-                });
+                messages.push(question(args, t.seed, t.turn));
+                let cache_key = format!("replay-{}", t.conversation);
+                let body = chat_body(&model, &messages, args.max_tokens, &cache_key, true);
                 let (outcome, answer) =
                     stream(&api, "/chat/completions", body, 0, Duration::ZERO).await;
+                messages.push(serde_json::json!({"role": "assistant", "content": t.answer}));
                 if let Some(e) = outcome.error {
                     eprintln!("{} turn {}: the replay failed: {e}", t.conversation, t.turn);
                     continue;
@@ -633,7 +636,7 @@ mod tests {
                 ..Outcome::default()
             },
             answer: String::new(),
-            messages: Vec::new(),
+            seed: (0, 0),
         }
     }
 

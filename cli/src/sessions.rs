@@ -27,6 +27,30 @@ const VOCABULARY: &[&str] = &[
 ];
 
 /// `n` words, a fixed walk per `seed`.
+/// A streamed, greedy chat request with usage, under the session `cache_key`; `ignore_eos` makes
+/// every answer exactly `max_tokens` long (what a comparison of answers needs).
+pub(crate) fn chat_body(
+    model: &str,
+    messages: &[serde_json::Value],
+    max_tokens: u32,
+    cache_key: &str,
+    ignore_eos: bool,
+) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "prompt_cache_key": cache_key,
+    });
+    if ignore_eos {
+        body["ignore_eos"] = serde_json::json!(true);
+    }
+    body
+}
+
 pub(crate) fn words(n: usize, seed: u64) -> String {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(n);
@@ -137,15 +161,13 @@ async fn session(
     for turn in 1..=args.turns {
         let question = words(args.message_words, (index as u64) << 32 | turn as u64);
         messages.push(serde_json::json!({"role": "user", "content": question}));
-        let body = serde_json::json!({
-            "model": model,
-            "messages": messages,
-            "max_tokens": args.max_tokens,
-            "temperature": 0,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "prompt_cache_key": format!("bench-session-{index}"),
-        });
+        let body = chat_body(
+            &model,
+            &messages,
+            args.max_tokens,
+            &format!("bench-session-{index}"),
+            false,
+        );
         let (outcome, answer) =
             stream(&api, "/chat/completions", body, index, started.elapsed()).await;
         let failed = outcome.error.is_some();
