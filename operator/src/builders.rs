@@ -34,7 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use tidelock_api::Model;
 use tidelock_api::labels;
-use tidelock_api::model::ModelSource;
+use tidelock_api::model::{KvDtype, ModelSource, ModelSpec};
 
 /// A worker's CPU request when the Model names none.
 const DEFAULT_CPU: &str = "1";
@@ -599,6 +599,24 @@ pub fn served_name(model: &Model) -> String {
         .unwrap_or_else(|| model.name_any())
 }
 
+/// The worker's backend, device and KV dtype: GPU workers compute on their GPU with candle's
+/// CUDA backend (half-precision weights, `kvCache.dtype`, f16 by default); CPU workers run the
+/// packed f32 kernels unless the Model asks for a half-precision KV cache, which only the candle
+/// backend holds.
+fn compute_args(spec: &ModelSpec) -> Vec<String> {
+    let args: &[&str] = match (spec.resources.gpus, spec.kv_cache.dtype) {
+        (0, None | Some(KvDtype::F32)) => &[],
+        (0, Some(dtype)) => &["--backend", "candle", "--kv-dtype", dtype.name()],
+        (_, dtype) => &[
+            "--device",
+            "cuda:0",
+            "--kv-dtype",
+            dtype.unwrap_or(KvDtype::F16).name(),
+        ],
+    };
+    args.iter().map(|&a| a.to_owned()).collect()
+}
+
 /// Shard group `i`: a StatefulSet of `shards` workers.
 fn group(
     model: &Model,
@@ -642,6 +660,7 @@ fn group(
     if let Some(context) = spec.max_context_tokens {
         args.extend(["--max-context".to_owned(), context.to_string()]);
     }
+    args.extend(compute_args(spec));
     let mut vars = vec![
         field_env("POD_NAME", "metadata.name"),
         // The pod's ordinal is its shard index in the group.

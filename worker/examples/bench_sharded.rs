@@ -112,7 +112,7 @@ fn decode_over(
         }];
         let mut c = Coordinated::new(group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
         let t = Instant::now();
-        let out = m.forward_with(
+        let out = m.forward_host(
             &mut c,
             &[Rows {
                 tokens: &TOKEN,
@@ -302,7 +302,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             table: &ptable,
         }];
         let mut co = Coordinated::new(&mut pgroup, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
-        m.forward_with(
+        m.forward_host(
             &mut co,
             &[Rows {
                 tokens: chunk,

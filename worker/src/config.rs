@@ -17,6 +17,106 @@ pub enum EngineKind {
     Sim,
 }
 
+/// Which kernels compute (worker README, "Backends").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Packed Q4/Q8 weights and KV pages in host memory, hand-written SIMD kernels.
+    Cpu,
+    /// Dense f32/f16/bf16 weights and KV pages as tensors on `--device`, candle ops.
+    Candle,
+}
+
+/// An element type of weights or KV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Where the model computes: the host, or one CUDA GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("`{s}`: expected `cpu`, `cuda` or `cuda:N`")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device; a clear error where this build or this machine has no such device.
+    pub fn open(self) -> Result<candle_core::Device, String> {
+        match self {
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
+                // candle's error may carry a backtrace after its first line.
+                let e = e.to_string();
+                let e = e.lines().next().unwrap_or_default();
+                format!(
+                    "--device {self}: no usable CUDA device {n} ({e}); is the NVIDIA driver installed and the GPU visible to this container (nvidia.com/gpu)?"
+                )
+            }),
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => Err(format!(
+                "--device {self}: this worker was built without CUDA; build it with `--features cuda` (scripts/cuda.sh) or run the CUDA image (Dockerfile.cuda)"
+            )),
+        }
+    }
+}
+
+/// The kernels, device and precisions a worker runs with, checked against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compute {
+    pub backend: BackendKind,
+    pub device: DeviceSpec,
+    /// Dense weights' precision (the `candle` backend; the `cpu` backend packs GGUF blocks and
+    /// holds the rest in f32).
+    pub dtype: Dtype,
+    pub kv_dtype: Dtype,
+}
+
 /// Tidelock worker: serves one model with a paged, prefix-cached KV cache.
 #[derive(Debug, Parser)]
 #[command(name = "tidelock-worker", version, about)]
@@ -38,6 +138,25 @@ pub struct Config {
     /// Real model math, or the simulator.
     #[arg(long, value_enum, default_value = "real")]
     pub engine: EngineKind,
+
+    /// Kernels: `cpu` (packed Q4/Q8 weights, host KV pages; the default on the host) or
+    /// `candle` (dense weights and KV pages as tensors on `--device`; the default on a GPU).
+    #[arg(long, env = "TIDELOCK_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+
+    /// Where the model computes: `cpu`, or `cuda:N` (GPU N; needs a worker built with
+    /// `--features cuda`).
+    #[arg(long, env = "TIDELOCK_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+
+    /// Precision of the `candle` backend's dense weights. Default: f16 on a GPU, f32 on the host.
+    #[arg(long, env = "TIDELOCK_DTYPE", value_enum)]
+    pub dtype: Option<Dtype>,
+
+    /// KV cache element type (the Model's `kvCache.dtype`). Default: f16 on a GPU, f32 on the
+    /// host; the `cpu` backend holds f32 only.
+    #[arg(long, env = "TIDELOCK_KV_DTYPE", value_enum)]
+    pub kv_dtype: Option<Dtype>,
 
     /// Memory for the KV cache, e.g. `512MiB`, `2GiB`.
     #[arg(long, env = "TIDELOCK_KV_CACHE", default_value = "1GiB")]
@@ -141,6 +260,44 @@ pub struct Config {
 }
 
 impl Config {
+    /// The backend, device and precisions, defaults filled in; an error naming the flags that
+    /// do not go together.
+    pub fn compute(&self) -> Result<Compute, String> {
+        let gpu = self.device != DeviceSpec::Cpu;
+        let backend = self.backend.unwrap_or(match gpu {
+            true => BackendKind::Candle,
+            false => BackendKind::Cpu,
+        });
+        let default = match gpu {
+            true => Dtype::F16,
+            false => Dtype::F32,
+        };
+        let compute = Compute {
+            backend,
+            device: self.device,
+            dtype: self.dtype.unwrap_or(default),
+            kv_dtype: self.kv_dtype.unwrap_or(default),
+        };
+        if backend == BackendKind::Cpu {
+            if gpu {
+                return Err(format!(
+                    "--backend cpu runs on the host; --device {} needs --backend candle",
+                    self.device
+                ));
+            }
+            for (flag, dtype) in [("--dtype", compute.dtype), ("--kv-dtype", compute.kv_dtype)] {
+                if dtype != Dtype::F32 {
+                    return Err(format!(
+                        "{flag} {}: the cpu backend computes in f32; use --backend candle for {} (slower on the host)",
+                        dtype.name(),
+                        dtype.name()
+                    ));
+                }
+            }
+        }
+        Ok(compute)
+    }
+
     /// Where to register this worker: `--etcd` with its TLS settings, or none.
     pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, String> {
         self.etcd_tls.config(&self.etcd)
@@ -193,6 +350,58 @@ mod etcd_tls_tests {
     fn parse(args: &[&str]) -> Config {
         let base = ["tidelock-worker", "--model", "model.gguf"];
         Config::try_parse_from(base.iter().chain(args).copied()).unwrap()
+    }
+
+    #[test]
+    fn backend_device_and_dtypes_default_and_refuse_what_cannot_run() {
+        use super::{BackendKind, DeviceSpec, Dtype};
+        let host = parse(&[]).compute().unwrap();
+        assert_eq!(
+            (host.backend, host.device, host.dtype, host.kv_dtype),
+            (BackendKind::Cpu, DeviceSpec::Cpu, Dtype::F32, Dtype::F32)
+        );
+        let gpu = parse(&["--device", "cuda:1"]).compute().unwrap();
+        assert_eq!(
+            (gpu.backend, gpu.device, gpu.dtype, gpu.kv_dtype),
+            (
+                BackendKind::Candle,
+                DeviceSpec::Cuda(1),
+                Dtype::F16,
+                Dtype::F16
+            )
+        );
+        let half = parse(&["--backend", "candle", "--kv-dtype", "bf16"])
+            .compute()
+            .unwrap();
+        assert_eq!((half.dtype, half.kv_dtype), (Dtype::F32, Dtype::Bf16));
+        let error = parse(&["--kv-dtype", "f16"]).compute().unwrap_err();
+        assert!(
+            error.contains("--kv-dtype f16") && error.contains("--backend candle"),
+            "{error}"
+        );
+        let error = parse(&["--backend", "cpu", "--device", "cuda"])
+            .compute()
+            .unwrap_err();
+        assert!(
+            error.contains("--device cuda:0 needs --backend candle"),
+            "{error}"
+        );
+        let base = ["tidelock-worker", "--model", "m.gguf", "--device", "gpu0"];
+        let error = Config::try_parse_from(base).unwrap_err().to_string();
+        assert!(
+            error.contains("expected `cpu`, `cuda` or `cuda:N`"),
+            "{error}"
+        );
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_get_it() {
+        let error = super::DeviceSpec::Cuda(0).open().unwrap_err();
+        assert!(
+            error.contains("built without CUDA") && error.contains("--features cuda"),
+            "{error}"
+        );
     }
 
     #[test]

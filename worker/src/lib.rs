@@ -3,9 +3,11 @@
 //! Module map:
 //! - `model`: the Llama-family runtime (config, GGUF and Hugging Face loading, tiny seeded test
 //!   models, batched forward);
-//! - `kv`: the paged KV store, the paged attention kernel, and the block pool (prefix cache,
-//!   LRU eviction, KV events);
-//! - `engine`: continuous batching with chunked prefill and preemption, and sampling.
+//! - `kv`: the paged KV stores (host pages for the `cpu` backend, device tensors for `candle`),
+//!   the attention boundary the model calls per layer (`kv::backend`), the paged attention
+//!   kernels, and the block pool (prefix cache, LRU eviction, KV events);
+//! - `engine`: continuous batching with chunked prefill and preemption, the step's logits where
+//!   the backend left them (`engine::logits`), and sampling.
 //!
 //! - `config`: command line and environment;
 //! - `server`: the HTTP surface, the engine's thread, metrics;

@@ -17,17 +17,18 @@ use tidelock_protocol::{
 };
 use tidelock_service::cluster_auth::ClusterGuard;
 use tidelock_service::metrics_listener;
-use tidelock_worker::config::{Config, EngineKind};
+use tidelock_worker::config::{BackendKind, Compute, Config, Dtype, EngineKind};
 use tidelock_worker::engine::executor::{GroupExecutor, ModelExecutor};
 use tidelock_worker::engine::sim::SimExecutor;
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::device::DeviceKv;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::kv::shard::{InProcess, ShardGroup, ShardLink, ShardServer};
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::gguf::GgufFile;
 use tidelock_worker::model::hf::{self, HfFolder};
-use tidelock_worker::model::llama::WeightFormat;
+use tidelock_worker::model::llama::{Placement, WeightFormat};
 use tidelock_worker::registration::{self, Registration};
 use tidelock_worker::server::runner::Command;
 use tidelock_worker::server::{self, app};
@@ -47,6 +48,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         bail!("--max-step-tokens and --max-running must be positive");
     }
     let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
+    config.compute().map_err(anyhow::Error::msg)?;
     config.etcd().map_err(anyhow::Error::msg)?;
     let token = config.auth.token().map_err(anyhow::Error::msg)?;
     let guard = ClusterGuard::new(token.clone());
@@ -198,12 +200,24 @@ fn load(
         head_dim: model_config.head_dim(),
         block_tokens: bt,
     };
-    let num_blocks = shape.blocks_in(config.kv_cache.as_u64());
+    let mut compute = config.compute().map_err(anyhow::Error::msg)?;
+    if shards > 1 && compute.kv_dtype != Dtype::F32 {
+        // Every shard of a group serves host pages of f32 (kv::shard), sized alike.
+        tracing::warn!(
+            kv_dtype = compute.kv_dtype.name(),
+            "a shard group keeps its KV in f32 host pages; --kv-dtype is ignored"
+        );
+        compute.kv_dtype = Dtype::F32;
+    }
+    let block_bytes = match (compute.backend, shards) {
+        (BackendKind::Candle, 1) => DeviceKv::block_bytes(&shape, compute.kv_dtype.candle()),
+        _ => shape.block_bytes(),
+    };
+    let num_blocks = usize::try_from(config.kv_cache.as_u64() / block_bytes as u64)?;
     if num_blocks < 2 {
         bail!(
-            "--kv-cache {} holds {num_blocks} blocks of {} bytes; give it at least 2",
+            "--kv-cache {} holds {num_blocks} blocks of {block_bytes} bytes; give it at least 2",
             config.kv_cache,
-            shape.block_bytes()
         );
     }
     let max_context = config
@@ -237,8 +251,8 @@ fn load(
     let info = WorkerInfo {
         model: served.clone(),
         block_tokens,
-        dtype: "f32".into(),
-        kv_capacity_bytes: (pool_blocks * shape.block_bytes()) as u64,
+        dtype: compute.kv_dtype.name().into(),
+        kv_capacity_bytes: (pool_blocks * block_bytes) as u64,
         kv_capacity_blocks: pool_blocks as u64,
         max_context_tokens: max_context as u64,
         epoch,
@@ -254,8 +268,8 @@ fn load(
     let tokenizer = kit.to_json()?;
     let started = match config.engine {
         EngineKind::Real if coordinator => {
-            tracing::info!("loading weights");
-            let model = Arc::new(load_model(&config.model, hf_folder)?);
+            tracing::info!(backend = ?compute.backend, device = %compute.device, "loading weights");
+            let model = Arc::new(load_model(&config.model, hf_folder, &compute)?);
             let timeout = Duration::from_millis(config.shard_timeout_ms);
             let mut links: Vec<Box<dyn ShardLink>> = vec![Box::new(InProcess::new(
                 ShardServer::new(KvStore::new(shape, num_blocks)),
@@ -280,11 +294,25 @@ fn load(
             )?
         }
         EngineKind::Real => {
-            tracing::info!("loading weights");
-            let model = Arc::new(load_model(&config.model, hf_folder)?);
-            let kv = KvStore::new(shape, num_blocks);
-            let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-            server::start(engine, info, tokenizer, Some(kit.clone()))?
+            tracing::info!(backend = ?compute.backend, device = %compute.device, "loading weights");
+            let model = Arc::new(load_model(&config.model, hf_folder, &compute)?);
+            match compute.backend {
+                BackendKind::Cpu => {
+                    let kv = KvStore::new(shape, num_blocks);
+                    let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
+                    server::start(engine, info, tokenizer, Some(kit.clone()))?
+                }
+                BackendKind::Candle => {
+                    let kv = DeviceKv::new(
+                        shape,
+                        num_blocks,
+                        compute.kv_dtype.candle(),
+                        model.device(),
+                    )?;
+                    let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
+                    server::start(engine, info, tokenizer, Some(kit.clone()))?
+                }
+            }
         }
         EngineKind::Sim => {
             // What loading a model's weights would take on the machine simulated.
@@ -301,13 +329,23 @@ fn load(
     Ok(Loaded::Engine(started))
 }
 
-fn load_model(path: &std::path::Path, hf_folder: bool) -> anyhow::Result<Llama> {
-    // GGUF: packed quantized weights for decode, f32 for prefill. Hugging Face folders hold
-    // f32/f16/bf16 weights: f32 only.
+fn load_model(path: &std::path::Path, hf_folder: bool, compute: &Compute) -> anyhow::Result<Llama> {
+    // The cpu backend: GGUF's blocks packed for its kernels; Hugging Face folders in f32. The
+    // candle backend: dense matrices in --dtype on --device.
+    let (format, place) = match compute.backend {
+        BackendKind::Cpu => (WeightFormat::Packed, Placement::host()),
+        BackendKind::Candle => (
+            WeightFormat::F32,
+            Placement {
+                device: compute.device.open().map_err(anyhow::Error::msg)?,
+                dtype: compute.dtype.candle(),
+            },
+        ),
+    };
     Ok(if hf_folder {
-        Llama::from_hf(path, WeightFormat::F32)?
+        Llama::from_hf_on(path, format, &place)?
     } else {
-        Llama::from_gguf(path, WeightFormat::Packed)?
+        Llama::from_gguf_on(path, format, &place)?
     })
 }
 

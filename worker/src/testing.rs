@@ -35,6 +35,72 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// Where the `candle` backend's tests compute: `$TIDELOCK_TEST_DEVICE` (`cpu`, the default, or
+/// `cuda:N` in a worker built with `--features cuda`; `bench/gpu/check.sh` sets it), in f32.
+/// Panics with the reason when that device cannot be opened, never falls back.
+pub fn test_placement() -> crate::model::llama::Placement {
+    let spec: crate::config::DeviceSpec = std::env::var("TIDELOCK_TEST_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .unwrap_or_else(|e| panic!("TIDELOCK_TEST_DEVICE: {e}"));
+    crate::model::llama::Placement {
+        device: spec.open().unwrap_or_else(|e| panic!("{e}")),
+        dtype: candle_core::DType::F32,
+    }
+}
+
+/// Prefills `prompt` into `kv` (block table from the top of the store down, so it really
+/// indirects) in chunks of 512, then takes `steps` greedy tokens; returns the logits after the
+/// prompt and after each step, and the tokens. How the backends are compared (tests/backends.rs,
+/// `examples/bench_device --exact`).
+#[allow(clippy::type_complexity)]
+pub fn greedy_run(
+    m: &crate::model::Llama,
+    kv: &mut dyn crate::kv::backend::PagedKv,
+    prompt: &[u32],
+    steps: usize,
+    block_tokens: usize,
+) -> Result<(Vec<Vec<f32>>, Vec<u32>), crate::model::ModelError> {
+    use crate::model::SeqChunk;
+    use crate::model::llama::Logits;
+    let blocks = (prompt.len() + steps).div_ceil(block_tokens) as u32;
+    let table: Vec<tidelock_protocol::BlockId> = (0..blocks)
+        .rev()
+        .map(tidelock_protocol::BlockId::new)
+        .collect();
+    let mut forward =
+        |tokens: &[u32], start: usize| -> Result<Vec<f32>, crate::model::ModelError> {
+            let out = m.forward(
+                kv,
+                &[SeqChunk {
+                    tokens,
+                    start,
+                    table: &table,
+                    logits: Logits::Last,
+                }],
+            )?;
+            let last = out[0].as_ref().expect("asked for").to_vec2::<f32>()?;
+            Ok(last.into_iter().last().unwrap_or_default())
+        };
+    let mut start = 0;
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(512) {
+        let row = forward(chunk, start)?;
+        start += chunk.len();
+        if start == prompt.len() {
+            logits.push(row);
+        }
+    }
+    let mut generated = Vec::new();
+    for _ in 0..steps {
+        let next = crate::engine::sampling::argmax(logits.last().expect("a prompt")) as u32;
+        generated.push(next);
+        logits.push(forward(&[next], start)?);
+        start += 1;
+    }
+    Ok((logits, generated))
+}
+
 /// `n` token ids from the vocabulary's word range, a fixed walk per `seed`.
 pub fn tokens(n: usize, seed: u64) -> Vec<u32> {
     ids_below(n, seed, 20_000)

@@ -6,10 +6,12 @@ mod support;
 
 use std::sync::OnceLock;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use support::{model_path, tokens};
 use tidelock_protocol::BlockId;
 use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::backend::PagedKv;
+use tidelock_worker::kv::device::DeviceKv;
 use tidelock_worker::model::llama::{Logits, WeightFormat};
 use tidelock_worker::model::{Llama, RopeStyle, SeqChunk};
 
@@ -19,6 +21,20 @@ fn model() -> &'static Llama {
     static MODEL: OnceLock<Llama> = OnceLock::new();
     MODEL.get_or_init(|| {
         Llama::from_gguf(&model_path(), WeightFormat::Packed).expect("load the default model")
+    })
+}
+
+/// The default model for the `candle` backend: every matrix dequantized to f32, on the host
+/// device.
+fn candle_model() -> &'static Llama {
+    static MODEL: OnceLock<Llama> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        Llama::from_gguf_on(
+            &model_path(),
+            WeightFormat::F32,
+            &tidelock_worker::testing::test_placement(),
+        )
+        .expect("load the default model")
     })
 }
 
@@ -63,16 +79,33 @@ fn config_is_read_from_gguf_metadata() {
 
 #[test]
 fn cached_prefix_gives_the_cold_logits() {
-    let m = model();
+    lossless_reuse(model(), &|blocks| {
+        Box::new(KvStore::new(model().kv_shape(BLOCK), blocks))
+    });
+}
+
+/// The `candle` backend (dense weights, KV pages as tensors; on the host device here): the same
+/// property, within the same bound (issue #20).
+#[test]
+fn cached_prefix_gives_the_cold_logits_on_the_candle_backend() {
+    let m = candle_model();
+    lossless_reuse(m, &|blocks| {
+        Box::new(DeviceKv::new(m.kv_shape(BLOCK), blocks, DType::F32, m.device()).unwrap())
+    });
+}
+
+/// Computing with cached KV gives the cold logits: a prefix computed earlier then the suffix,
+/// and decoding token by token.
+fn lossless_reuse(m: &Llama, new_kv: &dyn Fn(usize) -> Box<dyn PagedKv>) {
     let n = 150;
     let prompt = tokens(n, 1);
     let blocks = n.div_ceil(BLOCK);
 
-    let mut cold_kv = KvStore::new(m.kv_shape(BLOCK), blocks);
+    let mut cold_kv = new_kv(blocks);
     let t = table(0, blocks);
     let cold = m
         .forward(
-            &mut cold_kv,
+            cold_kv.as_mut(),
             &[SeqChunk {
                 tokens: &prompt,
                 start: 0,
@@ -85,10 +118,10 @@ fn cached_prefix_gives_the_cold_logits() {
     assert_eq!(cold.len(), n);
 
     // Warm: a 96-token prefix (6 full blocks) computed earlier, then only the suffix.
-    let mut warm_kv = KvStore::new(m.kv_shape(BLOCK), blocks);
+    let mut warm_kv = new_kv(blocks);
     let split = 96;
     m.forward(
-        &mut warm_kv,
+        warm_kv.as_mut(),
         &[SeqChunk {
             tokens: &prompt[..split],
             start: 0,
@@ -99,7 +132,7 @@ fn cached_prefix_gives_the_cold_logits() {
     .unwrap();
     let warm = m
         .forward(
-            &mut warm_kv,
+            warm_kv.as_mut(),
             &[SeqChunk {
                 tokens: &prompt[split..],
                 start: split,
@@ -113,10 +146,10 @@ fn cached_prefix_gives_the_cold_logits() {
     assert!(diff <= 1e-4, "max |warm - cold| = {diff}");
 
     // Decoding token by token from the cache agrees too.
-    let mut step_kv = KvStore::new(m.kv_shape(BLOCK), blocks);
+    let mut step_kv = new_kv(blocks);
     let decode_from = n - 8;
     m.forward(
-        &mut step_kv,
+        step_kv.as_mut(),
         &[SeqChunk {
             tokens: &prompt[..decode_from],
             start: 0,
@@ -128,7 +161,7 @@ fn cached_prefix_gives_the_cold_logits() {
     for p in decode_from..n {
         let out = m
             .forward(
-                &mut step_kv,
+                step_kv.as_mut(),
                 &[SeqChunk {
                     tokens: &prompt[p..=p],
                     start: p,

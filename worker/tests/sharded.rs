@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tidelock_protocol::shard::{AttendReply, AttendRequest};
@@ -18,6 +18,8 @@ use tidelock_protocol::{
 use tidelock_worker::engine::executor::{Executor, GroupExecutor, ModelExecutor};
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::backend::PagedKv;
+use tidelock_worker::kv::device::DeviceKv;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::testing::greedy;
 use tokio::sync::mpsc::unbounded_channel;
@@ -97,6 +99,8 @@ fn argmax(xs: &[f32]) -> u32 {
 enum Mode {
     /// One store.
     One,
+    /// One store of the `candle` backend: pages as tensors on the model's device.
+    Device,
     /// S shard servers in this process, reached through in-process links (the coordinator's
     /// path for its own shard).
     Rpc(usize),
@@ -141,7 +145,7 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
     let blocks = total.div_ceil(BLOCK);
     let shape = m.kv_shape(BLOCK);
     let s = match mode {
-        Mode::One => 1,
+        Mode::One | Mode::Device => 1,
         Mode::Rpc(s) | Mode::Http(s) => s,
     };
     let per_shard = blocks.div_ceil(s);
@@ -152,11 +156,15 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
         .map(|b| BlockId::new(pool as u32 - 1 - b))
         .collect();
     let mut local = KvStore::new(shape, pool);
+    let mut device = DeviceKv::new(shape, pool, DType::F32, m.device()).unwrap();
     let (_runtime, mut group) = group(m, mode, s, per_shard);
     let mut forward = |tokens: &[u32], start: usize| -> Vec<f32> {
         let out = match mode {
-            Mode::One => m.forward(
-                &mut local,
+            Mode::One | Mode::Device => m.forward(
+                match mode {
+                    Mode::One => &mut local as &mut dyn PagedKv,
+                    _ => &mut device,
+                },
                 &[SeqChunk {
                     tokens,
                     start,
@@ -172,7 +180,7 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
                 }];
                 let mut rpc =
                     Coordinated::new(&mut group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
-                m.forward_with(
+                m.forward_host(
                     &mut rpc,
                     &[Rows {
                         tokens,
@@ -211,8 +219,13 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 }
 
 fn check(m: &Llama, what: &str, prompt: &[u32], shard_counts: &[usize]) {
+    check_against(m, Mode::One, what, prompt, shard_counts);
+}
+
+/// S shards against one store of kind `one`.
+fn check_against(m: &Llama, one: Mode, what: &str, prompt: &[u32], shard_counts: &[usize]) {
     let t = Instant::now();
-    let (one, one_tokens) = run(m, prompt, 64, Mode::One);
+    let (one, one_tokens) = run(m, prompt, 64, one);
     eprintln!("{what}: one store {:?}", t.elapsed());
     for &s in shard_counts {
         let t = Instant::now();
@@ -241,6 +254,23 @@ fn four_shards_match_one_store_on_the_tiny_model_at_16k() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(dir.path());
     check(&m, "tiny model", &tokens(16_384, 3), &[1, 4]);
+}
+
+/// The `candle` backend (dense weights, KV pages as tensors on the host device) as a shard
+/// group's coordinator: its group matches its own single device store.
+#[test]
+fn four_shards_match_one_device_store_with_the_candle_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_llama(dir.path(), &TinySpec::issue7()).unwrap();
+    let place = tidelock_worker::testing::test_placement();
+    let m = Llama::from_hf_on(dir.path(), WeightFormat::F32, &place).unwrap();
+    check_against(
+        &m,
+        Mode::Device,
+        "tiny model, candle backend",
+        &tokens(8_192, 3),
+        &[4],
+    );
 }
 
 #[test]
@@ -303,7 +333,7 @@ fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
             table: &table,
         }];
         let mut c = Coordinated::new(group, &seqs, BLOCK, shape.kv_heads, shape.head_dim);
-        m.forward_with(
+        m.forward_host(
             &mut c,
             &[Rows {
                 tokens: &tokens,

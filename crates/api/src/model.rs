@@ -254,15 +254,12 @@ pub struct UrlSource {
 }
 
 /// KV element type.
-#[derive(
-    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
-)]
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum KvDtype {
-    /// 32-bit floats (CPU workers).
+    /// 32-bit floats (the default on CPU workers).
     F32,
-    /// 16-bit floats.
-    #[default]
+    /// 16-bit floats (the default on GPU workers).
     F16,
     /// bfloat16.
     Bf16,
@@ -281,9 +278,10 @@ pub struct KvCacheSpec {
     #[serde(default = "default_kv_memory")]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("a positive quantity such as 40Gi"))]
     pub memory_per_worker: String,
-    /// KV element type.
-    #[serde(default)]
-    pub dtype: KvDtype,
+    /// KV element type. Default: f16 on GPU workers, f32 on CPU workers (whose fast kernels
+    /// compute in f32; f16 or bf16 there runs the slower candle backend, for half the memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<KvDtype>,
     /// Where cold blocks spill instead of being forgotten.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spill: Option<SpillTier>,
@@ -297,12 +295,23 @@ fn default_kv_memory() -> String {
     "8Gi".into()
 }
 
+impl KvDtype {
+    /// The worker's name for it (`--kv-dtype`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+}
+
 impl Default for KvCacheSpec {
     fn default() -> Self {
         KvCacheSpec {
             block_tokens: default_block_tokens(),
             memory_per_worker: default_kv_memory(),
-            dtype: KvDtype::default(),
+            dtype: None,
             spill: None,
         }
     }

@@ -791,3 +791,33 @@ fn model_cache_claims_follow_their_group_unless_retained() {
     // No claims (an emptyDir): nothing to retain.
     assert_eq!(policy(json!({})), None);
 }
+
+#[test]
+fn gpu_workers_compute_on_their_gpu_with_the_kv_dtype_asked() {
+    let args = |spec: Value| -> Vec<String> {
+        let d = desired(&model(spec), &defaults()).unwrap();
+        worker(&d.groups[0]).args.clone().unwrap()
+    };
+    let after = |args: &[String], flag: &str| -> Option<String> {
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).cloned()
+    };
+    // CPU, no dtype: the packed f32 kernels, nothing to say.
+    let cpu = args(json!({"source": hf()}));
+    for flag in ["--device", "--backend", "--kv-dtype"] {
+        assert_eq!(after(&cpu, flag), None, "{flag}");
+    }
+    let cpu = args(json!({"source": hf(), "kvCache": {"dtype": "f32"}}));
+    assert_eq!(after(&cpu, "--backend"), None);
+    // CPU with a half-precision cache: the candle backend holds it.
+    let half = args(json!({"source": hf(), "kvCache": {"dtype": "bf16"}}));
+    assert_eq!(after(&half, "--backend").as_deref(), Some("candle"));
+    assert_eq!(after(&half, "--kv-dtype").as_deref(), Some("bf16"));
+    assert_eq!(after(&half, "--device"), None);
+    // GPUs: the first GPU, f16 unless asked otherwise.
+    let gpu = args(json!({"source": hf(), "resources": {"gpus": 1}}));
+    assert_eq!(after(&gpu, "--device").as_deref(), Some("cuda:0"));
+    assert_eq!(after(&gpu, "--kv-dtype").as_deref(), Some("f16"));
+    let gpu = args(json!({"source": hf(), "resources": {"gpus": 1}, "kvCache": {"dtype": "f32"}}));
+    assert_eq!(after(&gpu, "--kv-dtype").as_deref(), Some("f32"));
+}

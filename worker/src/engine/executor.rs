@@ -3,7 +3,8 @@
 //! ([`super::sim`]).
 //!
 //! The scheduler hands over one batch of chunks and gets back, for each chunk that asked for it,
-//! the next-token logits. Block tables are already allocated by then.
+//! the next-token logits ([`StepLogits`]: host rows, or a device tensor that only the sampler's
+//! reductions leave). Block tables are already allocated by then.
 
 use std::sync::Arc;
 
@@ -11,7 +12,9 @@ use tidelock_protocol::BlockId;
 
 use candle_core::Tensor;
 
+use crate::engine::logits::StepLogits;
 use crate::kv::KvStore;
+use crate::kv::backend::{OnHost, PagedKv};
 use crate::kv::shard::{Coordinated, CoordinatedSeq, ShardGroup};
 use crate::model::llama::{Logits, Rows};
 use crate::model::{Llama, ModelError, SeqChunk};
@@ -29,18 +32,19 @@ pub struct Work<'a> {
 /// Runs steps.
 pub trait Executor: Send {
     /// Computes the chunks; returns the last-token logits of each chunk that wants them.
-    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError>;
+    fn run(&mut self, work: &[Work<'_>]) -> Result<StepLogits, ModelError>;
 }
 
-/// The real model with its KV store.
+/// The real model with its KV store: host pages ([`KvStore`], the `cpu` backend) or pages on
+/// the model's device ([`crate::kv::device::DeviceKv`], the `candle` backend).
 #[derive(Debug)]
-pub struct ModelExecutor {
+pub struct ModelExecutor<K = KvStore> {
     pub model: Arc<Llama>,
-    pub kv: KvStore,
+    pub kv: K,
 }
 
-impl Executor for ModelExecutor {
-    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+impl<K: PagedKv + Send> Executor for ModelExecutor<K> {
+    fn run(&mut self, work: &[Work<'_>]) -> Result<StepLogits, ModelError> {
         let chunks: Vec<SeqChunk<'_>> = work
             .iter()
             .map(|w| SeqChunk {
@@ -50,7 +54,11 @@ impl Executor for ModelExecutor {
                 logits: w.logits(),
             })
             .collect();
-        last_rows(self.model.forward(&mut self.kv, &chunks)?)
+        let out = self.model.forward(&mut self.kv, &chunks)?;
+        match self.kv.on_device() {
+            true => StepLogits::device(out),
+            false => last_rows(out),
+        }
     }
 }
 
@@ -63,14 +71,16 @@ impl Work<'_> {
     }
 }
 
-/// The logits tensors of a forward call as rows.
-fn last_rows(out: Vec<Option<Tensor>>) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
-    out.into_iter()
+/// The logits tensors of a forward call as host rows.
+fn last_rows(out: Vec<Option<Tensor>>) -> Result<StepLogits, ModelError> {
+    let rows = out
+        .into_iter()
         .map(|t| match t {
             Some(t) => Ok(Some(t.squeeze(0)?.to_vec1::<f32>()?)),
             None => Ok(None),
         })
-        .collect()
+        .collect::<Result<_, ModelError>>()?;
+    Ok(StepLogits::host(rows))
 }
 
 /// The coordinator of a shard group: the real model, with each layer's attention spread over
@@ -84,7 +94,7 @@ pub struct GroupExecutor {
 }
 
 impl Executor for GroupExecutor {
-    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+    fn run(&mut self, work: &[Work<'_>]) -> Result<StepLogits, ModelError> {
         let mut row = 0;
         let seqs: Vec<CoordinatedSeq<'_>> = work
             .iter()
@@ -107,13 +117,20 @@ impl Executor for GroupExecutor {
             })
             .collect();
         let shape = self.model.kv_shape(self.block_tokens);
-        let mut attention = Coordinated::new(
-            &mut self.group,
-            &seqs,
-            self.block_tokens,
-            shape.kv_heads,
-            shape.head_dim,
-        );
-        last_rows(self.model.forward_with(&mut attention, &rows)?)
+        let mut attention = OnHost {
+            inner: Coordinated::new(
+                &mut self.group,
+                &seqs,
+                self.block_tokens,
+                shape.kv_heads,
+                shape.head_dim,
+            ),
+            device: self.model.device().clone(),
+        };
+        let out = self.model.forward_with(&mut attention, &rows)?;
+        match self.model.device().is_cpu() {
+            true => last_rows(out),
+            false => StepLogits::device(out),
+        }
     }
 }

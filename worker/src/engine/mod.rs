@@ -21,6 +21,7 @@
 //! The engine is synchronous and single-owner: the server runs it on its own thread.
 
 pub mod executor;
+pub mod logits;
 pub mod sampling;
 pub mod sim;
 
@@ -35,7 +36,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::kv::pool::{BlockPool, PoolStats};
 use crate::model::ModelError;
 use executor::{Executor, Work};
-use sampling::Sampler;
+use sampling::{Choice, Sampler};
 
 /// Scheduling limits.
 #[derive(Debug, Clone)]
@@ -323,8 +324,22 @@ impl<E: Executor> Engine<E> {
             Err(e) => return Err(e),
         };
 
+        // The choices first (a failed reduction fails the step before anything is committed).
+        let mut choices = Vec::with_capacity(plan.len());
+        for (item, p) in plan.iter().enumerate() {
+            choices.push(match logits.has(item) {
+                true => {
+                    let seq = &mut self.running[p.index];
+                    let top_n = seq.request.sampling.logprobs.map(|n| n as usize);
+                    Some(seq.sampler.choose(&logits, item, top_n)?)
+                }
+                false => None,
+            });
+        }
+        drop(logits);
+
         stats.sequences = plan.len();
-        for (p, logits) in plan.iter().zip(logits) {
+        for (p, choice) in plan.iter().zip(choices) {
             let seq = &mut self.running[p.index];
             if seq.remaining() == 1 && seq.computed >= seq.prompt_len {
                 stats.decode_tokens += 1;
@@ -333,8 +348,8 @@ impl<E: Executor> Engine<E> {
             }
             seq.computed += p.len;
             Self::commit_blocks(&mut self.pool, seq, self.cfg.block_tokens.as_usize());
-            if let Some(row) = logits {
-                self.emit(p.index, &row);
+            if let Some(choice) = choice {
+                self.emit(p.index, choice);
             }
         }
         self.retire_finished();
@@ -464,9 +479,9 @@ impl<E: Executor> Engine<E> {
     }
 
     /// Samples the next token of running sequence `index` and sends it.
-    fn emit(&mut self, index: usize, logits: &[f32]) {
+    fn emit(&mut self, index: usize, choice: Choice) {
         let seq = &mut self.running[index];
-        let sampled = seq.sampler.sample(logits);
+        let sampled = choice.sampled;
         if seq.completion == 0 {
             let _ = seq.out.send(GenerateEvent::Prefilled {
                 prompt_tokens: seq.prompt_len as u32,
@@ -481,10 +496,7 @@ impl<E: Executor> Engine<E> {
             let _ = seq.out.send(GenerateEvent::Tokens {
                 ids: vec![sampled.token],
                 logprobs: params.logprobs.map(|_| vec![sampled.logprob]),
-                top_logprobs: params
-                    .logprobs
-                    .filter(|&n| n > 0)
-                    .map(|n| vec![sampling::top_logprobs(logits, n as usize)]),
+                top_logprobs: choice.top.map(|top| vec![top]),
             });
             seq.tokens.push(sampled.token);
             seq.chain.extend(&[sampled.token]);

@@ -9,6 +9,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tidelock_protocol::{SamplingParams, TopLogprob};
 
+use crate::engine::logits::{DEVICE_TOP_K, StepLogits};
+use crate::model::ModelError;
+
 /// Picks tokens for one request.
 #[derive(Debug)]
 pub struct Sampler {
@@ -16,6 +19,13 @@ pub struct Sampler {
     top_p: f32,
     top_k: Option<usize>,
     rng: StdRng,
+}
+
+/// The next token and, when asked, the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub sampled: Sampled,
+    pub top: Option<Vec<TopLogprob>>,
 }
 
 /// One choice.
@@ -53,6 +63,42 @@ impl Sampler {
         }
     }
 
+    /// Chooses the next token of work item `item` of a step, and the `top_n` most likely tokens
+    /// when asked: what crosses from the device is only what this needs (see
+    /// [`StepLogits`]). The same seed gives the same tokens as [`Self::sample`] on the row.
+    pub fn choose(
+        &mut self,
+        logits: &StepLogits,
+        item: usize,
+        top_n: Option<usize>,
+    ) -> Result<Choice, ModelError> {
+        let sampled = match self.top_k {
+            _ if self.temperature <= 0.0 => logits.greedy(item)?,
+            Some(k) if logits.on_device() && k <= DEVICE_TOP_K => {
+                let candidates = logits.top(item, k)?;
+                let sorted: Vec<(usize, f32)> = candidates
+                    .iter()
+                    .map(|t| (t.id as usize, t.logprob))
+                    .collect();
+                let token = self.draw_sorted(&sorted);
+                let logprob = candidates
+                    .iter()
+                    .find(|t| t.id as usize == token)
+                    .map_or(f32::NEG_INFINITY, |t| t.logprob);
+                Sampled {
+                    token: token as u32,
+                    logprob,
+                }
+            }
+            _ => self.sample(&logits.row(item)?),
+        };
+        let top = match top_n {
+            Some(n) if n > 0 => Some(logits.top(item, n)?),
+            _ => None,
+        };
+        Ok(Choice { sampled, top })
+    }
+
     fn draw(&mut self, logits: &[f32]) -> usize {
         // Candidates sorted by logit, truncated by top-k, then by top-p on the tempered
         // distribution.
@@ -63,10 +109,18 @@ impl Sampler {
             order.truncate(k);
         }
         order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        let max = logits[order[0]];
-        let mut probs: Vec<f32> = order
+        let sorted: Vec<(usize, f32)> = order.into_iter().map(|i| (i, logits[i])).collect();
+        self.draw_sorted(&sorted)
+    }
+
+    /// Draws from candidates `(token, logit)` sorted most likely first, after top-k: top-p on
+    /// the tempered distribution, then the generator. Logits shifted by a constant (log-
+    /// probabilities) draw the same token.
+    fn draw_sorted(&mut self, sorted: &[(usize, f32)]) -> usize {
+        let max = sorted[0].1;
+        let mut probs: Vec<f32> = sorted
             .iter()
-            .map(|&i| ((logits[i] - max) / self.temperature).exp())
+            .map(|&(_, l)| ((l - max) / self.temperature).exp())
             .collect();
         let total: f32 = probs.iter().sum();
         let mut kept = probs.len();
@@ -86,10 +140,10 @@ impl Sampler {
         for (i, p) in probs.iter().enumerate() {
             target -= p;
             if target <= 0.0 {
-                return order[i];
+                return sorted[i].0;
             }
         }
-        order[kept - 1]
+        sorted[kept - 1].0
     }
 }
 
@@ -104,7 +158,8 @@ pub fn argmax(logits: &[f32]) -> usize {
     best
 }
 
-fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+/// Log-probability of `index` under the softmax of `logits`.
+pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
     logits[index] - log_sum_exp(logits)
 }
 

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use crate::engine::executor::{Executor, Work};
+use crate::engine::logits::StepLogits;
 use crate::model::ModelError;
 
 /// How long a simulated step takes.
@@ -134,7 +135,7 @@ impl SimExecutor {
 }
 
 impl Executor for SimExecutor {
-    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+    fn run(&mut self, work: &[Work<'_>]) -> Result<StepLogits, ModelError> {
         let decoding = work
             .iter()
             .filter(|w| w.tokens.len() == 1 && w.wants_logits)
@@ -148,17 +149,18 @@ impl Executor for SimExecutor {
         if !cost.is_zero() {
             std::thread::sleep(cost);
         }
-        Ok(work
-            .iter()
-            .map(|w| {
-                w.wants_logits.then(|| {
-                    let last = *w.tokens.last().unwrap_or(&0);
-                    let mut row = vec![0.0f32; self.vocab_size];
-                    row[self.next_token(last, w.start + w.tokens.len()) as usize] = 20.0;
-                    row
+        Ok(StepLogits::host(
+            work.iter()
+                .map(|w| {
+                    w.wants_logits.then(|| {
+                        let last = *w.tokens.last().unwrap_or(&0);
+                        let mut row = vec![0.0f32; self.vocab_size];
+                        row[self.next_token(last, w.start + w.tokens.len()) as usize] = 20.0;
+                        row
+                    })
                 })
-            })
-            .collect())
+                .collect(),
+        ))
     }
 }
 

@@ -12,6 +12,8 @@
 //! only stores and reads.
 
 pub mod attention;
+pub mod backend;
+pub mod device;
 pub mod pool;
 pub mod shard;
 

@@ -1,6 +1,6 @@
 //! Where a forward pass keeps its new keys and values and computes attention: one worker's
-//! store ([`Local`]), or a shard group's S stores ([`Coordinated`], issue #7). The model is
-//! written against [`Attention`] only, so both run the same layers.
+//! store ([`Local`](crate::kv::backend::Local)), or a shard group's S stores ([`Coordinated`],
+//! issue #7). Both are [`HostAttention`]s, so the model runs the same layers over either.
 //!
 //! **Who owns what.** The coordinator (shard 0, the worker the router pins) runs the engine, and
 //! its block pool numbers every block of the group: group block `B` lives on shard `B % S`, at
@@ -30,9 +30,8 @@ use tidelock_protocol::BlockId;
 use tidelock_protocol::shard::{Append, AttendReply, AttendRequest, AttendSeq};
 
 use crate::kv::KvStore;
-use crate::kv::attention::{
-    AttnSeq, ShardPartial, ShardSeq, merge_shards, paged_attention, shard_attention,
-};
+use crate::kv::attention::{ShardPartial, ShardSeq, merge_shards, shard_attention};
+use crate::kv::backend::HostAttention;
 
 /// Why a shard's part of attention failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,52 +42,6 @@ pub struct ShardError {
     /// forget them.
     pub lost: bool,
     pub message: String,
-}
-
-/// A forward pass's KV: writes the new tokens' keys and values, then attends.
-pub trait Attention {
-    /// Stores the key and value (`kv_heads * head_dim` floats each) of batch row `row`, at
-    /// `position` of its sequence, for `layer`.
-    fn write(&mut self, layer: usize, row: usize, position: usize, k: &[f32], v: &[f32]);
-
-    /// Attention of every batch row over its sequence's context (written keys included) in
-    /// `layer`: `q` and `out` are `[rows, heads * head_dim]`. Fails only when a remote shard
-    /// does (the error says which and why).
-    fn attend(
-        &mut self,
-        layer: usize,
-        heads: usize,
-        scale: f32,
-        q: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), ShardError>;
-}
-
-/// One worker's store: the sequences' block tables index it directly.
-#[derive(Debug)]
-pub struct Local<'a> {
-    pub kv: &'a mut KvStore,
-    pub seqs: Vec<AttnSeq<'a>>,
-    /// Each batch row's block table.
-    pub row_tables: Vec<&'a [BlockId]>,
-}
-
-impl Attention for Local<'_> {
-    fn write(&mut self, layer: usize, row: usize, position: usize, k: &[f32], v: &[f32]) {
-        self.kv.write(layer, self.row_tables[row], position, k, v);
-    }
-
-    fn attend(
-        &mut self,
-        layer: usize,
-        heads: usize,
-        scale: f32,
-        q: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), ShardError> {
-        paged_attention(self.kv.layer(layer), &self.seqs, heads, scale, q, out);
-        Ok(())
-    }
 }
 
 /// Each batch row's sequence, for sequences of `rows` rows each, in order.
@@ -521,7 +474,7 @@ impl<'a> Coordinated<'a> {
     }
 }
 
-impl Attention for Coordinated<'_> {
+impl HostAttention for Coordinated<'_> {
     fn write(&mut self, _layer: usize, row: usize, position: usize, k: &[f32], v: &[f32]) {
         let block = self.tables[self.row_seq[row]][position / self.block_tokens];
         let (shard, local) = placement(block, self.group.len());

@@ -7,23 +7,26 @@
 //! one, through their block tables. Keys and values of the new tokens are written into the KV
 //! store before attention, so a token attends to itself and everything before it.
 //!
-//! Weights are f32 `[in, out]` (transposed once at load), with q/k/v fused into one matrix and
-//! gate/up into another: two GEMMs fewer per layer. With [`WeightFormat::Packed`] (the worker's
-//! default) each matrix is also kept in its stored 4/8-bit blocks, and calls of few rows (decode)
-//! multiply those instead: a decode step reads 117 MB of weights rather than 540 MB. The head is
-//! applied once per call to every row whose logits are wanted.
+//! q/k/v are fused into one matrix and gate/up into another: two matrix products fewer per
+//! layer. With [`WeightFormat::Packed`] (the worker's default for GGUF) one copy of each weight
+//! is held, its stored 4/8-bit blocks (112 MB for the default model, where f32 matrices take
+//! 540 MB and an f32 embedding 113 MB more): calls of few rows (decode) multiply the blocks
+//! directly, calls of more rows (prefill) dequantize tiles of them into a small f32 buffer for a
+//! GEMM, and the embedding's rows are dequantized on lookup (with tied embeddings, from the
+//! head's own blocks). [`WeightFormat::F32`] holds f32 `[in, out]` matrices (transposed once at
+//! load). The head is applied once per call to every row whose logits are wanted.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 use tidelock_protocol::BlockId;
 
-use crate::kv::attention::AttnSeq;
-use crate::kv::shard::{Attention, Local};
-use crate::kv::{KvShape, KvStore};
+use crate::kv::KvShape;
+use crate::kv::backend::{Attention, HostAttention, OnHost, PagedKv, PagedSeq, StepGeometry};
 use crate::model::ModelError;
-use crate::model::config::{LlamaConfig, RopeStyle, rope_frequencies};
+use crate::model::config::{LlamaConfig, rope_frequencies};
 use crate::model::gguf::GgufFile;
 use crate::model::hf::{self, HfFolder, LayerNames};
 use crate::model::packed::PackedMatrix;
@@ -69,13 +72,14 @@ pub enum WeightFormat {
     /// Kept as stored (e.g. Q4_1) and multiplied the way ggml does: activations quantized to the
     /// weights' dot-product type, integer dot products.
     Quantized,
-    /// Both: the stored blocks (Q4_0, Q4_1, Q8_0) for calls of up to [`PACKED_MAX_ROWS`] rows
-    /// (decode: bound by reading the weights, 4.6x fewer bytes than f32), f32 GEMMs beyond
-    /// (prefill: bound by arithmetic). Weights of other types are held in f32 only.
+    /// The stored blocks (Q4_0, Q4_1, Q8_0) only: multiplied directly for calls of up to
+    /// [`PACKED_MAX_ROWS`] rows (decode: bound by reading the weights, 4.6x fewer bytes than
+    /// f32), dequantized tile by tile into f32 GEMMs beyond (prefill: bound by arithmetic).
+    /// Weights of other types are held in f32 only.
     Packed,
 }
 
-/// The most rows a call multiplies through the packed weights; more go to the f32 GEMM.
+/// The most rows a call multiplies through the packed kernels; more go to the tiled f32 GEMM.
 /// Measured with `examples/bench_decode`: see the worker README.
 pub const PACKED_MAX_ROWS: usize = 16;
 
@@ -86,8 +90,8 @@ enum Proj {
     Dense(Tensor),
     /// Quantized `[out, in]` matrices applied one by one.
     Quantized(Vec<QMatMul>),
-    /// The stored blocks (fused) for few rows, f32 `[in, out]` for many.
-    Packed { packed: PackedMatrix, dense: Tensor },
+    /// The stored blocks, fused; shared with the embedding when the head is tied to it.
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Proj {
@@ -108,22 +112,28 @@ impl Proj {
                     .collect::<Result<_, _>>()?,
             )),
             WeightFormat::Packed => {
-                let mut packed = Vec::with_capacity(parts.len());
-                let mut dense = Vec::with_capacity(parts.len());
-                for (name, shape) in parts {
-                    let q = file.qtensor(name, shape)?;
-                    dense.push(file.dequantize(name, &q)?);
-                    if let Some(p) = PackedMatrix::from_qtensor(&q)? {
-                        packed.push(p);
-                    }
+                let stored = parts
+                    .iter()
+                    .map(|(name, shape)| file.qtensor(name, shape))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let packed = stored
+                    .iter()
+                    .map(PackedMatrix::from_qtensor)
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                if let Some(packed) = packed
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .and_then(PackedMatrix::concat)
+                {
+                    return Ok(Proj::Packed(Arc::new(packed)));
                 }
-                let dense = Tensor::cat(&dense, 0)?.t()?.contiguous()?;
-                Ok(match PackedMatrix::concat(packed) {
-                    Some(packed) if packed.rows() == dense.dim(1)? => {
-                        Proj::Packed { packed, dense }
-                    }
-                    _ => Proj::Dense(dense),
-                })
+                // A part without a packed kernel (or of another kind): all parts in f32.
+                let dense = parts
+                    .iter()
+                    .zip(&stored)
+                    .map(|((name, _), q)| file.dequantize(name, q))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Proj::Dense(Tensor::cat(&dense, 0)?.t()?.contiguous()?))
             }
         }
     }
@@ -140,15 +150,34 @@ impl Proj {
         Ok(Tensor::cat(&mats, 0)?.t()?.contiguous()?)
     }
 
+    /// `f` of `x`'s f32 values, row-major: borrowed when `x` is a contiguous host tensor (a
+    /// prefill's activations are megabytes per product), else copied.
+    fn with_host_rows<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> candle_core::Result<T> {
+        {
+            let (storage, layout) = x.storage_and_layout();
+            if let (candle_core::Storage::Cpu(host), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+                && let Ok(values) = host.as_slice::<f32>()
+            {
+                return Ok(f(&values[start..end]));
+            }
+        }
+        Ok(f(&x.flatten_all()?.to_vec1::<f32>()?))
+    }
+
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Proj::Dense(w) => x.matmul(w),
-            Proj::Packed { packed, dense } => {
+            // Activations are f32; a half-precision matrix multiplies them in its own dtype.
+            Proj::Dense(w) => x.to_dtype(w.dtype())?.matmul(w)?.to_dtype(DType::F32),
+            Proj::Packed(packed) => {
                 let rows = x.dim(0)?;
-                if rows > PACKED_MAX_ROWS {
-                    return x.matmul(dense);
-                }
-                let y = packed.matmul(&x.flatten_all()?.to_vec1::<f32>()?, rows);
+                let y = Self::with_host_rows(x, |xs| {
+                    if rows > PACKED_MAX_ROWS {
+                        packed.matmul_tiled(xs, rows)
+                    } else {
+                        packed.matmul(xs, rows)
+                    }
+                })?;
                 Tensor::from_vec(y, (rows, packed.rows()), x.device())
             }
             Proj::Quantized(ws) => {
@@ -160,6 +189,56 @@ impl Proj {
                     1 => Ok(outs.remove(0)),
                     _ => Tensor::cat(&outs, 1),
                 }
+            }
+        }
+    }
+}
+
+/// The token embedding, `[vocab, hidden]`.
+#[derive(Debug)]
+enum Embedding {
+    /// Rows gathered with `index_select` (f32, or the placement's dtype).
+    Dense(Tensor),
+    /// The stored blocks, rows dequantized on lookup ([`WeightFormat::Packed`] on the host;
+    /// with tied embeddings, the head's own matrix).
+    Packed(Arc<PackedMatrix>),
+}
+
+impl Embedding {
+    /// Reads the embedding `name`: packed if `format` is [`WeightFormat::Packed`], the placement
+    /// is the host and its type has a packed kernel, else dense on the placement.
+    fn load(
+        source: &mut impl WeightSource,
+        name: &str,
+        shape: [usize; 2],
+        format: WeightFormat,
+        place: &Placement,
+    ) -> Result<Self, ModelError> {
+        if format != WeightFormat::Packed || !place.device.is_cpu() {
+            return Ok(Embedding::Dense(
+                place.matrix(source.tensor(name, &shape)?)?,
+            ));
+        }
+        let stored = source.qtensor(name, &shape)?;
+        Ok(match PackedMatrix::from_qtensor(&stored)? {
+            Some(packed) => Embedding::Packed(Arc::new(packed)),
+            None => Embedding::Dense(place.matrix(source.dequantize(name, &stored)?)?),
+        })
+    }
+
+    /// The rows of `ids` (u32, `[rows]`), f32 `[rows, hidden]` on the ids' device.
+    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(table) => table.index_select(ids, 0)?.to_dtype(DType::F32),
+            Embedding::Packed(table) => {
+                let device = ids.device();
+                let ids = ids.to_vec1::<u32>()?;
+                let hidden = table.cols();
+                let mut x = vec![0.0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(x.chunks_exact_mut(hidden)) {
+                    table.dequantize_rows(id as usize, row);
+                }
+                Tensor::from_vec(x, (ids.len(), hidden), device)
             }
         }
     }
@@ -180,26 +259,89 @@ struct Layer {
 #[derive(Debug)]
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    embed: Embedding,
     lm_head: Proj,
     norm: Tensor,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
     rope_scale: f32,
+    /// Where every weight, activation and the logits live.
+    device: Device,
+}
+
+/// Where a model's weights live and in which precision its dense matrices are held: host f32
+/// for the `cpu` backend, any candle device and f32/f16/bf16 for `candle`. Norms and biases stay
+/// f32; activations are f32 between the matrix products.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Placement {
+    /// Host memory, f32: the `cpu` backend's.
+    pub fn host() -> Self {
+        Placement {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+
+    /// A small f32 tensor (norm, bias) on the device.
+    fn vector(&self, t: Tensor) -> Result<Tensor, ModelError> {
+        Ok(t.to_device(&self.device)?)
+    }
+
+    /// A dense matrix on the device in the placement's dtype.
+    fn matrix(&self, t: Tensor) -> Result<Tensor, ModelError> {
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// A projection as placed: dense matrices moved and converted; the packed and quantized
+    /// forms run on the host only.
+    fn proj(&self, p: Proj) -> Result<Proj, ModelError> {
+        match p {
+            Proj::Dense(w) => Ok(Proj::Dense(self.matrix(w)?)),
+            other if self.device.is_cpu() => Ok(other),
+            _ => Err(ModelError::Input(format!(
+                "packed and quantized weights run on the host only, not on {:?}: load f32, f16 or bf16 weights",
+                self.device
+            ))),
+        }
+    }
 }
 
 impl Llama {
-    /// Loads a GGUF model.
+    /// Loads a GGUF model into host memory.
     pub fn from_gguf(path: &Path, format: WeightFormat) -> Result<Self, ModelError> {
+        Self::from_gguf_on(path, format, &Placement::host())
+    }
+
+    /// Loads a GGUF model onto `place` (the `candle` backend: [`WeightFormat::F32`], each matrix
+    /// dequantized then converted to the placement's dtype).
+    pub fn from_gguf_on(
+        path: &Path,
+        format: WeightFormat,
+        place: &Placement,
+    ) -> Result<Self, ModelError> {
         let mut file = GgufFile::open(path)?;
         let cfg = file.llama_config()?;
-        Self::build(&mut file, cfg, format)
+        Self::build(&mut file, cfg, format, place)
     }
 
     /// Loads a Hugging Face folder (`config.json` and safetensors, see [`crate::model::hf`]) as
     /// f32 weights; quantized weights are only read from GGUF ([`WeightFormat::Packed`] holds
     /// these f32 weights only: there are no stored blocks to pack).
     pub fn from_hf(dir: &Path, format: WeightFormat) -> Result<Self, ModelError> {
+        Self::from_hf_on(dir, format, &Placement::host())
+    }
+
+    /// Loads a Hugging Face folder onto `place` (see [`Self::from_hf`]).
+    pub fn from_hf_on(
+        dir: &Path,
+        format: WeightFormat,
+        place: &Placement,
+    ) -> Result<Self, ModelError> {
         let format = match format {
             WeightFormat::Packed => WeightFormat::F32,
             other => other,
@@ -213,7 +355,7 @@ impl Llama {
         }
         let mut folder = HfFolder::open(dir)?;
         let cfg = folder.config().clone();
-        Self::build(&mut folder, cfg, format)
+        Self::build(&mut folder, cfg, format, place)
     }
 
     /// Reads every weight by the source's names, shapes checked against the config.
@@ -221,45 +363,58 @@ impl Llama {
         source: &mut impl WeightSource,
         cfg: LlamaConfig,
         format: WeightFormat,
+        place: &Placement,
     ) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let q = cfg.num_attention_heads * cfg.head_dim();
         let kv = cfg.num_kv_heads() * cfg.head_dim();
         let inter = cfg.intermediate_size;
         let top = source.names();
-        let embed = source.tensor(&top.embed, &[cfg.vocab_size, h])?;
         let head_name = if cfg.tie_word_embeddings {
-            top.embed
+            top.embed.clone()
         } else {
             top.head
         };
-        let lm_head = Proj::load(source, &[(head_name, [cfg.vocab_size, h])], format)?;
-        let norm = source.tensor(&top.norm, &[h])?;
+        let lm_head = place.proj(Proj::load(
+            source,
+            &[(head_name, [cfg.vocab_size, h])],
+            format,
+        )?)?;
+        let embed = match &lm_head {
+            // Tied: the head's blocks are the embedding's rows.
+            Proj::Packed(packed) if cfg.tie_word_embeddings => Embedding::Packed(packed.clone()),
+            _ => Embedding::load(source, &top.embed, [cfg.vocab_size, h], format, place)?,
+        };
+        let norm = place.vector(source.tensor(&top.norm, &[h])?)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let n = source.layer_names(i);
-            let qkv = Proj::load(
+            let qkv = place.proj(Proj::load(
                 source,
                 &[(n.q, [q, h]), (n.k, [kv, h]), (n.v, [kv, h])],
                 format,
-            )?;
+            )?)?;
             let qkv_bias = if cfg.attention_bias {
                 let bq = source.tensor(&n.q_bias, &[q])?;
                 let bk = source.tensor(&n.k_bias, &[kv])?;
                 let bv = source.tensor(&n.v_bias, &[kv])?;
-                Some(Tensor::cat(&[bq, bk, bv], 0)?)
+                Some(place.vector(Tensor::cat(&[bq, bk, bv], 0)?)?)
             } else {
                 None
             };
-            let gate_up = Proj::load(source, &[(n.gate, [inter, h]), (n.up, [inter, h])], format)?;
+            let gate_up = place.proj(Proj::load(
+                source,
+                &[(n.gate, [inter, h]), (n.up, [inter, h])],
+                format,
+            )?)?;
             layers.push(Layer {
-                attn_norm: source.tensor(&n.input_norm, &[h])?,
+                attn_norm: place.vector(source.tensor(&n.input_norm, &[h])?)?,
                 qkv,
                 qkv_bias,
-                out: Proj::load(source, &[(n.o, [h, q])], format)?,
-                ffn_norm: source.tensor(&n.post_attention_norm, &[h])?,
+                out: place.proj(Proj::load(source, &[(n.o, [h, q])], format)?)?,
+                ffn_norm: place.vector(source.tensor(&n.post_attention_norm, &[h])?)?,
                 gate_up,
-                down: Proj::load(source, &[(n.down, [h, inter])], format)?,
+                down: place.proj(Proj::load(source, &[(n.down, [h, inter])], format)?)?,
             });
         }
         let (inv_freq, rope_scale) = rope_frequencies(&cfg);
@@ -271,7 +426,13 @@ impl Llama {
             layers,
             inv_freq,
             rope_scale,
+            device: place.device.clone(),
         })
+    }
+
+    /// The device its weights, activations and logits are on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -288,43 +449,28 @@ impl Llama {
         }
     }
 
-    /// Runs the chunks on one worker's store; returns, per chunk, the logits it asked for
-    /// (`[rows, vocab]`).
+    /// Runs the chunks on one worker's store (host pages for the `cpu` backend, device pages
+    /// for `candle`); returns, per chunk, the logits it asked for (`[rows, vocab]`, f32 on the
+    /// model's device).
     pub fn forward(
         &self,
-        kv: &mut KvStore,
+        kv: &mut dyn PagedKv,
         chunks: &[SeqChunk<'_>],
     ) -> Result<Vec<Option<Tensor>>, ModelError> {
-        let bt = kv.shape().block_tokens;
-        let mut seqs = Vec::with_capacity(chunks.len());
-        let mut row_tables = Vec::new();
         let mut row = 0;
-        for chunk in chunks {
-            let end = chunk.start + chunk.tokens.len();
-            if chunk.table.len() * bt < end {
-                return Err(ModelError::Input(format!(
-                    "block table of {} blocks cannot hold {end} tokens",
-                    chunk.table.len()
-                )));
-            }
-            if let Some(bad) = chunk
-                .table
-                .iter()
-                .find(|b| b.get() as usize >= kv.num_blocks())
-            {
-                return Err(ModelError::Input(format!(
-                    "block {bad} is outside the KV store"
-                )));
-            }
-            seqs.push(AttnSeq {
-                rows: row..row + chunk.tokens.len(),
-                start: chunk.start,
-                table: chunk.table,
-            });
-            // Each row's block table, found once rather than per row and layer.
-            row_tables.extend(std::iter::repeat_n(chunk.table, chunk.tokens.len()));
-            row += chunk.tokens.len();
-        }
+        let seqs: Vec<PagedSeq<'_>> = chunks
+            .iter()
+            .map(|chunk| {
+                let rows = row..row + chunk.tokens.len();
+                row = rows.end;
+                PagedSeq {
+                    rows,
+                    start: chunk.start,
+                    table: chunk.table,
+                }
+            })
+            .collect();
+        kv.check(&seqs)?;
         let rows: Vec<Rows<'_>> = chunks
             .iter()
             .map(|c| Rows {
@@ -333,12 +479,22 @@ impl Llama {
                 logits: c.logits,
             })
             .collect();
-        let mut local = Local {
-            kv,
-            seqs,
-            row_tables,
+        let mut attention = kv.attention(&seqs, &self.device)?;
+        self.forward_with(attention.as_mut(), &rows)
+    }
+
+    /// Runs the chunks with their KV in host pages wherever `attention` keeps them (one store, or
+    /// a shard group's); returns, per chunk, the logits it asked for.
+    pub fn forward_host(
+        &self,
+        attention: &mut dyn HostAttention,
+        chunks: &[Rows<'_>],
+    ) -> Result<Vec<Option<Tensor>>, ModelError> {
+        let mut on_host = OnHost {
+            inner: attention,
+            device: self.device.clone(),
         };
-        self.forward_with(&mut local, &rows)
+        self.forward_with(&mut on_host, chunks)
     }
 
     /// Runs the chunks with their KV wherever `attention` keeps it (one store, or a shard
@@ -367,40 +523,30 @@ impl Llama {
         if rows == 0 {
             return Ok(chunks.iter().map(|_| None).collect());
         }
-        let device = Device::Cpu;
+        let device = self.device.clone();
         let (cos, sin) = self.rope_tables(&positions);
-        let heads = cfg.num_attention_heads;
-        let kv_heads = cfg.num_kv_heads();
         let d = cfg.head_dim();
-        let q_width = heads * d;
-        let kv_width = kv_heads * d;
-        let qkv_width = q_width + 2 * kv_width;
-        let scale = 1.0 / (d as f32).sqrt();
+        let step = StepGeometry {
+            positions,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_kv_heads(),
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            cos,
+            sin,
+            rope_style: cfg.rope_style,
+        };
         let eps = cfg.rms_norm_eps;
 
         let ids_t = Tensor::from_vec(ids, rows, &device)?;
-        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let mut x = self.embed.lookup(&ids_t)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
             let mut qkv = layer.qkv.apply(&h)?;
             if let Some(bias) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(bias)?;
             }
-            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-            let mut q = Vec::with_capacity(rows * q_width);
-            for (r, row) in qkv.chunks_exact_mut(qkv_width).enumerate() {
-                let (qs, rest) = row.split_at_mut(q_width);
-                let (ks, vs) = rest.split_at_mut(kv_width);
-                let (c, s) = (&cos[r * d / 2..][..d / 2], &sin[r * d / 2..][..d / 2]);
-                for head in qs.chunks_exact_mut(d).chain(ks.chunks_exact_mut(d)) {
-                    rotate(head, c, s, cfg.rope_style);
-                }
-                q.extend_from_slice(qs);
-                attention.write(l, r, positions[r], ks, vs);
-            }
-            let mut attn = vec![0.0f32; rows * q_width];
-            attention.attend(l, heads, scale, &q, &mut attn)?;
-            let attn = Tensor::from_vec(attn, (rows, q_width), &device)?;
+            let attn = attention.layer(l, &qkv, &step)?;
             x = (x + layer.out.apply(&attn)?)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
@@ -459,26 +605,6 @@ impl Llama {
             }
         }
         (cos, sin)
-    }
-}
-
-fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
-    let half = head.len() / 2;
-    match style {
-        RopeStyle::Interleaved => {
-            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * cos[i] - x1 * sin[i];
-                pair[1] = x0 * sin[i] + x1 * cos[i];
-            }
-        }
-        RopeStyle::Halves => {
-            for i in 0..half {
-                let (x0, x1) = (head[i], head[i + half]);
-                head[i] = x0 * cos[i] - x1 * sin[i];
-                head[i + half] = x0 * sin[i] + x1 * cos[i];
-            }
-        }
     }
 }
 
