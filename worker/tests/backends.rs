@@ -7,8 +7,8 @@
 //! - At a 2,048-token context (a 1,984-token prompt in chunks, then 64 greedy steps): the same
 //!   64 tokens, and every step's logits within 1e-3.
 //! - Through the engine: the same greedy tokens, top log-probabilities within 1e-3, the same
-//!   seeded top-k draws (top-k candidates picked on the candle side, the row on the cpu side),
-//!   and the prefix cache serving the second turn on both.
+//!   seeded top-k and top-p draws (candidates and the row's mass reduced on the candle side, the
+//!   row on the cpu side), and the prefix cache serving the second turn on both.
 
 mod support;
 
@@ -165,7 +165,11 @@ fn the_engine_gives_the_same_answers_on_both_backends() {
         sampled.sampling.temperature = 0.8;
         sampled.sampling.top_k = Some(40);
         sampled.sampling.seed = Some(7);
-        vec![with_logprobs, sampled]
+        let mut nucleus = greedy(tokens(150, 27), 24);
+        nucleus.sampling.temperature = 0.9;
+        nucleus.sampling.top_p = 0.95;
+        nucleus.sampling.seed = Some(3);
+        vec![with_logprobs, sampled, nucleus]
     };
     let mut second_turn = prompt.clone();
     second_turn.extend(tokens(40, 23));

@@ -5,9 +5,9 @@
 //! `[rows, vocab]` logits on its device, and only what sampling asks for crosses:
 //! - greedy rows: every row's arg-max and log-sum-exp, reduced on the device in one pass for the
 //!   whole step (two numbers a row);
-//! - requested top log-probabilities, and the candidates of top-k sampling up to
-//!   [`DEVICE_TOP_K`]: the k best of one row, picked on the device (k numbers);
-//! - any other sampling (a temperature over the whole vocabulary, or a larger k): the row.
+//! - requested top log-probabilities, and the candidates of a draw: the k best of one row
+//!   (up to [`DEVICE_TOP_K`]), picked on the device, with the row's tempered mass (one number);
+//! - the row itself only where a draw falls beyond those candidates, or top-k keeps more.
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
@@ -18,7 +18,7 @@ use tidelock_protocol::TopLogprob;
 use crate::engine::sampling::{self, Sampled};
 use crate::model::ModelError;
 
-/// The largest k whose candidates are picked on the device rather than copying the row.
+/// The most candidates of a draw picked on the device before the row is copied.
 pub const DEVICE_TOP_K: usize = 64;
 
 /// The logits of one step, per work item.
@@ -175,6 +175,29 @@ impl StepLogits {
                     .collect();
                 top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob).then(a.id.cmp(&b.id)));
                 Ok(top)
+            }
+        }
+    }
+
+    /// `sum exp((logit - max) / temperature)` over the row of work item `item`: the tempered
+    /// mass a draw divides, reduced where the row is.
+    pub fn tempered_mass(&self, item: usize, temperature: f32) -> Result<f32, ModelError> {
+        let row = self.row_of(item);
+        match &self.rows {
+            Rows::Host(rows) => {
+                let max = rows[row].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                Ok(rows[row]
+                    .iter()
+                    .map(|l| ((l - max) / temperature).exp())
+                    .sum())
+            }
+            Rows::Device { logits, reduced } => {
+                let (_, max, _) = self.reduced(logits, reduced, row)?;
+                let shifted = (logits.i(row)? - f64::from(max))?;
+                Ok((shifted / f64::from(temperature))?
+                    .exp()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?)
             }
         }
     }

@@ -64,33 +64,23 @@ impl Sampler {
     }
 
     /// Chooses the next token of work item `item` of a step, and the `top_n` most likely tokens
-    /// when asked: what crosses from the device is only what this needs (see
-    /// [`StepLogits`]). The same seed gives the same tokens as [`Self::sample`] on the row.
+    /// when asked. From a device only what this needs crosses (see [`StepLogits`]): a greedy
+    /// row's token; for a draw, the [`DEVICE_TOP_K`] most likely tokens and the tempered mass of
+    /// the whole row, the row itself only when the draw falls beyond those candidates (or top-k
+    /// keeps more of them). The same seed gives the tokens [`Self::sample`] gives on the row (up
+    /// to the rounding of the mass, summed in another order on the device).
     pub fn choose(
         &mut self,
         logits: &StepLogits,
         item: usize,
         top_n: Option<usize>,
     ) -> Result<Choice, ModelError> {
-        let sampled = match self.top_k {
-            _ if self.temperature <= 0.0 => logits.greedy(item)?,
-            Some(k) if logits.on_device() && k <= DEVICE_TOP_K => {
-                let candidates = logits.top(item, k)?;
-                let sorted: Vec<(usize, f32)> = candidates
-                    .iter()
-                    .map(|t| (t.id as usize, t.logprob))
-                    .collect();
-                let token = self.draw_sorted(&sorted);
-                let logprob = candidates
-                    .iter()
-                    .find(|t| t.id as usize == token)
-                    .map_or(f32::NEG_INFINITY, |t| t.logprob);
-                Sampled {
-                    token: token as u32,
-                    logprob,
-                }
-            }
-            _ => self.sample(&logits.row(item)?),
+        let sampled = if self.temperature <= 0.0 {
+            logits.greedy(item)?
+        } else if logits.on_device() {
+            self.draw_on_device(logits, item)?
+        } else {
+            self.sample(&logits.row(item)?)
         };
         let top = match top_n {
             Some(n) if n > 0 => Some(logits.top(item, n)?),
@@ -99,9 +89,46 @@ impl Sampler {
         Ok(Choice { sampled, top })
     }
 
+    fn draw_on_device(&mut self, logits: &StepLogits, item: usize) -> Result<Sampled, ModelError> {
+        let u = self.rng.random::<f32>();
+        let (k, whole) = match self.top_k {
+            // Top-k first: its candidates are the whole distribution drawn from.
+            Some(k) if k <= DEVICE_TOP_K => (k, None),
+            Some(_) => (0, None),
+            None => (
+                DEVICE_TOP_K,
+                Some(logits.tempered_mass(item, self.temperature)?),
+            ),
+        };
+        if k > 0 {
+            let candidates = logits.top(item, k)?;
+            let sorted: Vec<(usize, f32)> = candidates
+                .iter()
+                .map(|t| (t.id as usize, t.logprob))
+                .collect();
+            if let Some(i) = self.pick(&sorted, whole, u) {
+                return Ok(Sampled {
+                    token: candidates[i].id,
+                    logprob: candidates[i].logprob,
+                });
+            }
+        }
+        let row = logits.row(item)?;
+        let token = self.draw_with(&row, u);
+        Ok(Sampled {
+            token: token as u32,
+            logprob: log_softmax_at(&row, token),
+        })
+    }
+
     fn draw(&mut self, logits: &[f32]) -> usize {
-        // Candidates sorted by logit, truncated by top-k, then by top-p on the tempered
-        // distribution.
+        let u = self.rng.random::<f32>();
+        self.draw_with(logits, u)
+    }
+
+    /// The draw of uniform `u` from one row: candidates sorted by logit, truncated by top-k,
+    /// then by top-p on the tempered distribution.
+    fn draw_with(&self, logits: &[f32], u: f32) -> usize {
         let mut order: Vec<usize> = (0..logits.len()).collect();
         let k = self.top_k.unwrap_or(logits.len()).clamp(1, logits.len());
         if k < order.len() {
@@ -110,40 +137,54 @@ impl Sampler {
         }
         order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
         let sorted: Vec<(usize, f32)> = order.into_iter().map(|i| (i, logits[i])).collect();
-        self.draw_sorted(&sorted)
+        let i = self
+            .pick(&sorted, None, u)
+            .expect("a whole distribution always draws");
+        sorted[i].0
     }
 
-    /// Draws from candidates `(token, logit)` sorted most likely first, after top-k: top-p on
-    /// the tempered distribution, then the generator. Logits shifted by a constant (log-
-    /// probabilities) draw the same token.
-    fn draw_sorted(&mut self, sorted: &[(usize, f32)]) -> usize {
+    /// Which of `sorted` (`(token, logit)`, most likely first; logits shifted by a constant,
+    /// such as log-probabilities, pick the same) uniform `u` draws, after top-p on the tempered
+    /// distribution. `whole`: `None` when `sorted` is the whole distribution drawn from; else the
+    /// tempered mass of the whole row (`sum exp((l - max) / T)`), of which `sorted` holds the
+    /// most likely part, and `None` comes back when the draw or the top-p cut falls beyond it.
+    fn pick(&self, sorted: &[(usize, f32)], whole: Option<f32>, u: f32) -> Option<usize> {
         let max = sorted[0].1;
-        let mut probs: Vec<f32> = sorted
+        let probs: Vec<f32> = sorted
             .iter()
             .map(|&(_, l)| ((l - max) / self.temperature).exp())
             .collect();
-        let total: f32 = probs.iter().sum();
-        let mut kept = probs.len();
+        let total = whole.unwrap_or_else(|| probs.iter().sum());
+        let mut kept = None;
         if self.top_p < 1.0 {
             let mut cumulative = 0.0;
             for (i, p) in probs.iter().enumerate() {
                 cumulative += p / total;
                 if cumulative >= self.top_p {
-                    kept = i + 1;
+                    kept = Some(i + 1);
                     break;
                 }
             }
         }
-        probs.truncate(kept);
-        let total: f32 = probs.iter().sum();
-        let mut target = self.rng.random::<f32>() * total;
+        let (probs, total) = match (kept, whole) {
+            (Some(kept), _) => (&probs[..kept], probs[..kept].iter().sum()),
+            (None, None) => (&probs[..], total),
+            // The top-p cut lies beyond the candidates.
+            (None, Some(_)) if self.top_p < 1.0 => return None,
+            (None, Some(whole)) => (&probs[..], whole),
+        };
+        let mut target = u * total;
         for (i, p) in probs.iter().enumerate() {
             target -= p;
             if target <= 0.0 {
-                return sorted[i].0;
+                return Some(i);
             }
         }
-        sorted[kept - 1].0
+        // Rounding left a sliver: the last kept candidate, unless the rest of the row was meant.
+        match (kept, whole) {
+            (None, Some(_)) => None,
+            _ => Some(probs.len() - 1),
+        }
     }
 }
 
@@ -259,6 +300,47 @@ mod tests {
         let mut s = Sampler::new(&params(1.0, 0.5, None, 5));
         for _ in 0..200 {
             assert_eq!(s.sample(&LOGITS).token, 1);
+        }
+    }
+
+    /// Draws from a device's logits (candidates and the tempered mass crossing, the row only
+    /// when a draw falls beyond them) give the tokens and log-probabilities the row gives.
+    #[test]
+    fn draws_from_device_logits_are_the_row_draws() {
+        use candle_core::{Device, Tensor};
+        // A peaked row (draws land among the top candidates) and a flat one (they do not).
+        let peaked: Vec<f32> = (0..1000).map(|i| 12.0 - (i as f32).sqrt()).collect();
+        let flat: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0)
+            .collect();
+        for (what, row) in [("peaked", peaked), ("flat", flat)] {
+            let device = StepLogits::device(vec![Some(
+                Tensor::from_slice(&row, (1, row.len()), &Device::Cpu).unwrap(),
+            )])
+            .unwrap();
+            for (t, p, k) in [
+                (0.8, 1.0, None),
+                (1.5, 0.9, None),
+                (1.0, 1.0, Some(40)),
+                (1.0, 0.95, Some(200)),
+            ] {
+                let (mut on_host, mut on_device) = (
+                    Sampler::new(&params(t, p, k, 11)),
+                    Sampler::new(&params(t, p, k, 11)),
+                );
+                for i in 0..300 {
+                    let want = on_host.sample(&row);
+                    let got = on_device.choose(&device, 0, None).unwrap().sampled;
+                    assert_eq!(
+                        want.token, got.token,
+                        "{what} T={t} p={p} k={k:?}, draw {i}"
+                    );
+                    assert!(
+                        (want.logprob - got.logprob).abs() < 1e-4,
+                        "{want:?} {got:?}"
+                    );
+                }
+            }
         }
     }
 
