@@ -11,6 +11,11 @@ about as far as the worker's are from them.
 Needs llama-cpp-python (compiles from source, ~20 min on 2 cores; not part of CI):
     python3 -m venv ~/.cache/tidelock/bench-venv
     ~/.cache/tidelock/bench-venv/bin/pip install llama-cpp-python numpy
+Where the native build dies with "Illegal instruction" (seen on a Xeon that reports AMX, whose
+tile instructions the machine did not run), build it for AVX-512 without AMX:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+        -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+        ~/.cache/tidelock/bench-venv/bin/pip install --no-cache-dir --force-reinstall llama-cpp-python
 Run:
     [KV=f32|f16] [WEIGHTS=f32|quantized] \
         ~/.cache/tidelock/bench-venv/bin/python bench/llama_cpp_agreement.py [MODEL.gguf]
