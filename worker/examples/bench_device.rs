@@ -40,7 +40,7 @@ use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::llama::{Logits, Placement, WeightFormat};
 use tidelock_worker::model::tiny::{TinyDtype, TinySpec, write_tiny_llama};
 use tidelock_worker::model::{Llama, ModelError, RopeStyle, SeqChunk};
-use tidelock_worker::testing::{greedy, greedy_run, tokens};
+use tidelock_worker::testing::{greedy, greedy_run, max_abs_diff, tokens};
 use tokio::sync::mpsc::unbounded_channel;
 
 const BLOCK: usize = 64;
@@ -95,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let t = Instant::now();
     let model = Arc::new(load(&path, WeightFormat::F32, &place)?);
-    sync(&device)?;
+    device.synchronize()?;
     println!(
         "device {} | weights {} | KV {} | load {:.2} s",
         args.device,
@@ -138,7 +138,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         model.forward(&mut kv, &chunks)?;
     }
-    sync(&device)?;
+    device.synchronize()?;
     println!(
         "filled {max_batch} contexts of {} tokens in {:.2} s",
         args.context,
@@ -203,12 +203,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut best = f64::INFINITY;
     for _ in 0..4 {
         let mut attention = kv.attention(&seqs, &device)?;
-        sync(&device)?;
+        device.synchronize()?;
         let t = Instant::now();
         for l in 0..layers {
             attention.layer(l, &qkv, &step)?;
         }
-        sync(&device)?;
+        device.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     let kv_bytes =
@@ -230,7 +230,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
         let mut best = f64::INFINITY;
         for _ in 0..2 {
-            sync(&device)?;
+            device.synchronize()?;
             let t = Instant::now();
             for (i, part) in prompt.chunks(chunk).enumerate() {
                 model.forward(
@@ -243,7 +243,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }],
                 )?;
             }
-            sync(&device)?;
+            device.synchronize()?;
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!(
@@ -343,11 +343,7 @@ fn exact(path: &Path, device: &Device) -> Result<(), Box<dyn std::error::Error>>
     let mut pages = DeviceKv::new(candle.kv_shape(BLOCK), blocks, DType::F32, device)?;
     let (want, want_tokens) = greedy_run(&cpu, &mut host, &prompt, 64, BLOCK)?;
     let (got, got_tokens) = greedy_run(&candle, &mut pages, &prompt, 64, BLOCK)?;
-    let diff = want
-        .iter()
-        .zip(&got)
-        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&want, &got);
     let same = (0..64)
         .take_while(|&i| want_tokens[i] == got_tokens[i])
         .count();
@@ -363,11 +359,6 @@ fn exact(path: &Path, device: &Device) -> Result<(), Box<dyn std::error::Error>>
     Ok(())
 }
 
-/// Waits for the device's queued work (a no-op on the host).
-fn sync(device: &Device) -> candle_core::Result<()> {
-    device.synchronize()
-}
-
 /// Bytes read plus written per second by a device-to-device copy of 1 GiB (64 MiB on the host).
 fn copy_bandwidth(device: &Device) -> candle_core::Result<f64> {
     let floats = match device.is_cpu() {
@@ -376,12 +367,12 @@ fn copy_bandwidth(device: &Device) -> candle_core::Result<f64> {
     };
     let src = Tensor::zeros(floats, DType::F32, device)?;
     let _ = src.copy()?;
-    sync(device)?;
+    device.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t = Instant::now();
         let copy = src.copy()?;
-        sync(device)?;
+        device.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
         drop(copy);
     }

@@ -48,7 +48,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         bail!("--max-step-tokens and --max-running must be positive");
     }
     let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
-    config.compute().map_err(anyhow::Error::msg)?;
+    let compute = config.compute().map_err(anyhow::Error::msg)?;
     config.etcd().map_err(anyhow::Error::msg)?;
     let token = config.auth.token().map_err(anyhow::Error::msg)?;
     let guard = ClusterGuard::new(token.clone());
@@ -100,7 +100,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         // meanwhile ends the process without waiting for it.
         std::thread::spawn(move || {
             let _runtime = runtime.enter();
-            let _ = done.send(load(&config, token, block_tokens, served, timing));
+            let _ = done.send(load(&config, token, block_tokens, served, timing, compute));
         });
         loaded
     };
@@ -172,6 +172,7 @@ fn load(
     block_tokens: BlockTokens,
     served: ModelName,
     timing: tidelock_worker::engine::sim::Timing,
+    mut compute: Compute,
 ) -> anyhow::Result<Loaded> {
     let shards = config.shards as usize;
     let coordinator = shards > 1 && config.shard == 0;
@@ -200,7 +201,6 @@ fn load(
         head_dim: model_config.head_dim(),
         block_tokens: bt,
     };
-    let mut compute = config.compute().map_err(anyhow::Error::msg)?;
     if shards > 1 && compute.kv_dtype != Dtype::F32 {
         // Every shard of a group serves host pages of f32 (kv::shard), sized alike.
         tracing::warn!(

@@ -101,6 +101,18 @@ pub fn greedy_run(
     Ok((logits, generated))
 }
 
+/// The largest `|a - b|` over two lists of logit rows of the same shape (panics otherwise).
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "rows");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "row length");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
 /// `n` token ids from the vocabulary's word range, a fixed walk per `seed`.
 pub fn tokens(n: usize, seed: u64) -> Vec<u32> {
     ids_below(n, seed, 20_000)

@@ -27,7 +27,7 @@ use tidelock_worker::kv::device::DeviceKv;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::llama::WeightFormat;
-use tidelock_worker::testing::{greedy, greedy_run};
+use tidelock_worker::testing::{greedy, greedy_run, max_abs_diff};
 use tokio::sync::mpsc::unbounded_channel;
 
 const BLOCK: usize = 64;
@@ -60,11 +60,7 @@ fn candle_matches_cpu_at_a_2048_token_context() {
         DeviceKv::new(candle.kv_shape(BLOCK), blocks, DType::F32, candle.device()).unwrap();
     let (want, want_tokens) = greedy_run(cpu, &mut host, &prompt, 64, BLOCK).unwrap();
     let (got, got_tokens) = greedy_run(candle, &mut device, &prompt, 64, BLOCK).unwrap();
-    let diff = want
-        .iter()
-        .zip(&got)
-        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&want, &got);
     let distinct: std::collections::BTreeSet<_> = want_tokens.iter().collect();
     eprintln!(
         "2,048-token context, 64 greedy steps: candle vs cpu max |logit diff| {diff:.2e}, tokens identical: {} ({} distinct)",
@@ -225,11 +221,7 @@ fn half_precision_stays_close_and_preemption_changes_nothing() {
     let mut pages = DeviceKv::new(half.kv_shape(BLOCK), 8, DType::F16, half.device()).unwrap();
     let (want, want_tokens) = greedy_run(cpu, &mut host, &prompt, 16, BLOCK).unwrap();
     let (got, got_tokens) = greedy_run(&half, &mut pages, &prompt, 16, BLOCK).unwrap();
-    let diff = want[0]
-        .iter()
-        .zip(&got[0])
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&want[..1], &got[..1]);
     let same = want_tokens
         .iter()
         .zip(&got_tokens)

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use tidelock_worker::testing::max_abs_diff;
 
 use candle_core::{Device, Tensor};
 use tempfile::TempDir;
@@ -50,17 +51,6 @@ fn logits(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
         )
         .unwrap();
     out[0].as_ref().unwrap().to_vec2::<f32>().unwrap()
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| {
-            assert_eq!(x.len(), y.len());
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
-        })
-        .fold(0.0, f32::max)
 }
 
 fn max_abs(a: &[Vec<f32>]) -> f32 {

@@ -5,6 +5,7 @@
 mod support;
 
 use std::sync::OnceLock;
+use tidelock_worker::testing::max_abs_diff;
 
 use candle_core::{DType, Tensor};
 use support::{model_path, tokens};
@@ -44,14 +45,6 @@ fn table(first: u32, blocks: usize) -> Vec<BlockId> {
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
 }
 
 fn argmax(row: &[f32]) -> usize {

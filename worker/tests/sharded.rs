@@ -6,6 +6,7 @@
 //! process here; across workers the same per-shard computation and merge run behind the RPC.
 
 use std::path::Path;
+use tidelock_worker::testing::max_abs_diff;
 
 use candle_core::{DType, Tensor};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -211,13 +212,6 @@ fn run(m: &Llama, prompt: &[u32], steps: usize, mode: Mode) -> (Vec<Vec<f32>>, V
     (logits, generated)
 }
 
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
-}
-
 fn check(m: &Llama, what: &str, prompt: &[u32], shard_counts: &[usize]) {
     check_against(m, Mode::One, what, prompt, shard_counts);
 }
@@ -231,7 +225,7 @@ fn check_against(m: &Llama, one: Mode, what: &str, prompt: &[u32], shard_counts:
         let t = Instant::now();
         let (many, many_tokens) = run(m, prompt, 64, Mode::Rpc(s));
         eprintln!("{what}: S={s} {:?}", t.elapsed());
-        let diff = max_diff(&one, &many);
+        let diff = max_abs_diff(&one, &many);
         let distinct: std::collections::BTreeSet<_> = one_tokens.iter().collect();
         eprintln!(
             "{what}, {}-token context + 64 greedy steps: S={s} vs one store: max |logit diff| {diff:.2e}, tokens identical: {} ({} distinct)",
@@ -300,12 +294,12 @@ fn http_shards_match_one_store() {
     let (rpc, _) = run(&m, &prompt, 8, Mode::Rpc(4));
     eprintln!(
         "tiny model, 2,048 tokens + 8 steps, S=4 over HTTP: max |diff| vs one store {:.2e}, vs in-process RPC {:.2e}",
-        max_diff(&one, &http),
-        max_diff(&rpc, &http)
+        max_abs_diff(&one, &http),
+        max_abs_diff(&rpc, &http)
     );
     assert_eq!(rpc, http, "HTTP carries the bodies unchanged");
     assert_eq!(one_tokens, http_tokens);
-    assert!(max_diff(&one, &http) < 1e-4);
+    assert!(max_abs_diff(&one, &http) < 1e-4);
 }
 
 /// A shard that is gone, or that accepts and never answers, fails the forward pass with an error

@@ -90,12 +90,12 @@ impl StepLogits {
         self.index[item].expect("a work item that wanted logits")
     }
 
-    fn reduced(
-        &self,
-        logits: &Tensor,
-        reduced: &OnceCell<Vec<(u32, f32, f32)>>,
-        row: usize,
-    ) -> Result<(u32, f32, f32), ModelError> {
+    /// Row `row`'s arg-max, its logit and its log-sum-exp: every row's reduced at once on first
+    /// use (device rows only).
+    fn reduced(&self, row: usize) -> Result<(u32, f32, f32), ModelError> {
+        let Rows::Device { logits, reduced } = &self.rows else {
+            unreachable!("only device rows are reduced on the device");
+        };
         if let Some(all) = reduced.get() {
             return Ok(all[row]);
         }
@@ -128,8 +128,8 @@ impl StepLogits {
                     logprob: sampling::log_softmax_at(&rows[row], token),
                 })
             }
-            Rows::Device { logits, reduced } => {
-                let (token, max, lse) = self.reduced(logits, reduced, row)?;
+            Rows::Device { .. } => {
+                let (token, max, lse) = self.reduced(row)?;
                 Ok(Sampled {
                     token,
                     logprob: max - lse,
@@ -144,8 +144,8 @@ impl StepLogits {
         let row = self.row_of(item);
         match &self.rows {
             Rows::Host(rows) => Ok(sampling::top_logprobs(&rows[row], n)),
-            Rows::Device { logits, reduced } => {
-                let (_, _, lse) = self.reduced(logits, reduced, row)?;
+            Rows::Device { logits, .. } => {
+                let (_, _, lse) = self.reduced(row)?;
                 let values = logits.i(row)?;
                 let vocab = values.dim(0)?;
                 let n = n.min(vocab);
@@ -191,8 +191,8 @@ impl StepLogits {
                     .map(|l| ((l - max) / temperature).exp())
                     .sum())
             }
-            Rows::Device { logits, reduced } => {
-                let (_, max, _) = self.reduced(logits, reduced, row)?;
+            Rows::Device { logits, .. } => {
+                let (_, max, _) = self.reduced(row)?;
                 let shifted = (logits.i(row)? - f64::from(max))?;
                 Ok((shifted / f64::from(temperature))?
                     .exp()?

@@ -147,6 +147,8 @@ pub struct DeviceAttention<'a> {
 struct DecodeBatch {
     /// The batch rows, in order.
     rows: Vec<usize>,
+    /// The same rows as an index, to pick their queries.
+    index: Tensor,
     /// `[batch * context]` slots, padded with each sequence's last slot.
     gather: Tensor,
     /// `[batch, 1, 1, context]`: 0 where a key is in the sequence, -inf beyond.
@@ -160,6 +162,9 @@ struct Chunk {
     start: usize,
     /// `[start + rows]` slots of its context.
     gather: Tensor,
+    /// Per tile of [`QUERY_TILE`] query rows, `[1, 1, tile, context]`: 0 where a key is at or
+    /// before the row's position, -inf after.
+    masks: Vec<Tensor>,
 }
 
 impl<'a> DeviceAttention<'a> {
@@ -195,8 +200,11 @@ impl<'a> DeviceAttention<'a> {
                     }
                 }
                 let b = singles.len();
+                let rows: Vec<usize> = singles.iter().map(|s| s.rows.start).collect();
+                let index = rows.iter().map(|&r| r as u32).collect();
                 Some(DecodeBatch {
-                    rows: singles.iter().map(|s| s.rows.start).collect(),
+                    index: Tensor::from_vec(index, b, &device)?,
+                    rows,
                     gather: Tensor::from_vec(gather, b * context, &device)?,
                     mask: Tensor::from_vec(mask, (b, 1, 1, context), &device)?,
                     context,
@@ -213,6 +221,7 @@ impl<'a> DeviceAttention<'a> {
                     rows: s.rows.clone(),
                     start: s.start,
                     gather: Tensor::from_vec(slots, end, &device)?,
+                    masks: causal_masks(s.start, s.rows.len(), &device)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -316,10 +325,8 @@ impl Attention for DeviceAttention<'_> {
             // [b, kv_heads, d, c] and [b, kv_heads, c, d].
             let kt = pick(keys)?.transpose(2, 3)?.contiguous()?;
             let vs = pick(values)?.contiguous()?;
-            let index =
-                Tensor::from_vec(batch.rows.iter().map(|&r| r as u32).collect(), b, &device)?;
             let qb = q
-                .index_select(&index, 0)?
+                .index_select(&batch.index, 0)?
                 .reshape((b, kv_heads, group, d))?
                 .contiguous()?;
             let scores = (qb.matmul(&kt)? * f64::from(step.scale))?.broadcast_add(&batch.mask)?;
@@ -341,11 +348,9 @@ impl Attention for DeviceAttention<'_> {
                 .reshape((context, kv_heads, d))?
                 .transpose(0, 1)?
                 .contiguous()?;
-            let key_positions =
-                Tensor::arange(0u32, context as u32, &device)?.reshape((1, context))?;
             let qc = q.narrow(0, chunk.rows.start, n)?;
-            let mut tiles = Vec::with_capacity(n.div_ceil(QUERY_TILE));
-            for t0 in (0..n).step_by(QUERY_TILE) {
+            let mut tiles = Vec::with_capacity(chunk.masks.len());
+            for (t0, mask) in (0..n).step_by(QUERY_TILE).zip(&chunk.masks) {
                 let m = QUERY_TILE.min(n - t0);
                 // [kv_heads, group * m, d]: query heads grouped under their kv head.
                 let qt = qc
@@ -353,18 +358,9 @@ impl Attention for DeviceAttention<'_> {
                     .transpose(0, 1)?
                     .reshape((kv_heads, group * m, d))?
                     .contiguous()?;
-                let first = (chunk.start + t0) as u32;
-                let query_positions =
-                    Tensor::arange(first, first + m as u32, &device)?.reshape((m, 1))?;
-                let visible = key_positions.broadcast_le(&query_positions)?;
-                let zeros = Tensor::zeros((m, context), DType::F32, &device)?;
-                let hidden = Tensor::full(f32::NEG_INFINITY, (m, context), &device)?;
-                let mask = visible
-                    .where_cond(&zeros, &hidden)?
-                    .reshape((1, 1, m, context))?;
                 let scores = (qt.matmul(&kt)? * f64::from(step.scale))?
                     .reshape((kv_heads, group, m, context))?
-                    .broadcast_add(&mask)?;
+                    .broadcast_add(mask)?;
                 let out = softmax(&scores)?
                     .reshape((kv_heads, group * m, context))?
                     .matmul(&vs)?
@@ -385,6 +381,28 @@ impl Attention for DeviceAttention<'_> {
             None => out,
         })
     }
+}
+
+/// The causal masks of a chunk of `n` rows from position `start`, one per tile of
+/// [`QUERY_TILE`] rows: made once per forward call, used by every layer.
+fn causal_masks(start: usize, n: usize, device: &Device) -> candle_core::Result<Vec<Tensor>> {
+    let context = start + n;
+    let key_positions = Tensor::arange(0u32, context as u32, device)?.reshape((1, context))?;
+    (0..n)
+        .step_by(QUERY_TILE)
+        .map(|t0| {
+            let m = QUERY_TILE.min(n - t0);
+            let first = (start + t0) as u32;
+            let query_positions =
+                Tensor::arange(first, first + m as u32, device)?.reshape((m, 1))?;
+            let visible = key_positions.broadcast_le(&query_positions)?;
+            let zeros = Tensor::zeros((m, context), DType::F32, device)?;
+            let hidden = Tensor::full(f32::NEG_INFINITY, (m, context), device)?;
+            visible
+                .where_cond(&zeros, &hidden)?
+                .reshape((1, 1, m, context))
+        })
+        .collect()
 }
 
 /// Softmax over the last dimension, in f32.
