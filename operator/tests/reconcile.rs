@@ -960,6 +960,7 @@ impl FakeLoads {
                 kv_total_blocks: 100,
                 prefill_tokens_waiting: waiting,
                 prefill_tokens_per_second: 1000.0,
+                ..tidelock_protocol::LoadReport::default()
             },
         );
     }

@@ -162,6 +162,22 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_KV_CACHE", default_value = "1GiB")]
     pub kv_cache: ByteSize,
 
+    /// A folder for the disk tier: blocks evicted from memory are written here instead of
+    /// forgotten, loaded back when a prompt needs them, and found again after a restart (one
+    /// worker per folder). Without it, evicted blocks are gone.
+    #[arg(long, env = "TIDELOCK_KV_DISK", value_name = "DIR")]
+    pub kv_disk: Option<PathBuf>,
+
+    /// Bytes the disk tier may take, e.g. `50GiB`; the least recently used blocks are deleted
+    /// beyond it.
+    #[arg(long, env = "TIDELOCK_KV_DISK_SIZE", default_value = "16GiB")]
+    pub kv_disk_size: ByteSize,
+
+    /// Host memory for blocks evicted from a GPU's KV cache, e.g. `32GiB` (before the disk
+    /// tier). 0: none, as on CPU workers, whose KV cache already is host memory.
+    #[arg(long, env = "TIDELOCK_KV_HOST", default_value = "0B")]
+    pub kv_host: ByteSize,
+
     /// Tokens per KV block (a power of two, 1 to 1024).
     #[arg(long, default_value_t = 64)]
     pub block_tokens: u32,
@@ -257,9 +273,25 @@ pub struct Config {
     /// `/healthz` answers and `/readyz` does not.
     #[arg(long, default_value_t = 0.0)]
     pub sim_load_secs: f64,
+
+    /// Simulator: seconds of step time per KV block loaded back from a lower tier (the copy into
+    /// a real store; measured on a real worker as `tidelock_worker_kv_tier_load_seconds_per_block`).
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_block_load_secs: f64,
 }
 
 impl Config {
+    /// The lower KV tiers asked for.
+    pub fn tiers(&self) -> crate::kv::tier::TierConfig {
+        crate::kv::tier::TierConfig {
+            host_bytes: self.kv_host.as_u64(),
+            disk: self
+                .kv_disk
+                .clone()
+                .map(|dir| (dir, self.kv_disk_size.as_u64())),
+        }
+    }
+
     /// The backend, device and precisions, defaults filled in; an error naming the flags that
     /// do not go together.
     pub fn compute(&self) -> Result<Compute, String> {

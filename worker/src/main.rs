@@ -18,13 +18,14 @@ use tidelock_protocol::{
 use tidelock_service::cluster_auth::ClusterGuard;
 use tidelock_service::metrics_listener;
 use tidelock_worker::config::{BackendKind, Compute, Config, Dtype, EngineKind};
-use tidelock_worker::engine::executor::{GroupExecutor, ModelExecutor};
+use tidelock_worker::engine::executor::{Executor, GroupExecutor, ModelExecutor};
 use tidelock_worker::engine::sim::SimExecutor;
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::device::DeviceKv;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::kv::shard::{InProcess, ShardGroup, ShardLink, ShardServer};
+use tidelock_worker::kv::tier::Tiers;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::gguf::GgufFile;
 use tidelock_worker::model::hf::{self, HfFolder};
@@ -300,7 +301,12 @@ fn load(
                 BackendKind::Cpu => {
                     let kv = KvStore::new(shape, num_blocks);
                     let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-                    server::start(engine, info, tokenizer, Some(kit.clone()))?
+                    server::start(
+                        spilling(config, engine)?,
+                        info,
+                        tokenizer,
+                        Some(kit.clone()),
+                    )?
                 }
                 BackendKind::Candle => {
                     let kv = DeviceKv::new(
@@ -310,16 +316,22 @@ fn load(
                         model.device(),
                     )?;
                     let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-                    server::start(engine, info, tokenizer, Some(kit.clone()))?
+                    server::start(
+                        spilling(config, engine)?,
+                        info,
+                        tokenizer,
+                        Some(kit.clone()),
+                    )?
                 }
             }
         }
         EngineKind::Sim => {
             // What loading a model's weights would take on the machine simulated.
             std::thread::sleep(Duration::from_secs_f64(config.sim_load_secs.max(0.0)));
-            let sim = SimExecutor::new(model_config.vocab_size, timing);
+            let sim = SimExecutor::new(model_config.vocab_size, timing)
+                .with_block_load(Duration::from_secs_f64(config.sim_block_load_secs.max(0.0)));
             server::start(
-                Engine::new(engine_config, pool, sim),
+                spilling(config, Engine::new(engine_config, pool, sim))?,
                 info,
                 tokenizer,
                 Some(kit.clone()),
@@ -327,6 +339,18 @@ fn load(
         }
     };
     Ok(Loaded::Engine(started))
+}
+
+/// The engine with the lower KV tiers `--kv-host` and `--kv-disk` ask for.
+fn spilling<E: Executor>(config: &Config, engine: Engine<E>) -> anyhow::Result<Engine<E>> {
+    let tiers = config.tiers();
+    if tiers.is_empty() {
+        return Ok(engine);
+    }
+    let Some(layout) = engine.executor().block_layout() else {
+        bail!("--kv-disk and --kv-host: a shard group's blocks do not spill to lower tiers yet");
+    };
+    Ok(engine.with_tiers(Tiers::open(&tiers, layout)?))
 }
 
 fn load_model(path: &std::path::Path, hf_folder: bool, compute: &Compute) -> anyhow::Result<Llama> {

@@ -7,6 +7,8 @@
 //! golden vectors in `hash` pin the hash rule and must be updated deliberately (with
 //! `tests/golden/gen_golden.py`), never to make a test pass.
 
+pub mod binary;
+pub mod blocks;
 pub mod credential;
 pub mod events;
 pub mod hash;

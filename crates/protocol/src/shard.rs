@@ -39,6 +39,8 @@ pub const VERSION: u16 = 2;
 const KIND_REQUEST: u16 = 1;
 const KIND_REPLY: u16 = 2;
 
+use crate::binary::{Format, Reader, WireError, Writer, product};
+
 /// One sequence of the batch, as the shard sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AttendSeq {
@@ -87,137 +89,15 @@ pub struct AttendReply {
     pub lse: Vec<f32>,
 }
 
-/// Why a body cannot be decoded (or a value cannot be encoded).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ShardWireError {
-    #[error("not a shard RPC body (bad magic)")]
-    Magic,
-    #[error("shard RPC version {0}, this build speaks {VERSION}")]
-    Version(u16),
-    #[error("expected a {expected} body, got kind {got}")]
-    Kind { expected: &'static str, got: u16 },
-    #[error("body truncated: {need} more bytes needed, {have} left")]
-    Truncated { need: usize, have: usize },
-    #[error("{0} bytes after the end of the body")]
-    Trailing(usize),
-    #[error("invalid body: {0}")]
-    Invalid(String),
-}
+/// Why a shard RPC body cannot be decoded (or a value cannot be encoded).
+pub type ShardWireError = WireError;
 
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn f32s(&mut self, xs: &[f32]) {
-        self.0.reserve(xs.len() * 4);
-        for x in xs {
-            self.0.extend_from_slice(&x.to_le_bytes());
-        }
-    }
-    fn header(kind: u16, capacity: usize) -> Writer {
-        let mut w = Writer(Vec::with_capacity(capacity));
-        w.0.extend_from_slice(&MAGIC);
-        w.u16(VERSION);
-        w.u16(kind);
-        w
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ShardWireError> {
-        if self.0.len() < n {
-            return Err(ShardWireError::Truncated {
-                need: n,
-                have: self.0.len(),
-            });
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    fn u16(&mut self) -> Result<u16, ShardWireError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, ShardWireError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, ShardWireError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn f32(&mut self) -> Result<f32, ShardWireError> {
-        Ok(f32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    /// `n` floats; the byte count is checked before anything is allocated.
-    fn f32s(&mut self, n: u64) -> Result<Vec<f32>, ShardWireError> {
-        let bytes = n
-            .checked_mul(4)
-            .and_then(|b| usize::try_from(b).ok())
-            .ok_or_else(|| ShardWireError::Invalid(format!("{n} floats")))?;
-        Ok(self
-            .take(bytes)?
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect())
-    }
-    fn header(&mut self, kind: u16, expected: &'static str) -> Result<(), ShardWireError> {
-        if self.0.len() < 4 || self.0[..4] != MAGIC {
-            return Err(ShardWireError::Magic);
-        }
-        self.take(4)?;
-        let version = self.u16()?;
-        if version != VERSION {
-            return Err(ShardWireError::Version(version));
-        }
-        let got = self.u16()?;
-        if got != kind {
-            return Err(ShardWireError::Kind { expected, got });
-        }
-        Ok(())
-    }
-    /// Refuses `count` items of at least `size` bytes each when the body cannot hold them.
-    fn fits(&self, count: u32, size: u64) -> Result<(), ShardWireError> {
-        let need = u64::from(count).saturating_mul(size);
-        if need > self.0.len() as u64 {
-            return Err(ShardWireError::Truncated {
-                need: usize::try_from(need).unwrap_or(usize::MAX),
-                have: self.0.len(),
-            });
-        }
-        Ok(())
-    }
-    fn end(&self) -> Result<(), ShardWireError> {
-        match self.0.len() {
-            0 => Ok(()),
-            n => Err(ShardWireError::Trailing(n)),
-        }
-    }
-}
-
-/// `a * b * c` as a count, or an error naming what overflowed.
-fn product(parts: &[u64], what: &str) -> Result<u64, ShardWireError> {
-    parts
-        .iter()
-        .try_fold(1u64, |acc, &p| acc.checked_mul(p))
-        .ok_or_else(|| ShardWireError::Invalid(format!("{what} overflows")))
-}
+/// The shard RPC's framing.
+const FORMAT: Format = Format {
+    magic: MAGIC,
+    version: VERSION,
+    name: "shard RPC",
+};
 
 impl AttendRequest {
     /// Rows of the batch (the sum of the sequences' rows).
@@ -236,7 +116,7 @@ impl AttendRequest {
                 .sum::<usize>()
             + self.appends.len() * (8 + 8 * kv_width)
             + self.queries.len() * 4;
-        let mut w = Writer::header(KIND_REQUEST, size);
+        let mut w = Writer::header(&FORMAT, KIND_REQUEST, size);
         for v in [self.layer, self.heads, self.kv_heads, self.head_dim] {
             w.u32(v);
         }
@@ -273,7 +153,7 @@ impl AttendRequest {
 
     pub fn decode(body: &[u8]) -> Result<AttendRequest, ShardWireError> {
         let mut r = Reader(body);
-        r.header(KIND_REQUEST, "request")?;
+        r.header(&FORMAT, KIND_REQUEST, "request")?;
         let (layer, heads, kv_heads, head_dim) = (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
         let scale = r.f32()?;
         let (n_seqs, n_appends) = (r.u32()?, r.u32()?);
@@ -386,7 +266,11 @@ impl AttendReply {
                 self.head_dim
             )));
         }
-        let mut w = Writer::header(KIND_REPLY, 28 + (self.outputs.len() + self.lse.len()) * 4);
+        let mut w = Writer::header(
+            &FORMAT,
+            KIND_REPLY,
+            28 + (self.outputs.len() + self.lse.len()) * 4,
+        );
         w.u64(self.incarnation);
         for v in [self.rows, self.heads, self.head_dim] {
             w.u32(v);
@@ -398,7 +282,7 @@ impl AttendReply {
 
     pub fn decode(body: &[u8]) -> Result<AttendReply, ShardWireError> {
         let mut r = Reader(body);
-        r.header(KIND_REPLY, "reply")?;
+        r.header(&FORMAT, KIND_REPLY, "reply")?;
         let incarnation = r.u64()?;
         let (rows, heads, head_dim) = (r.u32()?, r.u32()?, r.u32()?);
         let pairs = product(&[u64::from(rows), u64::from(heads)], "reply")?;
@@ -527,12 +411,19 @@ mod tests {
         );
         let mut bad = bytes.clone();
         bad[0] = b'X';
-        assert_eq!(AttendRequest::decode(&bad), Err(ShardWireError::Magic));
+        assert_eq!(
+            AttendRequest::decode(&bad),
+            Err(ShardWireError::Magic("shard RPC"))
+        );
         let mut version = bytes.clone();
         version[4] = 1;
         assert_eq!(
             AttendRequest::decode(&version),
-            Err(ShardWireError::Version(1))
+            Err(ShardWireError::Version {
+                what: "shard RPC",
+                got: 1,
+                speaks: 2
+            })
         );
         let reply = AttendReply {
             incarnation: 1,

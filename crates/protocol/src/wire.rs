@@ -275,6 +275,11 @@ pub struct LoadReport {
     /// Measured prefill speed in tokens per second (a moving average); 0 until the worker has
     /// prefilled something. The router's TTFT prediction divides uncached tokens by it.
     pub prefill_tokens_per_second: f64,
+    /// Measured seconds to bring one block back from the host tier into the KV cache (a moving
+    /// average); 0 until measured or without a host tier.
+    pub host_block_secs: f64,
+    /// The same from the disk tier (read, checksum, copy); 0 until measured or without one.
+    pub disk_block_secs: f64,
 }
 
 /// etcd value of `workers/<model>/<worker>`, bound to the worker's lease.
@@ -626,6 +631,8 @@ mod tests {
             kv_total_blocks: 100,
             prefill_tokens_waiting: 512,
             prefill_tokens_per_second: 2500.5,
+            host_block_secs: 0.000_25,
+            disk_block_secs: 0.002,
         });
         round_trip(&WorkerRegistration {
             address: "http://127.0.0.1:8000".into(),

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use tidelock_protocol::BlockId;
+use tidelock_protocol::blocks::BlockLayout;
 
 use candle_core::Tensor;
 
@@ -33,6 +34,26 @@ pub struct Work<'a> {
 pub trait Executor: Send {
     /// Computes the chunks; returns the last-token logits of each chunk that wants them.
     fn run(&mut self, work: &[Work<'_>]) -> Result<StepLogits, ModelError>;
+
+    /// How its blocks leave and enter it ([`Executor::export_block`]), or `None` when they
+    /// cannot (a shard group: a block lives on several workers), so nothing spills.
+    fn block_layout(&self) -> Option<BlockLayout> {
+        None
+    }
+
+    /// Appends one block's bytes to `out` (the spill tiers, a peer pull).
+    fn export_block(&self, block: BlockId, _out: &mut Vec<u8>) -> Result<(), ModelError> {
+        Err(ModelError::Input(format!(
+            "block {block}: this executor cannot export blocks"
+        )))
+    }
+
+    /// Overwrites one block with bytes of [`Executor::export_block`] of the same layout.
+    fn import_block(&mut self, block: BlockId, _payload: &[u8]) -> Result<(), ModelError> {
+        Err(ModelError::Input(format!(
+            "block {block}: this executor cannot import blocks"
+        )))
+    }
 }
 
 /// The real model with its KV store: host pages ([`KvStore`], the `cpu` backend) or pages on
@@ -59,6 +80,18 @@ impl<K: PagedKv + Send> Executor for ModelExecutor<K> {
             true => StepLogits::device(out),
             false => last_rows(out),
         }
+    }
+
+    fn block_layout(&self) -> Option<BlockLayout> {
+        Some(self.kv.block_layout())
+    }
+
+    fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<(), ModelError> {
+        self.kv.export_block(block, out)
+    }
+
+    fn import_block(&mut self, block: BlockId, payload: &[u8]) -> Result<(), ModelError> {
+        self.kv.import_block(block, payload)
     }
 }
 

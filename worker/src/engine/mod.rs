@@ -29,11 +29,12 @@ use std::collections::VecDeque;
 
 use tidelock_protocol::{
     BlockHash, BlockId, BlockTokens, ErrorCode, FinishReason, GenerateEvent, GenerateRequest,
-    HashChain, ModelName, Usage,
+    HashChain, KvEvent, KvEventBatch, KvSnapshot, ModelName, Tier, Usage,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::kv::pool::{BlockPool, PoolStats};
+use crate::kv::pool::{BlockPool, OutOfBlocks, PoolStats};
+use crate::kv::tier::{self, TierStats, Tiers};
 use crate::model::ModelError;
 use executor::{Executor, Work};
 use sampling::{Choice, Sampler};
@@ -105,12 +106,13 @@ pub struct StepStats {
 }
 
 /// Counts for the load report.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EngineLoad {
     pub running: usize,
     pub waiting: usize,
     pub waiting_prefill_tokens: usize,
     pub blocks: PoolStats,
+    pub tiers: TierStats,
 }
 
 /// Continuous batching over an executor.
@@ -119,9 +121,17 @@ pub struct Engine<E> {
     cfg: EngineConfig,
     pool: BlockPool,
     exec: E,
+    tiers: Tiers,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
 }
+
+/// Waiting requests looked at for admission: the first whose lower-tier blocks are staged goes
+/// in, so one request waiting on the disk does not hold up those behind it.
+const ADMIT_SCAN: usize = 64;
+
+/// Staged lower-tier blocks beyond which those no waiting request wants are dropped.
+const STAGED_PRUNE: usize = 256;
 
 impl<E: Executor> Engine<E> {
     pub fn new(cfg: EngineConfig, pool: BlockPool, exec: E) -> Self {
@@ -129,9 +139,53 @@ impl<E: Executor> Engine<E> {
             cfg,
             pool,
             exec,
+            tiers: Tiers::none(),
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
+    }
+
+    /// Spills evicted blocks to `tiers` and loads them back (issue #21). Their layout must be
+    /// the executor's.
+    pub fn with_tiers(mut self, tiers: Tiers) -> Self {
+        // What a restarted worker found on disk opens its event stream, as its snapshot shows.
+        let found = tiers.blocks();
+        for tier in [Tier::Host, Tier::Disk] {
+            let blocks: Vec<BlockHash> = found
+                .iter()
+                .filter(|(_, t)| *t == tier)
+                .map(|(h, _)| *h)
+                .collect();
+            if !blocks.is_empty() {
+                self.pool.record([KvEvent::Stored {
+                    parent: None,
+                    blocks,
+                    tier,
+                }]);
+            }
+        }
+        self.tiers = tiers;
+        self
+    }
+
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
+    }
+
+    pub fn tiers_mut(&mut self) -> &mut Tiers {
+        &mut self.tiers
+    }
+
+    /// The KV events since the last call, the lower tiers' with the pool's, as one batch.
+    pub fn take_events(&mut self) -> Option<KvEventBatch> {
+        self.pool.record(self.tiers.take_events());
+        self.pool.take_events()
+    }
+
+    /// Every cached block on every tier, consistent with [`Engine::take_events`] when called
+    /// right after it.
+    pub fn snapshot(&self) -> KvSnapshot {
+        self.pool.snapshot(&self.tiers.blocks())
     }
 
     pub fn pool(&self) -> &BlockPool {
@@ -157,6 +211,7 @@ impl<E: Executor> Engine<E> {
                 .map(Sequence::remaining)
                 .sum(),
             blocks: self.pool.stats(),
+            tiers: self.tiers.stats(),
         }
     }
 
@@ -174,6 +229,14 @@ impl<E: Executor> Engine<E> {
         let mut chain = HashChain::new(&self.cfg.model, &request.cache_salt, self.cfg.block_tokens);
         chain.extend(&request.tokens);
         let sampler = Sampler::new(&request.sampling);
+        // Blocks on a lower tier start loading now, while the request waits.
+        let reusable = reusable(
+            &chain,
+            request.tokens.len(),
+            self.cfg.block_tokens.as_usize(),
+        );
+        let device = self.pool.cached_prefix(reusable);
+        self.tiers.fetch(&reusable[device..]);
         self.waiting.push_back(Sequence {
             tokens: request.tokens.clone(),
             prompt_len: request.tokens.len(),
@@ -238,6 +301,7 @@ impl<E: Executor> Engine<E> {
 
     /// Runs one iteration. Returns what it did; all zeros when there was nothing to run.
     pub fn step(&mut self) -> Result<StepStats, ModelError> {
+        self.tiers.poll(None);
         self.reap_cancelled();
         let mut stats = StepStats::default();
         let mut budget = self.cfg.max_step_tokens;
@@ -281,7 +345,14 @@ impl<E: Executor> Engine<E> {
             });
             budget -= len;
         }
+        if self.tiers.staged_len() > STAGED_PRUNE {
+            self.prune_staged();
+        }
         if plan.is_empty() {
+            if self.tiers.loading() {
+                // Every admissible request waits on a disk read: wait for one, not in a spin.
+                self.tiers.poll(Some(std::time::Duration::from_millis(2)));
+            }
             return Ok(stats);
         }
 
@@ -375,7 +446,7 @@ impl<E: Executor> Engine<E> {
             if missing == 0 {
                 return Some(index);
             }
-            if let Ok(blocks) = self.pool.allocate(missing) {
+            if let Ok(blocks) = self.allocate(missing) {
                 self.running[index].blocks.extend(blocks);
                 return Some(index);
             }
@@ -409,7 +480,7 @@ impl<E: Executor> Engine<E> {
         let missing = (seq.computed + len)
             .div_ceil(bt)
             .saturating_sub(seq.blocks.len());
-        match self.pool.allocate(missing) {
+        match self.allocate(missing) {
             Ok(blocks) => {
                 self.running[index].blocks.extend(blocks);
                 len
@@ -418,35 +489,105 @@ impl<E: Executor> Engine<E> {
         }
     }
 
-    /// Admits the first waiting sequence if its first chunk fits; returns that chunk's length.
+    /// Allocates `n` blocks from the pool; the cached blocks it evicts for them go to the lower
+    /// tiers, copied out before anything writes them.
+    fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>, OutOfBlocks> {
+        let blocks = self.pool.allocate(n)?;
+        for (block, hash) in self.pool.take_evicted() {
+            let exec = &self.exec;
+            self.tiers.demote(hash, |out| exec.export_block(block, out));
+        }
+        Ok(blocks)
+    }
+
+    /// Writes every block of the prefix cache through to the disk tier (shutdown: a worker
+    /// restarted on the same volume finds them again), most recently used last. Returns how
+    /// many blocks the disk tier holds of them.
+    pub fn persist(&mut self) -> usize {
+        let blocks = self.pool.cached_blocks();
+        let exec = &self.exec;
+        blocks
+            .into_iter()
+            .filter(|&(block, hash)| {
+                self.tiers
+                    .persist(hash, |out| exec.export_block(block, out))
+            })
+            .count()
+    }
+
+    /// Drops staged blocks no waiting request wants (their requests were cancelled).
+    fn prune_staged(&mut self) {
+        let wanted: std::collections::HashSet<BlockHash> = self
+            .waiting
+            .iter()
+            .flat_map(|seq| seq.chain.hashes().iter().copied())
+            .collect();
+        self.tiers.prune(|h| wanted.contains(h));
+    }
+
+    /// Admits the first waiting sequence (of the first [`ADMIT_SCAN`]) not waiting on a lower
+    /// tier, if its first chunk fits; returns that chunk's length. Its prefix is reused from the
+    /// prefix cache, then from blocks staged from the lower tiers (copied into fresh blocks and
+    /// committed); only the rest is computed.
     fn admit(&mut self, budget: usize) -> Option<usize> {
         let bt = self.cfg.block_tokens.as_usize();
-        let seq = self.waiting.front_mut()?;
-        // Reuse cached blocks, but always compute at least the last token: its logits are needed,
-        // and its block must be private to be written.
-        let cap = (seq.tokens.len() - 1) / bt;
-        let hashes: Vec<BlockHash> =
-            seq.chain.hashes()[..seq.chain.hashes().len().min(cap)].to_vec();
-        let cached = self.pool.acquire_prefix(&hashes);
-        let computed = cached.len() * bt;
-        let len = (seq.tokens.len() - computed).min(budget);
-        let missing = (computed + len).div_ceil(bt) - cached.len();
-        let fresh = match self.pool.allocate(missing) {
+        let (index, device, staged) =
+            self.waiting
+                .iter()
+                .take(ADMIT_SCAN)
+                .enumerate()
+                .find_map(|(i, seq)| {
+                    let reusable = reusable(&seq.chain, seq.tokens.len(), bt);
+                    let device = self.pool.cached_prefix(reusable);
+                    let fetch = self.tiers.fetch(&reusable[device..]);
+                    (!fetch.pending).then_some((i, device, fetch.ready))
+                })?;
+        let seq = &self.waiting[index];
+        let tokens = seq.tokens.len();
+        let hashes: Vec<BlockHash> = reusable(&seq.chain, tokens, bt)[..device + staged].to_vec();
+        let cached = self.pool.acquire_prefix(&hashes[..device]);
+        let len = (tokens - (device + staged) * bt).min(budget);
+        let missing = ((device + staged) * bt + len).div_ceil(bt) - device;
+        let fresh = match self.allocate(missing) {
             Ok(fresh) => fresh,
             Err(_) => {
                 self.pool.release(&cached);
                 return None;
             }
         };
-        let mut seq = self.waiting.pop_front()?;
-        seq.committed = cached.len();
+        let loaded = self.import_staged(&hashes[device..], &fresh[..staged]);
+        if loaded > 0 {
+            let parent = device.checked_sub(1).map(|i| hashes[i]);
+            self.pool
+                .commit(parent, &fresh[..loaded], &hashes[device..device + loaded]);
+        }
+        let computed = (device + loaded) * bt;
+        let mut seq = self.waiting.remove(index)?;
+        seq.committed = device + loaded;
         seq.computed = computed;
         seq.cached_tokens
             .get_or_insert(computed.min(seq.prompt_len));
         seq.blocks = cached;
         seq.blocks.extend(fresh);
         self.running.push(seq);
-        Some(len)
+        Some((tokens - computed).min(budget))
+    }
+
+    /// Copies staged lower-tier blocks into `blocks`, in order, stopping at the first that is
+    /// no longer staged or does not fit the store; returns how many were copied.
+    fn import_staged(&mut self, hashes: &[BlockHash], blocks: &[BlockId]) -> usize {
+        for (i, (hash, &block)) in hashes.iter().zip(blocks).enumerate() {
+            let Some((bytes, tier, io_secs)) = self.tiers.take_staged(hash) else {
+                return i;
+            };
+            let (result, secs) = tier::timed(|| self.exec.import_block(block, &bytes));
+            if let Err(error) = result {
+                tracing::warn!(%hash, %error, "cannot load a KV block from a lower tier; recomputing it");
+                return i;
+            }
+            self.tiers.imported(tier, io_secs + secs);
+        }
+        hashes.len().min(blocks.len())
     }
 
     fn preempt(&mut self, index: usize) {
@@ -547,6 +688,14 @@ impl<E: Executor> Engine<E> {
         self.retire_finished();
         self.waiting.retain(|seq| !seq.out.is_closed());
     }
+}
+
+/// The leading block hashes of a `tokens`-token sequence that may come from a cache: all full
+/// blocks but the one holding the last token, whose logits are needed (and whose block must be
+/// private to be written).
+fn reusable(chain: &HashChain, tokens: usize, bt: usize) -> &[BlockHash] {
+    let hashes = chain.hashes();
+    &hashes[..hashes.len().min((tokens - 1) / bt)]
 }
 
 fn usage(seq: &Sequence) -> Usage {

@@ -7,6 +7,9 @@
 
 use std::time::Duration;
 
+use tidelock_protocol::BlockId;
+use tidelock_protocol::blocks::{Arrangement, BlockLayout, KvDtype};
+
 use crate::engine::executor::{Executor, Work};
 use crate::engine::logits::StepLogits;
 use crate::model::ModelError;
@@ -114,11 +117,38 @@ const FIRST_ORDINARY_TOKEN: u64 = 32;
 pub struct SimExecutor {
     vocab_size: usize,
     timing: Timing,
+    /// Simulated time to copy one block from a lower tier into the store.
+    block_load: Duration,
+    /// Block copies not yet slept for: added to the next step.
+    owed: Duration,
 }
+
+/// The simulator's blocks as the tiers see them: 8 bytes each (its block id), so a simulated
+/// cluster spills and loads for real without holding KV bytes.
+const SIM_LAYOUT: BlockLayout = BlockLayout {
+    layers: 1,
+    kv_heads: 1,
+    head_dim: 1,
+    block_tokens: 1,
+    dtype: KvDtype::F32,
+    arrangement: Arrangement::HeadMajor,
+};
 
 impl SimExecutor {
     pub fn new(vocab_size: usize, timing: Timing) -> Self {
-        SimExecutor { vocab_size, timing }
+        SimExecutor {
+            vocab_size,
+            timing,
+            block_load: Duration::ZERO,
+            owed: Duration::ZERO,
+        }
+    }
+
+    /// Charges `per_block` of step time for each block loaded from a lower tier (the copy a
+    /// real store makes).
+    pub fn with_block_load(mut self, per_block: Duration) -> Self {
+        self.block_load = per_block;
+        self
     }
 
     /// The token the simulator produces after `last` at `position`.
@@ -145,7 +175,7 @@ impl Executor for SimExecutor {
             .filter(|w| !(w.tokens.len() == 1 && w.wants_logits))
             .map(|w| w.tokens.len())
             .sum();
-        let cost = self.timing.predict(prefill, decoding);
+        let cost = self.timing.predict(prefill, decoding) + std::mem::take(&mut self.owed);
         if !cost.is_zero() {
             std::thread::sleep(cost);
         }
@@ -161,6 +191,26 @@ impl Executor for SimExecutor {
                 })
                 .collect(),
         ))
+    }
+
+    fn block_layout(&self) -> Option<BlockLayout> {
+        Some(SIM_LAYOUT)
+    }
+
+    fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<(), ModelError> {
+        out.extend_from_slice(&u64::from(block.get()).to_le_bytes());
+        Ok(())
+    }
+
+    fn import_block(&mut self, block: BlockId, payload: &[u8]) -> Result<(), ModelError> {
+        if payload.len() as u64 != SIM_LAYOUT.payload_bytes() {
+            return Err(ModelError::Input(format!(
+                "block {block}: a payload of {} bytes for the simulator's 8",
+                payload.len()
+            )));
+        }
+        self.owed += self.block_load;
+        Ok(())
     }
 }
 

@@ -18,6 +18,7 @@
 
 use candle_core::{Device, Tensor};
 use tidelock_protocol::BlockId;
+use tidelock_protocol::blocks::BlockLayout;
 
 use crate::kv::KvStore;
 use crate::kv::attention::{AttnSeq, paged_attention};
@@ -225,6 +226,15 @@ pub trait PagedKv {
         device: &Device,
     ) -> Result<Box<dyn Attention + 'a>, ModelError>;
 
+    /// How [`PagedKv::export_block`] lays a block out (the disk tier and peers check it).
+    fn block_layout(&self) -> BlockLayout;
+
+    /// Appends one block's keys and values, every layer, to `out`, bit-exact.
+    fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<(), ModelError>;
+
+    /// Overwrites one block with a payload of [`PagedKv::export_block`] of the same layout.
+    fn import_block(&mut self, block: BlockId, payload: &[u8]) -> Result<(), ModelError>;
+
     /// Checks that every table covers its sequence and lies inside this store.
     fn check(&self, seqs: &[PagedSeq<'_>]) -> Result<(), ModelError> {
         let bt = self.block_tokens();
@@ -253,6 +263,18 @@ pub trait PagedKv {
 impl PagedKv for KvStore {
     fn block_tokens(&self) -> usize {
         self.shape().block_tokens
+    }
+
+    fn block_layout(&self) -> BlockLayout {
+        KvStore::block_layout(self)
+    }
+
+    fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<(), ModelError> {
+        KvStore::export_block(self, block, out)
+    }
+
+    fn import_block(&mut self, block: BlockId, payload: &[u8]) -> Result<(), ModelError> {
+        KvStore::import_block(self, block, payload)
     }
 
     fn num_blocks(&self) -> usize {

@@ -16,8 +16,17 @@ pub mod backend;
 pub mod device;
 pub mod pool;
 pub mod shard;
+pub mod tier;
 
 use tidelock_protocol::BlockId;
+use tidelock_protocol::blocks::{Arrangement, BlockLayout, KvDtype};
+
+use crate::model::ModelError;
+
+// Block payloads (`tidelock_protocol::blocks`) are the store's bytes as they lie in memory,
+// specified little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("KV block payloads are copied as little-endian memory");
 
 /// The geometry of the KV store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +46,20 @@ impl KvShape {
     /// Bytes one block takes across all layers, keys and values.
     pub fn block_bytes(&self) -> usize {
         2 * self.layers * self.block_floats() * std::mem::size_of::<f32>()
+    }
+
+    /// How one block's payload is laid out when it leaves a store of this shape (disk tier,
+    /// peer pulls).
+    pub fn block_layout(&self, dtype: KvDtype, arrangement: Arrangement) -> BlockLayout {
+        let n = |v: usize| u32::try_from(v).expect("KV geometry fits in u32");
+        BlockLayout {
+            layers: n(self.layers),
+            kv_heads: n(self.kv_heads),
+            head_dim: n(self.head_dim),
+            block_tokens: n(self.block_tokens),
+            dtype,
+            arrangement,
+        }
     }
 
     /// How many blocks fit in `bytes`.
@@ -153,6 +176,67 @@ impl KvStore {
                 keys[i * s.block_tokens] = x;
             }
         }
+    }
+}
+
+impl KvStore {
+    /// The layout of [`KvStore::export_block`]'s payloads: f32, head-major pages as stored.
+    pub fn block_layout(&self) -> BlockLayout {
+        self.shape
+            .block_layout(KvDtype::F32, Arrangement::HeadMajor)
+    }
+
+    /// Appends one block's keys and values, layer after layer, to `out` (the block's pages as
+    /// they lie in memory, so a round trip is bit-exact).
+    pub fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<(), ModelError> {
+        let range = self.block_range(block)?;
+        out.reserve(2 * self.shape.layers * range.len() * 4);
+        for layer in 0..self.shape.layers {
+            out.extend_from_slice(bytemuck::cast_slice(
+                &self.keys[layer].as_slice()[range.clone()],
+            ));
+            out.extend_from_slice(bytemuck::cast_slice(
+                &self.values[layer].as_slice()[range.clone()],
+            ));
+        }
+        Ok(())
+    }
+
+    /// Overwrites one block with a payload of [`KvStore::export_block`].
+    pub fn import_block(&mut self, block: BlockId, payload: &[u8]) -> Result<(), ModelError> {
+        let range = self.block_range(block)?;
+        let page = range.len() * 4;
+        if payload.len() != 2 * self.shape.layers * page {
+            return Err(ModelError::Input(format!(
+                "a block payload of {} bytes; this store's blocks take {}",
+                payload.len(),
+                2 * self.shape.layers * page
+            )));
+        }
+        for (layer, pages) in payload.chunks_exact(2 * page).enumerate() {
+            let (keys, values) = pages.split_at(page);
+            bytemuck::cast_slice_mut::<f32, u8>(
+                &mut self.keys[layer].as_mut_slice()[range.clone()],
+            )
+            .copy_from_slice(keys);
+            bytemuck::cast_slice_mut::<f32, u8>(
+                &mut self.values[layer].as_mut_slice()[range.clone()],
+            )
+            .copy_from_slice(values);
+        }
+        Ok(())
+    }
+
+    /// The floats of `block` within one layer's keys (or values).
+    fn block_range(&self, block: BlockId) -> Result<std::ops::Range<usize>, ModelError> {
+        if block.get() as usize >= self.num_blocks {
+            return Err(ModelError::Input(format!(
+                "block {block} is outside the KV store of {} blocks",
+                self.num_blocks
+            )));
+        }
+        let start = self.shape.offset(block, 0, 0);
+        Ok(start..start + self.shape.block_floats())
     }
 }
 

@@ -63,6 +63,9 @@ pub struct BlockPool {
     epoch: Epoch,
     sequence: u64,
     pending: Vec<KvEvent>,
+    /// Blocks evicted from the prefix cache since [`BlockPool::take_evicted`], with the hash
+    /// they held: their bytes are still in the store until the new owner writes them.
+    evicted: Vec<(BlockId, BlockHash)>,
 }
 
 impl BlockPool {
@@ -80,6 +83,7 @@ impl BlockPool {
             epoch,
             sequence: 0,
             pending: Vec::new(),
+            evicted: Vec::new(),
         }
     }
 
@@ -154,6 +158,7 @@ impl BlockPool {
                     if let Some(hash) = self.meta[block.get() as usize].hash.take() {
                         self.by_hash.remove(&hash);
                         evicted.push(hash);
+                        self.evicted.push((block, hash));
                     }
                     block
                 }
@@ -168,6 +173,35 @@ impl BlockPool {
             });
         }
         Ok(out)
+    }
+
+    /// The blocks [`BlockPool::allocate`] evicted from the prefix cache since the last call, with
+    /// the hash each held. Call it right after allocating, before anything writes the blocks,
+    /// to copy them to a lower tier.
+    pub fn take_evicted(&mut self) -> Vec<(BlockId, BlockHash)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Every block in the prefix cache with its hash: the unreferenced ones least recently used
+    /// first, then those in use.
+    pub fn cached_blocks(&self) -> Vec<(BlockId, BlockHash)> {
+        let mut out: Vec<(BlockId, BlockHash)> = self
+            .lru
+            .iter()
+            .filter_map(|&(_, b)| self.meta[b.get() as usize].hash.map(|h| (b, h)))
+            .collect();
+        out.extend(
+            self.by_hash
+                .iter()
+                .filter(|(_, b)| self.meta[b.get() as usize].refs > 0)
+                .map(|(h, b)| (*b, *h)),
+        );
+        out
+    }
+
+    /// Adds events of the lower tiers to the stream, after the pool's own so far.
+    pub fn record(&mut self, events: impl IntoIterator<Item = KvEvent>) {
+        self.pending.extend(events);
     }
 
     /// Registers freshly computed full blocks in the prefix cache: `blocks[i]` holds the prefix
@@ -273,7 +307,9 @@ impl BlockPool {
     /// stream line up.
     ///
     /// [`take_events`]: BlockPool::take_events
-    pub fn snapshot(&self) -> KvSnapshot {
+    ///
+    /// `lower` lists the blocks of the lower tiers (they are in the same event stream).
+    pub fn snapshot(&self, lower: &[(BlockHash, Tier)]) -> KvSnapshot {
         let mut blocks: Vec<SnapshotBlock> = self
             .by_hash
             .keys()
@@ -281,6 +317,11 @@ impl BlockPool {
                 hash,
                 tier: Tier::Device,
             })
+            .chain(
+                lower
+                    .iter()
+                    .map(|&(hash, tier)| SnapshotBlock { hash, tier }),
+            )
             .collect();
         blocks.sort_by_key(|b| b.hash);
         KvSnapshot {
@@ -456,7 +497,7 @@ mod tests {
             if let Some(batch) = p.take_events() {
                 mirror(&mut index, &batch);
             }
-            let snap: HashSet<BlockHash> = p.snapshot().blocks.iter().map(|b| b.hash).collect();
+            let snap: HashSet<BlockHash> = p.snapshot(&[]).blocks.iter().map(|b| b.hash).collect();
             assert_eq!(index, snap, "round {round}");
             let s = p.stats();
             assert_eq!(s.in_use + s.cached + s.free, s.total);

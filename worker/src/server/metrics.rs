@@ -2,8 +2,8 @@
 //! bounded (outcome only).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::engine::{EngineLoad, StepStats};
@@ -29,6 +29,18 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub ttft: Histogram,
     pub inter_token: Histogram,
+    /// The lower KV tiers (issue #21), by `tier` (`host`, `disk`).
+    pub tier_blocks: IntGaugeVec,
+    pub tier_bytes: IntGaugeVec,
+    pub tier_stored: IntCounterVec,
+    pub tier_loaded: IntCounterVec,
+    pub tier_load_seconds: GaugeVec,
+    /// By `reason`: `evicted` (the disk tier full), `damaged`, `io_error`, `dropped` (the disk
+    /// behind on writes).
+    pub tier_lost: IntCounterVec,
+    /// Held while the counters above catch up with the engine's totals, so two scrapes at once
+    /// do not both add the same difference.
+    catching_up: std::sync::Mutex<()>,
 }
 
 impl Metrics {
@@ -60,7 +72,50 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(requests.clone()))?;
+        let by =
+            |labels: &[&str], name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauges = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["tier"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let tier_load_seconds = GaugeVec::new(
+            Opts::new(
+                "tidelock_worker_kv_tier_load_seconds_per_block",
+                "Measured seconds to bring one KV block back from a lower tier (moving average), as reported to routers.",
+            ),
+            &["tier"],
+        )?;
+        registry.register(Box::new(tier_load_seconds.clone()))?;
         Ok(Metrics {
+            tier_blocks: gauges(
+                "tidelock_worker_kv_tier_blocks",
+                "KV blocks held on a lower tier.",
+            )?,
+            tier_bytes: gauges(
+                "tidelock_worker_kv_tier_bytes",
+                "Bytes of KV blocks held on a lower tier.",
+            )?,
+            tier_stored: by(
+                &["tier"],
+                "tidelock_worker_kv_tier_stored_blocks_total",
+                "KV blocks evicted from memory and kept on a lower tier.",
+            )?,
+            tier_loaded: by(
+                &["tier"],
+                "tidelock_worker_kv_tier_loaded_blocks_total",
+                "KV blocks brought back from a lower tier instead of recomputed.",
+            )?,
+            tier_load_seconds,
+            tier_lost: by(
+                &["reason"],
+                "tidelock_worker_kv_tier_lost_blocks_total",
+                "KV blocks a lower tier lost: evicted (the disk tier full), damaged (failed its checksum on load), io_error, dropped (the disk behind on writes).",
+            )?,
             running: gauge(
                 "tidelock_worker_running_sequences",
                 "Sequences in the running batch.",
@@ -89,6 +144,7 @@ impl Metrics {
                 "tidelock_worker_prefix_hit_tokens_total",
                 "Prompt tokens served from the prefix cache.",
             )?,
+            catching_up: std::sync::Mutex::new(()),
             prefill_tokens: counter("tidelock_worker_prefill_tokens_total", "Tokens prefilled.")?,
             decode_tokens: counter("tidelock_worker_decode_tokens_total", "Tokens decoded.")?,
             preemptions: counter("tidelock_worker_preemptions_total", "Sequences preempted.")?,
@@ -149,6 +205,42 @@ impl Metrics {
         self.blocks_used.set(load.blocks.in_use as i64);
         self.blocks_cached.set(load.blocks.cached as i64);
         self.blocks_total.set(load.blocks.total as i64);
+        let t = &load.tiers;
+        let _one = self.catching_up.lock().unwrap_or_else(|e| e.into_inner());
+        for (tier, blocks, bytes, stored, loaded, secs) in [
+            (
+                "host",
+                t.host_blocks,
+                t.host_bytes,
+                t.stored_host,
+                t.loaded_host,
+                t.host_block_secs,
+            ),
+            (
+                "disk",
+                t.disk_blocks,
+                t.disk_bytes,
+                t.stored_disk,
+                t.loaded_disk,
+                t.disk_block_secs,
+            ),
+        ] {
+            self.tier_blocks
+                .with_label_values(&[tier])
+                .set(blocks as i64);
+            self.tier_bytes.with_label_values(&[tier]).set(bytes as i64);
+            catch_up(&self.tier_stored.with_label_values(&[tier]), stored);
+            catch_up(&self.tier_loaded.with_label_values(&[tier]), loaded);
+            self.tier_load_seconds.with_label_values(&[tier]).set(secs);
+        }
+        for (reason, total) in [
+            ("evicted", t.evicted_disk),
+            ("damaged", t.damaged),
+            ("io_error", t.io_errors),
+            ("dropped", t.dropped),
+        ] {
+            catch_up(&self.tier_lost.with_label_values(&[reason]), total);
+        }
     }
 
     /// The registry, for collectors kept elsewhere (the cluster credential's refusals).
@@ -162,6 +254,14 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Raises a counter to a running total kept elsewhere (the engine's, published with its load).
+fn catch_up(counter: &IntCounter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
     }
 }
 

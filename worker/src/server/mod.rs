@@ -182,6 +182,8 @@ async fn load(State(state): State<AppState>) -> axum::Json<LoadReport> {
         kv_total_blocks: load.blocks.total as u64,
         prefill_tokens_waiting: load.waiting_prefill_tokens as u64,
         prefill_tokens_per_second: state.metrics.prefill_rate.get(),
+        host_block_secs: load.tiers.host_block_secs,
+        disk_block_secs: load.tiers.disk_block_secs,
     })
 }
 

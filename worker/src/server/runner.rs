@@ -133,9 +133,12 @@ fn run<E: Executor>(
                 Command::Generate { request, out } => engine.submit(request, out),
                 Command::Snapshot(reply) => {
                     publish(engine, events, load);
-                    let _ = reply.send(engine.pool().snapshot());
+                    let _ = reply.send(engine.snapshot());
                 }
-                Command::Shutdown => return,
+                Command::Shutdown => {
+                    persist(engine);
+                    return;
+                }
             }
         }
         if !engine.is_idle() {
@@ -156,12 +159,29 @@ fn run<E: Executor>(
     }
 }
 
+/// Writes the cached blocks through to the disk tier before the worker exits, and waits for
+/// the writes.
+fn persist<E: Executor>(engine: &mut Engine<E>) {
+    if !engine.tiers().enabled() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let kept = engine.persist();
+    let flushed = engine.tiers().flush(std::time::Duration::from_secs(60));
+    tracing::info!(
+        blocks = kept,
+        flushed,
+        secs = started.elapsed().as_secs_f64(),
+        "KV cache written to the disk tier"
+    );
+}
+
 fn publish<E: Executor>(
     engine: &mut Engine<E>,
     events: &EventLog,
     load: &watch::Sender<EngineLoad>,
 ) {
-    if let Some(batch) = engine.pool_mut().take_events() {
+    if let Some(batch) = engine.take_events() {
         events.push(batch);
     }
     let _ = load.send(engine.load());

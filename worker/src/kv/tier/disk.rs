@@ -1,0 +1,498 @@
+//! The disk tier: one file per block in a worker's own folder, written and read by one I/O
+//! thread so the engine never waits on the disk.
+//!
+//! Files are `DIR/ab/abcdef....kvb` (the block hash in hex, fanned out over 256 folders), each a
+//! one-block body of `tidelock_protocol::blocks` (layout, hash, payload, checksum). A file is
+//! written under a temporary name and renamed, so a crash leaves either the whole file or none
+//! under the real name; a torn or damaged file fails its checksum on load and is deleted and
+//! counted. A folder is used by one worker at a time (`DIR/LOCK`, an advisory lock).
+//!
+//! The engine thread owns the index (which blocks are on disk, least recently used first, the
+//! byte budget) and decides every eviction; the I/O thread only performs the queued reads,
+//! writes and deletes, reads first: a request waits for them, writes wait for nobody. A read of a
+//! block still queued for writing is answered from the queue. On start the index is rebuilt from
+//! the files present (oldest modification first), so a restarted worker finds its blocks again.
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tidelock_protocol::BlockHash;
+use tidelock_protocol::blocks::{self, BlockLayout, PREFIX_BYTES};
+
+use super::lru::Lru;
+
+/// Why a disk tier cannot open its folder.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("KV disk tier {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("KV disk tier {dir} is in use by another worker (its LOCK file is held)")]
+    Locked { dir: PathBuf },
+    #[error("KV disk tier {dir}: {bytes} bytes hold no block of {file} bytes")]
+    TooSmall { dir: PathBuf, bytes: u64, file: u64 },
+}
+
+/// What the I/O thread finished.
+#[derive(Debug)]
+pub enum Done {
+    Read {
+        hash: BlockHash,
+        /// The payload, or why there is none.
+        result: Result<Vec<u8>, ReadFault>,
+        /// Seconds the read and the checksum took.
+        secs: f64,
+    },
+    WriteFailed {
+        hash: BlockHash,
+        error: String,
+    },
+}
+
+/// A read that gave no payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFault {
+    /// The file was gone or unreadable.
+    Unreadable(String),
+    /// The file's bytes failed their checksum or were not this block (deleted).
+    Damaged(String),
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    reads: VecDeque<BlockHash>,
+    writes: VecDeque<(BlockHash, Arc<[u8]>)>,
+    deletes: VecDeque<BlockHash>,
+    write_bytes: u64,
+    /// The job being worked on (counted until it is done, so `flush` waits for it).
+    busy: bool,
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    idle: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A worker's disk tier. See the module docs.
+#[derive(Debug)]
+pub struct DiskTier {
+    dir: PathBuf,
+    capacity_blocks: usize,
+    file_bytes: u64,
+    lru: Lru,
+    shared: Arc<Shared>,
+    done: Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+    /// Bytes queued for writing at most; a demotion beyond it is dropped (the disk is slower
+    /// than eviction), never queued without bound.
+    max_queued_bytes: u64,
+    _lock: File,
+}
+
+/// What opening found in the folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// Blocks of this layout found and indexed.
+    pub blocks: usize,
+    /// Files removed: another layout, a wrong size or name, a leftover temporary file, or
+    /// beyond the budget.
+    pub removed: usize,
+}
+
+impl DiskTier {
+    /// Opens (creating it if needed) `dir` for blocks of `layout`, holding at most `bytes`, and
+    /// indexes the blocks already there.
+    pub fn open(
+        dir: &Path,
+        bytes: u64,
+        layout: BlockLayout,
+    ) -> Result<(DiskTier, Opened), DiskError> {
+        let io = |source| DiskError::Io {
+            dir: dir.to_owned(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(DiskError::Locked {
+                    dir: dir.to_owned(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let file_bytes = layout.body_bytes(1);
+        let capacity_blocks = usize::try_from(bytes / file_bytes).unwrap_or(usize::MAX);
+        if capacity_blocks == 0 {
+            return Err(DiskError::TooSmall {
+                dir: dir.to_owned(),
+                bytes,
+                file: file_bytes,
+            });
+        }
+        let (found, mut removed) = scan(dir, &layout, file_bytes).map_err(io)?;
+        let mut lru = Lru::default();
+        for (_, hash) in &found {
+            lru.touch(*hash);
+        }
+        while lru.len() > capacity_blocks {
+            if let Some(old) = lru.pop_oldest() {
+                let _ = fs::remove_file(path_of(dir, &old));
+                removed += 1;
+            }
+        }
+        let shared = Arc::new(Shared::default());
+        let (tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("kv-disk".into())
+            .spawn({
+                let (dir, shared) = (dir.to_owned(), shared.clone());
+                move || io_loop(&dir, &layout, &shared, &tx)
+            })
+            .map_err(io)?;
+        let opened = Opened {
+            blocks: lru.len(),
+            removed,
+        };
+        Ok((
+            DiskTier {
+                dir: dir.to_owned(),
+                capacity_blocks,
+                file_bytes,
+                lru,
+                shared,
+                done,
+                thread: Some(thread),
+                max_queued_bytes: (256 << 20).max(4 * file_bytes),
+                _lock: lock,
+            },
+            opened,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, hash: &BlockHash) -> bool {
+        self.lru.contains(hash)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lru.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lru.len() == 0
+    }
+
+    pub fn capacity_blocks(&self) -> usize {
+        self.capacity_blocks
+    }
+
+    /// Bytes of the files of the blocks indexed.
+    pub fn used_bytes(&self) -> u64 {
+        self.lru.len() as u64 * self.file_bytes
+    }
+
+    /// Marks a block recently used (it was wanted again).
+    pub fn touch(&mut self, hash: &BlockHash) {
+        if self.lru.contains(hash) {
+            self.lru.touch(*hash);
+        }
+    }
+
+    /// Queues a block for writing, deleting the least recently used blocks for room. Returns
+    /// the blocks deleted, or `None` (nothing changed) when too many bytes already wait to be
+    /// written and `wait` is false; with `wait`, waits for the queue to drain enough instead
+    /// (shutdown, when nothing else runs).
+    pub fn insert(
+        &mut self,
+        hash: BlockHash,
+        payload: Arc<[u8]>,
+        wait: bool,
+    ) -> Option<Vec<BlockHash>> {
+        if self.lru.contains(&hash) {
+            self.lru.touch(hash);
+            return Some(Vec::new());
+        }
+        let mut q = self.shared.lock();
+        while q.write_bytes > 0 && q.write_bytes + payload.len() as u64 > self.max_queued_bytes {
+            if !wait {
+                return None;
+            }
+            q = self.shared.idle.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        let mut evicted = Vec::new();
+        while self.lru.len() >= self.capacity_blocks {
+            let Some(old) = self.lru.pop_oldest() else {
+                break;
+            };
+            forget(&mut q, &old);
+            evicted.push(old);
+        }
+        q.write_bytes += payload.len() as u64;
+        q.writes.push_back((hash, payload));
+        drop(q);
+        self.shared.wake.notify_one();
+        self.lru.touch(hash);
+        Some(evicted)
+    }
+
+    /// Queues a read; its [`Done::Read`] comes from [`DiskTier::try_done`] or
+    /// [`DiskTier::wait_done`].
+    pub fn read(&mut self, hash: BlockHash) {
+        self.lru.touch(hash);
+        self.shared.lock().reads.push_back(hash);
+        self.shared.wake.notify_one();
+    }
+
+    /// Drops a block from the index and deletes its file (after a failed read or write).
+    pub fn remove(&mut self, hash: &BlockHash) -> bool {
+        let known = self.lru.remove(hash);
+        if known {
+            forget(&mut self.shared.lock(), hash);
+            self.shared.wake.notify_one();
+        }
+        known
+    }
+
+    pub fn try_done(&self) -> Option<Done> {
+        self.done.try_recv().ok()
+    }
+
+    pub fn wait_done(&self, timeout: Duration) -> Option<Done> {
+        self.done.recv_timeout(timeout).ok()
+    }
+
+    /// Waits until every queued write is on disk, at most `timeout`; whether it finished.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.shared.lock();
+        while !q.writes.is_empty() || !q.deletes.is_empty() || q.busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self
+                .shared
+                .idle
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    pub fn hashes(&self) -> impl Iterator<Item = &BlockHash> {
+        self.lru.iter()
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Cancels a queued write of `hash` or queues the deletion of its file.
+fn forget(q: &mut Queue, hash: &BlockHash) {
+    if let Some(i) = q.writes.iter().position(|(h, _)| h == hash) {
+        if let Some((_, bytes)) = q.writes.remove(i) {
+            q.write_bytes -= bytes.len() as u64;
+        }
+    } else {
+        q.deletes.push_back(*hash);
+    }
+}
+
+fn path_of(dir: &Path, hash: &BlockHash) -> PathBuf {
+    let hex = hash.to_string();
+    dir.join(&hex[..2]).join(format!("{hex}.kvb"))
+}
+
+enum Job {
+    Read(BlockHash),
+    Answered(BlockHash, Arc<[u8]>),
+    Write(BlockHash, Arc<[u8]>),
+    Delete(BlockHash),
+}
+
+fn io_loop(dir: &Path, layout: &BlockLayout, shared: &Shared, done: &Sender<Done>) {
+    loop {
+        let job = {
+            let mut q = shared.lock();
+            q.busy = false;
+            // Room in the write queue (an `insert` may wait for it).
+            shared.idle.notify_all();
+            loop {
+                if let Some(hash) = q.reads.pop_front() {
+                    match q.writes.iter().find(|(h, _)| *h == hash) {
+                        Some((_, bytes)) => break Job::Answered(hash, bytes.clone()),
+                        None => break Job::Read(hash),
+                    }
+                }
+                if let Some(hash) = q.deletes.pop_front() {
+                    q.busy = true;
+                    break Job::Delete(hash);
+                }
+                if let Some((hash, bytes)) = q.writes.pop_front() {
+                    q.write_bytes -= bytes.len() as u64;
+                    q.busy = true;
+                    break Job::Write(hash, bytes);
+                }
+                if q.stop {
+                    return;
+                }
+                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        // A send fails only when the tier was dropped; the queue is still finished.
+        let _ = match job {
+            Job::Answered(hash, bytes) => done.send(Done::Read {
+                hash,
+                result: Ok(bytes.to_vec()),
+                secs: 0.0,
+            }),
+            Job::Read(hash) => {
+                let started = Instant::now();
+                let result = read_block(dir, layout, &hash);
+                if matches!(result, Err(ReadFault::Damaged(_))) {
+                    let _ = fs::remove_file(path_of(dir, &hash));
+                }
+                done.send(Done::Read {
+                    hash,
+                    result,
+                    secs: started.elapsed().as_secs_f64(),
+                })
+            }
+            Job::Write(hash, bytes) => match write_block(dir, layout, &hash, &bytes) {
+                Ok(()) => Ok(()),
+                Err(e) => done.send(Done::WriteFailed {
+                    hash,
+                    error: e.to_string(),
+                }),
+            },
+            Job::Delete(hash) => {
+                let _ = fs::remove_file(path_of(dir, &hash));
+                Ok(())
+            }
+        };
+    }
+}
+
+fn write_block(
+    dir: &Path,
+    layout: &BlockLayout,
+    hash: &BlockHash,
+    payload: &[u8],
+) -> io::Result<()> {
+    let body = blocks::encode(layout, &[(*hash, payload)]).map_err(io::Error::other)?;
+    let path = path_of(dir, hash);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, &body)?;
+    fs::rename(&tmp, &path)
+}
+
+fn read_block(dir: &Path, layout: &BlockLayout, hash: &BlockHash) -> Result<Vec<u8>, ReadFault> {
+    let mut body =
+        fs::read(path_of(dir, hash)).map_err(|e| ReadFault::Unreadable(e.to_string()))?;
+    let decoded = blocks::decode(&body).map_err(|e| ReadFault::Damaged(e.to_string()))?;
+    if decoded.layout != *layout {
+        return Err(ReadFault::Damaged(format!(
+            "written for another layout: {:?}",
+            decoded.layout
+        )));
+    }
+    match (&decoded.blocks[..], &decoded.damaged[..]) {
+        ([(h, payload)], []) if h == hash => {
+            let start = payload.as_ptr() as usize - body.as_ptr() as usize;
+            let len = payload.len();
+            body.truncate(start + len);
+            body.drain(..start);
+            Ok(body)
+        }
+        (_, [_]) => Err(ReadFault::Damaged("checksum mismatch".into())),
+        _ => Err(ReadFault::Damaged("not the block named by the file".into())),
+    }
+}
+
+/// The blocks of `layout` in `dir`, oldest modification first, and how many files were removed.
+fn scan(
+    dir: &Path,
+    layout: &BlockLayout,
+    file_bytes: u64,
+) -> io::Result<(Vec<(std::time::SystemTime, BlockHash)>, usize)> {
+    let mut found = Vec::new();
+    let mut removed = 0;
+    for fan in fs::read_dir(dir)? {
+        let fan = fan?;
+        if !fan.file_type()?.is_dir() {
+            continue;
+        }
+        for entry in fs::read_dir(fan.path())? {
+            let entry = entry?;
+            let path = entry.path();
+            match indexed(&path, layout, file_bytes) {
+                Some(found_block) => found.push(found_block),
+                None => {
+                    let _ = fs::remove_file(&path);
+                    removed += 1;
+                }
+            }
+        }
+    }
+    found.sort();
+    Ok((found, removed))
+}
+
+/// A file's (modification time, hash) when it is a block of `layout` filed under its own hash.
+fn indexed(
+    path: &Path,
+    layout: &BlockLayout,
+    file_bytes: u64,
+) -> Option<(std::time::SystemTime, BlockHash)> {
+    if path.extension()? != "kvb" {
+        return None;
+    }
+    let named: BlockHash = path.file_stem()?.to_str()?.parse().ok()?;
+    let meta = fs::metadata(path).ok()?;
+    if meta.len() != file_bytes {
+        return None;
+    }
+    let mut prefix = [0u8; PREFIX_BYTES + 16];
+    File::open(path).ok()?.read_exact(&mut prefix).ok()?;
+    let (got, n, first) = blocks::peek(&prefix).ok()?;
+    (got == *layout && n == 1 && first == Some(named)).then_some((meta.modified().ok()?, named))
+}

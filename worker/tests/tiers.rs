@@ -1,0 +1,213 @@
+//! The spill tiers on the real default model (issue #21): a prompt whose blocks were evicted to
+//! the disk tier, or that a restarted worker finds on its disk, gives the cold computation's
+//! tokens and log-probabilities, and a block never serves another tenant's salt.
+
+mod support;
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use support::{model_path, tokens};
+use tidelock_protocol::{
+    BlockTokens, CacheSalt, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName, Tier,
+    TopLogprob, Usage,
+};
+use tidelock_worker::engine::executor::{Executor, ModelExecutor};
+use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::kv::KvStore;
+use tidelock_worker::kv::pool::BlockPool;
+use tidelock_worker::kv::tier::{TierConfig, Tiers};
+use tidelock_worker::model::Llama;
+use tidelock_worker::model::llama::WeightFormat;
+use tidelock_worker::testing::greedy;
+use tokio::sync::mpsc::unbounded_channel;
+
+const BLOCK: usize = 16;
+/// 120-token prompts: 7 reusable blocks of 16 (the last token is always computed).
+const PROMPT: usize = 120;
+const REUSABLE: u32 = ((PROMPT - 1) / BLOCK * BLOCK) as u32;
+
+fn model() -> Arc<Llama> {
+    static MODEL: OnceLock<Arc<Llama>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            Arc::new(Llama::from_gguf(&model_path(), WeightFormat::Packed).expect("load the model"))
+        })
+        .clone()
+}
+
+/// A worker's engine with `blocks` KV blocks and a disk tier in `dir`, as `--kv-disk` makes it.
+fn engine(blocks: usize, dir: &Path, epoch: u64) -> Engine<ModelExecutor> {
+    let model = model();
+    let cfg = EngineConfig {
+        model: ModelName::new("smollm2").unwrap(),
+        block_tokens: BlockTokens::new(BLOCK as u32).unwrap(),
+        max_step_tokens: 512,
+        max_running: 8,
+        max_waiting: 16,
+        max_context: 8192,
+        vocab_size: model.config().vocab_size,
+        eos_token_ids: vec![2],
+    };
+    let kv = KvStore::new(model.kv_shape(BLOCK), blocks);
+    let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(epoch));
+    let exec = ModelExecutor { model, kv };
+    let tiers = Tiers::open(
+        &TierConfig {
+            host_bytes: 0,
+            disk: Some((dir.to_owned(), 1 << 30)),
+        },
+        exec.block_layout().unwrap(),
+    )
+    .unwrap();
+    Engine::new(cfg, pool, exec).with_tiers(tiers)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    tokens: Vec<u32>,
+    top: Vec<Vec<TopLogprob>>,
+    usage: Usage,
+}
+
+/// A greedy request of 8 tokens with the 20 most likely alternatives of each.
+fn request(prompt: &[u32], salt: &str) -> GenerateRequest {
+    let mut r = greedy(prompt.to_vec(), 8);
+    r.sampling.logprobs = Some(20);
+    r.cache_salt = CacheSalt::new(salt).unwrap();
+    r
+}
+
+fn run(e: &mut Engine<ModelExecutor>, r: GenerateRequest) -> Outcome {
+    let (tx, mut rx) = unbounded_channel();
+    e.submit(r, tx);
+    let mut steps = 0;
+    while !e.is_idle() {
+        e.step().expect("step");
+        steps += 1;
+        assert!(steps < 10_000, "the engine does not finish");
+    }
+    let mut out = Outcome {
+        tokens: Vec::new(),
+        top: Vec::new(),
+        usage: Usage::default(),
+    };
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            GenerateEvent::Tokens {
+                ids, top_logprobs, ..
+            } => {
+                out.tokens.extend(ids);
+                out.top.extend(top_logprobs.unwrap_or_default());
+            }
+            GenerateEvent::Finished { usage, .. } => out.usage = usage,
+            GenerateEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The largest difference between two runs' top log-probabilities, which must name the same
+/// tokens in the same order.
+fn logprob_diff(a: &Outcome, b: &Outcome) -> f32 {
+    assert_eq!(a.top.len(), b.top.len());
+    a.top
+        .iter()
+        .zip(&b.top)
+        .flat_map(|(x, y)| {
+            let ids = |v: &[TopLogprob]| v.iter().map(|t| t.id).collect::<Vec<_>>();
+            assert_eq!(ids(x), ids(y), "the same alternatives");
+            x.iter().zip(y).map(|(p, q)| (p.logprob - q.logprob).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_prompt_served_from_the_disk_tier_gives_the_cold_results() {
+    let dir = tempfile::tempdir().unwrap();
+    // 12 blocks: one 128-token sequence (8 blocks) at a time, so each prompt evicts the last.
+    let mut e = engine(12, dir.path(), 1);
+    let a = tokens(PROMPT, 1);
+    let cold = run(&mut e, request(&a, "tenant-a"));
+    assert_eq!(cold.usage.cached_tokens, 0);
+    for seed in [2, 3] {
+        run(&mut e, request(&tokens(PROMPT, seed), "tenant-a"));
+    }
+    let stored = e.tiers().stats().stored_disk;
+    // B and C evicted every block of A (and some of B's) to the disk.
+    assert!(stored >= 7, "{stored} blocks spilled");
+
+    let from_disk = run(&mut e, request(&a, "tenant-a"));
+    let loaded = e.tiers().stats().loaded_disk;
+    assert_eq!(
+        from_disk.usage.cached_tokens, REUSABLE,
+        "served from the disk tier"
+    );
+    assert_eq!(loaded, 7);
+    assert_eq!(from_disk.tokens, cold.tokens);
+    let diff = logprob_diff(&from_disk, &cold);
+    println!("disk tier: {loaded} blocks loaded, max |logprob diff| vs cold {diff:.2e}");
+    assert!(diff <= 1e-4, "{diff}");
+    // Now on the device again: bit-exact with what came from the disk.
+    let device = run(&mut e, request(&a, "tenant-a"));
+    assert_eq!(device.usage.cached_tokens, REUSABLE);
+    assert_eq!(
+        device.top, from_disk.top,
+        "the disk round trip is bit-exact"
+    );
+    assert_eq!(e.tiers().stats().damaged, 0);
+
+    // Another tenant's salt names other blocks: nothing is served from the first tenant's.
+    let other = run(&mut e, request(&a, "tenant-b"));
+    assert_eq!(other.usage.cached_tokens, 0);
+    assert_eq!(e.tiers().stats().loaded_disk, loaded);
+}
+
+#[test]
+fn a_restarted_worker_finds_its_cache_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tokens(PROMPT, 11);
+    let cold = {
+        let mut e = engine(64, dir.path(), 1);
+        let cold = run(&mut e, request(&a, "tenant-a"));
+        // Nothing was evicted; shutting down writes the cache through.
+        assert_eq!(e.tiers().stats().stored_disk, 0);
+        // 127 tokens computed (the last answer token never is): 7 full blocks.
+        assert_eq!(e.persist(), 7);
+        assert!(e.tiers().flush(std::time::Duration::from_secs(30)));
+        cold
+    };
+    let mut e = engine(64, dir.path(), 2);
+    // The new epoch's stream opens with what the disk holds, as its snapshot does.
+    let batch = e.take_events().expect("events");
+    let stored: usize = batch
+        .events
+        .iter()
+        .map(|ev| match ev {
+            KvEvent::Stored {
+                blocks,
+                tier: Tier::Disk,
+                ..
+            } => blocks.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(stored, 7);
+    let snapshot = e.snapshot();
+    assert_eq!(snapshot.epoch, Epoch::new(2));
+    assert_eq!(
+        snapshot
+            .blocks
+            .iter()
+            .filter(|b| b.tier == Tier::Disk)
+            .count(),
+        7
+    );
+    let again = run(&mut e, request(&a, "tenant-a"));
+    assert_eq!(again.usage.cached_tokens, REUSABLE);
+    assert_eq!(again.tokens, cold.tokens);
+    let diff = logprob_diff(&again, &cold);
+    println!("after a restart: max |logprob diff| vs cold {diff:.2e}");
+    assert!(diff <= 1e-4, "{diff}");
+}
