@@ -31,7 +31,7 @@ use crate::chart::{self, Series};
 use crate::config::{CompareArgs, DEFAULT_MODEL_FILE, Workload};
 use crate::http::Api;
 use crate::sessions;
-use crate::up::{Part, SimTiming, WorkerSpec, sibling, wait_ready, write_private};
+use crate::up::{KvDisk, Part, SimTiming, WorkerSpec, sibling, wait_ready, write_private};
 
 /// The peers' environment: the Hugging Face hub at a closed loopback port, and offline.
 const PEER_ENV: [(&str, &str); 2] = [
@@ -333,6 +333,14 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
         std::fs::create_dir_all(&logs)
             .map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
         let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
+        if let Some(dir) = &args.kv_disk {
+            // Every target starts with empty disk tiers.
+            let own = dir.join(label.replace(':', "-"));
+            if own.exists() {
+                std::fs::remove_dir_all(&own)
+                    .map_err(|e| format!("cannot empty {}: {e}", own.display()))?;
+            }
+        }
         let mut workers = Vec::new();
         for (i, &port) in worker_ports.iter().enumerate() {
             let worker_args = WorkerSpec {
@@ -353,6 +361,18 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
             }
             .args(port, None);
             let name = format!("worker-{i}");
+            let mut worker_args = worker_args;
+            if let Some(dir) = &args.kv_disk {
+                let disk = KvDisk {
+                    dir: &dir.join(label.replace(':', "-")),
+                    size: &args.kv_disk_size,
+                };
+                worker_args.extend(disk.args(&name));
+                worker_args.extend([
+                    "--sim-block-load-secs".into(),
+                    args.sim_block_load_secs.to_string(),
+                ]);
+            }
             workers.push(Part::spawn(
                 &name,
                 &worker_bin,
@@ -758,6 +778,7 @@ fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), St
         "workload": if trace { "trace" } else { "sessions" },
         "workers": args.workers,
         "kv_cache_per_worker": args.kv_cache,
+        "kv_disk_per_worker": args.kv_disk.as_ref().map(|_| &args.kv_disk_size),
         "block_tokens": args.block_tokens,
         "sim_prefill_tokens_per_s": args.sim_prefill_tokens_per_s,
         "sim_step_ms": args.sim_step_ms,

@@ -250,6 +250,20 @@ pub(crate) struct CompareArgs {
     #[arg(long, default_value_t = 200_000)]
     pub(crate) max_context: u64,
 
+    /// Give each worker a disk tier in a folder under this one (emptied before each target, so
+    /// every target starts cold): evicted blocks are kept there and loaded back.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) kv_disk: Option<PathBuf>,
+
+    /// Bytes each worker's disk tier may take (a simulated block's file is 80 bytes).
+    #[arg(long, default_value = "16GiB")]
+    pub(crate) kv_disk_size: String,
+
+    /// Simulated seconds of step time per block loaded back from the disk tier (the copy into a
+    /// real store; a real worker reports it as `tidelock_worker_kv_tier_load_seconds_per_block`).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) sim_block_load_secs: f64,
+
     /// Simulated prefill speed, tokens per second (0: free).
     #[arg(long, default_value_t = 100_000.0)]
     pub(crate) sim_prefill_tokens_per_s: f64,
@@ -489,6 +503,16 @@ pub(crate) struct UpArgs {
     #[arg(long, default_value = "512MiB")]
     pub(crate) kv_cache: String,
 
+    /// A folder for the workers' disk tiers (each worker gets its own under it, the same on every
+    /// run): KV blocks evicted from memory are kept there, loaded back instead of recomputed, and
+    /// found again when a worker restarts. Default: none, evicted blocks are forgotten.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) kv_disk: Option<PathBuf>,
+
+    /// Bytes each worker's disk tier may take.
+    #[arg(long, default_value = "16GiB")]
+    pub(crate) kv_disk_size: String,
+
     /// Tokens per KV block.
     #[arg(long, default_value_t = 64)]
     pub(crate) block_tokens: u32,
@@ -546,6 +570,14 @@ impl UpArgs {
 
     pub(crate) fn cache_dir(&self) -> PathBuf {
         cache_dir(self.cache_dir.as_ref())
+    }
+
+    /// The workers' disk tiers, when asked for.
+    pub(crate) fn kv_disk(&self) -> Option<crate::up::KvDisk<'_>> {
+        self.kv_disk.as_deref().map(|dir| crate::up::KvDisk {
+            dir,
+            size: &self.kv_disk_size,
+        })
     }
 }
 

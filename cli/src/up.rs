@@ -201,6 +201,27 @@ pub(crate) struct WorkerSpec<'a> {
     pub(crate) cluster_token: Option<&'a Path>,
 }
 
+/// Where `--kv-disk` puts the workers' disk tiers: each worker its own folder under `dir`, of
+/// `size` at most.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvDisk<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) size: &'a str,
+}
+
+impl KvDisk<'_> {
+    /// The options giving worker `name` its own folder under the directory (the same folder
+    /// each time, so a restarted worker finds its blocks again).
+    pub(crate) fn args(&self, name: &str) -> Vec<String> {
+        vec![
+            "--kv-disk".into(),
+            self.dir.join(name).display().to_string(),
+            "--kv-disk-size".into(),
+            self.size.into(),
+        ]
+    }
+}
+
 impl WorkerSpec<'_> {
     /// The command line of the worker on `port`, with its metrics-only port when given.
     pub(crate) fn args(&self, port: u16, metrics_port: Option<u16>) -> Vec<String> {
@@ -279,6 +300,9 @@ pub(crate) async fn run(args: UpArgs) -> ExitCode {
         || args.sim_decode_ms_per_sequence != 0.0;
     if sim_timing && args.engine != Engine::Sim {
         return fail("--sim-* set the simulator's timing: use them with --engine sim");
+    }
+    if args.shards > 1 && args.kv_disk.is_some() {
+        return fail("--kv-disk with --shards above 1: a shard group's blocks do not spill yet");
     }
     if args.shards > 1 && args.engine == Engine::Sim {
         return fail("--shards above 1 needs the real engine: the simulator holds no KV to shard");
@@ -546,6 +570,9 @@ async fn start(
             } else {
                 format!("worker-{i}")
             };
+            if let Some(disk) = args.kv_disk() {
+                worker_args.extend(disk.args(&name));
+            }
             let mut part = Part::spawn(&name, worker_bin, &worker_args, port, logs, false)?;
             part.restartable = shard > 0;
             part.metrics_port = Some(metrics_port);

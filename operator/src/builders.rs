@@ -67,6 +67,15 @@ pub const CLUSTER_TOKEN_KEY: &str = "token";
 const MODELS_DIR: &str = "/models";
 /// Where a `pvc` source is mounted (read-only).
 const SOURCE_DIR: &str = "/source";
+/// Where a worker's spill volume (`kvCache.spill`) is mounted: its disk tier.
+pub const KV_SPILL_DIR: &str = "/var/lib/tidelock/kv";
+/// Share of the spill volume the disk tier fills at most (the rest: the filesystem's own).
+const SPILL_FILL: f64 = 0.9;
+/// Bytes per second a draining worker is assumed to write its KV cache to its spill volume at
+/// least, for the grace period.
+const DRAIN_BYTES_PER_SECOND: u64 = 100 << 20;
+/// Seconds of a drain beyond writing the KV cache: finishing requests, deregistering.
+const DRAIN_BASE_SECONDS: i64 = 30;
 /// Where the etcd TLS files are mounted (read-only), as `ca.crt`, `tls.crt` and `tls.key`.
 pub const ETCD_TLS_DIR: &str = "/etc/tidelock/etcd-tls";
 
@@ -617,6 +626,56 @@ fn compute_args(spec: &ModelSpec) -> Vec<String> {
     args.iter().map(|&a| a.to_owned()).collect()
 }
 
+/// The worker's disk tier on its spill volume, when the Model asks for one: the options and the
+/// volume's claim template (a StatefulSet claim, so a restarted or rolled worker gets its own
+/// volume back and finds its blocks).
+fn spill(spec: &ModelSpec) -> Option<(Vec<String>, PersistentVolumeClaim)> {
+    let spill = spec.kv_cache.spill.as_ref()?;
+    let bytes = spill.size.parse::<bytesize::ByteSize>().ok()?.as_u64();
+    let args = vec![
+        "--kv-disk".to_owned(),
+        KV_SPILL_DIR.to_owned(),
+        "--kv-disk-size".to_owned(),
+        format!("{}", (bytes as f64 * SPILL_FILL) as u64),
+    ];
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("kv-spill".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: spill.storage_class.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(spill.size.clone()),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    Some((args, claim))
+}
+
+/// The grace period a worker gets to drain: the Model's, or longer when writing its whole KV
+/// cache to the spill volume at [`DRAIN_BYTES_PER_SECOND`] would take more.
+fn grace_seconds(spec: &ModelSpec) -> i64 {
+    let kv = spec
+        .kv_cache
+        .memory_per_worker
+        .parse::<bytesize::ByteSize>()
+        .map_or(0, |b| b.as_u64());
+    let write = match spec.kv_cache.spill {
+        Some(_) => i64::try_from(kv.div_ceil(DRAIN_BYTES_PER_SECOND)).unwrap_or(i64::MAX),
+        None => 0,
+    };
+    spec.termination_grace_period_seconds
+        .max(DRAIN_BASE_SECONDS.saturating_add(write))
+}
+
 /// Shard group `i`: a StatefulSet of `shards` workers.
 fn group(
     model: &Model,
@@ -661,6 +720,11 @@ fn group(
         args.extend(["--max-context".to_owned(), context.to_string()]);
     }
     args.extend(compute_args(spec));
+    // A shard group's blocks do not spill yet (the API refuses the combination).
+    let spill = spill(spec).filter(|_| spec.shards == 1);
+    if let Some((spill_args, _)) = &spill {
+        args.extend(spill_args.iter().cloned());
+    }
     let mut vars = vec![
         field_env("POD_NAME", "metadata.name"),
         // The pod's ordinal is its shard index in the group.
@@ -747,7 +811,14 @@ fn group(
             ..Volume::default()
         });
     }
-    let claims = match &spec.model_cache.size {
+    if spill.is_some() {
+        mounts.push(VolumeMount {
+            name: "kv-spill".into(),
+            mount_path: KV_SPILL_DIR.into(),
+            ..VolumeMount::default()
+        });
+    }
+    let mut claims = match &spec.model_cache.size {
         Some(size) => Some(vec![PersistentVolumeClaim {
             metadata: ObjectMeta {
                 name: Some("models".into()),
@@ -776,6 +847,9 @@ fn group(
             None
         }
     };
+    if let Some((_, claim)) = spill {
+        claims.get_or_insert_with(Vec::new).push(claim);
+    }
     let mut tolerations = spec.placement.tolerations.clone();
     if spec.resources.gpus > 0 {
         tolerations.push(Toleration {
@@ -870,7 +944,7 @@ fn group(
                 tolerations: (!tolerations.is_empty()).then_some(tolerations),
                 affinity,
                 topology_spread_constraints: spread,
-                termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+                termination_grace_period_seconds: Some(grace_seconds(spec)),
                 volumes: Some(volumes),
                 security_context: Some(pod_security()),
                 // Workers never call the Kubernetes API.
@@ -878,7 +952,7 @@ fn group(
                 ..PodSpec::default()
             }),
         },
-        // The model cache's claims follow their group (spec.modelCache.retain).
+        // The claims (model cache, spill volume) follow their group (spec.modelCache.retain).
         persistent_volume_claim_retention_policy: claims.as_ref().map(|_| {
             let policy = if spec.model_cache.retain {
                 "Retain"

@@ -8,13 +8,14 @@
 //! The default, [`Policy::Ttft`], predicts each worker's time to first token:
 //!
 //! ```text
-//! ttft(w) = queue_wait(w) + uncached_tokens(w) / prefill_speed(w) + transfer(w)
+//! ttft(w) = max(queue_wait(w), transfer(w)) + uncached_tokens(w) / prefill_speed(w)
 //! queue_wait(w) = prefill tokens queued on w / prefill_speed(w)
-//! transfer(w) = host-tier blocks * host_block_secs + disk-tier blocks * disk_block_secs
+//! transfer(w) = host-tier blocks * host_block_secs(w) + disk-tier blocks * disk_block_secs(w)
 //! ```
 //!
-//! with the prefill speed each worker measures and reports in `/v1/load` (a default until it has
-//! prefilled anything). Workers are ranked by that prediction plus a charge for the cache a
+//! with the prefill speed and the per-block load times of its host and disk tiers that each
+//! worker measures and reports in `/v1/load` (defaults until it has measured them). A request's
+//! lower-tier blocks load while it waits in the worker's queue, hence the `max`. Workers are ranked by that prediction plus a charge for the cache a
 //! placement gives up:
 //!
 //! ```text
@@ -201,9 +202,19 @@ impl CostModel {
         let uncached = prompt_tokens
             .saturating_sub(c.cached_blocks() * block_tokens)
             .max(1) as f64;
-        let transfer = c.cached.host as f64 * self.host_block_secs
-            + c.cached.disk as f64 * self.disk_block_secs;
-        Duration::from_secs_f64((queued + uncached) / speed + transfer)
+        let transfer = c.cached.host as f64
+            * measured(c.load.host_block_secs, self.host_block_secs)
+            + c.cached.disk as f64 * measured(c.load.disk_block_secs, self.disk_block_secs);
+        // Lower-tier blocks load while the request waits in the worker's queue.
+        Duration::from_secs_f64((queued / speed).max(transfer) + uncached / speed)
+    }
+}
+
+/// A worker's measured figure, or the default until it has measured one.
+fn measured(reported: f64, default: f64) -> f64 {
+    match reported.is_finite() && reported > 0.0 {
+        true => reported,
+        false => default,
     }
 }
 

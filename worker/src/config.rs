@@ -384,6 +384,30 @@ mod etcd_tls_tests {
         Config::try_parse_from(base.iter().chain(args).copied()).unwrap()
     }
 
+    /// The operator passes `--kv-disk-size` as a plain byte count; people write `50GiB`.
+    #[test]
+    fn tiers_come_from_kv_disk_and_kv_host() {
+        assert!(parse(&[]).tiers().is_empty());
+        let t = parse(&["--kv-disk", "/kv", "--kv-disk-size", "193273528320"]).tiers();
+        assert_eq!(t.disk, Some(("/kv".into(), 193_273_528_320)));
+        assert_eq!(t.host_bytes, 0);
+        let t = parse(&[
+            "--kv-disk",
+            "/kv",
+            "--kv-disk-size",
+            "50GiB",
+            "--kv-host",
+            "2GiB",
+        ])
+        .tiers();
+        assert_eq!(t.disk, Some(("/kv".into(), 50 << 30)));
+        assert_eq!(t.host_bytes, 2 << 30);
+        assert_eq!(
+            parse(&["--kv-disk", "/kv"]).tiers().disk,
+            Some(("/kv".into(), 16 << 30))
+        );
+    }
+
     #[test]
     fn backend_device_and_dtypes_default_and_refuse_what_cannot_run() {
         use super::{BackendKind, DeviceSpec, Dtype};

@@ -67,6 +67,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.kvCache) || !has(self.kvCache.spill) || !has(self.shards) || self.shards == 1").message("kvCache.spill needs shards: 1 (a shard group's KV blocks do not spill yet)"))]
 pub struct ModelSpec {
     /// Where the weights come from: exactly one of `huggingFace`, `pvc` or `url`.
     pub source: ModelSource,
@@ -317,7 +318,9 @@ impl Default for KvCacheSpec {
     }
 }
 
-/// A spill tier: a volume per worker for KV blocks evicted from memory.
+/// A spill tier: a volume per worker for KV blocks evicted from memory (its disk tier). The
+/// volume is the worker's own StatefulSet claim: a restarted or rolled worker finds its blocks
+/// again, and a draining worker writes its cache there.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SpillTier {

@@ -150,12 +150,17 @@ fn a_minimal_model_takes_every_default_and_passes() {
     let full = model(json!({
         "source": {"pvc": {"claimName": "models", "path": "smollm2/model.gguf"}},
         "servedName": "org/smollm2", "replicas": 2, "shards": 4, "maxContextTokens": 1048576,
-        "kvCache": {"blockTokens": 128, "memoryPerWorker": "40Gi", "dtype": "bf16", "spill": {"size": "200Gi"}},
+        "kvCache": {"blockTokens": 128, "memoryPerWorker": "40Gi", "dtype": "bf16"},
         "resources": {"gpus": 1, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "cpu": "8", "memory": "64Gi"},
         "modelCache": {"size": "50Gi"},
         "autoscaling": {"minReplicas": 1, "maxReplicas": 4},
     }));
     Model::validate_cel(&full).unwrap();
+    let spilled = model(json!({
+        "source": {"pvc": {"claimName": "models", "path": "smollm2/model.gguf"}},
+        "kvCache": {"spill": {"size": "200Gi", "storageClass": "fast"}},
+    }));
+    Model::validate_cel(&spilled).unwrap();
 }
 
 #[test]
@@ -169,6 +174,10 @@ fn cel_rules_refuse_bad_models_with_their_message() {
         (
             json!({"source": {"huggingFace": {"repo": "a/b"}, "url": {"url": "https://x/m.gguf"}}}),
             "exactly one",
+        ),
+        (
+            json!({"source": hf, "shards": 2, "kvCache": {"spill": {"size": "100Gi"}}}),
+            "kvCache.spill needs shards: 1",
         ),
         (
             json!({"source": {"huggingFace": {"repo": "no-slash"}}}),

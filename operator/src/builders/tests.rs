@@ -821,3 +821,60 @@ fn gpu_workers_compute_on_their_gpu_with_the_kv_dtype_asked() {
     let gpu = args(json!({"source": hf(), "resources": {"gpus": 1}, "kvCache": {"dtype": "f32"}}));
     assert_eq!(after(&gpu, "--kv-dtype").as_deref(), Some("f32"));
 }
+
+/// `kvCache.spill`: each worker's own claim (kept across restarts), mounted where `--kv-disk`
+/// points, 90% of it for blocks; the grace period covers writing the whole cache there.
+#[test]
+fn a_spill_tier_is_a_claim_per_worker_wired_to_the_disk_tier() {
+    let spilled = model(json!({
+        "source": hf(),
+        "kvCache": {"memoryPerWorker": "40Gi", "spill": {"size": "200Gi", "storageClass": "fast-nvme"}},
+    }));
+    let d = desired(&spilled, &defaults()).unwrap();
+    let set = &d.groups[0];
+    let w = worker(set);
+    assert_eq!(arg(w, "--kv-disk"), Some(KV_SPILL_DIR));
+    let size: u64 = arg(w, "--kv-disk-size").unwrap().parse().unwrap();
+    assert_eq!(size, (200u64 << 30) / 10 * 9);
+    let mount = w
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "kv-spill")
+        .expect("the spill volume is mounted");
+    assert_eq!(mount.mount_path, KV_SPILL_DIR);
+    let claims = set
+        .spec
+        .as_ref()
+        .unwrap()
+        .volume_claim_templates
+        .as_ref()
+        .unwrap();
+    let claim = claims
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("kv-spill"))
+        .expect("a claim template: the volume follows its pod across restarts");
+    let claim_spec = claim.spec.as_ref().unwrap();
+    assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast-nvme"));
+    assert_eq!(
+        claim_spec
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        "200Gi"
+    );
+    // 40 GiB at 100 MiB/s is 410 s of writing, plus 30: above the default 300.
+    assert_eq!(pod(set).termination_grace_period_seconds, Some(440));
+
+    // Without a spill tier: no disk tier, no claim, the Model's grace period.
+    let plain = desired(&model(json!({"source": hf()})), &defaults()).unwrap();
+    let set = &plain.groups[0];
+    assert_eq!(arg(worker(set), "--kv-disk"), None);
+    assert!(set.spec.as_ref().unwrap().volume_claim_templates.is_none());
+    assert_eq!(pod(set).termination_grace_period_seconds, Some(300));
+}

@@ -45,14 +45,50 @@ fn ttft_formula_counts_queue_uncached_tokens_and_tier_transfer() {
     c.cached.disk = 2;
     c.load.prefill_tokens_waiting = 500;
     c.pending_prefill = 200; // older than the report's count: the larger one is used
-    // 2,048 tokens, 16 blocks cached -> 1,024 uncached; (500 + 1,024) / 1,000 tok/s = 1.524 s,
-    // plus 4 host blocks (0.5 ms each) and 2 disk blocks (5 ms each) = 12 ms.
+    // 2,048 tokens, 16 blocks cached -> 1,024 uncached, 1.024 s at 1,000 tok/s. The queue's 0.5 s
+    // hides the loads of 4 host blocks (0.5 ms each) and 2 disk blocks (5 ms each) = 12 ms.
     let t = model.ttft(&c, 2_048, 64).as_secs_f64();
-    assert!((t - 1.536).abs() < 1e-9, "{t}");
-    // No measurement yet: the default speed.
+    assert!((t - 1.524).abs() < 1e-9, "{t}");
+    // The worker's own measurements replace the defaults: a slow disk outlasts the queue.
+    c.load.disk_block_secs = 0.3;
+    c.load.host_block_secs = 0.001;
+    let t = model.ttft(&c, 2_048, 64).as_secs_f64();
+    assert!((t - (0.604 + 1.024)).abs() < 1e-9, "{t}");
+    // No speed measured yet: the default speed.
     c.load.prefill_tokens_per_second = 0.0;
+    c.load.prefill_tokens_waiting = 0;
+    c.pending_prefill = 0;
     let t = model.ttft(&c, 2_048, 64).as_secs_f64();
-    assert!((t - (1_524.0 / 2_000.0 + 0.012)).abs() < 1e-9, "{t}");
+    assert!((t - (0.604 + 1_024.0 / 2_000.0)).abs() < 1e-9, "{t}");
+}
+
+/// A prefix on a worker's disk beats recomputing it elsewhere when that worker's measured load
+/// time says so, and not when its disk is slower than a prefill.
+#[test]
+fn ttft_weighs_a_prefix_on_disk_by_the_measured_load_time() {
+    let mut on_disk = cand("a", 0, 0);
+    on_disk.cached.disk = 30;
+    let idle = cand("b", 0, 0);
+    let place = |disk_block_secs: f64| {
+        let mut a = on_disk.clone();
+        a.load.disk_block_secs = disk_block_secs;
+        let cands = [a, idle.clone()];
+        let d = decide(
+            Policy::Ttft,
+            &CostModel::default(),
+            &req(2_048, Some("s"), None),
+            &cands,
+            0,
+        );
+        first(&d.unwrap()).to_owned()
+    };
+    // 30 blocks of 64 tokens: 1.92 s to recompute at 1,000 tok/s.
+    assert_eq!(
+        place(0.002),
+        "a",
+        "60 ms of loading beats 1.92 s of prefill"
+    );
+    assert_eq!(place(0.5), "b", "15 s of loading does not");
 }
 
 #[test]

@@ -119,8 +119,6 @@ pub struct SimExecutor {
     timing: Timing,
     /// Simulated time to copy one block from a lower tier into the store.
     block_load: Duration,
-    /// Block copies not yet slept for: added to the next step.
-    owed: Duration,
 }
 
 /// The simulator's blocks as the tiers see them: 8 bytes each (its block id), so a simulated
@@ -140,12 +138,11 @@ impl SimExecutor {
             vocab_size,
             timing,
             block_load: Duration::ZERO,
-            owed: Duration::ZERO,
         }
     }
 
-    /// Charges `per_block` of step time for each block loaded from a lower tier (the copy a
-    /// real store makes).
+    /// Takes `per_block` on the engine thread for each block loaded from a lower tier, as the
+    /// copy into a real store does (and is measured, and reported to routers, the same way).
     pub fn with_block_load(mut self, per_block: Duration) -> Self {
         self.block_load = per_block;
         self
@@ -175,7 +172,7 @@ impl Executor for SimExecutor {
             .filter(|w| !(w.tokens.len() == 1 && w.wants_logits))
             .map(|w| w.tokens.len())
             .sum();
-        let cost = self.timing.predict(prefill, decoding) + std::mem::take(&mut self.owed);
+        let cost = self.timing.predict(prefill, decoding);
         if !cost.is_zero() {
             std::thread::sleep(cost);
         }
@@ -209,7 +206,9 @@ impl Executor for SimExecutor {
                 payload.len()
             )));
         }
-        self.owed += self.block_load;
+        if !self.block_load.is_zero() {
+            std::thread::sleep(self.block_load);
+        }
         Ok(())
     }
 }
