@@ -30,7 +30,10 @@ const KIND_BLOCKS: u16 = 1;
 const LAYOUT_BYTES: usize = 20;
 /// Bytes before the first block: header, layout and count.
 pub const PREFIX_BYTES: usize = 8 + LAYOUT_BYTES + 4;
-const CHECKSUM_BYTES: usize = 16;
+/// Bytes of a block's checksum.
+pub const CHECKSUM_BYTES: usize = 16;
+/// Bytes of a one-block body before its payload: the prefix, the hash and the length.
+pub const BLOCK_HEAD_BYTES: usize = PREFIX_BYTES + 16 + 8;
 
 /// The number type of a payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,6 +234,27 @@ pub fn decode(body: &[u8]) -> Result<Decoded<'_>, WireError> {
     Ok(out)
 }
 
+/// What the first [`BLOCK_HEAD_BYTES`] of a one-block body say: its layout, hash and payload
+/// length (the payload and its checksum follow), so a reader can read the payload straight
+/// into its own buffer and check it with [`checksum`].
+pub fn block_head(head: &[u8]) -> Result<(BlockLayout, BlockHash, u64), WireError> {
+    let mut r = Reader(head);
+    r.header(&FORMAT, KIND_BLOCKS, "KV blocks")?;
+    let layout = BlockLayout::decode(&mut r)?;
+    if r.u32()? != 1 {
+        return Err(WireError::Invalid("not a one-block body".into()));
+    }
+    let hash = BlockHash::from_bytes(r.array()?);
+    let len = r.u64()?;
+    if len != layout.payload_bytes() {
+        return Err(WireError::Invalid(format!(
+            "block {hash}: {len} payload bytes, the layout has {}",
+            layout.payload_bytes()
+        )));
+    }
+    Ok((layout, hash, len))
+}
+
 /// The layout and first block hash of a body, from its first [`PREFIX_BYTES`] + 16 bytes (a
 /// disk tier rebuilding its index reads no more of each file).
 pub fn peek(prefix: &[u8]) -> Result<(BlockLayout, u32, Option<BlockHash>), WireError> {
@@ -279,6 +303,12 @@ mod tests {
         assert!(d.damaged.is_empty());
         let (peeked, n, first) = peek(&body[..PREFIX_BYTES + 16]).unwrap();
         assert_eq!((peeked, n, first), (l, 2, Some(hash(1))));
+        let one = encode(&l, &[(hash(3), &b)]).unwrap();
+        let (got, h, len) = block_head(&one[..BLOCK_HEAD_BYTES]).unwrap();
+        assert_eq!((got, h, len), (l, hash(3), l.payload_bytes()));
+        let sum = &one[BLOCK_HEAD_BYTES + len as usize..];
+        assert_eq!(sum, checksum(&l, &hash(3), &b));
+        assert!(block_head(&body[..BLOCK_HEAD_BYTES]).is_err(), "two blocks");
     }
 
     #[test]

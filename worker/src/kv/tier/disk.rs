@@ -1,5 +1,5 @@
-//! The disk tier: one file per block in a worker's own folder, written and read by one I/O
-//! thread so the engine never waits on the disk.
+//! The disk tier: one file per block in a worker's own folder, written and read by its own
+//! threads so the engine never waits on the disk.
 //!
 //! Files are `DIR/ab/abcdef....kvb` (the block hash in hex, fanned out over 256 folders), each a
 //! one-block body of `tidelock_protocol::blocks` (layout, hash, payload, checksum). A file is
@@ -8,11 +8,14 @@
 //! counted. A folder is used by one worker at a time (`DIR/LOCK`, an advisory lock).
 //!
 //! The engine thread owns the index (which blocks are on disk, least recently used first, the
-//! byte budget) and decides every eviction; the I/O thread only performs the queued reads,
-//! writes and deletes, reads first: a request waits for them, writes wait for nobody. A read of a
-//! block still queued for writing is answered from the queue. On start the index is rebuilt from
+//! byte budget) and decides every eviction; threads only perform the queued work: a reader (a
+//! request waits for its reads, so they never queue behind writes; the kernel is asked to read
+//! the next queued files ahead), a checker (each block's checksum, while the reader reads the
+//! next) and a writer (deletes, then writes, in order). A read of a block still queued for writing, or being written, is answered
+//! from its bytes. On start the index is rebuilt from
 //! the files present (oldest modification first), so a restarted worker finds its blocks again.
 
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -23,7 +26,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tidelock_protocol::BlockHash;
-use tidelock_protocol::blocks::{self, BlockLayout, PREFIX_BYTES};
+use tidelock_protocol::blocks::{
+    self, BLOCK_HEAD_BYTES, BlockLayout, CHECKSUM_BYTES, PREFIX_BYTES,
+};
 
 use super::lru::Lru;
 
@@ -48,7 +53,7 @@ pub enum Done {
     Read {
         hash: BlockHash,
         /// The payload, or why there is none.
-        result: Result<Vec<u8>, ReadFault>,
+        result: Result<Bytes, ReadFault>,
         /// Seconds the read and the checksum took.
         secs: f64,
     },
@@ -70,18 +75,22 @@ pub enum ReadFault {
 #[derive(Debug, Default)]
 struct Queue {
     reads: VecDeque<BlockHash>,
-    writes: VecDeque<(BlockHash, Arc<[u8]>)>,
+    writes: VecDeque<(BlockHash, Bytes)>,
     deletes: VecDeque<BlockHash>,
     write_bytes: u64,
-    /// The job being worked on (counted until it is done, so `flush` waits for it).
-    busy: bool,
+    /// The write or delete the writer is working on (`flush` waits for it; a read of a block
+    /// being written is answered from its bytes).
+    writing: Option<(BlockHash, Option<Bytes>)>,
     stop: bool,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     queue: Mutex<Queue>,
-    wake: Condvar,
+    /// Readers wait here for reads, the writer for writes and deletes (one condition each, so a
+    /// wake-up never lands on a thread with nothing to do while the right one sleeps).
+    wake_readers: Condvar,
+    wake_writer: Condvar,
     idle: Condvar,
 }
 
@@ -100,7 +109,7 @@ pub struct DiskTier {
     lru: Lru,
     shared: Arc<Shared>,
     done: Receiver<Done>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     /// Bytes queued for writing at most; a demotion beyond it is dropped (the disk is slower
     /// than eviction), never queued without bound.
     max_queued_bytes: u64,
@@ -167,11 +176,35 @@ impl DiskTier {
         }
         let shared = Arc::new(Shared::default());
         let (tx, done) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("kv-disk".into())
+        // Reads on their own threads (one reads, one checks what was read): a waiting
+        // request's block never queues behind writes.
+        let (to_check, checks) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for _ in 0..READERS {
+            threads.push(
+                std::thread::Builder::new()
+                    .name("kv-disk-read".into())
+                    .spawn({
+                        let (dir, shared, to_check) =
+                            (dir.to_owned(), shared.clone(), to_check.clone());
+                        move || read_loop(&dir, &layout, &shared, &to_check)
+                    })
+                    .map_err(io)?,
+            );
+        }
+        drop(to_check);
+        let checker = std::thread::Builder::new()
+            .name("kv-disk-check".into())
+            .spawn({
+                let (dir, tx) = (dir.to_owned(), tx.clone());
+                move || check_loop(&dir, &layout, &checks, &tx)
+            })
+            .map_err(io)?;
+        let writer = std::thread::Builder::new()
+            .name("kv-disk-write".into())
             .spawn({
                 let (dir, shared) = (dir.to_owned(), shared.clone());
-                move || io_loop(&dir, &layout, &shared, &tx)
+                move || write_loop(&dir, &layout, &shared, &tx)
             })
             .map_err(io)?;
         let opened = Opened {
@@ -186,7 +219,7 @@ impl DiskTier {
                 lru,
                 shared,
                 done,
-                thread: Some(thread),
+                threads: threads.into_iter().chain([checker, writer]).collect(),
                 max_queued_bytes: (256 << 20).max(4 * file_bytes),
                 _lock: lock,
             },
@@ -233,7 +266,7 @@ impl DiskTier {
     pub fn insert(
         &mut self,
         hash: BlockHash,
-        payload: Arc<[u8]>,
+        payload: Bytes,
         wait: bool,
     ) -> Option<Vec<BlockHash>> {
         if self.lru.contains(&hash) {
@@ -258,7 +291,7 @@ impl DiskTier {
         q.write_bytes += payload.len() as u64;
         q.writes.push_back((hash, payload));
         drop(q);
-        self.shared.wake.notify_one();
+        self.shared.wake_writer.notify_one();
         self.lru.touch(hash);
         Some(evicted)
     }
@@ -268,7 +301,7 @@ impl DiskTier {
     pub fn read(&mut self, hash: BlockHash) {
         self.lru.touch(hash);
         self.shared.lock().reads.push_back(hash);
-        self.shared.wake.notify_one();
+        self.shared.wake_readers.notify_one();
     }
 
     /// Drops a block from the index and deletes its file (after a failed read or write).
@@ -276,7 +309,7 @@ impl DiskTier {
         let known = self.lru.remove(hash);
         if known {
             forget(&mut self.shared.lock(), hash);
-            self.shared.wake.notify_one();
+            self.shared.wake_writer.notify_one();
         }
         known
     }
@@ -293,7 +326,7 @@ impl DiskTier {
     pub fn flush(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut q = self.shared.lock();
-        while !q.writes.is_empty() || !q.deletes.is_empty() || q.busy {
+        while !q.writes.is_empty() || !q.deletes.is_empty() || q.writing.is_some() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -316,8 +349,9 @@ impl DiskTier {
 impl Drop for DiskTier {
     fn drop(&mut self) {
         self.shared.lock().stop = true;
-        self.shared.wake.notify_all();
-        if let Some(thread) = self.thread.take() {
+        self.shared.wake_readers.notify_all();
+        self.shared.wake_writer.notify_all();
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -339,73 +373,140 @@ fn path_of(dir: &Path, hash: &BlockHash) -> PathBuf {
     dir.join(&hex[..2]).join(format!("{hex}.kvb"))
 }
 
-enum Job {
-    Read(BlockHash),
-    Answered(BlockHash, Arc<[u8]>),
-    Write(BlockHash, Arc<[u8]>),
-    Delete(BlockHash),
-}
+/// Queued reads the kernel is asked to read ahead of the one in hand, so the device works
+/// while the thread checks a block.
+const READ_AHEAD: usize = 8;
 
-fn io_loop(dir: &Path, layout: &BlockLayout, shared: &Shared, done: &Sender<Done>) {
+/// Threads reading blocks at once: the device serves several requests in parallel.
+const READERS: usize = 2;
+
+/// The reader: reads queued blocks, first come first served, answering those still queued for
+/// writing (or being written) from their bytes.
+fn read_loop(
+    dir: &Path,
+    layout: &BlockLayout,
+    shared: &Shared,
+    checks: &Sender<(BlockHash, ReadOutcome, Instant)>,
+) {
+    let mut advised: std::collections::HashSet<BlockHash> = std::collections::HashSet::new();
     loop {
-        let job = {
+        let (hash, pending, ahead) = {
             let mut q = shared.lock();
-            q.busy = false;
-            // Room in the write queue (an `insert` may wait for it).
-            shared.idle.notify_all();
             loop {
                 if let Some(hash) = q.reads.pop_front() {
-                    match q.writes.iter().find(|(h, _)| *h == hash) {
-                        Some((_, bytes)) => break Job::Answered(hash, bytes.clone()),
-                        None => break Job::Read(hash),
-                    }
-                }
-                if let Some(hash) = q.deletes.pop_front() {
-                    q.busy = true;
-                    break Job::Delete(hash);
-                }
-                if let Some((hash, bytes)) = q.writes.pop_front() {
-                    q.write_bytes -= bytes.len() as u64;
-                    q.busy = true;
-                    break Job::Write(hash, bytes);
+                    let ahead: Vec<BlockHash> = q
+                        .reads
+                        .iter()
+                        .take(READ_AHEAD)
+                        .filter(|h| !advised.contains(*h))
+                        .copied()
+                        .collect();
+                    let writing = q
+                        .writing
+                        .as_ref()
+                        .filter(|(h, _)| *h == hash)
+                        .and_then(|(_, bytes)| bytes.clone());
+                    let queued = q
+                        .writes
+                        .iter()
+                        .find(|(h, _)| *h == hash)
+                        .map(|(_, b)| b.clone());
+                    break (hash, writing.or(queued), ahead);
                 }
                 if q.stop {
                     return;
                 }
-                q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                q = shared
+                    .wake_readers
+                    .wait(q)
+                    .unwrap_or_else(|e| e.into_inner());
             }
         };
-        // A send fails only when the tier was dropped; the queue is still finished.
-        let _ = match job {
-            Job::Answered(hash, bytes) => done.send(Done::Read {
-                hash,
-                result: Ok(bytes.to_vec()),
-                secs: 0.0,
-            }),
-            Job::Read(hash) => {
-                let started = Instant::now();
-                let result = read_block(dir, layout, &hash);
-                if matches!(result, Err(ReadFault::Damaged(_))) {
-                    let _ = fs::remove_file(path_of(dir, &hash));
+        for next in ahead {
+            read_ahead(&path_of(dir, &next));
+            advised.insert(next);
+        }
+        advised.remove(&hash);
+        let started = Instant::now();
+        let read = match pending {
+            Some(bytes) => Ok(Err(bytes)),
+            None => read_raw(dir, layout, &hash).map(Ok),
+        };
+        // A send fails only when the tier was dropped.
+        let _ = checks.send((hash, read, started));
+    }
+}
+
+/// What the reader hands the checker: a file's bytes to check, or bytes that need no check
+/// (answered from the write queue), or the fault.
+type ReadOutcome = Result<Result<Raw, Bytes>, ReadFault>;
+
+/// The checker: checks each block the reader read while the reader reads the next, then reports
+/// it (a damaged file is deleted).
+fn check_loop(
+    dir: &Path,
+    layout: &BlockLayout,
+    reads: &Receiver<(BlockHash, ReadOutcome, Instant)>,
+    done: &Sender<Done>,
+) {
+    for (hash, read, started) in reads {
+        let result = match read {
+            Ok(Ok(raw)) => verify(layout, &hash, raw).map(Bytes::from),
+            Ok(Err(bytes)) => Ok(bytes),
+            Err(fault) => Err(fault),
+        };
+        if matches!(result, Err(ReadFault::Damaged(_))) {
+            let _ = fs::remove_file(path_of(dir, &hash));
+        }
+        let _ = done.send(Done::Read {
+            hash,
+            result,
+            secs: started.elapsed().as_secs_f64(),
+        });
+    }
+}
+
+/// The writer: deletes first (they make room), then writes, in order; finishes its queue
+/// before it stops.
+fn write_loop(dir: &Path, layout: &BlockLayout, shared: &Shared, done: &Sender<Done>) {
+    loop {
+        let (hash, bytes) = {
+            let mut q = shared.lock();
+            q.writing = None;
+            // Room in the write queue (an `insert` may wait for it), or idle (`flush`).
+            shared.idle.notify_all();
+            loop {
+                if let Some(hash) = q.deletes.pop_front() {
+                    q.writing = Some((hash, None));
+                    break (hash, None);
                 }
-                done.send(Done::Read {
-                    hash,
-                    result,
-                    secs: started.elapsed().as_secs_f64(),
-                })
-            }
-            Job::Write(hash, bytes) => match write_block(dir, layout, &hash, &bytes) {
-                Ok(()) => Ok(()),
-                Err(e) => done.send(Done::WriteFailed {
-                    hash,
-                    error: e.to_string(),
-                }),
-            },
-            Job::Delete(hash) => {
-                let _ = fs::remove_file(path_of(dir, &hash));
-                Ok(())
+                if let Some((hash, bytes)) = q.writes.pop_front() {
+                    q.write_bytes -= bytes.len() as u64;
+                    q.writing = Some((hash, Some(bytes.clone())));
+                    break (hash, Some(bytes));
+                }
+                if q.stop {
+                    return;
+                }
+                q = shared
+                    .wake_writer
+                    .wait(q)
+                    .unwrap_or_else(|e| e.into_inner());
             }
         };
+        match bytes {
+            Some(bytes) => {
+                if let Err(e) = write_block(dir, layout, &hash, &bytes) {
+                    let _ = done.send(Done::WriteFailed {
+                        hash,
+                        error: e.to_string(),
+                    });
+                }
+            }
+            None => {
+                let _ = fs::remove_file(path_of(dir, &hash));
+            }
+        }
     }
 }
 
@@ -425,27 +526,82 @@ fn write_block(
     fs::rename(&tmp, &path)
 }
 
-fn read_block(dir: &Path, layout: &BlockLayout, hash: &BlockHash) -> Result<Vec<u8>, ReadFault> {
-    let mut body =
-        fs::read(path_of(dir, hash)).map_err(|e| ReadFault::Unreadable(e.to_string()))?;
-    let decoded = blocks::decode(&body).map_err(|e| ReadFault::Damaged(e.to_string()))?;
-    if decoded.layout != *layout {
+/// Asks the kernel to start reading a file into the page cache (a hint: failures are ignored).
+fn read_ahead(path: &Path) {
+    if let Ok(file) = File::open(path) {
+        use std::os::fd::AsFd;
+        let _ = nix::fcntl::posix_fadvise(
+            file.as_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
+    }
+}
+
+/// A block's file as read, before its checksum is checked.
+struct Raw {
+    payload: Vec<u8>,
+    sum: [u8; CHECKSUM_BYTES],
+}
+
+/// Reads one block's file: its head, then the payload straight into its buffer, then the
+/// checksum ([`verify`] checks it, on another thread).
+fn read_raw(dir: &Path, layout: &BlockLayout, hash: &BlockHash) -> Result<Raw, ReadFault> {
+    let unreadable = |e: io::Error| ReadFault::Unreadable(e.to_string());
+    let damaged = |e: io::Error| ReadFault::Damaged(e.to_string());
+    let mut file = File::open(path_of(dir, hash)).map_err(unreadable)?;
+    let mut head = [0u8; BLOCK_HEAD_BYTES];
+    file.read_exact(&mut head).map_err(damaged)?;
+    let (got, named, len) =
+        blocks::block_head(&head).map_err(|e| ReadFault::Damaged(e.to_string()))?;
+    if got != *layout {
         return Err(ReadFault::Damaged(format!(
-            "written for another layout: {:?}",
-            decoded.layout
+            "written for another layout: {got:?}"
         )));
     }
-    match (&decoded.blocks[..], &decoded.damaged[..]) {
-        ([(h, payload)], []) if h == hash => {
-            let start = payload.as_ptr() as usize - body.as_ptr() as usize;
-            let len = payload.len();
-            body.truncate(start + len);
-            body.drain(..start);
-            Ok(body)
-        }
-        (_, [_]) => Err(ReadFault::Damaged("checksum mismatch".into())),
-        _ => Err(ReadFault::Damaged("not the block named by the file".into())),
+    if named != *hash {
+        return Err(ReadFault::Damaged("not the block named by the file".into()));
     }
+    // Read into spare capacity: no zeroing of megabytes about to be overwritten.
+    let mut payload = Vec::with_capacity(len as usize);
+    (&mut file)
+        .take(len)
+        .read_to_end(&mut payload)
+        .map_err(unreadable)?;
+    if payload.len() as u64 != len {
+        return Err(ReadFault::Damaged(
+            "the file ends inside the payload".into(),
+        ));
+    }
+    let mut sum = [0u8; CHECKSUM_BYTES + 1];
+    if read_full(&mut file, &mut sum).map_err(unreadable)? != CHECKSUM_BYTES {
+        return Err(ReadFault::Damaged("no checksum, or bytes after it".into()));
+    }
+    Ok(Raw {
+        payload,
+        sum: sum[..CHECKSUM_BYTES].try_into().expect("16 bytes"),
+    })
+}
+
+/// The payload of a block read by [`read_raw`], if its checksum matches.
+fn verify(layout: &BlockLayout, hash: &BlockHash, raw: Raw) -> Result<Vec<u8>, ReadFault> {
+    match raw.sum == blocks::checksum(layout, hash, &raw.payload) {
+        true => Ok(raw.payload),
+        false => Err(ReadFault::Damaged("checksum mismatch".into())),
+    }
+}
+
+/// Reads until `buf` is full or the file ends; how many bytes were read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 /// The blocks of `layout` in `dir`, oldest modification first, and how many files were removed.

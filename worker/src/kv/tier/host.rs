@@ -3,8 +3,8 @@
 //! evicted blocks go straight to disk. Buffers are ordinary heap memory: pinned (page-locked)
 //! buffers would let a GPU copy them asynchronously, which candle does not expose yet.
 
+use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use tidelock_protocol::BlockHash;
 
@@ -15,7 +15,7 @@ pub struct HostTier {
     capacity: u64,
     used: u64,
     lru: Lru,
-    data: HashMap<BlockHash, Arc<[u8]>>,
+    data: HashMap<BlockHash, Bytes>,
 }
 
 impl HostTier {
@@ -47,7 +47,7 @@ impl HostTier {
     }
 
     /// The block's bytes, now the most recently used.
-    pub fn get(&mut self, hash: &BlockHash) -> Option<Arc<[u8]>> {
+    pub fn get(&mut self, hash: &BlockHash) -> Option<Bytes> {
         let bytes = self.data.get(hash)?.clone();
         self.lru.touch(*hash);
         Some(bytes)
@@ -55,7 +55,7 @@ impl HostTier {
 
     /// Keeps a block; returns the least recently used blocks pushed out to make room (for the
     /// next tier). A block larger than the whole tier is returned at once.
-    pub fn insert(&mut self, hash: BlockHash, bytes: Arc<[u8]>) -> Vec<(BlockHash, Arc<[u8]>)> {
+    pub fn insert(&mut self, hash: BlockHash, bytes: Bytes) -> Vec<(BlockHash, Bytes)> {
         let size = bytes.len() as u64;
         if size > self.capacity {
             return vec![(hash, bytes)];
@@ -92,7 +92,7 @@ mod tests {
     #[test]
     fn the_least_recently_used_block_makes_room() {
         let h = |i: u8| BlockHash::from_bytes([i; 16]);
-        let bytes = |n: usize| -> Arc<[u8]> { vec![7u8; n].into() };
+        let bytes = |n: usize| -> Bytes { vec![7u8; n].into() };
         let mut t = HostTier::new(300);
         assert!(t.insert(h(1), bytes(100)).is_empty());
         assert!(t.insert(h(2), bytes(100)).is_empty());

@@ -32,9 +32,9 @@ pub mod disk;
 pub mod host;
 mod lru;
 
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidelock_protocol::blocks::BlockLayout;
@@ -97,7 +97,7 @@ pub struct Fetch {
 enum Staged {
     Loading,
     Ready {
-        bytes: Arc<[u8]>,
+        bytes: Bytes,
         tier: Tier,
         /// Seconds the tier took to produce it.
         secs: f64,
@@ -226,7 +226,7 @@ impl Tiers {
             tracing::warn!(%hash, error = %e, "cannot copy an evicted KV block out; it is forgotten");
             return;
         }
-        let bytes: Arc<[u8]> = bytes.into();
+        let bytes: Bytes = bytes.into();
         if self.host.enabled() {
             let pushed = self.host.insert(hash, bytes);
             let kept = !pushed.iter().any(|(h, _)| *h == hash);
@@ -246,7 +246,7 @@ impl Tiers {
         self.refresh_gauges();
     }
 
-    fn onto_disk(&mut self, hash: BlockHash, bytes: Arc<[u8]>, wait: bool) {
+    fn onto_disk(&mut self, hash: BlockHash, bytes: Bytes, wait: bool) {
         let Some(disk) = self.disk.as_mut() else {
             return;
         };
@@ -317,7 +317,7 @@ impl Tiers {
 
     /// Takes a staged block's bytes to import it; the caller reports the copy with
     /// [`Tiers::imported`].
-    pub fn take_staged(&mut self, hash: &BlockHash) -> Option<(Arc<[u8]>, Tier, f64)> {
+    pub fn take_staged(&mut self, hash: &BlockHash) -> Option<(Bytes, Tier, f64)> {
         match self.staged.remove(hash)? {
             Staged::Ready { bytes, tier, secs } => Some((bytes, tier, secs)),
             loading => {
@@ -374,7 +374,7 @@ impl Tiers {
                     self.staged.insert(
                         hash,
                         Staged::Ready {
-                            bytes: bytes.into(),
+                            bytes,
                             tier: Tier::Disk,
                             secs,
                         },
