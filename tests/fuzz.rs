@@ -230,6 +230,7 @@ fn binary_generate_requests_decode_without_panicking() {
         cache_salt: CacheSalt::new("0123456789abcdef0123456789abcdef").unwrap(),
         tokens,
         sampling: SamplingParams::default(),
+        pull: None,
     };
     let seeds = vec![
         request(vec![]).to_binary(),

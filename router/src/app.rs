@@ -34,7 +34,7 @@ use tidelock_openai::{
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
 use tidelock_protocol::{
-    GenerateEvent, GenerateRequest, HashChain, SessionKey, TenantId, WorkerId,
+    GenerateEvent, GenerateRequest, HashChain, PullHint, SessionKey, TenantId, WorkerId,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -768,15 +768,16 @@ async fn place(
     // them into the worker request rather than copying a possibly million-token prompt. After
     // placement they move on to the turn memory's callback (when the session has one), which
     // keeps them until the answer ends.
-    let request = GenerateRequest {
+    let mut request = GenerateRequest {
         request_id: Some(prepared.meta.id.clone()),
         session: session.clone(),
         // The tenant's secret (shared only with the tenants that opt into sharing).
         cache_salt: tenant.record.cache_salt.clone(),
         tokens: std::mem::take(&mut prepared.tokens),
         sampling: prepared.sampling.clone(),
+        pull: None,
     };
-    let started = route(state, &model, &tenant.id, session, &request, &chain).await?;
+    let started = route(state, &model, &tenant.id, session, &mut request, &chain).await?;
     // Remember this prompt and its answer for the session's next turn.
     let on_answer = match (turn_key, prepared.text.take()) {
         (Some(key), Some(text)) if state.settings.turn_memory_tokens > 0 => {
@@ -842,7 +843,7 @@ async fn route(
     model: &Arc<Model>,
     tenant_id: &tidelock_protocol::TenantId,
     session: Option<SessionKey>,
-    request: &GenerateRequest,
+    request: &mut GenerateRequest,
     chain: &HashChain,
 ) -> Result<crate::proxy::Started, Refusal> {
     let block_tokens = model.block_tokens.as_usize();
@@ -904,6 +905,20 @@ async fn route(
         .decisions
         .with_label_values(&[policy.as_str(), decision.reason.as_str()])
         .inc();
+    // The prefix is pulled from the worker holding it rather than recomputed (issue #21).
+    request.pull = decision.pull.as_ref().and_then(|(holder, blocks)| {
+        Some(PullHint {
+            from: workers.get(holder)?.registration.address.clone(),
+            blocks: u32::try_from(*blocks).ok()?,
+        })
+    });
+    if request.pull.is_some() {
+        state
+            .metrics
+            .decisions
+            .with_label_values(&[policy.as_str(), "pull"])
+            .inc();
+    }
     let order = decision
         .order
         .iter()
@@ -914,7 +929,7 @@ async fn route(
             Some((w, uncached as u64))
         })
         .collect();
-    let started = state.proxy.start(order, request).await?;
+    let started = state.proxy.start(order, &*request).await?;
     // Counted from zero once a model is served (a series that only appears with the first
     // retry leaves dashboards and alerts blind until then).
     state

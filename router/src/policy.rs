@@ -147,6 +147,8 @@ pub struct CostModel {
     pub host_block_secs: f64,
     /// Seconds to bring one block from the disk tier to the device.
     pub disk_block_secs: f64,
+    /// Seconds to pull one block from another worker (until the target measures its own).
+    pub peer_block_secs: f64,
     /// A pinned worker is kept while its prediction is at most `best * (1 + margin_ratio) +
     /// margin_secs`.
     pub margin_ratio: f64,
@@ -162,6 +164,7 @@ impl Default for CostModel {
             default_prefill_tps: 2_000.0,
             host_block_secs: 0.000_5,
             disk_block_secs: 0.005,
+            peer_block_secs: 0.005,
             margin_ratio: 0.5,
             margin_secs: 0.05,
             cache_weight: 3.0,
@@ -176,6 +179,35 @@ impl CostModel {
             c.load.prefill_tokens_per_second
         } else {
             self.default_prefill_tps
+        }
+    }
+
+    /// The rank of `c` for a prompt whose longest cached prefix on any worker is
+    /// `most_cached_blocks`: its predicted TTFT plus the charge for the cache it gives up, or,
+    /// when pulling the prefix from the worker that holds it ranks better, the pull's
+    /// prediction (nothing is given up: the prefix is copied, not recomputed). Whether it pulls.
+    pub fn rank(
+        &self,
+        c: &Candidate,
+        prompt_tokens: usize,
+        block_tokens: usize,
+        most_cached_blocks: usize,
+    ) -> (f64, bool) {
+        let own = self.score(c, prompt_tokens, block_tokens, most_cached_blocks);
+        let pulled = most_cached_blocks.saturating_sub(c.cached_blocks());
+        if pulled == 0 {
+            return (own, false);
+        }
+        let speed = self.speed(c);
+        let uncached = prompt_tokens
+            .saturating_sub(most_cached_blocks * block_tokens)
+            .max(1) as f64;
+        let transfer = self.transfer(c)
+            + pulled as f64 * measured(c.load.peer_block_secs, self.peer_block_secs);
+        let pull = (self.queued(c) / speed).max(transfer) + uncached / speed;
+        match pull < own {
+            true => (pull, true),
+            false => (own, false),
         }
     }
 
@@ -197,16 +229,23 @@ impl CostModel {
     /// Predicted time to first token of a `prompt_tokens`-token prompt on `c`.
     pub fn ttft(&self, c: &Candidate, prompt_tokens: usize, block_tokens: usize) -> Duration {
         let speed = self.speed(c);
-        let queued = c.load.prefill_tokens_waiting.max(c.pending_prefill) as f64;
         // The last token is always computed (its logits start decoding), cached or not.
         let uncached = prompt_tokens
             .saturating_sub(c.cached_blocks() * block_tokens)
             .max(1) as f64;
-        let transfer = c.cached.host as f64
-            * measured(c.load.host_block_secs, self.host_block_secs)
-            + c.cached.disk as f64 * measured(c.load.disk_block_secs, self.disk_block_secs);
         // Lower-tier blocks load while the request waits in the worker's queue.
-        Duration::from_secs_f64((queued / speed).max(transfer) + uncached / speed)
+        Duration::from_secs_f64((self.queued(c) / speed).max(self.transfer(c)) + uncached / speed)
+    }
+
+    /// Prefill tokens ahead of a new request on `c`.
+    fn queued(&self, c: &Candidate) -> f64 {
+        c.load.prefill_tokens_waiting.max(c.pending_prefill) as f64
+    }
+
+    /// Seconds to bring `c`'s lower-tier blocks of the prompt up.
+    fn transfer(&self, c: &Candidate) -> f64 {
+        c.cached.host as f64 * measured(c.load.host_block_secs, self.host_block_secs)
+            + c.cached.disk as f64 * measured(c.load.disk_block_secs, self.disk_block_secs)
     }
 }
 
@@ -234,6 +273,9 @@ pub struct Request<'a> {
 pub struct Decision {
     pub order: Vec<WorkerId>,
     pub reason: Reason,
+    /// The first worker should pull the prompt's cached prefix from this worker, which holds
+    /// this many leading blocks (the `ttft` policy, when that beats recomputing).
+    pub pull: Option<(WorkerId, usize)>,
 }
 
 /// A score, totally ordered by `f64::total_cmp` (a reported speed near zero can make it
@@ -278,20 +320,27 @@ pub fn decide(
     let decision = |order: Vec<&Candidate>, reason| Decision {
         order: order.iter().map(|c| c.worker.clone()).collect(),
         reason,
+        pull: None,
     };
     Some(match policy {
         Policy::Ttft => {
             let most = sorted.iter().map(|c| c.cached_blocks()).max().unwrap_or(0);
-            let score =
-                |c: &Candidate| model.score(c, request.prompt_tokens, request.block_tokens, most);
+            // The holder a pull would come from: the most blocks, the most of them in memory.
+            let holder = sorted
+                .iter()
+                .filter(|c| c.cached_blocks() == most && most > 0)
+                .max_by_key(|c| c.cached.device)
+                .map(|c| c.worker.clone());
+            let rank =
+                |c: &Candidate| model.rank(c, request.prompt_tokens, request.block_tokens, most);
             let mut order = sorted;
             // Stable sort from the round-robin turn's order: equal scores (an idle cluster, a
             // prompt nobody holds) are spread over the workers, not all given to the first id.
             let n = order.len();
             order.rotate_left((turn % n as u64) as usize);
-            // One score per worker, not one per comparison.
-            order.sort_by_cached_key(|c| Score(score(c)));
-            let best = score(order[0]);
+            // One rank per worker, not one per comparison.
+            order.sort_by_cached_key(|c| Score(rank(c).0));
+            let best = rank(order[0]).0;
             let pinned = request
                 .pinned
                 .map(|p| order.iter().position(|c| &c.worker == p));
@@ -300,7 +349,7 @@ pub fn decide(
                 Some(None) => Reason::PinLost,
                 Some(Some(i)) => {
                     let keep = best * (1.0 + model.margin_ratio) + model.margin_secs;
-                    if score(order[i]) <= keep {
+                    if rank(order[i]).0 <= keep {
                         let pin = order.remove(i);
                         order.insert(0, pin);
                         Reason::Pinned
@@ -309,7 +358,14 @@ pub fn decide(
                     }
                 }
             };
-            decision(order, reason)
+            let pull = match rank(order[0]) {
+                (_, true) => holder.map(|h| (h, most)),
+                _ => None,
+            };
+            Decision {
+                pull,
+                ..decision(order, reason)
+            }
         }
         Policy::RoundRobin => {
             let n = sorted.len();

@@ -8,6 +8,11 @@
 //! copy them into a store (`import_block`); then the same bytes as one file read by `dd` after
 //! the same cache drop. Prints each rate and the tier's read rate over `dd`'s.
 //!
+//! Then a peer pull: the same blocks held in a worker's prefix cache, served by its real
+//! `/v1/kv/blocks` route on a loopback port, pulled and checked as the puller does (one request,
+//! a keep-alive connection), against the same number of bytes sent over a plain loopback TCP
+//! connection in the same run.
+//!
 //! Usage: bench_tiers [BLOCKS (default 96)] [DIR (default: a temporary folder under /var/tmp)]
 
 use std::fs::File;
@@ -16,10 +21,24 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tidelock_protocol::BlockHash;
-use tidelock_protocol::BlockId;
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tidelock_protocol::blocks::BlockLayout;
+use tidelock_protocol::{
+    BlockHash, BlockId, BlockTokens, BlocksRequest, Epoch, GroupId, ModelName, ShardIndex,
+    WorkerInfo,
+};
+use tidelock_worker::engine::executor::{Executor, Work};
+use tidelock_worker::engine::logits::StepLogits;
+use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::kv::tier::{TierConfig, Tiers};
 use tidelock_worker::kv::{KvShape, KvStore};
+use tidelock_worker::model::ModelError;
+use tidelock_worker::server;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let blocks: usize = std::env::args().nth(1).map_or(Ok(96), |a| a.parse())?;
@@ -164,7 +183,142 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "load (read + import) per block: {:.3} ms",
         per_block(read + import)
     );
+    drop(dir);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(pull(store, &hashes))
+}
+
+/// A store without a model: enough for the engine to hold, export and import blocks.
+struct Held(KvStore);
+
+impl Executor for Held {
+    fn run(&mut self, _: &[Work<'_>]) -> Result<StepLogits, ModelError> {
+        Err(ModelError::Input("no model here".into()))
+    }
+    fn block_layout(&self) -> Option<BlockLayout> {
+        Some(self.0.block_layout())
+    }
+    fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<(), ModelError> {
+        self.0.export_block(block, out)
+    }
+    fn import_block(&mut self, block: BlockId, payload: &[u8]) -> Result<(), ModelError> {
+        self.0.import_block(block, payload)
+    }
+}
+
+/// The peer pull against plain loopback TCP.
+async fn pull(store: KvStore, hashes: &[BlockHash]) -> Result<(), Box<dyn std::error::Error>> {
+    let blocks = hashes.len();
+    let layout = store.block_layout();
+    let bt = BlockTokens::new(64)?;
+    let mut pool = BlockPool::new(blocks, bt, Epoch::new(1));
+    let ids = pool.allocate(blocks)?;
+    pool.commit(None, &ids, hashes);
+    pool.release(&ids);
+    let cfg = EngineConfig {
+        model: ModelName::new("bench")?,
+        block_tokens: bt,
+        max_step_tokens: 64,
+        max_running: 1,
+        max_waiting: 1,
+        max_context: 1024,
+        vocab_size: 1,
+        eos_token_ids: Vec::new(),
+    };
+    let engine = Engine::new(cfg, pool, Held(store)).with_tiers(Tiers::staging(layout));
+    let info = WorkerInfo {
+        model: ModelName::new("bench")?,
+        block_tokens: bt,
+        dtype: "f32".into(),
+        kv_capacity_bytes: 0,
+        kv_capacity_blocks: blocks as u64,
+        max_context_tokens: 1024,
+        epoch: Epoch::new(1),
+        group: GroupId::new("g")?,
+        shard: ShardIndex::new(0),
+        shard_count: 1,
+    };
+    let state = server::start(engine, info, "{}".into(), None)?.state;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}{}", listener.local_addr()?, server::peers::PATH);
+    tokio::spawn(async move { axum::serve(listener, server::app(state)).await });
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let body = serde_json::to_vec(&BlocksRequest {
+        hashes: hashes.to_vec(),
+    })?;
+    let mut best = f64::MAX;
+    let mut bytes = 0;
+    // The first pull opens the connection; the best of three after it.
+    for round in 0..4 {
+        let started = Instant::now();
+        let response = client
+            .request(
+                hyper::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.clone())))?,
+            )
+            .await?;
+        let reply = response.into_body().collect().await?.to_bytes();
+        let decoded = tidelock_protocol::blocks::decode(&reply)?;
+        if decoded.blocks.len() != blocks || decoded.layout != layout {
+            return Err("the pull did not bring every block".into());
+        }
+        let secs = started.elapsed().as_secs_f64();
+        bytes = reply.len();
+        if round > 0 {
+            best = best.min(secs);
+        }
+    }
+    let tcp = loopback_tcp(bytes).await?;
+    let pull_rate = bytes as f64 / best;
+    println!(
+        "| peer pull of {blocks} blocks over /v1/kv/blocks (export, encode, send, decode, checksum), best of 3 | {:.2} | {:.3} |",
+        pull_rate / 1e9,
+        best / blocks as f64 * 1e3
+    );
+    println!(
+        "| plain loopback TCP, the same {:.0} MB, best of 3 | {:.2} | |",
+        bytes as f64 / 1e6,
+        tcp / 1e9
+    );
+    println!("peer pull / loopback TCP: {:.2}", pull_rate / tcp);
     Ok(())
+}
+
+/// Bytes per second of one loopback TCP connection carrying `bytes` (best of three).
+async fn loopback_tcp(bytes: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let payload = vec![7u8; bytes];
+    let sender = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await?;
+        for _ in 0..3 {
+            socket.write_all(&payload).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut got = 0;
+        while got < bytes {
+            let n = socket.read(&mut buf[..(bytes - got).min(1 << 20)]).await?;
+            if n == 0 {
+                return Err("the connection closed".into());
+            }
+            got += n;
+        }
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    sender.await??;
+    Ok(bytes as f64 / best)
 }
 
 /// Drops a file's pages from the page cache (written back first), so the next read goes to the

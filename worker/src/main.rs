@@ -301,11 +301,12 @@ fn load(
                 BackendKind::Cpu => {
                     let kv = KvStore::new(shape, num_blocks);
                     let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-                    server::start(
+                    server::start_with_peers(
                         spilling(config, engine)?,
                         info,
                         tokenizer,
                         Some(kit.clone()),
+                        token.clone(),
                     )?
                 }
                 BackendKind::Candle => {
@@ -316,11 +317,12 @@ fn load(
                         model.device(),
                     )?;
                     let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-                    server::start(
+                    server::start_with_peers(
                         spilling(config, engine)?,
                         info,
                         tokenizer,
                         Some(kit.clone()),
+                        token.clone(),
                     )?
                 }
             }
@@ -330,27 +332,34 @@ fn load(
             std::thread::sleep(Duration::from_secs_f64(config.sim_load_secs.max(0.0)));
             let sim = SimExecutor::new(model_config.vocab_size, timing)
                 .with_block_load(Duration::from_secs_f64(config.sim_block_load_secs.max(0.0)));
-            server::start(
+            server::start_with_peers(
                 spilling(config, Engine::new(engine_config, pool, sim))?,
                 info,
                 tokenizer,
                 Some(kit.clone()),
+                token.clone(),
             )?
         }
     };
     Ok(Loaded::Engine(started))
 }
 
-/// The engine with the lower KV tiers `--kv-host` and `--kv-disk` ask for.
+/// The engine with the lower KV tiers `--kv-host` and `--kv-disk` ask for; without them it
+/// still stages blocks pulled from peers.
 fn spilling<E: Executor>(config: &Config, engine: Engine<E>) -> anyhow::Result<Engine<E>> {
     let tiers = config.tiers();
-    if tiers.is_empty() {
-        return Ok(engine);
-    }
     let Some(layout) = engine.executor().block_layout() else {
-        bail!("--kv-disk and --kv-host: a shard group's blocks do not spill to lower tiers yet");
+        if !tiers.is_empty() {
+            bail!(
+                "--kv-disk and --kv-host: a shard group's blocks do not spill to lower tiers yet"
+            );
+        }
+        return Ok(engine);
     };
-    Ok(engine.with_tiers(Tiers::open(&tiers, layout)?))
+    Ok(engine.with_tiers(match tiers.is_empty() {
+        true => Tiers::staging(layout),
+        false => Tiers::open(&tiers, layout)?,
+    }))
 }
 
 fn load_model(path: &std::path::Path, hf_folder: bool, compute: &Compute) -> anyhow::Result<Llama> {

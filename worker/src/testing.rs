@@ -135,6 +135,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        pull: None,
     }
 }
 
@@ -204,11 +205,16 @@ impl SimWorker {
             vocab_size,
             eos_token_ids: self.eos_token_ids,
         };
+        let exec = SimExecutor::new(vocab_size, self.timing);
+        let staging = crate::kv::tier::Tiers::staging(
+            crate::engine::executor::Executor::block_layout(&exec).expect("the simulator's"),
+        );
         let engine = Engine::new(
             cfg,
             BlockPool::new(self.blocks, self.block_tokens, self.epoch),
-            SimExecutor::new(vocab_size, self.timing),
-        );
+            exec,
+        )
+        .with_tiers(staging);
         let info = WorkerInfo {
             model: self.model,
             block_tokens: self.block_tokens,

@@ -290,6 +290,7 @@ async fn generate_takes_the_binary_form_like_json() {
             serde_json::json!({"temperature": 0, "max_tokens": 6, "ignore_eos": true}),
         )
         .unwrap(),
+        pull: None,
     }
     .to_binary();
     let post = |body: Vec<u8>| {

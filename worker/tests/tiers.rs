@@ -1,6 +1,7 @@
-//! The spill tiers on the real default model (issue #21): a prompt whose blocks were evicted to
-//! the disk tier, or that a restarted worker finds on its disk, gives the cold computation's
-//! tokens and log-probabilities, and a block never serves another tenant's salt.
+//! The spill tiers and peer pulls on the real default model (issue #21): a prompt whose blocks
+//! were evicted to the disk tier, that a restarted worker finds on its disk, or whose prefix was
+//! pulled from another worker gives the cold computation's tokens and log-probabilities, and a
+//! block never serves another tenant's salt.
 
 mod support;
 
@@ -9,11 +10,11 @@ use std::sync::{Arc, OnceLock};
 
 use support::{model_path, tokens};
 use tidelock_protocol::{
-    BlockTokens, CacheSalt, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName, Tier,
-    TopLogprob, Usage,
+    BlockTokens, CacheSalt, Epoch, GenerateEvent, GenerateRequest, KvEvent, ModelName, PullHint,
+    Tier, TopLogprob, Usage,
 };
 use tidelock_worker::engine::executor::{Executor, ModelExecutor};
-use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::engine::{Engine, EngineConfig, Export};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::kv::tier::{TierConfig, Tiers};
@@ -210,4 +211,144 @@ fn a_restarted_worker_finds_its_cache_on_disk() {
     let diff = logprob_diff(&again, &cold);
     println!("after a restart: max |logprob diff| vs cold {diff:.2e}");
     assert!(diff <= 1e-4, "{diff}");
+}
+
+/// An engine without lower tiers that can take blocks pulled from a peer.
+fn bare(blocks: usize, epoch: u64) -> Engine<ModelExecutor> {
+    let model = model();
+    let cfg = EngineConfig {
+        model: ModelName::new("smollm2").unwrap(),
+        block_tokens: BlockTokens::new(BLOCK as u32).unwrap(),
+        max_step_tokens: 512,
+        max_running: 8,
+        max_waiting: 16,
+        max_context: 8192,
+        vocab_size: model.config().vocab_size,
+        eos_token_ids: vec![2],
+    };
+    let kv = KvStore::new(model.kv_shape(BLOCK), blocks);
+    let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(epoch));
+    let exec = ModelExecutor { model, kv };
+    let staging = Tiers::staging(exec.block_layout().unwrap());
+    Engine::new(cfg, pool, exec).with_tiers(staging)
+}
+
+/// Carries out the target's pulls against the holder as the server's puller does: the holder
+/// exports, the body crosses in the block format, the target checks and takes what arrived.
+fn carry_pulls(holder: &mut Engine<ModelExecutor>, target: &mut Engine<ModelExecutor>) -> usize {
+    let layout = holder.executor().block_layout().unwrap();
+    let mut moved = 0;
+    for job in target.take_pulls() {
+        let held: Vec<(tidelock_protocol::BlockHash, bytes::Bytes)> = holder
+            .export(&job.hashes)
+            .into_iter()
+            .map(|e| match e {
+                Export::Bytes(h, b) => (h, b),
+                Export::OnDisk(_) => panic!("the holder has no disk tier"),
+            })
+            .collect();
+        let refs: Vec<_> = held.iter().map(|(h, b)| (*h, &b[..])).collect();
+        let body = tidelock_protocol::blocks::encode(&layout, &refs).unwrap();
+        let decoded = tidelock_protocol::blocks::decode(&body).unwrap();
+        let arrived: Vec<_> = decoded
+            .blocks
+            .iter()
+            .map(|(h, p)| (*h, bytes::Bytes::copy_from_slice(p)))
+            .collect();
+        let missed: Vec<_> = job
+            .hashes
+            .iter()
+            .filter(|h| !arrived.iter().any(|(a, _)| a == *h))
+            .copied()
+            .collect();
+        moved += arrived.len();
+        target.pulled(arrived, &missed, 0.001);
+    }
+    moved
+}
+
+fn submit(
+    e: &mut Engine<ModelExecutor>,
+    r: GenerateRequest,
+) -> tokio::sync::mpsc::UnboundedReceiver<GenerateEvent> {
+    let (tx, rx) = unbounded_channel();
+    e.submit(r, tx);
+    rx
+}
+
+fn finish(
+    e: &mut Engine<ModelExecutor>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+) -> Outcome {
+    let mut steps = 0;
+    while !e.is_idle() {
+        e.step().expect("step");
+        steps += 1;
+        assert!(steps < 10_000, "the engine does not finish");
+    }
+    let mut out = Outcome {
+        tokens: Vec::new(),
+        top: Vec::new(),
+        usage: Usage::default(),
+    };
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            GenerateEvent::Tokens {
+                ids, top_logprobs, ..
+            } => {
+                out.tokens.extend(ids);
+                out.top.extend(top_logprobs.unwrap_or_default());
+            }
+            GenerateEvent::Finished { usage, .. } => out.usage = usage,
+            GenerateEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Point 3: a worker placed where the prefix is not pulls it from the worker that holds it,
+/// and computes the cold run's answer from it; another tenant's hint pulls nothing.
+#[test]
+fn a_prefix_pulled_from_a_peer_gives_the_cold_results() {
+    let a = tokens(PROMPT, 21);
+    let mut holder = bare(64, 1);
+    let cold = run(&mut holder, request(&a, "tenant-a"));
+    assert_eq!(cold.usage.cached_tokens, 0);
+    let device = run(&mut holder, request(&a, "tenant-a"));
+
+    let mut target = bare(64, 2);
+    let hint = |mut r: GenerateRequest| {
+        r.pull = Some(PullHint {
+            from: "http://holder".into(),
+            blocks: 7,
+        });
+        r
+    };
+    let rx = submit(&mut target, hint(request(&a, "tenant-a")));
+    // Waiting for the blocks: nothing runs until they come.
+    target.step().unwrap();
+    assert_eq!(target.pool().stats().in_use, 0);
+    assert_eq!(carry_pulls(&mut holder, &mut target), 7);
+    let pulled = finish(&mut target, rx);
+    assert_eq!(
+        pulled.usage.cached_tokens, REUSABLE,
+        "the prefix came from the peer"
+    );
+    assert_eq!(target.tiers().stats().loaded_peer, 7);
+    assert_eq!(pulled.tokens, cold.tokens);
+    let diff = logprob_diff(&pulled, &cold);
+    println!("pulled from a peer: 7 blocks, max |logprob diff| vs cold {diff:.2e}");
+    assert!(diff <= 1e-4, "{diff}");
+    assert_eq!(
+        pulled.top, device.top,
+        "bit-exact with the holder's cached run"
+    );
+
+    // Tenant b's hint names tenant b's blocks: the holder has none, nothing crosses.
+    let rx = submit(&mut target, hint(request(&a, "tenant-b")));
+    assert_eq!(carry_pulls(&mut holder, &mut target), 0);
+    let other = finish(&mut target, rx);
+    assert_eq!(other.usage.cached_tokens, 0);
+    assert_eq!(target.tiers().stats().pull_missed, 7);
 }

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::hash::BlockTokens;
+use crate::hash::{BlockHash, BlockTokens};
 use crate::ids::{CacheSalt, Epoch, GroupId, ModelName, SessionKey, ShardIndex, WorkerId};
 
 /// Why sampling parameters were rejected.
@@ -120,7 +120,31 @@ pub struct GenerateRequest {
     /// How to sample.
     #[serde(default)]
     pub sampling: SamplingParams,
+    /// Where the prompt's cached prefix is, when the router placed the request on a worker that
+    /// lacks it and another holds it: the worker pulls the blocks it does not hold from there
+    /// before computing the rest (issue #21).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullHint>,
 }
+
+/// A router's hint that another worker holds a longer prefix of a request's prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullHint {
+    /// The holder's base URL (its registration's address).
+    pub from: String,
+    /// Leading blocks of the prompt's chain the holder holds (on any tier).
+    pub blocks: u32,
+}
+
+/// `POST /v1/kv/blocks`: the blocks of a chain a peer asks for, in chain order. The reply is a
+/// `tidelock_protocol::blocks` body with the leading ones the worker holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlocksRequest {
+    pub hashes: Vec<BlockHash>,
+}
+
+/// The most blocks one `/v1/kv/blocks` request may ask for.
+pub const MAX_PULL_BLOCKS: usize = 4096;
 
 /// Why generation ended.
 ///
@@ -280,6 +304,8 @@ pub struct LoadReport {
     pub host_block_secs: f64,
     /// The same from the disk tier (read, checksum, copy); 0 until measured or without one.
     pub disk_block_secs: f64,
+    /// The same pulled from a peer worker (transfer, checksum, copy); 0 until measured.
+    pub peer_block_secs: f64,
 }
 
 /// etcd value of `workers/<model>/<worker>`, bound to the worker's lease.
@@ -455,6 +481,8 @@ impl GenerateRequest {
             cache_salt: &'a CacheSalt,
             tokens: [u32; 0],
             sampling: &'a SamplingParams,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pull: &'a Option<PullHint>,
         }
         let header = serde_json::to_vec(&Header {
             request_id: &self.request_id,
@@ -462,6 +490,7 @@ impl GenerateRequest {
             cache_salt: &self.cache_salt,
             tokens: [],
             sampling: &self.sampling,
+            pull: &self.pull,
         })
         .expect("a generate request always serializes");
         let mut out = Vec::with_capacity(8 + header.len() + 4 * self.tokens.len());
@@ -558,6 +587,7 @@ mod tests {
             cache_salt: CacheSalt::new("tenant-a").unwrap(),
             tokens: vec![1, 2, 3],
             sampling,
+            pull: None,
         });
         round_trip(&GenerateEvent::Tokens {
             ids: vec![5, 6],
@@ -633,6 +663,7 @@ mod tests {
             prefill_tokens_per_second: 2500.5,
             host_block_secs: 0.000_25,
             disk_block_secs: 0.002,
+            peer_block_secs: 0.003,
         });
         round_trip(&WorkerRegistration {
             address: "http://127.0.0.1:8000".into(),
@@ -877,6 +908,10 @@ mod tests {
                 max_tokens: 9,
                 ..SamplingParams::default()
             },
+            pull: Some(PullHint {
+                from: "http://10.0.0.7:8000".into(),
+                blocks: 12,
+            }),
         };
         let binary = request.to_binary();
         // 4 bytes an id after the header, instead of JSON numbers.

@@ -121,8 +121,10 @@ fn ttft_charges_a_placement_for_the_cache_it_gives_up() {
     };
     let b = cand("b", 0, 0);
     let place = |weight: f64, queue: u64| {
+        // No pulls here (the next tests price them): only the charge decides.
         let model = CostModel {
             cache_weight: weight,
+            peer_block_secs: f64::INFINITY,
             ..CostModel::default()
         };
         let d = decide(
@@ -189,9 +191,11 @@ fn ttft_spreads_equal_scores_over_the_workers() {
 
 #[test]
 fn ttft_keeps_the_pin_within_the_margin_and_moves_it_beyond() {
-    // The predicted TTFT alone (no charge for the cache given up), so the margin is plain.
+    // The predicted TTFT alone (no charge for the cache given up, no pulls), so the margin is
+    // plain.
     let model = CostModel {
         cache_weight: 0.0,
+        peer_block_secs: f64::INFINITY,
         ..CostModel::default()
     };
     let pin = id("a");
@@ -418,4 +422,46 @@ fn prefix_only_takes_the_longest_prefix_whatever_the_load() {
     )
     .unwrap();
     assert_eq!((first(&d), d.reason), ("b", Reason::PrefixMiss));
+}
+
+/// Point 3 of #21: a worker whose queue makes it the better place pulls the prefix from the
+/// holder instead of recomputing it, when the worker's measured pull time says that is cheaper;
+/// a slow pull recomputes, and a holder that is the best place itself pulls nothing.
+#[test]
+fn ttft_pulls_a_prefix_to_a_less_loaded_worker_when_the_transfer_is_cheap() {
+    // a holds 30 of 32 blocks but has 10 s of prefill queued; b is idle and holds nothing.
+    let mut holder = cand("a", 4, 30);
+    holder.load.prefill_tokens_waiting = 10_000;
+    let idle = cand("b", 0, 0);
+    let decide_with = |peer_block_secs: f64| {
+        let mut b = idle.clone();
+        b.load.peer_block_secs = peer_block_secs;
+        decide(
+            Policy::Ttft,
+            &CostModel::default(),
+            &req(2_048, Some("s"), None),
+            &[holder.clone(), b],
+            0,
+        )
+        .unwrap()
+    };
+    // 30 blocks at 2 ms = 60 ms and 128 tokens of prefill, against 10 s of queue on a.
+    let d = decide_with(0.002);
+    assert_eq!(first(&d), "b");
+    assert_eq!(d.pull, Some((id("a"), 30)));
+    // A pull slower than recomputing (1.92 s of prefill) is not made.
+    let d = decide_with(0.5);
+    assert_eq!(d.pull, None);
+    // The holder idle: it serves the prefix itself, nothing moves.
+    let mut quiet = holder.clone();
+    quiet.load.prefill_tokens_waiting = 0;
+    let d = decide(
+        Policy::Ttft,
+        &CostModel::default(),
+        &req(2_048, Some("s"), None),
+        &[quiet, idle.clone()],
+        0,
+    )
+    .unwrap();
+    assert_eq!((first(&d), d.pull.clone()), ("a", None));
 }

@@ -122,6 +122,7 @@ pub async fn generate(addr: std::net::SocketAddr, tokens: Vec<u32>) {
             max_tokens: 4,
             ..SamplingParams::default()
         },
+        pull: None,
     };
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = hyper::Request::post(format!("http://{addr}/v1/generate"))

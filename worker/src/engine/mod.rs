@@ -122,15 +122,36 @@ pub struct Engine<E> {
     pool: BlockPool,
     exec: E,
     tiers: Tiers,
+    /// Blocks to pull from peers, for the server to fetch (issue #21, point 3).
+    pulls: Vec<PullJob>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+}
+
+/// Blocks a waiting request needs from a peer worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullJob {
+    /// The peer's base URL.
+    pub from: String,
+    /// The blocks, in chain order.
+    pub hashes: Vec<BlockHash>,
+}
+
+/// What this worker holds of a chain a peer asked for, in chain order.
+#[derive(Debug, Clone)]
+pub enum Export {
+    /// The block's bytes (it was in memory).
+    Bytes(BlockHash, bytes::Bytes),
+    /// The block is on the disk tier: read it with [`Tiers::disk_reader`] off this thread.
+    OnDisk(BlockHash),
 }
 
 /// Waiting requests looked at for admission: the first whose lower-tier blocks are staged goes
 /// in, so one request waiting on the disk does not hold up those behind it.
 const ADMIT_SCAN: usize = 64;
 
-/// Staged lower-tier blocks beyond which those no waiting request wants are dropped.
+/// Staged lower-tier blocks beyond which, when a waiting request is cancelled, those no waiting
+/// request wants are dropped.
 const STAGED_PRUNE: usize = 256;
 
 impl<E: Executor> Engine<E> {
@@ -140,6 +161,7 @@ impl<E: Executor> Engine<E> {
             pool,
             exec,
             tiers: Tiers::none(),
+            pulls: Vec::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
@@ -174,6 +196,50 @@ impl<E: Executor> Engine<E> {
 
     pub fn tiers_mut(&mut self) -> &mut Tiers {
         &mut self.tiers
+    }
+
+    /// Pulls requested since the last call, for the server to carry out.
+    pub fn take_pulls(&mut self) -> Vec<PullJob> {
+        std::mem::take(&mut self.pulls)
+    }
+
+    /// What a pull brought: blocks that arrived checked (each with its share of the transfer's
+    /// seconds), and those that did not.
+    pub fn pulled(
+        &mut self,
+        arrived: Vec<(BlockHash, bytes::Bytes)>,
+        missed: &[BlockHash],
+        secs: f64,
+    ) {
+        for (hash, bytes) in arrived {
+            self.tiers.arrived(hash, bytes, secs);
+        }
+        self.tiers.missed(missed);
+    }
+
+    /// The leading blocks of `chain` this worker holds, for a peer: from memory (copied out of
+    /// the store or the host tier) or on disk; stops at the first it does not hold.
+    pub fn export(&mut self, chain: &[BlockHash]) -> Vec<Export> {
+        let mut out = Vec::new();
+        for &hash in chain {
+            if let Some(block) = self.pool.cached_block(&hash) {
+                let mut bytes = Vec::new();
+                if self.exec.export_block(block, &mut bytes).is_err() {
+                    break;
+                }
+                out.push(Export::Bytes(hash, bytes.into()));
+                continue;
+            }
+            match self.tiers.tier_of(&hash) {
+                Some(Tier::Host) => match self.tiers.host_bytes(&hash) {
+                    Some(bytes) => out.push(Export::Bytes(hash, bytes)),
+                    None => break,
+                },
+                Some(Tier::Disk) => out.push(Export::OnDisk(hash)),
+                _ => break,
+            }
+        }
+        out
     }
 
     /// The KV events since the last call, the lower tiers' with the pool's, as one batch.
@@ -229,7 +295,8 @@ impl<E: Executor> Engine<E> {
         let mut chain = HashChain::new(&self.cfg.model, &request.cache_salt, self.cfg.block_tokens);
         chain.extend(&request.tokens);
         let sampler = Sampler::new(&request.sampling);
-        // Blocks on a lower tier start loading now, while the request waits.
+        // Blocks on a lower tier start loading now, while the request waits; those only a peer
+        // holds (the router's hint) are pulled meanwhile.
         let reusable = reusable(
             &chain,
             request.tokens.len(),
@@ -237,6 +304,19 @@ impl<E: Executor> Engine<E> {
         );
         let device = self.pool.cached_prefix(reusable);
         self.tiers.fetch(&reusable[device..]);
+        if let Some(hint) = &request.pull {
+            let have = device + self.tiers.reach(&reusable[device..]);
+            let want = (hint.blocks as usize).min(reusable.len());
+            if want > have {
+                let hashes = self.tiers.expect(&reusable[have..want]);
+                if !hashes.is_empty() {
+                    self.pulls.push(PullJob {
+                        from: hint.from.clone(),
+                        hashes,
+                    });
+                }
+            }
+        }
         self.waiting.push_back(Sequence {
             tokens: request.tokens.clone(),
             prompt_len: request.tokens.len(),
@@ -344,9 +424,6 @@ impl<E: Executor> Engine<E> {
                 len,
             });
             budget -= len;
-        }
-        if self.tiers.staged_len() > STAGED_PRUNE {
-            self.prune_staged();
         }
         if plan.is_empty() {
             if self.tiers.loading() {
@@ -577,7 +654,7 @@ impl<E: Executor> Engine<E> {
     /// no longer staged or does not fit the store; returns how many were copied.
     fn import_staged(&mut self, hashes: &[BlockHash], blocks: &[BlockId]) -> usize {
         for (i, (hash, &block)) in hashes.iter().zip(blocks).enumerate() {
-            let Some((bytes, tier, io_secs)) = self.tiers.take_staged(hash) else {
+            let Some((bytes, source, io_secs)) = self.tiers.take_staged(hash) else {
                 return i;
             };
             let (result, secs) = tier::timed(|| self.exec.import_block(block, &bytes));
@@ -585,7 +662,7 @@ impl<E: Executor> Engine<E> {
                 tracing::warn!(%hash, %error, "cannot load a KV block from a lower tier; recomputing it");
                 return i;
             }
-            self.tiers.imported(tier, io_secs + secs);
+            self.tiers.imported(source, io_secs + secs);
         }
         hashes.len().min(blocks.len())
     }
@@ -686,7 +763,12 @@ impl<E: Executor> Engine<E> {
     /// Drops sequences whose caller went away.
     fn reap_cancelled(&mut self) {
         self.retire_finished();
+        let before = self.waiting.len();
         self.waiting.retain(|seq| !seq.out.is_closed());
+        if self.waiting.len() < before && self.tiers.staged_len() > STAGED_PRUNE {
+            // What the cancelled requests had staged is wanted by nobody now.
+            self.prune_staged();
+        }
     }
 }
 

@@ -117,6 +117,12 @@ impl BlockPool {
             .count()
     }
 
+    /// The block holding `hash` in the prefix cache, if any (its bytes are complete: only full,
+    /// computed blocks are cached).
+    pub fn cached_block(&self, hash: &BlockHash) -> Option<BlockId> {
+        self.by_hash.get(hash).copied()
+    }
+
     /// Takes a reference on each leading cached block of `hashes`; returns those blocks.
     pub fn acquire_prefix(&mut self, hashes: &[BlockHash]) -> Vec<BlockId> {
         let n = self.cached_prefix(hashes);

@@ -12,6 +12,7 @@
 
 pub mod metrics;
 pub mod openai;
+pub mod peers;
 pub mod runner;
 
 use std::convert::Infallible;
@@ -77,10 +78,26 @@ pub fn start<E: Executor + 'static>(
     tokenizer: String,
     kit: Option<Arc<PromptKit>>,
 ) -> Result<Started, prometheus::Error> {
+    start_with_peers(engine, info, tokenizer, kit, None)
+}
+
+/// [`start`], presenting `peer_token` (the cluster credential) when it pulls KV blocks from
+/// peer workers.
+pub fn start_with_peers<E: Executor + 'static>(
+    engine: Engine<E>,
+    info: WorkerInfo,
+    tokenizer: String,
+    kit: Option<Arc<PromptKit>>,
+    peer_token: Option<tidelock_protocol::ClusterToken>,
+) -> Result<Started, prometheus::Error> {
     let events = Arc::new(EventLog::new(info.epoch, EVENT_LOG_BATCHES));
     let (load_tx, load_rx) = watch::channel(engine.load());
     let metrics = Arc::new(Metrics::new()?);
-    let (commands, engine_thread) = runner::spawn(engine, events.clone(), load_tx, metrics.clone());
+    let layout = engine.executor().block_layout();
+    let (pulls, jobs) = peers::channel();
+    let (commands, engine_thread) =
+        runner::spawn(engine, events.clone(), load_tx, metrics.clone(), pulls);
+    peers::spawn_puller(jobs, commands.clone(), layout, peer_token);
     let state = Arc::new(Shared {
         info,
         tokenizer,
@@ -120,6 +137,12 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/load", get(load))
         .route("/v1/kv/snapshot", get(snapshot))
         .route("/v1/kv/events", get(kv_events))
+        .route(
+            peers::PATH,
+            post(peers::blocks).layer(axum::extract::DefaultBodyLimit::max(
+                64 * tidelock_protocol::MAX_PULL_BLOCKS,
+            )),
+        )
         .route(
             "/v1/generate",
             post(generate).layer(axum::extract::DefaultBodyLimit::max(generate_limit)),
@@ -184,10 +207,11 @@ async fn load(State(state): State<AppState>) -> axum::Json<LoadReport> {
         prefill_tokens_per_second: state.metrics.prefill_rate.get(),
         host_block_secs: load.tiers.host_block_secs,
         disk_block_secs: load.tiers.disk_block_secs,
+        peer_block_secs: load.tiers.peer_block_secs,
     })
 }
 
-fn engine_gone() -> Response {
+pub(crate) fn engine_gone() -> Response {
     error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "service_unavailable",

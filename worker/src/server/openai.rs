@@ -80,6 +80,7 @@ async fn serve(state: AppState, endpoint: Endpoint, body: &[u8]) -> Response {
         // The answer does not need the prompt's tokens: move them, not copy them.
         tokens: std::mem::take(&mut prepared.tokens),
         sampling: prepared.sampling.clone(),
+        pull: None,
     };
     if state
         .commands

@@ -10,11 +10,13 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tidelock_protocol::{Epoch, GenerateRequest, KvEventBatch, KvSnapshot};
+use tidelock_protocol::blocks::BlockLayout;
+use tidelock_protocol::{BlockHash, Epoch, GenerateRequest, KvEventBatch, KvSnapshot};
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::engine::executor::Executor;
-use crate::engine::{Engine, EngineLoad, EventSink};
+use crate::engine::{Engine, EngineLoad, EventSink, Export, PullJob};
+use crate::kv::tier::disk::DiskReader;
 use crate::server::metrics::Metrics;
 
 /// What handlers ask of the engine thread.
@@ -26,7 +28,29 @@ pub enum Command {
     },
     /// A snapshot consistent with the event log: taken after publishing all pending events.
     Snapshot(oneshot::Sender<KvSnapshot>),
+    /// A peer's pull: the leading blocks of a chain this worker holds.
+    Export {
+        hashes: Vec<BlockHash>,
+        reply: oneshot::Sender<Exported>,
+    },
+    /// What a pull from a peer brought (see [`Engine::pulled`]).
+    Pulled {
+        arrived: Vec<(BlockHash, bytes::Bytes)>,
+        missed: Vec<BlockHash>,
+        /// Seconds of the transfer per block.
+        secs: f64,
+    },
     Shutdown,
+}
+
+/// The engine's answer to [`Command::Export`].
+#[derive(Debug)]
+pub struct Exported {
+    pub blocks: Vec<Export>,
+    /// The layout of the blocks (None: this worker cannot export).
+    pub layout: Option<BlockLayout>,
+    /// For the blocks on disk.
+    pub disk: Option<DiskReader>,
 }
 
 /// Recent KV event batches, for routers that follow the stream.
@@ -94,11 +118,12 @@ pub fn spawn<E: Executor + 'static>(
     events: Arc<EventLog>,
     load: watch::Sender<EngineLoad>,
     metrics: Arc<Metrics>,
+    pulls: tokio::sync::mpsc::UnboundedSender<PullJob>,
 ) -> (Sender<Command>, JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run(&mut engine, &rx, &events, &load, &metrics))
+        .spawn(move || run(&mut engine, &rx, &events, &load, &metrics, &pulls))
         .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
     (tx, handle)
 }
@@ -109,6 +134,7 @@ fn run<E: Executor>(
     events: &EventLog,
     load: &watch::Sender<EngineLoad>,
     metrics: &Metrics,
+    pulls: &tokio::sync::mpsc::UnboundedSender<PullJob>,
 ) {
     loop {
         // Block while idle; otherwise take whatever arrived since the last step.
@@ -135,6 +161,18 @@ fn run<E: Executor>(
                     publish(engine, events, load);
                     let _ = reply.send(engine.snapshot());
                 }
+                Command::Export { hashes, reply } => {
+                    let _ = reply.send(Exported {
+                        blocks: engine.export(&hashes),
+                        layout: engine.executor().block_layout(),
+                        disk: engine.tiers().disk_reader(),
+                    });
+                }
+                Command::Pulled {
+                    arrived,
+                    missed,
+                    secs,
+                } => engine.pulled(arrived, &missed, secs),
                 Command::Shutdown => {
                     persist(engine);
                     return;
@@ -153,6 +191,13 @@ fn run<E: Executor>(
                     tracing::error!(%error, "engine step failed; failing the running requests");
                     engine.fail_all(&error.to_string());
                 }
+            }
+        }
+        for job in engine.take_pulls() {
+            // Without a puller (its runtime gone) the blocks stay loading until the request
+            // is cancelled; the server always runs one.
+            if let Err(job) = pulls.send(job) {
+                engine.pulled(Vec::new(), &job.0.hashes, 0.0);
             }
         }
         publish(engine, events, load);

@@ -104,6 +104,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct DiskTier {
     dir: PathBuf,
+    layout: BlockLayout,
     capacity_blocks: usize,
     file_bytes: u64,
     lru: Lru,
@@ -214,6 +215,7 @@ impl DiskTier {
         Ok((
             DiskTier {
                 dir: dir.to_owned(),
+                layout,
                 capacity_blocks,
                 file_bytes,
                 lru,
@@ -343,6 +345,29 @@ impl DiskTier {
 
     pub fn hashes(&self) -> impl Iterator<Item = &BlockHash> {
         self.lru.iter()
+    }
+
+    /// A handle that reads this tier's files from another thread.
+    pub fn reader(&self) -> DiskReader {
+        DiskReader {
+            dir: self.dir.clone(),
+            layout: self.layout,
+        }
+    }
+}
+
+/// Reads a disk tier's blocks from any thread, checked (a peer's pull of blocks on disk). A
+/// block deleted meanwhile is a miss.
+#[derive(Debug, Clone)]
+pub struct DiskReader {
+    dir: PathBuf,
+    layout: BlockLayout,
+}
+
+impl DiskReader {
+    pub fn read(&self, hash: &BlockHash) -> Result<Bytes, ReadFault> {
+        let raw = read_raw(&self.dir, &self.layout, hash)?;
+        verify(&self.layout, hash, raw).map(Bytes::from)
     }
 }
 

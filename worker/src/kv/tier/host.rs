@@ -46,6 +46,11 @@ impl HostTier {
         self.used
     }
 
+    /// The block's bytes, leaving its recency alone.
+    pub fn peek(&self, hash: &BlockHash) -> Option<Bytes> {
+        self.data.get(hash).cloned()
+    }
+
     /// The block's bytes, now the most recently used.
     pub fn get(&mut self, hash: &BlockHash) -> Option<Bytes> {
         let bytes = self.data.get(hash)?.clone();

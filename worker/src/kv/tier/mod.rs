@@ -71,6 +71,11 @@ pub struct TierStats {
     /// Blocks brought back into the device pool from each tier.
     pub loaded_host: u64,
     pub loaded_disk: u64,
+    /// Blocks pulled from peer workers and brought into the device pool.
+    pub loaded_peer: u64,
+    /// Pulled blocks that did not arrive (the peer no longer held them, failed, or sent a
+    /// damaged or foreign block): their tokens are recomputed.
+    pub pull_missed: u64,
     /// Blocks the disk tier deleted for room.
     pub evicted_disk: u64,
     /// Loads that failed their checksum (or were not the block named): misses, recomputed.
@@ -82,6 +87,7 @@ pub struct TierStats {
     /// Measured seconds per block brought back from each tier (0 until measured).
     pub host_block_secs: f64,
     pub disk_block_secs: f64,
+    pub peer_block_secs: f64,
 }
 
 /// What [`Tiers::fetch`] found for a chain of blocks that continues a device prefix.
@@ -93,13 +99,23 @@ pub struct Fetch {
     pub pending: bool,
 }
 
+/// Where a staged block came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Host,
+    Disk,
+    /// Pulled from another worker (issue #21, point 3).
+    Peer,
+}
+
 #[derive(Debug)]
 enum Staged {
+    /// Being read from disk or pulled from a peer.
     Loading,
     Ready {
         bytes: Bytes,
-        tier: Tier,
-        /// Seconds the tier took to produce it.
+        source: Source,
+        /// Seconds the tier (or the transfer) took to produce it.
         secs: f64,
     },
 }
@@ -122,6 +138,14 @@ impl Tiers {
     /// No lower tiers: evicted blocks are forgotten.
     pub fn none() -> Self {
         Tiers::default()
+    }
+
+    /// No lower tiers, but blocks of `layout` can be staged: pulled from peers and imported.
+    pub fn staging(layout: BlockLayout) -> Self {
+        Tiers {
+            layout: Some(layout),
+            ..Tiers::default()
+        }
     }
 
     /// Opens the tiers of `config` for blocks of `layout`; the disk tier indexes the blocks its
@@ -276,7 +300,7 @@ impl Tiers {
             ready: 0,
             pending: false,
         };
-        if !self.enabled() {
+        if self.layout.is_none() {
             return fetch;
         }
         for hash in chain {
@@ -292,6 +316,67 @@ impl Tiers {
         fetch
     }
 
+    /// How many leading blocks of `chain` this worker can bring up without a peer: staged (or
+    /// being loaded) or held on a lower tier.
+    pub fn reach(&self, chain: &[BlockHash]) -> usize {
+        chain
+            .iter()
+            .take_while(|h| self.staged.contains_key(h) || self.tier_of(h).is_some())
+            .count()
+    }
+
+    /// Marks blocks about to be pulled from a peer as loading (those not staged already);
+    /// returns the ones to ask for. None when this worker cannot import blocks.
+    pub fn expect(&mut self, chain: &[BlockHash]) -> Vec<BlockHash> {
+        if self.layout.is_none() {
+            return Vec::new();
+        }
+        let asked: Vec<BlockHash> = chain
+            .iter()
+            .filter(|h| !self.staged.contains_key(h))
+            .copied()
+            .collect();
+        for h in &asked {
+            self.staged.insert(*h, Staged::Loading);
+        }
+        asked
+    }
+
+    /// A pulled block arrived (checked against its checksum and this worker's layout); `secs`
+    /// is its share of the transfer.
+    pub fn arrived(&mut self, hash: BlockHash, bytes: Bytes, secs: f64) {
+        if matches!(self.staged.get(&hash), Some(Staged::Loading)) {
+            self.staged.insert(
+                hash,
+                Staged::Ready {
+                    bytes,
+                    source: Source::Peer,
+                    secs,
+                },
+            );
+        }
+    }
+
+    /// Pulled blocks that will not come; their requests compute those tokens.
+    pub fn missed(&mut self, hashes: &[BlockHash]) {
+        for hash in hashes {
+            if matches!(self.staged.get(hash), Some(Staged::Loading)) {
+                self.staged.remove(hash);
+                self.stats.pull_missed += 1;
+            }
+        }
+    }
+
+    /// A host-tier block's bytes (a peer's pull), without touching its recency.
+    pub fn host_bytes(&self, hash: &BlockHash) -> Option<Bytes> {
+        self.host.peek(hash)
+    }
+
+    /// Reads this worker's disk tier from any thread (a peer's pull of blocks on disk).
+    pub fn disk_reader(&self) -> Option<disk::DiskReader> {
+        self.disk.as_ref().map(DiskTier::reader)
+    }
+
     /// Starts bringing `hash` up from the fastest tier holding it; false when none does.
     fn start(&mut self, hash: BlockHash) -> bool {
         if let Some(bytes) = self.host.get(&hash) {
@@ -299,7 +384,7 @@ impl Tiers {
                 hash,
                 Staged::Ready {
                     bytes,
-                    tier: Tier::Host,
+                    source: Source::Host,
                     secs: 0.0,
                 },
             );
@@ -317,9 +402,13 @@ impl Tiers {
 
     /// Takes a staged block's bytes to import it; the caller reports the copy with
     /// [`Tiers::imported`].
-    pub fn take_staged(&mut self, hash: &BlockHash) -> Option<(Bytes, Tier, f64)> {
+    pub fn take_staged(&mut self, hash: &BlockHash) -> Option<(Bytes, Source, f64)> {
         match self.staged.remove(hash)? {
-            Staged::Ready { bytes, tier, secs } => Some((bytes, tier, secs)),
+            Staged::Ready {
+                bytes,
+                source,
+                secs,
+            } => Some((bytes, source, secs)),
             loading => {
                 self.staged.insert(*hash, loading);
                 None
@@ -327,11 +416,12 @@ impl Tiers {
         }
     }
 
-    /// A staged block from `tier` was copied into the store: `secs` for the whole trip.
-    pub fn imported(&mut self, tier: Tier, secs: f64) {
-        let (count, average) = match tier {
-            Tier::Host => (&mut self.stats.loaded_host, &mut self.stats.host_block_secs),
-            _ => (&mut self.stats.loaded_disk, &mut self.stats.disk_block_secs),
+    /// A staged block from `source` was copied into the store: `secs` for the whole trip.
+    pub fn imported(&mut self, source: Source, secs: f64) {
+        let (count, average) = match source {
+            Source::Host => (&mut self.stats.loaded_host, &mut self.stats.host_block_secs),
+            Source::Disk => (&mut self.stats.loaded_disk, &mut self.stats.disk_block_secs),
+            Source::Peer => (&mut self.stats.loaded_peer, &mut self.stats.peer_block_secs),
         };
         *count += 1;
         *average = match *average {
@@ -375,7 +465,7 @@ impl Tiers {
                         hash,
                         Staged::Ready {
                             bytes,
-                            tier: Tier::Disk,
+                            source: Source::Disk,
                             secs,
                         },
                     );

@@ -91,7 +91,7 @@ fn blocks_round_trip_bit_exact_through_the_disk() {
     let mut other = KvStore::new(shape(), 3);
     for b in 0..3u8 {
         let (bytes, tier, _) = t.take_staged(&h(b)).unwrap();
-        assert_eq!(tier, Tier::Disk);
+        assert_eq!(tier, Source::Disk);
         // Into another place than it came from.
         other
             .import_block(BlockId::new(2 - u32::from(b)), &bytes)

@@ -1,0 +1,158 @@
+//! KV blocks between workers over HTTP (issue #21, point 3), on simulated workers: a worker
+//! handed a pull hint fetches the prefix from the holder's `/v1/kv/blocks` and serves it as
+//! cached; the route refuses what it should.
+
+mod support;
+
+use std::time::Duration;
+
+use support::post_json;
+use tidelock_protocol::{
+    BlockTokens, CacheSalt, Epoch, GenerateEvent, HashChain, LoadReport, ModelName,
+};
+use tidelock_worker::server::{AppState, app};
+use tidelock_worker::testing::SimWorker;
+
+const BLOCK: u32 = 16;
+
+fn worker(epoch: u64) -> AppState {
+    SimWorker {
+        blocks: 64,
+        epoch: Epoch::new(epoch),
+        ..SimWorker::new(BLOCK)
+    }
+    .start()
+}
+
+/// Serves `state` on a loopback port; its base URL.
+async fn listen(state: AppState) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app(state)).await });
+    format!("http://{addr}")
+}
+
+async fn generate(state: &AppState, body: serde_json::Value) -> tidelock_protocol::Usage {
+    let (status, body) = post_json(state, "/v1/generate", body).await;
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    for line in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice(line).unwrap() {
+            GenerateEvent::Finished { usage, .. } => return usage,
+            GenerateEvent::Error { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    panic!("no finished event");
+}
+
+fn request(tokens: &[u32], salt: &str, pull: Option<(&str, u32)>) -> serde_json::Value {
+    let mut r = serde_json::json!({
+        "cache_salt": salt,
+        "tokens": tokens,
+        "sampling": {"temperature": 0, "max_tokens": 4, "ignore_eos": true},
+    });
+    if let Some((from, blocks)) = pull {
+        r["pull"] = serde_json::json!({"from": from, "blocks": blocks});
+    }
+    r
+}
+
+#[tokio::test]
+async fn a_hinted_worker_pulls_the_prefix_from_its_holder() {
+    let holder = worker(1);
+    let url = listen(holder.clone()).await;
+    let prompt: Vec<u32> = (0..100).map(|i| 40 + i % 300).collect();
+    let reusable = (100 - 1) / BLOCK * BLOCK;
+    assert_eq!(
+        generate(&holder, request(&prompt, "a", None))
+            .await
+            .cached_tokens,
+        0
+    );
+
+    let target = worker(2);
+    let usage = generate(
+        &target,
+        request(&prompt, "a", Some((&url, reusable / BLOCK))),
+    )
+    .await;
+    assert_eq!(
+        usage.cached_tokens, reusable,
+        "the prefix crossed from the holder"
+    );
+    let (_, load) = post_or_get(&target, "/v1/load").await;
+    let load: LoadReport = serde_json::from_slice(&load).unwrap();
+    assert!(
+        load.peer_block_secs > 0.0,
+        "the transfer is measured: {load:?}"
+    );
+
+    // Another tenant's prompt names other blocks: nothing to pull, all computed.
+    let usage = generate(
+        &target,
+        request(&prompt, "b", Some((&url, reusable / BLOCK))),
+    )
+    .await;
+    assert_eq!(usage.cached_tokens, 0);
+    // A holder that is gone: the request is computed, not failed.
+    let other: Vec<u32> = (0..100).map(|i| 50 + i % 200).collect();
+    let usage = generate(
+        &target,
+        request(&other, "a", Some(("http://127.0.0.1:9", 6))),
+    )
+    .await;
+    assert_eq!(usage.cached_tokens, 0);
+}
+
+async fn post_or_get(state: &AppState, uri: &str) -> (axum::http::StatusCode, Vec<u8>) {
+    support::send(
+        state,
+        axum::http::Request::get(uri)
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_blocks_route_sends_the_leading_blocks_it_holds_and_refuses_floods() {
+    let holder = worker(3);
+    let prompt: Vec<u32> = (0..70).map(|i| 40 + i).collect();
+    generate(&holder, request(&prompt, "a", None)).await;
+    let mut chain = HashChain::new(
+        &ModelName::new("sim").unwrap(),
+        &CacheSalt::new("a").unwrap(),
+        BlockTokens::new(BLOCK).unwrap(),
+    );
+    chain.extend(&prompt);
+    // The first four blocks are held; a made-up fifth is not, nor anything after it.
+    let mut asked: Vec<String> = chain.hashes()[..4].iter().map(|h| h.to_string()).collect();
+    asked.push("00".repeat(16));
+    asked.push(chain.hashes()[0].to_string());
+    let (status, body) = post_json(
+        &holder,
+        "/v1/kv/blocks",
+        serde_json::json!({"hashes": asked}),
+    )
+    .await;
+    assert!(status.is_success());
+    let decoded = tidelock_protocol::blocks::decode(&body).unwrap();
+    let got: Vec<_> = decoded.blocks.iter().map(|(h, _)| *h).collect();
+    assert_eq!(got, chain.hashes()[..4]);
+
+    let flood: Vec<String> = (0..5000).map(|_| "00".repeat(16)).collect();
+    let (status, body) = post_json(
+        &holder,
+        "/v1/kv/blocks",
+        serde_json::json!({"hashes": flood}),
+    )
+    .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let (status, _) = post_json(&holder, "/v1/kv/blocks", serde_json::json!({"nope": 1})).await;
+    assert_eq!(status, 400);
+    let _ = Duration::ZERO;
+}
