@@ -22,18 +22,17 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::blocks::BlockLayout;
 use tidelock_protocol::{
-    BlockHash, BlockId, BlockTokens, BlocksRequest, Epoch, GroupId, ModelName, ShardIndex,
-    WorkerInfo,
+    BlockHash, BlockId, BlockTokens, Epoch, GroupId, ModelName, ShardIndex, WorkerInfo,
 };
 use tidelock_worker::engine::executor::{Executor, Work};
 use tidelock_worker::engine::logits::StepLogits;
-use tidelock_worker::engine::{Engine, EngineConfig};
+use tidelock_worker::engine::{Engine, EngineConfig, PullJob};
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::kv::tier::{TierConfig, Tiers};
 use tidelock_worker::kv::{KvShape, KvStore};
@@ -243,36 +242,28 @@ async fn pull(store: KvStore, hashes: &[BlockHash]) -> Result<(), Box<dyn std::e
     };
     let state = server::start(engine, info, "{}".into(), None)?.state;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}{}", listener.local_addr()?, server::peers::PATH);
+    let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, server::app(state)).await });
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let body = serde_json::to_vec(&BlocksRequest {
+    let job = PullJob {
+        from: base,
         hashes: hashes.to_vec(),
-    })?;
+    };
     let mut best = f64::MAX;
-    let mut bytes = 0;
-    // The first pull opens the connection; the best of three after it.
+    // The first pull opens the connection; the best of three after it. The puller's own code.
     for round in 0..4 {
         let started = Instant::now();
-        let response = client
-            .request(
-                hyper::Request::post(&url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.clone())))?,
-            )
-            .await?;
-        let reply = response.into_body().collect().await?.to_bytes();
-        let decoded = tidelock_protocol::blocks::decode(&reply)?;
-        if decoded.blocks.len() != blocks || decoded.layout != layout {
-            return Err("the pull did not bring every block".into());
+        let received = server::peers::fetch(&client, &job, None, Some(&layout)).await?;
+        if received.blocks.len() != blocks || received.problem.is_some() {
+            return Err(format!("the pull fell short: {:?}", received.problem).into());
         }
         let secs = started.elapsed().as_secs_f64();
-        bytes = reply.len();
         if round > 0 {
             best = best.min(secs);
         }
     }
+    let bytes = layout.body_bytes(blocks) as usize;
     let tcp = loopback_tcp(bytes).await?;
     let pull_rate = bytes as f64 / best;
     println!(

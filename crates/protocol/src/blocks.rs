@@ -177,16 +177,59 @@ pub fn encode(layout: &BlockLayout, blocks: &[(BlockHash, &[u8])]) -> Result<Vec
     }
     let size = usize::try_from(layout.body_bytes(blocks.len()))
         .map_err(|_| WireError::Invalid("too many blocks".into()))?;
-    let mut w = Writer::header(&FORMAT, KIND_BLOCKS, size);
-    w.bytes(&layout.encode());
-    w.u32(u32::try_from(blocks.len()).map_err(|_| WireError::Invalid("too many blocks".into()))?);
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&encode_prefix(layout, blocks.len())?);
     for (hash, payload) in blocks {
-        w.bytes(hash.as_bytes());
-        w.u64(payload.len() as u64);
-        w.bytes(payload);
-        w.bytes(&checksum(layout, hash, payload));
+        out.extend_from_slice(&block_prefix(hash, payload.len() as u64));
+        out.extend_from_slice(payload);
+        out.extend_from_slice(&checksum(layout, hash, payload));
     }
+    Ok(out)
+}
+
+/// The first [`PREFIX_BYTES`] of a body of `n` blocks: header, layout and count. A sender that
+/// streams a body sends this, then per block [`block_prefix`], the payload and [`checksum`].
+pub fn encode_prefix(layout: &BlockLayout, n: usize) -> Result<Vec<u8>, WireError> {
+    let mut w = Writer::header(&FORMAT, KIND_BLOCKS, PREFIX_BYTES);
+    w.bytes(&layout.encode());
+    w.u32(u32::try_from(n).map_err(|_| WireError::Invalid("too many blocks".into()))?);
     Ok(w.0)
+}
+
+/// The bytes before one block's payload: its hash and the payload's length.
+pub fn block_prefix(hash: &BlockHash, len: u64) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..16].copy_from_slice(hash.as_bytes());
+    out[16..].copy_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// Reads [`encode_prefix`]'s bytes: the layout and the number of blocks that follow.
+pub fn parse_prefix(prefix: &[u8]) -> Result<(BlockLayout, u32), WireError> {
+    let mut r = Reader(prefix);
+    r.header(&FORMAT, KIND_BLOCKS, "KV blocks")?;
+    let layout = BlockLayout::decode(&mut r)?;
+    let n = r.u32()?;
+    r.end()?;
+    Ok((layout, n))
+}
+
+/// Reads [`block_prefix`]'s bytes; the length must be the layout's payload size.
+pub fn parse_block_prefix(
+    layout: &BlockLayout,
+    prefix: &[u8],
+) -> Result<(BlockHash, u64), WireError> {
+    let mut r = Reader(prefix);
+    let hash = BlockHash::from_bytes(r.array()?);
+    let len = r.u64()?;
+    r.end()?;
+    if len != layout.payload_bytes() {
+        return Err(WireError::Invalid(format!(
+            "block {hash}: {len} payload bytes, the layout has {}",
+            layout.payload_bytes()
+        )));
+    }
+    Ok((hash, len))
 }
 
 /// A decoded body: the blocks whose checksum holds, and the hashes of those whose does not.
@@ -303,6 +346,13 @@ mod tests {
         assert!(d.damaged.is_empty());
         let (peeked, n, first) = peek(&body[..PREFIX_BYTES + 16]).unwrap();
         assert_eq!((peeked, n, first), (l, 2, Some(hash(1))));
+        // The streaming pieces read the same body.
+        assert_eq!(parse_prefix(&body[..PREFIX_BYTES]).unwrap(), (l, 2));
+        let at = PREFIX_BYTES;
+        assert_eq!(
+            parse_block_prefix(&l, &body[at..at + 24]).unwrap(),
+            (hash(1), l.payload_bytes())
+        );
         let one = encode(&l, &[(hash(3), &b)]).unwrap();
         let (got, h, len) = block_head(&one[..BLOCK_HEAD_BYTES]).unwrap();
         assert_eq!((got, h, len), (l, hash(3), l.payload_bytes()));

@@ -86,8 +86,10 @@ pub async fn blocks(State(state): State<AppState>, body: Bytes) -> Response {
             "this worker's KV blocks cannot leave it (a shard group)",
         );
     };
-    // Disk reads and checksums off the async threads.
-    let body = tokio::task::spawn_blocking(move || {
+    // The body streams out as it is made: disk reads and checksums on a blocking thread, a few
+    // blocks ahead of the socket; payloads go out as they lie, never copied into one buffer.
+    let (parts, body) = tokio::sync::mpsc::channel::<Bytes>(4 * 3);
+    tokio::task::spawn_blocking(move || {
         let mut held: Vec<(BlockHash, Bytes)> = Vec::with_capacity(exported.len());
         for e in exported {
             match e {
@@ -98,23 +100,39 @@ pub async fn blocks(State(state): State<AppState>, body: Bytes) -> Response {
                 },
             }
         }
-        let refs: Vec<(BlockHash, &[u8])> = held.iter().map(|(h, b)| (*h, &b[..])).collect();
-        blocks::encode(&layout, &refs)
-    })
-    .await;
-    match body {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
-        Ok(Err(e)) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
-        Err(e) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            e.to_string(),
-        ),
-    }
+        let Ok(prefix) = blocks::encode_prefix(&layout, held.len()) else {
+            return;
+        };
+        if parts.blocking_send(Bytes::from(prefix)).is_err() {
+            return;
+        }
+        for (hash, payload) in held {
+            let sum = blocks::checksum(&layout, &hash, &payload);
+            let head = blocks::block_prefix(&hash, payload.len() as u64);
+            for part in [
+                Bytes::copy_from_slice(&head),
+                payload,
+                Bytes::copy_from_slice(&sum),
+            ] {
+                if parts.blocking_send(part).is_err() {
+                    return; // The peer went away.
+                }
+            }
+        }
+    });
+    let stream = tokio_stream_from(body);
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// The parts of a streamed body as a stream.
+fn tokio_stream_from(
+    mut parts: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| parts.poll_recv(cx).map(|part| part.map(Ok)))
 }
 
 /// The puller's channel: the engine thread's pull jobs go in. Without a Tokio runtime (a test
@@ -145,16 +163,21 @@ pub fn spawn_puller(
                 let started = Instant::now();
                 let result = tokio::time::timeout(
                     PULL_TIMEOUT,
-                    fetch(&client, &job, authorization.as_deref()),
+                    fetch(&client, &job, authorization.as_deref(), layout.as_ref()),
                 )
                 .await
                 .unwrap_or_else(|_| Err(format!("no answer within {PULL_TIMEOUT:?}")));
                 let (arrived, missed, problem) = match result {
-                    Ok(body) => {
-                        let hashes = job.hashes.clone();
-                        tokio::task::spawn_blocking(move || sort(&body, layout.as_ref(), &hashes))
-                            .await
-                            .unwrap_or_else(|e| (Vec::new(), job.hashes.clone(), Some(e.to_string())))
+                    Ok(received) => {
+                        let got: std::collections::HashSet<BlockHash> =
+                            received.blocks.iter().map(|(h, _)| *h).collect();
+                        let missed: Vec<BlockHash> = job
+                            .hashes
+                            .iter()
+                            .filter(|h| !got.contains(h))
+                            .copied()
+                            .collect();
+                        (received.blocks, missed, received.problem)
                     }
                     Err(e) => (Vec::new(), job.hashes.clone(), Some(e)),
                 };
@@ -172,12 +195,24 @@ pub fn spawn_puller(
     });
 }
 
-/// Asks `job.from` for the job's blocks; the reply's body.
-async fn fetch(
+/// What a pull brought.
+#[derive(Debug)]
+pub struct Received {
+    /// Blocks asked for that arrived whole, checked, in this worker's layout.
+    pub blocks: Vec<(BlockHash, Bytes)>,
+    /// What went wrong, if anything did (what came before it is kept).
+    pub problem: Option<String>,
+}
+
+/// Asks `job.from` for the job's blocks and reads the reply as it streams in: each block is
+/// checked as soon as it is whole, while the next one arrives.
+pub async fn fetch(
     client: &Client<HttpConnector, Full<Bytes>>,
     job: &PullJob,
     authorization: Option<&str>,
-) -> Result<Bytes, String> {
+    layout: Option<&BlockLayout>,
+) -> Result<Received, String> {
+    let layout = layout.ok_or("this worker cannot import blocks")?;
     let body = serde_json::to_vec(&BlocksRequest {
         hashes: job.hashes.clone(),
     })
@@ -192,57 +227,121 @@ async fn fetch(
         .map_err(|e| e.to_string())?;
     let response = client.request(request).await.map_err(|e| e.to_string())?;
     let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    match status.is_success() {
-        true => Ok(body),
-        false => Err(format!(
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let text = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        return Err(format!(
             "HTTP {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        )),
+            String::from_utf8_lossy(&text[..text.len().min(300)])
+        ));
     }
+    let wanted: std::collections::HashSet<&BlockHash> = job.hashes.iter().collect();
+    let mut out = Received {
+        blocks: Vec::new(),
+        problem: None,
+    };
+    let mut buf = bytes::BytesMut::new();
+    let mut reader = StreamReader::Prefix;
+    loop {
+        // Take out everything whole in the buffer.
+        loop {
+            match reader.next(&mut buf, layout) {
+                Ok(Some((hash, payload))) => {
+                    if wanted.contains(&hash) {
+                        out.blocks.push((hash, payload));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    out.problem = Some(e);
+                    return Ok(out);
+                }
+            }
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.capacity() - buf.len() < data.len() {
+                        // Room for the rest of the block in hand, not just this frame.
+                        buf.reserve(data.len().max(reader.wants(layout)));
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => {
+                out.problem = Some(e.to_string());
+                return Ok(out);
+            }
+            None => break,
+        }
+    }
+    if !matches!(reader, StreamReader::Done) {
+        out.problem = Some("the reply ended inside a block".into());
+    }
+    Ok(out)
 }
 
-/// Splits a reply into the blocks asked for that arrived intact in this worker's layout, and the
-/// rest; with what went wrong, if anything did.
-#[allow(clippy::type_complexity)]
-fn sort(
-    body: &[u8],
-    layout: Option<&BlockLayout>,
-    asked: &[BlockHash],
-) -> (
-    Vec<(BlockHash, bytes::Bytes)>,
-    Vec<BlockHash>,
-    Option<String>,
-) {
-    let decoded = match blocks::decode(body) {
-        Ok(d) => d,
-        Err(e) => return (Vec::new(), asked.to_vec(), Some(e.to_string())),
-    };
-    if Some(&decoded.layout) != layout {
-        return (
-            Vec::new(),
-            asked.to_vec(),
-            Some(format!(
-                "the peer's blocks are laid out as {:?}, this worker's as {layout:?}",
-                decoded.layout
-            )),
-        );
+/// Where a streamed reply's reader is.
+enum StreamReader {
+    Prefix,
+    /// Blocks left to read.
+    Blocks(u32),
+    Done,
+}
+
+impl StreamReader {
+    /// Bytes the next piece needs.
+    fn wants(&self, layout: &BlockLayout) -> usize {
+        match self {
+            StreamReader::Prefix => blocks::PREFIX_BYTES,
+            StreamReader::Blocks(_) => {
+                24 + layout.payload_bytes() as usize + blocks::CHECKSUM_BYTES
+            }
+            StreamReader::Done => 0,
+        }
     }
-    let wanted: std::collections::HashSet<&BlockHash> = asked.iter().collect();
-    let arrived: Vec<(BlockHash, bytes::Bytes)> = decoded
-        .blocks
-        .iter()
-        .filter(|(h, _)| wanted.contains(h))
-        .map(|(h, payload)| (*h, bytes::Bytes::copy_from_slice(payload)))
-        .collect();
-    let got: std::collections::HashSet<&BlockHash> = arrived.iter().map(|(h, _)| h).collect();
-    let missed: Vec<BlockHash> = asked.iter().filter(|h| !got.contains(h)).copied().collect();
-    let problem = (!decoded.damaged.is_empty())
-        .then(|| format!("{} blocks failed their checksum", decoded.damaged.len()));
-    (arrived, missed, problem)
+
+    /// The next whole block out of `buf`, if it holds one (checked: a block that fails its
+    /// checksum is an error, as is another layout).
+    fn next(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+        layout: &BlockLayout,
+    ) -> Result<Option<(BlockHash, Bytes)>, String> {
+        loop {
+            let want = self.wants(layout);
+            match self {
+                StreamReader::Done => return Ok(None),
+                _ if buf.len() < want => return Ok(None),
+                StreamReader::Prefix => {
+                    let prefix = buf.split_to(want);
+                    let (got, n) = blocks::parse_prefix(&prefix).map_err(|e| e.to_string())?;
+                    if got != *layout {
+                        return Err(format!(
+                            "the peer's blocks are laid out as {got:?}, this worker's as {layout:?}"
+                        ));
+                    }
+                    *self = match n {
+                        0 => StreamReader::Done,
+                        n => StreamReader::Blocks(n),
+                    };
+                }
+                StreamReader::Blocks(left) => {
+                    let mut piece = buf.split_to(want).freeze();
+                    let (hash, len) = blocks::parse_block_prefix(layout, &piece[..24])
+                        .map_err(|e| e.to_string())?;
+                    let sum = piece.split_off(24 + len as usize);
+                    let payload = piece.slice(24..);
+                    if sum[..] != blocks::checksum(layout, &hash, &payload) {
+                        return Err(format!("block {hash} failed its checksum"));
+                    }
+                    *left -= 1;
+                    if *left == 0 {
+                        *self = StreamReader::Done;
+                    }
+                    return Ok(Some((hash, payload)));
+                }
+            }
+        }
+    }
 }
