@@ -74,6 +74,8 @@ const SPILL_FILL: f64 = 0.9;
 /// Bytes per second a draining worker is assumed to write its KV cache to its spill volume at
 /// least, for the grace period.
 const DRAIN_BYTES_PER_SECOND: u64 = 100 << 20;
+/// Seconds the preStop hook pauses before SIGTERM, so endpoints and routers stop sending first.
+const PRE_STOP_SECONDS: i64 = 5;
 /// Seconds of a drain beyond writing the KV cache: finishing requests, deregistering.
 const DRAIN_BASE_SECONDS: i64 = 30;
 /// Where the etcd TLS files are mounted (read-only), as `ca.crt`, `tls.crt` and `tls.key`.
@@ -720,6 +722,13 @@ fn group(
         args.extend(["--max-context".to_owned(), context.to_string()]);
     }
     args.extend(compute_args(spec));
+    // The drain's budget: the grace period less the preStop pause and a margin to exit.
+    args.extend([
+        "--drain-secs".to_owned(),
+        (grace_seconds(spec) - PRE_STOP_SECONDS - 5)
+            .max(5)
+            .to_string(),
+    ]);
     // A shard group's blocks do not spill yet (the API refuses the combination).
     let spill = spill(spec).filter(|_| spec.shards == 1);
     if let Some((spill_args, _)) = &spill {
@@ -910,7 +919,9 @@ fn group(
         // Give endpoints and routers a moment to stop sending new work; SIGTERM then drains.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
-                sleep: Some(SleepAction { seconds: 5 }),
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SECONDS,
+                }),
                 ..LifecycleHandler::default()
             }),
             ..Lifecycle::default()

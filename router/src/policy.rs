@@ -310,11 +310,12 @@ pub fn decide(
     candidates: &[Candidate],
     turn: u64,
 ) -> Option<Decision> {
-    if candidates.is_empty() {
+    // A draining worker (shutting down) takes nothing new, but its blocks can still be pulled.
+    let mut sorted: Vec<&Candidate> = candidates.iter().filter(|c| !c.load.draining).collect();
+    if sorted.is_empty() {
         return None;
     }
     // Deterministic base order: by worker id.
-    let mut sorted: Vec<&Candidate> = candidates.iter().collect();
     sorted.sort_by(|a, b| a.worker.cmp(&b.worker));
     let by_load = |v: &mut Vec<&Candidate>| v.sort_by_key(|c| c.load());
     let decision = |order: Vec<&Candidate>, reason| Decision {
@@ -324,9 +325,14 @@ pub fn decide(
     };
     Some(match policy {
         Policy::Ttft => {
-            let most = sorted.iter().map(|c| c.cached_blocks()).max().unwrap_or(0);
-            // The holder a pull would come from: the most blocks, the most of them in memory.
-            let holder = sorted
+            let most = candidates
+                .iter()
+                .map(|c| c.cached_blocks())
+                .max()
+                .unwrap_or(0);
+            // The holder a pull would come from: the most blocks, the most of them in memory,
+            // draining workers included (their sessions' blocks move to the worker chosen).
+            let holder = candidates
                 .iter()
                 .filter(|c| c.cached_blocks() == most && most > 0)
                 .max_by_key(|c| c.cached.device)

@@ -178,6 +178,11 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_KV_HOST", default_value = "0B")]
     pub kv_host: ByteSize,
 
+    /// Seconds a draining worker (SIGTERM) lets its running requests finish before it writes
+    /// its cache to the disk tier and exits; keep it under the pod's grace period.
+    #[arg(long, env = "TIDELOCK_DRAIN_SECS", default_value_t = 20.0)]
+    pub drain_secs: f64,
+
     /// Tokens per KV block (a power of two, 1 to 1024).
     #[arg(long, default_value_t = 64)]
     pub block_tokens: u32,

@@ -145,7 +145,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     signal.await;
     tracing::info!("shutting down");
     if let Some((state, _)) = &engine {
+        // Drain (issue #21, point 4): routers see it in /readyz and /v1/load and place
+        // elsewhere (pulling this worker's blocks while it still answers); what waits is handed
+        // back, what runs finishes, the cache is written through to the disk tier.
         state.draining.store(true, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(config.drain_secs);
+        let (done, drained) = tokio::sync::oneshot::channel();
+        if state
+            .commands
+            .send(Command::Drain { deadline, done })
+            .is_ok()
+            && let Ok(d) = drained.await
+        {
+            tracing::info!(
+                handed_back = d.handed_back,
+                cut_off = d.cut_off,
+                persisted = d.persisted,
+                "drained"
+            );
+        }
     }
     let _ = stop.send(true);
     server.await??;

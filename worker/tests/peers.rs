@@ -156,3 +156,110 @@ async fn the_blocks_route_sends_the_leading_blocks_it_holds_and_refuses_floods()
     assert_eq!(status, 400);
     let _ = Duration::ZERO;
 }
+
+/// Point 4: a draining engine hands back what waits (`overloaded`: a router tries another
+/// worker before any token), refuses what comes, and finishes what runs.
+#[test]
+fn draining_hands_back_what_waits_and_finishes_what_runs() {
+    use tidelock_protocol::{ErrorCode, FinishReason};
+    use tidelock_worker::engine::sim::{SimExecutor, Timing};
+    use tidelock_worker::engine::{Engine, EngineConfig};
+    use tidelock_worker::kv::pool::BlockPool;
+    let bt = BlockTokens::new(BLOCK).unwrap();
+    let cfg = EngineConfig {
+        model: ModelName::new("sim").unwrap(),
+        block_tokens: bt,
+        max_step_tokens: 64,
+        max_running: 1,
+        max_waiting: 8,
+        max_context: 4096,
+        vocab_size: 1000,
+        eos_token_ids: Vec::new(),
+    };
+    let mut e = Engine::new(
+        cfg,
+        BlockPool::new(64, bt, Epoch::new(1)),
+        SimExecutor::new(1000, Timing::INSTANT),
+    );
+    let mut receivers = Vec::new();
+    for i in 0..3 {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        e.submit(
+            tidelock_worker::testing::greedy((0..20).map(|t| 40 + t + i).collect(), 5),
+            tx,
+        );
+        receivers.push(rx);
+    }
+    e.step().unwrap();
+    assert_eq!(e.drain(), 2, "two were waiting");
+    let (tx, mut late) = tokio::sync::mpsc::unbounded_channel();
+    e.submit(tidelock_worker::testing::greedy(vec![50; 20], 5), tx);
+    while !e.is_idle() {
+        e.step().unwrap();
+    }
+    let mut outcomes = Vec::new();
+    for rx in receivers.iter_mut().chain([&mut late]) {
+        let mut outcome = None;
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                GenerateEvent::Finished { reason, usage } => {
+                    outcome = Some(Ok((reason, usage.completion_tokens)))
+                }
+                GenerateEvent::Error { code, .. } => outcome = Some(Err(code)),
+                _ => {}
+            }
+        }
+        outcomes.push(outcome.expect("an answer"));
+    }
+    assert_eq!(
+        outcomes,
+        [
+            Ok((FinishReason::Length, 5)),
+            Err(ErrorCode::Overloaded),
+            Err(ErrorCode::Overloaded),
+            Err(ErrorCode::Overloaded),
+        ]
+    );
+    assert_eq!(e.pool().stats().in_use, 0);
+}
+
+/// While draining, `/v1/generate` answers 503 before the engine (a router tries another worker),
+/// `/readyz` fails and `/v1/load` says so; the blocks route still answers, so the worker's
+/// sessions can be pulled by the workers that take them.
+#[tokio::test]
+async fn a_draining_worker_refuses_work_but_lends_its_blocks() {
+    let state = worker(4);
+    let prompt: Vec<u32> = (0..40).map(|i| 40 + i).collect();
+    generate(&state, request(&prompt, "a", None)).await;
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, _) = post_json(&state, "/v1/generate", request(&prompt, "a", None)).await;
+    assert_eq!(status, 503);
+    let (status, _) = post_or_get(&state, "/readyz").await;
+    assert_eq!(status, 503);
+    let (_, load) = post_or_get(&state, "/v1/load").await;
+    let load: LoadReport = serde_json::from_slice(&load).unwrap();
+    assert!(load.draining);
+    let mut chain = HashChain::new(
+        &ModelName::new("sim").unwrap(),
+        &CacheSalt::new("a").unwrap(),
+        BlockTokens::new(BLOCK).unwrap(),
+    );
+    chain.extend(&prompt);
+    let asked: Vec<String> = chain.hashes().iter().map(|h| h.to_string()).collect();
+    let (status, body) = post_json(
+        &state,
+        "/v1/kv/blocks",
+        serde_json::json!({"hashes": asked}),
+    )
+    .await;
+    assert!(status.is_success());
+    assert_eq!(
+        tidelock_protocol::blocks::decode(&body)
+            .unwrap()
+            .blocks
+            .len(),
+        2
+    );
+}

@@ -306,6 +306,8 @@ pub struct LoadReport {
     pub disk_block_secs: f64,
     /// The same pulled from a peer worker (transfer, checksum, copy); 0 until measured.
     pub peer_block_secs: f64,
+    /// Shutting down: it takes no new requests, but its blocks can still be pulled.
+    pub draining: bool,
 }
 
 /// etcd value of `workers/<model>/<worker>`, bound to the worker's lease.
@@ -664,6 +666,7 @@ mod tests {
             host_block_secs: 0.000_25,
             disk_block_secs: 0.002,
             peer_block_secs: 0.003,
+            draining: true,
         });
         round_trip(&WorkerRegistration {
             address: "http://127.0.0.1:8000".into(),

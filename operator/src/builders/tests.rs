@@ -870,6 +870,8 @@ fn a_spill_tier_is_a_claim_per_worker_wired_to_the_disk_tier() {
     );
     // 40 GiB at 100 MiB/s is 410 s of writing, plus 30: above the default 300.
     assert_eq!(pod(set).termination_grace_period_seconds, Some(440));
+    // The worker's drain budget leaves the preStop pause and a margin to exit.
+    assert_eq!(arg(w, "--drain-secs"), Some("430"));
 
     // Without a spill tier: no disk tier, no claim, the Model's grace period.
     let plain = desired(&model(json!({"source": hf()})), &defaults()).unwrap();
@@ -877,4 +879,5 @@ fn a_spill_tier_is_a_claim_per_worker_wired_to_the_disk_tier() {
     assert_eq!(arg(worker(set), "--kv-disk"), None);
     assert!(set.spec.as_ref().unwrap().volume_claim_templates.is_none());
     assert_eq!(pod(set).termination_grace_period_seconds, Some(300));
+    assert_eq!(arg(worker(set), "--drain-secs"), Some("290"));
 }

@@ -465,3 +465,55 @@ fn ttft_pulls_a_prefix_to_a_less_loaded_worker_when_the_transfer_is_cheap() {
     .unwrap();
     assert_eq!((first(&d), d.pull.clone()), ("a", None));
 }
+
+/// Point 4 of #21: a draining worker is never chosen, but a session's prefix it holds is pulled
+/// by the worker that is (whatever the policy, nothing new goes to it).
+#[test]
+fn a_draining_worker_takes_nothing_but_its_blocks_move() {
+    let mut leaving = cand("a", 0, 30);
+    leaving.load.draining = true;
+    let cands = [leaving, cand("b", 0, 0), cand("c", 0, 2)];
+    for policy in [
+        Policy::Ttft,
+        Policy::RoundRobin,
+        Policy::LeastLoaded,
+        Policy::SessionHash,
+        Policy::PrefixOnly,
+    ] {
+        for turn in 0..3 {
+            let d = decide(
+                policy,
+                &CostModel::default(),
+                &req(2_048, Some("s"), None),
+                &cands,
+                turn,
+            )
+            .unwrap();
+            assert!(!d.order.contains(&id("a")), "{policy:?}: {d:?}");
+        }
+    }
+    let d = decide(
+        Policy::Ttft,
+        &CostModel::default(),
+        &req(2_048, Some("s"), Some(&id("a"))),
+        &cands,
+        0,
+    )
+    .unwrap();
+    assert_eq!(d.reason, Reason::PinLost);
+    assert_eq!(d.pull, Some((id("a"), 30)), "{d:?}");
+    let mut all_leaving = cands.clone();
+    for c in &mut all_leaving {
+        c.load.draining = true;
+    }
+    assert!(
+        decide(
+            Policy::Ttft,
+            &CostModel::default(),
+            &req(64, None, None),
+            &all_leaving,
+            0
+        )
+        .is_none()
+    );
+}

@@ -124,6 +124,9 @@ pub struct Engine<E> {
     tiers: Tiers,
     /// Blocks to pull from peers, for the server to fetch (issue #21, point 3).
     pulls: Vec<PullJob>,
+    /// Draining (shutdown): new requests and queued ones are handed back for the router to
+    /// place elsewhere; running ones finish.
+    draining: bool,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
 }
@@ -162,6 +165,7 @@ impl<E: Executor> Engine<E> {
             exec,
             tiers: Tiers::none(),
             pulls: Vec::new(),
+            draining: false,
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
@@ -286,8 +290,36 @@ impl<E: Executor> Engine<E> {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
+    /// Starts draining (issue #21, point 4): every request still waiting, and every request
+    /// submitted from now on, is answered `overloaded` before its first token, which a router
+    /// takes as "try another worker"; running requests finish. Returns how many were handed back.
+    pub fn drain(&mut self) -> usize {
+        self.draining = true;
+        let handed = self.waiting.len();
+        for seq in self.waiting.drain(..) {
+            self.pool.release(&seq.blocks);
+            let _ = seq.out.send(GenerateEvent::Error {
+                code: ErrorCode::Overloaded,
+                message: "the worker is draining (shutting down); another worker takes it".into(),
+            });
+        }
+        handed
+    }
+
+    /// Requests running (not waiting).
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
     /// Queues a request. Invalid or unservable requests get an `Error` event on `out` at once.
     pub fn submit(&mut self, request: GenerateRequest, out: EventSink) {
+        if self.draining {
+            let _ = out.send(GenerateEvent::Error {
+                code: ErrorCode::Overloaded,
+                message: "the worker is draining (shutting down); another worker takes it".into(),
+            });
+            return;
+        }
         if let Err((code, message)) = self.validate(&request) {
             let _ = out.send(GenerateEvent::Error { code, message });
             return;

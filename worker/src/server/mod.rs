@@ -208,6 +208,7 @@ async fn load(State(state): State<AppState>) -> axum::Json<LoadReport> {
         host_block_secs: load.tiers.host_block_secs,
         disk_block_secs: load.tiers.disk_block_secs,
         peer_block_secs: load.tiers.peer_block_secs,
+        draining: state.draining.load(Ordering::Relaxed),
     })
 }
 
@@ -316,6 +317,14 @@ async fn generate(
             return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", problem);
         }
     };
+    if state.draining.load(Ordering::Relaxed) {
+        // Before the engine: a router takes a 503 as "try another worker".
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "the worker is draining (shutting down); another worker takes it",
+        );
+    }
     let started = Instant::now();
     let prompt_tokens = request.tokens.len() as u64;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -40,7 +40,25 @@ pub enum Command {
         /// Seconds of the transfer per block.
         secs: f64,
     },
+    /// Drain (SIGTERM): hand back what waits, finish what runs (until `deadline`), write the
+    /// cache through to the disk tier; then `done` is answered and the thread keeps serving
+    /// peers' pulls and snapshots until [`Command::Shutdown`].
+    Drain {
+        deadline: std::time::Instant,
+        done: oneshot::Sender<Drained>,
+    },
     Shutdown,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Waiting requests handed back to the routers.
+    pub handed_back: usize,
+    /// Running requests that had not finished by the deadline (failed).
+    pub cut_off: usize,
+    /// Blocks the disk tier holds of the cache afterwards.
+    pub persisted: usize,
 }
 
 /// The engine's answer to [`Command::Export`].
@@ -173,6 +191,10 @@ fn run<E: Executor>(
                     missed,
                     secs,
                 } => engine.pulled(arrived, &missed, secs),
+                Command::Drain { deadline, done } => {
+                    let drained = drain(engine, metrics, events, load, deadline);
+                    let _ = done.send(drained);
+                }
                 Command::Shutdown => {
                     persist(engine);
                     return;
@@ -204,11 +226,50 @@ fn run<E: Executor>(
     }
 }
 
+/// Hands back what waits, runs the running requests to their end (or `deadline`), and writes
+/// the cache through to the disk tier.
+fn drain<E: Executor>(
+    engine: &mut Engine<E>,
+    metrics: &Metrics,
+    events: &EventLog,
+    load: &watch::Sender<EngineLoad>,
+    deadline: std::time::Instant,
+) -> Drained {
+    let handed_back = engine.drain();
+    tracing::info!(
+        handed_back,
+        running = engine.running(),
+        "draining: queued requests handed back, running ones finishing"
+    );
+    while !engine.is_idle() && std::time::Instant::now() < deadline {
+        let started = std::time::Instant::now();
+        match engine.step() {
+            Ok(stats) => metrics.record_step(&stats, started.elapsed()),
+            Err(error) => {
+                metrics.step_failures.inc();
+                engine.fail_all(&error.to_string());
+            }
+        }
+        publish(engine, events, load);
+    }
+    let cut_off = engine.running();
+    if cut_off > 0 {
+        engine.fail_all("the worker's drain deadline passed before the answer ended");
+    }
+    let persisted = persist(engine);
+    publish(engine, events, load);
+    Drained {
+        handed_back,
+        cut_off,
+        persisted,
+    }
+}
+
 /// Writes the cached blocks through to the disk tier before the worker exits, and waits for
-/// the writes.
-fn persist<E: Executor>(engine: &mut Engine<E>) {
+/// the writes; how many blocks the disk holds of them.
+fn persist<E: Executor>(engine: &mut Engine<E>) -> usize {
     if !engine.tiers().enabled() {
-        return;
+        return 0;
     }
     let started = std::time::Instant::now();
     let kept = engine.persist();
@@ -219,6 +280,7 @@ fn persist<E: Executor>(engine: &mut Engine<E>) {
         secs = started.elapsed().as_secs_f64(),
         "KV cache written to the disk tier"
     );
+    kept
 }
 
 fn publish<E: Executor>(
