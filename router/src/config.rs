@@ -79,6 +79,15 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_ROUTER_CACHE_WEIGHT", default_value_t = 3.0)]
     pub cache_weight: f64,
 
+    /// `ttft`: when a request placed away from its cached prefix pulls the prefix from the
+    /// worker holding it. `drain` (default): only from a draining worker (its sessions move
+    /// with their cache). `load`: also when the holder's queue makes another worker the better
+    /// place and the pull is predicted cheaper than recomputing (in the simulated benchmark the
+    /// per-block figure does not yet price a pull's wait for the holder's engine step; see
+    /// bench/README.md). `never`: recompute.
+    #[arg(long, value_enum, default_value = "drain")]
+    pub pull: crate::policy::PullWhen,
+
     /// `ttft`: prefill tokens per second assumed for a worker that has not measured its own.
     #[arg(long, default_value_t = 2_000.0)]
     pub default_prefill_tps: f64,
@@ -288,6 +297,7 @@ impl Config {
                 margin_ratio: self.pin_margin_ratio,
                 margin_secs: self.pin_margin_ms as f64 / 1_000.0,
                 cache_weight: self.cache_weight,
+                pull: self.pull,
                 ..CostModel::default()
             },
             max_in_flight: self.max_in_flight,

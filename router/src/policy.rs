@@ -156,6 +156,19 @@ pub struct CostModel {
     /// How much more than its own prefill a placement away from the longest cached prefix is
     /// charged, per missing token (see the module docs).
     pub cache_weight: f64,
+    /// When a placement away from the prefix pulls it from its holder.
+    pub pull: PullWhen,
+}
+
+/// When the `ttft` policy has a worker pull a prompt's cached prefix from its holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullWhen {
+    /// Never: a prefix elsewhere is recomputed.
+    Never,
+    /// From a draining holder only (its sessions move with their cache).
+    Drain,
+    /// Also from a holder that is merely loaded, when predicted cheaper than recomputing.
+    Load,
 }
 
 impl Default for CostModel {
@@ -168,6 +181,7 @@ impl Default for CostModel {
             margin_ratio: 0.5,
             margin_secs: 0.05,
             cache_weight: 3.0,
+            pull: PullWhen::Drain,
         }
     }
 }
@@ -183,9 +197,11 @@ impl CostModel {
     }
 
     /// The rank of `c` for a prompt whose longest cached prefix on any worker is
-    /// `most_cached_blocks`: its predicted TTFT plus the charge for the cache it gives up, or,
-    /// when pulling the prefix from the worker that holds it ranks better, the pull's
-    /// prediction (nothing is given up: the prefix is copied, not recomputed). Whether it pulls.
+    /// `most_cached_blocks`: its predicted TTFT, the lower of computing what it lacks and
+    /// pulling it from the worker that holds it, plus the charge for the cache it gives up
+    /// (charged either way: a pulled prefix is a second copy too, pushing other prefixes out,
+    /// so pulls do not make placement leave a holder more readily, they make leaving it
+    /// cheaper when the holder's queue or drain makes it worth it). Whether it pulls.
     pub fn rank(
         &self,
         c: &Candidate,
@@ -193,10 +209,11 @@ impl CostModel {
         block_tokens: usize,
         most_cached_blocks: usize,
     ) -> (f64, bool) {
-        let own = self.score(c, prompt_tokens, block_tokens, most_cached_blocks);
+        let own = self.ttft(c, prompt_tokens, block_tokens).as_secs_f64();
+        let charge = self.score(c, prompt_tokens, block_tokens, most_cached_blocks) - own;
         let pulled = most_cached_blocks.saturating_sub(c.cached_blocks());
         if pulled == 0 {
-            return (own, false);
+            return (own + charge, false);
         }
         let speed = self.speed(c);
         let uncached = prompt_tokens
@@ -206,8 +223,8 @@ impl CostModel {
             + pulled as f64 * measured(c.load.peer_block_secs, self.peer_block_secs);
         let pull = (self.queued(c) / speed).max(transfer) + uncached / speed;
         match pull < own {
-            true => (pull, true),
-            false => (own, false),
+            true => (pull + charge, true),
+            false => (own + charge, false),
         }
     }
 
@@ -335,10 +352,24 @@ pub fn decide(
             let holder = candidates
                 .iter()
                 .filter(|c| c.cached_blocks() == most && most > 0)
-                .max_by_key(|c| c.cached.device)
-                .map(|c| c.worker.clone());
-            let rank =
-                |c: &Candidate| model.rank(c, request.prompt_tokens, request.block_tokens, most);
+                .max_by_key(|c| (c.load.draining, c.cached.device));
+            let may_pull = match model.pull {
+                PullWhen::Never => false,
+                PullWhen::Drain => holder.is_some_and(|h| h.load.draining),
+                PullWhen::Load => holder.is_some(),
+            };
+            let holder = holder.map(|c| c.worker.clone());
+            let rank = |c: &Candidate| {
+                let (rank, pulls) =
+                    model.rank(c, request.prompt_tokens, request.block_tokens, most);
+                match (pulls, may_pull) {
+                    (true, false) => (
+                        model.score(c, request.prompt_tokens, request.block_tokens, most),
+                        false,
+                    ),
+                    _ => (rank, pulls),
+                }
+            };
             let mut order = sorted;
             // Stable sort from the round-robin turn's order: equal scores (an idle cluster, a
             // prompt nobody holds) are spread over the workers, not all given to the first id.

@@ -267,7 +267,7 @@ async fn pull(store: KvStore, hashes: &[BlockHash]) -> Result<(), Box<dyn std::e
     let tcp = loopback_tcp(bytes).await?;
     let pull_rate = bytes as f64 / best;
     println!(
-        "| peer pull of {blocks} blocks over /v1/kv/blocks (export, encode, send, decode, checksum), best of 3 | {:.2} | {:.3} |",
+        "| peer pull of {blocks} blocks over /v1/kv/blocks (the puller's code: export, checksum, stream, check), best of 3 | {:.2} | {:.3} |",
         pull_rate / 1e9,
         best / blocks as f64 * 1e3
     );

@@ -39,6 +39,28 @@ fn model() -> Arc<Llama> {
 
 /// A worker's engine with `blocks` KV blocks and a disk tier in `dir`, as `--kv-disk` makes it.
 fn engine(blocks: usize, dir: &Path, epoch: u64) -> Engine<ModelExecutor> {
+    with_tiers(blocks, epoch, |layout| {
+        Tiers::open(
+            &TierConfig {
+                host_bytes: 0,
+                disk: Some((dir.to_owned(), 1 << 30)),
+            },
+            layout,
+        )
+        .unwrap()
+    })
+}
+
+/// An engine without lower tiers that can take blocks pulled from a peer.
+fn bare(blocks: usize, epoch: u64) -> Engine<ModelExecutor> {
+    with_tiers(blocks, epoch, Tiers::staging)
+}
+
+fn with_tiers(
+    blocks: usize,
+    epoch: u64,
+    tiers: impl FnOnce(tidelock_protocol::blocks::BlockLayout) -> Tiers,
+) -> Engine<ModelExecutor> {
     let model = model();
     let cfg = EngineConfig {
         model: ModelName::new("smollm2").unwrap(),
@@ -53,14 +75,7 @@ fn engine(blocks: usize, dir: &Path, epoch: u64) -> Engine<ModelExecutor> {
     let kv = KvStore::new(model.kv_shape(BLOCK), blocks);
     let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(epoch));
     let exec = ModelExecutor { model, kv };
-    let tiers = Tiers::open(
-        &TierConfig {
-            host_bytes: 0,
-            disk: Some((dir.to_owned(), 1 << 30)),
-        },
-        exec.block_layout().unwrap(),
-    )
-    .unwrap();
+    let tiers = tiers(exec.block_layout().unwrap());
     Engine::new(cfg, pool, exec).with_tiers(tiers)
 }
 
@@ -80,33 +95,8 @@ fn request(prompt: &[u32], salt: &str) -> GenerateRequest {
 }
 
 fn run(e: &mut Engine<ModelExecutor>, r: GenerateRequest) -> Outcome {
-    let (tx, mut rx) = unbounded_channel();
-    e.submit(r, tx);
-    let mut steps = 0;
-    while !e.is_idle() {
-        e.step().expect("step");
-        steps += 1;
-        assert!(steps < 10_000, "the engine does not finish");
-    }
-    let mut out = Outcome {
-        tokens: Vec::new(),
-        top: Vec::new(),
-        usage: Usage::default(),
-    };
-    while let Ok(event) = rx.try_recv() {
-        match event {
-            GenerateEvent::Tokens {
-                ids, top_logprobs, ..
-            } => {
-                out.tokens.extend(ids);
-                out.top.extend(top_logprobs.unwrap_or_default());
-            }
-            GenerateEvent::Finished { usage, .. } => out.usage = usage,
-            GenerateEvent::Error { message, .. } => panic!("{message}"),
-            _ => {}
-        }
-    }
-    out
+    let rx = submit(e, r);
+    finish(e, rx)
 }
 
 /// The largest difference between two runs' top log-probabilities, which must name the same
@@ -211,26 +201,6 @@ fn a_restarted_worker_finds_its_cache_on_disk() {
     let diff = logprob_diff(&again, &cold);
     println!("after a restart: max |logprob diff| vs cold {diff:.2e}");
     assert!(diff <= 1e-4, "{diff}");
-}
-
-/// An engine without lower tiers that can take blocks pulled from a peer.
-fn bare(blocks: usize, epoch: u64) -> Engine<ModelExecutor> {
-    let model = model();
-    let cfg = EngineConfig {
-        model: ModelName::new("smollm2").unwrap(),
-        block_tokens: BlockTokens::new(BLOCK as u32).unwrap(),
-        max_step_tokens: 512,
-        max_running: 8,
-        max_waiting: 16,
-        max_context: 8192,
-        vocab_size: model.config().vocab_size,
-        eos_token_ids: vec![2],
-    };
-    let kv = KvStore::new(model.kv_shape(BLOCK), blocks);
-    let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(epoch));
-    let exec = ModelExecutor { model, kv };
-    let staging = Tiers::staging(exec.block_layout().unwrap());
-    Engine::new(cfg, pool, exec).with_tiers(staging)
 }
 
 /// Carries out the target's pulls against the holder as the server's puller does: the holder

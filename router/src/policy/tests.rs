@@ -438,7 +438,10 @@ fn ttft_pulls_a_prefix_to_a_less_loaded_worker_when_the_transfer_is_cheap() {
         b.load.peer_block_secs = peer_block_secs;
         decide(
             Policy::Ttft,
-            &CostModel::default(),
+            &CostModel {
+                pull: PullWhen::Load,
+                ..CostModel::default()
+            },
             &req(2_048, Some("s"), None),
             &[holder.clone(), b],
             0,
@@ -464,6 +467,16 @@ fn ttft_pulls_a_prefix_to_a_less_loaded_worker_when_the_transfer_is_cheap() {
     )
     .unwrap();
     assert_eq!((first(&d), d.pull.clone()), ("a", None));
+    // By default a loaded (not draining) holder's prefix is recomputed, not pulled.
+    let d = decide(
+        Policy::Ttft,
+        &CostModel::default(),
+        &req(2_048, Some("s"), None),
+        &[holder.clone(), idle.clone()],
+        0,
+    )
+    .unwrap();
+    assert_eq!(d.pull, None);
 }
 
 /// Point 4 of #21: a draining worker is never chosen, but a session's prefix it holds is pulled
