@@ -41,8 +41,8 @@ pub enum Command {
         secs: f64,
     },
     /// Drain (SIGTERM): hand back what waits, finish what runs (until `deadline`), write the
-    /// cache through to the disk tier; then `done` is answered and the thread keeps serving
-    /// peers' pulls and snapshots until [`Command::Shutdown`].
+    /// cache through to the disk tier, then answer `done`; all along, and after until
+    /// [`Command::Shutdown`], the thread keeps serving peers' pulls and snapshots.
     Drain {
         deadline: std::time::Instant,
         done: oneshot::Sender<Drained>,
@@ -154,7 +154,17 @@ fn run<E: Executor>(
     metrics: &Metrics,
     pulls: &tokio::sync::mpsc::UnboundedSender<PullJob>,
 ) {
+    // A drain under way: its deadline, whom to tell, how many requests it handed back.
+    let mut drain: Option<(std::time::Instant, oneshot::Sender<Drained>, usize)> = None;
     loop {
+        // A drain ends when what ran has finished (or its deadline passed); meanwhile commands
+        // are served as always, peers' pulls of this worker's blocks among them.
+        if let Some((deadline, _, _)) = &drain
+            && (engine.is_idle() || std::time::Instant::now() >= *deadline)
+            && let Some((_, done, handed_back)) = drain.take()
+        {
+            let _ = done.send(end_drain(engine, events, load, handed_back));
+        }
         // Block while idle; otherwise take whatever arrived since the last step.
         let first = if engine.is_idle() {
             match rx.recv() {
@@ -192,8 +202,13 @@ fn run<E: Executor>(
                     secs,
                 } => engine.pulled(arrived, &missed, secs),
                 Command::Drain { deadline, done } => {
-                    let drained = drain(engine, metrics, events, load, deadline);
-                    let _ = done.send(drained);
+                    let handed_back = engine.drain();
+                    tracing::info!(
+                        handed_back,
+                        running = engine.running(),
+                        "draining: queued requests handed back, running ones finishing"
+                    );
+                    drain = Some((deadline, done, handed_back));
                 }
                 Command::Shutdown => {
                     persist(engine);
@@ -226,32 +241,14 @@ fn run<E: Executor>(
     }
 }
 
-/// Hands back what waits, runs the running requests to their end (or `deadline`), and writes
-/// the cache through to the disk tier.
-fn drain<E: Executor>(
+/// Ends a drain: fails what still runs (its deadline passed) and writes the cache through to
+/// the disk tier.
+fn end_drain<E: Executor>(
     engine: &mut Engine<E>,
-    metrics: &Metrics,
     events: &EventLog,
     load: &watch::Sender<EngineLoad>,
-    deadline: std::time::Instant,
+    handed_back: usize,
 ) -> Drained {
-    let handed_back = engine.drain();
-    tracing::info!(
-        handed_back,
-        running = engine.running(),
-        "draining: queued requests handed back, running ones finishing"
-    );
-    while !engine.is_idle() && std::time::Instant::now() < deadline {
-        let started = std::time::Instant::now();
-        match engine.step() {
-            Ok(stats) => metrics.record_step(&stats, started.elapsed()),
-            Err(error) => {
-                metrics.step_failures.inc();
-                engine.fail_all(&error.to_string());
-            }
-        }
-        publish(engine, events, load);
-    }
     let cut_off = engine.running();
     if cut_off > 0 {
         engine.fail_all("the worker's drain deadline passed before the answer ended");
