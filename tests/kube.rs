@@ -433,7 +433,21 @@ async fn helm_install_then_kubectl_apply_the_examples() {
         .await
         .unwrap()
         .items;
-    assert_eq!(gpu_claims.len(), 2, "one model-cache claim per GPU worker");
+    let named = |prefix: &str| {
+        gpu_claims
+            .iter()
+            .filter(|c| {
+                c.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(prefix))
+            })
+            .count()
+    };
+    assert_eq!(named("models-"), 2, "one model-cache claim per GPU worker");
+    // kvCache.spill: each worker's own disk tier, a claim that follows it across restarts.
+    assert_eq!(named("kv-spill-"), 2, "one spill claim per GPU worker");
+    assert_eq!(gpu_claims.len(), 4);
     for m in [&cpu, &sharded, &gpu] {
         assert!(
             condition(m, "Degraded").is_some_and(|(s, _, _)| s == "False"),

@@ -22,7 +22,8 @@
 //! - **deletion**: when the pod goes, SIGTERM, its grace period (at most 10 s), then SIGKILL.
 //!
 //! What it does not do: pull images (the binaries come from `programs`), run init containers
-//! (reported as completed), mount volumes (a process sees this machine's files), enforce
+//! (reported as completed), mount volumes (a process sees this machine's files; arguments under
+//! an emptyDir's or a claim's mount are moved into the pod's own folder), enforce
 //! resources, or run liveness probes. Per command, `overrides` replace flags a real container
 //! would need its image for: the worker's `--model` becomes a local model file, and a worker
 //! whose pod asks for GPUs runs the simulated engine (`--engine sim`) because no GPU exists here. kwok's stages leave these pods
@@ -669,6 +670,30 @@ async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, String> {
     args = args.iter().map(|a| rewrite(a)).collect::<Result<_, _>>()?;
     for value in env.values_mut() {
         *value = rewrite(value)?;
+    }
+    // Volumes: a process here sees this machine's files, so an argument under the mount of an
+    // emptyDir or a claim moves into the pod's own folder, as a mounted volume is the pod's own
+    // (the folder is named after the pod, so a claim's outlives the pod's restarts, as a
+    // StatefulSet's claim does). Two pods with the same spill path get two folders.
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    for mount in container.volume_mounts.iter().flatten() {
+        let own = volumes.into_iter().flatten().any(|v| {
+            v.name == mount.name && (v.empty_dir.is_some() || v.persistent_volume_claim.is_some())
+        });
+        if !own {
+            continue;
+        }
+        let local = dir.join("volumes").join(&mount.name);
+        let root = mount.mount_path.trim_end_matches('/');
+        args = args
+            .into_iter()
+            .map(|a| match a.strip_prefix(root) {
+                Some(rest) if !root.is_empty() && (rest.is_empty() || rest.starts_with('/')) => {
+                    format!("{}{rest}", local.display())
+                }
+                _ => a,
+            })
+            .collect();
     }
     if let Some(o) = ctx.config.overrides.get(&command[0]) {
         for (flag, value) in &o.set {
