@@ -6,29 +6,20 @@
 
 use std::time::Duration;
 
-use tidelock_e2e::{Proc, binary, free_port, http_get, http_request, model_path};
+use tidelock_e2e::{Proc, binary, free_port, http_get, http_request, sim_worker_args};
 
 fn start(dir: &std::path::Path, logs: &std::path::Path, name: &str, port: u16) -> Proc {
-    let args: Vec<String> = [
-        "--model",
-        &model_path().to_string_lossy(),
-        "--engine",
-        "sim",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--kv-cache",
-        "64MiB",
-        "--block-tokens",
-        "16",
-        "--kv-disk",
-        &dir.to_string_lossy(),
-        "--kv-disk-size",
-        "64MiB",
-        "--no-cluster-auth",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let disk = dir.to_string_lossy();
+    let args = sim_worker_args(
+        port,
+        &[
+            "--kv-disk",
+            &disk,
+            "--kv-disk-size",
+            "64MiB",
+            "--no-cluster-auth",
+        ],
+    );
     Proc::spawn(name, &binary("tidelock-worker"), &args, logs)
 }
 

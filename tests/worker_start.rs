@@ -7,27 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use tidelock_e2e::{Proc, binary, free_port, http_get, model_path};
+use tidelock_e2e::{Proc, binary, free_port, http_get, sim_worker_args};
 
 fn start(dir: &std::path::Path, name: &str, port: u16, load_secs: &str) -> Proc {
-    let args: Vec<String> = [
-        "--model",
-        &model_path().to_string_lossy(),
-        "--engine",
-        "sim",
-        "--sim-load-secs",
-        load_secs,
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--kv-cache",
-        "64MiB",
-        "--block-tokens",
-        "16",
-        "--no-cluster-auth",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = sim_worker_args(port, &["--sim-load-secs", load_secs, "--no-cluster-auth"]);
     Proc::spawn(name, &binary("tidelock-worker"), &args, dir)
 }
 

@@ -201,18 +201,20 @@ impl CostModel {
     /// pulling it from the worker that holds it, plus the charge for the cache it gives up
     /// (charged either way: a pulled prefix is a second copy too, pushing other prefixes out,
     /// so pulls do not make placement leave a holder more readily, they make leaving it
-    /// cheaper when the holder's queue or drain makes it worth it). Whether it pulls.
+    /// cheaper when the holder's queue or drain makes it worth it). Whether it pulls; never
+    /// without `may_pull`.
     pub fn rank(
         &self,
         c: &Candidate,
         prompt_tokens: usize,
         block_tokens: usize,
         most_cached_blocks: usize,
+        may_pull: bool,
     ) -> (f64, bool) {
         let own = self.ttft(c, prompt_tokens, block_tokens).as_secs_f64();
-        let charge = self.score(c, prompt_tokens, block_tokens, most_cached_blocks) - own;
+        let charge = self.charge(c, prompt_tokens, block_tokens, most_cached_blocks);
         let pulled = most_cached_blocks.saturating_sub(c.cached_blocks());
-        if pulled == 0 {
+        if pulled == 0 || !may_pull {
             return (own + charge, false);
         }
         let speed = self.speed(c);
@@ -237,10 +239,21 @@ impl CostModel {
         block_tokens: usize,
         most_cached_blocks: usize,
     ) -> f64 {
+        self.ttft(c, prompt_tokens, block_tokens).as_secs_f64()
+            + self.charge(c, prompt_tokens, block_tokens, most_cached_blocks)
+    }
+
+    /// The charge for the cached prefix a placement on `c` gives up (module docs).
+    fn charge(
+        &self,
+        c: &Candidate,
+        prompt_tokens: usize,
+        block_tokens: usize,
+        most_cached_blocks: usize,
+    ) -> f64 {
         let forgone = most_cached_blocks.saturating_sub(c.cached_blocks()) * block_tokens;
         let forgone = forgone.min(prompt_tokens) as f64;
-        self.ttft(c, prompt_tokens, block_tokens).as_secs_f64()
-            + self.cache_weight * forgone / self.speed(c)
+        self.cache_weight * forgone / self.speed(c)
     }
 
     /// Predicted time to first token of a `prompt_tokens`-token prompt on `c`.
@@ -360,15 +373,13 @@ pub fn decide(
             };
             let holder = holder.map(|c| c.worker.clone());
             let rank = |c: &Candidate| {
-                let (rank, pulls) =
-                    model.rank(c, request.prompt_tokens, request.block_tokens, most);
-                match (pulls, may_pull) {
-                    (true, false) => (
-                        model.score(c, request.prompt_tokens, request.block_tokens, most),
-                        false,
-                    ),
-                    _ => (rank, pulls),
-                }
+                model.rank(
+                    c,
+                    request.prompt_tokens,
+                    request.block_tokens,
+                    most,
+                    may_pull,
+                )
             };
             let mut order = sorted;
             // Stable sort from the round-robin turn's order: equal scores (an idle cluster, a

@@ -66,6 +66,27 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The command line of a simulated worker (`--engine sim`, 64 MiB of KV, 16-token blocks) on
+/// `port`, loading the default model's tokenizer, then `extra`.
+pub fn sim_worker_args(port: u16, extra: &[&str]) -> Vec<String> {
+    let fixed = [
+        "--model".to_owned(),
+        model_path().to_string_lossy().into_owned(),
+        "--engine".to_owned(),
+        "sim".to_owned(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--kv-cache".to_owned(),
+        "64MiB".to_owned(),
+        "--block-tokens".to_owned(),
+        "16".to_owned(),
+    ];
+    fixed
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect()
+}
+
 fn cache_dir() -> PathBuf {
     tidelock_localkube::tools::cache_dir()
 }

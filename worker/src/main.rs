@@ -319,13 +319,7 @@ fn load(
                 BackendKind::Cpu => {
                     let kv = KvStore::new(shape, num_blocks);
                     let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-                    server::start_with_peers(
-                        spilling(config, engine)?,
-                        info,
-                        tokenizer,
-                        Some(kit.clone()),
-                        token.clone(),
-                    )?
+                    start_engine(config, engine, info, tokenizer, &kit, &token)?
                 }
                 BackendKind::Candle => {
                     let kv = DeviceKv::new(
@@ -335,13 +329,7 @@ fn load(
                         model.device(),
                     )?;
                     let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
-                    server::start_with_peers(
-                        spilling(config, engine)?,
-                        info,
-                        tokenizer,
-                        Some(kit.clone()),
-                        token.clone(),
-                    )?
+                    start_engine(config, engine, info, tokenizer, &kit, &token)?
                 }
             }
         }
@@ -350,16 +338,36 @@ fn load(
             std::thread::sleep(Duration::from_secs_f64(config.sim_load_secs.max(0.0)));
             let sim = SimExecutor::new(model_config.vocab_size, timing)
                 .with_block_load(Duration::from_secs_f64(config.sim_block_load_secs.max(0.0)));
-            server::start_with_peers(
-                spilling(config, Engine::new(engine_config, pool, sim))?,
+            start_engine(
+                config,
+                Engine::new(engine_config, pool, sim),
                 info,
                 tokenizer,
-                Some(kit.clone()),
-                token.clone(),
+                &kit,
+                &token,
             )?
         }
     };
     Ok(Loaded::Engine(started))
+}
+
+/// Starts the engine and its handlers: with the lower KV tiers `--kv-host` and `--kv-disk` ask
+/// for, pulling blocks from peers with the cluster credential.
+fn start_engine<E: Executor + 'static>(
+    config: &Config,
+    engine: Engine<E>,
+    info: WorkerInfo,
+    tokenizer: String,
+    kit: &Arc<PromptKit>,
+    token: &Option<tidelock_protocol::ClusterToken>,
+) -> anyhow::Result<server::Started> {
+    Ok(server::start_with_peers(
+        spilling(config, engine)?,
+        info,
+        tokenizer,
+        Some(kit.clone()),
+        token.clone(),
+    )?)
 }
 
 /// The engine with the lower KV tiers `--kv-host` and `--kv-disk` ask for; without them it

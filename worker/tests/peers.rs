@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::post_json;
 use tidelock_protocol::{
     BlockTokens, CacheSalt, Epoch, GenerateEvent, HashChain, LoadReport, ModelName,
@@ -154,7 +152,6 @@ async fn the_blocks_route_sends_the_leading_blocks_it_holds_and_refuses_floods()
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     let (status, _) = post_json(&holder, "/v1/kv/blocks", serde_json::json!({"nope": 1})).await;
     assert_eq!(status, 400);
-    let _ = Duration::ZERO;
 }
 
 /// Point 4: a draining engine hands back what waits (`overloaded`: a router tries another

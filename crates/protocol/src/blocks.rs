@@ -301,13 +301,16 @@ pub fn block_head(head: &[u8]) -> Result<(BlockLayout, BlockHash, u64), WireErro
 /// The layout and first block hash of a body, from its first [`PREFIX_BYTES`] + 16 bytes (a
 /// disk tier rebuilding its index reads no more of each file).
 pub fn peek(prefix: &[u8]) -> Result<(BlockLayout, u32, Option<BlockHash>), WireError> {
-    let mut r = Reader(prefix);
-    r.header(&FORMAT, KIND_BLOCKS, "KV blocks")?;
-    let layout = BlockLayout::decode(&mut r)?;
-    let n = r.u32()?;
+    let head = prefix.get(..PREFIX_BYTES).ok_or(WireError::Truncated {
+        need: PREFIX_BYTES,
+        have: prefix.len(),
+    })?;
+    let (layout, n) = parse_prefix(head)?;
     let first = match n {
         0 => None,
-        _ => Some(BlockHash::from_bytes(r.array()?)),
+        _ => Some(BlockHash::from_bytes(
+            Reader(&prefix[PREFIX_BYTES..]).array()?,
+        )),
     };
     Ok((layout, n, first))
 }

@@ -198,10 +198,6 @@ impl<E: Executor> Engine<E> {
         &self.tiers
     }
 
-    pub fn tiers_mut(&mut self) -> &mut Tiers {
-        &mut self.tiers
-    }
-
     /// Pulls requested since the last call, for the server to carry out.
     pub fn take_pulls(&mut self) -> Vec<PullJob> {
         std::mem::take(&mut self.pulls)

@@ -94,7 +94,7 @@ pub fn start_with_peers<E: Executor + 'static>(
     let (load_tx, load_rx) = watch::channel(engine.load());
     let metrics = Arc::new(Metrics::new()?);
     let layout = engine.executor().block_layout();
-    let (pulls, jobs) = peers::channel();
+    let (pulls, jobs) = tokio::sync::mpsc::unbounded_channel();
     let (commands, engine_thread) =
         runner::spawn(engine, events.clone(), load_tx, metrics.clone(), pulls);
     peers::spawn_puller(jobs, commands.clone(), layout, peer_token);

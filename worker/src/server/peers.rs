@@ -27,7 +27,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::blocks::{self, BlockLayout};
 use tidelock_protocol::{BlockHash, BlocksRequest, ClusterToken, MAX_PULL_BLOCKS};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
 
 use super::runner::{Command, Exported};
@@ -135,14 +135,10 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| parts.poll_recv(cx).map(|part| part.map(Ok)))
 }
 
-/// The puller's channel: the engine thread's pull jobs go in. Without a Tokio runtime (a test
-/// driving the engine alone) there is no puller, and pulls fail at once (recomputed).
-pub fn channel() -> (UnboundedSender<PullJob>, UnboundedReceiver<PullJob>) {
-    unbounded_channel()
-}
-
 /// Starts the puller: each job on its own task, over one pooled client (keep-alive
 /// connections to each peer), its result sent back to the engine as [`Command::Pulled`].
+/// Without a Tokio runtime (a test driving the server alone) there is no puller: `jobs` is
+/// dropped, and the engine recomputes what it would have pulled.
 pub fn spawn_puller(
     mut jobs: UnboundedReceiver<PullJob>,
     commands: Sender<Command>,

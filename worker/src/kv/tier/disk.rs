@@ -229,10 +229,6 @@ impl DiskTier {
         ))
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn contains(&self, hash: &BlockHash) -> bool {
         self.lru.contains(hash)
     }
