@@ -859,13 +859,7 @@ async fn route(
     let candidates: Vec<Candidate> = workers
         .values()
         .filter(|w| w.healthy())
-        .map(|w| Candidate {
-            worker: w.id.clone(),
-            load: w.load(),
-            in_flight: w.in_flight.load(Ordering::Relaxed),
-            pending_prefill: w.pending_prefill.load(Ordering::Relaxed),
-            cached: held.get(&w.id).copied().unwrap_or_default(),
-        })
+        .map(|w| w.candidate(held.get(&w.id).copied().unwrap_or_default()))
         .collect();
     let policy = state.settings.policy;
     let pinned = match (&session, policy) {

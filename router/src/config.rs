@@ -81,10 +81,11 @@ pub struct Config {
 
     /// `ttft`: when a request placed away from its cached prefix pulls the prefix from the
     /// worker holding it. `drain` (default): only from a draining worker (its sessions move
-    /// with their cache). `load`: also when the holder's queue makes another worker the better
+    /// with their cache), and a draining worker is sent a plan of which peers take which of
+    /// its cached chains, which they pull before it exits. `load`: also when the holder's queue makes another worker the better
     /// place and the pull is predicted cheaper than recomputing (in the simulated benchmark the
     /// per-block figure does not yet price a pull's wait for the holder's engine step; see
-    /// bench/README.md). `never`: recompute.
+    /// bench/README.md). `never`: recompute, and no handoff at a drain.
     #[arg(long, value_enum, default_value = "drain")]
     pub pull: crate::policy::PullWhen,
 

@@ -8,9 +8,11 @@
 //!
 //! ## Layout, and why
 //!
-//! Every block hash commits to the whole prefix before it, so a flat map suffices (no radix tree,
-//! and `Stored::parent` is not needed): `BlockHash -> Holders`, where [`Holders`] is one bitset of
-//! worker slots per tier (`u128`, so at most [`MAX_WORKERS`] workers). A lookup walks the chain
+//! Every block hash commits to the whole prefix before it, so a flat map suffices (no radix
+//! tree): `BlockHash -> Holders`, where [`Holders`] is one bitset of worker slots per tier
+//! (`u128`, so at most [`MAX_WORKERS`] workers) and the block's parent when an event named it.
+//! Lookups never use the parents; [`KvIndex::chains`] does, to list a draining worker's
+//! sessions (issue #21, point 4). A lookup walks the chain
 //! once, keeping the set of workers still matching and ANDing it with each block's holders; it
 //! stops at the first block nobody still matching holds. Cost is one map probe plus a few 128-bit
 //! operations per matched block, independent of the number of workers; per-worker work happens only
@@ -178,6 +180,16 @@ impl TierCounts {
     }
 }
 
+/// One chain of blocks a worker holds, as [`KvIndex::chains`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldChain {
+    /// From the first block whose parent the index knows to the last block the worker holds of
+    /// this branch, in order; the worker may lack some leading ones (they are other workers').
+    pub hashes: Vec<BlockHash>,
+    /// The fastest tier the worker holds the chain's last block on.
+    pub tier: Tier,
+}
+
 /// How much of a prompt's chain one worker holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerMatch {
@@ -192,12 +204,15 @@ pub struct WorkerMatch {
     pub tiers: TierCounts,
 }
 
-/// Which worker slots hold one block, per tier.
+/// Which worker slots hold one block, per tier, and the block before it in its chain.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Holders {
     device: u128,
     host: u128,
     disk: u128,
+    /// `None`: the first block of a prompt, or a block whose parent no event named (a
+    /// snapshot's, or a lower tier's event about one block).
+    parent: Option<BlockHash>,
 }
 
 impl Holders {
@@ -307,20 +322,37 @@ impl KvIndex {
             return Applied::NeedsSnapshot(resync);
         }
 
+        // Entries left without holders are dropped at the end of the batch, not at once: an
+        // evicted block's removal from the device and its arrival on a lower tier come in one
+        // batch, and its parent must survive the move.
+        let mut emptied = Vec::new();
         for event in &batch.events {
             match event {
-                KvEvent::Stored { blocks, tier, .. } => {
+                KvEvent::Stored {
+                    parent,
+                    blocks,
+                    tier,
+                } => {
+                    let mut parent = *parent;
                     for &hash in blocks {
-                        self.store(slot, hash, *tier);
+                        self.store(slot, hash, *tier, parent);
+                        parent = Some(hash);
                     }
                 }
                 KvEvent::Removed { blocks, tier } => {
                     for hash in blocks {
-                        self.remove(slot, hash, *tier);
+                        if self.remove(slot, hash, *tier) {
+                            emptied.push(*hash);
+                        }
                     }
                 }
                 KvEvent::Cleared => self.clear_slot(slot),
                 KvEvent::Unknown => unreachable!("batches with unknown events are refused above"),
+            }
+        }
+        for hash in emptied {
+            if self.entries.get(&hash).is_some_and(|h| h.any() == 0) {
+                self.entries.remove(&hash);
             }
         }
         self.slot_mut(slot).last = (batch.epoch, batch.sequence);
@@ -352,7 +384,7 @@ impl KvIndex {
         state.last = (snapshot.epoch, snapshot.sequence);
         state.stale = false;
         for block in &snapshot.blocks {
-            self.store(slot, block.hash, block.tier);
+            self.store(slot, block.hash, block.tier, None);
         }
         Ok(())
     }
@@ -465,6 +497,72 @@ impl KvIndex {
         found
     }
 
+    /// Whether `worker` holds `hash` on some tier.
+    pub fn holds(&self, worker: &WorkerId, hash: &BlockHash) -> bool {
+        self.state(worker)
+            .is_some_and(|state| state.blocks.contains(hash))
+    }
+
+    /// The chains `worker` holds: one per block it holds that is no other held block's parent
+    /// (a session's latest turn, a branch), each walked back through the parents events named.
+    /// Chains whose last block sits on a faster tier come first, then longer ones. The cost is
+    /// the chains' total length; a router calls it once per draining worker.
+    pub fn chains(&self, worker: &WorkerId) -> Vec<HeldChain> {
+        let Some(&slot) = self.by_id.get(worker) else {
+            return Vec::new();
+        };
+        let Some(state) = self.slots[slot].as_ref() else {
+            return Vec::new();
+        };
+        let bit = 1u128 << slot;
+        let parents: HashSet<BlockHash> = state
+            .blocks
+            .iter()
+            .filter_map(|h| self.entries.get(h)?.parent)
+            .collect();
+        let mut chains: Vec<HeldChain> = state
+            .blocks
+            .iter()
+            .filter(|h| !parents.contains(h))
+            .filter_map(|&leaf| {
+                let holders = self.entries.get(&leaf)?;
+                let tier = [
+                    (holders.device, Tier::Device),
+                    (holders.host, Tier::Host),
+                    (holders.disk, Tier::Disk),
+                ]
+                .into_iter()
+                .find(|(set, _)| set & bit != 0)?
+                .1;
+                let mut hashes = vec![leaf];
+                let mut at = holders.parent;
+                // A chain cannot loop (each hash commits to its prefix); the bound guards
+                // against events that say otherwise.
+                while let Some(parent) = at.filter(|_| hashes.len() <= self.entries.len()) {
+                    let Some(up) = self.entries.get(&parent) else {
+                        break;
+                    };
+                    hashes.push(parent);
+                    at = up.parent;
+                }
+                hashes.reverse();
+                Some(HeldChain { hashes, tier })
+            })
+            .collect();
+        let rank = |t: Tier| match t {
+            Tier::Device => 0,
+            Tier::Host => 1,
+            Tier::Disk => 2,
+        };
+        chains.sort_by(|a, b| {
+            rank(a.tier)
+                .cmp(&rank(b.tier))
+                .then(b.hashes.len().cmp(&a.hashes.len()))
+                .then_with(|| a.hashes.cmp(&b.hashes))
+        });
+        chains
+    }
+
     fn state(&self, worker: &WorkerId) -> Option<&WorkerState> {
         let &slot = self.by_id.get(worker)?;
         self.slots[slot].as_ref()
@@ -499,24 +597,28 @@ impl KvIndex {
         Ok(slot)
     }
 
-    fn store(&mut self, slot: usize, hash: BlockHash, tier: Tier) {
-        *self.entries.entry(hash).or_default().tier_mut(tier) |= 1 << slot;
+    fn store(&mut self, slot: usize, hash: BlockHash, tier: Tier, parent: Option<BlockHash>) {
+        let holders = self.entries.entry(hash).or_default();
+        *holders.tier_mut(tier) |= 1 << slot;
+        // A hash names its whole prefix, so its parent never changes once known.
+        holders.parent = holders.parent.or(parent);
         self.slot_mut(slot).blocks.insert(hash);
     }
 
-    fn remove(&mut self, slot: usize, hash: &BlockHash, tier: Tier) {
+    /// Takes `slot` off `hash` on `tier`; whether the entry has no holders left (the caller
+    /// drops it).
+    fn remove(&mut self, slot: usize, hash: &BlockHash, tier: Tier) -> bool {
         let bit = 1u128 << slot;
         let Some(holders) = self.entries.get_mut(hash) else {
-            return;
+            return false;
         };
         *holders.tier_mut(tier) &= !bit;
         let still_held = holders.any() & bit != 0;
-        if holders.any() == 0 {
-            self.entries.remove(hash);
-        }
+        let empty = holders.any() == 0;
         if !still_held {
             self.slot_mut(slot).blocks.remove(hash);
         }
+        empty
     }
 
     /// Drops every block of `slot` from the index, keeping the worker itself.

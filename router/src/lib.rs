@@ -6,7 +6,8 @@
 //! - `tenants`, `limits`: who is calling and what they may do;
 //! - `workers`: the models served and their workers' live state (load, health, ejection);
 //!   `discovery` and `follow` keep each model's worker set and KV `index` current;
-//! - `policy`: where a request goes (pure); `sessions`: session pins in the StateStore;
+//! - `policy`: where a request goes (pure); `handoff`: where a draining worker's sessions go;
+//!   `sessions`: session pins in the StateStore;
 //!   `turns`: the sessions' answered turns shared by the replicas through the StateStore;
 //! - `proxy`: the request to a worker, retried before its first token, streamed after;
 //! - `prompt`: the tokenizer and chat template fetched from a worker; `metrics`.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod cpu;
 pub mod discovery;
 pub mod follow;
+pub mod handoff;
 pub mod http;
 pub mod index;
 pub mod limits;

@@ -11,6 +11,7 @@ use tidelock_router::app::{Shared, app, metrics_app};
 use tidelock_router::config::Config;
 use tidelock_router::discovery::register_when_up;
 use tidelock_router::http::Http;
+use tidelock_router::policy::PullWhen;
 use tidelock_router::sessions::Pins;
 use tidelock_router::tenants::{self, Tenants};
 use tidelock_router::workers::Models;
@@ -65,7 +66,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     background.push(tokio::spawn(
         tenants.clone().follow(store.clone(), layout.clone()),
     ));
-    let models = Models::new(store.clone(), layout.clone(), probing, http);
+    let handoff = (settings.cost.pull != PullWhen::Never).then_some(settings.cost);
+    let models = Models::with_handoff(store.clone(), layout.clone(), probing, http, handoff);
     background.push(tokio::spawn(models.clone().run()));
     let pins = Arc::new(Pins::with_deadlines(
         store,

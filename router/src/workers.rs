@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 
 use crate::discovery::Discovery;
 use crate::http::Http;
-use crate::index::KvIndex;
+use crate::index::{KvIndex, TierCounts};
+use crate::policy::{Candidate, CostModel};
 use crate::prompt::fetch_kit;
 
 /// How workers are watched.
@@ -98,8 +99,23 @@ impl WorkerState {
         self.failures.store(0, Ordering::Relaxed);
     }
 
-    fn set_load(&self, load: LoadReport) {
-        *self.load.lock().unwrap_or_else(|e| e.into_inner()) = load;
+    /// Stores a new load report; whether it is the first to say the worker drains.
+    fn set_load(&self, load: LoadReport) -> bool {
+        let mut last = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        let began = load.draining && !last.draining;
+        *last = load;
+        began
+    }
+
+    /// The worker as a placement policy sees it, holding `cached` of the prompt's chain.
+    pub fn candidate(&self, cached: TierCounts) -> Candidate {
+        Candidate {
+            worker: self.id.clone(),
+            load: self.load(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            pending_prefill: self.pending_prefill.load(Ordering::Relaxed),
+            cached,
+        }
     }
 }
 
@@ -164,7 +180,8 @@ impl Model {
     }
 
     /// One probe round: reconcile the worker set with discovery, then probe every worker.
-    async fn probe_round(&self, http: &Http, probing: &Probing) {
+    /// Returns the workers whose drain began.
+    async fn probe_round(&self, http: &Http, probing: &Probing) -> Vec<WorkerId> {
         // A shard group is one target: its coordinator, shard 0 (issue #7). The other shards
         // hold parts of its sessions' KV and answer only the coordinator.
         let mut registered = self.discovery.workers();
@@ -192,11 +209,14 @@ impl Model {
             *self.workers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         }
         let workers = self.workers();
-        let probes = workers.values().map(|w| probe(http, w, probing.timeout));
-        futures::future::join_all(probes).await;
+        let probes = workers
+            .values()
+            .map(|w| async { probe(http, w, probing.timeout).await.then(|| w.id.clone()) });
+        let draining = futures::future::join_all(probes).await;
         if self.kit().is_none() {
             self.fetch_kit(http, &workers).await;
         }
+        draining.into_iter().flatten().collect()
     }
 
     async fn fetch_kit(&self, http: &Http, workers: &BTreeMap<WorkerId, Arc<WorkerState>>) {
@@ -221,7 +241,8 @@ pub fn is_coordinator(r: &WorkerRegistration) -> bool {
     r.shard_count <= 1 || r.shard.get() == 0
 }
 
-async fn probe(http: &Http, w: &WorkerState, timeout: Duration) {
+/// Whether this probe's report is the first to say the worker drains.
+async fn probe(http: &Http, w: &WorkerState, timeout: Duration) -> bool {
     let base = w.registration.address.trim_end_matches('/');
     if w.max_context.load(Ordering::Relaxed) == 0 {
         match http
@@ -244,13 +265,15 @@ async fn probe(http: &Http, w: &WorkerState, timeout: Duration) {
             if !w.healthy() {
                 tracing::info!(worker = %w.id, "worker answers again: readmitted");
             }
-            w.set_load(load);
+            let began = w.set_load(load);
             w.record_success();
+            began
         }
         Err(e) => {
             if w.record_failure() {
                 tracing::warn!(worker = %w.id, error = %e, "worker ejected: no load report");
             }
+            false
         }
     }
 }
@@ -262,6 +285,8 @@ pub struct Models {
     layout: KeyLayout,
     probing: Probing,
     http: Http,
+    /// The cost model draining workers' handoffs are planned with; `None`: no handoffs.
+    handoff: Option<CostModel>,
     all: RwLock<Arc<BTreeMap<ModelName, Arc<Model>>>>,
 }
 
@@ -274,11 +299,23 @@ impl Models {
         probing: Probing,
         http: Http,
     ) -> Arc<Self> {
+        Self::with_handoff(store, layout, probing, http, Some(CostModel::default()))
+    }
+
+    /// [`Models::new`], planning draining workers' handoffs with `handoff` (`None`: none).
+    pub fn with_handoff(
+        store: Arc<dyn StateStore>,
+        layout: KeyLayout,
+        probing: Probing,
+        http: Http,
+        handoff: Option<CostModel>,
+    ) -> Arc<Self> {
         Arc::new(Models {
             store,
             layout,
             probing,
             http,
+            handoff,
             all: RwLock::default(),
         })
     }
@@ -365,11 +402,18 @@ impl Models {
             tasks: Mutex::default(),
         });
         let weak = Arc::downgrade(&model);
-        let (http, probing) = (self.http.clone(), self.probing);
+        let (http, probing, handoff) = (self.http.clone(), self.probing, self.handoff);
         let prober = tokio::spawn(async move {
             loop {
                 let Some(model) = weak.upgrade() else { return };
-                model.probe_round(&http, &probing).await;
+                let draining = model.probe_round(&http, &probing).await;
+                for worker in draining {
+                    let Some(cost) = handoff else { break };
+                    let (model, http) = (model.clone(), http.clone());
+                    tokio::spawn(async move {
+                        crate::handoff::hand_off(&model, &http, &cost, &worker).await;
+                    });
+                }
                 drop(model);
                 tokio::time::sleep(probing.interval).await;
             }

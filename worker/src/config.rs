@@ -178,8 +178,9 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_KV_HOST", default_value = "0B")]
     pub kv_host: ByteSize,
 
-    /// Seconds a draining worker (SIGTERM) lets its running requests finish before it writes
-    /// its cache to the disk tier and exits; keep it under the pod's grace period.
+    /// Seconds a draining worker (SIGTERM) has to let its running requests finish and hand its
+    /// cache over to the peers a router chose, before it writes the cache to the disk tier and
+    /// exits; keep it under the pod's grace period.
     #[arg(long, env = "TIDELOCK_DRAIN_SECS", default_value_t = 20.0)]
     pub drain_secs: f64,
 

@@ -36,6 +36,9 @@ use tidelock_worker::server::{self, app};
 use tidelock_worker::shard_rpc::HttpLink;
 use tower::ServiceExt;
 
+/// How long the stopping server waits for open connections to end.
+const CLOSE_STREAMS_AFTER: Duration = Duration::from_secs(2);
+
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
     tidelock_service::run("tidelock-worker", Some(2), serve(config))
@@ -164,9 +167,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 "drained"
             );
         }
+        // The blocks go to the peers a router chose before this worker stops answering for them.
+        match state.handoff.wait(deadline).await {
+            server::handoff::Phase::Waiting => {
+                tracing::info!("no router sent a handoff plan; the KV cache stays here")
+            }
+            server::handoff::Phase::Running => {
+                tracing::warn!("the drain deadline passed during the handoff")
+            }
+            server::handoff::Phase::Done { kept } => {
+                tracing::info!(blocks = kept, "handoff done")
+            }
+        }
     }
     let _ = stop.send(true);
-    server.await??;
+    // Requests have ended; what stays open are routers' KV event streams, which never end by
+    // themselves: they are cut after a moment rather than holding the exit until the kill.
+    let mut server = server;
+    match tokio::time::timeout(CLOSE_STREAMS_AFTER, &mut server).await {
+        Ok(served) => served??,
+        Err(_) => {
+            tracing::info!("open streams (routers following the KV events) cut");
+            server.abort();
+        }
+    }
     if let Some(registration) = registration {
         registration.deregister().await;
     }

@@ -260,3 +260,74 @@ async fn a_draining_worker_refuses_work_but_lends_its_blocks() {
         2
     );
 }
+
+#[tokio::test]
+async fn a_draining_worker_hands_its_blocks_to_the_peers_in_the_plan() {
+    let holder = worker(5);
+    let holder_url = listen(holder.clone()).await;
+    let peer = worker(6);
+    let peer_url = listen(peer.clone()).await;
+    let prompt: Vec<u32> = (0..100).map(|i| 40 + i % 300).collect();
+    generate(&holder, request(&prompt, "a", None)).await;
+    let mut chain = HashChain::new(
+        &ModelName::new("sim").unwrap(),
+        &CacheSalt::new("a").unwrap(),
+        BlockTokens::new(BLOCK).unwrap(),
+    );
+    chain.extend(&prompt);
+    let held = &chain.hashes()[..6];
+    let plan = serde_json::json!({
+        "from": holder_url,
+        "peers": [{"to": peer_url, "hashes": held}],
+    });
+
+    // Only a draining worker hands over, and only once.
+    let (status, _) = post_json(&holder, "/v1/kv/handoff", plan.clone()).await;
+    assert_eq!(status, 409);
+    holder
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, body) = post_json(&holder, "/v1/kv/handoff", plan.clone()).await;
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let (status, _) = post_json(&holder, "/v1/kv/handoff", plan).await;
+    assert_eq!(status, 409);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    assert_eq!(
+        holder.handoff.wait(deadline).await,
+        tidelock_worker::server::handoff::Phase::Done { kept: 6 }
+    );
+
+    // The peer holds the blocks, byte for byte, and serves them as cached to their tenant only.
+    let asked = serde_json::json!({"hashes": held});
+    let (_, from_holder) = post_json(&holder, "/v1/kv/blocks", asked.clone()).await;
+    let (_, from_peer) = post_json(&peer, "/v1/kv/blocks", asked).await;
+    let (from_holder, from_peer) = (
+        tidelock_protocol::blocks::decode(&from_holder).unwrap(),
+        tidelock_protocol::blocks::decode(&from_peer).unwrap(),
+    );
+    assert_eq!(from_peer.blocks.len(), 6);
+    assert_eq!(from_peer.blocks, from_holder.blocks);
+    assert_eq!(
+        generate(&peer, request(&prompt, "a", None))
+            .await
+            .cached_tokens,
+        96
+    );
+    assert_eq!(
+        generate(&peer, request(&prompt, "b", None))
+            .await
+            .cached_tokens,
+        0
+    );
+
+    // A draining peer takes nothing.
+    peer.draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, _) = post_json(
+        &peer,
+        "/v1/kv/adopt",
+        serde_json::json!({"from": holder_url, "hashes": held}),
+    )
+    .await;
+    assert_eq!(status, 503);
+}

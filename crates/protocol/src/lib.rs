@@ -31,8 +31,9 @@ pub use openai::{
     CompletionChunk, CompletionRequest, ModelCard, ModelList, OpenAiError, ResponseMeta,
 };
 pub use wire::{
-    BinaryRequestError, BlocksRequest, ErrorCode, FinishReason, GENERATE_BINARY_CONTENT_TYPE,
-    GenerateEvent, GenerateRequest, LoadReport, MAX_PULL_BLOCKS, ModelClaim, PullHint,
-    SamplingError, SamplingParams, SessionRecord, TenantLimits, TenantRecord, TenantRecordError,
-    TopLogprob, Usage, WorkerInfo, WorkerRegistration,
+    AdoptReply, AdoptRequest, BinaryRequestError, BlocksRequest, ErrorCode, FinishReason,
+    GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest, HandoffPeer, HandoffPlan,
+    LoadReport, MAX_PULL_BLOCKS, ModelClaim, PullHint, SamplingError, SamplingParams,
+    SessionRecord, TenantLimits, TenantRecord, TenantRecordError, TopLogprob, Usage, WorkerInfo,
+    WorkerRegistration,
 };

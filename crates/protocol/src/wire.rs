@@ -146,6 +146,45 @@ pub struct BlocksRequest {
 /// The most blocks one `/v1/kv/blocks` request may ask for.
 pub const MAX_PULL_BLOCKS: usize = 4096;
 
+/// `POST /v1/kv/handoff`, a router to a draining worker: which peers take which of its blocks
+/// before it exits (issue #21, point 4). The worker asks each peer to adopt its list
+/// ([`AdoptRequest`], at most [`MAX_PULL_BLOCKS`] blocks each); an empty `peers` says nothing
+/// needs to move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffPlan {
+    /// The draining worker's base URL as the router knows it (its registration's address): where
+    /// the peers pull from.
+    pub from: String,
+    #[serde(default)]
+    pub peers: Vec<HandoffPeer>,
+}
+
+/// One peer's share of a [`HandoffPlan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffPeer {
+    /// The peer's base URL.
+    pub to: String,
+    /// Blocks to move, hottest first; each run is a chain in order.
+    pub hashes: Vec<BlockHash>,
+}
+
+/// `POST /v1/kv/adopt`, a draining worker to a peer: pull these blocks from `from` (as with
+/// `/v1/kv/blocks`, a chain in order, at most [`MAX_PULL_BLOCKS`]) and keep them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptRequest {
+    pub from: String,
+    pub hashes: Vec<BlockHash>,
+}
+
+/// The answer to an [`AdoptRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptReply {
+    /// Blocks that arrived whole and checked.
+    pub received: u32,
+    /// Of those, blocks the peer holds now (on some tier).
+    pub kept: u32,
+}
+
 /// Why generation ended.
 ///
 /// OpenAI has no reason for a cancelled request (the client went away); an OpenAI surface maps

@@ -570,3 +570,53 @@ fn matches_agree_with_reference_on_random_histories() {
         }
     }
 }
+
+fn stored_after(parent: Option<BlockHash>, blocks: Vec<BlockHash>, tier: Tier) -> KvEvent {
+    KvEvent::Stored {
+        parent,
+        blocks,
+        tier,
+    }
+}
+
+#[test]
+fn chains_walk_parents_and_survive_a_demotion_within_a_batch() {
+    let mut index = with_empty(&["a", "b"]);
+    // a: a shared root 0..4, then two branches (4..8 and 10..12); b: the root and 20..22.
+    let events = vec![
+        stored_after(None, chain(0..4), Tier::Device),
+        stored_after(Some(h(3)), chain(4..8), Tier::Device),
+        stored_after(Some(h(3)), chain(10..12), Tier::Device),
+    ];
+    assert_eq!(index.apply(&w("a"), &batch(1, 1, events)), Applied::Applied);
+    let events = vec![
+        stored_after(None, chain(0..4), Tier::Device),
+        stored_after(Some(h(3)), chain(20..22), Tier::Device),
+    ];
+    assert_eq!(index.apply(&w("b"), &batch(1, 1, events)), Applied::Applied);
+    // a evicts its branch 4..8 to disk: removed from the device, stored on disk (one block per
+    // event, no parent named, as a lower tier says it), in one batch.
+    let mut events = vec![removed(chain(4..8), Tier::Device)];
+    events.extend((4..8).map(|n| stored(vec![h(n)], Tier::Disk)));
+    assert_eq!(index.apply(&w("a"), &batch(1, 2, events)), Applied::Applied);
+
+    let chains = index.chains(&w("a"));
+    let listed: Vec<(Vec<BlockHash>, Tier)> =
+        chains.into_iter().map(|c| (c.hashes, c.tier)).collect();
+    let mut branch = chain(0..4);
+    branch.extend(chain(10..12));
+    let mut evicted = chain(0..4);
+    evicted.extend(chain(4..8));
+    assert_eq!(
+        listed,
+        vec![(branch, Tier::Device), (evicted, Tier::Disk)],
+        "device chains first; the demoted branch keeps its parents"
+    );
+    assert!(index.holds(&w("a"), &h(5)) && !index.holds(&w("b"), &h(5)));
+    assert!(index.chains(&w("nobody")).is_empty());
+    // A block only a snapshot named has no known parent: a chain of its own.
+    index
+        .load_snapshot(&w("b"), &snapshot(2, 0, &[(h(30), Tier::Device)]))
+        .unwrap();
+    assert_eq!(index.chains(&w("b"))[0].hashes, vec![h(30)]);
+}

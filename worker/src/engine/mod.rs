@@ -242,6 +242,41 @@ impl<E: Executor> Engine<E> {
         out
     }
 
+    /// Blocks a draining peer handed over (issue #21, point 4), checked by the caller. Each goes
+    /// into a free block of the store while there is one, then to the first lower tier (as an
+    /// evicted block would), and without lower tiers into the store's least recently used
+    /// block: the sessions they carry are about to arrive here. Returns how many of `blocks`
+    /// this worker holds afterwards (those it held already included).
+    pub fn adopt(&mut self, blocks: Vec<(BlockHash, bytes::Bytes)>) -> usize {
+        let mut kept = 0;
+        for (hash, bytes) in blocks {
+            if self.pool.cached_block(&hash).is_some() || self.tiers.tier_of(&hash).is_some() {
+                kept += 1;
+                continue;
+            }
+            if self.pool.stats().free == 0 && self.tiers.enabled() {
+                self.tiers.demote(hash, |out| {
+                    out.extend_from_slice(&bytes);
+                    Ok(())
+                });
+                kept += usize::from(self.tiers.tier_of(&hash).is_some());
+                continue;
+            }
+            let Ok(block) = self.allocate(1) else {
+                break; // Every block is in use by running requests.
+            };
+            if let Err(error) = self.exec.import_block(block[0], &bytes) {
+                tracing::warn!(%hash, %error, "cannot import a handed-over KV block");
+                self.pool.release(&block);
+                continue;
+            }
+            self.pool.commit(None, &block, &[hash]);
+            self.pool.release(&block);
+            kept += 1;
+        }
+        kept
+    }
+
     /// The KV events since the last call, the lower tiers' with the pool's, as one batch.
     pub fn take_events(&mut self) -> Option<KvEventBatch> {
         self.pool.record(self.tiers.take_events());

@@ -38,6 +38,9 @@ pub struct Metrics {
     /// By `reason`: `evicted` (the disk tier full), `damaged`, `io_error`, `dropped` (the disk
     /// behind on writes).
     pub tier_lost: IntCounterVec,
+    /// Blocks moved at a drain (issue #21, point 4), by `direction`: `handed_over` (this
+    /// worker's, kept by a peer), `adopted` (a draining peer's, kept here).
+    pub handoff_blocks: IntCounterVec,
     /// Held while the counters above catch up with the engine's totals, so two scrapes at once
     /// do not both add the same difference.
     catching_up: std::sync::Mutex<()>,
@@ -115,6 +118,11 @@ impl Metrics {
                 &["reason"],
                 "tidelock_worker_kv_tier_lost_blocks_total",
                 "KV blocks a lower tier lost: evicted (the disk tier full), damaged (failed its checksum on load), io_error, dropped (the disk behind on writes).",
+            )?,
+            handoff_blocks: by(
+                &["direction"],
+                "tidelock_worker_kv_handoff_blocks_total",
+                "KV blocks moved when a worker drains: handed_over (this worker's, kept by a peer), adopted (a draining peer's, kept here).",
             )?,
             running: gauge(
                 "tidelock_worker_running_sequences",

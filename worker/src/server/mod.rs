@@ -10,6 +10,7 @@
 //! [`KvEventBatch`](tidelock_protocol::KvEventBatch) per line. Closing a generate stream cancels
 //! the request.
 
+pub mod handoff;
 pub mod metrics;
 pub mod openai;
 pub mod peers;
@@ -56,6 +57,10 @@ pub struct Shared {
     pub kit: Option<Arc<PromptKit>>,
     /// Unix seconds at start, for `/v1/models`.
     pub started_at: u64,
+    /// How this worker reaches its peers (pulls, handoffs).
+    pub peers: peers::Peers,
+    /// Where this worker's handoff to its peers is (a drain's).
+    pub handoff: handoff::Handoff,
 }
 
 pub type AppState = Arc<Shared>;
@@ -97,7 +102,8 @@ pub fn start_with_peers<E: Executor + 'static>(
     let (pulls, jobs) = tokio::sync::mpsc::unbounded_channel();
     let (commands, engine_thread) =
         runner::spawn(engine, events.clone(), load_tx, metrics.clone(), pulls);
-    peers::spawn_puller(jobs, commands.clone(), layout, peer_token);
+    let peers = peers::Peers::new(layout, peer_token);
+    peers::spawn_puller(jobs, commands.clone(), peers.clone());
     let state = Arc::new(Shared {
         info,
         tokenizer,
@@ -108,6 +114,8 @@ pub fn start_with_peers<E: Executor + 'static>(
         draining: AtomicBool::new(false),
         kit,
         started_at: tidelock_openai::unix_now(),
+        peers,
+        handoff: handoff::Handoff::default(),
     });
     Ok(Started {
         state,
@@ -140,6 +148,16 @@ pub fn app(state: AppState) -> Router {
         .route(
             peers::PATH,
             post(peers::blocks).layer(axum::extract::DefaultBodyLimit::max(
+                64 * tidelock_protocol::MAX_PULL_BLOCKS,
+            )),
+        )
+        .route(
+            handoff::HANDOFF_PATH,
+            post(handoff::handoff).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
+        .route(
+            handoff::ADOPT_PATH,
+            post(handoff::adopt).layer(axum::extract::DefaultBodyLimit::max(
                 64 * tidelock_protocol::MAX_PULL_BLOCKS,
             )),
         )

@@ -135,34 +135,58 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| parts.poll_recv(cx).map(|part| part.map(Ok)))
 }
 
-/// Starts the puller: each job on its own task, over one pooled client (keep-alive
-/// connections to each peer), its result sent back to the engine as [`Command::Pulled`].
-/// Without a Tokio runtime (a test driving the server alone) there is no puller: `jobs` is
-/// dropped, and the engine recomputes what it would have pulled.
-pub fn spawn_puller(
-    mut jobs: UnboundedReceiver<PullJob>,
-    commands: Sender<Command>,
-    layout: Option<BlockLayout>,
-    token: Option<ClusterToken>,
-) {
+/// How this worker reaches its peers: one pooled client (keep-alive connections to each), the
+/// cluster credential it presents, and the layout its blocks must have.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    pub authorization: Option<String>,
+    pub layout: Option<BlockLayout>,
+}
+
+impl Peers {
+    pub fn new(layout: Option<BlockLayout>, token: Option<ClusterToken>) -> Self {
+        Peers {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            authorization: token.map(|t| t.authorization()),
+            layout,
+        }
+    }
+
+    /// Asks `from` for `hashes` (see [`fetch`]), giving up after [`PULL_TIMEOUT`].
+    pub async fn pull(&self, from: &str, hashes: &[BlockHash]) -> Result<Received, String> {
+        let job = PullJob {
+            from: from.to_owned(),
+            hashes: hashes.to_vec(),
+        };
+        tokio::time::timeout(
+            PULL_TIMEOUT,
+            fetch(
+                &self.client,
+                &job,
+                self.authorization.as_deref(),
+                self.layout.as_ref(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {PULL_TIMEOUT:?}")))
+    }
+}
+
+/// Starts the puller: each job on its own task, over the peers' pooled client, its result
+/// sent back to the engine as [`Command::Pulled`]. Without a Tokio runtime (a test driving the
+/// server alone) there is no puller: `jobs` is dropped, and the engine recomputes what it
+/// would have pulled.
+pub fn spawn_puller(mut jobs: UnboundedReceiver<PullJob>, commands: Sender<Command>, peers: Peers) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let authorization = token.map(|t| t.authorization());
     runtime.spawn(async move {
         while let Some(job) = jobs.recv().await {
-            let (client, commands, authorization) =
-                (client.clone(), commands.clone(), authorization.clone());
+            let (peers, commands) = (peers.clone(), commands.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
-                let result = tokio::time::timeout(
-                    PULL_TIMEOUT,
-                    fetch(&client, &job, authorization.as_deref(), layout.as_ref()),
-                )
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {PULL_TIMEOUT:?}")));
+                let result = peers.pull(&job.from, &job.hashes).await;
                 let (arrived, missed, problem) = match result {
                     Ok(received) => {
                         let got: std::collections::HashSet<BlockHash> =

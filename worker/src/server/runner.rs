@@ -40,6 +40,12 @@ pub enum Command {
         /// Seconds of the transfer per block.
         secs: f64,
     },
+    /// Blocks a draining peer handed over, checked (see [`Engine::adopt`]); the answer is how
+    /// many this worker holds now.
+    Adopt {
+        blocks: Vec<(BlockHash, bytes::Bytes)>,
+        reply: oneshot::Sender<usize>,
+    },
     /// Drain (SIGTERM): hand back what waits, finish what runs (until `deadline`), write the
     /// cache through to the disk tier, then answer `done`; all along, and after until
     /// [`Command::Shutdown`], the thread keeps serving peers' pulls and snapshots.
@@ -201,6 +207,9 @@ fn run<E: Executor>(
                     missed,
                     secs,
                 } => engine.pulled(arrived, &missed, secs),
+                Command::Adopt { blocks, reply } => {
+                    let _ = reply.send(engine.adopt(blocks));
+                }
                 Command::Drain { deadline, done } => {
                     let handed_back = engine.drain();
                     tracing::info!(
