@@ -28,10 +28,13 @@ use tidelock_protocol::TenantRecord;
 
 use crate::bench::{self, Outcome};
 use crate::chart::{self, Series};
-use crate::config::{CompareArgs, DEFAULT_MODEL_FILE, Workload};
+use crate::config::{CompareArgs, DEFAULT_MODEL_FILE, Disruption, Workload};
 use crate::http::Api;
 use crate::sessions;
 use crate::up::{KvDisk, Part, SimTiming, WorkerSpec, sibling, wait_ready, write_private};
+
+/// How long a disrupted worker has to drain and exit (its `--drain-secs` is 20 by default).
+const DRAIN_GRACE: Duration = Duration::from_secs(40);
 
 /// The peers' environment: the Hugging Face hub at a closed loopback port, and offline.
 const PEER_ENV: [(&str, &str); 2] = [
@@ -92,6 +95,7 @@ impl Target {
         (port, metrics_port): (u16, u16),
         workers: &[String],
         tenants: &Path,
+        extra: &[String],
     ) -> (PathBuf, Vec<String>) {
         let listen = format!("127.0.0.1:{port}");
         match self.router {
@@ -107,7 +111,12 @@ impl Target {
                     "--policy".into(),
                     self.policy.clone(),
                     "--no-cluster-auth".into(),
-                ],
+                    "--metrics-listen".into(),
+                    format!("127.0.0.1:{metrics_port}"),
+                ]
+                .into_iter()
+                .chain(extra.iter().cloned())
+                .collect(),
             ),
             Router::Sglang | Router::Vllm => {
                 let module = if self.router == Router::Sglang {
@@ -138,13 +147,27 @@ impl Target {
         }
     }
 
-    /// Whether the router serves: ours is ready; a peer lists every worker as healthy.
-    async fn ready(&self, port: u16, workers: &[String]) -> bool {
+    /// Whether the router serves with every worker: ours is ready and its metrics count every
+    /// worker healthy (ready means one worker answers: sessions placed while it is the only one
+    /// would stay there); a peer lists every worker as healthy.
+    async fn ready(&self, (port, metrics_port): (u16, u16), workers: &[String]) -> bool {
         let Ok(api) = Api::new(&format!("http://127.0.0.1:{port}"), None) else {
             return false;
         };
         if self.router == Router::Ours {
-            return api.get_text("/readyz").await.is_ok();
+            let Ok(metrics) = Api::new(&format!("http://127.0.0.1:{metrics_port}"), None) else {
+                return false;
+            };
+            let healthy = match metrics.get_text("/metrics").await {
+                Ok(text) => text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("tidelock_router_worker_healthy{") && l.ends_with(" 1")
+                    })
+                    .count(),
+                Err(_) => 0,
+            };
+            return api.get_text("/readyz").await.is_ok() && healthy == workers.len();
         }
         let Ok(listed) = api.get_json("/workers").await else {
             return false;
@@ -180,6 +203,8 @@ struct Row {
     stopped_cleanly: bool,
     /// Sessions: the later turns' bound (their previous prompt and answer over their prompt).
     bound: Option<f64>,
+    /// Sessions under `--disrupt`: the later turns from the disruption on.
+    disrupted: Option<sessions::Disrupted>,
     /// Why the target could not be measured (its router or workers failed).
     failed: Option<String>,
     #[serde(skip)]
@@ -393,6 +418,7 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
                 (router_port, metrics_port),
                 &worker_urls,
                 &tenants_file,
+                &args.router_args,
             );
             let env: &[(&str, &str)] = match target.router {
                 Router::Ours => &[],
@@ -402,16 +428,22 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
             let mut router =
                 Part::spawn_with(&label, &program, &router_args, env, router_port, &logs)?;
             let outcome = async {
-                wait_serving(target, &mut router, &worker_urls, deadline).await?;
-                run_workload(
-                    &args,
-                    target,
-                    router_port,
-                    &keys,
-                    (&model, &served),
-                    &worker_urls,
-                )
-                .await
+                wait_serving(target, &mut router, metrics_port, &worker_urls, deadline).await?;
+                let (ran, disrupted) = tokio::join!(
+                    run_workload(
+                        &args,
+                        target,
+                        router_port,
+                        &keys,
+                        (&model, &served),
+                        &worker_urls,
+                    ),
+                    disrupt(&args, &mut workers, &logs),
+                );
+                let (row, bound, turns) = ran?;
+                let disrupted =
+                    disrupted?.map(|(began, ended)| sessions::disrupted(&turns, began, ended));
+                Ok::<_, String>((Row { disrupted, ..row }, bound))
             }
             .await;
             let stopped = stop_router(&mut router).await;
@@ -501,6 +533,7 @@ async fn describe_capacity(args: &CompareArgs, worker: &str) -> Result<(), Strin
 async fn wait_serving(
     target: &Target,
     router: &mut Part,
+    metrics_port: u16,
     workers: &[String],
     deadline: Instant,
 ) -> Result<(), String> {
@@ -514,7 +547,7 @@ async fn wait_serving(
                 router.log_tail(15)
             ));
         }
-        if target.ready(router.port, workers).await {
+        if target.ready((router.port, metrics_port), workers).await {
             eprintln!(
                 "  {} serving after {:.1} s",
                 router.name,
@@ -581,12 +614,18 @@ async fn run_workload(
     keys: &[String],
     (model, served): (&Path, &str),
     workers: &[String],
-) -> Result<(Row, Option<f64>), String> {
+) -> Result<(Row, Option<f64>, Vec<sessions::Turn>), String> {
     let url = format!("http://127.0.0.1:{port}/v1");
     let out = args
         .out
         .join(format!("{}.json", target.label().replace(':', "-")));
-    let before = bench::prefill_counters(workers).await?;
+    // Under a disruption the workers' counters restart with them, or go with them.
+    let counted = args.disrupt.is_none();
+    let before = match counted {
+        true => bench::prefill_counters(workers).await?,
+        false => Vec::new(),
+    };
+    let mut turns = Vec::new();
     let (outcomes, hit_rate, bound): (Vec<Outcome>, Option<f64>, Option<f64>) = match &args.workload
     {
         Workload::Trace(t) => {
@@ -607,15 +646,19 @@ async fn run_workload(
             s.endpoint.model = Some(served.to_owned());
             s.api_keys = keys.to_vec();
             s.out = Some(out);
-            let (summary, turns) = sessions::sessions(s).await?;
+            let (summary, all) = sessions::sessions(s).await?;
+            turns = all;
             (
-                turns.into_iter().map(|t| t.outcome).collect(),
+                turns.iter().map(|t| t.outcome.clone()).collect(),
                 Some(summary.later_turn_hit_rate),
                 Some(summary.later_turn_bound),
             )
         }
     };
-    let after = bench::prefill_counters(workers).await?;
+    let after = match counted {
+        true => bench::prefill_counters(workers).await?,
+        false => Vec::new(),
+    };
     let per_worker: Vec<u64> = after
         .iter()
         .zip(&before)
@@ -641,6 +684,7 @@ async fn run_workload(
             prefill_tokens_per_worker: per_worker,
             stopped_cleanly: false,
             bound: None,
+            disrupted: None,
             failed: None,
             ttfts_s: outcomes
                 .iter()
@@ -649,7 +693,43 @@ async fn run_workload(
                 .collect(),
         },
         bound,
+        turns,
     ))
+}
+
+/// Carries out `--disrupt` on `workers`, `--disrupt-after-secs` from now; when it began and
+/// ended, in seconds from now (`None` without one).
+async fn disrupt(
+    args: &CompareArgs,
+    workers: &mut [Part],
+    logs: &Path,
+) -> Result<Option<(f64, f64)>, String> {
+    let Some(disruption) = args.disrupt else {
+        return Ok(None);
+    };
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.disrupt_after_secs.max(0.0))).await;
+    let began = start.elapsed().as_secs_f64();
+    match disruption {
+        Disruption::Restart => {
+            for w in workers.iter_mut() {
+                eprintln!("  rolling restart: {} (SIGTERM, drain)", w.name);
+                w.stop_within(DRAIN_GRACE).await;
+                w.respawn(logs)?;
+                let deadline = Instant::now() + Duration::from_secs(args.start_timeout_secs);
+                wait_ready(std::slice::from_mut(w), "/readyz", deadline, "restarting").await?;
+                tokio::time::sleep(Duration::from_secs_f64(args.restart_gap_secs.max(0.0))).await;
+            }
+        }
+        Disruption::ScaleTo(n) => {
+            let leaving = workers.get_mut(n..).unwrap_or_default();
+            eprintln!("  scale-down: SIGTERM to {} worker(s)", leaving.len());
+            futures::future::join_all(leaving.iter_mut().map(|w| w.stop_within(DRAIN_GRACE))).await;
+        }
+    }
+    let ended = start.elapsed().as_secs_f64();
+    eprintln!("  disruption over after {:.1} s", ended - began);
+    Ok(Some((began, ended)))
 }
 
 /// The goals of issue #8 for the default policy, checked against this run's rows. A row that
@@ -767,6 +847,31 @@ fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), St
     if let Some(x) = ideal {
         println!("\nthe trace's hit rate with an unlimited cache: {x:.3}");
     }
+    if let Some(disruption) = args.disrupt {
+        println!(
+            "\n{disruption:?} after {} s: later turns from its start on (errors), those sent during it, and each session's first turn after its end",
+            args.disrupt_after_secs
+        );
+        println!(
+            "| router:policy | later turns (errors) | during: turns, hit rate (bound) | sessions after | cached prefix kept |"
+        );
+        println!("|---|---|---|---|---|");
+        for r in rows {
+            if let Some(d) = &r.disrupted {
+                println!(
+                    "| {} | {} ({}) | {}, {:.3} ({:.3}) | {} | {:.3} |",
+                    r.target,
+                    d.turns,
+                    d.errors,
+                    d.during,
+                    d.hit_rate,
+                    d.bound,
+                    d.sessions_after,
+                    d.kept
+                );
+            }
+        }
+    }
     let checks = goals(rows, ideal, trace);
     if !checks.is_empty() {
         println!("\ngoals for ours:ttft (issue #8):");
@@ -784,6 +889,9 @@ fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), St
         "sim_step_ms": args.sim_step_ms,
         "sim_decode_ms_per_sequence": args.sim_decode_ms_per_sequence,
         "ideal_hit_rate": ideal,
+        "disrupt": args.disrupt.map(|d| format!("{d:?}")),
+        "disrupt_after_secs": args.disrupt.map(|_| args.disrupt_after_secs),
+        "router_args": args.router_args,
         "rows": rows,
         "goals": checks.iter().map(|(w, ok)| serde_json::json!({"goal": w, "met": ok})).collect::<Vec<_>>(),
     });
@@ -846,6 +954,15 @@ mod tests {
         assert!(Target::parse("nginx:round_robin").is_err());
         assert!(Target::parse("ours").is_err());
         assert!(Target::parse("ours:").is_err());
+    }
+
+    #[test]
+    fn disruptions_parse() {
+        assert_eq!("restart".parse(), Ok(Disruption::Restart));
+        assert_eq!("scale-to=2".parse(), Ok(Disruption::ScaleTo(2)));
+        for bad in ["scale-to=0", "scale-to=x", "scale-to", "restarts", ""] {
+            assert!(bad.parse::<Disruption>().is_err(), "{bad}");
+        }
     }
 
     fn row(target: &str, hit: f64, p90: f64, imbalance: f64) -> Row {

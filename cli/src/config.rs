@@ -297,8 +297,55 @@ pub(crate) struct CompareArgs {
     #[arg(long, default_value = "bench-compare")]
     pub(crate) out: PathBuf,
 
+    /// Disrupt the workers while the workload runs, as Kubernetes does: `restart` stops each
+    /// worker in turn (SIGTERM: it drains) and starts it again on the same disk folder (a
+    /// rolling restart); `scale-to=N` stops every worker past the first N (a scale-down). The
+    /// sessions workload then reports its later turns from the disruption on apart, and what
+    /// the sessions found cached of what they had once it is over. Load imbalance is not
+    /// measured (restarted workers' counters start again).
+    #[arg(long, value_name = "restart|scale-to=N")]
+    pub(crate) disrupt: Option<Disruption>,
+
+    /// Seconds into the workload when the disruption begins.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) disrupt_after_secs: f64,
+
+    /// More options for our router, e.g. `--router-arg=--pull=never` (repeat for several).
+    #[arg(long = "router-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub(crate) router_args: Vec<String>,
+
+    /// `restart`: seconds between one worker being ready again and the next one's SIGTERM.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) restart_gap_secs: f64,
+
     #[command(subcommand)]
     pub(crate) workload: Workload,
+}
+
+/// What `--disrupt` does to the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disruption {
+    /// Each worker in turn: SIGTERM, wait for its exit, start it again, wait until ready.
+    Restart,
+    /// SIGTERM to every worker past the first N, at once.
+    ScaleTo(usize),
+}
+
+impl std::str::FromStr for Disruption {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            None if s == "restart" => Ok(Disruption::Restart),
+            Some(("scale-to", n)) => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(Disruption::ScaleTo(n)),
+                _ => Err(format!(
+                    "scale-to={n}: give a number of workers of at least 1"
+                )),
+            },
+            _ => Err(format!("`{s}`: expected `restart` or `scale-to=N`")),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -141,6 +141,70 @@ fn summarise(turns: &[Turn], sessions: usize, duration: Duration) -> Summary {
     }
 }
 
+/// How later turns fared from a disruption of the workers on (`tidelock bench compare
+/// --disrupt`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub(crate) struct Disrupted {
+    /// Later turns sent from the disruption's start on, and how many of them failed.
+    pub(crate) turns: usize,
+    pub(crate) errors: usize,
+    /// Later turns sent while the disruption went on, their token hit rate, and the most they
+    /// could find (their sessions' previous turns).
+    pub(crate) during: usize,
+    pub(crate) hit_rate: f64,
+    pub(crate) bound: f64,
+    /// Sessions with a turn sent after the disruption ended, and, over each one's first such
+    /// turn, the cached tokens over what its previous turn had (prompt and answer, less the
+    /// answer's last token): the share of the sessions' cached prefix that was still cached.
+    pub(crate) sessions_after: usize,
+    pub(crate) kept: f64,
+}
+
+/// [`Disrupted`] for a disruption from `began_s` to `ended_s`, seconds into the workload.
+pub(crate) fn disrupted(turns: &[Turn], began_s: f64, ended_s: f64) -> Disrupted {
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let (mut n, mut errors, mut during) = (0, 0, 0);
+    let (mut cached, mut prompt, mut reachable) = (0u64, 0u64, 0u64);
+    let (mut after_cached, mut after_had) = (0u64, 0u64);
+    let mut seen_after = std::collections::HashSet::new();
+    for pair in turns.windows(2) {
+        let (before, turn) = (&pair[0], &pair[1]);
+        if turn.session != before.session
+            || turn.turn != before.turn + 1
+            || turn.outcome.sent_at_s < began_s
+        {
+            continue;
+        }
+        n += 1;
+        if turn.outcome.error.is_some() || before.outcome.error.is_some() {
+            errors += 1;
+            continue;
+        }
+        let had = (before.outcome.prompt_tokens + before.outcome.completion_tokens)
+            .saturating_sub(1)
+            .min(turn.outcome.prompt_tokens);
+        if turn.outcome.sent_at_s < ended_s {
+            during += 1;
+            cached += turn.outcome.cached_tokens;
+            prompt += turn.outcome.prompt_tokens;
+            reachable += had;
+        }
+        if turn.outcome.sent_at_s >= ended_s && seen_after.insert(turn.session) {
+            after_cached += turn.outcome.cached_tokens.min(had);
+            after_had += had;
+        }
+    }
+    Disrupted {
+        turns: n,
+        errors,
+        during,
+        hit_rate: ratio(cached, prompt),
+        bound: ratio(reachable, prompt),
+        sessions_after: seen_after.len(),
+        kept: ratio(after_cached, after_had),
+    }
+}
+
 /// One session from its first turn to its last; a failed turn ends it.
 async fn session(
     api: Arc<Api>,
@@ -291,5 +355,51 @@ mod tests {
         assert_eq!(words(12, 3), words(12, 3));
         assert_ne!(words(12, 3), words(12, 4));
         assert_eq!(words(5, 9).split(' ').count(), 5);
+    }
+
+    fn turn(session: usize, turn: usize, at: f64, prompt: u64, cached: u64, ok: bool) -> Turn {
+        Turn {
+            session,
+            turn,
+            tenant: 0,
+            shared_system: false,
+            outcome: Outcome {
+                sent_at_s: at,
+                prompt_tokens: prompt,
+                cached_tokens: cached,
+                completion_tokens: 11,
+                error: (!ok).then(|| "HTTP 503".into()),
+                ..Outcome::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_disruption_counts_later_turns_from_its_start_and_what_sessions_kept_after_it() {
+        let turns = [
+            // Session 0: turn 2 before the disruption (not counted), turn 3 during it, turn 4
+            // after it (its first after: 150 + 11 - 1 = 160 were reachable, 80 found).
+            turn(0, 1, 0.0, 100, 0, true),
+            turn(0, 2, 1.0, 120, 100, true),
+            turn(0, 3, 5.0, 150, 128, true),
+            turn(0, 4, 12.0, 200, 80, true),
+            // Session 1: its first turn after the disruption found everything; the second turn
+            // after it is not its first.
+            turn(1, 1, 0.0, 100, 0, true),
+            turn(1, 2, 11.0, 130, 110, true),
+            turn(1, 3, 13.0, 160, 140, true),
+            // Session 2: a failed turn during the disruption.
+            turn(2, 1, 0.0, 100, 0, true),
+            turn(2, 2, 6.0, 0, 0, false),
+        ];
+        let d = disrupted(&turns, 4.0, 10.0);
+        assert_eq!(
+            (d.turns, d.errors, d.during, d.sessions_after),
+            (5, 1, 1, 2)
+        );
+        // During: session 0's turn 3 alone (the failed one is counted as an error).
+        assert!((d.hit_rate - 128.0 / 150.0).abs() < 1e-12);
+        assert!((d.bound - 130.0 / 150.0).abs() < 1e-12);
+        assert!((d.kept - (80.0 + 110.0) / (160.0 + 110.0)).abs() < 1e-12);
     }
 }

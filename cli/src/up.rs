@@ -160,6 +160,11 @@ impl Part {
 
     /// Sends SIGTERM, waits up to [`GRACE`], then kills.
     pub(crate) async fn stop(&mut self) {
+        self.stop_within(GRACE).await;
+    }
+
+    /// Sends SIGTERM, waits up to `grace`, then kills.
+    pub(crate) async fn stop_within(&mut self, grace: Duration) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
@@ -167,11 +172,11 @@ impl Part {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         }
-        if tokio::time::timeout(GRACE, self.child.wait())
+        if tokio::time::timeout(grace, self.child.wait())
             .await
             .is_err()
         {
-            eprintln!("  {} did not stop within {GRACE:?}: killing it", self.name);
+            eprintln!("  {} did not stop within {grace:?}: killing it", self.name);
             let _ = self.child.kill().await;
         }
     }

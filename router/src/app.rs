@@ -920,10 +920,11 @@ async fn route(
             let w = workers.get(id)?.clone();
             let cached = held.get(id).map_or(0, TierCounts::total);
             let uncached = request.tokens.len().saturating_sub(cached * block_tokens);
-            Some((w, uncached as u64))
+            Some((w, uncached as u64, cached))
         })
         .collect();
-    let started = state.proxy.start(order, &*request).await?;
+    let may_pull = state.settings.cost.pull != crate::policy::PullWhen::Never;
+    let started = state.proxy.start(order, &*request, may_pull).await?;
     // Counted from zero once a model is served (a series that only appears with the first
     // retry leaves dashboards and alerts blind until then).
     state

@@ -89,7 +89,8 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "drain")]
     pub pull: crate::policy::PullWhen,
 
-    /// `ttft`: prefill tokens per second assumed for a worker that has not measured its own.
+    /// `ttft`: prefill tokens per second assumed for a worker that has not measured its own
+    /// while no worker of its model has (otherwise it is assumed as fast as their median).
     #[arg(long, default_value_t = 2_000.0)]
     pub default_prefill_tps: f64,
 

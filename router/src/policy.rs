@@ -14,7 +14,8 @@
 //! ```
 //!
 //! with the prefill speed and the per-block load times of its host and disk tiers that each
-//! worker measures and reports in `/v1/load` (defaults until it has measured them). A request's
+//! worker measures and reports in `/v1/load` (until a worker has measured its prefill speed, the
+//! median of its peers' measured speeds, else a default; defaults for the tiers). A request's
 //! lower-tier blocks load while it waits in the worker's queue, hence the `max`. Workers are ranked by that prediction plus a charge for the cache a
 //! placement gives up:
 //!
@@ -187,6 +188,28 @@ impl Default for CostModel {
 }
 
 impl CostModel {
+    /// This model with the speed assumed for a worker that has not measured its own set to the
+    /// median of the measured speeds among `candidates` (when any has measured). A worker
+    /// prefills nothing before its first placement, and the configured default is usually far
+    /// from a real worker's speed: measured against it, a fresh worker (or one just restarted)
+    /// would look many times slower or faster than its peers, and either never be chosen (and
+    /// never measure) or take everything.
+    pub fn calibrated(&self, candidates: &[Candidate]) -> CostModel {
+        let mut measured: Vec<f64> = candidates
+            .iter()
+            .map(|c| c.load.prefill_tokens_per_second)
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .collect();
+        if measured.is_empty() {
+            return *self;
+        }
+        measured.sort_by(f64::total_cmp);
+        CostModel {
+            default_prefill_tps: measured[measured.len() / 2],
+            ..*self
+        }
+    }
+
     /// The prefill speed `c` reported, else the default.
     fn speed(&self, c: &Candidate) -> f64 {
         if c.load.prefill_tokens_per_second > 0.0 {
@@ -355,6 +378,7 @@ pub fn decide(
     };
     Some(match policy {
         Policy::Ttft => {
+            let model = &model.calibrated(candidates);
             let most = candidates
                 .iter()
                 .map(|c| c.cached_blocks())

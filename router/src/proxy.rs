@@ -8,6 +8,11 @@
 //! answered at once, never retried. Once a token has been streamed the answer cannot restart
 //! elsewhere: a later failure ends the stream with an `Error` event.
 //!
+//! A worker that answers that it is draining (`503`, error type [`DRAINING`]) is not counted
+//! either, and when it holds more of the prompt's prefix than the next worker, the next attempts
+//! carry a pull hint pointing at it (unless the router's `--pull` is `never`): it was chosen
+//! for its cache before the router's last probe saw it drain, and it still lends its blocks.
+//!
 //! Dropping the returned stream closes the connection to the worker, which cancels the request
 //! there: that is how a client that goes away stops generation.
 
@@ -24,7 +29,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::openai::OpenAiError;
-use tidelock_protocol::{ErrorCode, GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest};
+use tidelock_protocol::{
+    DRAINING, ErrorCode, GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest, PullHint,
+};
 
 use crate::http::NdjsonLines;
 use crate::workers::WorkerState;
@@ -108,6 +115,8 @@ enum AttemptError {
     Client(OpenAiError),
     /// The worker is busy: try another, without holding it against this one.
     Busy(String),
+    /// The worker is draining: try another, which may pull the prefix from this one.
+    Draining(String),
     /// The worker failed: count it, try another.
     Failed(String),
     /// The worker does not take the binary form (415: a worker older than the router, during
@@ -139,22 +148,40 @@ impl Proxy {
     }
 
     /// Sends `request` to the first worker of `order` that takes it; each entry carries the
-    /// prompt tokens that worker must prefill (its queue estimate while the request waits).
+    /// prompt tokens that worker must prefill (its queue estimate while the request waits) and
+    /// the leading blocks of the prompt it holds. `may_pull`: a draining worker's blocks may be
+    /// pulled by the next one (module docs).
     pub async fn start(
         &self,
-        order: Vec<(Arc<WorkerState>, u64)>,
+        order: Vec<(Arc<WorkerState>, u64, usize)>,
         request: &GenerateRequest,
+        may_pull: bool,
     ) -> Result<Started, OpenAiError> {
         // The binary form: 4 bytes an id, nothing to parse per id on the worker.
-        let body = Bytes::from(request.to_binary());
+        let mut body = Bytes::from(request.to_binary());
         let mut failed = Vec::new();
         let mut problems = Vec::new();
-        for (worker, prefill) in order.into_iter().take(self.cfg.max_attempts) {
+        // A draining worker that refused the request, and the blocks it holds.
+        let mut lender: Option<(String, usize)> = None;
+        let mut request = std::borrow::Cow::Borrowed(request);
+        for (worker, prefill, held) in order.into_iter().take(self.cfg.max_attempts) {
+            if let Some((from, blocks)) = &lender
+                && *blocks > held
+                && request.pull.is_none()
+            {
+                let mut hinted = request.clone().into_owned();
+                hinted.pull = u32::try_from(*blocks).ok().map(|blocks| PullHint {
+                    from: from.clone(),
+                    blocks,
+                });
+                body = Bytes::from(hinted.to_binary());
+                request = std::borrow::Cow::Owned(hinted);
+            }
             let guard = InFlight::new(worker.clone(), prefill);
             let mut outcome = self.attempt(&worker, body.clone(), true, guard).await;
             if let Err(AttemptError::NoBinary) = outcome {
                 tracing::debug!(worker = %worker.id, "worker takes no binary requests; sending JSON");
-                let json = serde_json::to_vec(request).map_err(|e| {
+                let json = serde_json::to_vec(&*request).map_err(|e| {
                     OpenAiError::internal(format!("cannot encode the worker request: {e}"))
                 })?;
                 let guard = InFlight::new(worker.clone(), prefill);
@@ -176,6 +203,13 @@ impl Proxy {
                 }
                 Err(AttemptError::Busy(problem)) => {
                     tracing::debug!(worker = %worker.id, %problem, "worker busy; trying the next");
+                    problems.push(format!("{}: {problem}", worker.id));
+                }
+                Err(AttemptError::Draining(problem)) => {
+                    tracing::debug!(worker = %worker.id, "worker draining; trying the next");
+                    if may_pull && lender.as_ref().is_none_or(|(_, b)| held > *b) {
+                        lender = Some((worker.registration.address.clone(), held));
+                    }
                     problems.push(format!("{}: {problem}", worker.id));
                 }
                 Err(AttemptError::Failed(problem)) => {
@@ -240,7 +274,12 @@ impl Proxy {
                 .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                 .unwrap_or_default();
             let problem = format!("HTTP {status}: {}", text.trim());
-            return Err(if status.as_u16() == 503 || status.as_u16() == 429 {
+            let draining = status.as_u16() == 503
+                && serde_json::from_str::<serde_json::Value>(&text)
+                    .is_ok_and(|v| v["error"]["type"] == DRAINING);
+            return Err(if draining {
+                AttemptError::Draining(problem)
+            } else if status.as_u16() == 503 || status.as_u16() == 429 {
                 AttemptError::Busy(problem)
             } else if status == hyper::StatusCode::PAYLOAD_TOO_LARGE {
                 // The prompt is longer than the worker's context allows: the client's to fix.

@@ -915,3 +915,66 @@ async fn http_1_1_requests_without_host_are_refused() {
         StatusCode::OK
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_refused_by_a_draining_worker_pulls_its_prefix_from_it_elsewhere() {
+    // Probes far apart: the router has not seen the drain when the turn comes (the window
+    // between a SIGTERM and the next probe).
+    let (workers, urls) = support::cluster::sim_workers(2, |_| {});
+    let probing = tidelock_router::workers::Probing {
+        interval: Duration::from_secs(5),
+        timeout: Duration::from_secs(2),
+        eject_after: 3,
+    };
+    let c = support::cluster::cluster_probing(&urls, workers, Settings::default(), probing).await;
+    let first = long_text(300, 7);
+    let mut req = chat(&first);
+    req["prompt_cache_key"] = json!("drained-conversation");
+    let a = c.post("/v1/chat/completions", KEY_A, req).await.json();
+    let (prompt1, _, _) = usage(&a);
+    let holder = c
+        .workers
+        .iter()
+        .flatten()
+        .find(|w| w.state.load.borrow().blocks.cached > 0)
+        .expect("one worker holds the first turn");
+    c.wait("the index holds the first turn", |s| {
+        s.models
+            .get(MODEL)
+            .is_some_and(|m| m.index.read().unwrap().block_count() > 0)
+    })
+    .await;
+    holder
+        .state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let answer = a["choices"][0]["message"]["content"].as_str().unwrap();
+    let req = json!({
+        "model": MODEL,
+        "prompt_cache_key": "drained-conversation",
+        "max_tokens": 4,
+        "messages": [
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And then?"},
+        ],
+    });
+    let b = c.post("/v1/chat/completions", KEY_A, req).await.json();
+    let (_, cached2, _) = usage(&b);
+    let block = u64::from(support::BLOCK);
+    assert!(
+        cached2 >= prompt1 / block * block,
+        "the other worker pulled the prefix: {cached2} cached, turn 1 had {prompt1} tokens"
+    );
+    let other = c
+        .workers
+        .iter()
+        .flatten()
+        .find(|w| w.addr != holder.addr)
+        .unwrap();
+    let loaded = other.state.load.borrow().tiers.loaded_peer;
+    assert!(
+        loaded >= prompt1 / block,
+        "{loaded} blocks came from the draining worker"
+    );
+}

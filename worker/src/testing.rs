@@ -169,6 +169,8 @@ pub struct SimWorker {
     pub kit: Option<Arc<PromptKit>>,
     /// How long steps take.
     pub timing: Timing,
+    /// The cluster credential it presents to peers when it pulls KV blocks from them.
+    pub peer_token: Option<tidelock_protocol::ClusterToken>,
 }
 
 impl SimWorker {
@@ -186,6 +188,7 @@ impl SimWorker {
             eos_token_ids: Vec::new(),
             kit: None,
             timing: Timing::INSTANT,
+            peer_token: None,
         }
     }
 
@@ -231,7 +234,7 @@ impl SimWorker {
             Some(kit) => kit.to_json().expect("a serialisable tokenizer"),
             None => "{\"tokenizer\": {}}".into(),
         };
-        server::start(engine, info, tokenizer, self.kit)
+        server::start_with_peers(engine, info, tokenizer, self.kit, self.peer_token)
             .expect("the worker's metrics register")
             .state
     }

@@ -146,6 +146,10 @@ pub struct BlocksRequest {
 /// The most blocks one `/v1/kv/blocks` request may ask for.
 pub const MAX_PULL_BLOCKS: usize = 4096;
 
+/// The error `type` of a worker's `503` to `/v1/generate` while it drains: a router tries
+/// another worker, which may pull the prompt's prefix from the draining one.
+pub const DRAINING: &str = "draining";
+
 /// `POST /v1/kv/handoff`, a router to a draining worker: which peers take which of its blocks
 /// before it exits (issue #21, point 4). The worker asks each peer to adopt its list
 /// ([`AdoptRequest`], at most [`MAX_PULL_BLOCKS`] blocks each); an empty `peers` says nothing

@@ -530,3 +530,33 @@ fn a_draining_worker_takes_nothing_but_its_blocks_move() {
         .is_none()
     );
 }
+
+#[test]
+fn a_worker_that_has_not_measured_is_assumed_as_fast_as_its_measured_peers() {
+    // a has measured 100,000 tokens/s and has 50,000 tokens queued; b is fresh (reports 0).
+    let mut a = cand("a", 0, 0);
+    a.load.prefill_tokens_per_second = 100_000.0;
+    a.load.prefill_tokens_waiting = 50_000;
+    let mut b = cand("b", 0, 0);
+    b.load.prefill_tokens_per_second = 0.0;
+    let model = CostModel::default();
+    let d = decide(
+        Policy::Ttft,
+        &model,
+        &req(10_000, None, None),
+        &[a.clone(), b.clone()],
+        0,
+    )
+    .unwrap();
+    // At the 2,000 tokens/s default b would take 5 s against a's 0.6 s; at a's speed, 0.1 s.
+    assert_eq!(first(&d), "b");
+    assert_eq!(
+        model
+            .calibrated(&[a.clone(), b.clone()])
+            .default_prefill_tps,
+        100_000.0
+    );
+    // Nobody measured: the default stands.
+    a.load.prefill_tokens_per_second = 0.0;
+    assert_eq!(model.calibrated(&[a, b]).default_prefill_tps, 2_000.0);
+}

@@ -93,6 +93,21 @@ pub async fn cluster_at(
     workers: Vec<RunningWorker>,
     settings: Settings,
 ) -> Cluster {
+    let probing = Probing {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_secs(2),
+        eject_after: 3,
+    };
+    cluster_probing(urls, workers, settings, probing).await
+}
+
+/// [`cluster_at`], probing the workers as `probing` says.
+pub async fn cluster_probing(
+    urls: &[String],
+    workers: Vec<RunningWorker>,
+    settings: Settings,
+    probing: Probing,
+) -> Cluster {
     let n = urls.len();
     let store = Arc::new(MemoryStore::new());
     let layout = KeyLayout::new(KeyLayout::DEFAULT_ROOT);
@@ -104,11 +119,6 @@ pub async fn cluster_at(
     }
     let dyn_store: Arc<dyn StateStore> = store.clone();
     let tenants = Arc::new(Tenants::default());
-    let probing = Probing {
-        interval: Duration::from_millis(50),
-        timeout: Duration::from_secs(2),
-        eject_after: 3,
-    };
     let models = Models::new(dyn_store.clone(), layout.clone(), probing, super::http());
     let pins = Arc::new(Pins::new(
         dyn_store.clone(),

@@ -38,6 +38,8 @@ pub const VOCAB: usize = 1000;
 /// drops the runtime, which closes every connection (as a process exit would).
 pub struct RunningWorker {
     pub addr: std::net::SocketAddr,
+    /// Its handlers' state (to read its engine's load, or make it drain).
+    pub state: tidelock_worker::server::AppState,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -77,7 +79,12 @@ pub fn worker_with_kit(
 
 /// Serves `sim` on `addr` (port 0 for any) on its own runtime and thread.
 pub fn serve_worker(addr: &str, sim: SimWorker) -> RunningWorker {
-    let state = sim.start();
+    let state = SimWorker {
+        peer_token: Some(TOKEN.clone()),
+        ..sim
+    }
+    .start();
+    let shared = state.clone();
     let guard = ClusterGuard::new(Some(TOKEN.clone()));
     let listener = std::net::TcpListener::bind(addr).unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -105,6 +112,7 @@ pub fn serve_worker(addr: &str, sim: SimWorker) -> RunningWorker {
     });
     RunningWorker {
         addr: bound,
+        state: shared,
         stop: Some(stop),
         thread: Some(thread),
     }

@@ -339,7 +339,7 @@ async fn generate(
         // Before the engine: a router takes a 503 as "try another worker".
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
+            tidelock_protocol::DRAINING,
             "the worker is draining (shutting down); another worker takes it",
         );
     }
