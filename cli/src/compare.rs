@@ -849,25 +849,18 @@ fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), St
     }
     if let Some(disruption) = args.disrupt {
         println!(
-            "\n{disruption:?} after {} s: later turns from its start on (errors), those sent during it, and each session's first turn after its end",
+            "\n{disruption:?} after {} s: later turns from its start on (errors), those sent during it, and each session's first turn from its start on",
             args.disrupt_after_secs
         );
         println!(
-            "| router:policy | later turns (errors) | during: turns, hit rate (bound) | sessions after | cached prefix kept |"
+            "| router:policy | later turns (errors) | during: turns, hit rate (bound) | sessions | cached prefix kept |"
         );
         println!("|---|---|---|---|---|");
         for r in rows {
             if let Some(d) = &r.disrupted {
                 println!(
                     "| {} | {} ({}) | {}, {:.3} ({:.3}) | {} | {:.3} |",
-                    r.target,
-                    d.turns,
-                    d.errors,
-                    d.during,
-                    d.hit_rate,
-                    d.bound,
-                    d.sessions_after,
-                    d.kept
+                    r.target, d.turns, d.errors, d.during, d.hit_rate, d.bound, d.sessions, d.kept
                 );
             }
         }

@@ -300,9 +300,9 @@ pub(crate) struct CompareArgs {
     /// Disrupt the workers while the workload runs, as Kubernetes does: `restart` stops each
     /// worker in turn (SIGTERM: it drains) and starts it again on the same disk folder (a
     /// rolling restart); `scale-to=N` stops every worker past the first N (a scale-down). The
-    /// sessions workload then reports its later turns from the disruption on apart, and what
-    /// the sessions found cached of what they had once it is over. Load imbalance is not
-    /// measured (restarted workers' counters start again).
+    /// sessions workload then reports its later turns during the disruption apart, and what
+    /// each session found cached of what it had at its first turn from the disruption's start
+    /// on. Load imbalance is not measured (restarted workers' counters start again).
     #[arg(long, value_name = "restart|scale-to=N")]
     pub(crate) disrupt: Option<Disruption>,
 

@@ -153,10 +153,11 @@ pub(crate) struct Disrupted {
     pub(crate) during: usize,
     pub(crate) hit_rate: f64,
     pub(crate) bound: f64,
-    /// Sessions with a turn sent after the disruption ended, and, over each one's first such
-    /// turn, the cached tokens over what its previous turn had (prompt and answer, less the
-    /// answer's last token): the share of the sessions' cached prefix that was still cached.
-    pub(crate) sessions_after: usize,
+    /// Sessions with a later turn sent from the disruption's start on, and, over each one's
+    /// first such turn (the first to meet the disruption), the cached tokens over what its
+    /// previous turn had (prompt and answer, less the answer's last token): the share of the
+    /// sessions' cached prefix that the disruption left cached.
+    pub(crate) sessions: usize,
     pub(crate) kept: f64,
 }
 
@@ -189,7 +190,7 @@ pub(crate) fn disrupted(turns: &[Turn], began_s: f64, ended_s: f64) -> Disrupted
             prompt += turn.outcome.prompt_tokens;
             reachable += had;
         }
-        if turn.outcome.sent_at_s >= ended_s && seen_after.insert(turn.session) {
+        if seen_after.insert(turn.session) {
             after_cached += turn.outcome.cached_tokens.min(had);
             after_had += had;
         }
@@ -200,7 +201,7 @@ pub(crate) fn disrupted(turns: &[Turn], began_s: f64, ended_s: f64) -> Disrupted
         during,
         hit_rate: ratio(cached, prompt),
         bound: ratio(reachable, prompt),
-        sessions_after: seen_after.len(),
+        sessions: seen_after.len(),
         kept: ratio(after_cached, after_had),
     }
 }
@@ -375,16 +376,16 @@ mod tests {
     }
 
     #[test]
-    fn a_disruption_counts_later_turns_from_its_start_and_what_sessions_kept_after_it() {
+    fn a_disruption_counts_later_turns_during_it_and_what_each_session_kept_at_its_first_turn() {
         let turns = [
-            // Session 0: turn 2 before the disruption (not counted), turn 3 during it, turn 4
-            // after it (its first after: 150 + 11 - 1 = 160 were reachable, 80 found).
+            // Session 0: turn 2 before the disruption (not counted), turn 3 during it (the
+            // first to meet it: 120 + 11 - 1 = 130 reachable, 128 found), turn 4 after it.
             turn(0, 1, 0.0, 100, 0, true),
             turn(0, 2, 1.0, 120, 100, true),
             turn(0, 3, 5.0, 150, 128, true),
             turn(0, 4, 12.0, 200, 80, true),
-            // Session 1: its first turn after the disruption found everything; the second turn
-            // after it is not its first.
+            // Session 1: its first turn from the disruption's start on (after its end) found
+            // everything; the second one is not its first.
             turn(1, 1, 0.0, 100, 0, true),
             turn(1, 2, 11.0, 130, 110, true),
             turn(1, 3, 13.0, 160, 140, true),
@@ -393,13 +394,11 @@ mod tests {
             turn(2, 2, 6.0, 0, 0, false),
         ];
         let d = disrupted(&turns, 4.0, 10.0);
-        assert_eq!(
-            (d.turns, d.errors, d.during, d.sessions_after),
-            (5, 1, 1, 2)
-        );
+        assert_eq!((d.turns, d.errors, d.during, d.sessions), (5, 1, 1, 2));
         // During: session 0's turn 3 alone (the failed one is counted as an error).
         assert!((d.hit_rate - 128.0 / 150.0).abs() < 1e-12);
         assert!((d.bound - 130.0 / 150.0).abs() < 1e-12);
-        assert!((d.kept - (80.0 + 110.0) / (160.0 + 110.0)).abs() < 1e-12);
+        // Kept: session 0's turn 3 (130 reachable), session 1's turn 2 (110 reachable).
+        assert!((d.kept - (128.0 + 110.0) / (130.0 + 110.0)).abs() < 1e-12);
     }
 }

@@ -9,8 +9,9 @@
 //! its share and waits for them before it exits (worker `server::handoff`). The peers' KV events
 //! then show the blocks where they went, and the sessions follow them.
 //!
-//! With `--pull never` there is no handoff: a draining worker's sessions are recomputed
-//! elsewhere (or found on its disk tier if it comes back).
+//! With `--pull never` nothing moves: a draining worker is sent an empty plan (so it does not
+//! wait for one), and its sessions are recomputed elsewhere (or found on its disk tier if it
+//! comes back).
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -94,9 +95,10 @@ pub fn plan(
         .collect()
 }
 
-/// Plans the handoff of `from`, a draining worker of `model`, and sends the plan to it. An
-/// empty plan is sent too: it tells the worker not to wait for one.
-pub async fn hand_off(model: &Model, http: &Http, cost: &CostModel, from: &WorkerId) {
+/// Plans the handoff of `from`, a draining worker of `model`, with `cost` (`None`: nothing
+/// moves), and sends the plan to it. An empty plan is sent too: it tells the worker not to wait
+/// for one.
+pub async fn hand_off(model: &Model, http: &Http, cost: Option<&CostModel>, from: &WorkerId) {
     let workers = model.workers();
     let Some(draining) = workers.get(from) else {
         return;
@@ -106,9 +108,12 @@ pub async fn hand_off(model: &Model, http: &Http, cost: &CostModel, from: &Worke
         .filter(|w| w.healthy() || &w.id == from)
         .map(|w| w.candidate(Default::default()))
         .collect();
-    let shares = {
-        let index = model.index.read().unwrap_or_else(|e| e.into_inner());
-        plan(&index, from, &candidates, cost)
+    let shares = match cost {
+        Some(cost) => {
+            let index = model.index.read().unwrap_or_else(|e| e.into_inner());
+            plan(&index, from, &candidates, cost)
+        }
+        None => BTreeMap::new(),
     };
     let peers: Vec<HandoffPeer> = shares
         .into_iter()

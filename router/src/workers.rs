@@ -285,7 +285,8 @@ pub struct Models {
     layout: KeyLayout,
     probing: Probing,
     http: Http,
-    /// The cost model draining workers' handoffs are planned with; `None`: no handoffs.
+    /// The cost model draining workers' handoffs are planned with; `None`: draining workers
+    /// are sent an empty plan (nothing moves, and they need not wait for one).
     handoff: Option<CostModel>,
     all: RwLock<Arc<BTreeMap<ModelName, Arc<Model>>>>,
 }
@@ -302,7 +303,7 @@ impl Models {
         Self::with_handoff(store, layout, probing, http, Some(CostModel::default()))
     }
 
-    /// [`Models::new`], planning draining workers' handoffs with `handoff` (`None`: none).
+    /// [`Models::new`], planning draining workers' handoffs with `handoff` (`None`: empty plans).
     pub fn with_handoff(
         store: Arc<dyn StateStore>,
         layout: KeyLayout,
@@ -408,10 +409,9 @@ impl Models {
                 let Some(model) = weak.upgrade() else { return };
                 let draining = model.probe_round(&http, &probing).await;
                 for worker in draining {
-                    let Some(cost) = handoff else { break };
                     let (model, http) = (model.clone(), http.clone());
                     tokio::spawn(async move {
-                        crate::handoff::hand_off(&model, &http, &cost, &worker).await;
+                        crate::handoff::hand_off(&model, &http, handoff.as_ref(), &worker).await;
                     });
                 }
                 drop(model);
