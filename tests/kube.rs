@@ -1381,12 +1381,12 @@ async fn network_policies_admit_only_the_cluster(p: &Cluster) {
             false,
         ),
         (
-            "a worker of another group",
+            "a worker of another group of the Model (KV pulls, handoffs)",
             &g1,
             "a worker's API",
             &g0,
             8000,
-            false,
+            true,
         ),
         (
             "a worker of another Model",

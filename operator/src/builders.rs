@@ -315,9 +315,10 @@ pub fn desired_groups(
     })
 }
 
-/// Group `i`'s NetworkPolicy: its workers take traffic on the HTTP port only from their own
-/// shard group and from the routers, and on the metrics port only from the monitoring
-/// namespace; nothing else (tenants' pods, other Models' workers) reaches them.
+/// Group `i`'s NetworkPolicy: its workers take traffic on the HTTP port only from the
+/// Model's own workers (their shard group's RPC; any group's KV pulls and a draining worker's
+/// handoff, issue #21), the routers and the operator, and on the metrics port only from the
+/// monitoring namespace; nothing else (tenants' pods, other Models' workers) reaches them.
 fn network_policy(names: &Names<'_>, i: i32, peers: &PolicyPeers) -> NetworkPolicy {
     let group = names.group(i);
     let port = |port: i32| {
@@ -335,8 +336,8 @@ fn network_policy(names: &Names<'_>, i: i32, peers: &PolicyPeers) -> NetworkPoli
     };
     let named =
         |name: &str| BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), name.to_owned())]);
-    let own_group = NetworkPolicyPeer {
-        pod_selector: Some(names.selector(Some(&group))),
+    let same_model = NetworkPolicyPeer {
+        pod_selector: Some(names.selector(None)),
         ..NetworkPolicyPeer::default()
     };
     // Pods of the release's namespace (the routers', the operator's) by their labels.
@@ -361,7 +362,7 @@ fn network_policy(names: &Names<'_>, i: i32, peers: &PolicyPeers) -> NetworkPoli
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
-                    from: Some(vec![own_group, routers, operator]),
+                    from: Some(vec![same_model, routers, operator]),
                     ports: port(WORKER_PORT),
                 },
                 NetworkPolicyIngressRule {

@@ -322,3 +322,67 @@ fn a_prefix_pulled_from_a_peer_gives_the_cold_results() {
     assert_eq!(other.usage.cached_tokens, 0);
     assert_eq!(target.tiers().stats().pull_missed, 7);
 }
+
+/// Point 4: blocks a draining peer hands over (as `/v1/kv/adopt` takes them: exported, in the
+/// block format, checked) land in a free store block or, with the store full, on the disk
+/// tier, and serve the cold run's answer; another tenant's salt finds none of them.
+#[test]
+fn blocks_handed_over_by_a_draining_peer_give_the_cold_results() {
+    let a = tokens(PROMPT, 31);
+    let mut holder = bare(64, 1);
+    let cold = run(&mut holder, request(&a, "tenant-a"));
+    let mut chain = tidelock_protocol::HashChain::new(
+        &ModelName::new("smollm2").unwrap(),
+        &CacheSalt::new("tenant-a").unwrap(),
+        BlockTokens::new(BLOCK as u32).unwrap(),
+    );
+    chain.extend(&a);
+    let layout = holder.executor().block_layout().unwrap();
+    let held: Vec<(tidelock_protocol::BlockHash, bytes::Bytes)> = holder
+        .export(&chain.hashes()[..7])
+        .into_iter()
+        .map(|e| match e {
+            Export::Bytes(h, b) => (h, b),
+            Export::OnDisk(_) => panic!("the holder has no disk tier"),
+        })
+        .collect();
+    let refs: Vec<_> = held.iter().map(|(h, b)| (*h, &b[..])).collect();
+    let body = tidelock_protocol::blocks::encode(&layout, &refs).unwrap();
+    let handed: Vec<_> = tidelock_protocol::blocks::decode(&body)
+        .unwrap()
+        .blocks
+        .iter()
+        .map(|(h, p)| (*h, bytes::Bytes::copy_from_slice(p)))
+        .collect();
+    assert_eq!(handed.len(), 7);
+
+    // A peer whose store is full of its own session: the blocks go to its disk tier.
+    let dir = tempfile::tempdir().unwrap();
+    let mut full = engine(8, dir.path(), 2);
+    run(&mut full, request(&tokens(PROMPT, 32), "tenant-a"));
+    let free = full.pool().stats().free;
+    assert_eq!(full.adopt(handed.clone()), 7);
+    assert!(
+        full.tiers().stats().stored_disk >= 7 - free as u64,
+        "{free} free blocks; {:?}",
+        full.tiers().stats()
+    );
+    let served = run(&mut full, request(&a, "tenant-a"));
+    assert_eq!(served.usage.cached_tokens, REUSABLE);
+    assert_eq!(served.tokens, cold.tokens);
+    let diff = logprob_diff(&served, &cold);
+    println!("handed over onto a full peer's disk: max |logprob diff| vs cold {diff:.2e}");
+    assert!(diff <= 1e-4, "{diff}");
+
+    // A peer with room: straight into its store; taking them twice keeps one copy.
+    let mut roomy = bare(64, 3);
+    assert_eq!(roomy.adopt(handed.clone()), 7);
+    assert_eq!(roomy.adopt(handed), 7);
+    assert_eq!(roomy.pool().stats().cached, 7);
+    let served = run(&mut roomy, request(&a, "tenant-a"));
+    assert_eq!(served.usage.cached_tokens, REUSABLE);
+    assert_eq!(served.tokens, cold.tokens);
+    assert!(logprob_diff(&served, &cold) <= 1e-4);
+    let other = run(&mut roomy, request(&a, "tenant-b"));
+    assert_eq!(other.usage.cached_tokens, 0);
+}

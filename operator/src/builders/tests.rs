@@ -357,8 +357,9 @@ fn workers_get_the_credential_and_each_group_a_network_policy() {
     assert_eq!(
         spec["ingress"],
         json!([
+            // Any group of the Model: its shard RPC, and KV pulls and handoffs between groups.
             {"ports": [{"port": 8000, "protocol": "TCP"}], "from": [
-                {"podSelector": {"matchLabels": group}},
+                {"podSelector": {"matchLabels": {"tidelock.dev/model": "smol"}}},
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tidelock-system"}},
                  "podSelector": {"matchLabels": {"app.kubernetes.io/component": "router"}}},
                 // The operator reads the load reports it autoscales on.
