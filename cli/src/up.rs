@@ -898,11 +898,24 @@ pub(crate) fn sibling(name: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// A free loopback port, never one this process has handed out before. The port is released
+/// for the part that will bind it; until that part starts, the kernel may offer the same port
+/// again, and two parts given one port fail to start (seen: a worker's metrics port equal to
+/// another worker's listen port), so ports already handed out are drawn again.
 pub(crate) fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free loopback port: {e}"))
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..64 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("no free loopback port: {e}"))?;
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err("no free loopback port this process has not handed out already".into())
 }
 
 /// Checks that `path` is a GGUF file or a Hugging Face folder; returns its size in bytes.

@@ -32,6 +32,20 @@ fn long_text(words: usize, seed: usize) -> String {
         .join(" ")
 }
 
+/// The second turn of session `key`: `first`, the answer `a` gave, and a question.
+fn second_turn(first: &str, a: &Value, key: &str) -> Value {
+    json!({
+        "model": MODEL,
+        "prompt_cache_key": key,
+        "max_tokens": 4,
+        "messages": [
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "And then?"},
+        ],
+    })
+}
+
 fn usage(body: &Value) -> (u64, u64, u64) {
     let u = &body["usage"];
     (
@@ -204,21 +218,14 @@ async fn a_sessions_second_turn_is_served_from_its_cache() {
     let a = c.post("/v1/chat/completions", KEY_A, req).await.json();
     let (prompt1, cached1, _) = usage(&a);
     assert_eq!(cached1, 0);
-    let answer = a["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let req = json!({
-        "model": MODEL,
-        "prompt_cache_key": "conversation-1",
-        "max_tokens": 4,
-        "messages": [
-            {"role": "user", "content": first},
-            {"role": "assistant", "content": answer},
-            {"role": "user", "content": "And then?"},
-        ],
-    });
-    let b = c.post("/v1/chat/completions", KEY_A, req).await.json();
+    let b = c
+        .post(
+            "/v1/chat/completions",
+            KEY_A,
+            second_turn(&first, &a, "conversation-1"),
+        )
+        .await
+        .json();
     let (prompt2, cached2, _) = usage(&b);
     let block = u64::from(support::BLOCK);
     assert!(prompt2 > prompt1);
@@ -932,12 +939,24 @@ async fn a_turn_refused_by_a_draining_worker_pulls_its_prefix_from_it_elsewhere(
     req["prompt_cache_key"] = json!("drained-conversation");
     let a = c.post("/v1/chat/completions", KEY_A, req).await.json();
     let (prompt1, _, _) = usage(&a);
-    let holder = c
-        .workers
-        .iter()
-        .flatten()
-        .find(|w| w.state.load.borrow().blocks.cached > 0)
-        .expect("one worker holds the first turn");
+    // The engine publishes its load after the step that ended the answer, which may come just
+    // after the answer reached the client.
+    let waited = std::time::Instant::now();
+    let holder = loop {
+        let holding = c
+            .workers
+            .iter()
+            .flatten()
+            .find(|w| w.state.load.borrow().blocks.cached > 0);
+        if let Some(w) = holding {
+            break w;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no worker holds the first turn"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     c.wait("the index holds the first turn", |s| {
         s.models
             .get(MODEL)
@@ -948,18 +967,14 @@ async fn a_turn_refused_by_a_draining_worker_pulls_its_prefix_from_it_elsewhere(
         .state
         .draining
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let answer = a["choices"][0]["message"]["content"].as_str().unwrap();
-    let req = json!({
-        "model": MODEL,
-        "prompt_cache_key": "drained-conversation",
-        "max_tokens": 4,
-        "messages": [
-            {"role": "user", "content": first},
-            {"role": "assistant", "content": answer},
-            {"role": "user", "content": "And then?"},
-        ],
-    });
-    let b = c.post("/v1/chat/completions", KEY_A, req).await.json();
+    let b = c
+        .post(
+            "/v1/chat/completions",
+            KEY_A,
+            second_turn(&first, &a, "drained-conversation"),
+        )
+        .await
+        .json();
     let (_, cached2, _) = usage(&b);
     let block = u64::from(support::BLOCK);
     assert!(

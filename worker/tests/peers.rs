@@ -47,6 +47,17 @@ async fn generate(state: &AppState, body: serde_json::Value) -> tidelock_protoco
     panic!("no finished event");
 }
 
+/// `prompt`'s block hashes under tenant salt `salt`, as the workers name them.
+fn chain_of(prompt: &[u32], salt: &str) -> HashChain {
+    let mut chain = HashChain::new(
+        &ModelName::new("sim").unwrap(),
+        &CacheSalt::new(salt).unwrap(),
+        BlockTokens::new(BLOCK).unwrap(),
+    );
+    chain.extend(prompt);
+    chain
+}
+
 fn request(tokens: &[u32], salt: &str, pull: Option<(&str, u32)>) -> serde_json::Value {
     let mut r = serde_json::json!({
         "cache_salt": salt,
@@ -121,12 +132,7 @@ async fn the_blocks_route_sends_the_leading_blocks_it_holds_and_refuses_floods()
     let holder = worker(3);
     let prompt: Vec<u32> = (0..70).map(|i| 40 + i).collect();
     generate(&holder, request(&prompt, "a", None)).await;
-    let mut chain = HashChain::new(
-        &ModelName::new("sim").unwrap(),
-        &CacheSalt::new("a").unwrap(),
-        BlockTokens::new(BLOCK).unwrap(),
-    );
-    chain.extend(&prompt);
+    let chain = chain_of(&prompt, "a");
     // The first four blocks are held; a made-up fifth is not, nor anything after it.
     let mut asked: Vec<String> = chain.hashes()[..4].iter().map(|h| h.to_string()).collect();
     asked.push("00".repeat(16));
@@ -238,12 +244,7 @@ async fn a_draining_worker_refuses_work_but_lends_its_blocks() {
     let (_, load) = post_or_get(&state, "/v1/load").await;
     let load: LoadReport = serde_json::from_slice(&load).unwrap();
     assert!(load.draining);
-    let mut chain = HashChain::new(
-        &ModelName::new("sim").unwrap(),
-        &CacheSalt::new("a").unwrap(),
-        BlockTokens::new(BLOCK).unwrap(),
-    );
-    chain.extend(&prompt);
+    let chain = chain_of(&prompt, "a");
     let asked: Vec<String> = chain.hashes().iter().map(|h| h.to_string()).collect();
     let (status, body) = post_json(
         &state,
@@ -269,12 +270,7 @@ async fn a_draining_worker_hands_its_blocks_to_the_peers_in_the_plan() {
     let peer_url = listen(peer.clone()).await;
     let prompt: Vec<u32> = (0..100).map(|i| 40 + i % 300).collect();
     generate(&holder, request(&prompt, "a", None)).await;
-    let mut chain = HashChain::new(
-        &ModelName::new("sim").unwrap(),
-        &CacheSalt::new("a").unwrap(),
-        BlockTokens::new(BLOCK).unwrap(),
-    );
-    chain.extend(&prompt);
+    let chain = chain_of(&prompt, "a");
     let held = &chain.hashes()[..6];
     let plan = serde_json::json!({
         "from": holder_url,

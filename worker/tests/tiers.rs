@@ -203,28 +203,37 @@ fn a_restarted_worker_finds_its_cache_on_disk() {
     assert!(diff <= 1e-4, "{diff}");
 }
 
+/// The leading blocks of `hashes` the holder holds, as a peer receives them: exported, in the
+/// block format, decoded and checked.
+fn cross(
+    holder: &mut Engine<ModelExecutor>,
+    hashes: &[tidelock_protocol::BlockHash],
+) -> Vec<(tidelock_protocol::BlockHash, bytes::Bytes)> {
+    let layout = holder.executor().block_layout().unwrap();
+    let held: Vec<(tidelock_protocol::BlockHash, bytes::Bytes)> = holder
+        .export(hashes)
+        .into_iter()
+        .map(|e| match e {
+            Export::Bytes(h, b) => (h, b),
+            Export::OnDisk(_) => panic!("the holder has no disk tier"),
+        })
+        .collect();
+    let refs: Vec<_> = held.iter().map(|(h, b)| (*h, &b[..])).collect();
+    let body = tidelock_protocol::blocks::encode(&layout, &refs).unwrap();
+    tidelock_protocol::blocks::decode(&body)
+        .unwrap()
+        .blocks
+        .iter()
+        .map(|(h, p)| (*h, bytes::Bytes::copy_from_slice(p)))
+        .collect()
+}
+
 /// Carries out the target's pulls against the holder as the server's puller does: the holder
 /// exports, the body crosses in the block format, the target checks and takes what arrived.
 fn carry_pulls(holder: &mut Engine<ModelExecutor>, target: &mut Engine<ModelExecutor>) -> usize {
-    let layout = holder.executor().block_layout().unwrap();
     let mut moved = 0;
     for job in target.take_pulls() {
-        let held: Vec<(tidelock_protocol::BlockHash, bytes::Bytes)> = holder
-            .export(&job.hashes)
-            .into_iter()
-            .map(|e| match e {
-                Export::Bytes(h, b) => (h, b),
-                Export::OnDisk(_) => panic!("the holder has no disk tier"),
-            })
-            .collect();
-        let refs: Vec<_> = held.iter().map(|(h, b)| (*h, &b[..])).collect();
-        let body = tidelock_protocol::blocks::encode(&layout, &refs).unwrap();
-        let decoded = tidelock_protocol::blocks::decode(&body).unwrap();
-        let arrived: Vec<_> = decoded
-            .blocks
-            .iter()
-            .map(|(h, p)| (*h, bytes::Bytes::copy_from_slice(p)))
-            .collect();
+        let arrived = cross(holder, &job.hashes);
         let missed: Vec<_> = job
             .hashes
             .iter()
@@ -337,23 +346,7 @@ fn blocks_handed_over_by_a_draining_peer_give_the_cold_results() {
         BlockTokens::new(BLOCK as u32).unwrap(),
     );
     chain.extend(&a);
-    let layout = holder.executor().block_layout().unwrap();
-    let held: Vec<(tidelock_protocol::BlockHash, bytes::Bytes)> = holder
-        .export(&chain.hashes()[..7])
-        .into_iter()
-        .map(|e| match e {
-            Export::Bytes(h, b) => (h, b),
-            Export::OnDisk(_) => panic!("the holder has no disk tier"),
-        })
-        .collect();
-    let refs: Vec<_> = held.iter().map(|(h, b)| (*h, &b[..])).collect();
-    let body = tidelock_protocol::blocks::encode(&layout, &refs).unwrap();
-    let handed: Vec<_> = tidelock_protocol::blocks::decode(&body)
-        .unwrap()
-        .blocks
-        .iter()
-        .map(|(h, p)| (*h, bytes::Bytes::copy_from_slice(p)))
-        .collect();
+    let handed = cross(&mut holder, &chain.hashes()[..7]);
     assert_eq!(handed.len(), 7);
 
     // A peer whose store is full of its own session: the blocks go to its disk tier.
