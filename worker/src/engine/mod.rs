@@ -254,7 +254,7 @@ impl<E: Executor> Engine<E> {
                 kept += 1;
                 continue;
             }
-            if self.pool.stats().free == 0 && self.tiers.enabled() {
+            if self.pool.free() == 0 && self.tiers.enabled() {
                 self.tiers.demote(hash, |out| {
                     out.extend_from_slice(&bytes);
                     Ok(())

@@ -104,6 +104,11 @@ impl BlockPool {
         }
     }
 
+    /// Blocks holding nothing (neither in use nor cached), in O(1).
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
     /// Blocks that an allocation could obtain right now (free plus evictable).
     pub fn available(&self) -> usize {
         self.free.len() + self.lru.len()
