@@ -95,10 +95,12 @@ impl BlockPool {
         self.epoch
     }
 
+    /// In O(1): every block is free, cached and unreferenced (in the LRU), or in use, so the
+    /// blocks in use are what the other two leave (the engine reads this per generated token).
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             total: self.meta.len(),
-            in_use: self.meta.iter().filter(|m| m.refs > 0).count(),
+            in_use: self.meta.len() - self.free.len() - self.lru.len(),
             cached: self.lru.len(),
             free: self.free.len(),
         }
@@ -511,6 +513,10 @@ mod tests {
             let snap: HashSet<BlockHash> = p.snapshot(&[]).blocks.iter().map(|b| b.hash).collect();
             assert_eq!(index, snap, "round {round}");
             let s = p.stats();
+            let referenced = (0..s.total as u32)
+                .filter(|&b| p.refs(BlockId::new(b)) > 0)
+                .count();
+            assert_eq!(s.in_use, referenced, "round {round}");
             assert_eq!(s.in_use + s.cached + s.free, s.total);
         }
         for blocks in held {
