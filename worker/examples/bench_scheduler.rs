@@ -2,10 +2,12 @@
 //! executor at instant timing, so every microsecond measured is the scheduler's (admission,
 //! block bookkeeping, sampling's surroundings, events), not a model's.
 //!
-//! Runs `--sequences` requests of a 512-token prompt decoding `--tokens` tokens each, on a pool
-//! of `--blocks` 16-token blocks, and prints the mean wall time per step and per generated token.
+//! Runs SEQUENCES requests of a 512-token prompt decoding TOKENS tokens each, on a pool of
+//! BLOCKS 16-token blocks, ROUNDS times with new prompts (once the pool is full of cached blocks,
+//! every allocation evicts the least recently used), and prints the mean wall time per step and
+//! per generated token.
 //!
-//! Usage: bench_scheduler [BLOCKS] [SEQUENCES] [TOKENS]  (defaults 65536 32 256)
+//! Usage: bench_scheduler [BLOCKS] [SEQUENCES] [TOKENS] [ROUNDS]  (defaults 65536 32 256 1)
 
 use std::time::Instant;
 
@@ -23,7 +25,8 @@ fn main() {
             .and_then(|a| a.parse().ok())
             .unwrap_or(default)
     };
-    let (blocks, sequences, max_tokens) = (arg(1, 65_536), arg(2, 32), arg(3, 256));
+    let (blocks, sequences, max_tokens, rounds) =
+        (arg(1, 65_536), arg(2, 32), arg(3, 256), arg(4, 1));
     // A small vocabulary: the simulated logits and their sampling stay out of the figure.
     let vocab = 1_000;
     let cfg = EngineConfig {
@@ -38,41 +41,43 @@ fn main() {
     };
     let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(1));
     let mut engine = Engine::new(cfg, pool, SimExecutor::new(vocab, Timing::INSTANT));
-    let mut outputs = Vec::new();
-    for i in 0..sequences {
-        let prompt = tokens(512, i as u64)
-            .into_iter()
-            .map(|t| t % vocab as u32)
-            .collect();
-        let mut request = greedy(prompt, max_tokens as u32);
-        request.sampling.ignore_eos = true;
-        let (tx, rx) = unbounded_channel();
-        engine.submit(request, tx);
-        outputs.push(rx);
-    }
     let started = Instant::now();
     let (mut steps, mut finished) = (0u64, 0);
-    while !engine.is_idle() {
-        engine.step().expect("a step");
-        steps += 1;
-        // What the server does after each step.
-        let _ = engine.take_events();
-        let _ = engine.load();
-        for rx in &mut outputs {
-            while let Ok(event) = rx.try_recv() {
-                match event {
-                    GenerateEvent::Finished { .. } => finished += 1,
-                    GenerateEvent::Error { message, .. } => panic!("{message}"),
-                    _ => {}
+    for round in 0..rounds {
+        let mut outputs = Vec::new();
+        for i in 0..sequences {
+            let prompt = tokens(512, (round * sequences + i) as u64)
+                .into_iter()
+                .map(|t| t % vocab as u32)
+                .collect();
+            let mut request = greedy(prompt, max_tokens as u32);
+            request.sampling.ignore_eos = true;
+            let (tx, rx) = unbounded_channel();
+            engine.submit(request, tx);
+            outputs.push(rx);
+        }
+        while !engine.is_idle() {
+            engine.step().expect("a step");
+            steps += 1;
+            // What the server does after each step.
+            let _ = engine.take_events();
+            let _ = engine.load();
+            for rx in &mut outputs {
+                while let Ok(event) = rx.try_recv() {
+                    match event {
+                        GenerateEvent::Finished { .. } => finished += 1,
+                        GenerateEvent::Error { message, .. } => panic!("{message}"),
+                        _ => {}
+                    }
                 }
             }
         }
     }
     let elapsed = started.elapsed();
-    assert_eq!(finished, sequences, "every request ran to its end");
-    let generated = (sequences * max_tokens) as f64;
+    assert_eq!(finished, sequences * rounds, "every request ran to its end");
+    let generated = (sequences * max_tokens * rounds) as f64;
     println!(
-        "{blocks} blocks, {sequences} sequences x {max_tokens} tokens: {steps} steps, {:.1} us per step, {:.2} us per generated token",
+        "{blocks} blocks, {rounds} x {sequences} sequences x {max_tokens} tokens: {steps} steps, {:.1} us per step, {:.2} us per generated token",
         elapsed.as_secs_f64() * 1e6 / steps as f64,
         elapsed.as_secs_f64() * 1e6 / generated
     );

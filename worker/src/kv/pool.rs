@@ -15,7 +15,7 @@
 //! the whole set at one sequence number. The cache salt is part of every hash, so tenants never
 //! share blocks unless they share a salt.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use tidelock_protocol::{
     BlockHash, BlockId, BlockTokens, Epoch, KvEvent, KvEventBatch, KvSnapshot, SnapshotBlock, Tier,
@@ -34,8 +34,88 @@ struct Meta {
     refs: u32,
     /// Set while the block is in the prefix cache.
     hash: Option<BlockHash>,
-    /// LRU position while unreferenced and cached.
-    tick: u64,
+}
+
+/// No block: the end of the LRU list.
+const NIL: u32 = u32::MAX;
+
+/// The unreferenced cached blocks, least recently used first: a doubly linked list threaded
+/// through one pair of links per block, so a block joins at the tail, leaves from anywhere and
+/// the oldest is taken, each in O(1) (it was an ordered set keyed by a use counter: O(log n)).
+#[derive(Debug)]
+struct Lru {
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+impl Lru {
+    fn new(blocks: usize) -> Self {
+        Lru {
+            prev: vec![NIL; blocks],
+            next: vec![NIL; blocks],
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        }
+    }
+
+    fn contains(&self, b: u32) -> bool {
+        self.prev[b as usize] != NIL || self.head == b
+    }
+
+    /// Appends `b` (not on the list) as the most recently used.
+    fn push_back(&mut self, b: u32) {
+        debug_assert!(!self.contains(b), "block {b} is on the LRU list already");
+        self.prev[b as usize] = self.tail;
+        self.next[b as usize] = NIL;
+        match self.tail {
+            NIL => self.head = b,
+            t => self.next[t as usize] = b,
+        }
+        self.tail = b;
+        self.len += 1;
+    }
+
+    /// Takes `b` off the list; whether it was on it.
+    fn remove(&mut self, b: u32) -> bool {
+        if !self.contains(b) {
+            return false;
+        }
+        let (p, n) = (self.prev[b as usize], self.next[b as usize]);
+        match p {
+            NIL => self.head = n,
+            p => self.next[p as usize] = n,
+        }
+        match n {
+            NIL => self.tail = p,
+            n => self.prev[n as usize] = p,
+        }
+        self.prev[b as usize] = NIL;
+        self.next[b as usize] = NIL;
+        self.len -= 1;
+        true
+    }
+
+    /// Takes the least recently used block off the list.
+    fn pop_front(&mut self) -> Option<u32> {
+        let head = self.head;
+        (head != NIL && self.remove(head)).then_some(head)
+    }
+
+    /// The blocks, least recently used first.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let mut at = self.head;
+        std::iter::from_fn(move || {
+            let b = at;
+            (b != NIL).then(|| {
+                at = self.next[b as usize];
+                b
+            })
+        })
+    }
 }
 
 /// Counts for load reports and metrics.
@@ -58,8 +138,7 @@ pub struct BlockPool {
     /// The prefix cache: hash -> block holding that prefix.
     by_hash: HashMap<BlockHash, BlockId>,
     /// Unreferenced cached blocks by last use, oldest first.
-    lru: BTreeSet<(u64, BlockId)>,
-    tick: u64,
+    lru: Lru,
     epoch: Epoch,
     sequence: u64,
     pending: Vec<KvEvent>,
@@ -78,8 +157,7 @@ impl BlockPool {
             // Reversed so that blocks are handed out in increasing order.
             free: (0..count).rev().map(BlockId::new).collect(),
             by_hash: HashMap::new(),
-            lru: BTreeSet::new(),
-            tick: 0,
+            lru: Lru::new(count as usize),
             epoch,
             sequence: 0,
             pending: Vec::new(),
@@ -100,8 +178,8 @@ impl BlockPool {
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             total: self.meta.len(),
-            in_use: self.meta.len() - self.free.len() - self.lru.len(),
-            cached: self.lru.len(),
+            in_use: self.meta.len() - self.free.len() - self.lru.len,
+            cached: self.lru.len,
             free: self.free.len(),
         }
     }
@@ -113,7 +191,7 @@ impl BlockPool {
 
     /// Blocks that an allocation could obtain right now (free plus evictable).
     pub fn available(&self) -> usize {
-        self.free.len() + self.lru.len()
+        self.free.len() + self.lru.len
     }
 
     /// How many leading blocks of `hashes` are in the prefix cache.
@@ -144,7 +222,7 @@ impl BlockPool {
     pub fn retain(&mut self, block: BlockId) {
         let meta = &mut self.meta[block.get() as usize];
         if meta.refs == 0 {
-            self.lru.remove(&(meta.tick, block));
+            self.lru.remove(block.get());
         }
         meta.refs += 1;
     }
@@ -164,10 +242,10 @@ impl BlockPool {
             let block = match self.free.pop() {
                 Some(block) => block,
                 None => {
-                    let Some(oldest) = self.lru.pop_first() else {
+                    let Some(oldest) = self.lru.pop_front() else {
                         unreachable!("availability was checked");
                     };
-                    let block = oldest.1;
+                    let block = BlockId::new(oldest);
                     if let Some(hash) = self.meta[block.get() as usize].hash.take() {
                         self.by_hash.remove(&hash);
                         evicted.push(hash);
@@ -201,7 +279,10 @@ impl BlockPool {
         let mut out: Vec<(BlockId, BlockHash)> = self
             .lru
             .iter()
-            .filter_map(|&(_, b)| self.meta[b.get() as usize].hash.map(|h| (b, h)))
+            .filter_map(|b| {
+                let hash = self.meta[b as usize].hash?;
+                Some((BlockId::new(b), hash))
+            })
             .collect();
         out.extend(
             self.by_hash
@@ -270,9 +351,7 @@ impl BlockPool {
                 continue;
             }
             if meta.hash.is_some() {
-                self.tick += 1;
-                meta.tick = self.tick;
-                self.lru.insert((self.tick, block));
+                self.lru.push_back(block.get());
             } else {
                 self.free.push(block);
             }
@@ -282,15 +361,15 @@ impl BlockPool {
     /// Drops every unreferenced cached block from the prefix cache. When no block is in use
     /// either, that is a [`KvEvent::Cleared`].
     pub fn clear_cache(&mut self) {
-        let evicted: Vec<BlockHash> = std::mem::take(&mut self.lru)
-            .into_iter()
-            .filter_map(|(_, block)| {
-                let hash = self.meta[block.get() as usize].hash.take()?;
+        let mut evicted = Vec::with_capacity(self.lru.len);
+        while let Some(b) = self.lru.pop_front() {
+            let block = BlockId::new(b);
+            if let Some(hash) = self.meta[b as usize].hash.take() {
                 self.by_hash.remove(&hash);
-                self.free.push(block);
-                Some(hash)
-            })
-            .collect();
+                evicted.push(hash);
+            }
+            self.free.push(block);
+        }
         if self.by_hash.is_empty() {
             self.pending.push(KvEvent::Cleared);
         } else if !evicted.is_empty() {
@@ -526,5 +605,34 @@ mod tests {
         mirror(&mut index, &p.take_events().unwrap());
         assert!(index.is_empty());
         assert_eq!(p.stats().free, 16);
+    }
+
+    #[test]
+    fn the_lru_list_keeps_the_order_of_a_reference_under_random_moves() {
+        let mut lru = Lru::new(32);
+        let mut reference: std::collections::VecDeque<u32> = Default::default();
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..5_000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let b = (seed >> 33) as u32 % 32;
+            match (seed >> 20) % 3 {
+                0 if !reference.contains(&b) => {
+                    lru.push_back(b);
+                    reference.push_back(b);
+                }
+                1 => {
+                    let was = reference.iter().position(|&x| x == b);
+                    if let Some(i) = was {
+                        reference.remove(i);
+                    }
+                    assert_eq!(lru.remove(b), was.is_some(), "round {round}");
+                }
+                _ => assert_eq!(lru.pop_front(), reference.pop_front(), "round {round}"),
+            }
+            assert_eq!(lru.len, reference.len());
+            assert!(lru.iter().eq(reference.iter().copied()), "round {round}");
+        }
     }
 }
