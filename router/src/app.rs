@@ -368,30 +368,17 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The session key: `prompt_cache_key`, else the `X-Session-Id` header, else `user`.
+/// The session key, by the rule both the router and the worker apply
+/// ([`tidelock_protocol::openai::CommonFields::session_key`]).
 fn session_key(
     common: &tidelock_protocol::openai::CommonFields,
     headers: &HeaderMap,
 ) -> Result<Option<SessionKey>, OpenAiError> {
-    let header = headers
-        .get("x-session-id")
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| OpenAiError::bad_request("X-Session-Id must be visible ASCII"))
-        })
-        .transpose()?;
-    let first = [
-        (common.prompt_cache_key.as_deref(), "prompt_cache_key"),
-        (header, "X-Session-Id"),
-        (common.user.as_deref(), "user"),
-    ]
-    .into_iter()
-    .find_map(|(key, param)| Some((key.filter(|k| !k.is_empty())?, param)));
-    first
-        .map(|(key, param)| {
-            SessionKey::new(key).map_err(|e| OpenAiError::invalid(param, e.to_string()))
-        })
-        .transpose()
+    common.session_key(
+        headers
+            .get(tidelock_protocol::openai::SESSION_HEADER)
+            .map(|v| v.as_bytes()),
+    )
 }
 
 /// A slot among the requests served at once, waiting in the bounded queue for it.

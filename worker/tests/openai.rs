@@ -187,6 +187,20 @@ async fn errors_are_openai_shaped() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let e: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["error"]["code"], "context_length_exceeded");
+
+    // The session key follows the router's rule: a bad X-Session-Id is refused by name, as
+    // there (it used to be ignored here).
+    let request = axum::http::Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .header("x-session-id", "s".repeat(600))
+        .body(axum::body::Body::from(
+            serde_json::json!({"model": "smollm2", "prompt": "hi", "max_tokens": 1}).to_string(),
+        ))
+        .unwrap();
+    let (status, body) = support::send(&state, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e["error"]["param"], "X-Session-Id");
 }
 
 /// Checks one chat `logprobs.content` entry: the chosen token heads its alternatives (the

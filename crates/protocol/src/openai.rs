@@ -29,7 +29,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub use error::{ErrorKind, OpenAiError};
 pub use request::{
     ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest, ContentPart,
-    MessageContent, Prompt, PromptInput, Stop, StreamOptions,
+    MessageContent, Prompt, PromptInput, SESSION_HEADER, Stop, StreamOptions,
 };
 pub use response::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatMessageOut, ChunkChoice, Completion,

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tidelock_openai::{Endpoint, error_response as error, parse, respond};
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
-use tidelock_protocol::{CacheSalt, GenerateRequest, SessionKey};
+use tidelock_protocol::{CacheSalt, GenerateRequest};
 
 use crate::server::AppState;
 use crate::server::runner::Command;
@@ -47,24 +47,39 @@ fn check_model(state: &AppState, model: &str) -> Result<(), OpenAiError> {
     }
 }
 
-pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
-    serve(state, Endpoint::Chat, &body).await
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(state, Endpoint::Chat, &headers, &body).await
 }
 
-pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
-    serve(state, Endpoint::Completion, &body).await
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve(state, Endpoint::Completion, &headers, &body).await
 }
 
 /// Parses, tokenizes, hands the request to the engine and answers from its events.
-async fn serve(state: AppState, endpoint: Endpoint, body: &[u8]) -> Response {
+async fn serve(
+    state: AppState,
+    endpoint: Endpoint,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Response {
     let prepared = (|| {
         let parsed = parse(endpoint, body)?;
         check_model(&state, parsed.model())?;
         let kit = kit(&state)?.clone();
-        let session = parsed
-            .common()
-            .session_hint()
-            .and_then(|s| SessionKey::new(s).ok());
+        // The router's rule, so a session is the same session whichever of the two it reaches.
+        let session = parsed.common().session_key(
+            headers
+                .get(tidelock_protocol::openai::SESSION_HEADER)
+                .map(|v| v.as_bytes()),
+        )?;
         let prepared = parsed.prepare(&kit, state.info.max_context_tokens)?;
         Ok::<_, OpenAiError>((prepared, kit, session))
     })();

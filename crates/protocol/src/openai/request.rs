@@ -10,7 +10,12 @@ use serde_json::Value;
 
 use super::null_as_default;
 use super::{COMPLETION_DEFAULT_MAX_TOKENS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES, OpenAiError};
+use crate::ids::SessionKey;
 use crate::wire::{SamplingError, SamplingParams};
+
+/// The header a client may name its session with (after `prompt_cache_key`, before `user`), as
+/// the error `param` names it.
+pub const SESSION_HEADER: &str = "X-Session-Id";
 
 fn completion_default_max_tokens() -> Option<u32> {
     Some(COMPLETION_DEFAULT_MAX_TOKENS)
@@ -188,14 +193,33 @@ impl CommonFields {
         self.stop.as_ref().map(Stop::to_vec).unwrap_or_default()
     }
 
-    /// The session key the request names itself: `prompt_cache_key`, else `user` (the router
-    /// checks the `X-Session-Id` header between the two).
-    pub fn session_hint(&self) -> Option<&str> {
-        [&self.prompt_cache_key, &self.user]
-            .into_iter()
-            .flatten()
-            .map(String::as_str)
-            .find(|key| !key.is_empty())
+    /// The session key, the one rule the router and the worker both apply (DESIGN.md, "Router
+    /// API"): `prompt_cache_key`, else the `X-Session-Id` header (`header`: its value's bytes,
+    /// if the request has one), else `user`; empty values are skipped. A value that is not a
+    /// valid [`SessionKey`] (too long, not visible ASCII) is a 400 naming where it came from.
+    /// `None`: the request names no session (the router then lets its prefix stand for one).
+    pub fn session_key(&self, header: Option<&[u8]>) -> Result<Option<SessionKey>, OpenAiError> {
+        let header = header
+            .map(|bytes| {
+                std::str::from_utf8(bytes)
+                    .ok()
+                    .filter(|s| s.bytes().all(|b| (0x20..0x7f).contains(&b)))
+                    .ok_or_else(|| {
+                        OpenAiError::invalid(SESSION_HEADER, "X-Session-Id must be visible ASCII")
+                    })
+            })
+            .transpose()?;
+        [
+            (self.prompt_cache_key.as_deref(), "prompt_cache_key"),
+            (header, SESSION_HEADER),
+            (self.user.as_deref(), "user"),
+        ]
+        .into_iter()
+        .find_map(|(key, param)| Some((key.filter(|k| !k.is_empty())?, param)))
+        .map(|(key, param)| {
+            SessionKey::new(key).map_err(|e| OpenAiError::invalid(param, e.to_string()))
+        })
+        .transpose()
     }
 
     /// Whether a streamed answer ends with a usage chunk.
@@ -261,11 +285,6 @@ impl ChatCompletionRequest {
     /// The stop sequences, empty when none were given.
     pub fn stop_strings(&self) -> Vec<String> {
         self.common.stop_strings()
-    }
-
-    /// The session key the request names itself; see [`CommonFields::session_hint`].
-    pub fn session_hint(&self) -> Option<&str> {
-        self.common.session_hint()
     }
 
     /// Whether a streamed answer ends with a usage chunk.
@@ -367,11 +386,6 @@ impl CompletionRequest {
     /// The stop sequences, empty when none were given.
     pub fn stop_strings(&self) -> Vec<String> {
         self.common.stop_strings()
-    }
-
-    /// The session key the request names itself; see [`CommonFields::session_hint`].
-    pub fn session_hint(&self) -> Option<&str> {
-        self.common.session_hint()
     }
 
     /// Whether a streamed answer ends with a usage chunk.
@@ -515,7 +529,10 @@ mod tests {
             Some("Hello\nthere")
         );
         assert_eq!(request.stop_strings(), ["\n\n", "User:"]);
-        assert_eq!(request.session_hint(), Some("conv-1"));
+        assert_eq!(
+            request.common.session_key(None).unwrap().unwrap().as_str(),
+            "conv-1"
+        );
         assert!(request.include_usage());
         assert_eq!(
             request.sampling(4096).unwrap(),
@@ -562,7 +579,10 @@ mod tests {
         assert!(request.messages[1].tool_calls.is_some());
         assert_eq!(request.messages[2].tool_call_id.as_deref(), Some("c1"));
         assert_eq!(request.stop_strings(), ["END"]);
-        assert_eq!(request.session_hint(), Some("u-9"));
+        assert_eq!(
+            request.common.session_key(None).unwrap().unwrap().as_str(),
+            "u-9"
+        );
         assert_eq!(request.tool_choice, Some(json!("auto")));
         let sampling = request.sampling(100).unwrap();
         assert_eq!(sampling.max_tokens, 100, "no limit: the caller's default");
@@ -775,26 +795,35 @@ mod tests {
     }
 
     #[test]
-    fn session_hint_prefers_prompt_cache_key_then_user() {
-        let hint = |extra: Value| {
+    fn the_session_key_is_prompt_cache_key_then_the_header_then_user() {
+        let key = |extra: Value, header: Option<&str>| {
             let mut value = json!({"model": "m", "prompt": "p"});
             value
                 .as_object_mut()
                 .unwrap()
                 .extend(extra.as_object().unwrap().clone());
-            completion(value).session_hint().map(str::to_owned)
+            completion(value)
+                .common
+                .session_key(header.map(str::as_bytes))
+                .map(|k| k.map(|k| k.as_str().to_owned()))
         };
-        assert_eq!(
-            hint(json!({"prompt_cache_key": "k", "user": "u"})).as_deref(),
-            Some("k")
-        );
-        assert_eq!(
-            hint(json!({"prompt_cache_key": "", "user": "u"})).as_deref(),
-            Some("u")
-        );
-        assert_eq!(hint(json!({"user": "u"})).as_deref(), Some("u"));
-        assert_eq!(hint(json!({"user": null})), None);
-        assert_eq!(hint(json!({})), None);
+        let got = |extra, header| key(extra, header).unwrap();
+        let both = json!({"prompt_cache_key": "k", "user": "u"});
+        assert_eq!(got(both.clone(), Some("h")).as_deref(), Some("k"));
+        let no_key = json!({"prompt_cache_key": "", "user": "u"});
+        assert_eq!(got(no_key.clone(), Some("h")).as_deref(), Some("h"));
+        assert_eq!(got(no_key.clone(), Some("")).as_deref(), Some("u"));
+        assert_eq!(got(no_key, None).as_deref(), Some("u"));
+        assert_eq!(got(json!({"user": null}), None), None);
+        assert_eq!(got(json!({}), None), None);
+        // Bad values are refused, naming where they came from.
+        let long = "s".repeat(600);
+        let e = key(json!({}), Some(&long)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(SESSION_HEADER));
+        let e = key(json!({}), Some("caf\u{e9}")).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(SESSION_HEADER));
+        let e = key(json!({"user": long}), None).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("user"));
     }
 
     #[test]
