@@ -75,3 +75,30 @@ fn sigterm_while_loading_ends_the_worker_at_once() {
     assert!(status.success(), "{status}:\n{}", worker.log_text());
     assert!(worker.log_text().contains("stopped while loading"));
 }
+
+/// Logs without colour codes when written to a file (a pod's output, `tidelock up`'s logs),
+/// and as JSON lines with `--log-format json`.
+#[test]
+fn logs_are_plain_text_off_a_terminal_and_json_lines_on_request() {
+    let logs = tempfile::tempdir().unwrap();
+    for (name, format) in [("text", "text"), ("json", "json")] {
+        let port = free_port();
+        let args = sim_worker_args(port, &["--no-cluster-auth", "--log-format", format]);
+        let mut worker = Proc::spawn(name, &binary("tidelock-worker"), &args, logs.path());
+        worker.wait_ready(port, "/readyz", Duration::from_secs(60));
+        worker.stop(Duration::from_secs(30));
+        let text = worker.log_text();
+        assert!(text.contains("serving on"), "{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "no colour codes in a file:\n{text}"
+        );
+        if format == "json" {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+            }
+        }
+    }
+}

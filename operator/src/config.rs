@@ -31,6 +31,10 @@ pub struct Config {
     #[command(flatten)]
     pub etcd_tls: tidelock_state::EtcdTlsArgs,
 
+    /// --log-format: text (coloured only on a terminal) or JSON lines.
+    #[command(flatten)]
+    pub log: tidelock_service::LogArgs,
+
     /// Secret in the operator's namespace (keys `ca.crt`, `tls.crt`, `tls.key`) with the etcd
     /// TLS files for the workers: copied into each Model's namespace and mounted into its
     /// workers. Empty: workers reach etcd without TLS. Required with `https://` endpoints.

@@ -25,7 +25,8 @@ use tokio::sync::watch;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    tidelock_service::run("tidelock-operator", None, operate(config))
+    let log = config.log.clone();
+    tidelock_service::run("tidelock-operator", None, &log, operate(config))
 }
 
 async fn operate(config: Config) -> anyhow::Result<()> {

@@ -34,6 +34,10 @@ pub struct Config {
     #[command(flatten)]
     pub auth: tidelock_service::cluster_auth::ClusterAuthArgs,
 
+    /// --log-format: text (coloured only on a terminal) or JSON lines.
+    #[command(flatten)]
+    pub log: tidelock_service::LogArgs,
+
     /// Workers given by URL (repeat, or comma-separate), e.g. `http://127.0.0.1:8100`: static
     /// discovery with the in-memory state store (the local cluster). Without it, `--etcd`. A
     /// worker that does not answer yet is retried in the background (at most every 5 s) and

@@ -24,7 +24,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    tidelock_service::run("tidelock-router", None, serve(config))
+    let log = config.log.clone();
+    tidelock_service::run("tidelock-router", None, &log, serve(config))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

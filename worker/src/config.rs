@@ -257,6 +257,10 @@ pub struct Config {
     #[command(flatten)]
     pub auth: tidelock_service::cluster_auth::ClusterAuthArgs,
 
+    /// --log-format: text (coloured only on a terminal) or JSON lines.
+    #[command(flatten)]
+    pub log: tidelock_service::LogArgs,
+
     /// Also serve `/metrics`, and nothing else, without the credential on this address (for
     /// Prometheus; the operator opens it to the monitoring namespace only). The main port's
     /// `/metrics` requires the credential like every internal route.

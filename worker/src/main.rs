@@ -41,7 +41,8 @@ const CLOSE_STREAMS_AFTER: Duration = Duration::from_secs(2);
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
-    tidelock_service::run("tidelock-worker", Some(2), serve(config))
+    let log = config.log.clone();
+    tidelock_service::run("tidelock-worker", Some(2), &log, serve(config))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -149,6 +149,8 @@ routers mount and the operator copies for the workers; empty without TLS.
 {{- end }}
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+- name: TIDELOCK_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
 {{- end }}
 
 {{/* The etcd client Secret as a container's read-only mount (nothing without TLS). */}}
