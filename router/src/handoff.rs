@@ -184,13 +184,7 @@ mod tests {
 
     use super::*;
     use crate::index::TierCounts;
-
-    fn h(n: u32) -> BlockHash {
-        let mut bytes = [0u8; 16];
-        bytes[..4].copy_from_slice(&n.to_le_bytes());
-        bytes[12..].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
-        BlockHash::from_bytes(bytes)
-    }
+    use crate::index::tests::h;
 
     fn hs(range: std::ops::Range<u32>) -> Vec<BlockHash> {
         range.map(h).collect()

@@ -515,7 +515,7 @@ impl KvIndex {
             return Vec::new();
         };
         let bit = 1u128 << slot;
-        let parents: HashSet<BlockHash> = state
+        let parents: BlockSet = state
             .blocks
             .iter()
             .filter_map(|h| self.entries.get(h)?.parent)
@@ -655,4 +655,4 @@ fn bits(mut set: u128) -> impl Iterator<Item = usize> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

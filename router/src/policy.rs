@@ -195,6 +195,14 @@ impl CostModel {
     /// would look many times slower or faster than its peers, and either never be chosen (and
     /// never measure) or take everything.
     pub fn calibrated(&self, candidates: &[Candidate]) -> CostModel {
+        let measured = |c: &Candidate| {
+            let s = c.load.prefill_tokens_per_second;
+            s.is_finite() && s > 0.0
+        };
+        // The usual case, on every request: every worker has measured; nothing to assume.
+        if candidates.iter().all(measured) {
+            return *self;
+        }
         let mut measured: Vec<f64> = candidates
             .iter()
             .map(|c| c.load.prefill_tokens_per_second)

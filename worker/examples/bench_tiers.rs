@@ -21,18 +21,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::blocks::BlockLayout;
 use tidelock_protocol::{
     BlockHash, BlockId, BlockTokens, Epoch, GroupId, ModelName, ShardIndex, WorkerInfo,
 };
 use tidelock_worker::engine::executor::{Executor, Work};
 use tidelock_worker::engine::logits::StepLogits;
-use tidelock_worker::engine::{Engine, EngineConfig, PullJob};
+use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::kv::tier::{TierConfig, Tiers};
 use tidelock_worker::kv::{KvShape, KvStore};
@@ -244,17 +239,12 @@ async fn pull(store: KvStore, hashes: &[BlockHash]) -> Result<(), Box<dyn std::e
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, server::app(state)).await });
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let job = PullJob {
-        from: base,
-        hashes: hashes.to_vec(),
-    };
+    let peers = server::peers::Peers::new(Some(layout), None);
     let mut best = f64::MAX;
     // The first pull opens the connection; the best of three after it. The puller's own code.
     for round in 0..4 {
         let started = Instant::now();
-        let received = server::peers::fetch(&client, &job, None, Some(&layout)).await?;
+        let received = peers.fetch(&base, hashes).await?;
         if received.blocks.len() != blocks || received.problem.is_some() {
             return Err(format!("the pull fell short: {:?}", received.problem).into());
         }

@@ -8,7 +8,8 @@ use super::*;
 
 const BT: BlockTokens = BlockTokens::DEFAULT;
 
-fn h(n: u32) -> BlockHash {
+/// A distinct, well-spread block hash for `n` (also the handoff tests').
+pub(crate) fn h(n: u32) -> BlockHash {
     let mut bytes = [0u8; 16];
     bytes[..4].copy_from_slice(&n.to_le_bytes());
     bytes[12..].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());

@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Full};
 use tidelock_protocol::{AdoptReply, AdoptRequest, HandoffPlan, MAX_PULL_BLOCKS};
 use tokio::sync::{oneshot, watch};
 
-use super::peers::Peers;
+use super::peers::{Peers, json_body, within_pull_limit};
 use super::runner::Command;
 use super::{AppState, engine_gone, error_response};
 
@@ -81,17 +81,10 @@ impl Handoff {
 /// `POST /v1/kv/handoff`: a router's plan for this draining worker's blocks. Answers at once
 /// (202); the peers are asked in the background.
 pub async fn handoff(State(state): State<AppState>, body: Bytes) -> Response {
-    let plan: HandoffPlan = match serde_json::from_slice(&body) {
+    let shape = "{\"from\": URL, \"peers\": [{\"to\": URL, \"hashes\": [...]}]}";
+    let plan: HandoffPlan = match json_body(&body, shape) {
         Ok(p) => p,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!(
-                    "a body of {{\"from\": URL, \"peers\": [{{\"to\": URL, \"hashes\": [...]}}]}}: {e}"
-                ),
-            );
-        }
+        Err(refused) => return *refused,
     };
     if !state.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return error_response(
@@ -197,25 +190,12 @@ async fn ask(peers: &Peers, to: &str, request: &AdoptRequest) -> Result<AdoptRep
 
 /// `POST /v1/kv/adopt`: pulls the blocks a draining peer hands over and keeps them.
 pub async fn adopt(State(state): State<AppState>, body: Bytes) -> Response {
-    let request: AdoptRequest = match serde_json::from_slice(&body) {
+    let request: AdoptRequest = match json_body(&body, "{\"from\": URL, \"hashes\": [...]}") {
         Ok(r) => r,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("a body of {{\"from\": URL, \"hashes\": [...]}}: {e}"),
-            );
-        }
+        Err(refused) => return *refused,
     };
-    if request.hashes.len() > MAX_PULL_BLOCKS {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!(
-                "{} blocks offered; at most {MAX_PULL_BLOCKS} per request",
-                request.hashes.len()
-            ),
-        );
+    if let Err(refused) = within_pull_limit(request.hashes.len(), "offered") {
+        return *refused;
     }
     if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return error_response(

@@ -41,27 +41,41 @@ pub const CONTENT_TYPE: &str = "application/vnd.tidelock.kv-blocks";
 /// A pull that has not finished in this time gives up (its blocks are recomputed).
 const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `POST /v1/kv/blocks`: the leading blocks of the chain asked for that this worker holds.
-pub async fn blocks(State(state): State<AppState>, body: Bytes) -> Response {
-    let request: BlocksRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("a body of {{\"hashes\": [...]}}: {e}"),
-            );
-        }
-    };
-    if request.hashes.len() > MAX_PULL_BLOCKS {
-        return error_response(
+/// `body` as JSON of type `T`, or the 400 to answer, naming the `shape` expected.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    shape: &str,
+) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error_response(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
-            format!(
-                "{} blocks asked for; at most {MAX_PULL_BLOCKS} per request",
-                request.hashes.len()
-            ),
-        );
+            format!("a body of {shape}: {e}"),
+        ))
+    })
+}
+
+/// The 400 for more than [`MAX_PULL_BLOCKS`] blocks in one request (`what`: "asked for",
+/// "offered").
+pub(crate) fn within_pull_limit(blocks: usize, what: &str) -> Result<(), Box<Response>> {
+    if blocks <= MAX_PULL_BLOCKS {
+        return Ok(());
+    }
+    Err(Box::new(error_response(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        format!("{blocks} blocks {what}; at most {MAX_PULL_BLOCKS} per request"),
+    )))
+}
+
+/// `POST /v1/kv/blocks`: the leading blocks of the chain asked for that this worker holds.
+pub async fn blocks(State(state): State<AppState>, body: Bytes) -> Response {
+    let request: BlocksRequest = match json_body(&body, "{\"hashes\": [...]}") {
+        Ok(r) => r,
+        Err(refused) => return *refused,
+    };
+    if let Err(refused) = within_pull_limit(request.hashes.len(), "asked for") {
+        return *refused;
     }
     let (reply, answer) = oneshot::channel();
     let sent = state.commands.send(Command::Export {
@@ -153,23 +167,11 @@ impl Peers {
         }
     }
 
-    /// Asks `from` for `hashes` (see [`fetch`]), giving up after [`PULL_TIMEOUT`].
+    /// [`Peers::fetch`], giving up after [`PULL_TIMEOUT`].
     pub async fn pull(&self, from: &str, hashes: &[BlockHash]) -> Result<Received, String> {
-        let job = PullJob {
-            from: from.to_owned(),
-            hashes: hashes.to_vec(),
-        };
-        tokio::time::timeout(
-            PULL_TIMEOUT,
-            fetch(
-                &self.client,
-                &job,
-                self.authorization.as_deref(),
-                self.layout.as_ref(),
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {PULL_TIMEOUT:?}")))
+        tokio::time::timeout(PULL_TIMEOUT, self.fetch(from, hashes))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {PULL_TIMEOUT:?}")))
     }
 }
 
@@ -224,81 +226,88 @@ pub struct Received {
     pub problem: Option<String>,
 }
 
-/// Asks `job.from` for the job's blocks and reads the reply as it streams in: each block is
-/// checked as soon as it is whole, while the next one arrives.
-pub async fn fetch(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    job: &PullJob,
-    authorization: Option<&str>,
-    layout: Option<&BlockLayout>,
-) -> Result<Received, String> {
-    let layout = layout.ok_or("this worker cannot import blocks")?;
-    let body = serde_json::to_vec(&BlocksRequest {
-        hashes: job.hashes.clone(),
-    })
-    .map_err(|e| e.to_string())?;
-    let mut request = hyper::Request::post(format!("{}{PATH}", job.from.trim_end_matches('/')))
-        .header(header::CONTENT_TYPE, "application/json");
-    if let Some(auth) = authorization {
-        request = request.header(header::AUTHORIZATION, auth);
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if !status.is_success() {
-        let text = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        return Err(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&text[..text.len().min(300)])
-        ));
-    }
-    let wanted: std::collections::HashSet<&BlockHash> = job.hashes.iter().collect();
-    let mut out = Received {
-        blocks: Vec::new(),
-        problem: None,
-    };
-    let mut buf = bytes::BytesMut::new();
-    let mut reader = StreamReader::Prefix;
-    loop {
-        // Take out everything whole in the buffer.
+/// A [`BlocksRequest`] over borrowed hashes (the same JSON).
+#[derive(serde::Serialize)]
+struct Ask<'a> {
+    hashes: &'a [BlockHash],
+}
+
+impl Peers {
+    /// Asks `from` for `hashes` and reads the reply as it streams in: each block is checked as
+    /// soon as it is whole, while the next one arrives.
+    pub async fn fetch(&self, from: &str, hashes: &[BlockHash]) -> Result<Received, String> {
+        let layout = self
+            .layout
+            .as_ref()
+            .ok_or("this worker cannot import blocks")?;
+        let body = serde_json::to_vec(&Ask { hashes }).map_err(|e| e.to_string())?;
+        let mut request = hyper::Request::post(format!("{}{PATH}", from.trim_end_matches('/')))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(auth) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, auth.as_str());
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let text = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            return Err(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&text[..text.len().min(300)])
+            ));
+        }
+        let wanted: std::collections::HashSet<&BlockHash> = hashes.iter().collect();
+        let mut out = Received {
+            blocks: Vec::new(),
+            problem: None,
+        };
+        let mut buf = bytes::BytesMut::new();
+        let mut reader = StreamReader::Prefix;
         loop {
-            match reader.next(&mut buf, layout) {
-                Ok(Some((hash, payload))) => {
-                    if wanted.contains(&hash) {
-                        out.blocks.push((hash, payload));
+            // Take out everything whole in the buffer.
+            loop {
+                match reader.next(&mut buf, layout) {
+                    Ok(Some((hash, payload))) => {
+                        if wanted.contains(&hash) {
+                            out.blocks.push((hash, payload));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.problem = Some(e);
+                        return Ok(out);
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    out.problem = Some(e);
+            }
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if buf.capacity() - buf.len() < data.len() {
+                            // Room for the rest of the block in hand, not just this frame.
+                            buf.reserve(data.len().max(reader.wants(layout)));
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    out.problem = Some(e.to_string());
                     return Ok(out);
                 }
+                None => break,
             }
         }
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if buf.capacity() - buf.len() < data.len() {
-                        // Room for the rest of the block in hand, not just this frame.
-                        buf.reserve(data.len().max(reader.wants(layout)));
-                    }
-                    buf.extend_from_slice(&data);
-                }
-            }
-            Some(Err(e)) => {
-                out.problem = Some(e.to_string());
-                return Ok(out);
-            }
-            None => break,
+        if !matches!(reader, StreamReader::Done) {
+            out.problem = Some("the reply ended inside a block".into());
         }
+        Ok(out)
     }
-    if !matches!(reader, StreamReader::Done) {
-        out.problem = Some("the reply ended inside a block".into());
-    }
-    Ok(out)
 }
 
 /// Where a streamed reply's reader is.
