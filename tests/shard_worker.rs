@@ -14,7 +14,7 @@ use std::time::Duration;
 use tidelock_e2e::shard::{DIM, HEADS, KV_HEADS, request};
 use tidelock_e2e::{Proc, binary, free_port, http_get, http_get_with, model_path};
 use tidelock_protocol::ClusterToken;
-use tidelock_worker::kv::shard::ShardLink;
+use tidelock_worker::kv::shard::{ShardFault, ShardLink};
 use tidelock_worker::shard_rpc::HttpLink;
 
 #[test]
@@ -84,7 +84,7 @@ fn a_worker_serves_its_shard_of_a_group() {
         ));
         let e = e.unwrap_err();
         assert!(
-            e.contains("401") && e.contains("invalid_cluster_credential"),
+            matches!(&e, ShardFault::Status { status: 401, message } if message.contains("invalid_cluster_credential")),
             "{e}"
         );
     }
@@ -115,7 +115,7 @@ fn a_worker_serves_its_shard_of_a_group() {
     // 64 MiB holds 91 blocks of this model.
     let e = link.call(&request(0, 91, &k, &v, &q)).unwrap_err();
     assert!(
-        e.contains("400") && e.contains("block place 91 is outside this shard's 91"),
+        matches!(&e, ShardFault::Status { status: 400, message } if message.contains("block place 91 is outside this shard's 91")),
         "{e}"
     );
     // Its metrics count what it served and what it refused, on the main port with the

@@ -27,7 +27,8 @@ use tidelock_protocol::BlockId;
 use tidelock_protocol::shard::{AttendReply, AttendRequest};
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::kv::shard::{
-    Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer, placement,
+    Coordinated, CoordinatedSeq, InProcess, ShardFault, ShardGroup, ShardLink, ShardServer,
+    placement,
 };
 use tidelock_worker::model::llama::{Logits, Rows, WeightFormat};
 use tidelock_worker::model::tiny::{TinySpec, write_tiny_llama};
@@ -42,12 +43,12 @@ const TOKEN: [u32; 1] = [17];
 /// The shard is shared so the HTTP run serves the same store.
 struct Timed {
     server: Arc<Mutex<ShardServer>>,
-    reply: Option<Result<AttendReply, String>>,
+    reply: Option<Result<AttendReply, ShardFault>>,
     spent: Arc<Mutex<Duration>>,
 }
 
 impl ShardLink for Timed {
-    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
+    fn send(&mut self, request: &AttendRequest) -> Result<(), ShardFault> {
         let t = Instant::now();
         let reply = self.server.lock().unwrap().handle(request);
         *self.spent.lock().unwrap() += t.elapsed();
@@ -55,10 +56,8 @@ impl ShardLink for Timed {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<AttendReply, String> {
-        self.reply
-            .take()
-            .unwrap_or_else(|| Err("nothing sent".into()))
+    fn finish(&mut self) -> Result<AttendReply, ShardFault> {
+        self.reply.take().unwrap_or(Err(ShardFault::NoRequest))
     }
 }
 

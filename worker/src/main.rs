@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use clap::Parser;
 use tidelock_prompt::PromptKit;
+use tidelock_protocol::openai::OpenAiError;
 use tidelock_protocol::{
     BlockTokens, Epoch, GroupId, KeyLayout, ModelName, ShardIndex, WorkerId, WorkerInfo,
     WorkerRegistration,
@@ -523,11 +524,9 @@ fn while_loading(serving: Arc<OnceLock<Router>>, registered: Arc<AtomicBool>) ->
                 }
                 Some(app) => app.clone().oneshot(request).await.into_response(),
                 None if request.uri().path() == "/healthz" => "loading".into_response(),
-                None => server::error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
+                None => server::error_response(&OpenAiError::unavailable(
                     "the worker is loading its model",
-                ),
+                )),
             }
         }
     })

@@ -29,7 +29,7 @@ use tidelock_protocol::shard::{AttendReply, AttendRequest};
 use tidelock_protocol::{ClusterToken, WorkerInfo};
 use tidelock_service::cluster_auth::ClusterGuard;
 
-use crate::kv::shard::{ShardLink, ShardServer};
+use crate::kv::shard::{ShardFault, ShardLink, ShardServer};
 
 /// The content type of shard RPC bodies.
 pub const CONTENT_TYPE: &str = "application/vnd.tidelock.shard";
@@ -151,12 +151,12 @@ async fn attend(State(shared): State<Shared>, body: Bytes) -> Response {
     .await;
     match result {
         Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], bytes).into_response(),
-        Ok(Err(message)) => (StatusCode::BAD_REQUEST, message).into_response(),
+        Ok(Err(fault)) => (StatusCode::BAD_REQUEST, fault.to_string()).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
-type Job = (Vec<u8>, mpsc::Sender<Result<Vec<u8>, String>>);
+type Job = (Vec<u8>, mpsc::Sender<Result<Vec<u8>, ShardFault>>);
 
 /// A coordinator's link to one shard over HTTP.
 #[derive(Debug)]
@@ -164,7 +164,7 @@ pub struct HttpLink {
     url: String,
     timeout: Duration,
     jobs: mpsc::Sender<Job>,
-    reply: Option<mpsc::Receiver<Result<Vec<u8>, String>>>,
+    reply: Option<mpsc::Receiver<Result<Vec<u8>, ShardFault>>>,
 }
 
 impl HttpLink {
@@ -197,27 +197,32 @@ impl HttpLink {
                         if let Some(authorization) = &authorization {
                             request = request.header(header::AUTHORIZATION, authorization);
                         }
+                        let link = |e: String| ShardFault::Link(format!("{target}: {e}"));
                         let request = request
                             .body(Full::new(Bytes::from(body)))
-                            .map_err(|e| e.to_string())?;
+                            .map_err(|e| link(e.to_string()))?;
                         let call = async {
-                            let response = client.request(request).await.map_err(|e| chain(&e))?;
+                            let response =
+                                client.request(request).await.map_err(|e| link(chain(&e)))?;
                             let status = response.status();
                             let bytes = response
                                 .into_body()
                                 .collect()
                                 .await
-                                .map_err(|e| e.to_string())?
+                                .map_err(|e| link(e.to_string()))?
                                 .to_bytes();
                             if status.is_success() {
                                 Ok(bytes.to_vec())
                             } else {
-                                Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)))
+                                Err(ShardFault::Status {
+                                    status: status.as_u16(),
+                                    message: String::from_utf8_lossy(&bytes).into_owned(),
+                                })
                             }
                         };
                         tokio::time::timeout(timeout, call)
                             .await
-                            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+                            .unwrap_or_else(|_| Err(link(format!("no answer within {timeout:?}"))))
                     });
                     let _ = reply.send(result);
                 }
@@ -244,25 +249,26 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl ShardLink for HttpLink {
-    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
-        let body = request.encode().map_err(|e| format!("{}: {e}", self.url))?;
+    fn send(&mut self, request: &AttendRequest) -> Result<(), ShardFault> {
+        let body = request
+            .encode()
+            .map_err(|e| ShardFault::Wire(format!("{}: {e}", self.url)))?;
         let (tx, rx) = mpsc::channel();
-        self.jobs
-            .send((body, tx))
-            .map_err(|_| format!("{}: the link's I/O thread is gone", self.url))?;
+        self.jobs.send((body, tx)).map_err(|_| {
+            ShardFault::Link(format!("{}: the link's I/O thread is gone", self.url))
+        })?;
         self.reply = Some(rx);
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<AttendReply, String> {
-        let rx = self
-            .reply
-            .take()
-            .ok_or_else(|| format!("{}: no request was sent", self.url))?;
+    fn finish(&mut self) -> Result<AttendReply, ShardFault> {
+        let rx = self.reply.take().ok_or(ShardFault::NoRequest)?;
         // The I/O thread enforces the deadline; this one only guards against it being stuck.
-        rx.recv_timeout(self.timeout + Duration::from_secs(1))
-            .map_err(|_| format!("{}: no answer within {:?}", self.url, self.timeout))?
-            .and_then(|body| AttendReply::decode(&body).map_err(|e| e.to_string()))
-            .map_err(|e| format!("{}: {e}", self.url))
+        let body = rx
+            .recv_timeout(self.timeout + Duration::from_secs(1))
+            .map_err(|_| {
+                ShardFault::Link(format!("{}: no answer within {:?}", self.url, self.timeout))
+            })??;
+        AttendReply::decode(&body).map_err(|e| ShardFault::Wire(format!("{}: {e}", self.url)))
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::mpsc::unbounded_channel;
 
 use tidelock_service::cluster_auth::ClusterGuard;
 use tidelock_worker::kv::shard::{
-    Coordinated, CoordinatedSeq, InProcess, ShardGroup, ShardLink, ShardServer,
+    Coordinated, CoordinatedSeq, InProcess, ShardFault, ShardGroup, ShardLink, ShardServer,
 };
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::SeqChunk;
@@ -380,11 +380,11 @@ fn a_dead_or_silent_shard_fails_the_step_with_a_clear_error() {
 struct Restartable(Arc<Mutex<InProcess>>);
 
 impl ShardLink for Restartable {
-    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
+    fn send(&mut self, request: &AttendRequest) -> Result<(), ShardFault> {
         self.0.lock().unwrap().send(request)
     }
 
-    fn finish(&mut self) -> Result<AttendReply, String> {
+    fn finish(&mut self) -> Result<AttendReply, ShardFault> {
         self.0.lock().unwrap().finish()
     }
 }
@@ -559,11 +559,11 @@ fn a_restarted_shard_is_readmitted_and_its_lost_blocks_recomputed() {
     // A shard that is down: an error naming it, nothing hangs.
     struct Down;
     impl ShardLink for Down {
-        fn send(&mut self, _: &AttendRequest) -> Result<(), String> {
-            Err("connection refused".into())
+        fn send(&mut self, _: &AttendRequest) -> Result<(), ShardFault> {
+            Err(ShardFault::Link("connection refused".into()))
         }
-        fn finish(&mut self) -> Result<AttendReply, String> {
-            Err("no request was sent".into())
+        fn finish(&mut self) -> Result<AttendReply, ShardFault> {
+            Err(ShardFault::NoRequest)
         }
     }
     let links: Vec<Box<dyn ShardLink>> = vec![

@@ -35,13 +35,48 @@ use crate::kv::backend::HostAttention;
 
 /// Why a shard's part of attention failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("shard {shard}: {message}")]
-pub struct ShardError {
-    pub shard: usize,
+pub enum ShardError {
     /// The shard restarted: every block it held is gone, so the coordinator's prefix cache must
     /// forget them.
-    pub lost: bool,
-    pub message: String,
+    #[error("shard {shard}: restarted: the KV blocks it held are gone")]
+    Lost { shard: usize },
+    /// This call failed; what the shard holds is intact.
+    #[error("shard {shard}: {fault}")]
+    Failed {
+        shard: usize,
+        #[source]
+        fault: ShardFault,
+    },
+}
+
+impl ShardError {
+    pub fn is_lost(&self) -> bool {
+        matches!(self, ShardError::Lost { .. })
+    }
+}
+
+/// Why one shard could not serve one request, on the shard or on the way to it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardFault {
+    /// The request does not fit this shard (its bounds, its shape, another model's): a
+    /// misconfigured group or a hostile caller; the same request fails again anywhere.
+    #[error("{0}")]
+    Refused(String),
+    /// The request or its reply could not be encoded or decoded.
+    #[error("bad message: {0}")]
+    Wire(String),
+    /// The shard could not be reached or did not answer in time.
+    #[error("{0}")]
+    Link(String),
+    /// The shard answered with an error status (a 400 is its `Refused`, across the network).
+    #[error("HTTP {status}: {message}")]
+    Status { status: u16, message: String },
+    /// The reply does not answer the request (a shard of another build, a broken proxy).
+    #[error("{0}")]
+    Mismatch(String),
+    /// `finish` without a `send` (a bug in the caller).
+    #[error("no request was sent")]
+    NoRequest,
 }
 
 /// Each batch row's sequence, for sequences of `rows` rows each, in order.
@@ -99,13 +134,13 @@ impl ShardServer {
         self.store.num_blocks() * self.store.shape().block_bytes()
     }
 
-    fn check_place(&self, local: u32) -> Result<(), String> {
+    fn check_place(&self, local: u32) -> Result<(), ShardFault> {
         match (local as usize) < self.store.num_blocks() {
             true => Ok(()),
-            false => Err(format!(
+            false => Err(ShardFault::Refused(format!(
                 "block place {local} is outside this shard's {} (is every shard's --kv-cache the same?)",
                 self.store.num_blocks()
-            )),
+            ))),
         }
     }
 
@@ -120,7 +155,7 @@ impl ShardServer {
         slot: usize,
         keys: &[f32],
         values: &[f32],
-    ) -> Result<(), String> {
+    ) -> Result<(), ShardFault> {
         let shape = *self.store.shape();
         let width = shape.kv_heads * shape.head_dim;
         let n = keys.len() / width;
@@ -131,10 +166,10 @@ impl ShardServer {
             || slot + n > shape.block_tokens
             || layer >= shape.layers
         {
-            return Err(format!(
+            return Err(ShardFault::Refused(format!(
                 "an import of {n} tokens at slot {slot} of layer {layer} does not fit one block of {} slots",
                 shape.block_tokens
-            ));
+            )));
         }
         let block = BlockId::new(local);
         for (i, (k, v)) in keys
@@ -148,50 +183,53 @@ impl ShardServer {
     }
 
     /// One encoded request in, its encoded reply out (the HTTP route's work).
-    pub fn serve(&mut self, body: &[u8]) -> Result<Vec<u8>, String> {
-        let request = AttendRequest::decode(body).map_err(|e| e.to_string())?;
+    pub fn serve(&mut self, body: &[u8]) -> Result<Vec<u8>, ShardFault> {
+        let request = AttendRequest::decode(body).map_err(|e| ShardFault::Wire(e.to_string()))?;
         let reply = self.handle(&request)?;
-        reply.encode().map_err(|e| e.to_string())
+        reply.encode().map_err(|e| ShardFault::Wire(e.to_string()))
     }
 
     /// Appends the request's keys and values, then computes attention over this shard's
     /// blocks of each sequence.
-    pub fn handle(&mut self, req: &AttendRequest) -> Result<AttendReply, String> {
+    pub fn handle(&mut self, req: &AttendRequest) -> Result<AttendReply, ShardFault> {
         let shape = *self.store.shape();
         let layer = req.layer as usize;
         if layer >= shape.layers {
-            return Err(format!("layer {layer} of {}", shape.layers));
+            return Err(ShardFault::Refused(format!(
+                "layer {layer} of {}",
+                shape.layers
+            )));
         }
         if (req.kv_heads as usize, req.head_dim as usize) != (shape.kv_heads, shape.head_dim) {
-            return Err(format!(
+            return Err(ShardFault::Refused(format!(
                 "{} kv heads of {}, but this shard holds {} of {} (another model?)",
                 req.kv_heads, req.head_dim, shape.kv_heads, shape.head_dim
-            ));
+            )));
         }
         // Bounds that keep a hostile body from dividing by zero, overflowing positions or
         // multiplying its size in scratch memory (the attention's per-split partials).
         let group = req.heads / req.kv_heads;
         if group == 0 || group > MAX_QUERY_GROUP {
-            return Err(format!(
+            return Err(ShardFault::Refused(format!(
                 "{} query heads over {} kv heads (1 to {MAX_QUERY_GROUP} per kv head)",
                 req.heads, req.kv_heads
-            ));
+            )));
         }
         if req.queries.len() > MAX_QUERY_FLOATS {
-            return Err(format!(
+            return Err(ShardFault::Refused(format!(
                 "{} query floats in one request, at most {MAX_QUERY_FLOATS}",
                 req.queries.len()
-            ));
+            )));
         }
         if let Some(seq) = req
             .seqs
             .iter()
             .find(|s| s.start.saturating_add(u64::from(s.rows)) > MAX_POSITION)
         {
-            return Err(format!(
+            return Err(ShardFault::Refused(format!(
                 "a sequence at position {} is beyond {MAX_POSITION}",
                 seq.start
-            ));
+            )));
         }
         if req.rows() == 0 {
             return Ok(AttendReply {
@@ -220,10 +258,10 @@ impl ShardServer {
         for a in &req.appends {
             self.check_place(a.local)?;
             if a.slot as usize >= shape.block_tokens {
-                return Err(format!(
+                return Err(ShardFault::Refused(format!(
                     "slot {} of a {}-token block",
                     a.slot, shape.block_tokens
-                ));
+                )));
             }
             self.store.write(
                 layer,
@@ -274,10 +312,10 @@ impl ShardServer {
 /// waits for any reply: over the network the shards compute at the same time.
 pub trait ShardLink: Send {
     /// Sends a request (a link over the network returns before the reply arrives).
-    fn send(&mut self, request: &AttendRequest) -> Result<(), String>;
+    fn send(&mut self, request: &AttendRequest) -> Result<(), ShardFault>;
 
     /// The reply to the last request sent.
-    fn finish(&mut self) -> Result<AttendReply, String>;
+    fn finish(&mut self) -> Result<AttendReply, ShardFault>;
 
     /// Whether the shard computes in this process when the request is sent: such links are sent
     /// to last, so the remote shards compute meanwhile.
@@ -286,7 +324,7 @@ pub trait ShardLink: Send {
     }
 
     /// One request and its reply.
-    fn call(&mut self, request: &AttendRequest) -> Result<AttendReply, String> {
+    fn call(&mut self, request: &AttendRequest) -> Result<AttendReply, ShardFault> {
         self.send(request)?;
         self.finish()
     }
@@ -297,7 +335,7 @@ pub trait ShardLink: Send {
 #[derive(Debug)]
 pub struct InProcess {
     pub server: ShardServer,
-    reply: Option<Result<AttendReply, String>>,
+    reply: Option<Result<AttendReply, ShardFault>>,
 }
 
 impl InProcess {
@@ -310,15 +348,13 @@ impl InProcess {
 }
 
 impl ShardLink for InProcess {
-    fn send(&mut self, request: &AttendRequest) -> Result<(), String> {
+    fn send(&mut self, request: &AttendRequest) -> Result<(), ShardFault> {
         self.reply = Some(self.server.handle(request));
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<AttendReply, String> {
-        self.reply
-            .take()
-            .unwrap_or_else(|| Err("no request was sent".into()))
+    fn finish(&mut self) -> Result<AttendReply, ShardFault> {
+        self.reply.take().unwrap_or(Err(ShardFault::NoRequest))
     }
 
     fn in_process(&self) -> bool {
@@ -366,28 +402,20 @@ impl ShardGroup {
     fn accept(
         &mut self,
         shard: usize,
-        reply: Result<AttendReply, String>,
+        reply: Result<AttendReply, ShardFault>,
         shape: (u32, u32, u32),
     ) -> Result<AttendReply, ShardError> {
-        let failed = |message: String| ShardError {
-            shard,
-            lost: false,
-            message,
-        };
+        let failed = |fault: ShardFault| ShardError::Failed { shard, fault };
         let reply = reply.map_err(failed)?;
         if (reply.rows, reply.heads, reply.head_dim) != shape {
-            return Err(failed(format!(
+            return Err(failed(ShardFault::Mismatch(format!(
                 "a reply of {} rows of {} heads of {}, for a request of {:?}",
                 reply.rows, reply.heads, reply.head_dim, shape
-            )));
+            ))));
         }
         let known = self.incarnations[shard].replace(reply.incarnation);
         if known.is_some_and(|k| k != reply.incarnation) {
-            return Err(ShardError {
-                shard,
-                lost: true,
-                message: "restarted: the KV blocks it held are gone".into(),
-            });
+            return Err(ShardError::Lost { shard });
         }
         Ok(reply)
     }
@@ -520,12 +548,8 @@ impl HostAttention for Coordinated<'_> {
             self.wire[s] = std::mem::take(&mut req.seqs);
             match sent_one {
                 Ok(()) => sent.push(s),
-                Err(message) => {
-                    failure = Some(ShardError {
-                        shard: s,
-                        lost: false,
-                        message,
-                    });
+                Err(fault) => {
+                    failure = Some(ShardError::Failed { shard: s, fault });
                     break;
                 }
             }
@@ -548,7 +572,9 @@ impl HostAttention for Coordinated<'_> {
                     },
                 )),
                 // A lost shard outranks a failed one: it is what the caller must act on.
-                Err(e) if failure.as_ref().is_none_or(|f| e.lost && !f.lost) => failure = Some(e),
+                Err(e) if failure.as_ref().is_none_or(|f| e.is_lost() && !f.is_lost()) => {
+                    failure = Some(e)
+                }
                 Err(_) => {}
             }
         }
@@ -625,7 +651,10 @@ mod tests {
             (other_model, "(another model?)"),
         ] {
             let e = shard.handle(&req).unwrap_err();
-            assert!(e.contains(why), "{e} (wanted {why:?})");
+            assert!(
+                matches!(&e, ShardFault::Refused(m) if m.contains(why)),
+                "{e} (wanted {why:?})"
+            );
         }
         let empty = shard.handle(&request(2, 0, 0)).unwrap();
         assert_eq!((empty.rows, empty.outputs.len()), (0, 0));
@@ -641,10 +670,10 @@ mod tests {
     fn a_reply_of_the_wrong_shape_fails_the_call() {
         struct Short;
         impl ShardLink for Short {
-            fn send(&mut self, _: &AttendRequest) -> Result<(), String> {
+            fn send(&mut self, _: &AttendRequest) -> Result<(), ShardFault> {
                 Ok(())
             }
-            fn finish(&mut self) -> Result<AttendReply, String> {
+            fn finish(&mut self) -> Result<AttendReply, ShardFault> {
                 Ok(AttendReply {
                     incarnation: 1,
                     rows: 0,
@@ -669,7 +698,13 @@ mod tests {
         c.write(0, 0, 4, &[0.5; 8], &[1.0; 8]);
         let mut out = vec![0.0; 8];
         let e = c.attend(0, 2, 0.5, &[0.25; 8], &mut out).unwrap_err();
-        assert_eq!(e.shard, 1);
-        assert!(e.message.contains("a reply of 0 rows"), "{e}");
+        let ShardError::Failed {
+            shard: 1,
+            fault: ShardFault::Mismatch(why),
+        } = &e
+        else {
+            panic!("not shard 1's mismatch: {e:?}");
+        };
+        assert!(why.contains("a reply of 0 rows"), "{e}");
     }
 }

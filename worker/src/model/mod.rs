@@ -58,6 +58,6 @@ impl ModelError {
     /// Whether KV blocks held before this call are gone (a shard of the group restarted): the
     /// prefix cache must forget them.
     pub fn loses_kv(&self) -> bool {
-        matches!(self, ModelError::Shard(e) if e.lost)
+        matches!(self, ModelError::Shard(e) if e.is_lost())
     }
 }

@@ -20,6 +20,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Full};
+use tidelock_protocol::openai::OpenAiError;
 use tidelock_protocol::{AdoptReply, AdoptRequest, HandoffPlan, MAX_PULL_BLOCKS};
 use tokio::sync::{oneshot, watch};
 
@@ -87,11 +88,9 @@ pub async fn handoff(State(state): State<AppState>, body: Bytes) -> Response {
         Err(refused) => return *refused,
     };
     if !state.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return error_response(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
+        return error_response(&OpenAiError::conflict(
             "this worker is not draining: only a draining worker hands its blocks over",
-        );
+        ));
     }
     let started = state.handoff.phase.send_if_modified(|p| match p {
         Phase::Waiting => {
@@ -101,11 +100,9 @@ pub async fn handoff(State(state): State<AppState>, body: Bytes) -> Response {
         _ => false,
     });
     if !started {
-        return error_response(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
+        return error_response(&OpenAiError::conflict(
             "a handoff plan was already taken (another router's)",
-        );
+        ));
     }
     let blocks: usize = plan.peers.iter().map(|p| p.hashes.len()).sum();
     tracing::info!(
@@ -198,11 +195,9 @@ pub async fn adopt(State(state): State<AppState>, body: Bytes) -> Response {
         return *refused;
     }
     if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+        return error_response(&OpenAiError::draining(
             "this worker is draining too: it takes no blocks",
-        );
+        ));
     }
     let received = match state.peers.pull(&request.from, &request.hashes).await {
         Ok(received) => {
@@ -212,11 +207,10 @@ pub async fn adopt(State(state): State<AppState>, body: Bytes) -> Response {
             received.blocks
         }
         Err(e) => {
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                format!("cannot pull the blocks from {}: {e}", request.from),
-            );
+            return error_response(&OpenAiError::upstream(format!(
+                "cannot pull the blocks from {}: {e}",
+                request.from
+            )));
         }
     };
     let count = received.len();

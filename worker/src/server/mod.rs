@@ -31,6 +31,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use serde::Deserialize;
 use tidelock_prompt::PromptKit;
+use tidelock_protocol::openai::OpenAiError;
 use tidelock_protocol::{
     GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest, LoadReport, WorkerInfo,
 };
@@ -177,12 +178,10 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An error in the OpenAI shape: `{"error": {"message", "type", "code"}}`.
-pub fn error_response(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({
-        "error": { "message": message.into(), "type": kind, "code": status.as_u16() }
-    });
-    (status, axum::Json(body)).into_response()
+/// An error in the OpenAI shape, mapped to its status in one place for the router and the
+/// worker alike ([`OpenAiError`]), the internal API's answers included.
+pub fn error_response(e: &OpenAiError) -> Response {
+    tidelock_openai::error_response(e)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -231,11 +230,7 @@ async fn load(State(state): State<AppState>) -> axum::Json<LoadReport> {
 }
 
 pub(crate) fn engine_gone() -> Response {
-    error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "service_unavailable",
-        "the engine has stopped",
-    )
+    error_response(&OpenAiError::unavailable("the engine has stopped"))
 }
 
 async fn snapshot(State(state): State<AppState>) -> Response {
@@ -268,11 +263,9 @@ fn ndjson(stream: impl futures::Stream<Item = String> + Send + 'static) -> Respo
 
 async fn kv_events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> Response {
     let gone = || {
-        error_response(
-            StatusCode::GONE,
-            "resync_required",
+        error_response(&OpenAiError::resync_required(
             "those KV events are no longer available: load /v1/kv/snapshot and follow from its sequence",
-        )
+        ))
     };
     if q.epoch.is_some_and(|e| e != state.events.epoch().get()) {
         return gone();
@@ -315,7 +308,10 @@ async fn generate(
                 StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
                 _ => StatusCode::BAD_REQUEST,
             };
-            return error_response(status, "invalid_request_error", rejection.body_text());
+            return error_response(&OpenAiError {
+                status: status.as_u16(),
+                ..OpenAiError::bad_request(rejection.body_text())
+            });
         }
     };
     // The binary form (what routers send) or JSON.
@@ -332,16 +328,14 @@ async fn generate(
     let request = match parsed {
         Ok(request) => request,
         Err(problem) => {
-            return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", problem);
+            return error_response(&OpenAiError::bad_request(problem));
         }
     };
     if state.draining.load(Ordering::Relaxed) {
         // Before the engine: a router takes a 503 as "try another worker".
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            tidelock_protocol::DRAINING,
+        return error_response(&OpenAiError::draining(
             "the worker is draining (shutting down); another worker takes it",
-        );
+        ));
     }
     let started = Instant::now();
     let prompt_tokens = request.tokens.len() as u64;

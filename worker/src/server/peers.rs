@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::blocks::{self, BlockLayout};
+use tidelock_protocol::openai::OpenAiError;
 use tidelock_protocol::{BlockHash, BlocksRequest, ClusterToken, MAX_PULL_BLOCKS};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
@@ -47,11 +48,9 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     shape: &str,
 ) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
-        Box::new(error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!("a body of {shape}: {e}"),
-        ))
+        Box::new(error_response(&OpenAiError::bad_request(format!(
+            "a body of {shape}: {e}"
+        ))))
     })
 }
 
@@ -61,11 +60,9 @@ pub(crate) fn within_pull_limit(blocks: usize, what: &str) -> Result<(), Box<Res
     if blocks <= MAX_PULL_BLOCKS {
         return Ok(());
     }
-    Err(Box::new(error_response(
-        StatusCode::BAD_REQUEST,
-        "invalid_request_error",
+    Err(Box::new(error_response(&OpenAiError::bad_request(
         format!("{blocks} blocks {what}; at most {MAX_PULL_BLOCKS} per request"),
-    )))
+    ))))
 }
 
 /// `POST /v1/kv/blocks`: the leading blocks of the chain asked for that this worker holds.
@@ -94,11 +91,9 @@ pub async fn blocks(State(state): State<AppState>, body: Bytes) -> Response {
         return engine_gone();
     };
     let Some(layout) = layout else {
-        return error_response(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_implemented",
+        return error_response(&OpenAiError::not_implemented(
             "this worker's KV blocks cannot leave it (a shard group)",
-        );
+        ));
     };
     // The body streams out as it is made: disk reads and checksums on a blocking thread, a few
     // blocks ahead of the socket; payloads go out as they lie, never copied into one buffer.

@@ -28,6 +28,19 @@ pub enum ErrorKind {
     Server,
     /// 503: no capacity now; retry later.
     ServiceUnavailable,
+    // Answers of the workers' internal API (to routers and other workers), never of the public
+    // surface: the same body, so one map serves both.
+    /// 503: the worker is shutting down; another takes the request (the type is
+    /// [`crate::DRAINING`], which routers test for).
+    Draining,
+    /// 410: the KV events asked for are gone; load a snapshot.
+    ResyncRequired,
+    /// 409: the request conflicts with the worker's state (not draining, a plan already taken).
+    Conflict,
+    /// 501: this worker cannot do that (a shard group's blocks cannot leave it).
+    NotImplemented,
+    /// 502: a worker this one called failed.
+    Upstream,
 }
 
 impl ErrorKind {
@@ -41,6 +54,11 @@ impl ErrorKind {
             Self::RateLimit => "rate_limit_error",
             Self::Server => "server_error",
             Self::ServiceUnavailable => "service_unavailable",
+            Self::Draining => crate::wire::DRAINING,
+            Self::ResyncRequired => "resync_required",
+            Self::Conflict => "conflict_error",
+            Self::NotImplemented => "not_implemented",
+            Self::Upstream => "upstream_error",
         }
     }
 }
@@ -113,6 +131,31 @@ impl OpenAiError {
     /// 500.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, ErrorKind::Server, message)
+    }
+
+    /// 503 of the internal API: the worker drains ([`ErrorKind::Draining`]).
+    pub fn draining(message: impl Into<String>) -> Self {
+        Self::new(503, ErrorKind::Draining, message)
+    }
+
+    /// 410 of the internal API ([`ErrorKind::ResyncRequired`]).
+    pub fn resync_required(message: impl Into<String>) -> Self {
+        Self::new(410, ErrorKind::ResyncRequired, message)
+    }
+
+    /// 409 of the internal API ([`ErrorKind::Conflict`]).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, ErrorKind::Conflict, message)
+    }
+
+    /// 501 of the internal API ([`ErrorKind::NotImplemented`]).
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self::new(501, ErrorKind::NotImplemented, message)
+    }
+
+    /// 502 of the internal API ([`ErrorKind::Upstream`]).
+    pub fn upstream(message: impl Into<String>) -> Self {
+        Self::new(502, ErrorKind::Upstream, message)
     }
 
     /// The same error with `error.code` set.
