@@ -115,6 +115,7 @@ impl Target {
                     format!("127.0.0.1:{metrics_port}"),
                 ]
                 .into_iter()
+                .chain(unlimited(extra))
                 .chain(extra.iter().cloned())
                 .collect(),
             ),
@@ -234,6 +235,22 @@ pub(crate) async fn run(args: CompareArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Our router's limits that the peers do not have, lifted unless `extra` sets them: the open
+/// requests per tenant (every request of a trace comes from one key) and the wait for a slot in
+/// its queue. Under overload the peers queue every request however long it waits; with our
+/// defaults (256 open per tenant, 30 s in the queue) ours would answer 429 or 503 instead, and
+/// the table would compare refusals with answers.
+fn unlimited(extra: &[String]) -> Vec<String> {
+    [
+        ("--max-requests-per-tenant", "1000000"),
+        ("--queue-timeout-secs", "86400"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| !extra.iter().any(|e| e.split('=').next() == Some(*flag)))
+    .flat_map(|(flag, value)| [flag.to_owned(), value.to_owned()])
+    .collect()
 }
 
 /// The tenants file (one tenant per key) and the keys.

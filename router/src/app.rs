@@ -2,19 +2,19 @@
 //!
 //! One request's path (DESIGN.md, "How one long session is served"): authenticate the tenant,
 //! read a body no larger than its context calls for ([`body_limit`]), then on the preparation
-//! pool ([`crate::cpu`], never on the async threads): parse, check the model, render, tokenize
-//! (`tidelock-openai`, the same code the worker runs) and hash the prompt's blocks under the
-//! tenant's cache salt; apply the tenant's limits, wait for a slot in the bounded queue, look
-//! the blocks up in the KV index, find the session's pin,
-//! let the policy order the workers, proxy to the first that takes it, pin the session where it
-//! landed, and stream the answer back. Every refusal is an OpenAI-shaped error with the right
+//! pool ([`crate::cpu`]; a short request's microseconds of it on the async thread): parse,
+//! check the model, render, tokenize (`tidelock-openai`, the same code the worker runs) and
+//! hash the prompt's blocks under the tenant's cache salt; apply the tenant's limits, wait for
+//! a slot in the bounded queue, then place it ([`crate::placement`]: the KV index, the
+//! session's pin, the policy's order of the workers), proxy to the first worker that takes it,
+//! pin the session where it landed, and stream the answer back. Every refusal is an OpenAI-shaped error with the right
 //! status (`Retry-After` on 429 and 503).
 //!
 //! `app(state)` builds the routes without binding a port, so component tests drive it with
 //! `oneshot`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,17 +33,16 @@ use tidelock_openai::{
 };
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
-use tidelock_protocol::{
-    GenerateEvent, GenerateRequest, HashChain, PullHint, SessionKey, TenantId, WorkerId,
-};
+use tidelock_protocol::{GenerateEvent, GenerateRequest, HashChain, SessionKey, TenantId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use crate::cpu::{CpuLimits, CpuPool, CpuRefusal};
-use crate::index::TierCounts;
 
 use crate::limits::{Admission, Limiter};
 use crate::metrics::Metrics;
-use crate::policy::{self, Candidate, CostModel, Policy};
+use crate::placement::{Ask, NoWorker, Placer};
+use crate::policy::{CostModel, Policy};
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::sessions::Pins;
 use crate::tenants::{Tenant, Tenants};
@@ -114,9 +113,9 @@ pub struct Shared {
     cpu: CpuPool<TenantId>,
     open: Arc<Mutex<HashMap<TenantId, usize>>>,
     proxy: Proxy,
+    placer: Placer,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
-    turn: AtomicU64,
 }
 
 pub type AppState = Arc<Shared>;
@@ -139,6 +138,7 @@ impl Shared {
         if let Some(log) = &turn_log {
             metrics.register(log.metrics().clone())?;
         }
+        let placer = Placer::new(settings.policy, settings.cost, pins.clone());
         Ok(Arc::new(Shared {
             models,
             tenants,
@@ -152,7 +152,7 @@ impl Shared {
             proxy,
             slots: Arc::new(Semaphore::new(settings.max_in_flight)),
             waiting: AtomicUsize::new(0),
-            turn: AtomicU64::new(0),
+            placer,
             settings,
         }))
     }
@@ -321,7 +321,24 @@ impl Drop for Answered {
     }
 }
 
+/// One request, in a span (`request`: endpoint, tenant, model, status) whose children time its
+/// steps at debug level: `authenticate`, `read_body`, `render`, `tokenize` (which hashes the
+/// blocks too), `admit`, `queue`, `placement` (with its reason; the KV index walk inside it is
+/// `index_lookup`) and `proxy` (to the first token).
 async fn serve(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let span = tracing::info_span!(
+        "request",
+        endpoint = endpoint.as_str(),
+        tenant = tracing::field::Empty,
+        model = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    serve_in(state, endpoint, headers, body)
+        .instrument(span)
+        .await
+}
+
+async fn serve_in(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
     let mut answered = Answered {
         state: state.clone(),
         tenant: String::new(),
@@ -330,7 +347,7 @@ async fn serve(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Bo
         status: 200,
         started: Instant::now(),
     };
-    match place(&state, endpoint, &headers, body, &mut answered).await {
+    let response = match place(&state, endpoint, &headers, body, &mut answered).await {
         Ok(response) => {
             answered.status = response.status().as_u16();
             response
@@ -339,7 +356,9 @@ async fn serve(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Bo
             answered.status = refusal.error.status;
             refusal.into_response()
         }
-    }
+    };
+    tracing::Span::current().record("status", answered.status);
+    response
 }
 
 /// An error answer, with the time to wait before retrying when waiting helps.
@@ -647,8 +666,9 @@ async fn place(
     body: Body,
     answered: &mut Answered,
 ) -> Result<Response, Refusal> {
-    let tenant = authenticate(state, headers)?;
+    let tenant = tracing::debug_span!("authenticate").in_scope(|| authenticate(state, headers))?;
     answered.tenant = tenant.id.to_string();
+    tracing::Span::current().record("tenant", tenant.id.as_str());
     let open = open(state, &tenant.id)?;
     // Only an authenticated tenant's body is read, and only as much of it as its context needs.
     let body = read_body(
@@ -656,6 +676,7 @@ async fn place(
         body_limit(state, &tenant),
         state.settings.body_timeout,
     )
+    .instrument(tracing::debug_span!("read_body"))
     .await?;
     let reserve = (body.len() as u64).saturating_mul(PARSE_RESERVE_PER_BYTE);
     let (for_model, _) = {
@@ -665,6 +686,7 @@ async fn place(
             .run(&tenant.id, reserve, move || {
                 render(&job_state, &job_tenant, endpoint, &body)
             })
+            .instrument(tracing::debug_span!("render"))
             .await
             .map_err(|r| too_large_to_prepare(r, "body", PARSE_RESERVE_PER_BYTE))?
     };
@@ -674,6 +696,7 @@ async fn place(
         kit,
     } = for_model?;
     answered.model = model.name.to_string();
+    tracing::Span::current().record("model", model.name.as_str());
     let model_context = model.max_context();
     if model_context == 0 {
         return Err(OpenAiError::unavailable(format!(
@@ -733,6 +756,7 @@ async fn place(
                 );
                 (tokenized, (!shared.is_empty()).then_some(rebuilt.is_some()))
             })
+            .instrument(tracing::debug_span!("tokenize"))
             .await
             .map_err(|r| too_large_to_prepare(r, "text", TOKENIZE_RESERVE_PER_BYTE))?
     };
@@ -742,7 +766,7 @@ async fn place(
     }
     let (mut prepared, chain) = tokenized?;
     let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
-    let admission = admit(state, &tenant, cost)?;
+    let admission = tracing::debug_span!("admit").in_scope(|| admit(state, &tenant, cost))?;
     if prepared.continued > 0 {
         state
             .metrics
@@ -750,7 +774,9 @@ async fn place(
             .with_label_values(&[model.name.as_str()])
             .inc_by(prepared.continued as u64);
     }
-    let permit = slot(state).await?;
+    let permit = slot(state)
+        .instrument(tracing::debug_span!("queue"))
+        .await?;
     // The answer needs only the prompt's length (already in the cost), not its tokens: move
     // them into the worker request rather than copying a possibly million-token prompt. After
     // placement they move on to the turn memory's callback (when the session has one), which
@@ -764,7 +790,14 @@ async fn place(
         sampling: prepared.sampling.clone(),
         pull: None,
     };
-    let started = route(state, &model, &tenant.id, session, &mut request, &chain).await?;
+    let ask = Ask {
+        model: &model,
+        tenant: &tenant.id,
+        session: session.as_ref(),
+        chain: &chain,
+        prompt_tokens: request.tokens.len(),
+    };
+    let started = route(state, &ask, &mut request).await?;
     // Remember this prompt and its answer for the session's next turn.
     let on_answer = match (turn_key, prepared.text.take()) {
         (Some(key), Some(text)) if state.settings.turn_memory_tokens > 0 => {
@@ -827,118 +860,34 @@ fn admit(state: &Shared, tenant: &Tenant, cost: u64) -> Result<Admission, Refusa
 /// Places the request and starts it on a worker; pins the session where it landed.
 async fn route(
     state: &AppState,
-    model: &Arc<Model>,
-    tenant_id: &tidelock_protocol::TenantId,
-    session: Option<SessionKey>,
+    ask: &Ask<'_>,
     request: &mut GenerateRequest,
-    chain: &HashChain,
 ) -> Result<crate::proxy::Started, Refusal> {
-    let block_tokens = model.block_tokens.as_usize();
-    let held: HashMap<WorkerId, TierCounts> = model
-        .index
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .matches(chain.hashes())
-        .into_iter()
-        .map(|m| (m.worker, m.tiers))
-        .collect();
-    let workers = model.workers();
-    let candidates: Vec<Candidate> = workers
-        .values()
-        .filter(|w| w.healthy())
-        .map(|w| w.candidate(held.get(&w.id).copied().unwrap_or_default()))
-        .collect();
-    let policy = state.settings.policy;
-    let pinned = match (&session, policy) {
-        (Some(s), Policy::Ttft) => state.pins.get(&model.name, tenant_id, s).await,
-        _ => None,
-    };
-    // Without a session key, the prompt's first block stands for the session (only
-    // `session_hash` reads it).
-    let prefix_key = match (&session, policy) {
-        (None, Policy::SessionHash) => chain.hashes().first().map(|h| h.to_hex()),
-        _ => None,
-    };
-    let hash_key = session
-        .as_ref()
-        .map(SessionKey::as_str)
-        .or(prefix_key.as_deref());
-    let decision = policy::decide(
-        policy,
-        &state.settings.cost,
-        &policy::Request {
-            prompt_tokens: request.tokens.len(),
-            block_tokens,
-            session: hash_key,
-            pinned: pinned.as_ref(),
-        },
-        &candidates,
-        state.turn.fetch_add(1, Ordering::Relaxed),
-    )
-    .ok_or_else(|| {
-        OpenAiError::unavailable(format!(
-            "No healthy worker serves `{}` right now.",
-            model.name
-        ))
-    })?;
-    state
-        .metrics
-        .decisions
-        .with_label_values(&[policy.as_str(), decision.reason.as_str()])
-        .inc();
-    // The prefix is pulled from the worker holding it rather than recomputed (issue #21).
-    request.pull = decision.pull.as_ref().and_then(|(holder, blocks)| {
-        Some(PullHint {
-            from: workers.get(holder)?.registration.address.clone(),
-            blocks: u32::try_from(*blocks).ok()?,
-        })
-    });
-    if request.pull.is_some() {
-        state
-            .metrics
-            .decisions
-            .with_label_values(&[policy.as_str(), "pull"])
-            .inc();
-    }
-    let order = decision
-        .order
-        .iter()
-        .filter_map(|id| {
-            let w = workers.get(id)?.clone();
-            let cached = held.get(id).map_or(0, TierCounts::total);
-            let uncached = request.tokens.len().saturating_sub(cached * block_tokens);
-            Some((w, uncached as u64, cached))
-        })
-        .collect();
-    let may_pull = state.settings.cost.pull != crate::policy::PullWhen::Never;
-    let started = state.proxy.start(order, &*request, may_pull).await?;
+    let mut placement = state
+        .placer
+        .place(ask, &state.metrics)
+        .await
+        .map_err(|NoWorker| {
+            OpenAiError::unavailable(format!(
+                "No healthy worker serves `{}` right now.",
+                ask.model.name
+            ))
+        })?;
+    request.pull = placement.pull.clone();
+    let order = std::mem::take(&mut placement.order);
+    let started = state
+        .proxy
+        .start(order, &*request, placement.may_pull, &placement.blocks)
+        .instrument(tracing::debug_span!("proxy"))
+        .await?;
     // Counted from zero once a model is served (a series that only appears with the first
     // retry leaves dashboards and alerts blind until then).
     state
         .metrics
         .retries
-        .with_label_values(&[model.name.as_str()])
+        .with_label_values(&[ask.model.name.as_str()])
         .inc_by(started.failed.len() as u64);
-    // Placed, moved, or landed elsewhere by a retry: the pin is written where the session is.
-    if let Some(session) = session
-        && policy == Policy::Ttft
-        && pinned.as_ref() != Some(&started.worker.id)
-    {
-        let (pins, model_name, tenant_id) =
-            (state.pins.clone(), model.name.clone(), tenant_id.clone());
-        let (group, worker) = (
-            started.worker.registration.group.clone(),
-            started.worker.id.clone(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = pins
-                .set(&model_name, &tenant_id, &session, group, worker)
-                .await
-            {
-                tracing::warn!(error = %e, "session pin not written to the store; this router keeps it, other replicas place the session afresh");
-            }
-        });
-    }
+    placement.landed(&started.worker);
     Ok(started)
 }
 

@@ -314,6 +314,7 @@ impl Config {
                 threads: self.prepare_threads,
                 per_tenant: self.prepare_per_tenant,
                 memory_bytes: self.prepare_memory.as_u64(),
+                ..CpuLimits::default()
             },
             body_timeout: Duration::from_secs(self.client_body_timeout_secs),
             max_requests_per_tenant: self.max_requests_per_tenant,

@@ -22,6 +22,10 @@
 //!
 //! What this bounds: the router's memory for preparation stays under the budget (plus the
 //! bodies of requests waiting for their turn, which the body limit and connection limits bound).
+//!
+//! One exception: a job that reserves at most [`CpuLimits::inline_bytes`] (a short request's
+//! parse or tokenization, microseconds of work) runs at once on the calling thread. Handing it
+//! to a blocking thread and back would cost more than the job: two context switches per job.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -39,6 +43,11 @@ pub struct CpuLimits {
     pub per_tenant: usize,
     /// Bytes all running jobs may reserve together.
     pub memory_bytes: u64,
+    /// Jobs reserving at most this run at once on the calling thread, outside the pool: a short
+    /// prompt's parse or tokenization takes microseconds, less than the two thread hand-offs a
+    /// pool job costs (a context switch to the blocking thread and one back, per job, twice per
+    /// request). 0: every job goes to the pool.
+    pub inline_bytes: u64,
 }
 
 impl Default for CpuLimits {
@@ -49,6 +58,7 @@ impl Default for CpuLimits {
             threads: 8,
             per_tenant: 2,
             memory_bytes: 4 << 30,
+            inline_bytes: INLINE_BYTES,
         }
     }
 }
@@ -87,6 +97,11 @@ pub enum CpuRefusal {
     ShuttingDown,
 }
 
+/// [`CpuLimits::inline_bytes`] by default: a body of up to 16 KiB parsed (16 bytes reserved a
+/// byte), or about 300 bytes of text tokenized (512 a byte, plus 64 KiB for the request's other
+/// fields): an ordinary short request, prepared in tens of microseconds.
+pub const INLINE_BYTES: u64 = 256 << 10;
+
 /// Memory is reserved in KiB so that budgets of terabytes fit a semaphore's `u32` permits.
 const UNIT: u64 = 1024;
 
@@ -122,6 +137,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> CpuPool<K> {
             threads: limits.threads.max(1),
             per_tenant: limits.per_tenant.max(1),
             memory_bytes: limits.memory_bytes.max(UNIT),
+            inline_bytes: limits.inline_bytes,
         };
         let memory = units(limits.memory_bytes) as usize;
         let large_memory = units(limits.largest_job()) as usize;
@@ -161,6 +177,18 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> CpuPool<K> {
             });
         }
         let asked = Instant::now();
+        if reserve_bytes <= self.limits.inline_bytes {
+            let output = job();
+            let ran = asked.elapsed();
+            return Ok((
+                output,
+                Ran {
+                    waited: Duration::ZERO,
+                    ran,
+                    large: false,
+                },
+            ));
+        }
         let large = reserve_bytes > self.limits.small_job();
         let share = {
             let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
@@ -253,6 +281,7 @@ mod tests {
             threads: 4,
             per_tenant: 2,
             memory_bytes: 1 << 30,
+            inline_bytes: 0,
         }));
         let running = Arc::new(AtomicUsize::new(0));
         let mut releases = Vec::new();
@@ -293,6 +322,7 @@ mod tests {
             threads: 4,
             per_tenant: 4,
             memory_bytes: 64 << 20,
+            inline_bytes: 0,
         };
         let pool = Arc::new(CpuPool::<u32>::new(limits));
         // Three quarters of 64 MiB for large jobs together; small jobs reserve at most 4 MiB.
@@ -342,6 +372,7 @@ mod tests {
             threads: 1,
             per_tenant: 1,
             memory_bytes: 1 << 20,
+            inline_bytes: 0,
         }));
         let p = pool.clone();
         let panicked = tokio::spawn(async move { p.run(&1, 10, || panic!("boom")).await }).await;
@@ -349,5 +380,27 @@ mod tests {
         let (v, _) = pool.run(&1, 10, || 7).await.unwrap();
         assert_eq!(v, 7);
         assert_eq!(pool.tenant_running(&1), 0);
+    }
+
+    /// A job within `inline_bytes` runs at once on the caller's thread, whatever the pool's
+    /// queues hold; a larger one goes to a pool thread.
+    #[tokio::test]
+    async fn small_jobs_run_inline() {
+        let pool = CpuPool::<u8>::new(CpuLimits {
+            inline_bytes: 4096,
+            ..CpuLimits::default()
+        });
+        let here = std::thread::current().id();
+        let (there, ran) = pool
+            .run(&1, 4096, || std::thread::current().id())
+            .await
+            .unwrap();
+        assert_eq!(there, here);
+        assert_eq!(ran.waited, Duration::ZERO);
+        let (there, _) = pool
+            .run(&1, 4097, || std::thread::current().id())
+            .await
+            .unwrap();
+        assert_ne!(there, here);
     }
 }

@@ -27,6 +27,12 @@ const INFO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a statically given worker could not be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum StaticError {
+    #[error("{url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: crate::http::HttpError,
+    },
     #[error("{url}: {problem}")]
     Worker { url: String, problem: String },
     #[error("cannot record worker {url}: {source}")]
@@ -57,7 +63,10 @@ pub async fn register_static(
         let body = http
             .get_body(&format!("{base}/v1/info"), INFO_TIMEOUT)
             .await
-            .map_err(problem)?;
+            .map_err(|source| StaticError::Unreachable {
+                url: base.to_owned(),
+                source,
+            })?;
         let info: WorkerInfo = serde_json::from_slice(&body)
             .map_err(|e| problem(format!("/v1/info is not a worker's: {e}")))?;
         let address = base

@@ -10,30 +10,39 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use http_body_util::BodyExt;
 use hyper::StatusCode;
 use tidelock_protocol::{KvEventBatch, KvSnapshot, WorkerId};
 
-use crate::http::{Http, LineError, NdjsonLines};
+use crate::http::{Http, HttpError, LineError, NdjsonLines};
 use crate::index::{Applied, KvIndex};
 
-/// How long a snapshot request may take.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a snapshot request may take, its body included (a large index's snapshot is a few
+/// MB of JSON).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest wait between attempts to reach a worker.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
 /// Why one pass of following ended.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
-    #[error("{url}: {problem}")]
-    Http { url: String, problem: String },
-    #[error("{url}: HTTP {status}")]
-    Status { url: String, status: StatusCode },
-    #[error("{url}: bad {what}: {problem}")]
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: HttpError,
+    },
+    #[error("{url}: reading the event stream: {source}")]
+    Stream {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{url}: bad {what}: {source}")]
     Body {
         url: String,
         what: &'static str,
-        problem: String,
+        #[source]
+        source: serde_json::Error,
     },
     #[error("the index refused the snapshot: {0}")]
     Index(#[from] crate::index::IndexError),
@@ -98,28 +107,19 @@ impl Follower {
     /// One snapshot and as much of the event stream as lasts.
     async fn pass(&self) -> Result<Ended, FollowError> {
         let url = format!("{}/v1/kv/snapshot", self.base);
-        let response = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.get(&url))
+        let body = self
+            .http
+            .get_body(&url, SNAPSHOT_TIMEOUT)
             .await
-            .map_err(|_| FollowError::Http {
+            .map_err(|source| FollowError::Http {
                 url: url.clone(),
-                problem: format!("no snapshot within {SNAPSHOT_TIMEOUT:?}"),
-            })??;
-        let body = tokio::time::timeout(SNAPSHOT_TIMEOUT, response.into_body().collect())
-            .await
-            .map_err(|_| FollowError::Http {
-                url: url.clone(),
-                problem: "snapshot body timed out".into(),
-            })?
-            .map_err(|e| FollowError::Http {
-                url: url.clone(),
-                problem: e.to_string(),
-            })?
-            .to_bytes();
+                source,
+            })?;
         let snapshot: KvSnapshot =
-            serde_json::from_slice(&body).map_err(|e| FollowError::Body {
+            serde_json::from_slice(&body).map_err(|source| FollowError::Body {
                 url: url.clone(),
                 what: "snapshot",
-                problem: e.to_string(),
+                source,
             })?;
         self.write().load_snapshot(&self.worker, &snapshot)?;
 
@@ -129,25 +129,37 @@ impl Follower {
             snapshot.epoch.get(),
             snapshot.sequence
         );
-        let response = match self.get(&url).await {
-            Err(FollowError::Status { status, .. }) if status == StatusCode::GONE => {
-                return Ok(Ended::Resync);
+        let response = self
+            .http
+            .get(&url)
+            .await
+            .map_err(|source| FollowError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        match response.status() {
+            StatusCode::GONE => return Ok(Ended::Resync),
+            status if !status.is_success() => {
+                return Err(FollowError::Http {
+                    url,
+                    source: HttpError::Status(status),
+                });
             }
-            other => other?,
-        };
+            _ => {}
+        }
         let mut lines = NdjsonLines::new(response.into_body());
         loop {
             let batch: KvEventBatch = match lines.next().await {
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
-                Err(LineError::Read(problem)) => {
-                    return Err(FollowError::Http { url, problem });
+                Err(LineError::Read(source)) => {
+                    return Err(FollowError::Stream { url, source });
                 }
-                Err(LineError::Parse(problem)) => {
+                Err(LineError::Parse(source)) => {
                     return Err(FollowError::Body {
                         url,
                         what: "event batch",
-                        problem,
+                        source,
                     });
                 }
             };
@@ -157,23 +169,5 @@ impl Follower {
             }
         }
         Ok(Ended::Resync)
-    }
-
-    async fn get(&self, url: &str) -> Result<hyper::Response<hyper::body::Incoming>, FollowError> {
-        let response = self
-            .http
-            .get(url)
-            .await
-            .map_err(|problem| FollowError::Http {
-                url: url.to_owned(),
-                problem,
-            })?;
-        if !response.status().is_success() {
-            return Err(FollowError::Status {
-                url: url.to_owned(),
-                status: response.status(),
-            });
-        }
-        Ok(response)
     }
 }

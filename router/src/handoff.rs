@@ -106,7 +106,7 @@ pub async fn hand_off(model: &Model, http: &Http, cost: Option<&CostModel>, from
     let candidates: Vec<Candidate> = workers
         .values()
         .filter(|w| w.healthy() || &w.id == from)
-        .map(|w| w.candidate(Default::default()))
+        .map(|w| w.candidate(Default::default(), 0))
         .collect();
     let shares = match cost {
         Some(cost) => {
@@ -232,6 +232,8 @@ mod tests {
             },
             in_flight: 0,
             pending_prefill: 0,
+            pending_requests: 0,
+            promised: 0,
             cached: TierCounts::default(),
         }
     }

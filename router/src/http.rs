@@ -51,40 +51,29 @@ impl Http {
         self.authorization.as_ref()
     }
 
-    /// GETs `url` with the credential; the response as it comes (streams are read by the
-    /// caller), or the failure as a sentence.
-    pub(crate) async fn get(&self, url: &str) -> Result<hyper::Response<Incoming>, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    /// GETs `url` with the credential; the response as it comes, whatever its status (streams
+    /// are read by the caller).
+    pub(crate) async fn get(&self, url: &str) -> Result<hyper::Response<Incoming>, HttpError> {
+        let uri: hyper::Uri = url.parse()?;
         let mut request = hyper::Request::get(uri);
         if let Some(value) = &self.authorization {
             request = request.header(AUTHORIZATION, value.clone());
         }
-        let request = request
-            .body(Empty::new())
-            .map_err(|e| format!("not a request: {e}"))?;
-        self.client
-            .request(request)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(self.client.request(request.body(Empty::new())?).await?)
     }
 
-    /// GETs `url` and returns its body; any failure (bad URL, connection, non-2xx status,
-    /// timeout) as a sentence that does not repeat the URL.
-    pub(crate) async fn get_body(&self, url: &str, timeout: Duration) -> Result<Bytes, String> {
+    /// GETs `url` and returns its body; a non-2xx status is an error, and so is the whole
+    /// exchange taking longer than `timeout`.
+    pub(crate) async fn get_body(&self, url: &str, timeout: Duration) -> Result<Bytes, HttpError> {
         tokio::time::timeout(timeout, async {
             let response = self.get(url).await?;
             if !response.status().is_success() {
-                return Err(format!("HTTP {}", response.status()));
+                return Err(HttpError::Status(response.status()));
             }
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(body.to_bytes())
+            Ok(response.into_body().collect().await?.to_bytes())
         })
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| HttpError::Timeout(timeout))?
     }
 
     /// GETs `url` and parses its JSON body.
@@ -92,28 +81,44 @@ impl Http {
         &self,
         url: &str,
         timeout: Duration,
-    ) -> Result<T, String> {
+    ) -> Result<T, HttpError> {
         let body = self.get_body(url, timeout).await?;
-        serde_json::from_slice(&body).map_err(|e| e.to_string())
+        Ok(serde_json::from_slice(&body)?)
     }
+}
+
+/// Why a GET to a worker failed; the messages do not repeat the URL (callers add it).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("not a URL: {0}")]
+    Url(#[from] hyper::http::uri::InvalidUri),
+    #[error("not a request: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// No connection, or it broke before the response's head.
+    #[error("{0}")]
+    Send(#[from] hyper_util::client::legacy::Error),
+    #[error("HTTP {0}")]
+    Status(hyper::StatusCode),
+    /// The connection broke while the body was read.
+    #[error("reading the body: {0}")]
+    Body(#[from] hyper::Error),
+    /// The worker answered nothing (or not all) within the time allowed: it may be alive and
+    /// only slow.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("not the JSON expected: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// Why reading one line of an NDJSON body failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum LineError {
     /// The body could not be read (connection lost).
-    Read(String),
+    #[error("reading the stream: {0}")]
+    Read(#[source] hyper::Error),
     /// A line was not the JSON value expected.
-    Parse(String),
-}
-
-impl std::fmt::Display for LineError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LineError::Read(problem) => write!(f, "reading the stream: {problem}"),
-            LineError::Parse(problem) => write!(f, "not the JSON expected: {problem}"),
-        }
-    }
+    #[error("not the JSON expected: {0}")]
+    Parse(#[source] serde_json::Error),
 }
 
 /// The JSON values of a newline-delimited body, one line at a time; blank lines are skipped.
@@ -136,9 +141,8 @@ impl NdjsonLines {
             if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
                 // Parsed in place (this runs per token): no copy of the line.
                 let line = &self.buf[..end];
-                let parsed = (!line.iter().all(u8::is_ascii_whitespace)).then(|| {
-                    serde_json::from_slice(line).map_err(|e| LineError::Parse(e.to_string()))
-                });
+                let parsed = (!line.iter().all(u8::is_ascii_whitespace))
+                    .then(|| serde_json::from_slice(line).map_err(LineError::Parse));
                 self.buf.drain(..=end);
                 match parsed {
                     None => continue,
@@ -147,7 +151,7 @@ impl NdjsonLines {
             }
             match self.body.frame().await {
                 None => return Ok(None),
-                Some(Err(e)) => return Err(LineError::Read(e.to_string())),
+                Some(Err(e)) => return Err(LineError::Read(e)),
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         self.buf.extend_from_slice(&data);

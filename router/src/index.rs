@@ -104,7 +104,7 @@ impl BuildHasher for BlockHashState {
     }
 }
 
-type BlockMap<V> = HashMap<BlockHash, V, BlockHashState>;
+pub(crate) type BlockMap<V> = HashMap<BlockHash, V, BlockHashState>;
 type BlockSet = HashSet<BlockHash, BlockHashState>;
 
 /// Why the index refused a snapshot.

@@ -6,7 +6,8 @@
 //! - `tenants`, `limits`: who is calling and what they may do;
 //! - `workers`: the models served and their workers' live state (load, health, ejection);
 //!   `discovery` and `follow` keep each model's worker set and KV `index` current;
-//! - `policy`: where a request goes (pure); `handoff`: where a draining worker's sessions go;
+//! - `placement`: where a request goes, from its block chain to the pin written where it
+//!   landed; `policy`: the decision itself (pure); `handoff`: where a draining worker's sessions go;
 //!   `sessions`: session pins in the StateStore;
 //!   `turns`: the sessions' answered turns shared by the replicas through the StateStore;
 //! - `proxy`: the request to a worker, retried before its first token, streamed after;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod index;
 pub mod limits;
 pub mod metrics;
+pub mod placement;
 pub mod policy;
 pub mod prompt;
 pub mod proxy;

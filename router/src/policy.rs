@@ -27,8 +27,23 @@
 //! away from its prefix also stores a second copy of it, which pushes other prefixes out of the
 //! cache, and leaves the first copy to age: later requests of the same family miss too. The
 //! charge keeps a prefix family together unless the holder's queue outweighs `1 + cache_weight`
-//! times the prefill it saves (see bench/README.md for what it does on the Mooncake trace). A
-//! session keeps its pinned worker unless that worker's score exceeds the best one's by more
+//! times the prefill it saves (see bench/README.md for what it does on the Mooncake trace).
+//!
+//! Both terms price one request's own wait. Once every worker has a queue, they miss what a
+//! placement does to the others: each token it computes is a token the requests queued behind it
+//! wait for, wherever it lands (while some worker is idle, the next requests go there instead).
+//! So a placement is also charged its prefill once per request queued on the least loaded
+//! worker, the cluster's `backlog` ([`backlog`]):
+//!
+//! ```text
+//! rank(w) = score(w) + backlog * uncached_tokens(w) / prefill_speed(w)
+//! ```
+//!
+//! Without it, an overloaded cluster collapses: queues differ by more than the prefill a cached
+//! placement saves, requests leave their prefixes, the recomputation lengthens every queue, and
+//! more requests leave theirs (bench/README.md, "Overload"). With it, the busier the cluster, the
+//! more a placement must save in queueing to be worth the work it adds; when it is idle, nothing
+//! changes. A session keeps its pinned worker unless that worker's score exceeds the best one's by more
 //! than the pin margin (`best * (1 + margin_ratio) + margin_secs`): moving a session costs its
 //! cache, and the prediction is only a prediction.
 
@@ -55,6 +70,23 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Whether it keeps sessions on workers: reads a session's pin before deciding, and has it
+    /// written where the request lands ([`crate::placement`]).
+    pub fn uses_pins(self) -> bool {
+        matches!(self, Policy::Ttft)
+    }
+
+    /// Whether it hashes the session key, so that a request without one needs a stand-in (the
+    /// prompt's first block: requests sharing it go together).
+    pub fn hashes_sessions(self) -> bool {
+        matches!(self, Policy::SessionHash)
+    }
+
+    /// Whether it weighs what each worker holds of the prompt (the KV index is walked for it).
+    pub fn reads_index(self) -> bool {
+        matches!(self, Policy::Ttft | Policy::PrefixOnly)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Policy::Ttft => "ttft",
@@ -106,11 +138,6 @@ impl Reason {
             Reason::PrefixMiss => "prefix_miss",
         }
     }
-
-    /// Whether the session's pin should be written (placed or moved) when the request succeeds.
-    pub fn writes_pin(self) -> bool {
-        matches!(self, Reason::Placed | Reason::Moved | Reason::PinLost)
-    }
 }
 
 /// One healthy worker as a policy sees it.
@@ -124,8 +151,13 @@ pub struct Candidate {
     /// Prompt tokens this router has sent it whose prefill has not finished (fresher than the
     /// load report, which may predate them).
     pub pending_prefill: u64,
+    /// Requests this router has sent it that have no first token yet.
+    pub pending_requests: u32,
     /// Leading blocks of the prompt's chain it holds, by tier.
     pub cached: TierCounts,
+    /// Leading blocks of the prompt's chain that requests this router sent it are computing:
+    /// there by the time a request placed now runs, as if cached on the device.
+    pub promised: usize,
 }
 
 impl Candidate {
@@ -134,9 +166,29 @@ impl Candidate {
         u64::from(self.load.running + self.load.waiting).max(u64::from(self.in_flight))
     }
 
+    /// Leading blocks of the prompt it holds, or will hold by the time the request runs.
     fn cached_blocks(&self) -> usize {
-        self.cached.total()
+        self.cached.total().max(self.promised)
     }
+
+    /// Requests on the worker waiting for their prefill: the larger of its report's queue and
+    /// this router's own requests without a first token.
+    fn queued_requests(&self) -> u32 {
+        self.load.waiting.max(self.pending_requests)
+    }
+}
+
+/// Requests that new prefill work delays, wherever it is placed: the shortest queue among the
+/// workers taking requests. While a worker is idle, work placed elsewhere delays nobody but its
+/// own request (the next ones go to the idle worker); once every worker has a queue, every token
+/// computed is a token that the requests queued behind it wait for.
+pub fn backlog(candidates: &[Candidate]) -> u32 {
+    candidates
+        .iter()
+        .filter(|c| !c.load.draining)
+        .map(Candidate::queued_requests)
+        .min()
+        .unwrap_or(0)
 }
 
 /// The TTFT model's parameters.
@@ -234,44 +286,37 @@ impl CostModel {
     /// so pulls do not make placement leave a holder more readily, they make leaving it
     /// cheaper when the holder's queue or drain makes it worth it). Whether it pulls; never
     /// without `may_pull`.
+    ///
+    /// With a `backlog` (requests queued on every worker, [`backlog`]), the prefill a placement
+    /// computes also delays that many requests behind it: it is charged once more per request
+    /// (module docs).
     pub fn rank(
         &self,
         c: &Candidate,
-        prompt_tokens: usize,
-        block_tokens: usize,
+        prompt: &Prompt,
         most_cached_blocks: usize,
         may_pull: bool,
     ) -> (f64, bool) {
-        let own = self.ttft(c, prompt_tokens, block_tokens).as_secs_f64();
-        let charge = self.charge(c, prompt_tokens, block_tokens, most_cached_blocks);
+        let speed = self.speed(c);
+        let delay = f64::from(prompt.backlog) / speed;
+        let own_work = uncached(prompt, c.cached_blocks());
+        let own = self
+            .ttft(c, prompt.tokens, prompt.block_tokens)
+            .as_secs_f64()
+            + delay * own_work;
+        let charge = self.charge(c, prompt.tokens, prompt.block_tokens, most_cached_blocks);
         let pulled = most_cached_blocks.saturating_sub(c.cached_blocks());
         if pulled == 0 || !may_pull {
             return (own + charge, false);
         }
-        let speed = self.speed(c);
-        let uncached = prompt_tokens
-            .saturating_sub(most_cached_blocks * block_tokens)
-            .max(1) as f64;
+        let work = uncached(prompt, most_cached_blocks);
         let transfer = self.transfer(c)
             + pulled as f64 * measured(c.load.peer_block_secs, self.peer_block_secs);
-        let pull = (self.queued(c) / speed).max(transfer) + uncached / speed;
+        let pull = (self.queued(c) / speed).max(transfer) + work / speed + delay * work;
         match pull < own {
             true => (pull + charge, true),
             false => (own + charge, false),
         }
-    }
-
-    /// The rank of `c` for a prompt whose longest cached prefix on any worker is
-    /// `most_cached_blocks`: its predicted TTFT plus the charge for the cache it gives up.
-    pub fn score(
-        &self,
-        c: &Candidate,
-        prompt_tokens: usize,
-        block_tokens: usize,
-        most_cached_blocks: usize,
-    ) -> f64 {
-        self.ttft(c, prompt_tokens, block_tokens).as_secs_f64()
-            + self.charge(c, prompt_tokens, block_tokens, most_cached_blocks)
     }
 
     /// The charge for the cached prefix a placement on `c` gives up (module docs).
@@ -290,12 +335,16 @@ impl CostModel {
     /// Predicted time to first token of a `prompt_tokens`-token prompt on `c`.
     pub fn ttft(&self, c: &Candidate, prompt_tokens: usize, block_tokens: usize) -> Duration {
         let speed = self.speed(c);
-        // The last token is always computed (its logits start decoding), cached or not.
-        let uncached = prompt_tokens
-            .saturating_sub(c.cached_blocks() * block_tokens)
-            .max(1) as f64;
+        let work = uncached(
+            &Prompt {
+                tokens: prompt_tokens,
+                block_tokens,
+                backlog: 0,
+            },
+            c.cached_blocks(),
+        );
         // Lower-tier blocks load while the request waits in the worker's queue.
-        Duration::from_secs_f64((self.queued(c) / speed).max(self.transfer(c)) + uncached / speed)
+        Duration::from_secs_f64((self.queued(c) / speed).max(self.transfer(c)) + work / speed)
     }
 
     /// Prefill tokens ahead of a new request on `c`.
@@ -308,6 +357,24 @@ impl CostModel {
         c.cached.host as f64 * measured(c.load.host_block_secs, self.host_block_secs)
             + c.cached.disk as f64 * measured(c.load.disk_block_secs, self.disk_block_secs)
     }
+}
+
+/// A prompt as the cost model sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prompt {
+    pub tokens: usize,
+    pub block_tokens: usize,
+    /// Requests queued on every worker ([`backlog`]).
+    pub backlog: u32,
+}
+
+/// Tokens of `prompt` to compute on a worker holding its first `cached_blocks` blocks. The last
+/// token is always computed (its logits start decoding), cached or not.
+fn uncached(prompt: &Prompt, cached_blocks: usize) -> f64 {
+    prompt
+        .tokens
+        .saturating_sub(cached_blocks * prompt.block_tokens)
+        .max(1) as f64
 }
 
 /// A worker's measured figure, or the default until it has measured one.
@@ -394,9 +461,10 @@ pub fn decide(
                 .unwrap_or(0);
             // The holder a pull would come from: the most blocks, the most of them in memory,
             // draining workers included (their sessions' blocks move to the worker chosen).
+            // Blocks only promised cannot be pulled yet.
             let holder = candidates
                 .iter()
-                .filter(|c| c.cached_blocks() == most && most > 0)
+                .filter(|c| c.cached.total() == most && most > 0)
                 .max_by_key(|c| (c.load.draining, c.cached.device));
             let may_pull = match model.pull {
                 PullWhen::Never => false,
@@ -404,15 +472,12 @@ pub fn decide(
                 PullWhen::Load => holder.is_some(),
             };
             let holder = holder.map(|c| c.worker.clone());
-            let rank = |c: &Candidate| {
-                model.rank(
-                    c,
-                    request.prompt_tokens,
-                    request.block_tokens,
-                    most,
-                    may_pull,
-                )
+            let prompt = Prompt {
+                tokens: request.prompt_tokens,
+                block_tokens: request.block_tokens,
+                backlog: backlog(candidates),
             };
+            let rank = |c: &Candidate| model.rank(c, &prompt, most, may_pull);
             let mut order = sorted;
             // Stable sort from the round-robin turn's order: equal scores (an idle cluster, a
             // prompt nobody holds) are spread over the workers, not all given to the first id.

@@ -14,8 +14,18 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a worker's tokenizer could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum KitError {
-    #[error("{url}: {problem}")]
-    Http { url: String, problem: String },
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: crate::http::HttpError,
+    },
+    #[error("{url}: not UTF-8: {source}")]
+    Utf8 {
+        url: String,
+        #[source]
+        source: std::str::Utf8Error,
+    },
     #[error("{url}: not a tokenizer: {source}")]
     Kit {
         url: String,
@@ -28,12 +38,17 @@ pub enum KitError {
 /// `base_url`.
 pub async fn fetch_kit(http: &Http, base_url: &str) -> Result<PromptKit, KitError> {
     let url = format!("{}/v1/tokenizer", base_url.trim_end_matches('/'));
-    let failed = |problem: String| KitError::Http {
+    let body = http
+        .get_body(&url, FETCH_TIMEOUT)
+        .await
+        .map_err(|source| KitError::Http {
+            url: url.clone(),
+            source,
+        })?;
+    let text = std::str::from_utf8(&body).map_err(|source| KitError::Utf8 {
         url: url.clone(),
-        problem,
-    };
-    let body = http.get_body(&url, FETCH_TIMEOUT).await.map_err(failed)?;
-    let text = std::str::from_utf8(&body).map_err(|e| failed(format!("not UTF-8: {e}")))?;
+        source,
+    })?;
     PromptKit::from_json(text).map_err(|source| KitError::Kit {
         url: url.clone(),
         source,

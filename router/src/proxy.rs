@@ -30,7 +30,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::openai::OpenAiError;
 use tidelock_protocol::{
-    DRAINING, ErrorCode, GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest, PullHint,
+    BlockHash, DRAINING, ErrorCode, GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest,
+    PullHint,
 };
 
 use crate::http::NdjsonLines;
@@ -66,19 +67,31 @@ impl Default for ProxyConfig {
 struct InFlight {
     worker: Arc<WorkerState>,
     prefill: u64,
+    /// The prompt's blocks, promised on the worker until the first token; `None` after.
+    blocks: Option<Arc<[BlockHash]>>,
 }
 
 impl InFlight {
-    fn new(worker: Arc<WorkerState>, prefill: u64) -> Self {
+    fn new(worker: Arc<WorkerState>, prefill: u64, blocks: &Arc<[BlockHash]>) -> Self {
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
         worker.pending_prefill.fetch_add(prefill, Ordering::Relaxed);
-        InFlight { worker, prefill }
+        worker.pending_requests.fetch_add(1, Ordering::Relaxed);
+        worker.promise(blocks);
+        InFlight {
+            worker,
+            prefill,
+            blocks: Some(blocks.clone()),
+        }
     }
 
     fn prefill_done(&mut self) {
         self.worker
             .pending_prefill
             .fetch_sub(std::mem::take(&mut self.prefill), Ordering::Relaxed);
+        if let Some(blocks) = self.blocks.take() {
+            self.worker.pending_requests.fetch_sub(1, Ordering::Relaxed);
+            self.worker.unpromise(&blocks);
+        }
     }
 }
 
@@ -156,6 +169,7 @@ impl Proxy {
         order: Vec<(Arc<WorkerState>, u64, usize)>,
         request: &GenerateRequest,
         may_pull: bool,
+        blocks: &Arc<[BlockHash]>,
     ) -> Result<Started, OpenAiError> {
         // The binary form: 4 bytes an id, nothing to parse per id on the worker.
         let mut body = Bytes::from(request.to_binary());
@@ -177,14 +191,14 @@ impl Proxy {
                 body = Bytes::from(hinted.to_binary());
                 request = std::borrow::Cow::Owned(hinted);
             }
-            let guard = InFlight::new(worker.clone(), prefill);
+            let guard = InFlight::new(worker.clone(), prefill, blocks);
             let mut outcome = self.attempt(&worker, body.clone(), true, guard).await;
             if let Err(AttemptError::NoBinary) = outcome {
                 tracing::debug!(worker = %worker.id, "worker takes no binary requests; sending JSON");
                 let json = serde_json::to_vec(&*request).map_err(|e| {
                     OpenAiError::internal(format!("cannot encode the worker request: {e}"))
                 })?;
-                let guard = InFlight::new(worker.clone(), prefill);
+                let guard = InFlight::new(worker.clone(), prefill, blocks);
                 outcome = self.attempt(&worker, Bytes::from(json), false, guard).await;
             }
             match outcome {

@@ -6,25 +6,29 @@
 //! worker for `/v1/load` each [`Probing::interval`]: the answer feeds the placement policy (queue,
 //! measured prefill speed); a missing answer counts as a failure. A worker with
 //! [`Probing::eject_after`] consecutive failures (probes or proxied requests) is ejected: no
-//! request is placed on it until a probe succeeds again, which readmits it. A worker whose
+//! request is placed on it until a probe succeeds again, which readmits it. A probe that times
+//! out counts only once the worker has sent no report for [`Probing::patience`]: a worker whose
+//! machine is busy answers late but serves, and ejecting it would send its sessions away from
+//! their caches, whose recomputation makes every worker busier still. A worker whose
 //! registration disappears (its lease ended) is gone for good.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::{
-    BlockTokens, KeyLayout, LoadReport, ModelName, WorkerId, WorkerInfo, WorkerRegistration,
+    BlockHash, BlockTokens, KeyLayout, LoadReport, ModelName, WorkerId, WorkerInfo,
+    WorkerRegistration,
 };
 use tidelock_state::{StateStore, WatchEvent};
 use tokio::task::JoinHandle;
 
 use crate::discovery::Discovery;
-use crate::http::Http;
-use crate::index::{KvIndex, TierCounts};
+use crate::http::{Http, HttpError};
+use crate::index::{BlockMap, KvIndex, TierCounts};
 use crate::policy::{Candidate, CostModel};
 use crate::prompt::fetch_kit;
 
@@ -37,6 +41,14 @@ pub struct Probing {
     pub timeout: Duration,
     /// Consecutive failures (probes or requests) that eject a worker.
     pub eject_after: u32,
+}
+
+impl Probing {
+    /// How long a worker may send no load report, its probes timing out, before the timeouts
+    /// count as failures: five probe timeouts.
+    pub fn patience(&self) -> Duration {
+        self.timeout * 5
+    }
 }
 
 impl Default for Probing {
@@ -54,8 +66,8 @@ impl Default for Probing {
 pub struct WorkerState {
     pub id: WorkerId,
     pub registration: WorkerRegistration,
-    /// The last load report.
-    load: Mutex<LoadReport>,
+    /// The last load report, and when it came (or when the worker was found).
+    load: Mutex<(LoadReport, Instant)>,
     /// Longest context the worker takes (from `/v1/info`), once known.
     max_context: AtomicU64,
     failures: AtomicU32,
@@ -64,24 +76,42 @@ pub struct WorkerState {
     pub in_flight: AtomicU32,
     /// Prompt tokens this router has sent it whose prefill has not finished.
     pub pending_prefill: AtomicU64,
+    /// Requests this router has sent it that have no first token yet.
+    pub pending_requests: AtomicU32,
+    /// The prompt blocks those requests compute, with how many compute each: a request placed
+    /// behind one of them finds its blocks there by the time it runs, long before the worker's
+    /// KV events say so (under load, a prefill can take longer than a conversation's next turn
+    /// takes to arrive).
+    promised: Mutex<BlockMap<u32>>,
 }
 
 impl WorkerState {
-    fn new(id: WorkerId, registration: WorkerRegistration, eject_after: u32) -> Self {
+    pub(crate) fn new(id: WorkerId, registration: WorkerRegistration, eject_after: u32) -> Self {
         WorkerState {
             id,
             registration,
-            load: Mutex::default(),
+            load: Mutex::new((LoadReport::default(), Instant::now())),
             max_context: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             eject_after,
             in_flight: AtomicU32::new(0),
             pending_prefill: AtomicU64::new(0),
+            pending_requests: AtomicU32::new(0),
+            promised: Mutex::default(),
         }
     }
 
     pub fn load(&self) -> LoadReport {
-        *self.load.lock().unwrap_or_else(|e| e.into_inner())
+        self.load.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Time since its last load report (or since it was found, before the first).
+    fn silent_for(&self) -> Duration {
+        self.load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .elapsed()
     }
 
     /// Whether requests may be placed on it.
@@ -102,19 +132,54 @@ impl WorkerState {
     /// Stores a new load report; whether it is the first to say the worker drains.
     fn set_load(&self, load: LoadReport) -> bool {
         let mut last = self.load.lock().unwrap_or_else(|e| e.into_inner());
-        let began = load.draining && !last.draining;
-        *last = load;
+        let began = load.draining && !last.0.draining;
+        *last = (load, Instant::now());
         began
     }
 
-    /// The worker as a placement policy sees it, holding `cached` of the prompt's chain.
-    pub fn candidate(&self, cached: TierCounts) -> Candidate {
+    /// Marks `chain`'s blocks as being computed here by one more request.
+    pub fn promise(&self, chain: &[BlockHash]) {
+        let mut promised = self.promised.lock().unwrap_or_else(|e| e.into_inner());
+        for h in chain {
+            *promised.entry(*h).or_insert(0) += 1;
+        }
+    }
+
+    /// Undoes one [`Self::promise`] of `chain`.
+    pub fn unpromise(&self, chain: &[BlockHash]) {
+        let mut promised = self.promised.lock().unwrap_or_else(|e| e.into_inner());
+        for h in chain {
+            if let Some(n) = promised.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    promised.remove(h);
+                }
+            }
+        }
+    }
+
+    /// Leading blocks of `chain` that requests on this worker are computing. Block hashes are
+    /// chained and whole chains are promised, so the promised blocks of a chain are a prefix of
+    /// it: a binary search finds its end.
+    pub fn promised_prefix(&self, chain: &[BlockHash]) -> usize {
+        let promised = self.promised.lock().unwrap_or_else(|e| e.into_inner());
+        if promised.is_empty() {
+            return 0;
+        }
+        chain.partition_point(|h| promised.contains_key(h))
+    }
+
+    /// The worker as a placement policy sees it, holding `cached` of the prompt's chain and
+    /// computing `promised` of it.
+    pub fn candidate(&self, cached: TierCounts, promised: usize) -> Candidate {
         Candidate {
             worker: self.id.clone(),
             load: self.load(),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             pending_prefill: self.pending_prefill.load(Ordering::Relaxed),
+            pending_requests: self.pending_requests.load(Ordering::Relaxed),
             cached,
+            promised,
         }
     }
 }
@@ -211,7 +276,7 @@ impl Model {
         let workers = self.workers();
         let probes = workers
             .values()
-            .map(|w| async { probe(http, w, probing.timeout).await.then(|| w.id.clone()) });
+            .map(|w| async { probe(http, w, probing).await.then(|| w.id.clone()) });
         let draining = futures::future::join_all(probes).await;
         if self.kit().is_none() {
             self.fetch_kit(http, &workers).await;
@@ -242,7 +307,8 @@ pub fn is_coordinator(r: &WorkerRegistration) -> bool {
 }
 
 /// Whether this probe's report is the first to say the worker drains.
-async fn probe(http: &Http, w: &WorkerState, timeout: Duration) -> bool {
+async fn probe(http: &Http, w: &WorkerState, probing: &Probing) -> bool {
+    let (timeout, patience) = (probing.timeout, probing.patience());
     let base = w.registration.address.trim_end_matches('/');
     if w.max_context.load(Ordering::Relaxed) == 0 {
         match http
@@ -268,6 +334,10 @@ async fn probe(http: &Http, w: &WorkerState, timeout: Duration) -> bool {
             let began = w.set_load(load);
             w.record_success();
             began
+        }
+        Err(HttpError::Timeout(_)) if w.silent_for() < patience => {
+            tracing::debug!(worker = %w.id, "load report late; placing on the last one meanwhile");
+            false
         }
         Err(e) => {
             if w.record_failure() {
@@ -425,5 +495,57 @@ impl Models {
             .unwrap_or_else(|e| e.into_inner())
             .extend([prober, discovering]);
         model
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tidelock_protocol::{GroupId, HashChain, ShardIndex};
+
+    use super::*;
+
+    fn chain(tokens: std::ops::Range<u32>) -> Vec<BlockHash> {
+        let mut c = HashChain::new(
+            &ModelName::new("m").unwrap(),
+            &tidelock_protocol::CacheSalt::shared(),
+            BlockTokens::new(4).unwrap(),
+        );
+        c.extend(&tokens.collect::<Vec<_>>());
+        c.hashes().to_vec()
+    }
+
+    /// A prompt's blocks are promised on the worker computing them, counted per request: a
+    /// chain sharing a prefix with one in flight finds exactly that prefix, until the last
+    /// request computing it has its first token.
+    #[test]
+    fn promised_blocks_are_the_prefixes_of_requests_in_flight() {
+        let w = WorkerState::new(
+            WorkerId::new("w").unwrap(),
+            WorkerRegistration {
+                address: "http://w".into(),
+                group: GroupId::new("w").unwrap(),
+                shard: ShardIndex::new(0),
+                shard_count: 1,
+                block_tokens: BlockTokens::new(4).unwrap(),
+                kv_capacity_bytes: 1 << 30,
+            },
+            3,
+        );
+        let first = chain(0..40); // 10 blocks
+        let next = chain(0..60); // the same 10, then 5 more
+        assert_eq!(w.promised_prefix(&next), 0);
+        w.promise(&first);
+        assert_eq!(w.promised_prefix(&next), 10);
+        assert_eq!(w.promised_prefix(&chain(1..60)), 0);
+        w.promise(&first[..4]);
+        w.unpromise(&first);
+        assert_eq!(
+            w.promised_prefix(&next),
+            4,
+            "the other request still computes 4"
+        );
+        w.unpromise(&first[..4]);
+        assert_eq!(w.promised_prefix(&next), 0);
+        assert!(w.promised.lock().unwrap().is_empty());
     }
 }

@@ -105,6 +105,7 @@ async fn bodies_over_the_context_and_texts_over_the_memory_budget_get_413() {
             threads: 4,
             per_tenant: 2,
             memory_bytes: 64 << 20,
+            ..CpuLimits::default()
         },
         ..Settings::default()
     };

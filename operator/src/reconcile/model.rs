@@ -50,7 +50,13 @@ const CLAIM_REQUEUE: Duration = Duration::from_secs(30);
 /// Requeue when all is well: a periodic check that nothing drifted.
 const STEADY_REQUEUE: Duration = Duration::from_secs(300);
 
-/// Reconciles one Model (the controller's entry point).
+/// Reconciles one Model (the controller's entry point), in a span naming it: every log line of
+/// the pass says which Model it is about.
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "Model", namespace = model.namespace().unwrap_or_default(), name = model.name_any())
+)]
 pub async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ctx = &*ctx;
     with_finalizer(

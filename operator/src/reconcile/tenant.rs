@@ -21,7 +21,12 @@ use tidelock_api::{Tenant, TenantStatus, conditions, reasons};
 use super::{Context, Error, condition, with_finalizer, write_status};
 use crate::tenants;
 
-/// Reconciles one Tenant (the controller's entry point).
+/// Reconciles one Tenant (the controller's entry point), in a span naming it.
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "Tenant", namespace = tenant.namespace().unwrap_or_default(), name = tenant.name_any())
+)]
 pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ctx = &*ctx;
     with_finalizer(

@@ -37,6 +37,7 @@ use crate::kv::pool::{BlockPool, OutOfBlocks, PoolStats};
 use crate::kv::tier::{self, TierStats, Tiers};
 use crate::model::ModelError;
 use executor::{Executor, Work};
+use logits::StepLogits;
 use sampling::{Choice, Sampler};
 
 /// Scheduling limits.
@@ -62,6 +63,8 @@ pub type EventSink = UnboundedSender<GenerateEvent>;
 
 #[derive(Debug)]
 struct Sequence {
+    /// Unique in this engine, in arrival order.
+    id: u64,
     request: GenerateRequest,
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -73,6 +76,9 @@ struct Sequence {
     committed: usize,
     /// Prompt tokens served from the prefix cache at first admission.
     cached_tokens: Option<usize>,
+    /// Prompt tokens found cached (in any tier, or coming from a peer) when it arrived: until
+    /// admission looks again, the queue counts only the rest as prefill to do.
+    expected_cached: usize,
     sampler: Sampler,
     completion: u32,
     /// Set once `Finished` has been sent; the sequence is released at the end of the step.
@@ -84,12 +90,20 @@ impl Sequence {
     fn remaining(&self) -> usize {
         self.tokens.len() - self.computed
     }
+
+    /// Prefill tokens still to compute, as the load report counts them: a waiting request's
+    /// cached prefix is not work (the router's `ttft` policy would otherwise see the worker
+    /// holding a prompt's prefix as busier than it is, and send the prompt away from it).
+    fn to_prefill(&self) -> usize {
+        self.tokens.len() - self.computed.max(self.expected_cached)
+    }
 }
 
-/// A step's plan for one running sequence.
+/// A step's plan for one running sequence, named by its id (positions in `running` shift when
+/// a sequence is preempted while the plan is made).
 #[derive(Debug, Clone, Copy)]
 struct Planned {
-    index: usize,
+    id: u64,
     len: usize,
 }
 
@@ -129,6 +143,8 @@ pub struct Engine<E> {
     draining: bool,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    /// The next sequence's id.
+    next_id: u64,
 }
 
 /// Blocks a waiting request needs from a peer worker.
@@ -168,6 +184,7 @@ impl<E: Executor> Engine<E> {
             draining: false,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            next_id: 0,
         }
     }
 
@@ -309,7 +326,7 @@ impl<E: Executor> Engine<E> {
                 .waiting
                 .iter()
                 .chain(&self.running)
-                .map(Sequence::remaining)
+                .map(Sequence::to_prefill)
                 .sum(),
             blocks: self.pool.stats(),
             tiers: self.tiers.stats(),
@@ -367,9 +384,19 @@ impl<E: Executor> Engine<E> {
         );
         let device = self.pool.cached_prefix(reusable);
         self.tiers.fetch(&reusable[device..]);
+        let have = device + self.tiers.reach(&reusable[device..]);
+        // Blocks that a request ahead of it computes are there by the time it is admitted.
+        let computing = self
+            .waiting
+            .iter()
+            .chain(&self.running)
+            .map(|s| shared_prefix(s.chain.hashes(), reusable))
+            .max()
+            .unwrap_or(0);
+        let mut expected = have.max(computing);
         if let Some(hint) = &request.pull {
-            let have = device + self.tiers.reach(&reusable[device..]);
             let want = (hint.blocks as usize).min(reusable.len());
+            expected = expected.max(want);
             if want > have {
                 let hashes = self.tiers.expect(&reusable[have..want]);
                 if !hashes.is_empty() {
@@ -380,7 +407,9 @@ impl<E: Executor> Engine<E> {
                 }
             }
         }
+        self.next_id += 1;
         self.waiting.push_back(Sequence {
+            id: self.next_id,
             tokens: request.tokens.clone(),
             prompt_len: request.tokens.len(),
             chain,
@@ -388,6 +417,7 @@ impl<E: Executor> Engine<E> {
             computed: 0,
             committed: 0,
             cached_tokens: None,
+            expected_cached: expected * self.cfg.block_tokens.as_usize(),
             sampler,
             completion: 0,
             done: false,
@@ -443,22 +473,63 @@ impl<E: Executor> Engine<E> {
     }
 
     /// Runs one iteration. Returns what it did; all zeros when there was nothing to run.
+    ///
+    /// Four phases: [`Self::plan`] the batch (decodes, prefill chunks, admissions, preempting
+    /// when blocks run out), execute it on the executor, [`Self::recover`] when that lost KV
+    /// blocks (a shard restarted), else [`Self::commit`] the tokens chosen.
     pub fn step(&mut self) -> Result<StepStats, ModelError> {
         self.tiers.poll(None);
         self.reap_cancelled();
         let mut stats = StepStats::default();
+        let plan = self.plan(&mut stats);
+        if plan.is_empty() {
+            if self.tiers.loading() {
+                // Every admissible request waits on a disk read: wait for one, not in a spin.
+                self.tiers.poll(Some(std::time::Duration::from_millis(2)));
+            }
+            return Ok(stats);
+        }
+        // Positions are stable from here to the end of the step: nothing is preempted or
+        // retired until `commit` is done with them.
+        let at: Vec<usize> = plan.iter().map(|p| self.position(p.id)).collect();
+        let work: Vec<Work<'_>> = plan
+            .iter()
+            .zip(&at)
+            .map(|(p, &index)| {
+                let seq = &self.running[index];
+                Work {
+                    tokens: &seq.tokens[seq.computed..seq.computed + p.len],
+                    start: seq.computed,
+                    table: &seq.blocks,
+                    wants_logits: seq.computed + p.len == seq.tokens.len(),
+                }
+            })
+            .collect();
+        let result = self.exec.run(&work);
+        drop(work);
+        match result {
+            Ok(logits) => self.commit(&plan, &at, logits, &mut stats)?,
+            Err(e) if e.loses_kv() => self.recover(&e, &mut stats),
+            Err(e) => return Err(e),
+        }
+        Ok(stats)
+    }
+
+    /// The step's batch, within its token budget: every decoding sequence's next token first
+    /// (a long prefill never starves decodes), then prefill chunks of admitted sequences, then
+    /// admissions in arrival order while budget, running slots and blocks last.
+    fn plan(&mut self, stats: &mut StepStats) -> Vec<Planned> {
         let mut budget = self.cfg.max_step_tokens;
         let mut plan: Vec<Planned> = Vec::new();
-
         // 1. Decodes first.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             if self.running[i].remaining() == 1 {
                 let upto = self.running[i].computed + 1;
                 // When the sequence itself is preempted, `i` already points at the next one.
-                if let Some(index) = self.ensure_blocks(i, upto, &mut plan, &mut budget, &mut stats)
-                {
-                    plan.push(Planned { index, len: 1 });
+                if let Some(index) = self.ensure_blocks(i, upto, &mut plan, &mut budget, stats) {
+                    let id = self.running[index].id;
+                    plan.push(Planned { id, len: 1 });
                     budget -= 1;
                     i = index + 1;
                 }
@@ -471,10 +542,11 @@ impl<E: Executor> Engine<E> {
             if budget == 0 {
                 break;
             }
-            if self.running[index].remaining() > 1 && !plan.iter().any(|p| p.index == index) {
+            let id = self.running[index].id;
+            if self.running[index].remaining() > 1 && !plan.iter().any(|p| p.id == id) {
                 let len = self.grow_for_prefill(index, budget);
                 if len > 0 {
-                    plan.push(Planned { index, len });
+                    plan.push(Planned { id, len });
                     budget -= len;
                 }
             }
@@ -482,65 +554,49 @@ impl<E: Executor> Engine<E> {
         // 3. Admissions.
         while budget > 0 && self.running.len() < self.cfg.max_running {
             let Some(len) = self.admit(budget) else { break };
-            plan.push(Planned {
-                index: self.running.len() - 1,
-                len,
-            });
+            let id = self.running.last().map_or(0, |s| s.id);
+            plan.push(Planned { id, len });
             budget -= len;
         }
-        if plan.is_empty() {
-            if self.tiers.loading() {
-                // Every admissible request waits on a disk read: wait for one, not in a spin.
-                self.tiers.poll(Some(std::time::Duration::from_millis(2)));
-            }
-            return Ok(stats);
+        plan
+    }
+
+    /// A shard restarted: blocks the prefix cache names are gone, and every running sequence
+    /// lost context. Nothing is answered wrong or lost: the sequences go back to the queue to be
+    /// recomputed (their tokens so far are kept), and the cache forgets everything (a Cleared
+    /// event tells the routers).
+    fn recover(&mut self, e: &ModelError, stats: &mut StepStats) {
+        for index in (0..self.running.len()).rev() {
+            self.preempt(index);
+            stats.preempted += 1;
         }
-
-        let work: Vec<Work<'_>> = plan
-            .iter()
-            .map(|p| {
-                let seq = &self.running[p.index];
-                Work {
-                    tokens: &seq.tokens[seq.computed..seq.computed + p.len],
-                    start: seq.computed,
-                    table: &seq.blocks,
-                    wants_logits: seq.computed + p.len == seq.tokens.len(),
-                }
-            })
-            .collect();
-        let result = self.exec.run(&work);
-        drop(work);
-        let logits = match result {
-            Ok(logits) => logits,
-            Err(e) if e.loses_kv() => {
-                // A shard restarted: blocks the prefix cache names are gone, and every running
-                // sequence lost context. Nothing is answered wrong or lost: the sequences go
-                // back to the queue to be recomputed (their tokens so far are kept), and the
-                // cache forgets everything (a Cleared event tells the routers).
-                for index in (0..self.running.len()).rev() {
-                    self.preempt(index);
-                    stats.preempted += 1;
-                }
-                for seq in &mut self.waiting {
-                    if seq.completion == 0 {
-                        // Not reported yet: the prompt is now computed, not served from cache.
-                        seq.cached_tokens = None;
-                    }
-                }
-                self.pool.clear_cache();
-                stats.kv_lost = true;
-                tracing::warn!(error = %e, recomputed = stats.preempted, "KV blocks lost; recomputing the running sequences");
-                return Ok(stats);
+        for seq in &mut self.waiting {
+            if seq.completion == 0 {
+                // Not reported yet: the prompt is now computed, not served from cache.
+                seq.cached_tokens = None;
             }
-            Err(e) => return Err(e),
-        };
+        }
+        self.pool.clear_cache();
+        stats.kv_lost = true;
+        tracing::warn!(error = %e, recomputed = stats.preempted, "KV blocks lost; recomputing the running sequences");
+    }
 
-        // The choices first (a failed reduction fails the step before anything is committed).
+    /// Takes the executed batch's results: chooses each finished row's token (all of them before
+    /// anything changes, so a failed reduction fails the step with nothing committed), advances
+    /// every sequence, commits its full blocks to the prefix cache, emits the tokens and retires
+    /// the finished sequences.
+    fn commit(
+        &mut self,
+        plan: &[Planned],
+        at: &[usize],
+        logits: StepLogits,
+        stats: &mut StepStats,
+    ) -> Result<(), ModelError> {
         let mut choices = Vec::with_capacity(plan.len());
-        for (item, p) in plan.iter().enumerate() {
+        for (item, &index) in at.iter().enumerate() {
             choices.push(match logits.has(item) {
                 true => {
-                    let seq = &mut self.running[p.index];
+                    let seq = &mut self.running[index];
                     let top_n = seq.request.sampling.logprobs.map(|n| n as usize);
                     Some(seq.sampler.choose(&logits, item, top_n)?)
                 }
@@ -550,8 +606,8 @@ impl<E: Executor> Engine<E> {
         drop(logits);
 
         stats.sequences = plan.len();
-        for (p, choice) in plan.iter().zip(choices) {
-            let seq = &mut self.running[p.index];
+        for ((p, &index), choice) in plan.iter().zip(at).zip(choices) {
+            let seq = &mut self.running[index];
             if seq.remaining() == 1 && seq.computed >= seq.prompt_len {
                 stats.decode_tokens += 1;
             } else {
@@ -560,11 +616,19 @@ impl<E: Executor> Engine<E> {
             seq.computed += p.len;
             Self::commit_blocks(&mut self.pool, seq, self.cfg.block_tokens.as_usize());
             if let Some(choice) = choice {
-                self.emit(p.index, choice);
+                self.emit(index, choice);
             }
         }
         self.retire_finished();
-        Ok(stats)
+        Ok(())
+    }
+
+    /// Where running sequence `id` is (it is there: the plan names only running sequences).
+    fn position(&self, id: u64) -> usize {
+        self.running
+            .iter()
+            .position(|s| s.id == id)
+            .expect("a planned sequence is running")
     }
 
     /// Makes sure running sequence `index` has blocks for `upto` tokens, preempting later
@@ -592,13 +656,9 @@ impl<E: Executor> Engine<E> {
             }
             // Preempt the most recently admitted sequence; when that is this one, this one.
             let victim = self.running.len() - 1;
-            if let Some(pos) = plan.iter().position(|p| p.index == victim) {
+            let id = self.running[victim].id;
+            if let Some(pos) = plan.iter().position(|p| p.id == id) {
                 *budget += plan.remove(pos).len;
-            }
-            for p in plan.iter_mut() {
-                if p.index > victim {
-                    p.index -= 1;
-                }
             }
             self.preempt(victim);
             stats.preempted += 1;
@@ -838,6 +898,20 @@ impl<E: Executor> Engine<E> {
 /// The leading block hashes of a `tokens`-token sequence that may come from a cache: all full
 /// blocks but the one holding the last token, whose logits are needed (and whose block must be
 /// private to be written).
+/// Leading blocks two chains share. Hashes are chained (a block's hash covers every block
+/// before it), so the shared blocks are a prefix and equal hashes at `k` mean equal before it.
+fn shared_prefix(a: &[BlockHash], b: &[BlockHash]) -> usize {
+    let (mut lo, mut hi) = (0, a.len().min(b.len()));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match a[mid] == b[mid] {
+            true => lo = mid + 1,
+            false => hi = mid,
+        }
+    }
+    lo
+}
+
 fn reusable(chain: &HashChain, tokens: usize, bt: usize) -> &[BlockHash] {
     let hashes = chain.hashes();
     &hashes[..hashes.len().min((tokens - 1) / bt)]
@@ -848,5 +922,67 @@ fn usage(seq: &Sequence) -> Usage {
         prompt_tokens: seq.prompt_len as u32,
         cached_tokens: seq.cached_tokens.unwrap_or(0) as u32,
         completion_tokens: seq.completion,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tidelock_protocol::{BlockTokens, Epoch, ModelName};
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+    use crate::engine::sim::{SimExecutor, Timing};
+    use crate::testing::greedy;
+
+    fn engine() -> Engine<SimExecutor> {
+        let cfg = EngineConfig {
+            model: ModelName::new("sim").unwrap(),
+            block_tokens: BlockTokens::new(64).unwrap(),
+            max_step_tokens: 256,
+            max_running: 8,
+            max_waiting: 16,
+            max_context: 8192,
+            vocab_size: 1000,
+            eos_token_ids: vec![],
+        };
+        let pool = BlockPool::new(64, cfg.block_tokens, Epoch::new(1));
+        Engine::new(cfg, pool, SimExecutor::new(1000, Timing::INSTANT))
+    }
+
+    /// The load report's queue counts the prefill still to do: a waiting request whose prefix
+    /// is cached adds only the rest, a cold one all of it, a running one what it has left.
+    #[test]
+    fn the_queue_counts_uncached_prefill_only() {
+        let mut e = engine();
+        let prompt: Vec<u32> = (100..740).collect(); // 640 tokens: 10 blocks of 64
+        let (tx, mut rx) = unbounded_channel();
+        e.submit(greedy(prompt.clone(), 1), tx);
+        while !e.is_idle() {
+            e.step().unwrap();
+        }
+        assert!(matches!(
+            std::iter::from_fn(|| rx.try_recv().ok()).last(),
+            Some(GenerateEvent::Finished { .. })
+        ));
+        assert_eq!(e.load().waiting_prefill_tokens, 0);
+
+        // The same prompt and 64 more tokens: its first 10 blocks are cached, 64 tokens to
+        // compute.
+        let longer: Vec<u32> = (100..804).collect();
+        let (tx, _warm) = unbounded_channel();
+        e.submit(greedy(longer, 1), tx);
+        assert_eq!(e.load().waiting_prefill_tokens, 64);
+        let (tx, _cold) = unbounded_channel();
+        e.submit(greedy((200..904).collect(), 1), tx);
+        assert_eq!(e.load().waiting_prefill_tokens, 64 + 704);
+        // One step (256 tokens of budget): the warm request's 64 are done, the cold one has
+        // 704 - 192 left.
+        e.step().unwrap();
+        assert_eq!(e.load().waiting_prefill_tokens, 704 - 192);
+        // A request behind the cold one, sharing its 11 blocks (704 tokens): they are computed by the
+        // time it is admitted; 64 tokens of its own.
+        let (tx, _behind) = unbounded_channel();
+        e.submit(greedy((200..968).collect(), 1), tx);
+        assert_eq!(e.load().waiting_prefill_tokens, 704 - 192 + 768 - 704);
     }
 }
