@@ -16,13 +16,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tidelock_protocol::{BlockHash, HandoffPeer, HandoffPlan, WorkerId};
 
-use crate::http::Http;
+use crate::http::{Http, HttpError};
 use crate::index::KvIndex;
 use crate::policy::{self, Candidate, CostModel, Policy, PullWhen};
 use crate::workers::Model;
@@ -131,49 +127,25 @@ pub async fn hand_off(model: &Model, http: &Http, cost: Option<&CostModel>, from
         "{}/v1/kv/handoff",
         draining.registration.address.trim_end_matches('/')
     );
-    match tokio::time::timeout(SEND_TIMEOUT, post(http, &url, &plan)).await {
-        Ok(Ok(())) => tracing::info!(
+    let sent = match serde_json::to_vec(&plan) {
+        Ok(body) => http.post_json(&url, body, SEND_TIMEOUT).await.map(drop),
+        Err(e) => Err(HttpError::Json(e)),
+    };
+    match sent {
+        Ok(()) => tracing::info!(
             model = %model.name,
             worker = %from,
             peers = plan.peers.len(),
             blocks,
             "draining worker: its KV cache goes to the peers chosen"
         ),
-        Ok(Err(e)) => {
-            tracing::info!(model = %model.name, worker = %from, error = %e, "draining worker: handoff plan not taken")
-        }
-        Err(_) => {
+        Err(HttpError::Timeout(_)) => {
             tracing::warn!(model = %model.name, worker = %from, "draining worker: no answer to the handoff plan within {SEND_TIMEOUT:?}")
         }
+        Err(e) => {
+            tracing::info!(model = %model.name, worker = %from, error = %e, "draining worker: handoff plan not taken")
+        }
     }
-}
-
-async fn post(http: &Http, url: &str, plan: &HandoffPlan) -> Result<(), String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let body = serde_json::to_vec(plan).map_err(|e| e.to_string())?;
-    let mut request =
-        hyper::Request::post(url).header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(auth) = http.authorization() {
-        request = request.header(hyper::header::AUTHORIZATION, auth.clone());
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    Err(format!(
-        "HTTP {status}: {}",
-        String::from_utf8_lossy(&body[..body.len().min(300)])
-    ))
 }
 
 #[cfg(test)]

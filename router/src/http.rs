@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -18,6 +18,8 @@ use tidelock_protocol::ClusterToken;
 #[derive(Debug, Clone)]
 pub struct Http {
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// For the few POSTs (a draining worker's handoff plan).
+    posts: Client<HttpConnector, Full<Bytes>>,
     authorization: Option<HeaderValue>,
 }
 
@@ -41,7 +43,8 @@ impl Http {
             value
         });
         Http {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            posts: Client::builder(TokioExecutor::new()).build(connector),
             authorization,
         }
     }
@@ -76,6 +79,37 @@ impl Http {
         .map_err(|_| HttpError::Timeout(timeout))?
     }
 
+    /// POSTs `body` as JSON to `url` with the credential; the reply's body if its status is a
+    /// success, all within `timeout`.
+    pub(crate) async fn post_json(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Bytes, HttpError> {
+        let uri: hyper::Uri = url.parse()?;
+        let mut request = hyper::Request::post(uri)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(value) = &self.authorization {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        let request = request.body(Full::new(Bytes::from(body)))?;
+        tokio::time::timeout(timeout, async {
+            let response = self.posts.request(request).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            match status.is_success() {
+                true => Ok(body),
+                false => Err(HttpError::Refused {
+                    status,
+                    message: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+                }),
+            }
+        })
+        .await
+        .map_err(|_| HttpError::Timeout(timeout))?
+    }
+
     /// GETs `url` and parses its JSON body.
     pub(crate) async fn get_json<T: DeserializeOwned>(
         &self,
@@ -99,6 +133,12 @@ pub enum HttpError {
     Send(#[from] hyper_util::client::legacy::Error),
     #[error("HTTP {0}")]
     Status(hyper::StatusCode),
+    /// An error status with the body that explains it.
+    #[error("HTTP {status}: {message}")]
+    Refused {
+        status: hyper::StatusCode,
+        message: String,
+    },
     /// The connection broke while the body was read.
     #[error("reading the body: {0}")]
     Body(#[from] hyper::Error),

@@ -95,10 +95,6 @@ impl Placer {
         }
     }
 
-    pub fn pins(&self) -> &Arc<Pins> {
-        &self.pins
-    }
-
     /// Decides where `ask` goes, counting the decision in `metrics`.
     #[tracing::instrument(
         name = "placement",

@@ -166,7 +166,7 @@ impl Proxy {
     /// pulled by the next one (module docs).
     pub async fn start(
         &self,
-        order: Vec<(Arc<WorkerState>, u64, usize)>,
+        order: Vec<crate::placement::Target>,
         request: &GenerateRequest,
         may_pull: bool,
         blocks: &Arc<[BlockHash]>,

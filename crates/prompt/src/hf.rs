@@ -78,24 +78,20 @@ impl TokenizerConfig {
             .map_err(|e| file_error(path, format!("not valid JSON: {e}"), e))?;
         Self::from_json(&doc).map_err(|problem| PromptError::File {
             path: PathBuf::from(path),
-            problem,
+            problem: problem.to_string(),
             source: None,
         })
     }
 
-    fn from_json(doc: &Value) -> Result<Self, String> {
+    fn from_json(doc: &Value) -> Result<Self, ConfigError> {
         let Value::Object(doc) = doc else {
-            return Err("not a JSON object".into());
+            return Err(ConfigError::NotAnObject);
         };
         let chat_template = match doc.get("chat_template") {
             None | Some(Value::Null) => None,
             Some(Value::String(template)) => Some(template.clone()),
             Some(Value::Array(named)) => Some(default_template(named)?),
-            Some(other) => {
-                return Err(format!(
-                    "`chat_template` is neither a string nor a list of named templates: {other}"
-                ));
-            }
+            Some(other) => return Err(ConfigError::TemplateShape(other.to_string())),
         };
         Ok(Self {
             chat_template,
@@ -105,40 +101,51 @@ impl TokenizerConfig {
     }
 }
 
+/// What is wrong with a `tokenizer_config.json`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("`chat_template` is neither a string nor a list of named templates: {0}")]
+    TemplateShape(String),
+    #[error("`chat_template` list entry is not {{\"name\": string, \"template\": string}}: {0}")]
+    TemplateEntry(String),
+    #[error("`chat_template` lists no template named `default` (it has: {})", .0.join(", "))]
+    NoDefaultTemplate(Vec<String>),
+    #[error("`{0}` is an object without a string `content`")]
+    TokenWithoutContent(String),
+    #[error("`{key}` is neither a string nor an object with `content`: {value}")]
+    TokenShape { key: String, value: String },
+}
+
 /// The template named `default` in a list of `{"name": ..., "template": ...}`.
-fn default_template(named: &[Value]) -> Result<String, String> {
+fn default_template(named: &[Value]) -> Result<String, ConfigError> {
     let mut names = Vec::with_capacity(named.len());
     for entry in named {
         let name = entry.get("name").and_then(Value::as_str);
         let template = entry.get("template").and_then(Value::as_str);
         match (name, template) {
             (Some("default"), Some(template)) => return Ok(template.to_owned()),
-            (Some(name), Some(_)) => names.push(name),
-            _ => {
-                return Err(format!(
-                    "`chat_template` list entry is not {{\"name\": string, \"template\": string}}: {entry}"
-                ));
-            }
+            (Some(name), Some(_)) => names.push(name.to_owned()),
+            _ => return Err(ConfigError::TemplateEntry(entry.to_string())),
         }
     }
-    Err(format!(
-        "`chat_template` lists no template named `default` (it has: {})",
-        names.join(", ")
-    ))
+    Err(ConfigError::NoDefaultTemplate(names))
 }
 
 /// A special token: a string, an `AddedToken` object with `content`, or `null`.
-fn token(doc: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+fn token(doc: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, ConfigError> {
     match doc.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text.clone())),
         Some(Value::Object(obj)) => match obj.get("content") {
             Some(Value::String(text)) => Ok(Some(text.clone())),
-            _ => Err(format!("`{key}` is an object without a string `content`")),
+            _ => Err(ConfigError::TokenWithoutContent(key.to_owned())),
         },
-        Some(other) => Err(format!(
-            "`{key}` is neither a string nor an object with `content`: {other}"
-        )),
+        Some(other) => Err(ConfigError::TokenShape {
+            key: key.to_owned(),
+            value: other.to_string(),
+        }),
     }
 }
 
@@ -167,7 +174,7 @@ mod tests {
         (dir, tokenizer, config)
     }
 
-    fn parse(json: &str) -> Result<TokenizerConfig, String> {
+    fn parse(json: &str) -> Result<TokenizerConfig, ConfigError> {
         TokenizerConfig::from_json(&serde_json::from_str(json).expect("json"))
     }
 
@@ -201,18 +208,20 @@ mod tests {
     #[test]
     fn config_errors_say_what_is_wrong() {
         let no_default = parse(r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#);
-        assert!(
-            no_default
-                .unwrap_err()
-                .contains("no template named `default` (it has: rag)")
+        assert_eq!(
+            no_default.unwrap_err().to_string(),
+            "`chat_template` lists no template named `default` (it has: rag)"
         );
         let bad_list = parse(r#"{"chat_template": [{"template": "R"}]}"#);
-        assert!(bad_list.unwrap_err().contains("list entry"));
+        assert!(bad_list.unwrap_err().to_string().contains("list entry"));
         let bad_token = parse(r#"{"eos_token": {"id": 3}}"#);
-        assert!(bad_token.unwrap_err().contains("`eos_token`"));
+        assert_eq!(
+            bad_token,
+            Err(ConfigError::TokenWithoutContent("eos_token".into()))
+        );
         let number = parse(r#"{"bos_token": 1}"#);
-        assert!(number.unwrap_err().contains("`bos_token`"));
-        assert!(parse("[]").is_err());
+        assert!(number.unwrap_err().to_string().contains("`bos_token`"));
+        assert_eq!(parse("[]"), Err(ConfigError::NotAnObject));
     }
 
     #[test]

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tidelock_protocol::openai::OpenAiError;
 use tidelock_protocol::{AdoptReply, AdoptRequest, HandoffPlan, MAX_PULL_BLOCKS};
 use tokio::sync::{oneshot, watch};
 
-use super::peers::{Peers, json_body, within_pull_limit};
+use super::peers::{PeerError, Peers, json_body, within_pull_limit};
 use super::runner::Command;
 use super::{AppState, engine_gone, error_response};
 
@@ -154,35 +154,11 @@ async fn carry_out(state: AppState, plan: HandoffPlan) {
 }
 
 /// One adopt request to `to`.
-async fn ask(peers: &Peers, to: &str, request: &AdoptRequest) -> Result<AdoptReply, String> {
-    let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-    let mut http = hyper::Request::post(format!("{}{ADOPT_PATH}", to.trim_end_matches('/')))
-        .header(header::CONTENT_TYPE, "application/json");
-    if let Some(auth) = &peers.authorization {
-        http = http.header(header::AUTHORIZATION, auth.as_str());
-    }
-    let http = http
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = peers
-        .client
-        .request(http)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        ));
-    }
-    serde_json::from_slice(&body).map_err(|e| e.to_string())
+async fn ask(peers: &Peers, to: &str, request: &AdoptRequest) -> Result<AdoptReply, PeerError> {
+    let url = format!("{}{ADOPT_PATH}", to.trim_end_matches('/'));
+    let response = peers.post_json(&url, serde_json::to_vec(request)?).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
 }
 
 /// `POST /v1/kv/adopt`: pulls the blocks a draining peer hands over and keeps them.

@@ -163,11 +163,71 @@ impl Peers {
     }
 
     /// [`Peers::fetch`], giving up after [`PULL_TIMEOUT`].
-    pub async fn pull(&self, from: &str, hashes: &[BlockHash]) -> Result<Received, String> {
+    pub async fn pull(&self, from: &str, hashes: &[BlockHash]) -> Result<Received, PeerError> {
         tokio::time::timeout(PULL_TIMEOUT, self.fetch(from, hashes))
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {PULL_TIMEOUT:?}")))
+            .unwrap_or(Err(PeerError::Timeout(PULL_TIMEOUT)))
     }
+
+    /// POSTs `body` (JSON) to `url` with the cluster credential; the whole reply, if its
+    /// status is a success.
+    pub(crate) async fn post_json(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, PeerError> {
+        let mut request =
+            hyper::Request::post(url).header(header::CONTENT_TYPE, "application/json");
+        if let Some(auth) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, auth.as_str());
+        }
+        let response = self
+            .client
+            .request(request.body(Full::new(Bytes::from(body)))?)
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.into_body().collect().await?.to_bytes();
+            return Err(PeerError::Status {
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&text[..text.len().min(300)]).into_owned(),
+            });
+        }
+        Ok(response)
+    }
+}
+
+/// Why a call to a peer worker failed, or why its reply stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("this worker cannot import blocks")]
+    NoLayout,
+    #[error("not a request: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// No connection, or it broke before the reply's head.
+    #[error("{0}")]
+    Send(#[from] hyper_util::client::legacy::Error),
+    #[error("HTTP {status}: {message}")]
+    Status { status: u16, message: String },
+    /// The connection broke while the reply was read.
+    #[error("reading the reply: {0}")]
+    Body(#[from] hyper::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("not the JSON expected: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The blocks' stream was not one (a bad prefix or block header).
+    #[error("{0}")]
+    Wire(#[from] tidelock_protocol::binary::WireError),
+    #[error("the peer's blocks are laid out as {theirs:?}, this worker's as {ours:?}")]
+    Layout {
+        theirs: BlockLayout,
+        ours: BlockLayout,
+    },
+    #[error("block {0} failed its checksum")]
+    Checksum(BlockHash),
+    #[error("the reply ended inside a block")]
+    Truncated,
 }
 
 /// Starts the puller: each job on its own task, over the peers' pooled client, its result
@@ -218,7 +278,7 @@ pub struct Received {
     /// Blocks asked for that arrived whole, checked, in this worker's layout.
     pub blocks: Vec<(BlockHash, Bytes)>,
     /// What went wrong, if anything did (what came before it is kept).
-    pub problem: Option<String>,
+    pub problem: Option<PeerError>,
 }
 
 /// A [`BlocksRequest`] over borrowed hashes (the same JSON).
@@ -230,34 +290,11 @@ struct Ask<'a> {
 impl Peers {
     /// Asks `from` for `hashes` and reads the reply as it streams in: each block is checked as
     /// soon as it is whole, while the next one arrives.
-    pub async fn fetch(&self, from: &str, hashes: &[BlockHash]) -> Result<Received, String> {
-        let layout = self
-            .layout
-            .as_ref()
-            .ok_or("this worker cannot import blocks")?;
-        let body = serde_json::to_vec(&Ask { hashes }).map_err(|e| e.to_string())?;
-        let mut request = hyper::Request::post(format!("{}{PATH}", from.trim_end_matches('/')))
-            .header(header::CONTENT_TYPE, "application/json");
-        if let Some(auth) = &self.authorization {
-            request = request.header(header::AUTHORIZATION, auth.as_str());
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        let mut body = response.into_body();
-        if !status.is_success() {
-            let text = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            return Err(format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&text[..text.len().min(300)])
-            ));
-        }
+    pub async fn fetch(&self, from: &str, hashes: &[BlockHash]) -> Result<Received, PeerError> {
+        let layout = self.layout.as_ref().ok_or(PeerError::NoLayout)?;
+        let body = serde_json::to_vec(&Ask { hashes })?;
+        let url = format!("{}{PATH}", from.trim_end_matches('/'));
+        let mut body = self.post_json(&url, body).await?.into_body();
         let wanted: std::collections::HashSet<&BlockHash> = hashes.iter().collect();
         let mut out = Received {
             blocks: Vec::new(),
@@ -292,14 +329,14 @@ impl Peers {
                     }
                 }
                 Some(Err(e)) => {
-                    out.problem = Some(e.to_string());
+                    out.problem = Some(PeerError::Body(e));
                     return Ok(out);
                 }
                 None => break,
             }
         }
         if !matches!(reader, StreamReader::Done) {
-            out.problem = Some("the reply ended inside a block".into());
+            out.problem = Some(PeerError::Truncated);
         }
         Ok(out)
     }
@@ -331,7 +368,7 @@ impl StreamReader {
         &mut self,
         buf: &mut bytes::BytesMut,
         layout: &BlockLayout,
-    ) -> Result<Option<(BlockHash, Bytes)>, String> {
+    ) -> Result<Option<(BlockHash, Bytes)>, PeerError> {
         loop {
             let want = self.wants(layout);
             match self {
@@ -339,11 +376,12 @@ impl StreamReader {
                 _ if buf.len() < want => return Ok(None),
                 StreamReader::Prefix => {
                     let prefix = buf.split_to(want);
-                    let (got, n) = blocks::parse_prefix(&prefix).map_err(|e| e.to_string())?;
+                    let (got, n) = blocks::parse_prefix(&prefix)?;
                     if got != *layout {
-                        return Err(format!(
-                            "the peer's blocks are laid out as {got:?}, this worker's as {layout:?}"
-                        ));
+                        return Err(PeerError::Layout {
+                            theirs: got,
+                            ours: *layout,
+                        });
                     }
                     *self = match n {
                         0 => StreamReader::Done,
@@ -352,12 +390,11 @@ impl StreamReader {
                 }
                 StreamReader::Blocks(left) => {
                     let mut piece = buf.split_to(want).freeze();
-                    let (hash, len) = blocks::parse_block_prefix(layout, &piece[..24])
-                        .map_err(|e| e.to_string())?;
+                    let (hash, len) = blocks::parse_block_prefix(layout, &piece[..24])?;
                     let sum = piece.split_off(24 + len as usize);
                     let payload = piece.slice(24..);
                     if sum[..] != blocks::checksum(layout, &hash, &payload) {
-                        return Err(format!("block {hash} failed its checksum"));
+                        return Err(PeerError::Checksum(hash));
                     }
                     *left -= 1;
                     if *left == 0 {
