@@ -58,6 +58,8 @@ pub fn plan(
         let request = policy::Request {
             prompt_tokens: chain.hashes.len() * block_tokens,
             block_tokens,
+            // A plan moves what exists; the router's recent load does not change where.
+            work_rate: 0.0,
             session: None,
             pinned: None,
         };

@@ -17,8 +17,9 @@
 //!    start leaves no trace.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tidelock_protocol::{BlockHash, HashChain, PullHint, SessionKey, TenantId, WorkerId};
 
@@ -36,6 +37,44 @@ pub struct Placer {
     pins: Arc<Pins>,
     /// The round-robin counter (also breaks ties in the other policies).
     turn: AtomicU64,
+    /// The prefill work placed lately ([`policy::backlog`]).
+    work: Mutex<WorkRate>,
+}
+
+/// Tokens per second, averaged exponentially over [`WorkRate::HORIZON`].
+#[derive(Debug)]
+struct WorkRate {
+    /// Tokens placed, each weighted by `exp(-age / HORIZON)`, as of `at`.
+    tokens: f64,
+    at: Instant,
+}
+
+impl WorkRate {
+    /// Longer than a burst, shorter than a change of load worth following.
+    const HORIZON: Duration = Duration::from_secs(10);
+
+    fn new(now: Instant) -> Self {
+        WorkRate {
+            tokens: 0.0,
+            at: now,
+        }
+    }
+
+    fn decay(&mut self, now: Instant) {
+        let age = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens *= (-age / Self::HORIZON.as_secs_f64()).exp();
+        self.at = now;
+    }
+
+    fn add(&mut self, tokens: u64, now: Instant) {
+        self.decay(now);
+        self.tokens += tokens as f64;
+    }
+
+    fn per_second(&mut self, now: Instant) -> f64 {
+        self.decay(now);
+        self.tokens / Self::HORIZON.as_secs_f64()
+    }
 }
 
 /// What is being placed.
@@ -92,6 +131,7 @@ impl Placer {
             cost,
             pins,
             turn: AtomicU64::new(0),
+            work: Mutex::new(WorkRate::new(Instant::now())),
         }
     }
 
@@ -147,6 +187,7 @@ impl Placer {
             &policy::Request {
                 prompt_tokens: ask.prompt_tokens,
                 block_tokens,
+                work_rate: self.work().per_second(Instant::now()),
                 session: key,
                 pinned: pinned.as_ref(),
             },
@@ -174,16 +215,26 @@ impl Placer {
         if pull.is_some() {
             metrics.decisions.with_label_values(&[policy, "pull"]).inc();
         }
-        let order = decision
+        // Blocks held and blocks promised both spare the worker their prefill.
+        let promised: HashMap<&WorkerId, usize> = candidates
+            .iter()
+            .filter(|c| c.promised > 0)
+            .map(|c| (&c.worker, c.promised))
+            .collect();
+        let order: Vec<Target> = decision
             .order
             .iter()
             .filter_map(|id| {
                 let w = workers.get(id)?.clone();
                 let cached = held.get(id).map_or(0, TierCounts::total);
-                let uncached = ask.prompt_tokens.saturating_sub(cached * block_tokens);
+                let spared = cached.max(promised.get(id).copied().unwrap_or(0));
+                let uncached = ask.prompt_tokens.saturating_sub(spared * block_tokens);
                 Some((w, uncached as u64, cached))
             })
             .collect();
+        if let Some((_, prefill, _)) = order.first() {
+            self.work().add(*prefill, Instant::now());
+        }
         let pin = match ask.session {
             Some(session) if self.policy.uses_pins() => Some(PinUpdate {
                 pins: self.pins.clone(),
@@ -206,6 +257,12 @@ impl Placer {
             may_pull: self.cost.pull != PullWhen::Never,
             pin,
         })
+    }
+}
+
+impl Placer {
+    fn work(&self) -> std::sync::MutexGuard<'_, WorkRate> {
+        self.work.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -297,5 +354,18 @@ mod tests {
         assert_eq!(placement(Some("s"), Some("a")).pin_to(&a), None);
         assert_eq!(placement(Some("s"), Some("a")).pin_to(&b), Some(&b.id));
         assert_eq!(placement(None, None).pin_to(&a), None);
+    }
+
+    /// The rate is the tokens placed over the horizon, fading with their age.
+    #[test]
+    fn work_rate_fades_with_age() {
+        let t0 = Instant::now();
+        let mut rate = WorkRate::new(t0);
+        rate.add(100_000, t0);
+        assert!((rate.per_second(t0) - 10_000.0).abs() < 1e-6);
+        let later = t0 + WorkRate::HORIZON;
+        assert!((rate.per_second(later) - 10_000.0 / std::f64::consts::E).abs() < 1e-6);
+        rate.add(50_000, later);
+        assert!((rate.per_second(later) - (10_000.0 / std::f64::consts::E + 5_000.0)).abs() < 1e-6);
     }
 }

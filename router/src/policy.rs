@@ -32,8 +32,8 @@
 //! Both terms price one request's own wait. Once every worker has a queue, they miss what a
 //! placement does to the others: each token it computes is a token the requests queued behind it
 //! wait for, wherever it lands (while some worker is idle, the next requests go there instead).
-//! So a placement is also charged its prefill once per request queued on the least loaded
-//! worker, the cluster's `backlog` ([`backlog`]):
+//! So a placement is also charged its prefill once per request it delays, the cluster's
+//! `backlog` ([`backlog`]: the shortest queue now, or the mean queue of the recent load):
 //!
 //! ```text
 //! rank(w) = score(w) + backlog * uncached_tokens(w) / prefill_speed(w)
@@ -178,18 +178,31 @@ impl Candidate {
     }
 }
 
-/// Requests that new prefill work delays, wherever it is placed: the shortest queue among the
-/// workers taking requests. While a worker is idle, work placed elsewhere delays nobody but its
-/// own request (the next ones go to the idle worker); once every worker has a queue, every token
-/// computed is a token that the requests queued behind it wait for.
-pub fn backlog(candidates: &[Candidate]) -> u32 {
-    candidates
-        .iter()
-        .filter(|c| !c.load.draining)
-        .map(Candidate::queued_requests)
-        .min()
-        .unwrap_or(0)
+/// Requests that new prefill work delays, wherever it is placed, the larger of two measures:
+///
+/// - now: the shortest queue among the workers taking requests. While a worker is idle, work
+///   placed elsewhere delays nobody but its own request (the next ones go to the idle worker);
+///   once every worker has a queue, every token computed is a token the requests queued behind
+///   it wait for;
+/// - on average: `u / (1 - u)`, the mean number of requests in a queue kept busy a fraction `u`
+///   of the time (M/M/1), where `u` is the prefill work this router placed lately
+///   (`work_rate`, tokens per second) over the workers' measured speeds together. Arrivals in
+///   bursts leave a worker idle between them although the cluster as a whole has no time to
+///   spare: work added in a quiet moment is still work the next burst waits for.
+pub fn backlog(candidates: &[Candidate], model: &CostModel, work_rate: f64) -> f64 {
+    let taking = || candidates.iter().filter(|c| !c.load.draining);
+    let now = taking().map(Candidate::queued_requests).min().unwrap_or(0);
+    let capacity: f64 = taking().map(|c| model.speed(c)).sum();
+    let busy = match capacity > 0.0 && work_rate.is_finite() {
+        true => (work_rate / capacity).clamp(0.0, MAX_UTILIZATION),
+        false => 0.0,
+    };
+    f64::from(now).max(busy / (1.0 - busy))
 }
+
+/// The utilization [`backlog`] counts at most (99 requests behind each: work placed at or past
+/// capacity delays requests for as long as the overload lasts, which nothing here measures).
+pub const MAX_UTILIZATION: f64 = 0.99;
 
 /// The TTFT model's parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -298,7 +311,7 @@ impl CostModel {
         may_pull: bool,
     ) -> (f64, bool) {
         let speed = self.speed(c);
-        let delay = f64::from(prompt.backlog) / speed;
+        let delay = prompt.backlog / speed;
         let own_work = uncached(prompt, c.cached_blocks());
         let own = self
             .ttft(c, prompt.tokens, prompt.block_tokens)
@@ -339,7 +352,7 @@ impl CostModel {
             &Prompt {
                 tokens: prompt_tokens,
                 block_tokens,
-                backlog: 0,
+                backlog: 0.0,
             },
             c.cached_blocks(),
         );
@@ -364,8 +377,8 @@ impl CostModel {
 pub struct Prompt {
     pub tokens: usize,
     pub block_tokens: usize,
-    /// Requests queued on every worker ([`backlog`]).
-    pub backlog: u32,
+    /// Requests that the prefill of a placement delays ([`backlog`]).
+    pub backlog: f64,
 }
 
 /// Tokens of `prompt` to compute on a worker holding its first `cached_blocks` blocks. The last
@@ -390,6 +403,8 @@ fn measured(reported: f64, default: f64) -> f64 {
 pub struct Request<'a> {
     pub prompt_tokens: usize,
     pub block_tokens: usize,
+    /// Prefill tokens per second this router placed lately ([`backlog`]); 0 when unknown.
+    pub work_rate: f64,
     /// The session key (or, without one, the prompt's first block hash), for `session_hash`.
     pub session: Option<&'a str>,
     /// The worker the session is pinned to, if any.
@@ -475,7 +490,7 @@ pub fn decide(
             let prompt = Prompt {
                 tokens: request.prompt_tokens,
                 block_tokens: request.block_tokens,
-                backlog: backlog(candidates),
+                backlog: backlog(candidates, model, request.work_rate),
             };
             let rank = |c: &Candidate| model.rank(c, &prompt, most, may_pull);
             let mut order = sorted;

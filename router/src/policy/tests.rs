@@ -30,6 +30,7 @@ fn req<'a>(prompt: usize, session: Option<&'a str>, pinned: Option<&'a WorkerId>
     Request {
         prompt_tokens: prompt,
         block_tokens: 64,
+        work_rate: 0.0,
         session,
         pinned,
     }
@@ -182,16 +183,50 @@ fn ttft_keeps_prefixes_home_when_every_worker_has_a_queue() {
             0,
         )
         .unwrap();
-        (first(&d).to_owned(), backlog(&cands))
+        let backlog = backlog(&cands, &CostModel::default(), 0.0);
+        (first(&d).to_owned(), backlog)
     };
-    assert_eq!(place([0, 0], [0, 0]), ("b".to_owned(), 0));
+    assert_eq!(place([0, 0], [0, 0]), ("b".to_owned(), 0.0));
     // Only the holder has a queue: b is idle, nothing waits behind work placed there.
-    assert_eq!(place([20, 0], [0, 0]), ("b".to_owned(), 0));
+    assert_eq!(place([20, 0], [0, 0]), ("b".to_owned(), 0.0));
     // Four requests queued everywhere (the worker's report or this router's own count, the
     // larger): each waits for what a placement computes. a: 10.128 + 4 * 0.128 = 10.64 s;
     // b: 8.808 + 4 * 2.048 = 16.999 s.
-    assert_eq!(place([4, 9], [0, 0]), ("a".to_owned(), 4));
-    assert_eq!(place([0, 4], [6, 1]), ("a".to_owned(), 4));
+    assert_eq!(place([4, 9], [0, 0]), ("a".to_owned(), 4.0));
+    assert_eq!(place([0, 4], [6, 1]), ("a".to_owned(), 4.0));
+}
+
+/// Between bursts a worker may be idle while the cluster has no time to spare: the recent load
+/// keeps the prefix home too. The same two workers as above, both queues empty of requests.
+#[test]
+fn ttft_keeps_prefixes_home_when_the_recent_load_is_near_capacity() {
+    let mut a = cand("a", 0, 30);
+    a.load.prefill_tokens_waiting = 10_000;
+    let mut b = cand("b", 0, 0);
+    b.load.prefill_tokens_waiting = 1_000;
+    let cands = [a, b];
+    let place = |work_rate: f64| {
+        let request = Request {
+            work_rate,
+            ..req(2_048, None, None)
+        };
+        let d = decide(Policy::Ttft, &CostModel::default(), &request, &cands, 0).unwrap();
+        first(&d).to_owned()
+    };
+    // Capacity 2,000 tokens/s. Half of it: u / (1 - u) = 1 request: a 10.256 s, b 10.856 s.
+    assert_eq!(place(1_000.0), "a");
+    // A quarter: 1/3 request: a 10.171 s, b 9.491 s.
+    assert_eq!(place(500.0), "b");
+    // At or past capacity: the cap of 99 requests.
+    let model = CostModel::default();
+    let most = MAX_UTILIZATION / (1.0 - MAX_UTILIZATION);
+    assert_eq!(backlog(&cands, &model, 2_000.0), most);
+    assert!((most - 99.0).abs() < 1e-9);
+    assert_eq!(
+        backlog(&cands, &model, 1e9),
+        backlog(&cands, &model, 2_000.0)
+    );
+    assert_eq!(backlog(&cands, &model, f64::NAN), 0.0);
 }
 
 /// The backlog is the shortest queue among the workers taking requests: a draining worker's
@@ -204,10 +239,14 @@ fn the_backlog_is_the_shortest_queue_of_the_workers_taking_requests() {
     b.pending_requests = 5;
     let mut c = cand("c", 0, 0);
     c.load.draining = true;
-    assert_eq!(backlog(&[a.clone(), b.clone(), c.clone()]), 3);
+    let model = CostModel::default();
+    assert_eq!(
+        backlog(&[a.clone(), b.clone(), c.clone()], &model, 0.0),
+        3.0
+    );
     c.load.draining = false;
-    assert_eq!(backlog(&[a, b, c]), 0);
-    assert_eq!(backlog(&[]), 0);
+    assert_eq!(backlog(&[a, b, c], &model, 0.0), 0.0);
+    assert_eq!(backlog(&[], &model, 0.0), 0.0);
 }
 
 #[test]
