@@ -16,8 +16,10 @@
 //! with the prefill speed and the per-block load times of its host and disk tiers that each
 //! worker measures and reports in `/v1/load` (until a worker has measured its prefill speed, the
 //! median of its peers' measured speeds, else a default; defaults for the tiers). A request's
-//! lower-tier blocks load while it waits in the worker's queue, hence the `max`. Workers are ranked by that prediction plus a charge for the cache a
-//! placement gives up:
+//! lower-tier blocks load while it waits in the worker's queue, hence the `max`. Blocks that
+//! requests sent to the worker are computing count as cached there ([`Candidate::promised`]):
+//! a request placed behind them finds them when it runs. Workers are ranked by that prediction
+//! plus a charge for the cache a placement gives up:
 //!
 //! ```text
 //! score(w) = ttft(w) + cache_weight * (most cached tokens on any worker - cached tokens(w)) / prefill_speed(w)
@@ -31,7 +33,7 @@
 //!
 //! Both terms price one request's own wait. Once every worker has a queue, they miss what a
 //! placement does to the others: each token it computes is a token the requests queued behind it
-//! wait for, wherever it lands (while some worker is idle, the next requests go there instead).
+//! wait for, wherever it lands.
 //! So a placement is also charged its prefill once per request it delays, the cluster's
 //! `backlog` ([`backlog`]: the shortest queue now, or the mean queue of the recent load):
 //!
@@ -43,8 +45,8 @@
 //! placement saves, requests leave their prefixes, the recomputation lengthens every queue, and
 //! more requests leave theirs (bench/README.md, "Overload"). With it, the busier the cluster, the
 //! more a placement must save in queueing to be worth the work it adds; when it is idle, nothing
-//! changes. A session keeps its pinned worker unless that worker's score exceeds the best one's by more
-//! than the pin margin (`best * (1 + margin_ratio) + margin_secs`): moving a session costs its
+//! changes. A session keeps its pinned worker unless that worker's score exceeds the best one's
+//! by more than the pin margin (`best * (1 + margin_ratio) + margin_secs`): moving a session costs its
 //! cache, and the prediction is only a prediction.
 
 use std::time::Duration;
@@ -300,9 +302,8 @@ impl CostModel {
     /// cheaper when the holder's queue or drain makes it worth it). Whether it pulls; never
     /// without `may_pull`.
     ///
-    /// With a `backlog` (requests queued on every worker, [`backlog`]), the prefill a placement
-    /// computes also delays that many requests behind it: it is charged once more per request
-    /// (module docs).
+    /// With a `backlog` ([`backlog`]: requests the placement's prefill delays), that prefill is
+    /// charged once more per request delayed (module docs).
     pub fn rank(
         &self,
         c: &Candidate,
