@@ -300,27 +300,10 @@ impl Placement {
 mod tests {
     use std::time::Duration;
 
-    use tidelock_protocol::{
-        BlockTokens, GroupId, KeyLayout, ModelName, ShardIndex, WorkerRegistration,
-    };
+    use tidelock_protocol::{KeyLayout, ModelName};
     use tidelock_state::MemoryStore;
 
     use super::*;
-
-    fn worker(name: &str) -> WorkerState {
-        WorkerState::new(
-            WorkerId::new(name).unwrap(),
-            WorkerRegistration {
-                address: format!("http://{name}"),
-                group: GroupId::new(name).unwrap(),
-                shard: ShardIndex::new(0),
-                shard_count: 1,
-                block_tokens: BlockTokens::new(64).unwrap(),
-                kv_capacity_bytes: 1 << 30,
-            },
-            3,
-        )
-    }
 
     fn placement(session: Option<&str>, was: Option<&str>) -> Placement {
         let pins = Arc::new(Pins::new(
@@ -349,7 +332,7 @@ mod tests {
     /// session or a policy that keeps pins.
     #[test]
     fn a_pin_is_written_only_where_the_session_landed_anew() {
-        let (a, b) = (worker("a"), worker("b"));
+        let (a, b) = (WorkerState::for_test("a"), WorkerState::for_test("b"));
         assert_eq!(placement(Some("s"), None).pin_to(&a), Some(&a.id));
         assert_eq!(placement(Some("s"), Some("a")).pin_to(&a), None);
         assert_eq!(placement(Some("s"), Some("a")).pin_to(&b), Some(&b.id));

@@ -114,6 +114,24 @@ impl WorkerState {
             .elapsed()
     }
 
+    /// A worker at `http://<name>`, alone in its group, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str) -> Self {
+        use tidelock_protocol::{GroupId, ShardIndex};
+        WorkerState::new(
+            WorkerId::new(name).unwrap(),
+            WorkerRegistration {
+                address: format!("http://{name}"),
+                group: GroupId::new(name).unwrap(),
+                shard: ShardIndex::new(0),
+                shard_count: 1,
+                block_tokens: BlockTokens::new(64).unwrap(),
+                kv_capacity_bytes: 1 << 30,
+            },
+            3,
+        )
+    }
+
     /// Whether requests may be placed on it.
     pub fn healthy(&self) -> bool {
         self.failures.load(Ordering::Relaxed) < self.eject_after
@@ -500,7 +518,7 @@ impl Models {
 
 #[cfg(test)]
 mod tests {
-    use tidelock_protocol::{GroupId, HashChain, ShardIndex};
+    use tidelock_protocol::HashChain;
 
     use super::*;
 
@@ -519,18 +537,7 @@ mod tests {
     /// request computing it has its first token.
     #[test]
     fn promised_blocks_are_the_prefixes_of_requests_in_flight() {
-        let w = WorkerState::new(
-            WorkerId::new("w").unwrap(),
-            WorkerRegistration {
-                address: "http://w".into(),
-                group: GroupId::new("w").unwrap(),
-                shard: ShardIndex::new(0),
-                shard_count: 1,
-                block_tokens: BlockTokens::new(4).unwrap(),
-                kv_capacity_bytes: 1 << 30,
-            },
-            3,
-        );
+        let w = WorkerState::for_test("w");
         let first = chain(0..40); // 10 blocks
         let next = chain(0..60); // the same 10, then 5 more
         assert_eq!(w.promised_prefix(&next), 0);

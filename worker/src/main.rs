@@ -524,7 +524,7 @@ fn while_loading(serving: Arc<OnceLock<Router>>, registered: Arc<AtomicBool>) ->
                 }
                 Some(app) => app.clone().oneshot(request).await.into_response(),
                 None if request.uri().path() == "/healthz" => "loading".into_response(),
-                None => server::error_response(&OpenAiError::unavailable(
+                None => tidelock_openai::error_response(&OpenAiError::unavailable(
                     "the worker is loading its model",
                 )),
             }

@@ -26,7 +26,9 @@ use tokio::sync::{oneshot, watch};
 
 use super::peers::{PeerError, Peers, json_body, within_pull_limit};
 use super::runner::Command;
-use super::{AppState, engine_gone, error_response};
+use tidelock_openai::error_response;
+
+use super::{AppState, engine_gone};
 
 /// The route a router sends a draining worker's plan to.
 pub const HANDOFF_PATH: &str = "/v1/kv/handoff";

@@ -178,12 +178,6 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An error in the OpenAI shape, mapped to its status in one place for the router and the
-/// worker alike ([`OpenAiError`]), the internal API's answers included.
-pub fn error_response(e: &OpenAiError) -> Response {
-    tidelock_openai::error_response(e)
-}
-
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
@@ -230,7 +224,7 @@ async fn load(State(state): State<AppState>) -> axum::Json<LoadReport> {
 }
 
 pub(crate) fn engine_gone() -> Response {
-    error_response(&OpenAiError::unavailable("the engine has stopped"))
+    tidelock_openai::error_response(&OpenAiError::unavailable("the engine has stopped"))
 }
 
 async fn snapshot(State(state): State<AppState>) -> Response {
@@ -263,7 +257,7 @@ fn ndjson(stream: impl futures::Stream<Item = String> + Send + 'static) -> Respo
 
 async fn kv_events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> Response {
     let gone = || {
-        error_response(&OpenAiError::resync_required(
+        tidelock_openai::error_response(&OpenAiError::resync_required(
             "those KV events are no longer available: load /v1/kv/snapshot and follow from its sequence",
         ))
     };
@@ -308,7 +302,7 @@ async fn generate(
                 StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
                 _ => StatusCode::BAD_REQUEST,
             };
-            return error_response(&OpenAiError {
+            return tidelock_openai::error_response(&OpenAiError {
                 status: status.as_u16(),
                 ..OpenAiError::bad_request(rejection.body_text())
             });
@@ -328,12 +322,12 @@ async fn generate(
     let request = match parsed {
         Ok(request) => request,
         Err(problem) => {
-            return error_response(&OpenAiError::bad_request(problem));
+            return tidelock_openai::error_response(&OpenAiError::bad_request(problem));
         }
     };
     if state.draining.load(Ordering::Relaxed) {
         // Before the engine: a router takes a 503 as "try another worker".
-        return error_response(&OpenAiError::draining(
+        return tidelock_openai::error_response(&OpenAiError::draining(
             "the worker is draining (shutting down); another worker takes it",
         ));
     }

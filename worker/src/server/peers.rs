@@ -32,7 +32,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
 
 use super::runner::{Command, Exported};
-use super::{AppState, engine_gone, error_response};
+use tidelock_openai::error_response;
+
+use super::{AppState, engine_gone};
 use crate::engine::{Export, PullJob};
 
 /// The route peers pull blocks from.
