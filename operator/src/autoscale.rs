@@ -214,37 +214,61 @@ impl Autoscaler {
     }
 
     /// The load report at `address` (a worker's base URL), or why there is none.
-    pub async fn load(&self, address: &str, token: Option<&str>) -> Result<LoadReport, String> {
+    pub async fn load(&self, address: &str, token: Option<&str>) -> Result<LoadReport, LoadError> {
         let uri: hyper::Uri = format!("{}/v1/load", address.trim_end_matches('/'))
             .parse()
-            .map_err(|e| format!("{address}: {e}"))?;
+            .map_err(|source| LoadError::Address {
+                address: address.to_owned(),
+                source,
+            })?;
         let mut request = hyper::Request::get(uri);
         if let Some(token) = token {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        let request = request.body(Empty::new()).map_err(|e| e.to_string())?;
+        let request = request.body(Empty::new())?;
         let fetch = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
+            let response = self.client.request(request).await?;
             let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+            let body = response.into_body().collect().await?.to_bytes();
             if !status.is_success() {
-                return Err(format!("{status}"));
+                return Err(LoadError::Status(status));
             }
-            serde_json::from_slice(&body).map_err(|e| e.to_string())
+            Ok(serde_json::from_slice(&body)?)
         };
         tokio::time::timeout(REPORT_TIMEOUT, fetch)
             .await
-            .map_err(|_| format!("no answer within {REPORT_TIMEOUT:?}"))?
+            .map_err(|_| LoadError::Timeout(REPORT_TIMEOUT))?
     }
+}
+
+/// Why a worker's load report could not be had (logged; the group then counts as unreported).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The registered address does not make a URL.
+    #[error("{address}: {source}")]
+    Address {
+        address: String,
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    /// The request could not be built (a token that is not a valid header value).
+    #[error("{0}")]
+    Request(#[from] hyper::http::Error),
+    /// No response: connection refused, reset...
+    #[error("{0}")]
+    Connect(#[from] hyper_util::client::legacy::Error),
+    /// The response body broke off.
+    #[error("{0}")]
+    Body(#[from] hyper::Error),
+    /// The worker answered with an error status.
+    #[error("{0}")]
+    Status(hyper::StatusCode),
+    /// The body is not a load report.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Nothing within the limit.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// The groups to remove to go from `loads.len()` groups down to `keep`: the least loaded
@@ -366,5 +390,22 @@ mod tests {
         let mut l = l;
         l.insert("m-g4".into(), None);
         assert!(!least_loaded(&l, 2, &s).contains(&"m-g4".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_report_that_cannot_be_had_says_why() {
+        let autoscaler = Autoscaler::default();
+        let error = autoscaler.load("http://bad host", None).await.unwrap_err();
+        assert!(matches!(error, LoadError::Address { .. }), "{error}");
+        assert!(
+            error.to_string().starts_with("http://bad host: "),
+            "{error}"
+        );
+        // Nothing listens on port 1 of loopback.
+        let error = autoscaler
+            .load("http://127.0.0.1:1", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, LoadError::Connect(_)), "{error}");
     }
 }

@@ -116,25 +116,57 @@ pub struct Config {
     pub lease_duration_secs: u64,
 }
 
+/// A flag value the operator cannot run with; the message names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A label list (`--router-labels`...) holds something that is not `key=value`.
+    #[error("{flag}: `{pair}` is not key=value")]
+    NotKeyValue { flag: &'static str, pair: String },
+    /// The workers' NetworkPolicies are on, with nothing to admit.
+    #[error("the workers' NetworkPolicies need --router-labels and --monitoring-namespace-labels")]
+    PolicyPeersMissing,
+    /// The etcd TLS flags do not go together.
+    #[error(transparent)]
+    EtcdTls(#[from] tidelock_state::EtcdFlagError),
+    /// TLS to etcd for the operator, but no Secret with the files for the workers.
+    #[error(
+        "--etcd-ca-file is given but not --etcd-client-secret: the workers reach the same etcd \
+         and need its TLS files too"
+    )]
+    ClientSecretMissing,
+    /// A Secret with TLS files for the workers, but the operator itself reaches etcd without.
+    #[error(
+        "--etcd-client-secret is given but not --etcd-ca-file: the operator reaches the same \
+         etcd as the workers, over TLS too"
+    )]
+    CaFileMissing,
+    /// A lease too short to renew within.
+    #[error("--lease-duration-secs must be at least 3, got {0}")]
+    LeaseTooShort(u64),
+}
+
 /// `k=v` pairs as labels; `flag` names the option in the error.
 fn labels(
-    flag: &str,
+    flag: &'static str,
     pairs: &[String],
-) -> Result<std::collections::BTreeMap<String, String>, String> {
+) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
     pairs
         .iter()
         .map(|pair| {
             pair.split_once('=')
                 .filter(|(k, _)| !k.is_empty())
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| format!("{flag}: `{pair}` is not key=value"))
+                .ok_or_else(|| ConfigError::NotKeyValue {
+                    flag,
+                    pair: pair.clone(),
+                })
         })
         .collect()
 }
 
 impl Config {
     /// The defaults every Model's objects are built with (an error names a malformed flag).
-    pub fn defaults(&self) -> Result<Defaults, String> {
+    pub fn defaults(&self) -> Result<Defaults, ConfigError> {
         let router_labels = labels("--router-labels", &self.router_labels)?;
         let operator_labels = labels("--operator-labels", &self.operator_labels)?;
         let monitoring = labels(
@@ -142,9 +174,7 @@ impl Config {
             &self.monitoring_namespace_labels,
         )?;
         if self.worker_network_policies && (router_labels.is_empty() || monitoring.is_empty()) {
-            return Err("the workers' NetworkPolicies need --router-labels and \
-                        --monitoring-namespace-labels"
-                .into());
+            return Err(ConfigError::PolicyPeersMissing);
         }
         let network_policy = self
             .worker_network_policies
@@ -174,34 +204,23 @@ impl Config {
 
     /// The operator's own etcd TLS settings, checked against the workers': with `https://`
     /// endpoints the workers need the client Secret, and without TLS they must not get one.
-    pub fn etcd_tls(&self) -> Result<Option<tidelock_state::EtcdTls>, String> {
+    pub fn etcd_tls(&self) -> Result<Option<tidelock_state::EtcdTls>, ConfigError> {
         let tls = self.etcd_tls.tls()?;
         let secret = !self.etcd_client_secret.is_empty();
         if tls.is_some() && !secret {
-            return Err(
-                "--etcd-ca-file is given but not --etcd-client-secret: the workers \
-                        reach the same etcd and need its TLS files too"
-                    .into(),
-            );
+            return Err(ConfigError::ClientSecretMissing);
         }
         if tls.is_none() && secret {
-            return Err(
-                "--etcd-client-secret is given but not --etcd-ca-file: the operator \
-                        reaches the same etcd as the workers, over TLS too"
-                    .into(),
-            );
+            return Err(ConfigError::CaFileMissing);
         }
         Ok(tls)
     }
 
     /// Election timing scaled from the lease duration (client-go's ratios: renew within 2/3 of
     /// it, retry every 2/15).
-    pub fn timing(&self) -> Result<Timing, String> {
+    pub fn timing(&self) -> Result<Timing, ConfigError> {
         if self.lease_duration_secs < 3 {
-            return Err(format!(
-                "--lease-duration-secs must be at least 3, got {}",
-                self.lease_duration_secs
-            ));
+            return Err(ConfigError::LeaseTooShort(self.lease_duration_secs));
         }
         let lease = Duration::from_secs(self.lease_duration_secs);
         Ok(Timing {
@@ -227,7 +246,7 @@ impl Config {
 mod etcd_tls_tests {
     use clap::Parser;
 
-    use super::Config;
+    use super::{Config, ConfigError};
     use crate::builders::SecretRef;
 
     fn parse(args: &[&str]) -> Config {
@@ -246,11 +265,16 @@ mod etcd_tls_tests {
     #[test]
     fn the_operators_tls_and_the_workers_secret_come_together() {
         let error = parse(&["--etcd-ca-file", "ca.crt"]).etcd_tls().unwrap_err();
-        assert!(error.contains("--etcd-client-secret"), "{error}");
+        assert!(matches!(error, ConfigError::ClientSecretMissing), "{error}");
+        assert!(
+            error.to_string().contains("--etcd-client-secret"),
+            "{error}"
+        );
         let error = parse(&["--etcd-client-secret", "c"])
             .etcd_tls()
             .unwrap_err();
-        assert!(error.contains("--etcd-ca-file"), "{error}");
+        assert!(matches!(error, ConfigError::CaFileMissing), "{error}");
+        assert!(error.to_string().contains("--etcd-ca-file"), "{error}");
         assert_eq!(parse(&[]).etcd_tls().unwrap(), None);
         assert_eq!(parse(&[]).defaults().unwrap().etcd_client_secret, None);
         let config = parse(&[
@@ -270,6 +294,22 @@ mod etcd_tls_tests {
                 namespace: "tidelock-system".into(),
                 name: "tidelock-etcd-client".into(),
             })
+        );
+    }
+
+    #[test]
+    fn malformed_flags_are_named() {
+        let error = parse(&["--router-labels", "app"]).defaults().unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::NotKeyValue { flag: "--router-labels", pair } if pair == "app"),
+            "{error}"
+        );
+        assert_eq!(error.to_string(), "--router-labels: `app` is not key=value");
+        let error = parse(&["--lease-duration-secs", "2"]).timing().unwrap_err();
+        assert!(matches!(error, ConfigError::LeaseTooShort(2)), "{error}");
+        assert_eq!(
+            error.to_string(),
+            "--lease-duration-secs must be at least 3, got 2"
         );
     }
 }

@@ -30,9 +30,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn operate(config: Config) -> anyhow::Result<()> {
-    let timing = config.timing().map_err(anyhow::Error::msg)?;
-    let etcd_tls = config.etcd_tls().map_err(anyhow::Error::msg)?;
-    let defaults = config.defaults().map_err(anyhow::Error::msg)?;
+    let timing = config.timing()?;
+    let etcd_tls = config.etcd_tls()?;
+    let defaults = config.defaults()?;
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         tidelock_service::shutdown_signal().await;

@@ -133,7 +133,7 @@ pub enum Error {
     #[error("the API server refused {object}: {message}")]
     Rejected { object: String, message: String },
     #[error("the workers' etcd TLS files: {0}")]
-    EtcdClientSecret(String),
+    EtcdClientSecret(#[from] etcd_tls::ClientSecretError),
     #[error("the cluster credential: {0}")]
     ClusterToken(String),
 }

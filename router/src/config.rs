@@ -14,6 +14,36 @@ use crate::policy::{CostModel, Policy};
 use crate::proxy::ProxyConfig;
 use crate::workers::Probing;
 use tidelock_service::serve::ClientLimits;
+use tidelock_state::EtcdFlagError;
+
+/// Flag values the router cannot run with; the message names the flags.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither static workers nor etcd: nothing to route to.
+    #[error("give the workers (--worker URL, repeatable) or an etcd cluster (--etcd ENDPOINTS)")]
+    NoWorkers,
+    /// Both static workers and etcd.
+    #[error("--worker and --etcd exclude each other: with etcd, workers register themselves")]
+    WorkersAndEtcd,
+    /// The etcd TLS flags do not go together.
+    #[error(transparent)]
+    Etcd(#[from] EtcdFlagError),
+    /// A tenants file, with etcd holding the tenants.
+    #[error(
+        "--tenants-file is for the in-memory store; with --etcd, tenants come from etcd (the \
+         operator writes them from Tenant resources)"
+    )]
+    TenantsFileWithEtcd,
+    /// A count, limit or timeout given as zero (or a rate not above zero).
+    #[error("{0} must be positive")]
+    NotPositive(&'static str),
+    /// A number that must be finite and non-negative.
+    #[error("{0} must be a non-negative number")]
+    Negative(&'static str),
+    /// Less preparation memory than one tokenization needs.
+    #[error("--prepare-memory must be at least 64MiB (got {0}): requests are tokenized within it")]
+    PrepareMemoryTooSmall(ByteSize),
+}
 
 /// Tidelock router: the OpenAI-compatible endpoint tenants call; pins each session to the
 /// workers holding its cached prefix.
@@ -234,22 +264,16 @@ pub struct Config {
 
 impl Config {
     /// Checks the values clap cannot and builds the library's settings.
-    pub fn settings(&self) -> Result<(Settings, Probing), String> {
+    pub fn settings(&self) -> Result<(Settings, Probing), ConfigError> {
         if self.workers.is_empty() && self.etcd.is_empty() {
-            return Err(
-                "give the workers (--worker URL, repeatable) or an etcd cluster (--etcd ENDPOINTS)"
-                    .into(),
-            );
+            return Err(ConfigError::NoWorkers);
         }
         if !self.workers.is_empty() && !self.etcd.is_empty() {
-            return Err(
-                "--worker and --etcd exclude each other: with etcd, workers register themselves"
-                    .into(),
-            );
+            return Err(ConfigError::WorkersAndEtcd);
         }
         self.etcd()?;
         if self.tenants_file.is_some() && !self.etcd.is_empty() {
-            return Err("--tenants-file is for the in-memory store; with --etcd, tenants come from etcd (the operator writes them from Tenant resources)".into());
+            return Err(ConfigError::TenantsFileWithEtcd);
         }
         let positive = [
             ("--max-in-flight", self.max_in_flight as u64),
@@ -278,23 +302,20 @@ impl Config {
             ("--pin-read-timeout-ms", self.pin_read_timeout_ms),
             ("--pin-write-timeout-ms", self.pin_write_timeout_ms),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
+        if let Some(&(flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::NotPositive(flag));
         }
         if self.prepare_memory.as_u64() < 64 << 20 {
-            return Err(format!(
-                "--prepare-memory must be at least 64MiB (got {}): requests are tokenized within it",
-                self.prepare_memory
-            ));
+            return Err(ConfigError::PrepareMemoryTooSmall(self.prepare_memory));
         }
         if !(self.pin_margin_ratio >= 0.0 && self.pin_margin_ratio.is_finite()) {
-            return Err("--pin-margin-ratio must be a non-negative number".into());
+            return Err(ConfigError::Negative("--pin-margin-ratio"));
         }
         if !(self.cache_weight >= 0.0 && self.cache_weight.is_finite()) {
-            return Err("--cache-weight must be a non-negative number".into());
+            return Err(ConfigError::Negative("--cache-weight"));
         }
         if !(self.default_prefill_tps > 0.0 && self.default_prefill_tps.is_finite()) {
-            return Err("--default-prefill-tps must be positive".into());
+            return Err(ConfigError::NotPositive("--default-prefill-tps"));
         }
         let settings = Settings {
             policy: self.policy,
@@ -337,7 +358,7 @@ impl Config {
     }
 
     /// How to reach etcd (`--etcd` with its TLS flags); none for the in-memory store.
-    pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, String> {
+    pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, EtcdFlagError> {
         self.etcd_tls.config(&self.etcd)
     }
 
@@ -367,7 +388,8 @@ impl Config {
 mod etcd_tls_tests {
     use clap::Parser;
 
-    use super::Config;
+    use super::{Config, ConfigError};
+    use tidelock_state::EtcdFlagError;
 
     #[test]
     fn etcd_tls_flags_need_etcd_and_come_in_pairs() {
@@ -376,7 +398,11 @@ mod etcd_tls_tests {
         };
         let static_workers = parse(&["--worker", "http://127.0.0.1:1", "--etcd-ca-file", "ca.crt"]);
         let error = static_workers.unwrap().settings().unwrap_err();
-        assert!(error.contains("need --etcd"), "{error}");
+        assert!(
+            matches!(error, ConfigError::Etcd(EtcdFlagError::TlsWithoutEndpoints)),
+            "{error}"
+        );
+        assert!(error.to_string().contains("need --etcd"), "{error}");
         let error = parse(&["--etcd", "https://e:2379", "--etcd-cert-file", "tls.crt"])
             .unwrap_err()
             .to_string();
@@ -396,5 +422,35 @@ mod etcd_tls_tests {
             config.etcd_tls.tls().unwrap(),
             Some(tidelock_state::EtcdTls::new("ca.crt").with_identity("tls.crt", "tls.key"))
         );
+    }
+
+    #[test]
+    fn settings_name_the_flag_that_is_wrong() {
+        let settings = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("tidelock-router").chain(args.iter().copied()))
+                .unwrap()
+                .settings()
+        };
+        let error = settings(&[]).unwrap_err();
+        assert!(matches!(error, ConfigError::NoWorkers), "{error}");
+        let worker = ["--worker", "http://127.0.0.1:1"];
+        let error = settings(&[&worker[..], &["--max-attempts", "0"]].concat()).unwrap_err();
+        assert!(
+            matches!(error, ConfigError::NotPositive("--max-attempts")),
+            "{error}"
+        );
+        assert_eq!(error.to_string(), "--max-attempts must be positive");
+        let error = settings(&[&worker[..], &["--prepare-memory", "1MiB"]].concat()).unwrap_err();
+        assert!(
+            matches!(error, ConfigError::PrepareMemoryTooSmall(_)),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("--prepare-memory must be at least 64MiB (got "),
+            "{error}"
+        );
+        assert!(settings(&worker).is_ok());
     }
 }

@@ -29,12 +29,12 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let (settings, probing) = config.settings().map_err(anyhow::Error::msg)?;
-    let token = config.auth.token().map_err(anyhow::Error::msg)?;
+    let (settings, probing) = config.settings()?;
+    let token = config.auth.token()?;
     // Every call to a worker (info, load, tokenizer, KV events, generate) presents it.
     let http = Http::new(token.as_ref());
     let layout = KeyLayout::new(config.etcd_prefix.clone());
-    let store: Arc<dyn StateStore> = match config.etcd().map_err(anyhow::Error::msg)? {
+    let store: Arc<dyn StateStore> = match config.etcd()? {
         None => Arc::new(tidelock_state::MemoryStore::new()),
         Some(etcd) => Arc::new(
             tidelock_state::EtcdStore::connect(etcd)

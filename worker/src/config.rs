@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
+use tidelock_state::EtcdFlagError;
 
 /// What computes the tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,9 +61,9 @@ pub enum DeviceSpec {
 }
 
 impl std::str::FromStr for DeviceSpec {
-    type Err = String;
+    type Err = DeviceError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
         match s {
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
@@ -70,9 +71,34 @@ impl std::str::FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceSpec::Cuda)
-                .ok_or_else(|| format!("`{s}`: expected `cpu`, `cuda` or `cuda:N`")),
+                .ok_or_else(|| DeviceError::Unknown(s.to_owned())),
         }
     }
+}
+
+/// A `--device` that names no device, or one that cannot be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// Not `cpu`, `cuda` or `cuda:N`.
+    #[error("`{0}`: expected `cpu`, `cuda` or `cuda:N`")]
+    Unknown(String),
+    /// CUDA is built in, but the device does not open. `reason` is the first line of candle's
+    /// error (the rest may be a backtrace).
+    #[error(
+        "--device {device}: no usable CUDA device {ordinal} ({reason}); is the NVIDIA driver \
+         installed and the GPU visible to this container (nvidia.com/gpu)?"
+    )]
+    Unusable {
+        device: DeviceSpec,
+        ordinal: usize,
+        reason: String,
+    },
+    /// This build has no CUDA.
+    #[error(
+        "--device {0}: this worker was built without CUDA; build it with `--features cuda` \
+         (scripts/cuda.sh) or run the CUDA image (Dockerfile.cuda)"
+    )]
+    NoCuda(DeviceSpec),
 }
 
 impl std::fmt::Display for DeviceSpec {
@@ -86,24 +112,46 @@ impl std::fmt::Display for DeviceSpec {
 
 impl DeviceSpec {
     /// Opens the device; a clear error where this build or this machine has no such device.
-    pub fn open(self) -> Result<candle_core::Device, String> {
+    pub fn open(self) -> Result<candle_core::Device, DeviceError> {
         match self {
             DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
             DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
-                // candle's error may carry a backtrace after its first line.
+                // candle's error may carry a backtrace after its first line: keep the line only
+                // (not the error as a source, which would print the backtrace too).
                 let e = e.to_string();
-                let e = e.lines().next().unwrap_or_default();
-                format!(
-                    "--device {self}: no usable CUDA device {n} ({e}); is the NVIDIA driver installed and the GPU visible to this container (nvidia.com/gpu)?"
-                )
+                DeviceError::Unusable {
+                    device: self,
+                    ordinal: n,
+                    reason: e.lines().next().unwrap_or_default().to_owned(),
+                }
             }),
             #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) => Err(format!(
-                "--device {self}: this worker was built without CUDA; build it with `--features cuda` (scripts/cuda.sh) or run the CUDA image (Dockerfile.cuda)"
-            )),
+            DeviceSpec::Cuda(_) => Err(DeviceError::NoCuda(self)),
         }
     }
+}
+
+/// Flags that do not go together, or values out of range; the message names the flags.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// The `cpu` backend asked to run on a GPU.
+    #[error("--backend cpu runs on the host; --device {0} needs --backend candle")]
+    CpuBackendOnDevice(DeviceSpec),
+    /// The `cpu` backend asked for a precision other than f32.
+    #[error(
+        "{flag} {}: the cpu backend computes in f32; use --backend candle for {} (slower on the \
+         host)",
+        dtype.name(),
+        dtype.name()
+    )]
+    CpuBackendDtype { flag: &'static str, dtype: Dtype },
+    /// A simulated duration or rate below zero (or not a number).
+    #[error("{flag} must be >= 0, got {value}")]
+    Negative { flag: &'static str, value: f64 },
+    /// The etcd TLS flags do not go together.
+    #[error(transparent)]
+    Etcd(#[from] EtcdFlagError),
 }
 
 /// The kernels, device and precisions a worker runs with, checked against each other.
@@ -304,7 +352,7 @@ impl Config {
 
     /// The backend, device and precisions, defaults filled in; an error naming the flags that
     /// do not go together.
-    pub fn compute(&self) -> Result<Compute, String> {
+    pub fn compute(&self) -> Result<Compute, ConfigError> {
         let gpu = self.device != DeviceSpec::Cpu;
         let backend = self.backend.unwrap_or(match gpu {
             true => BackendKind::Candle,
@@ -322,18 +370,11 @@ impl Config {
         };
         if backend == BackendKind::Cpu {
             if gpu {
-                return Err(format!(
-                    "--backend cpu runs on the host; --device {} needs --backend candle",
-                    self.device
-                ));
+                return Err(ConfigError::CpuBackendOnDevice(self.device));
             }
             for (flag, dtype) in [("--dtype", compute.dtype), ("--kv-dtype", compute.kv_dtype)] {
                 if dtype != Dtype::F32 {
-                    return Err(format!(
-                        "{flag} {}: the cpu backend computes in f32; use --backend candle for {} (slower on the host)",
-                        dtype.name(),
-                        dtype.name()
-                    ));
+                    return Err(ConfigError::CpuBackendDtype { flag, dtype });
                 }
             }
         }
@@ -341,7 +382,7 @@ impl Config {
     }
 
     /// Where to register this worker: `--etcd` with its TLS settings, or none.
-    pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, String> {
+    pub fn etcd(&self) -> Result<Option<tidelock_state::EtcdConfig>, EtcdFlagError> {
         self.etcd_tls.config(&self.etcd)
     }
 
@@ -357,26 +398,26 @@ impl Config {
         })
     }
 
-    pub fn sim_timing(&self) -> Result<crate::engine::sim::Timing, String> {
-        let ms = |name: &str, v: f64| {
-            Duration::try_from_secs_f64(v / 1000.0)
-                .map_err(|_| format!("--{name} must be >= 0, got {v}"))
+    pub fn sim_timing(&self) -> Result<crate::engine::sim::Timing, ConfigError> {
+        let ms = |flag: &'static str, value: f64| {
+            Duration::try_from_secs_f64(value / 1000.0)
+                .map_err(|_| ConfigError::Negative { flag, value })
         };
         let per_token = if self.sim_prefill_tokens_per_s > 0.0 {
             Duration::from_secs_f64(1.0 / self.sim_prefill_tokens_per_s)
         } else if self.sim_prefill_tokens_per_s == 0.0 {
             Duration::ZERO
         } else {
-            return Err(format!(
-                "--sim-prefill-tokens-per-s must be >= 0, got {}",
-                self.sim_prefill_tokens_per_s
-            ));
+            return Err(ConfigError::Negative {
+                flag: "--sim-prefill-tokens-per-s",
+                value: self.sim_prefill_tokens_per_s,
+            });
         };
         Ok(crate::engine::sim::Timing {
-            step: ms("sim-step-ms", self.sim_step_ms)?,
+            step: ms("--sim-step-ms", self.sim_step_ms)?,
             per_prefill_token: per_token,
             per_decode_sequence: ms(
-                "sim-decode-ms-per-sequence",
+                "--sim-decode-ms-per-sequence",
                 self.sim_decode_ms_per_sequence,
             )?,
         })
@@ -387,7 +428,7 @@ impl Config {
 mod etcd_tls_tests {
     use clap::Parser;
 
-    use super::Config;
+    use super::{Config, ConfigError};
 
     fn parse(args: &[&str]) -> Config {
         let base = ["tidelock-worker", "--model", "model.gguf"];
@@ -441,15 +482,26 @@ mod etcd_tls_tests {
             .unwrap();
         assert_eq!((half.dtype, half.kv_dtype), (Dtype::F32, Dtype::Bf16));
         let error = parse(&["--kv-dtype", "f16"]).compute().unwrap_err();
+        assert_eq!(
+            error,
+            ConfigError::CpuBackendDtype {
+                flag: "--kv-dtype",
+                dtype: Dtype::F16
+            }
+        );
+        let text = error.to_string();
         assert!(
-            error.contains("--kv-dtype f16") && error.contains("--backend candle"),
-            "{error}"
+            text.contains("--kv-dtype f16") && text.contains("--backend candle"),
+            "{text}"
         );
         let error = parse(&["--backend", "cpu", "--device", "cuda"])
             .compute()
             .unwrap_err();
+        assert_eq!(error, ConfigError::CpuBackendOnDevice(DeviceSpec::Cuda(0)));
         assert!(
-            error.contains("--device cuda:0 needs --backend candle"),
+            error
+                .to_string()
+                .contains("--device cuda:0 needs --backend candle"),
             "{error}"
         );
         let base = ["tidelock-worker", "--model", "m.gguf", "--device", "gpu0"];
@@ -464,9 +516,14 @@ mod etcd_tls_tests {
     #[test]
     fn cuda_without_the_feature_says_how_to_get_it() {
         let error = super::DeviceSpec::Cuda(0).open().unwrap_err();
+        assert_eq!(
+            error,
+            super::DeviceError::NoCuda(super::DeviceSpec::Cuda(0))
+        );
+        let text = error.to_string();
         assert!(
-            error.contains("built without CUDA") && error.contains("--features cuda"),
-            "{error}"
+            text.contains("built without CUDA") && text.contains("--features cuda"),
+            "{text}"
         );
     }
 
@@ -474,7 +531,8 @@ mod etcd_tls_tests {
     fn registration_gets_the_etcd_tls_settings() {
         assert!(parse(&[]).etcd().unwrap().is_none());
         let error = parse(&["--etcd-ca-file", "ca.crt"]).etcd().unwrap_err();
-        assert!(error.contains("need --etcd"), "{error}");
+        assert_eq!(error, tidelock_state::EtcdFlagError::TlsWithoutEndpoints);
+        assert!(error.to_string().contains("need --etcd"), "{error}");
         let etcd = parse(&[
             "--etcd",
             "https://e:2379",
@@ -492,6 +550,26 @@ mod etcd_tls_tests {
         assert_eq!(
             etcd.tls,
             Some(tidelock_state::EtcdTls::new("ca.crt").with_identity("tls.crt", "tls.key"))
+        );
+    }
+
+    #[test]
+    fn simulated_timings_refuse_negative_values() {
+        let error = parse(&["--sim-step-ms=-1"]).sim_timing().unwrap_err();
+        assert_eq!(
+            error,
+            ConfigError::Negative {
+                flag: "--sim-step-ms",
+                value: -1.0
+            }
+        );
+        assert_eq!(error.to_string(), "--sim-step-ms must be >= 0, got -1");
+        let error = parse(&["--sim-prefill-tokens-per-s=-2"])
+            .sim_timing()
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--sim-prefill-tokens-per-s must be >= 0, got -2"
         );
     }
 }

@@ -53,10 +53,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.max_step_tokens == 0 || config.max_running == 0 {
         bail!("--max-step-tokens and --max-running must be positive");
     }
-    let timing = config.sim_timing().map_err(anyhow::Error::msg)?;
-    let compute = config.compute().map_err(anyhow::Error::msg)?;
-    config.etcd().map_err(anyhow::Error::msg)?;
-    let token = config.auth.token().map_err(anyhow::Error::msg)?;
+    let timing = config.sim_timing()?;
+    let compute = config.compute()?;
+    config.etcd()?;
+    let token = config.auth.token()?;
     let guard = ClusterGuard::new(token.clone());
     if config.shards == 0 || config.shard >= config.shards {
         bail!(
@@ -422,7 +422,7 @@ fn load_model(path: &std::path::Path, hf_folder: bool, compute: &Compute) -> any
         BackendKind::Candle => (
             WeightFormat::F32,
             Placement {
-                device: compute.device.open().map_err(anyhow::Error::msg)?,
+                device: compute.device.open()?,
                 dtype: compute.dtype.candle(),
             },
         ),
@@ -448,7 +448,7 @@ fn nodelay(
 
 /// `workers/<model>/<worker>` in etcd under a kept-alive lease, when `--etcd` is given.
 async fn register(config: &Config, info: &WorkerInfo) -> anyhow::Result<Option<Registration>> {
-    let Some(etcd) = config.etcd().map_err(anyhow::Error::msg)? else {
+    let Some(etcd) = config.etcd()? else {
         return Ok(None);
     };
     let store = tidelock_state::EtcdStore::connect(etcd).await?;

@@ -501,12 +501,62 @@ fn field(pod: &Pod, path: &str) -> Option<String> {
     }
 }
 
+/// Why a pod's process cannot be prepared: the message of its `CreateContainerConfigError`
+/// waiting state, as a kubelet would say it.
+#[derive(Debug, thiserror::Error)]
+enum PodConfigError {
+    /// The pod's first container runs none of [`TIDELOCK_COMMANDS`].
+    #[error("not ours")]
+    NotOurs,
+    #[error("the pod has no spec")]
+    NoSpec,
+    /// A read from the API server failed.
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    /// Writing the pod's folder or kubeconfig failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A host port for an address could not be had.
+    #[error(transparent)]
+    Port(#[from] Error),
+    #[error("secret \"{0}\" not found")]
+    SecretNotFound(String),
+    #[error("configmap \"{0}\" not found")]
+    ConfigMapNotFound(String),
+    #[error("env {var}: unsupported fieldRef {path}")]
+    UnsupportedFieldRef { var: String, path: String },
+    #[error("env {var}: key {key} of secret \"{name}\" not found")]
+    SecretKeyNotFound {
+        var: String,
+        key: String,
+        name: String,
+    },
+    #[error("env {var}: key {key} of configmap \"{name}\" not found")]
+    ConfigMapKeyNotFound {
+        var: String,
+        key: String,
+        name: String,
+    },
+    #[error("env {var}: unsupported valueFrom")]
+    UnsupportedValueFrom { var: String },
+    #[error("token for service account {account}: {source}")]
+    Token {
+        account: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the TokenRequest has no status")]
+    NoTokenStatus,
+    #[error("readiness probe names an unknown port {0}")]
+    UnknownProbePort(String),
+}
+
 /// A referenced value: `None` when it is absent and optional, an error when absent and required.
 fn present(
     value: Option<String>,
     optional: Option<bool>,
-    missing: impl FnOnce() -> String,
-) -> Result<Option<String>, String> {
+    missing: impl FnOnce() -> PodConfigError,
+) -> Result<Option<String>, PodConfigError> {
     match value {
         Some(v) => Ok(Some(v)),
         None if optional.unwrap_or(false) => Ok(None),
@@ -519,7 +569,7 @@ async fn environment(
     ctx: &Ctx,
     pod: &Pod,
     container: &Container,
-) -> Result<BTreeMap<String, String>, String> {
+) -> Result<BTreeMap<String, String>, PodConfigError> {
     let namespace = pod.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -528,25 +578,25 @@ async fn environment(
         let prefix = from.prefix.clone().unwrap_or_default();
         if let Some(r) = &from.secret_ref {
             let optional = r.optional.unwrap_or(false);
-            match secrets.get_opt(&r.name).await.map_err(|e| e.to_string())? {
+            match secrets.get_opt(&r.name).await? {
                 Some(s) => {
                     for (k, v) in s.data.unwrap_or_default() {
                         env.insert(format!("{prefix}{k}"), String::from_utf8_lossy(&v.0).into());
                     }
                 }
                 None if optional => {}
-                None => return Err(format!("secret \"{}\" not found", r.name)),
+                None => return Err(PodConfigError::SecretNotFound(r.name.clone())),
             }
         }
         if let Some(r) = &from.config_map_ref {
-            match maps.get_opt(&r.name).await.map_err(|e| e.to_string())? {
+            match maps.get_opt(&r.name).await? {
                 Some(m) => {
                     for (k, v) in m.data.unwrap_or_default() {
                         env.insert(format!("{prefix}{k}"), v);
                     }
                 }
                 None if r.optional.unwrap_or(false) => {}
-                None => return Err(format!("configmap \"{}\" not found", r.name)),
+                None => return Err(PodConfigError::ConfigMapNotFound(r.name.clone())),
             }
         }
     }
@@ -556,32 +606,35 @@ async fn environment(
             (None, Some(from)) => {
                 if let Some(f) = &from.field_ref {
                     Some(field(pod, &f.field_path).ok_or_else(|| {
-                        format!("env {}: unsupported fieldRef {}", var.name, f.field_path)
+                        PodConfigError::UnsupportedFieldRef {
+                            var: var.name.clone(),
+                            path: f.field_path.clone(),
+                        }
                     })?)
                 } else if let Some(s) = &from.secret_key_ref {
-                    let secret = secrets.get_opt(&s.name).await.map_err(|e| e.to_string())?;
+                    let secret = secrets.get_opt(&s.name).await?;
                     let value = secret
                         .and_then(|x| x.data)
                         .and_then(|d| d.get(&s.key).map(|v| String::from_utf8_lossy(&v.0).into()));
-                    present(value, s.optional, || {
-                        format!(
-                            "env {}: key {} of secret \"{}\" not found",
-                            var.name, s.key, s.name
-                        )
+                    present(value, s.optional, || PodConfigError::SecretKeyNotFound {
+                        var: var.name.clone(),
+                        key: s.key.clone(),
+                        name: s.name.clone(),
                     })?
                 } else if let Some(c) = &from.config_map_key_ref {
-                    let map = maps.get_opt(&c.name).await.map_err(|e| e.to_string())?;
+                    let map = maps.get_opt(&c.name).await?;
                     let value = map
                         .and_then(|m| m.data)
                         .and_then(|d| d.get(&c.key).cloned());
-                    present(value, c.optional, || {
-                        format!(
-                            "env {}: key {} of configmap \"{}\" not found",
-                            var.name, c.key, c.name
-                        )
+                    present(value, c.optional, || PodConfigError::ConfigMapKeyNotFound {
+                        var: var.name.clone(),
+                        key: c.key.clone(),
+                        name: c.name.clone(),
                     })?
                 } else {
-                    return Err(format!("env {}: unsupported valueFrom", var.name));
+                    return Err(PodConfigError::UnsupportedValueFrom {
+                        var: var.name.clone(),
+                    });
                 }
             }
             (None, None) => Some(String::new()),
@@ -594,9 +647,9 @@ async fn environment(
 }
 
 /// A kubeconfig for the pod's service account (a bound token), unless the pod opts out.
-async fn identity(ctx: &Ctx, pod: &Pod, dir: &Path) -> Result<Option<PathBuf>, String> {
+async fn identity(ctx: &Ctx, pod: &Pod, dir: &Path) -> Result<Option<PathBuf>, PodConfigError> {
     let namespace = pod.namespace().unwrap_or_default();
-    let spec = pod.spec.as_ref().ok_or("the pod has no spec")?;
+    let spec = pod.spec.as_ref().ok_or(PodConfigError::NoSpec)?;
     let account_name = spec
         .service_account_name
         .clone()
@@ -606,8 +659,7 @@ async fn identity(ctx: &Ctx, pod: &Pod, dir: &Path) -> Result<Option<PathBuf>, S
         Some(m) => m,
         None => accounts
             .get_opt(&account_name)
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .and_then(|a| a.automount_service_account_token)
             .unwrap_or(true),
     };
@@ -630,14 +682,17 @@ async fn identity(ctx: &Ctx, pod: &Pod, dir: &Path) -> Result<Option<PathBuf>, S
     let token = accounts
         .create_token_request(&account_name, &PostParams::default(), &request)
         .await
-        .map_err(|e| format!("token for service account {account_name}: {e}"))?
+        .map_err(|source| PodConfigError::Token {
+            account: account_name.clone(),
+            source,
+        })?
         .status
-        .ok_or("the TokenRequest has no status")?
+        .ok_or(PodConfigError::NoTokenStatus)?
         .token;
     let user = format!("system:serviceaccount:{namespace}:{account_name}");
     let path = dir.join("kubeconfig");
     let text = pki::kubeconfig(&ctx.config.server, &ctx.config.ca_pem, &user, &token);
-    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text)?;
     Ok(Some(path))
 }
 
@@ -648,12 +703,12 @@ struct Prepared {
     grace: Duration,
 }
 
-async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, String> {
-    let (program, container) = program_of(&ctx.config, pod).ok_or("not ours")?;
+async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, PodConfigError> {
+    let (program, container) = program_of(&ctx.config, pod).ok_or(PodConfigError::NotOurs)?;
     let namespace = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
     let dir = ctx.config.dir.join(format!("{namespace}_{name}"));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir)?;
     let mut env = environment(ctx, pod, &container).await?;
     let command = container.command.clone().unwrap_or_default();
     let mut args: Vec<String> = command
@@ -662,11 +717,7 @@ async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, String> {
         .chain(container.args.iter().flatten())
         .map(|a| expand(a, &env))
         .collect();
-    let rewrite = |text: &str| {
-        ctx.net
-            .rewrite(&namespace, &name, text)
-            .map_err(|e| e.to_string())
-    };
+    let rewrite = |text: &str| ctx.net.rewrite(&namespace, &name, text);
     args = args.iter().map(|a| rewrite(a)).collect::<Result<_, _>>()?;
     for value in env.values_mut() {
         *value = rewrite(value)?;
@@ -707,10 +758,7 @@ async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, String> {
     // Every declared port gets its host port now (a probe or a peer may name it).
     let mut named = BTreeMap::new();
     for port in container.ports.iter().flatten() {
-        let host = ctx
-            .net
-            .host_port(&namespace, &name, port.container_port)
-            .map_err(|e| e.to_string())?;
+        let host = ctx.net.host_port(&namespace, &name, port.container_port)?;
         if let Some(n) = &port.name {
             named.insert(n.clone(), host);
         }
@@ -723,13 +771,10 @@ async fn prepare(ctx: &Ctx, pod: &Pod) -> Result<Prepared, String> {
         Some(get) => {
             use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
             let port = match &get.port {
-                IntOrString::Int(p) => ctx
-                    .net
-                    .host_port(&namespace, &name, *p)
-                    .map_err(|e| e.to_string())?,
+                IntOrString::Int(p) => ctx.net.host_port(&namespace, &name, *p)?,
                 IntOrString::String(n) => *named
                     .get(n)
-                    .ok_or_else(|| format!("readiness probe names an unknown port {n}"))?,
+                    .ok_or_else(|| PodConfigError::UnknownProbePort(n.clone()))?,
             };
             Some((port, get.path.clone().unwrap_or_else(|| "/".into())))
         }
@@ -888,9 +933,9 @@ async fn run_pod(
         };
         let prepared = match prepared {
             Ok(p) => p,
-            Err(message) => {
-                report(&ctx, &format!("pod {label}: cannot start: {message}"));
-                let waiting = ContainerState::Waiting("CreateContainerConfigError", message);
+            Err(e) => {
+                report(&ctx, &format!("pod {label}: cannot start: {e}"));
+                let waiting = ContainerState::Waiting("CreateContainerConfigError", e.to_string());
                 let pause = Duration::from_secs(2);
                 if hold(&ctx, &pod, &mut stopped, waiting, restarts, pause).await {
                     return;

@@ -32,7 +32,18 @@ impl Shared {
     }
 }
 
-static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+static SHARED: OnceLock<Result<Shared, Unavailable>> = OnceLock::new();
+
+/// Why there is no shared control plane; each test that asks is told the same.
+#[derive(Debug, thiserror::Error)]
+enum Unavailable {
+    /// Its programs are not built: the tests skip (or fail, when required).
+    #[error(transparent)]
+    NotBuilt(Error),
+    /// They are built but it did not start: the tests fail, always.
+    #[error("the local control plane did not start: {0}")]
+    DidNotStart(#[source] Error),
+}
 
 /// Whether a missing control plane fails the test (`TIDELOCK_REQUIRE_CLUSTER=1`).
 pub fn required() -> bool {
@@ -55,18 +66,13 @@ pub fn tools_or_skip() -> Option<Tools> {
 /// Panics when it cannot start (with the failing component's log).
 pub fn shared() -> Option<&'static Shared> {
     let result = SHARED.get_or_init(|| {
-        let tools = match Tools::locate() {
-            Ok(tools) => tools,
-            Err(e) => return Err(e.to_string()),
-        };
-        start_on_own_thread(tools).map_err(|e| format!("START: {e}"))
+        let tools = Tools::locate().map_err(Unavailable::NotBuilt)?;
+        start_on_own_thread(tools).map_err(Unavailable::DidNotStart)
     });
     match result {
         Ok(shared) => Some(shared),
-        Err(e) if e.starts_with("START: ") => {
-            panic!("the local control plane did not start: {e}")
-        }
-        Err(e) => {
+        Err(e @ Unavailable::DidNotStart(_)) => panic!("{e}"),
+        Err(e @ Unavailable::NotBuilt(_)) => {
             assert!(!required(), "TIDELOCK_REQUIRE_CLUSTER=1: {e}");
             eprintln!("skipped: {e}");
             None

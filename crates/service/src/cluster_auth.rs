@@ -18,7 +18,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{IntCounterVec, Opts, Registry};
-use tidelock_protocol::ClusterToken;
+use tidelock_protocol::{ClusterToken, ClusterTokenError};
 
 /// Where the cluster credential comes from.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -40,27 +40,43 @@ pub struct ClusterAuthArgs {
     pub no_cluster_auth: bool,
 }
 
+/// Why the cluster credential flags give no credential; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialFlagError {
+    /// Both the file and the token itself.
+    #[error("give the cluster token once: --cluster-token-file or TIDELOCK_CLUSTER_TOKEN")]
+    Twice,
+    /// The token file cannot be read, or holds no valid token.
+    #[error(transparent)]
+    File(ClusterTokenError),
+    /// `TIDELOCK_CLUSTER_TOKEN` (or `--cluster-token`) is not a valid token.
+    #[error("TIDELOCK_CLUSTER_TOKEN: {0}")]
+    Text(ClusterTokenError),
+    /// A token and `--no-cluster-auth`.
+    #[error("--no-cluster-auth and a cluster token exclude each other")]
+    TokenAndOpen,
+    /// Neither a token nor `--no-cluster-auth`.
+    #[error(
+        "the internal API needs the cluster credential: give --cluster-token-file (or \
+         TIDELOCK_CLUSTER_TOKEN), or --no-cluster-auth to leave it open to anyone who can reach it"
+    )]
+    Missing,
+}
+
 impl ClusterAuthArgs {
     /// The token, `None` when `--no-cluster-auth` is given; an error (saying what to do) when
     /// neither or both are.
-    pub fn token(&self) -> Result<Option<ClusterToken>, String> {
+    pub fn token(&self) -> Result<Option<ClusterToken>, CredentialFlagError> {
         let token = match (&self.cluster_token_file, &self.cluster_token) {
-            (Some(_), Some(_)) => {
-                return Err(
-                    "give the cluster token once: --cluster-token-file or TIDELOCK_CLUSTER_TOKEN"
-                        .into(),
-                );
+            (Some(_), Some(_)) => return Err(CredentialFlagError::Twice),
+            (Some(path), None) => {
+                Some(ClusterToken::from_file(path).map_err(CredentialFlagError::File)?)
             }
-            (Some(path), None) => Some(ClusterToken::from_file(path).map_err(|e| e.to_string())?),
-            (None, Some(text)) => {
-                Some(ClusterToken::new(text).map_err(|e| format!("TIDELOCK_CLUSTER_TOKEN: {e}"))?)
-            }
+            (None, Some(text)) => Some(ClusterToken::new(text).map_err(CredentialFlagError::Text)?),
             (None, None) => None,
         };
         match (token, self.no_cluster_auth) {
-            (Some(_), true) => {
-                Err("--no-cluster-auth and a cluster token exclude each other".into())
-            }
+            (Some(_), true) => Err(CredentialFlagError::TokenAndOpen),
             (Some(token), false) => Ok(Some(token)),
             (None, true) => {
                 tracing::warn!(
@@ -68,10 +84,7 @@ impl ClusterAuthArgs {
                 );
                 Ok(None)
             }
-            (None, false) => Err("the internal API needs the cluster credential: give \
-                 --cluster-token-file (or TIDELOCK_CLUSTER_TOKEN), or --no-cluster-auth to leave \
-                 it open to anyone who can reach it"
-                .into()),
+            (None, false) => Err(CredentialFlagError::Missing),
         }
     }
 }
@@ -274,21 +287,32 @@ mod tests {
         );
         assert_eq!(args(None, None, true).token().unwrap(), None);
         let err = args(None, None, false).token().unwrap_err();
+        assert!(matches!(err, CredentialFlagError::Missing));
+        let err = err.to_string();
         assert!(
             err.contains("--cluster-token-file") && err.contains("--no-cluster-auth"),
             "{err}"
         );
-        assert!(args(Some(&file), None, true).token().is_err());
-        assert!(
-            args(Some(&file), Some(token.expose()), false)
-                .token()
-                .is_err()
-        );
+        assert!(matches!(
+            args(Some(&file), None, true).token(),
+            Err(CredentialFlagError::TokenAndOpen)
+        ));
+        assert!(matches!(
+            args(Some(&file), Some(token.expose()), false).token(),
+            Err(CredentialFlagError::Twice)
+        ));
         let short = args(None, Some("short"), false).token().unwrap_err();
-        assert!(short.contains("at least 32"), "{short}");
+        assert!(matches!(short, CredentialFlagError::Text(_)));
+        let short = short.to_string();
+        assert!(
+            short.starts_with("TIDELOCK_CLUSTER_TOKEN: ") && short.contains("at least 32"),
+            "{short}"
+        );
         let missing = args(Some(&dir.join("gone")), None, false)
             .token()
             .unwrap_err();
+        assert!(matches!(missing, CredentialFlagError::File(_)));
+        let missing = missing.to_string();
         assert!(missing.contains("gone"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

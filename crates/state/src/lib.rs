@@ -21,9 +21,9 @@ pub use error::StateError;
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use memory::MemoryStore;
 pub use store::{LeaseKeeper, StateStore, WatchStream};
-#[cfg(feature = "clap")]
-pub use tls::EtcdTlsArgs;
 pub use tls::{ClientIdentity, EtcdTls};
+#[cfg(feature = "clap")]
+pub use tls::{EtcdFlagError, EtcdTlsArgs};
 pub use types::{
     CasOutcome, Expected, KeyValue, LeaseId, Listing, Revision, WatchEvent, dir_prefix,
 };

@@ -300,7 +300,7 @@ impl EtcdTlsArgs {
     /// The TLS settings, or none for plain `http://` endpoints. Clap has already refused a
     /// certificate without its key (and the reverse) or without a CA; this refuses the same for
     /// values built in code.
-    pub fn tls(&self) -> Result<Option<EtcdTls>, String> {
+    pub fn tls(&self) -> Result<Option<EtcdTls>, EtcdFlagError> {
         match (
             &self.etcd_ca_file,
             &self.etcd_cert_file,
@@ -311,29 +311,40 @@ impl EtcdTlsArgs {
             (Some(ca), Some(cert), Some(key)) => {
                 Ok(Some(EtcdTls::new(ca).with_identity(cert, key)))
             }
-            (_, Some(_), None) => Err("--etcd-cert-file needs --etcd-key-file".into()),
-            (_, None, Some(_)) => Err("--etcd-key-file needs --etcd-cert-file".into()),
-            (None, Some(_), Some(_)) => Err(
-                "--etcd-cert-file needs --etcd-ca-file (the CA that signed etcd's certificate)"
-                    .into(),
-            ),
+            (_, Some(_), None) => Err(EtcdFlagError::CertWithoutKey),
+            (_, None, Some(_)) => Err(EtcdFlagError::KeyWithoutCert),
+            (None, Some(_), Some(_)) => Err(EtcdFlagError::CertWithoutCa),
         }
     }
 
     /// How to reach the etcd at `endpoints` (`--etcd`) with these TLS settings; none without
     /// endpoints, where TLS files are a mistake.
-    pub fn config(&self, endpoints: &[String]) -> Result<Option<crate::EtcdConfig>, String> {
+    pub fn config(&self, endpoints: &[String]) -> Result<Option<crate::EtcdConfig>, EtcdFlagError> {
         let tls = self.tls()?;
         match (endpoints.is_empty(), tls) {
-            (true, Some(_)) => {
-                Err("--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd".into())
-            }
+            (true, Some(_)) => Err(EtcdFlagError::TlsWithoutEndpoints),
             (true, None) => Ok(None),
             (false, tls) => Ok(Some(
                 crate::EtcdConfig::new(endpoints.iter().cloned()).with_tls(tls),
             )),
         }
     }
+}
+
+/// Etcd TLS flags that do not go together. Clap refuses most of these combinations itself; this
+/// is for values built in code and for TLS files given without any etcd endpoint. The messages
+/// name the flags, for the binaries to print as they are.
+#[cfg(feature = "clap")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EtcdFlagError {
+    #[error("--etcd-cert-file needs --etcd-key-file")]
+    CertWithoutKey,
+    #[error("--etcd-key-file needs --etcd-cert-file")]
+    KeyWithoutCert,
+    #[error("--etcd-cert-file needs --etcd-ca-file (the CA that signed etcd's certificate)")]
+    CertWithoutCa,
+    #[error("--etcd-ca-file, --etcd-cert-file and --etcd-key-file need --etcd")]
+    TlsWithoutEndpoints,
 }
 
 #[cfg(test)]
@@ -375,10 +386,8 @@ mod flag_tests {
         tls: EtcdTlsArgs,
     }
 
-    fn parse(args: &[&str]) -> Result<EtcdTlsArgs, String> {
-        Cli::try_parse_from(std::iter::once("bin").chain(args.iter().copied()))
-            .map(|c| c.tls)
-            .map_err(|e| e.to_string())
+    fn parse(args: &[&str]) -> Result<EtcdTlsArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bin").chain(args.iter().copied())).map(|c| c.tls)
     }
 
     #[test]
@@ -419,7 +428,7 @@ mod flag_tests {
                 "--etcd-ca-file",
             ),
         ] {
-            let error = parse(args).expect_err("refused");
+            let error = parse(args).expect_err("refused").to_string();
             assert!(error.contains(words), "{args:?}: {error}");
         }
         let built = EtcdTlsArgs {
@@ -427,6 +436,13 @@ mod flag_tests {
             etcd_cert_file: Some("c".into()),
             etcd_key_file: Some("k".into()),
         };
-        assert!(built.tls().unwrap_err().contains("--etcd-ca-file"));
+        let error = built.tls().unwrap_err();
+        assert_eq!(error, EtcdFlagError::CertWithoutCa);
+        assert!(error.to_string().contains("--etcd-ca-file"), "{error}");
+        let without_etcd = parse(&["--etcd-ca-file", "ca"]).unwrap().config(&[]);
+        assert!(matches!(
+            without_etcd,
+            Err(EtcdFlagError::TlsWithoutEndpoints)
+        ));
     }
 }

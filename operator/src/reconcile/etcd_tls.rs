@@ -26,6 +26,26 @@ use crate::builders::{self, SecretRef};
 /// Secrets name them.
 pub const KEYS: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
 
+/// Why the operator's etcd client Secret cannot be copied for a Model's workers; the message
+/// names the Secret and its flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientSecretError {
+    /// The Secret `--etcd-client-secret` names does not exist.
+    #[error("Secret {}/{} (--etcd-client-secret) not found", .0.namespace, .0.name)]
+    NotFound(SecretRef),
+    /// The Secret lacks one of [`KEYS`], or holds it empty.
+    #[error(
+        "Secret {}/{} (--etcd-client-secret) has no {key} (it needs {})",
+        secret.namespace,
+        secret.name,
+        KEYS.join(", ")
+    )]
+    MissingKey {
+        secret: SecretRef,
+        key: &'static str,
+    },
+}
+
 /// Copies the operator's etcd client Secret into `model`'s namespace, when there is one.
 pub async fn copy_client_secret(model: &Model, ctx: &Context) -> Result<(), Error> {
     let Some(source) = &ctx.defaults.etcd_client_secret else {
@@ -38,14 +58,8 @@ pub async fn copy_client_secret(model: &Model, ctx: &Context) -> Result<(), Erro
     let found = Api::<Secret>::namespaced(ctx.client.clone(), &source.namespace)
         .get_opt(&source.name)
         .await?
-        .ok_or_else(|| {
-            Error::EtcdClientSecret(format!(
-                "Secret {}/{} (--etcd-client-secret) not found",
-                source.namespace, source.name
-            ))
-        })?;
-    let copy = copy(source, &found, &model.name_any(), &namespace, owner)
-        .map_err(Error::EtcdClientSecret)?;
+        .ok_or_else(|| ClientSecretError::NotFound(source.clone()))?;
+    let copy = copy(source, &found, &model.name_any(), &namespace, owner)?;
     super::apply_secret(ctx, &copy).await
 }
 
@@ -56,7 +70,7 @@ pub fn copy(
     model: &str,
     namespace: &str,
     owner: OwnerReference,
-) -> Result<Secret, String> {
+) -> Result<Secret, ClientSecretError> {
     let data = found.data.clone().unwrap_or_default();
     let mut copied: BTreeMap<String, ByteString> = BTreeMap::new();
     for key in KEYS {
@@ -65,12 +79,10 @@ pub fn copy(
                 copied.insert(key.to_owned(), value.clone());
             }
             _ => {
-                return Err(format!(
-                    "Secret {}/{} (--etcd-client-secret) has no {key} (it needs {})",
-                    source.namespace,
-                    source.name,
-                    KEYS.join(", ")
-                ));
+                return Err(ClientSecretError::MissingKey {
+                    secret: source.clone(),
+                    key,
+                });
             }
         }
     }
@@ -158,10 +170,17 @@ mod tests {
             &[("ca.crt", "CA"), ("tls.crt", "CERT"), ("tls.key", "")][..],
         ] {
             let error = copy(&source(), &secret(keys), "smol", "ml", owner()).unwrap_err();
-            assert!(
-                error.contains("tidelock-system/tidelock-etcd-client")
-                    && error.contains("no tls.key"),
-                "{error}"
+            assert_eq!(
+                error,
+                ClientSecretError::MissingKey {
+                    secret: source(),
+                    key: "tls.key"
+                }
+            );
+            assert_eq!(
+                error.to_string(),
+                "Secret tidelock-system/tidelock-etcd-client (--etcd-client-secret) has no \
+                 tls.key (it needs ca.crt, tls.crt, tls.key)"
             );
         }
     }
