@@ -41,6 +41,11 @@ fn the_operators_worker_containers_run_binaries_with_flags_they_accept() {
             name: "tidelock-cluster-token".into(),
         },
         network_policy: None,
+        // A collector too, so that every variable the operator can give a worker is checked.
+        log: tidelock_service::LogArgs {
+            otlp_endpoint: Some("http://otel-collector.monitoring:4317".into()),
+            ..tidelock_service::LogArgs::default()
+        },
     };
     let in_image = image_binaries("Dockerfile");
     let examples = repo_root().join("charts/tidelock/examples");

@@ -98,6 +98,9 @@ pub struct Defaults {
     pub cluster_token_secret: SecretRef,
     /// Who may reach the workers, for their NetworkPolicies (None: no NetworkPolicies).
     pub network_policy: Option<PolicyPeers>,
+    /// The operator's own log format and OTLP endpoint: the workers log and export their spans
+    /// the same way (their `TIDELOCK_LOG_FORMAT`, `TIDELOCK_OTLP_ENDPOINT`).
+    pub log: tidelock_service::LogArgs,
 }
 
 /// The pods a worker NetworkPolicy admits besides the worker's own shard group.
@@ -765,6 +768,13 @@ fn group(
             .collect();
         vars.push(env("TIDELOCK_SHARD_PEERS", peers.join(",")));
     }
+    vars.extend(
+        defaults
+            .log
+            .env()
+            .into_iter()
+            .map(|(name, value)| env(name, value)),
+    );
     let mut limits = BTreeMap::new();
     let mut requests = BTreeMap::new();
     if spec.resources.gpus > 0 {

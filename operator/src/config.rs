@@ -199,6 +199,7 @@ impl Config {
                     name: self.etcd_client_secret.clone(),
                 }
             }),
+            log: self.log.clone(),
         })
     }
 

@@ -2,8 +2,8 @@
 
 1. `helm lint --strict` (Helm's own Go SDK through helm-python-sdk) for each value set.
 2. Renders the chart for the value sets below, as `helm install` would, and checks facts about
-   the objects: names, images, commands, the etcd endpoints every component gets, the etcd
-   members and their --initial-cluster, etcd's TLS (client and peer, client-certificate
+   the objects: names, images, commands, the etcd endpoints, log format and OTLP endpoint
+   every component gets, the etcd members and their --initial-cluster, etcd's TLS (client and peer, client-certificate
    authentication, generated or supplied Secrets) and the client Secret the operator and the
    routers mount, NetworkPolicies (each one's pods, sources and ports), RBAC (exactly the
    operator's permissions, no wildcard, Secrets never updated or deleted), Services that select their pods,
@@ -79,6 +79,8 @@ VALUE_SETS = {
     },
     "open": {"etcd": {"tls": {"enabled": False}}, "networkPolicy": {"enabled": False}},
     "ha": {
+        "logFormat": "json",
+        "otlp": {"endpoint": "http://otel-collector.monitoring:4317"},
         "etcd": {"replicas": 3},
         "operator": {"replicas": 2},
         "router": {
@@ -129,6 +131,10 @@ BAD_VALUES = [
     ({"etcd": {"tls": {"validityDays": 0}}}, "at '/etcd/tls/validityDays': minimum: got 0, want 1"),
     ({"etcd": {"tls": {"clientSecret": "Bad_Name"}}}, "at '/etcd/tls/clientSecret': 'Bad_Name' does not match pattern"),
     ({"etcd": {"external": {"tls": {"caSecret": "x"}}}}, "at '/etcd/external/tls': additional properties 'caSecret' not allowed"),
+    (
+        {"otlp": {"endpoint": "https://otel-collector:4317"}},
+        "at '/otlp/endpoint': 'https://otel-collector:4317' does not match pattern",
+    ),
 ]
 
 # Values only the templates can judge, and the words of their refusal.
@@ -378,9 +384,13 @@ def check_common(set_name, objects, values):
         f"{label} the router mounts no API token",
     )
 
-    # Every component reads the same state: one set of etcd endpoints and one prefix.
+    # Every component reads the same state: one set of etcd endpoints and one prefix; and logs
+    # and exports its spans alike (the operator passes both on to the workers).
     for c in (op, rt):
         e = env_of(c)
+        check(e.get("TIDELOCK_LOG_FORMAT") == values.get("logFormat", "text"), f"{label} log format")
+        otlp = values.get("otlp", {}).get("endpoint") or None
+        check(e.get("TIDELOCK_OTLP_ENDPOINT") == otlp, f"{label} OTLP endpoint {e.get('TIDELOCK_OTLP_ENDPOINT')}")
         check(e.get("TIDELOCK_ETCD_ENDPOINTS") == env["TIDELOCK_ETCD_ENDPOINTS"], f"{label} endpoints differ")
         check(e.get("TIDELOCK_ETCD_PREFIX") == values.get("etcd", {}).get("prefix", "/tidelock/"), f"{label} prefix")
     check_etcd_client_tls(label, objects, values)

@@ -132,7 +132,8 @@ routers mount and the operator copies for the workers; empty without TLS.
 {{/* Where the operator and the router mount the etcd client Secret. */}}
 {{- define "tidelock.etcdTLSDir" -}}/etc/tidelock/etcd-tls{{- end }}
 
-{{/* Environment every Tidelock component shares: the cluster state and the log filter. */}}
+{{/* Environment every Tidelock component shares: the cluster state, the log filter and format,
+ the span export. */}}
 {{- define "tidelock.stateEnv" -}}
 - name: TIDELOCK_ETCD_ENDPOINTS
   value: {{ include "tidelock.etcdEndpoints" . | quote }}
@@ -151,6 +152,10 @@ routers mount and the operator copies for the workers; empty without TLS.
   value: {{ .Values.logLevel | quote }}
 - name: TIDELOCK_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
+{{- with .Values.otlp.endpoint }}
+- name: TIDELOCK_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 
 {{/* The etcd client Secret as a container's read-only mount (nothing without TLS). */}}

@@ -34,6 +34,7 @@ fn defaults() -> Defaults {
             )]
             .into(),
         }),
+        log: tidelock_service::LogArgs::default(),
     }
 }
 
@@ -180,6 +181,9 @@ fn the_worker_gets_its_identity_etcd_and_model_from_the_spec() {
             .field_path,
         "metadata.labels['apps.kubernetes.io/pod-index']"
     );
+    // The operator's own log format; no span export when the operator has no OTLP endpoint.
+    assert_eq!(env["TIDELOCK_LOG_FORMAT"].value.as_deref(), Some("text"));
+    assert!(!env.contains_key("TIDELOCK_OTLP_ENDPOINT"));
     // The weights are fetched by an init container into the models volume (an emptyDir here).
     // `tidelock fetch` from the worker's own image: the source's fields as arguments, no shell.
     let init = &pod(g).init_containers.as_ref().unwrap()[0];
@@ -233,6 +237,31 @@ fn the_worker_gets_its_identity_etcd_and_model_from_the_spec() {
         5
     );
     assert_eq!(pod(g).termination_grace_period_seconds, Some(300));
+
+    // With JSON lines and a collector, every worker of every group logs and exports the same.
+    let traced = Defaults {
+        log: tidelock_service::LogArgs {
+            log_format: tidelock_service::LogFormat::Json,
+            otlp_endpoint: Some("http://otel-collector.monitoring:4317".into()),
+            ..tidelock_service::LogArgs::default()
+        },
+        ..defaults()
+    };
+    let d = desired(&model(json!({"source": hf(), "replicas": 2})), &traced).unwrap();
+    assert_eq!(d.groups.len(), 2);
+    for g in &d.groups {
+        let env: BTreeMap<&str, Option<&str>> = worker(g)
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert_eq!(env["TIDELOCK_LOG_FORMAT"], Some("json"));
+        assert_eq!(
+            env["TIDELOCK_OTLP_ENDPOINT"],
+            Some("http://otel-collector.monitoring:4317")
+        );
+    }
 }
 
 #[test]

@@ -66,6 +66,7 @@ pub fn defaults() -> Defaults {
             )]
             .into(),
         }),
+        log: tidelock_service::LogArgs::default(),
     }
 }
 
