@@ -16,7 +16,6 @@
 //!    its pin by a retry. Nothing is written inside the decision, so a decision that fails to
 //!    start leaves no trace.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -146,7 +145,9 @@ impl Placer {
         let model = ask.model;
         let block_tokens = model.block_tokens.as_usize();
         let _index = tracing::debug_span!("index_lookup").entered();
-        let held: HashMap<WorkerId, TierCounts> = if self.policy.reads_index() {
+        // Sorted by worker id, as the workers are: looked up by binary search (a few string
+        // comparisons) rather than hashed per worker.
+        let mut held: Vec<(WorkerId, TierCounts)> = if self.policy.reads_index() {
             model
                 .index
                 .read()
@@ -156,18 +157,23 @@ impl Placer {
                 .map(|m| (m.worker, m.tiers))
                 .collect()
         } else {
-            HashMap::new()
+            Vec::new()
         };
+        held.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let workers = model.workers();
-        let candidates: Vec<Candidate> = workers
-            .values()
-            .filter(|w| w.healthy())
+        // The healthy workers and their candidates, both in worker id order (the map's).
+        let healthy: Vec<&Arc<WorkerState>> = workers.values().filter(|w| w.healthy()).collect();
+        let candidates: Vec<Candidate> = healthy
+            .iter()
             .map(|w| {
                 let promised = match self.policy.reads_index() {
                     true => w.promised_prefix(ask.chain.hashes()),
                     false => 0,
                 };
-                w.candidate(held.get(&w.id).copied().unwrap_or_default(), promised)
+                let cached = held
+                    .binary_search_by(|(id, _)| id.cmp(&w.id))
+                    .map_or(TierCounts::default(), |i| held[i].1);
+                w.candidate(cached, promised)
             })
             .collect();
         drop(_index);
@@ -216,20 +222,16 @@ impl Placer {
             metrics.decisions.with_label_values(&[policy, "pull"]).inc();
         }
         // Blocks held and blocks promised both spare the worker their prefill.
-        let promised: HashMap<&WorkerId, usize> = candidates
-            .iter()
-            .filter(|c| c.promised > 0)
-            .map(|c| (&c.worker, c.promised))
-            .collect();
         let order: Vec<Target> = decision
             .order
             .iter()
             .filter_map(|id| {
-                let w = workers.get(id)?.clone();
-                let cached = held.get(id).map_or(0, TierCounts::total);
-                let spared = cached.max(promised.get(id).copied().unwrap_or(0));
+                let i = candidates.binary_search_by(|c| c.worker.cmp(id)).ok()?;
+                let c = &candidates[i];
+                let cached = c.cached.total();
+                let spared = cached.max(c.promised);
                 let uncached = ask.prompt_tokens.saturating_sub(spared * block_tokens);
-                Some((w, uncached as u64, cached))
+                Some((healthy[i].clone(), uncached as u64, cached))
             })
             .collect();
         if let Some((_, prefill, _)) = order.first() {

@@ -254,17 +254,19 @@ impl Proxy {
         binary: bool,
         mut guard: InFlight,
     ) -> Result<(Instant, BoxStream<'static, GenerateEvent>), AttemptError> {
-        let url = format!(
-            "{}/v1/generate",
-            worker.registration.address.trim_end_matches('/')
-        );
+        let uri = worker.generate_uri().cloned().ok_or_else(|| {
+            AttemptError::Failed(format!(
+                "bad worker address: {}",
+                worker.registration.address
+            ))
+        })?;
         let content_type = if binary {
             GENERATE_BINARY_CONTENT_TYPE
         } else {
             "application/json"
         };
         let mut request =
-            hyper::Request::post(&url).header(hyper::header::CONTENT_TYPE, content_type);
+            hyper::Request::post(uri).header(hyper::header::CONTENT_TYPE, content_type);
         if let Some(authorization) = &self.authorization {
             request = request.header(hyper::header::AUTHORIZATION, authorization.clone());
         }

@@ -83,12 +83,19 @@ pub struct WorkerState {
     /// KV events say so (under load, a prefill can take longer than a conversation's next turn
     /// takes to arrive).
     promised: Mutex<BlockMap<u32>>,
+    /// `<address>/v1/generate`, parsed once (every request goes there); `None` when the
+    /// registered address is not a URL, which every request to it then reports.
+    generate: Option<hyper::Uri>,
 }
 
 impl WorkerState {
     pub(crate) fn new(id: WorkerId, registration: WorkerRegistration, eject_after: u32) -> Self {
+        let generate = format!("{}/v1/generate", registration.address.trim_end_matches('/'))
+            .parse()
+            .ok();
         WorkerState {
             id,
+            generate,
             registration,
             load: Mutex::new((LoadReport::default(), Instant::now())),
             max_context: AtomicU64::new(0),
@@ -99,6 +106,11 @@ impl WorkerState {
             pending_requests: AtomicU32::new(0),
             promised: Mutex::default(),
         }
+    }
+
+    /// Where its generate requests go (`None`: its address is not a URL).
+    pub(crate) fn generate_uri(&self) -> Option<&hyper::Uri> {
+        self.generate.as_ref()
     }
 
     pub fn load(&self) -> LoadReport {

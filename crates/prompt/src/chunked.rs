@@ -242,13 +242,15 @@ fn floor_boundary(text: &str, at: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// The ids of `text`. Only ids are kept, so the encoding skips offsets (`encode_fast`): the
+/// same ids without mapping every token back to its bytes.
 pub(crate) fn encode(
     tokenizer: &Tokenizer,
     text: &str,
     add_special: bool,
 ) -> Result<Vec<u32>, PromptError> {
     tokenizer
-        .encode(text, add_special)
+        .encode_fast(text, add_special)
         .map(|enc| enc.get_ids().to_vec())
         .map_err(|source| PromptError::Tokenizer {
             op: "encode",

@@ -100,6 +100,9 @@ pub struct PromptKit {
     warnings: Vec<String>,
     /// How long texts are encoded in pieces (`None`: always whole; see [`crate::chunked`]).
     chunking: Option<Chunking>,
+    /// Ids, added tokens included: counted once (the tokenizer counts its added tokens on
+    /// every call, and a completion's prompt ids are each checked against it).
+    vocab_size: usize,
 }
 
 impl fmt::Debug for PromptKit {
@@ -164,6 +167,7 @@ impl PromptKit {
             stop_token_ids,
             warnings: Vec::new(),
             chunking,
+            vocab_size,
         })
     }
 
@@ -497,7 +501,7 @@ impl PromptKit {
 
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// The id of a token's text.

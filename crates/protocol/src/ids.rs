@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -67,12 +68,14 @@ fn validate(kind: &'static str, value: &str, max: usize, allow_empty: bool) -> R
 }
 
 /// Declares a validated string newtype; one definition keeps the six ids identical in behaviour.
+/// The string is shared (`Arc<str>`): ids are cloned into every request's placement, metrics
+/// labels, pins and events, and a clone is then a reference count, not an allocation and copy.
 macro_rules! string_id {
     ($(#[$meta:meta])* $name:ident, kind = $kind:literal, max = $max:expr, allow_empty = $empty:literal) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
         #[serde(try_from = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Human name of this kind of id, used in errors.
@@ -84,7 +87,7 @@ macro_rules! string_id {
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 validate($kind, &value, $max, $empty)?;
-                Ok(Self(value))
+                Ok(Self(value.into()))
             }
 
             /// The id as a string slice.
@@ -94,7 +97,7 @@ macro_rules! string_id {
 
             /// Unwraps the id into its string.
             pub fn into_string(self) -> String {
-                self.0
+                self.0.to_string()
             }
         }
 
@@ -116,7 +119,7 @@ macro_rules! string_id {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 
@@ -177,12 +180,12 @@ impl CacheSalt {
     /// The unsalted cache (empty): blocks hashed under it are visible to every caller that also
     /// uses it. No tenant record may carry it.
     pub fn shared() -> Self {
-        Self(String::new())
+        Self(Arc::from(""))
     }
 
     /// A fresh secret salt: 128 bits from the operating system's random source, in hex.
     pub fn generate() -> Self {
-        Self(format!("{:032x}", rand::random::<u128>()))
+        Self(format!("{:032x}", rand::random::<u128>()).into())
     }
 
     /// Whether this is the unsalted cache's salt.

@@ -254,8 +254,9 @@ pub enum ErrorCode {
 /// One line of the newline-delimited JSON stream answering `POST /v1/generate`.
 ///
 /// A stream is at most one `Prefilled`, then zero or more `Tokens`, then exactly one `Finished`
-/// or `Error`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// or `Error`. An object with another `type` reads as [`GenerateEvent::Unknown`]; fields a
+/// variant does not know are skipped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GenerateEvent {
     /// The prompt is in the KV cache; sent once, before the first token. It carries the prompt's
@@ -296,8 +297,166 @@ pub enum GenerateEvent {
         message: String,
     },
     /// An event type this build does not know; skip it.
-    #[serde(other)]
     Unknown,
+}
+
+/// Read by hand rather than derived: a derived internally tagged enum first buffers each object
+/// into serde's generic content tree (an allocation per field) to find its tag, and this runs
+/// for every line of every answer. Workers write `type` first, so its value picks the variant
+/// and the variant's fields are read straight from the input; an object whose `type` comes later
+/// (another writer) is buffered as JSON and read the same way.
+impl<'de> Deserialize<'de> for GenerateEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(event::EventVisitor)
+    }
+}
+
+/// The pieces of [`GenerateEvent`]'s reader.
+mod event {
+    use std::fmt;
+
+    use serde::de::{self, IgnoredAny, MapAccess, value::MapAccessDeserializer};
+    use serde::{Deserialize, Deserializer};
+
+    use super::{ErrorCode, FinishReason, GenerateEvent, TopLogprob, Usage};
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum EventType {
+        Prefilled,
+        Tokens,
+        Finished,
+        Error,
+        #[serde(other)]
+        Unknown,
+    }
+
+    #[derive(Deserialize)]
+    struct PrefilledFields {
+        prompt_tokens: u32,
+        cached_tokens: u32,
+    }
+
+    #[derive(Deserialize)]
+    struct TokensFields {
+        ids: Vec<u32>,
+        #[serde(default)]
+        logprobs: Option<Vec<f32>>,
+        #[serde(default)]
+        top_logprobs: Option<Vec<Vec<TopLogprob>>>,
+    }
+
+    #[derive(Deserialize)]
+    struct FinishedFields {
+        reason: FinishReason,
+        usage: Usage,
+    }
+
+    #[derive(Deserialize)]
+    struct ErrorFields {
+        code: ErrorCode,
+        #[serde(default)]
+        message: String,
+    }
+
+    impl EventType {
+        /// The event of this type whose other fields `fields` holds.
+        fn read<'de, D: Deserializer<'de>>(self, fields: D) -> Result<GenerateEvent, D::Error> {
+            Ok(match self {
+                EventType::Prefilled => {
+                    let f = PrefilledFields::deserialize(fields)?;
+                    GenerateEvent::Prefilled {
+                        prompt_tokens: f.prompt_tokens,
+                        cached_tokens: f.cached_tokens,
+                    }
+                }
+                EventType::Tokens => {
+                    let f = TokensFields::deserialize(fields)?;
+                    GenerateEvent::Tokens {
+                        ids: f.ids,
+                        logprobs: f.logprobs,
+                        top_logprobs: f.top_logprobs,
+                    }
+                }
+                EventType::Finished => {
+                    let f = FinishedFields::deserialize(fields)?;
+                    GenerateEvent::Finished {
+                        reason: f.reason,
+                        usage: f.usage,
+                    }
+                }
+                EventType::Error => {
+                    let f = ErrorFields::deserialize(fields)?;
+                    GenerateEvent::Error {
+                        code: f.code,
+                        message: f.message,
+                    }
+                }
+                EventType::Unknown => {
+                    IgnoredAny::deserialize(fields)?;
+                    GenerateEvent::Unknown
+                }
+            })
+        }
+    }
+
+    /// A key of the object: `type`, or another field's name (kept only for the buffered path).
+    enum Key {
+        Type,
+        Other(String),
+    }
+
+    impl<'de> Deserialize<'de> for Key {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl de::Visitor<'_> for KeyVisitor {
+                type Value = Key;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a field name")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                    Ok(match v {
+                        "type" => Key::Type,
+                        other => Key::Other(other.to_owned()),
+                    })
+                }
+            }
+            deserializer.deserialize_identifier(KeyVisitor)
+        }
+    }
+
+    pub(super) struct EventVisitor;
+
+    impl<'de> de::Visitor<'de> for EventVisitor {
+        type Value = GenerateEvent;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a generate event object with a `type`")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GenerateEvent, A::Error> {
+            let mut key = map.next_key::<Key>()?;
+            if let Some(Key::Type) = key {
+                let kind: EventType = map.next_value()?;
+                return kind.read(MapAccessDeserializer::new(map));
+            }
+            let mut object = serde_json::Map::new();
+            while let Some(k) = key {
+                let name = match k {
+                    Key::Type => "type".to_owned(),
+                    Key::Other(name) => name,
+                };
+                object.insert(name, map.next_value::<serde_json::Value>()?);
+                key = map.next_key()?;
+            }
+            let kind = object
+                .get("type")
+                .ok_or_else(|| de::Error::missing_field("type"))?;
+            let kind = EventType::deserialize(kind).map_err(de::Error::custom)?;
+            kind.read(serde_json::Value::Object(object))
+                .map_err(de::Error::custom)
+        }
+    }
 }
 
 /// `GET /v1/info`: what a worker serves and how.
@@ -793,6 +952,89 @@ mod tests {
             serde_json::to_value(ErrorCode::InvalidRequest).unwrap(),
             "invalid_request"
         );
+    }
+
+    /// Every event reads back as written, with `type` first (as workers write it) or anywhere
+    /// else; unknown fields are skipped, a missing `type` or field is an error.
+    #[test]
+    fn stream_events_read_back_wherever_the_tag_is() {
+        let events = [
+            GenerateEvent::Prefilled {
+                prompt_tokens: 9,
+                cached_tokens: 4,
+            },
+            GenerateEvent::Tokens {
+                ids: vec![1, 2, 3],
+                logprobs: Some(vec![-0.5, -1.0, -2.0]),
+                top_logprobs: Some(vec![vec![TopLogprob {
+                    id: 7,
+                    logprob: -0.25,
+                }]]),
+            },
+            GenerateEvent::Tokens {
+                ids: vec![4],
+                logprobs: None,
+                top_logprobs: None,
+            },
+            GenerateEvent::Finished {
+                reason: FinishReason::Length,
+                usage: Usage {
+                    prompt_tokens: 9,
+                    cached_tokens: 4,
+                    completion_tokens: 2,
+                },
+            },
+            GenerateEvent::Error {
+                code: ErrorCode::Overloaded,
+                message: "busy".into(),
+            },
+        ];
+        for event in events {
+            let written = serde_json::to_value(&event).unwrap();
+            let line = serde_json::to_string(&event).unwrap();
+            assert!(line.starts_with(r#"{"type":"#), "{line}");
+            assert_eq!(serde_json::from_str::<GenerateEvent>(&line).unwrap(), event);
+            // The tag after the other fields (a JSON map sorts its keys: `later` comes first),
+            // and a field this build does not know.
+            let mut fields = written.as_object().unwrap().clone();
+            let tag = fields.remove("type").unwrap();
+            let mut reordered = serde_json::Map::new();
+            reordered.insert("later".into(), serde_json::json!({"x": [1]}));
+            reordered.extend(fields);
+            reordered.insert("type".into(), tag);
+            let line = serde_json::to_string(&reordered).unwrap();
+            assert!(line.ends_with(r#"}"#) && !line.starts_with(r#"{"type""#));
+            assert_eq!(serde_json::from_str::<GenerateEvent>(&line).unwrap(), event);
+        }
+        // Extra fields in the fast path too, and an unknown type whose fields clash with ours.
+        assert_eq!(
+            serde_json::from_str::<GenerateEvent>(
+                r#"{"type":"prefilled","prompt_tokens":2,"new_field":[1,{}],"cached_tokens":1}"#
+            )
+            .unwrap(),
+            GenerateEvent::Prefilled {
+                prompt_tokens: 2,
+                cached_tokens: 1
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<GenerateEvent>(r#"{"type":"later_kind","ids":"not ids"}"#)
+                .unwrap(),
+            GenerateEvent::Unknown
+        );
+        for bad in [
+            r#"{"ids":[1]}"#,
+            r#"{}"#,
+            r#"{"type":"tokens"}"#,
+            r#"{"type":"prefilled","prompt_tokens":"two","cached_tokens":1}"#,
+            r#"{"prompt_tokens":2,"type":"prefilled"}"#,
+            r#"["tokens"]"#,
+        ] {
+            assert!(
+                serde_json::from_str::<GenerateEvent>(bad).is_err(),
+                "{bad} should not parse"
+            );
+        }
     }
 
     #[test]

@@ -187,6 +187,11 @@ impl OpenAiError {
                 e.valid_up_to()
             )));
         }
+        // Most bodies are well formed: parse without tracking the path (a path segment per
+        // field costs allocations), and only a body that fails is parsed again to name where.
+        if let Ok(value) = serde_json::from_slice(body) {
+            return Ok(value);
+        }
         let mut de = serde_json::Deserializer::from_slice(body);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|error| {
             let path = error.path().to_string();
