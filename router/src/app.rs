@@ -33,7 +33,7 @@ use tidelock_openai::{
 };
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::openai::{ModelCard, ModelList, OpenAiError};
-use tidelock_protocol::{GenerateEvent, GenerateRequest, HashChain, SessionKey, TenantId};
+use tidelock_protocol::{GenerateEvent, GenerateRequest, HashChain, SessionKey, TenantId, TurnKey};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -711,14 +711,14 @@ async fn place(
     // The turn memory's key, the session's turn log: the ids are the model's, never cross
     // tenants, and a chat's are not a completion's (a text completion's tokenization may add
     // BOS; a chat's never does).
-    let turn_key = session.as_ref().map(|s| {
-        state
-            .pins
-            .layout()
-            .turns_of(&model.name, &tenant.id, endpoint.as_str(), s)
+    let turn_key = session.as_ref().map(|s| TurnKey {
+        model: model.name.clone(),
+        tenant: tenant.id.clone(),
+        endpoint: endpoint.as_str(),
+        session: s.clone(),
     });
     let previous = turn_key
-        .as_deref()
+        .as_ref()
         .and_then(|k| state.turns.get(k))
         .filter(|p| rendered.continues(p));
     // Unless nobody answered the session since this replica's memory (or it has none), the log
@@ -807,7 +807,7 @@ async fn place(
                     return Box::pin(async {}) as BoxFuture<'static, ()>;
                 };
                 let written = match &state.turn_log {
-                    Some(log) => log.write(key.clone(), &next),
+                    Some(log) => log.write(&key, &next),
                     None => Box::pin(async {}),
                 };
                 state.turns.put(key, next);

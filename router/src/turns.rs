@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use prometheus::IntCounterVec;
 use tidelock_openai::{Continuation, TurnRecord};
-use tidelock_protocol::KeyLayout;
+use tidelock_protocol::{KeyLayout, TurnKey};
 use tidelock_state::{LeaseId, StateError, StateStore};
 
 use crate::sessions::{Deadlines, Pins};
@@ -89,12 +89,13 @@ impl TurnLog {
         self.events.with_label_values(&[event]).inc();
     }
 
-    /// What `log` (a [`KeyLayout::turns_of`] directory) holds beyond `known` turns (this
-    /// replica's memory of the session): nothing when turn `known` is not there (one point
-    /// read), else the whole log in turn order, from turn 0 up to the first gap or unreadable
-    /// record. Nothing either when the store does not answer within the read deadline (then the
-    /// store is probed) or is being probed.
-    pub async fn newer(&self, log: &str, known: Option<u32>) -> Vec<TurnRecord> {
+    /// What the session's log (the [`KeyLayout::turns_of`] directory of `key`) holds beyond
+    /// `known` turns (this replica's memory of the session): nothing when turn `known` is not
+    /// there (one point read), else the whole log in turn order, from turn 0 up to the first gap
+    /// or unreadable record. Nothing either when the store does not answer within the read
+    /// deadline (then the store is probed) or is being probed.
+    pub async fn newer(&self, key: &TurnKey, known: Option<u32>) -> Vec<TurnRecord> {
+        let log = &self.layout.turns_of(key);
         if !self.pins.store_reachable() {
             self.count("skipped");
             return Vec::new();
@@ -151,14 +152,15 @@ impl TurnLog {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes `continuation`'s last turn to `log` within the write deadline; the future it
+    /// Writes `continuation`'s last turn to the session's log within the write deadline; the future it
     /// returns ends when the write does, or after the read deadline, whichever is first (the
     /// write goes on in the background).
     pub fn write(
         self: &Arc<Self>,
-        log: String,
+        key: &TurnKey,
         continuation: &Continuation,
     ) -> futures::future::BoxFuture<'static, ()> {
+        let log = self.layout.turns_of(key);
         let record = continuation.record();
         let n = continuation.turns() - 1;
         let log_ = self.clone();

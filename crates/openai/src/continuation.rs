@@ -21,6 +21,7 @@
 use std::sync::{Arc, Mutex};
 
 use tidelock_prompt::{PromptKit, RenderedChat};
+use tidelock_protocol::TurnKey;
 
 /// The digest of a prompt's text, kept from preparing the request to the end of its answer
 /// (the text itself is not kept), and how its ids were made.
@@ -317,25 +318,45 @@ const ENTRY_OVERHEAD_BYTES: usize = 128;
 /// Every session's [`Continuation`], bounded by what they hold in all, counted in ids (4 bytes):
 /// each session's ids, plus its key and [`ENTRY_OVERHEAD_BYTES`] in id-sized units, so that many
 /// short sessions cannot outgrow the budget. Least recently used out.
+///
+/// Keyed by [`TurnKey`] in the router; any key that says its size ([`MemoryKey`]) will do.
 #[derive(Debug)]
-pub struct Continuations {
+pub struct Continuations<K: MemoryKey = TurnKey> {
     max_tokens: usize,
-    inner: Mutex<Held>,
+    inner: Mutex<Held<K>>,
+}
+
+/// A key of [`Continuations`]: hashable, and charged by its size in bytes.
+pub trait MemoryKey: std::hash::Hash + Eq + Clone {
+    /// Bytes the key holds.
+    fn bytes(&self) -> usize;
+}
+
+impl MemoryKey for TurnKey {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
+}
+
+impl MemoryKey for String {
+    fn bytes(&self) -> usize {
+        self.len()
+    }
 }
 
 #[derive(Debug)]
-struct Held {
-    lru: lru::LruCache<String, Arc<Continuation>>,
+struct Held<K: MemoryKey> {
+    lru: lru::LruCache<K, Arc<Continuation>>,
     /// Ids held plus each entry's key and overhead, in ids.
     tokens: usize,
 }
 
 /// What one remembered session counts against the budget, in ids.
-fn charge(key: &str, continuation: &Continuation) -> usize {
-    continuation.ids.len() + (key.len() + ENTRY_OVERHEAD_BYTES).div_ceil(4)
+fn charge(key: &impl MemoryKey, continuation: &Continuation) -> usize {
+    continuation.ids.len() + (key.bytes() + ENTRY_OVERHEAD_BYTES).div_ceil(4)
 }
 
-impl Continuations {
+impl<K: MemoryKey> Continuations<K> {
     /// Memory for at most `max_tokens` ids (0 turns it off).
     pub fn new(max_tokens: usize) -> Self {
         Continuations {
@@ -347,18 +368,22 @@ impl Continuations {
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held<K>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The session's continuation, if remembered (and marks it recently used).
-    pub fn get(&self, key: &str) -> Option<Arc<Continuation>> {
+    pub fn get<Q>(&self, key: &Q) -> Option<Arc<Continuation>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         self.held().lru.get(key).cloned()
     }
 
     /// Remembers `continuation` for the session, replacing what it had; evicts the least
     /// recently used sessions beyond the budget. One longer than the whole budget is not kept.
-    pub fn put(&self, key: String, continuation: Continuation) {
+    pub fn put(&self, key: K, continuation: Continuation) {
         let mut held = self.held();
         if let Some(old) = held.lru.pop(&key) {
             held.tokens -= charge(&key, &old);

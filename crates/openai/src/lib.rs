@@ -23,7 +23,7 @@ mod prepare;
 mod respond;
 
 pub use continuation::{
-    Answer, Continuation, Continuations, PromptText, TurnRecord, TurnRecordError,
+    Answer, Continuation, Continuations, MemoryKey, PromptText, TurnRecord, TurnRecordError,
 };
 pub use host::require_host;
 pub use prepare::{Endpoint, Parsed, Prepared, Rendered, parse, unix_now};

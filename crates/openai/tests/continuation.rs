@@ -199,7 +199,7 @@ fn remembered(tokens: usize) -> Continuation {
 fn memory_is_bounded_by_tokens_least_recently_used_out() {
     // Each session also costs its key and 128 bytes, in 4-byte ids: (1 + 128) / 4 -> 33.
     let extra = 33;
-    let memory = Continuations::new(2 * (40 + extra) + 10);
+    let memory = Continuations::<String>::new(2 * (40 + extra) + 10);
     memory.put("a".into(), remembered(40));
     memory.put("b".into(), remembered(40));
     assert_eq!(memory.usage(), (2, 2 * (40 + extra)));
@@ -217,14 +217,14 @@ fn memory_is_bounded_by_tokens_least_recently_used_out() {
     assert!(memory.get("c").is_none());
     // Many short sessions are bounded by their overheads too: each 3-letter key costs
     // 1 + (3 + 128) / 4 -> 34, and 1,000 / 34 -> 29 sessions.
-    let many = Continuations::new(1_000);
+    let many = Continuations::<String>::new(1_000);
     for i in 0..100 {
         many.put(format!("{i:03}"), remembered(1));
     }
     assert_eq!(many.usage(), (29, 29 * 34));
     assert!(many.get("099").is_some() && many.get("070").is_none());
     // Off.
-    let off = Continuations::new(0);
+    let off = Continuations::<String>::new(0);
     off.put("a".into(), remembered(1));
     assert_eq!(off.usage(), (0, 0));
 }

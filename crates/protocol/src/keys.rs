@@ -63,6 +63,37 @@ pub fn unescape_segment(segment: &str) -> Option<Cow<'_, str>> {
     Some(Cow::Owned(out))
 }
 
+/// Whose turn memory: one session of one tenant on one model, through one endpoint (a chat's
+/// token ids are not a completion's: a text completion's tokenization may add BOS, a chat's
+/// never does). The router's memory is keyed by it and the shared log's directory is
+/// [`KeyLayout::turns_of`] of it, so the parts are never joined by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TurnKey {
+    /// The model whose token ids the memory holds.
+    pub model: ModelName,
+    /// The tenant: one tenant's memory is never another's.
+    pub tenant: TenantId,
+    /// The endpoint's name (`chat_completions`, `completions`).
+    pub endpoint: &'static str,
+    /// The session.
+    pub session: SessionKey,
+}
+
+impl TurnKey {
+    /// Bytes of its parts, for memory accounting.
+    pub fn len(&self) -> usize {
+        self.model.as_str().len()
+            + self.tenant.as_str().len()
+            + self.endpoint.len()
+            + self.session.as_str().len()
+    }
+
+    /// Never: every part but the endpoint is a non-empty id.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
 /// Where Tidelock's records live in etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyLayout {
@@ -155,16 +186,15 @@ impl KeyLayout {
     /// `<root>turns/<model>/<tenant>/<endpoint>/<session>/`: one session's turn log, the
     /// answered turns router replicas share so that the next turn keeps its cached ids wherever
     /// it lands (`endpoint` keeps a chat's log apart from a completion's of the same session).
-    pub fn turns_of(
-        &self,
-        model: &ModelName,
-        tenant: &TenantId,
-        endpoint: &str,
-        session: &SessionKey,
-    ) -> String {
+    pub fn turns_of(&self, key: &TurnKey) -> String {
         self.dir(
             TURNS,
-            &[model.as_str(), tenant.as_str(), endpoint, session.as_str()],
+            &[
+                key.model.as_str(),
+                key.tenant.as_str(),
+                key.endpoint,
+                key.session.as_str(),
+            ],
         )
     }
 
@@ -403,21 +433,19 @@ mod tests {
     #[test]
     fn turn_logs_are_one_directory_per_session_and_endpoint() {
         let keys = KeyLayout::default();
-        let log = keys.turns_of(&model("smol"), &tenant("acme"), "chat", &session("a/b%"));
+        let of = |endpoint| TurnKey {
+            model: model("smol"),
+            tenant: tenant("acme"),
+            endpoint,
+            session: session("a/b%"),
+        };
+        let log = keys.turns_of(&of("chat"));
         assert_eq!(log, "/tidelock/turns/smol/acme/chat/a%2Fb%25/");
         let key = KeyLayout::turn(&log, 7);
         assert_eq!(key, "/tidelock/turns/smol/acme/chat/a%2Fb%25/0000000007");
         assert_eq!(keys.parse_turn(&key), Some((log.as_str(), 7)));
         assert!(key.starts_with(&keys.turns_dir()));
-        assert_ne!(
-            log,
-            keys.turns_of(
-                &model("smol"),
-                &tenant("acme"),
-                "completion",
-                &session("a/b%")
-            )
-        );
+        assert_ne!(log, keys.turns_of(&of("completion")));
         // Listed in turn order.
         assert!(KeyLayout::turn(&log, 9) < KeyLayout::turn(&log, 10));
         for bad in [

@@ -25,7 +25,7 @@ pub use ids::{
     BlockId, CacheSalt, Epoch, GroupId, IdError, ModelName, SessionKey, ShardIndex, TenantId,
     WorkerId,
 };
-pub use keys::{KeyLayout, escape_segment, unescape_segment};
+pub use keys::{KeyLayout, TurnKey, escape_segment, unescape_segment};
 pub use openai::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessageIn, Completion,
     CompletionChunk, CompletionRequest, ModelCard, ModelList, OpenAiError, ResponseMeta,
