@@ -75,6 +75,23 @@ try:
 except openai.AuthenticationError as e:
     check("401 for a wrong key", e.status_code == 401, e.body)
 
+# What is not served yet is refused by name, not answered as if it had been applied.
+hi = [{"role": "user", "content": "Hi"}]
+weather = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+for what, extra, param in [
+    ("json_object", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("tools, required", {"tools": weather, "tool_choice": "required"}, "tool_choice"),
+    ("tools, auto", {"tools": weather}, "tools"),
+    ("presence_penalty", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("logit_bias", {"logit_bias": {"42": 10}}, "logit_bias"),
+]:
+    try:
+        client.chat.completions.create(model=MODEL, messages=hi, max_tokens=2, **extra)
+        check(f"400 for unserved {what}", False, "answered")
+    except openai.BadRequestError as e:
+        error = e.body if isinstance(e.body, dict) else {}
+        check(f"400 for unserved {what}", e.status_code == 400 and error.get("param") == param, e.body)
+
 limited = openai.OpenAI(base_url=BASE_URL, api_key=os.environ["LIMITED_KEY"], max_retries=0)
 limited.completions.create(model=MODEL, prompt="One", max_tokens=1)
 try:

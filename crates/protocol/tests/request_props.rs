@@ -64,6 +64,10 @@ const FIELD_NAMES: &[&str] = &[
     "echo",
     "tools",
     "tool_choice",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
     "role",
     "content",
     "type",
@@ -93,6 +97,10 @@ const REQUEST_FIELDS: &[&str] = &[
     "echo",
     "tools",
     "tool_choice",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
 ];
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -289,6 +297,40 @@ fn field_value(name: &'static str) -> BoxedStrategy<Value> {
             prop::option::of(prop::option::of(any::<bool>()))
                 .prop_map(|usage| object([("include_usage", usage.map(|u| json!(u)))])),
         ]
+        .boxed(),
+        "presence_penalty" | "frequency_penalty" => prop_oneof![
+            Just(Value::Null),
+            Just(json!(0)),
+            (-2.0f64..2.0).prop_map(Value::from),
+        ]
+        .boxed(),
+        "logit_bias" => prop_oneof![
+            Just(Value::Null),
+            Just(json!({})),
+            (0u32..100, -100i64..100).prop_map(|(id, bias)| json!({ id.to_string(): bias })),
+        ]
+        .boxed(),
+        "response_format" => prop::sample::select(vec![
+            Value::Null,
+            json!({"type": "text"}),
+            json!({"type": "json_object"}),
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+            json!({"kind": "text"}),
+        ])
+        .boxed(),
+        "tool_choice" => prop::sample::select(vec![
+            Value::Null,
+            json!("none"),
+            json!("auto"),
+            json!("required"),
+            json!({"type": "function", "function": {"name": "f"}}),
+        ])
+        .boxed(),
+        "tools" => prop::sample::select(vec![
+            Value::Null,
+            json!([]),
+            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ])
         .boxed(),
         _ => any_json().boxed(),
     };
@@ -540,6 +582,23 @@ fn check_parse_error(error: &OpenAiError) -> Result<(), TestCaseError> {
 /// The sampling fields both endpoints share that break a rule, by the request field's name.
 fn common_violations(common: &CommonFields) -> Vec<&'static str> {
     let mut bad = Vec::new();
+    // Not served yet: anything but "none asked" is refused by name.
+    if common.presence_penalty.is_some_and(|v| v != 0.0) {
+        bad.push("presence_penalty");
+    }
+    if common.frequency_penalty.is_some_and(|v| v != 0.0) {
+        bad.push("frequency_penalty");
+    }
+    match &common.logit_bias {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(bias)) if bias.is_empty() => {}
+        Some(_) => bad.push("logit_bias"),
+    }
+    match &common.response_format {
+        None | Some(Value::Null) => {}
+        Some(format) if format.get("type") == Some(&json!("text")) => {}
+        Some(_) => bad.push("response_format"),
+    }
     if matches!(common.n, Some(n) if n != 1) {
         bad.push("n");
     }
@@ -623,6 +682,22 @@ fn check_chat(request: &ChatCompletionRequest) -> Result<(), TestCaseError> {
     prop_assert_eq!(request.stop_strings(), stop.unwrap_or_default());
 
     let mut bad = common_violations(&request.common);
+    // Tools are not served yet: offered ones (unless `tool_choice` is `none`) and a choice that
+    // promises a call are refused by name.
+    let none = request.tool_choice == Some(json!("none"));
+    match &request.tool_choice {
+        None | Some(Value::Null) => {}
+        Some(Value::String(c)) if c == "none" || c == "auto" => {}
+        Some(_) => bad.push("tool_choice"),
+    }
+    let offered = match &request.tools {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(tools)) => !tools.is_empty(),
+        Some(_) => true,
+    };
+    if offered && !none {
+        bad.push("tools");
+    }
     let (max_tokens, max_param) = match (request.max_completion_tokens, request.max_tokens) {
         (Some(max), _) => (max, "max_completion_tokens"),
         (None, Some(max)) => (max, "max_tokens"),

@@ -162,9 +162,61 @@ pub struct CommonFields {
     /// Extension (vLLM): keep generating past end-of-sequence.
     #[serde(default, deserialize_with = "null_as_default")]
     pub ignore_eos: bool,
+    /// Not served yet: refused unless 0 ([`CommonFields::unserved`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    /// Not served yet: refused unless 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
+    /// Not served yet: refused unless empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<Value>,
+    /// Only `{"type": "text"}` is served; JSON modes are refused until constrained decoding is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
 }
 
 impl CommonFields {
+    /// Refuses the OpenAI parameters this server does not serve yet, naming each, rather than
+    /// answering as if they had been applied: a penalty or bias other than none, a
+    /// `response_format` other than text.
+    pub fn unserved(&self) -> Result<(), OpenAiError> {
+        let not_yet = |param: &str, what: &str| {
+            Err(OpenAiError::invalid(
+                param,
+                format!("{what} is not supported by this server yet; leave `{param}` out"),
+            )
+            .with_code("unsupported_parameter"))
+        };
+        for (param, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return not_yet(param, &format!("`{param}` other than 0"));
+            }
+        }
+        match &self.logit_bias {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(bias)) if bias.is_empty() => {}
+            Some(_) => return not_yet("logit_bias", "`logit_bias`"),
+        }
+        match &self.response_format {
+            None | Some(Value::Null) => Ok(()),
+            Some(format) => match format.get("type") {
+                Some(Value::String(kind)) if kind == "text" => Ok(()),
+                Some(Value::String(kind)) => not_yet(
+                    "response_format",
+                    &format!("`response_format` of type `{kind}` (structured output)"),
+                ),
+                _ => Err(OpenAiError::invalid(
+                    "response_format",
+                    "response_format must be an object with a string `type`",
+                )),
+            },
+        }
+    }
+
     /// Validates the shared sampling fields (`stop` and `n` included) and converts them, with
     /// the endpoint's own `max_tokens` and `logprobs` (and the names it gives them in errors).
     fn sampling(
@@ -172,6 +224,7 @@ impl CommonFields {
         (max_tokens, max_tokens_param): (u32, &'static str),
         (logprobs, logprobs_param): (Option<u32>, &'static str),
     ) -> Result<SamplingParams, OpenAiError> {
+        self.unserved()?;
         SamplingFields {
             temperature: self.temperature,
             top_p: self.top_p,
@@ -264,6 +317,7 @@ impl ChatCompletionRequest {
     /// `default_max_tokens` applies when neither `max_completion_tokens` nor `max_tokens` is set
     /// (OpenAI then generates until the context ends): callers pass the room left in the context.
     pub fn sampling(&self, default_max_tokens: u32) -> Result<SamplingParams, OpenAiError> {
+        self.tools_unserved()?;
         let logprobs = match (self.logprobs, self.top_logprobs) {
             (Some(true), top) => Some(top.unwrap_or(0)),
             (_, Some(top)) if top > 0 => {
@@ -280,6 +334,44 @@ impl ChatCompletionRequest {
             (None, None) => (default_max_tokens, "max_tokens"),
         };
         self.common.sampling(max_tokens, (logprobs, "top_logprobs"))
+    }
+
+    /// Tool calls are not parsed out of answers yet, so a request that offers tools (unless
+    /// `tool_choice` is `none`) is refused, naming `tools`; `tool_choice` `required` or a named
+    /// function, which promise a call, name `tool_choice`. Tool messages in the history, and
+    /// tools with `tool_choice: "none"`, still reach the chat template.
+    pub fn tools_unserved(&self) -> Result<(), OpenAiError> {
+        let not_yet = |param: &str, what: &str| {
+            Err(OpenAiError::invalid(
+                param,
+                format!("{what} is not supported by this server yet: answers are not parsed into tool_calls"),
+            )
+            .with_code("unsupported_parameter"))
+        };
+        let none = matches!(&self.tool_choice, Some(Value::String(c)) if c == "none");
+        match &self.tool_choice {
+            None | Some(Value::Null) => {}
+            Some(Value::String(c)) if c == "none" || c == "auto" => {}
+            Some(Value::String(c)) if c == "required" => {
+                return not_yet("tool_choice", "`tool_choice: \"required\"`");
+            }
+            Some(Value::Object(_)) => return not_yet("tool_choice", "a named `tool_choice`"),
+            Some(_) => {
+                return Err(OpenAiError::invalid(
+                    "tool_choice",
+                    "tool_choice must be \"none\", \"auto\", \"required\" or a named function",
+                ));
+            }
+        }
+        let offered = match &self.tools {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(tools)) => !tools.is_empty(),
+            Some(_) => true,
+        };
+        if offered && !none {
+            return not_yet("tools", "offering `tools`");
+        }
+        Ok(())
     }
 
     /// The stop sequences, empty when none were given.
@@ -584,12 +676,77 @@ mod tests {
             "u-9"
         );
         assert_eq!(request.tool_choice, Some(json!("auto")));
+        // Offered tools are refused until answers are parsed into tool_calls; with
+        // `tool_choice: "none"` they only reach the template.
+        let refused = request.sampling(100).unwrap_err();
+        assert_eq!(refused.param.as_deref(), Some("tools"), "{refused:?}");
+        let request = ChatCompletionRequest {
+            tool_choice: Some(json!("none")),
+            ..request
+        };
         let sampling = request.sampling(100).unwrap();
         assert_eq!(sampling.max_tokens, 100, "no limit: the caller's default");
         assert_eq!((sampling.temperature, sampling.top_p), (1.0, 1.0));
         assert_eq!(sampling.top_k, None);
         assert!(sampling.ignore_eos);
         assert_eq!(sampling.logprobs, None);
+    }
+
+    /// What is not served yet is a 400 naming the parameter, never silently ignored; the
+    /// values that mean "nothing asked" pass.
+    #[test]
+    fn unserved_parameters_are_refused_by_name() {
+        let base = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let with = |field: &str, value: Value| {
+            let mut body = base.clone();
+            body[field] = value;
+            chat(body).sampling(16)
+        };
+        for (field, value) in [
+            ("presence_penalty", json!(0.5)),
+            ("frequency_penalty", json!(-1)),
+            ("logit_bias", json!({"42": 100})),
+            ("response_format", json!({"type": "json_object"})),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            ),
+            ("response_format", json!("json")),
+            ("tool_choice", json!("required")),
+            (
+                "tool_choice",
+                json!({"type": "function", "function": {"name": "f"}}),
+            ),
+            ("tool_choice", json!(7)),
+            (
+                "tools",
+                json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
+        ] {
+            let error = with(field, value.clone()).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(field), "{field}: {value}");
+            assert_eq!(error.status, 400);
+        }
+        let error = with("response_format", json!({"type": "json_object"})).unwrap_err();
+        assert_eq!(error.code.as_deref(), Some("unsupported_parameter"));
+        assert!(error.message.contains("json_object"), "{}", error.message);
+        for (field, value) in [
+            ("presence_penalty", json!(0)),
+            ("frequency_penalty", json!(0.0)),
+            ("logit_bias", json!({})),
+            ("logit_bias", Value::Null),
+            ("response_format", json!({"type": "text"})),
+            ("tool_choice", json!("auto")),
+            ("tool_choice", json!("none")),
+            ("tools", json!([])),
+        ] {
+            assert!(with(field, value.clone()).is_ok(), "{field}: {value}");
+        }
+        // The completion endpoint shares the penalties and the format.
+        let error = completion(json!({"model": "m", "prompt": "p", "presence_penalty": 1}))
+            .sampling(16)
+            .unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("presence_penalty"));
     }
 
     #[test]
