@@ -3,10 +3,13 @@
 //! real simulated workers started afresh per target, the same trace through `ttft` and
 //! `round_robin`, the table, `compare.json`, the two PNG charts, routers stopped by SIGTERM with
 //! their ports free; then the sessions workload; bad targets and a missing peer Python fail
-//! with a message before anything starts.
+//! with a message before anything starts; `--port-base` places every part, a busy port is named;
+//! Ctrl-C or SIGTERM stops every part the run started; the help lists only what compare uses.
 
+use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tidelock_e2e::{binary, model_path};
@@ -95,6 +98,15 @@ fn compare_runs_one_trace_through_each_policy_on_fresh_workers() {
         printed.contains("| router:policy | token hit rate |"),
         "{printed}"
     );
+    // Results on stdout, progress on stderr: no per-target summary or progress line in the
+    // results.
+    for progress in ["replaying", "| measure | value |", "[1/2]", "wrote "] {
+        assert!(
+            !printed.contains(progress),
+            "{progress:?} on stdout: {printed}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&run.stderr).contains("replaying 15 requests"));
     let rows = report_rows(&out);
     assert_eq!(rows.len(), 2);
     let hit = |i: usize| rows[i]["hit_rate"].as_f64().unwrap();
@@ -206,4 +218,175 @@ fn bad_targets_and_a_missing_peer_python_fail_before_anything_starts() {
         assert!(err.contains(message), "{targets}: {err}");
         assert!(!out.exists(), "nothing written for {targets}");
     }
+}
+
+/// `n` consecutive loopback ports free now, from a base the system's own choice suggests.
+fn free_run(n: u16) -> u16 {
+    for _ in 0..50 {
+        let base = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if base.checked_add(n).is_some()
+            && (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no run of {n} free loopback ports");
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn port_base_places_every_part_and_interrupts_stop_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    // A slow replay (one request a second for a minute) that is still running when stopped.
+    let lines: Vec<String> = (0..60u64)
+        .map(|i| {
+            serde_json::json!({
+                "timestamp": i * 1000,
+                "input_length": 512,
+                "output_length": 4,
+                "hash_ids": [i],
+            })
+            .to_string()
+        })
+        .collect();
+    let trace = dir.path().join("trace.jsonl");
+    std::fs::write(&trace, lines.join("\n")).unwrap();
+    let out = dir.path().join("out");
+    // Two workers, the router and its metrics: four ports from the base.
+    let base = free_run(4);
+    let args = |base: u16| {
+        vec![
+            "bench".to_owned(),
+            "compare".into(),
+            "--model-file".into(),
+            model_path().display().to_string(),
+            "--targets".into(),
+            "ours:ttft".into(),
+            "--workers".into(),
+            "2".into(),
+            "--port-base".into(),
+            base.to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "trace".into(),
+            "--trace".into(),
+            trace.display().to_string(),
+        ]
+    };
+
+    // A busy port in the range is named, and nothing starts.
+    let busy = TcpListener::bind(("127.0.0.1", base + 1)).unwrap();
+    let run = Command::new(binary("tidelock"))
+        .args(args(base))
+        .env("TIDELOCK_CACHE", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "port {} (of {base}-{}) is not free",
+            base + 1,
+            base + 3
+        )),
+        "{err}"
+    );
+    drop(busy);
+
+    // SIGTERM once the router serves: the command says so, exits 130, and every part it
+    // started is gone (their ports free again).
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        let mut child = Command::new(binary("tidelock"))
+            .args(args(base))
+            .env("TIDELOCK_CACHE", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !(listening(base) && listening(base + 1) && listening(base + 2)) {
+            assert!(Instant::now() < deadline, "the parts never served");
+            assert!(child.try_wait().unwrap().is_none(), "compare ended early");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(130), "{signal}: {err}");
+        assert!(
+            err.contains("interrupted: every worker and router it started is stopped"),
+            "{err}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (base..base + 4).any(listening) {
+            assert!(
+                Instant::now() < deadline,
+                "{signal}: a part still serves on {:?}",
+                (base..base + 4)
+                    .filter(|&p| listening(p))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn compare_help_lists_only_what_compare_uses() {
+    let help = |args: &[&str]| {
+        let run = Command::new(binary("tidelock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(run.status.success());
+        String::from_utf8_lossy(&run.stdout).into_owned()
+    };
+    for workload in ["trace", "sessions"] {
+        let text = help(&["bench", "compare", workload, "--help"]);
+        // The endpoint, the output file and the worker list are compare's own to set.
+        for absent in [
+            "--url",
+            "--api-key",
+            "--model ",
+            "--out",
+            "--workers",
+            "--allow-errors",
+            "--api-keys",
+        ] {
+            assert!(
+                !text.contains(absent),
+                "compare {workload} --help shows {absent}:\n{text}"
+            );
+        }
+    }
+    assert!(help(&["bench", "compare", "trace", "--help"]).contains("--time-scale"));
+    assert!(help(&["bench", "compare", "sessions", "--help"]).contains("--think-ms"));
+    // Standalone, the same workloads keep their endpoint options.
+    let text = help(&["bench", "trace", "--help"]);
+    for present in [
+        "--url",
+        "--api-key",
+        "--out",
+        "--workers",
+        "--allow-errors",
+        "--time-scale",
+    ] {
+        assert!(text.contains(present), "bench trace --help lacks {present}");
+    }
+    let text = help(&["bench", "compare", "--help"]);
+    assert!(
+        text.contains("--port-base") && text.contains("--workers"),
+        "{text}"
+    );
 }

@@ -336,8 +336,13 @@ pub(crate) async fn stream(
     (outcome, text)
 }
 
+/// `bench trace`: the summary table on stdout (progress and notes go to stderr).
 pub(crate) async fn run(args: TraceArgs) -> ExitCode {
-    match replay(&args).await {
+    let replayed = replay(&args).await;
+    if let Ok((summary, _)) = &replayed {
+        print_summary(summary);
+    }
+    match replayed {
         Ok((summary, _)) if summary.errors == 0 || args.allow_errors => ExitCode::SUCCESS,
         Ok((summary, _)) => {
             eprintln!(
@@ -353,19 +358,21 @@ pub(crate) async fn run(args: TraceArgs) -> ExitCode {
     }
 }
 
+/// Replays the trace against the endpoint: its summary (printed by the caller) and each
+/// request's outcome, written to `--out` when given.
 pub(crate) async fn replay(args: &TraceArgs) -> Result<(Summary, Vec<Outcome>), String> {
-    if args.time_scale.is_nan() || args.time_scale <= 0.0 {
+    if args.workload.time_scale.is_nan() || args.workload.time_scale <= 0.0 {
         return Err(format!(
             "--time-scale must be above 0, got {}",
-            args.time_scale
+            args.workload.time_scale
         ));
     }
-    let mut trace = read_trace(&args.trace)?;
-    if let Some(limit) = args.limit {
+    let mut trace = read_trace(&args.workload.trace)?;
+    if let Some(limit) = args.workload.limit {
         trace.truncate(limit);
     }
     if trace.is_empty() {
-        return Err(format!("{}: no requests", args.trace.display()));
+        return Err(format!("{}: no requests", args.workload.trace.display()));
     }
     let tokenizer = args.tokenizer_path();
     eprintln!("reading the tokenizer of {}", tokenizer.display());
@@ -387,13 +394,13 @@ pub(crate) async fn replay(args: &TraceArgs) -> Result<(Summary, Vec<Outcome>), 
     let api = Arc::new(api);
     let total = trace.len();
     let span = Duration::from_secs_f64(
-        trace.last().map_or(0, |r| r.timestamp) as f64 / 1000.0 / args.time_scale,
+        trace.last().map_or(0, |r| r.timestamp) as f64 / 1000.0 / args.workload.time_scale,
     );
     eprintln!(
         "replaying {total} requests of {} over {:.1} s (time scale {}) against {}",
-        args.trace.display(),
+        args.workload.trace.display(),
         span.as_secs_f64(),
-        args.time_scale,
+        args.workload.time_scale,
         args.endpoint.url
     );
     let words = Arc::new(words);
@@ -403,12 +410,12 @@ pub(crate) async fn replay(args: &TraceArgs) -> Result<(Summary, Vec<Outcome>), 
     let mut tasks = Vec::with_capacity(total);
     for (index, r) in trace.into_iter().enumerate() {
         let at = Duration::from_secs_f64(
-            (r.timestamp - t0.min(r.timestamp)) as f64 / 1000.0 / args.time_scale,
+            (r.timestamp - t0.min(r.timestamp)) as f64 / 1000.0 / args.workload.time_scale,
         );
         let (api, words) = (api.clone(), words.clone());
         let mut body = serde_json::json!({
             "model": model,
-            "max_tokens": r.output_length.min(args.max_output.unwrap_or(usize::MAX)).max(1),
+            "max_tokens": r.output_length.min(args.workload.max_output.unwrap_or(usize::MAX)).max(1),
             "temperature": 0,
             "ignore_eos": true,
             "stream": true,
@@ -442,12 +449,11 @@ pub(crate) async fn replay(args: &TraceArgs) -> Result<(Summary, Vec<Outcome>), 
     let after = prefill_counters(&args.workers).await?;
     summary.prefill_tokens_per_worker = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     summary.imbalance = imbalance(&summary.prefill_tokens_per_worker);
-    print_summary(&summary);
     if let Some(out) = &args.out {
         let json = serde_json::json!({
-            "trace": args.trace,
+            "trace": args.workload.trace,
             "url": args.endpoint.url,
-            "time_scale": args.time_scale,
+            "time_scale": args.workload.time_scale,
             "summary": summary,
             "requests": outcomes,
         });

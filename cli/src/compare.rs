@@ -28,7 +28,9 @@ use tidelock_protocol::TenantRecord;
 
 use crate::bench::{self, Outcome};
 use crate::chart::{self, Series};
-use crate::config::{CompareArgs, DEFAULT_MODEL_FILE, Disruption, Workload};
+use crate::config::{
+    CompareArgs, DEFAULT_MODEL_FILE, Disruption, EndpointArgs, SessionsArgs, TraceArgs, Workload,
+};
 use crate::http::Api;
 use crate::sessions;
 use crate::up::{KvDisk, Part, SimTiming, WorkerSpec, sibling, wait_ready, write_private};
@@ -227,15 +229,37 @@ impl Row {
     }
 }
 
+/// `bench compare`. Ctrl-C or SIGTERM ends the run early: the comparison is dropped, and with
+/// it every worker and router it started (each is killed when its handle drops), before the
+/// command exits 130.
 pub(crate) async fn run(args: CompareArgs) -> ExitCode {
-    match compare(args).await {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            eprintln!("tidelock bench compare: cannot watch for SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = compare(args) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(INTERRUPTED.into()),
+        _ = term.recv() => Err(INTERRUPTED.into()),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e == INTERRUPTED => {
+            eprintln!("tidelock bench compare: {e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("tidelock bench compare: {e}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// What an interrupted run says: by then every part it started has been killed.
+const INTERRUPTED: &str = "interrupted: every worker and router it started is stopped";
 
 /// Our router's limits that the peers do not have, lifted unless `extra` sets them: the open
 /// requests per tenant (every request of a trace comes from one key) and the wait for a slot in
@@ -322,10 +346,7 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
         return Err(format!("--targets: `{}` is listed twice", t.1.label()));
     }
     let (worker_bin, router_bin) = (sibling("tidelock-worker")?, sibling("tidelock-router")?);
-    let cache = match &args.workload {
-        Workload::Trace(t) => t.endpoint.cache_dir(),
-        Workload::Sessions(s) => s.endpoint.cache_dir(),
-    };
+    let cache = args.cache_dir();
     let python = args
         .peers_python
         .clone()
@@ -351,7 +372,10 @@ async fn compare(args: CompareArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let (tenants_file, keys) = tenants(&args.out, args.tenants)?;
-    let mut ports = free_ports(args.workers + 2)?;
+    let mut ports = match args.port_base {
+        Some(base) => ports_from(base, args.workers + 2)?,
+        None => free_ports(args.workers + 2)?,
+    };
     let metrics_port = ports.pop().unwrap_or_default();
     let router_port = ports.pop().unwrap_or_default();
     let worker_ports = ports;
@@ -523,6 +547,22 @@ fn free_ports(n: usize) -> Result<Vec<u16>, String> {
         .map_err(|e| format!("no free loopback port: {e}"))
 }
 
+/// The `n` ports from `base` on (`--port-base`), each checked free on loopback now.
+fn ports_from(base: u16, n: usize) -> Result<Vec<u16>, String> {
+    let last = u16::try_from(n.saturating_sub(1))
+        .ok()
+        .and_then(|k| base.checked_add(k))
+        .ok_or_else(|| format!("--port-base {base}: {n} ports from there pass 65535"))?;
+    (base..=last)
+        .map(|port| match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => Ok(port),
+            Err(e) => Err(format!(
+                "--port-base {base}: port {port} (of {base}-{last}) is not free: {e}"
+            )),
+        })
+        .collect()
+}
+
 /// Prints what the workers hold against the trace's unique blocks.
 async fn describe_capacity(args: &CompareArgs, worker: &str) -> Result<(), String> {
     let info = Api::new(worker, None)?.get_json("/v1/info").await?;
@@ -632,7 +672,12 @@ async fn run_workload(
     (model, served): (&Path, &str),
     workers: &[String],
 ) -> Result<(Row, Option<f64>, Vec<sessions::Turn>), String> {
-    let url = format!("http://127.0.0.1:{port}/v1");
+    let endpoint = EndpointArgs::local(
+        format!("http://127.0.0.1:{port}/v1"),
+        keys[0].clone(),
+        served.to_owned(),
+        args.cache_dir(),
+    );
     let out = args
         .out
         .join(format!("{}.json", target.label().replace(':', "-")));
@@ -646,23 +691,25 @@ async fn run_workload(
     let (outcomes, hit_rate, bound): (Vec<Outcome>, Option<f64>, Option<f64>) = match &args.workload
     {
         Workload::Trace(t) => {
-            let mut t = t.clone();
-            t.endpoint.url = url;
-            t.endpoint.api_key = Some(keys[0].clone());
-            t.endpoint.model = Some(served.to_owned());
-            t.workers = Vec::new();
-            t.out = Some(out);
-            t.tokenizer.get_or_insert_with(|| model.to_owned());
+            let mut workload = t.clone();
+            workload.tokenizer.get_or_insert_with(|| model.to_owned());
+            let t = TraceArgs {
+                workload,
+                endpoint,
+                out: Some(out),
+                workers: Vec::new(),
+                allow_errors: false,
+            };
             let (_, outcomes) = bench::replay(&t).await?;
             (outcomes, None, None)
         }
         Workload::Sessions(s) => {
-            let mut s = s.clone();
-            s.endpoint.url = url;
-            s.endpoint.api_key = Some(keys[0].clone());
-            s.endpoint.model = Some(served.to_owned());
-            s.api_keys = keys.to_vec();
-            s.out = Some(out);
+            let s = SessionsArgs {
+                endpoint,
+                workload: s.clone(),
+                api_keys: keys.to_vec(),
+                out: Some(out),
+            };
             let (summary, all) = sessions::sessions(s).await?;
             turns = all;
             (
@@ -917,7 +964,7 @@ fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), St
         })
         .collect();
     if series.is_empty() {
-        println!("\nwrote {} (no target measured: no charts)", path.display());
+        eprintln!("\nwrote {} (no target measured: no charts)", path.display());
         return Ok(());
     }
     let title = if trace {
@@ -943,7 +990,7 @@ fn report(args: &CompareArgs, rows: &[Row], ideal: Option<f64>) -> Result<(), St
         }
     }
     chart::hit_rates(&bars, &format!("{what}, {title}"), &series, &lines)?;
-    println!(
+    eprintln!(
         "\nwrote {}, {} and {}",
         path.display(),
         cdf.display(),

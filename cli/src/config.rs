@@ -318,8 +318,25 @@ pub(crate) struct CompareArgs {
     #[arg(long, default_value_t = 2.0)]
     pub(crate) restart_gap_secs: f64,
 
+    /// Ports from here on: the workers take PORT to PORT+N-1 (N = --workers), the router PORT+N
+    /// and its metrics PORT+N+1; each must be free. Default: free ports the system picks.
+    #[arg(long, value_name = "PORT")]
+    pub(crate) port_base: Option<u16>,
+
+    /// Cache directory holding the default model and the peers' venv. Default:
+    /// `$XDG_CACHE_HOME/tidelock` or `~/.cache/tidelock`.
+    #[arg(long, env = "TIDELOCK_CACHE")]
+    cache_dir: Option<PathBuf>,
+
     #[command(subcommand)]
     pub(crate) workload: Workload,
+}
+
+impl CompareArgs {
+    /// The cache directory (given, else the default).
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        cache_dir(self.cache_dir.as_ref())
+    }
 }
 
 /// What `--disrupt` does to the workers.
@@ -350,17 +367,15 @@ impl std::str::FromStr for Disruption {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Workload {
-    /// Replay a Mooncake trace (the options of `tidelock bench trace`).
-    Trace(TraceArgs),
-    /// Multi-turn sessions (the options of `tidelock bench sessions`).
-    Sessions(SessionsArgs),
+    /// Replay a Mooncake trace (what `tidelock bench trace` sends).
+    Trace(TraceWorkload),
+    /// Multi-turn sessions (what `tidelock bench sessions` sends).
+    Sessions(SessionsWorkload),
 }
 
+/// The conversations `bench sessions` holds, the same alone and under `bench compare`.
 #[derive(Debug, Clone, Args)]
-pub(crate) struct SessionsArgs {
-    #[command(flatten)]
-    pub(crate) endpoint: EndpointArgs,
-
+pub(crate) struct SessionsWorkload {
     /// Conversations at once.
     #[arg(long, default_value_t = 8)]
     pub(crate) sessions: usize,
@@ -388,6 +403,15 @@ pub(crate) struct SessionsArgs {
     /// Tokens per answer at most.
     #[arg(long, default_value_t = 128)]
     pub(crate) max_tokens: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SessionsArgs {
+    #[command(flatten)]
+    pub(crate) endpoint: EndpointArgs,
+
+    #[command(flatten)]
+    pub(crate) workload: SessionsWorkload,
 
     /// API keys of several tenants (comma-separated); sessions take them in turn. Default: the
     /// endpoint's key for every session.
@@ -399,14 +423,12 @@ pub(crate) struct SessionsArgs {
     pub(crate) out: Option<PathBuf>,
 }
 
+/// The requests `bench trace` replays, the same alone and under `bench compare`.
 #[derive(Debug, Clone, Args)]
-pub(crate) struct TraceArgs {
+pub(crate) struct TraceWorkload {
     /// The trace file.
     #[arg(long)]
     pub(crate) trace: PathBuf,
-
-    #[command(flatten)]
-    pub(crate) endpoint: EndpointArgs,
 
     /// GGUF file whose tokenizer the endpoint uses (the prompts' words are single tokens in it).
     /// Default: the default model in the cache.
@@ -424,6 +446,15 @@ pub(crate) struct TraceArgs {
     /// Cap on each request's output tokens (default: the trace's output_length).
     #[arg(long)]
     pub(crate) max_output: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct TraceArgs {
+    #[command(flatten)]
+    pub(crate) workload: TraceWorkload,
+
+    #[command(flatten)]
+    pub(crate) endpoint: EndpointArgs,
 
     /// Write the summary and every request's numbers here, as JSON.
     #[arg(long)]
@@ -443,8 +474,9 @@ pub(crate) struct TraceArgs {
 
 impl TraceArgs {
     pub(crate) fn tokenizer_path(&self) -> PathBuf {
-        self.tokenizer.clone().unwrap_or_else(|| {
-            cache_dir(self.endpoint.cache_dir.as_ref())
+        self.workload.tokenizer.clone().unwrap_or_else(|| {
+            self.endpoint
+                .cache_dir()
                 .join("models")
                 .join(DEFAULT_MODEL_FILE)
         })
@@ -472,6 +504,16 @@ pub(crate) struct EndpointArgs {
 }
 
 impl EndpointArgs {
+    /// An endpoint known in code: `bench compare`'s own router, with its key and model.
+    pub(crate) fn local(url: String, api_key: String, model: String, cache_dir: PathBuf) -> Self {
+        EndpointArgs {
+            url,
+            api_key: Some(api_key),
+            model: Some(model),
+            cache_dir: Some(cache_dir),
+        }
+    }
+
     /// The cache directory (given, else the default).
     pub(crate) fn cache_dir(&self) -> PathBuf {
         cache_dir(self.cache_dir.as_ref())

@@ -215,21 +215,24 @@ async fn session(
     tenant: usize,
     started: Instant,
 ) -> Vec<Turn> {
-    let shared = (index as f64) < args.shared * args.sessions as f64;
+    let shared = (index as f64) < args.workload.shared * args.workload.sessions as f64;
     let system = if shared {
-        words(args.system_words, 0)
+        words(args.workload.system_words, 0)
     } else {
-        words(args.system_words, 1 + index as u64)
+        words(args.workload.system_words, 1 + index as u64)
     };
     let mut messages = vec![serde_json::json!({"role": "system", "content": system})];
-    let mut turns = Vec::with_capacity(args.turns);
-    for turn in 1..=args.turns {
-        let question = words(args.message_words, (index as u64) << 32 | turn as u64);
+    let mut turns = Vec::with_capacity(args.workload.turns);
+    for turn in 1..=args.workload.turns {
+        let question = words(
+            args.workload.message_words,
+            (index as u64) << 32 | turn as u64,
+        );
         messages.push(serde_json::json!({"role": "user", "content": question}));
         let body = chat_body(
             &model,
             &messages,
-            args.max_tokens,
+            args.workload.max_tokens,
             &format!("bench-session-{index}"),
             false,
         );
@@ -247,13 +250,18 @@ async fn session(
             break;
         }
         messages.push(serde_json::json!({"role": "assistant", "content": answer}));
-        tokio::time::sleep(Duration::from_millis(args.think_ms)).await;
+        tokio::time::sleep(Duration::from_millis(args.workload.think_ms)).await;
     }
     turns
 }
 
+/// `bench sessions`: the summary table on stdout (progress and notes go to stderr).
 pub(crate) async fn run(args: SessionsArgs) -> ExitCode {
-    match sessions(args).await {
+    let held = sessions(args).await;
+    if let Ok((summary, _)) = &held {
+        print_summary(summary);
+    }
+    match held {
         Ok((summary, _)) if summary.errors == 0 => ExitCode::SUCCESS,
         Ok((summary, _)) => {
             eprintln!(
@@ -270,7 +278,10 @@ pub(crate) async fn run(args: SessionsArgs) -> ExitCode {
 }
 
 pub(crate) async fn sessions(args: SessionsArgs) -> Result<(Summary, Vec<Turn>), String> {
-    if args.sessions == 0 || args.turns == 0 || !(0.0..=1.0).contains(&args.shared) {
+    if args.workload.sessions == 0
+        || args.workload.turns == 0
+        || !(0.0..=1.0).contains(&args.workload.shared)
+    {
         return Err("--sessions and --turns must be at least 1, --shared within 0..1".into());
     }
     let (api, model) = connect(&args.endpoint).await?;
@@ -285,16 +296,16 @@ pub(crate) async fn sessions(args: SessionsArgs) -> Result<(Summary, Vec<Turn>),
     };
     eprintln!(
         "{} sessions of {} turns over {} tenant key(s) against {} ({} share a system prompt of {} words)",
-        args.sessions,
-        args.turns,
+        args.workload.sessions,
+        args.workload.turns,
         apis.len(),
         args.endpoint.url,
-        (args.shared * args.sessions as f64).ceil(),
-        args.system_words
+        (args.workload.shared * args.workload.sessions as f64).ceil(),
+        args.workload.system_words
     );
     let args = Arc::new(args);
     let started = Instant::now();
-    let tasks: Vec<_> = (0..args.sessions)
+    let tasks: Vec<_> = (0..args.workload.sessions)
         .map(|i| {
             let tenant = i % apis.len();
             tokio::spawn(session(
@@ -314,37 +325,41 @@ pub(crate) async fn sessions(args: SessionsArgs) -> Result<(Summary, Vec<Turn>),
                 .map_err(|e| format!("a session task failed: {e}"))?,
         );
     }
-    let summary = summarise(&turns, args.sessions, started.elapsed());
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!(
-        "| sessions, turns (errors) | {}, {} ({}) |",
-        summary.sessions, summary.turns, summary.errors
-    );
-    println!(
-        "| token hit rate, first turns / later turns | {:.3} / {:.3} |",
-        summary.first_turn_hit_rate, summary.later_turn_hit_rate
-    );
-    println!(
-        "| later turns' bound (previous prompt + answer / prompt tokens) | {:.3} |",
-        summary.later_turn_bound
-    );
-    println!(
-        "| TTFT first turns p50 / p90 | {} / {} |",
-        ms(summary.first_turn_ttft_p50_s),
-        ms(summary.first_turn_ttft_p90_s)
-    );
-    println!(
-        "| TTFT later turns p50 / p90 / p99 | {} / {} / {} |",
-        ms(summary.later_turn_ttft_p50_s),
-        ms(summary.later_turn_ttft_p90_s),
-        ms(summary.later_turn_ttft_p99_s)
-    );
+    let summary = summarise(&turns, args.workload.sessions, started.elapsed());
     if let Some(out) = &args.out {
         let json = serde_json::json!({"summary": summary, "turns": turns});
         crate::bench::write_json(out, &json)?;
     }
     Ok((summary, turns))
+}
+
+/// The summary table, on stdout (`bench sessions`' result).
+fn print_summary(s: &Summary) {
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| sessions, turns (errors) | {}, {} ({}) |",
+        s.sessions, s.turns, s.errors
+    );
+    println!(
+        "| token hit rate, first turns / later turns | {:.3} / {:.3} |",
+        s.first_turn_hit_rate, s.later_turn_hit_rate
+    );
+    println!(
+        "| later turns' bound (previous prompt + answer / prompt tokens) | {:.3} |",
+        s.later_turn_bound
+    );
+    println!(
+        "| TTFT first turns p50 / p90 | {} / {} |",
+        ms(s.first_turn_ttft_p50_s),
+        ms(s.first_turn_ttft_p90_s)
+    );
+    println!(
+        "| TTFT later turns p50 / p90 / p99 | {} / {} / {} |",
+        ms(s.later_turn_ttft_p50_s),
+        ms(s.later_turn_ttft_p90_s),
+        ms(s.later_turn_ttft_p99_s)
+    );
 }
 
 #[cfg(test)]

@@ -673,7 +673,8 @@ pub(crate) async fn wait_ready(
                 .is_some_and(|(status, _)| status == 200)
             {
                 ready[i] = true;
-                println!(
+                // Progress: on stderr, apart from what a command prints as its result.
+                eprintln!(
                     "  {:<9} ready after {:.1} s",
                     part.name,
                     started.elapsed().as_secs_f64()
@@ -693,7 +694,7 @@ pub(crate) async fn wait_ready(
             ));
         }
         if last_note.elapsed() > Duration::from_secs(5) {
-            println!("  ... {what} ({:.0} s)", started.elapsed().as_secs_f64());
+            eprintln!("  ... {what} ({:.0} s)", started.elapsed().as_secs_f64());
             last_note = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
