@@ -201,6 +201,12 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_DTYPE", value_enum)]
     pub dtype: Option<Dtype>,
 
+    /// Threads the model computes on (matrix products, attention): at least 1. Default: one per
+    /// core the process may use (or `RAYON_NUM_THREADS`). Fewer leave cores to other processes
+    /// on the machine; the HTTP server and the engine loop run on threads of their own.
+    #[arg(long, env = "TIDELOCK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+
     /// KV cache element type (the Model's `kvCache.dtype`). Default: f16 on a GPU, f32 on the
     /// host; the `cpu` backend holds f32 only.
     #[arg(long, env = "TIDELOCK_KV_DTYPE", value_enum)]
@@ -433,6 +439,18 @@ mod etcd_tls_tests {
     fn parse(args: &[&str]) -> Config {
         let base = ["tidelock-worker", "--model", "model.gguf"];
         Config::try_parse_from(base.iter().chain(args).copied()).unwrap()
+    }
+
+    #[test]
+    fn threads_are_at_least_one() {
+        assert_eq!(parse(&[]).threads, None);
+        assert_eq!(parse(&["--threads", "3"]).threads, Some(3));
+        for bad in ["0", "-1", "many"] {
+            let threads = format!("--threads={bad}");
+            let args = ["tidelock-worker", "--model", "model.gguf", threads.as_str()];
+            let err = Config::try_parse_from(args).unwrap_err();
+            assert!(err.to_string().contains("--threads"), "{bad}: {err}");
+        }
     }
 
     /// The operator passes `--kv-disk-size` as a plain byte count; people write `50GiB`.

@@ -42,6 +42,16 @@ const CLOSE_STREAMS_AFTER: Duration = Duration::from_secs(2);
 
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
+    // Before anything computes: the model's parallel loops run on rayon's global pool.
+    if let Some(threads) = config.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(usize::from(threads))
+            .thread_name(|i| format!("compute-{i}"))
+            .build_global()
+    {
+        eprintln!("tidelock-worker: --threads {threads}: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let log = config.log.clone();
     tidelock_service::run("tidelock-worker", Some(2), &log, serve(config))
 }
@@ -313,7 +323,7 @@ fn load(
     let tokenizer = kit.to_json()?;
     let started = match config.engine {
         EngineKind::Real if coordinator => {
-            tracing::info!(backend = ?compute.backend, device = %compute.device, "loading weights");
+            tracing::info!(backend = ?compute.backend, device = %compute.device, threads = rayon::current_num_threads(), "loading weights");
             let model = Arc::new(load_model(&config.model, hf_folder, &compute)?);
             let timeout = Duration::from_millis(config.shard_timeout_ms);
             let mut links: Vec<Box<dyn ShardLink>> = vec![Box::new(InProcess::new(
