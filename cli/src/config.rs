@@ -7,6 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// File name of the default model inside the model cache.
 pub(crate) const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The default model's sampling for requests that leave it out, as its model card recommends
+/// (temperature 0.2, top_p 0.9): at OpenAI's temperature 1 a 135M model answers incoherently.
+pub(crate) const DEFAULT_MODEL_SAMPLING: [(&str, &str); 2] =
+    [("--default-temperature", "0.2"), ("--default-top-p", "0.9")];
+
 /// Tidelock: an LLM inference cluster that keeps every conversation's KV cache.
 #[derive(Debug, Parser)]
 #[command(name = "tidelock", version, about)]

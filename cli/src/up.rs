@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tidelock_protocol::{ClusterToken, TenantRecord};
 use tokio::process::{Child, Command};
 
-use crate::config::{Engine, Store, UpArgs};
+use crate::config::{DEFAULT_MODEL_FILE, DEFAULT_MODEL_SAMPLING, Engine, Store, UpArgs};
 use crate::http::get;
 
 /// Exit code when something the cluster needs is missing or broken (model, binary, port).
@@ -256,6 +256,12 @@ impl WorkerSpec<'_> {
         }
         if let Some(context) = self.max_context {
             args.extend(["--max-context".into(), context.to_string()]);
+        }
+        // The default model is served with its model card's sampling.
+        if self.model.file_name().and_then(|n| n.to_str()) == Some(DEFAULT_MODEL_FILE) {
+            for (flag, value) in DEFAULT_MODEL_SAMPLING {
+                args.extend([flag.into(), value.into()]);
+            }
         }
         args.extend(cluster_auth(self.cluster_token));
         if let Some(metrics) = metrics_port {
@@ -963,6 +969,35 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The default model gets its model card's sampling; any other model is left to its own
+    /// generation config.
+    #[test]
+    fn the_default_model_is_served_with_its_recommended_sampling() {
+        let spec = |model: &'static str| WorkerSpec {
+            model: Path::new(model),
+            engine: "real",
+            kv_cache: "1GiB",
+            block_tokens: 64,
+            served: "m",
+            max_context: None,
+            sim: None,
+            cluster_token: None,
+        };
+        let flag = |args: &[String], name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .map(|i| args[i + 1].clone())
+        };
+        let default = spec("/cache/models/SmolLM2-135M-Instruct.Q4_1.gguf").args(8100, None);
+        assert_eq!(
+            flag(&default, "--default-temperature").as_deref(),
+            Some("0.2")
+        );
+        assert_eq!(flag(&default, "--default-top-p").as_deref(), Some("0.9"));
+        let other = spec("/models/llama-3.2-1b").args(8100, None);
+        assert_eq!(flag(&other, "--default-temperature"), None);
     }
 
     #[test]

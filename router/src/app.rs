@@ -252,6 +252,7 @@ fn card(model: &Model) -> ModelCard {
     let mut card = ModelCard::new(model.name.as_str(), model.created, "tidelock");
     let context = model.max_context();
     card.max_model_len = (context > 0).then_some(context);
+    card.sampling_defaults = model.kit().and_then(|kit| kit.sampling_defaults().shown());
     card
 }
 

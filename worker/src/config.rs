@@ -207,6 +207,21 @@ pub struct Config {
     #[arg(long, env = "TIDELOCK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
 
+    /// The model's default temperature, for requests that leave it out (a request's own value
+    /// always wins). Default: the model folder's `generation_config.json`, else OpenAI's 1.
+    #[arg(long, env = "TIDELOCK_DEFAULT_TEMPERATURE")]
+    pub default_temperature: Option<f32>,
+
+    /// The model's default top_p, for requests that leave it out. Default: the folder's
+    /// `generation_config.json`, else 1.
+    #[arg(long, env = "TIDELOCK_DEFAULT_TOP_P")]
+    pub default_top_p: Option<f32>,
+
+    /// The model's default top_k, for requests that leave it out. Default: the folder's
+    /// `generation_config.json`, else none.
+    #[arg(long, env = "TIDELOCK_DEFAULT_TOP_K")]
+    pub default_top_k: Option<u32>,
+
     /// KV cache element type (the Model's `kvCache.dtype`). Default: f16 on a GPU, f32 on the
     /// host; the `cpu` backend holds f32 only.
     #[arg(long, env = "TIDELOCK_KV_DTYPE", value_enum)]
@@ -345,6 +360,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The defaults the flags set (each wins over the model's own file).
+    pub fn sampling_defaults(&self) -> tidelock_prompt::SamplingDefaults {
+        tidelock_prompt::SamplingDefaults {
+            temperature: self.default_temperature,
+            top_p: self.default_top_p,
+            top_k: self.default_top_k,
+        }
+    }
+
     /// The lower KV tiers asked for.
     pub fn tiers(&self) -> crate::kv::tier::TierConfig {
         crate::kv::tier::TierConfig {

@@ -240,7 +240,20 @@ fn load(
     } else {
         PromptKit::from_gguf_file(&config.model)
     };
-    let kit = Arc::new(kit.with_context(|| format!("tokenizer of {}", config.model.display()))?);
+    let kit = kit.with_context(|| format!("tokenizer of {}", config.model.display()))?;
+    // Sampling for what requests leave out: the flags, else the folder's generation config.
+    let file_defaults = match hf_folder {
+        true => hf::generation_defaults(&config.model)?,
+        false => Default::default(),
+    };
+    let defaults = config.sampling_defaults().or(file_defaults);
+    defaults
+        .validate()
+        .context("--default-temperature, --default-top-p, --default-top-k")?;
+    if !defaults.is_empty() {
+        tracing::info!(?defaults, "default sampling for requests that leave it out");
+    }
+    let kit = Arc::new(kit.with_sampling_defaults(defaults));
     for warning in kit.warnings() {
         tracing::warn!("{warning}");
     }

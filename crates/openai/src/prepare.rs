@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tidelock_prompt::{ChatMessage, PromptError, PromptKit, RenderedChat};
+use tidelock_prompt::{ChatMessage, PromptError, PromptKit, RenderedChat, SamplingDefaults};
 
 use crate::continuation::{Continuation, PromptText, TurnRecord};
 use tidelock_protocol::SamplingParams;
@@ -289,6 +289,7 @@ impl Rendered {
             Parsed::Completion(req) => req.sampling(room)?,
         };
         sampling.max_tokens = sampling.max_tokens.min(room);
+        apply_defaults(&mut sampling, parsed.common(), kit.sampling_defaults());
         let (prefix, stops) = match &parsed {
             Parsed::Chat(req) => ("chatcmpl", req.stop_strings()),
             Parsed::Completion(req) => ("cmpl", req.stop_strings()),
@@ -308,6 +309,24 @@ impl Rendered {
             stops,
             stream: parsed.common().stream,
         })
+    }
+}
+
+/// The model's default sampling for what the request left out; a request's own value always
+/// wins, even one equal to OpenAI's default (`temperature: 1` sent is kept).
+pub fn apply_defaults(
+    sampling: &mut SamplingParams,
+    asked: &CommonFields,
+    defaults: SamplingDefaults,
+) {
+    if let (None, Some(t)) = (asked.temperature, defaults.temperature) {
+        sampling.temperature = t;
+    }
+    if let (None, Some(p)) = (asked.top_p, defaults.top_p) {
+        sampling.top_p = p;
+    }
+    if let (None, Some(k)) = (asked.top_k, defaults.top_k) {
+        sampling.top_k = Some(k);
     }
 }
 

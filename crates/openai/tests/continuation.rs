@@ -446,3 +446,65 @@ fn a_turn_record_whose_answer_ids_do_not_spell_its_text_ends_the_chain() {
     records[1].answer[0] = kit.encode("Zzz", false).unwrap()[0];
     assert_eq!(rendered.rebuild(&records, kit).unwrap(), memories[0]);
 }
+
+/// The model's default sampling fills what a request leaves out, and only that; it travels with
+/// the kit's JSON (what routers fetch from a worker), and out-of-range defaults are refused.
+#[test]
+fn the_models_sampling_defaults_fill_only_what_a_request_leaves_out() {
+    use tidelock_prompt::{PromptKitJson, SamplingDefaults};
+    let defaults = SamplingDefaults {
+        temperature: Some(0.2),
+        top_p: Some(0.9),
+        top_k: Some(40),
+    };
+    // Through the kit's JSON, as a router gets it.
+    let json = kit()
+        .clone()
+        .with_sampling_defaults(defaults)
+        .to_json()
+        .unwrap();
+    let served = PromptKit::from_json(&json).unwrap();
+    assert_eq!(served.sampling_defaults(), defaults);
+    let sampling = |body: serde_json::Value| {
+        parse(Endpoint::Chat, body.to_string().as_bytes())
+            .unwrap()
+            .prepare(&served, 8192)
+            .unwrap()
+            .sampling
+    };
+    let hi = json!([{"role": "user", "content": "Hi"}]);
+    let left_out = sampling(json!({"model": "m", "messages": hi}));
+    assert_eq!(
+        (left_out.temperature, left_out.top_p, left_out.top_k),
+        (0.2, 0.9, Some(40))
+    );
+    // A request's own values win, OpenAI's defaults included.
+    let own = sampling(
+        json!({"model": "m", "messages": hi, "temperature": 1, "top_p": 1.0, "top_k": -1}),
+    );
+    assert_eq!((own.temperature, own.top_p, own.top_k), (1.0, 1.0, None));
+    // Without defaults, OpenAI's apply.
+    let plain = parse(
+        Endpoint::Chat,
+        json!({"model": "m", "messages": hi}).to_string().as_bytes(),
+    )
+    .unwrap()
+    .prepare(kit(), 8192)
+    .unwrap()
+    .sampling;
+    assert_eq!(
+        (plain.temperature, plain.top_p, plain.top_k),
+        (1.0, 1.0, None)
+    );
+    // As /v1/models shows them: the decimals that were set.
+    assert_eq!(
+        defaults.shown(),
+        Some(json!({"temperature": 0.2, "top_p": 0.9, "top_k": 40}))
+    );
+    assert_eq!(SamplingDefaults::default().shown(), None);
+    // A kit document with defaults out of range is refused.
+    let mut doc: PromptKitJson = serde_json::from_str(&json).unwrap();
+    doc.sampling_defaults.temperature = Some(2.5);
+    let err = PromptKit::from_json_value(doc).unwrap_err().to_string();
+    assert!(err.contains("temperature 2.5"), "{err}");
+}

@@ -19,6 +19,9 @@ pub enum PromptError {
     /// The chat template could not be compiled or rendered.
     #[error(transparent)]
     Template(#[from] TemplateError),
+    /// A default sampling value is out of range.
+    #[error(transparent)]
+    SamplingDefaults(#[from] crate::kit::SamplingDefaultsError),
     /// A `tokenizers` call failed.
     #[error("tokenizer {op} failed: {source}")]
     Tokenizer {

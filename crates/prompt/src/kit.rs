@@ -49,6 +49,90 @@ pub struct SpecialToken {
     pub id: u32,
 }
 
+/// The sampling a model is served with when a request leaves a parameter out (a request's own
+/// value always wins): from the model's `generation_config.json`, the worker's flags, or what its
+/// model card recommends. Empty: OpenAI's defaults (temperature 1, top_p 1, no top-k).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingDefaults {
+    /// Softmax temperature in `[0, 2]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus mass in `(0, 1]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Keep the `k` most likely tokens, at least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+}
+
+/// A default sampling value out of range.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum SamplingDefaultsError {
+    /// Outside `[0, 2]`.
+    #[error("default temperature {0} is outside [0, 2]")]
+    Temperature(f32),
+    /// Outside `(0, 1]`.
+    #[error("default top_p {0} is outside (0, 1]")]
+    TopP(f32),
+    /// Zero.
+    #[error("default top_k must be at least 1")]
+    TopK,
+}
+
+impl SamplingDefaults {
+    /// No default set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks the ranges (the same a request's values must meet).
+    pub fn validate(&self) -> Result<(), SamplingDefaultsError> {
+        if let Some(t) = self.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+            return Err(SamplingDefaultsError::Temperature(t));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(SamplingDefaultsError::TopP(p));
+        }
+        if self.top_k == Some(0) {
+            return Err(SamplingDefaultsError::TopK);
+        }
+        Ok(())
+    }
+
+    /// As a model card shows them (`/v1/models`); `None` when OpenAI's defaults apply.
+    pub fn shown(&self) -> Option<serde_json::Value> {
+        if self.is_empty() {
+            return None;
+        }
+        // An f32 widened to f64 shows its binary error (0.2 -> 0.20000000298...): its shortest
+        // decimal form, read as f64, shows what was set.
+        let decimal = |x: f32| x.to_string().parse::<f64>().ok();
+        let mut shown = serde_json::Map::new();
+        let fields = [
+            ("temperature", self.temperature.and_then(decimal)),
+            ("top_p", self.top_p.and_then(decimal)),
+        ];
+        for (name, value) in fields {
+            if let Some(number) = value.and_then(serde_json::Number::from_f64) {
+                shown.insert(name.into(), number.into());
+            }
+        }
+        if let Some(k) = self.top_k {
+            shown.insert("top_k".into(), k.into());
+        }
+        Some(shown.into())
+    }
+
+    /// `self`, with what it leaves unset taken from `fallback`.
+    pub fn or(self, fallback: SamplingDefaults) -> SamplingDefaults {
+        SamplingDefaults {
+            temperature: self.temperature.or(fallback.temperature),
+            top_p: self.top_p.or(fallback.top_p),
+            top_k: self.top_k.or(fallback.top_k),
+        }
+    }
+}
+
 /// The JSON a worker serves at `GET /v1/tokenizer`. Unknown fields are ignored so that a newer
 /// worker can add some.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +151,9 @@ pub struct PromptKitJson {
     /// Ids that end generation.
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
+    /// The model's default sampling (routers apply it as the worker does).
+    #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
+    pub sampling_defaults: SamplingDefaults,
 }
 
 /// What a kit is made of; [`PromptKit::new`] checks it.
@@ -103,6 +190,8 @@ pub struct PromptKit {
     /// Ids, added tokens included: counted once (the tokenizer counts its added tokens on
     /// every call, and a completion's prompt ids are each checked against it).
     vocab_size: usize,
+    /// What a request that leaves sampling parameters out gets.
+    sampling_defaults: SamplingDefaults,
 }
 
 impl fmt::Debug for PromptKit {
@@ -168,6 +257,7 @@ impl PromptKit {
             warnings: Vec::new(),
             chunking,
             vocab_size,
+            sampling_defaults: SamplingDefaults::default(),
         })
     }
 
@@ -204,6 +294,7 @@ impl PromptKit {
             bos_token: self.bos.as_ref().map(|t| t.text.clone()),
             eos_token: self.eos.as_ref().map(|t| t.text.clone()),
             stop_token_ids: self.stop_token_ids.clone(),
+            sampling_defaults: self.sampling_defaults,
         })
     }
 
@@ -222,13 +313,27 @@ impl PromptKit {
                 field: "tokenizer",
                 source,
             })?;
-        Self::new(KitParts {
+        json.sampling_defaults.validate()?;
+        Ok(Self::new(KitParts {
             tokenizer,
             chat_template: json.chat_template,
             bos_token: json.bos_token,
             eos_token: json.eos_token,
             stop_token_ids: Some(json.stop_token_ids),
-        })
+        })?
+        .with_sampling_defaults(json.sampling_defaults))
+    }
+
+    /// The kit with `defaults` as its model's default sampling (checked by the caller:
+    /// [`SamplingDefaults::validate`]).
+    pub fn with_sampling_defaults(mut self, defaults: SamplingDefaults) -> Self {
+        self.sampling_defaults = defaults;
+        self
+    }
+
+    /// The model's default sampling, for parameters a request leaves out.
+    pub fn sampling_defaults(&self) -> SamplingDefaults {
+        self.sampling_defaults
     }
 
     /// Rebuilds a kit from a JSON document made by [`PromptKit::to_json`].

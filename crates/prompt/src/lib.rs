@@ -42,7 +42,10 @@ mod vocab;
 pub use chunked::{CHUNK_BYTES, MAX_PIECE_BYTES};
 pub use detok::IncrementalDetokenizer;
 pub use error::PromptError;
-pub use kit::{END_OF_TURN_MARKERS, KitParts, PromptKit, PromptKitJson, SpecialToken};
+pub use kit::{
+    END_OF_TURN_MARKERS, KitParts, PromptKit, PromptKitJson, SamplingDefaults,
+    SamplingDefaultsError, SpecialToken,
+};
 pub use pretok::{PreTokenizerKind, PreTokenizerSpec};
 pub use rendered::RenderedChat;
 pub use stop::{StopMatcher, StopOutput};

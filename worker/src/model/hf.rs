@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use crate::model::ModelError;
 use crate::model::config::{LlamaConfig, RopeStyle};
+use tidelock_prompt::SamplingDefaults;
 
 /// The model's hyper-parameters.
 pub const CONFIG: &str = "config.json";
@@ -137,6 +138,39 @@ pub fn tokenizer_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), ModelEr
     }
     let config = dir.join(TOKENIZER_CONFIG);
     Ok((tokenizer, config.is_file().then_some(config)))
+}
+
+/// The folder's generation config, the model's defaults for sampling.
+pub const GENERATION_CONFIG: &str = "generation_config.json";
+
+/// The sampling defaults of the folder's `generation_config.json` (`temperature`, `top_p`,
+/// `top_k`; a `top_k` of 0 means none), as vLLM's `--generation-config auto` reads them; empty
+/// when the file is absent. A value out of range is an error naming the file.
+pub fn generation_defaults(dir: &Path) -> Result<SamplingDefaults, ModelError> {
+    #[derive(Deserialize)]
+    struct GenerationConfig {
+        temperature: Option<f32>,
+        top_p: Option<f32>,
+        top_k: Option<u32>,
+    }
+    let path = dir.join(GENERATION_CONFIG);
+    if !path.is_file() {
+        return Ok(SamplingDefaults::default());
+    }
+    let problem = |problem: String| ModelError::File {
+        path: path.clone(),
+        problem,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| problem(e.to_string()))?;
+    let config: GenerationConfig =
+        serde_json::from_str(&text).map_err(|e| problem(format!("not the JSON expected: {e}")))?;
+    let defaults = SamplingDefaults {
+        temperature: config.temperature,
+        top_p: config.top_p,
+        top_k: config.top_k.filter(|&k| k > 0),
+    };
+    defaults.validate().map_err(|e| problem(e.to_string()))?;
+    Ok(defaults)
 }
 
 /// An open Hugging Face model folder: its config and the headers of its weight files.
@@ -403,6 +437,34 @@ impl WeightFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `generation_config.json`'s sampling values become the model's defaults; none without
+    /// the file; out of range is an error naming it.
+    #[test]
+    fn generation_config_gives_the_sampling_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(generation_defaults(dir.path()).unwrap().is_empty());
+        let file = dir.path().join(GENERATION_CONFIG);
+        std::fs::write(
+            &file,
+            r#"{"bos_token_id": 1, "eos_token_id": [2, 3], "do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            generation_defaults(dir.path()).unwrap(),
+            SamplingDefaults {
+                temperature: Some(0.6),
+                top_p: Some(0.9),
+                top_k: None,
+            }
+        );
+        std::fs::write(&file, r#"{"temperature": 3.0}"#).unwrap();
+        let err = generation_defaults(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(GENERATION_CONFIG) && err.contains("temperature"),
+            "{err}"
+        );
+    }
 
     fn config_error(json: &str) -> String {
         let dir = tempfile::tempdir().unwrap();

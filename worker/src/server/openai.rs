@@ -32,6 +32,10 @@ fn kit(state: &AppState) -> Result<&Arc<PromptKit>, OpenAiError> {
 pub async fn models(State(state): State<AppState>) -> Response {
     let mut card = ModelCard::new(state.info.model.as_str(), state.started_at, "tidelock");
     card.max_model_len = Some(state.info.max_context_tokens);
+    card.sampling_defaults = state
+        .kit
+        .as_ref()
+        .and_then(|kit| kit.sampling_defaults().shown());
     axum::Json(ModelList::new(vec![card])).into_response()
 }
 

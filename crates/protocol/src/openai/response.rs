@@ -390,6 +390,10 @@ pub struct ModelCard {
     /// Extension (vLLM): the longest context a request may reach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<u64>,
+    /// Extension: the sampling the model is served with for parameters a request leaves out
+    /// (`temperature`, `top_p`, `top_k`); absent when OpenAI's defaults apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_defaults: Option<serde_json::Value>,
 }
 
 impl ModelCard {
@@ -401,6 +405,7 @@ impl ModelCard {
             created,
             owned_by: owned_by.into(),
             max_model_len: None,
+            sampling_defaults: None,
         }
     }
 }
