@@ -334,7 +334,10 @@ pub trait MemoryKey: std::hash::Hash + Eq + Clone {
 
 impl MemoryKey for TurnKey {
     fn bytes(&self) -> usize {
-        self.len()
+        self.model.as_str().len()
+            + self.tenant.as_str().len()
+            + self.endpoint.len()
+            + self.session.as_str().len()
     }
 }
 

@@ -314,11 +314,7 @@ impl Rendered {
 
 /// The model's default sampling for what the request left out; a request's own value always
 /// wins, even one equal to OpenAI's default (`temperature: 1` sent is kept).
-pub fn apply_defaults(
-    sampling: &mut SamplingParams,
-    asked: &CommonFields,
-    defaults: SamplingDefaults,
-) {
+fn apply_defaults(sampling: &mut SamplingParams, asked: &CommonFields, defaults: SamplingDefaults) {
     if let (None, Some(t)) = (asked.temperature, defaults.temperature) {
         sampling.temperature = t;
     }

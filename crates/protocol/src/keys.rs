@@ -79,21 +79,6 @@ pub struct TurnKey {
     pub session: SessionKey,
 }
 
-impl TurnKey {
-    /// Bytes of its parts, for memory accounting.
-    pub fn len(&self) -> usize {
-        self.model.as_str().len()
-            + self.tenant.as_str().len()
-            + self.endpoint.len()
-            + self.session.as_str().len()
-    }
-
-    /// Never: every part but the endpoint is a non-empty id.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
 /// Where Tidelock's records live in etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct KeyLayout {

@@ -126,6 +126,11 @@ impl ChatMessageIn {
     }
 }
 
+/// A 400 `unsupported_parameter` naming `param`: a parameter this server does not serve yet.
+fn unsupported(param: &str, message: String) -> OpenAiError {
+    OpenAiError::invalid(param, message).with_code("unsupported_parameter")
+}
+
 /// The fields `/v1/chat/completions` and `/v1/completions` share, flattened into both.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CommonFields {
@@ -182,11 +187,10 @@ impl CommonFields {
     /// `response_format` other than text.
     pub fn unserved(&self) -> Result<(), OpenAiError> {
         let not_yet = |param: &str, what: &str| {
-            Err(OpenAiError::invalid(
+            Err(unsupported(
                 param,
                 format!("{what} is not supported by this server yet; leave `{param}` out"),
-            )
-            .with_code("unsupported_parameter"))
+            ))
         };
         for (param, value) in [
             ("presence_penalty", self.presence_penalty),
@@ -342,11 +346,12 @@ impl ChatCompletionRequest {
     /// tools with `tool_choice: "none"`, still reach the chat template.
     pub fn tools_unserved(&self) -> Result<(), OpenAiError> {
         let not_yet = |param: &str, what: &str| {
-            Err(OpenAiError::invalid(
+            Err(unsupported(
                 param,
-                format!("{what} is not supported by this server yet: answers are not parsed into tool_calls"),
-            )
-            .with_code("unsupported_parameter"))
+                format!(
+                    "{what} is not supported by this server yet: answers are not parsed into tool_calls"
+                ),
+            ))
         };
         let none = matches!(&self.tool_choice, Some(Value::String(c)) if c == "none");
         match &self.tool_choice {
