@@ -766,7 +766,8 @@ async fn place(
         log.count(if rebuilt { "rebuilt" } else { "missed" });
     }
     let (mut prepared, chain) = tokenized?;
-    let cost = prepared.tokens.len() as u64 + u64::from(prepared.sampling.max_tokens);
+    let cost = prepared.tokens.len() as u64
+        + u64::from(prepared.sampling.max_tokens) * u64::from(prepared.sampling.n.max(1));
     let admission = tracing::debug_span!("admit").in_scope(|| admit(state, &tenant, cost))?;
     if prepared.continued > 0 {
         state

@@ -506,7 +506,7 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
         ("empty messages", Body::from(json!({"model": MODEL, "messages": []}).to_string()), 400, "at least one message"),
         ("unknown model", Body::from(chat("hi").to_string().replace(MODEL, "nope")), 404, "nope"),
         ("invalid UTF-8", Body::from(vec![b'{', 0xff, 0xfe, b'}']), 400, "UTF-8"),
-        ("n > 1", Body::from(json!({"model": MODEL, "messages": [{"role":"user","content":"x"}], "n": 2}).to_string()), 400, "n"),
+        ("n > 16", Body::from(json!({"model": MODEL, "messages": [{"role":"user","content":"x"}], "n": 17}).to_string()), 400, "n"),
         ("temperature", Body::from(json!({"model": MODEL, "messages": [{"role":"user","content":"x"}], "temperature": 7}).to_string()), 400, "temperature"),
         ("bad role content", Body::from(json!({"model": MODEL, "messages": [{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}).to_string()), 400, "image"),
     ];

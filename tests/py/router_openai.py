@@ -82,8 +82,6 @@ for what, extra, param in [
     ("json_object", {"response_format": {"type": "json_object"}}, "response_format"),
     ("tools, required", {"tools": weather, "tool_choice": "required"}, "tool_choice"),
     ("tools, auto", {"tools": weather}, "tools"),
-    ("presence_penalty", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("logit_bias", {"logit_bias": {"42": 10}}, "logit_bias"),
 ]:
     try:
         client.chat.completions.create(model=MODEL, messages=hi, max_tokens=2, **extra)
@@ -91,6 +89,33 @@ for what, extra, param in [
     except openai.BadRequestError as e:
         error = e.body if isinstance(e.body, dict) else {}
         check(f"400 for unserved {what}", e.status_code == 400 and error.get("param") == param, e.body)
+
+# Sampling, complete: n answers as indexed choices (streamed too), a seed's answer repeats, a
+# logit bias of 100 forces its token, penalties are taken.
+several = client.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, n=2, seed=3)
+check(
+    "n=2 gives two choices",
+    [c.index for c in several.choices] == [0, 1] and 2 <= several.usage.completion_tokens <= 8,
+    f"indices {[c.index for c in several.choices]}, usage {several.usage}",
+)
+seen = {}
+for chunk in client.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, n=2, seed=3, stream=True):
+    for c in chunk.choices:
+        seen.setdefault(c.index, []).append(c.delta.content or "")
+check(
+    "n=2 streamed, the same seed",
+    ["".join(seen.get(i, [])) for i in (0, 1)] == [c.message.content for c in several.choices],
+    f"{seen} vs {[c.message.content for c in several.choices]}",
+)
+forced = client.chat.completions.create(
+    model=MODEL, messages=hi, max_tokens=3, logit_bias={"42": 100}, logprobs=True, temperature=1.0
+)
+tokens = [t.token for t in forced.choices[0].logprobs.content]
+check("logit_bias 100 forces its token", len(tokens) == 3 and len(set(tokens)) == 1, f"{tokens}")
+penalised = client.chat.completions.create(
+    model=MODEL, messages=hi, max_tokens=4, presence_penalty=1.5, frequency_penalty=1.0
+)
+check("penalties are taken", penalised.usage.completion_tokens > 0, f"{penalised.usage}")
 
 limited = openai.OpenAI(base_url=BASE_URL, api_key=os.environ["LIMITED_KEY"], max_retries=0)
 limited.completions.create(model=MODEL, prompt="One", max_tokens=1)

@@ -68,6 +68,7 @@ fn collect(rx: &mut UnboundedReceiver<GenerateEvent>) -> Result<Outcome, (ErrorC
             }
             GenerateEvent::Error { code, message } => return Err((code, message)),
             GenerateEvent::Prefilled { .. } => {}
+            GenerateEvent::Ended { .. } => panic!("`Ended` for a request of one answer"),
             GenerateEvent::Unknown => panic!("unknown event"),
         }
     }
@@ -210,4 +211,165 @@ fn collect_error(rx: &mut UnboundedReceiver<GenerateEvent>) -> Option<(ErrorCode
         Ok(GenerateEvent::Error { code, message }) => Some((code, message)),
         _ => None,
     }
+}
+
+/// A request sampled at temperature 0.8 with `seed`.
+fn seeded(prompt: Vec<u32>, max_tokens: u32, seed: u64) -> GenerateRequest {
+    let mut r = greedy(prompt, max_tokens);
+    r.sampling.temperature = 0.8;
+    r.sampling.seed = Some(seed);
+    r
+}
+
+/// Runs one request alone; returns its events and the prompt tokens computed by the steps.
+fn run_events(e: &mut Engine<ModelExecutor>, r: GenerateRequest) -> (Vec<GenerateEvent>, usize) {
+    let (tx, mut rx) = unbounded_channel();
+    e.submit(r, tx);
+    let mut prefilled = 0;
+    while !e.is_idle() {
+        prefilled += e.step().expect("step").prefill_tokens;
+    }
+    (
+        std::iter::from_fn(|| rx.try_recv().ok()).collect(),
+        prefilled,
+    )
+}
+
+/// The same seed gives the same answer; `n` answers differ from each other and come back the
+/// same when the request is run again, their events name them, the prompt's accounting goes
+/// out once and `Finished` comes last with the sum of their tokens; the prompt is computed once
+/// (the others recompute only its last, partial block). (Answer `i` draws from `seed + i`, as
+/// the sampler's own test shows; its tokens are not compared with a request of one answer
+/// run alone, because a batch's numerics depend on what shares it, as in vLLM.)
+#[test]
+fn several_answers_share_the_prompt_and_follow_their_seeds() {
+    let prompt = tokens(100, 5); // 6 full blocks of 16, 4 tokens in the seventh
+    let single = || {
+        let mut e = engine(64, 512, 16);
+        run_all(&mut e, vec![seeded(prompt.clone(), 12, 40)])
+            .0
+            .remove(0)
+            .tokens
+    };
+    assert_eq!(single(), single(), "same seed, same answer");
+
+    let several = || {
+        let mut e = engine(64, 512, 16);
+        let mut request = seeded(prompt.clone(), 12, 40);
+        request.sampling.n = 3;
+        run_events(&mut e, request)
+    };
+    let (events, prefilled) = several();
+    assert_eq!(
+        prefilled,
+        100 + 2 * 4,
+        "the prompt computed once, 4 tokens twice more"
+    );
+    let mut answers = vec![Vec::<u32>::new(); 3];
+    let mut ended = vec![0u32; 3];
+    let mut prefills = 0;
+    for (i, event) in events.iter().enumerate() {
+        match event {
+            GenerateEvent::Prefilled { prompt_tokens, .. } => {
+                assert_eq!(*prompt_tokens, 100);
+                prefills += 1;
+            }
+            GenerateEvent::Tokens { ids, choice, .. } => {
+                answers[*choice as usize].extend(ids);
+            }
+            GenerateEvent::Ended {
+                choice,
+                reason,
+                completion_tokens,
+            } => {
+                assert_eq!(*reason, FinishReason::Length);
+                ended[*choice as usize] = *completion_tokens;
+            }
+            GenerateEvent::Finished { usage, .. } => {
+                assert_eq!(i, events.len() - 1, "Finished comes last");
+                assert_eq!(usage.prompt_tokens, 100);
+                assert_eq!(usage.completion_tokens, 36);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(prefills, 1);
+    assert_eq!(ended, [12, 12, 12]);
+    assert!(
+        answers[0] != answers[1] && answers[1] != answers[2] && answers[0] != answers[2],
+        "{answers:?}"
+    );
+    assert_eq!(
+        several().0,
+        events,
+        "the same request again, the same answers"
+    );
+}
+
+/// A bias of -100 bans a token and +100 forces one; penalties make repetition rarer; ids in
+/// `stop_token_ids` end the answer without being returned; log-probabilities stay the model's.
+#[test]
+fn penalties_biases_and_stop_ids_change_the_answer() {
+    let prompt = tokens(60, 7);
+    let plain = {
+        let mut e = engine(64, 512, 16);
+        run_all(&mut e, vec![greedy(prompt.clone(), 48)])
+            .0
+            .remove(0)
+            .tokens
+    };
+    let run = |change: &dyn Fn(&mut GenerateRequest)| {
+        let mut r = greedy(prompt.clone(), 48);
+        change(&mut r);
+        let mut e = engine(64, 512, 16);
+        run_all(&mut e, vec![r]).0.remove(0)
+    };
+
+    let banned = plain[0];
+    let out = run(&|r| {
+        r.sampling.logit_bias.insert(banned, -100.0);
+    });
+    assert!(
+        !out.tokens.contains(&banned),
+        "{banned} in {:?}",
+        out.tokens
+    );
+    let out = run(&|r| {
+        r.sampling.logit_bias.insert(1234, 100.0);
+    });
+    assert!(out.tokens.iter().all(|&t| t == 1234), "{:?}", out.tokens);
+
+    // Greedy decoding of a small model repeats itself; a frequency penalty spreads it out.
+    let most = |tokens: &[u32]| {
+        let mut counts = std::collections::HashMap::new();
+        for &t in tokens {
+            *counts.entry(t).or_insert(0) += 1;
+        }
+        counts.into_values().max().unwrap_or(0)
+    };
+    let penalised = run(&|r| r.sampling.frequency_penalty = 2.0).tokens;
+    assert!(
+        most(&penalised) < most(&plain),
+        "{} vs {}: {penalised:?} / {plain:?}",
+        most(&penalised),
+        most(&plain)
+    );
+    let present = run(&|r| r.sampling.presence_penalty = 2.0).tokens;
+    assert_ne!(present, plain);
+
+    // The first token whose id did not come before it: stopping on it cuts the answer there.
+    let k = (1..plain.len())
+        .find(|&k| !plain[..k].contains(&plain[k]))
+        .expect("a new token");
+    let out = run(&|r| r.sampling.stop_token_ids = vec![plain[k]]);
+    assert_eq!(out.tokens, plain[..k]);
+    assert_eq!(out.reason, FinishReason::Stop);
+
+    // min_p at 1 keeps only the most likely token: a draw at any temperature is greedy.
+    let out = run(&|r| {
+        r.sampling.temperature = 1.5;
+        r.sampling.seed = Some(3);
+        r.sampling.min_p = 1.0;
+    });
+    assert_eq!(out.tokens, plain);
 }

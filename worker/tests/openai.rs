@@ -119,6 +119,77 @@ async fn streaming_chat_is_framed_as_openai_sse() {
     }
 }
 
+/// `n` answers: a body with `n` choices indexed from 0 and the usage of all of them; streamed,
+/// each answer's chunks name its index, each ends with its own finish reason, and `[DONE]`
+/// comes after the last. Stop strings cut each answer on its own.
+#[tokio::test]
+async fn several_answers_come_back_as_indexed_choices() {
+    let state = state();
+    let several = serde_json::json!({"n": 3, "temperature": 1.0, "seed": 5});
+    let (status, body) = post(&state, "/v1/chat/completions", chat(several.clone())).await;
+    let mut streamed = chat(several);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let choices = r["choices"].as_array().unwrap();
+    let indices: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 2]);
+    assert!(choices.iter().all(|c| c["finish_reason"] == "length"));
+    assert_eq!(r["usage"]["completion_tokens"], 36);
+    let texts: Vec<&str> = choices
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
+    // (The simulated engine's logits are one-hot: its answers are alike whatever the seed. The
+    // engine's own test on the real model shows that they differ.)
+
+    streamed["stream"] = serde_json::json!(true);
+    streamed["stream_options"] = serde_json::json!({"include_usage": true});
+    let (status, body) = post(&state, "/v1/chat/completions", streamed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("SSE data line"))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let mut text = vec![String::new(); 3];
+    let mut finishes = vec![0; 3];
+    for event in &events[..events.len() - 2] {
+        let chunk: serde_json::Value = serde_json::from_str(event).unwrap();
+        let choice = &chunk["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        text[i] += choice["delta"]["content"].as_str().unwrap_or("");
+        finishes[i] += usize::from(!choice["finish_reason"].is_null());
+    }
+    assert_eq!(finishes, [1, 1, 1]);
+    assert_eq!(text, texts, "the same seed streamed");
+    let usage: serde_json::Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 36);
+
+    // A stop string cuts each answer at its first occurrence, on its own.
+    let stop = texts[1].chars().skip(3).take(2).collect::<String>();
+    let (_, body) = post(
+        &state,
+        "/v1/chat/completions",
+        chat(serde_json::json!({"n": 3, "temperature": 1.0, "seed": 5, "stop": stop})),
+    )
+    .await;
+    let cut: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let choice = &cut["choices"][i];
+        let (want, finish) = match text.find(&stop) {
+            Some(at) => (&text[..at], "stop"),
+            None => (*text, "length"),
+        };
+        assert_eq!(choice["message"]["content"], want, "answer {i}");
+        assert_eq!(choice["finish_reason"], finish, "answer {i}");
+    }
+    assert_eq!(cut["choices"][1]["finish_reason"], "stop");
+}
+
 #[tokio::test]
 async fn completions_take_text_or_tokens() {
     let state = state();
@@ -159,12 +230,33 @@ async fn errors_are_openai_shaped() {
     let (status, body) = post(
         &state,
         "/v1/chat/completions",
-        chat(serde_json::json!({"n": 2})),
+        chat(serde_json::json!({"n": 17})),
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let e: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["error"]["param"], "n");
+    for (field, value) in [
+        ("logit_bias", serde_json::json!({"49152": 5})),
+        ("stop_token_ids", serde_json::json!([49152])),
+    ] {
+        let (status, body) = post(
+            &state,
+            "/v1/chat/completions",
+            chat(serde_json::json!({ field: value })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}");
+        let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["error"]["param"], field);
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the vocabulary has 49152 tokens"),
+            "{body}"
+        );
+    }
 
     // Parsed but not served: refused by name, never silently ignored.
     let (status, body) = post(

@@ -69,6 +69,78 @@ fn finished(events: &[GenerateEvent]) -> (Vec<u32>, tidelock_protocol::Usage) {
     panic!("no finished event in {events:?}");
 }
 
+/// The internal API takes the complete sampling fields: stop token ids end an answer without
+/// returning the id, several answers come back under their `choice` with one `Ended` each, and
+/// token ids outside the vocabulary are refused by name.
+#[tokio::test]
+async fn the_internal_api_takes_stop_ids_and_several_answers() {
+    let state = started();
+    let prompt: Vec<u32> = (300..340).collect();
+    let (_, events) = generate(&state, request(&prompt, 12)).await;
+    let (plain, _) = finished(&events);
+    let k = (1..plain.len())
+        .find(|&k| !plain[..k].contains(&plain[k]))
+        .expect("a new token");
+    let mut body = request(&prompt, 12);
+    body["sampling"]["stop_token_ids"] = serde_json::json!([plain[k]]);
+    let (status, events) = generate(&state, body).await;
+    assert_eq!(status, StatusCode::OK);
+    let (cut, usage) = finished(&events);
+    assert_eq!(cut, plain[..k]);
+    assert!(matches!(
+        events.last(),
+        Some(GenerateEvent::Finished {
+            reason: tidelock_protocol::FinishReason::Stop,
+            ..
+        })
+    ));
+    assert_eq!(
+        usage.completion_tokens as usize,
+        k + 1,
+        "the stop id counts as generated"
+    );
+
+    let mut body = request(&prompt, 5);
+    body["sampling"]["n"] = serde_json::json!(3);
+    body["sampling"]["temperature"] = serde_json::json!(1.0);
+    body["sampling"]["seed"] = serde_json::json!(9);
+    let (status, events) = generate(&state, body).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut per_choice = [0usize; 3];
+    let mut ended = Vec::new();
+    for e in &events {
+        match e {
+            GenerateEvent::Tokens { ids, choice, .. } => per_choice[*choice as usize] += ids.len(),
+            GenerateEvent::Ended { choice, .. } => ended.push(*choice),
+            _ => {}
+        }
+    }
+    ended.sort_unstable();
+    assert_eq!((per_choice, ended), ([5, 5, 5], vec![0, 1, 2]));
+    match events.last() {
+        Some(GenerateEvent::Finished { usage, .. }) => assert_eq!(usage.completion_tokens, 15),
+        other => panic!("{other:?}"),
+    }
+
+    for (field, value) in [
+        ("stop_token_ids", serde_json::json!([VOCAB])),
+        ("logit_bias", serde_json::json!({ VOCAB.to_string(): 1 })),
+    ] {
+        let mut body = request(&prompt, 5);
+        body["sampling"][field] = value;
+        let (_, events) = generate(&state, body).await;
+        match &events[..] {
+            [GenerateEvent::Error { message, .. }] => {
+                assert!(
+                    message.contains(&format!("{VOCAB} is outside")),
+                    "{message}"
+                )
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn probes_info_and_tokenizer() {
     let state = started();

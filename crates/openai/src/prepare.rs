@@ -289,6 +289,7 @@ impl Rendered {
             Parsed::Completion(req) => req.sampling(room)?,
         };
         sampling.max_tokens = sampling.max_tokens.min(room);
+        check_vocabulary(&sampling, kit.vocab_size())?;
         apply_defaults(&mut sampling, parsed.common(), kit.sampling_defaults());
         let (prefix, stops) = match &parsed {
             Parsed::Chat(req) => ("chatcmpl", req.stop_strings()),
@@ -310,6 +311,24 @@ impl Rendered {
             stream: parsed.common().stream,
         })
     }
+}
+
+/// The token ids a request names besides its prompt (`logit_bias`, `stop_token_ids`) are in
+/// the model's vocabulary.
+fn check_vocabulary(sampling: &SamplingParams, vocab: usize) -> Result<(), OpenAiError> {
+    let ids = [
+        ("logit_bias", sampling.logit_bias.keys().copied().collect()),
+        ("stop_token_ids", sampling.stop_token_ids.clone()),
+    ];
+    for (param, ids) in ids {
+        if let Some(bad) = ids.iter().find(|&&t: &&u32| t as usize >= vocab) {
+            return Err(OpenAiError::invalid(
+                param,
+                format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The model's default sampling for what the request left out; a request's own value always

@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tidelock_prompt::{IncrementalDetokenizer, PromptKit, StopMatcher};
-use tidelock_protocol::GenerateEvent;
 use tidelock_protocol::openai::{
     self, ChatCompletion, Completion, Delta, OpenAiError, ResponseMeta, TokenLogprob,
 };
+use tidelock_protocol::{FinishReason, GenerateEvent};
 
 use crate::continuation::Answer;
 use crate::prepare::{Endpoint, Prepared};
@@ -28,26 +28,37 @@ pub fn error_response(e: &OpenAiError) -> Response {
     (status, axum::Json(e.body())).into_response()
 }
 
-/// Text out of token events: detokenized, cut at stop strings.
+/// Text out of token events: detokenized, cut at stop strings, one [`AnswerOut`] per answer
+/// (`n`).
 struct TextOut {
     kit: Arc<PromptKit>,
     events: BoxStream<'static, GenerateEvent>,
+    answers: Vec<AnswerOut>,
+    usage: tidelock_protocol::Usage,
+    /// `Finished` arrived with this reason: answers still open end with it.
+    finished: Option<FinishReason>,
+    /// The answer so far, and who wants it whole (a request for one answer only).
+    remember: Option<(Answer, OnAnswer)>,
+}
+
+/// One answer's text as it is sent.
+struct AnswerOut {
     detok: IncrementalDetokenizer,
     stop: StopMatcher,
-    usage: tidelock_protocol::Usage,
     /// Log-probabilities of tokens read but not yet sent (when the request asked for them).
     logprobs: Vec<TokenLogprob>,
     /// Characters of completion text sent so far (the completions `text_offset` base).
     chars_sent: usize,
-    /// The answer so far, and who wants it whole.
-    remember: Option<(Answer, OnAnswer)>,
+    /// Whether its end was sent.
+    ended: bool,
 }
 
 /// One step of a generation as the client sees it.
 enum Step {
-    Text(String),
-    /// The end: remaining text, finish reason.
-    End(String, Option<String>),
+    /// More text of answer `.0` (may be empty).
+    Text(usize, String),
+    /// The end of answer `.0`: remaining text, finish reason.
+    End(usize, String, Option<String>),
     Failed(OpenAiError),
 }
 
@@ -56,10 +67,18 @@ impl TextOut {
         openai::Usage::from(self.usage)
     }
 
-    /// Reads the next event; `None` when the answer is complete.
+    fn all_ended(&self) -> bool {
+        self.answers.iter().all(|a| a.ended)
+    }
+
+    /// Reads the next event; `None` when every answer is complete.
     async fn next(&mut self) -> Option<Step> {
-        if self.stop.is_stopped() {
+        if self.all_ended() {
             return None;
+        }
+        if let Some(reason) = self.finished {
+            let open = self.answers.iter().position(|a| !a.ended)?;
+            return Some(self.end(open, reason).await);
         }
         let Some(event) = self.events.next().await else {
             return Some(Step::Failed(OpenAiError::internal(
@@ -67,94 +86,128 @@ impl TextOut {
             )));
         };
         self.usage.record(&event);
+        let answer = |choice: u32| match choice as usize {
+            i if i < self.answers.len() => Ok(i),
+            _ => Err(Step::Failed(OpenAiError::internal(format!(
+                "the worker sent answer {choice} of {}",
+                self.answers.len()
+            )))),
+        };
         Some(match event {
-            GenerateEvent::Prefilled { .. } => Step::Text(String::new()),
+            GenerateEvent::Prefilled { .. } => Step::Text(0, String::new()),
             GenerateEvent::Tokens {
                 ids,
                 logprobs,
                 top_logprobs,
+                choice,
             } => {
+                let i = match answer(choice) {
+                    Ok(i) => i,
+                    Err(failed) => return Some(failed),
+                };
+                if self.answers[i].ended {
+                    // Cut by a stop string; its tokens still come until it ends.
+                    return Some(Step::Text(i, String::new()));
+                }
                 if let Some(logprobs) = logprobs {
-                    self.collect_logprobs(&ids, &logprobs, top_logprobs.as_deref());
+                    let tokens = self.logprobs(&ids, &logprobs, top_logprobs.as_deref());
+                    self.answers[i].logprobs.extend(tokens);
                 }
                 if let Some((answer, _)) = &mut self.remember {
                     answer.ids.extend_from_slice(&ids);
                 }
+                let out = &mut self.answers[i];
                 let mut text = String::new();
                 for id in ids {
-                    let piece = self
-                        .detok
-                        .push(self.kit.tokenizer(), id)
-                        .unwrap_or_default();
-                    let out = self.stop.push(&piece);
-                    text.push_str(&out.text);
-                    if out.stopped {
-                        // Ending here drops the event stream, which cancels generation. The
-                        // text is cut: nothing to remember.
+                    let piece = out.detok.push(self.kit.tokenizer(), id).unwrap_or_default();
+                    let cut = out.stop.push(&piece);
+                    text.push_str(&cut.text);
+                    if cut.stopped {
+                        // The text is cut: nothing to remember. When every answer has ended,
+                        // the event stream is dropped, which cancels generation.
+                        out.ended = true;
                         self.remember = None;
-                        return Some(Step::End(text, Some("stop".into())));
+                        return Some(Step::End(i, text, Some("stop".into())));
                     }
                 }
                 if let Some((answer, _)) = &mut self.remember {
                     answer.text.push_str(&text);
                 }
-                Step::Text(text)
+                Step::Text(i, text)
             }
+            GenerateEvent::Ended { choice, reason, .. } => match answer(choice) {
+                Ok(i) if self.answers[i].ended => Step::Text(i, String::new()),
+                Ok(i) => self.end(i, reason).await,
+                Err(failed) => failed,
+            },
             GenerateEvent::Finished { reason, .. } => {
-                let tail = self.detok.finish(self.kit.tokenizer()).unwrap_or_default();
-                let mut text = self.stop.push(&tail).text;
-                let finish = if self.stop.is_stopped() {
-                    self.remember = None;
-                    Some("stop".into())
-                } else {
-                    text.push_str(&self.stop.finish());
-                    openai::finish_reason(reason)
-                };
-                if let Some((mut answer, on_answer)) = self.remember.take() {
-                    answer.text.push_str(&text);
-                    on_answer(answer).await;
+                self.finished = Some(reason);
+                match self.answers.iter().position(|a| !a.ended) {
+                    Some(open) => self.end(open, reason).await,
+                    None => Step::Text(0, String::new()),
                 }
-                Step::End(text, finish)
             }
             GenerateEvent::Error { code, message } => {
                 Step::Failed(OpenAiError::from_wire(code, message))
             }
-            GenerateEvent::Unknown => Step::Text(String::new()),
+            GenerateEvent::Unknown => Step::Text(0, String::new()),
         })
     }
 
-    fn collect_logprobs(
-        &mut self,
+    /// Ends answer `i` for `reason`: the detokenizer's and stop matcher's held-back text.
+    async fn end(&mut self, i: usize, reason: FinishReason) -> Step {
+        let out = &mut self.answers[i];
+        out.ended = true;
+        let tail = out.detok.finish(self.kit.tokenizer()).unwrap_or_default();
+        let mut text = out.stop.push(&tail).text;
+        let finish = if out.stop.is_stopped() {
+            self.remember = None;
+            Some("stop".into())
+        } else {
+            text.push_str(&out.stop.finish());
+            openai::finish_reason(reason)
+        };
+        if let Some((mut answer, on_answer)) = self.remember.take() {
+            answer.text.push_str(&text);
+            on_answer(answer).await;
+        }
+        Step::End(i, text, finish)
+    }
+
+    fn logprobs(
+        &self,
         ids: &[u32],
         logprobs: &[f32],
         top: Option<&[Vec<tidelock_protocol::TopLogprob>]>,
-    ) {
+    ) -> Vec<TokenLogprob> {
         let text = |id: u32| self.kit.decode(&[id], false).unwrap_or_default();
-        for (i, (&id, &logprob)) in ids.iter().zip(logprobs).enumerate() {
-            let top = top
-                .and_then(|t| t.get(i))
-                .map(|alts| alts.iter().map(|a| (text(a.id), a.logprob)).collect())
-                .unwrap_or_default();
-            self.logprobs.push(TokenLogprob {
+        ids.iter()
+            .zip(logprobs)
+            .enumerate()
+            .map(|(i, (&id, &logprob))| TokenLogprob {
                 token: text(id),
                 logprob,
-                top,
-            });
-        }
+                top: top
+                    .and_then(|t| t.get(i))
+                    .map(|alts| alts.iter().map(|a| (text(a.id), a.logprob)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
     }
 
-    /// A content chunk, with the log-probabilities of the tokens it carries when asked for.
+    /// A content chunk of answer `i`, with the log-probabilities of the tokens it carries when
+    /// asked for.
     fn chunk(
         &mut self,
         meta: &ResponseMeta,
         endpoint: Endpoint,
         wants_logprobs: bool,
-        text: String,
-        finish: Option<String>,
+        (i, text, finish): (usize, String, Option<String>),
     ) -> String {
-        let tokens = std::mem::take(&mut self.logprobs);
-        let offset = self.chars_sent;
-        self.chars_sent += text.chars().count();
+        let out = &mut self.answers[i];
+        let tokens = std::mem::take(&mut out.logprobs);
+        let offset = out.chars_sent;
+        out.chars_sent += text.chars().count();
         match endpoint {
             Endpoint::Chat => {
                 let delta = Delta {
@@ -162,6 +215,7 @@ impl TextOut {
                     content: Some(text),
                 };
                 let mut c = meta.chat_chunk(delta, finish);
+                c.choices[0].index = i as u32;
                 if wants_logprobs {
                     c.choices[0].logprobs = Some(openai::chat_logprobs(&tokens));
                 }
@@ -169,6 +223,7 @@ impl TextOut {
             }
             Endpoint::Completion => {
                 let mut c = meta.completion_chunk(text, finish);
+                c.choices[0].index = i as u32;
                 if wants_logprobs {
                     c.choices[0].logprobs = Some(openai::completion_logprobs(&tokens, offset));
                 }
@@ -199,34 +254,55 @@ pub async fn respond_then(
     let wants_logprobs = prepared.sampling.logprobs.is_some();
     let endpoint = prepared.endpoint;
     let meta = prepared.meta;
+    let n = prepared.sampling.n.max(1) as usize;
+    let answers = (0..n)
+        .map(|_| AnswerOut {
+            detok: IncrementalDetokenizer::new(true),
+            stop: StopMatcher::new(prepared.stops.clone()),
+            logprobs: Vec::new(),
+            chars_sent: 0,
+            ended: false,
+        })
+        .collect();
     let out = TextOut {
         kit,
         events,
-        detok: IncrementalDetokenizer::new(true),
-        stop: StopMatcher::new(prepared.stops),
+        answers,
         usage: tidelock_protocol::Usage::default(),
-        logprobs: Vec::new(),
-        chars_sent: 0,
-        remember: on_answer.map(|f| (Answer::default(), f)),
+        finished: None,
+        // A session goes on from one answer: with several, the client picks, so none is kept.
+        remember: on_answer.filter(|_| n == 1).map(|f| (Answer::default(), f)),
     };
     if !prepared.stream {
         return whole(&meta, endpoint, wants_logprobs, out).await;
     }
-    let first = (endpoint == Endpoint::Chat).then(|| {
-        let role = Delta {
-            role: Some("assistant".into()),
-            content: Some(String::new()),
-        };
-        openai::sse_data(&meta.chat_chunk(role, None))
-    });
+    let first: Vec<String> = match endpoint {
+        Endpoint::Chat => (0..n)
+            .map(|i| {
+                let role = Delta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                };
+                let mut c = meta.chat_chunk(role, None);
+                c.choices[0].index = i as u32;
+                openai::sse_data(&c)
+            })
+            .collect(),
+        Endpoint::Completion => Vec::new(),
+    };
     let events = futures::stream::unfold(Some((out, meta)), move |state| async move {
         let (mut out, meta) = state?;
         let mut lines = String::new();
         match out.next().await? {
-            Step::Text(t) if t.is_empty() => {}
-            Step::Text(t) => lines.push_str(&out.chunk(&meta, endpoint, wants_logprobs, t, None)),
-            Step::End(t, finish) => {
-                lines.push_str(&out.chunk(&meta, endpoint, wants_logprobs, t, finish));
+            Step::Text(_, t) if t.is_empty() => {}
+            Step::Text(i, t) => {
+                lines.push_str(&out.chunk(&meta, endpoint, wants_logprobs, (i, t, None)));
+            }
+            Step::End(i, t, finish) => {
+                lines.push_str(&out.chunk(&meta, endpoint, wants_logprobs, (i, t, finish)));
+                if !out.all_ended() {
+                    return Some((lines, Some((out, meta))));
+                }
                 if meta.include_usage {
                     let usage = out.usage();
                     lines.push_str(&match endpoint {
@@ -268,34 +344,54 @@ async fn whole(
     wants_logprobs: bool,
     mut out: TextOut,
 ) -> Response {
-    let mut content = String::new();
+    let mut content = vec![String::new(); out.answers.len()];
+    let mut finish = vec![None; out.answers.len()];
     loop {
         match out.next().await {
-            Some(Step::Text(t)) => content.push_str(&t),
-            Some(Step::End(t, finish)) => {
-                content.push_str(&t);
-                let usage = out.usage();
-                let logprobs = &out.logprobs;
-                return match endpoint {
-                    Endpoint::Chat => {
-                        let mut body = ChatCompletion::new(meta, content, finish, usage);
-                        if wants_logprobs {
-                            body.choices[0].logprobs = Some(openai::chat_logprobs(logprobs));
-                        }
-                        axum::Json(body).into_response()
-                    }
-                    Endpoint::Completion => {
-                        let mut body = Completion::new(meta, content, finish, usage);
-                        if wants_logprobs {
-                            body.choices[0].logprobs =
-                                Some(openai::completion_logprobs(logprobs, 0));
-                        }
-                        axum::Json(body).into_response()
-                    }
-                };
+            Some(Step::Text(i, t)) => content[i].push_str(&t),
+            Some(Step::End(i, t, reason)) => {
+                content[i].push_str(&t);
+                finish[i] = reason;
             }
             Some(Step::Failed(e)) => return error_response(&e),
+            None if out.all_ended() => break,
             None => return error_response(&OpenAiError::internal("generation ended early")),
+        }
+    }
+    let usage = out.usage();
+    let answers = content.into_iter().zip(finish).zip(&out.answers);
+    match endpoint {
+        Endpoint::Chat => {
+            let mut body = ChatCompletion::new(meta, String::new(), None, usage);
+            body.choices = answers
+                .enumerate()
+                .map(|(i, ((content, finish), answer))| {
+                    let mut choice = ChatCompletion::new(meta, content, finish, usage).choices;
+                    let mut choice = choice.remove(0);
+                    choice.index = i as u32;
+                    if wants_logprobs {
+                        choice.logprobs = Some(openai::chat_logprobs(&answer.logprobs));
+                    }
+                    choice
+                })
+                .collect();
+            axum::Json(body).into_response()
+        }
+        Endpoint::Completion => {
+            let mut body = Completion::new(meta, String::new(), None, usage);
+            body.choices = answers
+                .enumerate()
+                .map(|(i, ((text, finish), answer))| {
+                    let mut choice = Completion::new(meta, text, finish, usage).choices;
+                    let mut choice = choice.remove(0);
+                    choice.index = i as u32;
+                    if wants_logprobs {
+                        choice.logprobs = Some(openai::completion_logprobs(&answer.logprobs, 0));
+                    }
+                    choice
+                })
+                .collect();
+            axum::Json(body).into_response()
         }
     }
 }

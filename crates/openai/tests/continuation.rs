@@ -235,6 +235,7 @@ fn events(ids: &[u32], end: GenerateEvent) -> futures::stream::BoxStream<'static
         ids: vec![id],
         logprobs: None,
         top_logprobs: None,
+        choice: 0,
     });
     let prefilled = GenerateEvent::Prefilled {
         prompt_tokens: 5,

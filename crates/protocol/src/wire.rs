@@ -8,6 +8,8 @@
 //! stream. What is never defaulted: anything whose default would be unsafe, such as the cache salt
 //! of a request (a missing salt must not silently mean "share the cache across tenants").
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{BlockHash, BlockTokens};
@@ -31,9 +33,28 @@ pub enum SamplingError {
     /// More than [`SamplingParams::MAX_LOGPROBS`] log-probabilities requested.
     #[error("logprobs must be at most 20, got {0}")]
     Logprobs(u32),
+    /// `n` of zero or above [`SamplingParams::MAX_N`].
+    #[error("n must be between 1 and 16, got {0}")]
+    N(u32),
+    /// A presence or frequency penalty outside `[-2, 2]` (or NaN); the field's name.
+    #[error("{0} must be between -2 and 2, got {1}")]
+    Penalty(&'static str, f32),
+    /// A logit bias outside `[-100, 100]` (or NaN), or more than
+    /// [`SamplingParams::MAX_LOGIT_BIAS`] of them.
+    #[error(
+        "logit_bias values must be between -100 and 100 (at most 300 tokens); token {0} has {1}"
+    )]
+    LogitBias(u32, f32),
+    /// More than [`SamplingParams::MAX_LOGIT_BIAS`] biased tokens.
+    #[error("logit_bias names {0} tokens; at most 300 are allowed")]
+    LogitBiasCount(usize),
+    /// `min_p` outside `[0, 1]` (or NaN).
+    #[error("min_p must be between 0 and 1, got {0}")]
+    MinP(f32),
 }
 
-/// How to pick each generated token. Omitted fields take OpenAI's defaults.
+/// How to pick each generated token. Omitted fields take OpenAI's defaults; fields at their
+/// default are left out when written (a worker from before a field existed reads the rest).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SamplingParams {
@@ -54,11 +75,47 @@ pub struct SamplingParams {
     /// `Some(n)`: return each token's log-probability and the `n` most likely alternatives
     /// (at most 20); `None` for none.
     pub logprobs: Option<u32>,
+    /// Independent answers to generate from the one prompt, 1 to [`Self::MAX_N`]. They share
+    /// the prompt's KV blocks (computed once); their events carry a `choice` index. With a
+    /// seed, answer `i` samples with `seed + i`.
+    #[serde(skip_serializing_if = "is_one")]
+    pub n: u32,
+    /// Subtracted from a token's logit once it has been generated (OpenAI's presence penalty),
+    /// in `[-2, 2]`. Generated tokens only, as vLLM counts them; the prompt's do not count.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it has been generated, in `[-2, 2]`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub frequency_penalty: f32,
+    /// Added to the named tokens' logits before sampling, each in `[-100, 100]` (-100 bans a
+    /// token, 100 all but forces it). Written as an object keyed by token id, as OpenAI's.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub logit_bias: BTreeMap<u32, f32>,
+    /// Drop tokens whose probability is below `min_p` times the most likely one's (after
+    /// temperature), in `[0, 1]`; 0 disables it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_p: f32,
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
+}
+
+fn is_zero_u32(x: &u32) -> bool {
+    *x == 0
 }
 
 impl SamplingParams {
     /// The most log-probabilities per token a request may ask for.
     pub const MAX_LOGPROBS: u32 = 20;
+    /// The most answers one request may ask for.
+    pub const MAX_N: u32 = 16;
+    /// The most tokens one `logit_bias` may name (OpenAI's limit).
+    pub const MAX_LOGIT_BIAS: usize = 300;
 
     /// Checks every field's range.
     pub fn validate(&self) -> Result<(), SamplingError> {
@@ -74,10 +131,43 @@ impl SamplingParams {
         if self.max_tokens == 0 {
             return Err(SamplingError::MaxTokens);
         }
-        match self.logprobs {
-            Some(n) if n > Self::MAX_LOGPROBS => Err(SamplingError::Logprobs(n)),
-            _ => Ok(()),
+        if let Some(n) = self.logprobs.filter(|&n| n > Self::MAX_LOGPROBS) {
+            return Err(SamplingError::Logprobs(n));
         }
+        if !(1..=Self::MAX_N).contains(&self.n) {
+            return Err(SamplingError::N(self.n));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(SamplingError::Penalty(name, value));
+            }
+        }
+        if self.logit_bias.len() > Self::MAX_LOGIT_BIAS {
+            return Err(SamplingError::LogitBiasCount(self.logit_bias.len()));
+        }
+        if let Some((&token, &bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(*b))
+        {
+            return Err(SamplingError::LogitBias(token, bias));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(SamplingError::MinP(self.min_p));
+        }
+        Ok(())
+    }
+
+    /// Whether the logits are changed before a token is chosen (penalties, biases, `min_p`):
+    /// the whole row is then needed on the host.
+    pub fn adjusts_logits(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
+            || self.min_p > 0.0
     }
 }
 
@@ -92,6 +182,11 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            n: 1,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: BTreeMap::new(),
+            min_p: 0.0,
         }
     }
 }
@@ -254,7 +349,9 @@ pub enum ErrorCode {
 /// One line of the newline-delimited JSON stream answering `POST /v1/generate`.
 ///
 /// A stream is at most one `Prefilled`, then zero or more `Tokens`, then exactly one `Finished`
-/// or `Error`. An object with another `type` reads as [`GenerateEvent::Unknown`]; fields a
+/// or `Error`. A request for several answers (`SamplingParams::n` > 1) interleaves their
+/// `Tokens`, each naming its `choice`, and sends one `Ended` per answer as it ends; `Finished`
+/// follows the last, with the usage of all of them (the prompt counted once). An object with another `type` reads as [`GenerateEvent::Unknown`]; fields a
 /// variant does not know are skipped.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -280,6 +377,18 @@ pub enum GenerateEvent {
         /// skip it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         top_logprobs: Option<Vec<Vec<TopLogprob>>>,
+        /// Which answer the tokens belong to, from 0; left out for 0.
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        choice: u32,
+    },
+    /// One answer of several ended (sent only when `n` > 1); the others go on.
+    Ended {
+        /// The answer, from 0.
+        choice: u32,
+        /// Why it ended.
+        reason: FinishReason,
+        /// Tokens it generated.
+        completion_tokens: u32,
     },
     /// Generation ended normally.
     Finished {
@@ -325,6 +434,7 @@ mod event {
     enum EventType {
         Prefilled,
         Tokens,
+        Ended,
         Finished,
         Error,
         #[serde(other)]
@@ -344,6 +454,15 @@ mod event {
         logprobs: Option<Vec<f32>>,
         #[serde(default)]
         top_logprobs: Option<Vec<Vec<TopLogprob>>>,
+        #[serde(default)]
+        choice: u32,
+    }
+
+    #[derive(Deserialize)]
+    struct EndedFields {
+        choice: u32,
+        reason: FinishReason,
+        completion_tokens: u32,
     }
 
     #[derive(Deserialize)]
@@ -376,6 +495,15 @@ mod event {
                         ids: f.ids,
                         logprobs: f.logprobs,
                         top_logprobs: f.top_logprobs,
+                        choice: f.choice,
+                    }
+                }
+                EventType::Ended => {
+                    let f = EndedFields::deserialize(fields)?;
+                    GenerateEvent::Ended {
+                        choice: f.choice,
+                        reason: f.reason,
+                        completion_tokens: f.completion_tokens,
                     }
                 }
                 EventType::Finished => {
@@ -782,8 +910,29 @@ mod tests {
             stop_token_ids: vec![2],
             ignore_eos: true,
             logprobs: Some(5),
+            n: 3,
+            presence_penalty: 0.5,
+            frequency_penalty: -1.0,
+            logit_bias: [(7, -100.0), (42, 2.5)].into(),
+            min_p: 0.05,
         };
         round_trip(&sampling);
+        // Fields at their default are left out, so a worker from before them reads the rest.
+        let plain = serde_json::to_value(SamplingParams::default()).unwrap();
+        for field in [
+            "n",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "min_p",
+        ] {
+            assert!(plain.get(field).is_none(), "{field} in {plain}");
+        }
+        let biased = serde_json::to_value(&sampling).unwrap();
+        assert_eq!(
+            biased["logit_bias"],
+            serde_json::json!({"7": -100.0, "42": 2.5})
+        );
         round_trip(&SamplingParams::default());
         round_trip(&GenerateRequest {
             request_id: Some("r-1".into()),
@@ -812,11 +961,13 @@ mod tests {
                     },
                 ],
             ]),
+            choice: 0,
         });
         round_trip(&GenerateEvent::Tokens {
             ids: vec![5],
             logprobs: None,
             top_logprobs: None,
+            choice: 0,
         });
         // A reader from before `top_logprobs` existed still reads the event.
         let old: GenerateEvent =
@@ -827,11 +978,32 @@ mod tests {
                 ids: vec![5],
                 logprobs: Some(vec![-0.5]),
                 top_logprobs: None,
+                choice: 0,
             }
         );
         round_trip(&GenerateEvent::Prefilled {
             prompt_tokens: 130,
             cached_tokens: 128,
+        });
+        // An answer other than the first names itself; the first leaves `choice` out.
+        round_trip(&GenerateEvent::Tokens {
+            ids: vec![5],
+            logprobs: None,
+            top_logprobs: None,
+            choice: 2,
+        });
+        let line = serde_json::to_string(&GenerateEvent::Tokens {
+            ids: vec![5],
+            logprobs: None,
+            top_logprobs: None,
+            choice: 0,
+        })
+        .unwrap();
+        assert!(!line.contains("choice"), "{line}");
+        round_trip(&GenerateEvent::Ended {
+            choice: 1,
+            reason: FinishReason::Stop,
+            completion_tokens: 12,
         });
         round_trip(&GenerateEvent::Finished {
             reason: FinishReason::Length,
@@ -970,11 +1142,13 @@ mod tests {
                     id: 7,
                     logprob: -0.25,
                 }]]),
+                choice: 0,
             },
             GenerateEvent::Tokens {
                 ids: vec![4],
                 logprobs: None,
                 top_logprobs: None,
+                choice: 0,
             },
             GenerateEvent::Finished {
                 reason: FinishReason::Length,

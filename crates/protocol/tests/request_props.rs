@@ -67,6 +67,8 @@ const FIELD_NAMES: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
+    "min_p",
+    "stop_token_ids",
     "response_format",
     "role",
     "content",
@@ -100,6 +102,8 @@ const REQUEST_FIELDS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
+    "min_p",
+    "stop_token_ids",
     "response_format",
 ];
 
@@ -302,12 +306,20 @@ fn field_value(name: &'static str) -> BoxedStrategy<Value> {
             Just(Value::Null),
             Just(json!(0)),
             (-2.0f64..2.0).prop_map(Value::from),
+            (-5.0f64..5.0).prop_map(Value::from),
+        ]
+        .boxed(),
+        "min_p" => prop_oneof![Just(Value::Null), (-0.5f64..1.5).prop_map(Value::from),].boxed(),
+        "stop_token_ids" => prop_oneof![
+            Just(Value::Null),
+            prop::collection::vec(0u32..1000, 0..4).prop_map(|v| json!(v)),
         ]
         .boxed(),
         "logit_bias" => prop_oneof![
             Just(Value::Null),
             Just(json!({})),
             (0u32..100, -100i64..100).prop_map(|(id, bias)| json!({ id.to_string(): bias })),
+            (key(), -150i64..150).prop_map(|(id, bias)| json!({ id: bias })),
         ]
         .boxed(),
         "response_format" => prop::sample::select(vec![
@@ -373,7 +385,7 @@ fn valid_common() -> BoxedStrategy<Map<String, Value>> {
             "\\PC{1,6}".prop_map(Value::from),
             prop::collection::vec("\\PC{1,6}", 0..=MAX_STOP_SEQUENCES).prop_map(|v| json!(v)),
         ]),
-        prop::option::of(Just(json!(1))),
+        prop::option::of((1..=SamplingParams::MAX_N).prop_map(Value::from)),
         prop::option::of(any::<bool>().prop_map(Value::from)),
         prop::option::of(any::<bool>().prop_map(|u| json!({"include_usage": u}))),
         prop::option::of(text().prop_map(Value::from)),
@@ -582,24 +594,41 @@ fn check_parse_error(error: &OpenAiError) -> Result<(), TestCaseError> {
 /// The sampling fields both endpoints share that break a rule, by the request field's name.
 fn common_violations(common: &CommonFields) -> Vec<&'static str> {
     let mut bad = Vec::new();
-    // Not served yet: anything but "none asked" is refused by name.
-    if common.presence_penalty.is_some_and(|v| v != 0.0) {
-        bad.push("presence_penalty");
-    }
-    if common.frequency_penalty.is_some_and(|v| v != 0.0) {
-        bad.push("frequency_penalty");
+    for (param, value) in [
+        ("presence_penalty", common.presence_penalty),
+        ("frequency_penalty", common.frequency_penalty),
+    ] {
+        if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            bad.push(param);
+        }
     }
     match &common.logit_bias {
         None | Some(Value::Null) => {}
-        Some(Value::Object(bias)) if bias.is_empty() => {}
+        Some(Value::Object(bias)) => {
+            let fits = |(k, v): (&String, &Value)| {
+                k.trim().parse::<u32>().is_ok()
+                    && v.as_f64()
+                        .is_some_and(|b| (-100.0..=100.0).contains(&(b as f32)))
+            };
+            if bias.len() > SamplingParams::MAX_LOGIT_BIAS || !bias.iter().all(fits) {
+                bad.push("logit_bias");
+            }
+        }
         Some(_) => bad.push("logit_bias"),
     }
+    if common.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+        bad.push("min_p");
+    }
+    // Not served yet: anything but "none asked" is refused by name.
     match &common.response_format {
         None | Some(Value::Null) => {}
         Some(format) if format.get("type") == Some(&json!("text")) => {}
         Some(_) => bad.push("response_format"),
     }
-    if matches!(common.n, Some(n) if n != 1) {
+    if common
+        .n
+        .is_some_and(|n| !(1..=SamplingParams::MAX_N).contains(&n))
+    {
         bad.push("n");
     }
     let stops = common.stop_strings();
@@ -640,7 +669,25 @@ fn check_common_sampling(
     );
     prop_assert_eq!(sampling.seed, common.seed);
     prop_assert_eq!(sampling.ignore_eos, common.ignore_eos);
-    prop_assert!(sampling.stop_token_ids.is_empty());
+    prop_assert_eq!(sampling.n, common.n.unwrap_or(1));
+    prop_assert_eq!(
+        sampling.presence_penalty,
+        common.presence_penalty.unwrap_or(0.0)
+    );
+    prop_assert_eq!(
+        sampling.frequency_penalty,
+        common.frequency_penalty.unwrap_or(0.0)
+    );
+    prop_assert_eq!(sampling.min_p, common.min_p.unwrap_or(0.0));
+    prop_assert_eq!(
+        &sampling.stop_token_ids,
+        &common.stop_token_ids.clone().unwrap_or_default()
+    );
+    let biased = match &common.logit_bias {
+        Some(Value::Object(bias)) => bias.len(),
+        _ => 0,
+    };
+    prop_assert_eq!(sampling.logit_bias.len(), biased);
     // The ranges every worker relies on.
     prop_assert!((0.0..=2.0).contains(&sampling.temperature));
     prop_assert!(sampling.top_p > 0.0 && sampling.top_p <= 1.0);
@@ -992,6 +1039,9 @@ const TYPED_FIELDS: &[TypedField] = &[
     chat("top_logprobs", OPTIONAL_COUNT, "expected u32"),
     chat("temperature", OPTIONAL_FLOAT, "expected f32"),
     chat("top_p", OPTIONAL_FLOAT, "expected f32"),
+    chat("min_p", OPTIONAL_FLOAT, "expected f32"),
+    chat("presence_penalty", OPTIONAL_FLOAT, "expected f32"),
+    completion("frequency_penalty", OPTIONAL_FLOAT, "expected f32"),
     chat(
         "top_k",
         &[Kind::Null, Kind::Count, Kind::NegativeInt],

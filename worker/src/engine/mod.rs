@@ -25,7 +25,7 @@ pub mod logits;
 pub mod sampling;
 pub mod sim;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use tidelock_protocol::{
     BlockHash, BlockId, BlockTokens, ErrorCode, FinishReason, GenerateEvent, GenerateRequest,
@@ -81,9 +81,25 @@ struct Sequence {
     expected_cached: usize,
     sampler: Sampler,
     completion: u32,
+    /// Which answer of its request it is (`SamplingParams::n`), from 0.
+    choice: u32,
+    /// The id of answer 0, when the request asked for several: the key of their [`Tally`].
+    group: Option<u64>,
     /// Set once `Finished` has been sent; the sequence is released at the end of the step.
     done: bool,
     out: EventSink,
+}
+
+/// What the answers of one request for several have sent between them: the prompt's accounting
+/// goes out once, `Finished` only after the last answer's `Ended`, with the sum of their tokens.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Answers not ended yet.
+    open: u32,
+    completion: u32,
+    /// Whether `Prefilled` went out, and the cached prompt tokens it reported.
+    prefilled: bool,
+    cached: u32,
 }
 
 impl Sequence {
@@ -145,6 +161,8 @@ pub struct Engine<E> {
     running: Vec<Sequence>,
     /// The next sequence's id.
     next_id: u64,
+    /// Requests for several answers with answers still running, by their answer 0's id.
+    groups: HashMap<u64, Tally>,
 }
 
 /// Blocks a waiting request needs from a peer worker.
@@ -185,6 +203,7 @@ impl<E: Executor> Engine<E> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            groups: HashMap::new(),
         }
     }
 
@@ -374,7 +393,6 @@ impl<E: Executor> Engine<E> {
         }
         let mut chain = HashChain::new(&self.cfg.model, &request.cache_salt, self.cfg.block_tokens);
         chain.extend(&request.tokens);
-        let sampler = Sampler::new(&request.sampling);
         // Blocks on a lower tier start loading now, while the request waits; those only a peer
         // holds (the router's hint) are pulled meanwhile.
         let reusable = reusable(
@@ -407,23 +425,48 @@ impl<E: Executor> Engine<E> {
                 }
             }
         }
-        self.next_id += 1;
-        self.waiting.push_back(Sequence {
-            id: self.next_id,
-            tokens: request.tokens.clone(),
-            prompt_len: request.tokens.len(),
-            chain,
-            blocks: Vec::new(),
-            computed: 0,
-            committed: 0,
-            cached_tokens: None,
-            expected_cached: expected * self.cfg.block_tokens.as_usize(),
-            sampler,
-            completion: 0,
-            done: false,
-            out,
-            request,
-        });
+        let n = request.sampling.n.max(1);
+        let group = (n > 1).then_some(self.next_id + 1);
+        if let Some(id) = group {
+            let tally = Tally {
+                open: n,
+                ..Tally::default()
+            };
+            self.groups.insert(id, tally);
+        }
+        // Answers after the first wait for the first's prompt blocks (see `admit`): the prompt
+        // is computed once, and the queue counts it once.
+        let bt = self.cfg.block_tokens.as_usize();
+        let all = reusable.len();
+        let siblings: Vec<GenerateRequest> = (1..n).map(|_| request.clone()).collect();
+        let mut chain = Some(chain);
+        for (request, choice) in std::iter::once(request).chain(siblings).zip(0..) {
+            self.next_id += 1;
+            let expected = if choice == 0 { expected } else { all };
+            let chain = match choice + 1 == n {
+                true => chain.take(),
+                false => chain.clone(),
+            }
+            .expect("the last answer takes the chain");
+            self.waiting.push_back(Sequence {
+                id: self.next_id,
+                tokens: request.tokens.clone(),
+                prompt_len: request.tokens.len(),
+                chain,
+                blocks: Vec::new(),
+                computed: 0,
+                committed: 0,
+                cached_tokens: None,
+                expected_cached: expected * bt,
+                sampler: Sampler::for_choice(&request.sampling, choice),
+                completion: 0,
+                choice,
+                group,
+                done: false,
+                out: out.clone(),
+                request,
+            });
+        }
     }
 
     fn validate(&self, request: &GenerateRequest) -> Result<(), (ErrorCode, String)> {
@@ -435,15 +478,21 @@ impl<E: Executor> Engine<E> {
         if request.tokens.is_empty() {
             return Err(invalid("the prompt has no tokens".into()));
         }
-        if let Some(bad) = request
-            .tokens
-            .iter()
-            .find(|&&t| t as usize >= self.cfg.vocab_size)
-        {
-            return Err(invalid(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            )));
+        let sampling = &request.sampling;
+        for (what, ids) in [
+            ("token id", &request.tokens),
+            ("stop token id", &sampling.stop_token_ids),
+            (
+                "logit_bias token id",
+                &sampling.logit_bias.keys().copied().collect(),
+            ),
+        ] {
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(invalid(format!(
+                    "{what} {bad} is outside the vocabulary of {}",
+                    self.cfg.vocab_size
+                )));
+            }
         }
         let bt = self.cfg.block_tokens.as_usize();
         let capacity = self.pool.stats().total * bt;
@@ -726,7 +775,8 @@ impl<E: Executor> Engine<E> {
     }
 
     /// Admits the first waiting sequence (of the first [`ADMIT_SCAN`]) not waiting on a lower
-    /// tier, if its first chunk fits; returns that chunk's length. Its prefix is reused from the
+    /// tier or on blocks a running sequence is computing, if its first chunk fits; returns that
+    /// chunk's length. Its prefix is reused from the
     /// prefix cache, then from blocks staged from the lower tiers (copied into fresh blocks and
     /// committed); only the rest is computed.
     fn admit(&mut self, budget: usize) -> Option<usize> {
@@ -739,6 +789,13 @@ impl<E: Executor> Engine<E> {
                 .find_map(|(i, seq)| {
                     let reusable = reusable(&seq.chain, seq.tokens.len(), bt);
                     let device = self.pool.cached_prefix(reusable);
+                    // A running sequence is computing blocks it could reuse: it waits for
+                    // them rather than computing them twice (the answers of a request for
+                    // several, requests on one document at once).
+                    let computing = |r: &Sequence| shared_prefix(r.chain.hashes(), reusable);
+                    if self.running.iter().any(|r| computing(r) > device) {
+                        return None;
+                    }
                     let fetch = self.tiers.fetch(&reusable[device..]);
                     (!fetch.pending).then_some((i, device, fetch.ready))
                 })?;
@@ -823,10 +880,15 @@ impl<E: Executor> Engine<E> {
     fn emit(&mut self, index: usize, choice: Choice) {
         let seq = &mut self.running[index];
         let sampled = choice.sampled;
-        if seq.completion == 0 {
+        let mut tally = seq.group.and_then(|id| self.groups.get_mut(&id));
+        if seq.completion == 0 && tally.as_ref().is_none_or(|t| !t.prefilled) {
+            let cached_tokens = seq.cached_tokens.unwrap_or(0) as u32;
+            if let Some(t) = tally.as_deref_mut() {
+                (t.prefilled, t.cached) = (true, cached_tokens);
+            }
             let _ = seq.out.send(GenerateEvent::Prefilled {
                 prompt_tokens: seq.prompt_len as u32,
-                cached_tokens: seq.cached_tokens.unwrap_or(0) as u32,
+                cached_tokens,
             });
         }
         seq.completion += 1;
@@ -838,6 +900,7 @@ impl<E: Executor> Engine<E> {
                 ids: vec![sampled.token],
                 logprobs: params.logprobs.map(|_| vec![sampled.logprob]),
                 top_logprobs: choice.top.map(|top| vec![top]),
+                choice: seq.choice,
             });
             seq.tokens.push(sampled.token);
             seq.chain.extend(&[sampled.token]);
@@ -851,20 +914,44 @@ impl<E: Executor> Engine<E> {
         } else {
             None
         };
-        if let Some(reason) = reason {
+        let Some(reason) = reason else { return };
+        seq.done = true;
+        let Some(tally) = tally else {
             let _ = seq.out.send(GenerateEvent::Finished {
                 reason,
                 usage: usage(seq),
             });
-            seq.done = true;
+            return;
+        };
+        let _ = seq.out.send(GenerateEvent::Ended {
+            choice: seq.choice,
+            reason,
+            completion_tokens: seq.completion,
+        });
+        tally.open -= 1;
+        tally.completion += seq.completion;
+        if tally.open == 0 {
+            let usage = Usage {
+                prompt_tokens: seq.prompt_len as u32,
+                cached_tokens: tally.cached,
+                completion_tokens: tally.completion,
+            };
+            let _ = seq.out.send(GenerateEvent::Finished { reason, usage });
+            if let Some(id) = seq.group {
+                self.groups.remove(&id);
+            }
         }
     }
 
     fn retire_finished(&mut self) {
         let pool = &mut self.pool;
+        let groups = &mut self.groups;
         self.running.retain(|seq| {
             if seq.done || seq.out.is_closed() {
                 pool.release(&seq.blocks);
+                if let Some(id) = seq.group.filter(|_| seq.out.is_closed()) {
+                    groups.remove(&id);
+                }
                 false
             } else {
                 true
@@ -874,6 +961,7 @@ impl<E: Executor> Engine<E> {
 
     /// Ends every request with an internal error and frees its blocks.
     pub fn fail_all(&mut self, message: &str) {
+        self.groups.clear();
         for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
             self.pool.release(&seq.blocks);
             let _ = seq.out.send(GenerateEvent::Error {
@@ -887,7 +975,13 @@ impl<E: Executor> Engine<E> {
     fn reap_cancelled(&mut self) {
         self.retire_finished();
         let before = self.waiting.len();
-        self.waiting.retain(|seq| !seq.out.is_closed());
+        let groups = &mut self.groups;
+        self.waiting.retain(|seq| {
+            if let Some(id) = seq.group.filter(|_| seq.out.is_closed()) {
+                groups.remove(&id);
+            }
+            !seq.out.is_closed()
+        });
         if self.waiting.len() < before && self.tiers.staged_len() > STAGED_PRUNE {
             // What the cancelled requests had staged is wanted by nobody now.
             self.prune_staged();

@@ -1,9 +1,13 @@
-//! Next-token choice: greedy, or temperature / top-k / top-p sampling from a seeded generator.
+//! Next-token choice: greedy, or temperature / top-k / min-p / top-p sampling from a seeded
+//! generator, after the request's adjustments of the logits (presence and frequency penalties
+//! on the tokens the answer has generated, logit biases).
 //!
 //! The same seed and the same logits always give the same token (the generator is per request and
 //! advances once per sampled token). Log-probabilities are those of the model's own distribution
-//! (a log-softmax of the raw logits), independent of temperature and truncation, as vLLM reports
-//! them by default.
+//! (a log-softmax of the raw logits), independent of temperature, truncation, penalties and
+//! biases, as vLLM reports them by default.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,7 +22,39 @@ pub struct Sampler {
     temperature: f32,
     top_p: f32,
     top_k: Option<usize>,
+    min_p: f32,
+    /// Penalties and biases; `None` when the request has neither (and no `min_p`): the row is
+    /// then used as the model left it, on the device when it is there.
+    adjust: Option<Adjust>,
     rng: StdRng,
+}
+
+/// What changes a row of logits before a token is chosen.
+#[derive(Debug)]
+struct Adjust {
+    presence: f32,
+    frequency: f32,
+    bias: Vec<(usize, f32)>,
+    /// Times each generated token has been chosen so far.
+    counts: HashMap<u32, u32>,
+}
+
+impl Adjust {
+    /// `logits` with the biases added and the penalties subtracted.
+    fn apply(&self, logits: &[f32]) -> Vec<f32> {
+        let mut row = logits.to_vec();
+        for &(token, bias) in &self.bias {
+            if let Some(l) = row.get_mut(token) {
+                *l += bias;
+            }
+        }
+        for (&token, &count) in &self.counts {
+            if let Some(l) = row.get_mut(token as usize) {
+                *l -= self.presence + self.frequency * count as f32;
+            }
+        }
+        row
+    }
 }
 
 /// The next token and, when asked, the most likely alternatives.
@@ -37,26 +73,50 @@ pub struct Sampled {
 }
 
 impl Sampler {
+    /// The sampler of a request's first (or only) answer.
     pub fn new(params: &SamplingParams) -> Self {
+        Self::for_choice(params, 0)
+    }
+
+    /// The sampler of answer `choice` of a request for several: with a seed, answer `i` draws
+    /// from `seed + i`, so the answers differ and each is reproducible.
+    pub fn for_choice(params: &SamplingParams, choice: u32) -> Self {
         let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
+            Some(seed) => StdRng::seed_from_u64(seed.wrapping_add(u64::from(choice))),
             None => StdRng::from_os_rng(),
         };
+        let adjust = params.adjusts_logits().then(|| Adjust {
+            presence: params.presence_penalty,
+            frequency: params.frequency_penalty,
+            bias: params
+                .logit_bias
+                .iter()
+                .map(|(&t, &b)| (t as usize, b))
+                .collect(),
+            counts: HashMap::new(),
+        });
         Sampler {
             temperature: params.temperature,
             top_p: params.top_p,
             top_k: params.top_k.map(|k| k as usize),
+            min_p: params.min_p,
+            adjust,
             rng,
         }
     }
 
     /// Chooses the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let adjusted = self.adjust.as_ref().map(|a| a.apply(logits));
+        let row = adjusted.as_deref().unwrap_or(logits);
         let token = if self.temperature <= 0.0 {
-            argmax(logits)
+            argmax(row)
         } else {
-            self.draw(logits)
+            self.draw(row)
         };
+        if let Some(adjust) = &mut self.adjust {
+            *adjust.counts.entry(token as u32).or_default() += 1;
+        }
         Sampled {
             token: token as u32,
             logprob: log_softmax_at(logits, token),
@@ -75,7 +135,9 @@ impl Sampler {
         item: usize,
         top_n: Option<usize>,
     ) -> Result<Choice, ModelError> {
-        let sampled = if self.temperature <= 0.0 {
+        let sampled = if self.adjust.is_some() {
+            self.sample(&logits.row(item)?)
+        } else if self.temperature <= 0.0 {
             logits.greedy(item)?
         } else if logits.on_device() {
             self.draw_on_device(logits, item)?
@@ -127,7 +189,7 @@ impl Sampler {
     }
 
     /// The draw of uniform `u` from one row: candidates sorted by logit, truncated by top-k,
-    /// then by top-p on the tempered distribution.
+    /// then by min-p and top-p on the tempered distribution.
     fn draw_with(&self, logits: &[f32], u: f32) -> usize {
         let mut order: Vec<usize> = (0..logits.len()).collect();
         let k = self.top_k.unwrap_or(logits.len()).clamp(1, logits.len());
@@ -144,16 +206,22 @@ impl Sampler {
     }
 
     /// Which of `sorted` (`(token, logit)`, most likely first; logits shifted by a constant,
-    /// such as log-probabilities, pick the same) uniform `u` draws, after top-p on the tempered
-    /// distribution. `whole`: `None` when `sorted` is the whole distribution drawn from; else the
+    /// such as log-probabilities, pick the same) uniform `u` draws, after min-p (only with the
+    /// whole distribution: a sampler with `min_p` always has its row on the host) and top-p on
+    /// the tempered distribution. `whole`: `None` when `sorted` is the whole distribution drawn from; else the
     /// tempered mass of the whole row (`sum exp((l - max) / T)`), of which `sorted` holds the
     /// most likely part, and `None` comes back when the draw or the top-p cut falls beyond it.
     fn pick(&self, sorted: &[(usize, f32)], whole: Option<f32>, u: f32) -> Option<usize> {
         let max = sorted[0].1;
-        let probs: Vec<f32> = sorted
+        let mut probs: Vec<f32> = sorted
             .iter()
             .map(|&(_, l)| ((l - max) / self.temperature).exp())
             .collect();
+        if self.min_p > 0.0 && whole.is_none() {
+            // Relative to the most likely token, whose term is 1.
+            let kept = probs.iter().take_while(|&&p| p >= self.min_p).count();
+            probs.truncate(kept.max(1));
+        }
         let total = whole.unwrap_or_else(|| probs.iter().sum());
         let mut kept = None;
         if self.top_p < 1.0 {
@@ -381,6 +449,93 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Biases move the choice and leave the reported log-probability the model's; presence and
+    /// frequency penalties act on what the sampler itself generated.
+    #[test]
+    fn biases_and_penalties_change_the_choice_not_the_logprob() {
+        let greedy = |change: &dyn Fn(&mut SamplingParams)| {
+            let mut p = params(0.0, 1.0, None, 1);
+            change(&mut p);
+            let mut s = Sampler::new(&p);
+            (0..6).map(|_| s.sample(&LOGITS)).collect::<Vec<_>>()
+        };
+        let tokens = |out: &[Sampled]| out.iter().map(|s| s.token).collect::<Vec<_>>();
+        assert_eq!(tokens(&greedy(&|_| {})), [1; 6]);
+        let forced = greedy(&|p| {
+            p.logit_bias.insert(4, 100.0);
+        });
+        assert_eq!(tokens(&forced), [4; 6]);
+        assert!((forced[0].logprob - log_softmax_at(&LOGITS, 4)).abs() < 1e-6);
+        let banned = greedy(&|p| {
+            p.logit_bias.insert(1, -100.0);
+        });
+        assert_eq!(tokens(&banned), [2; 6]);
+        // Presence: once both 1 (3.0) and 2 (2.5) have come, each is 1 lower, and 1 leads again.
+        assert_eq!(
+            tokens(&greedy(&|p| p.presence_penalty = 1.0)),
+            [1, 2, 1, 1, 1, 1]
+        );
+        // Frequency: every repetition costs 1 more, so they alternate until 0 (1.0) ties with 1
+        // (3.0 - 2) and wins the tie by its lower id.
+        assert_eq!(
+            tokens(&greedy(&|p| p.frequency_penalty = 1.0)),
+            [1, 2, 1, 2, 0, 1]
+        );
+    }
+
+    /// min-p keeps the tokens at least `min_p` times as likely as the best (after temperature).
+    #[test]
+    fn min_p_keeps_the_tokens_near_the_best() {
+        // Relative to token 1: token 2 is exp(-0.5) = 0.61, token 0 exp(-2) = 0.14.
+        for (min_p, allowed) in [(0.7, &[1][..]), (0.5, &[1, 2]), (0.1, &[0, 1, 2])] {
+            let mut p = params(1.0, 1.0, None, 5);
+            p.min_p = min_p;
+            let mut s = Sampler::new(&p);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..400 {
+                seen.insert(s.sample(&LOGITS).token);
+            }
+            assert_eq!(
+                seen.into_iter().collect::<Vec<_>>(),
+                allowed,
+                "min_p {min_p}"
+            );
+        }
+    }
+
+    /// Answer `i` of several draws as a request of one with `seed + i` does.
+    #[test]
+    fn each_answer_follows_its_own_seed() {
+        let draw = |p: &SamplingParams, choice| {
+            let mut s = Sampler::for_choice(p, choice);
+            (0..32).map(|_| s.sample(&LOGITS).token).collect::<Vec<_>>()
+        };
+        let p = params(1.0, 1.0, None, 42);
+        assert_eq!(draw(&p, 2), draw(&params(1.0, 1.0, None, 44), 0));
+        assert_ne!(draw(&p, 0), draw(&p, 1));
+    }
+
+    /// With adjustments the device's row is read whole and the same rules apply.
+    #[test]
+    fn adjusted_draws_from_device_logits_are_the_row_draws() {
+        use candle_core::{Device, Tensor};
+        let row: Vec<f32> = (0..500).map(|i| 8.0 - (i as f32).sqrt()).collect();
+        let device = StepLogits::device(vec![Some(
+            Tensor::from_slice(&row, (1, row.len()), &Device::Cpu).unwrap(),
+        )])
+        .unwrap();
+        let mut p = params(0.9, 0.95, None, 8);
+        p.logit_bias.insert(0, -100.0);
+        p.frequency_penalty = 0.7;
+        p.min_p = 0.02;
+        let (mut on_host, mut on_device) = (Sampler::new(&p), Sampler::new(&p));
+        for _ in 0..100 {
+            let want = on_host.sample(&row);
+            assert_ne!(want.token, 0);
+            assert_eq!(on_device.choose(&device, 0, None).unwrap().sampled, want);
         }
     }
 

@@ -365,7 +365,9 @@ async fn generate(
             metrics.requests.with_label_values(&["error"]).inc();
             true
         }
-        GenerateEvent::Prefilled { .. } | GenerateEvent::Unknown => false,
+        GenerateEvent::Prefilled { .. } | GenerateEvent::Ended { .. } | GenerateEvent::Unknown => {
+            false
+        }
     };
     // Events already waiting are written together (one write, one wake-up for the reader);
     // nothing waits for more.

@@ -5,6 +5,8 @@
 //! filled in, `n`, `stop` and every range are checked, and each error names the request field
 //! (`param`) at fault. Parsing never fails on unknown fields, and `null` reads as "absent".
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -149,7 +151,7 @@ pub struct CommonFields {
     /// Stop sequences.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
-    /// Choices to generate; only 1 is served.
+    /// Answers to generate from the one prompt, 1 to 16 (they share its KV blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
     /// Stream the answer as server-sent events.
@@ -167,15 +169,21 @@ pub struct CommonFields {
     /// Extension (vLLM): keep generating past end-of-sequence.
     #[serde(default, deserialize_with = "null_as_default")]
     pub ignore_eos: bool,
-    /// Not served yet: refused unless 0 ([`CommonFields::unserved`]).
+    /// Penalty in `[-2, 2]` for a token once it has appeared in the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f64>,
-    /// Not served yet: refused unless 0.
+    pub presence_penalty: Option<f32>,
+    /// Penalty in `[-2, 2]` per time a token has appeared in the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f64>,
-    /// Not served yet: refused unless empty.
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string key) to a bias in `[-100, 100]` added to its logit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<Value>,
+    /// Extension (vLLM): drop tokens less likely than `min_p` times the most likely one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// Extension (vLLM): token ids that end the answer (the id itself is not returned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_token_ids: Option<Vec<u32>>,
     /// Only `{"type": "text"}` is served; JSON modes are refused until constrained decoding is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<Value>,
@@ -183,8 +191,7 @@ pub struct CommonFields {
 
 impl CommonFields {
     /// Refuses the OpenAI parameters this server does not serve yet, naming each, rather than
-    /// answering as if they had been applied: a penalty or bias other than none, a
-    /// `response_format` other than text.
+    /// answering as if they had been applied: a `response_format` other than text.
     pub fn unserved(&self) -> Result<(), OpenAiError> {
         let not_yet = |param: &str, what: &str| {
             Err(unsupported(
@@ -192,19 +199,6 @@ impl CommonFields {
                 format!("{what} is not supported by this server yet; leave `{param}` out"),
             ))
         };
-        for (param, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                return not_yet(param, &format!("`{param}` other than 0"));
-            }
-        }
-        match &self.logit_bias {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(bias)) if bias.is_empty() => {}
-            Some(_) => return not_yet("logit_bias", "`logit_bias`"),
-        }
         match &self.response_format {
             None | Some(Value::Null) => Ok(()),
             Some(format) => match format.get("type") {
@@ -241,6 +235,11 @@ impl CommonFields {
             ignore_eos: self.ignore_eos,
             logprobs,
             logprobs_param,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.as_ref(),
+            min_p: self.min_p,
+            stop_token_ids: self.stop_token_ids.as_deref(),
         }
         .build()
     }
@@ -496,6 +495,32 @@ impl CompletionRequest {
     }
 }
 
+/// OpenAI's `logit_bias` (an object from token ids, written as strings, to numbers) as a map;
+/// `null` and `{}` are none. Ranges are checked with the other fields.
+fn logit_bias(value: Option<&Value>) -> Result<BTreeMap<u32, f32>, OpenAiError> {
+    let bad = |m: String| OpenAiError::invalid("logit_bias", m);
+    match value {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(entries)) => entries
+            .iter()
+            .map(|(token, bias)| {
+                let id = token.trim().parse::<u32>().map_err(|_| {
+                    bad(format!(
+                        "logit_bias keys are token ids; `{token}` is not one"
+                    ))
+                })?;
+                let bias = bias
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("the bias of token {id} must be a number")))?;
+                Ok((id, bias as f32))
+            })
+            .collect(),
+        Some(_) => Err(bad(
+            "logit_bias must be an object from token ids to biases".into()
+        )),
+    }
+}
+
 /// The sampling fields both request types share, named as each request names them.
 struct SamplingFields<'a> {
     temperature: Option<f32>,
@@ -509,15 +534,15 @@ struct SamplingFields<'a> {
     ignore_eos: bool,
     logprobs: Option<u32>,
     logprobs_param: &'static str,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logit_bias: Option<&'a Value>,
+    min_p: Option<f32>,
+    stop_token_ids: Option<&'a [u32]>,
 }
 
 impl SamplingFields<'_> {
     fn build(self) -> Result<SamplingParams, OpenAiError> {
-        match self.n {
-            None | Some(1) => {}
-            Some(0) => return Err(OpenAiError::invalid("n", "n must be at least 1")),
-            Some(_) => return Err(OpenAiError::invalid("n", "n > 1 is not supported")),
-        }
         if let Some(stop) = self.stop {
             let stops = stop.to_vec();
             if stops.len() > MAX_STOP_SEQUENCES {
@@ -554,9 +579,14 @@ impl SamplingFields<'_> {
             top_k,
             seed: self.seed,
             max_tokens: self.max_tokens,
-            stop_token_ids: Vec::new(),
+            stop_token_ids: self.stop_token_ids.map(<[u32]>::to_vec).unwrap_or_default(),
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
+            n: self.n.unwrap_or(1),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            logit_bias: logit_bias(self.logit_bias)?,
+            min_p: self.min_p.unwrap_or(0.0),
         };
         params.validate().map_err(|error| {
             let param = match error {
@@ -565,6 +595,10 @@ impl SamplingFields<'_> {
                 SamplingError::TopK => "top_k",
                 SamplingError::MaxTokens => self.max_tokens_param,
                 SamplingError::Logprobs(_) => self.logprobs_param,
+                SamplingError::N(_) => "n",
+                SamplingError::Penalty(name, _) => name,
+                SamplingError::LogitBias(..) | SamplingError::LogitBiasCount(_) => "logit_bias",
+                SamplingError::MinP(_) => "min_p",
             };
             OpenAiError::invalid(param, error.to_string())
         })?;
@@ -642,6 +676,7 @@ mod tests {
                 stop_token_ids: Vec::new(),
                 ignore_eos: false,
                 logprobs: Some(3),
+                ..SamplingParams::default()
             }
         );
     }
@@ -708,9 +743,6 @@ mod tests {
             chat(body).sampling(16)
         };
         for (field, value) in [
-            ("presence_penalty", json!(0.5)),
-            ("frequency_penalty", json!(-1)),
-            ("logit_bias", json!({"42": 100})),
             ("response_format", json!({"type": "json_object"})),
             (
                 "response_format",
@@ -747,11 +779,48 @@ mod tests {
         ] {
             assert!(with(field, value.clone()).is_ok(), "{field}: {value}");
         }
-        // The completion endpoint shares the penalties and the format.
-        let error = completion(json!({"model": "m", "prompt": "p", "presence_penalty": 1}))
+        // The completion endpoint shares the format.
+        let error = completion(
+            json!({"model": "m", "prompt": "p", "response_format": {"type": "json_object"}}),
+        )
+        .sampling(16)
+        .unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("response_format"));
+    }
+
+    /// Penalties, biases, `min_p`, `n`, stop ids and the seed reach the sampling parameters as
+    /// sent, on both endpoints.
+    #[test]
+    fn complete_sampling_fields_are_carried() {
+        let request = chat(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "n": 3, "presence_penalty": 0.5, "frequency_penalty": -1, "seed": 11,
+            "logit_bias": {"42": 100, " 7": -100, "9": 0.5}, "min_p": 0.05,
+            "stop_token_ids": [2, 5]
+        }));
+        let sampling = request.sampling(16).unwrap();
+        assert_eq!(sampling.n, 3);
+        assert_eq!(
+            (sampling.presence_penalty, sampling.frequency_penalty),
+            (0.5, -1.0)
+        );
+        assert_eq!(
+            sampling.logit_bias.into_iter().collect::<Vec<_>>(),
+            [(7, -100.0), (9, 0.5), (42, 100.0)]
+        );
+        assert_eq!((sampling.min_p, sampling.seed), (0.05, Some(11)));
+        assert_eq!(sampling.stop_token_ids, [2, 5]);
+        let sampling =
+            completion(json!({"model": "m", "prompt": "p", "n": 2, "frequency_penalty": 2}))
+                .sampling(16)
+                .unwrap();
+        assert_eq!((sampling.n, sampling.frequency_penalty), (2, 2.0));
+        // Left out: nothing changes the logits.
+        let plain = chat(json!({"model": "m", "messages": []}))
             .sampling(16)
-            .unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("presence_penalty"));
+            .unwrap();
+        assert!(!plain.adjusts_logits());
+        assert_eq!(plain.n, 1);
     }
 
     #[test]
@@ -850,8 +919,48 @@ mod tests {
     #[test]
     fn validation_errors_name_the_param() {
         let chat_cases = [
-            (json!({"n": 2}), "n", "n > 1 is not supported"),
-            (json!({"n": 0}), "n", "n must be at least 1"),
+            (json!({"n": 17}), "n", "n must be between 1 and 16, got 17"),
+            (json!({"n": 0}), "n", "n must be between 1 and 16, got 0"),
+            (
+                json!({"presence_penalty": 2.5}),
+                "presence_penalty",
+                "presence_penalty must be between -2 and 2, got 2.5",
+            ),
+            (
+                json!({"frequency_penalty": -3}),
+                "frequency_penalty",
+                "frequency_penalty must be between -2 and 2, got -3",
+            ),
+            (
+                json!({"logit_bias": {"12": 101}}),
+                "logit_bias",
+                "logit_bias values must be between -100 and 100 (at most 300 tokens); token 12 has 101",
+            ),
+            (
+                json!({"logit_bias": {"hello": 1}}),
+                "logit_bias",
+                "logit_bias keys are token ids; `hello` is not one",
+            ),
+            (
+                json!({"logit_bias": {"3": "high"}}),
+                "logit_bias",
+                "the bias of token 3 must be a number",
+            ),
+            (
+                json!({"logit_bias": [1, 2]}),
+                "logit_bias",
+                "logit_bias must be an object from token ids to biases",
+            ),
+            (
+                json!({"logit_bias": (0..301).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()}),
+                "logit_bias",
+                "logit_bias names 301 tokens; at most 300 are allowed",
+            ),
+            (
+                json!({"min_p": 1.5}),
+                "min_p",
+                "min_p must be between 0 and 1, got 1.5",
+            ),
             (
                 json!({"stop": ["a", "b", "c", "d", "e"]}),
                 "stop",
@@ -929,7 +1038,7 @@ mod tests {
         let completion_cases = [
             (json!({"logprobs": 21}), "logprobs"),
             (json!({"max_tokens": 0}), "max_tokens"),
-            (json!({"n": 3}), "n"),
+            (json!({"n": 30}), "n"),
             (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
         ];
         for (extra, param) in completion_cases {
