@@ -614,6 +614,26 @@ pub fn served_name(model: &Model) -> String {
         .unwrap_or_else(|| model.name_any())
 }
 
+/// The worker's flags for `spec.sampling`: only the fields set (the others fall back to the
+/// model's `generation_config.json`, which the worker reads itself).
+fn sampling_args(spec: &ModelSpec) -> Vec<String> {
+    let Some(sampling) = &spec.sampling else {
+        return Vec::new();
+    };
+    [
+        (
+            "--default-temperature",
+            sampling.temperature.map(|t| t.to_string()),
+        ),
+        ("--default-top-p", sampling.top_p.map(|p| p.to_string())),
+        ("--default-top-k", sampling.top_k.map(|k| k.to_string())),
+    ]
+    .into_iter()
+    .filter_map(|(flag, value)| Some([flag.to_owned(), value?]))
+    .flatten()
+    .collect()
+}
+
 /// The worker's backend, device and KV dtype: GPU workers compute on their GPU with candle's
 /// CUDA backend (half-precision weights, `kvCache.dtype`, f16 by default); CPU workers run the
 /// packed f32 kernels unless the Model asks for a half-precision KV cache, which only the candle
@@ -725,6 +745,7 @@ fn group(
     if let Some(context) = spec.max_context_tokens {
         args.extend(["--max-context".to_owned(), context.to_string()]);
     }
+    args.extend(sampling_args(spec));
     args.extend(compute_args(spec));
     // The drain's budget: the grace period less the preStop pause and a margin to exit.
     args.extend([

@@ -97,6 +97,12 @@ pub struct ModelSpec {
     #[schemars(range(min = 1, max = 16_777_216))]
     pub max_context_tokens: Option<i64>,
 
+    /// Sampling for the parameters a request leaves out (`temperature`, `top_p`, `top_k`); a
+    /// request's own values always win. Default: the model folder's `generation_config.json`,
+    /// else OpenAI's defaults. `/v1/models` shows what applies as `sampling_defaults`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingDefaults>,
+
     /// The KV cache of each worker.
     #[serde(default)]
     pub kv_cache: KvCacheSpec,
@@ -264,6 +270,25 @@ pub enum KvDtype {
     F16,
     /// bfloat16.
     Bf16,
+}
+
+/// A model's default sampling (`spec.sampling`): each field left out falls back to the model's
+/// `generation_config.json`, then to OpenAI's default.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SamplingDefaults {
+    /// Softmax temperature in [0, 2]; 0 is greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 2.0").message("temperature is between 0 and 2"))]
+    pub temperature: Option<f64>,
+    /// Nucleus mass in (0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("topP is greater than 0 and at most 1"))]
+    pub top_p: Option<f64>,
+    /// Keep only the k most likely tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub top_k: Option<i32>,
 }
 
 /// The KV cache of each worker.

@@ -129,6 +129,30 @@ fn one_statefulset_per_group_with_shards_pods_owned_by_the_model() {
     );
 }
 
+/// `spec.sampling` reaches the worker as its default-sampling flags, only the fields set.
+#[test]
+fn the_models_sampling_defaults_become_worker_flags() {
+    let d = desired(
+        &model(json!({"source": hf(), "sampling": {"temperature": 0.2, "topP": 0.9}})),
+        &defaults(),
+    )
+    .unwrap();
+    let w = worker(&d.groups[0]);
+    assert_eq!(arg(w, "--default-temperature"), Some("0.2"));
+    assert_eq!(arg(w, "--default-top-p"), Some("0.9"));
+    assert_eq!(arg(w, "--default-top-k"), None);
+    let d = desired(
+        &model(json!({"source": hf(), "sampling": {"topK": 40}})),
+        &defaults(),
+    )
+    .unwrap();
+    let w = worker(&d.groups[0]);
+    assert_eq!(arg(w, "--default-top-k"), Some("40"));
+    assert_eq!(arg(w, "--default-temperature"), None);
+    let d = desired(&model(json!({"source": hf()})), &defaults()).unwrap();
+    assert_eq!(arg(worker(&d.groups[0]), "--default-top-p"), None);
+}
+
 #[test]
 fn the_worker_gets_its_identity_etcd_and_model_from_the_spec() {
     let d = desired(
