@@ -38,7 +38,7 @@ use tidelock_worker::kv::backend::{PagedKv, PagedSeq, StepGeometry};
 use tidelock_worker::kv::device::DeviceKv;
 use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::llama::{Logits, Placement, WeightFormat};
-use tidelock_worker::model::tiny::{TinyDtype, TinySpec, write_tiny_llama};
+use tidelock_worker::model::tiny::{TinyDtype, TinyFamily, TinySpec, write_tiny_llama};
 use tidelock_worker::model::{Llama, ModelError, RopeStyle, SeqChunk};
 use tidelock_worker::testing::{greedy, greedy_run, max_abs_diff, tokens};
 use tokio::sync::mpsc::unbounded_channel;
@@ -318,6 +318,7 @@ fn smollm2_shape() -> TinySpec {
         seed: 20,
         shards: 1,
         dtype: TinyDtype::F16,
+        family: TinyFamily::SmolLm,
     }
 }
 

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use tidelock_worker::model::tiny::{TinyDtype, TinySpec, write_tiny_llama};
+use tidelock_worker::model::tiny::{TinyDtype, TinyFamily, TinySpec, write_tiny_llama};
 
 /// Writes a tiny seeded Llama model folder.
 #[derive(Debug, Parser)]
@@ -24,6 +24,9 @@ struct Args {
     /// Seed of the weights.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Whose conventions the folder follows: smollm, llama3, qwen2.5, qwen3 or mistral.
+    #[arg(long, default_value = "smollm")]
+    family: TinyFamily,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         shards: args.shards,
         dtype: args.dtype,
         seed: args.seed,
+        family: args.family,
         ..TinySpec::issue7()
     };
     write_tiny_llama(&args.out, &spec)?;

@@ -235,8 +235,10 @@ fn load(
     let hf_folder = config.model.is_dir();
     tracing::info!(model = %config.model.display(), "loading tokenizer and chat template");
     let kit = if hf_folder {
-        let (tokenizer, tokenizer_config) = hf::tokenizer_files(&config.model)?;
-        PromptKit::from_hf_files(&tokenizer, tokenizer_config.as_deref())
+        // A missing tokenizer is named as such before anything is read.
+        hf::tokenizer_files(&config.model)?;
+        // The template may be its own file; generation_config.json may add end tokens.
+        PromptKit::from_hf_folder(&config.model)
     } else {
         PromptKit::from_gguf_file(&config.model)
     };
@@ -288,9 +290,7 @@ fn load(
             config.kv_cache,
         );
     }
-    let max_context = config
-        .max_context
-        .unwrap_or(model_config.max_position_embeddings);
+    let max_context = config.max_context.unwrap_or(model_config.context_length());
     let epoch = Epoch::new(rand::random());
     let engine_config = EngineConfig {
         model: served.clone(),

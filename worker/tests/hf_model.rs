@@ -15,7 +15,7 @@ use tidelock_protocol::BlockId;
 use tidelock_worker::kv::KvStore;
 use tidelock_worker::model::hf::{self, tokenizer_files};
 use tidelock_worker::model::llama::{Logits, WeightFormat};
-use tidelock_worker::model::tiny::{TinyDtype, TinySpec, write_tiny_llama};
+use tidelock_worker::model::tiny::{TinyDtype, TinyFamily, TinySpec, write_tiny_llama};
 use tidelock_worker::model::{Llama, RopeStyle, SeqChunk};
 
 const BLOCK: usize = 16;
@@ -173,7 +173,19 @@ fn reference(dir: &Path, input: &[u32], style: RopeStyle) -> Vec<Vec<f32>> {
             let h = rms_norm(row, t(p("input_layernorm.weight")), eps);
             let mut q = matvec(t(p("self_attn.q_proj.weight")), &h);
             let mut k = matvec(t(p("self_attn.k_proj.weight")), &h);
-            let v = matvec(t(p("self_attn.v_proj.weight")), &h);
+            let mut v = matvec(t(p("self_attn.v_proj.weight")), &h);
+            // Qwen2: biases on q, k and v; Qwen3: each q and k head normalised before rope.
+            for (x, name) in [(&mut q, "q"), (&mut k, "k"), (&mut v, "v")] {
+                if let Some(bias) = w.get(&p(&format!("self_attn.{name}_proj.bias"))) {
+                    x.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+                }
+                if let Some(norm) = w.get(&p(&format!("self_attn.{name}_norm.weight"))) {
+                    for head in x.chunks_exact_mut(d) {
+                        let normed = rms_norm(head, norm, eps);
+                        head.copy_from_slice(&normed);
+                    }
+                }
+            }
             for head in q.chunks_exact_mut(d).chain(k.chunks_exact_mut(d)) {
                 rope(head, pos, theta, style);
             }
@@ -241,6 +253,131 @@ fn forward_agrees_with_a_plain_reference() {
     let interleaved = reference(dir.path(), &input, RopeStyle::Interleaved);
     let wrong = max_abs_diff(&model, &interleaved);
     assert!(wrong > 1e-2, "interleaved rope differs by only {wrong}");
+}
+
+/// Qwen2.5's q/k/v biases and Qwen3's per-head q/k norms: the loaded model agrees with the
+/// plain reference, which applies them from the checkpoint's own tensors (a loader that skipped
+/// either would not).
+#[test]
+fn qwen_layers_agree_with_the_plain_reference() {
+    for family in [TinyFamily::Qwen25, TinyFamily::Qwen3] {
+        let dir = folder(&TinySpec {
+            family,
+            ..TinySpec::issue7()
+        });
+        let weights = raw_weights(dir.path());
+        let norm = "model.layers.0.self_attn.k_norm.weight";
+        let bias = "model.layers.0.self_attn.k_proj.bias";
+        assert_eq!(
+            (weights.contains_key(bias), weights.contains_key(norm)),
+            (family == TinyFamily::Qwen25, family == TinyFamily::Qwen3),
+            "{family:?}"
+        );
+        let input = tokens(40, 3);
+        let model = logits(&load(dir.path()), &input);
+        let expected = reference(dir.path(), &input, RopeStyle::Halves);
+        let diff = max_abs_diff(&model, &expected);
+        assert!(diff <= 1e-4, "{family:?}: max |model - reference| = {diff}");
+    }
+}
+
+/// Each family's folder, read as `transformers` reads it: the template from where the family
+/// saves it, rendered in its format; the end tokens of `generation_config.json` added to the
+/// stop ids; the model loads with the family's rope scaling and generates.
+#[test]
+fn every_family_renders_its_template_and_ends_on_its_tokens() {
+    let conversation = [
+        ChatMessage::new("user", "hi"),
+        ChatMessage::new("assistant", "Hello!"),
+        ChatMessage::new("user", "bye"),
+    ];
+    let cases = [
+        (
+            TinyFamily::SmolLm,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n",
+            &["<|im_end|>"][..],
+        ),
+        (
+            TinyFamily::Llama3,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nbye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            &["<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"][..],
+        ),
+        (
+            TinyFamily::Qwen25,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n",
+            &["<|im_end|>", "<|endoftext|>"][..],
+        ),
+        (
+            TinyFamily::Qwen3,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            &["<|im_end|>", "<|endoftext|>"][..],
+        ),
+        (
+            TinyFamily::Mistral,
+            "<s>[INST] hi [/INST]Hello!</s>[INST] bye [/INST]",
+            &["</s>"][..],
+        ),
+    ];
+    for (family, rendered, ends) in cases {
+        let dir = folder(&TinySpec {
+            family,
+            ..TinySpec::issue7()
+        });
+        let kit = PromptKit::from_hf_folder(dir.path()).unwrap();
+        let mut extra = serde_json::Map::new();
+        extra.insert("enable_thinking".into(), false.into());
+        let text = kit.render_chat(&conversation, true, &extra).unwrap();
+        assert_eq!(text, rendered, "{family:?}");
+        let mut stops: Vec<&str> = ends.to_vec();
+        stops.sort_unstable();
+        let mut got: Vec<String> = kit
+            .stop_token_ids()
+            .iter()
+            .map(|&id| kit.decode(&[id], false).unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, stops, "{family:?}");
+        // The rendered prompt encodes to the family's control ids, not to their text.
+        let ids = kit.encode(&text, false).unwrap();
+        // Each turn's opening marker is one control id (the default system turn included).
+        let (turn, turns) = match family {
+            TinyFamily::Llama3 => ("<|start_header_id|>", 4),
+            TinyFamily::Mistral => ("[INST]", 2),
+            TinyFamily::Qwen25 => ("<|im_start|>", 5),
+            TinyFamily::SmolLm | TinyFamily::Qwen3 => ("<|im_start|>", 4),
+        };
+        let turn = kit.token_to_id(turn).unwrap();
+        let opened = ids.iter().filter(|&&id| id == turn).count();
+        assert_eq!(opened, turns, "{family:?}: {ids:?}");
+        let model = load(dir.path());
+        let out = logits(&model, &ids);
+        assert!(out.iter().flatten().all(|v| v.is_finite()), "{family:?}");
+    }
+    // `transformers`' rule: a `chat_template.jinja` wins over the config's template.
+    let dir = folder(&TinySpec::issue7());
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}",
+    )
+    .unwrap();
+    let kit = PromptKit::from_hf_folder(dir.path()).unwrap();
+    let text = kit
+        .render_chat(&conversation[..1], false, &Default::default())
+        .unwrap();
+    assert_eq!(text, "[user] hi\n");
+    // A generation config naming an id outside the vocabulary is refused, naming the file.
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [2, 99999]}"#,
+    )
+    .unwrap();
+    let err = PromptKit::from_hf_folder(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("generation_config.json") && err.contains("99999"),
+        "{err}"
+    );
 }
 
 #[test]

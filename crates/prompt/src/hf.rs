@@ -8,6 +8,11 @@
 //! (`{"content": "<s>", ...}`); a chat template is a string or a list of
 //! `{"name": ..., "template": ...}` of which the one named `default` is taken; `null` means none.
 //!
+//! [`PromptKit::from_hf_folder`] reads a whole model folder the way `transformers` and vLLM do:
+//! those two files, `chat_template.jinja` (where `transformers` 4.43+ saves the template; it wins
+//! over the config's), and `generation_config.json`'s `eos_token_id` (one id or a list, as Llama
+//! 3 lists `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`), whose ids end generation too.
+//!
 //! Invariant: every error is [`PromptError::File`] and names the file at fault.
 
 use std::path::{Path, PathBuf};
@@ -18,12 +23,58 @@ use tokenizers::Tokenizer;
 use crate::PromptError;
 use crate::kit::{KitParts, PromptKit};
 
+/// A folder's tokenizer, which must exist.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// A folder's tokenizer config (template, BOS, EOS), when it has one.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// A folder's chat template as its own file, when it has one.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+/// A folder's generation config (end tokens, sampling defaults), when it has one.
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
 impl PromptKit {
+    /// Builds a kit from a Hugging Face model folder: see the module docs.
+    pub fn from_hf_folder(dir: &Path) -> Result<Self, PromptError> {
+        let present = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        let template = present(CHAT_TEMPLATE_FILE)
+            .map(|path| {
+                std::fs::read_to_string(&path)
+                    .map_err(|e| file_error(&path, format!("cannot read: {e}"), e))
+                    .map(|text| (path, text))
+            })
+            .transpose()?;
+        let config = present(TOKENIZER_CONFIG_FILE);
+        let mut kit = Self::build(
+            &dir.join(TOKENIZER_FILE),
+            config.as_deref(),
+            template
+                .as_ref()
+                .map(|(path, text)| (path.as_path(), text.clone())),
+        )?;
+        if let Some(path) = present(GENERATION_CONFIG_FILE) {
+            let ids = generation_eos_ids(&path)?;
+            kit = kit
+                .with_stop_ids(&ids)
+                .map_err(|e| file_error(&path, e.to_string(), e))?;
+        }
+        Ok(kit)
+    }
+
     /// Builds a kit from `tokenizer.json` and, when given, `tokenizer_config.json` (chat
     /// template, BOS and EOS). Without the config the kit has no template and no BOS/EOS.
     pub fn from_hf_files(
         tokenizer_json: &Path,
         tokenizer_config_json: Option<&Path>,
+    ) -> Result<Self, PromptError> {
+        Self::build(tokenizer_json, tokenizer_config_json, None)
+    }
+
+    /// [`Self::from_hf_files`], the chat template taken from `template` (its file and text)
+    /// when given.
+    fn build(
+        tokenizer_json: &Path,
+        tokenizer_config_json: Option<&Path>,
+        template: Option<(&Path, String)>,
     ) -> Result<Self, PromptError> {
         let bytes = std::fs::read(tokenizer_json)
             .map_err(|e| file_error(tokenizer_json, format!("cannot read: {e}"), e))?;
@@ -32,13 +83,17 @@ impl PromptKit {
             problem: format!("not a valid tokenizer.json: {e}"),
             source: Some(e),
         })?;
-        let config = match tokenizer_config_json {
+        let mut config = match tokenizer_config_json {
             Some(path) => TokenizerConfig::read(path)?,
             None => TokenizerConfig::default(),
         };
         // What `new` can reject (a token missing from the vocabulary, a template that does not
-        // compile) comes from the config file, so that is the file to name.
-        let blame = tokenizer_config_json.unwrap_or(tokenizer_json);
+        // compile) comes from the config file, so that is the file to name (or the template's).
+        let mut blame = tokenizer_config_json.unwrap_or(tokenizer_json);
+        if let Some((path, text)) = template {
+            config.chat_template = Some(text);
+            blame = path;
+        }
         Self::new(KitParts {
             tokenizer,
             chat_template: config.chat_template,
@@ -47,6 +102,30 @@ impl PromptKit {
             stop_token_ids: None,
         })
         .map_err(|e| file_error(blame, e.to_string(), e))
+    }
+}
+
+/// `eos_token_id` of a `generation_config.json`: one id, a list, or none.
+fn generation_eos_ids(path: &Path) -> Result<Vec<u32>, PromptError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| file_error(path, format!("cannot read: {e}"), e))?;
+    let doc: Value = serde_json::from_str(&text)
+        .map_err(|e| file_error(path, format!("not valid JSON: {e}"), e))?;
+    let bad = |value: &Value| PromptError::File {
+        path: path.to_owned(),
+        problem: format!("`eos_token_id` is neither a token id nor a list of them: {value}"),
+        source: None,
+    };
+    let id = |value: &Value| {
+        value
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| bad(value))
+    };
+    match doc.get("eos_token_id") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(ids)) => ids.iter().map(id).collect(),
+        Some(one) => Ok(vec![id(one)?]),
     }
 }
 

@@ -324,6 +324,24 @@ impl PromptKit {
         .with_sampling_defaults(json.sampling_defaults))
     }
 
+    /// The kit with `ids` ending generation too (after its own stop ids, without duplicates),
+    /// such as a `generation_config.json`'s end tokens. An id outside the vocabulary is an
+    /// error.
+    pub fn with_stop_ids(mut self, ids: &[u32]) -> Result<Self, PromptError> {
+        for &id in ids {
+            if id as usize >= self.vocab_size {
+                return Err(PromptError::StopIdOutOfRange {
+                    id,
+                    vocab_size: self.vocab_size,
+                });
+            }
+            if !self.stop_token_ids.contains(&id) {
+                self.stop_token_ids.push(id);
+            }
+        }
+        Ok(self)
+    }
+
     /// The kit with `defaults` as its model's default sampling (checked by the caller:
     /// [`SamplingDefaults::validate`]).
     pub fn with_sampling_defaults(mut self, defaults: SamplingDefaults) -> Self {

@@ -30,7 +30,7 @@ mod detok;
 mod error;
 #[cfg(feature = "gguf")]
 mod gguf;
-mod hf;
+pub mod hf;
 mod jinja;
 mod kit;
 mod pretok;

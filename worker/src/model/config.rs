@@ -18,12 +18,18 @@ pub enum RopeStyle {
     Halves,
 }
 
-/// Rope frequency scaling, as Hugging Face `rope_scaling` describes it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "rope_type", rename_all = "lowercase")]
+/// Rope frequency scaling, as Hugging Face `rope_scaling` describes it. The kind is read from
+/// `rope_type`, or from `type` as configs written before `transformers` 4.45 name it (Llama 2
+/// era `{"type": "linear", ...}`, `{"type": "dynamic", ...}`); `default` is no scaling.
+#[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     /// Positions divided by `factor`.
     Linear { factor: f32 },
+    /// Dynamic NTK: the rope base is raised so that `factor` times the trained context fits.
+    /// `transformers` recomputes the base as a sequence grows; keys already in a KV cache would
+    /// then have been rotated with another base, so (as vLLM does) the base is fixed for the
+    /// longest context, `factor * max_position_embeddings`.
+    Dynamic { factor: f32 },
     /// Llama 3.1: low frequencies scaled by `factor`, high ones kept, a smooth ramp between.
     Llama3 {
         factor: f32,
@@ -35,13 +41,80 @@ pub enum RopeScaling {
     Yarn {
         factor: f32,
         original_max_position_embeddings: usize,
-        #[serde(default = "default_beta_fast")]
         beta_fast: f32,
-        #[serde(default = "default_beta_slow")]
         beta_slow: f32,
-        #[serde(default)]
         attention_factor: Option<f32>,
     },
+}
+
+/// `rope_scaling` as written, either key naming the kind.
+#[derive(Deserialize)]
+struct RopeScalingJson {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    factor: Option<f32>,
+    low_freq_factor: Option<f32>,
+    high_freq_factor: Option<f32>,
+    original_max_position_embeddings: Option<usize>,
+    #[serde(default = "default_beta_fast")]
+    beta_fast: f32,
+    #[serde(default = "default_beta_slow")]
+    beta_slow: f32,
+    attention_factor: Option<f32>,
+}
+
+impl RopeScaling {
+    /// `config.json`'s `rope_scaling`: `None` for `null` or `rope_type: "default"`. A kind this
+    /// runtime does not compute, or a field it needs missing, is an error naming it.
+    pub fn from_json(value: &serde_json::Value) -> Result<Option<Self>, String> {
+        if value.is_null() {
+            return Ok(None);
+        }
+        let json: RopeScalingJson =
+            serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+        let kind = json
+            .rope_type
+            .or(json.legacy_type)
+            .ok_or("names no `rope_type` (nor `type`)")?;
+        let need = |field: &str, value: Option<f32>| {
+            value.ok_or_else(|| format!("`{kind}` scaling needs `{field}`"))
+        };
+        let factor = || need("factor", json.factor);
+        let original = || {
+            json.original_max_position_embeddings
+                .ok_or_else(|| format!("`{kind}` scaling needs `original_max_position_embeddings`"))
+        };
+        Ok(Some(match kind.as_str() {
+            "default" => return Ok(None),
+            "linear" => RopeScaling::Linear { factor: factor()? },
+            "dynamic" => RopeScaling::Dynamic { factor: factor()? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: need("low_freq_factor", json.low_freq_factor)?,
+                high_freq_factor: need("high_freq_factor", json.high_freq_factor)?,
+                original_max_position_embeddings: original()?,
+            },
+            "yarn" => RopeScaling::Yarn {
+                factor: factor()?,
+                original_max_position_embeddings: original()?,
+                beta_fast: json.beta_fast,
+                beta_slow: json.beta_slow,
+                attention_factor: json.attention_factor,
+            },
+            other => {
+                return Err(format!(
+                    "`{other}` scaling is not supported (supported: default, linear, dynamic, llama3, yarn)"
+                ));
+            }
+        }))
+    }
+}
+
+fn rope_scaling<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RopeScaling>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    RopeScaling::from_json(&value)
+        .map_err(|e| serde::de::Error::custom(format!("rope_scaling: {e}")))
 }
 
 fn default_beta_fast() -> f32 {
@@ -67,7 +140,7 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     pub rope_theta: f32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "rope_scaling")]
     pub rope_scaling: Option<RopeScaling>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
@@ -76,6 +149,10 @@ pub struct LlamaConfig {
     /// Qwen2-style bias on the q, k and v projections.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Qwen3-style RMS norm of each q and k head (weights `[head_dim]`) before rope; set by the
+    /// loader from the architecture.
+    #[serde(skip)]
+    pub qk_norm: bool,
     #[serde(skip, default = "default_rope_style")]
     pub rope_style: RopeStyle,
 }
@@ -96,6 +173,17 @@ fn default_rope_style() -> RopeStyle {
 impl LlamaConfig {
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The longest context the model serves: `max_position_embeddings`, or `factor` times it
+    /// with dynamic scaling (whose base is set for that length; see [`RopeScaling::Dynamic`]).
+    pub fn context_length(&self) -> usize {
+        match self.rope_scaling {
+            Some(RopeScaling::Dynamic { factor }) if factor > 1.0 => {
+                (self.max_position_embeddings as f64 * f64::from(factor)) as usize
+            }
+            _ => self.max_position_embeddings,
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -156,6 +244,16 @@ pub fn rope_frequencies(cfg: &LlamaConfig) -> (Vec<f32>, f32) {
     match &cfg.rope_scaling {
         None => (base, 1.0),
         Some(RopeScaling::Linear { factor }) => (base.iter().map(|f| f / factor).collect(), 1.0),
+        Some(RopeScaling::Dynamic { factor }) => {
+            // NTK-aware: base' = base * (factor * len / max - (factor - 1))^(d / (d - 2)), at the
+            // longest context (len = factor * max): base * (factor^2 - factor + 1)^(d / (d - 2)).
+            let d = dim as f32;
+            let theta = cfg.rope_theta * (factor * factor - factor + 1.0).powf(d / (d - 2.0));
+            let freqs = (0..dim / 2)
+                .map(|i| 1.0 / theta.powf(2.0 * i as f32 / d))
+                .collect();
+            (freqs, 1.0)
+        }
         Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -252,25 +350,20 @@ mod tests {
         let (plain, m) = rope_frequencies(&cfg);
         assert_eq!(m, 1.0);
         assert_eq!(plain[0], 1.0);
-        cfg.rope_scaling =
-            Some(serde_json::from_str(r#"{"rope_type": "linear", "factor": 4.0}"#).unwrap());
+        let scaling =
+            |json: &str| RopeScaling::from_json(&serde_json::from_str(json).unwrap()).unwrap();
+        cfg.rope_scaling = scaling(r#"{"rope_type": "linear", "factor": 4.0}"#);
         let (linear, _) = rope_frequencies(&cfg);
         assert_eq!(linear[1], plain[1] / 4.0);
-        cfg.rope_scaling = Some(
-            serde_json::from_str(
-                r#"{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
-            )
-            .unwrap(),
+        cfg.rope_scaling = scaling(
+            r#"{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
         );
         let (l3, _) = rope_frequencies(&cfg);
         // The highest frequency (short wavelength) is kept.
         assert_eq!(l3[0], plain[0]);
-        cfg.rope_scaling = Some(
-            serde_json::from_str(
-                r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}"#,
-            )
-            .unwrap(),
+        cfg.rope_scaling = scaling(
+            r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}"#,
         );
         let (yarn, mscale) = rope_frequencies(&cfg);
         assert!(mscale > 1.0);
@@ -279,5 +372,61 @@ mod tests {
                 .zip(&plain)
                 .all(|(y, p)| *y <= *p && *y >= p / 4.0 - 1e-9)
         );
+    }
+
+    /// Configs from before `rope_type` name the kind `type`; `default` is none; `dynamic`
+    /// raises the base (every frequency but the first lower) for `factor` times the context.
+    #[test]
+    fn legacy_type_key_default_and_dynamic() {
+        let cfg = |scaling: &str| -> LlamaConfig {
+            serde_json::from_str(&format!(
+                r#"{{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                    "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {scaling}}}"#
+            ))
+            .unwrap()
+        };
+        let legacy = cfg(r#"{"type": "linear", "factor": 2.0}"#);
+        assert_eq!(
+            legacy.rope_scaling,
+            Some(RopeScaling::Linear { factor: 2.0 })
+        );
+        assert_eq!(cfg(r#"{"rope_type": "default"}"#).rope_scaling, None);
+        assert_eq!(cfg("null").rope_scaling, None);
+        let dynamic = cfg(r#"{"type": "dynamic", "factor": 2.0}"#);
+        assert_eq!(
+            dynamic.rope_scaling,
+            Some(RopeScaling::Dynamic { factor: 2.0 })
+        );
+        assert_eq!(dynamic.context_length(), 2 * 4096);
+        assert_eq!(legacy.context_length(), 4096);
+        let (plain, _) = rope_frequencies(&tiny());
+        let (scaled, m) = rope_frequencies(&dynamic);
+        assert_eq!(m, 1.0);
+        assert_eq!(scaled[0], plain[0]);
+        // head_dim 4: base 10000 * 3^(4/2) = 90000; the second pair's frequency is 1/sqrt(base).
+        assert!(
+            (scaled[1] - 1.0 / 90_000f32.sqrt()).abs() < 1e-7,
+            "{scaled:?}"
+        );
+        for (bad, says) in [
+            (
+                r#"{"type": "su", "factor": 2.0}"#,
+                "`su` scaling is not supported",
+            ),
+            (
+                r#"{"rope_type": "llama3", "factor": 8.0}"#,
+                "needs `low_freq_factor`",
+            ),
+            (r#"{"factor": 2.0}"#, "names no `rope_type`"),
+        ] {
+            let json = format!(
+                r#"{{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                    "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {bad}}}"#
+            );
+            let err = serde_json::from_str::<LlamaConfig>(&json)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 }

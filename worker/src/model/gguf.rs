@@ -92,11 +92,11 @@ impl GgufFile {
             .to_string()
             .map_err(|_| self.bad_meta("general.architecture", &Value::Bool(false)))?
             .clone();
-        if !matches!(arch.as_str(), "llama" | "qwen2") {
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
             return Err(ModelError::File {
                 path: self.path.clone(),
                 problem: format!(
-                    "architecture `{arch}` is not supported (supported: llama, qwen2)"
+                    "architecture `{arch}` is not supported (supported: llama, qwen2, qwen3)"
                 ),
             });
         }
@@ -163,9 +163,13 @@ impl GgufFile {
             max_position_embeddings: self.meta_usize(&key("context_length"))?,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            qk_norm: self
+                .content
+                .tensor_infos
+                .contains_key("blk.0.attn_q_norm.weight"),
             // llama.cpp runs Llama with adjacent-pair rope (the converter permutes q/k), and
-            // Qwen2 with half rope ("neox" style).
-            rope_style: if arch == "qwen2" {
+            // Qwen2 and Qwen3 with half rope ("neox" style).
+            rope_style: if arch == "qwen2" || arch == "qwen3" {
                 RopeStyle::Halves
             } else {
                 RopeStyle::Interleaved

@@ -49,10 +49,11 @@ pub const NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
 
 /// `config.json` `architectures` this runtime runs, with their `model_type`.
-const SUPPORTED: [(&str, &str); 3] = [
+const SUPPORTED: [(&str, &str); 4] = [
     ("LlamaForCausalLM", "llama"),
     ("MistralForCausalLM", "mistral"),
     ("Qwen2ForCausalLM", "qwen2"),
+    ("Qwen3ForCausalLM", "qwen3"),
 ];
 
 /// A safetensors header larger than this is taken as corruption, not read.
@@ -69,6 +70,9 @@ pub struct LayerNames {
     pub q_bias: String,
     pub k_bias: String,
     pub v_bias: String,
+    /// Per-head RMS norms of q and k, present when `qk_norm` (Qwen3).
+    pub q_norm: String,
+    pub k_norm: String,
     pub gate: String,
     pub up: String,
     pub down: String,
@@ -87,6 +91,8 @@ pub fn layer_names(i: usize) -> LayerNames {
         q_bias: name("self_attn.q_proj.bias"),
         k_bias: name("self_attn.k_proj.bias"),
         v_bias: name("self_attn.v_proj.bias"),
+        q_norm: name("self_attn.q_norm.weight"),
+        k_norm: name("self_attn.k_norm.weight"),
         gate: name("mlp.gate_proj.weight"),
         up: name("mlp.up_proj.weight"),
         down: name("mlp.down_proj.weight"),
@@ -113,6 +119,10 @@ pub fn weight_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             out.push((n.q_bias, vec![q]));
             out.push((n.k_bias, vec![kv]));
             out.push((n.v_bias, vec![kv]));
+        }
+        if cfg.qk_norm {
+            out.push((n.q_norm, vec![cfg.head_dim()]));
+            out.push((n.k_norm, vec![cfg.head_dim()]));
         }
         out.push((n.o, vec![h, q]));
         out.push((n.post_attention_norm, vec![h]));
@@ -334,6 +344,8 @@ fn read_config(path: &Path) -> Result<LlamaConfig, ModelError> {
         // Qwen2's config has no `attention_bias`: its q/k/v projections always have one.
         cfg.attention_bias = true;
     }
+    // Qwen3 normalises each head of q and k before rope (its config does not say so).
+    cfg.qk_norm = model_type == "qwen3";
     // Attention here is always full. Within the window that is what a sliding-window model
     // computes too, so the context is capped at the window rather than the model refused.
     let window_applies = model_type == "mistral" || identity.use_sliding_window == Some(true);

@@ -249,6 +249,8 @@ struct Layer {
     attn_norm: Tensor,
     qkv: Proj,
     qkv_bias: Option<Tensor>,
+    /// Per-head norm weights of q and k (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
     out: Proj,
     ffn_norm: Tensor,
     gate_up: Proj,
@@ -402,6 +404,15 @@ impl Llama {
             } else {
                 None
             };
+            let qk_norm = if cfg.qk_norm {
+                let d = cfg.head_dim();
+                Some((
+                    place.vector(source.tensor(&n.q_norm, &[d])?)?,
+                    place.vector(source.tensor(&n.k_norm, &[d])?)?,
+                ))
+            } else {
+                None
+            };
             let gate_up = place.proj(Proj::load(
                 source,
                 &[(n.gate, [inter, h]), (n.up, [inter, h])],
@@ -411,6 +422,7 @@ impl Llama {
                 attn_norm: place.vector(source.tensor(&n.input_norm, &[h])?)?,
                 qkv,
                 qkv_bias,
+                qk_norm,
                 out: place.proj(Proj::load(source, &[(n.o, [h, q])], format)?)?,
                 ffn_norm: place.vector(source.tensor(&n.post_attention_norm, &[h])?)?,
                 gate_up,
@@ -546,6 +558,9 @@ impl Llama {
             if let Some(bias) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(bias)?;
             }
+            if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                qkv = norm_heads(&qkv, (q_norm, k_norm), &step, eps)?;
+            }
             let attn = attention.layer(l, &qkv, &step)?;
             x = (x + layer.out.apply(&attn)?)?;
 
@@ -615,6 +630,28 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor
         .broadcast_mul(weight)
 }
 
+/// Qwen3's per-head RMS norm of q and k: each head of the `[tokens, q | k | v]` rows is
+/// normalised over its `head_dim` values and scaled by the norm's weights; v is left as it is.
+fn norm_heads(
+    qkv: &Tensor,
+    (q_norm, k_norm): (&Tensor, &Tensor),
+    step: &StepGeometry,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let (rows, _) = qkv.dims2()?;
+    let d = step.head_dim;
+    let (q, kv) = (step.heads * d, step.kv_heads * d);
+    let norm = |start: usize, heads: usize, weight: &Tensor| {
+        let x = qkv.narrow(1, start, heads * d)?.reshape((rows, heads, d))?;
+        rms_norm(&x, weight, eps)?
+            .to_dtype(qkv.dtype())?
+            .reshape((rows, heads * d))
+    };
+    let q_part = norm(0, step.heads, q_norm)?;
+    let k_part = norm(q, step.kv_heads, k_norm)?;
+    Tensor::cat(&[q_part, k_part, qkv.narrow(1, q + kv, kv)?], 1)
+}
+
 /// Where [`Proj::load`] reads `[out, in]` matrices from: a GGUF file or a Hugging Face folder.
 trait WeightSource {
     /// The tensor as f32.
@@ -667,6 +704,8 @@ impl WeightSource for GgufFile {
             q_bias: name("attn_q.bias"),
             k_bias: name("attn_k.bias"),
             v_bias: name("attn_v.bias"),
+            q_norm: name("attn_q_norm.weight"),
+            k_norm: name("attn_k_norm.weight"),
             gate: name("ffn_gate.weight"),
             up: name("ffn_up.weight"),
             down: name("ffn_down.weight"),

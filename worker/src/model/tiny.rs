@@ -8,9 +8,12 @@
 //!   them between files.
 //! - Norm weights are near 1, not exactly 1, so a loader that ignored or swapped them would give
 //!   different logits.
-//! - The tokenizer is byte-level BPE (256 byte tokens, a few merges, `<|endoftext|>`,
-//!   `<|im_start|>`, `<|im_end|>`, then reserved specials up to `vocab`), so it encodes any text
-//!   and its vocabulary is exactly the model's.
+//! - The tokenizer is byte-level BPE (256 byte tokens, a few merges, the family's special tokens,
+//!   then reserved specials up to `vocab`), so it encodes any text and its vocabulary is exactly
+//!   the model's.
+//! - [`TinyFamily`] gives the folder a family's conventions (architecture, special tokens, a chat
+//!   template written in that family's style, where the template is saved, end tokens, rope
+//!   scaling), so loaders are tested on each family's layout without downloading one.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -67,6 +70,144 @@ impl FromStr for TinyDtype {
     }
 }
 
+/// Which family's conventions a tiny model folder follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TinyFamily {
+    /// SmolLM2's: Llama architecture, ChatML in `tokenizer_config.json`, `<|im_end|>` ends.
+    #[default]
+    SmolLm,
+    /// Llama 3.x: header-id template in `chat_template.jinja` (the config has none), BOS
+    /// written by the template, `<|end_of_text|>` as the config's EOS and `<|eot_id|>`,
+    /// `<|eom_id|>` listed in `generation_config.json`, `llama3` rope scaling.
+    Llama3,
+    /// Qwen2.5: ChatML with Qwen's default system prompt, Qwen2 architecture (q/k/v biases),
+    /// `<|im_end|>` and `<|endoftext|>` listed as end tokens.
+    Qwen25,
+    /// Qwen3: ChatML whose generation prompt can close an empty thinking block
+    /// (`enable_thinking: false`), Qwen3 architecture (per-head q/k norms).
+    Qwen3,
+    /// Mistral: `[INST]` template with BOS and EOS written by it, `</s>` ends,
+    /// `MistralForCausalLM`, rope scaling in the legacy form `{"type": "dynamic"}`.
+    Mistral,
+}
+
+/// ChatML, as Qwen2 and SmolLM write it.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Llama 3.x's header-id format.
+const LLAMA3: &str = "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
+
+/// Qwen2.5's ChatML: a default system prompt when the conversation has none.
+const QWEN25: &str = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if message['role'] != 'system' %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+/// Qwen3's ChatML: the generation prompt closes an empty thinking block when thinking is off.
+const QWEN3: &str = "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}";
+
+/// Mistral's instruction format (user and assistant turns; no system role).
+const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}";
+
+impl FromStr for TinyFamily {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "smollm" => Ok(TinyFamily::SmolLm),
+            "llama3" => Ok(TinyFamily::Llama3),
+            "qwen2.5" => Ok(TinyFamily::Qwen25),
+            "qwen3" => Ok(TinyFamily::Qwen3),
+            "mistral" => Ok(TinyFamily::Mistral),
+            other => Err(format!(
+                "family `{other}`: expected smollm, llama3, qwen2.5, qwen3 or mistral"
+            )),
+        }
+    }
+}
+
+impl TinyFamily {
+    /// Its special tokens, in id order right after the merges.
+    pub fn specials(self) -> &'static [&'static str] {
+        match self {
+            TinyFamily::SmolLm => &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            TinyFamily::Llama3 => &[
+                "<|begin_of_text|>",
+                "<|end_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eom_id|>",
+                "<|eot_id|>",
+            ],
+            TinyFamily::Qwen25 => &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            TinyFamily::Qwen3 => &[
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<think>",
+                "</think>",
+            ],
+            TinyFamily::Mistral => &["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        }
+    }
+
+    /// `tokenizer_config.json`'s BOS and EOS.
+    fn bos_eos(self) -> (&'static str, &'static str) {
+        match self {
+            TinyFamily::SmolLm => ("<|endoftext|>", "<|im_end|>"),
+            TinyFamily::Llama3 => ("<|begin_of_text|>", "<|end_of_text|>"),
+            TinyFamily::Qwen25 | TinyFamily::Qwen3 => ("<|endoftext|>", "<|im_end|>"),
+            TinyFamily::Mistral => ("<s>", "</s>"),
+        }
+    }
+
+    /// The chat template, and whether it is saved as `chat_template.jinja` rather than in
+    /// `tokenizer_config.json`.
+    fn template(self) -> (&'static str, bool) {
+        match self {
+            TinyFamily::SmolLm => (CHATML, false),
+            TinyFamily::Llama3 => (LLAMA3, true),
+            TinyFamily::Qwen25 => (QWEN25, false),
+            TinyFamily::Qwen3 => (QWEN3, false),
+            TinyFamily::Mistral => (MISTRAL, false),
+        }
+    }
+
+    /// The end tokens `generation_config.json` lists; none: no such file.
+    fn generation_eos(self) -> &'static [&'static str] {
+        match self {
+            TinyFamily::SmolLm | TinyFamily::Mistral => &[],
+            TinyFamily::Llama3 => &["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+            TinyFamily::Qwen25 | TinyFamily::Qwen3 => &["<|im_end|>", "<|endoftext|>"],
+        }
+    }
+
+    /// `architectures`, `model_type` and the family's other `config.json` entries.
+    fn config_entries(self) -> serde_json::Value {
+        match self {
+            TinyFamily::SmolLm => serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            }),
+            TinyFamily::Llama3 => serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+            }),
+            TinyFamily::Qwen25 => serde_json::json!({
+                "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                "use_sliding_window": false, "sliding_window": 4096,
+            }),
+            TinyFamily::Qwen3 => serde_json::json!({
+                "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                "rope_theta": 1000000.0,
+            }),
+            TinyFamily::Mistral => serde_json::json!({
+                "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                "sliding_window": null,
+                "rope_scaling": {"type": "dynamic", "factor": 2.0},
+            }),
+        }
+    }
+}
+
 /// The shape of a tiny model, its seed, and how its weights are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TinySpec {
@@ -83,6 +224,8 @@ pub struct TinySpec {
     /// 1: one `model.safetensors`; more: that many shards and `model.safetensors.index.json`.
     pub shards: usize,
     pub dtype: TinyDtype,
+    /// Whose conventions the folder follows.
+    pub family: TinyFamily,
 }
 
 impl TinySpec {
@@ -100,14 +243,13 @@ impl TinySpec {
             seed: 7,
             shards: 1,
             dtype: TinyDtype::F32,
+            family: TinyFamily::SmolLm,
         }
     }
 
     /// The `config.json` document.
     pub fn config_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        let mut config = serde_json::json!({
             "vocab_size": self.vocab,
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
@@ -122,18 +264,33 @@ impl TinySpec {
             "attention_bias": false,
             "hidden_act": "silu",
             "torch_dtype": self.dtype.torch_name(),
-            "bos_token_id": BOS_ID,
-            "eos_token_id": self.vocab_base() as u32 + 2,
-        })
+            "bos_token_id": self.special_id(self.family.bos_eos().0),
+            "eos_token_id": self.special_id(self.family.bos_eos().1),
+        });
+        if let (Some(config), serde_json::Value::Object(entries)) =
+            (config.as_object_mut(), self.family.config_entries())
+        {
+            config.extend(entries);
+        }
+        config
+    }
+
+    /// The id of one of the family's special tokens.
+    pub fn special_id(&self, token: &str) -> Option<u32> {
+        let at = self.family.specials().iter().position(|s| *s == token)?;
+        Some((self.vocab_base() + at) as u32)
     }
 
     /// The hyper-parameters, as a loader reads them from [`TinySpec::config_json`].
     pub fn config(&self) -> Result<LlamaConfig, ModelError> {
-        let cfg: LlamaConfig =
+        let mut cfg: LlamaConfig =
             serde_json::from_value(self.config_json()).map_err(|e| ModelError::Config {
                 field: "spec",
                 problem: e.to_string(),
             })?;
+        // What the loader derives from the architecture rather than reads.
+        cfg.attention_bias |= self.family == TinyFamily::Qwen25;
+        cfg.qk_norm = self.family == TinyFamily::Qwen3;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -164,27 +321,24 @@ const MERGES: [(&str, &str); 16] = [
     ("Ġ", "c"),
 ];
 
-/// Special tokens right after the merges, in id order.
-const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
-
-/// `<|endoftext|>`'s id.
+/// `<|endoftext|>`'s id in the default family.
+#[cfg(test)]
 const BOS_ID: u32 = 256 + MERGES.len() as u32;
 
-/// ChatML, as Qwen2 and SmolLM write it.
-const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-/// Writes a tiny model folder: `config.json`, the weights, `tokenizer.json` and
-/// `tokenizer_config.json`. Creates `dir` if needed; overwrites those files.
+/// Writes a tiny model folder: `config.json`, the weights, `tokenizer.json`,
+/// `tokenizer_config.json`, and as the family has them `chat_template.jinja` and
+/// `generation_config.json`. Creates `dir` if needed; overwrites those files.
 pub fn write_tiny_llama(dir: &Path, spec: &TinySpec) -> Result<(), ModelError> {
     let cfg = spec.config()?;
-    if spec.vocab < spec.vocab_base() + SPECIALS.len() {
+    let specials = spec.family.specials();
+    if spec.vocab < spec.vocab_base() + specials.len() {
         return Err(ModelError::Config {
             field: "vocab_size",
             problem: format!(
                 "{} cannot hold 256 bytes, {} merges and {} specials",
                 spec.vocab,
                 MERGES.len(),
-                SPECIALS.len()
+                specials.len()
             ),
         });
     }
@@ -199,14 +353,38 @@ pub fn write_tiny_llama(dir: &Path, spec: &TinySpec) -> Result<(), ModelError> {
     write_json(&dir.join(hf::CONFIG), &spec.config_json())?;
     write_weights(dir, spec, &weights)?;
     write_tokenizer(dir, spec)?;
+    let (bos, eos) = spec.family.bos_eos();
+    let (template, own_file) = spec.family.template();
+    let mut config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_position_embeddings,
+        "bos_token": bos,
+        "eos_token": eos,
+    });
+    if own_file {
+        let path = dir.join(tidelock_prompt::hf::CHAT_TEMPLATE_FILE);
+        std::fs::write(&path, template).map_err(|e| write_error(&path, e))?;
+    } else {
+        config["chat_template"] = template.into();
+    }
+    write_json(&dir.join(hf::TOKENIZER_CONFIG), &config)?;
+    let ends: Vec<u32> = spec
+        .family
+        .generation_eos()
+        .iter()
+        .filter_map(|token| spec.special_id(token))
+        .collect();
+    if ends.is_empty() {
+        return Ok(());
+    }
     write_json(
-        &dir.join(hf::TOKENIZER_CONFIG),
+        &dir.join(tidelock_prompt::hf::GENERATION_CONFIG_FILE),
         &serde_json::json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": cfg.max_position_embeddings,
-            "bos_token": SPECIALS[0],
-            "eos_token": SPECIALS[2],
-            "chat_template": CHATML,
+            "bos_token_id": spec.special_id(bos),
+            "eos_token_id": ends,
+            "do_sample": true,
+            "temperature": 0.6,
+            "top_p": 0.9,
         }),
     )
 }
@@ -320,9 +498,10 @@ fn write_tokenizer(dir: &Path, spec: &TinySpec) -> Result<(), ModelError> {
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    let own = spec.family.specials();
     let reserved =
-        (spec.vocab_base() + SPECIALS.len()..spec.vocab).map(|id| format!("<|reserved_{id}|>"));
-    let specials = SPECIALS.iter().map(|s| (*s).to_owned()).chain(reserved);
+        (spec.vocab_base() + own.len()..spec.vocab).map(|id| format!("<|reserved_{id}|>"));
+    let specials = own.iter().map(|s| (*s).to_owned()).chain(reserved);
     tokenizer
         .add_special_tokens(specials.map(|s| AddedToken::from(s, true)))
         .map_err(build_error)?;
