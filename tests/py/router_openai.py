@@ -5,6 +5,7 @@ BASE_URL, KEY, LIMITED_KEY, MODEL and BLOCK_TOKENS from the environment; prints 
 check with its numbers; exits non-zero on the first failure.
 """
 
+import json
 import os
 import sys
 
@@ -79,7 +80,6 @@ except openai.AuthenticationError as e:
 hi = [{"role": "user", "content": "Hi"}]
 weather = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
 for what, extra, param in [
-    ("json_object", {"response_format": {"type": "json_object"}}, "response_format"),
     ("tools, required", {"tools": weather, "tool_choice": "required"}, "tool_choice"),
     ("tools, auto", {"tools": weather}, "tools"),
 ]:
@@ -116,6 +116,51 @@ penalised = client.chat.completions.create(
     model=MODEL, messages=hi, max_tokens=4, presence_penalty=1.5, frequency_penalty=1.0
 )
 check("penalties are taken", penalised.usage.completion_tokens > 0, f"{penalised.usage}")
+
+# Structured outputs: a strict JSON schema and JSON mode, constrained while sampling; what comes
+# back parses and validates (streamed too). A schema the grammar engine cannot compile is a 400
+# naming response_format.
+import jsonschema
+
+person = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+strict = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": person}}
+ask = [{"role": "user", "content": "Describe a person as JSON."}]
+shaped = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=120, response_format=strict, seed=1)
+text = shaped.choices[0].message.content
+try:
+    jsonschema.validate(json.loads(text), person)
+    check("json_schema answer validates", shaped.choices[0].finish_reason == "stop", text)
+except (ValueError, jsonschema.ValidationError) as e:
+    check("json_schema answer validates", False, f"{text!r}: {e}")
+pieces = []
+for chunk in client.chat.completions.create(
+    model=MODEL, messages=ask, max_tokens=120, response_format=strict, seed=1, stream=True
+):
+    pieces += [c.delta.content or "" for c in chunk.choices]
+check("json_schema streamed, the same answer", "".join(pieces) == text, "".join(pieces))
+mode = client.chat.completions.create(
+    model=MODEL, messages=ask, max_tokens=120, response_format={"type": "json_object"}, seed=2
+)
+try:
+    check("json_object answer is an object", isinstance(json.loads(mode.choices[0].message.content), dict), mode.choices[0].message.content)
+except ValueError as e:
+    check("json_object answer is an object", False, f"{mode.choices[0].message.content!r}: {e}")
+try:
+    broken = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}
+    client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4, response_format=broken)
+    check("400 for a schema that does not compile", False, "answered")
+except openai.BadRequestError as e:
+    error = e.body if isinstance(e.body, dict) else {}
+    check("400 for a schema that does not compile", error.get("param") == "response_format", e.body)
 
 limited = openai.OpenAI(base_url=BASE_URL, api_key=os.environ["LIMITED_KEY"], max_retries=0)
 limited.completions.create(model=MODEL, prompt="One", max_tokens=1)

@@ -20,6 +20,7 @@ use tidelock_service::cluster_auth::ClusterGuard;
 use tidelock_service::metrics_listener;
 use tidelock_worker::config::{BackendKind, Compute, Config, Dtype, EngineKind};
 use tidelock_worker::engine::executor::{Executor, GroupExecutor, ModelExecutor};
+use tidelock_worker::engine::grammar::Grammars;
 use tidelock_worker::engine::sim::SimExecutor;
 use tidelock_worker::engine::{Engine, EngineConfig};
 use tidelock_worker::kv::KvStore;
@@ -302,6 +303,22 @@ fn load(
         vocab_size: model_config.vocab_size,
         eos_token_ids: kit.stop_token_ids().to_vec(),
     };
+    // Structured outputs: the token trie over the model's vocabulary, built once.
+    let grammars = match kit.to_json_value() {
+        Ok(json) => Grammars::new(
+            kit.clone(),
+            &json.tokenizer,
+            model_config.vocab_size,
+            kit.stop_token_ids(),
+        )
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let grammars = grammars
+        .inspect_err(|error| {
+            tracing::warn!(%error, "structured outputs are off: constrained requests get a 400")
+        })
+        .ok();
     // A coordinator's pool numbers the blocks of the whole group (kv::shard).
     let pool_blocks = if coordinator {
         num_blocks * shards
@@ -355,7 +372,7 @@ fn load(
                 block_tokens: bt,
             };
             server::start(
-                Engine::new(engine_config, pool, exec),
+                Engine::new(engine_config, pool, exec).with_grammars(grammars),
                 info,
                 tokenizer,
                 Some(kit.clone()),
@@ -367,7 +384,8 @@ fn load(
             match compute.backend {
                 BackendKind::Cpu => {
                     let kv = KvStore::new(shape, num_blocks);
-                    let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
+                    let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv })
+                        .with_grammars(grammars);
                     start_engine(config, engine, info, tokenizer, &kit, &token)?
                 }
                 BackendKind::Candle => {
@@ -377,7 +395,8 @@ fn load(
                         compute.kv_dtype.candle(),
                         model.device(),
                     )?;
-                    let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv });
+                    let engine = Engine::new(engine_config, pool, ModelExecutor { model, kv })
+                        .with_grammars(grammars);
                     start_engine(config, engine, info, tokenizer, &kit, &token)?
                 }
             }
@@ -389,7 +408,7 @@ fn load(
                 .with_block_load(Duration::from_secs_f64(config.sim_block_load_secs.max(0.0)));
             start_engine(
                 config,
-                Engine::new(engine_config, pool, sim),
+                Engine::new(engine_config, pool, sim).with_grammars(grammars),
                 info,
                 tokenizer,
                 &kit,

@@ -31,9 +31,9 @@ pub use openai::{
     CompletionChunk, CompletionRequest, ModelCard, ModelList, OpenAiError, ResponseMeta,
 };
 pub use wire::{
-    AdoptReply, AdoptRequest, BinaryRequestError, BlocksRequest, DRAINING, ErrorCode, FinishReason,
-    GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest, HandoffPeer, HandoffPlan,
-    LoadReport, MAX_PULL_BLOCKS, ModelClaim, PullHint, SamplingError, SamplingParams,
+    AdoptReply, AdoptRequest, BinaryRequestError, BlocksRequest, Constraint, DRAINING, ErrorCode,
+    FinishReason, GENERATE_BINARY_CONTENT_TYPE, GenerateEvent, GenerateRequest, HandoffPeer,
+    HandoffPlan, LoadReport, MAX_PULL_BLOCKS, ModelClaim, PullHint, SamplingError, SamplingParams,
     SessionRecord, TenantLimits, TenantRecord, TenantRecordError, TopLogprob, Usage, WorkerInfo,
     WorkerRegistration,
 };

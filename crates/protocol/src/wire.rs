@@ -95,6 +95,20 @@ pub struct SamplingParams {
     /// temperature), in `[0, 1]`; 0 disables it.
     #[serde(skip_serializing_if = "is_zero")]
     pub min_p: f32,
+    /// What the answer must be, enforced token by token (constrained decoding); `None` for
+    /// free text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
+}
+
+/// A shape the answer must have (OpenAI's `response_format`), enforced while sampling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Constraint {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against `schema` (a JSON Schema).
+    JsonSchema { schema: serde_json::Value },
 }
 
 fn is_one(n: &u32) -> bool {
@@ -161,10 +175,12 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// Whether the logits are changed before a token is chosen (penalties, biases, `min_p`):
+    /// Whether the logits are changed before a token is chosen (penalties, biases, `min_p`, a
+    /// constraint):
     /// the whole row is then needed on the host.
     pub fn adjusts_logits(&self) -> bool {
-        self.presence_penalty != 0.0
+        self.constraint.is_some()
+            || self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
             || !self.logit_bias.is_empty()
             || self.min_p > 0.0
@@ -187,6 +203,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: BTreeMap::new(),
             min_p: 0.0,
+            constraint: None,
         }
     }
 }
@@ -915,6 +932,9 @@ mod tests {
             frequency_penalty: -1.0,
             logit_bias: [(7, -100.0), (42, 2.5)].into(),
             min_p: 0.05,
+            constraint: Some(Constraint::JsonSchema {
+                schema: serde_json::json!({"type": "object", "required": ["a"]}),
+            }),
         };
         round_trip(&sampling);
         // Fields at their default are left out, so a worker from before them reads the rest.
@@ -925,6 +945,7 @@ mod tests {
             "frequency_penalty",
             "logit_bias",
             "min_p",
+            "constraint",
         ] {
             assert!(plain.get(field).is_none(), "{field} in {plain}");
         }

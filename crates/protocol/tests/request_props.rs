@@ -327,6 +327,8 @@ fn field_value(name: &'static str) -> BoxedStrategy<Value> {
             json!({"type": "text"}),
             json!({"type": "json_object"}),
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            json!({"type": "regex"}),
             json!({"kind": "text"}),
         ])
         .boxed(),
@@ -619,11 +621,20 @@ fn common_violations(common: &CommonFields) -> Vec<&'static str> {
     if common.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
         bad.push("min_p");
     }
-    // Not served yet: anything but "none asked" is refused by name.
+    // Text, any JSON object, or JSON with a schema object; anything else is refused by name.
     match &common.response_format {
         None | Some(Value::Null) => {}
-        Some(format) if format.get("type") == Some(&json!("text")) => {}
-        Some(_) => bad.push("response_format"),
+        Some(format) => {
+            let schema = format.get("json_schema").and_then(|j| j.get("schema"));
+            let served = match format.get("type").and_then(Value::as_str) {
+                Some("text" | "json_object") => true,
+                Some("json_schema") => matches!(schema, Some(Value::Object(_) | Value::Bool(_))),
+                _ => false,
+            };
+            if !served {
+                bad.push("response_format");
+            }
+        }
     }
     if common
         .n

@@ -21,11 +21,13 @@
 //! The engine is synchronous and single-owner: the server runs it on its own thread.
 
 pub mod executor;
+pub mod grammar;
 pub mod logits;
 pub mod sampling;
 pub mod sim;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use tidelock_protocol::{
     BlockHash, BlockId, BlockTokens, ErrorCode, FinishReason, GenerateEvent, GenerateRequest,
@@ -37,6 +39,7 @@ use crate::kv::pool::{BlockPool, OutOfBlocks, PoolStats};
 use crate::kv::tier::{self, TierStats, Tiers};
 use crate::model::ModelError;
 use executor::{Executor, Work};
+use grammar::{Grammars, Guide};
 use logits::StepLogits;
 use sampling::{Choice, Sampler};
 
@@ -163,6 +166,8 @@ pub struct Engine<E> {
     next_id: u64,
     /// Requests for several answers with answers still running, by their answer 0's id.
     groups: HashMap<u64, Tally>,
+    /// Compiles constraints (structured outputs); `None`: this engine takes none.
+    grammars: Option<Arc<Grammars>>,
 }
 
 /// Blocks a waiting request needs from a peer worker.
@@ -204,7 +209,15 @@ impl<E: Executor> Engine<E> {
             running: Vec::new(),
             next_id: 0,
             groups: HashMap::new(),
+            grammars: None,
         }
+    }
+
+    /// Takes constrained requests (`SamplingParams::constraint`), compiled by `grammars`
+    /// (`None`: they are refused).
+    pub fn with_grammars(mut self, grammars: Option<Arc<Grammars>>) -> Self {
+        self.grammars = grammars;
+        self
     }
 
     /// Spills evicted blocks to `tiers` and loads them back (issue #21). Their layout must be
@@ -391,6 +404,17 @@ impl<E: Executor> Engine<E> {
             let _ = out.send(GenerateEvent::Error { code, message });
             return;
         }
+        let guides = match self.guides(&request) {
+            Ok(guides) => guides,
+            Err(message) => {
+                let _ = out.send(GenerateEvent::Error {
+                    code: ErrorCode::InvalidRequest,
+                    message,
+                });
+                return;
+            }
+        };
+        let mut guides = guides.into_iter();
         let mut chain = HashChain::new(&self.cfg.model, &request.cache_salt, self.cfg.block_tokens);
         chain.extend(&request.tokens);
         // Blocks on a lower tier start loading now, while the request waits; those only a peer
@@ -458,7 +482,10 @@ impl<E: Executor> Engine<E> {
                 committed: 0,
                 cached_tokens: None,
                 expected_cached: expected * bt,
-                sampler: Sampler::for_choice(&request.sampling, choice),
+                sampler: match guides.next() {
+                    Some(guide) => Sampler::for_choice(&request.sampling, choice).with_guide(guide),
+                    None => Sampler::for_choice(&request.sampling, choice),
+                },
                 completion: 0,
                 choice,
                 group,
@@ -467,6 +494,19 @@ impl<E: Executor> Engine<E> {
                 request,
             });
         }
+    }
+
+    /// One guide per answer when the request is constrained; none when it is not.
+    fn guides(&self, request: &GenerateRequest) -> Result<Vec<Guide>, String> {
+        let Some(constraint) = &request.sampling.constraint else {
+            return Ok(Vec::new());
+        };
+        let grammars = self.grammars.as_ref().ok_or_else(|| {
+            "response_format: this worker has no tokenizer to constrain its output with".to_owned()
+        })?;
+        (0..request.sampling.n.max(1))
+            .map(|_| grammars.guide(constraint).map_err(|e| e.to_string()))
+            .collect()
     }
 
     fn validate(&self, request: &GenerateRequest) -> Result<(), (ErrorCode, String)> {

@@ -13,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tidelock_protocol::{SamplingParams, TopLogprob};
 
+use crate::engine::grammar::{self, Guide};
 use crate::engine::logits::{DEVICE_TOP_K, StepLogits};
 use crate::model::ModelError;
 
@@ -23,9 +24,11 @@ pub struct Sampler {
     top_p: f32,
     top_k: Option<usize>,
     min_p: f32,
-    /// Penalties and biases; `None` when the request has neither (and no `min_p`): the row is
-    /// then used as the model left it, on the device when it is there.
+    /// Penalties and biases; `None` when the request has neither (and no `min_p`, no
+    /// constraint): the row is then used as the model left it, on the device when it is there.
     adjust: Option<Adjust>,
+    /// The constraint's matcher: tokens it does not allow are never drawn.
+    guide: Option<Guide>,
     rng: StdRng,
 }
 
@@ -40,6 +43,16 @@ struct Adjust {
 }
 
 impl Adjust {
+    /// No change (a constrained request's row is still copied, to be masked).
+    fn none() -> Self {
+        Adjust {
+            presence: 0.0,
+            frequency: 0.0,
+            bias: Vec::new(),
+            counts: HashMap::new(),
+        }
+    }
+
     /// `logits` with the biases added and the penalties subtracted.
     fn apply(&self, logits: &[f32]) -> Vec<f32> {
         let mut row = logits.to_vec();
@@ -101,13 +114,24 @@ impl Sampler {
             top_k: params.top_k.map(|k| k as usize),
             min_p: params.min_p,
             adjust,
+            guide: None,
             rng,
         }
     }
 
+    /// The sampler drawing only what `guide` allows (constrained decoding).
+    pub fn with_guide(mut self, guide: Guide) -> Self {
+        self.guide = Some(guide);
+        self.adjust.get_or_insert_with(Adjust::none);
+        self
+    }
+
     /// Chooses the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let adjusted = self.adjust.as_ref().map(|a| a.apply(logits));
+        let mut adjusted = self.adjust.as_ref().map(|a| a.apply(logits));
+        if let (Some(guide), Some(row)) = (&mut self.guide, &mut adjusted) {
+            grammar::apply_mask(row, &guide.mask());
+        }
         let row = adjusted.as_deref().unwrap_or(logits);
         let token = if self.temperature <= 0.0 {
             argmax(row)
@@ -116,6 +140,9 @@ impl Sampler {
         };
         if let Some(adjust) = &mut self.adjust {
             *adjust.counts.entry(token as u32).or_default() += 1;
+        }
+        if let Some(guide) = &mut self.guide {
+            guide.advance(token as u32);
         }
         Sampled {
             token: token as u32,

@@ -336,7 +336,10 @@ async fn generate(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     if state
         .commands
-        .send(Command::Generate { request, out: tx })
+        .send(Command::Generate {
+            request: Box::new(request),
+            out: tx,
+        })
         .is_err()
     {
         return engine_gone();

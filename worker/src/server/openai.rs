@@ -103,7 +103,10 @@ async fn serve(
     };
     if state
         .commands
-        .send(Command::Generate { request, out: tx })
+        .send(Command::Generate {
+            request: Box::new(request),
+            out: tx,
+        })
         .is_err()
     {
         return error(&OpenAiError::unavailable("the engine has stopped"));

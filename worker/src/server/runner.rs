@@ -23,7 +23,8 @@ use crate::server::metrics::Metrics;
 #[derive(Debug)]
 pub enum Command {
     Generate {
-        request: GenerateRequest,
+        /// Boxed: a request is far larger than the other commands.
+        request: Box<GenerateRequest>,
         out: EventSink,
     },
     /// A snapshot consistent with the event log: taken after publishing all pending events.
@@ -190,7 +191,7 @@ fn run<E: Executor>(
         }
         for command in commands {
             match command {
-                Command::Generate { request, out } => engine.submit(request, out),
+                Command::Generate { request, out } => engine.submit(*request, out),
                 Command::Snapshot(reply) => {
                     publish(engine, events, load);
                     let _ = reply.send(engine.snapshot());

@@ -166,7 +166,13 @@ impl OpenAiError {
 
     /// A worker's failure as the OpenAI surface reports it.
     pub fn from_wire(code: ErrorCode, message: impl Into<String>) -> Self {
+        let message = message.into();
         match code {
+            // A worker names the request field at fault as the message's prefix (a constraint
+            // that does not compile: `response_format: ...`).
+            ErrorCode::InvalidRequest if message.starts_with("response_format:") => {
+                Self::invalid("response_format", message)
+            }
             ErrorCode::InvalidRequest => Self::bad_request(message),
             ErrorCode::ContextTooLong => {
                 Self::bad_request(message).with_code("context_length_exceeded")

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::null_as_default;
 use super::{COMPLETION_DEFAULT_MAX_TOKENS, MAX_STOP_BYTES, MAX_STOP_SEQUENCES, OpenAiError};
 use crate::ids::SessionKey;
-use crate::wire::{SamplingError, SamplingParams};
+use crate::wire::{Constraint, SamplingError, SamplingParams};
 
 /// The header a client may name its session with (after `prompt_cache_key`, before `user`), as
 /// the error `param` names it.
@@ -190,28 +190,34 @@ pub struct CommonFields {
 }
 
 impl CommonFields {
-    /// Refuses the OpenAI parameters this server does not serve yet, naming each, rather than
-    /// answering as if they had been applied: a `response_format` other than text.
-    pub fn unserved(&self) -> Result<(), OpenAiError> {
-        let not_yet = |param: &str, what: &str| {
-            Err(unsupported(
-                param,
-                format!("{what} is not supported by this server yet; leave `{param}` out"),
-            ))
+    /// `response_format` as a constraint on the answer: `None` for text (or none given);
+    /// `json_object`; `json_schema` with its `json_schema.schema`. Whether the schema's
+    /// features are supported is for the grammar engine to say (a 400 from the worker).
+    pub fn constraint(&self) -> Result<Option<Constraint>, OpenAiError> {
+        let bad = |m: String| Err(OpenAiError::invalid("response_format", m));
+        let Some(format) = self.response_format.as_ref().filter(|f| !f.is_null()) else {
+            return Ok(None);
         };
-        match &self.response_format {
-            None | Some(Value::Null) => Ok(()),
-            Some(format) => match format.get("type") {
-                Some(Value::String(kind)) if kind == "text" => Ok(()),
-                Some(Value::String(kind)) => not_yet(
-                    "response_format",
-                    &format!("`response_format` of type `{kind}` (structured output)"),
-                ),
-                _ => Err(OpenAiError::invalid(
-                    "response_format",
-                    "response_format must be an object with a string `type`",
-                )),
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Constraint::JsonObject)),
+            Some("json_schema") => match format.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Ok(Some(Constraint::JsonSchema {
+                        schema: schema.clone(),
+                    }))
+                }
+                Some(_) => {
+                    bad("response_format.json_schema.schema must be a JSON Schema object".into())
+                }
+                None => {
+                    bad("response_format of type `json_schema` needs `json_schema.schema`".into())
+                }
             },
+            Some(other) => bad(format!(
+                "response_format type `{other}` is not one of `text`, `json_object`, `json_schema`"
+            )),
+            None => bad("response_format must be an object with a string `type`".into()),
         }
     }
 
@@ -222,8 +228,8 @@ impl CommonFields {
         (max_tokens, max_tokens_param): (u32, &'static str),
         (logprobs, logprobs_param): (Option<u32>, &'static str),
     ) -> Result<SamplingParams, OpenAiError> {
-        self.unserved()?;
-        SamplingFields {
+        let constraint = self.constraint()?;
+        let mut params = SamplingFields {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
@@ -241,7 +247,9 @@ impl CommonFields {
             min_p: self.min_p,
             stop_token_ids: self.stop_token_ids.as_deref(),
         }
-        .build()
+        .build()?;
+        params.constraint = constraint;
+        Ok(params)
     }
 
     /// The stop sequences, empty when none were given.
@@ -587,6 +595,7 @@ impl SamplingFields<'_> {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             logit_bias: logit_bias(self.logit_bias)?,
             min_p: self.min_p.unwrap_or(0.0),
+            constraint: None,
         };
         params.validate().map_err(|error| {
             let param = match error {
@@ -743,11 +752,15 @@ mod tests {
             chat(body).sampling(16)
         };
         for (field, value) in [
-            ("response_format", json!({"type": "json_object"})),
             (
                 "response_format",
                 json!({"type": "json_schema", "json_schema": {"name": "x"}}),
             ),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}),
+            ),
+            ("response_format", json!({"type": "grammar"})),
             ("response_format", json!("json")),
             ("tool_choice", json!("required")),
             (
@@ -764,9 +777,12 @@ mod tests {
             assert_eq!(error.param.as_deref(), Some(field), "{field}: {value}");
             assert_eq!(error.status, 400);
         }
-        let error = with("response_format", json!({"type": "json_object"})).unwrap_err();
+        let error = with(
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        )
+        .unwrap_err();
         assert_eq!(error.code.as_deref(), Some("unsupported_parameter"));
-        assert!(error.message.contains("json_object"), "{}", error.message);
         for (field, value) in [
             ("presence_penalty", json!(0)),
             ("frequency_penalty", json!(0.0)),
@@ -779,13 +795,24 @@ mod tests {
         ] {
             assert!(with(field, value.clone()).is_ok(), "{field}: {value}");
         }
-        // The completion endpoint shares the format.
-        let error = completion(
+        // JSON modes are constraints on the answer, on both endpoints.
+        let object = with("response_format", json!({"type": "json_object"})).unwrap();
+        assert_eq!(object.constraint, Some(Constraint::JsonObject));
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let strict = with(
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": schema}}),
+        )
+        .unwrap();
+        assert_eq!(strict.constraint, Some(Constraint::JsonSchema { schema }));
+        let text = with("response_format", json!({"type": "text"})).unwrap();
+        assert_eq!(text.constraint, None);
+        let completion = completion(
             json!({"model": "m", "prompt": "p", "response_format": {"type": "json_object"}}),
         )
         .sampling(16)
-        .unwrap_err();
-        assert_eq!(error.param.as_deref(), Some("response_format"));
+        .unwrap();
+        assert_eq!(completion.constraint, Some(Constraint::JsonObject));
     }
 
     /// Penalties, biases, `min_p`, `n`, stop ids and the seed reach the sampling parameters as
