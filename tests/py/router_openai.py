@@ -150,6 +150,12 @@ check("json_schema streamed, the same answer", "".join(pieces) == text, "".join(
 mode = client.chat.completions.create(
     model=MODEL, messages=ask, max_tokens=120, response_format={"type": "json_object"}, seed=2
 )
+cached = mode.usage.prompt_tokens_details.cached_tokens
+check(
+    "a constrained request's prompt is served from cache",
+    cached >= mode.usage.prompt_tokens // BLOCK * BLOCK - BLOCK and cached > 0,
+    f"prompt {mode.usage.prompt_tokens}, cached {cached}",
+)
 try:
     check("json_object answer is an object", isinstance(json.loads(mode.choices[0].message.content), dict), mode.choices[0].message.content)
 except ValueError as e:

@@ -48,6 +48,14 @@ fn chat(extra: serde_json::Value) -> serde_json::Value {
     body
 }
 
+/// The `data:` payloads of a server-sent events body, in order.
+fn sse_data(body: &str) -> Vec<&str> {
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("SSE data line"))
+        .collect()
+}
+
 #[tokio::test]
 async fn non_streaming_chat_has_openai_shape_and_exact_usage() {
     let state = state();
@@ -91,11 +99,7 @@ async fn streaming_chat_is_framed_as_openai_sse() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    let events: Vec<&str> = body
-        .split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").expect("SSE data line"))
-        .collect();
+    let events = sse_data(&body);
     assert_eq!(*events.last().unwrap(), "[DONE]");
     let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
         .iter()
@@ -149,11 +153,7 @@ async fn several_answers_come_back_as_indexed_choices() {
     streamed["stream_options"] = serde_json::json!({"include_usage": true});
     let (status, body) = post(&state, "/v1/chat/completions", streamed).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let events: Vec<&str> = body
-        .split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").expect("SSE data line"))
-        .collect();
+    let events = sse_data(&body);
     assert_eq!(*events.last().unwrap(), "[DONE]");
     let mut text = vec![String::new(); 3];
     let mut finishes = vec![0; 3];

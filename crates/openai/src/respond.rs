@@ -10,7 +10,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tidelock_prompt::{IncrementalDetokenizer, PromptKit, StopMatcher};
 use tidelock_protocol::openai::{
-    self, ChatCompletion, Completion, Delta, OpenAiError, ResponseMeta, TokenLogprob,
+    self, ChatChoice, ChatCompletion, ChatMessageOut, Completion, CompletionChoice, Delta,
+    OpenAiError, ResponseMeta, TokenLogprob,
 };
 use tidelock_protocol::{FinishReason, GenerateEvent};
 
@@ -359,20 +360,19 @@ async fn whole(
         }
     }
     let usage = out.usage();
-    let answers = content.into_iter().zip(finish).zip(&out.answers);
+    let answers = content.into_iter().zip(finish).zip(&out.answers).zip(0..);
     match endpoint {
         Endpoint::Chat => {
             let mut body = ChatCompletion::new(meta, String::new(), None, usage);
             body.choices = answers
-                .enumerate()
-                .map(|(i, ((content, finish), answer))| {
-                    let mut choice = ChatCompletion::new(meta, content, finish, usage).choices;
-                    let mut choice = choice.remove(0);
-                    choice.index = i as u32;
-                    if wants_logprobs {
-                        choice.logprobs = Some(openai::chat_logprobs(&answer.logprobs));
-                    }
-                    choice
+                .map(|(((content, finish_reason), answer), index)| ChatChoice {
+                    index,
+                    message: ChatMessageOut {
+                        role: "assistant".to_owned(),
+                        content: Some(content),
+                    },
+                    logprobs: wants_logprobs.then(|| openai::chat_logprobs(&answer.logprobs)),
+                    finish_reason,
                 })
                 .collect();
             axum::Json(body).into_response()
@@ -380,16 +380,15 @@ async fn whole(
         Endpoint::Completion => {
             let mut body = Completion::new(meta, String::new(), None, usage);
             body.choices = answers
-                .enumerate()
-                .map(|(i, ((text, finish), answer))| {
-                    let mut choice = Completion::new(meta, text, finish, usage).choices;
-                    let mut choice = choice.remove(0);
-                    choice.index = i as u32;
-                    if wants_logprobs {
-                        choice.logprobs = Some(openai::completion_logprobs(&answer.logprobs, 0));
-                    }
-                    choice
-                })
+                .map(
+                    |(((text, finish_reason), answer), index)| CompletionChoice {
+                        index,
+                        text,
+                        logprobs: wants_logprobs
+                            .then(|| openai::completion_logprobs(&answer.logprobs, 0)),
+                        finish_reason,
+                    },
+                )
                 .collect();
             axum::Json(body).into_response()
         }

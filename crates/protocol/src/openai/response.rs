@@ -122,7 +122,7 @@ pub struct ChatMessageOut {
 /// One choice of a chat completion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatChoice {
-    /// Position among the choices (always 0: `n` is 1).
+    /// Position among the choices (`n`), from 0.
     pub index: u32,
     /// The answer.
     pub message: ChatMessageOut,
@@ -188,7 +188,7 @@ pub struct Delta {
 /// One choice of a chat stream chunk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkChoice {
-    /// Position among the choices (always 0).
+    /// Position among the choices (`n`), from 0.
     pub index: u32,
     /// What this chunk adds.
     pub delta: Delta,
@@ -228,7 +228,7 @@ impl ChatCompletionChunk {
 /// One choice of a text completion or of its stream chunk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionChoice {
-    /// Position among the choices (always 0).
+    /// Position among the choices (`n`), from 0.
     pub index: u32,
     /// Generated text (in a chunk: the new text).
     pub text: String,
