@@ -194,16 +194,39 @@ fn every_constrained_answer_parses_and_validates() {
     assert_eq!(checked, 17);
 }
 
+/// Unsupported schema features and broken schemas are refused before anything runs, the
+/// message naming the feature (the router and the worker's surface turn it into a 400 with
+/// `param: response_format`).
 #[test]
 fn a_schema_that_does_not_compile_is_refused_naming_the_problem() {
     let (mut e, _) = engine();
-    let bad = Constraint::JsonSchema {
-        schema: serde_json::json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}),
-    };
-    let (code, message) = answers(&mut e, tokens(10, 1), bad, 1, 1).unwrap_err();
-    assert_eq!(code, ErrorCode::InvalidRequest);
-    assert!(
-        message.starts_with("response_format:") && message.contains("missing"),
-        "{message}"
-    );
+    for (schema, names) in [
+        (
+            serde_json::json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}),
+            "missing",
+        ),
+        (
+            serde_json::json!({"type": "array", "items": {"type": "integer"}, "uniqueItems": true}),
+            "uniqueItems",
+        ),
+        (
+            serde_json::json!({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
+            "if",
+        ),
+        (
+            serde_json::json!({"oneOf": [
+                {"type": "object", "properties": {"a": {"type": "integer"}}},
+                {"type": "object", "properties": {"b": {"type": "string"}}}
+            ]}),
+            "oneOf",
+        ),
+    ] {
+        let bad = Constraint::JsonSchema { schema };
+        let (code, message) = answers(&mut e, tokens(10, 1), bad, 1, 1).unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidRequest);
+        assert!(
+            message.starts_with("response_format:") && message.contains(names),
+            "{message}"
+        );
+    }
 }

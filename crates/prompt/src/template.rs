@@ -306,10 +306,10 @@ mod tests {
         assert_eq!(
             rendered,
             "<|im_start|>system\nSys.\n\n# Tools\n<tools>\n\
-             {\"function\": {\"description\": \"<city> & 'zone'\", \"name\": \"get_weather\", \"parameters\": {}}, \"type\": \"function\"}\n\
+             {\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"<city> & 'zone'\", \"parameters\": {}}}\n\
              </tools><|im_end|>\n\
              <|im_start|>user\nweather?<|im_end|>\n\
-             <|im_start|>assistant\n<tool_call>\n{\"arguments\": {\"city\": \"Zürich\"}, \"name\": \"get_weather\"}\n</tool_call><|im_end|>\n\
+             <|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}\n</tool_call><|im_end|>\n\
              <|im_start|>assistant\n"
         );
     }
