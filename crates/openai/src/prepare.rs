@@ -316,19 +316,23 @@ impl Rendered {
 /// The token ids a request names besides its prompt (`logit_bias`, `stop_token_ids`) are in
 /// the model's vocabulary.
 fn check_vocabulary(sampling: &SamplingParams, vocab: usize) -> Result<(), OpenAiError> {
-    let ids = [
-        ("logit_bias", sampling.logit_bias.keys().copied().collect()),
-        ("stop_token_ids", sampling.stop_token_ids.clone()),
-    ];
-    for (param, ids) in ids {
-        if let Some(bad) = ids.iter().find(|&&t: &&u32| t as usize >= vocab) {
-            return Err(OpenAiError::invalid(
-                param,
-                format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
-            ));
-        }
+    let mut named = sampling
+        .logit_bias
+        .keys()
+        .map(|&id| ("logit_bias", id))
+        .chain(
+            sampling
+                .stop_token_ids
+                .iter()
+                .map(|&id| ("stop_token_ids", id)),
+        );
+    match named.find(|&(_, id)| id as usize >= vocab) {
+        Some((param, bad)) => Err(OpenAiError::invalid(
+            param,
+            format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The model's default sampling for what the request left out; a request's own value always

@@ -175,12 +175,10 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// Whether the logits are changed before a token is chosen (penalties, biases, `min_p`, a
-    /// constraint):
-    /// the whole row is then needed on the host.
+    /// Whether the logits are changed before a token is chosen (penalties, biases, `min_p`):
+    /// the whole row is then needed on the host (as it is for a `constraint`'s mask).
     pub fn adjusts_logits(&self) -> bool {
-        self.constraint.is_some()
-            || self.presence_penalty != 0.0
+        self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
             || !self.logit_bias.is_empty()
             || self.min_p > 0.0

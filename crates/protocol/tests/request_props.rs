@@ -40,36 +40,13 @@ const DEFAULT_MAX_TOKENS: u32 = 256;
 /// The most alternatives per token a request may ask for.
 const MAX_LOGPROBS: u32 = SamplingParams::MAX_LOGPROBS;
 
-/// Field names the generators prefer, so that generated objects reach the typed fields.
-const FIELD_NAMES: &[&str] = &[
+/// Field names the generators prefer besides [`REQUEST_FIELDS`], so that generated objects
+/// reach the typed fields (see [`field_names`]).
+const OTHER_FIELDS: &[&str] = &[
     "model",
     "messages",
     "prompt",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "n",
-    "stop",
-    "seed",
-    "stream",
-    "stream_options",
     "include_usage",
-    "logprobs",
-    "top_logprobs",
-    "user",
-    "prompt_cache_key",
-    "ignore_eos",
-    "echo",
-    "tools",
-    "tool_choice",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "min_p",
-    "stop_token_ids",
-    "response_format",
     "role",
     "content",
     "type",
@@ -78,6 +55,11 @@ const FIELD_NAMES: &[&str] = &[
     "tool_calls",
     "tool_call_id",
 ];
+
+/// Every field name the generators prefer.
+fn field_names() -> Vec<&'static str> {
+    REQUEST_FIELDS.iter().chain(OTHER_FIELDS).copied().collect()
+}
 
 /// Top-level fields of either request, besides `model`, `messages` and `prompt`.
 const REQUEST_FIELDS: &[&str] = &[
@@ -137,7 +119,7 @@ fn text() -> BoxedStrategy<String> {
 
 fn key() -> BoxedStrategy<String> {
     prop_oneof![
-        3 => prop::sample::select(FIELD_NAMES).prop_map(str::to_owned),
+        3 => prop::sample::select(field_names()).prop_map(str::to_owned),
         1 => text(),
     ]
     .boxed()

@@ -519,20 +519,27 @@ impl<E: Executor> Engine<E> {
             return Err(invalid("the prompt has no tokens".into()));
         }
         let sampling = &request.sampling;
-        for (what, ids) in [
-            ("token id", &request.tokens),
-            ("stop token id", &sampling.stop_token_ids),
-            (
-                "logit_bias token id",
-                &sampling.logit_bias.keys().copied().collect(),
-            ),
-        ] {
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-                return Err(invalid(format!(
-                    "{what} {bad} is outside the vocabulary of {}",
-                    self.cfg.vocab_size
-                )));
-            }
+        let named = (request.tokens.iter().map(|&id| ("token id", id)))
+            .chain(
+                sampling
+                    .stop_token_ids
+                    .iter()
+                    .map(|&id| ("stop token id", id)),
+            )
+            .chain(
+                sampling
+                    .logit_bias
+                    .keys()
+                    .map(|&id| ("logit_bias token id", id)),
+            );
+        if let Some((what, bad)) = named
+            .into_iter()
+            .find(|&(_, id)| id as usize >= self.cfg.vocab_size)
+        {
+            return Err(invalid(format!(
+                "{what} {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
         }
         let bt = self.cfg.block_tokens.as_usize();
         let capacity = self.pool.stats().total * bt;

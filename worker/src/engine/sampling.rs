@@ -24,8 +24,8 @@ pub struct Sampler {
     top_p: f32,
     top_k: Option<usize>,
     min_p: f32,
-    /// Penalties and biases; `None` when the request has neither (and no `min_p`, no
-    /// constraint): the row is then used as the model left it, on the device when it is there.
+    /// Penalties and biases; `None` when the request has neither (and no `min_p`): without a
+    /// guide either, the row is then used as the model left it, on the device when it is there.
     adjust: Option<Adjust>,
     /// The constraint's matcher: tokens it does not allow are never drawn.
     guide: Option<Guide>,
@@ -43,14 +43,9 @@ struct Adjust {
 }
 
 impl Adjust {
-    /// No change (a constrained request's row is still copied, to be masked).
-    fn none() -> Self {
-        Adjust {
-            presence: 0.0,
-            frequency: 0.0,
-            bias: Vec::new(),
-            counts: HashMap::new(),
-        }
+    /// Whether generated tokens cost anything (only then are they counted).
+    fn penalises(&self) -> bool {
+        self.presence != 0.0 || self.frequency != 0.0
     }
 
     /// `logits` with the biases added and the penalties subtracted.
@@ -122,14 +117,14 @@ impl Sampler {
     /// The sampler drawing only what `guide` allows (constrained decoding).
     pub fn with_guide(mut self, guide: Guide) -> Self {
         self.guide = Some(guide);
-        self.adjust.get_or_insert_with(Adjust::none);
         self
     }
 
     /// Chooses the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let mut adjusted = self.adjust.as_ref().map(|a| a.apply(logits));
-        if let (Some(guide), Some(row)) = (&mut self.guide, &mut adjusted) {
+        if let Some(guide) = &mut self.guide {
+            let row = adjusted.get_or_insert_with(|| logits.to_vec());
             grammar::apply_mask(row, &guide.mask());
         }
         let row = adjusted.as_deref().unwrap_or(logits);
@@ -138,7 +133,7 @@ impl Sampler {
         } else {
             self.draw(row)
         };
-        if let Some(adjust) = &mut self.adjust {
+        if let Some(adjust) = self.adjust.as_mut().filter(|a| a.penalises()) {
             *adjust.counts.entry(token as u32).or_default() += 1;
         }
         if let Some(guide) = &mut self.guide {
@@ -162,7 +157,7 @@ impl Sampler {
         item: usize,
         top_n: Option<usize>,
     ) -> Result<Choice, ModelError> {
-        let sampled = if self.adjust.is_some() {
+        let sampled = if self.adjust.is_some() || self.guide.is_some() {
             self.sample(&logits.row(item)?)
         } else if self.temperature <= 0.0 {
             logits.greedy(item)?
