@@ -423,3 +423,55 @@ async fn a_message_cannot_forge_role_markers_nor_a_prompt_control_tokens() {
     let expected = plain_token_count(&kit, "<|im_start|>system", true);
     assert_eq!(r["usage"]["prompt_tokens"], expected);
 }
+
+/// The worker's own surface takes tools as the router's does (the same code prepares both): an
+/// offered tool reaches the prompt, an answer without a call is plain text, and a choice that
+/// cannot be served is a 400 naming its field. (The simulated engine does not follow grammars;
+/// `tests/tools.rs` runs required calls on the real model.)
+#[tokio::test]
+async fn tools_are_taken_on_the_workers_own_surface() {
+    let state = state();
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "lookup",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]);
+    let (status, plain) = post(&state, "/v1/chat/completions", chat(serde_json::json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{plain}");
+    let (status, body) = post(
+        &state,
+        "/v1/chat/completions",
+        chat(serde_json::json!({"tools": tools})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (plain, offered): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&plain).unwrap(),
+        serde_json::from_str(&body).unwrap(),
+    );
+    // The tools' description makes the prompt longer; the answer has no calls.
+    assert!(
+        offered["usage"]["prompt_tokens"].as_u64().unwrap()
+            > plain["usage"]["prompt_tokens"].as_u64().unwrap() + 50,
+        "{offered}"
+    );
+    let message = &offered["choices"][0]["message"];
+    assert!(message.get("tool_calls").is_none(), "{message}");
+    assert!(message["content"].is_string());
+    for (extra, param) in [
+        (
+            serde_json::json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "other"}}}),
+            "tool_choice",
+        ),
+        (
+            serde_json::json!({"tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            serde_json::json!({"tools": [{"type": "function", "function": {"name": "a.b"}}]}),
+            "tools",
+        ),
+    ] {
+        let (status, body) = post(&state, "/v1/chat/completions", chat(extra)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["error"]["param"], param, "{body}");
+    }
+}

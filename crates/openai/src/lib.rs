@@ -26,5 +26,5 @@ pub use continuation::{
     Answer, Continuation, Continuations, MemoryKey, PromptText, TurnRecord, TurnRecordError,
 };
 pub use host::require_host;
-pub use prepare::{Endpoint, Parsed, Prepared, Rendered, parse, unix_now};
+pub use prepare::{Endpoint, Parsed, Prepared, Rendered, ToolReading, parse, unix_now};
 pub use respond::{OnAnswer, error_response, respond, respond_then};

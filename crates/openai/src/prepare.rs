@@ -2,13 +2,16 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tidelock_prompt::{ChatMessage, PromptError, PromptKit, RenderedChat, SamplingDefaults};
+use tidelock_prompt::{
+    ChatMessage, FunctionSpec, PromptError, PromptKit, RenderedChat, SamplingDefaults, ToolStyle,
+};
 
 use crate::continuation::{Continuation, PromptText, TurnRecord};
-use tidelock_protocol::SamplingParams;
 use tidelock_protocol::openai::{
     ChatCompletionRequest, CommonFields, CompletionRequest, OpenAiError, PromptInput, ResponseMeta,
+    ToolPlan,
 };
+use tidelock_protocol::{Constraint, SamplingParams};
 
 /// Which OpenAI endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,6 +66,17 @@ pub struct Prepared {
     pub stops: Vec<String>,
     /// Answer as server-sent events.
     pub stream: bool,
+    /// How to read tool calls out of the answer; `None`: the answer is all text.
+    pub tools: Option<ToolReading>,
+}
+
+/// How a chat answer's tool calls are read ([`tidelock_prompt::ToolParser`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolReading {
+    /// The model family's way of writing calls.
+    pub style: ToolStyle,
+    /// `parallel_tool_calls`: more than one call is returned (otherwise the first only).
+    pub parallel: bool,
 }
 
 /// Seconds since the Unix epoch: OpenAI's `created` fields.
@@ -119,12 +133,18 @@ impl Parsed {
     /// messages), nothing tokenized yet (which costs much more, see
     /// [`Rendered::bytes_to_tokenize`]).
     pub fn render(self, kit: &PromptKit) -> Result<Rendered, OpenAiError> {
+        let mut tools = None;
         let prompt = match &self {
-            Parsed::Chat(req) => Prompt::Text {
-                chat: chat_text(kit, req)?,
-                add_special: false,
-                param: "messages",
-            },
+            Parsed::Chat(req) => {
+                let plan = req.tool_plan()?;
+                let chat = chat_text(kit, req)?;
+                tools = Some(plan);
+                Prompt::Text {
+                    chat,
+                    add_special: false,
+                    param: "messages",
+                }
+            }
             Parsed::Completion(req) => {
                 if req.echo {
                     return Err(OpenAiError::invalid("echo", "echo is not supported"));
@@ -142,6 +162,7 @@ impl Parsed {
         Ok(Rendered {
             parsed: self,
             prompt,
+            tools,
         })
     }
 }
@@ -151,6 +172,8 @@ impl Parsed {
 pub struct Rendered {
     parsed: Parsed,
     prompt: Prompt,
+    /// A chat request's tools, checked.
+    tools: Option<ToolPlan>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,7 +251,11 @@ impl Rendered {
         max_context: u64,
         previous: Option<&Continuation>,
     ) -> Result<Prepared, OpenAiError> {
-        let Rendered { parsed, prompt } = self;
+        let Rendered {
+            parsed,
+            prompt,
+            tools,
+        } = self;
         let mut continued = 0;
         let (tokens, text, param) = match prompt {
             Prompt::Text {
@@ -291,6 +318,10 @@ impl Rendered {
         sampling.max_tokens = sampling.max_tokens.min(room);
         check_vocabulary(&sampling, kit.vocab_size())?;
         apply_defaults(&mut sampling, parsed.common(), kit.sampling_defaults());
+        let tools = match tools {
+            Some(plan) => tool_reading(kit, &plan, &mut sampling)?,
+            None => None,
+        };
         let (prefix, stops) = match &parsed {
             Parsed::Chat(req) => ("chatcmpl", req.stop_strings()),
             Parsed::Completion(req) => ("cmpl", req.stop_strings()),
@@ -309,8 +340,44 @@ impl Rendered {
             sampling,
             stops,
             stream: parsed.common().stream,
+            tools,
         })
     }
+}
+
+/// How the answer's calls are read (`None` with `tool_choice: "none"`), and for `required` or a
+/// named function, the grammar every answer must follow so that its calls always parse.
+fn tool_reading(
+    kit: &PromptKit,
+    plan: &ToolPlan,
+    sampling: &mut SamplingParams,
+) -> Result<Option<ToolReading>, OpenAiError> {
+    if !plan.reads_calls() {
+        return Ok(None);
+    }
+    let style = ToolStyle::of(kit.chat_template());
+    if let Some(forced) = plan.forced() {
+        if sampling.constraint.is_some() {
+            return Err(OpenAiError::invalid(
+                "response_format",
+                "response_format cannot be combined with tool_choice `required` or a named function (the answer must be tool calls)",
+            ));
+        }
+        let functions: Vec<FunctionSpec> = forced
+            .into_iter()
+            .map(|f| FunctionSpec {
+                name: f.name.clone(),
+                parameters: f.parameters.clone(),
+            })
+            .collect();
+        sampling.constraint = Some(Constraint::Lark {
+            grammar: style.grammar(&functions, plan.parallel),
+        });
+    }
+    Ok(Some(ToolReading {
+        style,
+        parallel: plan.parallel,
+    }))
 }
 
 /// The token ids a request names besides its prompt (`logit_bias`, `stop_token_ids`) are in
@@ -360,7 +427,8 @@ fn too_long(param: &str, max_context: u64, has: &str) -> OpenAiError {
     .with_code("context_length_exceeded")
 }
 
-/// The conversation rendered with the chat template (and the request's tools).
+/// The conversation rendered with the chat template, and the request's tools: passed to a
+/// template that reads them, else written into the messages ([`ToolStyle::messages_for_template`]).
 fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<RenderedChat, OpenAiError> {
     if req.messages.is_empty() {
         return Err(OpenAiError::invalid(
@@ -379,8 +447,11 @@ fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<RenderedCha
             Ok(out)
         })
         .collect::<Result<Vec<_>, OpenAiError>>()?;
+    let style = ToolStyle::of(kit.chat_template());
+    let tools = req.tools.as_ref().filter(|t| !t.is_null());
+    let messages = style.messages_for_template(messages, tools);
     let mut extra = serde_json::Map::new();
-    if let Some(tools) = &req.tools {
+    if let Some(tools) = tools.filter(|_| style.native) {
         extra.insert("tools".into(), tools.clone());
     }
     kit.render_chat_guarded(&messages, true, &extra)

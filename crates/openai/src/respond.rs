@@ -8,15 +8,15 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tidelock_prompt::{IncrementalDetokenizer, PromptKit, StopMatcher};
+use tidelock_prompt::{IncrementalDetokenizer, PromptKit, StopMatcher, ToolParser, ToolPiece};
 use tidelock_protocol::openai::{
     self, ChatChoice, ChatCompletion, ChatMessageOut, Completion, CompletionChoice, Delta,
-    OpenAiError, ResponseMeta, TokenLogprob,
+    OpenAiError, ResponseMeta, TokenLogprob, ToolCallOut,
 };
 use tidelock_protocol::{FinishReason, GenerateEvent};
 
 use crate::continuation::Answer;
-use crate::prepare::{Endpoint, Prepared};
+use crate::prepare::{Endpoint, Prepared, ToolReading};
 
 /// Called with the whole answer when it ends normally (not cut by a stop string, not failed);
 /// the answer's end reaches the client once the future it returns is done (so that what it
@@ -52,15 +52,90 @@ struct AnswerOut {
     chars_sent: usize,
     /// Whether its end was sent.
     ended: bool,
+    /// Reads tool calls out of the text, when the request offers tools.
+    tools: Option<ToolParser>,
+    /// Calls after the first are dropped (`parallel_tool_calls: false`).
+    one_call: bool,
+    /// Calls returned so far.
+    calls: u32,
+}
+
+impl AnswerOut {
+    fn new(stops: Vec<String>, tools: Option<ToolReading>) -> Self {
+        AnswerOut {
+            detok: IncrementalDetokenizer::new(true),
+            stop: StopMatcher::new(stops),
+            logprobs: Vec::new(),
+            chars_sent: 0,
+            ended: false,
+            tools: tools.map(|t| t.style.parser()),
+            one_call: tools.is_some_and(|t| !t.parallel),
+            calls: 0,
+        }
+    }
+
+    /// What the client is told of `text`, the answer's next piece (`last`: its end): the text
+    /// itself, or with tools, the content and the calls read out of it.
+    fn said(&mut self, text: String, last: bool) -> Said {
+        let Some(parser) = &mut self.tools else {
+            return Said {
+                text,
+                calls: Vec::new(),
+            };
+        };
+        let mut pieces = parser.push(&text);
+        if last {
+            pieces.extend(parser.finish());
+        }
+        let mut said = Said::default();
+        for piece in pieces {
+            match piece {
+                ToolPiece::Text(t) => said.text.push_str(&t),
+                ToolPiece::Call(_) if self.one_call && self.calls > 0 => {}
+                ToolPiece::Call(call) => {
+                    self.calls += 1;
+                    said.calls.push(ToolCallOut::new(call.name, call.arguments));
+                }
+            }
+        }
+        said
+    }
+
+    /// OpenAI's finish reason for an answer that ended normally with `reason`: `tool_calls`
+    /// when it made calls.
+    fn finish(&self, reason: Option<String>) -> Option<String> {
+        match reason {
+            Some(r) if r == "stop" && self.calls > 0 => Some("tool_calls".into()),
+            other => other,
+        }
+    }
+}
+
+/// A piece of an answer as the client sees it: text, and the tool calls completed in it.
+#[derive(Default)]
+struct Said {
+    text: String,
+    calls: Vec<ToolCallOut>,
+}
+
+impl Said {
+    fn is_empty(&self) -> bool {
+        self.text.is_empty() && self.calls.is_empty()
+    }
 }
 
 /// One step of a generation as the client sees it.
 enum Step {
-    /// More text of answer `.0` (may be empty).
-    Text(usize, String),
-    /// The end of answer `.0`: remaining text, finish reason.
-    End(usize, String, Option<String>),
+    /// More of answer `.0` (may be empty).
+    Text(usize, Said),
+    /// The end of answer `.0`: what remained, finish reason.
+    End(usize, Said, Option<String>),
     Failed(OpenAiError),
+}
+
+/// A step with nothing to tell.
+fn nothing(i: usize) -> Step {
+    Step::Text(i, Said::default())
 }
 
 impl TextOut {
@@ -95,7 +170,7 @@ impl TextOut {
             )))),
         };
         Some(match event {
-            GenerateEvent::Prefilled { .. } => Step::Text(0, String::new()),
+            GenerateEvent::Prefilled { .. } => nothing(0),
             GenerateEvent::Tokens {
                 ids,
                 logprobs,
@@ -108,7 +183,7 @@ impl TextOut {
                 };
                 if self.answers[i].ended {
                     // Cut by a stop string; its tokens still come until it ends.
-                    return Some(Step::Text(i, String::new()));
+                    return Some(nothing(i));
                 }
                 if let Some(logprobs) = logprobs {
                     let tokens = self.logprobs(&ids, &logprobs, top_logprobs.as_deref());
@@ -128,16 +203,18 @@ impl TextOut {
                         // the event stream is dropped, which cancels generation.
                         out.ended = true;
                         self.remember = None;
-                        return Some(Step::End(i, text, Some("stop".into())));
+                        let said = out.said(text, true);
+                        let finish = out.finish(Some("stop".into()));
+                        return Some(Step::End(i, said, finish));
                     }
                 }
                 if let Some((answer, _)) = &mut self.remember {
                     answer.text.push_str(&text);
                 }
-                Step::Text(i, text)
+                Step::Text(i, out.said(text, false))
             }
             GenerateEvent::Ended { choice, reason, .. } => match answer(choice) {
-                Ok(i) if self.answers[i].ended => Step::Text(i, String::new()),
+                Ok(i) if self.answers[i].ended => nothing(i),
                 Ok(i) => self.end(i, reason).await,
                 Err(failed) => failed,
             },
@@ -145,13 +222,13 @@ impl TextOut {
                 self.finished = Some(reason);
                 match self.answers.iter().position(|a| !a.ended) {
                     Some(open) => self.end(open, reason).await,
-                    None => Step::Text(0, String::new()),
+                    None => nothing(0),
                 }
             }
             GenerateEvent::Error { code, message } => {
                 Step::Failed(OpenAiError::from_wire(code, message))
             }
-            GenerateEvent::Unknown => Step::Text(0, String::new()),
+            GenerateEvent::Unknown => nothing(0),
         })
     }
 
@@ -172,7 +249,10 @@ impl TextOut {
             answer.text.push_str(&text);
             on_answer(answer).await;
         }
-        Step::End(i, text, finish)
+        let out = &mut self.answers[i];
+        let said = out.said(text, true);
+        let finish = out.finish(finish);
+        Step::End(i, said, finish)
     }
 
     fn logprobs(
@@ -196,34 +276,55 @@ impl TextOut {
             .collect()
     }
 
-    /// A content chunk of answer `i`, with the log-probabilities of the tokens it carries when
-    /// asked for.
-    fn chunk(
+    /// The chunks of one step of answer `i`: its text (with the log-probabilities of the tokens
+    /// it carries, when asked for), each call completed in it as two tool call deltas, and the
+    /// finish reason (with the text when there are no calls, else on a chunk of its own).
+    fn chunks(
         &mut self,
         meta: &ResponseMeta,
         endpoint: Endpoint,
         wants_logprobs: bool,
-        (i, text, finish): (usize, String, Option<String>),
+        (i, said, finish): (usize, Said, Option<String>),
     ) -> String {
         let out = &mut self.answers[i];
         let tokens = std::mem::take(&mut out.logprobs);
         let offset = out.chars_sent;
-        out.chars_sent += text.chars().count();
+        out.chars_sent += said.text.chars().count();
+        let first_call = out.calls - said.calls.len() as u32;
         match endpoint {
             Endpoint::Chat => {
-                let delta = Delta {
-                    role: None,
-                    content: Some(text),
+                let mut lines = String::new();
+                let mut logprobs = wants_logprobs.then(|| openai::chat_logprobs(&tokens));
+                let mut send = |delta: Delta, finish: Option<String>| {
+                    let mut c = meta.chat_chunk(delta, finish);
+                    c.choices[0].index = i as u32;
+                    c.choices[0].logprobs = logprobs.take();
+                    lines.push_str(&openai::sse_data(&c));
                 };
-                let mut c = meta.chat_chunk(delta, finish);
-                c.choices[0].index = i as u32;
-                if wants_logprobs {
-                    c.choices[0].logprobs = Some(openai::chat_logprobs(&tokens));
+                let calls = !said.calls.is_empty();
+                if !said.text.is_empty() || !calls {
+                    let delta = Delta {
+                        content: Some(said.text),
+                        ..Delta::default()
+                    };
+                    send(delta, if calls { None } else { finish.clone() });
                 }
-                openai::sse_data(&c)
+                for (k, call) in said.calls.iter().enumerate() {
+                    for piece in call.deltas(first_call + k as u32) {
+                        let delta = Delta {
+                            tool_calls: Some(vec![piece]),
+                            ..Delta::default()
+                        };
+                        send(delta, None);
+                    }
+                }
+                if calls && finish.is_some() {
+                    send(Delta::default(), finish);
+                }
+                lines
             }
             Endpoint::Completion => {
-                let mut c = meta.completion_chunk(text, finish);
+                let mut c = meta.completion_chunk(said.text, finish);
                 c.choices[0].index = i as u32;
                 if wants_logprobs {
                     c.choices[0].logprobs = Some(openai::completion_logprobs(&tokens, offset));
@@ -257,13 +358,7 @@ pub async fn respond_then(
     let meta = prepared.meta;
     let n = prepared.sampling.n.max(1) as usize;
     let answers = (0..n)
-        .map(|_| AnswerOut {
-            detok: IncrementalDetokenizer::new(true),
-            stop: StopMatcher::new(prepared.stops.clone()),
-            logprobs: Vec::new(),
-            chars_sent: 0,
-            ended: false,
-        })
+        .map(|_| AnswerOut::new(prepared.stops.clone(), prepared.tools))
         .collect();
     let out = TextOut {
         kit,
@@ -283,6 +378,7 @@ pub async fn respond_then(
                 let role = Delta {
                     role: Some("assistant".into()),
                     content: Some(String::new()),
+                    ..Delta::default()
                 };
                 let mut c = meta.chat_chunk(role, None);
                 c.choices[0].index = i as u32;
@@ -295,12 +391,12 @@ pub async fn respond_then(
         let (mut out, meta) = state?;
         let mut lines = String::new();
         match out.next().await? {
-            Step::Text(_, t) if t.is_empty() => {}
-            Step::Text(i, t) => {
-                lines.push_str(&out.chunk(&meta, endpoint, wants_logprobs, (i, t, None)));
+            Step::Text(_, said) if said.is_empty() => {}
+            Step::Text(i, said) => {
+                lines.push_str(&out.chunks(&meta, endpoint, wants_logprobs, (i, said, None)));
             }
-            Step::End(i, t, finish) => {
-                lines.push_str(&out.chunk(&meta, endpoint, wants_logprobs, (i, t, finish)));
+            Step::End(i, said, finish) => {
+                lines.push_str(&out.chunks(&meta, endpoint, wants_logprobs, (i, said, finish)));
                 if !out.all_ended() {
                     return Some((lines, Some((out, meta))));
                 }
@@ -346,12 +442,17 @@ async fn whole(
     mut out: TextOut,
 ) -> Response {
     let mut content = vec![String::new(); out.answers.len()];
+    let mut calls: Vec<Vec<ToolCallOut>> = vec![Vec::new(); out.answers.len()];
     let mut finish = vec![None; out.answers.len()];
+    let mut take = |i: usize, said: Said| {
+        content[i].push_str(&said.text);
+        calls[i].extend(said.calls);
+    };
     loop {
         match out.next().await {
-            Some(Step::Text(i, t)) => content[i].push_str(&t),
-            Some(Step::End(i, t, reason)) => {
-                content[i].push_str(&t);
+            Some(Step::Text(i, said)) => take(i, said),
+            Some(Step::End(i, said, reason)) => {
+                take(i, said);
                 finish[i] = reason;
             }
             Some(Step::Failed(e)) => return error_response(&e),
@@ -365,15 +466,20 @@ async fn whole(
         Endpoint::Chat => {
             let mut body = ChatCompletion::new(meta, String::new(), None, usage);
             body.choices = answers
-                .map(|(((content, finish_reason), answer), index)| ChatChoice {
-                    index,
-                    message: ChatMessageOut {
-                        role: "assistant".to_owned(),
-                        content: Some(content),
+                .zip(calls)
+                .map(
+                    |((((content, finish_reason), answer), index), calls)| ChatChoice {
+                        index,
+                        message: ChatMessageOut {
+                            role: "assistant".to_owned(),
+                            // An answer of calls only has `content: null`, as OpenAI's.
+                            content: (!content.is_empty() || calls.is_empty()).then_some(content),
+                            tool_calls: (!calls.is_empty()).then_some(calls),
+                        },
+                        logprobs: wants_logprobs.then(|| openai::chat_logprobs(&answer.logprobs)),
+                        finish_reason,
                     },
-                    logprobs: wants_logprobs.then(|| openai::chat_logprobs(&answer.logprobs)),
-                    finish_reason,
-                })
+                )
                 .collect();
             axum::Json(body).into_response()
         }

@@ -99,6 +99,25 @@ pub(crate) fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     Ok(Value::from_safe_string(text))
 }
 
+/// `json.dumps(value, ensure_ascii=False)`: what templates print with `tojson`, and how tool
+/// calls are written back into prompts and answers.
+pub fn python_json(value: &serde_json::Value) -> String {
+    let formatter = PyJsonFormatter {
+        indent: None,
+        item_sep: ", ".to_owned(),
+        key_sep: ": ".to_owned(),
+        ensure_ascii: false,
+        open: Vec::new(),
+    };
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+    // Writing a JSON value to memory cannot fail, and the formatter writes only UTF-8.
+    value
+        .serialize(&mut serializer)
+        .expect("a JSON value serialises");
+    String::from_utf8(out).expect("the formatter writes UTF-8")
+}
+
 /// A `serde_json` formatter that writes what Python's `json.dumps` writes.
 struct PyJsonFormatter {
     indent: Option<String>,

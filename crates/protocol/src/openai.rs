@@ -28,13 +28,15 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub use error::{ErrorKind, OpenAiError};
 pub use request::{
-    ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest, ContentPart,
-    MessageContent, Prompt, PromptInput, SESSION_HEADER, Stop, StreamOptions,
+    ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest, ContentPart, MAX_TOOLS,
+    MessageContent, OfferedFunction, Prompt, PromptInput, SESSION_HEADER, Stop, StreamOptions,
+    ToolChoice, ToolPlan,
 };
 pub use response::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatMessageOut, ChunkChoice, Completion,
-    CompletionChoice, CompletionChunk, Delta, ModelCard, ModelList, PromptTokensDetails,
-    ResponseMeta, TokenLogprob, Usage, chat_logprobs, completion_logprobs, finish_reason,
+    CompletionChoice, CompletionChunk, Delta, FunctionCall, FunctionDelta, ModelCard, ModelList,
+    PromptTokensDetails, ResponseMeta, TokenLogprob, ToolCallDelta, ToolCallOut, Usage,
+    chat_logprobs, completion_logprobs, finish_reason,
 };
 
 /// The most stop sequences a request may carry, as with OpenAI.

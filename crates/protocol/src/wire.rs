@@ -109,6 +109,19 @@ pub enum Constraint {
     JsonObject,
     /// JSON valid against `schema` (a JSON Schema).
     JsonSchema { schema: serde_json::Value },
+    /// Text of a Lark grammar in `llguidance`'s dialect (JSON Schemas embedded with `%json`).
+    /// The OpenAI surface builds one for `tool_choice` `required` or a named function.
+    Lark { grammar: String },
+}
+
+impl Constraint {
+    /// The OpenAI request field a constraint comes from, which names it in errors.
+    pub fn param(&self) -> &'static str {
+        match self {
+            Constraint::JsonObject | Constraint::JsonSchema { .. } => "response_format",
+            Constraint::Lark { .. } => "tools",
+        }
+    }
 }
 
 fn is_one(n: &u32) -> bool {

@@ -31,7 +31,7 @@ use serde_json::{Map, Value, json};
 use tidelock_protocol::SamplingParams;
 use tidelock_protocol::openai::{
     ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest, ErrorKind,
-    MAX_STOP_SEQUENCES, MessageContent, OpenAiError, Prompt, PromptInput,
+    MAX_STOP_SEQUENCES, MessageContent, OpenAiError, Prompt, PromptInput, ToolChoice,
 };
 
 /// Passed to `sampling` as the room left in the context.
@@ -81,6 +81,7 @@ const REQUEST_FIELDS: &[&str] = &[
     "echo",
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
@@ -275,7 +276,7 @@ fn field_value(name: &'static str) -> BoxedStrategy<Value> {
             count()
         ]
         .boxed(),
-        "stream" | "echo" | "ignore_eos" => {
+        "stream" | "echo" | "ignore_eos" | "parallel_tool_calls" => {
             prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::from)].boxed()
         }
         "stream_options" => prop_oneof![
@@ -320,12 +321,16 @@ fn field_value(name: &'static str) -> BoxedStrategy<Value> {
             json!("auto"),
             json!("required"),
             json!({"type": "function", "function": {"name": "f"}}),
+            json!({"type": "function", "function": {"name": "g"}}),
+            json!("sometimes"),
         ])
         .boxed(),
         "tools" => prop::sample::select(vec![
             Value::Null,
             json!([]),
             json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+            json!([{"type": "function", "function": {"name": "no spaces"}}]),
+            json!({"type": "function"}),
         ])
         .boxed(),
         _ => any_json().boxed(),
@@ -722,22 +727,7 @@ fn check_chat(request: &ChatCompletionRequest) -> Result<(), TestCaseError> {
     prop_assert_eq!(request.stop_strings(), stop.unwrap_or_default());
 
     let mut bad = common_violations(&request.common);
-    // Tools are not served yet: offered ones (unless `tool_choice` is `none`) and a choice that
-    // promises a call are refused by name.
-    let none = request.tool_choice == Some(json!("none"));
-    match &request.tool_choice {
-        None | Some(Value::Null) => {}
-        Some(Value::String(c)) if c == "none" || c == "auto" => {}
-        Some(_) => bad.push("tool_choice"),
-    }
-    let offered = match &request.tools {
-        None | Some(Value::Null) => false,
-        Some(Value::Array(tools)) => !tools.is_empty(),
-        Some(_) => true,
-    };
-    if offered && !none {
-        bad.push("tools");
-    }
+    check_tool_plan(request)?;
     let (max_tokens, max_param) = match (request.max_completion_tokens, request.max_tokens) {
         (Some(max), _) => (max, "max_completion_tokens"),
         (None, Some(max)) => (max, "max_tokens"),
@@ -767,6 +757,56 @@ fn check_chat(request: &ChatCompletionRequest) -> Result<(), TestCaseError> {
             prop_assert_eq!(sampling.logprobs, logprobs);
         }
         Err(error) => check_invalid(&error, &bad)?,
+    }
+    Ok(())
+}
+
+/// `tool_plan`, against a model of the rules: tools are a list of valid, distinct function
+/// tools; a choice that promises a call needs tools, and a named one one of them.
+fn check_tool_plan(request: &ChatCompletionRequest) -> Result<(), TestCaseError> {
+    let names: Option<Vec<&str>> = match &request.tools {
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(Value::Array(tools)) => tools
+            .iter()
+            .map(|t| {
+                let name = t["function"]["name"].as_str()?;
+                let valid = t["type"] == "function"
+                    && !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                valid.then_some(name)
+            })
+            .collect(),
+        Some(_) => None,
+    };
+    let Some(names) = names else {
+        return check_invalid(&request.tool_plan().unwrap_err(), &["tools"]);
+    };
+    let expected = match &request.tool_choice {
+        None | Some(Value::Null) if names.is_empty() => Some(ToolChoice::None),
+        None | Some(Value::Null) => Some(ToolChoice::Auto),
+        Some(c) if c == "none" => Some(ToolChoice::None),
+        Some(c) if c == "auto" => Some(ToolChoice::Auto),
+        Some(c) if c == "required" && !names.is_empty() => Some(ToolChoice::Required),
+        Some(c) => c["function"]["name"]
+            .as_str()
+            .filter(|n| c["type"] == "function" && names.contains(n))
+            .map(|n| ToolChoice::Function(n.to_owned())),
+    };
+    match (request.tool_plan(), expected) {
+        (Ok(plan), Some(choice)) => {
+            prop_assert_eq!(plan.choice, choice);
+            prop_assert_eq!(plan.functions.len(), names.len());
+            prop_assert_eq!(plan.parallel, request.parallel_tool_calls != Some(false));
+        }
+        (Err(error), None) => check_invalid(&error, &["tool_choice"])?,
+        (got, expected) => {
+            return Err(TestCaseError::fail(format!(
+                "tool_plan gave {got:?}, expected {expected:?}"
+            )));
+        }
     }
     Ok(())
 }

@@ -23,9 +23,13 @@ pub enum GrammarError {
     /// The tokenizer cannot be turned into a token trie.
     #[error("cannot build the token trie for constrained decoding: {0}")]
     Tokenizer(String),
-    /// The request's schema or grammar does not compile (an unsupported feature, a bad schema).
-    #[error("response_format: {0}")]
-    Compile(String),
+    /// The request's schema or grammar does not compile (an unsupported feature, a bad schema);
+    /// `param` is the OpenAI field it came from ([`Constraint::param`]).
+    #[error("{param}: {message}")]
+    Compile {
+        param: &'static str,
+        message: String,
+    },
 }
 
 /// What every constrained request of a worker shares: the parser factory over its vocabulary.
@@ -78,17 +82,24 @@ impl Grammars {
 
     /// A fresh guide for one answer.
     pub fn guide(&self, constraint: &Constraint) -> Result<Guide, GrammarError> {
-        let schema = match constraint {
-            Constraint::JsonObject => serde_json::json!({"type": "object"}),
-            Constraint::JsonSchema { schema } => schema.clone(),
+        let grammar = match constraint {
+            Constraint::JsonObject => {
+                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+            }
+            Constraint::JsonSchema { schema } => TopLevelGrammar::from_json_schema(schema.clone()),
+            Constraint::Lark { grammar } => TopLevelGrammar::from_lark(grammar.clone()),
+        };
+        let failed = |message: String| GrammarError::Compile {
+            param: constraint.param(),
+            message,
         };
         let parser = self
             .factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
-            .map_err(|e| GrammarError::Compile(format!("{e:#}")))?;
+            .create_parser(grammar)
+            .map_err(|e| failed(format!("{e:#}")))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(error) = matcher.get_error() {
-            return Err(GrammarError::Compile(error));
+            return Err(failed(error));
         }
         let ends = self.factory.tok_env().tok_trie().eos_token_set();
         Ok(Guide { matcher, ends })

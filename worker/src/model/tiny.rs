@@ -94,11 +94,13 @@ pub enum TinyFamily {
 /// ChatML, as Qwen2 and SmolLM write it.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-/// Llama 3.x's header-id format.
-const LLAMA3: &str = "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}";
+/// Llama 3.x's header-id format; with tools, Llama 3.1's JSON tool calling (the functions in a
+/// system turn, calls as `{"name": ..., "parameters": ...}`, results in `ipython` turns).
+const LLAMA3: &str = include_str!("tiny/llama3.jinja");
 
-/// Qwen2.5's ChatML: a default system prompt when the conversation has none.
-const QWEN25: &str = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if message['role'] != 'system' %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+/// Qwen2.5's ChatML: a default system prompt when the conversation has none; with tools, its
+/// Hermes tool calling (`<tool_call>` blocks, results as `<tool_response>` in a user turn).
+const QWEN25: &str = include_str!("tiny/qwen25.jinja");
 
 /// Qwen3's ChatML: the generation prompt closes an empty thinking block when thinking is off.
 const QWEN3: &str = "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}";

@@ -169,9 +169,13 @@ impl OpenAiError {
         let message = message.into();
         match code {
             // A worker names the request field at fault as the message's prefix (a constraint
-            // that does not compile: `response_format: ...`).
+            // that does not compile: `response_format: ...`, or `tools: ...` for a required
+            // call's grammar).
             ErrorCode::InvalidRequest if message.starts_with("response_format:") => {
                 Self::invalid("response_format", message)
+            }
+            ErrorCode::InvalidRequest if message.starts_with("tools:") => {
+                Self::invalid("tools", message)
             }
             ErrorCode::InvalidRequest => Self::bad_request(message),
             ErrorCode::ContextTooLong => {

@@ -317,9 +317,72 @@ pub struct ChatCompletionRequest {
     /// Tool definitions, passed to the chat template as they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Value>,
-    /// Tool choice, passed on as it is.
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ...}}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<Value>,
+    /// Whether the answer may make several calls (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+}
+
+/// The most tools one request may offer (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+
+/// A function a request offers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OfferedFunction {
+    pub name: String,
+    /// Its parameters' JSON Schema, `None` when it declares none.
+    pub parameters: Option<Value>,
+}
+
+/// `tool_choice`, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// No calls: the answer is text (tools still reach the template).
+    None,
+    /// The model decides; calls it writes are read out of its answer.
+    Auto,
+    /// At least one call, of any offered function.
+    Required,
+    /// A call of this function.
+    Function(String),
+}
+
+/// A chat request's tools, checked ([`ChatCompletionRequest::tool_plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolPlan {
+    pub functions: Vec<OfferedFunction>,
+    pub choice: ToolChoice,
+    /// `parallel_tool_calls`: several calls in one answer (default true).
+    pub parallel: bool,
+}
+
+impl ToolPlan {
+    /// Whether answers are read for calls.
+    pub fn reads_calls(&self) -> bool {
+        self.choice != ToolChoice::None
+    }
+
+    /// The functions a call must name, when the answer must be calls: all of them for
+    /// `required`, the named one for a named choice; `None` when calls are optional.
+    pub fn forced(&self) -> Option<Vec<&OfferedFunction>> {
+        match &self.choice {
+            ToolChoice::None | ToolChoice::Auto => None,
+            ToolChoice::Required => Some(self.functions.iter().collect()),
+            ToolChoice::Function(name) => {
+                Some(self.functions.iter().filter(|f| &f.name == name).collect())
+            }
+        }
+    }
+}
+
+/// OpenAI's rule for function names.
+fn valid_function_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl ChatCompletionRequest {
@@ -328,7 +391,6 @@ impl ChatCompletionRequest {
     /// `default_max_tokens` applies when neither `max_completion_tokens` nor `max_tokens` is set
     /// (OpenAI then generates until the context ends): callers pass the room left in the context.
     pub fn sampling(&self, default_max_tokens: u32) -> Result<SamplingParams, OpenAiError> {
-        self.tools_unserved()?;
         let logprobs = match (self.logprobs, self.top_logprobs) {
             (Some(true), top) => Some(top.unwrap_or(0)),
             (_, Some(top)) if top > 0 => {
@@ -347,43 +409,120 @@ impl ChatCompletionRequest {
         self.common.sampling(max_tokens, (logprobs, "top_logprobs"))
     }
 
-    /// Tool calls are not parsed out of answers yet, so a request that offers tools (unless
-    /// `tool_choice` is `none`) is refused, naming `tools`; `tool_choice` `required` or a named
-    /// function, which promise a call, name `tool_choice`. Tool messages in the history, and
-    /// tools with `tool_choice: "none"`, still reach the chat template.
-    pub fn tools_unserved(&self) -> Result<(), OpenAiError> {
-        let not_yet = |param: &str, what: &str| {
-            Err(unsupported(
-                param,
-                format!(
-                    "{what} is not supported by this server yet: answers are not parsed into tool_calls"
-                ),
-            ))
+    /// The tools the request offers and how the model may use them, checked: each tool is
+    /// `{"type": "function", "function": {"name", "description"?, "parameters"?}}` with a
+    /// distinct name of 1 to 64 letters, digits, `_` or `-` (OpenAI's rule) and an object for
+    /// `parameters`; at most [`MAX_TOOLS`]. `tool_choice` defaults to `auto` with tools and
+    /// `none` without; `required` and a named function need tools, and the name one of them.
+    pub fn tool_plan(&self) -> Result<ToolPlan, OpenAiError> {
+        let bad = |param: &str, message: String| Err(OpenAiError::invalid(param, message));
+        let tools: &[Value] = match &self.tools {
+            None | Some(Value::Null) => &[],
+            Some(Value::Array(tools)) => tools,
+            Some(_) => return bad("tools", "tools must be an array of tools".into()),
         };
-        let none = matches!(&self.tool_choice, Some(Value::String(c)) if c == "none");
-        match &self.tool_choice {
-            None | Some(Value::Null) => {}
-            Some(Value::String(c)) if c == "none" || c == "auto" => {}
-            Some(Value::String(c)) if c == "required" => {
-                return not_yet("tool_choice", "`tool_choice: \"required\"`");
+        if tools.len() > MAX_TOOLS {
+            return bad(
+                "tools",
+                format!("at most {MAX_TOOLS} tools, not {}", tools.len()),
+            );
+        }
+        let mut functions: Vec<OfferedFunction> = Vec::with_capacity(tools.len());
+        for (i, tool) in tools.iter().enumerate() {
+            let at = |m: &str| format!("tools[{i}]: {m}");
+            match tool.get("type").and_then(Value::as_str) {
+                Some("function") => {}
+                Some(other) => {
+                    return Err(unsupported(
+                        "tools",
+                        at(&format!(
+                            "only `function` tools are supported, not `{other}`"
+                        )),
+                    ));
+                }
+                None => return bad("tools", at("a tool needs `type: \"function\"`")),
             }
-            Some(Value::Object(_)) => return not_yet("tool_choice", "a named `tool_choice`"),
+            let Some(function) = tool.get("function").filter(|f| f.is_object()) else {
+                return bad("tools", at("a function tool needs a `function` object"));
+            };
+            let name = match function.get("name").and_then(Value::as_str) {
+                Some(name) if valid_function_name(name) => name,
+                Some(name) => {
+                    return bad(
+                        "tools",
+                        at(&format!(
+                            "function name `{name}` must be 1 to 64 letters, digits, `_` or `-`"
+                        )),
+                    );
+                }
+                None => return bad("tools", at("a function needs a string `name`")),
+            };
+            if functions.iter().any(|f| f.name == name) {
+                return bad("tools", at(&format!("function `{name}` is offered twice")));
+            }
+            let parameters = match function.get("parameters") {
+                None | Some(Value::Null) => None,
+                Some(schema @ Value::Object(_)) => Some(schema.clone()),
+                Some(_) => {
+                    return bad("tools", at("`parameters` must be a JSON Schema object"));
+                }
+            };
+            functions.push(OfferedFunction {
+                name: name.to_owned(),
+                parameters,
+            });
+        }
+        let choice = match &self.tool_choice {
+            None | Some(Value::Null) if functions.is_empty() => ToolChoice::None,
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(c)) if c == "none" => ToolChoice::None,
+            Some(Value::String(c)) if c == "auto" => ToolChoice::Auto,
+            Some(Value::String(c)) if c == "required" => ToolChoice::Required,
+            Some(Value::Object(named))
+                if named.get("type").and_then(Value::as_str) == Some("function") =>
+            {
+                match named
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                {
+                    Some(name) => ToolChoice::Function(name.to_owned()),
+                    None => {
+                        return bad(
+                            "tool_choice",
+                            "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": ...}}"
+                                .into(),
+                        );
+                    }
+                }
+            }
             Some(_) => {
-                return Err(OpenAiError::invalid(
+                return bad(
                     "tool_choice",
-                    "tool_choice must be \"none\", \"auto\", \"required\" or a named function",
-                ));
+                    "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}".into(),
+                );
             }
-        }
-        let offered = match &self.tools {
-            None | Some(Value::Null) => false,
-            Some(Value::Array(tools)) => !tools.is_empty(),
-            Some(_) => true,
         };
-        if offered && !none {
-            return not_yet("tools", "offering `tools`");
+        match &choice {
+            ToolChoice::Required | ToolChoice::Function(_) if functions.is_empty() => {
+                return bad(
+                    "tool_choice",
+                    "tool_choice requires a call, but the request offers no tools".into(),
+                );
+            }
+            ToolChoice::Function(name) if !functions.iter().any(|f| &f.name == name) => {
+                return bad(
+                    "tool_choice",
+                    format!("tool_choice names `{name}`, which is not among the tools"),
+                );
+            }
+            _ => {}
         }
-        Ok(())
+        Ok(ToolPlan {
+            functions,
+            choice,
+            parallel: self.parallel_tool_calls.unwrap_or(true),
+        })
     }
 
     /// The stop sequences, empty when none were given.
@@ -725,14 +864,10 @@ mod tests {
             "u-9"
         );
         assert_eq!(request.tool_choice, Some(json!("auto")));
-        // Offered tools are refused until answers are parsed into tool_calls; with
-        // `tool_choice: "none"` they only reach the template.
-        let refused = request.sampling(100).unwrap_err();
-        assert_eq!(refused.param.as_deref(), Some("tools"), "{refused:?}");
-        let request = ChatCompletionRequest {
-            tool_choice: Some(json!("none")),
-            ..request
-        };
+        let plan = request.tool_plan().unwrap();
+        assert_eq!(plan.choice, ToolChoice::Auto);
+        assert_eq!(plan.functions[0].parameters, Some(json!({})));
+        assert!(plan.parallel && plan.reads_calls() && plan.forced().is_none());
         let sampling = request.sampling(100).unwrap();
         assert_eq!(sampling.max_tokens, 100, "no limit: the caller's default");
         assert_eq!((sampling.temperature, sampling.top_p), (1.0, 1.0));
@@ -762,27 +897,11 @@ mod tests {
             ),
             ("response_format", json!({"type": "grammar"})),
             ("response_format", json!("json")),
-            ("tool_choice", json!("required")),
-            (
-                "tool_choice",
-                json!({"type": "function", "function": {"name": "f"}}),
-            ),
-            ("tool_choice", json!(7)),
-            (
-                "tools",
-                json!([{"type": "function", "function": {"name": "f"}}]),
-            ),
         ] {
             let error = with(field, value.clone()).unwrap_err();
             assert_eq!(error.param.as_deref(), Some(field), "{field}: {value}");
             assert_eq!(error.status, 400);
         }
-        let error = with(
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        )
-        .unwrap_err();
-        assert_eq!(error.code.as_deref(), Some("unsupported_parameter"));
         for (field, value) in [
             ("presence_penalty", json!(0)),
             ("frequency_penalty", json!(0.0)),
@@ -813,6 +932,107 @@ mod tests {
         .sampling(16)
         .unwrap();
         assert_eq!(completion.constraint, Some(Constraint::JsonObject));
+    }
+
+    /// `tools`, `tool_choice` and `parallel_tool_calls` are read into a plan; what cannot be
+    /// served is a 400 naming the field.
+    #[test]
+    fn tool_plans_are_checked() {
+        let f = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
+        let plan = |tools: Value, choice: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                "tools": tools, "parallel_tool_calls": false});
+            if !choice.is_null() {
+                body["tool_choice"] = choice;
+            }
+            chat(body).tool_plan()
+        };
+        let two = json!([f("get_weather"), f("now")]);
+        let required = plan(two.clone(), json!("required")).unwrap();
+        assert_eq!(required.choice, ToolChoice::Required);
+        assert!(!required.parallel);
+        let names = |p: &ToolPlan| -> Vec<String> {
+            p.forced().unwrap().iter().map(|f| f.name.clone()).collect()
+        };
+        assert_eq!(names(&required), ["get_weather", "now"]);
+        let named = plan(
+            two.clone(),
+            json!({"type": "function", "function": {"name": "now"}}),
+        )
+        .unwrap();
+        assert_eq!(names(&named), ["now"]);
+        assert_eq!(
+            plan(json!([]), Value::Null).unwrap().choice,
+            ToolChoice::None
+        );
+        assert_eq!(
+            plan(two.clone(), Value::Null).unwrap().choice,
+            ToolChoice::Auto
+        );
+        let none = plan(two.clone(), json!("none")).unwrap();
+        assert!(!none.reads_calls() && none.forced().is_none());
+        for (tools, choice, param, says) in [
+            (json!({"a": 1}), Value::Null, "tools", "array"),
+            (
+                json!([{"type": "retrieval"}]),
+                Value::Null,
+                "tools",
+                "not `retrieval`",
+            ),
+            (
+                json!([{"function": {"name": "f"}}]),
+                Value::Null,
+                "tools",
+                "tools[0]",
+            ),
+            (
+                json!([{"type": "function"}]),
+                Value::Null,
+                "tools",
+                "`function` object",
+            ),
+            (json!([f("a b")]), Value::Null, "tools", "`a b` must be"),
+            (json!([f(&"x".repeat(65))]), Value::Null, "tools", "1 to 64"),
+            (
+                json!([f("f"), f("f")]),
+                Value::Null,
+                "tools",
+                "tools[1]: function `f` is offered twice",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": "x"}}]),
+                Value::Null,
+                "tools",
+                "`parameters` must be",
+            ),
+            (
+                json!([]),
+                json!("required"),
+                "tool_choice",
+                "offers no tools",
+            ),
+            (
+                two.clone(),
+                json!({"type": "function", "function": {"name": "later"}}),
+                "tool_choice",
+                "`later`",
+            ),
+            (
+                two.clone(),
+                json!({"type": "function"}),
+                "tool_choice",
+                "named",
+            ),
+            (two.clone(), json!("sometimes"), "tool_choice", "must be"),
+            (two.clone(), json!(7), "tool_choice", "must be"),
+        ] {
+            let error = plan(tools.clone(), choice.clone()).unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(param), "{tools} {choice}");
+            assert!(error.message.contains(says), "{says}: {}", error.message);
+            assert_eq!(error.status, 400);
+        }
+        let many: Vec<Value> = (0..=MAX_TOOLS).map(|i| f(&format!("f{i}"))).collect();
+        assert!(plan(Value::Array(many), Value::Null).is_err());
     }
 
     /// Penalties, biases, `min_p`, `n`, stop ids and the seed reach the sampling parameters as

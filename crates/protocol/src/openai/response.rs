@@ -110,13 +110,95 @@ pub fn completion_logprobs(tokens: &[TokenLogprob], offset: usize) -> Value {
     })
 }
 
+/// The function a tool call names, and its arguments as JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// A JSON object, as text (clients parse it).
+    pub arguments: String,
+}
+
+/// One tool call of an assistant message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallOut {
+    /// `call_...`, which the client's `tool` message names in `tool_call_id`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+impl ToolCallOut {
+    /// A call with a fresh id.
+    pub fn new(name: String, arguments: String) -> Self {
+        Self {
+            id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            kind: "function".to_owned(),
+            function: FunctionCall { name, arguments },
+        }
+    }
+}
+
+/// What a stream chunk adds to tool call `index`: its id, type and name first (with empty
+/// arguments), then its arguments, which the client appends (OpenAI's streamed shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// The call's position in the message's `tool_calls`, from 0.
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub function: FunctionDelta,
+}
+
+/// A streamed piece of a tool call's function.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+impl ToolCallOut {
+    /// The two deltas that stream this call as call `index` of its message: the head (id, type,
+    /// name, empty arguments), then the arguments.
+    pub fn deltas(&self, index: u32) -> [ToolCallDelta; 2] {
+        [
+            ToolCallDelta {
+                index,
+                id: Some(self.id.clone()),
+                kind: Some(self.kind.clone()),
+                function: FunctionDelta {
+                    name: Some(self.function.name.clone()),
+                    arguments: Some(String::new()),
+                },
+            },
+            ToolCallDelta {
+                index,
+                id: None,
+                kind: None,
+                function: FunctionDelta {
+                    name: None,
+                    arguments: Some(self.function.arguments.clone()),
+                },
+            },
+        ]
+    }
+}
+
 /// The assistant message of a chat completion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessageOut {
     /// Always `assistant`.
     pub role: String,
-    /// The generated text.
+    /// The generated text; `null` when the answer is only tool calls.
     pub content: Option<String>,
+    /// The tool calls the answer made; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 /// One choice of a chat completion.
@@ -165,6 +247,7 @@ impl ChatCompletion {
                 message: ChatMessageOut {
                     role: "assistant".to_owned(),
                     content: Some(content),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: finish,
@@ -183,6 +266,9 @@ pub struct Delta {
     /// New text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Pieces of tool calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One choice of a chat stream chunk.
@@ -459,6 +545,7 @@ mod tests {
             Delta {
                 role: Some("assistant".into()),
                 content: Some(String::new()),
+                ..Delta::default()
             },
             None,
         );
@@ -474,12 +561,59 @@ mod tests {
     }
 
     #[test]
+    fn tool_calls_have_openai_shapes_whole_and_streamed() {
+        let call = ToolCallOut::new("get_weather".into(), r#"{"city": "Paris"}"#.into());
+        assert!(
+            call.id.starts_with("call_") && call.id.len() == 29,
+            "{}",
+            call.id
+        );
+        let message = ChatMessageOut {
+            role: "assistant".into(),
+            content: None,
+            tool_calls: Some(vec![call.clone()]),
+        };
+        assert_eq!(
+            serde_json::to_value(&message).unwrap(),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": call.id,
+                "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]})
+        );
+        let [head, arguments] = call.deltas(1);
+        let chunk = |d: ToolCallDelta| {
+            let delta = Delta {
+                tool_calls: Some(vec![d]),
+                ..Delta::default()
+            };
+            serde_json::to_value(meta(false).chat_chunk(delta, None)).unwrap()["choices"][0]["delta"].clone()
+        };
+        assert_eq!(
+            chunk(head),
+            json!({"tool_calls": [{"index": 1, "id": call.id, "type": "function",
+                "function": {"name": "get_weather", "arguments": ""}}]})
+        );
+        assert_eq!(
+            chunk(arguments),
+            json!({"tool_calls": [{"index": 1, "function": {"arguments": "{\"city\": \"Paris\"}"}}]})
+        );
+        // Without calls, a message has no `tool_calls` key at all.
+        let plain = ChatMessageOut {
+            role: "assistant".into(),
+            content: Some("hi".into()),
+            tool_calls: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            json!({"role": "assistant", "content": "hi"})
+        );
+    }
+
+    #[test]
     fn with_include_usage_every_chunk_has_null_usage_and_the_last_has_it_all() {
         let meta = meta(true);
         let chunk = meta.chat_chunk(
             Delta {
-                role: None,
                 content: Some("Hi".into()),
+                ..Delta::default()
             },
             None,
         );
