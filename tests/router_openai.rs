@@ -3,7 +3,8 @@
 //! down, and admitting them as they come up),
 //! driven by the official `openai` Python client (`py/router_openai.py`): models, chat,
 //! streaming chat with usage, completions, a 401, a 429, and a second turn of one session whose
-//! cached tokens cover the first turn's prompt. Then every metric the chart's Grafana dashboard
+//! cached tokens cover the first turn's prompt; then the two-step tool loop (`py/tool_loop.py`)
+//! through the router and on a worker's own surface. Then every metric the chart's Grafana dashboard
 //! queries is on the live router's or a worker's metrics-only port (issue #19, point 8).
 
 use std::process::Command;
@@ -94,24 +95,36 @@ fn openai_client_against_router_and_real_workers() {
     }
     router.wait_ready(port, "/readyz", Duration::from_secs(30));
 
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/router_openai.py");
-    let output = Command::new(python())
-        .arg(&script)
-        .env("BASE_URL", format!("http://127.0.0.1:{port}/v1"))
-        .env("KEY", KEY)
-        .env("LIMITED_KEY", LIMITED_KEY)
-        .env("MODEL", &served)
-        .env("BLOCK_TOKENS", BLOCK_TOKENS.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "the openai client's checks failed:\n{stdout}\n{}\nrouter log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        router.log_text()
-    );
+    let cluster_token = std::fs::read_to_string(&token_file).unwrap();
+    let runs = [
+        ("router_openai.py", port, KEY),
+        // The tool loop through the router, and on a worker's own surface (which takes the
+        // cluster credential).
+        ("tool_loop.py", port, KEY),
+        ("tool_loop.py", worker_ports[0], cluster_token.trim()),
+    ];
+    for (script, port, key) in runs {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("py")
+            .join(script);
+        let output = Command::new(python())
+            .arg(&path)
+            .env("BASE_URL", format!("http://127.0.0.1:{port}/v1"))
+            .env("KEY", key)
+            .env("LIMITED_KEY", LIMITED_KEY)
+            .env("MODEL", &served)
+            .env("BLOCK_TOKENS", BLOCK_TOKENS.to_string())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        println!("{script} on port {port}:\n{stdout}");
+        assert!(
+            output.status.success() && stdout.contains("all checks passed"),
+            "{script}: the openai client's checks failed:\n{stdout}\n{}\nrouter log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            router.log_text()
+        );
+    }
     dashboard_metrics_exist(router_metrics, &worker_metrics);
 
     // Shut down as `up` does: the router first, then the workers; each exits by itself.
