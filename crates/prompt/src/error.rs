@@ -52,11 +52,11 @@ pub enum PromptError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    /// A message's content holds a control token's text, and the model's template transforms
-    /// contents so that it cannot be told apart from the template's own (see
+    /// A message (or a tool, or a tool call) holds a control token's text, and the model's
+    /// template transforms it so that it cannot be told apart from the template's own (see
     /// `crate::rendered`): refused rather than guessed.
     #[error(
-        "a message contains `{token}`, this model's control token, and its chat template rewrites message contents so it cannot be kept as plain text; remove it from the message"
+        "a message or tool contains `{token}`, this model's control token, and its chat template rewrites it so it cannot be kept as plain text; remove it from the request"
     )]
     ControlTextInContent {
         /// The token's text.

@@ -537,18 +537,36 @@ impl PromptKit {
         Ok(template.render(messages, &opts)?)
     }
 
-    /// Renders a conversation, knowing which ranges of the text are its messages' contents
-    /// (`crate::rendered`). Contents without control-token text need no ranges: the rendering
-    /// is then the plain [`PromptKit::render_chat`].
+    /// Renders a conversation, knowing which ranges of the text users wrote (`crate::rendered`):
+    /// its messages' contents, and every string of their names, tool calls and tool call ids and
+    /// of `extra` (the request's tools) that holds control-token text. A rendering with no
+    /// control-token text in any of them needs no ranges: it is the plain
+    /// [`PromptKit::render_chat`].
     pub fn render_chat_guarded(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<RenderedChat, PromptError> {
+        fn fields<'m>(kit: &PromptKit, m: &'m ChatMessage) -> Option<&'m str> {
+            m.name
+                .as_deref()
+                .and_then(|n| kit.control_text_in(n))
+                .or_else(|| {
+                    m.tool_call_id
+                        .as_deref()
+                        .and_then(|i| kit.control_text_in(i))
+                })
+                .or_else(|| {
+                    m.tool_calls
+                        .as_ref()
+                        .and_then(|c| kit.control_text_in_json(c))
+                })
+        }
         let Some(token) = messages
             .iter()
-            .find_map(|m| self.control_text_in(&m.content))
+            .find_map(|m| self.control_text_in(&m.content).or_else(|| fields(self, m)))
+            .or_else(|| extra.values().find_map(|v| self.control_text_in_json(v)))
         else {
             return Ok(RenderedChat::template_only(self.render_chat(
                 messages,
@@ -556,22 +574,78 @@ impl PromptKit {
                 extra,
             )?));
         };
-        let with = |f: fn(&str) -> String| -> Vec<ChatMessage> {
-            messages
+        let guard = |mark: bool| -> (Vec<ChatMessage>, serde_json::Map<String, serde_json::Value>) {
+            let field = |s: &str| self.guard_string(s, mark);
+            let messages = messages
                 .iter()
                 .map(|m| ChatMessage {
-                    content: f(&rendered::unmarked(&m.content)),
-                    ..m.clone()
+                    role: m.role.clone(),
+                    content: match mark {
+                        true => rendered::marked(&rendered::unmarked(&m.content)),
+                        false => rendered::unmarked(&m.content),
+                    },
+                    name: m.name.as_deref().map(field),
+                    tool_calls: m.tool_calls.as_ref().map(|c| self.guard_json(c, mark)),
+                    tool_call_id: m.tool_call_id.as_deref().map(field),
                 })
-                .collect()
+                .collect();
+            let extra = extra
+                .iter()
+                .map(|(k, v)| (k.clone(), self.guard_json(v, mark)))
+                .collect();
+            (messages, extra)
         };
-        let plain = self.render_chat(&with(|c| c.to_owned()), add_generation_prompt, extra)?;
-        let marked = self.render_chat(&with(rendered::marked), add_generation_prompt, extra)?;
+        let (plain_messages, plain_extra) = guard(false);
+        let plain = self.render_chat(&plain_messages, add_generation_prompt, &plain_extra)?;
+        let (marked_messages, marked_extra) = guard(true);
+        let marked = self.render_chat(&marked_messages, add_generation_prompt, &marked_extra)?;
         match rendered::strip(&marked) {
             Some((text, ranges)) if text == plain => Ok(RenderedChat::with_ranges(text, ranges)),
             _ => Err(PromptError::ControlTextInContent {
                 token: token.to_owned(),
             }),
+        }
+    }
+
+    /// The first special token's text in any string (or key) of `value`.
+    fn control_text_in_json<'v>(&self, value: &'v serde_json::Value) -> Option<&'v str> {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => self.control_text_in(s),
+            Value::Array(items) => items.iter().find_map(|v| self.control_text_in_json(v)),
+            Value::Object(map) => map.iter().find_map(|(k, v)| {
+                self.control_text_in(k)
+                    .or_else(|| self.control_text_in_json(v))
+            }),
+            _ => None,
+        }
+    }
+
+    /// A string field users wrote, with the markers removed; with `mark`, wrapped in them when
+    /// it holds control-token text. (Strings without such text are left whole, so a template
+    /// that compares them, `tool.type == "function"`, still sees what was sent.)
+    fn guard_string(&self, s: &str, mark: bool) -> String {
+        let s = rendered::unmarked(s);
+        match mark && self.control_text_in(&s).is_some() {
+            true => rendered::marked(&s),
+            false => s,
+        }
+    }
+
+    /// [`PromptKit::guard_string`] for every string and key of `value`.
+    fn guard_json(&self, value: &serde_json::Value, mark: bool) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => Value::String(self.guard_string(s, mark)),
+            Value::Array(items) => {
+                Value::Array(items.iter().map(|v| self.guard_json(v, mark)).collect())
+            }
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (self.guard_string(k, mark), self.guard_json(v, mark)))
+                    .collect(),
+            ),
+            other => other.clone(),
         }
     }
 
