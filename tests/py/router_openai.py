@@ -7,20 +7,10 @@ check with its numbers; exits non-zero on the first failure.
 
 import json
 import os
-import sys
 
 import openai
 
-BASE_URL = os.environ["BASE_URL"]
-MODEL = os.environ["MODEL"]
-BLOCK = int(os.environ["BLOCK_TOKENS"])
-client = openai.OpenAI(base_url=BASE_URL, api_key=os.environ["KEY"], max_retries=0, timeout=120)
-
-
-def check(what, ok, detail):
-    print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}", flush=True)
-    if not ok:
-        sys.exit(1)
+from common import BASE_URL, BLOCK, MODEL, check, client
 
 
 ids = [m.id for m in client.models.list().data]

@@ -6,22 +6,10 @@ its numbers; exits non-zero on the first failure.
 """
 
 import json
-import os
-import sys
 
 import jsonschema
-import openai
 
-BASE_URL = os.environ["BASE_URL"]
-MODEL = os.environ["MODEL"]
-BLOCK = int(os.environ["BLOCK_TOKENS"])
-client = openai.OpenAI(base_url=BASE_URL, api_key=os.environ["KEY"], max_retries=0, timeout=120)
-
-
-def check(what, ok, detail):
-    print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}", flush=True)
-    if not ok:
-        sys.exit(1)
+from common import BLOCK, MODEL, check, client
 
 
 # Tool calling: a two-step loop (the model calls, the tool answers, the model answers), whole and

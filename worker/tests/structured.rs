@@ -8,48 +8,20 @@ mod support;
 
 use std::sync::Arc;
 
-use support::{model_path, tokens};
+use support::{constrained_engine, model_path, tokens};
 use tidelock_prompt::{ChatMessage, PromptKit};
-use tidelock_protocol::{
-    BlockTokens, Constraint, Epoch, ErrorCode, FinishReason, GenerateEvent, ModelName,
-};
+use tidelock_protocol::{Constraint, ErrorCode, FinishReason, GenerateEvent};
+use tidelock_worker::engine::Engine;
 use tidelock_worker::engine::executor::ModelExecutor;
-use tidelock_worker::engine::grammar::Grammars;
-use tidelock_worker::engine::{Engine, EngineConfig};
-use tidelock_worker::kv::KvStore;
-use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::llama::WeightFormat;
 use tidelock_worker::testing::greedy;
 use tokio::sync::mpsc::unbounded_channel;
 
-const BLOCK: usize = 16;
-
 fn engine() -> (Engine<ModelExecutor>, Arc<PromptKit>) {
     let kit = Arc::new(PromptKit::from_gguf_file(&model_path()).expect("tokenizer"));
     let model = Arc::new(Llama::from_gguf(&model_path(), WeightFormat::Packed).expect("model"));
-    let vocab = model.config().vocab_size;
-    let grammars = Grammars::new(
-        kit.clone(),
-        &kit.to_json_value().unwrap().tokenizer,
-        vocab,
-        kit.stop_token_ids(),
-    )
-    .expect("grammars");
-    let cfg = EngineConfig {
-        model: ModelName::new("smollm2").unwrap(),
-        block_tokens: BlockTokens::new(BLOCK as u32).unwrap(),
-        max_step_tokens: 512,
-        max_running: 16,
-        max_waiting: 64,
-        max_context: 4096,
-        vocab_size: vocab,
-        eos_token_ids: kit.stop_token_ids().to_vec(),
-    };
-    let kv = KvStore::new(model.kv_shape(BLOCK), 256);
-    let pool = BlockPool::new(256, cfg.block_tokens, Epoch::new(1));
-    let engine = Engine::new(cfg, pool, ModelExecutor { model, kv }).with_grammars(Some(grammars));
-    (engine, kit)
+    (constrained_engine(model, &kit, 256), kit)
 }
 
 /// One answer's tokens and why it ended.

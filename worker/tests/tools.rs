@@ -11,45 +11,21 @@ mod support;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use support::model_path;
+use support::{constrained_engine, model_path};
 use tidelock_openai::{Endpoint, Prepared, parse};
 use tidelock_prompt::{PromptKit, ToolCall, ToolFormat, ToolPiece, ToolStyle};
-use tidelock_protocol::{BlockTokens, Epoch, FinishReason, GenerateEvent, ModelName};
+use tidelock_protocol::{FinishReason, GenerateEvent};
+use tidelock_worker::engine::Engine;
 use tidelock_worker::engine::executor::ModelExecutor;
 use tidelock_worker::engine::grammar::Grammars;
-use tidelock_worker::engine::{Engine, EngineConfig};
-use tidelock_worker::kv::KvStore;
-use tidelock_worker::kv::pool::BlockPool;
 use tidelock_worker::model::Llama;
 use tidelock_worker::model::llama::WeightFormat;
 use tidelock_worker::model::tiny::{TinyFamily, TinySpec, write_tiny_llama};
 use tidelock_worker::testing::greedy;
 use tokio::sync::mpsc::unbounded_channel;
 
-const BLOCK: usize = 16;
-
 fn engine(model: Arc<Llama>, kit: &Arc<PromptKit>) -> Engine<ModelExecutor> {
-    let vocab = model.config().vocab_size;
-    let grammars = Grammars::new(
-        kit.clone(),
-        &kit.to_json_value().unwrap().tokenizer,
-        vocab,
-        kit.stop_token_ids(),
-    )
-    .expect("grammars");
-    let cfg = EngineConfig {
-        model: ModelName::new("m").unwrap(),
-        block_tokens: BlockTokens::new(BLOCK as u32).unwrap(),
-        max_step_tokens: 1024,
-        max_running: 16,
-        max_waiting: 64,
-        max_context: 4096,
-        vocab_size: vocab,
-        eos_token_ids: kit.stop_token_ids().to_vec(),
-    };
-    let kv = KvStore::new(model.kv_shape(BLOCK), 512);
-    let pool = BlockPool::new(512, cfg.block_tokens, Epoch::new(1));
-    Engine::new(cfg, pool, ModelExecutor { model, kv }).with_grammars(Some(grammars))
+    constrained_engine(model, kit, 512)
 }
 
 fn tools() -> Value {

@@ -4,8 +4,11 @@
 //! are not the tokenizer's own choice for its text, and falls back to tokenizing everything
 //! whenever the text does not continue what was remembered.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock, mpsc};
+mod support;
+
+use support::kit;
+
+use std::sync::{Arc, mpsc};
 
 use futures::StreamExt;
 use serde_json::json;
@@ -14,24 +17,6 @@ use tidelock_openai::{
 };
 use tidelock_prompt::PromptKit;
 use tidelock_protocol::{ErrorCode, FinishReason, GenerateEvent, Usage};
-
-fn kit() -> &'static PromptKit {
-    static KIT: OnceLock<PromptKit> = OnceLock::new();
-    KIT.get_or_init(|| {
-        let path = std::env::var_os("TIDELOCK_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                    .join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            });
-        assert!(
-            path.is_file(),
-            "the default model is missing at {}: run ./scripts/test",
-            path.display()
-        );
-        PromptKit::from_gguf_file(&path).expect("kit")
-    })
-}
 
 fn chat(messages: &[(&str, &str)]) -> tidelock_openai::Parsed {
     let messages: Vec<_> = messages

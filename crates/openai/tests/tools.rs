@@ -3,32 +3,17 @@
 //! tools are written into its prompt in the Hermes format): what the prompt says, which
 //! constraint a required call gets, and how an answer's calls come back whole and streamed.
 
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+mod support;
+
+use support::kit;
+
+use std::sync::Arc;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tidelock_openai::{Endpoint, Prepared, parse, respond};
-use tidelock_prompt::{PromptKit, ToolFormat};
+use tidelock_prompt::ToolFormat;
 use tidelock_protocol::{Constraint, FinishReason, GenerateEvent, Usage};
-
-fn kit() -> &'static PromptKit {
-    static KIT: OnceLock<PromptKit> = OnceLock::new();
-    KIT.get_or_init(|| {
-        let path = std::env::var_os("TIDELOCK_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                    .join(".cache/tidelock/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            });
-        assert!(
-            path.is_file(),
-            "the default model is missing at {}: run ./scripts/test",
-            path.display()
-        );
-        PromptKit::from_gguf_file(&path).expect("kit")
-    })
-}
 
 fn weather_tools() -> Value {
     json!([

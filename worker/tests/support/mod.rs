@@ -38,3 +38,37 @@ pub async fn post_json(
         .unwrap();
     send(state, request).await
 }
+
+/// An engine on `model` that can constrain its output (structured outputs, required tool
+/// calls): the token trie of `kit`'s vocabulary, the model's stop ids as its end tokens, 16-token
+/// blocks, `blocks` of them.
+pub fn constrained_engine(
+    model: std::sync::Arc<tidelock_worker::model::Llama>,
+    kit: &std::sync::Arc<tidelock_prompt::PromptKit>,
+    blocks: usize,
+) -> tidelock_worker::engine::Engine<tidelock_worker::engine::executor::ModelExecutor> {
+    use tidelock_protocol::{BlockTokens, Epoch, ModelName};
+    use tidelock_worker::engine::{Engine, EngineConfig, executor::ModelExecutor, grammar};
+    use tidelock_worker::kv::{KvStore, pool::BlockPool};
+    let vocab = model.config().vocab_size;
+    let grammars = grammar::Grammars::new(
+        kit.clone(),
+        &kit.to_json_value().unwrap().tokenizer,
+        vocab,
+        kit.stop_token_ids(),
+    )
+    .expect("grammars");
+    let cfg = EngineConfig {
+        model: ModelName::new("smollm2").unwrap(),
+        block_tokens: BlockTokens::new(16).unwrap(),
+        max_step_tokens: 512,
+        max_running: 16,
+        max_waiting: 64,
+        max_context: 4096,
+        vocab_size: vocab,
+        eos_token_ids: kit.stop_token_ids().to_vec(),
+    };
+    let kv = KvStore::new(model.kv_shape(16), blocks);
+    let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(1));
+    Engine::new(cfg, pool, ModelExecutor { model, kv }).with_grammars(Some(grammars))
+}
