@@ -101,7 +101,10 @@ fn generate(
 
 /// The calls of an answer, which must be nothing else.
 fn calls_only(style: ToolStyle, text: &str) -> Vec<ToolCall> {
-    let mut parser = style.parser();
+    let names = ["get_forecast", "set_alarm", "now"]
+        .map(String::from)
+        .to_vec();
+    let mut parser = style.parser(names);
     let mut pieces = parser.push(text);
     pieces.extend(parser.finish());
     pieces
@@ -266,9 +269,10 @@ fn past_calls_and_results_render_in_each_familys_own_way() {
 }
 
 /// A function whose parameters use a schema feature the grammar engine does not support is
-/// refused when its call is required, naming `tools` (the OpenAI surface makes it a 400).
+/// refused when its call is required, naming `tools` (the OpenAI surface makes it a 400); the
+/// schemas SDKs write (`$defs` and local `$ref`s, any text in strings) compile.
 #[test]
-fn an_unsupported_parameter_schema_is_refused_naming_tools() {
+fn parameter_schemas_compile_where_embedded_or_are_refused_naming_tools() {
     let kit = Arc::new(PromptKit::from_gguf_file(&model_path()).expect("tokenizer"));
     let grammars = Grammars::new(
         kit.clone(),
@@ -302,4 +306,26 @@ fn an_unsupported_parameter_schema_is_refused_naming_tools() {
         (openai.status, openai.param.as_deref()),
         (400, Some("tools"))
     );
+    // A Pydantic-style schema (`$defs`, local `$ref`s) compiles where it is embedded; braces,
+    // quotes and Lark syntax inside a schema's strings stay inside its JSON.
+    for parameters in [
+        json!({"type": "object", "properties": {"who": {"$ref": "#/$defs/Person"}},
+            "required": ["who"],
+            "$defs": {"Person": {"type": "object", "properties": {"name": {"type": "string"}}}}}),
+        json!({"type": "object", "description": "a } brace, a \" quote, %json { and start: x",
+            "properties": {"q": {"type": "string", "pattern": "^[}{]+$"}}}),
+    ] {
+        let body = json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}},
+                      {"type": "function", "function": {"name": "g"}}],
+        });
+        let prepared = parse(Endpoint::Chat, body.to_string().as_bytes())
+            .unwrap()
+            .prepare(&kit, 4096)
+            .unwrap();
+        if let Err(e) = grammars.guide(prepared.sampling.constraint.as_ref().unwrap()) {
+            panic!("{parameters}: {e}");
+        }
+    }
 }

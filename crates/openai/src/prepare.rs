@@ -9,7 +9,7 @@ use tidelock_prompt::{
 use crate::continuation::{Continuation, PromptText, TurnRecord};
 use tidelock_protocol::openai::{
     ChatCompletionRequest, CommonFields, CompletionRequest, OpenAiError, PromptInput, ResponseMeta,
-    ToolPlan,
+    ToolChoice, ToolPlan,
 };
 use tidelock_protocol::{Constraint, SamplingParams};
 
@@ -71,12 +71,15 @@ pub struct Prepared {
 }
 
 /// How a chat answer's tool calls are read ([`tidelock_prompt::ToolParser`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolReading {
     /// The model family's way of writing calls.
     pub style: ToolStyle,
-    /// `parallel_tool_calls`: more than one call is returned (otherwise the first only).
+    /// More than one call is returned (otherwise the first only): `parallel_tool_calls`, and
+    /// never for a named function (one call of it, as OpenAI answers).
     pub parallel: bool,
+    /// The functions offered: a call of another name is text.
+    pub names: Vec<String>,
 }
 
 /// Seconds since the Unix epoch: OpenAI's `created` fields.
@@ -356,6 +359,7 @@ fn tool_reading(
         return Ok(None);
     }
     let style = ToolStyle::of(kit.chat_template());
+    let parallel = plan.parallel && !matches!(plan.choice, ToolChoice::Function(_));
     if let Some(forced) = plan.forced() {
         if sampling.constraint.is_some() {
             return Err(OpenAiError::invalid(
@@ -371,12 +375,13 @@ fn tool_reading(
             })
             .collect();
         sampling.constraint = Some(Constraint::Lark {
-            grammar: style.grammar(&functions, plan.parallel),
+            grammar: style.grammar(&functions, parallel),
         });
     }
     Ok(Some(ToolReading {
         style,
-        parallel: plan.parallel,
+        parallel,
+        names: plan.functions.iter().map(|f| f.name.clone()).collect(),
     }))
 }
 

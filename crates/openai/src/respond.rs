@@ -61,14 +61,14 @@ struct AnswerOut {
 }
 
 impl AnswerOut {
-    fn new(stops: Vec<String>, tools: Option<ToolReading>) -> Self {
+    fn new(stops: Vec<String>, tools: Option<&ToolReading>) -> Self {
         AnswerOut {
             detok: IncrementalDetokenizer::new(true),
             stop: StopMatcher::new(stops),
             logprobs: Vec::new(),
             chars_sent: 0,
             ended: false,
-            tools: tools.map(|t| t.style.parser()),
+            tools: tools.map(|t| t.style.parser(t.names.clone())),
             one_call: tools.is_some_and(|t| !t.parallel),
             calls: 0,
         }
@@ -358,7 +358,7 @@ pub async fn respond_then(
     let meta = prepared.meta;
     let n = prepared.sampling.n.max(1) as usize;
     let answers = (0..n)
-        .map(|_| AnswerOut::new(prepared.stops.clone(), prepared.tools))
+        .map(|_| AnswerOut::new(prepared.stops.clone(), prepared.tools.as_ref()))
         .collect();
     let out = TextOut {
         kit,

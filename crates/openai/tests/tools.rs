@@ -83,11 +83,12 @@ fn a_required_call_is_a_grammar_over_the_offered_functions() {
     );
     assert!(grammar.contains(r#"{"const":"get_weather"}"#), "{grammar}");
     assert!(grammar.contains(r#"{"const":"now"}"#), "{grammar}");
+    // A named function is one call of it, parallel calls or not (as OpenAI answers).
     let named = prepare(&request(json!({
         "tool_choice": {"type": "function", "function": {"name": "now"}},
-        "parallel_tool_calls": false,
     })))
     .unwrap();
+    assert!(!named.tools.as_ref().unwrap().parallel);
     let Some(Constraint::Lark { grammar }) = &named.sampling.constraint else {
         panic!("{:?}", named.sampling.constraint);
     };

@@ -219,9 +219,11 @@ impl ToolStyle {
         }
     }
 
-    /// A parser for one answer.
-    pub fn parser(self) -> ToolParser {
+    /// A parser for one answer that may call the functions `names` (a call of any other name, or
+    /// without arguments, stays text).
+    pub fn parser(self, names: Vec<String>) -> ToolParser {
         ToolParser {
+            names,
             format: self.format,
             state: match self.format {
                 ToolFormat::Hermes => State::Text,
@@ -238,17 +240,23 @@ impl ToolStyle {
     /// `json.dumps` writes JSON (no free whitespace for a small model to wander in).
     pub fn grammar(self, functions: &[FunctionSpec], parallel: bool) -> String {
         let key = self.format.arguments_key();
+        let single = functions.len() == 1;
         let shapes: Vec<Value> = functions
             .iter()
-            .map(|f| {
+            .enumerate()
+            .map(|(i, f)| {
                 let mut properties = Map::new();
                 properties.insert("name".into(), json!({"const": f.name}));
-                properties.insert(
-                    key.into(),
-                    f.parameters.clone().unwrap_or(
-                        json!({"type": "object", "properties": {}, "additionalProperties": false}),
-                    ),
+                // Where the parameters' schema now stands, for its local `$ref`s.
+                let at = match single {
+                    true => format!("#/properties/{key}"),
+                    false => format!("#/anyOf/{i}/properties/{key}"),
+                };
+                let mut parameters = f.parameters.clone().unwrap_or(
+                    json!({"type": "object", "properties": {}, "additionalProperties": false}),
                 );
+                rebase_refs(&mut parameters, &at);
+                properties.insert(key.into(), parameters);
                 json!({
                     "type": "object",
                     "properties": properties,
@@ -279,14 +287,54 @@ impl ToolStyle {
     }
 }
 
-/// Whether a template's text reads a `tools` variable.
+/// Points a schema's local references (`#`, `#/$defs/...`, as Pydantic writes them) at the place
+/// `at` (a `#/...` pointer) where the schema is embedded in a larger one: references resolve
+/// against the document's root.
+fn rebase_refs(schema: &mut Value, at: &str) {
+    match schema {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                match v {
+                    Value::String(r) if k == "$ref" && (r == "#" || r.starts_with("#/")) => {
+                        *r = format!("{at}{}", &r[1..]);
+                    }
+                    v => rebase_refs(v, at),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rebase_refs(v, at)),
+        _ => {}
+    }
+}
+
+/// Whether a template reads a `tools` variable: the word in its code (`{{ }}` and `{% %}`
+/// blocks), not in its text or comments.
 fn reads_tools(source: &str) -> bool {
-    source.match_indices("tools").any(|(at, _)| {
-        let before = source[..at].chars().next_back();
-        let after = source[at + "tools".len()..].chars().next();
+    let mut rest = source;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = match after.chars().next() {
+            Some('{') => "}}",
+            Some('%') => "%}",
+            _ => {
+                rest = after;
+                continue;
+            }
+        };
+        let Some(end) = after.find(close) else {
+            return false;
+        };
+        let code = &after[1..end];
         let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
-        !word(before) && !word(after)
-    })
+        if code.match_indices("tools").any(|(at, _)| {
+            !word(code[..at].chars().next_back())
+                && !word(code[at + "tools".len()..].chars().next())
+        }) {
+            return true;
+        }
+        rest = &after[end + close.len()..];
+    }
+    false
 }
 
 /// The tools' description in the system message, in Qwen2.5's words (a Hermes-format prompt).
@@ -346,6 +394,8 @@ enum State {
 /// (it separates calls). Streamed pieces, joined, are exactly what the whole text gives.
 #[derive(Debug, Clone)]
 pub struct ToolParser {
+    /// The functions offered.
+    names: Vec<String>,
     format: ToolFormat,
     state: State,
     /// Text not yet decided on.
@@ -380,11 +430,11 @@ impl ToolParser {
         let pending = std::mem::take(&mut self.pending);
         match self.state {
             State::Text | State::Undecided => self.text(pending, &mut out),
-            State::InCall => match parse_call(&pending, self.format) {
+            State::InCall => match self.parse_call(&pending) {
                 Some(call) => self.call(call, &mut out),
                 None => self.text(format!("{CALL_OPEN}{pending}"), &mut out),
             },
-            State::Json => match parse_json_calls(&pending, self.format) {
+            State::Json => match self.parse_json_calls(&pending) {
                 Some(calls) => calls.into_iter().for_each(|c| self.call(c, &mut out)),
                 None => self.text(pending, &mut out),
             },
@@ -405,12 +455,27 @@ impl ToolParser {
         loop {
             match self.state {
                 State::InCall => {
-                    let Some(end) = self.pending.find(CALL_CLOSE) else {
+                    // The first `</tool_call>` after which the body is not JSON cut short (a
+                    // closing tag inside an argument's string does not end the call).
+                    let mut end = None;
+                    let mut from = 0;
+                    while let Some(at) = self.pending[from..].find(CALL_CLOSE) {
+                        let at = from + at;
+                        let body = self.pending[..at].trim();
+                        match serde_json::from_str::<Value>(body) {
+                            Err(e) if e.is_eof() && !body.is_empty() => from = at + 1,
+                            _ => {
+                                end = Some(at);
+                                break;
+                            }
+                        }
+                    }
+                    let Some(end) = end else {
                         return;
                     };
                     let body: String = self.pending.drain(..end + CALL_CLOSE.len()).collect();
                     let body = &body[..end];
-                    match parse_call(body, self.format) {
+                    match self.parse_call(body) {
                         Some(call) => self.call(call, out),
                         None => self.text(format!("{CALL_OPEN}{body}{CALL_CLOSE}"), out),
                     }
@@ -481,49 +546,47 @@ impl ToolParser {
     }
 }
 
-/// One call object: `{"name": string, <arguments key>: object}` (either key is accepted).
-fn call_of(value: Value, format: ToolFormat) -> Option<ToolCall> {
-    let Value::Object(mut object) = value else {
-        return None;
-    };
-    let name = object.get("name")?.as_str()?.to_owned();
-    let other = match format {
-        ToolFormat::Hermes => "parameters",
-        ToolFormat::Llama3Json => "arguments",
-    };
-    let mut arguments = object
-        .remove(format.arguments_key())
-        .or_else(|| object.remove(other))
-        .unwrap_or(json!({}));
-    argument_object(&mut arguments);
-    arguments
-        .is_object()
-        .then(|| ToolCall {
+impl ToolParser {
+    /// One call object: `{"name": an offered function, <arguments key>: object}` (either
+    /// format's key is accepted, and arguments given as JSON text).
+    fn call_of(&self, value: Value) -> Option<ToolCall> {
+        let Value::Object(mut object) = value else {
+            return None;
+        };
+        let name = object.get("name")?.as_str()?.to_owned();
+        if !self.names.contains(&name) {
+            return None;
+        }
+        let mut arguments = object
+            .remove("arguments")
+            .or_else(|| object.remove("parameters"))?;
+        argument_object(&mut arguments);
+        arguments.is_object().then(|| ToolCall {
             name,
             arguments: python_json(&arguments),
         })
-        .filter(|c| !c.name.is_empty())
-}
+    }
 
-fn parse_call(body: &str, format: ToolFormat) -> Option<ToolCall> {
-    call_of(serde_json::from_str(body.trim()).ok()?, format)
-}
+    fn parse_call(&self, body: &str) -> Option<ToolCall> {
+        self.call_of(serde_json::from_str(body.trim()).ok()?)
+    }
 
-/// A Llama 3 JSON answer: one or more call objects joined by `;` (and whitespace), optionally
-/// after `<|python_tag|>`; `None` unless the whole text is calls.
-fn parse_json_calls(text: &str, format: ToolFormat) -> Option<Vec<ToolCall>> {
-    let mut rest = text.trim_start();
-    rest = rest.strip_prefix(PYTHON_TAG).unwrap_or(rest);
-    let mut calls = Vec::new();
-    loop {
-        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
-        if rest.is_empty() {
-            return (!calls.is_empty()).then_some(calls);
+    /// A Llama 3 JSON answer: one or more call objects joined by `;` (and whitespace), optionally
+    /// after `<|python_tag|>`; `None` unless the whole text is calls.
+    fn parse_json_calls(&self, text: &str) -> Option<Vec<ToolCall>> {
+        let mut rest = text.trim_start();
+        rest = rest.strip_prefix(PYTHON_TAG).unwrap_or(rest);
+        let mut calls = Vec::new();
+        loop {
+            rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+            if rest.is_empty() {
+                return (!calls.is_empty()).then_some(calls);
+            }
+            let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+            let value = values.next()?.ok()?;
+            calls.push(self.call_of(value)?);
+            rest = &rest[values.byte_offset()..];
         }
-        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
-        let value = values.next()?.ok()?;
-        calls.push(call_of(value, format)?);
-        rest = &rest[values.byte_offset()..];
     }
 }
 
@@ -563,8 +626,15 @@ mod tests {
         out
     }
 
+    /// The functions the tests' answers may call.
+    fn names() -> Vec<String> {
+        ["get_weather", "now", "f", "a", "b"]
+            .map(String::from)
+            .to_vec()
+    }
+
     fn whole(style: ToolStyle, answer: &str) -> Vec<ToolPiece> {
-        let mut parser = style.parser();
+        let mut parser = style.parser(names());
         let mut out = parser.push(answer);
         out.extend(parser.finish());
         joined(out)
@@ -576,13 +646,13 @@ mod tests {
         let expected = whole(style, answer);
         let bounds: Vec<usize> = answer.char_indices().map(|(i, _)| i).collect();
         for &at in &bounds {
-            let mut parser = style.parser();
+            let mut parser = style.parser(names());
             let mut out = parser.push(&answer[..at]);
             out.extend(parser.push(&answer[at..]));
             out.extend(parser.finish());
             assert_eq!(joined(out), expected, "split at {at} of {answer:?}");
         }
-        let mut parser = style.parser();
+        let mut parser = style.parser(names());
         let mut out: Vec<ToolPiece> = answer
             .chars()
             .flat_map(|c| parser.push(&c.to_string()))
@@ -639,6 +709,72 @@ mod tests {
     }
 
     #[test]
+    fn only_offered_functions_with_arguments_are_calls() {
+        // An unknown name, or no arguments: the text as written.
+        for answer in [
+            "<tool_call>\n{\"name\": \"rm_rf\", \"arguments\": {}}\n</tool_call>",
+            "<tool_call>\n{\"name\": \"now\"}\n</tool_call>",
+        ] {
+            assert_eq!(
+                splits_agree(HERMES, answer),
+                vec![text(answer)],
+                "{answer:?}"
+            );
+        }
+        // A JSON answer that is not a call (Llama 3 reads a whole answer in braces as calls).
+        let person = "{\"name\": \"Alice\", \"age\": 30}";
+        assert_eq!(splits_agree(LLAMA3, person), vec![text(person)]);
+        // A closing tag inside an argument's string does not end the call.
+        let tricky = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"a</tool_call>b\"}}\n</tool_call>";
+        assert_eq!(
+            splits_agree(HERMES, tricky),
+            vec![call("f", "{\"s\": \"a</tool_call>b\"}")]
+        );
+        // A malformed call before a good one: the first is text, the second a call.
+        let both = "<tool_call>oops</tool_call><tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>";
+        assert_eq!(
+            splits_agree(HERMES, both),
+            vec![text("<tool_call>oops</tool_call>"), call("now", "{}")]
+        );
+    }
+
+    #[test]
+    fn local_references_follow_the_schema_into_the_grammar() {
+        let person = json!({"type": "object", "properties": {"who": {"$ref": "#/$defs/Person"},
+            "boss": {"$ref": "#"}}, "$defs": {"Person": {"type": "string"}}});
+        let grammar = |functions: &[FunctionSpec]| -> Value {
+            let g = HERMES.grammar(functions, false);
+            serde_json::from_str(g.split_once("%json ").unwrap().1).unwrap()
+        };
+        let one = [FunctionSpec {
+            name: "f".into(),
+            parameters: Some(person.clone()),
+        }];
+        let schema = grammar(&one);
+        let arguments = &schema["properties"]["arguments"];
+        assert_eq!(
+            arguments["properties"]["who"]["$ref"],
+            "#/properties/arguments/$defs/Person"
+        );
+        assert_eq!(
+            arguments["properties"]["boss"]["$ref"],
+            "#/properties/arguments"
+        );
+        let two = [
+            one[0].clone(),
+            FunctionSpec {
+                name: "g".into(),
+                parameters: Some(person),
+            },
+        ];
+        let schema = grammar(&two);
+        assert_eq!(
+            schema["anyOf"][1]["properties"]["arguments"]["properties"]["who"]["$ref"],
+            "#/anyOf/1/properties/arguments/$defs/Person"
+        );
+    }
+
+    #[test]
     fn llama3_answers_are_calls_only_when_whole() {
         assert_eq!(
             splits_agree(
@@ -681,8 +817,10 @@ mod tests {
             style("<|start_header_id|>{% if tools is not none %}{{ tools | tojson }}{% endif %}"),
             LLAMA3
         );
-        // `tools` only as part of another word is not read.
+        // `tools` only as part of another word, in text or in a comment is not read.
         assert!(!style("{{ my_tools_list }}{{ toolset }}").native);
+        assert!(!style("No tools here. {# tools #}{{ messages }}").native);
+        assert!(style("{%- if tools %}x{% endif %}").native);
         assert_eq!(ToolStyle::of(None), HERMES);
     }
 
