@@ -460,5 +460,24 @@ fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<RenderedCha
         extra.insert("tools".into(), tools.clone());
     }
     kit.render_chat_guarded(&messages, true, &extra)
-        .map_err(|e| OpenAiError::invalid("messages", e.to_string()))
+        .map_err(|e| {
+            // Control-token text the template cannot keep as text is named where it was sent.
+            let param = match &e {
+                PromptError::ControlTextInContent { token } => {
+                    let token = token.as_str();
+                    let in_tools = tools.is_some_and(|t| t.to_string().contains(token));
+                    let in_messages = req
+                        .messages
+                        .iter()
+                        .any(|m| serde_json::to_string(m).is_ok_and(|text| text.contains(token)));
+                    if in_tools && !in_messages {
+                        "tools"
+                    } else {
+                        "messages"
+                    }
+                }
+                _ => "messages",
+            };
+            OpenAiError::invalid(param, e.to_string())
+        })
 }
