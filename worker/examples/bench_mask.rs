@@ -59,12 +59,7 @@ fn main() -> anyhow::Result<()> {
     let model = Arc::new(Llama::from_gguf(&path, WeightFormat::Packed)?);
     let vocab = model.config().vocab_size;
     let started = Instant::now();
-    let grammars = Grammars::new(
-        kit.clone(),
-        &kit.to_json_value()?.tokenizer,
-        vocab,
-        kit.stop_token_ids(),
-    )?;
+    let grammars = Grammars::new(kit.clone(), vocab)?;
     eprintln!("token trie and parser factory: {:?}", started.elapsed());
     let cfg = EngineConfig {
         model: ModelName::new("bench").expect("a valid name"),

@@ -304,17 +304,7 @@ fn load(
         eos_token_ids: kit.stop_token_ids().to_vec(),
     };
     // Structured outputs: the token trie over the model's vocabulary, built once.
-    let grammars = match kit.to_json_value() {
-        Ok(json) => Grammars::new(
-            kit.clone(),
-            &json.tokenizer,
-            model_config.vocab_size,
-            kit.stop_token_ids(),
-        )
-        .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    let grammars = grammars
+    let grammars = Grammars::new(kit.clone(), model_config.vocab_size)
         .inspect_err(|error| {
             tracing::warn!(%error, "structured outputs are off: constrained requests get a 400")
         })

@@ -11,10 +11,10 @@ mod support;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use support::{constrained_engine, model_path};
+use support::{constrained_engine, model_path, run_answers};
 use tidelock_openai::{Endpoint, Prepared, parse};
 use tidelock_prompt::{PromptKit, ToolCall, ToolFormat, ToolPiece, ToolStyle};
-use tidelock_protocol::{FinishReason, GenerateEvent};
+use tidelock_protocol::FinishReason;
 use tidelock_worker::engine::Engine;
 use tidelock_worker::engine::executor::ModelExecutor;
 use tidelock_worker::engine::grammar::Grammars;
@@ -22,7 +22,6 @@ use tidelock_worker::model::Llama;
 use tidelock_worker::model::llama::WeightFormat;
 use tidelock_worker::model::tiny::{TinyFamily, TinySpec, write_tiny_llama};
 use tidelock_worker::testing::greedy;
-use tokio::sync::mpsc::unbounded_channel;
 
 fn engine(model: Arc<Llama>, kit: &Arc<PromptKit>) -> Engine<ModelExecutor> {
     constrained_engine(model, kit, 512)
@@ -75,27 +74,10 @@ fn generate(
     request.sampling = prepared.sampling.clone();
     request.sampling.n = n;
     request.sampling.seed = Some(seed);
-    let (tx, mut rx) = unbounded_channel();
-    e.submit(request, tx);
-    while !e.is_idle() {
-        e.step().expect("step");
-    }
-    let mut ids = vec![Vec::new(); n as usize];
-    let mut reasons = vec![FinishReason::Cancelled; n as usize];
-    while let Ok(event) = rx.try_recv() {
-        match event {
-            GenerateEvent::Tokens {
-                ids: more, choice, ..
-            } => ids[choice as usize].extend(more),
-            GenerateEvent::Ended { choice, reason, .. } => reasons[choice as usize] = reason,
-            GenerateEvent::Finished { reason, .. } if n == 1 => reasons[0] = reason,
-            GenerateEvent::Error { message, .. } => panic!("{message}"),
-            _ => {}
-        }
-    }
-    ids.iter()
-        .map(|ids| kit.decode(ids, true).unwrap())
-        .zip(reasons)
+    run_answers(e, request)
+        .unwrap_or_else(|(_, message)| panic!("{message}"))
+        .into_iter()
+        .map(|(ids, reason)| (kit.decode(&ids, true).unwrap(), reason))
         .collect()
 }
 
@@ -147,7 +129,7 @@ fn required_calls_on_the_default_model_always_parse_and_validate() {
     let kit = Arc::new(PromptKit::from_gguf_file(&model_path()).expect("tokenizer"));
     let model = Arc::new(Llama::from_gguf(&model_path(), WeightFormat::Packed).expect("model"));
     let mut e = engine(model, &kit);
-    let style = ToolStyle::of(kit.chat_template());
+    let style = kit.tool_style();
     assert_eq!((style.format, style.native), (ToolFormat::Hermes, false));
     let mut seen = Vec::new();
     // Any function, several calls allowed: 4 answers.
@@ -192,7 +174,7 @@ fn families_that_render_tools_themselves_get_their_own_format() {
         write_tiny_llama(dir.path(), &spec).unwrap();
         let kit = Arc::new(PromptKit::from_hf_folder(dir.path()).unwrap());
         let model = Arc::new(Llama::from_hf(dir.path(), WeightFormat::F32).unwrap());
-        let style = ToolStyle::of(kit.chat_template());
+        let style = kit.tool_style();
         assert_eq!((style.format, style.native), (format, true), "{family:?}");
         let mut e = engine(model, &kit);
         let prepared = prepare(
@@ -262,7 +244,7 @@ fn past_calls_and_results_render_in_each_familys_own_way() {
         let prompt = kit.decode(&prepared.tokens, false).unwrap();
         assert!(prompt.ends_with(expected), "{family:?}: {prompt}");
         // What the model would write for that call is what the history holds.
-        let style = ToolStyle::of(kit.chat_template());
+        let style = kit.tool_style();
         let written = style.format_call("set_alarm", &json!({"hour": 7}));
         assert!(prompt.contains(&written), "{family:?}: {written}");
     }
@@ -274,13 +256,7 @@ fn past_calls_and_results_render_in_each_familys_own_way() {
 #[test]
 fn parameter_schemas_compile_where_embedded_or_are_refused_naming_tools() {
     let kit = Arc::new(PromptKit::from_gguf_file(&model_path()).expect("tokenizer"));
-    let grammars = Grammars::new(
-        kit.clone(),
-        &kit.to_json_value().unwrap().tokenizer,
-        kit.vocab_size(),
-        kit.stop_token_ids(),
-    )
-    .unwrap();
+    let grammars = Grammars::new(kit.clone(), kit.vocab_size()).unwrap();
     let body = json!({
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",

@@ -358,7 +358,7 @@ fn tool_reading(
     if !plan.reads_calls() {
         return Ok(None);
     }
-    let style = ToolStyle::of(kit.chat_template());
+    let style = kit.tool_style();
     let parallel = plan.parallel && !matches!(plan.choice, ToolChoice::Function(_));
     if let Some(forced) = plan.forced() {
         if sampling.constraint.is_some() {
@@ -367,11 +367,11 @@ fn tool_reading(
                 "response_format cannot be combined with tool_choice `required` or a named function (the answer must be tool calls)",
             ));
         }
-        let functions: Vec<FunctionSpec> = forced
+        let functions: Vec<FunctionSpec<'_>> = forced
             .into_iter()
             .map(|f| FunctionSpec {
-                name: f.name.clone(),
-                parameters: f.parameters.clone(),
+                name: &f.name,
+                parameters: f.parameters.as_ref(),
             })
             .collect();
         sampling.constraint = Some(Constraint::Lark {
@@ -452,7 +452,7 @@ fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<RenderedCha
             Ok(out)
         })
         .collect::<Result<Vec<_>, OpenAiError>>()?;
-    let style = ToolStyle::of(kit.chat_template());
+    let style = kit.tool_style();
     let tools = req.tools.as_ref().filter(|t| !t.is_null());
     let messages = style.messages_for_template(messages, tools);
     let mut extra = serde_json::Map::new();
@@ -461,21 +461,10 @@ fn chat_text(kit: &PromptKit, req: &ChatCompletionRequest) -> Result<RenderedCha
     }
     kit.render_chat_guarded(&messages, true, &extra)
         .map_err(|e| {
-            // Control-token text the template cannot keep as text is named where it was sent.
+            // Control-token text the template cannot keep as text is named where it was sent
+            // (the only extra variable is `tools`).
             let param = match &e {
-                PromptError::ControlTextInContent { token } => {
-                    let token = token.as_str();
-                    let in_tools = tools.is_some_and(|t| t.to_string().contains(token));
-                    let in_messages = req
-                        .messages
-                        .iter()
-                        .any(|m| serde_json::to_string(m).is_ok_and(|text| text.contains(token)));
-                    if in_tools && !in_messages {
-                        "tools"
-                    } else {
-                        "messages"
-                    }
-                }
+                PromptError::ControlTextInContent { in_extra: true, .. } => "tools",
                 _ => "messages",
             };
             OpenAiError::invalid(param, e.to_string())

@@ -61,6 +61,8 @@ pub enum PromptError {
     ControlTextInContent {
         /// The token's text.
         token: String,
+        /// Only the extra variables (a request's tools) hold control-token text, no message.
+        in_extra: bool,
     },
     /// A text has more tokens than its caller can use; encoding stopped there.
     #[error("the text has at least {at_least} tokens, more than the {limit} allowed")]

@@ -28,6 +28,7 @@ use crate::chunked::{self, CHUNK_BYTES, Chunking};
 use crate::detok::IncrementalDetokenizer;
 use crate::rendered::{self, RenderedChat};
 use crate::template::{ChatMessage, ChatTemplate, RenderOptions};
+use crate::tools::ToolStyle;
 use crate::vocab::GgufVocab;
 
 /// Tokens that end an assistant turn in common chat formats. One becomes a stop id when the
@@ -181,6 +182,8 @@ pub struct PromptKit {
     /// pass: contents are scanned on every chat request.
     control_texts: AhoCorasick,
     chat_template: Option<ChatTemplate>,
+    /// How the template's family writes tool calls, read from it once.
+    tool_style: ToolStyle,
     bos: Option<SpecialToken>,
     eos: Option<SpecialToken>,
     stop_token_ids: Vec<u32>,
@@ -250,6 +253,7 @@ impl PromptKit {
             tokenizer,
             plain,
             control_texts,
+            tool_style: ToolStyle::of(chat_template.as_ref()),
             chat_template,
             bos,
             eos,
@@ -563,10 +567,11 @@ impl PromptKit {
                         .and_then(|c| kit.control_text_in_json(c))
                 })
         }
-        let Some(token) = messages
+        let in_messages = messages
             .iter()
-            .find_map(|m| self.control_text_in(&m.content).or_else(|| fields(self, m)))
-            .or_else(|| extra.values().find_map(|v| self.control_text_in_json(v)))
+            .find_map(|m| self.control_text_in(&m.content).or_else(|| fields(self, m)));
+        let Some(token) =
+            in_messages.or_else(|| extra.values().find_map(|v| self.control_text_in_json(v)))
         else {
             return Ok(RenderedChat::template_only(self.render_chat(
                 messages,
@@ -603,6 +608,7 @@ impl PromptKit {
             Some((text, ranges)) if text == plain => Ok(RenderedChat::with_ranges(text, ranges)),
             _ => Err(PromptError::ControlTextInContent {
                 token: token.to_owned(),
+                in_extra: in_messages.is_none(),
             }),
         }
     }
@@ -674,6 +680,11 @@ impl PromptKit {
     /// The compiled chat template, if any.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+
+    /// How the chat template's family writes tool calls ([`ToolStyle::of`]).
+    pub fn tool_style(&self) -> ToolStyle {
+        self.tool_style
     }
 
     /// The BOS token.

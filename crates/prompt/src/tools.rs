@@ -47,23 +47,15 @@ impl ToolFormat {
             ToolFormat::Llama3Json => "parameters",
         }
     }
-
-    /// The format's name in logs and `/v1/models`: vLLM's parser names.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ToolFormat::Hermes => "hermes",
-            ToolFormat::Llama3Json => "llama3_json",
-        }
-    }
 }
 
 /// A function a request offers the model: its name and its parameters' JSON Schema.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FunctionSpec {
-    pub name: String,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FunctionSpec<'a> {
+    pub name: &'a str,
     /// `None`: the function declares no parameters, so its arguments are `{}` (as OpenAI reads
     /// a function without `parameters`).
-    pub parameters: Option<Value>,
+    pub parameters: Option<&'a Value>,
 }
 
 /// One call read from an answer.
@@ -110,20 +102,19 @@ impl ToolStyle {
         ToolStyle { format, native }
     }
 
-    /// The messages to render, and whether `tools` should be passed to the template.
+    /// The messages to render.
     ///
     /// For a native template: assistant `tool_calls` whose `function.arguments` is JSON text (as
     /// OpenAI clients send it) get the object instead, as vLLM does, so templates that print
-    /// `arguments | tojson` write the object. Otherwise: the tools' description goes into the
-    /// system message (a new one if the conversation has none), each assistant message's calls
-    /// are appended to its text as `<tool_call>` blocks, and runs of `tool` messages become one
-    /// user message of `<tool_response>` blocks.
+    /// `arguments | tojson` write the object. Otherwise: each assistant message's calls are
+    /// appended to its text as `<tool_call>` blocks, runs of `tool` messages become one user
+    /// message of `<tool_response>` blocks, and the tools' description goes into the system
+    /// message (a new one if the conversation has none).
     pub fn messages_for_template(
         self,
         messages: Vec<ChatMessage>,
         tools: Option<&Value>,
     ) -> Vec<ChatMessage> {
-        let offered = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
         if self.native {
             return messages
                 .into_iter()
@@ -135,34 +126,25 @@ impl ToolStyle {
                 })
                 .collect();
         }
-        let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
-        if let Some(tools) = offered {
+        let mut out = self.fold_messages(messages);
+        if let Some(tools) = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {
             let instructions = hermes_instructions(tools);
-            match messages.first() {
-                Some(first) if first.role == "system" || first.role == "developer" => {}
-                _ => out.push(ChatMessage::new("system", String::new())),
+            match out.first_mut() {
+                Some(first) if first.role == "system" || first.role == "developer" => {
+                    first.content = match first.content.is_empty() {
+                        true => instructions,
+                        false => format!("{}\n\n{instructions}", first.content),
+                    };
+                }
+                _ => out.insert(0, ChatMessage::new("system", instructions)),
             }
-            let mut messages = messages;
-            let system = match out.first_mut() {
-                Some(m) => m,
-                None => &mut messages[0],
-            };
-            if system.content.is_empty() {
-                system.content = instructions;
-            } else {
-                system.content = format!("{}\n\n{instructions}", system.content);
-            }
-            return self.fold_messages(out, messages);
         }
-        self.fold_messages(out, messages)
+        out
     }
 
-    /// Appends `messages` to `out` with calls and results written as Hermes text.
-    fn fold_messages(
-        self,
-        mut out: Vec<ChatMessage>,
-        messages: Vec<ChatMessage>,
-    ) -> Vec<ChatMessage> {
+    /// `messages` with calls and results written as Hermes text.
+    fn fold_messages(self, messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
+        let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
         // Whether the last message written holds tool results (the next result joins it).
         let mut results = false;
         for m in messages {
@@ -238,7 +220,7 @@ impl ToolStyle {
     /// A Lark grammar (llguidance's dialect) admitting only calls of `functions`, one or (with
     /// `parallel`) several, each name with its own parameters' schema, written as
     /// `json.dumps` writes JSON (no free whitespace for a small model to wander in).
-    pub fn grammar(self, functions: &[FunctionSpec], parallel: bool) -> String {
+    pub fn grammar(self, functions: &[FunctionSpec<'_>], parallel: bool) -> String {
         let key = self.format.arguments_key();
         let single = functions.len() == 1;
         let shapes: Vec<Value> = functions
@@ -252,7 +234,7 @@ impl ToolStyle {
                     true => format!("#/properties/{key}"),
                     false => format!("#/anyOf/{i}/properties/{key}"),
                 };
-                let mut parameters = f.parameters.clone().unwrap_or(
+                let mut parameters = f.parameters.cloned().unwrap_or(
                     json!({"type": "object", "properties": {}, "additionalProperties": false}),
                 );
                 rebase_refs(&mut parameters, &at);
@@ -444,11 +426,6 @@ impl ToolParser {
             out.push(ToolPiece::Text(std::mem::take(&mut self.blank)));
         }
         out
-    }
-
-    /// How many calls were read.
-    pub fn calls(&self) -> usize {
-        self.calls
     }
 
     fn hermes(&mut self, out: &mut Vec<ToolPiece>) {
@@ -742,13 +719,13 @@ mod tests {
     fn local_references_follow_the_schema_into_the_grammar() {
         let person = json!({"type": "object", "properties": {"who": {"$ref": "#/$defs/Person"},
             "boss": {"$ref": "#"}}, "$defs": {"Person": {"type": "string"}}});
-        let grammar = |functions: &[FunctionSpec]| -> Value {
+        let grammar = |functions: &[FunctionSpec<'_>]| -> Value {
             let g = HERMES.grammar(functions, false);
             serde_json::from_str(g.split_once("%json ").unwrap().1).unwrap()
         };
         let one = [FunctionSpec {
-            name: "f".into(),
-            parameters: Some(person.clone()),
+            name: "f",
+            parameters: Some(&person),
         }];
         let schema = grammar(&one);
         let arguments = &schema["properties"]["arguments"];
@@ -761,10 +738,10 @@ mod tests {
             "#/properties/arguments"
         );
         let two = [
-            one[0].clone(),
+            one[0],
             FunctionSpec {
-                name: "g".into(),
-                parameters: Some(person),
+                name: "g",
+                parameters: Some(&person),
             },
         ];
         let schema = grammar(&two);
@@ -885,13 +862,14 @@ mod tests {
 
     #[test]
     fn grammars_name_each_function_with_its_schema() {
+        let weather = json!({"type": "object", "description": "{not a brace}"});
         let functions = [
             FunctionSpec {
-                name: "get_weather".into(),
-                parameters: Some(json!({"type": "object", "description": "{not a brace}"})),
+                name: "get_weather",
+                parameters: Some(&weather),
             },
             FunctionSpec {
-                name: "now".into(),
+                name: "now",
                 parameters: None,
             },
         ];

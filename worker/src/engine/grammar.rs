@@ -32,9 +32,11 @@ pub enum GrammarError {
     },
 }
 
-/// What every constrained request of a worker shares: the parser factory over its vocabulary.
+/// What every constrained request of a worker shares: the parser factory over its vocabulary,
+/// and its end tokens (all a failed matcher allows).
 pub struct Grammars {
     factory: ParserFactory,
+    ends: Arc<SimpleVob>,
 }
 
 impl std::fmt::Debug for Grammars {
@@ -44,17 +46,15 @@ impl std::fmt::Debug for Grammars {
 }
 
 impl Grammars {
-    /// The factory for a model whose tokenizer `kit` holds (`tokenizer_json`: its
-    /// `tokenizer.json` document), whose logits have `vocab_size` entries, and whose generation
-    /// ends on `stop_ids`.
-    pub fn new(
-        kit: Arc<PromptKit>,
-        tokenizer_json: &serde_json::Value,
-        vocab_size: usize,
-        stop_ids: &[u32],
-    ) -> Result<Arc<Self>, GrammarError> {
+    /// The factory for a model whose tokenizer and stop ids `kit` holds, and whose logits have
+    /// `vocab_size` entries.
+    pub fn new(kit: Arc<PromptKit>, vocab_size: usize) -> Result<Arc<Self>, GrammarError> {
         let bad = |e: anyhow::Error| GrammarError::Tokenizer(format!("{e:#}"));
-        let mut words = llguidance::token_bytes_from_tokenizer_json(tokenizer_json).map_err(bad)?;
+        let tokenizer_json = serde_json::to_value(kit.tokenizer())
+            .map_err(|e| GrammarError::Tokenizer(e.to_string()))?;
+        let stop_ids = kit.stop_token_ids().to_vec();
+        let mut words =
+            llguidance::token_bytes_from_tokenizer_json(&tokenizer_json).map_err(bad)?;
         if words.len() > vocab_size {
             return Err(GrammarError::Tokenizer(format!(
                 "the tokenizer has {} tokens, the model's logits {vocab_size}",
@@ -71,13 +71,14 @@ impl Grammars {
         let info = TokRxInfo::new(vocab_size as u32, first_stop);
         let mut trie = TokTrie::from(&info, &words);
         if stop_ids.len() > 1 {
-            trie = trie.with_eos_tokens(stop_ids);
+            trie = trie.with_eos_tokens(&stop_ids);
         }
         let env: toktrie::TokEnv = Arc::new(KitEnv { kit, trie });
         let mut factory = ParserFactory::new_simple(&env).map_err(bad)?;
         // Errors go back to the caller, not to this process's stderr.
         factory.quiet();
-        Ok(Arc::new(Grammars { factory }))
+        let ends = Arc::new(factory.tok_env().tok_trie().eos_token_set());
+        Ok(Arc::new(Grammars { factory, ends }))
     }
 
     /// A fresh guide for one answer.
@@ -101,8 +102,10 @@ impl Grammars {
         if let Some(error) = matcher.get_error() {
             return Err(failed(error));
         }
-        let ends = self.factory.tok_env().tok_trie().eos_token_set();
-        Ok(Guide { matcher, ends })
+        Ok(Guide {
+            matcher,
+            ends: self.ends.clone(),
+        })
     }
 }
 
@@ -128,7 +131,7 @@ impl TokenizerEnv for KitEnv {
 pub struct Guide {
     matcher: Matcher,
     /// The end tokens: all that is allowed once the matcher has failed.
-    ends: SimpleVob,
+    ends: Arc<SimpleVob>,
 }
 
 impl std::fmt::Debug for Guide {
@@ -145,7 +148,16 @@ impl Guide {
     pub fn mask(&mut self) -> SimpleVob {
         self.matcher
             .compute_mask_or_eos()
-            .unwrap_or_else(|_| self.ends.clone())
+            .unwrap_or_else(|_| SimpleVob::clone(&self.ends))
+    }
+
+    /// An independent copy in the same state (another answer of the same request, without
+    /// compiling its grammar again).
+    pub fn fork(&self) -> Guide {
+        Guide {
+            matcher: self.matcher.deep_clone(),
+            ends: self.ends.clone(),
+        }
     }
 
     /// Follows the chosen token. An end token is not fed: generation stops on it.
@@ -158,9 +170,10 @@ impl Guide {
 
 /// Sets every logit the mask does not allow to minus infinity.
 pub fn apply_mask(row: &mut [f32], mask: &SimpleVob) {
-    for (token, logit) in row.iter_mut().enumerate() {
-        if !mask.is_allowed(token as u32) {
+    // Walks the mask a word at a time: words of allowed tokens cost nothing.
+    mask.iter_unset_entries(|token| {
+        if let Some(logit) = row.get_mut(token) {
             *logit = f32::NEG_INFINITY;
         }
-    }
+    });
 }

@@ -482,9 +482,12 @@ impl<E: Executor> Engine<E> {
                 committed: 0,
                 cached_tokens: None,
                 expected_cached: expected * bt,
-                sampler: match guides.next() {
-                    Some(guide) => Sampler::for_choice(&request.sampling, choice).with_guide(guide),
-                    None => Sampler::for_choice(&request.sampling, choice),
+                sampler: {
+                    let sampler = Sampler::for_choice(&request.sampling, choice);
+                    match guides.next() {
+                        Some(guide) => sampler.with_guide(guide),
+                        None => sampler,
+                    }
                 },
                 completion: 0,
                 choice,
@@ -496,17 +499,23 @@ impl<E: Executor> Engine<E> {
         }
     }
 
-    /// One guide per answer when the request is constrained; none when it is not.
+    /// One guide per answer when the request is constrained (the grammar compiled once); none
+    /// when it is not.
     fn guides(&self, request: &GenerateRequest) -> Result<Vec<Guide>, String> {
         let Some(constraint) = &request.sampling.constraint else {
             return Ok(Vec::new());
         };
         let grammars = self.grammars.as_ref().ok_or_else(|| {
-            "response_format: this worker has no tokenizer to constrain its output with".to_owned()
+            format!(
+                "{}: this worker has no tokenizer to constrain its output with",
+                constraint.param()
+            )
         })?;
-        (0..request.sampling.n.max(1))
-            .map(|_| grammars.guide(constraint).map_err(|e| e.to_string()))
-            .collect()
+        let first = grammars.guide(constraint).map_err(|e| e.to_string())?;
+        let more: Vec<Guide> = (1..request.sampling.n.max(1))
+            .map(|_| first.fork())
+            .collect();
+        Ok(std::iter::once(first).chain(more).collect())
     }
 
     fn validate(&self, request: &GenerateRequest) -> Result<(), (ErrorCode, String)> {
@@ -519,7 +528,7 @@ impl<E: Executor> Engine<E> {
             return Err(invalid("the prompt has no tokens".into()));
         }
         let sampling = &request.sampling;
-        let named = (request.tokens.iter().map(|&id| ("token id", id)))
+        let mut named = (request.tokens.iter().map(|&id| ("token id", id)))
             .chain(
                 sampling
                     .stop_token_ids
@@ -532,10 +541,7 @@ impl<E: Executor> Engine<E> {
                     .keys()
                     .map(|&id| ("logit_bias token id", id)),
             );
-        if let Some((what, bad)) = named
-            .into_iter()
-            .find(|&(_, id)| id as usize >= self.cfg.vocab_size)
-        {
+        if let Some((what, bad)) = named.find(|&(_, id)| id as usize >= self.cfg.vocab_size) {
             return Err(invalid(format!(
                 "{what} {bad} is outside the vocabulary of {}",
                 self.cfg.vocab_size

@@ -32,10 +32,10 @@ use tidelock_prompt::SamplingDefaults;
 
 /// The model's hyper-parameters.
 pub const CONFIG: &str = "config.json";
-/// The tokenizer (read by `tidelock_prompt`).
-pub const TOKENIZER: &str = "tokenizer.json";
-/// Chat template and special tokens (read by `tidelock_prompt`).
-pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+/// The tokenizer, and the chat template and special tokens (read by `tidelock_prompt`).
+pub use tidelock_prompt::hf::{
+    TOKENIZER_CONFIG_FILE as TOKENIZER_CONFIG, TOKENIZER_FILE as TOKENIZER,
+};
 /// All weights in one file.
 pub const WEIGHTS: &str = "model.safetensors";
 /// Which shard holds which weight, for weights split over several files.
@@ -150,8 +150,9 @@ pub fn tokenizer_files(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), ModelEr
     Ok((tokenizer, config.is_file().then_some(config)))
 }
 
-/// The folder's generation config, the model's defaults for sampling.
-pub const GENERATION_CONFIG: &str = "generation_config.json";
+/// The folder's generation config, the model's defaults for sampling (its end tokens are read
+/// by `tidelock_prompt`).
+pub use tidelock_prompt::hf::GENERATION_CONFIG_FILE as GENERATION_CONFIG;
 
 /// The sampling defaults of the folder's `generation_config.json` (`temperature`, `top_p`,
 /// `top_k`; a `top_k` of 0 means none), as vLLM's `--generation-config auto` reads them; empty

@@ -380,7 +380,7 @@ pub fn write_tiny_llama(dir: &Path, spec: &TinySpec) -> Result<(), ModelError> {
         return Ok(());
     }
     write_json(
-        &dir.join(tidelock_prompt::hf::GENERATION_CONFIG_FILE),
+        &dir.join(hf::GENERATION_CONFIG),
         &serde_json::json!({
             "bos_token_id": spec.special_id(bos),
             "eos_token_id": ends,

@@ -51,13 +51,7 @@ pub fn constrained_engine(
     use tidelock_worker::engine::{Engine, EngineConfig, executor::ModelExecutor, grammar};
     use tidelock_worker::kv::{KvStore, pool::BlockPool};
     let vocab = model.config().vocab_size;
-    let grammars = grammar::Grammars::new(
-        kit.clone(),
-        &kit.to_json_value().unwrap().tokenizer,
-        vocab,
-        kit.stop_token_ids(),
-    )
-    .expect("grammars");
+    let grammars = grammar::Grammars::new(kit.clone(), vocab).expect("grammars");
     let cfg = EngineConfig {
         model: ModelName::new("smollm2").unwrap(),
         block_tokens: BlockTokens::new(16).unwrap(),
@@ -71,4 +65,33 @@ pub fn constrained_engine(
     let kv = KvStore::new(model.kv_shape(16), blocks);
     let pool = BlockPool::new(blocks, cfg.block_tokens, Epoch::new(1));
     Engine::new(cfg, pool, ModelExecutor { model, kv }).with_grammars(Some(grammars))
+}
+
+/// One answer's ids and why it ended.
+pub type AnswerIds = (Vec<u32>, tidelock_protocol::FinishReason);
+
+/// Runs `request` on `engine` to the end: each answer's ids and finish reason (by `choice`), or
+/// the error the engine answered.
+pub fn run_answers(
+    engine: &mut tidelock_worker::engine::Engine<tidelock_worker::engine::executor::ModelExecutor>,
+    request: tidelock_protocol::GenerateRequest,
+) -> Result<Vec<AnswerIds>, (tidelock_protocol::ErrorCode, String)> {
+    use tidelock_protocol::{FinishReason, GenerateEvent};
+    let n = request.sampling.n.max(1) as usize;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine.submit(request, tx);
+    while !engine.is_idle() {
+        engine.step().expect("step");
+    }
+    let mut out = vec![(Vec::new(), FinishReason::Cancelled); n];
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            GenerateEvent::Tokens { ids, choice, .. } => out[choice as usize].0.extend(ids),
+            GenerateEvent::Ended { choice, reason, .. } => out[choice as usize].1 = reason,
+            GenerateEvent::Finished { reason, .. } if n == 1 => out[0].1 = reason,
+            GenerateEvent::Error { code, message } => return Err((code, message)),
+            _ => {}
+        }
+    }
+    Ok(out)
 }
